@@ -1,0 +1,17 @@
+//! Workload identity: SPIFFE IDs, the certificate authority, CSRs, X.509-SVID checks and the
+//! rustls configurations that enforce them.
+//!
+//! Sans-I/O: nothing here opens a file or a socket; callers pass bytes and the current time.
+//! A private key made here stays in the [`Svid`] that holds it; only the CA's own key can be
+//! written out (by the control plane, into its data directory).
+
+mod ca;
+mod error;
+mod spiffe;
+mod svid;
+pub mod tls;
+
+pub use ca::{Ca, DEFAULT_SVID_LIFETIME};
+pub use error::{IdentityError, SvidError};
+pub use spiffe::SpiffeId;
+pub use svid::{LocalKey, Svid, TrustBundle, spiffe_id_of};

@@ -1,0 +1,290 @@
+//! X.509-SVIDs: the local key and CSR a proxy makes, the certificate it gets back, and the
+//! checks the SPIFFE X.509-SVID spec puts on a peer's leaf.
+
+use crate::error::{IdentityError, SvidError};
+use crate::spiffe::SpiffeId;
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// A private key made in this process, and the CSR that asks the CA to certify it.
+pub struct LocalKey {
+    key: KeyPair,
+}
+
+impl LocalKey {
+    pub fn generate() -> Result<LocalKey, IdentityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| IdentityError::Signing(e.to_string()))?;
+        Ok(LocalKey { key })
+    }
+
+    /// A CSR carrying only the public key; the CA decides the identity.
+    pub fn csr_der(&self) -> Result<Vec<u8>, IdentityError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "bulkhead");
+        params.distinguished_name = dn;
+        let csr = params
+            .serialize_request(&self.key)
+            .map_err(|e| IdentityError::Signing(e.to_string()))?;
+        Ok(csr.der().to_vec())
+    }
+
+    /// Pairs the key with the chain the CA returned, after checking the leaf certifies this
+    /// key and is a valid SVID.
+    pub fn into_svid(self, chain: Vec<CertificateDer<'static>>) -> Result<Svid, IdentityError> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| IdentityError::IssuedCert("empty certificate chain".into()))?;
+        let (_, cert) = X509Certificate::from_der(leaf)
+            .map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != self.key.public_key_raw() {
+            return Err(IdentityError::IssuedCert(
+                "certificate is for a different public key".into(),
+            ));
+        }
+        let id = spiffe_id_of(leaf).map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
+        let not_after = UNIX_EPOCH
+            + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+        let not_before = UNIX_EPOCH
+            + Duration::from_secs(cert.validity().not_before.timestamp().max(0) as u64);
+        let serial = cert.raw_serial_as_string();
+        Ok(Svid {
+            id,
+            chain,
+            key: PrivatePkcs8KeyDer::from(self.key.serialize_der()),
+            not_before,
+            not_after,
+            serial,
+        })
+    }
+}
+
+/// A certified identity: the chain (leaf first) and its private key.
+pub struct Svid {
+    id: SpiffeId,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivatePkcs8KeyDer<'static>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    serial: String,
+}
+
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id.as_str())
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Svid {
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// Colon-separated hex serial, as `openssl x509 -serial` would show it.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    /// PEM of the chain and of the key. Only for the admin credential the control plane hands
+    /// to the CLI on its own host.
+    pub fn to_pem(&self) -> (String, String) {
+        let certs = self
+            .chain
+            .iter()
+            .map(|c| pem_block("CERTIFICATE", c))
+            .collect::<String>();
+        (certs, pem_block("PRIVATE KEY", self.key.secret_pkcs8_der()))
+    }
+
+    /// Reads a chain and PKCS#8 key from PEM (the admin credential).
+    pub fn from_pem(certs_pem: &str, key_pem: &str) -> Result<Svid, IdentityError> {
+        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut certs_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
+        LocalKey { key }.into_svid(chain)
+    }
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// The SPIFFE ID of a leaf certificate, checked per the X.509-SVID spec: exactly one URI
+/// SAN, a valid SPIFFE ID, and no CA flag.
+pub fn spiffe_id_of(cert_der: &[u8]) -> Result<SpiffeId, SvidError> {
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|_| SvidError::Malformed)?;
+    if cert.is_ca() {
+        return Err(SvidError::CaLeaf);
+    }
+    let uris: Vec<&str> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(_) => return Err(SvidError::Malformed),
+    };
+    match uris.as_slice() {
+        [] => Err(SvidError::NoSpiffeId),
+        [one] => SpiffeId::parse(one).map_err(|e| SvidError::BadId(e.to_string())),
+        many => Err(SvidError::ManyUriSans(many.len())),
+    }
+}
+
+/// The `spiffe://<trust-domain>` URI SAN of a CA certificate, if it has one.
+pub(crate) fn ca_uri_san(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.trim_end_matches('/').to_string()),
+        _ => None,
+    })
+}
+
+/// The root certificates a peer's chain must lead to, with the trust domain they serve.
+#[derive(Clone, Debug)]
+pub struct TrustBundle {
+    trust_domain: String,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+impl TrustBundle {
+    /// Builds a bundle; the trust domain is read from the first root's `spiffe://` URI SAN.
+    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<TrustBundle, IdentityError> {
+        let first = roots
+            .first()
+            .ok_or_else(|| IdentityError::Bundle("no root certificates".into()))?;
+        let uri = ca_uri_san(first).ok_or_else(|| {
+            IdentityError::Bundle("root certificate has no spiffe:// URI SAN naming its trust domain".into())
+        })?;
+        Ok(TrustBundle {
+            trust_domain: uri.trim_start_matches("spiffe://").to_string(),
+            roots,
+        })
+    }
+
+    pub fn from_pem(pem: &str) -> Result<TrustBundle, IdentityError> {
+        let roots = rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| IdentityError::Bundle(e.to_string()))?;
+        TrustBundle::new(roots)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    pub fn to_pem(&self) -> String {
+        self.roots.iter().map(|c| pem_block("CERTIFICATE", c)).collect()
+    }
+
+    pub(crate) fn root_store(&self) -> Result<RootCertStore, IdentityError> {
+        let mut store = RootCertStore::empty();
+        for root in &self.roots {
+            store
+                .add(root.clone())
+                .map_err(|e| IdentityError::Bundle(e.to_string()))?;
+        }
+        Ok(store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Ca;
+
+    #[test]
+    fn csr_round_trip_binds_the_ca_chosen_identity() {
+        let now = SystemTime::now();
+        let ca = Ca::generate("td.test", now).unwrap();
+        let key = LocalKey::generate().unwrap();
+        let id = SpiffeId::parse("spiffe://td.test/ns/shop/sa/orders").unwrap();
+        let chain = ca.sign_csr(&key.csr_der().unwrap(), &id, crate::DEFAULT_SVID_LIFETIME, now).unwrap();
+        let svid = key.into_svid(chain).unwrap();
+        assert_eq!(svid.id(), &id);
+        let (_, leaf) = X509Certificate::from_der(&svid.chain()[0]).unwrap();
+        assert!(!leaf.is_ca());
+        let ku = leaf.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && !ku.key_cert_sign() && !ku.crl_sign());
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        let life = svid.not_after().duration_since(svid.not_before()).unwrap();
+        assert_eq!(life, crate::DEFAULT_SVID_LIFETIME + Duration::from_secs(60));
+    }
+
+    #[test]
+    fn svid_for_another_key_is_refused() {
+        let now = SystemTime::now();
+        let ca = Ca::generate("td.test", now).unwrap();
+        let id = SpiffeId::parse("spiffe://td.test/a").unwrap();
+        let other = LocalKey::generate().unwrap();
+        let chain = ca.sign_csr(&other.csr_der().unwrap(), &id, Duration::from_secs(60), now).unwrap();
+        let mine = LocalKey::generate().unwrap();
+        assert!(mine.into_svid(chain).is_err());
+    }
+
+    #[test]
+    fn ca_signs_only_in_its_trust_domain() {
+        let now = SystemTime::now();
+        let ca = Ca::generate("td.test", now).unwrap();
+        let key = LocalKey::generate().unwrap();
+        let id = SpiffeId::parse("spiffe://elsewhere/a").unwrap();
+        assert!(ca.sign_csr(&key.csr_der().unwrap(), &id, Duration::from_secs(60), now).is_err());
+    }
+
+    #[test]
+    fn ca_reloads_from_pem_and_still_signs() {
+        let now = SystemTime::now();
+        let ca = Ca::generate("td.test", now).unwrap();
+        let again = Ca::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(again.trust_domain(), "td.test");
+        let id = SpiffeId::parse("spiffe://td.test/a").unwrap();
+        let svid = again.issue_local(&id, Duration::from_secs(60), now).unwrap();
+        let bundle = TrustBundle::from_pem(ca.cert_pem()).unwrap();
+        assert_eq!(bundle.trust_domain(), "td.test");
+        assert_eq!(svid.chain()[1], *ca.cert_der());
+    }
+}
