@@ -1,1 +1,249 @@
-fn main() {}
+//! `bulkhead`: the control plane, the admin verbs and the demo, in one binary.
+
+mod client;
+mod demo;
+mod sample_app;
+
+use anyhow::{Context, Result, bail};
+use bulkhead_api::v1::{ApplyRequest, CreateTokenRequest, ListPoliciesRequest};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead", version, about = "Bulkhead: a zero-trust service mesh for micro-segmentation")]
+struct Cli {
+    /// Admin context written by `bulkhead control` (DATA_DIR/admin.yaml).
+    #[arg(long, global = true, env = "BULKHEAD_CONTEXT", default_value = "bulkhead-data/admin.yaml")]
+    context: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the control plane: CA, join tokens, policy store and push.
+    Control {
+        /// Where the CA, the admin credential and the state live (created on first start).
+        #[arg(long, default_value = "bulkhead-data")]
+        data_dir: PathBuf,
+        /// gRPC listen address for proxies and the CLI.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        /// The SPIFFE trust domain of this mesh.
+        #[arg(long, default_value = "bulkhead.local")]
+        trust_domain: String,
+        /// Lifetime of the workload certificates the CA signs (e.g. 1h, 30m).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        svid_lifetime: Duration,
+    },
+    /// Join tokens, which let one proxy obtain one identity.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Apply policy resources from a YAML file (several documents per file).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Show resources.
+    Get {
+        #[command(subcommand)]
+        what: GetCommand,
+    },
+    /// Start a local mesh of three services, send legitimate traffic and a lateral-movement
+    /// attempt, and show what was allowed and denied, and why.
+    Demo {
+        /// Run one round of traffic and exit (non-zero if any verdict was not as expected).
+        #[arg(long)]
+        once: bool,
+    },
+    /// A small HTTP service for demos and tests.
+    #[command(hide = true)]
+    SampleApp {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: SocketAddr,
+        /// URL to POST to on every POST received (through a sidecar's upstream port).
+        #[arg(long)]
+        downstream: Option<http::Uri>,
+        /// Write the bound address here once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Mint a join token bound to one SPIFFE ID and workload. Prints only the token.
+    Create {
+        /// The identity the token grants, e.g. spiffe://bulkhead.local/ns/shop/sa/orders.
+        #[arg(long)]
+        identity: String,
+        /// Workload namespace (default: the ID's /ns/<namespace>).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Workload name (default: the ID's /sa/<account>).
+        #[arg(long)]
+        workload: Option<String>,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// How many times it can be used.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GetCommand {
+    /// The applied policies.
+    Policies {
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Control { data_dir, listen, trust_domain, svid_lifetime } => {
+            init_logging("info");
+            let running = bulkhead_control::start(bulkhead_control::ControlConfig {
+                data_dir,
+                listen,
+                trust_domain,
+                svid_lifetime,
+            })
+            .await?;
+            eprintln!(
+                "bulkhead control plane listening on {}\nadmin context: {} (the CLI reads it with --context or BULKHEAD_CONTEXT)",
+                running.addr,
+                running.context_file.display()
+            );
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
+                r = running.wait() => { r?; bail!("control plane stopped"); }
+            }
+            Ok(())
+        }
+        Command::Token { command: TokenCommand::Create { identity, namespace, workload, ttl, uses } } => {
+            let mut admin = client::admin(&cli.context).await?;
+            let resp = admin
+                .create_token(CreateTokenRequest {
+                    spiffe_id: identity,
+                    namespace: namespace.unwrap_or_default(),
+                    workload: workload.unwrap_or_default(),
+                    ttl_seconds: ttl.as_secs(),
+                    max_uses: uses,
+                })
+                .await
+                .map_err(client::status)?
+                .into_inner();
+            println!("{}", resp.token);
+            Ok(())
+        }
+        Command::Apply { file } => {
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let mut admin = client::admin(&cli.context).await?;
+            let resp = admin
+                .apply(ApplyRequest { file: file.display().to_string(), yaml })
+                .await
+                .map_err(client::status)?
+                .into_inner();
+            for line in &resp.applied {
+                println!("{line}");
+            }
+            println!("revision {}", resp.revision);
+            Ok(())
+        }
+        Command::Get { what: GetCommand::Policies { output } } => {
+            let mut admin = client::admin(&cli.context).await?;
+            let resp = admin
+                .list_policies(ListPoliciesRequest {})
+                .await
+                .map_err(client::status)?
+                .into_inner();
+            let resources = resp
+                .resources
+                .iter()
+                .map(bulkhead_api::resource_from_wire)
+                .collect::<Result<Vec<_>, _>>()?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "revision": resp.revision, "items": resources }))?);
+            } else {
+                println!("{:<14} {:<36} {:<24} {:<7} {}", "NAMESPACE", "NAME", "WORKLOAD", "ACTION", "RULES");
+                for r in &resources {
+                    let bulkhead_policy::model::Resource::AuthorizationPolicy(p) = r;
+                    let action = format!("{:?}", p.spec.action).to_lowercase();
+                    println!("{:<14} {:<36} {:<24} {:<7} {}", p.name.namespace, p.name.name, p.spec.selector.workload.name, action, p.spec.rules.len());
+                }
+                println!("revision {}", resp.revision);
+            }
+            Ok(())
+        }
+        Command::Demo { once } => demo::run(once).await,
+        Command::SampleApp { name, listen, downstream, ready_file } => {
+            let addr = sample_app::serve(sample_app::AppSpec { name, downstream }, sample_app::bind(listen).await?)?;
+            if let Some(path) = ready_file {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, serde_json::json!({ "addr": addr }).to_string())?;
+                std::fs::rename(&tmp, &path)?;
+            }
+            tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// `90s`, `30m`, `1h`, `2d`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 2d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err("a duration must be more than zero".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

@@ -1,1 +1,95 @@
+//! The control plane: holds the CA, join tokens and policies; signs proxies' CSRs; streams
+//! each proxy the policy for its workload; serves the admin API to the CLI.
+//!
+//! It never sees a proxy's private key, and a proxy can read only the configuration of a
+//! workload its identity was bound to by a join token.
 
+mod datadir;
+mod error;
+mod listener;
+mod service;
+mod store;
+mod tokens;
+
+pub use datadir::{AdminContext, CONTEXT_FILE};
+pub use error::ControlError;
+
+use bulkhead_api::v1::{
+    admin_server::AdminServer, config_server::ConfigServer, identity_server::IdentityServer,
+};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The resolved configuration of `bulkhead control`.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: String,
+    pub svid_lifetime: Duration,
+}
+
+/// A running control plane. Dropping it does not stop it; call [`RunningControl::shutdown`].
+pub struct RunningControl {
+    pub addr: SocketAddr,
+    pub context_file: PathBuf,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), ControlError>>,
+}
+
+impl RunningControl {
+    pub async fn shutdown(self) -> Result<(), ControlError> {
+        let _ = self.stop.send(true);
+        self.task.await.map_err(|e| ControlError::Serve(e.to_string()))?
+    }
+
+    /// Waits until the server stops on its own (an error) or forever.
+    pub async fn wait(self) -> Result<(), ControlError> {
+        self.task.await.map_err(|e| ControlError::Serve(e.to_string()))?
+    }
+}
+
+/// Opens (or initialises) the data directory, binds, and serves in the background.
+pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError> {
+    let dir = datadir::DataDir::open(&config.data_dir, &config.trust_domain)?;
+    let store = store::Store::open(&config.data_dir.join("state.redb"))?;
+    let tcp = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ControlError::Bind {
+            addr: config.listen,
+            source: e,
+        })?;
+    let addr = tcp.local_addr().map_err(|e| ControlError::Bind {
+        addr: config.listen,
+        source: e,
+    })?;
+    let context_file = dir.write_admin_context(addr)?;
+    let state = Arc::new(service::State::new(dir, store, config.svid_lifetime)?);
+    let tls = listener::serving_tls(&state)?;
+    let incoming = listener::incoming(tcp, tls.clone(), state.trust_domain().to_string());
+    listener::spawn_cert_renewal(state.clone(), tls);
+    tracing::info!(%addr, trust_domain = state.trust_domain(), "control plane listening");
+
+    let (stop, mut stopped) = watch::channel(false);
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::from_arc(state.clone()))
+        .add_service(ConfigServer::from_arc(state.clone()))
+        .add_service(AdminServer::from_arc(state));
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| ControlError::Serve(e.to_string()))
+    });
+    Ok(RunningControl {
+        addr,
+        context_file,
+        stop,
+        task,
+    })
+}

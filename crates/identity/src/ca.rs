@@ -128,6 +128,18 @@ impl Ca {
             csr_der,
         ))
         .map_err(|e| IdentityError::BadCsr(e.to_string()))?;
+        for san in &csr.params.subject_alt_names {
+            let asked = match san {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            };
+            if asked != id.as_str() {
+                return Err(IdentityError::IdentityMismatch {
+                    bound: id.to_string(),
+                    requested: asked,
+                });
+            }
+        }
         let params = svid_params(id, lifetime, now)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
@@ -144,7 +156,7 @@ impl Ca {
         now: SystemTime,
     ) -> Result<Svid, IdentityError> {
         let key = LocalKey::generate()?;
-        let chain = self.sign_csr(&key.csr_der()?, id, lifetime, now)?;
+        let chain = self.sign_csr(&key.csr_der(Some(id))?, id, lifetime, now)?;
         key.into_svid(chain)
     }
 

@@ -25,6 +25,8 @@ pub enum IdentityError {
     InvalidId { id: String, reason: &'static str },
     #[error("certificate signing request refused: {0}")]
     BadCsr(String),
+    #[error("this credential is bound to {bound}; it cannot be used to obtain {requested}")]
+    IdentityMismatch { bound: String, requested: String },
     #[error("could not sign certificate: {0}")]
     Signing(String),
     #[error("could not load CA from PEM: {0}")]

@@ -21,9 +21,17 @@ impl LocalKey {
         Ok(LocalKey { key })
     }
 
-    /// A CSR carrying only the public key; the CA decides the identity.
-    pub fn csr_der(&self) -> Result<Vec<u8>, IdentityError> {
+    /// A CSR for the public key, optionally naming the identity the caller expects. The CA
+    /// decides the identity; it refuses a CSR that asks for another one.
+    pub fn csr_der(&self, requested: Option<&SpiffeId>) -> Result<Vec<u8>, IdentityError> {
         let mut params = CertificateParams::default();
+        if let Some(id) = requested {
+            params.subject_alt_names = vec![rcgen::SanType::URI(
+                id.as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| IdentityError::Signing(e.to_string()))?,
+            )];
+        }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "bulkhead");
         params.distinguished_name = dn;
@@ -242,7 +250,7 @@ mod tests {
         let ca = Ca::generate("td.test", now).unwrap();
         let key = LocalKey::generate().unwrap();
         let id = SpiffeId::parse("spiffe://td.test/ns/shop/sa/orders").unwrap();
-        let chain = ca.sign_csr(&key.csr_der().unwrap(), &id, crate::DEFAULT_SVID_LIFETIME, now).unwrap();
+        let chain = ca.sign_csr(&key.csr_der(Some(&id)).unwrap(), &id, crate::DEFAULT_SVID_LIFETIME, now).unwrap();
         let svid = key.into_svid(chain).unwrap();
         assert_eq!(svid.id(), &id);
         let (_, leaf) = X509Certificate::from_der(&svid.chain()[0]).unwrap();
@@ -261,9 +269,25 @@ mod tests {
         let ca = Ca::generate("td.test", now).unwrap();
         let id = SpiffeId::parse("spiffe://td.test/a").unwrap();
         let other = LocalKey::generate().unwrap();
-        let chain = ca.sign_csr(&other.csr_der().unwrap(), &id, Duration::from_secs(60), now).unwrap();
+        let chain = ca.sign_csr(&other.csr_der(None).unwrap(), &id, Duration::from_secs(60), now).unwrap();
         let mine = LocalKey::generate().unwrap();
         assert!(mine.into_svid(chain).is_err());
+    }
+
+    #[test]
+    fn csr_asking_for_another_identity_is_refused() {
+        let now = SystemTime::now();
+        let ca = Ca::generate("td.test", now).unwrap();
+        let key = LocalKey::generate().unwrap();
+        let wanted = SpiffeId::parse("spiffe://td.test/ns/shop/sa/payments").unwrap();
+        let bound = SpiffeId::parse("spiffe://td.test/ns/shop/sa/orders").unwrap();
+        let err = ca
+            .sign_csr(&key.csr_der(Some(&wanted)).unwrap(), &bound, Duration::from_secs(60), now)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "this credential is bound to spiffe://td.test/ns/shop/sa/orders; it cannot be used to obtain spiffe://td.test/ns/shop/sa/payments"
+        );
     }
 
     #[test]
@@ -272,7 +296,7 @@ mod tests {
         let ca = Ca::generate("td.test", now).unwrap();
         let key = LocalKey::generate().unwrap();
         let id = SpiffeId::parse("spiffe://elsewhere/a").unwrap();
-        assert!(ca.sign_csr(&key.csr_der().unwrap(), &id, Duration::from_secs(60), now).is_err());
+        assert!(ca.sign_csr(&key.csr_der(Some(&id)).unwrap(), &id, Duration::from_secs(60), now).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub use compile::{PolicySet, Request};
 pub use decision::{Decision, Denial, NearMiss, Permit};
 pub use error::{PolicyError, SourceLocation};
 pub use pattern::{IdentityPattern, Method, PathPattern};
-pub use source::parse_documents;
+pub use source::{is_valid_name, parse_documents};
 
 /// The only `apiVersion` this build understands.
 pub const API_VERSION: &str = "bulkhead.dev/v1alpha1";

@@ -170,16 +170,19 @@ fn duplicate_rule_name(rules: &[Rule]) -> Option<&str> {
         .map(|r| r.name.as_str())
 }
 
-/// Names follow Kubernetes: lowercase letters, digits and '-', at most 63, not starting or
+/// Resource, namespace and workload names follow Kubernetes: lowercase letters, digits and '-', at most 63, not starting or
 /// ending with '-'.
-fn dns_label(v: &Spanned<String>) -> Result<String, String> {
-    let s = &v.value;
-    let ok = !s.is_empty()
+pub fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
         && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
+        && !s.ends_with('-')
+}
+
+fn dns_label(v: &Spanned<String>) -> Result<String, String> {
+    let s = &v.value;
+    if is_valid_name(s) {
         Ok(s.clone())
     } else {
         Err(format!(

@@ -1,1 +1,131 @@
+//! The Bulkhead sidecar.
+//!
+//! Explicit mode: an inbound mTLS listener in front of the local app's port, and one plain
+//! local listener per declared upstream that forwards over mTLS to that upstream's sidecar.
+//! Inbound requests are authorized against the policy the control plane streams; outbound
+//! connections are only made to a server presenting the SPIFFE ID the upstream declares.
+//!
+//! The proxy's private key is made here and never leaves the process; it never holds a CA key.
 
+mod bootstrap;
+pub mod config;
+mod http;
+mod inbound;
+mod outbound;
+mod watch;
+
+pub use config::{Config, UpstreamSpec};
+
+use arc_swap::ArcSwap;
+use bulkhead_identity::{SpiffeId, Svid, TrustBundle};
+use bulkhead_policy::PolicySet;
+use bulkhead_policy::model::ResourceName;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot read {what} {path}: {source}")]
+    ReadFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("trust bundle: {0}")]
+    Bundle(bulkhead_identity::IdentityError),
+    #[error("could not join the control plane at {addr}: {message}")]
+    Join { addr: SocketAddr, message: String },
+    #[error("identity: {0}")]
+    Identity(#[from] bulkhead_identity::IdentityError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot write ready file {path}: {source}")]
+    ReadyFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// State every connection handler reads: who we are and the policy in force.
+pub(crate) struct Shared {
+    pub svid: Svid,
+    pub bundle: TrustBundle,
+    pub workload: ResourceName,
+    pub policies: ArcSwap<PolicySet>,
+}
+
+/// What a started proxy bound and who it is.
+#[derive(Clone, Debug, Serialize)]
+pub struct Running {
+    pub spiffe_id: String,
+    pub workload: String,
+    pub inbound: Option<SocketAddr>,
+    pub upstreams: BTreeMap<String, SocketAddr>,
+    pub revision: u64,
+}
+
+/// Joins the control plane, binds every listener, waits for the first configuration (up to
+/// `first_config_wait`; until then everything is denied) and serves in the background.
+pub async fn start(config: Config) -> Result<Running, ProxyError> {
+    let joined = bootstrap::join(&config).await?;
+    let id: SpiffeId = joined.svid.id().clone();
+    tracing::info!(spiffe_id = %id, workload = %joined.workload, serial = joined.svid.serial(), "joined the mesh");
+    let shared = Arc::new(Shared {
+        svid: joined.svid,
+        bundle: joined.bundle,
+        workload: joined.workload,
+        policies: ArcSwap::from_pointee(PolicySet::default()),
+    });
+
+    let inbound = match &config.inbound {
+        Some(ib) => Some(inbound::spawn(ib, shared.clone()).await?),
+        None => None,
+    };
+    let mut upstreams = BTreeMap::new();
+    for up in &config.upstreams {
+        let addr = outbound::spawn(up, shared.clone()).await?;
+        upstreams.insert(up.name.clone(), addr);
+    }
+
+    let mut first = watch::spawn(config.control, shared.clone());
+    let revision = match tokio::time::timeout(config.first_config_wait, first.wait_for(|r| r.is_some())).await {
+        Ok(Ok(r)) => r.unwrap_or(0),
+        _ => {
+            tracing::warn!("no configuration from the control plane yet; denying every inbound request until one arrives");
+            0
+        }
+    };
+    let running = Running {
+        spiffe_id: id.to_string(),
+        workload: shared.workload.to_string(),
+        inbound,
+        upstreams,
+        revision,
+    };
+    if let Some(path) = &config.ready_file {
+        write_ready_file(path, &running)?;
+    }
+    Ok(running)
+}
+
+fn write_ready_file(path: &std::path::Path, running: &Running) -> Result<(), ProxyError> {
+    let err = |source| ProxyError::ReadyFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let json = serde_json::to_vec_pretty(running).map_err(|e| err(std::io::Error::other(e)))?;
+    std::fs::write(&tmp, json).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// How long a peer may take to finish a TLS handshake.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,1 +1,107 @@
-fn main() {}
+//! `bulkhead-proxy`: the sidecar binary. Flags become a typed [`Config`]; everything else is
+//! in the library.
+
+use anyhow::{Context, bail};
+use bulkhead_identity::SpiffeId;
+use bulkhead_proxy::config::InboundSpec;
+use bulkhead_proxy::{Config, UpstreamSpec};
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The Bulkhead sidecar: mTLS with SPIFFE identities and per-request authorization.
+#[derive(Parser, Debug)]
+#[command(name = "bulkhead-proxy", version)]
+struct Args {
+    /// The control plane's address (IP:PORT).
+    #[arg(long, env = "BULKHEAD_CONTROL")]
+    control: SocketAddr,
+    /// PEM file with the mesh's root certificate(s), e.g. DATA_DIR/ca.pem of the control plane.
+    #[arg(long, env = "BULKHEAD_TRUST_BUNDLE")]
+    trust_bundle: PathBuf,
+    /// File holding the join token from `bulkhead token create`. Without it the token is read
+    /// from the BULKHEAD_JOIN_TOKEN environment variable (never from a flag, to keep it out
+    /// of `ps`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The SPIFFE ID this proxy expects to hold; joining fails if the token is bound to another.
+    #[arg(long)]
+    identity: Option<String>,
+    /// Inbound mTLS listener (IP:PORT; port 0 picks one).
+    #[arg(long, requires = "app")]
+    inbound: Option<SocketAddr>,
+    /// The local app the inbound listener protects (IP:PORT).
+    #[arg(long, requires = "inbound")]
+    app: Option<SocketAddr>,
+    /// A declared upstream: name=N,listen=IP:PORT,address=IP:PORT,identity=spiffe://…  (repeatable)
+    #[arg(long = "upstream")]
+    upstreams: Vec<UpstreamSpec>,
+    /// Write the bound addresses and identity here as JSON once ready.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+impl Args {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let trust_bundle_pem = std::fs::read_to_string(&self.trust_bundle)
+            .with_context(|| format!("cannot read --trust-bundle {}", self.trust_bundle.display()))?;
+        let token = match (&self.token_file, std::env::var("BULKHEAD_JOIN_TOKEN").ok()) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --token-file {}", path.display()))?
+                .trim()
+                .to_string(),
+            (None, Some(t)) if !t.trim().is_empty() => t.trim().to_string(),
+            _ => bail!("no join token: pass --token-file FILE or set BULKHEAD_JOIN_TOKEN (create one with `bulkhead token create`)"),
+        };
+        let identity = self
+            .identity
+            .as_deref()
+            .map(SpiffeId::parse)
+            .transpose()
+            .context("--identity")?;
+        let inbound = match (self.inbound, self.app) {
+            (Some(listen), Some(app)) => Some(InboundSpec { listen, app }),
+            _ => None,
+        };
+        if inbound.is_none() && self.upstreams.is_empty() {
+            bail!("nothing to do: pass --inbound and --app, or at least one --upstream");
+        }
+        Ok(Config {
+            control: self.control,
+            trust_bundle_pem,
+            token,
+            identity,
+            inbound,
+            upstreams: self.upstreams,
+            ready_file: self.ready_file,
+            first_config_wait: Duration::from_secs(10),
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    let config = args.into_config()?;
+    let running = bulkhead_proxy::start(config).await?;
+    tracing::info!(spiffe_id = running.spiffe_id, revision = running.revision, "proxy ready");
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,42 @@
+//! The admin client: reads the context file the control plane wrote and speaks mTLS with
+//! the admin credential.
+
+use anyhow::{Context, Result};
+use bulkhead_api::channel::{self, CONTROL_ID_PATH};
+use bulkhead_api::v1::admin_client::AdminClient;
+use bulkhead_control::AdminContext;
+use bulkhead_identity::tls::{ExpectedServer, client_config};
+use bulkhead_identity::{SpiffeId, Svid, TrustBundle};
+use std::path::Path;
+use tonic::transport::Channel;
+
+pub async fn admin(context: &Path) -> Result<AdminClient<Channel>> {
+    let text = std::fs::read_to_string(context).with_context(|| {
+        format!(
+            "cannot read admin context {} (start `bulkhead control` first, or pass --context DATA_DIR/admin.yaml)",
+            context.display()
+        )
+    })?;
+    let ctx: AdminContext = serde_saphyr::from_str(&text)
+        .with_context(|| format!("admin context {} is not valid", context.display()))?;
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let svid = Svid::from_pem(&read(&ctx.cert_file)?, &read(&ctx.key_file)?)
+        .context("admin credential is unusable")?;
+    let bundle = TrustBundle::from_pem(&read(&ctx.ca_file)?).context("trust bundle")?;
+    let control = SpiffeId::parse(&format!("spiffe://{}{CONTROL_ID_PATH}", ctx.trust_domain))?;
+    let tls = client_config(Some(&svid), &bundle, ExpectedServer::Exact(control), &[b"h2"])?;
+    Ok(AdminClient::new(channel::connect(ctx.server, tls)))
+}
+
+/// Turns a gRPC status into an error whose text is the server's message.
+pub fn status(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable => anyhow::anyhow!(
+            "control plane unreachable: {} (is `bulkhead control` running?)",
+            s.message()
+        ),
+        _ => anyhow::anyhow!("{}", s.message()),
+    }
+}

@@ -1,0 +1,105 @@
+//! A small HTTP service for the demo and the tests: it answers every request with who it is,
+//! what was asked and who asked (the sidecar's `x-bulkhead-source`). With a downstream URL,
+//! each POST first calls that URL with POST and reports the answer, so requests chain
+//! across services.
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Clone, Debug)]
+pub struct AppSpec {
+    pub name: String,
+    /// `http://IP:PORT/path` to POST to on every POST we receive.
+    pub downstream: Option<http::Uri>,
+}
+
+/// Binds the app's port (so a sidecar can be pointed at it before the app serves).
+pub async fn bind(listen: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))
+}
+
+/// Serves on `listener` in the background; returns its address.
+pub fn serve(spec: AppSpec, listener: TcpListener) -> Result<SocketAddr> {
+    let addr = listener.local_addr()?;
+    let spec = Arc::new(spec);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let spec = spec.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(req, spec.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn handle(req: Request<Incoming>, spec: Arc<AppSpec>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let caller = req
+        .headers()
+        .get("x-bulkhead-source")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("outside the mesh")
+        .to_string();
+    let mut text = format!("{}: {} {} from {caller}", spec.name, req.method(), req.uri().path());
+    let mut status = StatusCode::OK;
+    if req.method() == http::Method::POST {
+        if let Some(down) = &spec.downstream {
+            match post(down).await {
+                Ok((s, body)) => {
+                    if !s.is_success() {
+                        status = StatusCode::BAD_GATEWAY;
+                    }
+                    text.push_str(&format!("\n  -> POST {} answered {}: {}", down.path(), s.as_u16(), body.trim()));
+                }
+                Err(e) => {
+                    status = StatusCode::BAD_GATEWAY;
+                    text.push_str(&format!("\n  -> POST {down} failed: {e:#}"));
+                }
+            }
+        }
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(text + "\n")));
+    *resp.status_mut() = status;
+    Ok(resp)
+}
+
+/// One plain HTTP/1.1 request on a fresh connection; returns status and body text.
+pub async fn request(method: http::Method, uri: &http::Uri) -> Result<(StatusCode, String, http::HeaderMap)> {
+    let host = uri.host().context("URL has no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .with_context(|| format!("cannot connect to {host}:{port}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), headers))
+}
+
+async fn post(uri: &http::Uri) -> Result<(StatusCode, String)> {
+    let (s, body, _) = request(http::Method::POST, uri).await?;
+    Ok((s, body))
+}

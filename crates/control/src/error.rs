@@ -1,0 +1,34 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Why the control plane could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("CA files in {path} are unusable ({source}); restore them from backup or move the directory aside to start a new trust domain")]
+    CaFiles {
+        path: PathBuf,
+        source: bulkhead_identity::IdentityError,
+    },
+    #[error("data directory {path} belongs to trust domain {found:?}, not {wanted:?}; pass --trust-domain {found} or use another --data-dir")]
+    TrustDomainMismatch {
+        path: PathBuf,
+        found: String,
+        wanted: String,
+    },
+    #[error("identity: {0}")]
+    Identity(#[from] bulkhead_identity::IdentityError),
+    #[error("store {path}: {message}")]
+    Store { path: PathBuf, message: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server stopped: {0}")]
+    Serve(String),
+}

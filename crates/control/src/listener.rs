@@ -1,0 +1,148 @@
+//! The control plane's TLS listener: every connection is TLS 1.3; a client certificate is
+//! optional at the TLS layer (joining proxies have none yet) and each RPC decides whether it
+//! needs one. The serving certificate is re-issued at half-life.
+
+use crate::error::ControlError;
+use crate::service::State;
+use arc_swap::ArcSwap;
+use bulkhead_identity::SpiffeId;
+use bulkhead_identity::tls::{ClientAuth, peer_identity, server_config};
+use rustls::ServerConfig;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of a connection; available to every RPC as a request extension.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerInfo {
+    pub remote: SocketAddr,
+    /// The verified SPIFFE ID of the client certificate, if one was presented.
+    pub identity: Option<SpiffeId>,
+}
+
+pub(crate) struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+pub(crate) fn serving_tls(state: &State) -> Result<Arc<ArcSwap<ServerConfig>>, ControlError> {
+    Ok(Arc::new(ArcSwap::from_pointee(build(state)?)))
+}
+
+fn build(state: &State) -> Result<ServerConfig, ControlError> {
+    let svid = state.issue_serving_svid()?;
+    let bundle = bulkhead_identity::TrustBundle::new(
+        state.bundle_der().into_iter().map(Into::into).collect(),
+    )?;
+    Ok(server_config(&svid, &bundle, ClientAuth::Optional, &[b"h2"])?)
+}
+
+/// Re-issues the serving certificate at half its lifetime; new connections get the new one.
+pub(crate) fn spawn_cert_renewal(state: Arc<State>, tls: Arc<ArcSwap<ServerConfig>>) {
+    tokio::spawn(async move {
+        let mut wait = state.svid_lifetime() / 2;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = match build(&state) {
+                Ok(config) => {
+                    tls.store(Arc::new(config));
+                    tracing::info!("renewed the control plane's serving certificate");
+                    state.svid_lifetime() / 2
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not renew the serving certificate; retrying in 30s");
+                    Duration::from_secs(30)
+                }
+            };
+        }
+    });
+}
+
+/// Accepts TCP, completes each TLS handshake on its own task, and yields finished
+/// connections to tonic.
+pub(crate) fn incoming(
+    tcp: TcpListener,
+    tls: Arc<ArcSwap<ServerConfig>>,
+    trust_domain: String,
+) -> ReceiverStream<Result<TlsConn, io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let (stream, remote) = match tcp.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let _ = stream.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+            let tx = tx.clone();
+            let trust_domain = trust_domain.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let certs = tls.get_ref().1.peer_certificates();
+                let identity = match certs {
+                    None => None,
+                    Some(c) => match peer_identity(Some(c), &trust_domain) {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            tracing::info!(%remote, reason = %e, "client certificate refused");
+                            return;
+                        }
+                    },
+                };
+                let _ = tx.send(Ok(TlsConn { inner: tls, info: PeerInfo { remote, identity } })).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}

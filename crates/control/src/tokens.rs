@@ -1,0 +1,85 @@
+//! Join tokens: `bhj.<id>.<secret>`. Only a SHA-256 of the secret is stored; a token is bound
+//! to one SPIFFE ID and one workload, expires, and has a use limit.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const PREFIX: &str = "bhj";
+
+/// What the store keeps for a token. The secret itself is never stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct TokenRecord {
+    pub secret_sha256: String,
+    pub spiffe_id: String,
+    pub namespace: String,
+    pub workload: String,
+    pub expires_unix: u64,
+    pub uses_left: u32,
+}
+
+/// Why a token was not accepted. The text goes back to the caller, so it names no secret.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TokenError {
+    #[error("join token is malformed (expected bhj.<id>.<secret>, as printed by `bulkhead token create`)")]
+    Malformed,
+    #[error("join token is not known to this control plane")]
+    Unknown,
+    #[error("join token expired; create a new one with `bulkhead token create`")]
+    Expired,
+    #[error("join token has been used up; create a new one with `bulkhead token create`")]
+    UsedUp,
+}
+
+/// A new token: its id, the secret's hash for storage, and the full token for the user.
+pub(crate) fn mint() -> (String, String, String) {
+    let id = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 12]>());
+    let secret = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+    let hash = hash(&secret);
+    let token = format!("{PREFIX}.{id}.{secret}");
+    (id, hash, token)
+}
+
+/// Splits a token into id and secret.
+pub(crate) fn parse(token: &str) -> Result<(&str, &str), TokenError> {
+    let mut parts = token.trim().split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(PREFIX), Some(id), Some(secret), None) if !id.is_empty() && !secret.is_empty() => {
+            Ok((id, secret))
+        }
+        _ => Err(TokenError::Malformed),
+    }
+}
+
+pub(crate) fn hash(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compares two hex digests without an early exit.
+pub(crate) fn same_hash(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_token_parses_and_hashes_back() {
+        let (id, h, token) = mint();
+        let (pid, secret) = parse(&token).unwrap();
+        assert_eq!(pid, id);
+        assert!(same_hash(&hash(secret), &h));
+        assert!(!same_hash(&hash("other"), &h));
+        assert!(!token.contains(&h));
+    }
+
+    #[test]
+    fn malformed_tokens() {
+        for t in ["", "bhj", "bhj..x", "xyz.a.b", "bhj.a.b.c"] {
+            assert_eq!(parse(t), Err(TokenError::Malformed), "{t}");
+        }
+    }
+}

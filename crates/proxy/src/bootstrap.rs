@@ -1,0 +1,75 @@
+//! Joining the mesh: make a key here, send only a CSR and the join token, get an SVID back.
+
+use crate::{Config, ProxyError};
+use bulkhead_api::channel::{self, CONTROL_ID_PATH};
+use bulkhead_api::v1::JoinRequest;
+use bulkhead_api::v1::identity_client::IdentityClient;
+use bulkhead_identity::tls::{ExpectedServer, client_config};
+use bulkhead_identity::{LocalKey, SpiffeId, Svid, TrustBundle};
+use bulkhead_policy::model::ResourceName;
+use std::time::Duration;
+use tonic::Code;
+
+pub(crate) struct Joined {
+    pub svid: Svid,
+    pub bundle: TrustBundle,
+    pub workload: ResourceName,
+}
+
+/// The control plane's expected identity in the bundle's trust domain.
+pub(crate) fn control_identity(bundle: &TrustBundle) -> Result<SpiffeId, ProxyError> {
+    Ok(SpiffeId::parse(&format!(
+        "spiffe://{}{CONTROL_ID_PATH}",
+        bundle.trust_domain()
+    ))?)
+}
+
+pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
+    let bundle = TrustBundle::from_pem(&config.trust_bundle_pem).map_err(ProxyError::Bundle)?;
+    let tls = client_config(
+        None,
+        &bundle,
+        ExpectedServer::Exact(control_identity(&bundle)?),
+        &[b"h2"],
+    )?;
+    let mut client = IdentityClient::new(channel::connect(config.control, tls));
+    let key = LocalKey::generate()?;
+    let request = JoinRequest {
+        token: config.token.clone(),
+        csr_der: key.csr_der(config.identity.as_ref())?,
+    };
+    let fail = |message: String| ProxyError::Join {
+        addr: config.control,
+        message,
+    };
+    // The control plane may still be starting: retry only "unavailable", briefly.
+    let mut delay = Duration::from_millis(100);
+    let response = loop {
+        match client.join(request.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && delay < Duration::from_secs(5) => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(s) if s.code() == Code::Unavailable => {
+                return Err(fail(format!(
+                    "{} (is `bulkhead control` running there?)",
+                    s.message()
+                )));
+            }
+            Err(s) => return Err(fail(s.message().to_string())),
+        }
+    };
+    let chain = response.cert_chain_der.into_iter().map(Into::into).collect();
+    let svid = key.into_svid(chain)?;
+    let bundle = TrustBundle::new(response.trust_bundle_der.into_iter().map(Into::into).collect())
+        .map_err(ProxyError::Bundle)?;
+    Ok(Joined {
+        svid,
+        bundle,
+        workload: ResourceName {
+            namespace: response.namespace,
+            name: response.workload,
+        },
+    })
+}

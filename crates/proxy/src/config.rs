@@ -1,0 +1,104 @@
+//! The proxy's resolved configuration, and the parsing of `--upstream` values.
+
+use bulkhead_identity::SpiffeId;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The control plane's gRPC address.
+    pub control: SocketAddr,
+    /// PEM root certificate(s) of the mesh; the control plane must chain to them.
+    pub trust_bundle_pem: String,
+    /// The join token. Never logged.
+    pub token: String,
+    /// If set, the identity the proxy expects; the control plane refuses a token bound to
+    /// another one.
+    pub identity: Option<SpiffeId>,
+    pub inbound: Option<InboundSpec>,
+    pub upstreams: Vec<UpstreamSpec>,
+    pub ready_file: Option<PathBuf>,
+    pub first_config_wait: Duration,
+}
+
+/// The inbound listener and the local app it protects.
+#[derive(Clone, Debug)]
+pub struct InboundSpec {
+    pub listen: SocketAddr,
+    pub app: SocketAddr,
+}
+
+/// A declared upstream: a local plain listener whose traffic goes over mTLS to `address`,
+/// which must present `identity`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub address: SocketAddr,
+    pub identity: SpiffeId,
+}
+
+impl FromStr for UpstreamSpec {
+    type Err = String;
+
+    /// `name=payments,listen=127.0.0.1:9001,address=127.0.0.1:15006,identity=spiffe://…`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut name, mut listen, mut address, mut identity) = (None, None, None, None);
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not key=value"))?;
+            let addr = |v: &str| {
+                SocketAddr::from_str(v).map_err(|_| format!("{k}={v:?} is not an IP:port address"))
+            };
+            match k.trim() {
+                "name" => name = Some(v.to_string()),
+                "listen" => listen = Some(addr(v)?),
+                "address" => address = Some(addr(v)?),
+                "identity" => identity = Some(SpiffeId::parse(v).map_err(|e| e.to_string())?),
+                other => {
+                    return Err(format!(
+                        "unknown key {other:?}; expected name, listen, address, identity"
+                    ));
+                }
+            }
+        }
+        let need = |what: &str| format!("missing {what}= (expected name=…,listen=IP:PORT,address=IP:PORT,identity=spiffe://…)");
+        let name = name.ok_or_else(|| need("name"))?;
+        if !bulkhead_policy::is_valid_name(&name) {
+            return Err(format!("name {name:?} must be lowercase letters, digits or '-'"));
+        }
+        Ok(UpstreamSpec {
+            name,
+            listen: listen.ok_or_else(|| need("listen"))?,
+            address: address.ok_or_else(|| need("address"))?,
+            identity: identity.ok_or_else(|| need("identity"))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_parses() {
+        let u: UpstreamSpec = "name=payments,listen=127.0.0.1:0,address=127.0.0.1:9,identity=spiffe://td/ns/a/sa/b"
+            .parse()
+            .unwrap();
+        assert_eq!(u.name, "payments");
+        assert_eq!(u.identity.as_str(), "spiffe://td/ns/a/sa/b");
+    }
+
+    #[test]
+    fn upstream_errors_say_what_is_wrong() {
+        let e = "name=p,listen=nope".parse::<UpstreamSpec>().unwrap_err();
+        assert_eq!(e, "listen=\"nope\" is not an IP:port address");
+        let e = "name=p,listen=127.0.0.1:1,address=127.0.0.1:2".parse::<UpstreamSpec>().unwrap_err();
+        assert!(e.starts_with("missing identity="), "{e}");
+        let e = "colour=red".parse::<UpstreamSpec>().unwrap_err();
+        assert!(e.starts_with("unknown key \"colour\""), "{e}");
+    }
+}

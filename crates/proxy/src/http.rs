@@ -1,0 +1,160 @@
+//! HTTP/1.1 plumbing shared by the inbound and outbound sides: one upstream connection per
+//! downstream connection, hop-by-hop header hygiene, and the responses the proxy itself makes.
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Mutex;
+
+/// Either the peer's streamed body or one the proxy wrote.
+pub(crate) type Body = Either<Incoming, Full<Bytes>>;
+
+/// Set on requests to the app: the caller's verified SPIFFE ID. Any incoming copy is dropped.
+pub(crate) const SOURCE_HEADER: &str = "x-bulkhead-source";
+/// Set on responses the proxy denies: `deny; policy=…; rule=…; revision=…`.
+pub(crate) const DECISION_HEADER: &str = "x-bulkhead-decision";
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// A response made by the proxy, with a plain-text body that ends in a newline.
+pub(crate) fn proxy_response(
+    status: StatusCode,
+    decision: Option<&str>,
+    text: String,
+) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(text + "\n"))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if let Some(value) = decision.and_then(|d| HeaderValue::from_str(d).ok()) {
+        h.insert(DECISION_HEADER, value);
+    }
+    resp
+}
+
+/// Refuses paths whose meaning an app might read differently from the policy: dot segments,
+/// empty segments and encoded separators. Returns why.
+pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("path must start with '/'");
+    }
+    let lower = path.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c", "%00", "\\"].iter().any(|bad| lower.contains(bad)) {
+        return Err("path holds an encoded '.', '/', '\\' or NUL");
+    }
+    if path[1..]
+        .split('/')
+        .enumerate()
+        .any(|(i, seg)| seg == "." || seg == ".." || (seg.is_empty() && i + 1 < path[1..].split('/').count()))
+    {
+        return Err("path holds '.', '..' or empty segments");
+    }
+    Ok(())
+}
+
+/// Why forwarding failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// The upstream side of one downstream connection, dialled on first use and re-dialled if
+/// it closed. HTTP/1.1 is serial per connection, so the lock is never contended.
+#[derive(Default)]
+pub(crate) struct Link {
+    sender: Mutex<Option<SendRequest<Incoming>>>,
+}
+
+impl Link {
+    pub(crate) async fn send<F, Fut, Io>(
+        &self,
+        req: Request<Incoming>,
+        connect: F,
+    ) -> Result<Response<Incoming>, LinkError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::io::Result<Io>>,
+        Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut guard = self.sender.lock().await;
+        let sender = match guard.take() {
+            Some(s) if !s.is_closed() => guard.insert(s),
+            _ => {
+                let io = connect().await.map_err(LinkError::Connect)?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "upstream connection ended");
+                    }
+                });
+                guard.insert(sender)
+            }
+        };
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
+    }
+}
+
+/// Keeps only path and query of the request target (origin form), dropping any authority.
+pub(crate) fn origin_form(req: &mut Request<Incoming>) {
+    if let Some(pq) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = http::Uri::from(pq);
+    }
+}
+
+pub(crate) fn response_body(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Either::Left(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_path;
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        for ok in ["/", "/charge", "/orders/1", "/a/b/"] {
+            assert!(check_path(ok).is_ok(), "{ok}");
+        }
+        for bad in ["/a/../admin", "/./admin", "/a//b", "/%2e%2e/admin", "/a%2Fb", "/a\\b", "x"] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The inbound side: mTLS in from other sidecars, authorization, plain HTTP to the local app.
+
+use crate::config::InboundSpec;
+use crate::http::{
+    Body, DECISION_HEADER, Link, SOURCE_HEADER, check_path, origin_form, proxy_response,
+    response_body, strip_hop_by_hop,
+};
+use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
+use bulkhead_identity::SpiffeId;
+use bulkhead_identity::tls::{ClientAuth, peer_identity, server_config};
+use bulkhead_policy::{Decision, Request as PolicyRequest};
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn spawn(spec: &InboundSpec, shared: Arc<Shared>) -> Result<SocketAddr, ProxyError> {
+    let bind_err = |source| ProxyError::Bind {
+        what: "inbound".into(),
+        addr: spec.listen,
+        source,
+    };
+    let listener = TcpListener::bind(spec.listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let tls = server_config(&shared.svid, &shared.bundle, ClientAuth::Required, &[b"http/1.1"])?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let app = spec.app;
+    tracing::info!(listen = %addr, %app, "inbound listener ready");
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, remote)) => {
+                    let span = tracing::info_span!("inbound", src.addr = %remote, dst.app = %app);
+                    tokio::spawn(serve(tcp, acceptor.clone(), app, shared.clone()).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    Ok(addr)
+}
+
+async fn serve(tcp: TcpStream, acceptor: TlsAcceptor, app: SocketAddr, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(reason = %e, "connection refused: mTLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("connection refused: mTLS handshake timed out");
+            return;
+        }
+    };
+    let peer = match peer_identity(tls.get_ref().1.peer_certificates(), shared.bundle.trust_domain()) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(reason = %e, "connection refused: peer certificate is not an acceptable SVID");
+            return;
+        }
+    };
+    tracing::debug!(src.id = %peer, "mTLS connection accepted");
+    let link = Arc::new(Link::default());
+    let service = service_fn(move |req| handle(req, peer.clone(), link.clone(), app, shared.clone()));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "inbound connection ended with an error");
+    }
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    peer: SpiffeId,
+    link: Arc<Link>,
+    app: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, Infallible> {
+    if let Err(why) = check_path(req.uri().path()) {
+        tracing::warn!(src.id = %peer, path = req.uri().path(), why, "request refused: ambiguous path");
+        return Ok(proxy_response(StatusCode::BAD_REQUEST, None, format!("bulkhead: {why}")));
+    }
+    let decision = shared.policies.load().evaluate(&PolicyRequest {
+        source: peer.as_str(),
+        workload: &shared.workload,
+        method: req.method().as_str(),
+        path: req.uri().path(),
+    });
+    log_decision(&decision, &peer, &shared, &req);
+    if let Decision::Deny(denial) = &decision {
+        return Ok(proxy_response(
+            StatusCode::FORBIDDEN,
+            Some(&decision.header_value()),
+            format!("bulkhead: {denial}"),
+        ));
+    }
+    origin_form(&mut req);
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    headers.remove(DECISION_HEADER);
+    if let Ok(v) = HeaderValue::from_str(peer.as_str()) {
+        headers.insert(SOURCE_HEADER, v);
+    }
+    match link.send(req, || connect_app(app)).await {
+        Ok(resp) => {
+            let mut resp = response_body(resp);
+            if let Ok(v) = HeaderValue::from_str(&decision.header_value()) {
+                resp.headers_mut().insert(DECISION_HEADER, v);
+            }
+            Ok(resp)
+        }
+        Err(e) => {
+            tracing::warn!(%app, error = %e, "local app unreachable");
+            Ok(proxy_response(
+                StatusCode::BAD_GATEWAY,
+                None,
+                format!("bulkhead: the local app at {app} did not answer: {e}"),
+            ))
+        }
+    }
+}
+
+async fn connect_app(app: SocketAddr) -> std::io::Result<TcpStream> {
+    let tcp = TcpStream::connect(app).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// One structured event per decision: the decision log.
+fn log_decision(decision: &Decision, peer: &SpiffeId, shared: &Shared, req: &Request<Incoming>) {
+    let verdict = if decision.is_allow() { "allow" } else { "deny" };
+    tracing::info!(
+        target: "bulkhead::decision",
+        verdict,
+        src.id = %peer,
+        dst.workload = %shared.workload,
+        http.method = %req.method(),
+        http.path = req.uri().path(),
+        decision = %decision,
+        "authorization decision"
+    );
+}

@@ -1,0 +1,99 @@
+//! The outbound side: plain HTTP in from the local app on a per-upstream port, mTLS out to
+//! that upstream's sidecar, which must present the declared SPIFFE ID.
+
+use crate::config::UpstreamSpec;
+use crate::http::{Body, Link, SOURCE_HEADER, origin_form, proxy_response, response_body, strip_hop_by_hop};
+use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
+use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tracing::Instrument;
+
+pub(crate) async fn spawn(spec: &UpstreamSpec, shared: Arc<Shared>) -> Result<SocketAddr, ProxyError> {
+    let bind_err = |source| ProxyError::Bind {
+        what: format!("upstream {}", spec.name),
+        addr: spec.listen,
+        source,
+    };
+    let listener = TcpListener::bind(spec.listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let tls = client_config(
+        Some(&shared.svid),
+        &shared.bundle,
+        ExpectedServer::Exact(spec.identity.clone()),
+        &[b"http/1.1"],
+    )?;
+    let connector = TlsConnector::from(Arc::new(tls));
+    let spec = Arc::new(spec.clone());
+    tracing::info!(listen = %addr, upstream = spec.name, address = %spec.address, identity = %spec.identity, "outbound listener ready");
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, remote)) => {
+                    let span = tracing::info_span!("outbound", src.addr = %remote, dst.name = spec.name, dst.addr = %spec.address);
+                    tokio::spawn(serve(tcp, connector.clone(), spec.clone()).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    Ok(addr)
+}
+
+async fn serve(tcp: TcpStream, connector: TlsConnector, spec: Arc<UpstreamSpec>) {
+    let _ = tcp.set_nodelay(true);
+    let link = Arc::new(Link::default());
+    let service = service_fn(move |req| handle(req, link.clone(), connector.clone(), spec.clone()));
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(tcp), service)
+        .await
+    {
+        tracing::debug!(error = %e, "outbound connection ended with an error");
+    }
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    link: Arc<Link>,
+    connector: TlsConnector,
+    spec: Arc<UpstreamSpec>,
+) -> Result<Response<Body>, Infallible> {
+    origin_form(&mut req);
+    strip_hop_by_hop(req.headers_mut());
+    // Only the receiving sidecar may say who the caller is.
+    req.headers_mut().remove(SOURCE_HEADER);
+    match link.send(req, || connect_upstream(connector, spec.address)).await {
+        Ok(resp) => Ok(response_body(resp)),
+        Err(e) => {
+            tracing::warn!(upstream = spec.name, error = %e, "upstream unreachable");
+            Ok(proxy_response(
+                StatusCode::BAD_GATEWAY,
+                None,
+                format!(
+                    "bulkhead: upstream {} at {} (expected identity {}) failed: {e}",
+                    spec.name, spec.address, spec.identity
+                ),
+            ))
+        }
+    }
+}
+
+async fn connect_upstream(connector: TlsConnector, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name(), tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "mTLS handshake timed out"))?
+}

@@ -1,0 +1,99 @@
+//! Following the control plane: one long-lived stream of configurations for our workload.
+//! A configuration that does not decode is refused whole and the last good one stays in
+//! force; a lost stream is re-opened with backoff while enforcement continues unchanged.
+
+use crate::Shared;
+use crate::bootstrap::control_identity;
+use bulkhead_api::channel;
+use bulkhead_api::v1::config_client::ConfigClient;
+use bulkhead_api::v1::{ProxyConfig, WatchRequest};
+use bulkhead_identity::tls::{ExpectedServer, client_config};
+use bulkhead_policy::PolicySet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Starts following; the receiver reports the revision in force once one has arrived.
+pub(crate) fn spawn(control: SocketAddr, shared: Arc<Shared>) -> watch::Receiver<Option<u64>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let tls = match control_identity(&shared.bundle).and_then(|id| {
+            Ok(client_config(
+                Some(&shared.svid),
+                &shared.bundle,
+                ExpectedServer::Exact(id),
+                &[b"h2"],
+            )?)
+        }) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build TLS for the control plane; configuration will not update");
+                return;
+            }
+        };
+        let mut client = ConfigClient::new(channel::connect(control, tls));
+        let request = WatchRequest {
+            namespace: shared.workload.namespace.clone(),
+            workload: shared.workload.name.clone(),
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match client.watch(request.clone()).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(config)) => {
+                                backoff = Duration::from_millis(200);
+                                if let Some(rev) = apply(&shared, config) {
+                                    tx.send_replace(Some(rev));
+                                }
+                            }
+                            Ok(None) => {
+                                tracing::warn!("control plane closed the configuration stream");
+                                break;
+                            }
+                            Err(status) => {
+                                tracing::warn!(error = %status.message(), "configuration stream broke");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(status) => tracing::warn!(
+                    code = ?status.code(),
+                    error = %status.message(),
+                    "cannot watch configuration; keeping the policy in force"
+                ),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    });
+    rx
+}
+
+/// Decodes and compiles a configuration; on any error keeps the current one.
+fn apply(shared: &Shared, config: ProxyConfig) -> Option<u64> {
+    let current = shared.policies.load().revision();
+    let decoded: Result<Vec<_>, _> = config
+        .resources
+        .iter()
+        .map(bulkhead_api::resource_from_wire)
+        .collect();
+    match decoded {
+        Ok(resources) => {
+            let set = PolicySet::compile(&resources, config.revision);
+            shared.policies.store(Arc::new(set));
+            tracing::info!(revision = config.revision, policies = resources.len(), "policy revision in force");
+            Some(config.revision)
+        }
+        Err(e) => {
+            tracing::error!(revision = config.revision, error = %e, kept = current, "refused configuration; keeping the last good one");
+            None
+        }
+    }
+}
