@@ -1,1 +1,330 @@
+//! End to end with the real binaries: `bulkhead control`, two `bulkhead-proxy` sidecars and
+//! two `bulkhead sample-app` services on 127.0.0.1 with ephemeral ports, real TLS 1.3 and
+//! certificates from the control plane's own CA.
+#![allow(clippy::unwrap_used)]
 
+use bulkhead_testkit::{Bins, Proc, TempDir, foreign_identity, http, http_raw, mtls_raw, parse_response, run};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const TD: &str = "test.local";
+const WAIT: Duration = Duration::from_secs(30);
+
+const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: orders-allow-frontend
+  namespace: shop
+spec:
+  selector:
+    workload: orders
+  action: allow
+  rules:
+    - name: frontend-reads-orders
+      from:
+        identities: ["spiffe://test.local/ns/shop/sa/frontend"]
+      to:
+        methods: [GET]
+        paths: ["/orders", "/orders/*"]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: orders-deny-internal
+  namespace: shop
+spec:
+  selector:
+    workload: orders
+  action: deny
+  rules:
+    - name: internal-paths
+      to:
+        paths: ["/orders/internal/*"]
+"#;
+
+fn id(sa: &str) -> String {
+    format!("spiffe://{TD}/ns/shop/sa/{sa}")
+}
+
+struct Mesh {
+    bins: Bins,
+    dir: TempDir,
+    control: Proc,
+    control_addr: SocketAddr,
+}
+
+impl Mesh {
+    fn start() -> Mesh {
+        let bins = Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
+        let dir = TempDir::new().unwrap();
+        let data = dir.path().join("data");
+        let mut control = Proc::spawn(
+            "control",
+            dir.path(),
+            &bins.bulkhead,
+            &["control", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--trust-domain", TD],
+            &[],
+        );
+        let context = control.wait_for_file(&data.join("admin.yaml"), WAIT);
+        let server = context
+            .lines()
+            .find_map(|l| l.strip_prefix("server: "))
+            .expect("admin.yaml names the server")
+            .trim_matches('"')
+            .parse()
+            .unwrap();
+        Mesh { bins, dir, control, control_addr: server }
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs `bulkhead ARGS` as the admin; returns (code, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let context = self.data().join("admin.yaml");
+        run(&self.bins.bulkhead, args, &[("BULKHEAD_CONTEXT", context.to_str().unwrap())])
+    }
+
+    fn token(&self, identity: &str) -> std::path::PathBuf {
+        let (code, out, err) = self.cli(&["token", "create", "--identity", identity]);
+        assert_eq!(code, 0, "token create failed: {err}");
+        let file = self.dir.path().join(format!("{}.token", identity.rsplit('/').next().unwrap()));
+        std::fs::write(&file, out.trim()).unwrap();
+        file
+    }
+
+    fn app(&self, name: &str) -> (Proc, SocketAddr) {
+        let ready = self.dir.path().join(format!("{name}-app.json"));
+        let mut p = Proc::spawn(
+            &format!("{name}-app"),
+            self.dir.path(),
+            &self.bins.bulkhead,
+            &["sample-app", "--name", name, "--listen", "127.0.0.1:0", "--ready-file", ready.to_str().unwrap()],
+            &[],
+        );
+        let json: serde_json::Value = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
+        let addr = json["addr"].as_str().unwrap().parse().unwrap();
+        (p, addr)
+    }
+
+    /// Starts a sidecar; returns it and its ready-file JSON.
+    fn proxy(&self, name: &str, token: &Path, extra: &[&str]) -> (Proc, serde_json::Value) {
+        let ready = self.dir.path().join(format!("{name}-proxy.json"));
+        let mut args = self.proxy_args(token);
+        args.extend(["--ready-file".to_string(), ready.to_str().unwrap().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut p = Proc::spawn(&format!("{name}-proxy"), self.dir.path(), &self.bins.proxy, &args, &[]);
+        let json = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
+        (p, json)
+    }
+
+    fn proxy_args(&self, token: &Path) -> Vec<String> {
+        vec![
+            "--control".into(),
+            self.control_addr.to_string(),
+            "--trust-bundle".into(),
+            self.data().join("ca.pem").to_str().unwrap().into(),
+            "--token-file".into(),
+            token.to_str().unwrap().into(),
+        ]
+    }
+
+    /// Runs a proxy expected to fail at start; returns its stderr.
+    fn failing_proxy(&self, token: &Path, extra: &[&str]) -> String {
+        let mut args = self.proxy_args(token);
+        args.extend(["--upstream".into(), format!("name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}", id("x"))]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run(&self.bins.proxy, &args, &[]);
+        assert_ne!(code, 0, "proxy should have refused to start; stderr: {err}");
+        err
+    }
+}
+
+fn addr(v: &serde_json::Value) -> SocketAddr {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+#[test]
+fn walking_skeleton_end_to_end() {
+    let mut mesh = Mesh::start();
+    let data = mesh.data();
+
+    // The CA key is private to the control plane's user.
+    let mode = std::fs::metadata(data.join("ca.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "ca.key must be 0600");
+
+    // An invalid policy is refused with file:line:column and changes nothing.
+    let bad = mesh.dir.path().join("bad.yaml");
+    std::fs::write(&bad, POLICY.replace("methods: [GET]", "methods: [FETCH]")).unwrap();
+    let (code, _, err) = mesh.cli(&["apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("{}:15:19: unknown HTTP method \"FETCH\"", bad.display())), "{err}");
+
+    let good = mesh.dir.path().join("policy.yaml");
+    std::fs::write(&good, POLICY).unwrap();
+    let (code, out, err) = mesh.cli(&["apply", "-f", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("AuthorizationPolicy/shop/orders-allow-frontend created"), "{out}");
+    assert!(out.contains("revision 1"), "{out}");
+
+    // orders: app + sidecar inbound.
+    let (_orders_app, orders_app_addr) = mesh.app("orders");
+    let orders_token = mesh.token(&id("orders"));
+    let (_orders_proxy, orders) = mesh.proxy(
+        "orders",
+        &orders_token,
+        &["--inbound", "127.0.0.1:0", "--app", &orders_app_addr.to_string(), "--identity", &id("orders")],
+    );
+    assert_eq!(orders["spiffe_id"], id("orders"));
+    assert_eq!(orders["revision"], 1);
+    let orders_in = addr(&orders["inbound"]);
+
+    // frontend: app + sidecar with an upstream to orders, and one to an "impostor" upstream
+    // that points at orders but expects the payments identity.
+    let (_frontend_app, frontend_app_addr) = mesh.app("frontend");
+    let frontend_token = mesh.token(&id("frontend"));
+    let (_frontend_proxy, frontend) = mesh.proxy(
+        "frontend",
+        &frontend_token,
+        &[
+            "--inbound", "127.0.0.1:0", "--app", &frontend_app_addr.to_string(),
+            "--upstream", &format!("name=orders,listen=127.0.0.1:0,address={orders_in},identity={}", id("orders")),
+            "--upstream", &format!("name=impostor,listen=127.0.0.1:0,address={orders_in},identity={}", id("payments")),
+        ],
+    );
+    let to_orders = addr(&frontend["upstreams"]["orders"]);
+
+    // Allowed: the app's own 200, with the caller's verified identity.
+    let r = http(to_orders, "GET", "/orders");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, format!("orders: GET /orders from {}\n", id("frontend")));
+    assert_eq!(
+        r.header("x-bulkhead-decision"),
+        Some("allow; policy=shop/orders-allow-frontend; rule=frontend-reads-orders; revision=1")
+    );
+
+    // Outside the policy: 403 naming the rule, or the nearest miss for a default deny.
+    let r = http(to_orders, "GET", "/orders/internal/audit");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(
+        r.header("x-bulkhead-decision"),
+        Some("deny; policy=shop/orders-deny-internal; rule=internal-paths; revision=1")
+    );
+    assert_eq!(r.body, "bulkhead: denied by policy shop/orders-deny-internal rule internal-paths (revision 1)\n");
+    let r = http(to_orders, "DELETE", "/orders/7");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.header("x-bulkhead-decision"), Some("deny; policy=default-deny; revision=1"));
+    assert!(
+        r.body.contains("nearest miss: policy shop/orders-allow-frontend rule frontend-reads-orders matched the identity and path but not method DELETE"),
+        "{}",
+        r.body
+    );
+
+    // Outbound refuses a server that does not present the identity the upstream declares.
+    let r = http(addr(&frontend["upstreams"]["impostor"]), "GET", "/orders");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        r.body.contains(&format!("peer identity {} is not the expected {}", id("orders"), id("payments"))),
+        "{}",
+        r.body
+    );
+
+    // Plaintext to the inbound port gets no HTTP answer.
+    let raw = http_raw(orders_in, "GET", "/orders").unwrap_or_default();
+    assert!(parse_response(&raw).is_none(), "plaintext got an HTTP answer: {:?}", String::from_utf8_lossy(&raw));
+
+    // A client certificate from another CA (same trust domain name, same SPIFFE ID) is refused.
+    let bundle = std::fs::read_to_string(data.join("ca.pem")).unwrap();
+    let rogue = foreign_identity(TD, &id("frontend"));
+    let answer = mtls_raw(orders_in, &bundle, &id("orders"), &rogue, "/orders");
+    assert!(
+        answer.as_ref().map(|raw| parse_response(raw).is_none()).unwrap_or(true),
+        "a foreign CA's certificate got an HTTP answer: {answer:?}"
+    );
+    let deadline = Instant::now() + WAIT;
+    while !log_has(&mesh, "orders-proxy", "connection refused: mTLS handshake failed") {
+        assert!(Instant::now() < deadline, "the refusal was not logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A policy change is pushed live: allowing DELETE takes effect without restarts.
+    std::fs::write(&good, POLICY.replace("methods: [GET]", "methods: [GET, DELETE]")).unwrap();
+    let (code, out, err) = mesh.cli(&["apply", "-f", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revision 2"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = http(to_orders, "DELETE", "/orders/7");
+        if r.status == 200 {
+            assert_eq!(
+                r.header("x-bulkhead-decision"),
+                Some("allow; policy=shop/orders-allow-frontend; rule=frontend-reads-orders; revision=2")
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "policy revision 2 was not enforced within 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mesh.control.assert_running();
+}
+
+fn log_has(mesh: &Mesh, name: &str, needle: &str) -> bool {
+    std::fs::read_to_string(mesh.dir.path().join(format!("{name}.log")))
+        .map(|t| t.contains(needle))
+        .unwrap_or(false)
+}
+
+#[test]
+fn join_tokens_grant_exactly_one_identity() {
+    let mesh = Mesh::start();
+
+    // A token bound to frontend cannot obtain the payments identity, and says so.
+    let token = mesh.token(&id("frontend"));
+    let err = mesh.failing_proxy(&token, &["--identity", &id("payments")]);
+    assert!(
+        err.contains(&format!(
+            "this credential is bound to {}; it cannot be used to obtain {}",
+            id("frontend"),
+            id("payments")
+        )),
+        "{err}"
+    );
+
+    // The refused attempt did not spend the token; its one use then works, and a second
+    // use is refused as used up.
+    let (mut p, ready) = mesh.proxy("frontend", &token, &["--upstream", &format!("name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}", id("x"))]);
+    assert_eq!(ready["spiffe_id"], id("frontend"));
+    p.assert_running();
+    let err = mesh.failing_proxy(&token, &[]);
+    assert!(err.contains("join token has been used up"), "{err}");
+
+    // A made-up token is refused without detail about any real one.
+    let fake = mesh.dir.path().join("fake.token");
+    std::fs::write(&fake, "bhj.AAAAAAAAAAAAAAAA.BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB").unwrap();
+    let err = mesh.failing_proxy(&fake, &[]);
+    assert!(err.contains("join token is not known to this control plane"), "{err}");
+}
+
+#[test]
+fn demo_once_shows_allowed_and_denied_calls() {
+    let bins = Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
+    let (code, out, err) = run(&bins.bulkhead, &["demo", "--once"], &[]);
+    assert_eq!(code, 0, "demo failed:\n{out}\n{err}");
+    for needle in [
+        "ALLOWED  customer -> frontend POST /checkout  -> 200",
+        "-> POST /charge answered 200: payments: POST /charge from spiffe://bulkhead.local/ns/shop/sa/orders",
+        "ALLOWED  frontend -> orders GET /orders  -> 200",
+        "DENIED   frontend -> payments GET /admin/users  -> 403",
+        "denied by policy shop/payments-deny-admin rule admin-paths (revision 1)",
+        "DENIED   frontend -> payments POST /charge  -> 403",
+        "matched the method and path but not identity spiffe://bulkhead.local/ns/shop/sa/frontend",
+        "2 allowed, 3 denied.",
+    ] {
+        assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
+    }
+}

@@ -88,7 +88,7 @@ pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
 /// Why forwarding failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LinkError {
-    #[error("cannot connect: {0}")]
+    #[error("{0}")]
     Connect(std::io::Error),
     #[error("{0}")]
     Http(#[from] hyper::Error),

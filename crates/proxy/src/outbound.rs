@@ -93,7 +93,26 @@ async fn handle(
 async fn connect_upstream(connector: TlsConnector, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name(), tcp))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "mTLS handshake timed out"))?
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name(), tcp)).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(std::io::Error::new(
+            e.kind(),
+            format!("mTLS handshake failed: {}", tls_reason(&e)),
+        )),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "mTLS handshake timed out",
+        )),
+    }
+}
+
+/// The reason a handshake failed, in words: our own SVID checks say what they found.
+fn tls_reason(e: &std::io::Error) -> String {
+    use rustls::{CertificateError, Error as TlsError};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<TlsError>()) {
+        Some(TlsError::InvalidCertificate(CertificateError::Other(other))) => other.0.to_string(),
+        Some(TlsError::InvalidCertificate(reason)) => format!("peer certificate refused: {reason:?}"),
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
 }

@@ -1,1 +1,202 @@
+//! Test harness for Bulkhead's end-to-end tests: start the real binaries as child processes
+//! (killed on drop, logs kept for failure messages), wait for their ready files, and talk
+//! to them with deliberately simple HTTP and TLS clients.
+#![allow(clippy::unwrap_used)]
 
+use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
+use bulkhead_identity::{Ca, SpiffeId, TrustBundle};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+pub use tempfile::TempDir;
+
+/// Where the real binaries are: next to the `bulkhead` binary cargo built for this test.
+pub struct Bins {
+    pub bulkhead: PathBuf,
+    pub proxy: PathBuf,
+}
+
+impl Bins {
+    pub fn next_to(bulkhead: &str) -> Bins {
+        let bulkhead = PathBuf::from(bulkhead);
+        let proxy = bulkhead.with_file_name("bulkhead-proxy");
+        assert!(
+            proxy.exists(),
+            "{} is missing: build the binaries first (`cargo build --bins`; ./dev/test does)",
+            proxy.display()
+        );
+        Bins { bulkhead, proxy }
+    }
+}
+
+/// A child process, killed when dropped; its stderr goes to a log file.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, dir: &Path, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Proc { name: name.to_string(), child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics (with the log) if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited with {status}; its log:\n{}", self.name, self.log_text());
+        }
+    }
+
+    /// Waits for the process to exit on its own; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Waits until `path` exists (written atomically by the process) and returns its text.
+    pub fn wait_for_file(&mut self, path: &Path, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                return text;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{} did not write {} within {timeout:?}; its log:\n{}",
+                self.name,
+                path.display(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion; returns (exit code, stdout, stderr).
+pub fn run(program: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// One plain HTTP/1.1 request with `Connection: close`; the raw bytes of the answer.
+pub fn http_raw(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<Vec<u8>> {
+    let mut tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(tcp, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    tcp.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// One plain HTTP/1.1 request, parsed. Panics if the answer is not HTTP.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> HttpResponse {
+    let raw = http_raw(addr, method, path).unwrap_or_else(|e| panic!("{method} {addr}{path}: {e}"));
+    parse_response(&raw).unwrap_or_else(|| panic!("{method} {addr}{path}: not an HTTP response: {:?}", String::from_utf8_lossy(&raw)))
+}
+
+pub fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Some(HttpResponse { status, headers, body: body.to_string() })
+}
+
+/// A certificate authority that is not the mesh's, with one SVID it issued, as PEM.
+pub struct ForeignIdentity {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+pub fn foreign_identity(trust_domain: &str, id: &str) -> ForeignIdentity {
+    let ca = Ca::generate(trust_domain, SystemTime::now()).unwrap();
+    let svid = ca
+        .issue_local(&SpiffeId::parse(id).unwrap(), Duration::from_secs(3600), SystemTime::now())
+        .unwrap();
+    let (chain_pem, key_pem) = svid.to_pem();
+    ForeignIdentity { chain_pem, key_pem }
+}
+
+/// Sends one HTTP request over mTLS presenting `client` (chain and key PEM), verifying the
+/// server against `bundle_pem` and `server_id`. Returns the raw answer, or the error that
+/// ended the exchange.
+pub fn mtls_raw(
+    addr: SocketAddr,
+    bundle_pem: &str,
+    server_id: &str,
+    client: &ForeignIdentity,
+    path: &str,
+) -> Result<Vec<u8>, String> {
+    let svid = bulkhead_identity::Svid::from_pem(&client.chain_pem, &client.key_pem).map_err(|e| e.to_string())?;
+    let bundle = TrustBundle::from_pem(bundle_pem).map_err(|e| e.to_string())?;
+    let expected = ExpectedServer::Exact(SpiffeId::parse(server_id).map_err(|e| e.to_string())?);
+    let config = client_config(Some(&svid), &bundle, expected, &[b"http/1.1"]).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), server_name()).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(tls, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    match tls.read_to_end(&mut buf) {
+        Ok(_) => Ok(buf),
+        Err(e) => Err(e.to_string()),
+    }
+}
