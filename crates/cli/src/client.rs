@@ -26,7 +26,12 @@ pub async fn admin(context: &Path) -> Result<AdminClient<Channel>> {
         .context("admin credential is unusable")?;
     let bundle = TrustBundle::from_pem(&read(&ctx.ca_file)?).context("trust bundle")?;
     let control = SpiffeId::parse(&format!("spiffe://{}{CONTROL_ID_PATH}", ctx.trust_domain))?;
-    let tls = client_config(Some(&svid), &bundle, ExpectedServer::Exact(control), &[b"h2"])?;
+    let tls = client_config(
+        Some(&svid),
+        &bundle,
+        ExpectedServer::Exact(control),
+        &[b"h2"],
+    )?;
     Ok(AdminClient::new(channel::connect(ctx.server, tls)))
 }
 

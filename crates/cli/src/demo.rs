@@ -18,56 +18,8 @@ use std::time::Duration;
 const TRUST_DOMAIN: &str = "bulkhead.local";
 const LOOPBACK_ANY: &str = "127.0.0.1:0";
 
-pub const POLICY: &str = r#"# Least privilege for the shop: frontend may manage orders, only orders may charge
-# payments, and nobody may reach the payments admin API. Anything else is denied by default.
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: orders-allow-frontend
-  namespace: shop
-spec:
-  selector:
-    workload: orders
-  action: allow
-  rules:
-    - name: frontend-manages-orders
-      from:
-        identities: ["spiffe://bulkhead.local/ns/shop/sa/frontend"]
-      to:
-        methods: [GET, POST]
-        paths: ["/orders", "/orders/*"]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: payments-allow-orders
-  namespace: shop
-spec:
-  selector:
-    workload: payments
-  action: allow
-  rules:
-    - name: orders-charges
-      from:
-        identities: ["spiffe://bulkhead.local/ns/shop/sa/orders"]
-      to:
-        methods: [POST]
-        paths: ["/charge"]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: payments-deny-admin
-  namespace: shop
-spec:
-  selector:
-    workload: payments
-  action: deny
-  rules:
-    - name: admin-paths
-      to:
-        paths: ["/admin", "/admin/*"]
-"#;
+/// The demo's policy; the same file serves as the README's example.
+pub const POLICY: &str = include_str!("../../../examples/shop.yaml");
 
 struct Mesh {
     frontend_app: SocketAddr,
@@ -93,7 +45,9 @@ pub async fn run(once: bool) -> Result<()> {
 }
 
 async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
-    println!("Bulkhead demo: three services on loopback, each behind its own sidecar; mTLS (TLS 1.3, SPIFFE IDs) on every hop.\n");
+    println!(
+        "Bulkhead demo: three services on loopback, each behind its own sidecar; mTLS (TLS 1.3, SPIFFE IDs) on every hop.\n"
+    );
     let control = bulkhead_control::start(bulkhead_control::ControlConfig {
         data_dir: dir.to_path_buf(),
         listen: LOOPBACK_ANY.parse()?,
@@ -101,10 +55,17 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
         svid_lifetime: bulkhead_identity::DEFAULT_SVID_LIFETIME,
     })
     .await?;
-    println!("  control plane  {}  trust domain {TRUST_DOMAIN}, new root CA in {}", control.addr, dir.display());
+    println!(
+        "  control plane  {}  trust domain {TRUST_DOMAIN}, new root CA in {}",
+        control.addr,
+        dir.display()
+    );
     let mut admin = client::admin(&control.context_file).await?;
     let applied = admin
-        .apply(ApplyRequest { file: "demo-policy.yaml".into(), yaml: POLICY.into() })
+        .apply(ApplyRequest {
+            file: "demo-policy.yaml".into(),
+            yaml: POLICY.into(),
+        })
         .await
         .map_err(client::status)?
         .into_inner();
@@ -112,7 +73,9 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
 
     let mesh = start_mesh(&mut admin, control.addr, &bundle).await?;
     println!("\nPolicy applied (revision {}):", applied.revision);
-    println!("  shop/orders-allow-frontend   allow  frontend -> orders    GET, POST /orders, /orders/*");
+    println!(
+        "  shop/orders-allow-frontend   allow  frontend -> orders    GET, POST /orders, /orders/*"
+    );
     println!("  shop/payments-allow-orders   allow  orders   -> payments  POST /charge");
     println!("  shop/payments-deny-admin     deny   anyone   -> payments  /admin, /admin/*");
     println!("  everything else              denied by default");
@@ -149,8 +112,22 @@ async fn start_mesh(
     // payments: an app and its sidecar's inbound.
     let payments_app = sample_app::bind(any).await?;
     let payments_app_addr = payments_app.local_addr()?;
-    sample_app::serve(AppSpec { name: "payments".into(), downstream: None }, payments_app)?;
-    let payments = sidecar(admin, control, bundle, &id("payments"), Some(payments_app_addr), vec![]).await?;
+    sample_app::serve(
+        AppSpec {
+            name: "payments".into(),
+            downstream: None,
+        },
+        payments_app,
+    )?;
+    let payments = sidecar(
+        admin,
+        control,
+        bundle,
+        &id("payments"),
+        Some(payments_app_addr),
+        vec![],
+    )
+    .await?;
     let payments_in = payments.inbound.context("payments inbound")?;
 
     // orders: calls payments through its sidecar's upstream port.
@@ -168,7 +145,10 @@ async fn start_mesh(
     let orders_in = orders.inbound.context("orders inbound")?;
     let to_payments = orders.upstreams["payments"];
     sample_app::serve(
-        AppSpec { name: "orders".into(), downstream: Some(format!("http://{to_payments}/charge").parse()?) },
+        AppSpec {
+            name: "orders".into(),
+            downstream: Some(format!("http://{to_payments}/charge").parse()?),
+        },
         orders_app,
     )?;
 
@@ -190,7 +170,10 @@ async fn start_mesh(
     .await?;
     let to_orders = frontend.upstreams["orders"];
     sample_app::serve(
-        AppSpec { name: "frontend".into(), downstream: Some(format!("http://{to_orders}/orders").parse()?) },
+        AppSpec {
+            name: "frontend".into(),
+            downstream: Some(format!("http://{to_orders}/orders").parse()?),
+        },
         frontend_app,
     )?;
 
@@ -200,7 +183,10 @@ async fn start_mesh(
         ("payments", payments_app_addr, &payments),
     ] {
         let inbound = running.inbound.map(|a| a.to_string()).unwrap_or_default();
-        println!("  {name:<9}      {}  app {app}, sidecar inbound {inbound}", running.spiffe_id);
+        println!(
+            "  {name:<9}      {}  app {app}, sidecar inbound {inbound}",
+            running.spiffe_id
+        );
     }
     Ok(Mesh {
         frontend_app: frontend_app_addr,
@@ -224,7 +210,10 @@ async fn sidecar(
     upstreams: Vec<UpstreamSpec>,
 ) -> Result<bulkhead_proxy::Running> {
     let token = admin
-        .create_token(CreateTokenRequest { spiffe_id: identity.into(), ..Default::default() })
+        .create_token(CreateTokenRequest {
+            spiffe_id: identity.into(),
+            ..Default::default()
+        })
         .await
         .map_err(client::status)?
         .into_inner()
@@ -234,7 +223,10 @@ async fn sidecar(
         trust_bundle_pem: bundle.to_string(),
         token,
         identity: Some(bulkhead_identity::SpiffeId::parse(identity)?),
-        inbound: app.map(|app| InboundSpec { listen: LOOPBACK_ANY.parse().expect("literal address"), app }),
+        inbound: app.map(|app| InboundSpec {
+            listen: LOOPBACK_ANY.parse().expect("literal address"),
+            app,
+        }),
         upstreams,
         ready_file: None,
         first_config_wait: Duration::from_secs(10),
@@ -244,43 +236,53 @@ async fn sidecar(
 }
 
 async fn run_round(mesh: &Mesh, verbose: bool) -> Result<bool> {
-    let legit = [Call {
-        who: "customer -> frontend",
-        method: Method::POST,
-        target: "frontend-app",
-        path: "/checkout",
-        expect: StatusCode::OK,
-    }, Call {
-        who: "frontend -> orders",
-        method: Method::GET,
-        target: "orders",
-        path: "/orders",
-        expect: StatusCode::OK,
-    }];
-    let attack = [Call {
-        who: "frontend -> payments",
-        method: Method::POST,
-        target: "payments",
-        path: "/charge",
-        expect: StatusCode::FORBIDDEN,
-    }, Call {
-        who: "frontend -> payments",
-        method: Method::GET,
-        target: "payments",
-        path: "/admin/users",
-        expect: StatusCode::FORBIDDEN,
-    }, Call {
-        who: "frontend -> orders",
-        method: Method::DELETE,
-        target: "orders",
-        path: "/orders/42",
-        expect: StatusCode::FORBIDDEN,
-    }];
+    let legit = [
+        Call {
+            who: "customer -> frontend",
+            method: Method::POST,
+            target: "frontend-app",
+            path: "/checkout",
+            expect: StatusCode::OK,
+        },
+        Call {
+            who: "frontend -> orders",
+            method: Method::GET,
+            target: "orders",
+            path: "/orders",
+            expect: StatusCode::OK,
+        },
+    ];
+    let attack = [
+        Call {
+            who: "frontend -> payments",
+            method: Method::POST,
+            target: "payments",
+            path: "/charge",
+            expect: StatusCode::FORBIDDEN,
+        },
+        Call {
+            who: "frontend -> payments",
+            method: Method::GET,
+            target: "payments",
+            path: "/admin/users",
+            expect: StatusCode::FORBIDDEN,
+        },
+        Call {
+            who: "frontend -> orders",
+            method: Method::DELETE,
+            target: "orders",
+            path: "/orders/42",
+            expect: StatusCode::FORBIDDEN,
+        },
+    ];
     let mut ok = true;
     let (mut allowed, mut denied) = (0, 0);
     for (title, calls) in [
         ("Legitimate traffic", &legit[..]),
-        ("A compromised frontend tries to move laterally", &attack[..]),
+        (
+            "A compromised frontend tries to move laterally",
+            &attack[..],
+        ),
     ] {
         if verbose {
             println!("\n{title}:");
@@ -306,8 +308,17 @@ async fn run_round(mesh: &Mesh, verbose: bool) -> Result<bool> {
                     (true, true) => "ALLOWED",
                     (false, true) => "DENIED",
                 };
-                println!("  {mark:<8} {} {} {}  -> {}", call.who, call.method, call.path, status.as_u16());
-                if let Some(d) = headers.get("x-bulkhead-decision").and_then(|v| v.to_str().ok()) {
+                println!(
+                    "  {mark:<8} {} {} {}  -> {}",
+                    call.who,
+                    call.method,
+                    call.path,
+                    status.as_u16()
+                );
+                if let Some(d) = headers
+                    .get("x-bulkhead-decision")
+                    .and_then(|v| v.to_str().ok())
+                {
                     println!("           decision: {d}");
                 }
                 for line in body.lines() {
@@ -321,7 +332,14 @@ async fn run_round(mesh: &Mesh, verbose: bool) -> Result<bool> {
             "\n{allowed} allowed, {denied} denied. The compromised frontend reached nothing its policy does not grant; every denial names the rule, or the nearest miss."
         );
     } else {
-        println!("  round: {allowed} allowed, {denied} denied{}", if ok { "" } else { " (UNEXPECTED verdicts above)" });
+        println!(
+            "  round: {allowed} allowed, {denied} denied{}",
+            if ok {
+                ""
+            } else {
+                " (UNEXPECTED verdicts above)"
+            }
+        );
     }
     Ok(ok)
 }

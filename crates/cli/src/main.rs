@@ -12,10 +12,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead", version, about = "Bulkhead: a zero-trust service mesh for micro-segmentation")]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "Bulkhead: a zero-trust service mesh for micro-segmentation"
+)]
 struct Cli {
     /// Admin context written by `bulkhead control` (DATA_DIR/admin.yaml).
-    #[arg(long, global = true, env = "BULKHEAD_CONTEXT", default_value = "bulkhead-data/admin.yaml")]
+    #[arg(
+        long,
+        global = true,
+        env = "BULKHEAD_CONTEXT",
+        default_value = "bulkhead-data/admin.yaml"
+    )]
     context: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -118,7 +127,12 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Control { data_dir, listen, trust_domain, svid_lifetime } => {
+        Command::Control {
+            data_dir,
+            listen,
+            trust_domain,
+            svid_lifetime,
+        } => {
             init_logging("info");
             let running = bulkhead_control::start(bulkhead_control::ControlConfig {
                 data_dir,
@@ -138,7 +152,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Token { command: TokenCommand::Create { identity, namespace, workload, ttl, uses } } => {
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    identity,
+                    namespace,
+                    workload,
+                    ttl,
+                    uses,
+                },
+        } => {
             let mut admin = client::admin(&cli.context).await?;
             let resp = admin
                 .create_token(CreateTokenRequest {
@@ -159,7 +182,10 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let mut admin = client::admin(&cli.context).await?;
             let resp = admin
-                .apply(ApplyRequest { file: file.display().to_string(), yaml })
+                .apply(ApplyRequest {
+                    file: file.display().to_string(),
+                    yaml,
+                })
                 .await
                 .map_err(client::status)?
                 .into_inner();
@@ -169,7 +195,9 @@ async fn run(cli: Cli) -> Result<()> {
             println!("revision {}", resp.revision);
             Ok(())
         }
-        Command::Get { what: GetCommand::Policies { output } } => {
+        Command::Get {
+            what: GetCommand::Policies { output },
+        } => {
             let mut admin = client::admin(&cli.context).await?;
             let resp = admin
                 .list_policies(ListPoliciesRequest {})
@@ -182,21 +210,44 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(bulkhead_api::resource_from_wire)
                 .collect::<Result<Vec<_>, _>>()?;
             if output == "json" {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "revision": resp.revision, "items": resources }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "revision": resp.revision, "items": resources })
+                    )?
+                );
             } else {
-                println!("{:<14} {:<36} {:<24} {:<7} {}", "NAMESPACE", "NAME", "WORKLOAD", "ACTION", "RULES");
+                println!(
+                    "{:<14} {:<36} {:<24} {:<7} RULES",
+                    "NAMESPACE", "NAME", "WORKLOAD", "ACTION"
+                );
                 for r in &resources {
                     let bulkhead_policy::model::Resource::AuthorizationPolicy(p) = r;
                     let action = format!("{:?}", p.spec.action).to_lowercase();
-                    println!("{:<14} {:<36} {:<24} {:<7} {}", p.name.namespace, p.name.name, p.spec.selector.workload.name, action, p.spec.rules.len());
+                    println!(
+                        "{:<14} {:<36} {:<24} {:<7} {}",
+                        p.name.namespace,
+                        p.name.name,
+                        p.spec.selector.workload.name,
+                        action,
+                        p.spec.rules.len()
+                    );
                 }
                 println!("revision {}", resp.revision);
             }
             Ok(())
         }
         Command::Demo { once } => demo::run(once).await,
-        Command::SampleApp { name, listen, downstream, ready_file } => {
-            let addr = sample_app::serve(sample_app::AppSpec { name, downstream }, sample_app::bind(listen).await?)?;
+        Command::SampleApp {
+            name,
+            listen,
+            downstream,
+            ready_file,
+        } => {
+            let addr = sample_app::serve(
+                sample_app::AppSpec { name, downstream },
+                sample_app::bind(listen).await?,
+            )?;
             if let Some(path) = ready_file {
                 let tmp = path.with_extension("tmp");
                 std::fs::write(&tmp, serde_json::json!({ "addr": addr }).to_string())?;
@@ -211,14 +262,19 @@ async fn run(cli: Cli) -> Result<()> {
 pub(crate) fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// `90s`, `30m`, `1h`, `2d`, or a bare number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 2d"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 2d"))?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,

@@ -47,28 +47,39 @@ pub fn serve(spec: AppSpec, listener: TcpListener) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn handle(req: Request<Incoming>, spec: Arc<AppSpec>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    spec: Arc<AppSpec>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let caller = req
         .headers()
         .get("x-bulkhead-source")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("outside the mesh")
         .to_string();
-    let mut text = format!("{}: {} {} from {caller}", spec.name, req.method(), req.uri().path());
+    let mut text = format!(
+        "{}: {} {} from {caller}",
+        spec.name,
+        req.method(),
+        req.uri().path()
+    );
     let mut status = StatusCode::OK;
-    if req.method() == http::Method::POST {
-        if let Some(down) = &spec.downstream {
-            match post(down).await {
-                Ok((s, body)) => {
-                    if !s.is_success() {
-                        status = StatusCode::BAD_GATEWAY;
-                    }
-                    text.push_str(&format!("\n  -> POST {} answered {}: {}", down.path(), s.as_u16(), body.trim()));
-                }
-                Err(e) => {
+    if let (&http::Method::POST, Some(down)) = (req.method(), &spec.downstream) {
+        match post(down).await {
+            Ok((s, body)) => {
+                if !s.is_success() {
                     status = StatusCode::BAD_GATEWAY;
-                    text.push_str(&format!("\n  -> POST {down} failed: {e:#}"));
                 }
+                text.push_str(&format!(
+                    "\n  -> POST {} answered {}: {}",
+                    down.path(),
+                    s.as_u16(),
+                    body.trim()
+                ));
+            }
+            Err(e) => {
+                status = StatusCode::BAD_GATEWAY;
+                text.push_str(&format!("\n  -> POST {down} failed: {e:#}"));
             }
         }
     }
@@ -78,7 +89,10 @@ async fn handle(req: Request<Incoming>, spec: Arc<AppSpec>) -> Result<Response<F
 }
 
 /// One plain HTTP/1.1 request on a fresh connection; returns status and body text.
-pub async fn request(method: http::Method, uri: &http::Uri) -> Result<(StatusCode, String, http::HeaderMap)> {
+pub async fn request(
+    method: http::Method,
+    uri: &http::Uri,
+) -> Result<(StatusCode, String, http::HeaderMap)> {
     let host = uri.host().context("URL has no host")?;
     let port = uri.port_u16().unwrap_or(80);
     let tcp = TcpStream::connect((host, port))

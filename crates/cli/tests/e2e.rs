@@ -3,7 +3,9 @@
 //! certificates from the control plane's own CA.
 #![allow(clippy::unwrap_used)]
 
-use bulkhead_testkit::{Bins, Proc, TempDir, foreign_identity, http, http_raw, mtls_raw, parse_response, run};
+use bulkhead_testkit::{
+    Bins, Proc, TempDir, foreign_identity, http, http_raw, mtls_raw, parse_response, run,
+};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -64,7 +66,15 @@ impl Mesh {
             "control",
             dir.path(),
             &bins.bulkhead,
-            &["control", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0", "--trust-domain", TD],
+            &[
+                "control",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--trust-domain",
+                TD,
+            ],
             &[],
         );
         let context = control.wait_for_file(&data.join("admin.yaml"), WAIT);
@@ -75,7 +85,12 @@ impl Mesh {
             .trim_matches('"')
             .parse()
             .unwrap();
-        Mesh { bins, dir, control, control_addr: server }
+        Mesh {
+            bins,
+            dir,
+            control,
+            control_addr: server,
+        }
     }
 
     fn data(&self) -> std::path::PathBuf {
@@ -85,13 +100,20 @@ impl Mesh {
     /// Runs `bulkhead ARGS` as the admin; returns (code, stdout, stderr).
     fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let context = self.data().join("admin.yaml");
-        run(&self.bins.bulkhead, args, &[("BULKHEAD_CONTEXT", context.to_str().unwrap())])
+        run(
+            &self.bins.bulkhead,
+            args,
+            &[("BULKHEAD_CONTEXT", context.to_str().unwrap())],
+        )
     }
 
     fn token(&self, identity: &str) -> std::path::PathBuf {
         let (code, out, err) = self.cli(&["token", "create", "--identity", identity]);
         assert_eq!(code, 0, "token create failed: {err}");
-        let file = self.dir.path().join(format!("{}.token", identity.rsplit('/').next().unwrap()));
+        let file = self
+            .dir
+            .path()
+            .join(format!("{}.token", identity.rsplit('/').next().unwrap()));
         std::fs::write(&file, out.trim()).unwrap();
         file
     }
@@ -102,7 +124,15 @@ impl Mesh {
             &format!("{name}-app"),
             self.dir.path(),
             &self.bins.bulkhead,
-            &["sample-app", "--name", name, "--listen", "127.0.0.1:0", "--ready-file", ready.to_str().unwrap()],
+            &[
+                "sample-app",
+                "--name",
+                name,
+                "--listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                ready.to_str().unwrap(),
+            ],
             &[],
         );
         let json: serde_json::Value = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
@@ -114,10 +144,19 @@ impl Mesh {
     fn proxy(&self, name: &str, token: &Path, extra: &[&str]) -> (Proc, serde_json::Value) {
         let ready = self.dir.path().join(format!("{name}-proxy.json"));
         let mut args = self.proxy_args(token);
-        args.extend(["--ready-file".to_string(), ready.to_str().unwrap().to_string()]);
+        args.extend([
+            "--ready-file".to_string(),
+            ready.to_str().unwrap().to_string(),
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut p = Proc::spawn(&format!("{name}-proxy"), self.dir.path(), &self.bins.proxy, &args, &[]);
+        let mut p = Proc::spawn(
+            &format!("{name}-proxy"),
+            self.dir.path(),
+            &self.bins.proxy,
+            &args,
+            &[],
+        );
         let json = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
         (p, json)
     }
@@ -136,7 +175,13 @@ impl Mesh {
     /// Runs a proxy expected to fail at start; returns its stderr.
     fn failing_proxy(&self, token: &Path, extra: &[&str]) -> String {
         let mut args = self.proxy_args(token);
-        args.extend(["--upstream".into(), format!("name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}", id("x"))]);
+        args.extend([
+            "--upstream".into(),
+            format!(
+                "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+                id("x")
+            ),
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, _, err) = run(&self.bins.proxy, &args, &[]);
@@ -155,7 +200,11 @@ fn walking_skeleton_end_to_end() {
     let data = mesh.data();
 
     // The CA key is private to the control plane's user.
-    let mode = std::fs::metadata(data.join("ca.key")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(data.join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "ca.key must be 0600");
 
     // An invalid policy is refused with file:line:column and changes nothing.
@@ -163,13 +212,22 @@ fn walking_skeleton_end_to_end() {
     std::fs::write(&bad, POLICY.replace("methods: [GET]", "methods: [FETCH]")).unwrap();
     let (code, _, err) = mesh.cli(&["apply", "-f", bad.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains(&format!("{}:15:19: unknown HTTP method \"FETCH\"", bad.display())), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:15:19: unknown HTTP method \"FETCH\"",
+            bad.display()
+        )),
+        "{err}"
+    );
 
     let good = mesh.dir.path().join("policy.yaml");
     std::fs::write(&good, POLICY).unwrap();
     let (code, out, err) = mesh.cli(&["apply", "-f", good.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("AuthorizationPolicy/shop/orders-allow-frontend created"), "{out}");
+    assert!(
+        out.contains("AuthorizationPolicy/shop/orders-allow-frontend created"),
+        "{out}"
+    );
     assert!(out.contains("revision 1"), "{out}");
 
     // orders: app + sidecar inbound.
@@ -178,7 +236,14 @@ fn walking_skeleton_end_to_end() {
     let (_orders_proxy, orders) = mesh.proxy(
         "orders",
         &orders_token,
-        &["--inbound", "127.0.0.1:0", "--app", &orders_app_addr.to_string(), "--identity", &id("orders")],
+        &[
+            "--inbound",
+            "127.0.0.1:0",
+            "--app",
+            &orders_app_addr.to_string(),
+            "--identity",
+            &id("orders"),
+        ],
     );
     assert_eq!(orders["spiffe_id"], id("orders"));
     assert_eq!(orders["revision"], 1);
@@ -192,9 +257,20 @@ fn walking_skeleton_end_to_end() {
         "frontend",
         &frontend_token,
         &[
-            "--inbound", "127.0.0.1:0", "--app", &frontend_app_addr.to_string(),
-            "--upstream", &format!("name=orders,listen=127.0.0.1:0,address={orders_in},identity={}", id("orders")),
-            "--upstream", &format!("name=impostor,listen=127.0.0.1:0,address={orders_in},identity={}", id("payments")),
+            "--inbound",
+            "127.0.0.1:0",
+            "--app",
+            &frontend_app_addr.to_string(),
+            "--upstream",
+            &format!(
+                "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
+                id("orders")
+            ),
+            "--upstream",
+            &format!(
+                "name=impostor,listen=127.0.0.1:0,address={orders_in},identity={}",
+                id("payments")
+            ),
         ],
     );
     let to_orders = addr(&frontend["upstreams"]["orders"]);
@@ -202,7 +278,10 @@ fn walking_skeleton_end_to_end() {
     // Allowed: the app's own 200, with the caller's verified identity.
     let r = http(to_orders, "GET", "/orders");
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.body, format!("orders: GET /orders from {}\n", id("frontend")));
+    assert_eq!(
+        r.body,
+        format!("orders: GET /orders from {}\n", id("frontend"))
+    );
     assert_eq!(
         r.header("x-bulkhead-decision"),
         Some("allow; policy=shop/orders-allow-frontend; rule=frontend-reads-orders; revision=1")
@@ -215,10 +294,16 @@ fn walking_skeleton_end_to_end() {
         r.header("x-bulkhead-decision"),
         Some("deny; policy=shop/orders-deny-internal; rule=internal-paths; revision=1")
     );
-    assert_eq!(r.body, "bulkhead: denied by policy shop/orders-deny-internal rule internal-paths (revision 1)\n");
+    assert_eq!(
+        r.body,
+        "bulkhead: denied by policy shop/orders-deny-internal rule internal-paths (revision 1)\n"
+    );
     let r = http(to_orders, "DELETE", "/orders/7");
     assert_eq!(r.status, 403, "{r:?}");
-    assert_eq!(r.header("x-bulkhead-decision"), Some("deny; policy=default-deny; revision=1"));
+    assert_eq!(
+        r.header("x-bulkhead-decision"),
+        Some("deny; policy=default-deny; revision=1")
+    );
     assert!(
         r.body.contains("nearest miss: policy shop/orders-allow-frontend rule frontend-reads-orders matched the identity and path but not method DELETE"),
         "{}",
@@ -229,31 +314,50 @@ fn walking_skeleton_end_to_end() {
     let r = http(addr(&frontend["upstreams"]["impostor"]), "GET", "/orders");
     assert_eq!(r.status, 502, "{r:?}");
     assert!(
-        r.body.contains(&format!("peer identity {} is not the expected {}", id("orders"), id("payments"))),
+        r.body.contains(&format!(
+            "peer identity {} is not the expected {}",
+            id("orders"),
+            id("payments")
+        )),
         "{}",
         r.body
     );
 
     // Plaintext to the inbound port gets no HTTP answer.
     let raw = http_raw(orders_in, "GET", "/orders").unwrap_or_default();
-    assert!(parse_response(&raw).is_none(), "plaintext got an HTTP answer: {:?}", String::from_utf8_lossy(&raw));
+    assert!(
+        parse_response(&raw).is_none(),
+        "plaintext got an HTTP answer: {:?}",
+        String::from_utf8_lossy(&raw)
+    );
 
     // A client certificate from another CA (same trust domain name, same SPIFFE ID) is refused.
     let bundle = std::fs::read_to_string(data.join("ca.pem")).unwrap();
     let rogue = foreign_identity(TD, &id("frontend"));
     let answer = mtls_raw(orders_in, &bundle, &id("orders"), &rogue, "/orders");
     assert!(
-        answer.as_ref().map(|raw| parse_response(raw).is_none()).unwrap_or(true),
+        answer
+            .as_ref()
+            .map(|raw| parse_response(raw).is_none())
+            .unwrap_or(true),
         "a foreign CA's certificate got an HTTP answer: {answer:?}"
     );
     let deadline = Instant::now() + WAIT;
-    while !log_has(&mesh, "orders-proxy", "connection refused: mTLS handshake failed") {
+    while !log_has(
+        &mesh,
+        "orders-proxy",
+        "connection refused: mTLS handshake failed",
+    ) {
         assert!(Instant::now() < deadline, "the refusal was not logged");
         std::thread::sleep(Duration::from_millis(50));
     }
 
     // A policy change is pushed live: allowing DELETE takes effect without restarts.
-    std::fs::write(&good, POLICY.replace("methods: [GET]", "methods: [GET, DELETE]")).unwrap();
+    std::fs::write(
+        &good,
+        POLICY.replace("methods: [GET]", "methods: [GET, DELETE]"),
+    )
+    .unwrap();
     let (code, out, err) = mesh.cli(&["apply", "-f", good.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("revision 2"), "{out}");
@@ -263,11 +367,16 @@ fn walking_skeleton_end_to_end() {
         if r.status == 200 {
             assert_eq!(
                 r.header("x-bulkhead-decision"),
-                Some("allow; policy=shop/orders-allow-frontend; rule=frontend-reads-orders; revision=2")
+                Some(
+                    "allow; policy=shop/orders-allow-frontend; rule=frontend-reads-orders; revision=2"
+                )
             );
             break;
         }
-        assert!(Instant::now() < deadline, "policy revision 2 was not enforced within 5 s");
+        assert!(
+            Instant::now() < deadline,
+            "policy revision 2 was not enforced within 5 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     mesh.control.assert_running();
@@ -297,7 +406,17 @@ fn join_tokens_grant_exactly_one_identity() {
 
     // The refused attempt did not spend the token; its one use then works, and a second
     // use is refused as used up.
-    let (mut p, ready) = mesh.proxy("frontend", &token, &["--upstream", &format!("name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}", id("x"))]);
+    let (mut p, ready) = mesh.proxy(
+        "frontend",
+        &token,
+        &[
+            "--upstream",
+            &format!(
+                "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+                id("x")
+            ),
+        ],
+    );
     assert_eq!(ready["spiffe_id"], id("frontend"));
     p.assert_running();
     let err = mesh.failing_proxy(&token, &[]);
@@ -305,9 +424,16 @@ fn join_tokens_grant_exactly_one_identity() {
 
     // A made-up token is refused without detail about any real one.
     let fake = mesh.dir.path().join("fake.token");
-    std::fs::write(&fake, "bhj.AAAAAAAAAAAAAAAA.BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB").unwrap();
+    std::fs::write(
+        &fake,
+        "bhj.AAAAAAAAAAAAAAAA.BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB",
+    )
+    .unwrap();
     let err = mesh.failing_proxy(&fake, &[]);
-    assert!(err.contains("join token is not known to this control plane"), "{err}");
+    assert!(
+        err.contains("join token is not known to this control plane"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -93,7 +93,9 @@ impl DataDir {
             "spiffe://{}{ADMIN_ID_PATH}",
             self.ca.trust_domain()
         ))?;
-        let admin = self.ca.issue_local(&id, ADMIN_LIFETIME, SystemTime::now())?;
+        let admin = self
+            .ca
+            .issue_local(&id, ADMIN_LIFETIME, SystemTime::now())?;
         let (chain, key) = admin.to_pem();
         let (cert_file, key_file) = (self.path.join("admin.pem"), self.path.join("admin.key"));
         write_file(&key_file, key.as_bytes(), 0o600)?;

@@ -9,12 +9,16 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("CA files in {path} are unusable ({source}); restore them from backup or move the directory aside to start a new trust domain")]
+    #[error(
+        "CA files in {path} are unusable ({source}); restore them from backup or move the directory aside to start a new trust domain"
+    )]
     CaFiles {
         path: PathBuf,
         source: bulkhead_identity::IdentityError,
     },
-    #[error("data directory {path} belongs to trust domain {found:?}, not {wanted:?}; pass --trust-domain {found} or use another --data-dir")]
+    #[error(
+        "data directory {path} belongs to trust domain {found:?}, not {wanted:?}; pass --trust-domain {found} or use another --data-dir"
+    )]
     TrustDomainMismatch {
         path: PathBuf,
         found: String,

@@ -43,12 +43,16 @@ pub struct RunningControl {
 impl RunningControl {
     pub async fn shutdown(self) -> Result<(), ControlError> {
         let _ = self.stop.send(true);
-        self.task.await.map_err(|e| ControlError::Serve(e.to_string()))?
+        self.task
+            .await
+            .map_err(|e| ControlError::Serve(e.to_string()))?
     }
 
     /// Waits until the server stops on its own (an error) or forever.
     pub async fn wait(self) -> Result<(), ControlError> {
-        self.task.await.map_err(|e| ControlError::Serve(e.to_string()))?
+        self.task
+            .await
+            .map_err(|e| ControlError::Serve(e.to_string()))?
     }
 }
 

@@ -42,13 +42,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -68,7 +76,12 @@ fn build(state: &State) -> Result<ServerConfig, ControlError> {
     let bundle = bulkhead_identity::TrustBundle::new(
         state.bundle_der().into_iter().map(Into::into).collect(),
     )?;
-    Ok(server_config(&svid, &bundle, ClientAuth::Optional, &[b"h2"])?)
+    Ok(server_config(
+        &svid,
+        &bundle,
+        ClientAuth::Optional,
+        &[b"h2"],
+    )?)
 }
 
 /// Re-issues the serving certificate at half its lifetime; new connections get the new one.
@@ -118,17 +131,18 @@ pub(crate) fn incoming(
             let tx = tx.clone();
             let trust_domain = trust_domain.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::info!(%remote, error = %e, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                };
+                let tls =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::info!(%remote, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
                 let certs = tls.get_ref().1.peer_certificates();
                 let identity = match certs {
                     None => None,
@@ -140,7 +154,12 @@ pub(crate) fn incoming(
                         }
                     },
                 };
-                let _ = tx.send(Ok(TlsConn { inner: tls, info: PeerInfo { remote, identity } })).await;
+                let _ = tx
+                    .send(Ok(TlsConn {
+                        inner: tls,
+                        info: PeerInfo { remote, identity },
+                    }))
+                    .await;
             });
         }
     });

@@ -6,8 +6,10 @@ use crate::listener::PeerInfo;
 use crate::store::{Change, Store};
 use crate::tokens::{self, TokenError, TokenRecord};
 use bulkhead_api::channel::{ADMIN_ID_PATH, CONTROL_ID_PATH};
-use bulkhead_api::v1::{self as pb, admin_server::Admin, config_server::Config, identity_server::Identity};
 use bulkhead_api::resource_to_wire;
+use bulkhead_api::v1::{
+    self as pb, admin_server::Admin, config_server::Config, identity_server::Identity,
+};
 use bulkhead_identity::{IdentityError, SpiffeId, Svid};
 use bulkhead_policy::model::{Resource, ResourceName};
 use futures_util::Stream;
@@ -36,15 +38,25 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn new(dir: DataDir, store: Store, svid_lifetime: Duration) -> Result<State, ControlError> {
+    pub(crate) fn new(
+        dir: DataDir,
+        store: Store,
+        svid_lifetime: Duration,
+    ) -> Result<State, ControlError> {
         let (revision, resources) = store.policies()?;
         tracing::info!(revision, policies = resources.len(), dir = %dir.path().display(), "loaded policies");
-        let admin_id = SpiffeId::parse(&format!("spiffe://{}{ADMIN_ID_PATH}", dir.ca.trust_domain()))?;
+        let admin_id = SpiffeId::parse(&format!(
+            "spiffe://{}{ADMIN_ID_PATH}",
+            dir.ca.trust_domain()
+        ))?;
         Ok(State {
             dir,
             store,
             svid_lifetime,
-            snapshot: watch::Sender::new(Arc::new(Snapshot { revision, resources })),
+            snapshot: watch::Sender::new(Arc::new(Snapshot {
+                revision,
+                resources,
+            })),
             admin_id,
         })
     }
@@ -59,8 +71,13 @@ impl State {
 
     /// The control plane's own serving SVID, made with a key that never leaves this process.
     pub(crate) fn issue_serving_svid(&self) -> Result<Svid, IdentityError> {
-        let id = SpiffeId::parse(&format!("spiffe://{}{CONTROL_ID_PATH}", self.trust_domain()))?;
-        self.dir.ca.issue_local(&id, self.svid_lifetime, SystemTime::now())
+        let id = SpiffeId::parse(&format!(
+            "spiffe://{}{CONTROL_ID_PATH}",
+            self.trust_domain()
+        ))?;
+        self.dir
+            .ca
+            .issue_local(&id, self.svid_lifetime, SystemTime::now())
     }
 
     pub(crate) fn bundle_der(&self) -> Vec<Vec<u8>> {
@@ -90,7 +107,10 @@ fn internal(e: ControlError) -> Status {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Why a join was refused.
@@ -104,7 +124,10 @@ enum JoinRefusal {
 
 #[tonic::async_trait]
 impl Identity for State {
-    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
         let r = req.into_inner();
         let (token_id, secret) =
@@ -112,11 +135,19 @@ impl Identity for State {
         let now = SystemTime::now();
         let outcome = self
             .store
-            .redeem_token(token_id, &tokens::hash(secret), unix_now(), |record: &TokenRecord| {
-                let id = SpiffeId::parse(&record.spiffe_id)?;
-                let chain = self.dir.ca.sign_csr(&r.csr_der, &id, self.svid_lifetime, now)?;
-                Ok::<_, JoinRefusal>((id, chain))
-            })
+            .redeem_token(
+                token_id,
+                &tokens::hash(secret),
+                unix_now(),
+                |record: &TokenRecord| {
+                    let id = SpiffeId::parse(&record.spiffe_id)?;
+                    let chain = self
+                        .dir
+                        .ca
+                        .sign_csr(&r.csr_der, &id, self.svid_lifetime, now)?;
+                    Ok::<_, JoinRefusal>((id, chain))
+                },
+            )
             .map_err(internal)?;
         let (record, (id, chain)) = match outcome {
             Ok(ok) => ok,
@@ -131,8 +162,13 @@ impl Identity for State {
                 });
             }
         };
-        let workload = ResourceName { namespace: record.namespace.clone(), name: record.workload.clone() };
-        self.store.bind(id.as_str(), &workload, unix_now()).map_err(internal)?;
+        let workload = ResourceName {
+            namespace: record.namespace.clone(),
+            name: record.workload.clone(),
+        };
+        self.store
+            .bind(id.as_str(), &workload, unix_now())
+            .map_err(internal)?;
         tracing::info!(?remote, spiffe_id = %id, %workload, lifetime_s = self.svid_lifetime.as_secs(), "issued SVID");
         Ok(Response::new(pb::JoinResponse {
             cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
@@ -150,11 +186,21 @@ type ConfigStream = Pin<Box<dyn Stream<Item = Result<pb::ProxyConfig, Status>> +
 impl Config for State {
     type WatchStream = ConfigStream;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<ConfigStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<ConfigStream>, Status> {
         let id = caller(&req)?;
         let r = req.into_inner();
-        let workload = ResourceName { namespace: r.namespace, name: r.workload };
-        if !self.store.is_bound(id.as_str(), &workload).map_err(internal)? {
+        let workload = ResourceName {
+            namespace: r.namespace,
+            name: r.workload,
+        };
+        if !self
+            .store
+            .is_bound(id.as_str(), &workload)
+            .map_err(internal)?
+        {
             return Err(Status::permission_denied(format!(
                 "{id} may not read the configuration of workload {workload}: no join token bound it to that workload"
             )));
@@ -196,7 +242,8 @@ impl Admin for State {
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         self.require_admin(&req)?;
         let r = req.into_inner();
-        let id = SpiffeId::parse(&r.spiffe_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id =
+            SpiffeId::parse(&r.spiffe_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if id.trust_domain() != self.trust_domain() {
             return Err(Status::invalid_argument(format!(
                 "{id} is outside this control plane's trust domain {}",
@@ -204,14 +251,20 @@ impl Admin for State {
             )));
         }
         let pick = |given: String, derived: Option<&str>, what: &str| {
-            let v = if given.is_empty() { derived.unwrap_or_default().to_string() } else { given };
+            let v = if given.is_empty() {
+                derived.unwrap_or_default().to_string()
+            } else {
+                given
+            };
             if v.is_empty() {
                 return Err(Status::invalid_argument(format!(
                     "{id} is not of the form spiffe://<td>/ns/<namespace>/sa/<account>; pass --{what}"
                 )));
             }
             if !bulkhead_policy::is_valid_name(&v) {
-                return Err(Status::invalid_argument(format!("{what} {v:?} is not a valid name (lowercase letters, digits, '-')")));
+                return Err(Status::invalid_argument(format!(
+                    "{what} {v:?} is not a valid name (lowercase letters, digits, '-')"
+                )));
             }
             Ok(v)
         };
@@ -222,7 +275,9 @@ impl Admin for State {
             s => Duration::from_secs(s),
         };
         if ttl > MAX_TOKEN_TTL {
-            return Err(Status::invalid_argument("token lifetime may be at most 30 days"));
+            return Err(Status::invalid_argument(
+                "token lifetime may be at most 30 days",
+            ));
         }
         let uses = if r.max_uses == 0 { 1 } else { r.max_uses };
         let (token_id, secret_sha256, token) = tokens::mint();
@@ -235,12 +290,20 @@ impl Admin for State {
             expires_unix,
             uses_left: uses,
         };
-        self.store.insert_token(&token_id, &record).map_err(internal)?;
+        self.store
+            .insert_token(&token_id, &record)
+            .map_err(internal)?;
         tracing::info!(token_id, spiffe_id = %id, namespace = record.namespace, workload = record.workload, uses, "join token created");
-        Ok(Response::new(pb::CreateTokenResponse { token, expires_unix }))
+        Ok(Response::new(pb::CreateTokenResponse {
+            token,
+            expires_unix,
+        }))
     }
 
-    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
         self.require_admin(&req)?;
         let r = req.into_inner();
         let resources = bulkhead_policy::parse_documents(&r.file, &r.yaml)
@@ -250,7 +313,10 @@ impl Admin for State {
             true => self.store.policies().map_err(internal)?,
             false => (revision, self.snapshot.borrow().resources.clone()),
         };
-        self.snapshot.send_replace(Arc::new(Snapshot { revision, resources: all }));
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            revision,
+            resources: all,
+        }));
         let applied = changes
             .iter()
             .map(|(key, change)| {

@@ -22,7 +22,9 @@ pub(crate) struct TokenRecord {
 /// Why a token was not accepted. The text goes back to the caller, so it names no secret.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum TokenError {
-    #[error("join token is malformed (expected bhj.<id>.<secret>, as printed by `bulkhead token create`)")]
+    #[error(
+        "join token is malformed (expected bhj.<id>.<secret>, as printed by `bulkhead token create`)"
+    )]
     Malformed,
     #[error("join token is not known to this control plane")]
     Unknown,
@@ -59,7 +61,11 @@ pub(crate) fn hash(secret: &str) -> String {
 
 /// Compares two hex digests without an early exit.
 pub(crate) fn same_hash(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[cfg(test)]

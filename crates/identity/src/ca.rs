@@ -5,8 +5,7 @@ use crate::spiffe::SpiffeId;
 use crate::svid::{LocalKey, Svid};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use std::time::{Duration, SystemTime};
@@ -45,7 +44,10 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "bulkhead");
-        dn.push(DnType::CommonName, format!("bulkhead root CA {trust_domain}"));
+        dn.push(
+            DnType::CommonName,
+            format!("bulkhead root CA {trust_domain}"),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -84,8 +86,11 @@ impl Ca {
                 .map_err(|e| IdentityError::CaLoad(e.to_string()))?
                 .to_vec(),
         );
-        let root_id = crate::svid::ca_uri_san(&cert_der)
-            .ok_or_else(|| IdentityError::CaLoad("CA certificate has no spiffe:// URI SAN naming its trust domain".into()))?;
+        let root_id = crate::svid::ca_uri_san(&cert_der).ok_or_else(|| {
+            IdentityError::CaLoad(
+                "CA certificate has no spiffe:// URI SAN naming its trust domain".into(),
+            )
+        })?;
         let trust_domain = root_id.trim_start_matches("spiffe://").to_string();
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .map_err(|e| IdentityError::CaLoad(e.to_string()))?;
@@ -124,10 +129,9 @@ impl Ca {
         now: SystemTime,
     ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
         self.check_domain(id)?;
-        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-            csr_der,
-        ))
-        .map_err(|e| IdentityError::BadCsr(e.to_string()))?;
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|e| IdentityError::BadCsr(e.to_string()))?;
         for san in &csr.params.subject_alt_names {
             let asked = match san {
                 SanType::URI(u) => u.as_str().to_string(),
@@ -189,11 +193,10 @@ fn svid_params(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    params.subject_alt_names = vec![SanType::URI(
-        id.as_str()
-            .try_into()
-            .map_err(|e: rcgen::Error| IdentityError::Signing(e.to_string()))?,
-    )];
+    params.subject_alt_names =
+        vec![SanType::URI(id.as_str().try_into().map_err(
+            |e: rcgen::Error| IdentityError::Signing(e.to_string()),
+        )?)];
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + lifetime).into();
     params.serial_number = Some(random_serial());

@@ -94,7 +94,13 @@ impl SpiffeId {
     /// The namespace, if the path has the Kubernetes shape `/ns/<ns>/sa/<sa>`.
     pub fn namespace(&self) -> Option<&str> {
         let mut segs = self.path()[1..].split('/');
-        match (segs.next(), segs.next(), segs.next(), segs.next(), segs.next()) {
+        match (
+            segs.next(),
+            segs.next(),
+            segs.next(),
+            segs.next(),
+            segs.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(_), None) => Some(ns),
             _ => None,
         }

@@ -26,11 +26,10 @@ impl LocalKey {
     pub fn csr_der(&self, requested: Option<&SpiffeId>) -> Result<Vec<u8>, IdentityError> {
         let mut params = CertificateParams::default();
         if let Some(id) = requested {
-            params.subject_alt_names = vec![rcgen::SanType::URI(
-                id.as_str()
-                    .try_into()
-                    .map_err(|e: rcgen::Error| IdentityError::Signing(e.to_string()))?,
-            )];
+            params.subject_alt_names =
+                vec![rcgen::SanType::URI(id.as_str().try_into().map_err(
+                    |e: rcgen::Error| IdentityError::Signing(e.to_string()),
+                )?)];
         }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "bulkhead");
@@ -55,10 +54,10 @@ impl LocalKey {
             ));
         }
         let id = spiffe_id_of(leaf).map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
-        let not_after = UNIX_EPOCH
-            + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
-        let not_before = UNIX_EPOCH
-            + Duration::from_secs(cert.validity().not_before.timestamp().max(0) as u64);
+        let not_after =
+            UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+        let not_before =
+            UNIX_EPOCH + Duration::from_secs(cert.validity().not_before.timestamp().max(0) as u64);
         let serial = cert.raw_serial_as_string();
         Ok(Svid {
             id,
@@ -133,7 +132,8 @@ impl Svid {
         let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut certs_pem.as_bytes())
             .collect::<Result<_, _>>()
             .map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
-        let key = KeyPair::from_pem(key_pem).map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
+        let key =
+            KeyPair::from_pem(key_pem).map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
         LocalKey { key }.into_svid(chain)
     }
 }
@@ -182,7 +182,9 @@ pub(crate) fn ca_uri_san(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.trim_end_matches('/').to_string()),
+        GeneralName::URI(u) if u.starts_with("spiffe://") => {
+            Some(u.trim_end_matches('/').to_string())
+        }
         _ => None,
     })
 }
@@ -201,7 +203,9 @@ impl TrustBundle {
             .first()
             .ok_or_else(|| IdentityError::Bundle("no root certificates".into()))?;
         let uri = ca_uri_san(first).ok_or_else(|| {
-            IdentityError::Bundle("root certificate has no spiffe:// URI SAN naming its trust domain".into())
+            IdentityError::Bundle(
+                "root certificate has no spiffe:// URI SAN naming its trust domain".into(),
+            )
         })?;
         Ok(TrustBundle {
             trust_domain: uri.trim_start_matches("spiffe://").to_string(),
@@ -225,7 +229,10 @@ impl TrustBundle {
     }
 
     pub fn to_pem(&self) -> String {
-        self.roots.iter().map(|c| pem_block("CERTIFICATE", c)).collect()
+        self.roots
+            .iter()
+            .map(|c| pem_block("CERTIFICATE", c))
+            .collect()
     }
 
     pub(crate) fn root_store(&self) -> Result<RootCertStore, IdentityError> {
@@ -250,7 +257,14 @@ mod tests {
         let ca = Ca::generate("td.test", now).unwrap();
         let key = LocalKey::generate().unwrap();
         let id = SpiffeId::parse("spiffe://td.test/ns/shop/sa/orders").unwrap();
-        let chain = ca.sign_csr(&key.csr_der(Some(&id)).unwrap(), &id, crate::DEFAULT_SVID_LIFETIME, now).unwrap();
+        let chain = ca
+            .sign_csr(
+                &key.csr_der(Some(&id)).unwrap(),
+                &id,
+                crate::DEFAULT_SVID_LIFETIME,
+                now,
+            )
+            .unwrap();
         let svid = key.into_svid(chain).unwrap();
         assert_eq!(svid.id(), &id);
         let (_, leaf) = X509Certificate::from_der(&svid.chain()[0]).unwrap();
@@ -269,7 +283,14 @@ mod tests {
         let ca = Ca::generate("td.test", now).unwrap();
         let id = SpiffeId::parse("spiffe://td.test/a").unwrap();
         let other = LocalKey::generate().unwrap();
-        let chain = ca.sign_csr(&other.csr_der(None).unwrap(), &id, Duration::from_secs(60), now).unwrap();
+        let chain = ca
+            .sign_csr(
+                &other.csr_der(None).unwrap(),
+                &id,
+                Duration::from_secs(60),
+                now,
+            )
+            .unwrap();
         let mine = LocalKey::generate().unwrap();
         assert!(mine.into_svid(chain).is_err());
     }
@@ -282,7 +303,12 @@ mod tests {
         let wanted = SpiffeId::parse("spiffe://td.test/ns/shop/sa/payments").unwrap();
         let bound = SpiffeId::parse("spiffe://td.test/ns/shop/sa/orders").unwrap();
         let err = ca
-            .sign_csr(&key.csr_der(Some(&wanted)).unwrap(), &bound, Duration::from_secs(60), now)
+            .sign_csr(
+                &key.csr_der(Some(&wanted)).unwrap(),
+                &bound,
+                Duration::from_secs(60),
+                now,
+            )
             .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -296,7 +322,15 @@ mod tests {
         let ca = Ca::generate("td.test", now).unwrap();
         let key = LocalKey::generate().unwrap();
         let id = SpiffeId::parse("spiffe://elsewhere/a").unwrap();
-        assert!(ca.sign_csr(&key.csr_der(Some(&id)).unwrap(), &id, Duration::from_secs(60), now).is_err());
+        assert!(
+            ca.sign_csr(
+                &key.csr_der(Some(&id)).unwrap(),
+                &id,
+                Duration::from_secs(60),
+                now
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -306,7 +340,9 @@ mod tests {
         let again = Ca::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
         assert_eq!(again.trust_domain(), "td.test");
         let id = SpiffeId::parse("spiffe://td.test/a").unwrap();
-        let svid = again.issue_local(&id, Duration::from_secs(60), now).unwrap();
+        let svid = again
+            .issue_local(&id, Duration::from_secs(60), now)
+            .unwrap();
         let bundle = TrustBundle::from_pem(ca.cert_pem()).unwrap();
         assert_eq!(bundle.trust_domain(), "td.test");
         assert_eq!(svid.chain()[1], *ca.cert_der());

@@ -109,9 +109,8 @@ pub fn client_config(
 /// The server name a client puts in its ClientHello. SPIFFE verification ignores it; it only
 /// has to be syntactically valid.
 pub fn server_name() -> ServerName<'static> {
-    ServerName::try_from("bulkhead.mesh").unwrap_or(ServerName::IpAddress(
-        std::net::Ipv4Addr::LOCALHOST.into(),
-    ))
+    ServerName::try_from("bulkhead.mesh")
+        .unwrap_or(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
 }
 
 /// The verified SPIFFE ID of the peer of a finished handshake, checked against our trust
@@ -120,9 +119,7 @@ pub fn peer_identity(
     certs: Option<&[CertificateDer<'_>]>,
     trust_domain: &str,
 ) -> Result<SpiffeId, SvidError> {
-    let leaf = certs
-        .and_then(|c| c.first())
-        .ok_or(SvidError::NoSpiffeId)?;
+    let leaf = certs.and_then(|c| c.first()).ok_or(SvidError::NoSpiffeId)?;
     let id = spiffe_id_of(leaf)?;
     if id.trust_domain() != trust_domain {
         return Err(SvidError::WrongTrustDomain {

@@ -53,7 +53,8 @@ impl CompiledRule {
     fn check(&self, req: &Request<'_>) -> Match {
         Match {
             identity: self.from.is_empty() || self.from.iter().any(|p| p.matches(req.source)),
-            method: self.methods.is_empty() || self.methods.iter().any(|m| m.as_str() == req.method),
+            method: self.methods.is_empty()
+                || self.methods.iter().any(|m| m.as_str() == req.method),
             path: self.paths.is_empty() || self.paths.iter().any(|p| p.matches(req.path)),
         }
     }
@@ -98,7 +99,9 @@ impl PolicySet {
         for res in resources {
             let Resource::AuthorizationPolicy(p) = res;
             let policy = Arc::new(p.name.clone());
-            let entry = by_workload.entry(p.spec.selector.workload.clone()).or_default();
+            let entry = by_workload
+                .entry(p.spec.selector.workload.clone())
+                .or_default();
             let list = match p.spec.action {
                 Action::Allow => &mut entry.allow,
                 Action::Deny => &mut entry.deny,

@@ -103,7 +103,8 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, PolicyEr
                 ),
             ));
         }
-        let name = dns_label(&raw.metadata.name).map_err(|m| invalid(&raw.metadata.name.referenced, m))?;
+        let name =
+            dns_label(&raw.metadata.name).map_err(|m| invalid(&raw.metadata.name.referenced, m))?;
         let namespace = match &raw.metadata.namespace {
             Some(ns) => dns_label(ns).map_err(|m| invalid(&ns.referenced, m))?,
             None => "default".to_string(),
@@ -175,7 +176,8 @@ fn duplicate_rule_name(rules: &[Rule]) -> Option<&str> {
 pub fn is_valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -208,5 +210,9 @@ fn parse_error(file: &str, e: &serde_saphyr::Error) -> PolicyError {
 
 /// serde-saphyr renders a source snippet after the message; a CLI error wants the message.
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("invalid YAML").trim().to_string()
+    s.lines()
+        .next()
+        .unwrap_or("invalid YAML")
+        .trim()
+        .to_string()
 }

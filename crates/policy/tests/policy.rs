@@ -1,6 +1,8 @@
 //! Policy behaviour as data: one `check` helper, tables of requests and expected verdicts.
 
-use bulkhead_policy::{Decision, PolicyError, PolicySet, Request, model::ResourceName, parse_documents};
+use bulkhead_policy::{
+    Decision, PolicyError, PolicySet, Request, model::ResourceName, parse_documents,
+};
 
 const SHOP: &str = r#"
 apiVersion: bulkhead.dev/v1alpha1
@@ -58,8 +60,16 @@ fn check(yaml: &str, from: &str, workload: &str, method: &str, path: &str, expec
     let resources = parse_documents("test.yaml", yaml).expect("policy parses");
     let set = PolicySet::compile(&resources, 7);
     let (namespace, name) = workload.split_once('/').expect("ns/name");
-    let workload = ResourceName { namespace: namespace.into(), name: name.into() };
-    let d = set.evaluate(&Request { source: from, workload: &workload, method, path });
+    let workload = ResourceName {
+        namespace: namespace.into(),
+        name: name.into(),
+    };
+    let d = set.evaluate(&Request {
+        source: from,
+        workload: &workload,
+        method,
+        path,
+    });
     assert_eq!(d.to_string(), expected, "{from} {method} {workload}{path}");
 }
 
@@ -69,22 +79,90 @@ fn verdicts() {
     let frontend = "spiffe://td/ns/shop/sa/frontend";
     let prom = "spiffe://td/ns/monitoring/sa/prometheus";
     let cases = [
-        (orders, "shop/payments", "POST", "/charge", "allowed by policy shop/payments-allow rule charge (revision 7)"),
-        (prom, "shop/payments", "GET", "/metrics", "allowed by policy shop/payments-allow rule monitoring (revision 7)"),
-        (prom, "shop/payments", "GET", "/health/live", "allowed by policy shop/payments-allow rule monitoring (revision 7)"),
-        (orders, "shop/payments", "POST", "/admin/users", "denied by policy shop/payments-deny-admin rule admin-paths (revision 7)"),
-        (prom, "shop/payments", "GET", "/admin", "denied by policy shop/payments-deny-admin rule admin-paths (revision 7)"),
-        (orders, "shop/payments", "GET", "/charge",
-         "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the identity and path but not method GET"),
-        (frontend, "shop/payments", "POST", "/charge",
-         "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the method and path but not identity spiffe://td/ns/shop/sa/frontend"),
-        (orders, "shop/payments", "POST", "/charge/x",
-         "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the identity and method but not path /charge/x"),
-        (frontend, "shop/catalog", "DELETE", "/anything", "allowed by policy shop/catalog-open rule rules[0] (revision 7)"),
-        ("spiffe://other/ns/shop/sa/x", "shop/catalog", "GET", "/",
-         "default deny: no policy allows this request (revision 7); nearest miss: policy shop/catalog-open rule rules[0] matched the method and path but not identity spiffe://other/ns/shop/sa/x"),
-        (orders, "shop/unknown", "GET", "/", "default deny: no policy allows this request (revision 7); no allow policy selects this workload"),
-        (orders, "other/payments", "POST", "/charge", "default deny: no policy allows this request (revision 7); no allow policy selects this workload"),
+        (
+            orders,
+            "shop/payments",
+            "POST",
+            "/charge",
+            "allowed by policy shop/payments-allow rule charge (revision 7)",
+        ),
+        (
+            prom,
+            "shop/payments",
+            "GET",
+            "/metrics",
+            "allowed by policy shop/payments-allow rule monitoring (revision 7)",
+        ),
+        (
+            prom,
+            "shop/payments",
+            "GET",
+            "/health/live",
+            "allowed by policy shop/payments-allow rule monitoring (revision 7)",
+        ),
+        (
+            orders,
+            "shop/payments",
+            "POST",
+            "/admin/users",
+            "denied by policy shop/payments-deny-admin rule admin-paths (revision 7)",
+        ),
+        (
+            prom,
+            "shop/payments",
+            "GET",
+            "/admin",
+            "denied by policy shop/payments-deny-admin rule admin-paths (revision 7)",
+        ),
+        (
+            orders,
+            "shop/payments",
+            "GET",
+            "/charge",
+            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the identity and path but not method GET",
+        ),
+        (
+            frontend,
+            "shop/payments",
+            "POST",
+            "/charge",
+            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the method and path but not identity spiffe://td/ns/shop/sa/frontend",
+        ),
+        (
+            orders,
+            "shop/payments",
+            "POST",
+            "/charge/x",
+            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the identity and method but not path /charge/x",
+        ),
+        (
+            frontend,
+            "shop/catalog",
+            "DELETE",
+            "/anything",
+            "allowed by policy shop/catalog-open rule rules[0] (revision 7)",
+        ),
+        (
+            "spiffe://other/ns/shop/sa/x",
+            "shop/catalog",
+            "GET",
+            "/",
+            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/catalog-open rule rules[0] matched the method and path but not identity spiffe://other/ns/shop/sa/x",
+        ),
+        (
+            orders,
+            "shop/unknown",
+            "GET",
+            "/",
+            "default deny: no policy allows this request (revision 7); no allow policy selects this workload",
+        ),
+        (
+            orders,
+            "other/payments",
+            "POST",
+            "/charge",
+            "default deny: no policy allows this request (revision 7); no allow policy selects this workload",
+        ),
     ];
     for (from, workload, method, path, expected) in cases {
         check(SHOP, from, workload, method, path, expected);
@@ -94,8 +172,16 @@ fn verdicts() {
 #[test]
 fn empty_policy_set_denies() {
     let set = PolicySet::compile(&[], 1);
-    let w = ResourceName { namespace: "a".into(), name: "b".into() };
-    let d = set.evaluate(&Request { source: "spiffe://td/x", workload: &w, method: "GET", path: "/" });
+    let w = ResourceName {
+        namespace: "a".into(),
+        name: "b".into(),
+    };
+    let d = set.evaluate(&Request {
+        source: "spiffe://td/x",
+        workload: &w,
+        method: "GET",
+        path: "/",
+    });
     assert!(!d.is_allow());
     assert_eq!(d.header_value(), "deny; policy=default-deny; revision=1");
 }
@@ -112,16 +198,33 @@ const HEAD: &str = "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy
 #[test]
 fn errors_name_file_line_column() {
     let cases = [
-        (format!("{HEAD}  action: allow\n  rules:\n    - from:\n        identities: [\"orders\"]\n"),
-         "p.yaml:11:22: identity \"orders\" must start with \"spiffe://\""),
-        (format!("{HEAD}  action: allow\n  rules:\n    - to:\n        paths: [\"admin\"]\n"),
-         "p.yaml:11:17: path \"admin\" must start with '/'"),
-        (format!("{HEAD}  action: allow\n  rules:\n    - to:\n        methods: [FETCH]\n"),
-         "p.yaml:11:19: unknown HTTP method \"FETCH\""),
+        (
+            format!(
+                "{HEAD}  action: allow\n  rules:\n    - from:\n        identities: [\"orders\"]\n"
+            ),
+            "p.yaml:11:22: identity \"orders\" must start with \"spiffe://\"",
+        ),
+        (
+            format!("{HEAD}  action: allow\n  rules:\n    - to:\n        paths: [\"admin\"]\n"),
+            "p.yaml:11:17: path \"admin\" must start with '/'",
+        ),
+        (
+            format!("{HEAD}  action: allow\n  rules:\n    - to:\n        methods: [FETCH]\n"),
+            "p.yaml:11:19: unknown HTTP method \"FETCH\"",
+        ),
         (format!("{HEAD}  action: permit\n"), "p.yaml:8:"),
-        (format!("{HEAD}  action: allow\n  rulez: []\n"), "p.yaml:9:3:"),
-        (HEAD.replace("kind: AuthorizationPolicy", "kind: Firewall") + "  action: allow\n", "p.yaml:2:7: unknown kind \"Firewall\""),
-        (HEAD.replace("name: p", "name: Bad_Name") + "  action: allow\n", "p.yaml:4:9: \"Bad_Name\" is not a valid name"),
+        (
+            format!("{HEAD}  action: allow\n  rulez: []\n"),
+            "p.yaml:9:3:",
+        ),
+        (
+            HEAD.replace("kind: AuthorizationPolicy", "kind: Firewall") + "  action: allow\n",
+            "p.yaml:2:7: unknown kind \"Firewall\"",
+        ),
+        (
+            HEAD.replace("name: p", "name: Bad_Name") + "  action: allow\n",
+            "p.yaml:4:9: \"Bad_Name\" is not a valid name",
+        ),
     ];
     for (yaml, want) in cases {
         let got = error_of(&yaml);
@@ -141,8 +244,19 @@ fn model_round_trips_through_json() {
 fn decision_header_names_policy_and_rule() {
     let resources = parse_documents("shop.yaml", SHOP).unwrap();
     let set = PolicySet::compile(&resources, 3);
-    let w = ResourceName { namespace: "shop".into(), name: "payments".into() };
-    let d = set.evaluate(&Request { source: "spiffe://td/ns/shop/sa/orders", workload: &w, method: "GET", path: "/admin" });
+    let w = ResourceName {
+        namespace: "shop".into(),
+        name: "payments".into(),
+    };
+    let d = set.evaluate(&Request {
+        source: "spiffe://td/ns/shop/sa/orders",
+        workload: &w,
+        method: "GET",
+        path: "/admin",
+    });
     assert!(matches!(d, Decision::Deny(_)));
-    assert_eq!(d.header_value(), "deny; policy=shop/payments-deny-admin; rule=admin-paths; revision=3");
+    assert_eq!(
+        d.header_value(),
+        "deny; policy=shop/payments-deny-admin; rule=admin-paths; revision=3"
+    );
 }

@@ -60,10 +60,20 @@ pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
             Err(s) => return Err(fail(s.message().to_string())),
         }
     };
-    let chain = response.cert_chain_der.into_iter().map(Into::into).collect();
+    let chain = response
+        .cert_chain_der
+        .into_iter()
+        .map(Into::into)
+        .collect();
     let svid = key.into_svid(chain)?;
-    let bundle = TrustBundle::new(response.trust_bundle_der.into_iter().map(Into::into).collect())
-        .map_err(ProxyError::Bundle)?;
+    let bundle = TrustBundle::new(
+        response
+            .trust_bundle_der
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    )
+    .map_err(ProxyError::Bundle)?;
     Ok(Joined {
         svid,
         bundle,

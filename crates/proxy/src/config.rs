@@ -65,10 +65,16 @@ impl FromStr for UpstreamSpec {
                 }
             }
         }
-        let need = |what: &str| format!("missing {what}= (expected name=…,listen=IP:PORT,address=IP:PORT,identity=spiffe://…)");
+        let need = |what: &str| {
+            format!(
+                "missing {what}= (expected name=…,listen=IP:PORT,address=IP:PORT,identity=spiffe://…)"
+            )
+        };
         let name = name.ok_or_else(|| need("name"))?;
         if !bulkhead_policy::is_valid_name(&name) {
-            return Err(format!("name {name:?} must be lowercase letters, digits or '-'"));
+            return Err(format!(
+                "name {name:?} must be lowercase letters, digits or '-'"
+            ));
         }
         Ok(UpstreamSpec {
             name,
@@ -85,9 +91,10 @@ mod tests {
 
     #[test]
     fn upstream_parses() {
-        let u: UpstreamSpec = "name=payments,listen=127.0.0.1:0,address=127.0.0.1:9,identity=spiffe://td/ns/a/sa/b"
-            .parse()
-            .unwrap();
+        let u: UpstreamSpec =
+            "name=payments,listen=127.0.0.1:0,address=127.0.0.1:9,identity=spiffe://td/ns/a/sa/b"
+                .parse()
+                .unwrap();
         assert_eq!(u.name, "payments");
         assert_eq!(u.identity.as_str(), "spiffe://td/ns/a/sa/b");
     }
@@ -96,7 +103,9 @@ mod tests {
     fn upstream_errors_say_what_is_wrong() {
         let e = "name=p,listen=nope".parse::<UpstreamSpec>().unwrap_err();
         assert_eq!(e, "listen=\"nope\" is not an IP:port address");
-        let e = "name=p,listen=127.0.0.1:1,address=127.0.0.1:2".parse::<UpstreamSpec>().unwrap_err();
+        let e = "name=p,listen=127.0.0.1:1,address=127.0.0.1:2"
+            .parse::<UpstreamSpec>()
+            .unwrap_err();
         assert!(e.starts_with("missing identity="), "{e}");
         let e = "colour=red".parse::<UpstreamSpec>().unwrap_err();
         assert!(e.starts_with("unknown key \"colour\""), "{e}");

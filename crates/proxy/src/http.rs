@@ -58,7 +58,10 @@ pub(crate) fn proxy_response(
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(text + "\n"))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if let Some(value) = decision.and_then(|d| HeaderValue::from_str(d).ok()) {
         h.insert(DECISION_HEADER, value);
     }
@@ -72,14 +75,15 @@ pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
         return Err("path must start with '/'");
     }
     let lower = path.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c", "%00", "\\"].iter().any(|bad| lower.contains(bad)) {
+    if ["%2e", "%2f", "%5c", "%00", "\\"]
+        .iter()
+        .any(|bad| lower.contains(bad))
+    {
         return Err("path holds an encoded '.', '/', '\\' or NUL");
     }
-    if path[1..]
-        .split('/')
-        .enumerate()
-        .any(|(i, seg)| seg == "." || seg == ".." || (seg.is_empty() && i + 1 < path[1..].split('/').count()))
-    {
+    if path[1..].split('/').enumerate().any(|(i, seg)| {
+        seg == "." || seg == ".." || (seg.is_empty() && i + 1 < path[1..].split('/').count())
+    }) {
         return Err("path holds '.', '..' or empty segments");
     }
     Ok(())
@@ -117,7 +121,8 @@ impl Link {
             Some(s) if !s.is_closed() => guard.insert(s),
             _ => {
                 let io = connect().await.map_err(LinkError::Connect)?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "upstream connection ended");
@@ -153,7 +158,15 @@ mod tests {
         for ok in ["/", "/charge", "/orders/1", "/a/b/"] {
             assert!(check_path(ok).is_ok(), "{ok}");
         }
-        for bad in ["/a/../admin", "/./admin", "/a//b", "/%2e%2e/admin", "/a%2Fb", "/a\\b", "x"] {
+        for bad in [
+            "/a/../admin",
+            "/./admin",
+            "/a//b",
+            "/%2e%2e/admin",
+            "/a%2Fb",
+            "/a\\b",
+            "x",
+        ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
     }

@@ -23,7 +23,10 @@ use tracing::Instrument;
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(crate) async fn spawn(spec: &InboundSpec, shared: Arc<Shared>) -> Result<SocketAddr, ProxyError> {
+pub(crate) async fn spawn(
+    spec: &InboundSpec,
+    shared: Arc<Shared>,
+) -> Result<SocketAddr, ProxyError> {
     let bind_err = |source| ProxyError::Bind {
         what: "inbound".into(),
         addr: spec.listen,
@@ -31,7 +34,12 @@ pub(crate) async fn spawn(spec: &InboundSpec, shared: Arc<Shared>) -> Result<Soc
     };
     let listener = TcpListener::bind(spec.listen).await.map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
-    let tls = server_config(&shared.svid, &shared.bundle, ClientAuth::Required, &[b"http/1.1"])?;
+    let tls = server_config(
+        &shared.svid,
+        &shared.bundle,
+        ClientAuth::Required,
+        &[b"http/1.1"],
+    )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let app = spec.app;
     tracing::info!(listen = %addr, %app, "inbound listener ready");
@@ -40,7 +48,9 @@ pub(crate) async fn spawn(spec: &InboundSpec, shared: Arc<Shared>) -> Result<Soc
             match listener.accept().await {
                 Ok((tcp, remote)) => {
                     let span = tracing::info_span!("inbound", src.addr = %remote, dst.app = %app);
-                    tokio::spawn(serve(tcp, acceptor.clone(), app, shared.clone()).instrument(span));
+                    tokio::spawn(
+                        serve(tcp, acceptor.clone(), app, shared.clone()).instrument(span),
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "inbound accept failed");
@@ -65,7 +75,10 @@ async fn serve(tcp: TcpStream, acceptor: TlsAcceptor, app: SocketAddr, shared: A
             return;
         }
     };
-    let peer = match peer_identity(tls.get_ref().1.peer_certificates(), shared.bundle.trust_domain()) {
+    let peer = match peer_identity(
+        tls.get_ref().1.peer_certificates(),
+        shared.bundle.trust_domain(),
+    ) {
         Ok(id) => id,
         Err(e) => {
             tracing::warn!(reason = %e, "connection refused: peer certificate is not an acceptable SVID");
@@ -74,7 +87,8 @@ async fn serve(tcp: TcpStream, acceptor: TlsAcceptor, app: SocketAddr, shared: A
     };
     tracing::debug!(src.id = %peer, "mTLS connection accepted");
     let link = Arc::new(Link::default());
-    let service = service_fn(move |req| handle(req, peer.clone(), link.clone(), app, shared.clone()));
+    let service =
+        service_fn(move |req| handle(req, peer.clone(), link.clone(), app, shared.clone()));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -93,7 +107,11 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     if let Err(why) = check_path(req.uri().path()) {
         tracing::warn!(src.id = %peer, path = req.uri().path(), why, "request refused: ambiguous path");
-        return Ok(proxy_response(StatusCode::BAD_REQUEST, None, format!("bulkhead: {why}")));
+        return Ok(proxy_response(
+            StatusCode::BAD_REQUEST,
+            None,
+            format!("bulkhead: {why}"),
+        ));
     }
     let decision = shared.policies.load().evaluate(&PolicyRequest {
         source: peer.as_str(),

@@ -96,10 +96,17 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     }
 
     let mut first = watch::spawn(config.control, shared.clone());
-    let revision = match tokio::time::timeout(config.first_config_wait, first.wait_for(|r| r.is_some())).await {
+    let revision = match tokio::time::timeout(
+        config.first_config_wait,
+        first.wait_for(|r| r.is_some()),
+    )
+    .await
+    {
         Ok(Ok(r)) => r.unwrap_or(0),
         _ => {
-            tracing::warn!("no configuration from the control plane yet; denying every inbound request until one arrives");
+            tracing::warn!(
+                "no configuration from the control plane yet; denying every inbound request until one arrives"
+            );
             0
         }
     };

@@ -47,15 +47,18 @@ struct Args {
 
 impl Args {
     fn into_config(self) -> anyhow::Result<Config> {
-        let trust_bundle_pem = std::fs::read_to_string(&self.trust_bundle)
-            .with_context(|| format!("cannot read --trust-bundle {}", self.trust_bundle.display()))?;
+        let trust_bundle_pem = std::fs::read_to_string(&self.trust_bundle).with_context(|| {
+            format!("cannot read --trust-bundle {}", self.trust_bundle.display())
+        })?;
         let token = match (&self.token_file, std::env::var("BULKHEAD_JOIN_TOKEN").ok()) {
             (Some(path), _) => std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read --token-file {}", path.display()))?
                 .trim()
                 .to_string(),
             (None, Some(t)) if !t.trim().is_empty() => t.trim().to_string(),
-            _ => bail!("no join token: pass --token-file FILE or set BULKHEAD_JOIN_TOKEN (create one with `bulkhead token create`)"),
+            _ => bail!(
+                "no join token: pass --token-file FILE or set BULKHEAD_JOIN_TOKEN (create one with `bulkhead token create`)"
+            ),
         };
         let identity = self
             .identity
@@ -89,8 +92,14 @@ async fn main() -> anyhow::Result<()> {
     init_logging(&args.log_format);
     let config = args.into_config()?;
     let running = bulkhead_proxy::start(config).await?;
-    tracing::info!(spiffe_id = running.spiffe_id, revision = running.revision, "proxy ready");
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tracing::info!(
+        spiffe_id = running.spiffe_id,
+        revision = running.revision,
+        "proxy ready"
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     tracing::info!("shutting down");
     Ok(())
 }
@@ -98,7 +107,9 @@ async fn main() -> anyhow::Result<()> {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().flatten_event(true).init();
     } else {

@@ -2,7 +2,9 @@
 //! that upstream's sidecar, which must present the declared SPIFFE ID.
 
 use crate::config::UpstreamSpec;
-use crate::http::{Body, Link, SOURCE_HEADER, origin_form, proxy_response, response_body, strip_hop_by_hop};
+use crate::http::{
+    Body, Link, SOURCE_HEADER, origin_form, proxy_response, response_body, strip_hop_by_hop,
+};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
 use http::{Request, Response, StatusCode};
@@ -18,7 +20,10 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::Instrument;
 
-pub(crate) async fn spawn(spec: &UpstreamSpec, shared: Arc<Shared>) -> Result<SocketAddr, ProxyError> {
+pub(crate) async fn spawn(
+    spec: &UpstreamSpec,
+    shared: Arc<Shared>,
+) -> Result<SocketAddr, ProxyError> {
     let bind_err = |source| ProxyError::Bind {
         what: format!("upstream {}", spec.name),
         addr: spec.listen,
@@ -74,7 +79,10 @@ async fn handle(
     strip_hop_by_hop(req.headers_mut());
     // Only the receiving sidecar may say who the caller is.
     req.headers_mut().remove(SOURCE_HEADER);
-    match link.send(req, || connect_upstream(connector, spec.address)).await {
+    match link
+        .send(req, || connect_upstream(connector, spec.address))
+        .await
+    {
         Ok(resp) => Ok(response_body(resp)),
         Err(e) => {
             tracing::warn!(upstream = spec.name, error = %e, "upstream unreachable");
@@ -90,7 +98,10 @@ async fn handle(
     }
 }
 
-async fn connect_upstream(connector: TlsConnector, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
+async fn connect_upstream(
+    connector: TlsConnector,
+    addr: SocketAddr,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name(), tcp)).await {
@@ -109,9 +120,14 @@ async fn connect_upstream(connector: TlsConnector, addr: SocketAddr) -> std::io:
 /// The reason a handshake failed, in words: our own SVID checks say what they found.
 fn tls_reason(e: &std::io::Error) -> String {
     use rustls::{CertificateError, Error as TlsError};
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<TlsError>()) {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsError>())
+    {
         Some(TlsError::InvalidCertificate(CertificateError::Other(other))) => other.0.to_string(),
-        Some(TlsError::InvalidCertificate(reason)) => format!("peer certificate refused: {reason:?}"),
+        Some(TlsError::InvalidCertificate(reason)) => {
+            format!("peer certificate refused: {reason:?}")
+        }
         Some(other) => other.to_string(),
         None => e.to_string(),
     }

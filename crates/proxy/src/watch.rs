@@ -88,7 +88,11 @@ fn apply(shared: &Shared, config: ProxyConfig) -> Option<u64> {
         Ok(resources) => {
             let set = PolicySet::compile(&resources, config.revision);
             shared.policies.store(Arc::new(set));
-            tracing::info!(revision = config.revision, policies = resources.len(), "policy revision in force");
+            tracing::info!(
+                revision = config.revision,
+                policies = resources.len(),
+                "policy revision in force"
+            );
             Some(config.revision)
         }
         Err(e) => {

@@ -41,16 +41,31 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, dir: &Path, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    pub fn spawn(
+        name: &str,
+        dir: &Path,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        Proc { name: name.to_string(), child, log }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -60,7 +75,11 @@ impl Proc {
     /// Panics (with the log) if the process has exited.
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("{} exited with {status}; its log:\n{}", self.name, self.log_text());
+            panic!(
+                "{} exited with {status}; its log:\n{}",
+                self.name,
+                self.log_text()
+            );
         }
     }
 
@@ -110,7 +129,9 @@ pub fn run(program: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String,
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -128,7 +149,10 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -136,7 +160,10 @@ impl HttpResponse {
 pub fn http_raw(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<Vec<u8>> {
     let mut tcp = TcpStream::connect(addr)?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(tcp, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        tcp,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     tcp.read_to_end(&mut buf)?;
     Ok(buf)
@@ -145,19 +172,33 @@ pub fn http_raw(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<V
 /// One plain HTTP/1.1 request, parsed. Panics if the answer is not HTTP.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> HttpResponse {
     let raw = http_raw(addr, method, path).unwrap_or_else(|e| panic!("{method} {addr}{path}: {e}"));
-    parse_response(&raw).unwrap_or_else(|| panic!("{method} {addr}{path}: not an HTTP response: {:?}", String::from_utf8_lossy(&raw)))
+    parse_response(&raw).unwrap_or_else(|| {
+        panic!(
+            "{method} {addr}{path}: not an HTTP response: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
 }
 
 pub fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n")?;
     let mut lines = head.split("\r\n");
-    let status = lines.next()?.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    let status = lines
+        .next()?
+        .strip_prefix("HTTP/1.1 ")?
+        .get(..3)?
+        .parse()
+        .ok()?;
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
-    Some(HttpResponse { status, headers, body: body.to_string() })
+    Some(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
 }
 
 /// A certificate authority that is not the mesh's, with one SVID it issued, as PEM.
@@ -169,7 +210,11 @@ pub struct ForeignIdentity {
 pub fn foreign_identity(trust_domain: &str, id: &str) -> ForeignIdentity {
     let ca = Ca::generate(trust_domain, SystemTime::now()).unwrap();
     let svid = ca
-        .issue_local(&SpiffeId::parse(id).unwrap(), Duration::from_secs(3600), SystemTime::now())
+        .issue_local(
+            &SpiffeId::parse(id).unwrap(),
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
         .unwrap();
     let (chain_pem, key_pem) = svid.to_pem();
     ForeignIdentity { chain_pem, key_pem }
@@ -185,15 +230,23 @@ pub fn mtls_raw(
     client: &ForeignIdentity,
     path: &str,
 ) -> Result<Vec<u8>, String> {
-    let svid = bulkhead_identity::Svid::from_pem(&client.chain_pem, &client.key_pem).map_err(|e| e.to_string())?;
+    let svid = bulkhead_identity::Svid::from_pem(&client.chain_pem, &client.key_pem)
+        .map_err(|e| e.to_string())?;
     let bundle = TrustBundle::from_pem(bundle_pem).map_err(|e| e.to_string())?;
     let expected = ExpectedServer::Exact(SpiffeId::parse(server_id).map_err(|e| e.to_string())?);
-    let config = client_config(Some(&svid), &bundle, expected, &[b"http/1.1"]).map_err(|e| e.to_string())?;
-    let conn = rustls::ClientConnection::new(Arc::new(config), server_name()).map_err(|e| e.to_string())?;
+    let config =
+        client_config(Some(&svid), &bundle, expected, &[b"http/1.1"]).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), server_name())
+        .map_err(|e| e.to_string())?;
     let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
-    write!(tls, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     match tls.read_to_end(&mut buf) {
         Ok(_) => Ok(buf),
