@@ -221,7 +221,7 @@ async fn sidecar(
     let running = bulkhead_proxy::start(Config {
         control,
         trust_bundle_pem: bundle.to_string(),
-        token,
+        token: bulkhead_proxy::config::JoinToken(token),
         identity: Some(bulkhead_identity::SpiffeId::parse(identity)?),
         inbound: app.map(|app| InboundSpec {
             listen: LOOPBACK_ANY.parse().expect("literal address"),

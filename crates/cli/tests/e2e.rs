@@ -207,6 +207,27 @@ fn walking_skeleton_end_to_end() {
         & 0o777;
     assert_eq!(mode, 0o600, "ca.key must be 0600");
 
+    // Certificates from our CA pass OpenSSL's own verification as TLS client and server
+    // certificates (the admin SVID comes from the same signing path as every workload's).
+    for purpose in ["sslclient", "sslserver"] {
+        let ca = data.join("ca.pem");
+        let admin = data.join("admin.pem");
+        let (code, out, err) = run(
+            Path::new("openssl"),
+            &[
+                "verify",
+                "-x509_strict",
+                "-purpose",
+                purpose,
+                "-CAfile",
+                ca.to_str().unwrap(),
+                admin.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "openssl verify -purpose {purpose}: {out}{err}");
+    }
+
     // An invalid policy is refused with file:line:column and changes nothing.
     let bad = mesh.dir.path().join("bad.yaml");
     std::fs::write(&bad, POLICY.replace("methods: [GET]", "methods: [FETCH]")).unwrap();

@@ -35,7 +35,7 @@ pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
     let mut client = IdentityClient::new(channel::connect(config.control, tls));
     let key = LocalKey::generate()?;
     let request = JoinRequest {
-        token: config.token.clone(),
+        token: config.token.0.clone(),
         csr_der: key.csr_der(config.identity.as_ref())?,
     };
     let fail = |message: String| ProxyError::Join {

@@ -12,8 +12,8 @@ pub struct Config {
     pub control: SocketAddr,
     /// PEM root certificate(s) of the mesh; the control plane must chain to them.
     pub trust_bundle_pem: String,
-    /// The join token. Never logged.
-    pub token: String,
+    /// The join token. Its `Debug` is redacted so it cannot reach a log by accident.
+    pub token: JoinToken,
     /// If set, the identity the proxy expects; the control plane refuses a token bound to
     /// another one.
     pub identity: Option<SpiffeId>,
@@ -21,6 +21,16 @@ pub struct Config {
     pub upstreams: Vec<UpstreamSpec>,
     pub ready_file: Option<PathBuf>,
     pub first_config_wait: Duration,
+}
+
+/// A join token: a secret, shown to nobody.
+#[derive(Clone)]
+pub struct JoinToken(pub String);
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinToken(<redacted>)")
+    }
 }
 
 /// The inbound listener and the local app it protects.
@@ -97,6 +107,12 @@ mod tests {
                 .unwrap();
         assert_eq!(u.name, "payments");
         assert_eq!(u.identity.as_str(), "spiffe://td/ns/a/sa/b");
+    }
+
+    #[test]
+    fn token_is_redacted_in_debug() {
+        let t = JoinToken("bhj.id.secret".into());
+        assert_eq!(format!("{t:?}"), "JoinToken(<redacted>)");
     }
 
     #[test]

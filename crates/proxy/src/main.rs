@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use bulkhead_identity::SpiffeId;
-use bulkhead_proxy::config::InboundSpec;
+use bulkhead_proxy::config::{InboundSpec, JoinToken};
 use bulkhead_proxy::{Config, UpstreamSpec};
 use clap::Parser;
 use std::net::SocketAddr;
@@ -76,7 +76,7 @@ impl Args {
         Ok(Config {
             control: self.control,
             trust_bundle_pem,
-            token,
+            token: JoinToken(token),
             identity,
             inbound,
             upstreams: self.upstreams,
