@@ -12,12 +12,12 @@ pub use v1::Resource as WireResource;
 
 /// Encodes a checked policy resource for the wire.
 pub fn resource_to_wire(res: &bulkhead_policy::model::Resource) -> WireResource {
+    let name = res.name();
     WireResource {
         kind: res.kind().to_string(),
-        namespace: res.name().namespace.clone(),
-        name: res.name().name.clone(),
-        // Serializing the model cannot fail: it holds only strings, lists and enums.
-        json: serde_json::to_string(res).unwrap_or_default(),
+        namespace: name.namespace,
+        name: name.name,
+        json: res.to_json(),
     }
 }
 
@@ -25,8 +25,10 @@ pub fn resource_to_wire(res: &bulkhead_policy::model::Resource) -> WireResource 
 pub fn resource_from_wire(
     w: &WireResource,
 ) -> Result<bulkhead_policy::model::Resource, bulkhead_policy::PolicyError> {
-    serde_json::from_str(&w.json).map_err(|e| bulkhead_policy::PolicyError::Model {
-        resource: format!("{} {}/{}", w.kind, w.namespace, w.name),
-        message: e.to_string(),
+    bulkhead_policy::model::Resource::from_json(&w.json).map_err(|message| {
+        bulkhead_policy::PolicyError::Model {
+            resource: format!("{}/{}/{}", w.kind, w.namespace, w.name),
+            message,
+        }
     })
 }

@@ -17,6 +17,9 @@ use std::time::Duration;
 
 const TRUST_DOMAIN: &str = "bulkhead.local";
 const LOOPBACK_ANY: &str = "127.0.0.1:0";
+/// Every demo app is declared on port 8080 (examples/shop.yaml); the sidecars map the apps'
+/// ephemeral loopback ports to it.
+const DECLARED_PORT: u16 = 8080;
 
 /// The demo's policy; the same file serves as the README's example.
 pub const POLICY: &str = include_str!("../../../examples/shop.yaml");
@@ -196,7 +199,7 @@ async fn start_mesh(
 }
 
 fn upstream(name: &str, address: SocketAddr, identity: &str) -> Result<UpstreamSpec> {
-    format!("name={name},listen={LOOPBACK_ANY},address={address},identity={identity}")
+    format!("name={name},listen={LOOPBACK_ANY},address={address},identity={identity},port={DECLARED_PORT},workload=shop/{name}")
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))
 }
@@ -224,6 +227,7 @@ async fn sidecar(
         token: bulkhead_proxy::config::JoinToken(token),
         identity: Some(bulkhead_identity::SpiffeId::parse(identity)?),
         inbound: app.map(|app| InboundSpec {
+            port: DECLARED_PORT,
             listen: LOOPBACK_ANY.parse().expect("literal address"),
             app,
         }),

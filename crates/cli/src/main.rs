@@ -111,7 +111,7 @@ enum TokenCommand {
 enum GetCommand {
     /// The applied policies.
     Policies {
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
         output: String,
     },
 }
@@ -209,31 +209,32 @@ async fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(bulkhead_api::resource_from_wire)
                 .collect::<Result<Vec<_>, _>>()?;
-            if output == "json" {
-                println!(
+            match output.as_str() {
+                "json" => println!(
                     "{}",
                     serde_json::to_string_pretty(
                         &serde_json::json!({ "revision": resp.revision, "items": resources })
                     )?
-                );
-            } else {
-                println!(
-                    "{:<14} {:<36} {:<24} {:<7} RULES",
-                    "NAMESPACE", "NAME", "WORKLOAD", "ACTION"
-                );
-                for r in &resources {
-                    let bulkhead_policy::model::Resource::AuthorizationPolicy(p) = r;
-                    let action = format!("{:?}", p.spec.action).to_lowercase();
-                    println!(
-                        "{:<14} {:<36} {:<24} {:<7} {}",
-                        p.name.namespace,
-                        p.name.name,
-                        p.spec.selector.workload.name,
-                        action,
-                        p.spec.rules.len()
-                    );
+                ),
+                "yaml" => {
+                    for r in &resources {
+                        print!("---\n{}", r.to_yaml());
+                    }
                 }
-                println!("revision {}", resp.revision);
+                _ => {
+                    println!("{:<20} {:<12} {:<32} SUMMARY", "KIND", "NAMESPACE", "NAME");
+                    for r in &resources {
+                        let name = r.name();
+                        println!(
+                            "{:<20} {:<12} {:<32} {}",
+                            r.kind(),
+                            name.namespace,
+                            name.name,
+                            r.summary()
+                        );
+                    }
+                    println!("revision {}", resp.revision);
+                }
             }
             Ok(())
         }

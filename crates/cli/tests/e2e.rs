@@ -15,6 +15,13 @@ const TD: &str = "test.local";
 const WAIT: Duration = Duration::from_secs(30);
 
 const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: orders, namespace: shop}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/orders
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
 kind: AuthorizationPolicy
 metadata:
   name: orders-allow-frontend
@@ -235,7 +242,7 @@ fn walking_skeleton_end_to_end() {
     assert_eq!(code, 1);
     assert!(
         err.contains(&format!(
-            "{}:15:19: unknown HTTP method \"FETCH\"",
+            "{}:22:19: unknown HTTP method \"FETCH\"",
             bad.display()
         )),
         "{err}"
@@ -262,6 +269,8 @@ fn walking_skeleton_end_to_end() {
             "127.0.0.1:0",
             "--app",
             &orders_app_addr.to_string(),
+            "--port",
+            "8080",
             "--identity",
             &id("orders"),
         ],

@@ -225,10 +225,8 @@ impl Config for State {
 fn config_for(snap: &Snapshot, workload: &ResourceName) -> pb::ProxyConfig {
     pb::ProxyConfig {
         revision: snap.revision,
-        resources: snap
-            .resources
+        resources: bulkhead_policy::relevant_to(&snap.resources, workload)
             .iter()
-            .filter(|r| r.target_workload() == Some(workload))
             .map(resource_to_wire)
             .collect(),
     }
@@ -306,8 +304,29 @@ impl Admin for State {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         self.require_admin(&req)?;
         let r = req.into_inner();
-        let resources = bulkhead_policy::parse_documents(&r.file, &r.yaml)
+        let parsed = bulkhead_policy::parse_file(&r.file, &r.yaml)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The whole set after this apply must compile: a change that would leave any policy
+        // unenforceable (say, a port re-declared as tcp under an HTTP rule) is refused.
+        let current = self.snapshot.borrow().resources.clone();
+        let new_keys: std::collections::HashSet<String> =
+            parsed.iter().map(|(r, _)| r.key()).collect();
+        let mut merged: Vec<Resource> = Vec::new();
+        let mut origins = Vec::new();
+        for r in current.into_iter().filter(|r| !new_keys.contains(&r.key())) {
+            merged.push(r);
+            origins.push(None);
+        }
+        for (r, o) in &parsed {
+            merged.push(r.clone());
+            origins.push(Some(o.clone()));
+        }
+        if let Err(errors) = bulkhead_policy::PolicySet::compile_with_origins(&merged, &origins, 0)
+        {
+            let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            return Err(Status::invalid_argument(text.join("\n")));
+        }
+        let resources: Vec<Resource> = parsed.into_iter().map(|(r, _)| r).collect();
         let (revision, changes) = self.store.apply(&resources).map_err(internal)?;
         let (revision, all) = match changes.iter().any(|(_, c)| *c != Change::Unchanged) {
             true => self.store.policies().map_err(internal)?,

@@ -4,6 +4,7 @@
 use crate::error::ControlError;
 use crate::tokens::{TokenError, TokenRecord, same_hash};
 use bulkhead_policy::model::{Resource, ResourceName};
+
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 
@@ -76,11 +77,10 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| self.err(e))? {
             let (key, json) = row.map_err(|e| self.err(e))?;
-            let res: Resource =
-                serde_json::from_str(json.value()).map_err(|e| ControlError::Store {
-                    path: self.path.clone(),
-                    message: format!("stored policy {} is unreadable: {e}", key.value()),
-                })?;
+            let res = Resource::from_json(json.value()).map_err(|e| ControlError::Store {
+                path: self.path.clone(),
+                message: format!("stored resource {} is unreadable: {e}", key.value()),
+            })?;
             out.push(res);
         }
         Ok((revision, out))
@@ -95,9 +95,8 @@ impl Store {
             let mut table = txn.open_table(POLICIES)?;
             let mut changes = Vec::with_capacity(resources.len());
             for res in resources {
-                let key = key_of(res.kind(), res.name());
-                // The model holds only strings, lists and enums: serializing cannot fail.
-                let json = serde_json::to_string(res).unwrap_or_default();
+                let key = res.key();
+                let json = res.to_json();
                 let change = match table.get(key.as_str())? {
                     None => Change::Created,
                     Some(old) if old.value() == json => Change::Unchanged,
@@ -187,8 +186,4 @@ impl Store {
         let table = txn.open_table(BINDINGS).map_err(|e| self.err(e))?;
         Ok(table.get(key.as_str()).map_err(|e| self.err(e))?.is_some())
     }
-}
-
-fn key_of(kind: &str, name: &ResourceName) -> String {
-    format!("{kind}/{}/{}", name.namespace, name.name)
 }

@@ -1,163 +1,571 @@
-//! Compiling checked resources into an index, and evaluating requests against it.
+//! The typed compiler: checks a whole set of resources and builds the evaluation index.
 //!
-//! The index is keyed by destination workload first, so a decision only looks at the rules
-//! that protect the workload being called.
+//! It refuses, with `file:line:column`, any rule an enforcement point could not enforce as
+//! written (HTTP conditions on an opaque TCP port, gRPC conditions on a non-gRPC port, a
+//! destination list in an ingress rule …). A set with any error is refused whole: a compile
+//! error never widens what is allowed.
 
-use crate::decision::{Decision, Denial, NearMiss, Permit};
-use crate::model::{Action, Resource, ResourceName, Rule, WorkloadRef};
-use crate::pattern::{IdentityPattern, Method, PathPattern};
-use std::collections::HashMap;
+use crate::error::PolicyError;
+use crate::eval::{CompiledRule, Cond, IdentitySet, PolicySet, Postures, RuleList, SubjectRules};
+use crate::model::{
+    Action, AuthorizationPolicySpec, Direction, Document, Mode, Resource, ResourceName, Rule,
+    Selector, Target, WorkloadRef, WorkloadSpec,
+};
+use crate::pattern::{IdentityPattern, Protocol};
+use crate::source::Origin;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-/// One request as the enforcement point sees it.
-#[derive(Clone, Copy, Debug)]
-pub struct Request<'a> {
-    /// The verified SPIFFE ID of the caller.
-    pub source: &'a str,
-    pub workload: &'a WorkloadRef,
-    pub method: &'a str,
-    /// The path without the query string.
-    pub path: &'a str,
+/// Collects errors with their locations.
+struct Errors<'a> {
+    list: Vec<PolicyError>,
+    origins: &'a [Option<Origin>],
 }
 
-/// A compiled, immutable policy set at one revision.
-#[derive(Debug, Default)]
-pub struct PolicySet {
-    revision: u64,
-    by_workload: HashMap<WorkloadRef, WorkloadRules>,
-}
-
-#[derive(Debug, Default)]
-struct WorkloadRules {
-    deny: Vec<CompiledRule>,
-    allow: Vec<CompiledRule>,
-}
-
-#[derive(Debug)]
-struct CompiledRule {
-    policy: Arc<ResourceName>,
-    name: Arc<str>,
-    from: Vec<IdentityPattern>,
-    methods: Vec<Method>,
-    paths: Vec<PathPattern>,
-}
-
-/// Which parts of a rule a request matched.
-struct Match {
-    identity: bool,
-    method: bool,
-    path: bool,
-}
-
-impl CompiledRule {
-    fn check(&self, req: &Request<'_>) -> Match {
-        Match {
-            identity: self.from.is_empty() || self.from.iter().any(|p| p.matches(req.source)),
-            method: self.methods.is_empty()
-                || self.methods.iter().any(|m| m.as_str() == req.method),
-            path: self.paths.is_empty() || self.paths.iter().any(|p| p.matches(req.path)),
-        }
+impl Errors<'_> {
+    fn at(&mut self, res: usize, resource: &Resource, pos: Option<(u32, u32)>, message: String) {
+        self.list
+            .push(match self.origins.get(res).and_then(|o| o.as_ref()) {
+                Some(origin) => PolicyError::Invalid {
+                    location: origin.at(pos),
+                    message,
+                },
+                None => PolicyError::Model {
+                    resource: resource.key(),
+                    message,
+                },
+            });
     }
 }
 
-impl Match {
-    fn all(&self) -> bool {
-        self.identity && self.method && self.path
-    }
-
-    fn near_miss(self, rule: &CompiledRule, req: &Request<'_>) -> (usize, NearMiss) {
-        let mut matched = Vec::new();
-        let mut failed = None;
-        for (ok, attr, value) in [
-            (self.identity, "identity", req.source),
-            (self.method, "method", req.method),
-            (self.path, "path", req.path),
-        ] {
-            if ok {
-                matched.push(attr);
-            } else if failed.is_none() {
-                failed = Some(format!("{attr} {value}"));
-            }
-        }
-        let score = matched.len();
-        (
-            score,
-            NearMiss {
-                policy: rule.policy.clone(),
-                rule: rule.name.clone(),
-                matched,
-                failed: failed.unwrap_or_default(),
-            },
-        )
-    }
+struct Declared<'a> {
+    workloads: BTreeMap<WorkloadRef, (&'a Document<WorkloadSpec>, usize)>,
+    services: BTreeMap<ResourceName, &'a Document<crate::model::ServiceSpec>>,
 }
 
 impl PolicySet {
-    /// Compiles checked resources at `revision`. Infallible: all checks happened on parse.
-    pub fn compile(resources: &[Resource], revision: u64) -> PolicySet {
-        let mut by_workload: HashMap<WorkloadRef, WorkloadRules> = HashMap::new();
-        for res in resources {
-            let Resource::AuthorizationPolicy(p) = res;
-            let policy = Arc::new(p.name.clone());
-            let entry = by_workload
-                .entry(p.spec.selector.workload.clone())
-                .or_default();
-            let list = match p.spec.action {
-                Action::Allow => &mut entry.allow,
-                Action::Deny => &mut entry.deny,
-            };
-            list.extend(p.spec.rules.iter().map(|r: &Rule| CompiledRule {
-                policy: policy.clone(),
-                name: Arc::from(r.name.as_str()),
-                from: r.from.clone(),
-                methods: r.methods.clone(),
-                paths: r.paths.clone(),
-            }));
-        }
-        PolicySet {
-            revision,
-            by_workload,
-        }
+    /// Compiles resources that carry no source positions (from the wire or a store).
+    pub fn compile(resources: &[Resource], revision: u64) -> Result<PolicySet, Vec<PolicyError>> {
+        let origins = vec![None; resources.len()];
+        compile(resources, &origins, revision)
     }
 
-    pub fn revision(&self) -> u64 {
-        self.revision
+    /// Compiles parsed resources; errors point into their files.
+    pub fn compile_parsed(
+        parsed: &[(Resource, Origin)],
+        revision: u64,
+    ) -> Result<PolicySet, Vec<PolicyError>> {
+        let resources: Vec<Resource> = parsed.iter().map(|(r, _)| r.clone()).collect();
+        let origins: Vec<Option<Origin>> = parsed.iter().map(|(_, o)| Some(o.clone())).collect();
+        compile(&resources, &origins, revision)
     }
 
-    /// Decides one request: deny rules win, then allow rules, then the default deny.
-    pub fn evaluate(&self, req: &Request<'_>) -> Decision {
-        let revision = self.revision;
-        let Some(rules) = self.by_workload.get(req.workload) else {
-            return Decision::Deny(Denial::Default {
-                revision,
-                nearest_miss: None,
-            });
-        };
-        if let Some(r) = rules.deny.iter().find(|r| r.check(req).all()) {
-            return Decision::Deny(Denial::Rule {
-                policy: r.policy.clone(),
-                rule: r.name.clone(),
-                revision,
-            });
-        }
-        let mut nearest: Option<(usize, NearMiss)> = None;
-        for r in &rules.allow {
-            let m = r.check(req);
-            if m.all() {
-                return Decision::Allow(Permit {
-                    policy: r.policy.clone(),
-                    rule: r.name.clone(),
-                    revision,
-                });
+    /// Compiles resources of which some came from files (`Some` origin) and some from a store.
+    pub fn compile_with_origins(
+        resources: &[Resource],
+        origins: &[Option<Origin>],
+        revision: u64,
+    ) -> Result<PolicySet, Vec<PolicyError>> {
+        compile(resources, origins, revision)
+    }
+}
+
+/// The resources a workload's proxy needs: the policies that protect it (either direction)
+/// and the declarations policies are resolved against.
+pub fn relevant_to(resources: &[Resource], workload: &WorkloadRef) -> Vec<Resource> {
+    let mut errors = Errors {
+        list: Vec::new(),
+        origins: &[],
+    };
+    let declared = declarations(resources, &mut errors);
+    resources
+        .iter()
+        .filter(|r| match r {
+            Resource::AuthorizationPolicy(doc) => {
+                subjects_of(&doc.spec.selector, &r.name().namespace, &declared).contains(workload)
             }
-            let (score, miss) = m.near_miss(r, req);
-            if nearest.as_ref().is_none_or(|(best, _)| score > *best) {
-                nearest = Some((score, miss));
-            }
-        }
-        Decision::Deny(Denial::Default {
-            revision,
-            nearest_miss: nearest.map(|(_, m)| m),
+            _ => true,
         })
+        .cloned()
+        .collect()
+}
+
+fn compile(
+    resources: &[Resource],
+    origins: &[Option<Origin>],
+    revision: u64,
+) -> Result<PolicySet, Vec<PolicyError>> {
+    let mut errors = Errors {
+        list: Vec::new(),
+        origins,
+    };
+    let mut seen = HashMap::new();
+    for (i, r) in resources.iter().enumerate() {
+        if let Some(first) = seen.insert(r.key(), i) {
+            let earlier = match origins.get(first).and_then(|o| o.as_ref()) {
+                Some(o) => format!(
+                    "; first defined at {}",
+                    o.at(resources[first].metadata().name.position())
+                ),
+                None => String::new(),
+            };
+            let message = format!("{} is defined twice{earlier}", r.key());
+            errors.at(i, r, r.metadata().name.position(), message);
+        }
     }
+    let declared = declarations(resources, &mut errors);
+    let postures = postures(resources, &mut errors);
+    let identity_workloads = identity_index(&declared);
+
+    let mut subjects: HashMap<(Direction, WorkloadRef), SubjectRules> = HashMap::new();
+    for (i, r) in resources.iter().enumerate() {
+        let Resource::AuthorizationPolicy(doc) = r else {
+            continue;
+        };
+        let name = Arc::new(r.name());
+        let ns = name.namespace.clone();
+        let targets = subjects_of(&doc.spec.selector, &ns, &declared);
+        if doc.spec.selector.workload.is_some() && !doc.spec.selector.match_labels.is_empty() {
+            errors.at(
+                i,
+                r,
+                doc.metadata.name.position(),
+                "selector: give workload or matchLabels, not both".into(),
+            );
+        }
+        for (n, rule) in doc.spec.rules.iter().enumerate() {
+            let rule_name: Arc<str> = match &rule.name {
+                Some(n) => Arc::from(n.value.as_str()),
+                None => Arc::from(format!("rules[{n}]").as_str()),
+            };
+            let before = errors.list.len();
+            check_rule(
+                i,
+                r,
+                &doc.spec,
+                rule,
+                &rule_name,
+                &targets,
+                &ns,
+                &declared,
+                &mut errors,
+            );
+            if errors.list.len() > before {
+                continue;
+            }
+            let compiled = CompiledRule {
+                policy: name.clone(),
+                name: rule_name,
+                conds: conditions(rule, doc.spec.direction, &ns, &declared),
+            };
+            for subject in &targets {
+                let entry = subjects
+                    .entry((doc.spec.direction, subject.clone()))
+                    .or_default();
+                let set = match doc.spec.mode {
+                    Mode::Enforce => &mut entry.enforce,
+                    Mode::Audit => {
+                        entry.has_audit = true;
+                        &mut entry.audit
+                    }
+                };
+                let list: &mut RuleList = match doc.spec.action {
+                    Action::Allow => &mut set.allow,
+                    Action::Deny => &mut set.deny,
+                };
+                list.push(compiled.clone());
+            }
+        }
+        let mut names = HashSet::new();
+        for rule in &doc.spec.rules {
+            if let Some(n) = rule
+                .name
+                .as_ref()
+                .filter(|n| !names.insert(n.value.as_str()))
+            {
+                errors.at(
+                    i,
+                    r,
+                    n.position(),
+                    format!(
+                        "two rules are named {:?}; rule names must be unique in a policy",
+                        n.value.as_str()
+                    ),
+                );
+            }
+        }
+    }
+    if !errors.list.is_empty() {
+        return Err(errors.list);
+    }
+    for rules in subjects.values_mut() {
+        rules.finish();
+    }
+    Ok(PolicySet {
+        revision,
+        subjects,
+        postures,
+        identity_workloads,
+    })
+}
+
+fn declarations<'a>(resources: &'a [Resource], errors: &mut Errors<'_>) -> Declared<'a> {
+    let mut workloads = BTreeMap::new();
+    let mut services = BTreeMap::new();
+    for (i, r) in resources.iter().enumerate() {
+        match r {
+            Resource::Workload(doc) => {
+                if !matches!(doc.spec.identity.value, IdentityPattern::Exact(_)) {
+                    errors.at(
+                        i,
+                        r,
+                        doc.spec.identity.position(),
+                        format!(
+                            "a workload's identity must be one exact SPIFFE ID, not the pattern {}",
+                            doc.spec.identity.value
+                        ),
+                    );
+                }
+                let mut ports = HashSet::new();
+                for p in &doc.spec.ports {
+                    if p.port.value == 0 || !ports.insert(p.port.value) {
+                        errors.at(
+                            i,
+                            r,
+                            p.port.position(),
+                            format!("port {} is zero or declared twice", p.port.value),
+                        );
+                    }
+                }
+                workloads.insert(r.name(), (doc, i));
+            }
+            Resource::Service(doc) => {
+                services.insert(r.name(), doc);
+            }
+            _ => {}
+        }
+    }
+    Declared {
+        workloads,
+        services,
+    }
+}
+
+fn postures(resources: &[Resource], errors: &mut Errors<'_>) -> Postures {
+    let mut p = Postures::default();
+    for (i, r) in resources.iter().enumerate() {
+        let Resource::DefaultPosture(doc) = r else {
+            continue;
+        };
+        let name = Arc::new(r.name());
+        let slot = match &doc.metadata.namespace {
+            None => &mut p.mesh,
+            Some(ns) => p.namespaces.entry(ns.value.to_string()).or_default(),
+        };
+        if slot.is_some() {
+            errors.at(i, r, doc.metadata.name.position(), format!(
+                "a second DefaultPosture for {}; there can be one per namespace and one for the mesh",
+                if name.namespace == "*" { "the mesh".to_string() } else { format!("namespace {}", name.namespace) }
+            ));
+        }
+        *slot = Some((name, doc.spec.ingress, doc.spec.egress));
+    }
+    p
+}
+
+/// Which declared workloads carry each identity.
+fn identity_index(declared: &Declared<'_>) -> HashMap<String, Vec<WorkloadRef>> {
+    let mut map: HashMap<String, Vec<WorkloadRef>> = HashMap::new();
+    for (name, (doc, _)) in &declared.workloads {
+        if let IdentityPattern::Exact(id) = &doc.spec.identity.value {
+            map.entry(id.clone()).or_default().push(name.clone());
+        }
+    }
+    map
+}
+
+fn labels_match(want: &BTreeMap<String, String>, have: &BTreeMap<String, String>) -> bool {
+    want.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+/// The workloads a selector picks in namespace `ns`.
+fn subjects_of(sel: &Selector, ns: &str, declared: &Declared<'_>) -> Vec<WorkloadRef> {
+    if let Some(w) = &sel.workload {
+        return vec![ResourceName {
+            namespace: ns.to_string(),
+            name: w.value.to_string(),
+        }];
+    }
+    declared
+        .workloads
+        .iter()
+        .filter(|(name, (doc, _))| {
+            name.namespace == ns && labels_match(&sel.match_labels, &doc.metadata.labels)
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// `name` or `namespace/name`, relative to `ns`.
+fn workload_ref(s: &str, ns: &str) -> ResourceName {
+    match s.split_once('/') {
+        Some((n, w)) => ResourceName {
+            namespace: n.into(),
+            name: w.into(),
+        },
+        None => ResourceName {
+            namespace: ns.into(),
+            name: s.into(),
+        },
+    }
+}
+
+/// The HTTP-only conditions a rule uses, by field name.
+fn l7_fields(rule: &Rule) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if let Some(to) = &rule.to {
+        let t = &to.value;
+        for (set, name) in [
+            (
+                !t.methods.is_empty() || !t.not_methods.is_empty(),
+                "methods",
+            ),
+            (!t.paths.is_empty() || !t.not_paths.is_empty(), "paths"),
+            (!t.hosts.is_empty() || !t.not_hosts.is_empty(), "hosts"),
+            (t.grpc.is_some(), "grpc"),
+        ] {
+            if set {
+                out.push(name);
+            }
+        }
+    }
+    if !rule.when.is_empty() {
+        out.push("when (headers)");
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_rule(
+    i: usize,
+    r: &Resource,
+    spec: &AuthorizationPolicySpec,
+    rule: &Rule,
+    rule_name: &str,
+    subjects: &[WorkloadRef],
+    ns: &str,
+    declared: &Declared<'_>,
+    errors: &mut Errors<'_>,
+) {
+    let policy = r.name();
+    let rule_pos = rule.name.as_ref().and_then(|n| n.position());
+    let to = rule.to.as_ref();
+    let to_pos = to.and_then(|t| t.position()).or(rule_pos);
+    let t = to.map(|t| &t.value);
+    let dests_given = t.is_some_and(|t| {
+        !t.identities.is_empty()
+            || !t.workloads.is_empty()
+            || !t.services.is_empty()
+            || !t.namespaces.is_empty()
+            || !t.cidrs.is_empty()
+            || !t.not_cidrs.is_empty()
+    });
+    match spec.direction {
+        Direction::Ingress if dests_given => errors.at(i, r, to_pos, format!(
+            "policy {policy} rule {rule_name}: in an ingress rule the destination is the selected workload; `to` may give only ports, protocols, methods, paths, hosts and grpc (use direction: egress to restrict destinations)"
+        )),
+        Direction::Egress if rule.from.is_some() => errors.at(i, r, rule.from.as_ref().and_then(|f| f.position()), format!(
+            "policy {policy} rule {rule_name}: an egress rule has no `from`; its source is the selected workload"
+        )),
+        _ => {}
+    }
+    if let Some(t) = t {
+        for s in &t.services {
+            let name = workload_ref(&s.value, ns);
+            if !declared.services.contains_key(&name) {
+                errors.at(i, r, s.position(), format!("no Service {name} is declared"));
+            }
+        }
+        for w in &t.workloads {
+            let name = workload_ref(&w.value, ns);
+            if !crate::is_valid_name(&name.namespace) || !crate::is_valid_name(&name.name) {
+                errors.at(
+                    i,
+                    r,
+                    w.position(),
+                    format!(
+                        "{:?} is not a workload name (name or namespace/name)",
+                        w.value
+                    ),
+                );
+            }
+        }
+    }
+
+    // Type check: HTTP and gRPC conditions only where every port the rule covers speaks them.
+    let l7 = l7_fields(rule);
+    if l7.is_empty() {
+        return;
+    }
+    let fields = l7.join(", ");
+    let wants_grpc = t.is_some_and(|t| t.grpc.is_some());
+    if t.is_some_and(|t| t.protocols.contains(&Protocol::Tcp)) {
+        errors.at(i, r, to_pos, format!(
+            "policy {policy} rule {rule_name} uses {fields} but limits itself to protocol tcp, where requests have no HTTP attributes"
+        ));
+        return;
+    }
+    // Which workloads' ports does this rule act on?
+    let checked: Vec<WorkloadRef> = match spec.direction {
+        Direction::Ingress => subjects.to_vec(),
+        Direction::Egress => {
+            let t = t.cloned().unwrap_or_else(Target::default);
+            let mut dests: Vec<WorkloadRef> = t
+                .workloads
+                .iter()
+                .map(|w| workload_ref(&w.value, ns))
+                .collect();
+            for s in &t.services {
+                if let Some(svc) = declared.services.get(&workload_ref(&s.value, ns)) {
+                    let sns = workload_ref(&s.value, ns).namespace;
+                    dests.extend(subjects_of(&svc.spec.selector, &sns, declared));
+                }
+            }
+            if dests.is_empty() {
+                errors.at(i, r, to_pos, format!(
+                    "policy {policy} rule {rule_name} uses {fields} in an egress rule without naming destination workloads or services; name them so the compiler can check their ports speak HTTP"
+                ));
+                return;
+            }
+            dests
+        }
+    };
+    if checked.is_empty() && spec.direction == Direction::Ingress {
+        errors.at(i, r, to_pos, format!(
+            "policy {policy} rule {rule_name} uses {fields} but its selector matches no declared Workload; declare the workloads with their ports and protocols"
+        ));
+        return;
+    }
+    for w in checked {
+        let Some((doc, _)) = declared.workloads.get(&w) else {
+            errors.at(i, r, to_pos, format!(
+                "policy {policy} rule {rule_name} uses {fields} on workload {w}, which has no Workload declaration; declare it with its ports and protocols so the rule can be checked"
+            ));
+            continue;
+        };
+        for p in &doc.spec.ports {
+            let port = p.port.value;
+            let covered = t.is_none_or(|t| {
+                (t.ports.is_empty() || t.ports.iter().any(|r| r.contains(port)))
+                    && !t.not_ports.iter().any(|r| r.contains(port))
+                    && (t.protocols.is_empty() || t.protocols.contains(&p.protocol))
+            });
+            if !covered {
+                continue;
+            }
+            if !p.protocol.is_http() {
+                errors.at(i, r, to_pos, format!(
+                    "policy {policy} rule {rule_name} uses {fields}, but it applies to port {port} of {w}, declared {} (opaque TCP), where they cannot be enforced; limit the rule with `ports:` to the workload's HTTP ports",
+                    p.protocol.as_str()
+                ));
+            } else if wants_grpc && p.protocol != Protocol::Grpc {
+                errors.at(i, r, to_pos, format!(
+                    "policy {policy} rule {rule_name} uses grpc, but it applies to port {port} of {w}, declared {}; limit the rule with `ports:` to gRPC ports",
+                    p.protocol.as_str()
+                ));
+            }
+        }
+    }
+}
+
+/// Builds the rule's conditions in explanation order.
+fn conditions(rule: &Rule, direction: Direction, ns: &str, declared: &Declared<'_>) -> Vec<Cond> {
+    let mut conds = Vec::new();
+    if let Some(from) = &rule.from {
+        let f = &from.value;
+        if !f.identities.is_empty() || !f.not_identities.is_empty() {
+            conds.push(Cond::Identity(
+                IdentitySet::new(&f.identities),
+                IdentitySet::new(&f.not_identities),
+            ));
+        }
+        if !f.namespaces.is_empty() || !f.not_namespaces.is_empty() {
+            conds.push(Cond::Namespace(
+                names(&f.namespaces),
+                names(&f.not_namespaces),
+            ));
+        }
+        if !f.workload_labels.is_empty() {
+            let ids: Vec<IdentityPattern> = declared
+                .workloads
+                .values()
+                .filter(|(doc, _)| labels_match(&f.workload_labels, &doc.metadata.labels))
+                .map(|(doc, _)| doc.spec.identity.value.clone())
+                .collect();
+            conds.push(Cond::SourceWorkload(IdentitySet::new(&ids)));
+        }
+        if !f.cidrs.is_empty() || !f.not_cidrs.is_empty() {
+            conds.push(Cond::Cidr(f.cidrs.clone(), f.not_cidrs.clone()));
+        }
+    }
+    if let Some(to) = &rule.to {
+        let t = &to.value;
+        if direction == Direction::Egress {
+            if !t.identities.is_empty() {
+                conds.push(Cond::Identity(
+                    IdentitySet::new(&t.identities),
+                    IdentitySet::default(),
+                ));
+            }
+            let mut dests: HashSet<WorkloadRef> = t
+                .workloads
+                .iter()
+                .map(|w| workload_ref(&w.value, ns))
+                .collect();
+            for s in &t.services {
+                let sref = workload_ref(&s.value, ns);
+                if let Some(svc) = declared.services.get(&sref) {
+                    dests.extend(subjects_of(&svc.spec.selector, &sref.namespace, declared));
+                }
+            }
+            if !t.workloads.is_empty() || !t.services.is_empty() {
+                conds.push(Cond::DestWorkload(dests));
+            }
+            if !t.namespaces.is_empty() {
+                conds.push(Cond::Namespace(names(&t.namespaces), Vec::new()));
+            }
+            if !t.cidrs.is_empty() || !t.not_cidrs.is_empty() {
+                conds.push(Cond::Cidr(t.cidrs.clone(), t.not_cidrs.clone()));
+            }
+        }
+        if !t.ports.is_empty() || !t.not_ports.is_empty() {
+            conds.push(Cond::Port(t.ports.clone(), t.not_ports.clone()));
+        }
+        if !t.protocols.is_empty() {
+            conds.push(Cond::Protocol(t.protocols.clone()));
+        }
+        if !t.methods.is_empty() || !t.not_methods.is_empty() {
+            conds.push(Cond::Method(t.methods.clone(), t.not_methods.clone()));
+        }
+        if !t.paths.is_empty() || !t.not_paths.is_empty() {
+            conds.push(Cond::Path(t.paths.clone(), t.not_paths.clone()));
+        }
+        if !t.hosts.is_empty() || !t.not_hosts.is_empty() {
+            conds.push(Cond::Host(t.hosts.clone(), t.not_hosts.clone()));
+        }
+        if let Some(g) = &t.grpc {
+            conds.push(Cond::Grpc(
+                g.services.iter().map(|s| s.as_str().to_string()).collect(),
+                g.methods.iter().map(|s| s.as_str().to_string()).collect(),
+            ));
+        }
+    }
+    for w in &rule.when {
+        conds.push(Cond::Header(w.value.clone()));
+    }
+    conds
+}
+
+fn names(v: &[crate::model::Name]) -> Vec<String> {
+    v.iter().map(|n| n.as_str().to_string()).collect()
 }

@@ -1,37 +1,56 @@
-//! What an evaluation returns: a permit or a denial, each naming what made it.
+//! What an evaluation returns: a verdict and the reason for it, naming the policy and rule,
+//! or the posture and the nearest miss; plus what audit-mode policies would have decided.
 
-use crate::model::ResourceName;
+use crate::model::{Action, ResourceName};
 use std::fmt;
 use std::sync::Arc;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
 /// The verdict for one request. A denial is a value, never an error.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
-    Allow(Permit),
-    Deny(Denial),
-}
-
-/// The allow rule that let a request through.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Permit {
-    pub policy: Arc<ResourceName>,
-    pub rule: Arc<str>,
+pub struct Decision {
+    pub verdict: Verdict,
+    pub reason: Reason,
     pub revision: u64,
+    /// Present when audit-mode policies apply to this workload: the verdict they would give
+    /// if they were enforced beside the enforced ones.
+    pub audit: Option<Box<AuditOutcome>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Denial {
-    /// A deny rule matched. Deny wins over any allow.
+pub enum Reason {
+    /// A rule matched (deny rules are checked first and win).
     Rule {
+        action: Action,
         policy: Arc<ResourceName>,
         rule: Arc<str>,
-        revision: u64,
     },
-    /// No allow rule matched: the mesh default. Names the closest allow rule, if any.
-    Default {
-        revision: u64,
+    /// No rule matched; the posture decided.
+    Posture {
+        action: Action,
+        source: PostureSource,
         nearest_miss: Option<NearMiss>,
     },
+}
+
+/// Which posture applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PostureSource {
+    /// No DefaultPosture says otherwise: ingress deny, egress allow.
+    BuiltIn,
+    Mesh(Arc<ResourceName>),
+    Namespace(Arc<ResourceName>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditOutcome {
+    pub verdict: Verdict,
+    pub reason: Reason,
 }
 
 /// The allow rule that came closest to matching a denied request, and where it failed.
@@ -39,85 +58,137 @@ pub enum Denial {
 pub struct NearMiss {
     pub policy: Arc<ResourceName>,
     pub rule: Arc<str>,
-    /// The attributes that did match, e.g. `["identity", "method"]`.
+    /// The conditions that did match, e.g. `["identity", "method"]`.
     pub matched: Vec<&'static str>,
-    /// The first attribute that did not, with the request's value: `path /admin`.
+    /// The first condition that did not, with the request's value: `path /admin`.
     pub failed: String,
 }
 
 impl Decision {
     pub fn is_allow(&self) -> bool {
-        matches!(self, Decision::Allow(_))
+        self.verdict == Verdict::Allow
+    }
+
+    /// Whether audit-mode policies would turn this allow into a deny.
+    pub fn would_deny(&self) -> bool {
+        self.is_allow()
+            && self
+                .audit
+                .as_ref()
+                .is_some_and(|a| a.verdict == Verdict::Deny)
     }
 
     /// A compact, header-safe summary: `allow; policy=ns/name; rule=r; revision=3`.
     pub fn header_value(&self) -> String {
-        match self {
-            Decision::Allow(p) => format!(
-                "allow; policy={}; rule={}; revision={}",
-                p.policy, p.rule, p.revision
-            ),
-            Decision::Deny(Denial::Rule {
-                policy,
-                rule,
-                revision,
-            }) => format!("deny; policy={policy}; rule={rule}; revision={revision}"),
-            Decision::Deny(Denial::Default { revision, .. }) => {
-                format!("deny; policy=default-deny; revision={revision}")
-            }
+        let mut out = format!(
+            "{}; {}; revision={}",
+            verdict_word(self.verdict),
+            reason_fields(&self.reason),
+            self.revision
+        );
+        if let Some(a) = self.audit.as_ref().filter(|a| a.verdict != self.verdict) {
+            out.push_str(&format!(
+                "; audit=would-{}; audit-{}",
+                verdict_word(a.verdict),
+                reason_fields(&a.reason)
+            ));
         }
+        out
+    }
+}
+
+fn verdict_word(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
+    }
+}
+
+fn reason_fields(r: &Reason) -> String {
+    match r {
+        Reason::Rule { policy, rule, .. } => format!("policy={policy}; rule={rule}"),
+        Reason::Posture {
+            action: Action::Deny,
+            ..
+        } => "policy=default-deny".into(),
+        Reason::Posture {
+            action: Action::Allow,
+            ..
+        } => "policy=default-allow".into(),
     }
 }
 
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Decision::Allow(p) => write!(
-                f,
-                "allowed by policy {} rule {} (revision {})",
-                p.policy, p.rule, p.revision
-            ),
-            Decision::Deny(d) => d.fmt(f),
-        }
-    }
-}
-
-impl fmt::Display for Denial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Denial::Rule {
+        let rev = self.revision;
+        match &self.reason {
+            Reason::Rule {
+                action: Action::Allow,
                 policy,
                 rule,
-                revision,
-            } => write!(
-                f,
-                "denied by policy {policy} rule {rule} (revision {revision})"
-            ),
-            Denial::Default {
-                revision,
+            } => write!(f, "allowed by policy {policy} rule {rule} (revision {rev})")?,
+            Reason::Rule {
+                action: Action::Deny,
+                policy,
+                rule,
+            } => write!(f, "denied by policy {policy} rule {rule} (revision {rev})")?,
+            Reason::Posture {
+                action: Action::Deny,
                 nearest_miss,
+                ..
             } => {
                 write!(
                     f,
-                    "default deny: no policy allows this request (revision {revision})"
+                    "default deny: no policy allows this request (revision {rev})"
                 )?;
-                match nearest_miss {
-                    Some(m) if m.matched.is_empty() => write!(
-                        f,
-                        "; nearest miss: policy {} rule {} did not match {}",
-                        m.policy, m.rule, m.failed
-                    ),
-                    Some(m) => write!(
-                        f,
-                        "; nearest miss: policy {} rule {} matched the {} but not {}",
-                        m.policy,
-                        m.rule,
-                        m.matched.join(" and "),
-                        m.failed
-                    ),
-                    None => write!(f, "; no allow policy selects this workload"),
-                }
+                write_miss(f, nearest_miss)?;
+            }
+            Reason::Posture {
+                action: Action::Allow,
+                source,
+                ..
+            } => {
+                let by = match source {
+                    PostureSource::BuiltIn => "nothing restricts this direction".to_string(),
+                    PostureSource::Mesh(p) => format!("mesh posture {p}"),
+                    PostureSource::Namespace(p) => format!("namespace posture {p}"),
+                };
+                write!(f, "allowed by default: {by} (revision {rev})")?
             }
         }
+        if let Some(a) = self.audit.as_ref().filter(|a| a.verdict != self.verdict) {
+            let what = match &a.reason {
+                Reason::Rule { policy, rule, .. } => format!("policy {policy} rule {rule}"),
+                Reason::Posture {
+                    action: Action::Deny,
+                    ..
+                } => "default deny".into(),
+                Reason::Posture {
+                    action: Action::Allow,
+                    ..
+                } => "default allow".into(),
+            };
+            write!(f, "; audit: would {} ({what})", verdict_word(a.verdict))?;
+        }
+        Ok(())
+    }
+}
+
+fn write_miss(f: &mut fmt::Formatter<'_>, miss: &Option<NearMiss>) -> fmt::Result {
+    match miss {
+        Some(m) if m.matched.is_empty() => write!(
+            f,
+            "; nearest miss: policy {} rule {} did not match {}",
+            m.policy, m.rule, m.failed
+        ),
+        Some(m) => write!(
+            f,
+            "; nearest miss: policy {} rule {} matched the {} but not {}",
+            m.policy,
+            m.rule,
+            m.matched.join(" and "),
+            m.failed
+        ),
+        None => write!(f, "; no allow policy selects this workload"),
     }
 }

@@ -1,23 +1,50 @@
 //! The Bulkhead policy language: parse → check → compile → evaluate → explain.
 //!
 //! This crate is pure: no tokio, no sockets, no files. The control plane parses and checks the
-//! YAML an operator applies; the wire carries the checked [`model`]; every proxy compiles the
-//! same model into a [`PolicySet`] and asks it for a [`Decision`] per request.
+//! YAML an operator applies; the wire carries the same resources as JSON; every proxy compiles
+//! them into a [`PolicySet`] and asks it for a [`Decision`] per request.
 //!
 //! It must never widen what is allowed on bad input: a set with any error is refused whole.
 
 mod compile;
 mod decision;
 mod error;
+mod eval;
+mod located;
 pub mod model;
 mod pattern;
 mod source;
 
-pub use compile::{PolicySet, Request};
-pub use decision::{Decision, Denial, NearMiss, Permit};
+pub use compile::relevant_to;
+pub use decision::{AuditOutcome, Decision, NearMiss, PostureSource, Reason, Verdict};
 pub use error::{PolicyError, SourceLocation};
-pub use pattern::{IdentityPattern, Method, PathPattern};
-pub use source::{is_valid_name, parse_documents};
+pub use eval::{Headers, Http, Peer, PolicySet, Request};
+pub use located::Located;
+pub use pattern::{
+    GrpcName, HeaderName, HostPattern, IdentityPattern, Method, PathPattern, PortRange, Protocol,
+};
+pub use source::{Origin, is_valid_name, parse_documents, parse_file};
 
 /// The only `apiVersion` this build understands.
 pub const API_VERSION: &str = "bulkhead.dev/v1alpha1";
+
+/// Parses and compiles files in one step, as `bulkhead policy lint` and `apply` do: every
+/// error of the set, each with its location.
+pub fn load(
+    files: &[(String, String)],
+    revision: u64,
+) -> Result<(Vec<model::Resource>, PolicySet), Vec<PolicyError>> {
+    let mut parsed = Vec::new();
+    let mut errors = Vec::new();
+    for (name, text) in files {
+        match parse_file(name, text) {
+            Ok(mut p) => parsed.append(&mut p),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let set = PolicySet::compile_parsed(&parsed, revision)?;
+    Ok((parsed.into_iter().map(|(r, _)| r).collect(), set))
+}

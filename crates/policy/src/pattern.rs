@@ -136,12 +136,18 @@ impl From<Method> for String {
     }
 }
 
-/// An HTTP path: exact (`/charge`), or a prefix ending in `*` (`/orders/*`, `/*`).
+/// An HTTP path pattern.
+///
+/// - `/charge` matches exactly.
+/// - A single final `*` makes a prefix: `/orders/*` matches `/orders/1` and `/orders/1/items`.
+/// - Otherwise `*` matches within one segment and `**` any number of whole segments:
+///   `/users/*/profile`, `/api/**/health`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum PathPattern {
     Exact(String),
     Prefix(String),
+    Glob(String),
 }
 
 impl PathPattern {
@@ -149,8 +155,44 @@ impl PathPattern {
         match self {
             PathPattern::Exact(e) => e == path,
             PathPattern::Prefix(p) => path.starts_with(p.as_str()),
+            PathPattern::Glob(g) => glob_segments(
+                &g[1..].split('/').collect::<Vec<_>>(),
+                &path.get(1..).unwrap_or("").split('/').collect::<Vec<_>>(),
+            ),
         }
     }
+}
+
+/// Matches path segments against pattern segments (`**` = any number of segments).
+fn glob_segments(pat: &[&str], segs: &[&str]) -> bool {
+    match pat.split_first() {
+        None => segs.is_empty(),
+        Some((&"**", rest)) => (0..=segs.len()).any(|i| glob_segments(rest, &segs[i..])),
+        Some((p, rest)) => match segs.split_first() {
+            Some((s, srest)) => glob_one(p, s) && glob_segments(rest, srest),
+            None => false,
+        },
+    }
+}
+
+/// One segment with `*` wildcards (never crossing '/').
+fn glob_one(pat: &str, seg: &str) -> bool {
+    let parts: Vec<&str> = pat.split('*').collect();
+    if parts.len() == 1 {
+        return pat == seg;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !seg.starts_with(first) || seg.len() < first.len() + last.len() || !seg.ends_with(last) {
+        return false;
+    }
+    let mut rest = &seg[first.len()..seg.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 impl TryFrom<String> for PathPattern {
@@ -159,13 +201,25 @@ impl TryFrom<String> for PathPattern {
         if !s.starts_with('/') {
             return Err(format!("path {s:?} must start with '/'"));
         }
-        match s.strip_suffix('*') {
-            Some(p) if !p.contains('*') => Ok(PathPattern::Prefix(p.to_string())),
-            None if !s.contains('*') => Ok(PathPattern::Exact(s)),
-            _ => Err(format!(
-                "path {s:?}: '*' is allowed only at the end (a prefix such as /orders/*)"
-            )),
+        if s.contains('?') || s.contains('#') {
+            return Err(format!("path {s:?} must not hold a query or fragment"));
         }
+        let stars = s.matches('*').count();
+        if stars == 0 {
+            return Ok(PathPattern::Exact(s));
+        }
+        if stars == 1 && s.ends_with('*') {
+            // `/orders/*` and `/orders*` are prefixes.
+            return Ok(PathPattern::Prefix(s[..s.len() - 1].to_string()));
+        }
+        for seg in s[1..].split('/') {
+            if seg.contains("**") && seg != "**" {
+                return Err(format!(
+                    "path {s:?}: '**' must be a whole segment (/a/**/b)"
+                ));
+            }
+        }
+        Ok(PathPattern::Glob(s))
     }
 }
 
@@ -178,9 +232,234 @@ impl From<PathPattern> for String {
 impl fmt::Display for PathPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PathPattern::Exact(e) => f.write_str(e),
+            PathPattern::Exact(e) | PathPattern::Glob(e) => f.write_str(e),
             PathPattern::Prefix(p) => write!(f, "{p}*"),
         }
+    }
+}
+
+/// The protocol a port speaks, as declared on a workload or service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+impl Protocol {
+    /// Whether requests on this protocol have methods, paths, hosts and headers.
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// A port or an inclusive range of ports: `8080` or `"9000-9100"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "PortSpec", into = "PortSpec")]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum PortSpec {
+    One(u64),
+    Range(String),
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl TryFrom<PortSpec> for PortRange {
+    type Error = String;
+    fn try_from(p: PortSpec) -> Result<Self, String> {
+        let port = |n: u64| match u16::try_from(n) {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(format!("port {n} is not between 1 and 65535")),
+        };
+        match p {
+            PortSpec::One(n) => {
+                let p = port(n)?;
+                Ok(PortRange { first: p, last: p })
+            }
+            PortSpec::Range(s) => {
+                let parse = |t: &str| {
+                    t.trim()
+                        .parse::<u64>()
+                        .map_err(|_| format!("{s:?} is not a port or a range like \"9000-9100\""))
+                        .and_then(port)
+                };
+                let (first, last) = match s.split_once('-') {
+                    Some((a, b)) => (parse(a)?, parse(b)?),
+                    None => (parse(&s)?, parse(&s)?),
+                };
+                if first > last {
+                    return Err(format!("port range {s:?} is empty: {first} > {last}"));
+                }
+                Ok(PortRange { first, last })
+            }
+        }
+    }
+}
+
+impl From<PortRange> for PortSpec {
+    fn from(r: PortRange) -> PortSpec {
+        if r.first == r.last {
+            PortSpec::One(u64::from(r.first))
+        } else {
+            PortSpec::Range(format!("{}-{}", r.first, r.last))
+        }
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// A request host: exact (`api.shop.local`) or a suffix wildcard (`*.shop.local`).
+/// Compared case-insensitively, without the port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum HostPattern {
+    Exact(String),
+    /// Stored with the leading dot: `.shop.local`.
+    Suffix(String),
+}
+
+impl HostPattern {
+    /// `host` must already be lower case and without a port.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(e) => e == host,
+            HostPattern::Suffix(s) => host.ends_with(s.as_str()) && host.len() > s.len(),
+        }
+    }
+}
+
+impl TryFrom<String> for HostPattern {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        let (body, suffix) = match lower.strip_prefix("*.") {
+            Some(rest) => (rest.to_string(), true),
+            None => (lower.clone(), false),
+        };
+        let ok = !body.is_empty()
+            && body.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return Err(format!(
+                "host {s:?} must be a DNS name (api.shop.local) or a suffix wildcard (*.shop.local), without a port"
+            ));
+        }
+        Ok(if suffix {
+            HostPattern::Suffix(format!(".{body}"))
+        } else {
+            HostPattern::Exact(body)
+        })
+    }
+}
+
+impl From<HostPattern> for String {
+    fn from(h: HostPattern) -> String {
+        match h {
+            HostPattern::Exact(e) => e,
+            HostPattern::Suffix(s) => format!("*{s}"),
+        }
+    }
+}
+
+/// A lower-case HTTP header name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HeaderName(String);
+
+impl HeaderName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for HeaderName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if ok {
+            Ok(HeaderName(s.to_ascii_lowercase()))
+        } else {
+            Err(format!("{s:?} is not a valid HTTP header name"))
+        }
+    }
+}
+
+impl From<HeaderName> for String {
+    fn from(h: HeaderName) -> String {
+        h.0
+    }
+}
+
+/// A gRPC service (`shop.Payments`) or method (`shop.Payments/Charge`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GrpcName(String);
+
+impl GrpcName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for GrpcName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ident = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+                && !t.starts_with('.')
+                && !t.ends_with('.')
+        };
+        let ok = match s.split_once('/') {
+            Some((svc, method)) => ident(svc) && ident(method) && !method.contains('.'),
+            None => ident(&s),
+        };
+        if ok {
+            Ok(GrpcName(s))
+        } else {
+            Err(format!(
+                "{s:?} is not a gRPC service (package.Service) or method (package.Service/Method)"
+            ))
+        }
+    }
+}
+
+impl From<GrpcName> for String {
+    fn from(g: GrpcName) -> String {
+        g.0
     }
 }
 
@@ -226,7 +505,48 @@ mod tests {
         let e = PathPattern::try_from("/charge".to_string()).unwrap();
         assert!(e.matches("/charge") && !e.matches("/charge/x"));
         assert!(PathPattern::try_from("charge".to_string()).is_err());
-        assert!(PathPattern::try_from("/a*/b".to_string()).is_err());
+        assert!(
+            PathPattern::try_from("/a*/b".to_string())
+                .unwrap()
+                .matches("/abc/b")
+        );
+    }
+
+    #[test]
+    fn path_globs() {
+        let g = |p: &str| PathPattern::try_from(p.to_string()).unwrap();
+        assert!(matches!(g("/users/*/profile"), PathPattern::Glob(_)));
+        assert!(g("/users/*/profile").matches("/users/42/profile"));
+        assert!(!g("/users/*/profile").matches("/users/42/x/profile"));
+        assert!(g("/api/**/health").matches("/api/health"));
+        assert!(g("/api/**/health").matches("/api/v1/x/health"));
+        assert!(!g("/api/**/health").matches("/api/v1/healthz"));
+        assert!(g("/files/*.pdf").matches("/files/report.pdf"));
+        assert!(!g("/files/*.pdf").matches("/files/report.txt"));
+        assert!(matches!(g("/orders*"), PathPattern::Prefix(_)));
+        assert!(PathPattern::try_from("/a/b**".to_string()).is_err());
+        assert!(PathPattern::try_from("/a?x=1".to_string()).is_err());
+    }
+
+    #[test]
+    fn ports_hosts_headers_grpc() {
+        let r: PortRange = serde_json::from_str("\"9000-9100\"").unwrap();
+        assert!(r.contains(9050) && !r.contains(9101));
+        let one: PortRange = serde_json::from_str("8080").unwrap();
+        assert_eq!(one.to_string(), "8080");
+        assert!(serde_json::from_str::<PortRange>("0").is_err());
+        assert!(serde_json::from_str::<PortRange>("70000").is_err());
+        assert!(serde_json::from_str::<PortRange>("\"9-1\"").is_err());
+        let h = HostPattern::try_from("*.Shop.local".to_string()).unwrap();
+        assert!(h.matches("api.shop.local") && !h.matches("shop.local"));
+        assert!(HostPattern::try_from("a.b:80".to_string()).is_err());
+        assert_eq!(
+            HeaderName::try_from("X-Env".to_string()).unwrap().as_str(),
+            "x-env"
+        );
+        assert!(HeaderName::try_from("bad header".to_string()).is_err());
+        assert!(GrpcName::try_from("shop.Payments/Charge".to_string()).is_ok());
+        assert!(GrpcName::try_from("shop.Payments/".to_string()).is_err());
     }
 
     #[test]

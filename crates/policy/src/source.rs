@@ -1,178 +1,141 @@
-//! Reading YAML documents into the checked model, with file:line:column on every error.
+//! Reading YAML files into resources, with `file:line:column` on every error.
+//!
+//! A file holds documents separated by `---` lines. Each document is read twice: once for
+//! its `kind`, then as that kind with unknown fields refused, so every error points into
+//! the operator's text.
 
 use crate::error::{PolicyError, SourceLocation};
-use crate::model::{
-    Action, AuthorizationPolicy, AuthorizationPolicySpec, Resource, ResourceName, Rule, Selector,
-};
-use crate::pattern::{IdentityPattern, Method, PathPattern};
+use crate::located::Located;
+use crate::model::{Document, KINDS, Resource};
 use serde::Deserialize;
-use serde_saphyr::{Location, Spanned};
+use serde::de::DeserializeOwned;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawDocument {
-    api_version: Spanned<String>,
-    kind: Spanned<String>,
-    metadata: RawMetadata,
-    spec: RawAuthorizationPolicySpec,
+/// Where each parsed resource came from: the file and the line its document starts on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: String,
+    /// 0-based line offset of the document within the file.
+    pub line_offset: u32,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetadata {
-    name: Spanned<String>,
-    #[serde(default)]
-    namespace: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuthorizationPolicySpec {
-    selector: RawSelector,
-    action: Spanned<Action>,
-    #[serde(default)]
-    rules: Vec<RawRule>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSelector {
-    workload: Spanned<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRule {
-    #[serde(default)]
-    name: Option<Spanned<String>>,
-    #[serde(default)]
-    from: Option<RawFrom>,
-    #[serde(default)]
-    to: Option<RawTo>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFrom {
-    #[serde(default)]
-    identities: Vec<Spanned<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTo {
-    #[serde(default)]
-    methods: Vec<Spanned<String>>,
-    #[serde(default)]
-    paths: Vec<Spanned<String>>,
-}
-
-/// Parses every YAML document in `text` (named `file` in errors) and checks each value.
-///
-/// Returns all resources, or the first error with its location; nothing partial.
-pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, PolicyError> {
-    let raws: Vec<RawDocument> =
-        serde_saphyr::from_multiple(text).map_err(|e| parse_error(file, &e))?;
-    let at = |loc: &Location| SourceLocation {
-        file: file.to_string(),
-        line: loc.line() as u32,
-        column: loc.column() as u32,
-    };
-    let invalid = |loc: &Location, message: String| PolicyError::Invalid {
-        location: at(loc),
-        message,
-    };
-    let mut out = Vec::with_capacity(raws.len());
-    for raw in raws {
-        if raw.api_version.value != crate::API_VERSION {
-            return Err(invalid(
-                &raw.api_version.referenced,
-                format!(
-                    "apiVersion {:?} is not supported; use {:?}",
-                    raw.api_version.value,
-                    crate::API_VERSION
-                ),
-            ));
+impl Origin {
+    /// The file position of a (line, column) inside this document.
+    pub fn at(&self, pos: Option<(u32, u32)>) -> SourceLocation {
+        let (line, column) = pos.unwrap_or((1, 1));
+        SourceLocation {
+            file: self.file.clone(),
+            line: line + self.line_offset,
+            column,
         }
-        if raw.kind.value != "AuthorizationPolicy" {
-            return Err(invalid(
-                &raw.kind.referenced,
-                format!(
-                    "unknown kind {:?}; this version knows: AuthorizationPolicy",
-                    raw.kind.value
-                ),
-            ));
-        }
-        let name =
-            dns_label(&raw.metadata.name).map_err(|m| invalid(&raw.metadata.name.referenced, m))?;
-        let namespace = match &raw.metadata.namespace {
-            Some(ns) => dns_label(ns).map_err(|m| invalid(&ns.referenced, m))?,
-            None => "default".to_string(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    api_version: Option<Located<String>>,
+    kind: Option<Located<String>>,
+}
+
+/// Parses every document in `text` (named `file` in errors). Returns the resources with
+/// their origins, or the first error; nothing partial.
+pub fn parse_file(file: &str, text: &str) -> Result<Vec<(Resource, Origin)>, PolicyError> {
+    let mut out = Vec::new();
+    for (line_offset, doc) in split_documents(text) {
+        let origin = Origin {
+            file: file.to_string(),
+            line_offset,
         };
-        let workload = &raw.spec.selector.workload;
-        let workload_name = dns_label(workload).map_err(|m| invalid(&workload.referenced, m))?;
-
-        let mut rules = Vec::with_capacity(raw.spec.rules.len());
-        for (i, r) in raw.spec.rules.into_iter().enumerate() {
-            let rule_name = match &r.name {
-                Some(n) => dns_label(n).map_err(|m| invalid(&n.referenced, m))?,
-                None => format!("rules[{i}]"),
-            };
-            let from = r.from.map(|f| f.identities).unwrap_or_default();
-            let (methods, paths) = r.to.map(|t| (t.methods, t.paths)).unwrap_or_default();
-            rules.push(Rule {
-                name: rule_name,
-                from: checked::<IdentityPattern>(from, &invalid)?,
-                methods: checked::<Method>(methods, &invalid)?,
-                paths: checked::<PathPattern>(paths, &invalid)?,
-            });
+        if doc.lines().all(|l| {
+            let t = l.trim();
+            t.is_empty() || t.starts_with('#')
+        }) {
+            continue;
         }
-        if let Some(dup) = duplicate_rule_name(&rules) {
-            return Err(invalid(
-                &raw.metadata.name.referenced,
-                format!("two rules are named {dup:?}; rule names must be unique in a policy"),
-            ));
-        }
-        out.push(Resource::AuthorizationPolicy(AuthorizationPolicy {
-            name: ResourceName {
-                namespace: namespace.clone(),
-                name,
-            },
-            spec: AuthorizationPolicySpec {
-                selector: Selector {
-                    workload: ResourceName {
-                        namespace,
-                        name: workload_name,
-                    },
-                },
-                action: raw.spec.action.value,
-                rules,
-            },
-        }));
+        out.push((parse_document(&origin, doc)?, origin));
     }
     Ok(out)
 }
 
-fn checked<T: TryFrom<String, Error = String>>(
-    values: Vec<Spanned<String>>,
-    invalid: &impl Fn(&Location, String) -> PolicyError,
-) -> Result<Vec<T>, PolicyError> {
-    values
+/// Parses every document and returns only the resources (see [`parse_file`]).
+pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, PolicyError> {
+    Ok(parse_file(file, text)?
         .into_iter()
-        .map(|v| T::try_from(v.value).map_err(|m| invalid(&v.referenced, m)))
-        .collect()
+        .map(|(r, _)| r)
+        .collect())
 }
 
-fn duplicate_rule_name(rules: &[Rule]) -> Option<&str> {
-    let mut seen = std::collections::HashSet::new();
-    rules
-        .iter()
-        .find(|r| !seen.insert(r.name.as_str()))
-        .map(|r| r.name.as_str())
+fn parse_document(origin: &Origin, doc: &str) -> Result<Resource, PolicyError> {
+    let header: Header = serde_saphyr::from_str(doc).map_err(|e| parse_error(origin, &e))?;
+    let invalid = |pos, message: String| PolicyError::Invalid {
+        location: origin.at(pos),
+        message,
+    };
+    let Some(api) = header.api_version else {
+        return Err(invalid(
+            None,
+            format!("missing apiVersion; use apiVersion: {}", crate::API_VERSION),
+        ));
+    };
+    if api.value != crate::API_VERSION {
+        return Err(invalid(
+            api.position(),
+            format!(
+                "apiVersion {:?} is not supported; use {:?}",
+                api.value,
+                crate::API_VERSION
+            ),
+        ));
+    }
+    let Some(kind) = header.kind else {
+        return Err(invalid(
+            None,
+            format!("missing kind; one of: {}", KINDS.join(", ")),
+        ));
+    };
+    fn read<S: DeserializeOwned>(origin: &Origin, doc: &str) -> Result<Document<S>, PolicyError> {
+        serde_saphyr::from_str(doc).map_err(|e| parse_error(origin, &e))
+    }
+    Ok(match kind.value.as_str() {
+        "AuthorizationPolicy" => Resource::AuthorizationPolicy(read(origin, doc)?),
+        "Workload" => Resource::Workload(read(origin, doc)?),
+        "Service" => Resource::Service(read(origin, doc)?),
+        "DefaultPosture" => Resource::DefaultPosture(read(origin, doc)?),
+        other => {
+            return Err(invalid(
+                kind.position(),
+                format!(
+                    "unknown kind {other:?}; this version knows: {}",
+                    KINDS.join(", ")
+                ),
+            ));
+        }
+    })
 }
 
-/// Resource, namespace and workload names follow Kubernetes: lowercase letters, digits and '-', at most 63, not starting or
-/// ending with '-'.
+/// Splits on lines that are exactly `---` (optionally followed by spaces or a comment).
+/// Yields each document with the 0-based line it starts after.
+fn split_documents(text: &str) -> Vec<(u32, &str)> {
+    let mut docs = Vec::new();
+    let mut start = 0usize;
+    let mut start_line = 0u32;
+    let mut offset = 0usize;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end();
+        let is_separator = bare == "---" || bare.starts_with("--- #") || bare == "...";
+        if is_separator {
+            docs.push((start_line, &text[start..offset]));
+            start = offset + line.len();
+            start_line = i as u32 + 1;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start..]));
+    docs
+}
+
+/// Resource, namespace and workload names follow Kubernetes: lowercase letters, digits and
+/// '-', at most 63, not starting or ending with '-'.
 pub fn is_valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -182,37 +145,39 @@ pub fn is_valid_name(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn dns_label(v: &Spanned<String>) -> Result<String, String> {
-    let s = &v.value;
-    if is_valid_name(s) {
-        Ok(s.clone())
-    } else {
-        Err(format!(
-            "{s:?} is not a valid name: use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
-        ))
-    }
-}
-
-fn parse_error(file: &str, e: &serde_saphyr::Error) -> PolicyError {
-    let (line, column) = e
-        .location()
-        .map(|l| (l.line() as u32, l.column() as u32))
-        .unwrap_or((1, 1));
+fn parse_error(origin: &Origin, e: &serde_saphyr::Error) -> PolicyError {
+    let pos = e.location().map(|l| (l.line() as u32, l.column() as u32));
     PolicyError::Parse {
-        location: SourceLocation {
-            file: file.to_string(),
-            line,
-            column,
-        },
+        location: origin.at(pos),
         message: first_line(&e.to_string()),
     }
 }
 
 /// serde-saphyr renders a source snippet after the message; a CLI error wants the message.
 fn first_line(s: &str) -> String {
-    s.lines()
-        .next()
-        .unwrap_or("invalid YAML")
-        .trim()
-        .to_string()
+    let mut line = s.lines().next().unwrap_or("invalid YAML").trim();
+    // The location is already in front: drop serde-saphyr's own "error: line N column M: ".
+    line = line.strip_prefix("error: ").unwrap_or(line);
+    if let Some((_, msg)) = line.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+        line = msg;
+    }
+    match line.find(" at line ") {
+        Some(i) => line[..i].to_string(),
+        None => line.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_documents;
+
+    #[test]
+    fn documents_split_on_separator_lines_only() {
+        let text = "a: 1\n---\nb: 2\n--- # next\nc: |\n  ---x\n";
+        let docs = split_documents(text);
+        assert_eq!(
+            docs,
+            vec![(0, "a: 1\n"), (2, "b: 2\n"), (4, "c: |\n  ---x\n")]
+        );
+    }
 }

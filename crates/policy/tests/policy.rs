@@ -1,221 +1,384 @@
-//! Policy behaviour as data: one `check` helper, tables of requests and expected verdicts.
+//! Policy behaviour as data: one `check` helper, tables of requests and expected verdicts,
+//! and tables of refused files with their exact `file:line:column`.
 
+use bulkhead_policy::model::{Direction, Resource, ResourceName};
 use bulkhead_policy::{
-    Decision, PolicyError, PolicySet, Request, model::ResourceName, parse_documents,
+    Http, Peer, PolicyError, PolicySet, Protocol, Request, load, parse_documents,
 };
 
-const SHOP: &str = r#"
+const DECLARATIONS: &str = r#"
 apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: payments-allow
-  namespace: shop
+kind: Workload
+metadata: {name: payments, namespace: shop, labels: {app: payments, tier: backend}}
 spec:
-  selector:
-    workload: payments
-  action: allow
-  rules:
-    - name: charge
-      from:
-        identities: ["spiffe://td/ns/shop/sa/orders"]
-      to:
-        methods: [POST]
-        paths: ["/charge"]
-    - name: monitoring
-      from:
-        identities: ["spiffe://td/ns/monitoring/*"]
-      to:
-        methods: [GET]
-        paths: ["/metrics", "/health/*"]
+  identity: spiffe://td/ns/shop/sa/payments
+  ports: [{port: 8080, protocol: http}, {port: 9090, protocol: grpc}, {port: 5432, protocol: tcp}]
 ---
 apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: payments-deny-admin
-  namespace: shop
+kind: Workload
+metadata: {name: orders, namespace: shop, labels: {app: orders, tier: backend}}
 spec:
-  selector:
-    workload: payments
-  action: deny
-  rules:
-    - name: admin-paths
-      to:
-        paths: ["/admin/*", "/admin"]
+  identity: spiffe://td/ns/shop/sa/orders
+  ports: [{port: 8080, protocol: http}]
 ---
 apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: catalog-open
-  namespace: shop
+kind: Workload
+metadata: {name: frontend, namespace: shop, labels: {app: frontend, tier: web}}
 spec:
-  selector:
-    workload: catalog
-  action: allow
-  rules:
-    - from:
-        identities: ["spiffe://td/*"]
+  identity: spiffe://td/ns/shop/sa/frontend
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: Service
+metadata: {name: backend, namespace: shop}
+spec:
+  selector: {matchLabels: {tier: backend}}
+  ports: [{port: 8080, protocol: http}]
 "#;
 
-fn check(yaml: &str, from: &str, workload: &str, method: &str, path: &str, expected: &str) {
-    let resources = parse_documents("test.yaml", yaml).expect("policy parses");
-    let set = PolicySet::compile(&resources, 7);
-    let (namespace, name) = workload.split_once('/').expect("ns/name");
-    let workload = ResourceName {
-        namespace: namespace.into(),
-        name: name.into(),
-    };
-    let d = set.evaluate(&Request {
-        source: from,
-        workload: &workload,
-        method,
-        path,
-    });
-    assert_eq!(d.to_string(), expected, "{from} {method} {workload}{path}");
+/// One request: `direction subject peer-identity [ip] port protocol [METHOD path [host] [h=v,…]]`.
+struct Case<'a> {
+    direction: Direction,
+    subject: &'a str,
+    peer: &'a str,
+    peer_workload: Option<&'a str>,
+    ip: Option<&'a str>,
+    port: u16,
+    protocol: Protocol,
+    method: &'a str,
+    path: &'a str,
+    host: Option<&'a str>,
+    headers: &'a [(&'a str, &'a str)],
 }
 
-#[test]
-fn verdicts() {
-    let orders = "spiffe://td/ns/shop/sa/orders";
-    let frontend = "spiffe://td/ns/shop/sa/frontend";
-    let prom = "spiffe://td/ns/monitoring/sa/prometheus";
-    let cases = [
-        (
-            orders,
-            "shop/payments",
-            "POST",
-            "/charge",
-            "allowed by policy shop/payments-allow rule charge (revision 7)",
-        ),
-        (
-            prom,
-            "shop/payments",
-            "GET",
-            "/metrics",
-            "allowed by policy shop/payments-allow rule monitoring (revision 7)",
-        ),
-        (
-            prom,
-            "shop/payments",
-            "GET",
-            "/health/live",
-            "allowed by policy shop/payments-allow rule monitoring (revision 7)",
-        ),
-        (
-            orders,
-            "shop/payments",
-            "POST",
-            "/admin/users",
-            "denied by policy shop/payments-deny-admin rule admin-paths (revision 7)",
-        ),
-        (
-            prom,
-            "shop/payments",
-            "GET",
-            "/admin",
-            "denied by policy shop/payments-deny-admin rule admin-paths (revision 7)",
-        ),
-        (
-            orders,
-            "shop/payments",
-            "GET",
-            "/charge",
-            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the identity and path but not method GET",
-        ),
-        (
-            frontend,
-            "shop/payments",
-            "POST",
-            "/charge",
-            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the method and path but not identity spiffe://td/ns/shop/sa/frontend",
-        ),
-        (
-            orders,
-            "shop/payments",
-            "POST",
-            "/charge/x",
-            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the identity and method but not path /charge/x",
-        ),
-        (
-            frontend,
-            "shop/catalog",
-            "DELETE",
-            "/anything",
-            "allowed by policy shop/catalog-open rule rules[0] (revision 7)",
-        ),
-        (
-            "spiffe://other/ns/shop/sa/x",
-            "shop/catalog",
-            "GET",
-            "/",
-            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/catalog-open rule rules[0] matched the method and path but not identity spiffe://other/ns/shop/sa/x",
-        ),
-        (
-            orders,
-            "shop/unknown",
-            "GET",
-            "/",
-            "default deny: no policy allows this request (revision 7); no allow policy selects this workload",
-        ),
-        (
-            orders,
-            "other/payments",
-            "POST",
-            "/charge",
-            "default deny: no policy allows this request (revision 7); no allow policy selects this workload",
-        ),
-    ];
-    for (from, workload, method, path, expected) in cases {
-        check(SHOP, from, workload, method, path, expected);
+fn ingress<'a>(subject: &'a str, peer: &'a str, method: &'a str, path: &'a str) -> Case<'a> {
+    Case {
+        direction: Direction::Ingress,
+        subject,
+        peer,
+        peer_workload: None,
+        ip: None,
+        port: 8080,
+        protocol: Protocol::Http,
+        method,
+        path,
+        host: None,
+        headers: &[],
     }
 }
 
+fn wref(s: &str) -> ResourceName {
+    let (namespace, name) = s.split_once('/').expect("ns/name");
+    ResourceName {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+/// Compiles `policies` (with the shared declarations) and checks each case's explanation.
+fn check(policies: &str, cases: &[(Case<'_>, &str)]) {
+    let files = vec![
+        ("decl.yaml".to_string(), DECLARATIONS.to_string()),
+        ("p.yaml".to_string(), policies.to_string()),
+    ];
+    let (_, set) = load(&files, 7).unwrap_or_else(|e| panic!("policy refused: {e:?}"));
+    for (c, expected) in cases {
+        let subject = wref(c.subject);
+        let peer_workload = c.peer_workload.map(wref);
+        let http = (c.protocol != Protocol::Tcp).then_some(Http {
+            method: c.method,
+            path: c.path,
+            host: c.host,
+            headers: &c.headers,
+        });
+        let req = Request {
+            direction: c.direction,
+            subject: &subject,
+            peer: Peer {
+                identity: Some(c.peer),
+                ip: c.ip.map(|i| i.parse().expect("ip")),
+                workload: peer_workload.as_ref(),
+            },
+            port: c.port,
+            protocol: c.protocol,
+            http,
+        };
+        let got = set.evaluate(&req).to_string();
+        assert_eq!(
+            &got,
+            expected,
+            "{} {} {} {}:{} {}",
+            c.subject,
+            c.peer,
+            c.method,
+            c.port,
+            c.path,
+            c.ip.unwrap_or("")
+        );
+    }
+}
+
+const ORDERS: &str = "spiffe://td/ns/shop/sa/orders";
+const FRONTEND: &str = "spiffe://td/ns/shop/sa/frontend";
+const PROM: &str = "spiffe://td/ns/monitoring/sa/prometheus";
+
+fn policy(name: &str, workload: &str, extra: &str, rules: &str) -> String {
+    format!(
+        "---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{workload: {workload}}}\n{extra}  rules:\n{rules}"
+    )
+}
+
 #[test]
-fn empty_policy_set_denies() {
-    let set = PolicySet::compile(&[], 1);
-    let w = ResourceName {
-        namespace: "a".into(),
-        name: "b".into(),
+fn identities_methods_paths_and_deny_precedence() {
+    let p = policy(
+        "payments-allow",
+        "payments",
+        "  action: allow\n",
+        "    - name: charge\n      from: {identities: [\"spiffe://td/ns/shop/sa/orders\"]}\n      to: {methods: [POST], paths: [\"/charge\"], ports: [8080]}\n    - name: monitoring\n      from: {identities: [\"spiffe://td/ns/monitoring/*\"]}\n      to: {methods: [GET], paths: [\"/metrics\", \"/health/*\"], ports: [8080]}\n",
+    ) + &policy(
+        "payments-deny-admin",
+        "payments",
+        "  action: deny\n",
+        "    - name: admin-paths\n      to: {paths: [\"/admin\", \"/admin/*\"], ports: [8080]}\n",
+    );
+    check(
+        &p,
+        &[
+            (
+                ingress("shop/payments", ORDERS, "POST", "/charge"),
+                "allowed by policy shop/payments-allow rule charge (revision 7)",
+            ),
+            (
+                ingress("shop/payments", PROM, "GET", "/health/live"),
+                "allowed by policy shop/payments-allow rule monitoring (revision 7)",
+            ),
+            (
+                ingress("shop/payments", ORDERS, "POST", "/admin/users"),
+                "denied by policy shop/payments-deny-admin rule admin-paths (revision 7)",
+            ),
+            (
+                ingress("shop/payments", ORDERS, "GET", "/charge"),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the identity and port and path but not method GET",
+            ),
+            (
+                ingress("shop/payments", FRONTEND, "POST", "/charge"),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule charge matched the port and method and path but not identity spiffe://td/ns/shop/sa/frontend",
+            ),
+            (
+                ingress("shop/orders", ORDERS, "GET", "/"),
+                "default deny: no policy allows this request (revision 7); no allow policy selects this workload",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn namespaces_labels_cidrs_and_negations() {
+    let p = policy(
+        "orders-allow",
+        "orders",
+        "  action: allow\n",
+        "    - name: same-namespace\n      from: {namespaces: [shop], notIdentities: [\"spiffe://td/ns/shop/sa/frontend\"]}\n    - name: web-tier\n      from: {workloadLabels: {tier: web}, cidrs: [10.1.0.0/16], notCidrs: [10.1.9.0/24]}\n",
+    );
+    let mut web_in = ingress("shop/orders", FRONTEND, "GET", "/x");
+    web_in.ip = Some("10.1.2.3");
+    let mut web_out = ingress("shop/orders", FRONTEND, "GET", "/x");
+    web_out.ip = Some("10.1.9.3");
+    check(
+        &p,
+        &[
+            (
+                ingress("shop/orders", "spiffe://td/ns/shop/sa/payments", "GET", "/"),
+                "allowed by policy shop/orders-allow rule same-namespace (revision 7)",
+            ),
+            (
+                ingress("shop/orders", PROM, "GET", "/"),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/orders-allow rule same-namespace matched the identity but not namespace monitoring",
+            ),
+            (
+                web_in,
+                "allowed by policy shop/orders-allow rule web-tier (revision 7)",
+            ),
+            (
+                web_out,
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/orders-allow rule same-namespace matched the namespace but not identity spiffe://td/ns/shop/sa/frontend",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn ports_protocols_hosts_headers_grpc_globs() {
+    let p = policy(
+        "payments-l7",
+        "payments",
+        "  action: allow\n",
+        "    - name: db\n      to: {ports: [5432], protocols: [tcp]}\n    - name: api\n      to: {ports: [\"8000-8099\"], hosts: [\"*.shop.local\"], paths: [\"/v1/*/invoices/**\"], notMethods: [DELETE]}\n      when: [{header: x-env, values: [prod]}, {header: x-debug, present: false}]\n    - name: rpc\n      to: {ports: [9090], grpc: {methods: [shop.Payments/Charge]}}\n",
+    );
+    let mut db = ingress("shop/payments", ORDERS, "", "");
+    db.port = 5432;
+    db.protocol = Protocol::Tcp;
+    let mut api = ingress("shop/payments", ORDERS, "GET", "/v1/acme/invoices/2026/1");
+    api.host = Some("pay.shop.local");
+    api.headers = &[("x-env", "prod")];
+    let mut debug = ingress("shop/payments", ORDERS, "GET", "/v1/acme/invoices");
+    debug.host = Some("pay.shop.local");
+    debug.headers = &[("x-env", "prod"), ("x-debug", "1")];
+    let mut rpc = ingress("shop/payments", ORDERS, "POST", "/shop.Payments/Charge");
+    rpc.port = 9090;
+    rpc.protocol = Protocol::Grpc;
+    let mut refund = ingress("shop/payments", ORDERS, "POST", "/shop.Payments/Refund");
+    refund.port = 9090;
+    refund.protocol = Protocol::Grpc;
+    check(
+        &p,
+        &[
+            (
+                db,
+                "allowed by policy shop/payments-l7 rule db (revision 7)",
+            ),
+            (
+                api,
+                "allowed by policy shop/payments-l7 rule api (revision 7)",
+            ),
+            (
+                debug,
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-l7 rule api matched the port and method and path and host and header but not header x-debug \"1\"",
+            ),
+            (
+                rpc,
+                "allowed by policy shop/payments-l7 rule rpc (revision 7)",
+            ),
+            (
+                refund,
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-l7 rule rpc matched the port but not gRPC method /shop.Payments/Refund",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn audit_mode_reports_without_changing_the_verdict() {
+    let p = policy(
+        "orders-allow-all",
+        "orders",
+        "  action: allow\n",
+        "    - name: anyone\n",
+    ) + &policy(
+        "orders-staged",
+        "orders",
+        "  action: deny\n  mode: audit\n",
+        "    - name: no-frontend\n      from: {identities: [\"spiffe://td/ns/shop/sa/frontend\"]}\n",
+    );
+    check(
+        &p,
+        &[
+            (
+                ingress("shop/orders", FRONTEND, "GET", "/"),
+                "allowed by policy shop/orders-allow-all rule anyone (revision 7); audit: would deny (policy shop/orders-staged rule no-frontend)",
+            ),
+            (
+                ingress("shop/orders", ORDERS, "GET", "/"),
+                "allowed by policy shop/orders-allow-all rule anyone (revision 7)",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn egress_and_postures() {
+    let p = "---\napiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {egress: deny}\n".to_string()
+        + &policy("frontend-egress", "frontend", "  direction: egress\n  action: allow\n", "    - name: to-backend\n      to: {services: [backend], ports: [8080], methods: [GET]}\n");
+    let egress = |peer: &'static str, workload: &'static str, method: &'static str| Case {
+        direction: Direction::Egress,
+        peer_workload: Some(workload),
+        ..ingress("shop/frontend", peer, method, "/")
     };
-    let d = set.evaluate(&Request {
-        source: "spiffe://td/x",
-        workload: &w,
-        method: "GET",
-        path: "/",
-    });
+    check(
+        &p,
+        &[
+            (
+                egress(ORDERS, "shop/orders", "GET"),
+                "allowed by policy shop/frontend-egress rule to-backend (revision 7)",
+            ),
+            (
+                egress(ORDERS, "shop/orders", "POST"),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/frontend-egress rule to-backend matched the destination workload and port but not method POST",
+            ),
+            (
+                egress(FRONTEND, "shop/frontend", "GET"),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/frontend-egress rule to-backend matched the port and method but not destination workload shop/frontend",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn empty_policy_set_denies_ingress() {
+    let set = PolicySet::compile(&[], 1).unwrap();
+    let _: &dyn bulkhead_policy::Headers = &Vec::<(String, String)>::new();
+    let w = wref("a/b");
+    let req = Request {
+        direction: Direction::Ingress,
+        subject: &w,
+        peer: Peer {
+            identity: Some("spiffe://td/x"),
+            ..Peer::default()
+        },
+        port: 80,
+        protocol: Protocol::Tcp,
+        http: None,
+    };
+    let d = set.evaluate(&req);
     assert!(!d.is_allow());
     assert_eq!(d.header_value(), "deny; policy=default-deny; revision=1");
 }
 
-fn error_of(yaml: &str) -> String {
-    match parse_documents("p.yaml", yaml) {
-        Err(e @ (PolicyError::Parse { .. } | PolicyError::Invalid { .. })) => e.to_string(),
-        other => panic!("expected an error, got {other:?}"),
+fn first_error(files: &[(&str, &str)]) -> String {
+    let files: Vec<(String, String)> = files
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    match load(&files, 1) {
+        Err(errors) => match &errors[0] {
+            e @ (PolicyError::Parse { .. } | PolicyError::Invalid { .. }) => e.to_string(),
+            other => panic!("unexpected error kind {other:?}"),
+        },
+        Ok(_) => panic!("expected an error"),
     }
 }
 
-const HEAD: &str = "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\nspec:\n  selector:\n    workload: w\n";
+const HEAD: &str = "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: shop\nspec:\n  selector:\n    workload: payments\n";
 
 #[test]
 fn errors_name_file_line_column() {
-    let cases = [
+    let cases: Vec<(String, &str)> = vec![
         (
             format!(
                 "{HEAD}  action: allow\n  rules:\n    - from:\n        identities: [\"orders\"]\n"
             ),
-            "p.yaml:11:22: identity \"orders\" must start with \"spiffe://\"",
+            "p.yaml:12:22: identity \"orders\" must start with \"spiffe://\"",
         ),
         (
             format!("{HEAD}  action: allow\n  rules:\n    - to:\n        paths: [\"admin\"]\n"),
-            "p.yaml:11:17: path \"admin\" must start with '/'",
+            "p.yaml:12:17: path \"admin\" must start with '/'",
         ),
         (
             format!("{HEAD}  action: allow\n  rules:\n    - to:\n        methods: [FETCH]\n"),
-            "p.yaml:11:19: unknown HTTP method \"FETCH\"",
+            "p.yaml:12:19: unknown HTTP method \"FETCH\"",
         ),
-        (format!("{HEAD}  action: permit\n"), "p.yaml:8:"),
+        (
+            format!("{HEAD}  action: allow\n  rules:\n    - to:\n        ports: [\"9-1\"]\n"),
+            "p.yaml:12:17: port range \"9-1\" is empty",
+        ),
+        (
+            format!("{HEAD}  action: allow\n  rules:\n    - from:\n        cidrs: [10.0.0.0/33]\n"),
+            "p.yaml:12:17:",
+        ),
+        (format!("{HEAD}  action: permit\n"), "p.yaml:9:11:"),
         (
             format!("{HEAD}  action: allow\n  rulez: []\n"),
-            "p.yaml:9:3:",
+            "p.yaml:10:3:",
         ),
         (
             HEAD.replace("kind: AuthorizationPolicy", "kind: Firewall") + "  action: allow\n",
@@ -225,38 +388,72 @@ fn errors_name_file_line_column() {
             HEAD.replace("name: p", "name: Bad_Name") + "  action: allow\n",
             "p.yaml:4:9: \"Bad_Name\" is not a valid name",
         ),
+        // The typed compiler: HTTP conditions on an opaque TCP port are refused, not dropped.
+        (
+            format!(
+                "{HEAD}  action: allow\n  rules:\n    - name: admin\n      to:\n        paths: [\"/admin\"]\n"
+            ),
+            "p.yaml:13:9: policy shop/p rule admin uses paths, but it applies to port 5432 of shop/payments, declared tcp (opaque TCP), where they cannot be enforced",
+        ),
+        (
+            format!(
+                "{HEAD}  action: deny\n  rules:\n    - name: rpc\n      to:\n        ports: [8080]\n        grpc: {{services: [shop.Payments]}}\n"
+            ),
+            "p.yaml:13:9: policy shop/p rule rpc uses grpc, but it applies to port 8080 of shop/payments, declared http",
+        ),
+        (
+            HEAD.replace("workload: payments", "workload: ghost")
+                + "  action: allow\n  rules:\n    - name: r\n      to:\n        methods: [GET]\n",
+            "p.yaml:13:9: policy shop/p rule r uses methods on workload shop/ghost, which has no Workload declaration",
+        ),
+        (
+            format!(
+                "{HEAD}  action: allow\n  rules:\n    - name: r\n      to:\n        workloads: [orders]\n"
+            ),
+            "p.yaml:13:9: policy shop/p rule r: in an ingress rule the destination is the selected workload",
+        ),
+        (
+            format!(
+                "{HEAD}  direction: egress\n  action: allow\n  rules:\n    - name: r\n      from:\n        namespaces: [shop]\n"
+            ),
+            "p.yaml:14:9: policy shop/p rule r: an egress rule has no `from`",
+        ),
+        (
+            format!("{HEAD}  action: allow\n  rules:\n    - name: a\n    - name: a\n"),
+            "p.yaml:12:13: two rules are named \"a\"",
+        ),
+        (
+            format!("{HEAD}  action: allow\n---\n{HEAD}  action: deny\n"),
+            "p.yaml:14:9: AuthorizationPolicy/shop/p is defined twice; first defined at p.yaml:4:9",
+        ),
     ];
+    let mut failed = false;
     for (yaml, want) in cases {
-        let got = error_of(&yaml);
-        assert!(got.starts_with(want), "want prefix {want:?}\n got {got:?}");
+        let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &yaml)]);
+        if !got.starts_with(want) {
+            eprintln!("MISMATCH want {want:?}\n got {got:?}");
+            failed = true;
+        }
     }
-}
-
-#[test]
-fn model_round_trips_through_json() {
-    let resources = parse_documents("shop.yaml", SHOP).unwrap();
-    let json = serde_json::to_string(&resources).unwrap();
-    let back: Vec<bulkhead_policy::model::Resource> = serde_json::from_str(&json).unwrap();
-    assert_eq!(back, resources);
-}
-
-#[test]
-fn decision_header_names_policy_and_rule() {
-    let resources = parse_documents("shop.yaml", SHOP).unwrap();
-    let set = PolicySet::compile(&resources, 3);
-    let w = ResourceName {
-        namespace: "shop".into(),
-        name: "payments".into(),
-    };
-    let d = set.evaluate(&Request {
-        source: "spiffe://td/ns/shop/sa/orders",
-        workload: &w,
-        method: "GET",
-        path: "/admin",
-    });
-    assert!(matches!(d, Decision::Deny(_)));
-    assert_eq!(
-        d.header_value(),
-        "deny; policy=shop/payments-deny-admin; rule=admin-paths; revision=3"
+    assert!(
+        !failed,
+        "some errors were not as expected (see MISMATCH lines)"
     );
+}
+
+#[test]
+fn parse_print_parse_is_stable() {
+    let p = policy(
+        "payments-l7",
+        "payments",
+        "  action: allow\n  mode: audit\n",
+        "    - name: api\n      from: {identities: [\"spiffe://td/ns/shop/*\"], cidrs: [10.0.0.0/8]}\n      to: {ports: [\"8000-8099\"], hosts: [\"*.shop.local\"], paths: [\"/v1/*/x/**\", \"/a*\"], notMethods: [DELETE]}\n      when: [{header: x-env, values: [prod]}]\n",
+    );
+    let resources = parse_documents("p.yaml", &(DECLARATIONS.to_string() + &p)).unwrap();
+    for r in &resources {
+        let back = Resource::from_json(&r.to_json()).unwrap();
+        assert_eq!(&back, r);
+        let printed = parse_documents("printed.yaml", &r.to_yaml()).unwrap();
+        assert_eq!(printed, vec![r.clone()], "printed:\n{}", r.to_yaml());
+    }
 }

@@ -38,6 +38,8 @@ impl std::fmt::Debug for JoinToken {
 pub struct InboundSpec {
     pub listen: SocketAddr,
     pub app: SocketAddr,
+    /// The port policy sees: the workload's declared port. Defaults to the app's port.
+    pub port: u16,
 }
 
 /// A declared upstream: a local plain listener whose traffic goes over mTLS to `address`,
@@ -48,14 +50,20 @@ pub struct UpstreamSpec {
     pub listen: SocketAddr,
     pub address: SocketAddr,
     pub identity: SpiffeId,
+    /// The destination's declared port, for egress policy. Defaults to `address`'s port.
+    pub port: u16,
+    /// The destination workload (`namespace/name`), for egress policy; optional.
+    pub workload: Option<bulkhead_policy::model::WorkloadRef>,
 }
 
 impl FromStr for UpstreamSpec {
     type Err = String;
 
     /// `name=payments,listen=127.0.0.1:9001,address=127.0.0.1:15006,identity=spiffe://…`
+    /// with optional `port=8080` and `workload=shop/payments`.
     fn from_str(s: &str) -> Result<Self, String> {
         let (mut name, mut listen, mut address, mut identity) = (None, None, None, None);
+        let (mut port, mut workload) = (None, None);
         for part in s.split(',') {
             let (k, v) = part
                 .split_once('=')
@@ -68,9 +76,27 @@ impl FromStr for UpstreamSpec {
                 "listen" => listen = Some(addr(v)?),
                 "address" => address = Some(addr(v)?),
                 "identity" => identity = Some(SpiffeId::parse(v).map_err(|e| e.to_string())?),
+                "port" => {
+                    port =
+                        Some(v.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                            format!("port={v:?} is not a port between 1 and 65535")
+                        })?)
+                }
+                "workload" => {
+                    let (ns, n) = v
+                        .split_once('/')
+                        .filter(|(ns, n)| {
+                            bulkhead_policy::is_valid_name(ns) && bulkhead_policy::is_valid_name(n)
+                        })
+                        .ok_or_else(|| format!("workload={v:?} is not namespace/name"))?;
+                    workload = Some(bulkhead_policy::model::ResourceName {
+                        namespace: ns.to_string(),
+                        name: n.to_string(),
+                    });
+                }
                 other => {
                     return Err(format!(
-                        "unknown key {other:?}; expected name, listen, address, identity"
+                        "unknown key {other:?}; expected name, listen, address, identity, port, workload"
                     ));
                 }
             }
@@ -86,11 +112,14 @@ impl FromStr for UpstreamSpec {
                 "name {name:?} must be lowercase letters, digits or '-'"
             ));
         }
+        let address: SocketAddr = address.ok_or_else(|| need("address"))?;
         Ok(UpstreamSpec {
             name,
             listen: listen.ok_or_else(|| need("listen"))?,
-            address: address.ok_or_else(|| need("address"))?,
+            address,
             identity: identity.ok_or_else(|| need("identity"))?,
+            port: port.unwrap_or(address.port()),
+            workload,
         })
     }
 }

@@ -136,6 +136,35 @@ impl Link {
     }
 }
 
+/// Request headers as the policy engine reads them.
+pub(crate) struct HeaderView<'a>(pub &'a HeaderMap);
+
+impl bulkhead_policy::Headers for HeaderView<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// The request's host, lower case and without a port (from the URI or the Host header).
+pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = req.uri().host().map(str::to_string).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    })?;
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
+        None => match raw.rsplit_once(':') {
+            Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                h.to_string()
+            }
+            _ => raw,
+        },
+    };
+    Some(host.to_ascii_lowercase())
+}
+
 /// Keeps only path and query of the request target (origin form), dropping any authority.
 pub(crate) fn origin_form(req: &mut Request<Incoming>) {
     if let Some(pq) = req.uri().path_and_query().cloned() {

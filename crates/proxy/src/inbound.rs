@@ -2,13 +2,14 @@
 
 use crate::config::InboundSpec;
 use crate::http::{
-    Body, DECISION_HEADER, Link, SOURCE_HEADER, check_path, origin_form, proxy_response,
-    response_body, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, check_path, origin_form,
+    proxy_response, request_host, response_body, strip_hop_by_hop,
 };
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::{ClientAuth, peer_identity, server_config};
-use bulkhead_policy::{Decision, Request as PolicyRequest};
+use bulkhead_policy::model::Direction;
+use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -42,14 +43,16 @@ pub(crate) async fn spawn(
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let app = spec.app;
-    tracing::info!(listen = %addr, %app, "inbound listener ready");
+    let port = spec.port;
+    tracing::info!(listen = %addr, %app, port, "inbound listener ready");
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((tcp, remote)) => {
                     let span = tracing::info_span!("inbound", src.addr = %remote, dst.app = %app);
                     tokio::spawn(
-                        serve(tcp, acceptor.clone(), app, shared.clone()).instrument(span),
+                        serve(tcp, remote, acceptor.clone(), (app, port), shared.clone())
+                            .instrument(span),
                     );
                 }
                 Err(e) => {
@@ -62,7 +65,13 @@ pub(crate) async fn spawn(
     Ok(addr)
 }
 
-async fn serve(tcp: TcpStream, acceptor: TlsAcceptor, app: SocketAddr, shared: Arc<Shared>) {
+async fn serve(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    (app, port): (SocketAddr, u16),
+    shared: Arc<Shared>,
+) {
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -87,8 +96,15 @@ async fn serve(tcp: TcpStream, acceptor: TlsAcceptor, app: SocketAddr, shared: A
     };
     tracing::debug!(src.id = %peer, "mTLS connection accepted");
     let link = Arc::new(Link::default());
-    let service =
-        service_fn(move |req| handle(req, peer.clone(), link.clone(), app, shared.clone()));
+    let service = service_fn(move |req| {
+        handle(
+            req,
+            (peer.clone(), remote),
+            link.clone(),
+            (app, port),
+            shared.clone(),
+        )
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -100,9 +116,9 @@ async fn serve(tcp: TcpStream, acceptor: TlsAcceptor, app: SocketAddr, shared: A
 
 async fn handle(
     mut req: Request<Incoming>,
-    peer: SpiffeId,
+    (peer, remote): (SpiffeId, SocketAddr),
     link: Arc<Link>,
-    app: SocketAddr,
+    (app, port): (SocketAddr, u16),
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     if let Err(why) = check_path(req.uri().path()) {
@@ -113,18 +129,31 @@ async fn handle(
             format!("bulkhead: {why}"),
         ));
     }
+    let host = request_host(&req);
+    let headers = HeaderView(req.headers());
     let decision = shared.policies.load().evaluate(&PolicyRequest {
-        source: peer.as_str(),
-        workload: &shared.workload,
-        method: req.method().as_str(),
-        path: req.uri().path(),
+        direction: Direction::Ingress,
+        subject: &shared.workload,
+        peer: Peer {
+            identity: Some(peer.as_str()),
+            ip: Some(remote.ip()),
+            workload: None,
+        },
+        port,
+        protocol: Protocol::Http,
+        http: Some(Http {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host: host.as_deref(),
+            headers: &headers,
+        }),
     });
-    log_decision(&decision, &peer, &shared, &req);
-    if let Decision::Deny(denial) = &decision {
+    log_decision(&decision, peer.as_str(), &shared, &req);
+    if !decision.is_allow() {
         return Ok(proxy_response(
             StatusCode::FORBIDDEN,
             Some(&decision.header_value()),
-            format!("bulkhead: {denial}"),
+            format!("bulkhead: {decision}"),
         ));
     }
     origin_form(&mut req);
@@ -160,13 +189,22 @@ async fn connect_app(app: SocketAddr) -> std::io::Result<TcpStream> {
 }
 
 /// One structured event per decision: the decision log.
-fn log_decision(decision: &Decision, peer: &SpiffeId, shared: &Shared, req: &Request<Incoming>) {
-    let verdict = if decision.is_allow() { "allow" } else { "deny" };
+pub(crate) fn log_decision(
+    decision: &Decision,
+    peer: &str,
+    shared: &Shared,
+    req: &Request<Incoming>,
+) {
+    let verdict = match (decision.is_allow(), decision.would_deny()) {
+        (true, true) => "allow (audit: would deny)",
+        (true, false) => "allow",
+        (false, _) => "deny",
+    };
     tracing::info!(
         target: "bulkhead::decision",
         verdict,
-        src.id = %peer,
-        dst.workload = %shared.workload,
+        peer.id = %peer,
+        workload = %shared.workload,
         http.method = %req.method(),
         http.path = req.uri().path(),
         decision = %decision,

@@ -34,6 +34,10 @@ struct Args {
     /// The local app the inbound listener protects (IP:PORT).
     #[arg(long, requires = "inbound")]
     app: Option<SocketAddr>,
+    /// The workload's declared port that inbound traffic is for, as policy sees it
+    /// (default: the app's port).
+    #[arg(long, requires = "inbound")]
+    port: Option<u16>,
     /// A declared upstream: name=N,listen=IP:PORT,address=IP:PORT,identity=spiffe://…  (repeatable)
     #[arg(long = "upstream")]
     upstreams: Vec<UpstreamSpec>,
@@ -67,7 +71,11 @@ impl Args {
             .transpose()
             .context("--identity")?;
         let inbound = match (self.inbound, self.app) {
-            (Some(listen), Some(app)) => Some(InboundSpec { listen, app }),
+            (Some(listen), Some(app)) => Some(InboundSpec {
+                listen,
+                app,
+                port: self.port.unwrap_or(app.port()),
+            }),
             _ => None,
         };
         if inbound.is_none() && self.upstreams.is_empty() {

@@ -3,10 +3,13 @@
 
 use crate::config::UpstreamSpec;
 use crate::http::{
-    Body, Link, SOURCE_HEADER, origin_form, proxy_response, response_body, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, check_path, origin_form,
+    proxy_response, request_host, response_body, strip_hop_by_hop,
 };
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
+use bulkhead_policy::model::Direction;
+use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -45,7 +48,10 @@ pub(crate) async fn spawn(
             match listener.accept().await {
                 Ok((tcp, remote)) => {
                     let span = tracing::info_span!("outbound", src.addr = %remote, dst.name = spec.name, dst.addr = %spec.address);
-                    tokio::spawn(serve(tcp, connector.clone(), spec.clone()).instrument(span));
+                    tokio::spawn(
+                        serve(tcp, connector.clone(), spec.clone(), shared.clone())
+                            .instrument(span),
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "outbound accept failed");
@@ -57,10 +63,23 @@ pub(crate) async fn spawn(
     Ok(addr)
 }
 
-async fn serve(tcp: TcpStream, connector: TlsConnector, spec: Arc<UpstreamSpec>) {
+async fn serve(
+    tcp: TcpStream,
+    connector: TlsConnector,
+    spec: Arc<UpstreamSpec>,
+    shared: Arc<Shared>,
+) {
     let _ = tcp.set_nodelay(true);
     let link = Arc::new(Link::default());
-    let service = service_fn(move |req| handle(req, link.clone(), connector.clone(), spec.clone()));
+    let service = service_fn(move |req| {
+        handle(
+            req,
+            link.clone(),
+            connector.clone(),
+            spec.clone(),
+            shared.clone(),
+        )
+    });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(tcp), service)
         .await
@@ -74,7 +93,30 @@ async fn handle(
     link: Arc<Link>,
     connector: TlsConnector,
     spec: Arc<UpstreamSpec>,
+    shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
+    if let Err(why) = check_path(req.uri().path()) {
+        return Ok(proxy_response(
+            StatusCode::BAD_REQUEST,
+            None,
+            format!("bulkhead: {why}"),
+        ));
+    }
+    // Egress policy: the sending side judges the request before it leaves.
+    let decision = egress_decision(&req, &spec, &shared);
+    crate::inbound::log_decision(&decision, spec.identity.as_str(), &shared, &req);
+    if let Decision {
+        verdict: bulkhead_policy::Verdict::Deny,
+        ..
+    } = &decision
+    {
+        return Ok(proxy_response(
+            StatusCode::FORBIDDEN,
+            Some(&decision.header_value()),
+            format!("bulkhead: egress {decision}"),
+        ));
+    }
+    req.headers_mut().remove(DECISION_HEADER);
     origin_form(&mut req);
     strip_hop_by_hop(req.headers_mut());
     // Only the receiving sidecar may say who the caller is.
@@ -96,6 +138,28 @@ async fn handle(
             ))
         }
     }
+}
+
+fn egress_decision(req: &Request<Incoming>, spec: &UpstreamSpec, shared: &Shared) -> Decision {
+    let host = request_host(req);
+    let headers = HeaderView(req.headers());
+    shared.policies.load().evaluate(&PolicyRequest {
+        direction: Direction::Egress,
+        subject: &shared.workload,
+        peer: Peer {
+            identity: Some(spec.identity.as_str()),
+            ip: Some(spec.address.ip()),
+            workload: spec.workload.as_ref(),
+        },
+        port: spec.port,
+        protocol: Protocol::Http,
+        http: Some(Http {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host: host.as_deref(),
+            headers: &headers,
+        }),
+    })
 }
 
 async fn connect_upstream(

@@ -84,13 +84,23 @@ fn apply(shared: &Shared, config: ProxyConfig) -> Option<u64> {
         .iter()
         .map(bulkhead_api::resource_from_wire)
         .collect();
-    match decoded {
-        Ok(resources) => {
-            let set = PolicySet::compile(&resources, config.revision);
+    let compiled = decoded.map_err(|e| e.to_string()).and_then(|resources| {
+        PolicySet::compile(&resources, config.revision)
+            .map(|set| (set, resources.len()))
+            .map_err(|errors| {
+                errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+    });
+    match compiled {
+        Ok((set, count)) => {
             shared.policies.store(Arc::new(set));
             tracing::info!(
                 revision = config.revision,
-                policies = resources.len(),
+                resources = count,
                 "policy revision in force"
             );
             Some(config.revision)
