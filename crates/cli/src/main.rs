@@ -2,6 +2,7 @@
 
 mod client;
 mod demo;
+mod policy_cmd;
 mod sample_app;
 
 use anyhow::{Context, Result, bail};
@@ -62,6 +63,11 @@ enum Command {
         #[command(subcommand)]
         what: GetCommand,
     },
+    /// Offline policy tools for CI: lint, test, diff, explain. They read files only.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Start a local mesh of three services, send legitimate traffic and a lateral-movement
     /// attempt, and show what was allowed and denied, and why.
     Demo {
@@ -104,6 +110,61 @@ enum TokenCommand {
         /// How many times it can be used.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Parse and type-check policy files (or directories of .yaml); every error with
+    /// file:line:column; non-zero exit on any.
+    Lint {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run a table of requests and expected verdicts (YAML: `cases: [{name, from, to, method,
+    /// path, expect, …}]`) against the policy files; non-zero exit on any mismatch.
+    Test {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        cases: PathBuf,
+    },
+    /// Show which requests of a cases table change verdict from OLD to NEW.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(long)]
+        cases: PathBuf,
+    },
+    /// Explain the decision for one request.
+    Explain {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Ingress: the caller's SPIFFE ID. Egress: the sending namespace/workload.
+        #[arg(long)]
+        from: String,
+        /// namespace/workload:port
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "ingress", value_parser = ["ingress", "egress"])]
+        direction: String,
+        /// Egress: the SPIFFE ID the destination presents.
+        #[arg(long)]
+        to_identity: Option<String>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        host: Option<String>,
+        /// name=value (repeatable)
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// The peer's IP address.
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+        #[arg(long, default_value = "http", value_parser = ["http", "http2", "grpc", "tcp"])]
+        protocol: String,
     },
 }
 
@@ -239,6 +300,54 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { once } => demo::run(once).await,
+        Command::Policy { command } => match command {
+            PolicyCommand::Lint { files } => policy_cmd::lint(&files),
+            PolicyCommand::Test { files, cases } => policy_cmd::test(&files, &cases),
+            PolicyCommand::Diff { old, new, cases } => policy_cmd::diff(&[old], &[new], &cases),
+            PolicyCommand::Explain {
+                files,
+                from,
+                to,
+                direction,
+                to_identity,
+                method,
+                path,
+                host,
+                headers,
+                ip,
+                protocol,
+            } => {
+                let headers = headers
+                    .iter()
+                    .map(|h| {
+                        h.split_once('=')
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .with_context(|| format!("--header {h:?}: expected name=value"))
+                    })
+                    .collect::<Result<_>>()?;
+                let case = policy_cmd::Case {
+                    name: "explain".into(),
+                    direction: if direction == "egress" {
+                        bulkhead_policy::model::Direction::Egress
+                    } else {
+                        bulkhead_policy::model::Direction::Ingress
+                    },
+                    from,
+                    to,
+                    to_identity,
+                    ip,
+                    protocol: serde_json::from_value(serde_json::Value::String(protocol))?,
+                    method: Some(method),
+                    path: Some(path),
+                    host,
+                    headers,
+                    expect: None,
+                    policy: None,
+                    rule: None,
+                };
+                policy_cmd::explain(&files, case)
+            }
+        },
         Command::SampleApp {
             name,
             listen,
