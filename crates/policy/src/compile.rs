@@ -6,7 +6,9 @@
 //! error never widens what is allowed.
 
 use crate::error::PolicyError;
-use crate::eval::{CompiledRule, Cond, IdentitySet, PolicySet, Postures, RuleList, SubjectRules};
+use crate::eval::{
+    CompiledRule, Cond, IdentitySet, PolicySet, Postures, RuleList, SubjectRules, slot,
+};
 use crate::model::{
     Action, AuthorizationPolicySpec, Direction, Document, Mode, Resource, ResourceName, Rule,
     Selector, Target, WorkloadRef, WorkloadSpec,
@@ -117,7 +119,7 @@ fn compile(
     let postures = postures(resources, &mut errors);
     let identity_workloads = identity_index(&declared);
 
-    let mut subjects: HashMap<(Direction, WorkloadRef), SubjectRules> = HashMap::new();
+    let mut subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]> = HashMap::new();
     for (i, r) in resources.iter().enumerate() {
         let Resource::AuthorizationPolicy(doc) = r else {
             continue;
@@ -159,9 +161,8 @@ fn compile(
                 conds: conditions(rule, doc.spec.direction, &ns, &declared),
             };
             for subject in &targets {
-                let entry = subjects
-                    .entry((doc.spec.direction, subject.clone()))
-                    .or_default();
+                let entry = subjects.entry(subject.clone()).or_default()[slot(doc.spec.direction)]
+                    .get_or_insert_with(SubjectRules::default);
                 let set = match doc.spec.mode {
                     Mode::Enforce => &mut entry.enforce,
                     Mode::Audit => {
@@ -198,7 +199,7 @@ fn compile(
     if !errors.list.is_empty() {
         return Err(errors.list);
     }
-    for rules in subjects.values_mut() {
+    for rules in subjects.values_mut().flatten().flatten() {
         rules.finish();
     }
     Ok(PolicySet {
@@ -453,6 +454,12 @@ fn check_rule(
             ));
             continue;
         };
+        if doc.spec.ports.is_empty() {
+            errors.at(i, r, to_pos, format!(
+                "policy {policy} rule {rule_name} uses {fields} on workload {w}, whose Workload declares no ports; declare its ports and protocols so the rule can be checked"
+            ));
+            continue;
+        }
         for p in &doc.spec.ports {
             let port = p.port.value;
             let covered = t.is_none_or(|t| {

@@ -83,14 +83,14 @@ impl Decision {
         let mut out = format!(
             "{}; {}; revision={}",
             verdict_word(self.verdict),
-            reason_fields(&self.reason),
+            reason_fields(&self.reason, ""),
             self.revision
         );
         if let Some(a) = self.audit.as_ref().filter(|a| a.verdict != self.verdict) {
             out.push_str(&format!(
-                "; audit=would-{}; audit-{}",
+                "; audit=would-{}; {}",
                 verdict_word(a.verdict),
-                reason_fields(&a.reason)
+                reason_fields(&a.reason, "audit-")
             ));
         }
         out
@@ -104,17 +104,20 @@ fn verdict_word(v: Verdict) -> &'static str {
     }
 }
 
-fn reason_fields(r: &Reason) -> String {
+/// `policy=…; rule=…`, each key with `prefix` in front.
+fn reason_fields(r: &Reason, prefix: &str) -> String {
     match r {
-        Reason::Rule { policy, rule, .. } => format!("policy={policy}; rule={rule}"),
+        Reason::Rule { policy, rule, .. } => {
+            format!("{prefix}policy={policy}; {prefix}rule={rule}")
+        }
         Reason::Posture {
             action: Action::Deny,
             ..
-        } => "policy=default-deny".into(),
+        } => format!("{prefix}policy=default-deny"),
         Reason::Posture {
             action: Action::Allow,
             ..
-        } => "policy=default-allow".into(),
+        } => format!("{prefix}policy=default-allow"),
     }
 }
 

@@ -72,7 +72,8 @@ pub struct Request<'a> {
 #[derive(Debug, Default)]
 pub struct PolicySet {
     pub(crate) revision: u64,
-    pub(crate) subjects: HashMap<(Direction, WorkloadRef), SubjectRules>,
+    /// Per protected workload: `[ingress, egress]` rules.
+    pub(crate) subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]>,
     pub(crate) postures: Postures,
     pub(crate) identity_workloads: HashMap<String, Vec<WorkloadRef>>,
 }
@@ -166,9 +167,21 @@ impl IdentitySet {
     }
 }
 
-/// `any_of` (empty = no constraint) and not `none_of`.
-fn within<T>(value: T, any_of: &[impl Fn(&T) -> bool], none_of: &[impl Fn(&T) -> bool]) -> bool {
-    (any_of.is_empty() || any_of.iter().any(|f| f(&value))) && !none_of.iter().any(|f| f(&value))
+/// The other end's namespace: the destination workload's on egress when known, else the
+/// `/ns/<namespace>/` of its SPIFFE ID.
+fn peer_namespace<'a>(req: &Request<'a>) -> Option<&'a str> {
+    match (req.direction, req.peer.workload) {
+        (Direction::Egress, Some(w)) => Some(w.namespace.as_str()),
+        _ => req.peer.identity.and_then(namespace_of),
+    }
+}
+
+/// Slot of a direction in [`PolicySet::subjects`].
+pub(crate) fn slot(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
 }
 
 /// The namespace segment of a `spiffe://td/ns/<ns>/…` ID.
@@ -207,12 +220,7 @@ impl Cond {
             Cond::Identity(..) | Cond::SourceWorkload(..) => {
                 req.peer.identity.unwrap_or("(none)").to_string()
             }
-            Cond::Namespace(..) => req
-                .peer
-                .identity
-                .and_then(namespace_of)
-                .unwrap_or("(none)")
-                .to_string(),
+            Cond::Namespace(..) => peer_namespace(req).unwrap_or("(none)").to_string(),
             Cond::Cidr(..) => req
                 .peer
                 .ip
@@ -245,32 +253,26 @@ impl Cond {
 
     fn holds(&self, req: &Request<'_>, set: &PolicySet) -> bool {
         let id = req.peer.identity;
+        // A missing attribute is in no negated list, and matches no positive one.
         match self {
-            Cond::Identity(any, none) => {
-                id.is_some_and(|id| (any.is_empty() || any.contains(id)) && !none.contains(id))
-            }
+            Cond::Identity(any, none) => match id {
+                Some(id) => (any.is_empty() || any.contains(id)) && !none.contains(id),
+                None => any.is_empty(),
+            },
             Cond::SourceWorkload(ids) => id.is_some_and(|id| ids.contains(id)),
-            Cond::Namespace(any, none) => {
-                let ns = match (req.direction, req.peer.workload) {
-                    (Direction::Egress, Some(w)) => Some(w.namespace.as_str()),
-                    _ => id.and_then(namespace_of),
-                };
-                ns.is_some_and(|ns| {
+            Cond::Namespace(any, none) => match peer_namespace(req) {
+                Some(ns) => {
                     (any.is_empty() || any.iter().any(|a| a == ns)) && !none.iter().any(|n| n == ns)
-                })
-            }
-            Cond::Cidr(any, none) => req.peer.ip.is_some_and(|ip| {
-                within(
-                    ip,
-                    &any.iter()
-                        .map(|n| move |ip: &IpAddr| n.contains(ip))
-                        .collect::<Vec<_>>(),
-                    &none
-                        .iter()
-                        .map(|n| move |ip: &IpAddr| n.contains(ip))
-                        .collect::<Vec<_>>(),
-                )
-            }),
+                }
+                None => any.is_empty(),
+            },
+            Cond::Cidr(any, none) => match req.peer.ip {
+                Some(ip) => {
+                    (any.is_empty() || any.iter().any(|n| n.contains(&ip)))
+                        && !none.iter().any(|n| n.contains(&ip))
+                }
+                None => any.is_empty(),
+            },
             Cond::DestWorkload(dests) => match req.peer.workload {
                 Some(w) => dests.contains(w),
                 None => id
@@ -290,25 +292,32 @@ impl Cond {
                 (any.is_empty() || any.iter().any(|p| p.matches(h.path)))
                     && !none.iter().any(|p| p.matches(h.path))
             }),
-            Cond::Host(any, none) => req.http.is_some_and(|h| {
-                let host = h.host.unwrap_or("");
-                (any.is_empty() || any.iter().any(|p| p.matches(host)))
-                    && !none.iter().any(|p| p.matches(host))
+            Cond::Host(any, none) => req.http.is_some_and(|h| match h.host {
+                Some(host) => {
+                    (any.is_empty() || any.iter().any(|p| p.matches(host)))
+                        && !none.iter().any(|p| p.matches(host))
+                }
+                None => any.is_empty(),
             }),
+            // Any listed service, or any listed method.
             Cond::Grpc(services, methods) => req.http.is_some_and(|h| {
                 let Some((svc, method)) = h.path.strip_prefix('/').and_then(|p| p.split_once('/'))
                 else {
                     return false;
                 };
-                (services.is_empty() || services.iter().any(|s| s == svc))
-                    && (methods.is_empty()
-                        || methods
-                            .iter()
-                            .any(|m| m.split_once('/') == Some((svc, method))))
+                services.iter().any(|s| s == svc)
+                    || methods
+                        .iter()
+                        .any(|m| m.split_once('/') == Some((svc, method)))
             }),
             Cond::Header(c) => req.http.is_some_and(|h| {
                 let got = h.headers.get(c.header.as_str());
-                let present_ok = c.present.is_none_or(|p| p == got.is_some());
+                // A bare `header:` means the header must be present.
+                let bare = c.values.is_empty() && c.not_values.is_empty() && c.present.is_none();
+                let present_ok = match c.present {
+                    Some(p) => p == got.is_some(),
+                    None => !bare || got.is_some(),
+                };
                 let values_ok =
                     c.values.is_empty() || got.is_some_and(|g| c.values.iter().any(|v| v == g));
                 let not_ok = got.is_none_or(|g| !c.not_values.iter().any(|v| v == g));
@@ -448,10 +457,12 @@ impl PolicySet {
         self.revision
     }
 
-    /// How many compiled rules protect each (direction, workload); for tooling.
+    /// How many compiled rules there are, counted once per protected workload; for tooling.
     pub fn rule_count(&self) -> usize {
         self.subjects
             .values()
+            .flatten()
+            .flatten()
             .map(|s| {
                 s.enforce.deny.len()
                     + s.enforce.allow.len()
@@ -492,7 +503,10 @@ impl PolicySet {
     /// Decides one request: deny rules win, then allow rules, then the posture. Audit-mode
     /// policies are evaluated beside the enforced ones and reported, never obeyed.
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
-        let rules = self.subjects.get(&(req.direction, req.subject.clone()));
+        let rules = self
+            .subjects
+            .get(req.subject)
+            .and_then(|d| d[slot(req.direction)].as_ref());
         let (posture, source) = self.posture(req.subject, req.direction);
         let Some(rules) = rules else {
             let nearest_miss = None;

@@ -28,8 +28,9 @@ pub use source::{Origin, is_valid_name, parse_documents, parse_file};
 /// The only `apiVersion` this build understands.
 pub const API_VERSION: &str = "bulkhead.dev/v1alpha1";
 
-/// Parses and compiles files in one step, as `bulkhead policy lint` and `apply` do: every
-/// error of the set, each with its location.
+/// Parses and compiles files in one step, as `bulkhead policy lint` does. Returns the first
+/// parse error of each file; if every file parses, every compile error of the set. Each
+/// error carries its location.
 pub fn load(
     files: &[(String, String)],
     revision: u64,

@@ -457,3 +457,214 @@ fn parse_print_parse_is_stable() {
         assert_eq!(printed, vec![r.clone()], "printed:\n{}", r.to_yaml());
     }
 }
+
+#[test]
+fn wildcards_negations_and_postures() {
+    let mesh_allow = "---\napiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default}\nspec: {ingress: allow}\n---\napiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: deny}\n";
+    let p = mesh_allow.to_string()
+        + &policy(
+            "orders-allow",
+            "orders",
+            "  action: allow\n",
+            "    - name: anyone-in-domain\n      from: {identities: [\"spiffe://td/*\"]}\n      to: {hosts: [orders.shop.local], notPaths: [\"/internal/*\"], notHosts: [\"*.evil.local\"], notPorts: [9000]}\n      when: [{header: x-tenant, present: true, notValues: [blocked]}]\n    - name: anyone-at-all\n      from: {identities: [\"*\"]}\n      to: {paths: [\"/public/*\"]}\n",
+        );
+    let with = |peer: &'static str,
+                path: &'static str,
+                host: Option<&'static str>,
+                headers: &'static [(&'static str, &'static str)]| Case {
+        host,
+        headers,
+        ..ingress("shop/orders", peer, "GET", path)
+    };
+    let tenant: &'static [(&str, &str)] = &[("x-tenant", "acme")];
+    let blocked: &'static [(&str, &str)] = &[("x-tenant", "blocked")];
+    check(
+        &p,
+        &[
+            (
+                with(FRONTEND, "/orders", Some("orders.shop.local"), tenant),
+                "allowed by policy shop/orders-allow rule anyone-in-domain (revision 7)",
+            ),
+            (
+                with(FRONTEND, "/internal/x", Some("orders.shop.local"), tenant),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/orders-allow rule anyone-in-domain matched the identity and port and host and header but not path /internal/x",
+            ),
+            (
+                with(FRONTEND, "/orders", Some("orders.shop.local"), blocked),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/orders-allow rule anyone-in-domain matched the identity and port and path and host but not header x-tenant \"blocked\"",
+            ),
+            (
+                with(FRONTEND, "/orders", Some("orders.shop.local"), &[]),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/orders-allow rule anyone-in-domain matched the identity and port and path and host but not header x-tenant (absent)",
+            ),
+            (
+                with(
+                    "spiffe://elsewhere/ns/x/sa/y",
+                    "/public/logo.png",
+                    None,
+                    &[],
+                ),
+                "allowed by policy shop/orders-allow rule anyone-at-all (revision 7)",
+            ),
+            (
+                with(
+                    "spiffe://elsewhere/ns/x/sa/y",
+                    "/orders",
+                    Some("orders.shop.local"),
+                    tenant,
+                ),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/orders-allow rule anyone-in-domain matched the port and path and host and header but not identity spiffe://elsewhere/ns/x/sa/y",
+            ),
+            // The namespace posture (deny) overrides the mesh posture (allow) for shop …
+            (
+                ingress("shop/frontend", ORDERS, "GET", "/"),
+                "default deny: no policy allows this request (revision 7); no allow policy selects this workload",
+            ),
+            // … and other namespaces get the mesh posture.
+            (
+                ingress("other/thing", ORDERS, "GET", "/"),
+                "allowed by default: mesh posture */default (revision 7)",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn egress_destinations_by_identity_namespace_and_cidr() {
+    let p = policy(
+        "frontend-egress",
+        "frontend",
+        "  direction: egress\n  action: deny\n",
+        "    - name: no-monitoring\n      to: {namespaces: [monitoring]}\n    - name: no-payments-id\n      to: {identities: [\"spiffe://td/ns/shop/sa/payments\"]}\n    - name: no-metadata-service\n      to: {cidrs: [169.254.0.0/16]}\n",
+    );
+    let egress = |peer: &'static str, workload: &'static str, ip: Option<&'static str>| Case {
+        direction: Direction::Egress,
+        peer_workload: Some(workload),
+        ip,
+        ..ingress("shop/frontend", peer, "GET", "/")
+    };
+    check(
+        &p,
+        &[
+            (
+                egress(PROM, "monitoring/prometheus", None),
+                "denied by policy shop/frontend-egress rule no-monitoring (revision 7)",
+            ),
+            (
+                egress("spiffe://td/ns/shop/sa/payments", "shop/payments", None),
+                "denied by policy shop/frontend-egress rule no-payments-id (revision 7)",
+            ),
+            (
+                egress(ORDERS, "shop/orders", Some("169.254.169.254")),
+                "denied by policy shop/frontend-egress rule no-metadata-service (revision 7)",
+            ),
+            (
+                egress(ORDERS, "shop/orders", Some("10.0.0.7")),
+                "allowed by default: nothing restricts this direction (revision 7)",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn more_errors_name_file_line_column() {
+    let workload = |body: &str| {
+        format!(
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w, namespace: shop}}\nspec:\n{body}"
+        )
+    };
+    let cases: Vec<(String, &str)> = vec![
+        ("kind: Workload\nmetadata: {name: w}\n".into(), "p.yaml:1:1: missing apiVersion"),
+        ("apiVersion: v1\nkind: Workload\n".into(), "p.yaml:1:13: apiVersion \"v1\" is not supported"),
+        ("apiVersion: bulkhead.dev/v1alpha1\nmetadata: {name: w}\n".into(), "p.yaml:1:1: missing kind"),
+        (workload("  identity: spiffe://td/ns/shop/*\n"), "p.yaml:5:13: a workload's identity must be one exact SPIFFE ID"),
+        (workload("  identity: spiffe://td/ns/shop/sa/w\n  ports: [{port: 80, protocol: http}, {port: 80, protocol: tcp}]\n"), "p.yaml:6:46: port 80 is zero or declared twice"),
+        (workload("  identity: spiffe://td/ns/shop/sa/w\n  ports: [{port: 80, protocol: udp}]\n"), "p.yaml:6:32: unknown variant `udp`"),
+        (format!("{HEAD}  action: allow\n  rules:\n    - to:\n        hosts: [\"a.b:80\"]\n"), "p.yaml:12:17: host \"a.b:80\" must be a DNS name"),
+        (format!("{HEAD}  action: allow\n  rules:\n    - when: [{{header: \"bad header\"}}]\n"), "p.yaml:11:23: \"bad header\" is not a valid HTTP header name"),
+        (format!("{HEAD}  action: allow\n  rules:\n    - to: {{ports: [9090], grpc: {{methods: [\"Payments/\"]}}}}\n"), "p.yaml:11:44: \"Payments/\" is not a gRPC service"),
+        (format!("{HEAD}  action: allow\n  rules:\n    - to: {{paths: [\"/a/b**\"]}}\n"), "p.yaml:11:20: path \"/a/b**\": '**' must be a whole segment"),
+        (format!("{HEAD}  action: allow\n  rules:\n    - to: {{protocols: [tcp], paths: [\"/x\"]}}\n"), "p.yaml:11:11: policy shop/p rule rules[0] uses paths but limits itself to protocol tcp"),
+        (HEAD.replace("    workload: payments\n", "    workload: payments\n    matchLabels: {app: x}\n") + "  action: allow\n", "p.yaml:4:9: selector: give workload or matchLabels, not both"),
+        (HEAD.replace("workload: payments", "workload: frontend") + "  direction: egress\n  action: allow\n  rules:\n    - to: {services: [nope]}\n", "p.yaml:12:23: no Service shop/nope is declared"),
+        (HEAD.replace("workload: payments", "workload: frontend") + "  direction: egress\n  action: allow\n  rules:\n    - to: {identities: [\"spiffe://td/ns/shop/sa/orders\"], paths: [\"/x\"]}\n",
+         "p.yaml:12:11: policy shop/p rule rules[0] uses paths in an egress rule without naming destination workloads or services"),
+        ("apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: a}\nspec: {ingress: deny}\n---\napiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: b}\nspec: {ingress: allow}\n".into(),
+         "p.yaml:8:18: a second DefaultPosture for the mesh"),
+    ];
+    let mut failed = false;
+    for (yaml, want) in cases {
+        let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &yaml)]);
+        if !got.starts_with(want) {
+            eprintln!("MISMATCH want {want:?}\n got {got:?}");
+            failed = true;
+        }
+    }
+    assert!(
+        !failed,
+        "some errors were not as expected (see MISMATCH lines)"
+    );
+}
+
+#[test]
+fn fixes_from_review() {
+    // A deny rule made only of negations still fires when the attribute is missing: an ID
+    // with no /ns/ segment is outside every namespace list.
+    let p = policy("orders-all", "orders", "  action: allow\n", "    - name: anyone\n")
+        + &policy(
+            "orders-only-shop",
+            "orders",
+            "  action: deny\n",
+            "    - name: outsiders\n      from: {notNamespaces: [shop]}\n",
+        );
+    check(&p, &[
+        (ingress("shop/orders", "spiffe://td/batch/job", "GET", "/"), "denied by policy shop/orders-only-shop rule outsiders (revision 7)"),
+        (ingress("shop/orders", FRONTEND, "GET", "/"), "allowed by policy shop/orders-all rule anyone (revision 7)"),
+    ]);
+
+    // A bare `header:` requires the header; gRPC services and methods add up.
+    let p = policy(
+        "payments-rpc",
+        "payments",
+        "  action: allow\n",
+        "    - name: traced\n      to: {ports: [9090], grpc: {services: [shop.Ledger], methods: [shop.Payments/Charge]}}\n      when: [{header: traceparent}]\n",
+    );
+    let rpc = |path: &'static str, headers: &'static [(&'static str, &'static str)]| Case {
+        port: 9090,
+        protocol: Protocol::Grpc,
+        headers,
+        ..ingress("shop/payments", ORDERS, "POST", path)
+    };
+    let traced: &'static [(&str, &str)] = &[("traceparent", "00-1-2-01")];
+    check(&p, &[
+        (rpc("/shop.Ledger/Append", traced), "allowed by policy shop/payments-rpc rule traced (revision 7)"),
+        (rpc("/shop.Payments/Charge", traced), "allowed by policy shop/payments-rpc rule traced (revision 7)"),
+        (rpc("/shop.Payments/Refund", traced), "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-rpc rule traced matched the port and header but not gRPC method /shop.Payments/Refund"),
+        (rpc("/shop.Ledger/Append", &[]), "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-rpc rule traced matched the port and gRPC method but not header traceparent (absent)"),
+    ]);
+
+    // HTTP conditions on a workload that declares no ports are refused.
+    let decl = "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: bare, namespace: shop}\nspec:\n  identity: spiffe://td/ns/shop/sa/bare\n---\n";
+    let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &(decl.to_string() + &HEAD.replace("workload: payments", "workload: bare") + "  action: deny\n  rules:\n    - to: {paths: [\"/admin\"]}\n"))]);
+    assert!(got.starts_with("p.yaml:17:11: policy shop/p rule rules[0] uses paths on workload shop/bare, whose Workload declares no ports"), "{got}");
+
+    // The audit part of the header prefixes both of its keys.
+    let p = policy("orders-all", "orders", "  action: allow\n", "    - name: anyone\n")
+        + &policy("orders-staged", "orders", "  action: deny\n  mode: audit\n", "    - name: staged\n");
+    let files = vec![("decl.yaml".to_string(), DECLARATIONS.to_string()), ("p.yaml".to_string(), p)];
+    let (_, set) = load(&files, 2).unwrap();
+    let w = wref("shop/orders");
+    let d = set.evaluate(&Request {
+        direction: Direction::Ingress,
+        subject: &w,
+        peer: Peer { identity: Some(ORDERS), ..Peer::default() },
+        port: 8080,
+        protocol: Protocol::Http,
+        http: None,
+    });
+    assert!(d.would_deny());
+    assert_eq!(
+        d.header_value(),
+        "allow; policy=shop/orders-all; rule=anyone; revision=2; audit=would-deny; audit-policy=shop/orders-staged; audit-rule=staged"
+    );
+}
