@@ -65,10 +65,10 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
     );
     let mut admin = client::admin(&control.context_file).await?;
     let applied = admin
-        .apply(ApplyRequest {
+        .apply(crate::admin_cmd::request(ApplyRequest {
             file: "demo-policy.yaml".into(),
             yaml: POLICY.into(),
-        })
+        }))
         .await
         .map_err(client::status)?
         .into_inner();
@@ -234,6 +234,7 @@ async fn sidecar(
         upstreams,
         ready_file: None,
         first_config_wait: Duration::from_secs(10),
+        max_policy_rules: 100_000,
     })
     .await?;
     Ok(running)

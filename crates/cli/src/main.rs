@@ -1,12 +1,13 @@
 //! `bulkhead`: the control plane, the admin verbs and the demo, in one binary.
 
+mod admin_cmd;
 mod client;
 mod demo;
 mod policy_cmd;
 mod sample_app;
 
 use anyhow::{Context, Result, bail};
-use bulkhead_api::v1::{ApplyRequest, CreateTokenRequest, ListPoliciesRequest};
+use bulkhead_api::v1::CreateTokenRequest;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,16 +54,34 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// Apply policy resources from a YAML file (several documents per file).
+    /// Apply resources from a YAML file (several documents per file). The whole resulting
+    /// set is type-checked; any error refuses the apply and changes nothing.
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
-    /// Show resources.
-    Get {
-        #[command(subcommand)]
-        what: GetCommand,
+    /// Delete the resources a file names, or Kind/namespace/name keys.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: Option<PathBuf>,
+        keys: Vec<String>,
     },
+    /// Show resources (all, policies, workloads, services, postures) or proxies.
+    Get {
+        #[arg(default_value = "all")]
+        what: String,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
+        output: String,
+    },
+    /// The audit log: every revision, who made it, when, and what changed.
+    History {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Restore the resource set exactly as it was at REVISION (as a new revision).
+    Rollback { revision: u64 },
     /// Offline policy tools for CI: lint, test, diff, explain. They read files only.
     Policy {
         #[command(subcommand)]
@@ -168,15 +187,6 @@ enum PolicyCommand {
     },
 }
 
-#[derive(Subcommand, Debug)]
-enum GetCommand {
-    /// The applied policies.
-    Policies {
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
-        output: String,
-    },
-}
-
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -225,13 +235,13 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let mut admin = client::admin(&cli.context).await?;
             let resp = admin
-                .create_token(CreateTokenRequest {
+                .create_token(admin_cmd::request(CreateTokenRequest {
                     spiffe_id: identity,
                     namespace: namespace.unwrap_or_default(),
                     workload: workload.unwrap_or_default(),
                     ttl_seconds: ttl.as_secs(),
                     max_uses: uses,
-                })
+                }))
                 .await
                 .map_err(client::status)?
                 .into_inner();
@@ -239,65 +249,29 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Apply { file } => {
-            let yaml = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let mut admin = client::admin(&cli.context).await?;
-            let resp = admin
-                .apply(ApplyRequest {
-                    file: file.display().to_string(),
-                    yaml,
-                })
-                .await
-                .map_err(client::status)?
-                .into_inner();
-            for line in &resp.applied {
-                println!("{line}");
-            }
-            println!("revision {}", resp.revision);
-            Ok(())
+            admin_cmd::apply(&mut client::admin(&cli.context).await?, &file).await
         }
-        Command::Get {
-            what: GetCommand::Policies { output },
-        } => {
-            let mut admin = client::admin(&cli.context).await?;
-            let resp = admin
-                .list_policies(ListPoliciesRequest {})
-                .await
-                .map_err(client::status)?
-                .into_inner();
-            let resources = resp
-                .resources
-                .iter()
-                .map(bulkhead_api::resource_from_wire)
-                .collect::<Result<Vec<_>, _>>()?;
-            match output.as_str() {
-                "json" => println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({ "revision": resp.revision, "items": resources })
-                    )?
-                ),
-                "yaml" => {
-                    for r in &resources {
-                        print!("---\n{}", r.to_yaml());
-                    }
-                }
-                _ => {
-                    println!("{:<20} {:<12} {:<32} SUMMARY", "KIND", "NAMESPACE", "NAME");
-                    for r in &resources {
-                        let name = r.name();
-                        println!(
-                            "{:<20} {:<12} {:<32} {}",
-                            r.kind(),
-                            name.namespace,
-                            name.name,
-                            r.summary()
-                        );
-                    }
-                    println!("revision {}", resp.revision);
-                }
-            }
-            Ok(())
+        Command::Delete { file, keys } => {
+            admin_cmd::delete(
+                &mut client::admin(&cli.context).await?,
+                file.as_deref(),
+                keys,
+            )
+            .await
+        }
+        Command::Get { what, output } => {
+            admin_cmd::get(
+                &mut client::admin(&cli.context).await?,
+                &what.to_lowercase(),
+                &output,
+            )
+            .await
+        }
+        Command::History { limit, output } => {
+            admin_cmd::history(&mut client::admin(&cli.context).await?, limit, &output).await
+        }
+        Command::Rollback { revision } => {
+            admin_cmd::rollback(&mut client::admin(&cli.context).await?, revision).await
         }
         Command::Demo { once } => demo::run(once).await,
         Command::Policy { command } => match command {

@@ -64,40 +64,57 @@ struct Mesh {
     control_addr: SocketAddr,
 }
 
+fn start_control(bins: &Bins, dir: &Path, listen: &str) -> (Proc, SocketAddr) {
+    let data = dir.join("data");
+    let args = [
+        "control",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        listen,
+        "--trust-domain",
+        TD,
+    ];
+    let mut control = Proc::spawn("control", dir, &bins.bulkhead, &args, &[]);
+    let context = control.wait_for_file(&data.join("admin.yaml"), WAIT);
+    let server = context
+        .lines()
+        .find_map(|l| l.strip_prefix("server: "))
+        .expect("admin.yaml names the server")
+        .trim_matches('"')
+        .parse()
+        .unwrap();
+    (control, server)
+}
+
 impl Mesh {
     fn start() -> Mesh {
         let bins = Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
         let dir = TempDir::new().unwrap();
-        let data = dir.path().join("data");
-        let mut control = Proc::spawn(
-            "control",
-            dir.path(),
-            &bins.bulkhead,
-            &[
-                "control",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-                "--trust-domain",
-                TD,
-            ],
-            &[],
-        );
-        let context = control.wait_for_file(&data.join("admin.yaml"), WAIT);
-        let server = context
-            .lines()
-            .find_map(|l| l.strip_prefix("server: "))
-            .expect("admin.yaml names the server")
-            .trim_matches('"')
-            .parse()
-            .unwrap();
+        let (control, control_addr) = start_control(&bins, dir.path(), "127.0.0.1:0");
         Mesh {
             bins,
             dir,
             control,
-            control_addr: server,
+            control_addr,
         }
+    }
+
+    /// Kills the control plane and starts it again on the same data directory and port.
+    fn restart_control(&mut self) {
+        let _ = std::fs::remove_file(self.data().join("admin.yaml"));
+        let _ = std::fs::rename(
+            self.dir.path().join("control.log"),
+            self.dir.path().join("control.1.log"),
+        );
+        let (control, addr) =
+            start_control(&self.bins, self.dir.path(), &self.control_addr.to_string());
+        self.control = control;
+        assert_eq!(addr, self.control_addr);
+    }
+
+    fn stop_control(&mut self) {
+        self.control.kill();
     }
 
     fn data(&self) -> std::path::PathBuf {
@@ -110,7 +127,10 @@ impl Mesh {
         run(
             &self.bins.bulkhead,
             args,
-            &[("BULKHEAD_CONTEXT", context.to_str().unwrap())],
+            &[
+                ("BULKHEAD_CONTEXT", context.to_str().unwrap()),
+                ("USER", "alice"),
+            ],
         )
     }
 
@@ -573,5 +593,292 @@ fn offline_policy_tools_for_ci() {
     assert!(
         err.contains(&format!("{}:15:11: policy shop/db-admin rule rules[0] uses paths, but it applies to port 5432 of shop/db, declared tcp (opaque TCP)", bad.display())),
         "{err}"
+    );
+}
+
+/// Starts the orders app and sidecar and a frontend sidecar with an upstream to it.
+fn orders_and_frontend(mesh: &Mesh, orders_extra: &[&str]) -> (Vec<Proc>, SocketAddr) {
+    let (orders_app, orders_app_addr) = mesh.app("orders");
+    let token = mesh.token(&id("orders"));
+    let app = orders_app_addr.to_string();
+    let mut args = vec!["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"];
+    args.extend_from_slice(orders_extra);
+    let (orders_proxy, orders) = mesh.proxy("orders", &token, &args);
+    let orders_in = addr(&orders["inbound"]);
+    let token = mesh.token(&id("frontend"));
+    let upstream = format!(
+        "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
+        id("orders")
+    );
+    let (frontend_proxy, frontend) = mesh.proxy("frontend", &token, &["--upstream", &upstream]);
+    (
+        vec![orders_app, orders_proxy, frontend_proxy],
+        addr(&frontend["upstreams"]["orders"]),
+    )
+}
+
+/// Polls until `f` holds, or fails with `what` after `timeout`.
+fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn revisions_history_rollback_delete_and_proxy_status() {
+    let mesh = Mesh::start();
+    let file = |name: &str, text: &str| {
+        let p = mesh.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let v1 = file("v1.yaml", POLICY);
+    let v2 = file(
+        "v2.yaml",
+        &POLICY.replace("methods: [GET]", "methods: [GET, DELETE]"),
+    );
+    assert_eq!(mesh.cli(&["apply", "-f", &v1]).0, 0);
+    let (_, at_rev1, _) = mesh.cli(&["get", "-o", "yaml"]);
+    let (code, out, err) = mesh.cli(&["apply", "-f", &v2]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("AuthorizationPolicy/shop/orders-allow-frontend configured\n"),
+        "{out}"
+    );
+    assert!(out.contains("Workload/shop/orders unchanged\n"), "{out}");
+    assert!(out.ends_with("revision 2\n"), "{out}");
+
+    // An invalid apply changes nothing: same set, same history.
+    let (_, before, _) = mesh.cli(&["get", "-o", "yaml"]);
+    let (_, history_before, _) = mesh.cli(&["history", "-o", "json"]);
+    let bad = file(
+        "bad.yaml",
+        &POLICY.replace("paths: [\"/orders\", \"/orders/*\"]", "paths: [orders]"),
+    );
+    let (code, _, err) = mesh.cli(&["apply", "-f", &bad]);
+    assert_eq!(code, 1);
+    assert!(err.contains("path \"orders\" must start with '/'"), "{err}");
+    assert_eq!(mesh.cli(&["get", "-o", "yaml"]).1, before);
+    assert_eq!(mesh.cli(&["history", "-o", "json"]).1, history_before);
+
+    // The audit log says who changed what, and how.
+    let (_, history, _) = mesh.cli(&["history"]);
+    assert!(history.contains(&format!("apply {v2}")), "{history}");
+    assert!(
+        history.contains("spiffe://test.local/bulkhead/admin (user alice)"),
+        "{history}"
+    );
+    assert!(
+        history.contains("AuthorizationPolicy/shop/orders-allow-frontend configured"),
+        "{history}"
+    );
+
+    // Rollback restores revision 1 exactly, as revision 3.
+    let (code, out, err) = mesh.cli(&["rollback", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("revision 3\n"), "{out}");
+    let (_, now, _) = mesh.cli(&["get", "-o", "yaml"]);
+    assert_eq!(now, at_rev1);
+    assert!(
+        mesh.cli(&["history", "--limit", "1"])
+            .1
+            .contains("rollback to 1")
+    );
+    let (code, _, err) = mesh.cli(&["rollback", "99"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("there is no revision 99"), "{err}");
+
+    // A delete that would leave a policy unenforceable is refused; a plain one works.
+    let (code, _, err) = mesh.cli(&["delete", "Workload/shop/orders"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "uses methods, paths on workload shop/orders, which has no Workload declaration"
+        ),
+        "{err}"
+    );
+    let (code, out, err) = mesh.cli(&["delete", "AuthorizationPolicy/shop/orders-deny-internal"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "AuthorizationPolicy/shop/orders-deny-internal deleted\nrevision 4\n"
+    );
+
+    // Proxy status: an ACK, then a NACK that keeps the last good revision in force.
+    let (_procs, to_orders) = orders_and_frontend(&mesh, &["--max-policy-rules", "2"]);
+    eventually(WAIT, "the orders proxy acknowledging revision 4", || {
+        let (_, out, _) = mesh.cli(&["get", "proxies"]);
+        out.lines().any(|l| {
+            l.contains(&id("orders"))
+                && l.contains("shop/orders")
+                && l.contains("open")
+                && l.contains("4 ACK")
+        })
+    });
+    let big = file(
+        "big.yaml",
+        &POLICY.replace(
+            "    - name: frontend-reads-orders",
+            "    - name: one\n    - name: two\n    - name: frontend-reads-orders",
+        ),
+    );
+    let (code, out, err) = mesh.cli(&["apply", "-f", &big]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("revision 5\n"), "{out}");
+    eventually(WAIT, "the NACK showing in get proxies", || {
+        let (_, out, _) = mesh.cli(&["get", "proxies"]);
+        out.contains("5 NACK, 4 ACK")
+            && out.contains(
+                "NACK of revision 5: revision 5 has 4 rules for this proxy; it accepts at most 2",
+            )
+    });
+    let r = http(to_orders, "DELETE", "/orders/1");
+    assert_eq!(
+        r.status, 403,
+        "revision 5 allows everything, but the proxy refused it"
+    );
+    assert_eq!(
+        r.header("x-bulkhead-decision"),
+        Some("deny; policy=default-deny; revision=4")
+    );
+}
+
+#[test]
+fn control_plane_outage_keeps_enforcement_then_resyncs() {
+    let mut mesh = Mesh::start();
+    let policy = mesh.dir.path().join("policy.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    assert_eq!(mesh.cli(&["apply", "-f", policy.to_str().unwrap()]).0, 0);
+    let (_procs, to_orders) = orders_and_frontend(&mesh, &[]);
+    assert_eq!(http(to_orders, "GET", "/orders").status, 200);
+    assert_eq!(http(to_orders, "DELETE", "/orders/7").status, 403);
+
+    // The control plane dies: the last good policy stays in force, on new connections too.
+    mesh.stop_control();
+    for _ in 0..5 {
+        assert_eq!(http(to_orders, "GET", "/orders").status, 200);
+        let r = http(to_orders, "DELETE", "/orders/7");
+        assert_eq!(r.status, 403);
+        assert_eq!(
+            r.header("x-bulkhead-decision"),
+            Some("deny; policy=default-deny; revision=1")
+        );
+    }
+
+    // It comes back with its state; proxies reconnect and enforce what is applied next.
+    mesh.restart_control();
+    std::fs::write(
+        &policy,
+        POLICY.replace("methods: [GET]", "methods: [GET, DELETE]"),
+    )
+    .unwrap();
+    let (code, out, err) = mesh.cli(&["apply", "-f", policy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.ends_with("revision 2\n"),
+        "state was not kept across the restart: {out}"
+    );
+    eventually(
+        Duration::from_secs(40),
+        "revision 2 enforced after the restart",
+        || http(to_orders, "DELETE", "/orders/7").status == 200,
+    );
+    eventually(
+        WAIT,
+        "both proxies reconnected and acknowledging revision 2",
+        || {
+            let (_, out, _) = mesh.cli(&["get", "proxies"]);
+            out.lines()
+                .filter(|l| l.contains(" open ") && l.contains("2 ACK"))
+                .count()
+                == 2
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_cannot_administer_or_read_other_workloads() {
+    use bulkhead_api::channel;
+    use bulkhead_api::v1::admin_client::AdminClient;
+    use bulkhead_api::v1::config_client::ConfigClient;
+    use bulkhead_api::v1::identity_client::IdentityClient;
+    use bulkhead_api::v1::{GetRequest, JoinRequest, WatchRequest};
+    use bulkhead_identity::tls::{ExpectedServer, client_config};
+    use bulkhead_identity::{LocalKey, SpiffeId, TrustBundle};
+
+    let mesh = Mesh::start();
+    let token = std::fs::read_to_string(mesh.token(&id("frontend"))).unwrap();
+    let bundle =
+        TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
+            .unwrap();
+    let control =
+        ExpectedServer::Exact(SpiffeId::parse(&format!("spiffe://{TD}/bulkhead/control")).unwrap());
+
+    // Join as the frontend proxy would.
+    let anonymous = client_config(None, &bundle, control.clone(), &[b"h2"]).unwrap();
+    let key = LocalKey::generate().unwrap();
+    let joined = IdentityClient::new(channel::connect(mesh.control_addr, anonymous.clone()))
+        .join(JoinRequest {
+            token,
+            csr_der: key.csr_der(None).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let svid = key
+        .into_svid(joined.cert_chain_der.into_iter().map(Into::into).collect())
+        .unwrap();
+    let tls = client_config(Some(&svid), &bundle, control, &[b"h2"]).unwrap();
+    let as_frontend = channel::connect(mesh.control_addr, tls);
+
+    let err = AdminClient::new(as_frontend.clone())
+        .get(GetRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        format!(
+            "this call needs the admin credential; {} is not an admin",
+            id("frontend")
+        )
+    );
+    let err = AdminClient::new(channel::connect(mesh.control_addr, anonymous))
+        .get(GetRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    let mut config = ConfigClient::new(as_frontend);
+    let err = config
+        .watch(WatchRequest {
+            namespace: "shop".into(),
+            workload: "orders".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("may not read or report the configuration of workload shop/orders"),
+        "{}",
+        err.message()
+    );
+    let mut own = config
+        .watch(WatchRequest {
+            namespace: "shop".into(),
+            workload: "frontend".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        own.message().await.unwrap().is_some(),
+        "its own configuration arrives"
     );
 }

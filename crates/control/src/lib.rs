@@ -4,9 +4,11 @@
 //! It never sees a proxy's private key, and a proxy can read only the configuration of a
 //! workload its identity was bound to by a join token.
 
+mod admin;
 mod datadir;
 mod error;
 mod listener;
+mod proxies;
 mod service;
 mod store;
 mod tokens;

@@ -27,6 +27,8 @@ pub(crate) struct PeerInfo {
     pub remote: SocketAddr,
     /// The verified SPIFFE ID of the client certificate, if one was presented.
     pub identity: Option<SpiffeId>,
+    /// When that certificate expires (seconds since the epoch).
+    pub cert_not_after: Option<u64>,
 }
 
 pub(crate) struct TlsConn {
@@ -154,12 +156,17 @@ pub(crate) fn incoming(
                         }
                     },
                 };
-                let _ = tx
-                    .send(Ok(TlsConn {
-                        inner: tls,
-                        info: PeerInfo { remote, identity },
-                    }))
-                    .await;
+                let cert_not_after = certs
+                    .and_then(|c| c.first())
+                    .and_then(|c| bulkhead_identity::not_after_of(c))
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs());
+                let info = PeerInfo {
+                    remote,
+                    identity,
+                    cert_not_after,
+                };
+                let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
             });
         }
     });

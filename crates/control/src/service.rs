@@ -1,28 +1,26 @@
-//! The gRPC services: Identity (join), Config (watch) and Admin.
+//! The control plane's shared state, and the services proxies call: Identity (join) and
+//! Config (watch, ack). The admin API is in `admin.rs`.
 
 use crate::datadir::DataDir;
 use crate::error::ControlError;
 use crate::listener::PeerInfo;
-use crate::store::{Change, Store};
+use crate::proxies::{Registry, unix_now};
+use crate::store::Store;
 use crate::tokens::{self, TokenError, TokenRecord};
 use bulkhead_api::channel::{ADMIN_ID_PATH, CONTROL_ID_PATH};
 use bulkhead_api::resource_to_wire;
-use bulkhead_api::v1::{
-    self as pb, admin_server::Admin, config_server::Config, identity_server::Identity,
-};
+use bulkhead_api::v1::{self as pb, config_server::Config, identity_server::Identity};
 use bulkhead_identity::{IdentityError, SpiffeId, Svid};
 use bulkhead_policy::model::{Resource, ResourceName};
+use bulkhead_policy::{Origin, PolicySet};
 use futures_util::Stream;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
-const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-
-/// The policy set every proxy's view is cut from.
+/// The resource set every proxy's view is cut from.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
     pub revision: u64,
@@ -30,11 +28,12 @@ pub(crate) struct Snapshot {
 }
 
 pub(crate) struct State {
-    dir: DataDir,
-    store: Store,
+    pub(crate) dir: DataDir,
+    pub(crate) store: Store,
     svid_lifetime: Duration,
-    snapshot: watch::Sender<Arc<Snapshot>>,
-    admin_id: SpiffeId,
+    pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
+    pub(crate) admin_id: SpiffeId,
+    pub(crate) proxies: Arc<Registry>,
 }
 
 impl State {
@@ -43,8 +42,8 @@ impl State {
         store: Store,
         svid_lifetime: Duration,
     ) -> Result<State, ControlError> {
-        let (revision, resources) = store.policies()?;
-        tracing::info!(revision, policies = resources.len(), dir = %dir.path().display(), "loaded policies");
+        let (revision, resources) = store.resources()?;
+        tracing::info!(revision, resources = resources.len(), dir = %dir.path().display(), "loaded resources");
         let admin_id = SpiffeId::parse(&format!(
             "spiffe://{}{ADMIN_ID_PATH}",
             dir.ca.trust_domain()
@@ -58,6 +57,7 @@ impl State {
                 resources,
             })),
             admin_id,
+            proxies: Arc::new(Registry::default()),
         })
     }
 
@@ -84,33 +84,70 @@ impl State {
         vec![self.dir.ca.cert_der().to_vec()]
     }
 
-    fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        match caller(req)? {
-            id if id == self.admin_id => Ok(()),
-            id => Err(Status::permission_denied(format!(
+    /// Refuses the call unless it comes from the admin credential; returns who it is for the
+    /// audit log: the verified identity and the user name the CLI claims.
+    pub(crate) fn require_admin<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let id = caller(req)?;
+        if id != self.admin_id {
+            return Err(Status::permission_denied(format!(
                 "this call needs the admin credential; {id} is not an admin"
-            ))),
+            )));
         }
+        let user = req
+            .metadata()
+            .get("x-bulkhead-user")
+            .and_then(|v| v.to_str().ok())
+            .filter(|u| !u.is_empty() && u.len() <= 64 && u.bytes().all(|b| b.is_ascii_graphic()));
+        Ok(match user {
+            Some(u) => format!("{id} (user {u})"),
+            None => id.to_string(),
+        })
+    }
+
+    /// Checks that `set` compiles as a whole; the errors of resources with an origin point
+    /// into the operator's file.
+    pub(crate) fn check(&self, set: &[Resource], origins: &[Option<Origin>]) -> Result<(), Status> {
+        PolicySet::compile_with_origins(set, origins, 0)
+            .map(|_| ())
+            .map_err(|errors| {
+                let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                Status::invalid_argument(text.join("\n"))
+            })
+    }
+
+    /// Stores `set` as a new revision and pushes it to every proxy.
+    pub(crate) fn commit(
+        &self,
+        set: &[Resource],
+        actor: &str,
+        action: &str,
+    ) -> Result<(u64, Vec<(String, crate::store::Change)>), Status> {
+        let (revision, changes) = self
+            .store
+            .commit(set, actor, action, unix_now())
+            .map_err(internal)?;
+        if revision != self.snapshot.borrow().revision {
+            let (revision, resources) = self.store.resources().map_err(internal)?;
+            self.snapshot.send_replace(Arc::new(Snapshot {
+                revision,
+                resources,
+            }));
+            tracing::info!(revision, actor, action, "new revision pushed");
+        }
+        Ok((revision, changes))
     }
 }
 
-fn caller<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
+pub(crate) fn caller<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
     req.extensions()
         .get::<PeerInfo>()
         .and_then(|p| p.identity.clone())
         .ok_or_else(|| Status::unauthenticated("this call needs a client certificate (mTLS)"))
 }
 
-fn internal(e: ControlError) -> Status {
+pub(crate) fn internal(e: ControlError) -> Status {
     tracing::error!(error = %e, "internal error");
     Status::internal(e.to_string())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Why a join was refused.
@@ -182,6 +219,27 @@ impl Identity for State {
 
 type ConfigStream = Pin<Box<dyn Stream<Item = Result<pb::ProxyConfig, Status>> + Send>>;
 
+impl State {
+    /// The caller's identity, if it is bound to `workload` (by the join token it used).
+    fn bound_caller<T>(
+        &self,
+        req: &Request<T>,
+        workload: &ResourceName,
+    ) -> Result<SpiffeId, Status> {
+        let id = caller(req)?;
+        if !self
+            .store
+            .is_bound(id.as_str(), workload)
+            .map_err(internal)?
+        {
+            return Err(Status::permission_denied(format!(
+                "{id} may not read or report the configuration of workload {workload}: no join token bound it to that workload"
+            )));
+        }
+        Ok(id)
+    }
+}
+
 #[tonic::async_trait]
 impl Config for State {
     type WatchStream = ConfigStream;
@@ -190,34 +248,57 @@ impl Config for State {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<ConfigStream>, Status> {
-        let id = caller(&req)?;
-        let r = req.into_inner();
         let workload = ResourceName {
-            namespace: r.namespace,
-            name: r.workload,
+            namespace: req.get_ref().namespace.clone(),
+            name: req.get_ref().workload.clone(),
         };
-        if !self
-            .store
-            .is_bound(id.as_str(), &workload)
-            .map_err(internal)?
-        {
-            return Err(Status::permission_denied(format!(
-                "{id} may not read the configuration of workload {workload}: no join token bound it to that workload"
-            )));
-        }
+        let id = self.bound_caller(&req, &workload)?;
+        let peer = req.extensions().get::<PeerInfo>().cloned();
+        let remote = peer
+            .as_ref()
+            .map(|p| p.remote.to_string())
+            .unwrap_or_default();
+        let not_after = peer.and_then(|p| p.cert_not_after).unwrap_or(0);
         tracing::info!(spiffe_id = %id, %workload, "proxy watching configuration");
+        let connection = self
+            .proxies
+            .connect(id.as_str(), &workload, remote, not_after);
+        let registry = self.proxies.clone();
         let rx = self.snapshot.subscribe();
-        let stream = futures_util::stream::unfold((rx, true), move |(mut rx, first)| {
+        let state = (rx, true, connection);
+        let stream = futures_util::stream::unfold(state, move |(mut rx, first, connection)| {
             let workload = workload.clone();
+            let id = id.clone();
+            let registry = registry.clone();
             async move {
                 if !first && rx.changed().await.is_err() {
                     return None;
                 }
                 let snap = rx.borrow_and_update().clone();
-                Some((Ok(config_for(&snap, &workload)), (rx, false)))
+                registry.sent(id.as_str(), &workload, snap.revision);
+                Some((Ok(config_for(&snap, &workload)), (rx, false, connection)))
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let workload = ResourceName {
+            namespace: req.get_ref().namespace.clone(),
+            name: req.get_ref().workload.clone(),
+        };
+        let id = self.bound_caller(&req, &workload)?;
+        let r = req.into_inner();
+        if r.accepted {
+            tracing::debug!(spiffe_id = %id, %workload, revision = r.revision, "ACK");
+            self.proxies.ack(id.as_str(), &workload, r.revision, None);
+        } else {
+            let error: String = r.error.chars().take(2000).collect();
+            tracing::warn!(spiffe_id = %id, %workload, revision = r.revision, error, "NACK: the proxy refused this revision and keeps its last good one");
+            self.proxies
+                .ack(id.as_str(), &workload, r.revision, Some(error));
+        }
+        Ok(Response::new(pb::AckResponse {}))
     }
 }
 
@@ -229,137 +310,5 @@ fn config_for(snap: &Snapshot, workload: &ResourceName) -> pb::ProxyConfig {
             .iter()
             .map(resource_to_wire)
             .collect(),
-    }
-}
-
-#[tonic::async_trait]
-impl Admin for State {
-    async fn create_token(
-        &self,
-        req: Request<pb::CreateTokenRequest>,
-    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        self.require_admin(&req)?;
-        let r = req.into_inner();
-        let id =
-            SpiffeId::parse(&r.spiffe_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if id.trust_domain() != self.trust_domain() {
-            return Err(Status::invalid_argument(format!(
-                "{id} is outside this control plane's trust domain {}",
-                self.trust_domain()
-            )));
-        }
-        let pick = |given: String, derived: Option<&str>, what: &str| {
-            let v = if given.is_empty() {
-                derived.unwrap_or_default().to_string()
-            } else {
-                given
-            };
-            if v.is_empty() {
-                return Err(Status::invalid_argument(format!(
-                    "{id} is not of the form spiffe://<td>/ns/<namespace>/sa/<account>; pass --{what}"
-                )));
-            }
-            if !bulkhead_policy::is_valid_name(&v) {
-                return Err(Status::invalid_argument(format!(
-                    "{what} {v:?} is not a valid name (lowercase letters, digits, '-')"
-                )));
-            }
-            Ok(v)
-        };
-        let namespace = pick(r.namespace, id.namespace(), "namespace")?;
-        let workload = pick(r.workload, id.service_account(), "workload")?;
-        let ttl = match r.ttl_seconds {
-            0 => DEFAULT_TOKEN_TTL,
-            s => Duration::from_secs(s),
-        };
-        if ttl > MAX_TOKEN_TTL {
-            return Err(Status::invalid_argument(
-                "token lifetime may be at most 30 days",
-            ));
-        }
-        let uses = if r.max_uses == 0 { 1 } else { r.max_uses };
-        let (token_id, secret_sha256, token) = tokens::mint();
-        let expires_unix = unix_now() + ttl.as_secs();
-        let record = TokenRecord {
-            secret_sha256,
-            spiffe_id: id.to_string(),
-            namespace,
-            workload,
-            expires_unix,
-            uses_left: uses,
-        };
-        self.store
-            .insert_token(&token_id, &record)
-            .map_err(internal)?;
-        tracing::info!(token_id, spiffe_id = %id, namespace = record.namespace, workload = record.workload, uses, "join token created");
-        Ok(Response::new(pb::CreateTokenResponse {
-            token,
-            expires_unix,
-        }))
-    }
-
-    async fn apply(
-        &self,
-        req: Request<pb::ApplyRequest>,
-    ) -> Result<Response<pb::ApplyResponse>, Status> {
-        self.require_admin(&req)?;
-        let r = req.into_inner();
-        let parsed = bulkhead_policy::parse_file(&r.file, &r.yaml)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // The whole set after this apply must compile: a change that would leave any policy
-        // unenforceable (say, a port re-declared as tcp under an HTTP rule) is refused.
-        let current = self.snapshot.borrow().resources.clone();
-        let new_keys: std::collections::HashSet<String> =
-            parsed.iter().map(|(r, _)| r.key()).collect();
-        let mut merged: Vec<Resource> = Vec::new();
-        let mut origins = Vec::new();
-        for r in current.into_iter().filter(|r| !new_keys.contains(&r.key())) {
-            merged.push(r);
-            origins.push(None);
-        }
-        for (r, o) in &parsed {
-            merged.push(r.clone());
-            origins.push(Some(o.clone()));
-        }
-        if let Err(errors) = bulkhead_policy::PolicySet::compile_with_origins(&merged, &origins, 0)
-        {
-            let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-            return Err(Status::invalid_argument(text.join("\n")));
-        }
-        let resources: Vec<Resource> = parsed.into_iter().map(|(r, _)| r).collect();
-        let (revision, changes) = self.store.apply(&resources).map_err(internal)?;
-        let (revision, all) = match changes.iter().any(|(_, c)| *c != Change::Unchanged) {
-            true => self.store.policies().map_err(internal)?,
-            false => (revision, self.snapshot.borrow().resources.clone()),
-        };
-        self.snapshot.send_replace(Arc::new(Snapshot {
-            revision,
-            resources: all,
-        }));
-        let applied = changes
-            .iter()
-            .map(|(key, change)| {
-                let verb = match change {
-                    Change::Created => "created",
-                    Change::Configured => "configured",
-                    Change::Unchanged => "unchanged",
-                };
-                format!("{key} {verb}")
-            })
-            .collect();
-        tracing::info!(revision, file = r.file, "policy applied");
-        Ok(Response::new(pb::ApplyResponse { revision, applied }))
-    }
-
-    async fn list_policies(
-        &self,
-        req: Request<pb::ListPoliciesRequest>,
-    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
-        self.require_admin(&req)?;
-        let snap = self.snapshot.borrow().clone();
-        Ok(Response::new(pb::ListPoliciesResponse {
-            revision: snap.revision,
-            resources: snap.resources.iter().map(resource_to_wire).collect(),
-        }))
     }
 }

@@ -1,15 +1,21 @@
-//! The embedded store (redb in the data directory): policies with a revision counter, join
+//! The embedded store (redb in the data directory): the current resources, every revision
+//! of the set with who made it and when (the audit log, and what rollback restores), join
 //! tokens (hashed), and which identity may fetch which workload's configuration.
+//!
+//! Each revision keeps the whole set, so a rollback restores it exactly. That costs the size
+//! of the set per change; pruning old revisions is future work.
 
 use crate::error::ControlError;
 use crate::tokens::{TokenError, TokenRecord, same_hash};
 use bulkhead_policy::model::{Resource, ResourceName};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-const POLICIES: TableDefinition<&str, &str> = TableDefinition::new("policies");
+const RESOURCES: TableDefinition<&str, &str> = TableDefinition::new("resources");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const REVISIONS: TableDefinition<u64, &str> = TableDefinition::new("revisions");
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 const BINDINGS: TableDefinition<&str, u64> = TableDefinition::new("bindings");
 
@@ -18,12 +24,36 @@ pub(crate) struct Store {
     path: PathBuf,
 }
 
-/// How one resource in an apply changed the stored set.
+/// How one resource changed between two sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Change {
     Created,
     Configured,
     Unchanged,
+    Deleted,
+}
+
+impl Change {
+    pub(crate) fn word(self) -> &'static str {
+        match self {
+            Change::Created => "created",
+            Change::Configured => "configured",
+            Change::Unchanged => "unchanged",
+            Change::Deleted => "deleted",
+        }
+    }
+}
+
+/// One entry of the audit log: a revision of the set, who made it, when and how.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RevisionRecord {
+    pub revision: u64,
+    pub time_unix: u64,
+    pub actor: String,
+    pub action: String,
+    pub changes: Vec<String>,
+    /// The whole set at this revision, as resource JSON.
+    pub resources: Vec<String>,
 }
 
 impl Store {
@@ -38,8 +68,9 @@ impl Store {
             path: path.to_path_buf(),
         };
         store.write(|txn| {
-            txn.open_table(POLICIES)?;
+            txn.open_table(RESOURCES)?;
             txn.open_table(META)?;
+            txn.open_table(REVISIONS)?;
             txn.open_table(TOKENS)?;
             txn.open_table(BINDINGS)?;
             Ok(())
@@ -64,8 +95,8 @@ impl Store {
         Ok(out)
     }
 
-    /// The current revision and every stored policy resource.
-    pub(crate) fn policies(&self) -> Result<(u64, Vec<Resource>), ControlError> {
+    /// The current revision and every stored resource.
+    pub(crate) fn resources(&self) -> Result<(u64, Vec<Resource>), ControlError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
         let revision = meta
@@ -73,50 +104,124 @@ impl Store {
             .map_err(|e| self.err(e))?
             .map(|v| v.value())
             .unwrap_or(0);
-        let table = txn.open_table(POLICIES).map_err(|e| self.err(e))?;
+        let table = txn.open_table(RESOURCES).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| self.err(e))? {
             let (key, json) = row.map_err(|e| self.err(e))?;
-            let res = Resource::from_json(json.value()).map_err(|e| ControlError::Store {
-                path: self.path.clone(),
-                message: format!("stored resource {} is unreadable: {e}", key.value()),
-            })?;
-            out.push(res);
+            out.push(self.decode(key.value(), json.value())?);
         }
         Ok((revision, out))
     }
 
-    /// Upserts `resources` in one transaction, bumping the revision if anything changed.
-    pub(crate) fn apply(
+    fn decode(&self, key: &str, json: &str) -> Result<Resource, ControlError> {
+        Resource::from_json(json).map_err(|e| ControlError::Store {
+            path: self.path.clone(),
+            message: format!("stored resource {key} is unreadable: {e}"),
+        })
+    }
+
+    /// Makes `set` the current set as a new revision, recording who did it and how, in one
+    /// transaction. Returns the revision and what changed per resource; nothing is written
+    /// if nothing changed.
+    pub(crate) fn commit(
         &self,
-        resources: &[Resource],
+        set: &[Resource],
+        actor: &str,
+        action: &str,
+        now_unix: u64,
     ) -> Result<(u64, Vec<(String, Change)>), ControlError> {
+        let new: BTreeMap<String, String> = set.iter().map(|r| (r.key(), r.to_json())).collect();
         self.write(|txn| {
-            let mut table = txn.open_table(POLICIES)?;
-            let mut changes = Vec::with_capacity(resources.len());
-            for res in resources {
-                let key = res.key();
-                let json = res.to_json();
-                let change = match table.get(key.as_str())? {
+            let mut table = txn.open_table(RESOURCES)?;
+            let mut old = BTreeMap::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                old.insert(k.value().to_string(), v.value().to_string());
+            }
+            let mut changes = Vec::new();
+            for (key, json) in &new {
+                let change = match old.get(key) {
                     None => Change::Created,
-                    Some(old) if old.value() == json => Change::Unchanged,
+                    Some(o) if o == json => Change::Unchanged,
                     Some(_) => Change::Configured,
                 };
-                if change != Change::Unchanged {
-                    table.insert(key.as_str(), json.as_str())?;
-                }
-                changes.push((key, change));
+                changes.push((key.clone(), change));
+            }
+            for key in old.keys().filter(|k| !new.contains_key(*k)) {
+                changes.push((key.clone(), Change::Deleted));
             }
             let mut meta = txn.open_table(META)?;
             let current = meta.get("revision")?.map(|v| v.value()).unwrap_or(0);
-            let revision = if changes.iter().any(|(_, c)| *c != Change::Unchanged) {
-                current + 1
-            } else {
-                current
-            };
+            if changes.iter().all(|(_, c)| *c == Change::Unchanged) {
+                return Ok((current, changes));
+            }
+            for (key, change) in &changes {
+                match change {
+                    Change::Deleted => {
+                        table.remove(key.as_str())?;
+                    }
+                    Change::Created | Change::Configured => {
+                        table.insert(key.as_str(), new[key].as_str())?;
+                    }
+                    Change::Unchanged => {}
+                }
+            }
+            let revision = current + 1;
             meta.insert("revision", revision)?;
+            let record = RevisionRecord {
+                revision,
+                time_unix: now_unix,
+                actor: actor.to_string(),
+                action: action.to_string(),
+                changes: changes
+                    .iter()
+                    .filter(|(_, c)| *c != Change::Unchanged)
+                    .map(|(k, c)| format!("{k} {}", c.word()))
+                    .collect(),
+                resources: new.values().cloned().collect(),
+            };
+            let json = serde_json::to_string(&record).unwrap_or_default();
+            txn.open_table(REVISIONS)?.insert(revision, json.as_str())?;
             Ok((revision, changes))
         })
+    }
+
+    /// The newest `limit` revisions, newest first, without their sets.
+    pub(crate) fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, ControlError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(REVISIONS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))?.rev().take(limit) {
+            let (_, json) = row.map_err(|e| self.err(e))?;
+            if let Ok(mut rec) = serde_json::from_str::<RevisionRecord>(json.value()) {
+                rec.resources.clear();
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The whole set as it was at `revision` (0 is the empty set before the first change).
+    pub(crate) fn set_at(&self, revision: u64) -> Result<Option<Vec<Resource>>, ControlError> {
+        if revision == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(REVISIONS).map_err(|e| self.err(e))?;
+        let Some(json) = table.get(revision).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let rec: RevisionRecord =
+            serde_json::from_str(json.value()).map_err(|e| ControlError::Store {
+                path: self.path.clone(),
+                message: format!("revision {revision} is unreadable: {e}"),
+            })?;
+        let set = rec
+            .resources
+            .iter()
+            .map(|j| self.decode(&format!("in revision {revision}"), j))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(set))
     }
 
     pub(crate) fn insert_token(&self, id: &str, record: &TokenRecord) -> Result<(), ControlError> {

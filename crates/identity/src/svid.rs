@@ -177,6 +177,13 @@ pub fn spiffe_id_of(cert_der: &[u8]) -> Result<SpiffeId, SvidError> {
     }
 }
 
+/// When a certificate stops being valid, if it parses.
+pub fn not_after_of(cert_der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// The `spiffe://<trust-domain>` URI SAN of a CA certificate, if it has one.
 pub(crate) fn ca_uri_san(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(cert_der).ok()?;

@@ -610,17 +610,30 @@ fn more_errors_name_file_line_column() {
 fn fixes_from_review() {
     // A deny rule made only of negations still fires when the attribute is missing: an ID
     // with no /ns/ segment is outside every namespace list.
-    let p = policy("orders-all", "orders", "  action: allow\n", "    - name: anyone\n")
-        + &policy(
-            "orders-only-shop",
-            "orders",
-            "  action: deny\n",
-            "    - name: outsiders\n      from: {notNamespaces: [shop]}\n",
-        );
-    check(&p, &[
-        (ingress("shop/orders", "spiffe://td/batch/job", "GET", "/"), "denied by policy shop/orders-only-shop rule outsiders (revision 7)"),
-        (ingress("shop/orders", FRONTEND, "GET", "/"), "allowed by policy shop/orders-all rule anyone (revision 7)"),
-    ]);
+    let p = policy(
+        "orders-all",
+        "orders",
+        "  action: allow\n",
+        "    - name: anyone\n",
+    ) + &policy(
+        "orders-only-shop",
+        "orders",
+        "  action: deny\n",
+        "    - name: outsiders\n      from: {notNamespaces: [shop]}\n",
+    );
+    check(
+        &p,
+        &[
+            (
+                ingress("shop/orders", "spiffe://td/batch/job", "GET", "/"),
+                "denied by policy shop/orders-only-shop rule outsiders (revision 7)",
+            ),
+            (
+                ingress("shop/orders", FRONTEND, "GET", "/"),
+                "allowed by policy shop/orders-all rule anyone (revision 7)",
+            ),
+        ],
+    );
 
     // A bare `header:` requires the header; gRPC services and methods add up.
     let p = policy(
@@ -636,28 +649,66 @@ fn fixes_from_review() {
         ..ingress("shop/payments", ORDERS, "POST", path)
     };
     let traced: &'static [(&str, &str)] = &[("traceparent", "00-1-2-01")];
-    check(&p, &[
-        (rpc("/shop.Ledger/Append", traced), "allowed by policy shop/payments-rpc rule traced (revision 7)"),
-        (rpc("/shop.Payments/Charge", traced), "allowed by policy shop/payments-rpc rule traced (revision 7)"),
-        (rpc("/shop.Payments/Refund", traced), "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-rpc rule traced matched the port and header but not gRPC method /shop.Payments/Refund"),
-        (rpc("/shop.Ledger/Append", &[]), "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-rpc rule traced matched the port and gRPC method but not header traceparent (absent)"),
-    ]);
+    check(
+        &p,
+        &[
+            (
+                rpc("/shop.Ledger/Append", traced),
+                "allowed by policy shop/payments-rpc rule traced (revision 7)",
+            ),
+            (
+                rpc("/shop.Payments/Charge", traced),
+                "allowed by policy shop/payments-rpc rule traced (revision 7)",
+            ),
+            (
+                rpc("/shop.Payments/Refund", traced),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-rpc rule traced matched the port and header but not gRPC method /shop.Payments/Refund",
+            ),
+            (
+                rpc("/shop.Ledger/Append", &[]),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-rpc rule traced matched the port and gRPC method but not header traceparent (absent)",
+            ),
+        ],
+    );
 
     // HTTP conditions on a workload that declares no ports are refused.
     let decl = "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: bare, namespace: shop}\nspec:\n  identity: spiffe://td/ns/shop/sa/bare\n---\n";
-    let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &(decl.to_string() + &HEAD.replace("workload: payments", "workload: bare") + "  action: deny\n  rules:\n    - to: {paths: [\"/admin\"]}\n"))]);
+    let got = first_error(&[
+        ("decl.yaml", DECLARATIONS),
+        (
+            "p.yaml",
+            &(decl.to_string()
+                + &HEAD.replace("workload: payments", "workload: bare")
+                + "  action: deny\n  rules:\n    - to: {paths: [\"/admin\"]}\n"),
+        ),
+    ]);
     assert!(got.starts_with("p.yaml:17:11: policy shop/p rule rules[0] uses paths on workload shop/bare, whose Workload declares no ports"), "{got}");
 
     // The audit part of the header prefixes both of its keys.
-    let p = policy("orders-all", "orders", "  action: allow\n", "    - name: anyone\n")
-        + &policy("orders-staged", "orders", "  action: deny\n  mode: audit\n", "    - name: staged\n");
-    let files = vec![("decl.yaml".to_string(), DECLARATIONS.to_string()), ("p.yaml".to_string(), p)];
+    let p = policy(
+        "orders-all",
+        "orders",
+        "  action: allow\n",
+        "    - name: anyone\n",
+    ) + &policy(
+        "orders-staged",
+        "orders",
+        "  action: deny\n  mode: audit\n",
+        "    - name: staged\n",
+    );
+    let files = vec![
+        ("decl.yaml".to_string(), DECLARATIONS.to_string()),
+        ("p.yaml".to_string(), p),
+    ];
     let (_, set) = load(&files, 2).unwrap();
     let w = wref("shop/orders");
     let d = set.evaluate(&Request {
         direction: Direction::Ingress,
         subject: &w,
-        peer: Peer { identity: Some(ORDERS), ..Peer::default() },
+        peer: Peer {
+            identity: Some(ORDERS),
+            ..Peer::default()
+        },
         port: 8080,
         protocol: Protocol::Http,
         http: None,

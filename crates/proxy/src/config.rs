@@ -21,6 +21,9 @@ pub struct Config {
     pub upstreams: Vec<UpstreamSpec>,
     pub ready_file: Option<PathBuf>,
     pub first_config_wait: Duration,
+    /// A configuration with more compiled rules than this is refused (NACK) and the last good
+    /// one stays in force: a bound on the memory a control plane can make a proxy use.
+    pub max_policy_rules: usize,
 }
 
 /// A join token: a secret, shown to nobody.

@@ -95,7 +95,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         upstreams.insert(up.name.clone(), addr);
     }
 
-    let mut first = watch::spawn(config.control, shared.clone());
+    let mut first = watch::spawn(config.control, shared.clone(), config.max_policy_rules);
     let revision = match tokio::time::timeout(
         config.first_config_wait,
         first.wait_for(|r| r.is_some()),

@@ -44,6 +44,10 @@ struct Args {
     /// Write the bound addresses and identity here as JSON once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Refuse (NACK) any configuration with more compiled rules than this, keeping the last
+    /// good one: a bound on the memory the control plane can make this proxy use.
+    #[arg(long, default_value_t = 100_000)]
+    max_policy_rules: usize,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -90,6 +94,7 @@ impl Args {
             upstreams: self.upstreams,
             ready_file: self.ready_file,
             first_config_wait: Duration::from_secs(10),
+            max_policy_rules: self.max_policy_rules,
         })
     }
 }

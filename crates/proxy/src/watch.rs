@@ -6,7 +6,7 @@ use crate::Shared;
 use crate::bootstrap::control_identity;
 use bulkhead_api::channel;
 use bulkhead_api::v1::config_client::ConfigClient;
-use bulkhead_api::v1::{ProxyConfig, WatchRequest};
+use bulkhead_api::v1::{AckRequest, ProxyConfig, WatchRequest};
 use bulkhead_identity::tls::{ExpectedServer, client_config};
 use bulkhead_policy::PolicySet;
 use std::net::SocketAddr;
@@ -17,7 +17,11 @@ use tokio::sync::watch;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Starts following; the receiver reports the revision in force once one has arrived.
-pub(crate) fn spawn(control: SocketAddr, shared: Arc<Shared>) -> watch::Receiver<Option<u64>> {
+pub(crate) fn spawn(
+    control: SocketAddr,
+    shared: Arc<Shared>,
+    max_rules: usize,
+) -> watch::Receiver<Option<u64>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let tls = match control_identity(&shared.bundle).and_then(|id| {
@@ -48,8 +52,20 @@ pub(crate) fn spawn(control: SocketAddr, shared: Arc<Shared>) -> watch::Receiver
                         match stream.message().await {
                             Ok(Some(config)) => {
                                 backoff = Duration::from_millis(200);
-                                if let Some(rev) = apply(&shared, config) {
-                                    tx.send_replace(Some(rev));
+                                let revision = config.revision;
+                                let outcome = apply(&shared, config, max_rules);
+                                if outcome.is_ok() {
+                                    tx.send_replace(Some(revision));
+                                }
+                                let ack = AckRequest {
+                                    namespace: request.namespace.clone(),
+                                    workload: request.workload.clone(),
+                                    revision,
+                                    accepted: outcome.is_ok(),
+                                    error: outcome.err().unwrap_or_default(),
+                                };
+                                if let Err(status) = client.clone().ack(ack).await {
+                                    tracing::warn!(revision, error = %status.message(), "could not report the configuration's status");
                                 }
                             }
                             Ok(None) => {
@@ -77,25 +93,30 @@ pub(crate) fn spawn(control: SocketAddr, shared: Arc<Shared>) -> watch::Receiver
 }
 
 /// Decodes and compiles a configuration; on any error keeps the current one.
-fn apply(shared: &Shared, config: ProxyConfig) -> Option<u64> {
+fn apply(shared: &Shared, config: ProxyConfig, max_rules: usize) -> Result<(), String> {
     let current = shared.policies.load().revision();
-    let decoded: Result<Vec<_>, _> = config
+    let outcome = config
         .resources
         .iter()
         .map(bulkhead_api::resource_from_wire)
-        .collect();
-    let compiled = decoded.map_err(|e| e.to_string()).and_then(|resources| {
-        PolicySet::compile(&resources, config.revision)
-            .map(|set| (set, resources.len()))
-            .map_err(|errors| {
-                errors
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            })
-    });
-    match compiled {
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+        .and_then(|resources| {
+            PolicySet::compile(&resources, config.revision)
+                .map(|set| (set, resources.len()))
+                .map_err(|errors| {
+                    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                    text.join("; ")
+                })
+        })
+        .and_then(|(set, count)| match set.rule_count() {
+            n if n > max_rules => Err(format!(
+                "revision {} has {n} rules for this proxy; it accepts at most {max_rules} (--max-policy-rules)",
+                config.revision
+            )),
+            _ => Ok((set, count)),
+        });
+    match outcome {
         Ok((set, count)) => {
             shared.policies.store(Arc::new(set));
             tracing::info!(
@@ -103,11 +124,11 @@ fn apply(shared: &Shared, config: ProxyConfig) -> Option<u64> {
                 resources = count,
                 "policy revision in force"
             );
-            Some(config.revision)
+            Ok(())
         }
         Err(e) => {
             tracing::error!(revision = config.revision, error = %e, kept = current, "refused configuration; keeping the last good one");
-            None
+            Err(e)
         }
     }
 }

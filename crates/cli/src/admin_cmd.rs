@@ -1,0 +1,237 @@
+//! The admin verbs: they talk to the control plane with the admin credential and print for a
+//! person (table) or a program (json, yaml).
+
+use crate::client;
+use anyhow::{Context, Result, bail};
+use bulkhead_api::v1::admin_client::AdminClient;
+use bulkhead_api::v1::{
+    ApplyRequest, ApplyResponse, DeleteRequest, GetRequest, HistoryRequest, ListProxiesRequest,
+    RollbackRequest,
+};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tonic::transport::Channel;
+
+type Admin = AdminClient<Channel>;
+
+/// A request carrying the operator's login name for the audit log.
+pub fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    if let Ok(v) = user.parse() {
+        req.metadata_mut().insert("x-bulkhead-user", v);
+    }
+    req
+}
+
+fn print_changes(resp: &ApplyResponse) {
+    for line in &resp.applied {
+        println!("{line}");
+    }
+    println!("revision {}", resp.revision);
+}
+
+pub async fn apply(admin: &mut Admin, file: &Path) -> Result<()> {
+    let yaml =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let resp = admin
+        .apply(request(ApplyRequest {
+            file: file.display().to_string(),
+            yaml,
+        }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    print_changes(&resp);
+    Ok(())
+}
+
+/// Deletes the resources a file names, or `Kind/namespace/name` keys.
+pub async fn delete(admin: &mut Admin, file: Option<&Path>, keys: Vec<String>) -> Result<()> {
+    let mut keys = keys;
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let resources = bulkhead_policy::parse_documents(&file.display().to_string(), &text)?;
+        keys.extend(resources.iter().map(|r| r.key()));
+    }
+    if keys.is_empty() {
+        bail!("nothing to delete: pass -f FILE or Kind/namespace/name keys");
+    }
+    let resp = admin
+        .delete(request(DeleteRequest { keys }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    print_changes(&resp);
+    Ok(())
+}
+
+/// `what`: all, policies, workloads, services, postures, or proxies.
+pub async fn get(admin: &mut Admin, what: &str, output: &str) -> Result<()> {
+    let kind = match what {
+        "all" => "",
+        "policies" | "policy" | "authorizationpolicies" => "AuthorizationPolicy",
+        "workloads" | "workload" => "Workload",
+        "services" | "service" => "Service",
+        "postures" | "posture" | "defaultpostures" => "DefaultPosture",
+        "proxies" | "proxy" => return get_proxies(admin, output).await,
+        other => bail!(
+            "unknown resource type {other:?}; use all, policies, workloads, services, postures or proxies"
+        ),
+    };
+    let resp = admin
+        .get(request(GetRequest { kind: kind.into() }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let resources = resp
+        .resources
+        .iter()
+        .map(bulkhead_api::resource_from_wire)
+        .collect::<Result<Vec<_>, _>>()?;
+    match output {
+        "json" => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "revision": resp.revision, "items": resources })
+            )?
+        ),
+        "yaml" => {
+            for r in &resources {
+                print!("---\n{}", r.to_yaml());
+            }
+        }
+        _ => {
+            println!("{:<20} {:<12} {:<32} SUMMARY", "KIND", "NAMESPACE", "NAME");
+            for r in &resources {
+                let name = r.name();
+                println!(
+                    "{:<20} {:<12} {:<32} {}",
+                    r.kind(),
+                    name.namespace,
+                    name.name,
+                    r.summary()
+                );
+            }
+            println!("revision {}", resp.revision);
+        }
+    }
+    Ok(())
+}
+
+fn ago(unix: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match unix {
+        0 => "-".into(),
+        t if t > now => format!("in {}", human(t - now)),
+        t => format!("{} ago", human(now - t)),
+    }
+}
+
+fn human(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
+    let resp = admin
+        .list_proxies(request(ListProxiesRequest {}))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    if output != "table" {
+        let rows: Vec<serde_json::Value> = resp
+            .proxies
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "spiffeId": p.spiffe_id, "namespace": p.namespace, "workload": p.workload,
+                    "connected": p.connected, "sentRevision": p.sent_revision,
+                    "ackedRevision": p.acked_revision, "nackedRevision": p.nacked_revision,
+                    "nackError": p.nack_error, "lastContactUnix": p.last_contact_unix,
+                    "certNotAfterUnix": p.cert_not_after_unix, "remote": p.remote,
+                })
+            })
+            .collect();
+        match output {
+            "yaml" => print!("{}", serde_saphyr::to_string(&rows)?),
+            _ => println!("{}", serde_json::to_string_pretty(&rows)?),
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<46} {:<22} {:<10} {:<22} {:<12} CERT EXPIRES",
+        "IDENTITY", "WORKLOAD", "STREAM", "REVISION", "LAST SEEN"
+    );
+    for p in &resp.proxies {
+        let state = match (p.nacked_revision, p.acked_revision == p.sent_revision) {
+            (0, true) => format!("{} ACK", p.acked_revision),
+            (0, false) => format!("{} sent, {} ACK", p.sent_revision, p.acked_revision),
+            (n, _) => format!("{n} NACK, {} ACK", p.acked_revision),
+        };
+        println!(
+            "{:<46} {:<22} {:<10} {:<22} {:<12} {}",
+            p.spiffe_id,
+            format!("{}/{}", p.namespace, p.workload),
+            if p.connected { "open" } else { "closed" },
+            state,
+            ago(p.last_contact_unix),
+            ago(p.cert_not_after_unix),
+        );
+        if p.nacked_revision != 0 {
+            println!("  NACK of revision {}: {}", p.nacked_revision, p.nack_error);
+        }
+    }
+    Ok(())
+}
+
+pub async fn history(admin: &mut Admin, limit: u32, output: &str) -> Result<()> {
+    let resp = admin
+        .history(request(HistoryRequest { limit }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    if output == "json" {
+        let rows: Vec<serde_json::Value> = resp
+            .revisions
+            .iter()
+            .map(|r| serde_json::json!({"revision": r.revision, "timeUnix": r.time_unix, "actor": r.actor, "action": r.action, "changes": r.changes}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<9} {:<10} {:<30} ACTOR", "REVISION", "WHEN", "ACTION");
+    for r in &resp.revisions {
+        println!(
+            "{:<9} {:<10} {:<30} {}",
+            r.revision,
+            ago(r.time_unix),
+            r.action,
+            r.actor
+        );
+        for c in &r.changes {
+            println!("          {c}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn rollback(admin: &mut Admin, revision: u64) -> Result<()> {
+    let resp = admin
+        .rollback(request(RollbackRequest { revision }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    print_changes(&resp);
+    Ok(())
+}

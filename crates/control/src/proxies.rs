@@ -1,0 +1,110 @@
+//! What the control plane knows of each proxy: connected or not, which revision it was sent,
+//! which it put in force (ACK) or refused (NACK) and why, when it was last heard from, and
+//! when its certificate expires. In memory: it is rebuilt as proxies reconnect.
+
+use bulkhead_api::v1::ProxyStatus;
+use bulkhead_policy::model::ResourceName;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+type Key = (String, ResourceName);
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    proxies: Mutex<BTreeMap<Key, ProxyStatus>>,
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Marks a configuration stream open; dropping it marks the stream closed.
+pub(crate) struct Connection {
+    registry: Arc<Registry>,
+    key: Key,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.registry.update(&self.key, |p| {
+            p.connected = false;
+            p.last_contact_unix = unix_now();
+        });
+    }
+}
+
+impl Registry {
+    fn update(&self, key: &Key, f: impl FnOnce(&mut ProxyStatus)) {
+        // A poisoned lock only means another request panicked mid-update; the map is still
+        // a best-effort status view, so keep serving it.
+        let mut map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = map.get_mut(key) {
+            f(p);
+        }
+    }
+
+    pub(crate) fn connect(
+        self: &Arc<Self>,
+        spiffe_id: &str,
+        workload: &ResourceName,
+        remote: String,
+        cert_not_after_unix: u64,
+    ) -> Connection {
+        let key = (spiffe_id.to_string(), workload.clone());
+        let mut map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        let p = map.entry(key.clone()).or_insert_with(|| ProxyStatus {
+            spiffe_id: spiffe_id.to_string(),
+            namespace: workload.namespace.clone(),
+            workload: workload.name.clone(),
+            ..ProxyStatus::default()
+        });
+        p.connected = true;
+        p.remote = remote;
+        p.cert_not_after_unix = cert_not_after_unix;
+        p.last_contact_unix = unix_now();
+        Connection {
+            registry: self.clone(),
+            key,
+        }
+    }
+
+    pub(crate) fn sent(&self, spiffe_id: &str, workload: &ResourceName, revision: u64) {
+        self.update(&(spiffe_id.to_string(), workload.clone()), |p| {
+            p.sent_revision = revision;
+        });
+    }
+
+    pub(crate) fn ack(
+        &self,
+        spiffe_id: &str,
+        workload: &ResourceName,
+        revision: u64,
+        error: Option<String>,
+    ) {
+        self.update(&(spiffe_id.to_string(), workload.clone()), |p| {
+            p.last_contact_unix = unix_now();
+            match error {
+                None => {
+                    p.acked_revision = revision;
+                    if p.nacked_revision <= revision {
+                        p.nacked_revision = 0;
+                        p.nack_error.clear();
+                    }
+                }
+                Some(e) => {
+                    p.nacked_revision = revision;
+                    p.nack_error = e;
+                }
+            }
+        });
+    }
+
+    pub(crate) fn list(&self) -> Vec<ProxyStatus> {
+        let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().cloned().collect()
+    }
+}
