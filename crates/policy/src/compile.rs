@@ -72,23 +72,79 @@ impl PolicySet {
     }
 }
 
-/// The resources a workload's proxy needs: the policies that protect it (either direction)
-/// and the declarations policies are resolved against.
+/// The resources a workload's proxy needs, and no more: the policies that protect it (either
+/// direction), its own Workload declaration, the declarations those policies refer to
+/// (caller labels, destination workloads and services), and the postures of the mesh and its
+/// namespace. A proxy learns nothing else about the mesh.
 pub fn relevant_to(resources: &[Resource], workload: &WorkloadRef) -> Vec<Resource> {
     let mut errors = Errors {
         list: Vec::new(),
         origins: &[],
     };
     let declared = declarations(resources, &mut errors);
+    let mut wanted_workloads: HashSet<WorkloadRef> = HashSet::from([workload.clone()]);
+    let mut wanted_services: HashSet<ResourceName> = HashSet::new();
+    let mut label_sets: Vec<&BTreeMap<String, String>> = Vec::new();
+    let mut keep = vec![false; resources.len()];
+    for (i, r) in resources.iter().enumerate() {
+        let Resource::AuthorizationPolicy(doc) = r else {
+            continue;
+        };
+        let ns = r.name().namespace;
+        if !subjects_of(&doc.spec.selector, &ns, &declared).contains(workload) {
+            continue;
+        }
+        keep[i] = true;
+        for rule in &doc.spec.rules {
+            if let Some(from) = rule
+                .from
+                .as_ref()
+                .filter(|f| !f.value.workload_labels.is_empty())
+            {
+                label_sets.push(&from.value.workload_labels);
+            }
+            if let Some(to) = &rule.to {
+                wanted_workloads.extend(
+                    to.value
+                        .workloads
+                        .iter()
+                        .map(|w| workload_ref(&w.value, &ns)),
+                );
+                for s in &to.value.services {
+                    let sref = workload_ref(&s.value, &ns);
+                    if let Some(svc) = declared.services.get(&sref) {
+                        wanted_workloads.extend(subjects_of(
+                            &svc.spec.selector,
+                            &sref.namespace,
+                            &declared,
+                        ));
+                    }
+                    wanted_services.insert(sref);
+                }
+            }
+        }
+    }
+    for (i, r) in resources.iter().enumerate() {
+        keep[i] |= match r {
+            Resource::AuthorizationPolicy(_) => false,
+            Resource::Workload(doc) => {
+                wanted_workloads.contains(&r.name())
+                    || label_sets
+                        .iter()
+                        .any(|want| labels_match(want, &doc.metadata.labels))
+            }
+            Resource::Service(_) => wanted_services.contains(&r.name()),
+            Resource::DefaultPosture(doc) => match &doc.metadata.namespace {
+                None => true,
+                Some(ns) => ns.value.as_str() == workload.namespace,
+            },
+        };
+    }
     resources
         .iter()
-        .filter(|r| match r {
-            Resource::AuthorizationPolicy(doc) => {
-                subjects_of(&doc.spec.selector, &r.name().namespace, &declared).contains(workload)
-            }
-            _ => true,
-        })
-        .cloned()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|(r, _)| r.clone())
         .collect()
 }
 

@@ -719,3 +719,94 @@ fn fixes_from_review() {
         "allow; policy=shop/orders-all; rule=anyone; revision=2; audit=would-deny; audit-policy=shop/orders-staged; audit-rule=staged"
     );
 }
+
+#[test]
+fn a_proxy_gets_only_what_concerns_it_and_decides_the_same() {
+    let p = policy(
+        "orders-allow",
+        "orders",
+        "  action: allow\n",
+        "    - name: web\n      from: {workloadLabels: {tier: web}}\n",
+    ) + &policy(
+        "frontend-egress",
+        "frontend",
+        "  direction: egress\n  action: allow\n",
+        "    - name: to-backend\n      to: {services: [backend], ports: [8080], methods: [GET]}\n",
+    ) + "---\napiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: other}\nspec: {ingress: allow}\n";
+    let files = vec![
+        ("decl.yaml".to_string(), DECLARATIONS.to_string()),
+        ("p.yaml".to_string(), p),
+    ];
+    let (all, full) = load(&files, 3).unwrap();
+    let keys = |w: &str| -> Vec<String> {
+        bulkhead_policy::relevant_to(&all, &wref(w))
+            .iter()
+            .map(|r| r.key())
+            .collect()
+    };
+    // orders: its policy, itself, and the callers its labels rule resolves to (frontend).
+    assert_eq!(
+        keys("shop/orders"),
+        [
+            "Workload/shop/orders",
+            "Workload/shop/frontend",
+            "AuthorizationPolicy/shop/orders-allow"
+        ]
+    );
+    // frontend: its egress policy, the service and its members; not other namespaces' postures.
+    assert_eq!(
+        keys("shop/frontend"),
+        [
+            "Workload/shop/payments",
+            "Workload/shop/orders",
+            "Workload/shop/frontend",
+            "Service/shop/backend",
+            "AuthorizationPolicy/shop/frontend-egress"
+        ]
+    );
+    // payments: nothing selects it; only its own declaration.
+    assert_eq!(keys("shop/payments"), ["Workload/shop/payments"]);
+
+    // Each subset compiles and decides as the full set does for its workload.
+    for (subject, direction, peer, dest) in [
+        ("shop/orders", Direction::Ingress, FRONTEND, None),
+        ("shop/orders", Direction::Ingress, ORDERS, None),
+        (
+            "shop/frontend",
+            Direction::Egress,
+            ORDERS,
+            Some("shop/orders"),
+        ),
+        (
+            "shop/frontend",
+            Direction::Egress,
+            FRONTEND,
+            Some("shop/frontend"),
+        ),
+        ("shop/payments", Direction::Ingress, ORDERS, None),
+    ] {
+        let part =
+            PolicySet::compile(&bulkhead_policy::relevant_to(&all, &wref(subject)), 3).unwrap();
+        let w = wref(subject);
+        let d = dest.map(wref);
+        const NO_HEADERS: &[(&str, &str)] = &[];
+        let req = Request {
+            direction,
+            subject: &w,
+            peer: Peer {
+                identity: Some(peer),
+                ip: None,
+                workload: d.as_ref(),
+            },
+            port: 8080,
+            protocol: Protocol::Http,
+            http: Some(Http {
+                method: "GET",
+                path: "/",
+                host: None,
+                headers: &NO_HEADERS,
+            }),
+        };
+        assert_eq!(part.evaluate(&req), full.evaluate(&req), "{subject} {peer}");
+    }
+}
