@@ -17,14 +17,24 @@ pub const ADMIN_ID_PATH: &str = "/bulkhead/admin";
 
 /// Connects lazily: the first RPC dials, and a broken connection is re-dialled on the next.
 pub fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Channel {
-    let connector = TlsConnector::from(Arc::new(tls));
+    let tls = Arc::new(tls);
+    connect_dynamic(addr, move || tls.clone())
+}
+
+/// Like [`connect`], but asks `tls` for the configuration at every dial, so a rotated
+/// certificate is used by the next connection while open ones carry on.
+pub fn connect_dynamic(
+    addr: SocketAddr,
+    tls: impl Fn() -> Arc<rustls::ClientConfig> + Send + Sync + 'static,
+) -> Channel {
+    let tls = Arc::new(tls);
     // The URI is only a placeholder for tonic; the connector below decides where to dial.
     let endpoint = Endpoint::from_static("http://bulkhead.control")
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-        let connector = connector.clone();
+        let connector = TlsConnector::from(tls());
         async move {
             let tcp = TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;

@@ -64,7 +64,7 @@ struct Mesh {
     control_addr: SocketAddr,
 }
 
-fn start_control(bins: &Bins, dir: &Path, listen: &str) -> (Proc, SocketAddr) {
+fn start_control(bins: &Bins, dir: &Path, listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
     let data = dir.join("data");
     let args = [
         "control",
@@ -75,6 +75,7 @@ fn start_control(bins: &Bins, dir: &Path, listen: &str) -> (Proc, SocketAddr) {
         "--trust-domain",
         TD,
     ];
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
     let mut control = Proc::spawn("control", dir, &bins.bulkhead, &args, &[]);
     let context = control.wait_for_file(&data.join("admin.yaml"), WAIT);
     let server = context
@@ -89,9 +90,14 @@ fn start_control(bins: &Bins, dir: &Path, listen: &str) -> (Proc, SocketAddr) {
 
 impl Mesh {
     fn start() -> Mesh {
+        Mesh::start_with(&[])
+    }
+
+    /// Starts the control plane with extra flags.
+    fn start_with(extra: &[&str]) -> Mesh {
         let bins = Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
         let dir = TempDir::new().unwrap();
-        let (control, control_addr) = start_control(&bins, dir.path(), "127.0.0.1:0");
+        let (control, control_addr) = start_control(&bins, dir.path(), "127.0.0.1:0", extra);
         Mesh {
             bins,
             dir,
@@ -107,8 +113,12 @@ impl Mesh {
             self.dir.path().join("control.log"),
             self.dir.path().join("control.1.log"),
         );
-        let (control, addr) =
-            start_control(&self.bins, self.dir.path(), &self.control_addr.to_string());
+        let (control, addr) = start_control(
+            &self.bins,
+            self.dir.path(),
+            &self.control_addr.to_string(),
+            &[],
+        );
         self.control = control;
         assert_eq!(addr, self.control_addr);
     }
@@ -806,33 +816,13 @@ async fn proxies_cannot_administer_or_read_other_workloads() {
     use bulkhead_api::channel;
     use bulkhead_api::v1::admin_client::AdminClient;
     use bulkhead_api::v1::config_client::ConfigClient;
-    use bulkhead_api::v1::identity_client::IdentityClient;
-    use bulkhead_api::v1::{GetRequest, JoinRequest, WatchRequest};
-    use bulkhead_identity::tls::{ExpectedServer, client_config};
-    use bulkhead_identity::{LocalKey, SpiffeId, TrustBundle};
+    use bulkhead_api::v1::{GetRequest, WatchRequest};
+    use bulkhead_identity::tls::client_config;
 
     let mesh = Mesh::start();
-    let token = std::fs::read_to_string(mesh.token(&id("frontend"))).unwrap();
-    let bundle =
-        TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
-            .unwrap();
-    let control =
-        ExpectedServer::Exact(SpiffeId::parse(&format!("spiffe://{TD}/bulkhead/control")).unwrap());
-
-    // Join as the frontend proxy would.
+    let svid = join_as(&mesh, &id("frontend")).await;
+    let (bundle, control) = mesh_trust(&mesh);
     let anonymous = client_config(None, &bundle, control.clone(), &[b"h2"]).unwrap();
-    let key = LocalKey::generate().unwrap();
-    let joined = IdentityClient::new(channel::connect(mesh.control_addr, anonymous.clone()))
-        .join(JoinRequest {
-            token,
-            csr_der: key.csr_der(None).unwrap(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let svid = key
-        .into_svid(joined.cert_chain_der.into_iter().map(Into::into).collect())
-        .unwrap();
     let tls = client_config(Some(&svid), &bundle, control, &[b"h2"]).unwrap();
     let as_frontend = channel::connect(mesh.control_addr, tls);
 
@@ -880,5 +870,121 @@ async fn proxies_cannot_administer_or_read_other_workloads() {
     assert!(
         own.message().await.unwrap().is_some(),
         "its own configuration arrives"
+    );
+}
+
+fn mesh_trust(
+    mesh: &Mesh,
+) -> (
+    bulkhead_identity::TrustBundle,
+    bulkhead_identity::tls::ExpectedServer,
+) {
+    let pem = std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap();
+    let bundle = bulkhead_identity::TrustBundle::from_pem(&pem).unwrap();
+    let control =
+        bulkhead_identity::SpiffeId::parse(&format!("spiffe://{TD}/bulkhead/control")).unwrap();
+    (
+        bundle,
+        bulkhead_identity::tls::ExpectedServer::Exact(control),
+    )
+}
+
+/// Joins the mesh as `identity` the way a proxy does (a local key, a CSR, a join token).
+async fn join_as(mesh: &Mesh, identity: &str) -> bulkhead_identity::Svid {
+    use bulkhead_api::v1::JoinRequest;
+    use bulkhead_api::v1::identity_client::IdentityClient;
+    let token = std::fs::read_to_string(mesh.token(identity)).unwrap();
+    let (bundle, control) = mesh_trust(mesh);
+    let anonymous =
+        bulkhead_identity::tls::client_config(None, &bundle, control, &[b"h2"]).unwrap();
+    let key = bulkhead_identity::LocalKey::generate().unwrap();
+    let joined = IdentityClient::new(bulkhead_api::channel::connect(mesh.control_addr, anonymous))
+        .join(JoinRequest {
+            token,
+            csr_der: key.csr_der(None).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    key.into_svid(joined.cert_chain_der.into_iter().map(Into::into).collect())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svids_rotate_at_half_life_without_dropping_connections() {
+    // 4-second certificates: the proxies renew about every 2 s.
+    let mesh = Mesh::start_with(&["--svid-lifetime", "4s"]);
+    let policy = mesh.dir.path().join("policy.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    assert_eq!(mesh.cli(&["apply", "-f", policy.to_str().unwrap()]).0, 0);
+    let (procs, to_orders) = orders_and_frontend(&mesh, &[]);
+    let orders_in = {
+        let text = std::fs::read_to_string(mesh.dir.path().join("orders-proxy.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        addr(&v["inbound"])
+    };
+
+    // One keep-alive connection and a new connection every round, for 10 s: several
+    // rotations, and well past the first certificates' expiry. Not one error.
+    let mut kept = bulkhead_testkit::KeepAlive::connect(to_orders).unwrap();
+    let start = Instant::now();
+    let mut rounds = 0;
+    while start.elapsed() < Duration::from_secs(10) {
+        let r = kept.request("GET", "/orders").unwrap_or_else(|e| {
+            panic!("keep-alive request failed after {:?}: {e}", start.elapsed())
+        });
+        assert_eq!(
+            r.status,
+            200,
+            "keep-alive request after {:?}: {r:?}",
+            start.elapsed()
+        );
+        let r = http(to_orders, "GET", "/orders");
+        assert_eq!(
+            r.status,
+            200,
+            "new connection after {:?}: {r:?}",
+            start.elapsed()
+        );
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(rounds >= 20, "only {rounds} rounds");
+
+    // Both proxies renewed at least twice, and a new handshake presents the newest serial.
+    let log = procs[1].log_text();
+    let renewals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("renewed SVID; new connections use it"))
+        .collect();
+    assert!(
+        renewals.len() >= 2,
+        "orders renewed {} times:\n{log}",
+        renewals.len()
+    );
+    assert!(
+        procs[2]
+            .log_text()
+            .matches("renewed SVID; new connections use it")
+            .count()
+            >= 2
+    );
+    let client = join_as(&mesh, &id("frontend")).await;
+    let bundle = std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap();
+    let serial =
+        bulkhead_testkit::server_serial(orders_in, &bundle, &id("orders"), &client).unwrap();
+    let log = procs[1].log_text();
+    let newest = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("renewed SVID; new connections use it"))
+        .and_then(|l| l.split("serial=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    assert_eq!(
+        serial, newest,
+        "a new connection must see the newest certificate"
     );
 }

@@ -161,6 +161,13 @@ enum JoinRefusal {
 
 #[tonic::async_trait]
 impl Identity for State {
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        self.renew_svid(req).await
+    }
+
     async fn join(
         &self,
         req: Request<pb::JoinRequest>,
@@ -213,6 +220,41 @@ impl Identity for State {
             spiffe_id: id.to_string(),
             namespace: record.namespace,
             workload: record.workload,
+        }))
+    }
+}
+
+impl State {
+    /// Renews the caller's own identity: the TLS layer verified its current SVID.
+    async fn renew_svid(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let id = caller(&req)?;
+        let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
+        if !self.store.has_identity(id.as_str()).map_err(internal)? {
+            return Err(Status::permission_denied(format!(
+                "{id} was never issued by a join token; only workload identities renew"
+            )));
+        }
+        let csr = req.into_inner().csr_der;
+        let chain = self
+            .dir
+            .ca
+            .sign_csr(&csr, &id, self.svid_lifetime, SystemTime::now())
+            .map_err(|e| match e {
+                e @ IdentityError::IdentityMismatch { .. } => {
+                    Status::permission_denied(e.to_string())
+                }
+                e => Status::invalid_argument(e.to_string()),
+            })?;
+        tracing::info!(?remote, spiffe_id = %id, lifetime_s = self.svid_lifetime.as_secs(), "renewed SVID");
+        Ok(Response::new(pb::JoinResponse {
+            cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle_der: self.bundle_der(),
+            spiffe_id: id.to_string(),
+            namespace: String::new(),
+            workload: String::new(),
         }))
     }
 }

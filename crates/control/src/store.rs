@@ -281,6 +281,18 @@ impl Store {
         })
     }
 
+    /// Whether any join token ever bound `spiffe_id` to a workload.
+    pub(crate) fn has_identity(&self, spiffe_id: &str) -> Result<bool, ControlError> {
+        let prefix = format!("{spiffe_id}|");
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(BINDINGS).map_err(|e| self.err(e))?;
+        let mut range = table.range(prefix.as_str()..).map_err(|e| self.err(e))?;
+        Ok(match range.next() {
+            Some(row) => row.map_err(|e| self.err(e))?.0.value().starts_with(&prefix),
+            None => false,
+        })
+    }
+
     pub(crate) fn is_bound(
         &self,
         spiffe_id: &str,

@@ -177,6 +177,12 @@ pub fn spiffe_id_of(cert_der: &[u8]) -> Result<SpiffeId, SvidError> {
     }
 }
 
+/// A certificate's serial as colon-separated hex (as [`Svid::serial`] shows it), if it parses.
+pub fn serial_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
+    Some(cert.raw_serial_as_string())
+}
+
 /// When a certificate stops being valid, if it parses.
 pub fn not_after_of(cert_der: &[u8]) -> Option<SystemTime> {
     let (_, cert) = X509Certificate::from_der(cert_der).ok()?;

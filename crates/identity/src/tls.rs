@@ -188,3 +188,90 @@ fn svid_error(e: SvidError) -> rustls::Error {
         Arc::new(e),
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Ca, SpiffeId};
+    use std::time::{Duration, SystemTime};
+
+    /// Runs a handshake in memory; returns the first error either side raises.
+    fn handshake(client: ClientConfig, server: ServerConfig) -> Result<(), rustls::Error> {
+        let mut c = rustls::ClientConnection::new(Arc::new(client), server_name())?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+            }
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+            }
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General("handshake did not finish".into()))
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_certificates_are_refused() {
+        let now = SystemTime::now();
+        let ca = Ca::generate("td", now - Duration::from_secs(3600)).unwrap();
+        let bundle = TrustBundle::from_pem(ca.cert_pem()).unwrap();
+        let server_id = SpiffeId::parse("spiffe://td/server").unwrap();
+        let client_id = SpiffeId::parse("spiffe://td/client").unwrap();
+        let server = ca
+            .issue_local(&server_id, Duration::from_secs(3600), now)
+            .unwrap();
+        let sc = || server_config(&server, &bundle, ClientAuth::Required, &[b"http/1.1"]).unwrap();
+        let cc = |svid: &Svid| {
+            client_config(
+                Some(svid),
+                &bundle,
+                ExpectedServer::Exact(server_id.clone()),
+                &[b"http/1.1"],
+            )
+            .unwrap()
+        };
+        let valid = ca
+            .issue_local(&client_id, Duration::from_secs(60), now)
+            .unwrap();
+        handshake(cc(&valid), sc()).expect("a valid client certificate is accepted");
+        // Issued 10 minutes ago for 1 minute (plus the CA's 60 s backdate): expired.
+        let expired = ca
+            .issue_local(
+                &client_id,
+                Duration::from_secs(60),
+                now - Duration::from_secs(600),
+            )
+            .unwrap();
+        let err = handshake(cc(&expired), sc()).unwrap_err();
+        assert!(format!("{err:?}").contains("Expired"), "{err:?}");
+        // Issued for 10 minutes from now, backdated 60 s: not yet valid.
+        let future = ca
+            .issue_local(
+                &client_id,
+                Duration::from_secs(60),
+                now + Duration::from_secs(600),
+            )
+            .unwrap();
+        let err = handshake(cc(&future), sc()).unwrap_err();
+        assert!(format!("{err:?}").contains("NotValidYet"), "{err:?}");
+    }
+}

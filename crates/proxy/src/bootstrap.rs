@@ -1,11 +1,12 @@
 //! Joining the mesh: make a key here, send only a CSR and the join token, get an SVID back.
 
+use crate::credentials::control_identity;
 use crate::{Config, ProxyError};
-use bulkhead_api::channel::{self, CONTROL_ID_PATH};
+use bulkhead_api::channel;
 use bulkhead_api::v1::JoinRequest;
 use bulkhead_api::v1::identity_client::IdentityClient;
 use bulkhead_identity::tls::{ExpectedServer, client_config};
-use bulkhead_identity::{LocalKey, SpiffeId, Svid, TrustBundle};
+use bulkhead_identity::{LocalKey, Svid, TrustBundle};
 use bulkhead_policy::model::ResourceName;
 use std::time::Duration;
 use tonic::Code;
@@ -14,14 +15,6 @@ pub(crate) struct Joined {
     pub svid: Svid,
     pub bundle: TrustBundle,
     pub workload: ResourceName,
-}
-
-/// The control plane's expected identity in the bundle's trust domain.
-pub(crate) fn control_identity(bundle: &TrustBundle) -> Result<SpiffeId, ProxyError> {
-    Ok(SpiffeId::parse(&format!(
-        "spiffe://{}{CONTROL_ID_PATH}",
-        bundle.trust_domain()
-    ))?)
 }
 
 pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {

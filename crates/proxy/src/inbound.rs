@@ -7,7 +7,7 @@ use crate::http::{
 };
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
-use bulkhead_identity::tls::{ClientAuth, peer_identity, server_config};
+use bulkhead_identity::tls::peer_identity;
 use bulkhead_policy::model::Direction;
 use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -35,13 +35,7 @@ pub(crate) async fn spawn(
     };
     let listener = TcpListener::bind(spec.listen).await.map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
-    let tls = server_config(
-        &shared.svid,
-        &shared.bundle,
-        ClientAuth::Required,
-        &[b"http/1.1"],
-    )?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+
     let app = spec.app;
     let port = spec.port;
     tracing::info!(listen = %addr, %app, port, "inbound listener ready");
@@ -50,9 +44,11 @@ pub(crate) async fn spawn(
             match listener.accept().await {
                 Ok((tcp, remote)) => {
                     let span = tracing::info_span!("inbound", src.addr = %remote, dst.app = %app);
+                    // The current certificate, at every accept: rotation reaches new
+                    // connections, open ones keep theirs.
+                    let acceptor = TlsAcceptor::from(shared.tls.load().server.clone());
                     tokio::spawn(
-                        serve(tcp, remote, acceptor.clone(), (app, port), shared.clone())
-                            .instrument(span),
+                        serve(tcp, remote, acceptor, (app, port), shared.clone()).instrument(span),
                     );
                 }
                 Err(e) => {

@@ -9,6 +9,7 @@
 
 mod bootstrap;
 pub mod config;
+mod credentials;
 mod http;
 mod inbound;
 mod outbound;
@@ -17,9 +18,10 @@ mod watch;
 pub use config::{Config, UpstreamSpec};
 
 use arc_swap::ArcSwap;
-use bulkhead_identity::{SpiffeId, Svid, TrustBundle};
+use bulkhead_identity::{SpiffeId, TrustBundle};
 use bulkhead_policy::PolicySet;
 use bulkhead_policy::model::ResourceName;
+use credentials::TlsSet;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -41,6 +43,8 @@ pub enum ProxyError {
     Join { addr: SocketAddr, message: String },
     #[error("identity: {0}")]
     Identity(#[from] bulkhead_identity::IdentityError),
+    #[error("SVID renewal refused: {0}")]
+    Renew(String),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: String,
@@ -56,7 +60,8 @@ pub enum ProxyError {
 
 /// State every connection handler reads: who we are and the policy in force.
 pub(crate) struct Shared {
-    pub svid: Svid,
+    /// The current SVID and TLS configurations; replaced whole on renewal.
+    pub tls: ArcSwap<TlsSet>,
     pub bundle: TrustBundle,
     pub workload: ResourceName,
     pub policies: ArcSwap<PolicySet>,
@@ -78,8 +83,9 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     let joined = bootstrap::join(&config).await?;
     let id: SpiffeId = joined.svid.id().clone();
     tracing::info!(spiffe_id = %id, workload = %joined.workload, serial = joined.svid.serial(), "joined the mesh");
+    let tls = TlsSet::build(joined.svid, &joined.bundle, &config.upstreams)?;
     let shared = Arc::new(Shared {
-        svid: joined.svid,
+        tls: ArcSwap::from_pointee(tls),
         bundle: joined.bundle,
         workload: joined.workload,
         policies: ArcSwap::from_pointee(PolicySet::default()),
@@ -95,6 +101,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         upstreams.insert(up.name.clone(), addr);
     }
 
+    credentials::spawn_rotation(config.control, shared.clone(), config.upstreams.clone());
     let mut first = watch::spawn(config.control, shared.clone(), config.max_policy_rules);
     let revision = match tokio::time::timeout(
         config.first_config_wait,

@@ -7,7 +7,7 @@ use crate::http::{
     proxy_response, request_host, response_body, strip_hop_by_hop,
 };
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
-use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
+use bulkhead_identity::tls::server_name;
 use bulkhead_policy::model::Direction;
 use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
 use http::{Request, Response, StatusCode};
@@ -34,13 +34,6 @@ pub(crate) async fn spawn(
     };
     let listener = TcpListener::bind(spec.listen).await.map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
-    let tls = client_config(
-        Some(&shared.svid),
-        &shared.bundle,
-        ExpectedServer::Exact(spec.identity.clone()),
-        &[b"http/1.1"],
-    )?;
-    let connector = TlsConnector::from(Arc::new(tls));
     let spec = Arc::new(spec.clone());
     tracing::info!(listen = %addr, upstream = spec.name, address = %spec.address, identity = %spec.identity, "outbound listener ready");
     tokio::spawn(async move {
@@ -48,10 +41,7 @@ pub(crate) async fn spawn(
             match listener.accept().await {
                 Ok((tcp, remote)) => {
                     let span = tracing::info_span!("outbound", src.addr = %remote, dst.name = spec.name, dst.addr = %spec.address);
-                    tokio::spawn(
-                        serve(tcp, connector.clone(), spec.clone(), shared.clone())
-                            .instrument(span),
-                    );
+                    tokio::spawn(serve(tcp, spec.clone(), shared.clone()).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "outbound accept failed");
@@ -63,23 +53,10 @@ pub(crate) async fn spawn(
     Ok(addr)
 }
 
-async fn serve(
-    tcp: TcpStream,
-    connector: TlsConnector,
-    spec: Arc<UpstreamSpec>,
-    shared: Arc<Shared>,
-) {
+async fn serve(tcp: TcpStream, spec: Arc<UpstreamSpec>, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
     let link = Arc::new(Link::default());
-    let service = service_fn(move |req| {
-        handle(
-            req,
-            link.clone(),
-            connector.clone(),
-            spec.clone(),
-            shared.clone(),
-        )
-    });
+    let service = service_fn(move |req| handle(req, link.clone(), spec.clone(), shared.clone()));
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(tcp), service)
         .await
@@ -91,7 +68,6 @@ async fn serve(
 async fn handle(
     mut req: Request<Incoming>,
     link: Arc<Link>,
-    connector: TlsConnector,
     spec: Arc<UpstreamSpec>,
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
@@ -122,7 +98,11 @@ async fn handle(
     // Only the receiving sidecar may say who the caller is.
     req.headers_mut().remove(SOURCE_HEADER);
     match link
-        .send(req, || connect_upstream(connector, spec.address))
+        .send(req, || {
+            // The current certificate, for each new upstream connection.
+            let tls = shared.tls.load().upstreams.get(&spec.name).cloned();
+            connect_upstream(tls, spec.address)
+        })
         .await
     {
         Ok(resp) => Ok(response_body(resp)),
@@ -163,9 +143,12 @@ fn egress_decision(req: &Request<Incoming>, spec: &UpstreamSpec, shared: &Shared
 }
 
 async fn connect_upstream(
-    connector: TlsConnector,
+    tls: Option<Arc<rustls::ClientConfig>>,
     addr: SocketAddr,
 ) -> std::io::Result<TlsStream<TcpStream>> {
+    let connector = TlsConnector::from(
+        tls.ok_or_else(|| std::io::Error::other("no TLS configuration for this upstream"))?,
+    );
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name(), tcp)).await {

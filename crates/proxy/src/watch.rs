@@ -3,11 +3,9 @@
 //! force; a lost stream is re-opened with backoff while enforcement continues unchanged.
 
 use crate::Shared;
-use crate::bootstrap::control_identity;
-use bulkhead_api::channel;
+use crate::credentials::control_channel;
 use bulkhead_api::v1::config_client::ConfigClient;
 use bulkhead_api::v1::{AckRequest, ProxyConfig, WatchRequest};
-use bulkhead_identity::tls::{ExpectedServer, client_config};
 use bulkhead_policy::PolicySet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,21 +22,7 @@ pub(crate) fn spawn(
 ) -> watch::Receiver<Option<u64>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
-        let tls = match control_identity(&shared.bundle).and_then(|id| {
-            Ok(client_config(
-                Some(&shared.svid),
-                &shared.bundle,
-                ExpectedServer::Exact(id),
-                &[b"h2"],
-            )?)
-        }) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot build TLS for the control plane; configuration will not update");
-                return;
-            }
-        };
-        let mut client = ConfigClient::new(channel::connect(control, tls));
+        let mut client = ConfigClient::new(control_channel(control, &shared));
         let request = WatchRequest {
             namespace: shared.workload.namespace.clone(),
             workload: shared.workload.name.clone(),

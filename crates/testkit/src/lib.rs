@@ -207,6 +207,92 @@ pub fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
     })
 }
 
+/// One HTTP/1.1 keep-alive connection, for many requests in a row.
+pub struct KeepAlive {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<KeepAlive> {
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(KeepAlive {
+            tcp,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Sends one request and reads one response (which must carry Content-Length).
+    pub fn request(&mut self, method: &str, path: &str) -> std::io::Result<HttpResponse> {
+        write!(
+            self.tcp,
+            "{method} {path} HTTP/1.1\r\nHost: keepalive\r\n\r\n"
+        )?;
+        let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_string())
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| bad("response without content-length"))?;
+                let total = end + 4 + len;
+                while self.buf.len() < total {
+                    self.fill()?;
+                }
+                let raw: Vec<u8> = self.buf.drain(..total).collect();
+                return parse_response(&raw).ok_or_else(|| bad("not an HTTP response"));
+            }
+            self.fill()?;
+        }
+    }
+
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 4096];
+        let n = self.tcp.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+/// Connects with mTLS presenting `client` and returns the serial of the server's leaf.
+pub fn server_serial(
+    addr: SocketAddr,
+    bundle_pem: &str,
+    server_id: &str,
+    client: &bulkhead_identity::Svid,
+) -> Result<String, String> {
+    let bundle = TrustBundle::from_pem(bundle_pem).map_err(|e| e.to_string())?;
+    let expected = ExpectedServer::Exact(SpiffeId::parse(server_id).map_err(|e| e.to_string())?);
+    let config = client_config(Some(client), &bundle, expected, &[b"http/1.1"])
+        .map_err(|e| e.to_string())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), server_name())
+        .map_err(|e| e.to_string())?;
+    let mut tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("no server certificate")?;
+    bulkhead_identity::serial_of(leaf).ok_or_else(|| "unparsable server certificate".to_string())
+}
+
 /// A certificate authority that is not the mesh's, with one SVID it issued, as PEM.
 pub struct ForeignIdentity {
     pub chain_pem: String,
