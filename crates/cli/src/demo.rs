@@ -233,6 +233,7 @@ async fn sidecar(
         }),
         upstreams,
         ready_file: None,
+        admin: None,
         first_config_wait: Duration::from_secs(10),
         max_policy_rules: 100_000,
     })

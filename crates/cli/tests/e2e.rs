@@ -206,6 +206,8 @@ impl Mesh {
             self.data().join("ca.pem").to_str().unwrap().into(),
             "--token-file".into(),
             token.to_str().unwrap().into(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
         ]
     }
 
@@ -411,6 +413,39 @@ fn walking_skeleton_end_to_end() {
         assert!(Instant::now() < deadline, "the refusal was not logged");
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // The admin port shows what happened, labelled as an operator needs it.
+    let admin = addr(&orders["admin"]);
+    let metrics = http(admin, "GET", "/metrics").body;
+    for line in [
+        "bulkhead_authz_decisions_total{direction=\"inbound\",verdict=\"deny\",audit=\"\",policy=\"shop/orders-deny-internal\",rule=\"internal-paths\"} 1",
+        "bulkhead_authz_decisions_total{direction=\"inbound\",verdict=\"allow\",audit=\"\",policy=\"shop/orders-allow-frontend\",rule=\"frontend-reads-orders\"} 1",
+        "bulkhead_requests_total{direction=\"inbound\",peer=\"spiffe://test.local/ns/shop/sa/frontend\",status=\"403\"} 2",
+        "bulkhead_tls_handshake_failures_total{direction=\"inbound\",reason=\"not_tls\"} 1",
+        // The foreign CA has our root's name but not its key: a forged issuer.
+        "bulkhead_tls_handshake_failures_total{direction=\"inbound\",reason=\"bad_signature\"} 1",
+        // The frontend refused this server's identity for its "impostor" upstream.
+        "bulkhead_tls_handshake_failures_total{direction=\"inbound\",reason=\"refused_by_peer\"} 1",
+        "bulkhead_config_updates_total{result=\"ack\"} 1",
+        "bulkhead_policy_revision 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
+    }
+    assert!(
+        metrics.contains("bulkhead_svid_expiry_timestamp_seconds "),
+        "{metrics}"
+    );
+    let frontend_metrics = http(addr(&frontend["admin"]), "GET", "/metrics").body;
+    assert!(
+        frontend_metrics.contains("bulkhead_tls_handshake_failures_total{direction=\"outbound\",reason=\"unexpected_identity\"} 1"),
+        "{frontend_metrics}"
+    );
+    assert_eq!(http(admin, "GET", "/ready").status, 200);
+    assert_eq!(http(admin, "GET", "/live").status, 200);
+    let config: serde_json::Value =
+        serde_json::from_str(&http(admin, "GET", "/config").body).unwrap();
+    assert_eq!(config["spiffeId"], id("orders"));
+    assert_eq!(config["policyRevision"], 1);
 
     // A policy change is pushed live: allowing DELETE takes effect without restarts.
     std::fs::write(

@@ -20,6 +20,8 @@ pub struct Config {
     pub inbound: Option<InboundSpec>,
     pub upstreams: Vec<UpstreamSpec>,
     pub ready_file: Option<PathBuf>,
+    /// The admin port (/metrics, /ready, /live, /config), if any.
+    pub admin: Option<SocketAddr>,
     pub first_config_wait: Duration,
     /// A configuration with more compiled rules than this is refused (NACK) and the last good
     /// one stays in force: a bound on the memory a control plane can make a proxy use.

@@ -104,7 +104,14 @@ pub(crate) fn spawn_rotation(
             tokio::time::sleep(wait).await;
             let mut backoff = Duration::from_secs(1);
             loop {
-                match renew(&mut client, &shared, &upstreams).await {
+                let outcome = renew(&mut client, &shared, &upstreams).await;
+                let result = if outcome.is_ok() { "ok" } else { "error" };
+                shared
+                    .metrics
+                    .renewals
+                    .get_or_create(&crate::metrics::ResultLabels { result })
+                    .inc();
+                match outcome {
                     Ok(()) => break,
                     Err(e) => {
                         let set = shared.tls.load();
@@ -159,6 +166,10 @@ async fn renew(
     let not_after = svid.not_after();
     let set = TlsSet::build(svid, &shared.bundle, upstreams)?;
     shared.tls.store(Arc::new(set));
+    shared
+        .metrics
+        .svid_expiry
+        .set(crate::unix_seconds(not_after));
     tracing::info!(serial, previous = current.svid.serial(), not_after = ?not_after, "renewed SVID; new connections use it");
     Ok(())
 }

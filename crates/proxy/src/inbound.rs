@@ -5,6 +5,7 @@ use crate::http::{
     Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, check_path, origin_form,
     proxy_response, request_host, response_body, strip_hop_by_hop,
 };
+use crate::metrics::TlsFailure;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity;
@@ -17,7 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
@@ -72,11 +73,17 @@ async fn serve(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::warn!(reason = %e, "connection refused: mTLS handshake failed");
+            let reason = TlsFailure::of_io(&e);
+            shared.metrics.tls_failure("inbound", reason);
+            tracing::warn!(reason = reason.label(), error = %e, "connection refused: mTLS handshake failed");
             return;
         }
         Err(_) => {
-            tracing::warn!("connection refused: mTLS handshake timed out");
+            shared.metrics.tls_failure("inbound", TlsFailure::Timeout);
+            tracing::warn!(
+                reason = "timeout",
+                "connection refused: mTLS handshake timed out"
+            );
             return;
         }
     };
@@ -86,20 +93,37 @@ async fn serve(
     ) {
         Ok(id) => id,
         Err(e) => {
-            tracing::warn!(reason = %e, "connection refused: peer certificate is not an acceptable SVID");
+            let reason = TlsFailure::of_svid(&e);
+            shared.metrics.tls_failure("inbound", reason);
+            tracing::warn!(reason = reason.label(), error = %e, "connection refused: peer certificate is not an acceptable SVID");
             return;
         }
     };
+    shared.metrics.connection("inbound");
     tracing::debug!(src.id = %peer, "mTLS connection accepted");
     let link = Arc::new(Link::default());
     let service = service_fn(move |req| {
-        handle(
-            req,
-            (peer.clone(), remote),
-            link.clone(),
-            (app, port),
-            shared.clone(),
-        )
+        let (peer, link, shared) = (peer.clone(), link.clone(), shared.clone());
+        async move {
+            let start = Instant::now();
+            let resp = handle(
+                req,
+                (peer.clone(), remote),
+                link,
+                (app, port),
+                shared.clone(),
+            )
+            .await;
+            if let Ok(r) = &resp {
+                shared.metrics.request(
+                    "inbound",
+                    peer.as_str(),
+                    r.status().as_u16(),
+                    start.elapsed(),
+                );
+            }
+            resp
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -144,7 +168,7 @@ async fn handle(
             headers: &headers,
         }),
     });
-    log_decision(&decision, peer.as_str(), &shared, &req);
+    log_decision("inbound", &decision, peer.as_str(), &shared, &req);
     if !decision.is_allow() {
         return Ok(proxy_response(
             StatusCode::FORBIDDEN,
@@ -186,6 +210,7 @@ async fn connect_app(app: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// One structured event per decision: the decision log.
 pub(crate) fn log_decision(
+    direction: &'static str,
     decision: &Decision,
     peer: &str,
     shared: &Shared,
@@ -196,8 +221,10 @@ pub(crate) fn log_decision(
         (true, false) => "allow",
         (false, _) => "deny",
     };
+    shared.metrics.decision(direction, decision);
     tracing::info!(
         target: "bulkhead::decision",
+        direction,
         verdict,
         peer.id = %peer,
         workload = %shared.workload,

@@ -7,11 +7,13 @@
 //!
 //! The proxy's private key is made here and never leaves the process; it never holds a CA key.
 
+mod admin;
 mod bootstrap;
 pub mod config;
 mod credentials;
 mod http;
 mod inbound;
+mod metrics;
 mod outbound;
 mod watch;
 
@@ -65,6 +67,7 @@ pub(crate) struct Shared {
     pub bundle: TrustBundle,
     pub workload: ResourceName,
     pub policies: ArcSwap<PolicySet>,
+    pub metrics: metrics::Metrics,
 }
 
 /// What a started proxy bound and who it is.
@@ -74,7 +77,14 @@ pub struct Running {
     pub workload: String,
     pub inbound: Option<SocketAddr>,
     pub upstreams: BTreeMap<String, SocketAddr>,
+    pub admin: Option<SocketAddr>,
     pub revision: u64,
+}
+
+pub(crate) fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Joins the control plane, binds every listener, waits for the first configuration (up to
@@ -84,13 +94,20 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     let id: SpiffeId = joined.svid.id().clone();
     tracing::info!(spiffe_id = %id, workload = %joined.workload, serial = joined.svid.serial(), "joined the mesh");
     let tls = TlsSet::build(joined.svid, &joined.bundle, &config.upstreams)?;
+    let metrics = metrics::Metrics::new();
+    metrics.svid_expiry.set(unix_seconds(tls.svid.not_after()));
     let shared = Arc::new(Shared {
+        metrics,
         tls: ArcSwap::from_pointee(tls),
         bundle: joined.bundle,
         workload: joined.workload,
         policies: ArcSwap::from_pointee(PolicySet::default()),
     });
 
+    let admin = match config.admin {
+        Some(listen) => Some(admin::spawn(listen, shared.clone()).await?),
+        None => None,
+    };
     let inbound = match &config.inbound {
         Some(ib) => Some(inbound::spawn(ib, shared.clone()).await?),
         None => None,
@@ -122,6 +139,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         workload: shared.workload.to_string(),
         inbound,
         upstreams,
+        admin,
         revision,
     };
     if let Some(path) = &config.ready_file {

@@ -41,6 +41,9 @@ struct Args {
     /// A declared upstream: name=N,listen=IP:PORT,address=IP:PORT,identity=spiffe://…  (repeatable)
     #[arg(long = "upstream")]
     upstreams: Vec<UpstreamSpec>,
+    /// Admin port: /metrics, /ready, /live, /config (IP:PORT; port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: Option<SocketAddr>,
     /// Write the bound addresses and identity here as JSON once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -93,6 +96,7 @@ impl Args {
             inbound,
             upstreams: self.upstreams,
             ready_file: self.ready_file,
+            admin: self.admin,
             first_config_wait: Duration::from_secs(10),
             max_policy_rules: self.max_policy_rules,
         })

@@ -56,7 +56,20 @@ pub(crate) async fn spawn(
 async fn serve(tcp: TcpStream, spec: Arc<UpstreamSpec>, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
     let link = Arc::new(Link::default());
-    let service = service_fn(move |req| handle(req, link.clone(), spec.clone(), shared.clone()));
+    let service = service_fn(move |req| {
+        let (link, spec, shared) = (link.clone(), spec.clone(), shared.clone());
+        async move {
+            let start = std::time::Instant::now();
+            let resp = handle(req, link, spec.clone(), shared.clone()).await;
+            if let Ok(r) = &resp {
+                let status = r.status().as_u16();
+                shared
+                    .metrics
+                    .request("outbound", spec.identity.as_str(), status, start.elapsed());
+            }
+            resp
+        }
+    });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(tcp), service)
         .await
@@ -80,7 +93,7 @@ async fn handle(
     }
     // Egress policy: the sending side judges the request before it leaves.
     let decision = egress_decision(&req, &spec, &shared);
-    crate::inbound::log_decision(&decision, spec.identity.as_str(), &shared, &req);
+    crate::inbound::log_decision("outbound", &decision, spec.identity.as_str(), &shared, &req);
     if let Decision {
         verdict: bulkhead_policy::Verdict::Deny,
         ..
@@ -101,7 +114,7 @@ async fn handle(
         .send(req, || {
             // The current certificate, for each new upstream connection.
             let tls = shared.tls.load().upstreams.get(&spec.name).cloned();
-            connect_upstream(tls, spec.address)
+            connect_upstream(tls, spec.address, shared.clone())
         })
         .await
     {
@@ -145,6 +158,7 @@ fn egress_decision(req: &Request<Incoming>, spec: &UpstreamSpec, shared: &Shared
 async fn connect_upstream(
     tls: Option<Arc<rustls::ClientConfig>>,
     addr: SocketAddr,
+    shared: Arc<Shared>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let connector = TlsConnector::from(
         tls.ok_or_else(|| std::io::Error::other("no TLS configuration for this upstream"))?,
@@ -152,15 +166,28 @@ async fn connect_upstream(
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name(), tcp)).await {
-        Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => Err(std::io::Error::new(
-            e.kind(),
-            format!("mTLS handshake failed: {}", tls_reason(&e)),
-        )),
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "mTLS handshake timed out",
-        )),
+        Ok(Ok(tls)) => {
+            shared.metrics.connection("outbound");
+            Ok(tls)
+        }
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .tls_failure("outbound", crate::metrics::TlsFailure::of_io(&e));
+            Err(std::io::Error::new(
+                e.kind(),
+                format!("mTLS handshake failed: {}", tls_reason(&e)),
+            ))
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .tls_failure("outbound", crate::metrics::TlsFailure::Timeout);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "mTLS handshake timed out",
+            ))
+        }
     }
 }
 

@@ -38,6 +38,16 @@ pub(crate) fn spawn(
                                 backoff = Duration::from_millis(200);
                                 let revision = config.revision;
                                 let outcome = apply(&shared, config, max_rules);
+                                let result = if outcome.is_ok() { "ack" } else { "nack" };
+                                shared
+                                    .metrics
+                                    .config_updates
+                                    .get_or_create(&crate::metrics::ResultLabels { result })
+                                    .inc();
+                                shared
+                                    .metrics
+                                    .revision
+                                    .set(shared.policies.load().revision() as i64);
                                 if outcome.is_ok() {
                                     tx.send_replace(Some(revision));
                                 }

@@ -1,0 +1,116 @@
+//! The admin port: `/metrics` (Prometheus text), `/live`, `/ready`, and `/config` (what is in
+//! force: identity, certificate serial and expiry, policy revision). Plain HTTP; bind it to
+//! loopback or a port only the node's monitoring can reach.
+
+use crate::{ProxyError, Shared};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+
+pub(crate) async fn spawn(
+    listen: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<SocketAddr, ProxyError> {
+    let bind_err = |source| ProxyError::Bind {
+        what: "admin".into(),
+        addr: listen,
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    tracing::info!(listen = %addr, "admin listener ready (/metrics /ready /live /config)");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(req, shared.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Why the proxy is not ready, if it is not.
+pub(crate) fn not_ready(shared: &Shared) -> Option<String> {
+    let tls = shared.tls.load();
+    if tls.svid.not_after() <= SystemTime::now() {
+        return Some(format!(
+            "SVID {} expired at {} (Unix); renewal has not succeeded",
+            tls.svid.serial(),
+            unix(tls.svid.not_after())
+        ));
+    }
+    if shared.policies.load().revision() == 0 {
+        return Some("no policy revision received from the control plane yet".into());
+    }
+    None
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match req.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.encode(),
+        ),
+        "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
+        "/ready" => match not_ready(&shared) {
+            None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            Some(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/config" => {
+            let tls = shared.tls.load();
+            let body = serde_json::json!({
+                "spiffeId": tls.svid.id().to_string(),
+                "workload": shared.workload.to_string(),
+                "certificate": {
+                    "serial": tls.svid.serial(),
+                    "notBeforeUnix": unix(tls.svid.not_before()),
+                    "notAfterUnix": unix(tls.svid.not_after()),
+                },
+                "trustDomain": shared.bundle.trust_domain(),
+                "policyRevision": shared.policies.load().revision(),
+                "ready": not_ready(&shared).is_none(),
+            });
+            reply(StatusCode::OK, "application/json", format!("{body:#}\n"))
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /ready, /live or /config\n".into(),
+        ),
+    })
+}

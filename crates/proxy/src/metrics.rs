@@ -1,0 +1,347 @@
+//! Every metric the sidecar exports, defined in one place with its labels.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `bulkhead_requests` | counter | `direction` (inbound, outbound), `peer` (SPIFFE ID of the other end), `status` |
+//! | `bulkhead_request_duration_seconds` | histogram | `direction` |
+//! | `bulkhead_authz_decisions` | counter | `direction`, `verdict` (allow, deny), `audit` (would_deny, would_allow, or empty), `policy`, `rule` |
+//! | `bulkhead_tls_handshake_failures` | counter | `direction`, `reason` (see [`TlsFailure`]) |
+//! | `bulkhead_connections` | counter | `direction` |
+//! | `bulkhead_svid_expiry_timestamp_seconds` | gauge | — |
+//! | `bulkhead_svid_renewals` | counter | `result` (ok, error) |
+//! | `bulkhead_config_updates` | counter | `result` (ack, nack) |
+//! | `bulkhead_policy_revision` | gauge | — |
+//!
+//! Counters get the `_total` suffix on the wire, as OpenMetrics says.
+
+use bulkhead_identity::SvidError;
+use bulkhead_policy::{Decision, Reason, Verdict};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    pub direction: &'static str,
+    pub peer: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DecisionLabels {
+    pub direction: &'static str,
+    pub verdict: &'static str,
+    pub audit: &'static str,
+    pub policy: String,
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TlsLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub(crate) struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<DirectionLabels, Histogram>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub tls_failures: Family<TlsLabels, Counter>,
+    pub connections: Family<DirectionLabels, Counter>,
+    pub svid_expiry: Gauge,
+    pub renewals: Family<ResultLabels, Counter>,
+    pub config_updates: Family<ResultLabels, Counter>,
+    pub revision: Gauge,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<DirectionLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+        });
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let tls_failures = Family::<TlsLabels, Counter>::default();
+        let connections = Family::<DirectionLabels, Counter>::default();
+        let svid_expiry = Gauge::default();
+        let renewals = Family::<ResultLabels, Counter>::default();
+        let config_updates = Family::<ResultLabels, Counter>::default();
+        let revision = Gauge::default();
+        registry.register(
+            "bulkhead_requests",
+            "HTTP requests handled, by direction, peer identity and status",
+            requests.clone(),
+        );
+        registry.register(
+            "bulkhead_request_duration_seconds",
+            "Time from request to response headers",
+            duration.clone(),
+        );
+        registry.register(
+            "bulkhead_authz_decisions",
+            "Authorization decisions by verdict, audit outcome, policy and rule",
+            decisions.clone(),
+        );
+        registry.register(
+            "bulkhead_tls_handshake_failures",
+            "Refused mTLS handshakes and peer certificates, by reason",
+            tls_failures.clone(),
+        );
+        registry.register(
+            "bulkhead_connections",
+            "Connections accepted (inbound) or opened to an upstream (outbound)",
+            connections.clone(),
+        );
+        registry.register(
+            "bulkhead_svid_expiry_timestamp_seconds",
+            "When the current SVID expires (Unix time)",
+            svid_expiry.clone(),
+        );
+        registry.register(
+            "bulkhead_svid_renewals",
+            "SVID renewal attempts by result",
+            renewals.clone(),
+        );
+        registry.register(
+            "bulkhead_config_updates",
+            "Configuration revisions put in force (ack) or refused (nack)",
+            config_updates.clone(),
+        );
+        registry.register(
+            "bulkhead_policy_revision",
+            "The policy revision in force",
+            revision.clone(),
+        );
+        Metrics {
+            requests,
+            duration,
+            decisions,
+            tls_failures,
+            connections,
+            svid_expiry,
+            renewals,
+            config_updates,
+            revision,
+            registry,
+        }
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub(crate) fn decision(&self, direction: &'static str, d: &Decision) {
+        let (policy, rule) = match &d.reason {
+            Reason::Rule { policy, rule, .. } => (policy.to_string(), rule.to_string()),
+            Reason::Posture { .. } => (String::from("default"), String::new()),
+        };
+        let audit = match d.audit.as_ref() {
+            Some(a) if a.verdict != d.verdict && a.verdict == Verdict::Deny => "would_deny",
+            Some(a) if a.verdict != d.verdict => "would_allow",
+            _ => "",
+        };
+        let verdict = if d.is_allow() { "allow" } else { "deny" };
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                direction,
+                verdict,
+                audit,
+                policy,
+                rule,
+            })
+            .inc();
+    }
+
+    pub(crate) fn request(
+        &self,
+        direction: &'static str,
+        peer: &str,
+        status: u16,
+        elapsed: std::time::Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                peer: peer.to_string(),
+                status,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&DirectionLabels { direction })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn connection(&self, direction: &'static str) {
+        self.connections
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    pub(crate) fn tls_failure(&self, direction: &'static str, reason: TlsFailure) {
+        self.tls_failures
+            .get_or_create(&TlsLabels {
+                direction,
+                reason: reason.label(),
+            })
+            .inc();
+    }
+}
+
+/// Why a handshake or a peer certificate was refused; each a distinct metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TlsFailure {
+    NotTls,
+    NoClientCert,
+    Expired,
+    NotYetValid,
+    UnknownCa,
+    BadSignature,
+    WrongTrustDomain,
+    UnexpectedIdentity,
+    NoSpiffeId,
+    ManyUriSans,
+    CaLeaf,
+    BadSpiffeId,
+    Incompatible,
+    /// The peer refused our certificate (it sent an alert).
+    RefusedByPeer,
+    Timeout,
+    Other,
+}
+
+impl TlsFailure {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            TlsFailure::NotTls => "not_tls",
+            TlsFailure::NoClientCert => "no_client_cert",
+            TlsFailure::Expired => "expired",
+            TlsFailure::NotYetValid => "not_yet_valid",
+            TlsFailure::UnknownCa => "unknown_ca",
+            TlsFailure::BadSignature => "bad_signature",
+            TlsFailure::WrongTrustDomain => "wrong_trust_domain",
+            TlsFailure::UnexpectedIdentity => "unexpected_identity",
+            TlsFailure::NoSpiffeId => "no_spiffe_id",
+            TlsFailure::ManyUriSans => "many_uri_sans",
+            TlsFailure::CaLeaf => "ca_flag_on_leaf",
+            TlsFailure::BadSpiffeId => "bad_spiffe_id",
+            TlsFailure::Incompatible => "incompatible",
+            TlsFailure::RefusedByPeer => "refused_by_peer",
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::Other => "other",
+        }
+    }
+
+    pub(crate) fn of_svid(e: &SvidError) -> TlsFailure {
+        match e {
+            SvidError::Malformed | SvidError::BadId(_) => TlsFailure::BadSpiffeId,
+            SvidError::NoSpiffeId => TlsFailure::NoSpiffeId,
+            SvidError::ManyUriSans(_) => TlsFailure::ManyUriSans,
+            SvidError::CaLeaf => TlsFailure::CaLeaf,
+            SvidError::UnexpectedIdentity { .. } => TlsFailure::UnexpectedIdentity,
+            SvidError::WrongTrustDomain { .. } => TlsFailure::WrongTrustDomain,
+        }
+    }
+
+    /// Classifies the error a TLS accept or connect returned.
+    pub(crate) fn of_io(e: &std::io::Error) -> TlsFailure {
+        use rustls::{CertificateError as C, Error as E};
+        let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+            return TlsFailure::Other;
+        };
+        match tls {
+            E::InvalidMessage(_)
+            | E::InappropriateMessage { .. }
+            | E::InappropriateHandshakeMessage { .. } => TlsFailure::NotTls,
+            E::NoCertificatesPresented => TlsFailure::NoClientCert,
+            E::PeerIncompatible(_) => TlsFailure::Incompatible,
+            E::AlertReceived(_) => TlsFailure::RefusedByPeer,
+            E::InvalidCertificate(c) => match c {
+                C::Expired | C::ExpiredContext { .. } => TlsFailure::Expired,
+                C::NotValidYet | C::NotValidYetContext { .. } => TlsFailure::NotYetValid,
+                C::UnknownIssuer => TlsFailure::UnknownCa,
+                C::BadSignature => TlsFailure::BadSignature,
+                C::Other(o) => {
+                    o.0.downcast_ref::<SvidError>()
+                        .map(TlsFailure::of_svid)
+                        .unwrap_or(TlsFailure::Other)
+                }
+                _ => TlsFailure::Other,
+            },
+            _ => TlsFailure::Other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn io(e: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn each_refusal_has_its_own_reason() {
+        use rustls::{CertificateError as C, Error as E};
+        let cases = [
+            (io(E::InvalidCertificate(C::Expired)), "expired"),
+            (io(E::InvalidCertificate(C::NotValidYet)), "not_yet_valid"),
+            (io(E::InvalidCertificate(C::UnknownIssuer)), "unknown_ca"),
+            (io(E::NoCertificatesPresented), "no_client_cert"),
+            (
+                io(E::AlertReceived(rustls::AlertDescription::BadCertificate)),
+                "refused_by_peer",
+            ),
+            (io(E::InvalidCertificate(C::BadSignature)), "bad_signature"),
+            (
+                io(E::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType,
+                )),
+                "not_tls",
+            ),
+            (
+                io(E::InvalidCertificate(C::Other(rustls::OtherError(
+                    Arc::new(SvidError::WrongTrustDomain {
+                        expected: "a".into(),
+                        found: "b".into(),
+                    }),
+                )))),
+                "wrong_trust_domain",
+            ),
+            (
+                io(E::InvalidCertificate(C::Other(rustls::OtherError(
+                    Arc::new(SvidError::ManyUriSans(2)),
+                )))),
+                "many_uri_sans",
+            ),
+            (
+                io(E::InvalidCertificate(C::Other(rustls::OtherError(
+                    Arc::new(SvidError::CaLeaf),
+                )))),
+                "ca_flag_on_leaf",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(TlsFailure::of_io(&e).label(), want, "{e}");
+        }
+    }
+}
