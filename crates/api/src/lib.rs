@@ -17,7 +17,9 @@ pub fn resource_to_wire(res: &bulkhead_policy::model::Resource) -> WireResource 
         kind: res.kind().to_string(),
         namespace: name.namespace,
         name: name.name,
-        json: res.to_json(),
+        // A resource that cannot be serialized goes out empty: the proxy refuses it (NACK)
+        // and keeps its last good configuration, so the failure is loud, never a widening.
+        json: res.to_json().unwrap_or_default(),
     }
 }
 

@@ -101,7 +101,7 @@ pub async fn get(admin: &mut Admin, what: &str, output: &str) -> Result<()> {
         ),
         "yaml" => {
             for r in &resources {
-                print!("---\n{}", r.to_yaml());
+                print!("---\n{}", r.to_yaml().map_err(|e| anyhow::anyhow!(e))?);
             }
         }
         _ => {

@@ -236,6 +236,7 @@ async fn sidecar(
         admin: None,
         first_config_wait: Duration::from_secs(10),
         max_policy_rules: 100_000,
+        limits: bulkhead_proxy::Limits::default(),
     })
     .await?;
     Ok(running)

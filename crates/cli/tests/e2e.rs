@@ -643,6 +643,14 @@ fn offline_policy_tools_for_ci() {
 
 /// Starts the orders app and sidecar and a frontend sidecar with an upstream to it.
 fn orders_and_frontend(mesh: &Mesh, orders_extra: &[&str]) -> (Vec<Proc>, SocketAddr) {
+    orders_and_frontend_with(mesh, orders_extra, &[])
+}
+
+fn orders_and_frontend_with(
+    mesh: &Mesh,
+    orders_extra: &[&str],
+    frontend_extra: &[&str],
+) -> (Vec<Proc>, SocketAddr) {
     let (orders_app, orders_app_addr) = mesh.app("orders");
     let token = mesh.token(&id("orders"));
     let app = orders_app_addr.to_string();
@@ -655,7 +663,9 @@ fn orders_and_frontend(mesh: &Mesh, orders_extra: &[&str]) -> (Vec<Proc>, Socket
         "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
         id("orders")
     );
-    let (frontend_proxy, frontend) = mesh.proxy("frontend", &token, &["--upstream", &upstream]);
+    let mut args = vec!["--upstream", upstream.as_str()];
+    args.extend_from_slice(frontend_extra);
+    let (frontend_proxy, frontend) = mesh.proxy("frontend", &token, &args);
     (
         vec![orders_app, orders_proxy, frontend_proxy],
         addr(&frontend["upstreams"]["orders"]),
@@ -1022,4 +1032,88 @@ async fn svids_rotate_at_half_life_without_dropping_connections() {
         serial, newest,
         "a new connection must see the newest certificate"
     );
+}
+
+#[test]
+fn hardening_limits_protect_the_proxy() {
+    use std::io::{Read, Write};
+    let mesh = Mesh::start();
+    let policy = mesh.dir.path().join("policy.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    assert_eq!(mesh.cli(&["apply", "-f", policy.to_str().unwrap()]).0, 0);
+    let (procs, to_orders) = orders_and_frontend_with(
+        &mesh,
+        &[],
+        &[
+            "--header-read-timeout-secs",
+            "1",
+            "--max-connections",
+            "2",
+            "--max-header-bytes",
+            "16384",
+        ],
+    );
+
+    // An oversized request head gets 431, and the proxy keeps serving.
+    let mut tcp = std::net::TcpStream::connect(to_orders).unwrap();
+    let big = "x".repeat(20_000);
+    write!(
+        tcp,
+        "GET /orders HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = tcp.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    drop(tcp);
+    assert_eq!(http(to_orders, "GET", "/orders").status, 200);
+
+    // A slow client (half a request head, then nothing) is cut after its timeout; others
+    // are served meanwhile.
+    let mut slow = std::net::TcpStream::connect(to_orders).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"GET /orders HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(http(to_orders, "GET", "/orders").status, 200);
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "cut after {waited:?}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&rest).contains(" 200 "),
+        "the slow request must not be served"
+    );
+
+    // With two connections open, a third is closed at once and counted.
+    let a = std::net::TcpStream::connect(to_orders).unwrap();
+    let b = std::net::TcpStream::connect(to_orders).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut third = std::net::TcpStream::connect(to_orders).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = third.write_all(b"GET /orders HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = third.read_to_end(&mut got);
+    assert!(
+        got.is_empty(),
+        "the third connection was served: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    drop((a, b));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http(to_orders, "GET", "/orders").status, 200);
+    let text = std::fs::read_to_string(mesh.dir.path().join("frontend-proxy.json")).unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let metrics = http(addr(&ready["admin"]), "GET", "/metrics").body;
+    assert!(
+        metrics.contains("bulkhead_connections_refused_total{direction=\"outbound\"} 1"),
+        "{metrics}"
+    );
+    drop(procs);
 }

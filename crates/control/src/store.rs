@@ -130,7 +130,14 @@ impl Store {
         action: &str,
         now_unix: u64,
     ) -> Result<(u64, Vec<(String, Change)>), ControlError> {
-        let new: BTreeMap<String, String> = set.iter().map(|r| (r.key(), r.to_json())).collect();
+        let new: BTreeMap<String, String> = set
+            .iter()
+            .map(|r| r.to_json().map(|j| (r.key(), j)))
+            .collect::<Result<_, _>>()
+            .map_err(|message| ControlError::Store {
+                path: self.path.clone(),
+                message,
+            })?;
         self.write(|txn| {
             let mut table = txn.open_table(RESOURCES)?;
             let mut old = BTreeMap::new();

@@ -118,7 +118,11 @@ impl Owned {
 fn requests(m: &Mesh, allowed: bool, spread: bool) -> Vec<Owned> {
     (0..1024)
         .map(|i| {
-            let j = if spread { (i * 131) % m.workloads } else { m.workloads / 2 };
+            let j = if spread {
+                (i * 131) % m.workloads
+            } else {
+                m.workloads / 2
+            };
             let k = (i * 7) % RULES_PER_WORKLOAD;
             let (namespace, name, _) = workload(j);
             let identity = if allowed {
@@ -137,7 +141,11 @@ fn requests(m: &Mesh, allowed: bool, spread: bool) -> Vec<Owned> {
 }
 
 fn bench_decisions(c: &mut Criterion, meshes: &[Mesh]) {
-    for (label, allowed, spread) in [("allow", true, true), ("deny", false, true), ("allow-one-workload", true, false)] {
+    for (label, allowed, spread) in [
+        ("allow", true, true),
+        ("deny", false, true),
+        ("allow-one-workload", true, false),
+    ] {
         let mut group = c.benchmark_group(format!("evaluate/{label}"));
         for m in meshes {
             let reqs = requests(m, allowed, spread);

@@ -408,15 +408,18 @@ impl RuleList {
         }
     }
 
+    /// The rule with the largest share of its conditions matched (the first on a tie);
+    /// scored without allocating, explained only for the winner.
     fn nearest_miss(&self, req: &Request<'_>, set: &PolicySet) -> Option<NearMiss> {
-        let mut best: Option<(usize, NearMiss)> = None;
+        let mut best: Option<(usize, &CompiledRule)> = None;
         for r in &self.rules {
-            let (score, miss) = r.near_miss(req, set);
-            if best.as_ref().is_none_or(|(b, _)| score > *b) {
-                best = Some((score, miss));
+            let matched = r.conds.iter().filter(|c| c.holds(req, set)).count();
+            let score = matched * 1000 / r.conds.len().max(1);
+            if best.is_none_or(|(b, _)| score > b) {
+                best = Some((score, r));
             }
         }
-        best.map(|(_, m)| m)
+        best.map(|(_, r)| r.near_miss(req, set).1)
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -396,15 +396,9 @@ impl Resource {
         format!("{}/{}", self.kind(), self.name())
     }
 
-    /// Serializes as the YAML/JSON document (the value can only be maps, lists and scalars).
-    pub fn to_json(&self) -> String {
-        let r = match self {
-            Resource::AuthorizationPolicy(d) => serde_json::to_string(d),
-            Resource::Workload(d) => serde_json::to_string(d),
-            Resource::Service(d) => serde_json::to_string(d),
-            Resource::DefaultPosture(d) => serde_json::to_string(d),
-        };
-        r.unwrap_or_default()
+    /// Serializes as the JSON document.
+    pub fn to_json(&self) -> Result<String, String> {
+        serde_json::to_string(self).map_err(|e| format!("{}: cannot serialize: {e}", self.key()))
     }
 
     /// Reads a document from JSON (the wire), re-checking every value.
@@ -428,13 +422,7 @@ impl Resource {
     }
 
     /// Prints as one YAML document.
-    pub fn to_yaml(&self) -> String {
-        let r = match self {
-            Resource::AuthorizationPolicy(d) => serde_saphyr::to_string(d),
-            Resource::Workload(d) => serde_saphyr::to_string(d),
-            Resource::Service(d) => serde_saphyr::to_string(d),
-            Resource::DefaultPosture(d) => serde_saphyr::to_string(d),
-        };
-        r.unwrap_or_default()
+    pub fn to_yaml(&self) -> Result<String, String> {
+        serde_saphyr::to_string(self).map_err(|e| format!("{}: cannot print: {e}", self.key()))
     }
 }

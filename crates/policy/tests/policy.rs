@@ -451,10 +451,15 @@ fn parse_print_parse_is_stable() {
     );
     let resources = parse_documents("p.yaml", &(DECLARATIONS.to_string() + &p)).unwrap();
     for r in &resources {
-        let back = Resource::from_json(&r.to_json()).unwrap();
+        let back = Resource::from_json(&r.to_json().unwrap()).unwrap();
         assert_eq!(&back, r);
-        let printed = parse_documents("printed.yaml", &r.to_yaml()).unwrap();
-        assert_eq!(printed, vec![r.clone()], "printed:\n{}", r.to_yaml());
+        let printed = parse_documents("printed.yaml", &r.to_yaml().unwrap()).unwrap();
+        assert_eq!(
+            printed,
+            vec![r.clone()],
+            "printed:\n{}",
+            r.to_yaml().unwrap()
+        );
     }
 }
 

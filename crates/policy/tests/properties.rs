@@ -1004,7 +1004,7 @@ proptest! {
 }
 
 fn check_round_trip(r: &Resource) -> Result<(), TestCaseError> {
-    let yaml = r.to_yaml();
+    let yaml = r.to_yaml().expect("a parsed resource prints");
     prop_assert!(!yaml.is_empty(), "{} printed as empty YAML: {r:?}", r.key());
     match parse_documents("x", &yaml) {
         Ok(back) => prop_assert_eq!(back, vec![r.clone()], "printed YAML:\n{}", yaml),
@@ -1014,7 +1014,7 @@ fn check_round_trip(r: &Resource) -> Result<(), TestCaseError> {
             )));
         }
     }
-    let json = r.to_json();
+    let json = r.to_json().expect("a parsed resource serializes");
     match Resource::from_json(&json) {
         Ok(back) => prop_assert_eq!(&back, r, "printed JSON: {}", json),
         Err(e) => {

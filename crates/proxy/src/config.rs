@@ -26,6 +26,28 @@ pub struct Config {
     /// A configuration with more compiled rules than this is refused (NACK) and the last good
     /// one stays in force: a bound on the memory a control plane can make a proxy use.
     pub max_policy_rules: usize,
+    pub limits: Limits,
+}
+
+/// Protections against clients that misbehave, by accident or on purpose.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest request head (request line and headers); larger gets 431.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head (slowloris protection).
+    pub header_read_timeout: Duration,
+    /// Most connections open at once per listener; more are closed at accept.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+        }
+    }
 }
 
 /// A join token: a secret, shown to nobody.

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 
@@ -87,6 +88,37 @@ pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
         return Err("path holds '.', '..' or empty segments");
     }
     Ok(())
+}
+
+/// An HTTP/1.1 server configured with the proxy's limits: request heads over the limit get
+/// 431, and a client that does not finish one within the timeout is disconnected.
+pub(crate) fn server(limits: &crate::config::Limits) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's floor for the read buffer is 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    b
+}
+
+/// Takes a slot for a new connection, or refuses it when `max_connections` are open.
+pub(crate) fn admit(
+    slots: &Arc<tokio::sync::Semaphore>,
+    shared: &crate::Shared,
+    direction: &'static str,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match slots.clone().try_acquire_owned() {
+        Ok(permit) => Some(permit),
+        Err(_) => {
+            shared.metrics.refused_connection(direction);
+            tracing::warn!(
+                direction,
+                limit = shared.limits.max_connections,
+                "connection refused: too many open connections"
+            );
+            None
+        }
+    }
 }
 
 /// Why forwarding failed.

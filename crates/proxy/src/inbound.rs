@@ -2,8 +2,8 @@
 
 use crate::config::InboundSpec;
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, check_path, origin_form,
-    proxy_response, request_host, response_body, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, admit, check_path, origin_form,
+    proxy_response, request_host, response_body, server, strip_hop_by_hop,
 };
 use crate::metrics::TlsFailure;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -14,7 +14,7 @@ use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +22,6 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
-
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn spawn(
     spec: &InboundSpec,
@@ -40,17 +38,23 @@ pub(crate) async fn spawn(
     let app = spec.app;
     let port = spec.port;
     tracing::info!(listen = %addr, %app, port, "inbound listener ready");
+    let slots = Arc::new(tokio::sync::Semaphore::new(shared.limits.max_connections));
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((tcp, remote)) => {
+                    let Some(permit) = admit(&slots, &shared, "inbound") else {
+                        continue;
+                    };
                     let span = tracing::info_span!("inbound", src.addr = %remote, dst.app = %app);
                     // The current certificate, at every accept: rotation reaches new
                     // connections, open ones keep theirs.
                     let acceptor = TlsAcceptor::from(shared.tls.load().server.clone());
-                    tokio::spawn(
-                        serve(tcp, remote, acceptor, (app, port), shared.clone()).instrument(span),
-                    );
+                    let conn = serve(tcp, remote, acceptor, (app, port), shared.clone());
+                    tokio::spawn(async move {
+                        conn.instrument(span).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "inbound accept failed");
@@ -102,6 +106,7 @@ async fn serve(
     shared.metrics.connection("inbound");
     tracing::debug!(src.id = %peer, "mTLS connection accepted");
     let link = Arc::new(Link::default());
+    let http = server(&shared.limits);
     let service = service_fn(move |req| {
         let (peer, link, shared) = (peer.clone(), link.clone(), shared.clone());
         async move {
@@ -125,10 +130,7 @@ async fn serve(
             resp
         }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), service);
+    let conn = http.serve_connection(TokioIo::new(tls), service);
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "inbound connection ended with an error");
     }

@@ -17,7 +17,7 @@ mod metrics;
 mod outbound;
 mod watch;
 
-pub use config::{Config, UpstreamSpec};
+pub use config::{Config, Limits, UpstreamSpec};
 
 use arc_swap::ArcSwap;
 use bulkhead_identity::{SpiffeId, TrustBundle};
@@ -68,6 +68,7 @@ pub(crate) struct Shared {
     pub workload: ResourceName,
     pub policies: ArcSwap<PolicySet>,
     pub metrics: metrics::Metrics,
+    pub limits: config::Limits,
 }
 
 /// What a started proxy bound and who it is.
@@ -98,6 +99,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     metrics.svid_expiry.set(unix_seconds(tls.svid.not_after()));
     let shared = Arc::new(Shared {
         metrics,
+        limits: config.limits,
         tls: ArcSwap::from_pointee(tls),
         bundle: joined.bundle,
         workload: joined.workload,

@@ -51,6 +51,15 @@ struct Args {
     /// good one: a bound on the memory the control plane can make this proxy use.
     #[arg(long, default_value_t = 100_000)]
     max_policy_rules: usize,
+    /// Largest request head (request line + headers) in bytes; larger gets 431.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
+    /// Seconds a client has to send a complete request head (slowloris protection).
+    #[arg(long, default_value_t = 10)]
+    header_read_timeout_secs: u64,
+    /// Most connections open at once per listener.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -99,6 +108,11 @@ impl Args {
             admin: self.admin,
             first_config_wait: Duration::from_secs(10),
             max_policy_rules: self.max_policy_rules,
+            limits: bulkhead_proxy::Limits {
+                max_header_bytes: self.max_header_bytes,
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
+                max_connections: self.max_connections.max(1),
+            },
         })
     }
 }

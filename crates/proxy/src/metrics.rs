@@ -7,6 +7,7 @@
 //! | `bulkhead_authz_decisions` | counter | `direction`, `verdict` (allow, deny), `audit` (would_deny, would_allow, or empty), `policy`, `rule` |
 //! | `bulkhead_tls_handshake_failures` | counter | `direction`, `reason` (see [`TlsFailure`]) |
 //! | `bulkhead_connections` | counter | `direction` |
+//! | `bulkhead_connections_refused` | counter | `direction` (over `--max-connections`) |
 //! | `bulkhead_svid_expiry_timestamp_seconds` | gauge | — |
 //! | `bulkhead_svid_renewals` | counter | `result` (ok, error) |
 //! | `bulkhead_config_updates` | counter | `result` (ack, nack) |
@@ -61,6 +62,7 @@ pub(crate) struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub tls_failures: Family<TlsLabels, Counter>,
     pub connections: Family<DirectionLabels, Counter>,
+    pub refused: Family<DirectionLabels, Counter>,
     pub svid_expiry: Gauge,
     pub renewals: Family<ResultLabels, Counter>,
     pub config_updates: Family<ResultLabels, Counter>,
@@ -78,6 +80,7 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         let tls_failures = Family::<TlsLabels, Counter>::default();
         let connections = Family::<DirectionLabels, Counter>::default();
+        let refused = Family::<DirectionLabels, Counter>::default();
         let svid_expiry = Gauge::default();
         let renewals = Family::<ResultLabels, Counter>::default();
         let config_updates = Family::<ResultLabels, Counter>::default();
@@ -108,6 +111,11 @@ impl Metrics {
             connections.clone(),
         );
         registry.register(
+            "bulkhead_connections_refused",
+            "Connections closed at accept because the listener was at its limit",
+            refused.clone(),
+        );
+        registry.register(
             "bulkhead_svid_expiry_timestamp_seconds",
             "When the current SVID expires (Unix time)",
             svid_expiry.clone(),
@@ -133,6 +141,7 @@ impl Metrics {
             decisions,
             tls_failures,
             connections,
+            refused,
             svid_expiry,
             renewals,
             config_updates,
@@ -187,6 +196,12 @@ impl Metrics {
         self.duration
             .get_or_create(&DirectionLabels { direction })
             .observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn refused_connection(&self, direction: &'static str) {
+        self.refused
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
     }
 
     pub(crate) fn connection(&self, direction: &'static str) {

@@ -3,8 +3,8 @@
 
 use crate::config::UpstreamSpec;
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, check_path, origin_form,
-    proxy_response, request_host, response_body, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, admit, check_path, origin_form,
+    proxy_response, request_host, response_body, server, strip_hop_by_hop,
 };
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::tls::server_name;
@@ -36,12 +36,20 @@ pub(crate) async fn spawn(
     let addr = listener.local_addr().map_err(bind_err)?;
     let spec = Arc::new(spec.clone());
     tracing::info!(listen = %addr, upstream = spec.name, address = %spec.address, identity = %spec.identity, "outbound listener ready");
+    let slots = Arc::new(tokio::sync::Semaphore::new(shared.limits.max_connections));
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((tcp, remote)) => {
+                    let Some(permit) = admit(&slots, &shared, "outbound") else {
+                        continue;
+                    };
                     let span = tracing::info_span!("outbound", src.addr = %remote, dst.name = spec.name, dst.addr = %spec.address);
-                    tokio::spawn(serve(tcp, spec.clone(), shared.clone()).instrument(span));
+                    let conn = serve(tcp, spec.clone(), shared.clone());
+                    tokio::spawn(async move {
+                        conn.instrument(span).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "outbound accept failed");
@@ -56,6 +64,7 @@ pub(crate) async fn spawn(
 async fn serve(tcp: TcpStream, spec: Arc<UpstreamSpec>, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
     let link = Arc::new(Link::default());
+    let http = server(&shared.limits);
     let service = service_fn(move |req| {
         let (link, spec, shared) = (link.clone(), spec.clone(), shared.clone());
         async move {
@@ -70,10 +79,7 @@ async fn serve(tcp: TcpStream, spec: Arc<UpstreamSpec>, shared: Arc<Shared>) {
             resp
         }
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(tcp), service)
-        .await
-    {
+    if let Err(e) = http.serve_connection(TokioIo::new(tcp), service).await {
         tracing::debug!(error = %e, "outbound connection ended with an error");
     }
 }

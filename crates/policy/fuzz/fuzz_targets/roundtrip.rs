@@ -12,12 +12,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for r in resources {
-        let yaml = r.to_yaml();
+        let yaml = r.to_yaml().unwrap_or_else(|e| panic!("a parsed resource does not print: {e}"));
         match parse_documents("printed.yaml", &yaml) {
-            Ok(back) => assert_eq!(back, vec![r.clone()], "YAML round trip changed the resource:\n{yaml}"),
+            Ok(back) => assert_eq!(
+                back,
+                vec![r.clone()],
+                "YAML round trip changed the resource:\n{yaml}"
+            ),
             Err(e) => panic!("printed YAML does not parse: {e}\n{yaml}"),
         }
-        let json = r.to_json();
+        let json = r.to_json().unwrap_or_else(|e| panic!("a parsed resource does not serialize: {e}"));
         match Resource::from_json(&json) {
             Ok(back) => assert_eq!(back, r, "JSON round trip changed the resource: {json}"),
             Err(e) => panic!("printed JSON does not parse: {e}\n{json}"),
