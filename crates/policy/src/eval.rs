@@ -105,6 +105,8 @@ pub(crate) struct RuleList {
     rules: Vec<CompiledRule>,
     by_identity: HashMap<Box<str>, Vec<u32>>,
     general: Vec<u32>,
+    /// Whether rule i is reached through `by_identity` (its callers are exact identities).
+    indexed: Vec<bool>,
 }
 
 #[derive(Clone, Debug)]
@@ -158,7 +160,9 @@ impl IdentitySet {
     }
 
     fn contains(&self, id: &str) -> bool {
-        self.any || self.exact.contains(id) || self.prefixes.iter().any(|p| id.starts_with(&**p))
+        self.any
+            || (!self.exact.is_empty() && self.exact.contains(id))
+            || self.prefixes.iter().any(|p| id.starts_with(&**p))
     }
 
     /// The exact identities, if that is all this set holds.
@@ -365,6 +369,7 @@ impl RuleList {
     pub(crate) fn finish(&mut self) {
         self.by_identity.clear();
         self.general.clear();
+        self.indexed = vec![false; self.rules.len()];
         for (i, rule) in self.rules.iter().enumerate() {
             let exact = rule.conds.iter().find_map(|c| match c {
                 Cond::Identity(any, _) => any.only_exact(),
@@ -372,6 +377,7 @@ impl RuleList {
             });
             match exact {
                 Some(ids) => {
+                    self.indexed[i] = true;
                     for id in ids {
                         self.by_identity
                             .entry(id.clone())
@@ -411,9 +417,27 @@ impl RuleList {
     /// The rule with the largest share of its conditions matched (the first on a tie);
     /// scored without allocating, explained only for the winner.
     fn nearest_miss(&self, req: &Request<'_>, set: &PolicySet) -> Option<NearMiss> {
+        // One lookup answers the identity condition of every indexed rule.
+        let hits: &[u32] = req
+            .peer
+            .identity
+            .and_then(|id| self.by_identity.get(id))
+            .map(|v| v.as_slice())
+            .unwrap_or(&[]);
         let mut best: Option<(usize, &CompiledRule)> = None;
-        for r in &self.rules {
-            let matched = r.conds.iter().filter(|c| c.holds(req, set)).count();
+        for (i, r) in self.rules.iter().enumerate() {
+            let indexed = self.indexed.get(i).copied().unwrap_or(false);
+            let matched = r
+                .conds
+                .iter()
+                .filter(|c| match c {
+                    Cond::Identity(_, none) if indexed => {
+                        hits.binary_search(&(i as u32)).is_ok()
+                            && req.peer.identity.is_none_or(|id| !none.contains(id))
+                    }
+                    _ => c.holds(req, set),
+                })
+                .count();
             let score = matched * 1000 / r.conds.len().max(1);
             if best.is_none_or(|(b, _)| score > b) {
                 best = Some((score, r));
