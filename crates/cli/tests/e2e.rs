@@ -1117,3 +1117,39 @@ fn hardening_limits_protect_the_proxy() {
     );
     drop(procs);
 }
+
+#[test]
+fn concurrent_applies_lose_nothing() {
+    let mesh = Mesh::start();
+    let files: Vec<String> = (0..20)
+        .map(|i| {
+            let p = mesh.dir.path().join(format!("p{i}.yaml"));
+            let yaml = format!(
+                "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p{i}, namespace: shop}}\nspec:\n  selector: {{workload: w{i}}}\n  action: allow\n  rules:\n    - name: any\n"
+            );
+            std::fs::write(&p, yaml).unwrap();
+            p.to_str().unwrap().to_string()
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for pair in files.chunks(2) {
+            let handles: Vec<_> = pair
+                .iter()
+                .map(|f| s.spawn(|| mesh.cli(&["apply", "-f", f])))
+                .collect();
+            for h in handles {
+                let (code, _, err) = h.join().unwrap();
+                assert_eq!(code, 0, "{err}");
+            }
+        }
+    });
+    let (_, out, _) = mesh.cli(&["get", "policies", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 20, "{out}");
+    assert_eq!(v["revision"], 20);
+    let (_, history, _) = mesh.cli(&["history", "--limit", "100"]);
+    assert!(
+        !history.contains(" deleted"),
+        "an apply deleted another's policy:\n{history}"
+    );
+}

@@ -100,6 +100,7 @@ impl Admin for State {
         let r = req.into_inner();
         let parsed = bulkhead_policy::parse_file(&r.file, &r.yaml)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let _one_change_at_a_time = self.writes.lock().await;
         // The whole set after this apply must compile: a change that would leave any policy
         // unenforceable (say, a port re-declared as tcp under an HTTP rule) is refused.
         let new_keys: HashSet<String> = parsed.iter().map(|(r, _)| r.key()).collect();
@@ -125,6 +126,7 @@ impl Admin for State {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let actor = self.require_admin(&req)?;
         let keys: HashSet<String> = req.into_inner().keys.into_iter().collect();
+        let _one_change_at_a_time = self.writes.lock().await;
         let current = self.snapshot.borrow().resources.clone();
         let existing: HashSet<String> = current.iter().map(Resource::key).collect();
         if let Some(missing) = keys.iter().find(|k| !existing.contains(*k)) {
@@ -190,6 +192,7 @@ impl Admin for State {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let actor = self.require_admin(&req)?;
         let target = req.into_inner().revision;
+        let _one_change_at_a_time = self.writes.lock().await;
         let Some(set) = self.store.set_at(target).map_err(internal)? else {
             return Err(Status::not_found(format!(
                 "there is no revision {target}; `bulkhead history` lists them"

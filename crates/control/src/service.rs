@@ -20,11 +20,35 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-/// The resource set every proxy's view is cut from.
+/// The resource set every proxy's view is cut from, with what the cut needs precomputed once
+/// per revision: the distribution index and each resource's wire encoding.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
     pub revision: u64,
     pub resources: Vec<Resource>,
+    wire: Vec<pb::Resource>,
+    distribution: bulkhead_policy::Distribution,
+}
+
+impl Snapshot {
+    pub(crate) fn new(revision: u64, resources: Vec<Resource>) -> Snapshot {
+        let wire = resources.iter().map(resource_to_wire).collect();
+        let distribution = bulkhead_policy::Distribution::new(&resources);
+        Snapshot { revision, resources, wire, distribution }
+    }
+
+    /// The part that concerns `workload`.
+    fn config_for(&self, workload: &ResourceName) -> pb::ProxyConfig {
+        pb::ProxyConfig {
+            revision: self.revision,
+            resources: self
+                .distribution
+                .indices_for(workload)
+                .into_iter()
+                .filter_map(|i| self.wire.get(i).cloned())
+                .collect(),
+        }
+    }
 }
 
 pub(crate) struct State {
@@ -34,6 +58,10 @@ pub(crate) struct State {
     pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
     pub(crate) admin_id: SpiffeId,
     pub(crate) proxies: Arc<Registry>,
+    /// Held by every change (apply, delete, rollback) from reading the current set until the
+    /// new revision is published: changes apply one at a time, none is lost, and proxies see
+    /// revisions in order.
+    pub(crate) writes: tokio::sync::Mutex<()>,
 }
 
 impl State {
@@ -52,12 +80,10 @@ impl State {
             dir,
             store,
             svid_lifetime,
-            snapshot: watch::Sender::new(Arc::new(Snapshot {
-                revision,
-                resources,
-            })),
+            snapshot: watch::Sender::new(Arc::new(Snapshot::new(revision, resources))),
             admin_id,
             proxies: Arc::new(Registry::default()),
+            writes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -128,10 +154,7 @@ impl State {
             .map_err(internal)?;
         if revision != self.snapshot.borrow().revision {
             let (revision, resources) = self.store.resources().map_err(internal)?;
-            self.snapshot.send_replace(Arc::new(Snapshot {
-                revision,
-                resources,
-            }));
+            self.snapshot.send_replace(Arc::new(Snapshot::new(revision, resources)));
             tracing::info!(revision, actor, action, "new revision pushed");
         }
         Ok((revision, changes))
@@ -318,7 +341,7 @@ impl Config for State {
                 }
                 let snap = rx.borrow_and_update().clone();
                 registry.sent(id.as_str(), &workload, snap.revision);
-                Some((Ok(config_for(&snap, &workload)), (rx, false, connection)))
+                Some((Ok(snap.config_for(&workload)), (rx, false, connection)))
             }
         });
         Ok(Response::new(Box::pin(stream)))
@@ -341,16 +364,5 @@ impl Config for State {
                 .ack(id.as_str(), &workload, r.revision, Some(error));
         }
         Ok(Response::new(pb::AckResponse {}))
-    }
-}
-
-/// The part of the snapshot that concerns `workload`.
-fn config_for(snap: &Snapshot, workload: &ResourceName) -> pb::ProxyConfig {
-    pb::ProxyConfig {
-        revision: snap.revision,
-        resources: bulkhead_policy::relevant_to(&snap.resources, workload)
-            .iter()
-            .map(resource_to_wire)
-            .collect(),
     }
 }

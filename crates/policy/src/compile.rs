@@ -77,75 +77,115 @@ impl PolicySet {
 /// (caller labels, destination workloads and services), and the postures of the mesh and its
 /// namespace. A proxy learns nothing else about the mesh.
 pub fn relevant_to(resources: &[Resource], workload: &WorkloadRef) -> Vec<Resource> {
-    let mut errors = Errors {
-        list: Vec::new(),
-        origins: &[],
-    };
-    let declared = declarations(resources, &mut errors);
-    let mut wanted_workloads: HashSet<WorkloadRef> = HashSet::from([workload.clone()]);
-    let mut wanted_services: HashSet<ResourceName> = HashSet::new();
-    let mut label_sets: Vec<&BTreeMap<String, String>> = Vec::new();
-    let mut keep = vec![false; resources.len()];
-    for (i, r) in resources.iter().enumerate() {
-        let Resource::AuthorizationPolicy(doc) = r else {
-            continue;
+    Distribution::new(resources)
+        .indices_for(workload)
+        .into_iter()
+        .map(|i| resources[i].clone())
+        .collect()
+}
+
+/// Precomputed once per resource set, it answers [`relevant_to`] for any workload in time
+/// proportional to what that workload receives, not to the size of the mesh.
+#[derive(Debug, Default)]
+pub struct Distribution {
+    /// Policy indices by the workloads they select.
+    policies_by_subject: HashMap<WorkloadRef, Vec<usize>>,
+    /// For each policy index: the declarations (resource indices) it refers to.
+    refs: HashMap<usize, Vec<usize>>,
+    declarations: HashMap<WorkloadRef, usize>,
+    mesh_posture: Option<usize>,
+    namespace_postures: HashMap<String, usize>,
+}
+
+impl Distribution {
+    pub fn new(resources: &[Resource]) -> Distribution {
+        let mut errors = Errors {
+            list: Vec::new(),
+            origins: &[],
         };
-        let ns = r.name().namespace;
-        if !subjects_of(&doc.spec.selector, &ns, &declared).contains(workload) {
-            continue;
-        }
-        keep[i] = true;
-        for rule in &doc.spec.rules {
-            if let Some(from) = rule
-                .from
-                .as_ref()
-                .filter(|f| !f.value.workload_labels.is_empty())
-            {
-                label_sets.push(&from.value.workload_labels);
-            }
-            if let Some(to) = &rule.to {
-                wanted_workloads.extend(
-                    to.value
-                        .workloads
-                        .iter()
-                        .map(|w| workload_ref(&w.value, &ns)),
-                );
-                for s in &to.value.services {
-                    let sref = workload_ref(&s.value, &ns);
-                    if let Some(svc) = declared.services.get(&sref) {
-                        wanted_workloads.extend(subjects_of(
-                            &svc.spec.selector,
-                            &sref.namespace,
-                            &declared,
-                        ));
+        let declared = declarations(resources, &mut errors);
+        let index_of: HashMap<String, usize> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.key(), i))
+            .collect();
+        let decl_index =
+            |kind: &str, name: &ResourceName| index_of.get(&format!("{kind}/{name}")).copied();
+        let mut d = Distribution::default();
+        for (i, r) in resources.iter().enumerate() {
+            match r {
+                Resource::Workload(_) => {
+                    d.declarations.insert(r.name(), i);
+                }
+                Resource::DefaultPosture(doc) => match &doc.metadata.namespace {
+                    None => d.mesh_posture = Some(i),
+                    Some(ns) => {
+                        d.namespace_postures.insert(ns.value.to_string(), i);
                     }
-                    wanted_services.insert(sref);
+                },
+                Resource::Service(_) => {}
+                Resource::AuthorizationPolicy(doc) => {
+                    let ns = r.name().namespace;
+                    for subject in subjects_of(&doc.spec.selector, &ns, &declared) {
+                        d.policies_by_subject.entry(subject).or_default().push(i);
+                    }
+                    let mut refs = Vec::new();
+                    for rule in &doc.spec.rules {
+                        if let Some(from) = rule
+                            .from
+                            .as_ref()
+                            .filter(|f| !f.value.workload_labels.is_empty())
+                        {
+                            for (name, (wdoc, _)) in &declared.workloads {
+                                if labels_match(&from.value.workload_labels, &wdoc.metadata.labels)
+                                {
+                                    refs.extend(decl_index("Workload", name));
+                                }
+                            }
+                        }
+                        if let Some(to) = &rule.to {
+                            for w in &to.value.workloads {
+                                refs.extend(decl_index("Workload", &workload_ref(&w.value, &ns)));
+                            }
+                            for s in &to.value.services {
+                                let sref = workload_ref(&s.value, &ns);
+                                refs.extend(decl_index("Service", &sref));
+                                if let Some(svc) = declared.services.get(&sref) {
+                                    for m in
+                                        subjects_of(&svc.spec.selector, &sref.namespace, &declared)
+                                    {
+                                        refs.extend(decl_index("Workload", &m));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    d.refs.insert(i, refs);
                 }
             }
         }
+        d
     }
-    for (i, r) in resources.iter().enumerate() {
-        keep[i] |= match r {
-            Resource::AuthorizationPolicy(_) => false,
-            Resource::Workload(doc) => {
-                wanted_workloads.contains(&r.name())
-                    || label_sets
-                        .iter()
-                        .any(|want| labels_match(want, &doc.metadata.labels))
-            }
-            Resource::Service(_) => wanted_services.contains(&r.name()),
-            Resource::DefaultPosture(doc) => match &doc.metadata.namespace {
-                None => true,
-                Some(ns) => ns.value.as_str() == workload.namespace,
-            },
-        };
+
+    /// Indices (in set order) of the resources `workload`'s proxy needs.
+    pub fn indices_for(&self, workload: &WorkloadRef) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        out.extend(self.declarations.get(workload));
+        out.extend(self.mesh_posture);
+        out.extend(self.namespace_postures.get(&workload.namespace));
+        for &p in self
+            .policies_by_subject
+            .get(workload)
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
+        {
+            out.push(p);
+            out.extend(self.refs.get(&p).map(|v| v.as_slice()).unwrap_or(&[]));
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
-    resources
-        .iter()
-        .zip(keep)
-        .filter(|(_, k)| *k)
-        .map(|(r, _)| r.clone())
-        .collect()
 }
 
 fn compile(

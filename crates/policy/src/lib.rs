@@ -15,7 +15,7 @@ pub mod model;
 mod pattern;
 mod source;
 
-pub use compile::relevant_to;
+pub use compile::{Distribution, relevant_to};
 pub use decision::{AuditOutcome, Decision, NearMiss, PostureSource, Reason, Verdict};
 pub use error::{PolicyError, SourceLocation};
 pub use eval::{Headers, Http, Peer, PolicySet, Request};
