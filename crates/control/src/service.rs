@@ -34,7 +34,12 @@ impl Snapshot {
     pub(crate) fn new(revision: u64, resources: Vec<Resource>) -> Snapshot {
         let wire = resources.iter().map(resource_to_wire).collect();
         let distribution = bulkhead_policy::Distribution::new(&resources);
-        Snapshot { revision, resources, wire, distribution }
+        Snapshot {
+            revision,
+            resources,
+            wire,
+            distribution,
+        }
     }
 
     /// The part that concerns `workload`.
@@ -154,7 +159,8 @@ impl State {
             .map_err(internal)?;
         if revision != self.snapshot.borrow().revision {
             let (revision, resources) = self.store.resources().map_err(internal)?;
-            self.snapshot.send_replace(Arc::new(Snapshot::new(revision, resources)));
+            self.snapshot
+                .send_replace(Arc::new(Snapshot::new(revision, resources)));
             tracing::info!(revision, actor, action, "new revision pushed");
         }
         Ok((revision, changes))
