@@ -655,8 +655,8 @@ async fn run(args: Args) -> Result<()> {
         .filter(|p| p.connected && p.acked_revision == last_revision)
         .count();
 
-    // 8. What one push costs the control plane: the per-proxy cut of the snapshot, done here
-    //    the same way `config_for` does it (filter, clone, JSON per resource, protobuf).
+    // 8. What one push costs the control plane, done here the way the control plane does it:
+    //    the distribution index and the wire encoding once per revision, then one cut per proxy.
     let snapshot = admin
         .get(GetRequest::default())
         .await
@@ -668,6 +668,11 @@ async fn run(args: Args) -> Result<()> {
         .map(bulkhead_api::resource_from_wire)
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let t = Instant::now();
+    let distribution = bulkhead_policy::Distribution::new(&resources);
+    let wire: Vec<_> = resources
+        .iter()
+        .map(bulkhead_api::resource_to_wire)
+        .collect();
     let mut bytes = 0usize;
     let mut per_proxy_resources = 0usize;
     for i in 0..connected {
@@ -675,11 +680,11 @@ async fn run(args: Args) -> Result<()> {
             namespace: NAMESPACE.into(),
             name: workload_name(i),
         };
-        let cut = bulkhead_policy::relevant_to(&resources, &workload);
+        let cut = distribution.indices_for(&workload);
         per_proxy_resources = cut.len();
         let message = ProxyConfig {
             revision: snapshot.revision,
-            resources: cut.iter().map(bulkhead_api::resource_to_wire).collect(),
+            resources: cut.iter().filter_map(|&i| wire.get(i).cloned()).collect(),
         };
         bytes += encoded_len(&message);
     }
