@@ -101,8 +101,60 @@ pub(crate) fn server(limits: &crate::config::Limits) -> hyper::server::conn::htt
     b
 }
 
+/// Binds a listener; errors name what it was for.
+pub(crate) async fn listen(
+    addr: std::net::SocketAddr,
+    what: &str,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), crate::ProxyError> {
+    let bind_err = |source| crate::ProxyError::Bind {
+        what: what.to_string(),
+        addr,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_err)?;
+    let bound = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, bound))
+}
+
+/// Accepts forever. Each connection within `max_connections` is served by the future
+/// `serve` returns, on its own task and in its span; accept errors back off briefly.
+pub(crate) fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    shared: Arc<crate::Shared>,
+    direction: &'static str,
+    mut serve: F,
+) where
+    F: FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> (Fut, tracing::Span) + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument;
+    let slots = Arc::new(tokio::sync::Semaphore::new(shared.limits.max_connections));
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, remote)) => {
+                    let Some(permit) = admit(&slots, &shared, direction) else {
+                        continue;
+                    };
+                    let (conn, span) = serve(tcp, remote);
+                    tokio::spawn(async move {
+                        conn.instrument(span).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(direction, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+}
+
 /// Takes a slot for a new connection, or refuses it when `max_connections` are open.
-pub(crate) fn admit(
+fn admit(
     slots: &Arc<tokio::sync::Semaphore>,
     shared: &crate::Shared,
     direction: &'static str,

@@ -2,8 +2,8 @@
 
 use crate::config::InboundSpec;
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, admit, check_path, origin_form,
-    proxy_response, request_host, response_body, server, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, listen,
+    origin_form, proxy_response, request_host, response_body, server, strip_hop_by_hop,
 };
 use crate::metrics::TlsFailure;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -18,50 +18,27 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, TcpStream};
+use std::time::Instant;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::Instrument;
 
 pub(crate) async fn spawn(
     spec: &InboundSpec,
     shared: Arc<Shared>,
 ) -> Result<SocketAddr, ProxyError> {
-    let bind_err = |source| ProxyError::Bind {
-        what: "inbound".into(),
-        addr: spec.listen,
-        source,
-    };
-    let listener = TcpListener::bind(spec.listen).await.map_err(bind_err)?;
-    let addr = listener.local_addr().map_err(bind_err)?;
-
-    let app = spec.app;
-    let port = spec.port;
+    let (listener, addr) = listen(spec.listen, "inbound").await?;
+    let (app, port) = (spec.app, spec.port);
     tracing::info!(listen = %addr, %app, port, "inbound listener ready");
-    let slots = Arc::new(tokio::sync::Semaphore::new(shared.limits.max_connections));
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((tcp, remote)) => {
-                    let Some(permit) = admit(&slots, &shared, "inbound") else {
-                        continue;
-                    };
-                    let span = tracing::info_span!("inbound", src.addr = %remote, dst.app = %app);
-                    // The current certificate, at every accept: rotation reaches new
-                    // connections, open ones keep theirs.
-                    let acceptor = TlsAcceptor::from(shared.tls.load().server.clone());
-                    let conn = serve(tcp, remote, acceptor, (app, port), shared.clone());
-                    tokio::spawn(async move {
-                        conn.instrument(span).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+    let state = shared.clone();
+    accept_loop(listener, shared, "inbound", move |tcp, remote| {
+        let span = tracing::info_span!("inbound", src.addr = %remote, dst.app = %app);
+        // The current certificate, at every accept: rotation reaches new connections, open
+        // ones keep theirs.
+        let acceptor = TlsAcceptor::from(state.tls.load().server.clone());
+        (
+            serve(tcp, remote, acceptor, (app, port), state.clone()),
+            span,
+        )
     });
     Ok(addr)
 }

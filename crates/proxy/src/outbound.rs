@@ -3,8 +3,8 @@
 
 use crate::config::UpstreamSpec;
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, admit, check_path, origin_form,
-    proxy_response, request_host, response_body, server, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, listen,
+    origin_form, proxy_response, request_host, response_body, server, strip_hop_by_hop,
 };
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::tls::server_name;
@@ -17,46 +17,21 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tracing::Instrument;
 
 pub(crate) async fn spawn(
     spec: &UpstreamSpec,
     shared: Arc<Shared>,
 ) -> Result<SocketAddr, ProxyError> {
-    let bind_err = |source| ProxyError::Bind {
-        what: format!("upstream {}", spec.name),
-        addr: spec.listen,
-        source,
-    };
-    let listener = TcpListener::bind(spec.listen).await.map_err(bind_err)?;
-    let addr = listener.local_addr().map_err(bind_err)?;
+    let (listener, addr) = listen(spec.listen, &format!("upstream {}", spec.name)).await?;
     let spec = Arc::new(spec.clone());
     tracing::info!(listen = %addr, upstream = spec.name, address = %spec.address, identity = %spec.identity, "outbound listener ready");
-    let slots = Arc::new(tokio::sync::Semaphore::new(shared.limits.max_connections));
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((tcp, remote)) => {
-                    let Some(permit) = admit(&slots, &shared, "outbound") else {
-                        continue;
-                    };
-                    let span = tracing::info_span!("outbound", src.addr = %remote, dst.name = spec.name, dst.addr = %spec.address);
-                    let conn = serve(tcp, spec.clone(), shared.clone());
-                    tokio::spawn(async move {
-                        conn.instrument(span).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+    let state = shared.clone();
+    accept_loop(listener, shared, "outbound", move |tcp, remote| {
+        let span = tracing::info_span!("outbound", src.addr = %remote, dst.name = spec.name, dst.addr = %spec.address);
+        (serve(tcp, spec.clone(), state.clone()), span)
     });
     Ok(addr)
 }
