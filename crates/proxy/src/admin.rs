@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 use tokio::net::TcpListener;
 
 pub(crate) async fn spawn(
@@ -50,12 +50,6 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     resp
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Why the proxy is not ready, if it is not.
 pub(crate) fn not_ready(shared: &Shared) -> Option<String> {
     let tls = shared.tls.load();
@@ -63,7 +57,7 @@ pub(crate) fn not_ready(shared: &Shared) -> Option<String> {
         return Some(format!(
             "SVID {} expired at {} (Unix); renewal has not succeeded",
             tls.svid.serial(),
-            unix(tls.svid.not_after())
+            crate::unix_seconds(tls.svid.not_after())
         ));
     }
     if shared.policies.load().revision() == 0 {
@@ -98,8 +92,8 @@ async fn handle(
                 "workload": shared.workload.to_string(),
                 "certificate": {
                     "serial": tls.svid.serial(),
-                    "notBeforeUnix": unix(tls.svid.not_before()),
-                    "notAfterUnix": unix(tls.svid.not_after()),
+                    "notBeforeUnix": crate::unix_seconds(tls.svid.not_before()),
+                    "notAfterUnix": crate::unix_seconds(tls.svid.not_after()),
                 },
                 "trustDomain": shared.bundle.trust_domain(),
                 "policyRevision": shared.policies.load().revision(),

@@ -75,16 +75,23 @@ pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
     if !path.starts_with('/') {
         return Err("path must start with '/'");
     }
-    let lower = path.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c", "%00", "\\"]
-        .iter()
-        .any(|bad| lower.contains(bad))
-    {
+    // Case-insensitive, without copying the path: this runs on every request.
+    let bytes = path.as_bytes();
+    let encoded = |pat: &[u8]| {
+        bytes
+            .windows(pat.len())
+            .any(|w| w.eq_ignore_ascii_case(pat))
+    };
+    if path.contains('\\') || [b"%2e", b"%2f", b"%5c", b"%00"].iter().any(|p| encoded(*p)) {
         return Err("path holds an encoded '.', '/', '\\' or NUL");
     }
-    if path[1..].split('/').enumerate().any(|(i, seg)| {
-        seg == "." || seg == ".." || (seg.is_empty() && i + 1 < path[1..].split('/').count())
-    }) {
+    // One trailing slash is fine ("/a/b/"); any other empty segment is not.
+    let body = path[1..].strip_suffix('/').unwrap_or(&path[1..]);
+    if !body.is_empty()
+        && body
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return Err("path holds '.', '..' or empty segments");
     }
     Ok(())
@@ -283,4 +290,31 @@ mod tests {
             assert!(check_path(bad).is_err(), "{bad}");
         }
     }
+}
+
+/// One structured event per decision: the decision log.
+pub(crate) fn log_decision(
+    direction: &'static str,
+    decision: &bulkhead_policy::Decision,
+    peer: &str,
+    shared: &crate::Shared,
+    req: &Request<Incoming>,
+) {
+    let verdict = match (decision.is_allow(), decision.would_deny()) {
+        (true, true) => "allow (audit: would deny)",
+        (true, false) => "allow",
+        (false, _) => "deny",
+    };
+    shared.metrics.decision(direction, decision);
+    tracing::info!(
+        target: "bulkhead::decision",
+        direction,
+        verdict,
+        peer.id = %peer,
+        workload = %shared.workload,
+        http.method = %req.method(),
+        http.path = req.uri().path(),
+        decision = %decision,
+        "authorization decision"
+    );
 }

@@ -10,7 +10,7 @@ use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity;
 use bulkhead_policy::model::Direction;
-use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
+use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -147,7 +147,7 @@ async fn handle(
             headers: &headers,
         }),
     });
-    log_decision("inbound", &decision, peer.as_str(), &shared, &req);
+    crate::http::log_decision("inbound", &decision, peer.as_str(), &shared, &req);
     if !decision.is_allow() {
         return Ok(proxy_response(
             StatusCode::FORBIDDEN,
@@ -185,31 +185,4 @@ async fn connect_app(app: SocketAddr) -> std::io::Result<TcpStream> {
     let tcp = TcpStream::connect(app).await?;
     tcp.set_nodelay(true)?;
     Ok(tcp)
-}
-
-/// One structured event per decision: the decision log.
-pub(crate) fn log_decision(
-    direction: &'static str,
-    decision: &Decision,
-    peer: &str,
-    shared: &Shared,
-    req: &Request<Incoming>,
-) {
-    let verdict = match (decision.is_allow(), decision.would_deny()) {
-        (true, true) => "allow (audit: would deny)",
-        (true, false) => "allow",
-        (false, _) => "deny",
-    };
-    shared.metrics.decision(direction, decision);
-    tracing::info!(
-        target: "bulkhead::decision",
-        direction,
-        verdict,
-        peer.id = %peer,
-        workload = %shared.workload,
-        http.method = %req.method(),
-        http.path = req.uri().path(),
-        decision = %decision,
-        "authorization decision"
-    );
 }

@@ -74,7 +74,7 @@ async fn handle(
     }
     // Egress policy: the sending side judges the request before it leaves.
     let decision = egress_decision(&req, &spec, &shared);
-    crate::inbound::log_decision("outbound", &decision, spec.identity.as_str(), &shared, &req);
+    crate::http::log_decision("outbound", &decision, spec.identity.as_str(), &shared, &req);
     if let Decision {
         verdict: bulkhead_policy::Verdict::Deny,
         ..
