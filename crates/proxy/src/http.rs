@@ -269,29 +269,6 @@ pub(crate) fn response_body(resp: Response<Incoming>) -> Response<Body> {
     Response::from_parts(parts, Either::Left(body))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::check_path;
-
-    #[test]
-    fn ambiguous_paths_are_refused() {
-        for ok in ["/", "/charge", "/orders/1", "/a/b/"] {
-            assert!(check_path(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "/a/../admin",
-            "/./admin",
-            "/a//b",
-            "/%2e%2e/admin",
-            "/a%2Fb",
-            "/a\\b",
-            "x",
-        ] {
-            assert!(check_path(bad).is_err(), "{bad}");
-        }
-    }
-}
-
 /// One structured event per decision: the decision log.
 pub(crate) fn log_decision(
     direction: &'static str,
@@ -317,4 +294,27 @@ pub(crate) fn log_decision(
         decision = %decision,
         "authorization decision"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_path;
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        for ok in ["/", "/charge", "/orders/1", "/a/b/"] {
+            assert!(check_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/a/../admin",
+            "/./admin",
+            "/a//b",
+            "/%2e%2e/admin",
+            "/a%2Fb",
+            "/a\\b",
+            "x",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
 }
