@@ -95,7 +95,7 @@ async fn handle(
                     "notBeforeUnix": crate::unix_seconds(tls.svid.not_before()),
                     "notAfterUnix": crate::unix_seconds(tls.svid.not_after()),
                 },
-                "trustDomain": shared.bundle.trust_domain(),
+                "trustDomain": shared.tls.load().bundle.trust_domain(),
                 "policyRevision": shared.policies.load().revision(),
                 "ready": not_ready(&shared).is_none(),
             });

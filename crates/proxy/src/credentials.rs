@@ -25,6 +25,8 @@ const MIN_WAIT: Duration = Duration::from_secs(1);
 /// An SVID and the TLS configurations that present it.
 pub(crate) struct TlsSet {
     pub svid: Svid,
+    /// The roots peers must chain to; replaced with the set when the bundle changes.
+    pub bundle: TrustBundle,
     pub server: Arc<ServerConfig>,
     pub upstreams: HashMap<String, Arc<ClientConfig>>,
     pub control: Arc<ClientConfig>,
@@ -60,6 +62,7 @@ impl TlsSet {
         )?);
         Ok(TlsSet {
             svid,
+            bundle: bundle.clone(),
             server,
             upstreams: by_name,
             control,
@@ -164,7 +167,7 @@ async fn renew(
     }
     let serial = svid.serial().to_string();
     let not_after = svid.not_after();
-    let set = TlsSet::build(svid, &shared.bundle, upstreams)?;
+    let set = TlsSet::build(svid, &shared.tls.load().bundle, upstreams)?;
     shared.tls.store(Arc::new(set));
     shared
         .metrics

@@ -70,7 +70,7 @@ async fn serve(
     };
     let peer = match peer_identity(
         tls.get_ref().1.peer_certificates(),
-        shared.bundle.trust_domain(),
+        shared.tls.load().bundle.trust_domain(),
     ) {
         Ok(id) => id,
         Err(e) => {

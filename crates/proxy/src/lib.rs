@@ -20,7 +20,7 @@ mod watch;
 pub use config::{Config, Limits, UpstreamSpec};
 
 use arc_swap::ArcSwap;
-use bulkhead_identity::{SpiffeId, TrustBundle};
+use bulkhead_identity::SpiffeId;
 use bulkhead_policy::PolicySet;
 use bulkhead_policy::model::ResourceName;
 use credentials::TlsSet;
@@ -64,7 +64,6 @@ pub enum ProxyError {
 pub(crate) struct Shared {
     /// The current SVID and TLS configurations; replaced whole on renewal.
     pub tls: ArcSwap<TlsSet>,
-    pub bundle: TrustBundle,
     pub workload: ResourceName,
     pub policies: ArcSwap<PolicySet>,
     pub metrics: metrics::Metrics,
@@ -101,7 +100,6 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         metrics,
         limits: config.limits,
         tls: ArcSwap::from_pointee(tls),
-        bundle: joined.bundle,
         workload: joined.workload,
         policies: ArcSwap::from_pointee(PolicySet::default()),
     });
