@@ -3,6 +3,7 @@
 //! certificates from the control plane's own CA.
 #![allow(clippy::unwrap_used)]
 
+use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has};
 use bulkhead_testkit::{
     Bins, Proc, TempDir, foreign_identity, http, http_raw, mtls_raw, parse_response, run,
 };
@@ -10,9 +11,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-const TD: &str = "test.local";
-const WAIT: Duration = Duration::from_secs(30);
 
 const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
 kind: Workload
@@ -52,186 +50,6 @@ spec:
       to:
         paths: ["/orders/internal/*"]
 "#;
-
-fn id(sa: &str) -> String {
-    format!("spiffe://{TD}/ns/shop/sa/{sa}")
-}
-
-struct Mesh {
-    bins: Bins,
-    dir: TempDir,
-    control: Proc,
-    control_addr: SocketAddr,
-}
-
-fn start_control(bins: &Bins, dir: &Path, listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
-    let data = dir.join("data");
-    let args = [
-        "control",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        listen,
-        "--trust-domain",
-        TD,
-    ];
-    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
-    let mut control = Proc::spawn("control", dir, &bins.bulkhead, &args, &[]);
-    let context = control.wait_for_file(&data.join("admin.yaml"), WAIT);
-    let server = context
-        .lines()
-        .find_map(|l| l.strip_prefix("server: "))
-        .expect("admin.yaml names the server")
-        .trim_matches('"')
-        .parse()
-        .unwrap();
-    (control, server)
-}
-
-impl Mesh {
-    fn start() -> Mesh {
-        Mesh::start_with(&[])
-    }
-
-    /// Starts the control plane with extra flags.
-    fn start_with(extra: &[&str]) -> Mesh {
-        let bins = Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
-        let dir = TempDir::new().unwrap();
-        let (control, control_addr) = start_control(&bins, dir.path(), "127.0.0.1:0", extra);
-        Mesh {
-            bins,
-            dir,
-            control,
-            control_addr,
-        }
-    }
-
-    /// Kills the control plane and starts it again on the same data directory and port.
-    fn restart_control(&mut self) {
-        let _ = std::fs::remove_file(self.data().join("admin.yaml"));
-        let _ = std::fs::rename(
-            self.dir.path().join("control.log"),
-            self.dir.path().join("control.1.log"),
-        );
-        let (control, addr) = start_control(
-            &self.bins,
-            self.dir.path(),
-            &self.control_addr.to_string(),
-            &[],
-        );
-        self.control = control;
-        assert_eq!(addr, self.control_addr);
-    }
-
-    fn stop_control(&mut self) {
-        self.control.kill();
-    }
-
-    fn data(&self) -> std::path::PathBuf {
-        self.dir.path().join("data")
-    }
-
-    /// Runs `bulkhead ARGS` as the admin; returns (code, stdout, stderr).
-    fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let context = self.data().join("admin.yaml");
-        run(
-            &self.bins.bulkhead,
-            args,
-            &[
-                ("BULKHEAD_CONTEXT", context.to_str().unwrap()),
-                ("USER", "alice"),
-            ],
-        )
-    }
-
-    fn token(&self, identity: &str) -> std::path::PathBuf {
-        let (code, out, err) = self.cli(&["token", "create", "--identity", identity]);
-        assert_eq!(code, 0, "token create failed: {err}");
-        let file = self
-            .dir
-            .path()
-            .join(format!("{}.token", identity.rsplit('/').next().unwrap()));
-        std::fs::write(&file, out.trim()).unwrap();
-        file
-    }
-
-    fn app(&self, name: &str) -> (Proc, SocketAddr) {
-        let ready = self.dir.path().join(format!("{name}-app.json"));
-        let mut p = Proc::spawn(
-            &format!("{name}-app"),
-            self.dir.path(),
-            &self.bins.bulkhead,
-            &[
-                "sample-app",
-                "--name",
-                name,
-                "--listen",
-                "127.0.0.1:0",
-                "--ready-file",
-                ready.to_str().unwrap(),
-            ],
-            &[],
-        );
-        let json: serde_json::Value = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
-        let addr = json["addr"].as_str().unwrap().parse().unwrap();
-        (p, addr)
-    }
-
-    /// Starts a sidecar; returns it and its ready-file JSON.
-    fn proxy(&self, name: &str, token: &Path, extra: &[&str]) -> (Proc, serde_json::Value) {
-        let ready = self.dir.path().join(format!("{name}-proxy.json"));
-        let mut args = self.proxy_args(token);
-        args.extend([
-            "--ready-file".to_string(),
-            ready.to_str().unwrap().to_string(),
-        ]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut p = Proc::spawn(
-            &format!("{name}-proxy"),
-            self.dir.path(),
-            &self.bins.proxy,
-            &args,
-            &[],
-        );
-        let json = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
-        (p, json)
-    }
-
-    fn proxy_args(&self, token: &Path) -> Vec<String> {
-        vec![
-            "--control".into(),
-            self.control_addr.to_string(),
-            "--trust-bundle".into(),
-            self.data().join("ca.pem").to_str().unwrap().into(),
-            "--token-file".into(),
-            token.to_str().unwrap().into(),
-            "--admin".into(),
-            "127.0.0.1:0".into(),
-        ]
-    }
-
-    /// Runs a proxy expected to fail at start; returns its stderr.
-    fn failing_proxy(&self, token: &Path, extra: &[&str]) -> String {
-        let mut args = self.proxy_args(token);
-        args.extend([
-            "--upstream".into(),
-            format!(
-                "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
-                id("x")
-            ),
-        ]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, _, err) = run(&self.bins.proxy, &args, &[]);
-        assert_ne!(code, 0, "proxy should have refused to start; stderr: {err}");
-        err
-    }
-}
-
-fn addr(v: &serde_json::Value) -> SocketAddr {
-    v.as_str().unwrap().parse().unwrap()
-}
 
 #[test]
 fn walking_skeleton_end_to_end() {
@@ -477,12 +295,6 @@ fn walking_skeleton_end_to_end() {
     mesh.control.assert_running();
 }
 
-fn log_has(mesh: &Mesh, name: &str, needle: &str) -> bool {
-    std::fs::read_to_string(mesh.dir.path().join(format!("{name}.log")))
-        .map(|t| t.contains(needle))
-        .unwrap_or(false)
-}
-
 #[test]
 fn join_tokens_grant_exactly_one_identity() {
     let mesh = Mesh::start();
@@ -670,18 +482,6 @@ fn orders_and_frontend_with(
         vec![orders_app, orders_proxy, frontend_proxy],
         addr(&frontend["upstreams"]["orders"]),
     )
-}
-
-/// Polls until `f` holds, or fails with `what` after `timeout`.
-fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 pub use tempfile::TempDir;
 
+pub mod mesh;
+
 /// Where the real binaries are: next to the `bulkhead` binary cargo built for this test.
 pub struct Bins {
     pub bulkhead: PathBuf,
@@ -21,6 +23,16 @@ pub struct Bins {
 }
 
 impl Bins {
+    /// The binaries cargo built beside the running test executable (`target/*/deps/..`).
+    pub fn of_test() -> Bins {
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executables live in target/<profile>/deps");
+        Bins::next_to(dir.join("bulkhead").to_str().expect("a UTF-8 target path"))
+    }
+
     pub fn next_to(bulkhead: &str) -> Bins {
         let bulkhead = PathBuf::from(bulkhead);
         let proxy = bulkhead.with_file_name("bulkhead-proxy");

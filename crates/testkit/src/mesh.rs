@@ -1,0 +1,208 @@
+//! A whole mesh of real processes for end-to-end tests: a control plane on its own data
+//! directory, sample apps and sidecars, each logging to a file in one temporary directory.
+
+use crate::{Bins, Proc, TempDir, run};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub const TD: &str = "test.local";
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn id(sa: &str) -> String {
+    format!("spiffe://{TD}/ns/shop/sa/{sa}")
+}
+
+pub struct Mesh {
+    pub bins: Bins,
+    pub dir: TempDir,
+    pub control: Proc,
+    pub control_addr: SocketAddr,
+}
+
+pub fn start_control(bins: &Bins, dir: &Path, listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+    let data = dir.join("data");
+    let args = [
+        "control",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        listen,
+        "--trust-domain",
+        TD,
+    ];
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+    let mut control = Proc::spawn("control", dir, &bins.bulkhead, &args, &[]);
+    let context = control.wait_for_file(&data.join("admin.yaml"), WAIT);
+    let server = context
+        .lines()
+        .find_map(|l| l.strip_prefix("server: "))
+        .expect("admin.yaml names the server")
+        .trim_matches('"')
+        .parse()
+        .unwrap();
+    (control, server)
+}
+
+impl Mesh {
+    pub fn start() -> Mesh {
+        Mesh::start_with(&[])
+    }
+
+    /// Starts the control plane with extra flags.
+    pub fn start_with(extra: &[&str]) -> Mesh {
+        let bins = Bins::of_test();
+        let dir = TempDir::new().unwrap();
+        let (control, control_addr) = start_control(&bins, dir.path(), "127.0.0.1:0", extra);
+        Mesh {
+            bins,
+            dir,
+            control,
+            control_addr,
+        }
+    }
+
+    /// Kills the control plane and starts it again on the same data directory and port.
+    pub fn restart_control(&mut self) {
+        let _ = std::fs::remove_file(self.data().join("admin.yaml"));
+        let _ = std::fs::rename(
+            self.dir.path().join("control.log"),
+            self.dir.path().join("control.1.log"),
+        );
+        let (control, addr) = start_control(
+            &self.bins,
+            self.dir.path(),
+            &self.control_addr.to_string(),
+            &[],
+        );
+        self.control = control;
+        assert_eq!(addr, self.control_addr);
+    }
+
+    pub fn stop_control(&mut self) {
+        self.control.kill();
+    }
+
+    pub fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs `bulkhead ARGS` as the admin; returns (code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let context = self.data().join("admin.yaml");
+        run(
+            &self.bins.bulkhead,
+            args,
+            &[
+                ("BULKHEAD_CONTEXT", context.to_str().unwrap()),
+                ("USER", "alice"),
+            ],
+        )
+    }
+
+    pub fn token(&self, identity: &str) -> std::path::PathBuf {
+        let (code, out, err) = self.cli(&["token", "create", "--identity", identity]);
+        assert_eq!(code, 0, "token create failed: {err}");
+        let file = self
+            .dir
+            .path()
+            .join(format!("{}.token", identity.rsplit('/').next().unwrap()));
+        std::fs::write(&file, out.trim()).unwrap();
+        file
+    }
+
+    pub fn app(&self, name: &str) -> (Proc, SocketAddr) {
+        let ready = self.dir.path().join(format!("{name}-app.json"));
+        let mut p = Proc::spawn(
+            &format!("{name}-app"),
+            self.dir.path(),
+            &self.bins.bulkhead,
+            &[
+                "sample-app",
+                "--name",
+                name,
+                "--listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                ready.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let json: serde_json::Value = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
+        let addr = json["addr"].as_str().unwrap().parse().unwrap();
+        (p, addr)
+    }
+
+    /// Starts a sidecar; returns it and its ready-file JSON.
+    pub fn proxy(&self, name: &str, token: &Path, extra: &[&str]) -> (Proc, serde_json::Value) {
+        let ready = self.dir.path().join(format!("{name}-proxy.json"));
+        let mut args = self.proxy_args(token);
+        args.extend([
+            "--ready-file".to_string(),
+            ready.to_str().unwrap().to_string(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut p = Proc::spawn(
+            &format!("{name}-proxy"),
+            self.dir.path(),
+            &self.bins.proxy,
+            &args,
+            &[],
+        );
+        let json = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
+        (p, json)
+    }
+
+    pub fn proxy_args(&self, token: &Path) -> Vec<String> {
+        vec![
+            "--control".into(),
+            self.control_addr.to_string(),
+            "--trust-bundle".into(),
+            self.data().join("ca.pem").to_str().unwrap().into(),
+            "--token-file".into(),
+            token.to_str().unwrap().into(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+        ]
+    }
+
+    /// Runs a proxy expected to fail at start; returns its stderr.
+    pub fn failing_proxy(&self, token: &Path, extra: &[&str]) -> String {
+        let mut args = self.proxy_args(token);
+        args.extend([
+            "--upstream".into(),
+            format!(
+                "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+                id("x")
+            ),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run(&self.bins.proxy, &args, &[]);
+        assert_ne!(code, 0, "proxy should have refused to start; stderr: {err}");
+        err
+    }
+}
+
+pub fn addr(v: &serde_json::Value) -> SocketAddr {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+pub fn log_has(mesh: &Mesh, name: &str, needle: &str) -> bool {
+    std::fs::read_to_string(mesh.dir.path().join(format!("{name}.log")))
+        .map(|t| t.contains(needle))
+        .unwrap_or(false)
+}
+
+/// Polls until `f` holds, or fails with `what` after `timeout`.
+pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
