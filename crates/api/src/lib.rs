@@ -34,3 +34,76 @@ pub fn resource_from_wire(
         }
     })
 }
+
+/// Encodes the mesh's address table for the wire.
+pub fn endpoints_to_wire(endpoints: &bulkhead_policy::Endpoints) -> Vec<v1::Endpoint> {
+    let mut out: Vec<v1::Endpoint> = endpoints
+        .iter()
+        .map(|(ip, e)| v1::Endpoint {
+            address: ip.to_string(),
+            namespace: e.workload.namespace.clone(),
+            name: e.workload.name.clone(),
+            identity: e.identity.clone(),
+            ports: e
+                .ports
+                .iter()
+                .map(|(port, protocol)| v1::EndpointPort {
+                    port: u32::from(*port),
+                    protocol: protocol.as_str().to_string(),
+                })
+                .collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.address.cmp(&b.address));
+    out
+}
+
+/// Decodes the address table, refusing any entry that is not well formed: a proxy must not
+/// route by a half-understood table.
+pub fn endpoints_from_wire(wire: &[v1::Endpoint]) -> Result<bulkhead_policy::Endpoints, String> {
+    let mut out = bulkhead_policy::Endpoints::default();
+    for w in wire {
+        let ip: std::net::IpAddr = w
+            .address
+            .parse()
+            .map_err(|_| format!("endpoint address {:?} is not an IP address", w.address))?;
+        if !bulkhead_policy::is_valid_name(&w.namespace) || !bulkhead_policy::is_valid_name(&w.name)
+        {
+            return Err(format!(
+                "endpoint {ip}: {:?}/{:?} is not a workload name",
+                w.namespace, w.name
+            ));
+        }
+        if !w.identity.starts_with("spiffe://") {
+            return Err(format!(
+                "endpoint {ip}: identity {:?} is not a SPIFFE ID",
+                w.identity
+            ));
+        }
+        let ports = w
+            .ports
+            .iter()
+            .map(|p| {
+                let port = u16::try_from(p.port)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("endpoint {ip}: port {} is out of range", p.port))?;
+                let protocol = bulkhead_policy::Protocol::from_name(&p.protocol)
+                    .ok_or_else(|| format!("endpoint {ip}: unknown protocol {:?}", p.protocol))?;
+                Ok((port, protocol))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        out.insert(
+            ip,
+            bulkhead_policy::Endpoint {
+                workload: bulkhead_policy::model::ResourceName {
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                },
+                identity: w.identity.clone(),
+                ports,
+            },
+        );
+    }
+    Ok(out)
+}

@@ -227,11 +227,15 @@ async fn sidecar(
         token: bulkhead_proxy::config::JoinToken(token),
         identity: Some(bulkhead_identity::SpiffeId::parse(identity)?),
         inbound: app.map(|app| InboundSpec {
-            port: DECLARED_PORT,
             listen: LOOPBACK_ANY.parse().expect("literal address"),
-            app,
+            target: bulkhead_proxy::config::InboundTarget::App {
+                app,
+                port: DECLARED_PORT,
+            },
+            permissive_ports: Vec::new(),
         }),
         upstreams,
+        outbound: None,
         ready_file: None,
         admin: None,
         first_config_wait: Duration::from_secs(10),

@@ -685,6 +685,7 @@ async fn run(args: Args) -> Result<()> {
         let message = ProxyConfig {
             revision: snapshot.revision,
             resources: cut.iter().filter_map(|&i| wire.get(i).cloned()).collect(),
+            ..Default::default()
         };
         bytes += encoded_len(&message);
     }

@@ -27,6 +27,8 @@ pub(crate) struct Snapshot {
     pub revision: u64,
     pub resources: Vec<Resource>,
     wire: Vec<pb::Resource>,
+    /// The mesh's address table, the same for every proxy.
+    endpoints: Vec<pb::Endpoint>,
     distribution: bulkhead_policy::Distribution,
 }
 
@@ -34,10 +36,14 @@ impl Snapshot {
     pub(crate) fn new(revision: u64, resources: Vec<Resource>) -> Snapshot {
         let wire = resources.iter().map(resource_to_wire).collect();
         let distribution = bulkhead_policy::Distribution::new(&resources);
+        let endpoints = bulkhead_api::endpoints_to_wire(
+            &bulkhead_policy::Endpoints::from_resources(&resources),
+        );
         Snapshot {
             revision,
             resources,
             wire,
+            endpoints,
             distribution,
         }
     }
@@ -52,6 +58,7 @@ impl Snapshot {
                 .into_iter()
                 .filter_map(|i| self.wire.get(i).cloned())
                 .collect(),
+            endpoints: self.endpoints.clone(),
         }
     }
 }

@@ -38,3 +38,43 @@ pub enum IdentityError {
     #[error("TLS configuration failed: {0}")]
     Tls(String),
 }
+
+/// Why a CA brought by the operator (a certificate, its key and the chain to a root) cannot
+/// be used. Each message says what is wrong with which certificate, and what to bring instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CaImportError {
+    #[error("the CA certificate file holds no PEM certificate")]
+    NoCertificate,
+    #[error("{what} is not valid PEM/X.509: {reason}")]
+    Unreadable { what: &'static str, reason: String },
+    #[error(
+        "the private key file holds no usable private key ({reason}); give an unencrypted PKCS#8, SEC1 or PKCS#1 key in PEM"
+    )]
+    Key { reason: String },
+    #[error(
+        "the private key does not belong to {subject}: its public key differs from the certificate's; pass the key that was certified"
+    )]
+    KeyMismatch { subject: String },
+    #[error(
+        "{subject} is not a CA certificate (basicConstraints CA:TRUE is missing); import the intermediate CA's certificate, not a leaf"
+    )]
+    NotCa { subject: String },
+    #[error("{subject} may not sign certificates: its key usage lacks keyCertSign")]
+    NoCertSign { subject: String },
+    #[error(
+        "the chain stops at {subject}: no certificate given is its issuer ({issuer}); pass --chain with every certificate up to and including the self-signed root"
+    )]
+    ChainIncomplete { subject: String, issuer: String },
+    #[error(
+        "{subject} in the chain is not on the path from the CA certificate to its root; remove it"
+    )]
+    Unrelated { subject: String },
+    #[error("the chain is longer than {max} certificates")]
+    ChainTooLong { max: usize },
+    #[error("cannot sign with this CA: {0}")]
+    Signing(String),
+    #[error(
+        "a test certificate signed by this CA does not verify against the chain's root {root} ({reason}); check the chain's signatures, validity dates, key usages and name constraints"
+    )]
+    DoesNotVerify { root: String, reason: String },
+}

@@ -298,20 +298,48 @@ fn compile(
     for rules in subjects.values_mut().flatten().flatten() {
         rules.finish();
     }
+    let declared_ports = declared
+        .workloads
+        .iter()
+        .map(|(name, (doc, _))| {
+            let ports = doc
+                .spec
+                .ports
+                .iter()
+                .map(|p| (p.port.value, p.protocol))
+                .collect();
+            (name.clone(), ports)
+        })
+        .collect();
     Ok(PolicySet {
         revision,
         subjects,
         postures,
         identity_workloads,
+        declared_ports,
     })
 }
 
 fn declarations<'a>(resources: &'a [Resource], errors: &mut Errors<'_>) -> Declared<'a> {
     let mut workloads = BTreeMap::new();
     let mut services = BTreeMap::new();
+    let mut addresses: HashMap<std::net::IpAddr, ResourceName> = HashMap::new();
     for (i, r) in resources.iter().enumerate() {
         match r {
             Resource::Workload(doc) => {
+                for a in &doc.spec.addresses {
+                    if let Some(other) = addresses.insert(a.value, r.name()) {
+                        errors.at(
+                            i,
+                            r,
+                            a.position(),
+                            format!(
+                                "address {} is already declared by Workload/{other}; an address belongs to one workload",
+                                a.value
+                            ),
+                        );
+                    }
+                }
                 if !matches!(doc.spec.identity.value, IdentityPattern::Exact(_)) {
                     errors.at(
                         i,

@@ -76,6 +76,8 @@ pub struct PolicySet {
     pub(crate) subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]>,
     pub(crate) postures: Postures,
     pub(crate) identity_workloads: HashMap<String, Vec<WorkloadRef>>,
+    /// Each declared workload's ports and their protocols.
+    pub(crate) declared_ports: HashMap<WorkloadRef, Vec<(u16, Protocol)>>,
 }
 
 type PostureEntry = Option<(Arc<ResourceName>, Option<Action>, Option<Action>)>;
@@ -485,6 +487,15 @@ impl PolicySet {
     }
 
     /// How many compiled rules there are, counted once per protected workload; for tooling.
+    /// The protocol `workload` declares for `port`, if it declares that port.
+    pub fn declared_protocol(&self, workload: &WorkloadRef, port: u16) -> Option<Protocol> {
+        self.declared_ports
+            .get(workload)?
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, proto)| *proto)
+    }
+
     pub fn rule_count(&self) -> usize {
         self.subjects
             .values()

@@ -8,6 +8,7 @@
 
 mod compile;
 mod decision;
+mod endpoints;
 mod error;
 mod eval;
 mod located;
@@ -17,6 +18,7 @@ mod source;
 
 pub use compile::{Distribution, relevant_to};
 pub use decision::{AuditOutcome, Decision, NearMiss, PostureSource, Reason, Verdict};
+pub use endpoints::{Endpoint, Endpoints};
 pub use error::{PolicyError, SourceLocation};
 pub use eval::{Headers, Http, Peer, PolicySet, Request};
 pub use located::Located;

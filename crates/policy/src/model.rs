@@ -267,6 +267,10 @@ pub struct WorkloadSpec {
     pub identity: Located<IdentityPattern>,
     #[serde(default)]
     pub ports: Vec<PortDeclaration>,
+    /// The IP addresses the workload's app is reached at. A sidecar in transparent mode
+    /// recognises a mesh destination by its address and requires the declared identity there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<Located<std::net::IpAddr>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -254,6 +254,18 @@ impl Protocol {
         !matches!(self, Protocol::Tcp)
     }
 
+    /// The protocol named by [`Protocol::as_str`].
+    pub fn from_name(name: &str) -> Option<Protocol> {
+        [
+            Protocol::Http,
+            Protocol::Http2,
+            Protocol::Grpc,
+            Protocol::Tcp,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http => "http",

@@ -97,6 +97,8 @@ async fn handle(
                 },
                 "trustDomain": shared.tls.load().bundle.trust_domain(),
                 "policyRevision": shared.policies.load().revision(),
+                "meshEndpoints": shared.endpoints.load().len(),
+                "openTcpRelays": shared.relays.len(),
                 "ready": not_ready(&shared).is_none(),
             });
             reply(StatusCode::OK, "application/json", format!("{body:#}\n"))

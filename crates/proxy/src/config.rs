@@ -19,6 +19,9 @@ pub struct Config {
     pub identity: Option<SpiffeId>,
     pub inbound: Option<InboundSpec>,
     pub upstreams: Vec<UpstreamSpec>,
+    /// Transparent mode: the listener that `bulkhead-proxy init`'s rules send the app's
+    /// outbound connections to. The destination is each connection's original address.
+    pub outbound: Option<SocketAddr>,
     pub ready_file: Option<PathBuf>,
     /// The admin port (/metrics, /ready, /live, /config), if any.
     pub admin: Option<SocketAddr>,
@@ -38,6 +41,16 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Most connections open at once per listener; more are closed at accept.
     pub max_connections: usize,
+    /// An opaque TCP or upgraded connection with no traffic this long is closed.
+    pub idle_timeout: Duration,
+    /// How long to wait for a connection's first bytes to tell its protocol; a client that
+    /// says nothing for this long (server-first protocols) is treated as opaque TCP.
+    pub detect_timeout: Duration,
+    /// HTTP/2 streams open at once per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before they finish, at once, before the connection
+    /// is closed (rapid-reset protection).
+    pub max_pending_resets: usize,
 }
 
 impl Default for Limits {
@@ -46,6 +59,10 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            idle_timeout: Duration::from_secs(3600),
+            detect_timeout: Duration::from_secs(1),
+            max_concurrent_streams: 256,
+            max_pending_resets: 20,
         }
     }
 }
@@ -64,9 +81,20 @@ impl std::fmt::Debug for JoinToken {
 #[derive(Clone, Debug)]
 pub struct InboundSpec {
     pub listen: SocketAddr,
-    pub app: SocketAddr,
-    /// The port policy sees: the workload's declared port. Defaults to the app's port.
-    pub port: u16,
+    pub target: InboundTarget,
+    /// Ports on which plaintext (no mTLS) is accepted, counted and labelled: for migrating a
+    /// workload into the mesh. Policy sees such callers without an identity.
+    pub permissive_ports: Vec<u16>,
+}
+
+/// Where inbound traffic goes once allowed.
+#[derive(Clone, Copy, Debug)]
+pub enum InboundTarget {
+    /// Explicit mode: one app address; `port` is the workload's declared port policy sees.
+    App { app: SocketAddr, port: u16 },
+    /// Transparent mode: connections were redirected here by `bulkhead-proxy init`; each goes
+    /// to 127.0.0.1 on the port it was originally sent to, which is also the port policy sees.
+    Transparent,
 }
 
 /// A declared upstream: a local plain listener whose traffic goes over mTLS to `address`,

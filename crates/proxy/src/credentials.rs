@@ -42,7 +42,7 @@ impl TlsSet {
             &svid,
             bundle,
             ClientAuth::Required,
-            &[b"http/1.1"],
+            &crate::clients::Alpn::ALL,
         )?);
         let mut by_name = HashMap::new();
         for up in upstreams {

@@ -6,8 +6,8 @@ use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -189,14 +189,28 @@ pub(crate) enum LinkError {
     Http(#[from] hyper::Error),
 }
 
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
 /// The upstream side of one downstream connection, dialled on first use and re-dialled if
-/// it closed. HTTP/1.1 is serial per connection, so the lock is never contended.
-#[derive(Default)]
+/// it closed, speaking the downstream's HTTP version. HTTP/1.1 is serial per connection, so
+/// the lock is never contended; HTTP/2 streams share one connection and only take the lock
+/// to find it.
 pub(crate) struct Link {
-    sender: Mutex<Option<SendRequest<Incoming>>>,
+    h2: bool,
+    sender: Mutex<Option<Sender>>,
 }
 
 impl Link {
+    pub(crate) fn new(h2: bool) -> Link {
+        Link {
+            h2,
+            sender: Mutex::new(None),
+        }
+    }
+
     pub(crate) async fn send<F, Fut, Io>(
         &self,
         req: Request<Incoming>,
@@ -208,23 +222,211 @@ impl Link {
         Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut guard = self.sender.lock().await;
-        let sender = match guard.take() {
-            Some(s) if !s.is_closed() => guard.insert(s),
-            _ => {
-                let io = connect().await.map_err(LinkError::Connect)?;
-                let (sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "upstream connection ended");
-                    }
-                });
-                guard.insert(sender)
-            }
+        let open = match guard.as_ref() {
+            Some(Sender::H1(s)) => !s.is_closed(),
+            Some(Sender::H2(s)) => !s.is_closed(),
+            None => false,
         };
-        sender.ready().await?;
-        Ok(sender.send_request(req).await?)
+        if !open {
+            let io = TokioIo::new(connect().await.map_err(LinkError::Connect)?);
+            *guard = Some(if self.h2 {
+                let (sender, conn) =
+                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .handshake(io)
+                        .await?;
+                spawn_conn(conn);
+                Sender::H2(sender)
+            } else {
+                let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+                spawn_conn(conn);
+                Sender::H1(sender)
+            });
+        }
+        match guard.as_mut() {
+            Some(Sender::H2(s)) => {
+                let mut s = s.clone();
+                drop(guard);
+                s.ready().await?;
+                Ok(s.send_request(req).await?)
+            }
+            Some(Sender::H1(s)) => {
+                s.ready().await?;
+                Ok(s.send_request(req).await?)
+            }
+            None => Err(LinkError::Connect(std::io::Error::other(
+                "no upstream connection",
+            ))),
+        }
     }
+}
+
+fn spawn_conn<C, E>(conn: C)
+where
+    C: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+}
+
+/// Serves one downstream connection with HTTP/1.1 (upgrades allowed) or HTTP/2, under the
+/// proxy's limits. HTTP/2 bounds concurrent streams and header lists, and closes a
+/// connection that resets streams faster than it lets them finish (rapid reset).
+pub(crate) async fn serve_http<I, S>(io: I, h2: bool, limits: &crate::config::Limits, service: S)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let result = if h2 {
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
+            .max_pending_accept_reset_streams(Some(limits.max_pending_resets))
+            .max_local_error_reset_streams(Some(limits.max_pending_resets))
+            .serve_connection(io, service)
+            .await
+    } else {
+        server(limits)
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Whether the request asks to switch protocols (WebSocket and other HTTP/1.1 upgrades).
+pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && req.headers().contains_key(http::header::UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Forwards an allowed upgrade request on a connection of its own; on `101 Switching
+/// Protocols` both sides are joined and bytes flow until either closes or goes idle.
+pub(crate) async fn forward_upgrade<Fut, Io>(
+    mut req: Request<Incoming>,
+    connect: Fut,
+    idle: std::time::Duration,
+) -> Result<Response<Body>, LinkError>
+where
+    Fut: Future<Output = std::io::Result<Io>>,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let downstream = hyper::upgrade::on(&mut req);
+    let upgrade_headers: Vec<(HeaderName, HeaderValue)> = [CONNECTION, http::header::UPGRADE]
+        .into_iter()
+        .filter_map(|n| req.headers().get(&n).map(|v| (n, v.clone())))
+        .collect();
+    strip_hop_by_hop(req.headers_mut());
+    for (n, v) in upgrade_headers {
+        req.headers_mut().insert(n, v);
+    }
+    let io = TokioIo::new(connect.await.map_err(LinkError::Connect)?);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upgraded upstream connection ended");
+        }
+    });
+    let mut resp = sender.send_request(req).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(downstream, upstream) {
+                Ok((down, up)) => {
+                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+                    match tokio::time::timeout(idle, copy).await {
+                        Ok(Ok((a, b))) => tracing::debug!(
+                            to_upstream = a,
+                            to_downstream = b,
+                            "upgraded connection closed"
+                        ),
+                        Ok(Err(e)) => tracing::debug!(error = %e, "upgraded connection ended"),
+                        Err(_) => tracing::debug!("upgraded connection reached its time limit"),
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+            }
+        });
+        let (parts, body) = resp.into_parts();
+        return Ok(Response::from_parts(parts, Either::Left(body)));
+    }
+    Ok(response_body(resp))
+}
+
+/// Whether a request is gRPC (its content type), so a denial is answered the gRPC way.
+pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// The protocol policy sees for an HTTP request.
+pub(crate) fn protocol_of<B>(req: &Request<B>) -> bulkhead_policy::Protocol {
+    if is_grpc(req) {
+        bulkhead_policy::Protocol::Grpc
+    } else if req.version() == http::Version::HTTP_2 {
+        bulkhead_policy::Protocol::Http2
+    } else {
+        bulkhead_policy::Protocol::Http
+    }
+}
+
+/// A denial: 403 with the explanation, or for gRPC a trailers-only response with
+/// `grpc-status: 7` (PERMISSION_DENIED) and the explanation in `grpc-message`.
+pub(crate) fn denial<B>(
+    req: &Request<B>,
+    decision: &bulkhead_policy::Decision,
+    text: String,
+) -> Response<Body> {
+    let header = decision.header_value();
+    if !is_grpc(req) {
+        return proxy_response(StatusCode::FORBIDDEN, Some(&header), text);
+    }
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from_static("7"));
+    if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&text)) {
+        h.insert("grpc-message", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&header) {
+        h.insert(DECISION_HEADER, v);
+    }
+    resp
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 protocol asks.
+fn grpc_percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Request headers as the policy engine reads them.
@@ -257,7 +459,11 @@ pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
 }
 
 /// Keeps only path and query of the request target (origin form), dropping any authority.
+/// HTTP/2 requests keep their scheme and authority (HTTP/2 needs them).
 pub(crate) fn origin_form(req: &mut Request<Incoming>) {
+    if req.version() == http::Version::HTTP_2 {
+        return;
+    }
     if let Some(pq) = req.uri().path_and_query().cloned() {
         *req.uri_mut() = http::Uri::from(pq);
     }
@@ -298,7 +504,12 @@ pub(crate) fn log_decision(
 
 #[cfg(test)]
 mod tests {
-    use super::check_path;
+    use super::{check_path, grpc_percent_encode};
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(grpc_percent_encode("deny 100% é"), "deny 100%25 %C3%A9");
+    }
 
     #[test]
     fn ambiguous_paths_are_refused() {

@@ -1,11 +1,20 @@
-//! The inbound side: mTLS in from other sidecars, authorization, plain HTTP to the local app.
+//! The inbound side: mTLS in from other sidecars (or plaintext on a permissive port),
+//! authorization, then the local app over HTTP/1.1, HTTP/2 (h2c) or opaque TCP.
+//!
+//! The protocol inside mTLS is what the sending sidecar negotiated (ALPN), except that a
+//! port the workload declares `tcp` is always relayed opaquely, and a port declared for HTTP
+//! never accepts an opaque relay (its HTTP rules could not be enforced).
 
-use crate::config::InboundSpec;
+use crate::clients::Alpn;
+use crate::config::{InboundSpec, InboundTarget};
+use crate::detect::{Sniffed, sniff};
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, listen,
-    origin_form, proxy_response, request_host, response_body, server, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, denial,
+    forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
+    response_body, serve_http, strip_hop_by_hop,
 };
 use crate::metrics::TlsFailure;
+use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity;
@@ -14,43 +23,106 @@ use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+
+/// The label the metrics give a caller without mTLS (permissive ports only).
+const PLAINTEXT_PEER: &str = "plaintext";
 
 pub(crate) async fn spawn(
     spec: &InboundSpec,
     shared: Arc<Shared>,
 ) -> Result<SocketAddr, ProxyError> {
     let (listener, addr) = listen(spec.listen, "inbound").await?;
-    let (app, port) = (spec.app, spec.port);
-    tracing::info!(listen = %addr, %app, port, "inbound listener ready");
+    let target = spec.target;
+    let permissive: Arc<[u16]> = spec.permissive_ports.clone().into();
+    match target {
+        InboundTarget::App { app, port } => {
+            tracing::info!(listen = %addr, %app, port, "inbound listener ready")
+        }
+        InboundTarget::Transparent => {
+            tracing::info!(listen = %addr, "inbound listener ready (transparent)")
+        }
+    }
     let state = shared.clone();
     accept_loop(listener, shared, "inbound", move |tcp, remote| {
-        let span = tracing::info_span!("inbound", src.addr = %remote, dst.app = %app);
-        // The current certificate, at every accept: rotation reaches new connections, open
-        // ones keep theirs.
-        let acceptor = TlsAcceptor::from(state.tls.load().server.clone());
+        let span = tracing::info_span!("inbound", src.addr = %remote);
         (
-            serve(tcp, remote, acceptor, (app, port), state.clone()),
+            serve(tcp, remote, target, permissive.clone(), state.clone()),
             span,
         )
     });
     Ok(addr)
 }
 
+/// What a connection is for, once its target is known.
+#[derive(Clone, Copy)]
+struct Target {
+    app: SocketAddr,
+    port: u16,
+    remote: SocketAddr,
+}
+
 async fn serve(
     tcp: TcpStream,
     remote: SocketAddr,
-    acceptor: TlsAcceptor,
-    (app, port): (SocketAddr, u16),
+    target: InboundTarget,
+    permissive: Arc<[u16]>,
     shared: Arc<Shared>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let (app, port) = match target {
+        InboundTarget::App { app, port } => (app, port),
+        InboundTarget::Transparent => match crate::capture::original_dst(&tcp) {
+            Ok(orig) => ((Ipv4Addr::LOCALHOST, orig.port()).into(), orig.port()),
+            Err(e) => {
+                tracing::warn!(error = %e, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)");
+                return;
+            }
+        },
+    };
+    let t = Target { app, port, remote };
+    let declared = shared
+        .policies
+        .load()
+        .declared_protocol(&shared.workload, port);
+    if permissive.contains(&port) {
+        match sniff(&tcp, shared.limits.detect_timeout).await {
+            Ok(Sniffed::Tls) => {}
+            Ok(plain) => {
+                shared
+                    .metrics
+                    .plaintext
+                    .get_or_create(&crate::metrics::PortLabels { port })
+                    .inc();
+                tracing::info!(port, "plaintext connection accepted (permissive port)");
+                let h2 = plain == Sniffed::H2;
+                match (declared, plain) {
+                    (Some(Protocol::Tcp), _) | (None, Sniffed::Opaque) => {
+                        relay(tcp, None, t, shared).await
+                    }
+                    (_, Sniffed::Http1 | Sniffed::H2) => {
+                        serve_app_http(tcp, None, h2, t, shared).await
+                    }
+                    _ => tracing::warn!(
+                        port,
+                        "connection refused: port is declared for HTTP but the client did not speak HTTP"
+                    ),
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connection closed before it said anything");
+                return;
+            }
+        }
+    }
+    let acceptor = TlsAcceptor::from(shared.tls.load().server.clone());
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -68,8 +140,9 @@ async fn serve(
             return;
         }
     };
+    let session = tls.get_ref().1;
     let peer = match peer_identity(
-        tls.get_ref().1.peer_certificates(),
+        session.peer_certificates(),
         shared.tls.load().bundle.trust_domain(),
     ) {
         Ok(id) => id,
@@ -80,48 +153,81 @@ async fn serve(
             return;
         }
     };
+    let alpn = Alpn::of(session.alpn_protocol());
     shared.metrics.connection("inbound");
-    tracing::debug!(src.id = %peer, "mTLS connection accepted");
-    let link = Arc::new(Link::default());
-    let http = server(&shared.limits);
+    tracing::debug!(src.id = %peer, ?alpn, "mTLS connection accepted");
+    match (declared, alpn) {
+        (Some(Protocol::Tcp), _) | (None, Some(Alpn::Tcp)) => {
+            relay(tls, Some(peer), t, shared).await
+        }
+        (Some(_), Some(Alpn::Tcp)) => {
+            tracing::warn!(src.id = %peer, port, "connection refused: an opaque TCP relay to a port declared for HTTP (its HTTP rules could not be enforced)");
+        }
+        (_, alpn) => serve_app_http(tls, Some(peer), alpn == Some(Alpn::H2), t, shared).await,
+    }
+}
+
+/// Opaque TCP in: judged once by L4 policy (and again on every policy change), then relayed.
+async fn relay<I>(downstream: I, peer: Option<SpiffeId>, t: Target, shared: Arc<Shared>)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let flow = Flow {
+        direction: Direction::Ingress,
+        peer_identity: peer.map(|p| p.as_str().to_string()),
+        peer_ip: Some(t.remote.ip()),
+        peer_workload: None,
+        port: t.port,
+    };
+    let decision = flow.decide(&shared);
+    flow.log(&decision, &shared);
+    if !decision.is_allow() {
+        return;
+    }
+    match connect_app(t.app).await {
+        Ok(app) => crate::tcp::relay(&shared, flow, downstream, app).await,
+        Err(e) => tracing::warn!(app = %t.app, error = %e, "local app unreachable"),
+    }
+}
+
+async fn serve_app_http<I>(io: I, peer: Option<SpiffeId>, h2: bool, t: Target, shared: Arc<Shared>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let link = Arc::new(Link::new(h2));
+    let limits = shared.limits;
     let service = service_fn(move |req| {
         let (peer, link, shared) = (peer.clone(), link.clone(), shared.clone());
         async move {
             let start = Instant::now();
-            let resp = handle(
-                req,
-                (peer.clone(), remote),
-                link,
-                (app, port),
-                shared.clone(),
-            )
-            .await;
+            let resp = handle(req, peer.as_ref(), link, t, &shared).await;
             if let Ok(r) = &resp {
-                shared.metrics.request(
-                    "inbound",
-                    peer.as_str(),
-                    r.status().as_u16(),
-                    start.elapsed(),
-                );
+                let label = peer.as_ref().map_or(PLAINTEXT_PEER, SpiffeId::as_str);
+                shared
+                    .metrics
+                    .request("inbound", label, r.status().as_u16(), start.elapsed());
             }
             resp
         }
     });
-    let conn = http.serve_connection(TokioIo::new(tls), service);
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "inbound connection ended with an error");
-    }
+    serve_http(io, h2, &limits, service).await;
 }
 
 async fn handle(
     mut req: Request<Incoming>,
-    (peer, remote): (SpiffeId, SocketAddr),
+    peer: Option<&SpiffeId>,
     link: Arc<Link>,
-    (app, port): (SocketAddr, u16),
-    shared: Arc<Shared>,
+    t: Target,
+    shared: &Shared,
 ) -> Result<Response<Body>, Infallible> {
+    let peer_label = peer.map_or(PLAINTEXT_PEER, SpiffeId::as_str);
     if let Err(why) = check_path(req.uri().path()) {
-        tracing::warn!(src.id = %peer, path = req.uri().path(), why, "request refused: ambiguous path");
+        tracing::warn!(
+            src.id = peer_label,
+            path = req.uri().path(),
+            why,
+            "request refused: ambiguous path"
+        );
         return Ok(proxy_response(
             StatusCode::BAD_REQUEST,
             None,
@@ -134,12 +240,12 @@ async fn handle(
         direction: Direction::Ingress,
         subject: &shared.workload,
         peer: Peer {
-            identity: Some(peer.as_str()),
-            ip: Some(remote.ip()),
+            identity: peer.map(SpiffeId::as_str),
+            ip: Some(t.remote.ip()),
             workload: None,
         },
-        port,
-        protocol: Protocol::Http,
+        port: t.port,
+        protocol: protocol_of(&req),
         http: Some(Http {
             method: req.method().as_str(),
             path: req.uri().path(),
@@ -147,24 +253,29 @@ async fn handle(
             headers: &headers,
         }),
     });
-    crate::http::log_decision("inbound", &decision, peer.as_str(), &shared, &req);
+    crate::http::log_decision("inbound", &decision, peer_label, shared, &req);
     if !decision.is_allow() {
-        return Ok(proxy_response(
-            StatusCode::FORBIDDEN,
-            Some(&decision.header_value()),
-            format!("bulkhead: {decision}"),
-        ));
+        return Ok(denial(&req, &decision, format!("bulkhead: {decision}")));
     }
     origin_form(&mut req);
+    let upgrade = is_upgrade(&req);
     let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
+    if !upgrade {
+        strip_hop_by_hop(headers);
+    }
     headers.remove(DECISION_HEADER);
-    if let Ok(v) = HeaderValue::from_str(peer.as_str()) {
+    headers.remove(SOURCE_HEADER);
+    if let Some(v) = peer.and_then(|p| HeaderValue::from_str(p.as_str()).ok()) {
         headers.insert(SOURCE_HEADER, v);
     }
-    match link.send(req, || connect_app(app)).await {
-        Ok(resp) => {
-            let mut resp = response_body(resp);
+    let app = t.app;
+    let sent = if upgrade {
+        forward_upgrade(req, connect_app(app), shared.limits.idle_timeout).await
+    } else {
+        link.send(req, || connect_app(app)).await.map(response_body)
+    };
+    match sent {
+        Ok(mut resp) => {
             if let Ok(v) = HeaderValue::from_str(&decision.header_value()) {
                 resp.headers_mut().insert(DECISION_HEADER, v);
             }

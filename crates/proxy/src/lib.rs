@@ -9,12 +9,16 @@
 
 mod admin;
 mod bootstrap;
+pub mod capture;
+mod clients;
 pub mod config;
 mod credentials;
+mod detect;
 mod http;
 mod inbound;
 mod metrics;
 mod outbound;
+mod tcp;
 mod watch;
 
 pub use config::{Config, Limits, UpstreamSpec};
@@ -66,6 +70,12 @@ pub(crate) struct Shared {
     pub tls: ArcSwap<TlsSet>,
     pub workload: ResourceName,
     pub policies: ArcSwap<PolicySet>,
+    /// The mesh's address table (transparent outbound routing), updated with the policies.
+    pub endpoints: ArcSwap<bulkhead_policy::Endpoints>,
+    /// Open opaque TCP relays, judged again on every policy change.
+    pub relays: tcp::Relays,
+    /// TLS client configurations per destination identity, for the current credentials.
+    pub clients: clients::ClientConfigs,
     pub metrics: metrics::Metrics,
     pub limits: config::Limits,
 }
@@ -77,6 +87,8 @@ pub struct Running {
     pub workload: String,
     pub inbound: Option<SocketAddr>,
     pub upstreams: BTreeMap<String, SocketAddr>,
+    /// The transparent outbound listener, if any.
+    pub outbound: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub revision: u64,
 }
@@ -102,6 +114,9 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         tls: ArcSwap::from_pointee(tls),
         workload: joined.workload,
         policies: ArcSwap::from_pointee(PolicySet::default()),
+        endpoints: ArcSwap::from_pointee(bulkhead_policy::Endpoints::default()),
+        relays: tcp::Relays::default(),
+        clients: clients::ClientConfigs::default(),
     });
 
     let admin = match config.admin {
@@ -117,6 +132,10 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         let addr = outbound::spawn(up, shared.clone()).await?;
         upstreams.insert(up.name.clone(), addr);
     }
+    let outbound = match config.outbound {
+        Some(listen) => Some(outbound::spawn_transparent(listen, shared.clone()).await?),
+        None => None,
+    };
 
     credentials::spawn_rotation(config.control, shared.clone(), config.upstreams.clone());
     let mut first = watch::spawn(config.control, shared.clone(), config.max_policy_rules);
@@ -139,6 +158,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         workload: shared.workload.to_string(),
         inbound,
         upstreams,
+        outbound,
         admin,
         revision,
     };

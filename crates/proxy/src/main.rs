@@ -3,16 +3,38 @@
 
 use anyhow::{Context, bail};
 use bulkhead_identity::SpiffeId;
-use bulkhead_proxy::config::{InboundSpec, JoinToken};
+use bulkhead_proxy::capture;
+use bulkhead_proxy::config::{InboundSpec, InboundTarget, JoinToken};
 use bulkhead_proxy::{Config, UpstreamSpec};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// The Bulkhead sidecar: mTLS with SPIFFE identities and per-request authorization.
 #[derive(Parser, Debug)]
-#[command(name = "bulkhead-proxy", version)]
+#[command(
+    name = "bulkhead-proxy",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Without a subcommand: run the proxy.
+    #[command(flatten)]
+    run: Option<Args>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Install the rules that redirect this network namespace's TCP traffic through the proxy
+    /// (run as root in the workload's namespace, before the app starts), or remove them.
+    Init(capture::InitArgs),
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// The control plane's address (IP:PORT).
     #[arg(long, env = "BULKHEAD_CONTROL")]
@@ -28,16 +50,29 @@ struct Args {
     /// The SPIFFE ID this proxy expects to hold; joining fails if the token is bound to another.
     #[arg(long)]
     identity: Option<String>,
-    /// Inbound mTLS listener (IP:PORT; port 0 picks one).
-    #[arg(long, requires = "app")]
+    /// Inbound mTLS listener (IP:PORT; port 0 picks one). Needs --app, or --transparent.
+    #[arg(long)]
     inbound: Option<SocketAddr>,
     /// The local app the inbound listener protects (IP:PORT).
-    #[arg(long, requires = "inbound")]
+    #[arg(long, requires = "inbound", conflicts_with = "transparent")]
     app: Option<SocketAddr>,
     /// The workload's declared port that inbound traffic is for, as policy sees it
     /// (default: the app's port).
-    #[arg(long, requires = "inbound")]
+    #[arg(long, requires = "app")]
     port: Option<u16>,
+    /// Transparent mode: the inbound listener receives connections redirected by
+    /// `bulkhead-proxy init` and forwards each to 127.0.0.1 on its original port.
+    #[arg(long, requires = "inbound")]
+    transparent: bool,
+    /// Transparent mode: the listener for the app's redirected outbound connections
+    /// (IP:PORT, e.g. 127.0.0.1:15001, the port given to `init --outbound-port`).
+    #[arg(long)]
+    outbound: Option<SocketAddr>,
+    /// A port (of the app) that also accepts plaintext, for migrating callers into the mesh;
+    /// such connections are counted and labelled and policy sees them without an identity.
+    /// Repeatable.
+    #[arg(long = "permissive-port")]
+    permissive_ports: Vec<u16>,
     /// A declared upstream: name=N,listen=IP:PORT,address=IP:PORT,identity=spiffe://…  (repeatable)
     #[arg(long = "upstream")]
     upstreams: Vec<UpstreamSpec>,
@@ -60,6 +95,13 @@ struct Args {
     /// Most connections open at once per listener.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Seconds an opaque TCP or upgraded connection may go without traffic before it is closed.
+    #[arg(long, default_value_t = 3600)]
+    idle_timeout_secs: u64,
+    /// Milliseconds to wait for a new connection's first bytes to tell its protocol; a client
+    /// that says nothing for this long is treated as opaque TCP.
+    #[arg(long, default_value_t = 1000)]
+    detect_timeout_ms: u64,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -86,16 +128,27 @@ impl Args {
             .map(SpiffeId::parse)
             .transpose()
             .context("--identity")?;
-        let inbound = match (self.inbound, self.app) {
-            (Some(listen), Some(app)) => Some(InboundSpec {
-                listen,
+        let target = match (self.app, self.transparent) {
+            (Some(app), _) => Some(InboundTarget::App {
                 app,
                 port: self.port.unwrap_or(app.port()),
             }),
+            (None, true) => Some(InboundTarget::Transparent),
+            (None, false) => None,
+        };
+        let inbound = match (self.inbound, target) {
+            (Some(listen), Some(target)) => Some(InboundSpec {
+                listen,
+                target,
+                permissive_ports: self.permissive_ports,
+            }),
+            (Some(_), None) => bail!("--inbound needs --app IP:PORT, or --transparent"),
             _ => None,
         };
-        if inbound.is_none() && self.upstreams.is_empty() {
-            bail!("nothing to do: pass --inbound and --app, or at least one --upstream");
+        if inbound.is_none() && self.upstreams.is_empty() && self.outbound.is_none() {
+            bail!(
+                "nothing to do: pass --inbound with --app or --transparent, --outbound, or at least one --upstream"
+            );
         }
         Ok(Config {
             control: self.control,
@@ -104,6 +157,7 @@ impl Args {
             identity,
             inbound,
             upstreams: self.upstreams,
+            outbound: self.outbound,
             ready_file: self.ready_file,
             admin: self.admin,
             first_config_wait: Duration::from_secs(10),
@@ -112,6 +166,9 @@ impl Args {
                 max_header_bytes: self.max_header_bytes,
                 header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
                 max_connections: self.max_connections.max(1),
+                idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
+                detect_timeout: Duration::from_millis(self.detect_timeout_ms.max(10)),
+                ..bulkhead_proxy::Limits::default()
             },
         })
     }
@@ -119,7 +176,22 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = match Cli::parse() {
+        Cli {
+            cmd: Some(Cmd::Init(init)),
+            ..
+        } => {
+            init_logging("text");
+            return Ok(capture::init(&init)?);
+        }
+        Cli {
+            run: Some(args), ..
+        } => args,
+        // Unreachable: without a subcommand clap demands the run flags.
+        Cli { run: None, .. } => {
+            bail!("nothing to do: pass --control …, or a subcommand (see --help)")
+        }
+    };
     init_logging(&args.log_format);
     let config = args.into_config()?;
     let running = bulkhead_proxy::start(config).await?;

@@ -12,6 +12,10 @@
 //! | `bulkhead_svid_renewals` | counter | `result` (ok, error) |
 //! | `bulkhead_config_updates` | counter | `result` (ack, nack) |
 //! | `bulkhead_policy_revision` | gauge | — |
+//! | `bulkhead_tcp_opened` | counter | `direction` (opaque TCP connections relayed) |
+//! | `bulkhead_tcp_closed` | counter | `direction`, `reason` (done, error, idle, policy) |
+//! | `bulkhead_tcp_bytes` | counter | `direction`, `flow` (to_peer, from_peer) |
+//! | `bulkhead_plaintext_connections` | counter | `port` (accepted without mTLS on a permissive port) |
 //!
 //! Counters get the `_total` suffix on the wire, as OpenMetrics says.
 
@@ -52,6 +56,23 @@ pub(crate) struct TlsLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TcpCloseLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TcpBytesLabels {
+    pub direction: &'static str,
+    pub flow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PortLabels {
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ResultLabels {
     pub result: &'static str,
 }
@@ -67,6 +88,10 @@ pub(crate) struct Metrics {
     pub renewals: Family<ResultLabels, Counter>,
     pub config_updates: Family<ResultLabels, Counter>,
     pub revision: Gauge,
+    pub tcp_opened: Family<DirectionLabels, Counter>,
+    pub tcp_closed: Family<TcpCloseLabels, Counter>,
+    pub tcp_bytes: Family<TcpBytesLabels, Counter>,
+    pub plaintext: Family<PortLabels, Counter>,
     registry: Registry,
 }
 
@@ -85,6 +110,30 @@ impl Metrics {
         let renewals = Family::<ResultLabels, Counter>::default();
         let config_updates = Family::<ResultLabels, Counter>::default();
         let revision = Gauge::default();
+        let tcp_opened = Family::<DirectionLabels, Counter>::default();
+        let tcp_closed = Family::<TcpCloseLabels, Counter>::default();
+        let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
+        let plaintext = Family::<PortLabels, Counter>::default();
+        registry.register(
+            "bulkhead_tcp_opened",
+            "Opaque TCP connections relayed, by direction",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "bulkhead_tcp_closed",
+            "Opaque TCP connections ended, by reason (done, error, idle, policy)",
+            tcp_closed.clone(),
+        );
+        registry.register(
+            "bulkhead_tcp_bytes",
+            "Bytes relayed on opaque TCP connections",
+            tcp_bytes.clone(),
+        );
+        registry.register(
+            "bulkhead_plaintext_connections",
+            "Connections accepted without mTLS on a permissive port",
+            plaintext.clone(),
+        );
         registry.register(
             "bulkhead_requests",
             "HTTP requests handled, by direction, peer identity and status",
@@ -146,6 +195,10 @@ impl Metrics {
             renewals,
             config_updates,
             revision,
+            tcp_opened,
+            tcp_closed,
+            tcp_bytes,
+            plaintext,
             registry,
         }
     }

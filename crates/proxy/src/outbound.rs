@@ -1,19 +1,26 @@
-//! The outbound side: plain HTTP in from the local app on a per-upstream port, mTLS out to
-//! that upstream's sidecar, which must present the declared SPIFFE ID.
+//! The outbound side: the local app's connections, plain, either to a per-upstream listener
+//! (explicit mode) or redirected by `bulkhead-proxy init` to one listener that reads each
+//! connection's original destination (transparent mode). Egress policy is judged here, then
+//! the connection goes over mTLS to the destination's sidecar, which must present the
+//! identity declared for it. Destinations outside the mesh get opaque TCP, if policy allows.
 
+use crate::clients::Alpn;
 use crate::config::UpstreamSpec;
+use crate::detect::{Sniffed, sniff};
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, listen,
-    origin_form, proxy_response, request_host, response_body, server, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, denial,
+    forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
+    response_body, serve_http, strip_hop_by_hop,
 };
+use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
+use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::server_name;
-use bulkhead_policy::model::Direction;
+use bulkhead_policy::model::{Direction, WorkloadRef};
 use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,48 +28,196 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+/// Where an outbound connection goes.
+#[derive(Debug)]
+pub(crate) struct Dest {
+    /// For logs and errors: the upstream's name or the address.
+    pub name: String,
+    pub address: SocketAddr,
+    /// The identity its sidecar must present; `None` for a destination outside the mesh.
+    pub identity: Option<SpiffeId>,
+    pub workload: Option<WorkloadRef>,
+    /// The destination port policy sees.
+    pub port: u16,
+}
+
+impl Dest {
+    fn of_upstream(spec: &UpstreamSpec) -> Dest {
+        Dest {
+            name: spec.name.clone(),
+            address: spec.address,
+            identity: Some(spec.identity.clone()),
+            workload: spec.workload.clone(),
+            port: spec.port,
+        }
+    }
+
+    /// A captured connection's destination: in the mesh if a Workload declares its address.
+    fn of_original(orig: SocketAddr, shared: &Shared) -> Dest {
+        let endpoints = shared.endpoints.load();
+        let endpoint = endpoints.get(orig.ip());
+        Dest {
+            name: match endpoint {
+                Some(e) => format!("{}@{orig}", e.workload),
+                None => orig.to_string(),
+            },
+            address: orig,
+            identity: endpoint.and_then(|e| SpiffeId::parse(&e.identity).ok()),
+            workload: endpoint.map(|e| e.workload.clone()),
+            port: orig.port(),
+        }
+    }
+
+    fn declared_protocol(&self, shared: &Shared) -> Option<Protocol> {
+        let w = self.workload.as_ref()?;
+        shared
+            .endpoints
+            .load()
+            .get(self.address.ip())
+            .filter(|e| &e.workload == w)
+            .and_then(|e| e.protocol(self.port))
+            .or_else(|| shared.policies.load().declared_protocol(w, self.port))
+    }
+}
+
+/// An explicit upstream's listener.
 pub(crate) async fn spawn(
     spec: &UpstreamSpec,
     shared: Arc<Shared>,
 ) -> Result<SocketAddr, ProxyError> {
     let (listener, addr) = listen(spec.listen, &format!("upstream {}", spec.name)).await?;
-    let spec = Arc::new(spec.clone());
+    let dest = Arc::new(Dest::of_upstream(spec));
     tracing::info!(listen = %addr, upstream = spec.name, address = %spec.address, identity = %spec.identity, "outbound listener ready");
     let state = shared.clone();
     accept_loop(listener, shared, "outbound", move |tcp, remote| {
-        let span = tracing::info_span!("outbound", src.addr = %remote, dst.name = spec.name, dst.addr = %spec.address);
-        (serve(tcp, spec.clone(), state.clone()), span)
+        let span = tracing::info_span!("outbound", src.addr = %remote, dst.name = dest.name, dst.addr = %dest.address);
+        (serve(tcp, dest.clone(), state.clone()), span)
     });
     Ok(addr)
 }
 
-async fn serve(tcp: TcpStream, spec: Arc<UpstreamSpec>, shared: Arc<Shared>) {
+/// The transparent outbound listener.
+pub(crate) async fn spawn_transparent(
+    listen_on: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<SocketAddr, ProxyError> {
+    let (listener, addr) = listen(listen_on, "outbound (transparent)").await?;
+    tracing::info!(listen = %addr, "outbound listener ready (transparent)");
+    let state = shared.clone();
+    accept_loop(listener, shared, "outbound", move |tcp, remote| {
+        let span = tracing::info_span!("outbound", src.addr = %remote);
+        let shared = state.clone();
+        let conn = async move {
+            match crate::capture::original_dst(&tcp) {
+                Ok(orig) => {
+                    let dest = Arc::new(Dest::of_original(orig, &shared));
+                    tracing::debug!(
+                        dst.name = dest.name,
+                        in_mesh = dest.identity.is_some(),
+                        "captured outbound connection"
+                    );
+                    serve(tcp, dest, shared).await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)")
+                }
+            }
+        };
+        (conn, span)
+    });
+    Ok(addr)
+}
+
+async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
-    let link = Arc::new(Link::default());
-    let http = server(&shared.limits);
+    if dest.identity.is_none() {
+        return relay_outside(tcp, dest, shared).await;
+    }
+    let declared = dest.declared_protocol(&shared);
+    let sniffed = match declared {
+        Some(Protocol::Tcp) => Sniffed::Opaque,
+        _ => match sniff(&tcp, shared.limits.detect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection closed before it said anything");
+                return;
+            }
+        },
+    };
+    match sniffed {
+        Sniffed::Http1 | Sniffed::H2 => {
+            serve_http_out(tcp, sniffed == Sniffed::H2, dest, shared).await
+        }
+        Sniffed::Tls | Sniffed::Opaque => relay_mesh(tcp, dest, shared).await,
+    }
+}
+
+fn tcp_flow(dest: &Dest) -> Flow {
+    Flow {
+        direction: Direction::Egress,
+        peer_identity: dest.identity.as_ref().map(|i| i.as_str().to_string()),
+        peer_ip: Some(dest.address.ip()),
+        peer_workload: dest.workload.clone(),
+        port: dest.port,
+    }
+}
+
+/// Opaque TCP to a mesh destination, over mTLS.
+async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
+    let flow = tcp_flow(&dest);
+    let decision = flow.decide(&shared);
+    flow.log(&decision, &shared);
+    if !decision.is_allow() {
+        return;
+    }
+    match connect_upstream(dest.clone(), Alpn::Tcp, shared.clone()).await {
+        Ok(up) => crate::tcp::relay(&shared, flow, tcp, up).await,
+        Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "upstream unreachable"),
+    }
+}
+
+/// Opaque TCP to a destination outside the mesh: plain, if egress policy allows it.
+async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
+    let flow = tcp_flow(&dest);
+    let decision = flow.decide(&shared);
+    flow.log(&decision, &shared);
+    if !decision.is_allow() {
+        return;
+    }
+    match TcpStream::connect(dest.address).await {
+        Ok(up) => {
+            let _ = up.set_nodelay(true);
+            crate::tcp::relay(&shared, flow, tcp, up).await
+        }
+        Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "destination unreachable"),
+    }
+}
+
+async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<Shared>) {
+    let link = Arc::new(Link::new(h2));
+    let limits = shared.limits;
     let service = service_fn(move |req| {
-        let (link, spec, shared) = (link.clone(), spec.clone(), shared.clone());
+        let (link, dest, shared) = (link.clone(), dest.clone(), shared.clone());
         async move {
             let start = std::time::Instant::now();
-            let resp = handle(req, link, spec.clone(), shared.clone()).await;
+            let resp = handle(req, link, h2, dest.clone(), shared.clone()).await;
             if let Ok(r) = &resp {
-                let status = r.status().as_u16();
+                let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
                 shared
                     .metrics
-                    .request("outbound", spec.identity.as_str(), status, start.elapsed());
+                    .request("outbound", peer, r.status().as_u16(), start.elapsed());
             }
             resp
         }
     });
-    if let Err(e) = http.serve_connection(TokioIo::new(tcp), service).await {
-        tracing::debug!(error = %e, "outbound connection ended with an error");
-    }
+    serve_http(tcp, h2, &limits, service).await;
 }
 
 async fn handle(
     mut req: Request<Incoming>,
     link: Arc<Link>,
-    spec: Arc<UpstreamSpec>,
+    h2: bool,
+    dest: Arc<Dest>,
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     if let Err(why) = check_path(req.uri().path()) {
@@ -73,60 +228,62 @@ async fn handle(
         ));
     }
     // Egress policy: the sending side judges the request before it leaves.
-    let decision = egress_decision(&req, &spec, &shared);
-    crate::http::log_decision("outbound", &decision, spec.identity.as_str(), &shared, &req);
-    if let Decision {
-        verdict: bulkhead_policy::Verdict::Deny,
-        ..
-    } = &decision
-    {
-        return Ok(proxy_response(
-            StatusCode::FORBIDDEN,
-            Some(&decision.header_value()),
+    let decision = egress_decision(&req, &dest, &shared);
+    let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
+    crate::http::log_decision("outbound", &decision, peer, &shared, &req);
+    if !decision.is_allow() {
+        return Ok(denial(
+            &req,
+            &decision,
             format!("bulkhead: egress {decision}"),
         ));
     }
     req.headers_mut().remove(DECISION_HEADER);
     origin_form(&mut req);
-    strip_hop_by_hop(req.headers_mut());
+    let upgrade = is_upgrade(&req);
+    if !upgrade {
+        strip_hop_by_hop(req.headers_mut());
+    }
     // Only the receiving sidecar may say who the caller is.
     req.headers_mut().remove(SOURCE_HEADER);
-    match link
-        .send(req, || {
-            // The current certificate, for each new upstream connection.
-            let tls = shared.tls.load().upstreams.get(&spec.name).cloned();
-            connect_upstream(tls, spec.address, shared.clone())
-        })
-        .await
-    {
-        Ok(resp) => Ok(response_body(resp)),
+    let alpn = if h2 { Alpn::H2 } else { Alpn::Http1 };
+    let sent = if upgrade {
+        let connect = connect_upstream(dest.clone(), alpn, shared.clone());
+        forward_upgrade(req, connect, shared.limits.idle_timeout).await
+    } else {
+        link.send(req, || connect_upstream(dest.clone(), alpn, shared.clone()))
+            .await
+            .map(response_body)
+    };
+    match sent {
+        Ok(resp) => Ok(resp),
         Err(e) => {
-            tracing::warn!(upstream = spec.name, error = %e, "upstream unreachable");
+            tracing::warn!(upstream = dest.name, error = %e, "upstream unreachable");
             Ok(proxy_response(
                 StatusCode::BAD_GATEWAY,
                 None,
                 format!(
                     "bulkhead: upstream {} at {} (expected identity {}) failed: {e}",
-                    spec.name, spec.address, spec.identity
+                    dest.name, dest.address, peer
                 ),
             ))
         }
     }
 }
 
-fn egress_decision(req: &Request<Incoming>, spec: &UpstreamSpec, shared: &Shared) -> Decision {
+fn egress_decision(req: &Request<Incoming>, dest: &Dest, shared: &Shared) -> Decision {
     let host = request_host(req);
     let headers = HeaderView(req.headers());
     shared.policies.load().evaluate(&PolicyRequest {
         direction: Direction::Egress,
         subject: &shared.workload,
         peer: Peer {
-            identity: Some(spec.identity.as_str()),
-            ip: Some(spec.address.ip()),
-            workload: spec.workload.as_ref(),
+            identity: dest.identity.as_ref().map(SpiffeId::as_str),
+            ip: Some(dest.address.ip()),
+            workload: dest.workload.as_ref(),
         },
-        port: spec.port,
-        protocol: Protocol::Http,
+        port: dest.port,
+        protocol: protocol_of(req),
         http: Some(Http {
             method: req.method().as_str(),
             path: req.uri().path(),
@@ -136,14 +293,24 @@ fn egress_decision(req: &Request<Incoming>, spec: &UpstreamSpec, shared: &Shared
     })
 }
 
+/// Dials `dest` over mTLS, requiring its identity, with the given application protocol.
 async fn connect_upstream(
-    tls: Option<Arc<rustls::ClientConfig>>,
-    addr: SocketAddr,
+    dest: Arc<Dest>,
+    alpn: Alpn,
     shared: Arc<Shared>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let connector = TlsConnector::from(
-        tls.ok_or_else(|| std::io::Error::other("no TLS configuration for this upstream"))?,
-    );
+    let identity = dest
+        .identity
+        .as_ref()
+        .ok_or_else(|| std::io::Error::other("destination is outside the mesh"))?;
+    // The current certificate, for each new upstream connection.
+    let set = shared.tls.load_full();
+    let tls = shared
+        .clients
+        .get(&set, identity, alpn)
+        .map_err(std::io::Error::other)?;
+    let connector = TlsConnector::from(tls);
+    let addr = dest.address;
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name(), tcp)).await {

@@ -109,10 +109,16 @@ fn apply(shared: &Shared, config: ProxyConfig, max_rules: usize) -> Result<(), S
                 config.revision
             )),
             _ => Ok((set, count)),
+        })
+        .and_then(|(set, count)| {
+            let endpoints = bulkhead_api::endpoints_from_wire(&config.endpoints)?;
+            Ok((set, endpoints, count))
         });
     match outcome {
-        Ok((set, count)) => {
+        Ok((set, endpoints, count)) => {
+            shared.endpoints.store(Arc::new(endpoints));
             shared.policies.store(Arc::new(set));
+            crate::tcp::recheck(shared);
             tracing::info!(
                 revision = config.revision,
                 resources = count,

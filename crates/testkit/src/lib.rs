@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 pub use tempfile::TempDir;
 
 pub mod mesh;
+pub mod netns;
 
 /// Where the real binaries are: next to the `bulkhead` binary cargo built for this test.
 pub struct Bins {
@@ -60,19 +61,25 @@ impl Proc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Proc {
-        let log = dir.join(format!("{name}.log"));
-        let stderr = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Proc::from_command(name, dir, cmd)
+    }
+
+    /// Starts a prepared command, e.g. one run in a network namespace
+    /// ([`netns::Lab::command`]): stdin and stdout null, stderr to `dir/<name>.log`.
+    pub fn from_command(name: &str, dir: &Path, mut cmd: Command) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&log).unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start {}: {e}", cmd.get_program().to_string_lossy())
+        });
         Proc {
             name: name.to_string(),
             child,

@@ -1,0 +1,384 @@
+//! Bad certificates and bad join tokens, end to end with the real binaries: every refusal
+//! names its own reason, in the proxy's log and as a label of
+//! `bulkhead_tls_handshake_failures_total`, and on the outbound side in the 502 the app gets;
+//! a used-up or expired token stops a proxy at start with a message that says what to do.
+#![allow(clippy::unwrap_used)]
+
+use bulkhead_identity::tls::{ExpectedServer, client_config, provider, server_name};
+use bulkhead_identity::{Ca, SpiffeId, TrustBundle};
+use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id};
+use bulkhead_testkit::{http, parse_response};
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::client::ResolvesClientCert;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const OTHER_TD: &str = "other.domain";
+
+/// A CA that signs whatever leaf a test asks for, however wrong: the mesh's own (from the
+/// control plane's data directory) or a stranger.
+struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Authority {
+    fn of(ca: &Ca) -> Authority {
+        Authority::from_pem(ca.cert_pem(), &ca.key_pem())
+    }
+
+    fn from_pem(cert_pem: &str, key_pem: &str) -> Authority {
+        let key = KeyPair::from_pem(key_pem).unwrap();
+        Authority {
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key).unwrap(),
+        }
+    }
+
+    /// The mesh's CA, read from the control plane's data directory.
+    fn mesh(mesh: &Mesh) -> Authority {
+        let read = |f: &str| std::fs::read_to_string(mesh.data().join(f)).unwrap();
+        Authority::from_pem(&read("ca.pem"), &read("ca.key"))
+    }
+
+    /// A leaf for `uris`, valid from `from` to `until`, with the CA flag if `ca`; otherwise
+    /// made as the control plane makes an SVID.
+    fn leaf(&self, uris: &[&str], ca: bool, from: SystemTime, until: SystemTime) -> Leaf {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "bulkhead");
+        params.distinguished_name = dn;
+        params.is_ca = if ca {
+            IsCa::Ca(rcgen::BasicConstraints::Unconstrained)
+        } else {
+            IsCa::ExplicitNoCa
+        };
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        params.not_before = from.into();
+        params.not_after = until.into();
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        }
+    }
+
+    /// A leaf that is right in every way the issuer controls: one URI SAN, no CA flag, valid now.
+    fn svid(&self, uri: &str) -> Leaf {
+        let now = SystemTime::now();
+        self.leaf(&[uri], false, now - MINUTE, now + HOUR)
+    }
+}
+
+/// A certificate and its key. The chain presented is the leaf alone: a peer finds the issuer
+/// in its own bundle, or does not.
+struct Leaf {
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+}
+
+/// Presents `leaf` whatever it holds: rustls' own client side never checks its certificate.
+#[derive(Debug)]
+struct Present(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for Present {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Connects over mTLS presenting `leaf` (the server is verified as `server_id` against the
+/// mesh bundle) and sends one GET. Returns the raw answer, or the error that ended the
+/// exchange.
+fn mtls_get(
+    addr: SocketAddr,
+    bundle: &TrustBundle,
+    server_id: &str,
+    leaf: &Leaf,
+) -> Result<Vec<u8>, String> {
+    let expected = ExpectedServer::Exact(SpiffeId::parse(server_id).unwrap());
+    let mut config = client_config(None, bundle, expected, &[b"http/1.1"]).unwrap();
+    let key =
+        CertifiedKey::from_der(vec![leaf.cert.clone()], leaf.key.clone_key(), &provider()).unwrap();
+    config.client_auth_cert_resolver = Arc::new(Present(Arc::new(key)));
+    let conn = rustls::ClientConnection::new(Arc::new(config), server_name()).unwrap();
+    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        tls,
+        "GET /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tls.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// A TLS 1.3 server on a thread that presents `leaf` to whoever connects, for as long as the
+/// test runs: a stand-in for an upstream's sidecar.
+fn fake_upstream(leaf: &Leaf) -> SocketAddr {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.cert.clone()], leaf.key.clone_key())
+        .unwrap();
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut tcp in listener.incoming().flatten() {
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            while conn.is_handshaking() && conn.complete_io(&mut tcp).is_ok() {}
+        }
+    });
+    addr
+}
+
+/// The `bulkhead_tls_handshake_failures_total` lines of one direction.
+fn tls_failures(metrics: &str, direction: &str) -> Vec<String> {
+    let prefix = format!("bulkhead_tls_handshake_failures_total{{direction=\"{direction}\",");
+    let mut lines: Vec<String> = metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn failure_line(direction: &str, reason: &str) -> String {
+    format!(
+        "bulkhead_tls_handshake_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}} 1"
+    )
+}
+
+#[test]
+fn each_bad_client_certificate_is_refused_with_its_own_reason() {
+    let mesh = Mesh::start();
+    let (_app, app) = mesh.app("orders");
+    let token = mesh.token(&id("orders"));
+    let app = app.to_string();
+    let (_proxy, orders) = mesh.proxy(
+        "orders",
+        &token,
+        &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
+    );
+    let inbound = addr(&orders["inbound"]);
+    let bundle =
+        TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
+            .unwrap();
+
+    let now = SystemTime::now();
+    let ours = Authority::mesh(&mesh);
+    // A second root generated for the same trust domain: the same subject name as ours.
+    let twin = Authority::of(&Ca::generate(TD, now).unwrap());
+    let stranger = Authority::of(&Ca::generate(OTHER_TD, now).unwrap());
+    let frontend = id("frontend");
+    let other_domain = format!("spiffe://{OTHER_TD}/ns/shop/sa/frontend");
+    let cases = [
+        (
+            "expired",
+            ours.leaf(&[&frontend], false, now - 2 * HOUR, now - HOUR),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            ours.leaf(&[&frontend], false, now + HOUR, now + 2 * HOUR),
+            "not_yet_valid",
+        ),
+        (
+            "wrong trust domain, signed by the mesh CA",
+            ours.svid(&other_domain),
+            "wrong_trust_domain",
+        ),
+        (
+            "two URI SANs",
+            ours.leaf(
+                &[&frontend, &id("payments")],
+                false,
+                now - MINUTE,
+                now + HOUR,
+            ),
+            "many_uri_sans",
+        ),
+        (
+            "CA flag on the leaf",
+            ours.leaf(&[&frontend], true, now - MINUTE, now + HOUR),
+            "ca_flag_on_leaf",
+        ),
+        // Our root's name but not its key: indistinguishable from a forged issuer.
+        (
+            "unknown CA with our root's name",
+            twin.svid(&frontend),
+            "bad_signature",
+        ),
+        ("unknown CA", stranger.svid(&frontend), "unknown_ca"),
+    ];
+
+    let log = || std::fs::read_to_string(mesh.dir.path().join("orders-proxy.log")).unwrap();
+    for (what, leaf, reason) in &cases {
+        let answer = mtls_get(inbound, &bundle, &id("orders"), leaf);
+        assert!(
+            answer
+                .as_deref()
+                .map(|raw| parse_response(raw).is_none())
+                .unwrap_or(true),
+            "{what}: the certificate got an HTTP answer: {answer:?}"
+        );
+        let logged = format!("reason=\"{reason}\"");
+        eventually(WAIT, &format!("{what}: a log line with {logged}"), || {
+            log()
+                .lines()
+                .any(|l| l.contains("connection refused") && l.contains(&logged))
+        });
+    }
+
+    let metrics = http(addr(&orders["admin"]), "GET", "/metrics").body;
+    let mut want: Vec<String> = cases
+        .iter()
+        .map(|(_, _, reason)| failure_line("inbound", reason))
+        .collect();
+    want.sort();
+    assert_eq!(
+        tls_failures(&metrics, "inbound"),
+        want,
+        "each bad certificate counted once under its own reason"
+    );
+    // And a good certificate still gets through.
+    let answer = mtls_get(inbound, &bundle, &id("orders"), &ours.svid(&frontend)).unwrap();
+    assert!(parse_response(&answer).is_some(), "{answer:?}");
+}
+
+#[test]
+fn each_bad_upstream_certificate_is_a_502_naming_its_reason() {
+    let mesh = Mesh::start();
+    let now = SystemTime::now();
+    let ours = Authority::mesh(&mesh);
+    let stranger = Authority::of(&Ca::generate(OTHER_TD, now).unwrap());
+    let orders = id("orders");
+    // (upstream name, what its server presents, metric reason, what the 502 says)
+    let cases = [
+        (
+            "expired",
+            ours.leaf(&[&orders], false, now - 2 * HOUR, now - HOUR),
+            "expired",
+            "Expired",
+        ),
+        (
+            "wrong-domain",
+            ours.svid(&format!("spiffe://{OTHER_TD}/ns/shop/sa/orders")),
+            "wrong_trust_domain",
+            "is outside trust domain test.local",
+        ),
+        (
+            "unknown-ca",
+            stranger.svid(&orders),
+            "unknown_ca",
+            "UnknownIssuer",
+        ),
+        (
+            "impostor",
+            ours.svid(&id("payments")),
+            "unexpected_identity",
+            "is not the expected spiffe://test.local/ns/shop/sa/orders",
+        ),
+    ];
+    let mut args = Vec::new();
+    for (name, leaf, _, _) in &cases {
+        let server = fake_upstream(leaf);
+        args.push("--upstream".to_string());
+        args.push(format!(
+            "name={name},listen=127.0.0.1:0,address={server},identity={orders}"
+        ));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_proxy, frontend) = mesh.proxy("frontend", &mesh.token(&id("frontend")), &args);
+
+    for (name, _, reason, says) in &cases {
+        let r = http(addr(&frontend["upstreams"][name]), "GET", "/orders");
+        assert_eq!(r.status, 502, "{name}: {r:?}");
+        assert!(
+            r.body.contains(says),
+            "{name}: the 502 should say {says:?} ({reason}): {}",
+            r.body
+        );
+    }
+    let metrics = http(addr(&frontend["admin"]), "GET", "/metrics").body;
+    let mut want: Vec<String> = cases
+        .iter()
+        .map(|(_, _, reason, _)| failure_line("outbound", reason))
+        .collect();
+    want.sort();
+    assert_eq!(tls_failures(&metrics, "outbound"), want);
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn used_up_and_expired_tokens_are_refused_with_what_to_do() {
+    let mesh = Mesh::start();
+
+    // The shortest lifetime the CLI accepts; it runs out while the rest of the test runs.
+    let (code, out, err) = mesh.cli(&["token", "create", "--identity", &id("late"), "--ttl", "1s"]);
+    assert_eq!(code, 0, "{err}");
+    // The control plane's deadline is at most one whole second past this.
+    let expired_by = unix_secs() + 1;
+    let late = mesh.dir.path().join("late.token");
+    std::fs::write(&late, out.trim()).unwrap();
+
+    // A single-use token: the first proxy joins, the second start is refused.
+    let token = mesh.token(&id("frontend"));
+    let upstream = format!(
+        "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+        id("x")
+    );
+    let (mut first, _) = mesh.proxy("frontend", &token, &["--upstream", &upstream]);
+    first.assert_running();
+    let err = mesh.failing_proxy(&token, &[]);
+    assert!(
+        err.contains("join token has been used up; create a new one with `bulkhead token create`"),
+        "{err}"
+    );
+
+    // Polls the clock, not the control plane: an unexpired token would start a proxy.
+    eventually(Duration::from_secs(5), "the token's expiry", || {
+        unix_secs() >= expired_by
+    });
+    let err = mesh.failing_proxy(&late, &[]);
+    assert!(
+        err.contains("join token expired; create a new one with `bulkhead token create`"),
+        "{err}"
+    );
+}

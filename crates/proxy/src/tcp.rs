@@ -1,0 +1,200 @@
+//! Opaque TCP: relay bytes both ways once policy has allowed the connection, and keep every
+//! open relay on a list so that a policy change can judge it again. A connection the new
+//! policy denies is closed, with a log line naming the decision.
+
+use crate::Shared;
+use bulkhead_policy::model::{Direction, WorkloadRef};
+use bulkhead_policy::{Decision, Peer, Protocol, Request as PolicyRequest};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+
+/// What policy knows about an opaque connection: everything but HTTP.
+#[derive(Clone, Debug)]
+pub(crate) struct Flow {
+    pub direction: Direction,
+    pub peer_identity: Option<String>,
+    pub peer_ip: Option<IpAddr>,
+    pub peer_workload: Option<WorkloadRef>,
+    pub port: u16,
+}
+
+impl Flow {
+    pub(crate) fn decide(&self, shared: &Shared) -> Decision {
+        shared.policies.load().evaluate(&PolicyRequest {
+            direction: self.direction,
+            subject: &shared.workload,
+            peer: Peer {
+                identity: self.peer_identity.as_deref(),
+                ip: self.peer_ip,
+                workload: self.peer_workload.as_ref(),
+            },
+            port: self.port,
+            protocol: Protocol::Tcp,
+            http: None,
+        })
+    }
+
+    fn direction_label(&self) -> &'static str {
+        match self.direction {
+            Direction::Ingress => "inbound",
+            Direction::Egress => "outbound",
+        }
+    }
+
+    /// The decision log line for this flow.
+    pub(crate) fn log(&self, decision: &Decision, shared: &Shared) {
+        let verdict = if decision.is_allow() { "allow" } else { "deny" };
+        shared.metrics.decision(self.direction_label(), decision);
+        tracing::info!(
+            target: "bulkhead::decision",
+            direction = self.direction_label(),
+            verdict,
+            peer.id = self.peer_identity.as_deref().unwrap_or("-"),
+            peer.ip = ?self.peer_ip,
+            workload = %shared.workload,
+            protocol = "tcp",
+            port = self.port,
+            decision = %decision,
+            "authorization decision"
+        );
+    }
+}
+
+/// Open opaque connections, each with a way to close it.
+#[derive(Default)]
+pub(crate) struct Relays {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, (Flow, Arc<Notify>)>>,
+}
+
+/// Removes a relay from the list when it ends, however it ends.
+struct Registered<'a> {
+    relays: &'a Relays,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.relays
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Relays {
+    fn register(&self, flow: Flow) -> (Registered<'_>, Arc<Notify>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(Notify::new());
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (flow, close.clone()));
+        (Registered { relays: self, id }, close)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Judges every open relay against the policy now in force; closes the ones it denies.
+pub(crate) fn recheck(shared: &Shared) {
+    let open: Vec<(Flow, Arc<Notify>)> = shared
+        .relays
+        .open
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for (flow, close) in open {
+        let decision = flow.decide(shared);
+        if !decision.is_allow() {
+            tracing::warn!(
+                direction = flow.direction_label(),
+                peer.id = flow.peer_identity.as_deref().unwrap_or("-"),
+                peer.ip = ?flow.peer_ip,
+                port = flow.port,
+                decision = %decision,
+                "closing an open TCP connection: the new policy denies it"
+            );
+            shared.metrics.decision(flow.direction_label(), &decision);
+            close.notify_one();
+        }
+    }
+}
+
+/// Relays between `a` (the side that connected to us) and `b` until either side closes, the
+/// connection is idle for `idle`, or a policy change denies it.
+pub(crate) async fn relay<A, B>(shared: &Shared, flow: Flow, a: A, b: B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let direction = flow.direction_label();
+    shared
+        .metrics
+        .tcp_opened
+        .get_or_create(&crate::metrics::DirectionLabels { direction })
+        .inc();
+    let (_registered, close) = shared.relays.register(flow);
+    let idle = shared.limits.idle_timeout;
+    let (to_peer, from_peer, reason) = pump(a, b, idle, &close).await;
+    let m = &shared.metrics;
+    for (flow, n) in [("to_peer", to_peer), ("from_peer", from_peer)] {
+        m.tcp_bytes
+            .get_or_create(&crate::metrics::TcpBytesLabels { direction, flow })
+            .inc_by(n);
+    }
+    m.tcp_closed
+        .get_or_create(&crate::metrics::TcpCloseLabels { direction, reason })
+        .inc();
+    tracing::debug!(direction, reason, to_peer, from_peer, "TCP relay ended");
+}
+
+/// Copies both ways; returns bytes a→b, bytes b→a and why it stopped.
+async fn pump<A, B>(mut a: A, mut b: B, idle: Duration, close: &Notify) -> (u64, u64, &'static str)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut a_to_b, mut b_to_a) = (0u64, 0u64);
+    let (mut buf_a, mut buf_b) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut a_open, mut b_open) = (true, true);
+    let reason = loop {
+        if !a_open && !b_open {
+            break "done";
+        }
+        tokio::select! {
+            _ = close.notified() => break "policy",
+            _ = tokio::time::sleep(idle) => break "idle",
+            r = a.read(&mut buf_a), if a_open => match r {
+                Ok(0) => { a_open = false; let _ = b.shutdown().await; }
+                Ok(n) => {
+                    if b.write_all(&buf_a[..n]).await.is_err() { break "error"; }
+                    let _ = b.flush().await;
+                    a_to_b += n as u64;
+                }
+                Err(_) => break "error",
+            },
+            r = b.read(&mut buf_b), if b_open => match r {
+                Ok(0) => { b_open = false; let _ = a.shutdown().await; }
+                Ok(n) => {
+                    if a.write_all(&buf_b[..n]).await.is_err() { break "error"; }
+                    let _ = a.flush().await;
+                    b_to_a += n as u64;
+                }
+                Err(_) => break "error",
+            },
+        }
+    };
+    (a_to_b, b_to_a, reason)
+}
