@@ -117,6 +117,7 @@ async fn start_mesh(
     let payments_app_addr = payments_app.local_addr()?;
     sample_app::serve(
         AppSpec {
+            tcp_echo: false,
             name: "payments".into(),
             downstream: None,
         },
@@ -149,6 +150,7 @@ async fn start_mesh(
     let to_payments = orders.upstreams["payments"];
     sample_app::serve(
         AppSpec {
+            tcp_echo: false,
             name: "orders".into(),
             downstream: Some(format!("http://{to_payments}/charge").parse()?),
         },
@@ -174,6 +176,7 @@ async fn start_mesh(
     let to_orders = frontend.upstreams["orders"];
     sample_app::serve(
         AppSpec {
+            tcp_echo: false,
             name: "frontend".into(),
             downstream: Some(format!("http://{to_orders}/orders").parse()?),
         },

@@ -107,6 +107,9 @@ enum Command {
         /// Write the bound address here once listening.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Be a TCP echo server instead of an HTTP service.
+        #[arg(long)]
+        tcp_echo: bool,
     },
 }
 
@@ -327,9 +330,14 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             downstream,
             ready_file,
+            tcp_echo,
         } => {
             let addr = sample_app::serve(
-                sample_app::AppSpec { name, downstream },
+                sample_app::AppSpec {
+                    name,
+                    downstream,
+                    tcp_echo,
+                },
                 sample_app::bind(listen).await?,
             )?;
             if let Some(path) = ready_file {

@@ -1,7 +1,9 @@
 //! A small HTTP service for the demo and the tests: it answers every request with who it is,
 //! what was asked and who asked (the sidecar's `x-bulkhead-source`). With a downstream URL,
 //! each POST first calls that URL with POST and reports the answer, so requests chain
-//! across services.
+//! across services. It speaks HTTP/1.1 and HTTP/2 (h2c); an `Upgrade` request is answered
+//! with 101 and the connection then echoes bytes (a stand-in for WebSocket). With `tcp_echo`
+//! it is instead a plain TCP echo server, for opaque TCP.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -18,6 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Clone, Debug)]
 pub struct AppSpec {
     pub name: String,
+    /// Echo raw TCP instead of serving HTTP.
+    pub tcp_echo: bool,
     /// `http://IP:PORT/path` to POST to on every POST we receive.
     pub downstream: Option<http::Uri>,
 }
@@ -37,20 +41,49 @@ pub fn serve(spec: AppSpec, listener: TcpListener) -> Result<SocketAddr> {
         while let Ok((tcp, _)) = listener.accept().await {
             let spec = spec.clone();
             tokio::spawn(async move {
+                if spec.tcp_echo {
+                    let (mut r, mut w) = tcp.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    return;
+                }
                 let svc = service_fn(move |req| handle(req, spec.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                .await;
             });
         }
     });
     Ok(addr)
 }
 
+/// Answers an upgrade with 101, then echoes what the client sends.
+fn upgrade_echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let protocol = req.headers().get(http::header::UPGRADE).cloned();
+    tokio::spawn(async move {
+        if let Ok(upgraded) = hyper::upgrade::on(req).await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+    if let Some(p) = protocol {
+        h.insert(http::header::UPGRADE, p);
+    }
+    resp
+}
+
 async fn handle(
     req: Request<Incoming>,
     spec: Arc<AppSpec>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.headers().contains_key(http::header::UPGRADE) {
+        return Ok(upgrade_echo(req));
+    }
     let caller = req
         .headers()
         .get("x-bulkhead-source")
@@ -58,10 +91,11 @@ async fn handle(
         .unwrap_or("outside the mesh")
         .to_string();
     let mut text = format!(
-        "{}: {} {} from {caller}",
+        "{}: {} {} from {caller} ({:?})",
         spec.name,
         req.method(),
-        req.uri().path()
+        req.uri().path(),
+        req.version()
     );
     let mut status = StatusCode::OK;
     if let (&http::Method::POST, Some(down)) = (req.method(), &spec.downstream) {

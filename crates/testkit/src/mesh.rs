@@ -112,20 +112,27 @@ impl Mesh {
     }
 
     pub fn app(&self, name: &str) -> (Proc, SocketAddr) {
+        self.app_with(name, &[])
+    }
+
+    /// Starts `bulkhead sample-app` with extra flags (e.g. `--tcp-echo`).
+    pub fn app_with(&self, name: &str, extra: &[&str]) -> (Proc, SocketAddr) {
         let ready = self.dir.path().join(format!("{name}-app.json"));
+        let mut args = vec![
+            "sample-app",
+            "--name",
+            name,
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
         let mut p = Proc::spawn(
             &format!("{name}-app"),
             self.dir.path(),
             &self.bins.bulkhead,
-            &[
-                "sample-app",
-                "--name",
-                name,
-                "--listen",
-                "127.0.0.1:0",
-                "--ready-file",
-                ready.to_str().unwrap(),
-            ],
+            &args,
             &[],
         );
         let json: serde_json::Value = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
