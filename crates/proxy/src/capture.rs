@@ -327,7 +327,13 @@ pub fn init(args: &InitArgs) -> Result<(), CaptureError> {
                 Ok(current) => current,
                 // A dry run shows the rules for a namespace without any, rather than nothing.
                 Err(e) if args.dry_run => {
-                    tracing::warn!("{e}; printing the rules as for an empty nat table");
+                    let why = match e {
+                        CaptureError::Failed { stderr, .. } => stderr,
+                        other => other.to_string(),
+                    };
+                    tracing::warn!(
+                        "cannot read the nat table ({why}); printing the rules as for an empty one"
+                    );
                     String::new()
                 }
                 Err(e) => return Err(e),

@@ -44,9 +44,12 @@ const TCP_ALPN: &[u8] = b"bulkhead.dev/tcp";
 /// cheap to rebuild, and a proxy talks to few identities).
 const MAX_ENTRIES: usize = 1024;
 
+/// Configurations built from one credential set.
+type Built = (Arc<TlsSet>, HashMap<(SpiffeId, Alpn), Arc<ClientConfig>>);
+
 #[derive(Default)]
 pub(crate) struct ClientConfigs {
-    cache: Mutex<Option<(Arc<TlsSet>, HashMap<(SpiffeId, Alpn), Arc<ClientConfig>>)>>,
+    cache: Mutex<Option<Built>>,
 }
 
 impl ClientConfigs {

@@ -32,9 +32,7 @@ const METHODS: &[&[u8]] = &[
 
 /// Classifies a prefix, or `None` if more bytes are needed to tell.
 pub(crate) fn classify(prefix: &[u8]) -> Option<Sniffed> {
-    let Some(&first) = prefix.first() else {
-        return None;
-    };
+    let &first = prefix.first()?;
     if first == 0x16 {
         return Some(Sniffed::Tls);
     }
@@ -45,8 +43,7 @@ pub(crate) fn classify(prefix: &[u8]) -> Option<Sniffed> {
     if prefix.starts_with(H2_PREFACE) {
         return Some(Sniffed::H2);
     }
-    if let Some(m) = METHODS.iter().find(|m| prefix.starts_with(m)) {
-        debug_assert!(!m.is_empty());
+    if METHODS.iter().any(|m| prefix.starts_with(m)) {
         return Some(Sniffed::Http1);
     }
     if could_be(H2_PREFACE) || METHODS.iter().any(|m| could_be(m)) {

@@ -12,7 +12,7 @@
 use crate::{Proc, TempDir};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -318,18 +318,30 @@ mod tests {
         assert!(contains(&pcap, &b.octets()), "no packet to {b} captured");
 
         drop(lab);
-        let list = Command::new(find_program("ip").unwrap())
+        let list = namespaces();
+        for ns in names {
+            assert!(!list.contains(&ns), "{ns} still exists");
+        }
+
+        // A lab that fails half-way removes what it made, too.
+        assert!(std::panic::catch_unwind(|| Lab::new(&["a", "a"])).is_err());
+        let ours = format!("bh{}x", std::process::id());
+        let left: Vec<String> = namespaces()
+            .into_iter()
+            .filter(|ns| ns.starts_with(&ours))
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    fn namespaces() -> Vec<String> {
+        let out = Command::new(find_program("ip").unwrap())
             .args(["netns", "list"])
             .output()
             .unwrap();
-        let list = String::from_utf8_lossy(&list.stdout);
-        for ns in names {
-            assert!(
-                !list
-                    .lines()
-                    .any(|l| l.split_whitespace().next() == Some(&ns)),
-                "{ns} still exists"
-            );
-        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
     }
 }
