@@ -122,7 +122,7 @@ pub async fn get(admin: &mut Admin, what: &str, output: &str) -> Result<()> {
     Ok(())
 }
 
-fn ago(unix: u64) -> String {
+pub(crate) fn ago(unix: u64) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -160,6 +160,8 @@ async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
                     "ackedRevision": p.acked_revision, "nackedRevision": p.nacked_revision,
                     "nackError": p.nack_error, "lastContactUnix": p.last_contact_unix,
                     "certNotAfterUnix": p.cert_not_after_unix, "remote": p.remote,
+                    "certCaSha256": p.cert_ca_sha256, "bundleSha256": p.bundle_sha256,
+                    "bundleCurrent": p.bundle_current,
                 })
             })
             .collect();
@@ -170,8 +172,8 @@ async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<46} {:<22} {:<10} {:<22} {:<12} CERT EXPIRES",
-        "IDENTITY", "WORKLOAD", "STREAM", "REVISION", "LAST SEEN"
+        "{:<46} {:<22} {:<10} {:<22} {:<12} {:<13} {:<17} BUNDLE",
+        "IDENTITY", "WORKLOAD", "STREAM", "REVISION", "LAST SEEN", "CERT EXPIRES", "CERT CA"
     );
     for p in &resp.proxies {
         let state = match (p.nacked_revision, p.acked_revision == p.sent_revision) {
@@ -179,14 +181,21 @@ async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
             (0, false) => format!("{} sent, {} ACK", p.sent_revision, p.acked_revision),
             (n, _) => format!("{n} NACK, {} ACK", p.acked_revision),
         };
+        let bundle = match (p.bundle_sha256.len(), p.bundle_current) {
+            (0, _) => "-".to_string(),
+            (n, true) => format!("current ({n} roots)"),
+            (n, false) => format!("STALE ({n} roots)"),
+        };
         println!(
-            "{:<46} {:<22} {:<10} {:<22} {:<12} {}",
+            "{:<46} {:<22} {:<10} {:<22} {:<12} {:<13} {:<17} {}",
             p.spiffe_id,
             format!("{}/{}", p.namespace, p.workload),
             if p.connected { "open" } else { "closed" },
             state,
             ago(p.last_contact_unix),
             ago(p.cert_not_after_unix),
+            p.cert_ca_sha256.get(..16).unwrap_or("-"),
+            bundle,
         );
         if p.nacked_revision != 0 {
             println!("  NACK of revision {}: {}", p.nacked_revision, p.nack_error);

@@ -24,7 +24,8 @@ pub async fn admin(context: &Path) -> Result<AdminClient<Channel>> {
     };
     let svid = Svid::from_pem(&read(&ctx.cert_file)?, &read(&ctx.key_file)?)
         .context("admin credential is unusable")?;
-    let bundle = TrustBundle::from_pem(&read(&ctx.ca_file)?).context("trust bundle")?;
+    let bundle = TrustBundle::from_pem_for(&ctx.trust_domain, &read(&ctx.ca_file)?)
+        .context("trust bundle")?;
     let control = SpiffeId::parse(&format!("spiffe://{}{CONTROL_ID_PATH}", ctx.trust_domain))?;
     let tls = client_config(
         Some(&svid),

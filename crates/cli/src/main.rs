@@ -1,6 +1,7 @@
 //! `bulkhead`: the control plane, the admin verbs and the demo, in one binary.
 
 mod admin_cmd;
+mod ca_cmd;
 mod client;
 mod demo;
 mod policy_cmd;
@@ -82,6 +83,12 @@ enum Command {
     },
     /// Restore the resource set exactly as it was at REVISION (as a new revision).
     Rollback { revision: u64 },
+    /// The mesh's certificate authorities: status, and rotation (add-root → switch →
+    /// retire; docs/ca.md has the procedure).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Offline policy tools for CI: lint, test, diff, explain. They read files only.
     Policy {
         #[command(subcommand)]
@@ -110,6 +117,49 @@ enum Command {
         /// Be a TCP echo server instead of an HTTP service.
         #[arg(long)]
         tcp_echo: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Every CA with its state (active signs; trusted is in the bundle; retired is gone),
+    /// and how many proxies hold the current bundle and certificates from the signing CA.
+    Status {
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Add a CA, trusted but not signing: a new generated root, or (with --import-cert,
+    /// --import-key and --chain) your own intermediate CA. Its root joins the bundle, which
+    /// is pushed to every proxy.
+    AddRoot {
+        /// PEM certificate of the CA to import (an intermediate of your PKI, or a root).
+        #[arg(long, requires = "import_key")]
+        import_cert: Option<PathBuf>,
+        /// PEM private key of that CA (unencrypted PKCS#8, SEC1 or PKCS#1). It is sent to the
+        /// control plane only, which keeps it in its data directory (0600).
+        #[arg(long, requires = "import_cert")]
+        import_key: Option<PathBuf>,
+        /// PEM certificates above the imported CA, up to and including the self-signed root.
+        #[arg(long, requires = "import_cert")]
+        chain: Option<PathBuf>,
+    },
+    /// Make a trusted CA the one that signs: proxies renew soon, and the control plane's
+    /// certificate and the admin credential are re-issued from it.
+    Switch {
+        /// The CA's SHA-256, or a unique prefix (as `bulkhead ca status` shows it).
+        id: String,
+        /// Switch even if connected proxies have not confirmed holding its root.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a CA that no longer signs from the bundle and delete its key. Refused while
+    /// certificates it signed may still be valid, unless --force.
+    Retire {
+        id: String,
+        /// Retire it even though certificates it signed may still be in use: proxies
+        /// presenting one are refused until they renew.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -272,6 +322,27 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::History { limit, output } => {
             admin_cmd::history(&mut client::admin(&cli.context).await?, limit, &output).await
+        }
+        Command::Ca { command } => {
+            let mut admin = client::admin(&cli.context).await?;
+            match command {
+                CaCommand::Status { output } => ca_cmd::status(&mut admin, &output).await,
+                CaCommand::AddRoot {
+                    import_cert,
+                    import_key,
+                    chain,
+                } => {
+                    ca_cmd::add_root(
+                        &mut admin,
+                        import_cert.as_deref(),
+                        import_key.as_deref(),
+                        chain.as_deref(),
+                    )
+                    .await
+                }
+                CaCommand::Switch { id, force } => ca_cmd::switch(&mut admin, &id, force).await,
+                CaCommand::Retire { id, force } => ca_cmd::retire(&mut admin, &id, force).await,
+            }
         }
         Command::Rollback { revision } => {
             admin_cmd::rollback(&mut client::admin(&cli.context).await?, revision).await

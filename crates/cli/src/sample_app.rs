@@ -70,7 +70,10 @@ fn upgrade_echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
-    h.insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
     if let Some(p) = protocol {
         h.insert(http::header::UPGRADE, p);
     }

@@ -131,13 +131,34 @@ fn http2_grpc_upgrades_and_permissive_ports() {
     let (code, out) = curl(&["--http2-prior-knowledge", &format!("{base}/orders/7")]);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("HTTP/2 200"), "{out}");
-    assert!(out.contains("orders: GET /orders/7 from spiffe://test.local/ns/shop/sa/frontend (HTTP/2.0)"), "{out}");
-    let (_, out) = curl(&["--http2-prior-knowledge", "-X", "DELETE", &format!("{base}/orders/7")]);
+    assert!(
+        out.contains(
+            "orders: GET /orders/7 from spiffe://test.local/ns/shop/sa/frontend (HTTP/2.0)"
+        ),
+        "{out}"
+    );
+    let (_, out) = curl(&[
+        "--http2-prior-knowledge",
+        "-X",
+        "DELETE",
+        &format!("{base}/orders/7"),
+    ]);
     assert!(out.starts_with("HTTP/2 403"), "{out}");
-    assert!(out.contains("x-bulkhead-decision: deny; policy=default-deny"), "{out}");
+    assert!(
+        out.contains("x-bulkhead-decision: deny; policy=default-deny"),
+        "{out}"
+    );
 
     // gRPC: allowed calls reach the app; a denied one is grpc-status 7 with the reason.
-    let grpc = ["--http2-prior-knowledge", "-X", "POST", "-H", "content-type: application/grpc", "--data-binary", ""];
+    let grpc = [
+        "--http2-prior-knowledge",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/grpc",
+        "--data-binary",
+        "",
+    ];
     let (_, out) = curl(&[&grpc[..], &[&format!("{base}/shop.Orders/Get")]].concat());
     assert!(out.starts_with("HTTP/2 200"), "{out}");
     assert!(out.contains("orders: POST /shop.Orders/Get"), "{out}");
@@ -145,7 +166,10 @@ fn http2_grpc_upgrades_and_permissive_ports() {
     let (_, out) = curl(&[&grpc[..], &[&format!("{base}/shop.Orders/Cancel")]].concat());
     assert!(out.starts_with("HTTP/2 200"), "{out}");
     assert!(out.contains("grpc-status: 7"), "{out}");
-    assert!(out.contains("grpc-message: bulkhead: default deny: no policy allows this request"), "{out}");
+    assert!(
+        out.contains("grpc-message: bulkhead: default deny: no policy allows this request"),
+        "{out}"
+    );
     assert!(out.contains("not path /shop.Orders/Cancel"), "{out}");
     assert!(out.contains("x-bulkhead-decision: deny"), "{out}");
 
@@ -156,8 +180,10 @@ fn http2_grpc_upgrades_and_permissive_ports() {
     // An upgrade (WebSocket-style): allowed on /ws, then bytes flow both ways.
     let mut ws = TcpStream::connect(shop.http).unwrap();
     ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-        .unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
     let head = read_head(&mut ws);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     ws.write_all(b"ping over the upgraded connection").unwrap();
@@ -167,8 +193,10 @@ fn http2_grpc_upgrades_and_permissive_ports() {
     // ...and denied elsewhere.
     let mut ws = TcpStream::connect(shop.http).unwrap();
     ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    ws.write_all(b"GET /admin HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-        .unwrap();
+    ws.write_all(
+        b"GET /admin HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
     let head = read_head(&mut ws);
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 
@@ -176,11 +204,18 @@ fn http2_grpc_upgrades_and_permissive_ports() {
     // labelled; policy sees a caller without identity.
     let plain = http(shop.orders_in, "GET", "/health");
     assert_eq!(plain.status, 200, "{}", plain.body);
-    assert!(plain.body.contains("from outside the mesh"), "{}", plain.body);
+    assert!(
+        plain.body.contains("from outside the mesh"),
+        "{}",
+        plain.body
+    );
     let plain = http(shop.orders_in, "GET", "/orders/1");
     assert_eq!(plain.status, 403, "{}", plain.body);
     let m = metrics(shop.orders_admin);
-    assert!(m.contains("bulkhead_plaintext_connections_total{port=\"8080\"} 2"), "{m}");
+    assert!(
+        m.contains("bulkhead_plaintext_connections_total{port=\"8080\"} 2"),
+        "{m}"
+    );
     assert!(m.contains("peer=\"plaintext\",status=\"200\""), "{m}");
 }
 
@@ -200,7 +235,8 @@ fn read_head(s: &mut TcpStream) -> String {
 fn opaque_tcp_is_relayed_and_closed_when_policy_changes() {
     let shop = shop();
     let mut conn = TcpStream::connect(shop.tcp).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut buf = [0u8; 64];
     for round in 0..3 {
         let msg = format!("opaque bytes, round {round}");
@@ -215,10 +251,15 @@ fn opaque_tcp_is_relayed_and_closed_when_policy_changes() {
         let _ = conn.write_all(b"still there?");
         matches!(conn.read(&mut buf), Ok(0) | Err(_))
     });
-    assert!(log_has(&shop.mesh, "orders-tcp-proxy", "closing an open TCP connection: the new policy denies it"));
+    assert!(log_has(
+        &shop.mesh,
+        "orders-tcp-proxy",
+        "closing an open TCP connection: the new policy denies it"
+    ));
     // New connections are refused too: closed without a byte.
     let mut conn = TcpStream::connect(shop.tcp).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let _ = conn.write_all(b"hello");
     assert!(matches!(conn.read(&mut buf), Ok(0) | Err(_)));
 }
@@ -239,7 +280,9 @@ fn http2_rapid_reset_closes_that_connection_only() {
         let mut sent = 0;
         for _ in 0..5000 {
             let req = http::Request::get(&uri).body(()).unwrap();
-            let Ok(ready) = client.clone().ready().await else { break };
+            let Ok(ready) = client.clone().ready().await else {
+                break;
+            };
             client = ready;
             match client.send_request(req, true) {
                 Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
@@ -251,7 +294,9 @@ fn http2_rapid_reset_closes_that_connection_only() {
         let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
         let err = match ended {
             Ok(Ok(Err(e))) => e,
-            other => panic!("the connection should end with an error after {sent} resets: {other:?}"),
+            other => {
+                panic!("the connection should end with an error after {sent} resets: {other:?}")
+            }
         };
         // The proxy ends the connection: GOAWAY (ENHANCE_YOUR_CALM), or a closed socket if
         // the client was still writing when it went.
@@ -261,6 +306,9 @@ fn http2_rapid_reset_closes_that_connection_only() {
         );
     });
     // The proxy is up and serves others.
-    let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{}/orders/2", shop.http)]);
+    let (_, out) = curl(&[
+        "--http2-prior-knowledge",
+        &format!("http://{}/orders/2", shop.http),
+    ]);
     assert!(out.starts_with("HTTP/2 200"), "{out}");
 }

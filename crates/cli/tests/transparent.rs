@@ -47,7 +47,8 @@ impl Net {
 
     fn spawn(&mut self, host: &str, name: &str, program: &Path, args: &[&str]) -> usize {
         let cmd = self.cmd(host, program, args);
-        self.procs.push(Proc::from_command(name, self.dir.path(), cmd));
+        self.procs
+            .push(Proc::from_command(name, self.dir.path(), cmd));
         self.procs.len() - 1
     }
 
@@ -55,11 +56,20 @@ impl Net {
     fn sidecar(&mut self, host: &str, sa: &str) {
         let control = format!("{}:{CONTROL_PORT}", self.lab.ip("control"));
         let proxy = self.bins.proxy.clone();
-        self.ok(host, &proxy, &["init", "--proxy-uid", "0", "--control", &control]);
+        self.ok(
+            host,
+            &proxy,
+            &["init", "--proxy-uid", "0", "--control", &control],
+        );
         let token = self.ok(
             "control",
             &self.bins.bulkhead.clone(),
-            &["token", "create", "--identity", &format!("spiffe://test.local/ns/shop/sa/{sa}")],
+            &[
+                "token",
+                "create",
+                "--identity",
+                &format!("spiffe://test.local/ns/shop/sa/{sa}"),
+            ],
         );
         let token_file = self.dir.path().join(format!("{sa}.token"));
         std::fs::write(&token_file, token.trim()).unwrap();
@@ -140,7 +150,15 @@ fn transparent_capture_encrypts_and_enforces_between_namespaces() {
         "control",
         "control",
         &bulkhead,
-        &["control", "--data-dir", data.to_str().unwrap(), "--listen", &listen, "--trust-domain", "test.local"],
+        &[
+            "control",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--trust-domain",
+            "test.local",
+        ],
     );
     net.procs[c].wait_for_file(&data.join("admin.yaml"), WAIT);
     let policy = format!(
@@ -173,7 +191,11 @@ spec:
     );
     let file = net.dir.path().join("policy.yaml");
     std::fs::write(&file, policy).unwrap();
-    net.ok("control", &bulkhead, &["apply", "-f", file.to_str().unwrap()]);
+    net.ok(
+        "control",
+        &bulkhead,
+        &["apply", "-f", file.to_str().unwrap()],
+    );
 
     // The server: its app on 8080, unaware of the mesh; the sidecar in front, transparently.
     let ready = net.dir.path().join("orders-app.json");
@@ -181,7 +203,15 @@ spec:
         "server",
         "orders-app",
         &bulkhead,
-        &["sample-app", "--name", "orders", "--listen", "0.0.0.0:8080", "--ready-file", ready.to_str().unwrap()],
+        &[
+            "sample-app",
+            "--name",
+            "orders",
+            "--listen",
+            "0.0.0.0:8080",
+            "--ready-file",
+            ready.to_str().unwrap(),
+        ],
     );
     net.procs[a].wait_for_file(&ready, WAIT);
     net.sidecar("server", "orders");
@@ -196,7 +226,9 @@ spec:
     let resp = parse_response(out.as_bytes()).unwrap_or_else(|| panic!("no HTTP answer: {out}"));
     assert_eq!(resp.status, 200, "{out}");
     assert!(
-        resp.body.contains(&format!("orders: GET /orders/{marker} from spiffe://test.local/ns/shop/sa/frontend")),
+        resp.body.contains(&format!(
+            "orders: GET /orders/{marker} from spiffe://test.local/ns/shop/sa/frontend"
+        )),
         "{out}"
     );
     // Denied by the server's policy, with the reason.
@@ -204,13 +236,25 @@ spec:
     let resp = parse_response(out.as_bytes()).unwrap_or_else(|| panic!("no HTTP answer: {out}"));
     assert_eq!(resp.status, 403, "{out}");
     assert!(
-        resp.header("x-bulkhead-decision").unwrap_or_default().starts_with("deny; policy=default-deny"),
+        resp.header("x-bulkhead-decision")
+            .unwrap_or_default()
+            .starts_with("deny; policy=default-deny"),
         "{out}"
     );
     let wire = capture.stop();
     // The capture saw the connections (the TLS ClientHello names our server name)...
-    assert!(contains(&wire, b"bulkhead.mesh"), "the capture saw no mTLS handshake ({} bytes)", wire.len());
+    assert!(
+        contains(&wire, b"bulkhead.mesh"),
+        "the capture saw no mTLS handshake ({} bytes)",
+        wire.len()
+    );
     // ...and never the request itself.
-    assert!(!contains(&wire, marker.as_bytes()), "the request crossed the bridge in plaintext");
-    assert!(!contains(&wire, b"GET /orders"), "the request crossed the bridge in plaintext");
+    assert!(
+        !contains(&wire, marker.as_bytes()),
+        "the request crossed the bridge in plaintext"
+    );
+    assert!(
+        !contains(&wire, b"GET /orders"),
+        "the request crossed the bridge in plaintext"
+    );
 }

@@ -333,6 +333,7 @@ async fn run_proxy(
         revision: config.revision,
         accepted: true,
         error: String::new(),
+        ..Default::default()
     };
     // The first configuration arrives at once; answer it before counting this proxy in.
     let first = stream

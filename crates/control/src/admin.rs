@@ -1,17 +1,19 @@
-//! The admin API: tokens, apply / delete / get, history and rollback, proxy status. Every
-//! call needs the admin credential; every change is a revision recorded with its author.
+//! The admin API: tokens, apply / delete / get, history and rollback, proxy status, and the
+//! CAs (status, add, switch, retire). Every call needs the admin credential; every policy
+//! change is a revision recorded with its author, every CA change is logged with its author.
 
+use crate::cas::{CaChangeError, CaOrigin, CaState, short};
 use crate::proxies::unix_now;
 use crate::service::{State, internal};
 use crate::store::Change;
 use crate::tokens::{self, TokenRecord};
 use bulkhead_api::resource_to_wire;
 use bulkhead_api::v1::{self as pb, admin_server::Admin};
-use bulkhead_identity::SpiffeId;
+use bulkhead_identity::{Ca, SpiffeId, fingerprint};
 use bulkhead_policy::Origin;
 use bulkhead_policy::model::Resource;
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -215,8 +217,190 @@ impl Admin for State {
         req: Request<pb::ListProxiesRequest>,
     ) -> Result<Response<pb::ListProxiesResponse>, Status> {
         self.require_admin(&req)?;
+        let bundle = self.cas.borrow().bundle().fingerprints();
         Ok(Response::new(pb::ListProxiesResponse {
-            proxies: self.proxies.list(),
+            proxies: self.proxies.list(&bundle),
         }))
+    }
+
+    async fn ca_status(
+        &self,
+        req: Request<pb::CaStatusRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
+        self.require_admin(&req)?;
+        Ok(Response::new(self.ca_status_now()))
+    }
+
+    async fn add_ca(
+        &self,
+        req: Request<pb::AddCaRequest>,
+    ) -> Result<Response<pb::CaChangeResponse>, Status> {
+        let actor = self.require_admin(&req)?;
+        let r = req.into_inner();
+        let importing = [&r.cert_pem, &r.key_pem, &r.chain_pem]
+            .iter()
+            .any(|p| !p.trim().is_empty());
+        let now = SystemTime::now();
+        let (ca, origin) = if importing {
+            if r.cert_pem.trim().is_empty() || r.key_pem.trim().is_empty() {
+                return Err(Status::invalid_argument(
+                    "importing a CA needs its certificate and its private key (--import-cert and --import-key), and the chain up to its root (--chain) unless it is a root",
+                ));
+            }
+            let ca = Ca::import(
+                self.trust_domain(),
+                &r.cert_pem,
+                &r.key_pem,
+                &r.chain_pem,
+                now,
+            )
+            .map_err(|e| Status::invalid_argument(format!("CA refused: {e}")))?;
+            (ca, CaOrigin::Imported)
+        } else {
+            let ca = Ca::generate(self.trust_domain(), now)
+                .map_err(|e| internal(crate::ControlError::Identity(e)))?;
+            (ca, CaOrigin::Generated)
+        };
+        let id = ca.fingerprint();
+        let _one_change_at_a_time = self.ca_changes.lock().await;
+        let current = self.cas.borrow().clone();
+        // Before anything is written: a known CA's files stay as they are.
+        if let Some(known) = current.members().iter().find(|m| m.record.sha256 == id) {
+            return Err(refused(CaChangeError::Duplicate {
+                id: short(&id),
+                state: known.record.state.word(),
+            }));
+        }
+        let member = self.dir.store_new_ca(ca, origin).map_err(internal)?;
+        let set = current.with_added(member).map_err(refused)?;
+        self.publish_cas(set).map_err(internal)?;
+        tracing::info!(
+            actor,
+            ca = short(&id),
+            ?origin,
+            "added a CA: its root is in the bundle now, pushed to every proxy; it does not sign yet"
+        );
+        Ok(Response::new(self.ca_changed(&id)))
+    }
+
+    async fn switch_ca(
+        &self,
+        req: Request<pb::SwitchCaRequest>,
+    ) -> Result<Response<pb::CaChangeResponse>, Status> {
+        let actor = self.require_admin(&req)?;
+        let r = req.into_inner();
+        let _one_change_at_a_time = self.ca_changes.lock().await;
+        let current = self.cas.borrow().clone();
+        let target = current.find(&r.id).map_err(refused)?;
+        let id = target.record.sha256.clone();
+        if target.record.state == CaState::Trusted && !r.force {
+            // A proxy that does not hold the root yet would refuse every certificate the
+            // CA signs from now on.
+            let root = fingerprint(&target.root);
+            let lacking: Vec<String> = self
+                .proxies
+                .list(&[])
+                .into_iter()
+                .filter(|p| p.connected && !p.bundle_sha256.contains(&root))
+                .map(|p| format!("{} ({}/{})", p.spiffe_id, p.namespace, p.workload))
+                .collect();
+            if !lacking.is_empty() {
+                let shown: Vec<&str> = lacking.iter().take(5).map(String::as_str).collect();
+                return Err(Status::failed_precondition(format!(
+                    "{} connected proxies have not confirmed holding the root of CA {} and would refuse the certificates it signs: {}{}. Wait until `bulkhead ca status` shows every proxy on the current bundle, or pass --force",
+                    lacking.len(),
+                    short(&id),
+                    shown.join(", "),
+                    if lacking.len() > shown.len() {
+                        ", …"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+        let set = current
+            .with_switched(&id, unix_now(), self.svid_lifetime())
+            .map_err(refused)?;
+        let signer = set.active().clone();
+        self.publish_cas(set).map_err(internal)?;
+        self.dir.write_admin_credential(&signer).map_err(internal)?;
+        tracing::info!(
+            actor,
+            ca = short(&id),
+            force = r.force,
+            "switched signing CA: new certificates (proxies', the control plane's, the admin credential) come from it; proxies renew soon"
+        );
+        Ok(Response::new(self.ca_changed(&id)))
+    }
+
+    async fn retire_ca(
+        &self,
+        req: Request<pb::RetireCaRequest>,
+    ) -> Result<Response<pb::CaChangeResponse>, Status> {
+        let actor = self.require_admin(&req)?;
+        let r = req.into_inner();
+        let _one_change_at_a_time = self.ca_changes.lock().await;
+        let current = self.cas.borrow().clone();
+        let (set, record) = current
+            .with_retired(&r.id, unix_now(), r.force)
+            .map_err(refused)?;
+        self.publish_cas(set).map_err(internal)?;
+        self.dir.delete_key(&record);
+        tracing::info!(
+            actor,
+            ca = short(&record.sha256),
+            force = r.force,
+            "retired a CA: its root left the bundle, pushed to every proxy"
+        );
+        Ok(Response::new(self.ca_changed(&record.sha256)))
+    }
+}
+
+fn refused(e: CaChangeError) -> Status {
+    match e {
+        CaChangeError::Unknown(_) => Status::not_found(e.to_string()),
+        CaChangeError::TooShort { .. } | CaChangeError::Ambiguous { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        CaChangeError::Duplicate { .. } => Status::already_exists(e.to_string()),
+        CaChangeError::Invalid(_) => {
+            tracing::error!(error = %e, "CA change refused");
+            Status::internal(e.to_string())
+        }
+        _ => Status::failed_precondition(e.to_string()),
+    }
+}
+
+impl State {
+    fn ca_status_now(&self) -> pb::CaStatusResponse {
+        let cas = self.cas.borrow().clone();
+        let bundle = cas.bundle().fingerprints();
+        let signing = cas.active().fingerprint();
+        let connected: Vec<pb::ProxyStatus> = self
+            .proxies
+            .list(&bundle)
+            .into_iter()
+            .filter(|p| p.connected)
+            .collect();
+        let count = |f: &dyn Fn(&pb::ProxyStatus) -> bool| {
+            u32::try_from(connected.iter().filter(|p| f(p)).count()).unwrap_or(u32::MAX)
+        };
+        pb::CaStatusResponse {
+            trust_domain: self.trust_domain().to_string(),
+            cas: cas.infos(),
+            bundle_sha256: bundle,
+            svid_lifetime_seconds: self.svid_lifetime().as_secs(),
+            proxies_connected: count(&|_| true),
+            proxies_with_current_bundle: count(&|p| p.bundle_current),
+            proxies_on_signing_ca: count(&|p| p.cert_ca_sha256 == signing),
+        }
+    }
+
+    fn ca_changed(&self, id: &str) -> pb::CaChangeResponse {
+        pb::CaChangeResponse {
+            sha256: id.to_string(),
+            status: Some(self.ca_status_now()),
+        }
     }
 }

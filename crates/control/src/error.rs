@@ -24,6 +24,8 @@ pub enum ControlError {
         found: String,
         wanted: String,
     },
+    #[error("the CA set in {path} is unusable ({message}); restore the data directory from backup")]
+    CaSet { path: PathBuf, message: String },
     #[error("identity: {0}")]
     Identity(#[from] bulkhead_identity::IdentityError),
     #[error("store {path}: {message}")]

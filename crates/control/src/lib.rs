@@ -5,6 +5,7 @@
 //! workload its identity was bound to by a join token.
 
 mod admin;
+mod cas;
 mod datadir;
 mod error;
 mod listener;
@@ -60,7 +61,8 @@ impl RunningControl {
 
 /// Opens (or initialises) the data directory, binds, and serves in the background.
 pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError> {
-    let dir = datadir::DataDir::open(&config.data_dir, &config.trust_domain)?;
+    let (dir, cas) =
+        datadir::DataDir::open(&config.data_dir, &config.trust_domain, config.svid_lifetime)?;
     let store = store::Store::open(&config.data_dir.join("state.redb"))?;
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -72,11 +74,10 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
         addr: config.listen,
         source: e,
     })?;
-    let context_file = dir.write_admin_context(addr)?;
-    let state = Arc::new(service::State::new(dir, store, config.svid_lifetime)?);
-    let tls = listener::serving_tls(&state)?;
-    let incoming = listener::incoming(tcp, tls.clone(), state.trust_domain().to_string());
-    listener::spawn_cert_renewal(state.clone(), tls);
+    let context_file = dir.write_admin_context(cas.active(), addr)?;
+    let state = Arc::new(service::State::new(dir, cas, store, config.svid_lifetime)?);
+    let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
+    listener::spawn_cert_renewal(state.clone());
     tracing::info!(%addr, trust_domain = state.trust_domain(), "control plane listening");
 
     let (stop, mut stopped) = watch::channel(false);

@@ -1,10 +1,13 @@
 //! The control plane's TLS listener: every connection is TLS 1.3; a client certificate is
 //! optional at the TLS layer (joining proxies have none yet) and each RPC decides whether it
-//! needs one. The serving certificate is re-issued at half-life.
+//! needs one. The serving certificate is re-issued at half-life, and whenever the CAs change
+//! (from the signing CA, trusting the new bundle).
 
+use crate::cas::CaSet;
 use crate::error::ControlError;
 use crate::service::State;
 use arc_swap::ArcSwap;
+use bulkhead_api::channel::CONTROL_ID_PATH;
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::{ClientAuth, peer_identity, server_config};
 use rustls::ServerConfig;
@@ -29,6 +32,8 @@ pub(crate) struct PeerInfo {
     pub identity: Option<SpiffeId>,
     /// When that certificate expires (seconds since the epoch).
     pub cert_not_after: Option<u64>,
+    /// SHA-256 (hex) of the CA certificate that signed it (the second in its chain).
+    pub cert_ca_sha256: Option<String>,
 }
 
 pub(crate) struct TlsConn {
@@ -69,32 +74,32 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-pub(crate) fn serving_tls(state: &State) -> Result<Arc<ArcSwap<ServerConfig>>, ControlError> {
-    Ok(Arc::new(ArcSwap::from_pointee(build(state)?)))
-}
-
-fn build(state: &State) -> Result<ServerConfig, ControlError> {
-    let svid = state.issue_serving_svid()?;
-    let bundle = bulkhead_identity::TrustBundle::new(
-        state.bundle_der().into_iter().map(Into::into).collect(),
-    )?;
+/// The listener's TLS configuration: a serving SVID the signing CA issues now (with a key that
+/// never leaves this process), and client certificates checked against the bundle.
+pub(crate) fn serving_config(
+    cas: &CaSet,
+    svid_lifetime: Duration,
+) -> Result<ServerConfig, ControlError> {
+    let id = SpiffeId::parse(&format!("spiffe://{}{CONTROL_ID_PATH}", cas.trust_domain()))?;
+    let svid = cas
+        .active()
+        .issue_local(&id, svid_lifetime, std::time::SystemTime::now())?;
     Ok(server_config(
         &svid,
-        &bundle,
+        cas.bundle(),
         ClientAuth::Optional,
         &[b"h2"],
     )?)
 }
 
 /// Re-issues the serving certificate at half its lifetime; new connections get the new one.
-pub(crate) fn spawn_cert_renewal(state: Arc<State>, tls: Arc<ArcSwap<ServerConfig>>) {
+pub(crate) fn spawn_cert_renewal(state: Arc<State>) {
     tokio::spawn(async move {
         let mut wait = state.svid_lifetime() / 2;
         loop {
             tokio::time::sleep(wait).await;
-            wait = match build(&state) {
-                Ok(config) => {
-                    tls.store(Arc::new(config));
+            wait = match state.refresh_serving() {
+                Ok(()) => {
                     tracing::info!("renewed the control plane's serving certificate");
                     state.svid_lifetime() / 2
                 }
@@ -161,10 +166,14 @@ pub(crate) fn incoming(
                     .and_then(|c| bulkhead_identity::not_after_of(c))
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map(|d| d.as_secs());
+                let cert_ca_sha256 = certs
+                    .and_then(|c| c.get(1))
+                    .map(|c| bulkhead_identity::fingerprint(c));
                 let info = PeerInfo {
                     remote,
                     identity,
                     cert_not_after,
+                    cert_ca_sha256,
                 };
                 let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
             });

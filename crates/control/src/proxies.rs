@@ -53,6 +53,7 @@ impl Registry {
         workload: &ResourceName,
         remote: String,
         cert_not_after_unix: u64,
+        cert_ca_sha256: String,
     ) -> Connection {
         let key = (spiffe_id.to_string(), workload.clone());
         let mut map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
@@ -65,6 +66,7 @@ impl Registry {
         p.connected = true;
         p.remote = remote;
         p.cert_not_after_unix = cert_not_after_unix;
+        p.cert_ca_sha256 = cert_ca_sha256;
         p.last_contact_unix = unix_now();
         Connection {
             registry: self.clone(),
@@ -103,8 +105,52 @@ impl Registry {
         });
     }
 
-    pub(crate) fn list(&self) -> Vec<ProxyStatus> {
-        let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
-        map.values().cloned().collect()
+    /// Records the bundle a proxy reports holding (the SHA-256 of each root).
+    pub(crate) fn holds_bundle(
+        &self,
+        spiffe_id: &str,
+        workload: &ResourceName,
+        roots: Vec<String>,
+    ) {
+        // A peer's report: keep it small and hex, whatever it sends.
+        let roots = roots
+            .into_iter()
+            .take(MAX_REPORTED_ROOTS)
+            .filter(|r| r.len() == 64 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+            .collect();
+        self.update(&(spiffe_id.to_string(), workload.clone()), |p| {
+            p.bundle_sha256 = roots;
+        });
     }
+
+    /// Records a certificate issued to `spiffe_id` by the CA `ca_sha256` (a renewal).
+    pub(crate) fn issued(&self, spiffe_id: &str, ca_sha256: &str, not_after_unix: u64) {
+        let mut map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        for ((id, _), p) in map.iter_mut() {
+            if id == spiffe_id {
+                p.cert_ca_sha256 = ca_sha256.to_string();
+                p.cert_not_after_unix = not_after_unix;
+            }
+        }
+    }
+
+    /// Every proxy's status; `bundle_current` says whether it holds exactly `bundle`.
+    pub(crate) fn list(&self, bundle: &[String]) -> Vec<ProxyStatus> {
+        let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .cloned()
+            .map(|mut p| {
+                p.bundle_current = same_roots(&p.bundle_sha256, bundle);
+                p
+            })
+            .collect()
+    }
+}
+
+/// At most this many roots of a proxy's report are kept.
+const MAX_REPORTED_ROOTS: usize = 32;
+
+/// Whether two lists name the same roots, in any order.
+pub(crate) fn same_roots(a: &[String], b: &[String]) -> bool {
+    a.len() == b.len() && a.iter().all(|r| b.contains(r))
 }

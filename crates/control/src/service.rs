@@ -1,19 +1,22 @@
 //! The control plane's shared state, and the services proxies call: Identity (join) and
 //! Config (watch, ack). The admin API is in `admin.rs`.
 
+use crate::cas::CaSet;
 use crate::datadir::DataDir;
 use crate::error::ControlError;
 use crate::listener::PeerInfo;
 use crate::proxies::{Registry, unix_now};
 use crate::store::Store;
 use crate::tokens::{self, TokenError, TokenRecord};
-use bulkhead_api::channel::{ADMIN_ID_PATH, CONTROL_ID_PATH};
+use arc_swap::ArcSwap;
+use bulkhead_api::channel::ADMIN_ID_PATH;
 use bulkhead_api::resource_to_wire;
 use bulkhead_api::v1::{self as pb, config_server::Config, identity_server::Identity};
-use bulkhead_identity::{IdentityError, SpiffeId, Svid};
+use bulkhead_identity::{Ca, IdentityError, SpiffeId};
 use bulkhead_policy::model::{Resource, ResourceName};
 use bulkhead_policy::{Origin, PolicySet};
 use futures_util::Stream;
+use rustls::ServerConfig;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -48,8 +51,8 @@ impl Snapshot {
         }
     }
 
-    /// The part that concerns `workload`.
-    fn config_for(&self, workload: &ResourceName) -> pb::ProxyConfig {
+    /// The part that concerns `workload`, with the trust bundle.
+    fn config_for(&self, workload: &ResourceName, trust: &pb::TrustBundle) -> pb::ProxyConfig {
         pb::ProxyConfig {
             revision: self.revision,
             resources: self
@@ -59,6 +62,7 @@ impl Snapshot {
                 .filter_map(|i| self.wire.get(i).cloned())
                 .collect(),
             endpoints: self.endpoints.clone(),
+            trust_bundle: Some(trust.clone()),
         }
     }
 }
@@ -67,7 +71,15 @@ pub(crate) struct State {
     pub(crate) dir: DataDir,
     pub(crate) store: Store,
     svid_lifetime: Duration,
+    trust_domain: String,
     pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The CAs and the bundle they make; every configuration stream follows it.
+    pub(crate) cas: watch::Sender<Arc<CaSet>>,
+    /// Held by every CA change (add, switch, retire) from reading the set until the new one
+    /// is saved and published.
+    pub(crate) ca_changes: tokio::sync::Mutex<()>,
+    /// The listener's TLS configuration: re-issued at half-life and at every CA change.
+    pub(crate) serving: Arc<ArcSwap<ServerConfig>>,
     pub(crate) admin_id: SpiffeId,
     pub(crate) proxies: Arc<Registry>,
     /// Held by every change (apply, delete, rollback) from reading the current set until the
@@ -79,20 +91,24 @@ pub(crate) struct State {
 impl State {
     pub(crate) fn new(
         dir: DataDir,
+        cas: CaSet,
         store: Store,
         svid_lifetime: Duration,
     ) -> Result<State, ControlError> {
         let (revision, resources) = store.resources()?;
         tracing::info!(revision, resources = resources.len(), dir = %dir.path().display(), "loaded resources");
-        let admin_id = SpiffeId::parse(&format!(
-            "spiffe://{}{ADMIN_ID_PATH}",
-            dir.ca.trust_domain()
-        ))?;
+        let trust_domain = cas.trust_domain().to_string();
+        let admin_id = SpiffeId::parse(&format!("spiffe://{trust_domain}{ADMIN_ID_PATH}"))?;
+        let serving = crate::listener::serving_config(&cas, svid_lifetime)?;
         Ok(State {
             dir,
             store,
             svid_lifetime,
+            trust_domain,
             snapshot: watch::Sender::new(Arc::new(Snapshot::new(revision, resources))),
+            cas: watch::Sender::new(Arc::new(cas)),
+            ca_changes: tokio::sync::Mutex::new(()),
+            serving: Arc::new(ArcSwap::from_pointee(serving)),
             admin_id,
             proxies: Arc::new(Registry::default()),
             writes: tokio::sync::Mutex::new(()),
@@ -100,26 +116,37 @@ impl State {
     }
 
     pub(crate) fn trust_domain(&self) -> &str {
-        self.dir.ca.trust_domain()
+        &self.trust_domain
+    }
+
+    /// The CA that signs now.
+    pub(crate) fn signer(&self) -> Arc<Ca> {
+        self.cas.borrow().active().clone()
+    }
+
+    /// Saves `set` in the data directory, then makes it current: every proxy's stream
+    /// pushes the new bundle, and the listener re-issues its certificate from the signing
+    /// CA, trusting the new bundle for new connections.
+    pub(crate) fn publish_cas(&self, set: CaSet) -> Result<(), ControlError> {
+        self.dir.save(&set)?;
+        self.cas.send_replace(Arc::new(set));
+        self.refresh_serving()
+    }
+
+    /// Rebuilds the listener's TLS configuration from the current CA set.
+    pub(crate) fn refresh_serving(&self) -> Result<(), ControlError> {
+        let config = crate::listener::serving_config(&self.cas.borrow(), self.svid_lifetime)?;
+        self.serving.store(Arc::new(config));
+        Ok(())
     }
 
     pub(crate) fn svid_lifetime(&self) -> Duration {
         self.svid_lifetime
     }
 
-    /// The control plane's own serving SVID, made with a key that never leaves this process.
-    pub(crate) fn issue_serving_svid(&self) -> Result<Svid, IdentityError> {
-        let id = SpiffeId::parse(&format!(
-            "spiffe://{}{CONTROL_ID_PATH}",
-            self.trust_domain()
-        ))?;
-        self.dir
-            .ca
-            .issue_local(&id, self.svid_lifetime, SystemTime::now())
-    }
-
     pub(crate) fn bundle_der(&self) -> Vec<Vec<u8>> {
-        vec![self.dir.ca.cert_der().to_vec()]
+        let cas = self.cas.borrow();
+        cas.bundle().roots().iter().map(|r| r.to_vec()).collect()
     }
 
     /// Refuses the call unless it comes from the admin credential; returns who it is for the
@@ -222,8 +249,7 @@ impl Identity for State {
                 |record: &TokenRecord| {
                     let id = SpiffeId::parse(&record.spiffe_id)?;
                     let chain = self
-                        .dir
-                        .ca
+                        .signer()
                         .sign_csr(&r.csr_der, &id, self.svid_lifetime, now)?;
                     Ok::<_, JoinRefusal>((id, chain))
                 },
@@ -274,9 +300,8 @@ impl State {
             )));
         }
         let csr = req.into_inner().csr_der;
-        let chain = self
-            .dir
-            .ca
+        let signer = self.signer();
+        let chain = signer
             .sign_csr(&csr, &id, self.svid_lifetime, SystemTime::now())
             .map_err(|e| match e {
                 e @ IdentityError::IdentityMismatch { .. } => {
@@ -284,6 +309,8 @@ impl State {
                 }
                 e => Status::invalid_argument(e.to_string()),
             })?;
+        self.proxies
+            .issued(id.as_str(), &signer.fingerprint(), svid_not_after(&chain));
         tracing::info!(?remote, spiffe_id = %id, lifetime_s = self.svid_lifetime.as_secs(), "renewed SVID");
         Ok(Response::new(pb::JoinResponse {
             cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
@@ -293,6 +320,16 @@ impl State {
             workload: String::new(),
         }))
     }
+}
+
+/// When the leaf of `chain` expires, in Unix seconds (0 if unknown).
+fn svid_not_after(chain: &[rustls::pki_types::CertificateDer<'_>]) -> u64 {
+    chain
+        .first()
+        .and_then(|c| bulkhead_identity::not_after_of(c))
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 type ConfigStream = Pin<Box<dyn Stream<Item = Result<pb::ProxyConfig, Status>> + Send>>;
@@ -336,27 +373,45 @@ impl Config for State {
             .as_ref()
             .map(|p| p.remote.to_string())
             .unwrap_or_default();
+        let cert_ca = peer
+            .as_ref()
+            .and_then(|p| p.cert_ca_sha256.clone())
+            .unwrap_or_default();
         let not_after = peer.and_then(|p| p.cert_not_after).unwrap_or(0);
         tracing::info!(spiffe_id = %id, %workload, "proxy watching configuration");
         let connection = self
             .proxies
-            .connect(id.as_str(), &workload, remote, not_after);
+            .connect(id.as_str(), &workload, remote, not_after, cert_ca);
         let registry = self.proxies.clone();
-        let rx = self.snapshot.subscribe();
-        let state = (rx, true, connection);
-        let stream = futures_util::stream::unfold(state, move |(mut rx, first, connection)| {
-            let workload = workload.clone();
-            let id = id.clone();
-            let registry = registry.clone();
-            async move {
-                if !first && rx.changed().await.is_err() {
-                    return None;
+        // A new revision or a new bundle: either sends the whole current state.
+        let state = (
+            self.snapshot.subscribe(),
+            self.cas.subscribe(),
+            true,
+            connection,
+        );
+        let stream =
+            futures_util::stream::unfold(state, move |(mut rx, mut cas, first, connection)| {
+                let workload = workload.clone();
+                let id = id.clone();
+                let registry = registry.clone();
+                async move {
+                    if !first {
+                        let changed = tokio::select! {
+                            r = rx.changed() => r,
+                            r = cas.changed() => r,
+                        };
+                        if changed.is_err() {
+                            return None;
+                        }
+                    }
+                    let snap = rx.borrow_and_update().clone();
+                    let trust = cas.borrow_and_update().clone();
+                    registry.sent(id.as_str(), &workload, snap.revision);
+                    let config = snap.config_for(&workload, trust.wire());
+                    Some((Ok(config), (rx, cas, false, connection)))
                 }
-                let snap = rx.borrow_and_update().clone();
-                registry.sent(id.as_str(), &workload, snap.revision);
-                Some((Ok(snap.config_for(&workload)), (rx, false, connection)))
-            }
-        });
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -367,6 +422,8 @@ impl Config for State {
         };
         let id = self.bound_caller(&req, &workload)?;
         let r = req.into_inner();
+        self.proxies
+            .holds_bundle(id.as_str(), &workload, r.bundle_sha256.clone());
         if r.accepted {
             tracing::debug!(spiffe_id = %id, %workload, revision = r.revision, "ACK");
             self.proxies.ack(id.as_str(), &workload, r.revision, None);

@@ -1,14 +1,19 @@
-//! The certificate authority: a root key that signs X.509-SVIDs from CSRs.
+//! Certificate authorities that sign X.509-SVIDs from CSRs: a root the control plane makes
+//! itself, or a CA the operator brings (an intermediate of an enterprise PKI, with the chain
+//! up to its root). Either way the bundle holds the root, and an SVID presents the leaf and
+//! every intermediate below the root.
 
-use crate::error::IdentityError;
+use crate::error::{CaImportError, IdentityError};
 use crate::spiffe::SpiffeId;
-use crate::svid::{LocalKey, Svid};
+use crate::svid::{LocalKey, Svid, fingerprint, pem_block, subject_of};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
-use std::time::{Duration, SystemTime};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, UnixTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Istio and Linkerd default to 24 h; we default to 1 h and rotate at half-life.
 pub const DEFAULT_SVID_LIFETIME: Duration = Duration::from_secs(3600);
@@ -16,37 +21,47 @@ pub const DEFAULT_SVID_LIFETIME: Duration = Duration::from_secs(3600);
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Tolerate this much clock skew between the CA and its peers.
 const BACKDATE: Duration = Duration::from_secs(60);
+/// The most certificates between an imported CA and its root.
+const MAX_CHAIN: usize = 8;
 
 /// A CA able to sign. Holds its private key; never serialize it outside the control plane's
 /// data directory.
 pub struct Ca {
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
+    /// The key as PEM, in the format it came in (for the data directory).
+    key_pem: String,
     cert_der: CertificateDer<'static>,
     cert_pem: String,
+    /// The certificates above this CA's own, up to and including the self-signed root;
+    /// empty when this CA is the root.
+    chain: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca")
             .field("trust_domain", &self.trust_domain)
+            .field("fingerprint", &self.fingerprint())
             .finish_non_exhaustive()
     }
 }
 
 impl Ca {
-    /// Makes a new self-signed root for `trust_domain`.
+    /// Makes a new self-signed root for `trust_domain`. Its common name carries a few bytes
+    /// of its serial, so that two generations of roots are told apart by name too.
     pub fn generate(trust_domain: &str, now: SystemTime) -> Result<Ca, IdentityError> {
-        // Validate the trust domain by building an ID in it.
-        SpiffeId::parse(&format!("spiffe://{trust_domain}/ca"))?;
+        check_trust_domain(trust_domain)?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| IdentityError::Signing(e.to_string()))?;
+        let serial = random_serial_bytes();
+        let tag: String = serial[..4].iter().map(|b| format!("{b:02x}")).collect();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "bulkhead");
         dn.push(
             DnType::CommonName,
-            format!("bulkhead root CA {trust_domain}"),
+            format!("bulkhead root CA {trust_domain} {tag}"),
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -62,65 +77,221 @@ impl Ca {
         )];
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + ROOT_LIFETIME).into();
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let cert = params
             .self_signed(&key)
             .map_err(|e| IdentityError::Signing(e.to_string()))?;
         let cert_der = cert.der().clone();
         let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
         Ok(Ca {
             trust_domain: trust_domain.to_string(),
             issuer: Issuer::new(params, key),
+            key_pem,
             cert_der,
             cert_pem,
+            chain: Vec::new(),
         })
     }
 
-    /// Loads a CA from its certificate and PKCS#8 key, both PEM.
+    /// Loads a root CA from its certificate and key, both PEM; the trust domain is read from
+    /// the root's `spiffe://` URI SAN (as [`Ca::generate`] makes it).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, IdentityError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| IdentityError::CaLoad(e.to_string()))?;
-        let cert_der = CertificateDer::from(
-            rustls_pemfile::certs(&mut cert_pem.as_bytes())
-                .next()
-                .ok_or_else(|| IdentityError::CaLoad("no certificate in PEM".into()))?
-                .map_err(|e| IdentityError::CaLoad(e.to_string()))?
-                .to_vec(),
-        );
-        let root_id = crate::svid::ca_uri_san(&cert_der).ok_or_else(|| {
+        let certs = read_certs(cert_pem).map_err(IdentityError::CaLoad)?;
+        let first = certs
+            .first()
+            .ok_or_else(|| IdentityError::CaLoad("no certificate in PEM".into()))?;
+        let root_id = crate::svid::ca_uri_san(first).ok_or_else(|| {
             IdentityError::CaLoad(
                 "CA certificate has no spiffe:// URI SAN naming its trust domain".into(),
             )
         })?;
         let trust_domain = root_id.trim_start_matches("spiffe://").to_string();
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key)
-            .map_err(|e| IdentityError::CaLoad(e.to_string()))?;
+        Ca::load(&trust_domain, cert_pem, key_pem)
+    }
+
+    /// Loads a CA of `trust_domain` as [`Ca::certs_pem`] and [`Ca::key_pem`] wrote it: its
+    /// certificate first, then the chain up to the root. Checks only that the key fits the
+    /// certificate; [`Ca::import`] is the door for certificates from outside.
+    pub fn load(trust_domain: &str, certs_pem: &str, key_pem: &str) -> Result<Ca, IdentityError> {
+        check_trust_domain(trust_domain)?;
+        let mut certs = read_certs(certs_pem).map_err(IdentityError::CaLoad)?;
+        if certs.is_empty() {
+            return Err(IdentityError::CaLoad("no certificate in PEM".into()));
+        }
+        let cert_der = certs.remove(0);
+        let (key, key_pem) = read_key(key_pem).map_err(IdentityError::CaLoad)?;
+        if !key_fits(&cert_der, &key) {
+            return Err(IdentityError::CaLoad(
+                "the private key does not belong to the CA certificate".into(),
+            ));
+        }
+        Ca::assemble(trust_domain, key, key_pem, cert_der, certs).map_err(IdentityError::CaLoad)
+    }
+
+    /// Takes a CA the operator brings: `cert_pem` is the CA's certificate (an intermediate, or
+    /// a root), `key_pem` its private key, `chain_pem` the certificates above it up to and
+    /// including the self-signed root (in any order; empty if the CA is itself the root).
+    ///
+    /// Refused unless the key belongs to the certificate, the certificate is a CA allowed to
+    /// sign certificates, the chain leads to a self-signed root, and an SVID this CA signs
+    /// verifies against that root as peers will verify it (as a TLS server and as a client).
+    pub fn import(
+        trust_domain: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        chain_pem: &str,
+        now: SystemTime,
+    ) -> Result<Ca, CaImportError> {
+        check_trust_domain(trust_domain).map_err(|e| CaImportError::Signing(e.to_string()))?;
+        let unreadable = |what| move |reason| CaImportError::Unreadable { what, reason };
+        let mut given = read_certs(cert_pem).map_err(unreadable("the CA certificate file"))?;
+        if given.is_empty() {
+            return Err(CaImportError::NoCertificate);
+        }
+        let cert_der = given.remove(0);
+        given.extend(read_certs(chain_pem).map_err(unreadable("the chain file"))?);
+        let (key, key_pem) = read_key(key_pem).map_err(|reason| CaImportError::Key { reason })?;
+        let (_, cert) =
+            X509Certificate::from_der(&cert_der).map_err(|e| CaImportError::Unreadable {
+                what: "the CA certificate",
+                reason: e.to_string(),
+            })?;
+        let subject = cert.subject().to_string();
+        if !key_fits(&cert_der, &key) {
+            return Err(CaImportError::KeyMismatch { subject });
+        }
+        if !cert.is_ca() {
+            return Err(CaImportError::NotCa { subject });
+        }
+        if let Ok(Some(usage)) = cert.key_usage()
+            && !usage.value.key_cert_sign()
+        {
+            return Err(CaImportError::NoCertSign { subject });
+        }
+        let chain = path_to_root(&cert_der, given)?;
+        let ca = Ca::assemble(trust_domain, key, key_pem, cert_der, chain)
+            .map_err(CaImportError::Signing)?;
+        ca.check_peers_accept(now)?;
+        Ok(ca)
+    }
+
+    fn assemble(
+        trust_domain: &str,
+        key: KeyPair,
+        key_pem: String,
+        cert_der: CertificateDer<'static>,
+        chain: Vec<CertificateDer<'static>>,
+    ) -> Result<Ca, String> {
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| e.to_string())?;
         Ok(Ca {
-            trust_domain,
+            trust_domain: trust_domain.to_string(),
             issuer,
+            key_pem,
+            cert_pem: pem_block("CERTIFICATE", &cert_der),
             cert_der,
-            cert_pem: cert_pem.to_string(),
+            chain,
         })
+    }
+
+    /// Signs a short-lived test SVID and verifies it against the root alone, as a server
+    /// certificate (how a client sidecar checks) and as a client certificate (how an inbound
+    /// sidecar checks).
+    fn check_peers_accept(&self, now: SystemTime) -> Result<(), CaImportError> {
+        let root = self.root();
+        let refused = |reason: String| CaImportError::DoesNotVerify {
+            root: subject_of(root).unwrap_or_else(|| "(unparsable)".into()),
+            reason,
+        };
+        let id = SpiffeId::parse(&format!("spiffe://{}/bulkhead/ca-check", self.trust_domain))
+            .map_err(|e| CaImportError::Signing(e.to_string()))?;
+        let probe = self
+            .issue_local(&id, Duration::from_secs(300), now)
+            .map_err(|e| CaImportError::Signing(e.to_string()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(root.clone())
+            .map_err(|e| refused(e.to_string()))?;
+        let roots = Arc::new(roots);
+        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let at = UnixTime::since_unix_epoch(since_epoch);
+        let provider = crate::tls::provider();
+        let (leaf, intermediates) = probe
+            .chain()
+            .split_first()
+            .ok_or_else(|| refused("no certificate was issued".into()))?;
+        let parsed = rustls::server::ParsedCertificate::try_from(leaf)
+            .map_err(|e| refused(e.to_string()))?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            intermediates,
+            at,
+            provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| refused(e.to_string()))?;
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| refused(e.to_string()))?;
+        clients
+            .verify_client_cert(leaf, intermediates, at)
+            .map_err(|e| refused(e.to_string()))?;
+        Ok(())
     }
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
+    /// This CA's own certificate (the one that signs).
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
     }
 
+    /// This CA's own certificate, PEM.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
+    /// The certificates above this CA's, up to and including the root; empty for a root.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The self-signed root this CA chains to: the certificate a trust bundle holds.
+    pub fn root(&self) -> &CertificateDer<'static> {
+        self.chain.last().unwrap_or(&self.cert_der)
+    }
+
+    /// Whether this CA is itself the root.
+    pub fn is_root(&self) -> bool {
+        self.chain.is_empty()
+    }
+
+    /// This CA's certificate and then its chain, PEM: what [`Ca::load`] reads back.
+    pub fn certs_pem(&self) -> String {
+        std::iter::once(&self.cert_der)
+            .chain(&self.chain)
+            .map(|c| pem_block("CERTIFICATE", c))
+            .collect()
+    }
+
+    /// SHA-256 of this CA's own certificate, lowercase hex: its name on the wire and in the
+    /// CLI, and what [`crate::issuer_fingerprint`] finds in an SVID it signed.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.cert_der)
+    }
+
     /// PEM of the CA's private key, for the control plane's data directory (mode 0600).
     pub fn key_pem(&self) -> String {
-        self.issuer.key().serialize_pem()
+        self.key_pem.clone()
     }
 
     /// Signs an X.509-SVID for `id` over the public key in `csr_der`. Everything the CSR asks
     /// for besides its key is ignored: the identity is the caller's decision, not the CSR's.
+    ///
+    /// Returns the leaf, this CA's certificate, and any intermediates above it; the root
+    /// travels only when this CA is the root.
     pub fn sign_csr(
         &self,
         csr_der: &[u8],
@@ -148,7 +319,11 @@ impl Ca {
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| IdentityError::Signing(e.to_string()))?;
-        Ok(vec![cert.der().clone(), self.cert_der.clone()])
+        let above_root = self.chain.len().saturating_sub(1);
+        Ok(std::iter::once(cert.der().clone())
+            .chain(std::iter::once(self.cert_der.clone()))
+            .chain(self.chain[..above_root].iter().cloned())
+            .collect())
     }
 
     /// Issues an SVID whose key is made here, for the control plane's own use (its serving
@@ -173,6 +348,95 @@ impl Ca {
         }
         Ok(())
     }
+}
+
+fn check_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
+    // A trust domain is valid when an ID in it is.
+    SpiffeId::parse(&format!("spiffe://{trust_domain}/ca")).map(|_| ())
+}
+
+fn read_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+}
+
+/// The first private key in `pem` (PKCS#8, SEC1 or PKCS#1, skipping other blocks such as EC
+/// parameters), and that key alone as PEM in its own format.
+fn read_key(pem: &str) -> Result<(KeyPair, String), String> {
+    let der = rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "no private key block found".to_string())?;
+    let label = match &der {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    let key = KeyPair::try_from(&der).map_err(|e| e.to_string())?;
+    Ok((key, pem_block(label, der.secret_der())))
+}
+
+/// Whether `key` is the private half of the public key `cert_der` certifies.
+fn key_fits(cert_der: &[u8], key: &KeyPair) -> bool {
+    X509Certificate::from_der(cert_der)
+        .map(|(_, c)| c.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+        .unwrap_or(false)
+}
+
+/// Orders `pool` into the path from `cert` up to a self-signed root; refuses a path that
+/// stops short, runs too long, or leaves a certificate unused.
+fn path_to_root(
+    cert: &CertificateDer<'static>,
+    pool: Vec<CertificateDer<'static>>,
+) -> Result<Vec<CertificateDer<'static>>, CaImportError> {
+    struct Names {
+        subject: Vec<u8>,
+        issuer: Vec<u8>,
+        subject_text: String,
+        issuer_text: String,
+    }
+    let names = |der: &CertificateDer<'static>| {
+        X509Certificate::from_der(der)
+            .map(|(_, c)| Names {
+                subject: c.subject().as_raw().to_vec(),
+                issuer: c.issuer().as_raw().to_vec(),
+                subject_text: c.subject().to_string(),
+                issuer_text: c.issuer().to_string(),
+            })
+            .map_err(|e| CaImportError::Unreadable {
+                what: "a chain certificate",
+                reason: e.to_string(),
+            })
+    };
+    let mut pool: Vec<(CertificateDer<'static>, Names)> = pool
+        .into_iter()
+        .map(|c| names(&c).map(|n| (c, n)))
+        .collect::<Result<_, _>>()?;
+    let mut path: Vec<CertificateDer<'static>> = Vec::new();
+    let mut current = names(cert)?;
+    while current.subject != current.issuer {
+        if path.len() >= MAX_CHAIN {
+            return Err(CaImportError::ChainTooLong { max: MAX_CHAIN });
+        }
+        let Some(at) = pool.iter().position(|(_, n)| n.subject == current.issuer) else {
+            return Err(CaImportError::ChainIncomplete {
+                subject: current.subject_text,
+                issuer: current.issuer_text,
+            });
+        };
+        let (der, next) = pool.remove(at);
+        path.push(der);
+        current = next;
+    }
+    if let Some((_, n)) = pool
+        .iter()
+        .find(|(der, _)| der != cert && !path.contains(der))
+    {
+        return Err(CaImportError::Unrelated {
+            subject: n.subject_text.clone(),
+        });
+    }
+    Ok(path)
 }
 
 fn svid_params(
@@ -204,9 +468,200 @@ fn svid_params(
     Ok(params)
 }
 
-fn random_serial() -> SerialNumber {
+fn random_serial_bytes() -> [u8; 16] {
     let mut bytes: [u8; 16] = rand::random();
     bytes[0] &= 0x7f; // positive INTEGER
     bytes[0] |= 0x01; // and no leading zero byte to trim
-    SerialNumber::from_slice(&bytes)
+    bytes
+}
+
+fn random_serial() -> SerialNumber {
+    SerialNumber::from_slice(&random_serial_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TrustBundle;
+
+    /// An enterprise PKI as an operator might have it: a root with no SPIFFE URI, and an
+    /// intermediate it signed, both as PEM with their keys.
+    struct Pki {
+        root_pem: String,
+        root_der: CertificateDer<'static>,
+        intermediate_pem: String,
+        intermediate_key: String,
+    }
+
+    fn ca_params(cn: &str, not_after: SystemTime) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Example Corp");
+        dn.push(DnType::CommonName, cn);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = (SystemTime::now() - Duration::from_secs(3600)).into();
+        params.not_after = not_after.into();
+        params
+    }
+
+    fn make_pki(intermediate_not_after: SystemTime) -> Pki {
+        let year = SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
+        let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let root_params = ca_params("Example Root CA", year);
+        let root = root_params.self_signed(&root_key).unwrap();
+        let issuer = Issuer::new(root_params, root_key);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let intermediate = ca_params("Example Mesh Intermediate", intermediate_not_after)
+            .signed_by(&key, &issuer)
+            .unwrap();
+        Pki {
+            root_pem: root.pem(),
+            root_der: root.der().clone(),
+            intermediate_pem: intermediate.pem(),
+            intermediate_key: key.serialize_pem(),
+        }
+    }
+
+    fn year() -> SystemTime {
+        SystemTime::now() + Duration::from_secs(365 * 24 * 3600)
+    }
+
+    #[test]
+    fn an_imported_intermediate_signs_svids_that_present_it_and_chain_to_the_root() {
+        let pki = make_pki(year());
+        let now = SystemTime::now();
+        let ca = Ca::import(
+            "td.test",
+            &pki.intermediate_pem,
+            &pki.intermediate_key,
+            &pki.root_pem,
+            now,
+        )
+        .unwrap();
+        assert!(!ca.is_root());
+        assert_eq!(ca.root(), &pki.root_der);
+        let id = SpiffeId::parse("spiffe://td.test/ns/shop/sa/orders").unwrap();
+        let svid = ca.issue_local(&id, Duration::from_secs(60), now).unwrap();
+        assert_eq!(svid.chain().len(), 2, "leaf and intermediate, not the root");
+        assert_eq!(&svid.chain()[1], ca.cert_der());
+        assert_eq!(svid.issuer_fingerprint(), Some(ca.fingerprint()));
+
+        // The bundle holds only the root, whose trust domain comes from configuration.
+        let bundle = TrustBundle::from_pem_for("td.test", &pki.root_pem).unwrap();
+        assert_eq!(bundle.fingerprints(), vec![fingerprint(&pki.root_der)]);
+        let err = TrustBundle::from_pem(&pki.root_pem).unwrap_err();
+        assert!(
+            err.to_string().contains("the trust domain has to be given"),
+            "{err}"
+        );
+
+        // What the data directory keeps loads back into the same CA.
+        let again = Ca::load("td.test", &ca.certs_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(again.fingerprint(), ca.fingerprint());
+        assert_eq!(again.root(), &pki.root_der);
+        let chain = again
+            .issue_local(&id, Duration::from_secs(60), now)
+            .unwrap();
+        assert_eq!(chain.chain().len(), 2);
+    }
+
+    #[test]
+    fn the_chain_may_come_in_the_certificate_file_too() {
+        let pki = make_pki(year());
+        let both = format!("{}{}", pki.intermediate_pem, pki.root_pem);
+        let ca = Ca::import(
+            "td.test",
+            &both,
+            &pki.intermediate_key,
+            "",
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(ca.root(), &pki.root_der);
+    }
+
+    #[test]
+    fn import_refuses_what_peers_would_refuse_saying_why() {
+        let pki = make_pki(year());
+        let now = SystemTime::now();
+        let import = |cert: &str, key: &str, chain: &str| {
+            Ca::import("td.test", cert, key, chain, now)
+                .unwrap_err()
+                .to_string()
+        };
+        let other_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem();
+        assert_eq!(
+            import(&pki.intermediate_pem, &other_key, &pki.root_pem),
+            "the private key does not belong to O=Example Corp, CN=Example Mesh Intermediate: its public key differs from the certificate's; pass the key that was certified"
+        );
+        assert!(
+            import(&pki.intermediate_pem, "not a key", &pki.root_pem)
+                .starts_with("the private key file holds no usable private key")
+        );
+        assert_eq!(
+            import(&pki.intermediate_pem, &pki.intermediate_key, ""),
+            "the chain stops at O=Example Corp, CN=Example Mesh Intermediate: no certificate given is its issuer (O=Example Corp, CN=Example Root CA); pass --chain with every certificate up to and including the self-signed root"
+        );
+        let stranger = Ca::generate("td.test", now).unwrap();
+        assert!(
+            import(
+                &pki.intermediate_pem,
+                &pki.intermediate_key,
+                &format!("{}{}", pki.root_pem, stranger.cert_pem())
+            )
+            .contains("is not on the path from the CA certificate to its root"),
+        );
+        assert_eq!(
+            import("", &pki.intermediate_key, ""),
+            "the CA certificate file holds no PEM certificate"
+        );
+
+        // A leaf is not a CA.
+        let leaf = stranger
+            .issue_local(
+                &SpiffeId::parse("spiffe://td.test/a").unwrap(),
+                Duration::from_secs(60),
+                now,
+            )
+            .unwrap();
+        let (leaf_pem, leaf_key) = leaf.to_pem();
+        assert!(
+            import(&leaf_pem, &leaf_key, stranger.cert_pem()).contains("is not a CA certificate"),
+        );
+
+        // An expired intermediate: the test SVID does not verify.
+        let old = make_pki(now - Duration::from_secs(60));
+        let err = import(&old.intermediate_pem, &old.intermediate_key, &old.root_pem);
+        assert!(
+            err.starts_with(
+                "a test certificate signed by this CA does not verify against the chain's root O=Example Corp, CN=Example Root CA"
+            ) && err.contains("certificate expired"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn generated_roots_are_told_apart_by_name() {
+        let now = SystemTime::now();
+        let a = Ca::generate("td.test", now).unwrap();
+        let b = Ca::generate("td.test", now).unwrap();
+        assert_ne!(subject_of(a.cert_der()), subject_of(b.cert_der()));
+        assert!(a.is_root() && a.root() == a.cert_der());
+        let svid = a
+            .issue_local(
+                &SpiffeId::parse("spiffe://td.test/a").unwrap(),
+                Duration::from_secs(60),
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            svid.chain()[1],
+            *a.cert_der(),
+            "a root's SVIDs present the root"
+        );
+    }
 }

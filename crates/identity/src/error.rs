@@ -33,7 +33,7 @@ pub enum IdentityError {
     CaLoad(String),
     #[error("issued certificate does not fit the local key or is not a valid SVID: {0}")]
     IssuedCert(String),
-    #[error("trust bundle is empty or unreadable: {0}")]
+    #[error("trust bundle is unusable: {0}")]
     Bundle(String),
     #[error("TLS configuration failed: {0}")]
     Tls(String),

@@ -12,6 +12,8 @@ mod svid;
 pub mod tls;
 
 pub use ca::{Ca, DEFAULT_SVID_LIFETIME};
-pub use error::{IdentityError, SvidError};
+pub use error::{CaImportError, IdentityError, SvidError};
 pub use spiffe::SpiffeId;
-pub use svid::{LocalKey, Svid, TrustBundle, not_after_of, serial_of, spiffe_id_of};
+pub use svid::{
+    LocalKey, Svid, TrustBundle, fingerprint, not_after_of, serial_of, spiffe_id_of, subject_of,
+};

@@ -6,6 +6,7 @@ use crate::spiffe::SpiffeId;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -62,7 +63,7 @@ impl LocalKey {
         Ok(Svid {
             id,
             chain,
-            key: PrivatePkcs8KeyDer::from(self.key.serialize_der()),
+            key: Arc::new(PrivatePkcs8KeyDer::from(self.key.serialize_der())),
             not_before,
             not_after,
             serial,
@@ -70,11 +71,13 @@ impl LocalKey {
     }
 }
 
-/// A certified identity: the chain (leaf first) and its private key.
+/// A certified identity: the chain (leaf first) and its private key. Cloning copies the key
+/// within this process (a credentials set rebuilt around the same SVID); it never leaves it.
+#[derive(Clone)]
 pub struct Svid {
     id: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
-    key: PrivatePkcs8KeyDer<'static>,
+    key: Arc<PrivatePkcs8KeyDer<'static>>,
     not_before: SystemTime,
     not_after: SystemTime,
     serial: String,
@@ -116,6 +119,12 @@ impl Svid {
         &self.serial
     }
 
+    /// The SHA-256 fingerprint (hex) of the certificate that signed this SVID: the issuing
+    /// CA's, as [`crate::Ca::fingerprint`] names it. `None` if the chain holds only the leaf.
+    pub fn issuer_fingerprint(&self) -> Option<String> {
+        self.chain.get(1).map(|c| fingerprint(c))
+    }
+
     /// PEM of the chain and of the key. Only for the admin credential the control plane hands
     /// to the CLI on its own host.
     pub fn to_pem(&self) -> (String, String) {
@@ -138,7 +147,7 @@ impl Svid {
     }
 }
 
-fn pem_block(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
@@ -190,6 +199,21 @@ pub fn not_after_of(cert_der: &[u8]) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
+/// SHA-256 of a certificate's DER, lowercase hex: how Bulkhead names CAs and bundle roots.
+pub fn fingerprint(cert_der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(cert_der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A certificate's subject as text (`CN=…, O=…`), if it parses.
+pub fn subject_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
+    Some(cert.subject().to_string())
+}
+
 /// The `spiffe://<trust-domain>` URI SAN of a CA certificate, if it has one.
 pub(crate) fn ca_uri_san(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
@@ -203,6 +227,9 @@ pub(crate) fn ca_uri_san(cert_der: &[u8]) -> Option<String> {
 }
 
 /// The root certificates a peer's chain must lead to, with the trust domain they serve.
+///
+/// The trust domain is configuration (the control plane's `--trust-domain`), not a property
+/// of the roots: an enterprise root brought by the operator names no SPIFFE trust domain.
 #[derive(Clone, Debug)]
 pub struct TrustBundle {
     trust_domain: String,
@@ -210,27 +237,56 @@ pub struct TrustBundle {
 }
 
 impl TrustBundle {
-    /// Builds a bundle; the trust domain is read from the first root's `spiffe://` URI SAN.
-    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<TrustBundle, IdentityError> {
-        let first = roots
-            .first()
-            .ok_or_else(|| IdentityError::Bundle("no root certificates".into()))?;
-        let uri = ca_uri_san(first).ok_or_else(|| {
-            IdentityError::Bundle(
-                "root certificate has no spiffe:// URI SAN naming its trust domain".into(),
-            )
+    /// A bundle of `roots` for `trust_domain`.
+    pub fn for_trust_domain(
+        trust_domain: &str,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<TrustBundle, IdentityError> {
+        SpiffeId::parse(&format!("spiffe://{trust_domain}/bundle")).map_err(|e| {
+            IdentityError::Bundle(format!("trust domain {trust_domain:?} is not valid: {e}"))
         })?;
+        if roots.is_empty() {
+            return Err(IdentityError::Bundle("no root certificates".into()));
+        }
+        for root in &roots {
+            X509Certificate::from_der(root).map_err(|e| {
+                IdentityError::Bundle(format!("a root certificate does not parse: {e}"))
+            })?;
+        }
         Ok(TrustBundle {
-            trust_domain: uri.trim_start_matches("spiffe://").to_string(),
+            trust_domain: trust_domain.to_string(),
             roots,
         })
     }
 
+    /// Builds a bundle whose trust domain is read from the `spiffe://` URI SAN of its roots
+    /// (a root Bulkhead generated has one). Fails if no root names a trust domain.
+    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<TrustBundle, IdentityError> {
+        if roots.is_empty() {
+            return Err(IdentityError::Bundle("no root certificates".into()));
+        }
+        let uri = roots.iter().find_map(|r| ca_uri_san(r)).ok_or_else(|| {
+            IdentityError::Bundle(
+                "no root certificate has a spiffe:// URI SAN naming its trust domain; the trust domain has to be given"
+                    .into(),
+            )
+        })?;
+        TrustBundle::for_trust_domain(uri.trim_start_matches("spiffe://"), roots)
+    }
+
+    /// Reads PEM roots; the trust domain as [`TrustBundle::new`] finds it.
     pub fn from_pem(pem: &str) -> Result<TrustBundle, IdentityError> {
-        let roots = rustls_pemfile::certs(&mut pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| IdentityError::Bundle(e.to_string()))?;
-        TrustBundle::new(roots)
+        TrustBundle::new(read_pem_roots(pem)?)
+    }
+
+    /// Reads PEM roots for `trust_domain`.
+    pub fn from_pem_for(trust_domain: &str, pem: &str) -> Result<TrustBundle, IdentityError> {
+        TrustBundle::for_trust_domain(trust_domain, read_pem_roots(pem)?)
+    }
+
+    /// The SHA-256 fingerprint (hex) of each root, in bundle order.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.roots.iter().map(|r| fingerprint(r)).collect()
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -257,6 +313,12 @@ impl TrustBundle {
         }
         Ok(store)
     }
+}
+
+fn read_pem_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::Bundle(e.to_string()))
 }
 
 #[cfg(test)]

@@ -11,8 +11,11 @@ use crate::svid::{Svid, TrustBundle, spiffe_id_of};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
 use std::sync::Arc;
 
 /// The crypto provider for every Bulkhead TLS endpoint (aws-lc-rs).
@@ -40,6 +43,12 @@ impl ExpectedServer {
     pub fn check(&self, found: &SpiffeId) -> Result<(), SvidError> {
         match self {
             ExpectedServer::Exact(e) if e == found => Ok(()),
+            ExpectedServer::Exact(e) if e.trust_domain() != found.trust_domain() => {
+                Err(SvidError::WrongTrustDomain {
+                    expected: e.trust_domain().to_string(),
+                    found: found.to_string(),
+                })
+            }
             ExpectedServer::Exact(e) => Err(SvidError::UnexpectedIdentity {
                 expected: e.to_string(),
                 found: found.to_string(),
@@ -71,7 +80,7 @@ pub fn server_config(
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| IdentityError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier(verifier)))
         .with_single_cert(svid.chain().to_vec(), svid.private_key())
         .map_err(|e| IdentityError::Tls(e.to_string()))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -154,7 +163,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             intermediates,
             now,
             self.algorithms.all,
-        )?;
+        )
+        .map_err(|e| chain_error(e, end_entity))?;
         let id = spiffe_id_of(end_entity).map_err(svid_error)?;
         self.expected.check(&id).map_err(svid_error)?;
         Ok(ServerCertVerified::assertion())
@@ -180,6 +190,70 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// webpki's client verifier, its errors named as [`chain_error`] names them.
+#[derive(Debug)]
+struct SpiffeClientVerifier(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|e| chain_error(e, end_entity))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// webpki refuses a leaf with the CA flag before looking for its issuer, but says so only in
+/// an opaque `Other` error: name it as the SVID rule it breaks, so logs and metrics can.
+fn chain_error(e: rustls::Error, end_entity: &CertificateDer<'_>) -> rustls::Error {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_))
+            if spiffe_id_of(end_entity) == Err(SvidError::CaLeaf) =>
+        {
+            svid_error(SvidError::CaLeaf)
+        }
+        e => e,
     }
 }
 
@@ -227,6 +301,21 @@ mod tests {
             }
         }
         Err(rustls::Error::General("handshake did not finish".into()))
+    }
+
+    #[test]
+    fn a_server_in_another_trust_domain_is_named_as_such() {
+        let want = ExpectedServer::Exact(SpiffeId::parse("spiffe://td/server").unwrap());
+        let elsewhere = SpiffeId::parse("spiffe://elsewhere/server").unwrap();
+        assert!(matches!(
+            want.check(&elsewhere),
+            Err(SvidError::WrongTrustDomain { .. })
+        ));
+        let sibling = SpiffeId::parse("spiffe://td/other").unwrap();
+        assert!(matches!(
+            want.check(&sibling),
+            Err(SvidError::UnexpectedIdentity { .. })
+        ));
     }
 
     #[test]

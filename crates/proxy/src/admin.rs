@@ -92,10 +92,12 @@ async fn handle(
                 "workload": shared.workload.to_string(),
                 "certificate": {
                     "serial": tls.svid.serial(),
+                    "issuerSha256": tls.signer,
                     "notBeforeUnix": crate::unix_seconds(tls.svid.not_before()),
                     "notAfterUnix": crate::unix_seconds(tls.svid.not_after()),
                 },
                 "trustDomain": shared.tls.load().bundle.trust_domain(),
+                "trustBundleSha256": tls.roots,
                 "policyRevision": shared.policies.load().revision(),
                 "meshEndpoints": shared.endpoints.load().len(),
                 "openTcpRelays": shared.relays.len(),

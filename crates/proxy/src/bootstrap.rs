@@ -1,4 +1,8 @@
 //! Joining the mesh: make a key here, send only a CSR and the join token, get an SVID back.
+//!
+//! The trust domain is the one `--identity` names, or else the one a root of the bundle file
+//! names in its `spiffe://` URI (a root Bulkhead generated has one; an enterprise root does
+//! not). After the join it is the SVID's: the control plane's decision.
 
 use crate::credentials::control_identity;
 use crate::{Config, ProxyError};
@@ -6,7 +10,7 @@ use bulkhead_api::channel;
 use bulkhead_api::v1::JoinRequest;
 use bulkhead_api::v1::identity_client::IdentityClient;
 use bulkhead_identity::tls::{ExpectedServer, client_config};
-use bulkhead_identity::{LocalKey, Svid, TrustBundle};
+use bulkhead_identity::{IdentityError, LocalKey, Svid, TrustBundle};
 use bulkhead_policy::model::ResourceName;
 use std::time::Duration;
 use tonic::Code;
@@ -18,7 +22,15 @@ pub(crate) struct Joined {
 }
 
 pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
-    let bundle = TrustBundle::from_pem(&config.trust_bundle_pem).map_err(ProxyError::Bundle)?;
+    let bundle = match &config.identity {
+        Some(id) => TrustBundle::from_pem_for(id.trust_domain(), &config.trust_bundle_pem),
+        None => TrustBundle::from_pem(&config.trust_bundle_pem).map_err(|e| {
+            IdentityError::Bundle(format!(
+                "{e} (pass --identity spiffe://<trust-domain>/… to name the mesh's trust domain)"
+            ))
+        }),
+    }
+    .map_err(ProxyError::Bundle)?;
     let tls = client_config(
         None,
         &bundle,
@@ -59,7 +71,15 @@ pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
         .map(Into::into)
         .collect();
     let svid = key.into_svid(chain)?;
-    let bundle = TrustBundle::new(
+    if svid.id().trust_domain() != bundle.trust_domain() {
+        return Err(fail(format!(
+            "the control plane issued {} outside trust domain {}",
+            svid.id(),
+            bundle.trust_domain()
+        )));
+    }
+    let bundle = TrustBundle::for_trust_domain(
+        bundle.trust_domain(),
         response
             .trust_bundle_der
             .into_iter()

@@ -5,16 +5,19 @@
 //! renew in lockstep), over mTLS with the current SVID; the new key is made here. If the
 //! control plane cannot be reached the proxy retries with backoff and keeps serving; once the
 //! SVID has expired it says so loudly: peers refuse an expired certificate, so it fails closed.
+//!
+//! The trust bundle comes from the configuration stream: a new one is swapped in with the
+//! current SVID, for new connections only. When the control plane says another CA signs now,
+//! the proxy renews soon (with jitter), so the old CA can be retired after a short wait.
 
-use crate::config::UpstreamSpec;
 use crate::{ProxyError, Shared};
 use bulkhead_api::channel::{self, CONTROL_ID_PATH};
 use bulkhead_api::v1::RenewRequest;
+use bulkhead_api::v1::TrustBundle as WireBundle;
 use bulkhead_api::v1::identity_client::IdentityClient;
 use bulkhead_identity::tls::{ClientAuth, ExpectedServer, client_config, server_config};
 use bulkhead_identity::{IdentityError, LocalKey, SpiffeId, Svid, TrustBundle};
 use rustls::{ClientConfig, ServerConfig};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,32 +31,21 @@ pub(crate) struct TlsSet {
     /// The roots peers must chain to; replaced with the set when the bundle changes.
     pub bundle: TrustBundle,
     pub server: Arc<ServerConfig>,
-    pub upstreams: HashMap<String, Arc<ClientConfig>>,
     pub control: Arc<ClientConfig>,
+    /// SHA-256 (hex) of the CA certificate that signed the SVID.
+    pub signer: Option<String>,
+    /// SHA-256 (hex) of each root of the bundle.
+    pub roots: Vec<String>,
 }
 
 impl TlsSet {
-    pub(crate) fn build(
-        svid: Svid,
-        bundle: &TrustBundle,
-        upstreams: &[UpstreamSpec],
-    ) -> Result<TlsSet, IdentityError> {
+    pub(crate) fn build(svid: Svid, bundle: &TrustBundle) -> Result<TlsSet, IdentityError> {
         let server = Arc::new(server_config(
             &svid,
             bundle,
             ClientAuth::Required,
             &crate::clients::Alpn::ALL,
         )?);
-        let mut by_name = HashMap::new();
-        for up in upstreams {
-            let c = client_config(
-                Some(&svid),
-                bundle,
-                ExpectedServer::Exact(up.identity.clone()),
-                &[b"http/1.1"],
-            )?;
-            by_name.insert(up.name.clone(), Arc::new(c));
-        }
         let control = Arc::new(client_config(
             Some(&svid),
             bundle,
@@ -61,12 +53,107 @@ impl TlsSet {
             &[b"h2"],
         )?);
         Ok(TlsSet {
+            signer: svid.issuer_fingerprint(),
+            roots: bundle.fingerprints(),
             svid,
             bundle: bundle.clone(),
             server,
-            upstreams: by_name,
             control,
         })
+    }
+
+    /// The same bundle around a new SVID.
+    fn with_svid(&self, svid: Svid) -> Result<TlsSet, IdentityError> {
+        TlsSet::build(svid, &self.bundle)
+    }
+
+    /// The same SVID with a new bundle.
+    fn with_bundle(&self, bundle: &TrustBundle) -> Result<TlsSet, IdentityError> {
+        let mut set = TlsSet::build(self.svid.clone(), &self.bundle)?;
+        set.roots = bundle.fingerprints();
+        Ok(set)
+    }
+}
+
+/// Replaces the TLS set with `f(current)`. Renewal and a new bundle may race: if the set
+/// changed while `f` ran, `f` runs again on the newer one, so neither change is lost.
+fn replace(
+    shared: &Shared,
+    f: impl Fn(&TlsSet) -> Result<TlsSet, IdentityError>,
+) -> Result<Arc<TlsSet>, IdentityError> {
+    loop {
+        let current = shared.tls.load_full();
+        let next = Arc::new(f(&current)?);
+        let previous = shared.tls.compare_and_swap(&current, next.clone());
+        if Arc::ptr_eq(&previous, &current) {
+            return Ok(next);
+        }
+    }
+}
+
+/// Takes the trust bundle of a configuration message: swaps it in if it differs (new
+/// connections verify peers against it; open ones are untouched), and notes which CA signs.
+/// Refused (with the reason for the NACK) if it is unusable or for another trust domain; the
+/// current bundle then stays. A message without a bundle keeps the current one.
+pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<(), String> {
+    let Some(wire) = wire else {
+        return Ok(());
+    };
+    let ours = shared.tls.load().bundle.trust_domain().to_string();
+    if wire.trust_domain != ours {
+        return Err(format!(
+            "the trust bundle is for trust domain {:?}, but this proxy is in {ours:?}",
+            wire.trust_domain
+        ));
+    }
+    let bundle = TrustBundle::for_trust_domain(
+        &ours,
+        wire.roots_der.iter().map(|r| r.clone().into()).collect(),
+    )
+    .map_err(|e| e.to_string())?;
+    let roots = bundle.fingerprints();
+    if roots != shared.tls.load().roots {
+        let set = replace(shared, |current| current.with_bundle(&bundle))
+            .map_err(|e| format!("cannot use the new trust bundle: {e}"))?;
+        tracing::info!(
+            roots = ?roots.iter().map(|r| short(r)).collect::<Vec<_>>(),
+            signer = set.signer.as_deref().map(short),
+            "new trust bundle; new connections verify peers against it"
+        );
+    }
+    if !wire.signing_ca_sha256.is_empty() {
+        shared
+            .rotation
+            .signing_ca_is(&shared.tls.load(), &wire.signing_ca_sha256);
+    }
+    Ok(())
+}
+
+fn short(sha256: &str) -> &str {
+    sha256.get(..16).unwrap_or(sha256)
+}
+
+/// Wakes the renewal loop early when the control plane signs with another CA than the one
+/// that signed this proxy's SVID.
+#[derive(Default)]
+pub(crate) struct Rotation {
+    wake: tokio::sync::Notify,
+    /// The CA the control plane last said signs.
+    signing_ca: std::sync::Mutex<Option<String>>,
+}
+
+impl Rotation {
+    fn signing_ca_is(&self, current: &TlsSet, ca: &str) {
+        *self.signing_ca.lock().unwrap_or_else(|p| p.into_inner()) = Some(ca.to_string());
+        if self.wants_renewal(current) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether the current SVID is from another CA than the one that signs now.
+    fn wants_renewal(&self, current: &TlsSet) -> bool {
+        let signing = self.signing_ca.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(&*signing, Some(ca) if current.signer.as_deref() != Some(ca.as_str()))
     }
 }
 
@@ -95,19 +182,36 @@ fn renew_after(svid: &Svid, now: SystemTime) -> Duration {
         .max(MIN_WAIT)
 }
 
-pub(crate) fn spawn_rotation(
-    control: SocketAddr,
-    shared: Arc<Shared>,
-    upstreams: Vec<UpstreamSpec>,
-) {
+/// How long to wait before renewing once another CA signs: a random part of a quarter of
+/// what is left, at most 30 s, so that a fleet does not renew all at once.
+fn switch_jitter(svid: &Svid, now: SystemTime) -> Duration {
+    let left = svid.not_after().duration_since(now).unwrap_or_default();
+    (left / 4)
+        .min(MAX_SWITCH_JITTER)
+        .mul_f64(rand::random_range(0.0..1.0))
+}
+
+const MAX_SWITCH_JITTER: Duration = Duration::from_secs(30);
+
+pub(crate) fn spawn_rotation(control: SocketAddr, shared: Arc<Shared>) {
     tokio::spawn(async move {
         let mut client = IdentityClient::new(control_channel(control, &shared));
         loop {
             let wait = renew_after(&shared.tls.load().svid, SystemTime::now());
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shared.rotation.wake.notified() => {
+                    let jitter = switch_jitter(&shared.tls.load().svid, SystemTime::now());
+                    tracing::info!(in_ms = jitter.as_millis() as u64, "another CA signs now; renewing soon");
+                    tokio::time::sleep(jitter).await;
+                    if !shared.rotation.wants_renewal(&shared.tls.load()) {
+                        continue;
+                    }
+                }
+            }
             let mut backoff = Duration::from_secs(1);
             loop {
-                let outcome = renew(&mut client, &shared, &upstreams).await;
+                let outcome = renew(&mut client, &shared).await;
                 let result = if outcome.is_ok() { "ok" } else { "error" };
                 shared
                     .metrics
@@ -141,7 +245,6 @@ pub(crate) fn spawn_rotation(
 async fn renew(
     client: &mut IdentityClient<tonic::transport::Channel>,
     shared: &Shared,
-    upstreams: &[UpstreamSpec],
 ) -> Result<(), ProxyError> {
     let current = shared.tls.load();
     let key = LocalKey::generate()?;
@@ -167,13 +270,12 @@ async fn renew(
     }
     let serial = svid.serial().to_string();
     let not_after = svid.not_after();
-    let set = TlsSet::build(svid, &shared.tls.load().bundle, upstreams)?;
-    shared.tls.store(Arc::new(set));
+    let set = replace(shared, |current| current.with_svid(svid.clone()))?;
     shared
         .metrics
         .svid_expiry
         .set(crate::unix_seconds(not_after));
-    tracing::info!(serial, previous = current.svid.serial(), not_after = ?not_after, "renewed SVID; new connections use it");
+    tracing::info!(serial, previous = current.svid.serial(), not_after = ?not_after, ca = set.signer.as_deref().map(short), "renewed SVID; new connections use it");
     Ok(())
 }
 

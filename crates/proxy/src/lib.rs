@@ -70,6 +70,7 @@ pub(crate) struct Shared {
     pub tls: ArcSwap<TlsSet>,
     pub workload: ResourceName,
     pub policies: ArcSwap<PolicySet>,
+    pub rotation: credentials::Rotation,
     /// The mesh's address table (transparent outbound routing), updated with the policies.
     pub endpoints: ArcSwap<bulkhead_policy::Endpoints>,
     /// Open opaque TCP relays, judged again on every policy change.
@@ -105,7 +106,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     let joined = bootstrap::join(&config).await?;
     let id: SpiffeId = joined.svid.id().clone();
     tracing::info!(spiffe_id = %id, workload = %joined.workload, serial = joined.svid.serial(), "joined the mesh");
-    let tls = TlsSet::build(joined.svid, &joined.bundle, &config.upstreams)?;
+    let tls = TlsSet::build(joined.svid, &joined.bundle)?;
     let metrics = metrics::Metrics::new();
     metrics.svid_expiry.set(unix_seconds(tls.svid.not_after()));
     let shared = Arc::new(Shared {
@@ -114,6 +115,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         tls: ArcSwap::from_pointee(tls),
         workload: joined.workload,
         policies: ArcSwap::from_pointee(PolicySet::default()),
+        rotation: credentials::Rotation::default(),
         endpoints: ArcSwap::from_pointee(bulkhead_policy::Endpoints::default()),
         relays: tcp::Relays::default(),
         clients: clients::ClientConfigs::default(),
@@ -137,7 +139,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         None => None,
     };
 
-    credentials::spawn_rotation(config.control, shared.clone(), config.upstreams.clone());
+    credentials::spawn_rotation(config.control, shared.clone());
     let mut first = watch::spawn(config.control, shared.clone(), config.max_policy_rules);
     let revision = match tokio::time::timeout(
         config.first_config_wait,

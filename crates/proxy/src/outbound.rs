@@ -319,12 +319,15 @@ async fn connect_upstream(
             Ok(tls)
         }
         Ok(Err(e)) => {
-            shared
-                .metrics
-                .tls_failure("outbound", crate::metrics::TlsFailure::of_io(&e));
+            let reason = crate::metrics::TlsFailure::of_io(&e);
+            shared.metrics.tls_failure("outbound", reason);
             Err(std::io::Error::new(
                 e.kind(),
-                format!("mTLS handshake failed: {}", tls_reason(&e)),
+                format!(
+                    "mTLS handshake failed (reason={}): {}",
+                    reason.label(),
+                    tls_reason(&e)
+                ),
             ))
         }
         Err(_) => {

@@ -3,7 +3,7 @@
 //! force; a lost stream is re-opened with backoff while enforcement continues unchanged.
 
 use crate::Shared;
-use crate::credentials::control_channel;
+use crate::credentials::{control_channel, take_bundle};
 use bulkhead_api::v1::config_client::ConfigClient;
 use bulkhead_api::v1::{AckRequest, ProxyConfig, WatchRequest};
 use bulkhead_policy::PolicySet;
@@ -57,6 +57,7 @@ pub(crate) fn spawn(
                                     revision,
                                     accepted: outcome.is_ok(),
                                     error: outcome.err().unwrap_or_default(),
+                                    bundle_sha256: shared.tls.load().roots.clone(),
                                 };
                                 if let Err(status) = client.clone().ack(ack).await {
                                     tracing::warn!(revision, error = %status.message(), "could not report the configuration's status");
@@ -86,9 +87,17 @@ pub(crate) fn spawn(
     rx
 }
 
-/// Decodes and compiles a configuration; on any error keeps the current one.
+/// Decodes and compiles a configuration and takes its trust bundle; on any error keeps the
+/// current policy and bundle.
 fn apply(shared: &Shared, config: ProxyConfig, max_rules: usize) -> Result<(), String> {
     let current = shared.policies.load().revision();
+    if current != 0 && config.revision == current {
+        // The revision in force, sent again (a new bundle, or a new stream): a revision
+        // never changes, so only the bundle can be new.
+        return take_bundle(shared, config.trust_bundle.as_ref()).inspect_err(|e| {
+            tracing::error!(revision = config.revision, error = %e, "refused the trust bundle; keeping the current one");
+        });
+    }
     let outcome = config
         .resources
         .iter()
@@ -113,7 +122,9 @@ fn apply(shared: &Shared, config: ProxyConfig, max_rules: usize) -> Result<(), S
         .and_then(|(set, count)| {
             let endpoints = bulkhead_api::endpoints_from_wire(&config.endpoints)?;
             Ok((set, endpoints, count))
-        });
+        })
+        // Last, as nothing after it can fail: the message is taken or refused whole.
+        .and_then(|ok| take_bundle(shared, config.trust_bundle.as_ref()).map(|()| ok));
     match outcome {
         Ok((set, endpoints, count)) => {
             shared.endpoints.store(Arc::new(endpoints));

@@ -174,6 +174,39 @@ impl Mesh {
         ]
     }
 
+    /// Starts the orders app and sidecar (inbound, `--port 8080`) and a frontend sidecar with
+    /// an upstream `orders` to it; returns the processes and the frontend's upstream address.
+    pub fn orders_and_frontend(&self, orders_extra: &[&str]) -> (Vec<Proc>, SocketAddr) {
+        self.orders_and_frontend_with(orders_extra, &[])
+    }
+
+    /// [`Mesh::orders_and_frontend`] with extra flags for the frontend sidecar too.
+    pub fn orders_and_frontend_with(
+        &self,
+        orders_extra: &[&str],
+        frontend_extra: &[&str],
+    ) -> (Vec<Proc>, SocketAddr) {
+        let (orders_app, orders_app_addr) = self.app("orders");
+        let token = self.token(&id("orders"));
+        let app = orders_app_addr.to_string();
+        let mut args = vec!["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"];
+        args.extend_from_slice(orders_extra);
+        let (orders_proxy, orders) = self.proxy("orders", &token, &args);
+        let orders_in = addr(&orders["inbound"]);
+        let token = self.token(&id("frontend"));
+        let upstream = format!(
+            "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
+            id("orders")
+        );
+        let mut args = vec!["--upstream", upstream.as_str()];
+        args.extend_from_slice(frontend_extra);
+        let (frontend_proxy, frontend) = self.proxy("frontend", &token, &args);
+        (
+            vec![orders_app, orders_proxy, frontend_proxy],
+            addr(&frontend["upstreams"]["orders"]),
+        )
+    }
+
     /// Runs a proxy expected to fail at start; returns its stderr.
     pub fn failing_proxy(&self, token: &Path, extra: &[&str]) -> String {
         let mut args = self.proxy_args(token);
