@@ -522,3 +522,108 @@ fn bring_your_own_intermediate_ca() {
     assert_eq!(bundle_of(&config), vec![enterprise_root]);
     assert_eq!(http(shop.to_orders, "GET", "/orders").status, 200);
 }
+
+/// Joins as `identity` the way a proxy does, and opens its configuration stream without
+/// acknowledging anything: a proxy that has not (yet) taken the new bundle.
+async fn silent_proxy(
+    mesh: &Mesh,
+    identity: &str,
+) -> tonic::Streaming<bulkhead_api::v1::ProxyConfig> {
+    use bulkhead_api::channel;
+    use bulkhead_api::v1::config_client::ConfigClient;
+    use bulkhead_api::v1::identity_client::IdentityClient;
+    use bulkhead_api::v1::{JoinRequest, WatchRequest};
+    let token = std::fs::read_to_string(mesh.token(identity)).unwrap();
+    let pem = std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap();
+    let bundle = TrustBundle::from_pem_for(TD, &pem).unwrap();
+    let control =
+        ExpectedServer::Exact(SpiffeId::parse(&format!("spiffe://{TD}/bulkhead/control")).unwrap());
+    let anonymous = client_config(None, &bundle, control.clone(), &[b"h2"]).unwrap();
+    let key = bulkhead_identity::LocalKey::generate().unwrap();
+    let joined = IdentityClient::new(channel::connect(mesh.control_addr, anonymous))
+        .join(JoinRequest {
+            token,
+            csr_der: key.csr_der(None).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let svid = key
+        .into_svid(joined.cert_chain_der.into_iter().map(Into::into).collect())
+        .unwrap();
+    let tls = client_config(Some(&svid), &bundle, control, &[b"h2"]).unwrap();
+    ConfigClient::new(channel::connect(mesh.control_addr, tls))
+        .watch(WatchRequest {
+            namespace: "shop".into(),
+            workload: "frontend".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_waits_for_proxies_and_force_overrides_the_safety_checks() {
+    let mut mesh = Mesh::start_with(&["--svid-lifetime", "1h"]);
+    let mut stream = silent_proxy(&mesh, &id("frontend")).await;
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.trust_bundle.unwrap().roots_der.len(), 1);
+    let old = ca_in(&ca_status(&mesh), "active");
+
+    let (code, _, err) = mesh.cli(&["ca", "add-root"]);
+    assert_eq!(code, 0, "{err}");
+    let new = ca_in(&ca_status(&mesh), "trusted");
+    let pushed = stream.message().await.unwrap().unwrap();
+    let bundle = pushed.trust_bundle.unwrap();
+    assert_eq!(
+        bundle.roots_der.len(),
+        2,
+        "the new bundle is pushed at once"
+    );
+    assert_eq!(bundle.signing_ca_sha256, old, "and the old CA still signs");
+
+    // The proxy never confirmed the new root: switching now would break it.
+    let (code, _, err) = mesh.cli(&["ca", "switch", &new]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "1 connected proxies have not confirmed holding the root of CA {} and would refuse the certificates it signs: {} (shop/frontend)",
+            &new[..16],
+            id("frontend")
+        )) && err.contains("or pass --force"),
+        "{err}"
+    );
+    let (_, table, _) = mesh.cli(&["ca", "status"]);
+    assert!(
+        table.contains("proxies: 1 connected, 0 hold the current bundle"),
+        "{table}"
+    );
+    let (code, _, err) = mesh.cli(&["ca", "switch", &new, "--force"]);
+    assert_eq!(code, 0, "{err}");
+    let pushed = stream.message().await.unwrap().unwrap();
+    assert_eq!(pushed.trust_bundle.unwrap().signing_ca_sha256, new);
+
+    // With 1 h certificates the old CA cannot be retired for an hour, unless forced.
+    let (code, _, err) = mesh.cli(&["ca", "retire", &old]);
+    assert_eq!(code, 1);
+    assert!(err.contains("(in 360"), "{err}");
+    let (code, _, err) = mesh.cli(&["ca", "retire", &new]);
+    assert_eq!(code, 1);
+    assert!(err.contains("signs now and cannot be retired"), "{err}");
+    let (code, _, err) = mesh.cli(&["ca", "retire", &old[..6], "--force"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = mesh.cli(&["ca", "switch", &old]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is retired; add a new CA instead"), "{err}");
+
+    // The set survives a restart of the control plane.
+    drop(stream);
+    mesh.stop_control();
+    mesh.restart_control();
+    let status = ca_status(&mesh);
+    assert_eq!(ca_in(&status, "active"), new);
+    assert_eq!(ca_in(&status, "retired"), old);
+    let (_, table, _) = mesh.cli(&["ca", "status"]);
+    let active_line = table.lines().find(|l| l.starts_with(&new[..16])).unwrap();
+    assert!(active_line.contains(" active   yes "), "{table}");
+}

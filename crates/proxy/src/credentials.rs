@@ -69,9 +69,7 @@ impl TlsSet {
 
     /// The same SVID with a new bundle.
     fn with_bundle(&self, bundle: &TrustBundle) -> Result<TlsSet, IdentityError> {
-        let mut set = TlsSet::build(self.svid.clone(), &self.bundle)?;
-        set.roots = bundle.fingerprints();
-        Ok(set)
+        TlsSet::build(self.svid.clone(), bundle)
     }
 }
 
@@ -299,5 +297,53 @@ mod tests {
             MIN_WAIT,
             "an expired SVID renews at once"
         );
+    }
+
+    #[test]
+    fn another_signing_ca_asks_for_one_early_renewal() {
+        let now = SystemTime::now();
+        let old = bulkhead_identity::Ca::generate("td", now).unwrap();
+        let new = bulkhead_identity::Ca::generate("td", now).unwrap();
+        let id = SpiffeId::parse("spiffe://td/a").unwrap();
+        let hour = Duration::from_secs(3600);
+        let bundle = TrustBundle::for_trust_domain(
+            "td",
+            vec![old.cert_der().clone(), new.cert_der().clone()],
+        )
+        .unwrap();
+        let set = TlsSet::build(old.issue_local(&id, hour, now).unwrap(), &bundle).unwrap();
+        assert_eq!(set.signer, Some(old.fingerprint()));
+        assert_eq!(set.roots, bundle.fingerprints());
+        let rotation = Rotation::default();
+        rotation.signing_ca_is(&set, &old.fingerprint());
+        assert!(!rotation.wants_renewal(&set));
+        rotation.signing_ca_is(&set, &new.fingerprint());
+        assert!(rotation.wants_renewal(&set));
+        let renewed = set
+            .with_svid(new.issue_local(&id, hour, now).unwrap())
+            .unwrap();
+        assert!(!rotation.wants_renewal(&renewed), "renewed from the new CA");
+        assert_eq!(renewed.roots, set.roots, "the bundle is kept");
+        let smaller = TrustBundle::for_trust_domain("td", vec![new.cert_der().clone()]).unwrap();
+        let swapped = renewed.with_bundle(&smaller).unwrap();
+        assert_eq!(swapped.roots, vec![new.fingerprint()]);
+        assert_eq!(
+            swapped.svid.serial(),
+            renewed.svid.serial(),
+            "the SVID is kept"
+        );
+    }
+
+    #[test]
+    fn renewal_after_a_switch_waits_a_random_part_of_a_quarter_life_at_most_30s() {
+        let now = SystemTime::now();
+        let ca = bulkhead_identity::Ca::generate("td", now).unwrap();
+        let id = SpiffeId::parse("spiffe://td/a").unwrap();
+        let short = ca.issue_local(&id, Duration::from_secs(4), now).unwrap();
+        let long = ca.issue_local(&id, Duration::from_secs(3600), now).unwrap();
+        for _ in 0..100 {
+            assert!(switch_jitter(&short, now) <= Duration::from_secs(1));
+            assert!(switch_jitter(&long, now) <= MAX_SWITCH_JITTER);
+        }
     }
 }
