@@ -192,9 +192,12 @@ pub async fn switch(admin: &mut Admin, id: &str, force: bool) -> Result<()> {
     println!(
         "CA {id} signs now: proxies renew soon, and the control plane's certificate and the admin credential were re-issued from it"
     );
-    let previous = resp.status.iter().flat_map(|s| &s.cas).find(|c| {
-        c.state == "trusted" && c.deactivated_unix != 0 && c.retire_safe_unix > unix_now()
-    });
+    let previous = resp
+        .status
+        .iter()
+        .flat_map(|s| &s.cas)
+        .filter(|c| c.state == "trusted" && c.retire_safe_unix > unix_now())
+        .max_by_key(|c| c.deactivated_unix);
     if let Some(old) = previous {
         println!(
             "CA {} no longer signs; once the certificates it signed have expired ({}), `bulkhead ca retire {}`",

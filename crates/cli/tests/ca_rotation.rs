@@ -524,11 +524,15 @@ fn bring_your_own_intermediate_ca() {
 }
 
 /// Joins as `identity` the way a proxy does, and opens its configuration stream without
-/// acknowledging anything: a proxy that has not (yet) taken the new bundle.
+/// acknowledging anything: a proxy that has not (yet) taken the new bundle. Returns the
+/// stream and the proxy's channel to the control plane.
 async fn silent_proxy(
     mesh: &Mesh,
     identity: &str,
-) -> tonic::Streaming<bulkhead_api::v1::ProxyConfig> {
+) -> (
+    tonic::Streaming<bulkhead_api::v1::ProxyConfig>,
+    tonic::transport::Channel,
+) {
     use bulkhead_api::channel;
     use bulkhead_api::v1::config_client::ConfigClient;
     use bulkhead_api::v1::identity_client::IdentityClient;
@@ -552,21 +556,34 @@ async fn silent_proxy(
         .into_svid(joined.cert_chain_der.into_iter().map(Into::into).collect())
         .unwrap();
     let tls = client_config(Some(&svid), &bundle, control, &[b"h2"]).unwrap();
-    ConfigClient::new(channel::connect(mesh.control_addr, tls))
+    let as_proxy = channel::connect(mesh.control_addr, tls);
+    let stream = ConfigClient::new(as_proxy.clone())
         .watch(WatchRequest {
             namespace: "shop".into(),
             workload: "frontend".into(),
         })
         .await
         .unwrap()
-        .into_inner()
+        .into_inner();
+    (stream, as_proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_waits_for_proxies_and_force_overrides_the_safety_checks() {
     let mut mesh = Mesh::start_with(&["--svid-lifetime", "1h"]);
-    let mut stream = silent_proxy(&mesh, &id("frontend")).await;
+    let (mut stream, as_proxy) = silent_proxy(&mesh, &id("frontend")).await;
     let first = stream.message().await.unwrap().unwrap();
+
+    // The CA calls are admin-only, like every admin call.
+    use bulkhead_api::v1::admin_client::AdminClient;
+    use bulkhead_api::v1::{AddCaRequest, CaStatusRequest};
+    let mut not_admin = AdminClient::new(as_proxy);
+    let err = not_admin.ca_status(CaStatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = not_admin.add_ca(AddCaRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(ca_status(&mesh)["cas"].as_array().unwrap().len(), 1);
+
     assert_eq!(first.trust_bundle.unwrap().roots_der.len(), 1);
     let old = ca_in(&ca_status(&mesh), "active");
 

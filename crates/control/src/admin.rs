@@ -324,7 +324,10 @@ impl Admin for State {
             .map_err(refused)?;
         let signer = set.active().clone();
         self.publish_cas(set).map_err(internal)?;
-        self.dir.write_admin_credential(&signer).map_err(internal)?;
+        if let Err(e) = self.dir.write_admin_credential(&signer) {
+            // The switch stands; the old credential stays valid until its CA is retired.
+            tracing::error!(error = %e, "switched CA, but could not re-issue the admin credential from it; it will be at the next start");
+        }
         tracing::info!(
             actor,
             ca = short(&id),

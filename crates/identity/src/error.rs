@@ -35,6 +35,10 @@ pub enum IdentityError {
     IssuedCert(String),
     #[error("trust bundle is unusable: {0}")]
     Bundle(String),
+    #[error(
+        "no root certificate of the trust bundle names a trust domain (a spiffe:// URI SAN, which a root from your own PKI does not have); the trust domain has to be given"
+    )]
+    NoTrustDomain,
     #[error("TLS configuration failed: {0}")]
     Tls(String),
 }

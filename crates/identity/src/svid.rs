@@ -265,12 +265,10 @@ impl TrustBundle {
         if roots.is_empty() {
             return Err(IdentityError::Bundle("no root certificates".into()));
         }
-        let uri = roots.iter().find_map(|r| ca_uri_san(r)).ok_or_else(|| {
-            IdentityError::Bundle(
-                "no root certificate has a spiffe:// URI SAN naming its trust domain; the trust domain has to be given"
-                    .into(),
-            )
-        })?;
+        let uri = roots
+            .iter()
+            .find_map(|r| ca_uri_san(r))
+            .ok_or(IdentityError::NoTrustDomain)?;
         TrustBundle::for_trust_domain(uri.trim_start_matches("spiffe://"), roots)
     }
 

@@ -22,15 +22,20 @@ pub(crate) struct Joined {
 }
 
 pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
+    let fail = |message: String| ProxyError::Join {
+        addr: config.control,
+        message,
+    };
     let bundle = match &config.identity {
         Some(id) => TrustBundle::from_pem_for(id.trust_domain(), &config.trust_bundle_pem),
-        None => TrustBundle::from_pem(&config.trust_bundle_pem).map_err(|e| {
-            IdentityError::Bundle(format!(
-                "{e} (pass --identity spiffe://<trust-domain>/… to name the mesh's trust domain)"
-            ))
-        }),
+        None => TrustBundle::from_pem(&config.trust_bundle_pem),
     }
-    .map_err(ProxyError::Bundle)?;
+    .map_err(|e| match e {
+        IdentityError::NoTrustDomain => fail(format!(
+            "{e}: pass --identity spiffe://<trust-domain>/… to name the mesh's trust domain"
+        )),
+        e => ProxyError::Bundle(e),
+    })?;
     let tls = client_config(
         None,
         &bundle,
@@ -42,10 +47,6 @@ pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
     let request = JoinRequest {
         token: config.token.0.clone(),
         csr_der: key.csr_der(config.identity.as_ref())?,
-    };
-    let fail = |message: String| ProxyError::Join {
-        addr: config.control,
-        message,
     };
     // The control plane may still be starting: retry only "unavailable", briefly.
     let mut delay = Duration::from_millis(100);

@@ -110,7 +110,8 @@ pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<
     )
     .map_err(|e| e.to_string())?;
     let roots = bundle.fingerprints();
-    if roots != shared.tls.load().roots {
+    let held = shared.tls.load().roots.clone();
+    if roots.len() != held.len() || roots.iter().any(|r| !held.contains(r)) {
         let set = replace(shared, |current| current.with_bundle(&bundle))
             .map_err(|e| format!("cannot use the new trust bundle: {e}"))?;
         tracing::info!(
@@ -289,7 +290,8 @@ mod tests {
         let svid = ca.issue_local(&id, Duration::from_secs(3600), now).unwrap();
         for _ in 0..100 {
             let wait = renew_after(&svid, now).as_secs_f64();
-            assert!((1620.0..=1980.0).contains(&wait), "{wait}");
+            // Half of 3600 s ± 10 %, less the sub-second part not_after loses to rounding.
+            assert!((1619.0..=1980.0).contains(&wait), "{wait}");
         }
         let later = now + Duration::from_secs(4000);
         assert_eq!(
