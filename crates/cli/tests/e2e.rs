@@ -728,9 +728,52 @@ async fn svids_rotate_at_half_life_without_dropping_connections() {
     // 4-second certificates: the proxies renew about every 2 s.
     let mesh = Mesh::start_with(&["--svid-lifetime", "4s"]);
     let policy = mesh.dir.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
-    assert_eq!(mesh.cli(&["apply", "-f", policy.to_str().unwrap()]).0, 0);
+    // The walking skeleton's policy, plus an opaque TCP port 9000 on orders for the frontend.
+    let with_tcp = POLICY
+        .replace(
+            "ports: [{port: 8080, protocol: http}]",
+            "ports: [{port: 8080, protocol: http}, {port: 9000, protocol: tcp}]",
+        )
+        .replace(
+            "      to:\n        methods: [GET]",
+            "      to:\n        ports: [8080]\n        methods: [GET]",
+        )
+        .replace(
+            "      to:\n        paths: [\"/orders/internal/*\"]",
+            "      to:\n        ports: [8080]\n        paths: [\"/orders/internal/*\"]",
+        )
+        .replace(
+            "  rules:\n    - name: frontend-reads-orders",
+            "  rules:\n    - name: frontend-streams\n      from: {identities: [\"spiffe://test.local/ns/shop/sa/frontend\"]}\n      to: {ports: [9000]}\n    - name: frontend-reads-orders",
+        );
+    std::fs::write(&policy, with_tcp).unwrap();
+    let (code, _, err) = mesh.cli(&["apply", "-f", policy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
     let (procs, to_orders) = mesh.orders_and_frontend(&[]);
+
+    // A long-lived opaque TCP stream: echo app ← orders proxy (port 9000) ← frontend proxy.
+    let (_echo_app, echo_addr) = mesh.app_with("orders-echo", &["--tcp-echo"]);
+    let echo = echo_addr.to_string();
+    let (_tcp_server, orders_tcp) = mesh.proxy(
+        "orders-tcp",
+        &mesh.token(&id("orders")),
+        &["--inbound", "127.0.0.1:0", "--app", &echo, "--port", "9000"],
+    );
+    let up_tcp = format!(
+        "name=orders-tcp,listen=127.0.0.1:0,address={},identity={},port=9000,workload=shop/orders",
+        addr(&orders_tcp["inbound"]),
+        id("orders")
+    );
+    let (tcp_client, frontend_tcp) = mesh.proxy(
+        "frontend-tcp",
+        &mesh.token(&id("frontend")),
+        &["--upstream", &up_tcp],
+    );
+    let mut stream =
+        std::net::TcpStream::connect(addr(&frontend_tcp["upstreams"]["orders-tcp"])).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let orders_in = {
         let text = std::fs::read_to_string(mesh.dir.path().join("orders-proxy.json")).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -759,10 +802,27 @@ async fn svids_rotate_at_half_life_without_dropping_connections() {
             "new connection after {:?}: {r:?}",
             start.elapsed()
         );
+        let line = format!("round {rounds}\n");
+        std::io::Write::write_all(&mut stream, line.as_bytes())
+            .unwrap_or_else(|e| panic!("TCP stream write failed after {:?}: {e}", start.elapsed()));
+        let mut echoed = vec![0; line.len()];
+        std::io::Read::read_exact(&mut stream, &mut echoed)
+            .unwrap_or_else(|e| panic!("TCP stream read failed after {:?}: {e}", start.elapsed()));
+        assert_eq!(echoed, line.as_bytes(), "after {:?}", start.elapsed());
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(rounds >= 20, "only {rounds} rounds");
+    // The TCP stream outlived at least two renewals of the proxy that opened it.
+    assert!(
+        tcp_client
+            .log_text()
+            .matches("renewed SVID; new connections use it")
+            .count()
+            >= 2,
+        "{}",
+        tcp_client.log_text()
+    );
 
     // Both proxies renewed at least twice, and a new handshake presents the newest serial.
     let log = procs[1].log_text();
