@@ -45,7 +45,7 @@ YAML
 "$BIN/bulkhead" token create --identity spiffe://bench.local/ns/default/sa/server >"$W/server.token"
 "$BIN/bulkhead" token create --identity spiffe://bench.local/ns/default/sa/client >"$W/client.token"
 
-common=(--control "$CONTROL" --trust-bundle "$W/data/ca.pem" --admin 127.0.0.1:0)
+common=(--control "$CONTROL" --trust-bundle "$W/data/ca.pem" --admin 127.0.0.1:0 --threads "${PROXY_THREADS:-1}")
 "$BIN/bulkhead-proxy" "${common[@]}" --token-file "$W/server.token" \
   --inbound "127.0.0.1:$MESH_SERVER_PORT" --app "127.0.0.1:$UP_PORT" --port 8080 \
   2>"$W/server-proxy.log" &

@@ -216,7 +216,10 @@ fn http2_grpc_upgrades_and_permissive_ports() {
         m.contains("bulkhead_plaintext_connections_total{port=\"8080\"} 2"),
         "{m}"
     );
-    assert!(m.contains("peer=\"plaintext\",status=\"200\""), "{m}");
+    assert!(
+        m.contains("source=\"plaintext\",destination=\"spiffe://test.local/ns/shop/sa/orders\",status=\"200\""),
+        "{m}"
+    );
 }
 
 fn read_head(s: &mut TcpStream) -> String {

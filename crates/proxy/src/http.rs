@@ -180,6 +180,50 @@ fn admit(
     }
 }
 
+/// The `x-bulkhead-decision` value of the last rule that decided on a connection. Requests
+/// on one connection mostly match the same rule, so its header is formatted once per rule
+/// and revision rather than once per request.
+#[derive(Default)]
+pub(crate) struct DecisionHeaders(std::sync::Mutex<Option<LastRule>>);
+
+struct LastRule {
+    revision: u64,
+    policy: Arc<bulkhead_policy::model::ResourceName>,
+    rule: Arc<str>,
+    value: HeaderValue,
+}
+
+impl DecisionHeaders {
+    pub(crate) fn get(&self, d: &bulkhead_policy::Decision) -> Option<HeaderValue> {
+        let fresh = || HeaderValue::from_str(&d.header_value()).ok();
+        let bulkhead_policy::Reason::Rule { policy, rule, .. } = &d.reason else {
+            return fresh();
+        };
+        if d.audit.is_some() {
+            return fresh();
+        }
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(l) = last.as_ref()
+            && l.revision == d.revision
+            && Arc::ptr_eq(&l.policy, policy)
+            && Arc::ptr_eq(&l.rule, rule)
+        {
+            return Some(l.value.clone());
+        }
+        let value = fresh()?;
+        *last = Some(LastRule {
+            revision: d.revision,
+            policy: policy.clone(),
+            rule: rule.clone(),
+            value: value.clone(),
+        });
+        Some(value)
+    }
+}
+
 /// Why forwarding failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LinkError {

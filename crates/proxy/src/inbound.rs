@@ -9,11 +9,11 @@ use crate::clients::Alpn;
 use crate::config::{InboundSpec, InboundTarget};
 use crate::detect::{Sniffed, sniff};
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, denial,
-    forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
-    response_body, serve_http, strip_hop_by_hop,
+    Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, accept_loop,
+    check_path, denial, forward_upgrade, is_upgrade, listen, origin_form, protocol_of,
+    proxy_response, request_host, response_body, serve_http, strip_hop_by_hop,
 };
-use crate::metrics::TlsFailure;
+use crate::metrics::{LabelText, Parties, TlsFailure};
 use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
@@ -196,16 +196,30 @@ where
 {
     let link = Arc::new(Link::new(h2));
     let limits = shared.limits;
+    // Made once per connection: the caller never changes on it.
+    let conn = Arc::new(Caller {
+        source_header: peer
+            .as_ref()
+            .and_then(|p| HeaderValue::from_str(p.as_str()).ok()),
+        parties: Parties {
+            source: LabelText::new(peer.as_ref().map_or(PLAINTEXT_PEER, SpiffeId::as_str)),
+            destination: shared.identity.clone(),
+        },
+        decision_header: DecisionHeaders::default(),
+        peer,
+    });
     let service = service_fn(move |req| {
-        let (peer, link, shared) = (peer.clone(), link.clone(), shared.clone());
+        let (conn, link, shared) = (conn.clone(), link.clone(), shared.clone());
         async move {
             let start = Instant::now();
-            let resp = handle(req, peer.as_ref(), link, t, &shared).await;
+            let resp = handle(req, &conn, link, t, &shared).await;
             if let Ok(r) = &resp {
-                let label = peer.as_ref().map_or(PLAINTEXT_PEER, SpiffeId::as_str);
-                shared
-                    .metrics
-                    .request("inbound", label, r.status().as_u16(), start.elapsed());
+                shared.metrics.request(
+                    "inbound",
+                    &conn.parties,
+                    r.status().as_u16(),
+                    start.elapsed(),
+                );
             }
             resp
         }
@@ -213,13 +227,23 @@ where
     serve_http(io, h2, &limits, service).await;
 }
 
+/// One inbound connection's caller, and what is derived from it once rather than per request.
+struct Caller {
+    peer: Option<SpiffeId>,
+    /// The verified caller, for the app (`x-bulkhead-source`).
+    source_header: Option<HeaderValue>,
+    parties: Parties,
+    decision_header: DecisionHeaders,
+}
+
 async fn handle(
     mut req: Request<Incoming>,
-    peer: Option<&SpiffeId>,
+    conn: &Caller,
     link: Arc<Link>,
     t: Target,
     shared: &Shared,
 ) -> Result<Response<Body>, Infallible> {
+    let peer = conn.peer.as_ref();
     let peer_label = peer.map_or(PLAINTEXT_PEER, SpiffeId::as_str);
     if let Err(why) = check_path(req.uri().path()) {
         tracing::warn!(
@@ -265,8 +289,8 @@ async fn handle(
     }
     headers.remove(DECISION_HEADER);
     headers.remove(SOURCE_HEADER);
-    if let Some(v) = peer.and_then(|p| HeaderValue::from_str(p.as_str()).ok()) {
-        headers.insert(SOURCE_HEADER, v);
+    if let Some(v) = &conn.source_header {
+        headers.insert(SOURCE_HEADER, v.clone());
     }
     let app = t.app;
     let sent = if upgrade {
@@ -276,7 +300,7 @@ async fn handle(
     };
     match sent {
         Ok(mut resp) => {
-            if let Ok(v) = HeaderValue::from_str(&decision.header_value()) {
+            if let Some(v) = conn.decision_header.get(&decision) {
                 resp.headers_mut().insert(DECISION_HEADER, v);
             }
             Ok(resp)

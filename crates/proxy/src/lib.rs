@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     /// The current SVID and TLS configurations; replaced whole on renewal.
     pub tls: ArcSwap<TlsSet>,
     pub workload: ResourceName,
+    /// This proxy's SPIFFE ID as a metric label (it never changes across renewals).
+    pub identity: metrics::LabelText,
     pub policies: ArcSwap<PolicySet>,
     pub rotation: credentials::Rotation,
     /// The mesh's address table (transparent outbound routing), updated with the policies.
@@ -114,6 +116,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         limits: config.limits,
         tls: ArcSwap::from_pointee(tls),
         workload: joined.workload,
+        identity: metrics::LabelText::new(id.as_str()),
         policies: ArcSwap::from_pointee(PolicySet::default()),
         rotation: credentials::Rotation::default(),
         endpoints: ArcSwap::from_pointee(bulkhead_policy::Endpoints::default()),

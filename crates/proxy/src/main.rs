@@ -105,6 +105,11 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Worker threads. With 1 (the default) everything runs on one thread and a forwarded
+    /// request never crosses threads; raise it for a workload that needs more than a core
+    /// of proxying.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
 }
 
 impl Args {
@@ -174,8 +179,7 @@ impl Args {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = match Cli::parse() {
         Cli {
             cmd: Some(Cmd::Init(init)),
@@ -193,7 +197,22 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     init_logging(&args.log_format);
+    let runtime = match args.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(n));
+            b
+        }
+    }
+    .enable_all()
+    .build()
+    .context("starting the async runtime")?;
     let config = args.into_config()?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     let running = bulkhead_proxy::start(config).await?;
     tracing::info!(
         spiffe_id = running.spiffe_id,

@@ -2,8 +2,8 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `bulkhead_requests` | counter | `direction` (inbound, outbound), `peer` (SPIFFE ID of the other end), `status` |
-//! | `bulkhead_request_duration_seconds` | histogram | `direction` |
+//! | `bulkhead_requests` | counter | `direction` (inbound, outbound), `source` (the caller's SPIFFE ID, or `plaintext`), `destination` (the callee's SPIFFE ID), `status` |
+//! | `bulkhead_request_duration_seconds` | histogram | the same as `bulkhead_requests` |
 //! | `bulkhead_authz_decisions` | counter | `direction`, `verdict` (allow, deny), `audit` (would_deny, would_allow, or empty), `policy`, `rule` |
 //! | `bulkhead_tls_handshake_failures` | counter | `direction`, `reason` (see [`TlsFailure`]) |
 //! | `bulkhead_connections` | counter | `direction` |
@@ -20,18 +20,65 @@
 //! Counters get the `_total` suffix on the wire, as OpenMetrics says.
 
 use bulkhead_identity::SvidError;
+use bulkhead_policy::model::ResourceName;
 use bulkhead_policy::{Decision, Reason, Verdict};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+/// A label value shared, not copied: made once per connection (an identity) or per policy
+/// set (a policy or rule name), so counting a request allocates nothing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct LabelText(Arc<str>);
+
+impl LabelText {
+    pub(crate) fn new(text: &str) -> LabelText {
+        LabelText(Arc::from(text))
+    }
+}
+
+impl From<Arc<str>> for LabelText {
+    fn from(text: Arc<str>) -> LabelText {
+        LabelText(text)
+    }
+}
+
+impl EncodeLabelValue for LabelText {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+/// The policy named by a decision, written `namespace/name`; `default` when a posture decided.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct PolicyLabel(Option<Arc<ResourceName>>);
+
+impl EncodeLabelValue for PolicyLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some(p) => write!(encoder, "{p}"),
+            None => encoder.write_str("default"),
+        }
+    }
+}
+
+/// Who called whom over one connection: the labels of every request on it.
+#[derive(Clone, Debug)]
+pub(crate) struct Parties {
+    pub source: LabelText,
+    pub destination: LabelText,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RequestLabels {
     pub direction: &'static str,
-    pub peer: String,
+    pub source: LabelText,
+    pub destination: LabelText,
     pub status: u16,
 }
 
@@ -45,8 +92,8 @@ pub(crate) struct DecisionLabels {
     pub direction: &'static str,
     pub verdict: &'static str,
     pub audit: &'static str,
-    pub policy: String,
-    pub rule: String,
+    pub policy: PolicyLabel,
+    pub rule: Option<LabelText>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,7 +126,7 @@ pub(crate) struct ResultLabels {
 
 pub(crate) struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
-    pub duration: Family<DirectionLabels, Histogram>,
+    pub duration: Family<RequestLabels, Histogram>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub tls_failures: Family<TlsLabels, Counter>,
     pub connections: Family<DirectionLabels, Counter>,
@@ -99,7 +146,7 @@ impl Metrics {
     pub(crate) fn new() -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let duration = Family::<DirectionLabels, Histogram>::new_with_constructor(|| {
+        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 2.0, 16))
         });
         let decisions = Family::<DecisionLabels, Counter>::default();
@@ -136,12 +183,12 @@ impl Metrics {
         );
         registry.register(
             "bulkhead_requests",
-            "HTTP requests handled, by direction, peer identity and status",
+            "HTTP requests handled, by direction, source and destination identity, and status",
             requests.clone(),
         );
         registry.register(
             "bulkhead_request_duration_seconds",
-            "Time from request to response headers",
+            "Time from request to response headers, by direction, source, destination and status",
             duration.clone(),
         );
         registry.register(
@@ -212,8 +259,11 @@ impl Metrics {
 
     pub(crate) fn decision(&self, direction: &'static str, d: &Decision) {
         let (policy, rule) = match &d.reason {
-            Reason::Rule { policy, rule, .. } => (policy.to_string(), rule.to_string()),
-            Reason::Posture { .. } => (String::from("default"), String::new()),
+            Reason::Rule { policy, rule, .. } => (
+                PolicyLabel(Some(policy.clone())),
+                Some(LabelText(rule.clone())),
+            ),
+            Reason::Posture { .. } => (PolicyLabel(None), None),
         };
         let audit = match d.audit.as_ref() {
             Some(a) if a.verdict != d.verdict && a.verdict == Verdict::Deny => "would_deny",
@@ -235,19 +285,19 @@ impl Metrics {
     pub(crate) fn request(
         &self,
         direction: &'static str,
-        peer: &str,
+        parties: &Parties,
         status: u16,
         elapsed: std::time::Duration,
     ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                direction,
-                peer: peer.to_string(),
-                status,
-            })
-            .inc();
+        let labels = RequestLabels {
+            direction,
+            source: parties.source.clone(),
+            destination: parties.destination.clone(),
+            status,
+        };
+        self.requests.get_or_create(&labels).inc();
         self.duration
-            .get_or_create(&DirectionLabels { direction })
+            .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
     }
 

@@ -12,6 +12,7 @@ use crate::http::{
     forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
     response_body, serve_http, strip_hop_by_hop,
 };
+use crate::metrics::{LabelText, Parties};
 use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
@@ -196,16 +197,20 @@ async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
 async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<Shared>) {
     let link = Arc::new(Link::new(h2));
     let limits = shared.limits;
+    let parties = Arc::new(Parties {
+        source: shared.identity.clone(),
+        destination: LabelText::new(dest.identity.as_ref().map_or("-", SpiffeId::as_str)),
+    });
     let service = service_fn(move |req| {
-        let (link, dest, shared) = (link.clone(), dest.clone(), shared.clone());
+        let (link, dest, shared, parties) =
+            (link.clone(), dest.clone(), shared.clone(), parties.clone());
         async move {
             let start = std::time::Instant::now();
-            let resp = handle(req, link, h2, dest.clone(), shared.clone()).await;
+            let resp = handle(req, link, h2, dest, shared.clone()).await;
             if let Ok(r) = &resp {
-                let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
                 shared
                     .metrics
-                    .request("outbound", peer, r.status().as_u16(), start.elapsed());
+                    .request("outbound", &parties, r.status().as_u16(), start.elapsed());
             }
             resp
         }
