@@ -7,7 +7,8 @@
 
 use crate::error::PolicyError;
 use crate::eval::{
-    CompiledRule, Cond, IdentitySet, PolicySet, Postures, RuleList, SubjectRules, slot,
+    CompiledRule, Cond, DeclaredWorkload, IdentitySet, PolicySet, Postures, RuleList, SubjectRules,
+    slot,
 };
 use crate::model::{
     Action, AuthorizationPolicySpec, Direction, Document, Mode, Resource, ResourceName, Rule,
@@ -93,8 +94,9 @@ pub struct Distribution {
     /// For each policy index: the declarations (resource indices) it refers to.
     refs: HashMap<usize, Vec<usize>>,
     declarations: HashMap<WorkloadRef, usize>,
-    mesh_posture: Option<usize>,
-    namespace_postures: HashMap<String, usize>,
+    /// Enforced and audit DefaultPostures alike: a proxy needs both to report audit outcomes.
+    mesh_postures: Vec<usize>,
+    namespace_postures: HashMap<String, Vec<usize>>,
 }
 
 impl Distribution {
@@ -118,10 +120,12 @@ impl Distribution {
                     d.declarations.insert(r.name(), i);
                 }
                 Resource::DefaultPosture(doc) => match &doc.metadata.namespace {
-                    None => d.mesh_posture = Some(i),
-                    Some(ns) => {
-                        d.namespace_postures.insert(ns.value.to_string(), i);
-                    }
+                    None => d.mesh_postures.push(i),
+                    Some(ns) => d
+                        .namespace_postures
+                        .entry(ns.value.to_string())
+                        .or_default()
+                        .push(i),
                 },
                 Resource::Service(_) => {}
                 Resource::AuthorizationPolicy(doc) => {
@@ -171,8 +175,13 @@ impl Distribution {
     pub fn indices_for(&self, workload: &WorkloadRef) -> Vec<usize> {
         let mut out: Vec<usize> = Vec::new();
         out.extend(self.declarations.get(workload));
-        out.extend(self.mesh_posture);
-        out.extend(self.namespace_postures.get(&workload.namespace));
+        out.extend(&self.mesh_postures);
+        out.extend(
+            self.namespace_postures
+                .get(&workload.namespace)
+                .map(|v| v.as_slice())
+                .unwrap_or(&[]),
+        );
         for &p in self
             .policies_by_subject
             .get(workload)
@@ -216,6 +225,7 @@ fn compile(
     let identity_workloads = identity_index(&declared);
 
     let mut subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]> = HashMap::new();
+    let mut order = 0u32;
     for (i, r) in resources.iter().enumerate() {
         let Resource::AuthorizationPolicy(doc) = r else {
             continue;
@@ -254,8 +264,10 @@ fn compile(
             let compiled = CompiledRule {
                 policy: name.clone(),
                 name: rule_name,
+                order,
                 conds: conditions(rule, doc.spec.direction, &ns, &declared),
             };
+            order = order.saturating_add(1);
             for subject in &targets {
                 let entry = subjects.entry(subject.clone()).or_default()[slot(doc.spec.direction)]
                     .get_or_insert_with(SubjectRules::default);
@@ -298,17 +310,24 @@ fn compile(
     for rules in subjects.values_mut().flatten().flatten() {
         rules.finish();
     }
-    let declared_ports = declared
+    let declared = declared
         .workloads
         .iter()
-        .map(|(name, (doc, _))| {
-            let ports = doc
-                .spec
-                .ports
-                .iter()
-                .map(|p| (p.port.value, p.protocol))
-                .collect();
-            (name.clone(), ports)
+        .filter_map(|(name, (doc, _))| {
+            let IdentityPattern::Exact(identity) = &doc.spec.identity.value else {
+                return None;
+            };
+            let workload = DeclaredWorkload {
+                identity: identity.clone(),
+                ports: doc
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| (p.port.value, p.protocol))
+                    .collect(),
+                addresses: doc.spec.addresses.iter().map(|a| a.value).collect(),
+            };
+            Some((name.clone(), workload))
         })
         .collect();
     Ok(PolicySet {
@@ -316,7 +335,7 @@ fn compile(
         subjects,
         postures,
         identity_workloads,
-        declared_ports,
+        declared,
     })
 }
 
@@ -376,22 +395,46 @@ fn declarations<'a>(resources: &'a [Resource], errors: &mut Errors<'_>) -> Decla
     }
 }
 
+/// One enforced and one audit DefaultPosture per scope (a namespace, or the mesh).
 fn postures(resources: &[Resource], errors: &mut Errors<'_>) -> Postures {
     let mut p = Postures::default();
+    // The resource index of the posture already in each (scope, mode) slot.
+    let mut first: HashMap<(String, Mode), usize> = HashMap::new();
     for (i, r) in resources.iter().enumerate() {
         let Resource::DefaultPosture(doc) = r else {
             continue;
         };
         let name = Arc::new(r.name());
-        let slot = match &doc.metadata.namespace {
+        let scope = match &doc.metadata.namespace {
             None => &mut p.mesh,
             Some(ns) => p.namespaces.entry(ns.value.to_string()).or_default(),
         };
-        if slot.is_some() {
+        let slot = match doc.spec.mode {
+            Mode::Enforce => &mut scope.enforce,
+            Mode::Audit => &mut scope.audit,
+        };
+        if let Some(&earlier) = first.get(&(name.namespace.clone(), doc.spec.mode)) {
+            let scope_word = match name.namespace.as_str() {
+                "*" => "the mesh".to_string(),
+                ns => format!("namespace {ns}"),
+            };
+            let mode_word = match doc.spec.mode {
+                Mode::Enforce => "",
+                Mode::Audit => "audit ",
+            };
+            let earlier_at = match errors.origins.get(earlier).and_then(|o| o.as_ref()) {
+                Some(o) => format!(
+                    ", at {}",
+                    o.at(resources[earlier].metadata().name.position())
+                ),
+                None => String::new(),
+            };
             errors.at(i, r, doc.metadata.name.position(), format!(
-                "a second DefaultPosture for {}; there can be one per namespace and one for the mesh",
-                if name.namespace == "*" { "the mesh".to_string() } else { format!("namespace {}", name.namespace) }
+                "a second {mode_word}DefaultPosture for {scope_word} (the first is {}{earlier_at}); there can be one enforced and one audit (mode: audit) DefaultPosture per namespace and for the mesh",
+                resources[earlier].key()
             ));
+        } else {
+            first.insert((name.namespace.clone(), doc.spec.mode), i);
         }
         *slot = Some((name, doc.spec.ingress, doc.spec.egress));
     }

@@ -17,8 +17,9 @@ pub struct Decision {
     pub verdict: Verdict,
     pub reason: Reason,
     pub revision: u64,
-    /// Present when audit-mode policies apply to this workload: the verdict they would give
-    /// if they were enforced beside the enforced ones.
+    /// Present when audit-mode policies apply to this workload and direction, or when its
+    /// posture for the direction comes from an audit-mode DefaultPosture: the verdict they
+    /// would give if they were enforced beside the enforced ones.
     pub audit: Option<Box<AuditOutcome>>,
 }
 
@@ -39,14 +40,56 @@ pub enum Reason {
 }
 
 /// Which posture applied.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PostureSource {
     /// No DefaultPosture says otherwise: ingress deny, egress allow.
     BuiltIn,
     Mesh(Arc<ResourceName>),
     Namespace(Arc<ResourceName>),
+    /// A mesh-wide DefaultPosture with `mode: audit`; only ever in an audit outcome.
+    AuditMesh(Arc<ResourceName>),
+    /// A namespace's DefaultPosture with `mode: audit`; only ever in an audit outcome.
+    AuditNamespace(Arc<ResourceName>),
 }
 
+impl PostureSource {
+    /// Whether this is a `mode: audit` DefaultPosture.
+    pub fn is_audit(&self) -> bool {
+        matches!(
+            self,
+            PostureSource::AuditMesh(_) | PostureSource::AuditNamespace(_)
+        )
+    }
+
+    /// The DefaultPosture, if one (rather than the built-in posture) decided.
+    pub fn resource(&self) -> Option<&Arc<ResourceName>> {
+        match self {
+            PostureSource::BuiltIn => None,
+            PostureSource::Mesh(p)
+            | PostureSource::Namespace(p)
+            | PostureSource::AuditMesh(p)
+            | PostureSource::AuditNamespace(p) => Some(p),
+        }
+    }
+}
+
+/// `built-in posture`, `namespace posture shop/default`, `audit mesh posture */staged` …
+impl fmt::Display for PostureSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PostureSource::BuiltIn => f.write_str("built-in posture"),
+            PostureSource::Mesh(p) => write!(f, "mesh posture {p}"),
+            PostureSource::Namespace(p) => write!(f, "namespace posture {p}"),
+            PostureSource::AuditMesh(p) => write!(f, "audit mesh posture {p}"),
+            PostureSource::AuditNamespace(p) => write!(f, "audit namespace posture {p}"),
+        }
+    }
+}
+
+/// What the verdict would be with every `mode: audit` policy and DefaultPosture enforced.
+/// When a posture decides it and the outcome differs from the real verdict, a deny names
+/// the nearest miss among the enforced and audit allow rules; otherwise `nearest_miss` is
+/// `None`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditOutcome {
     pub verdict: Verdict,
@@ -92,6 +135,11 @@ impl Decision {
                 verdict_word(a.verdict),
                 reason_fields(&a.reason, "audit-")
             ));
+            if let Reason::Posture { source, .. } = &a.reason
+                && let Some(p) = source.resource()
+            {
+                out.push_str(&format!("; audit-posture={p}"));
+            }
         }
         out
     }
@@ -148,30 +196,40 @@ impl fmt::Display for Decision {
             }
             Reason::Posture {
                 action: Action::Allow,
+                source: PostureSource::BuiltIn,
+                ..
+            } => write!(
+                f,
+                "allowed by default: nothing restricts this direction (revision {rev})"
+            )?,
+            Reason::Posture {
+                action: Action::Allow,
                 source,
                 ..
-            } => {
-                let by = match source {
-                    PostureSource::BuiltIn => "nothing restricts this direction".to_string(),
-                    PostureSource::Mesh(p) => format!("mesh posture {p}"),
-                    PostureSource::Namespace(p) => format!("namespace posture {p}"),
-                };
-                write!(f, "allowed by default: {by} (revision {rev})")?
-            }
+            } => write!(f, "allowed by default: {source} (revision {rev})")?,
         }
         if let Some(a) = self.audit.as_ref().filter(|a| a.verdict != self.verdict) {
-            let what = match &a.reason {
-                Reason::Rule { policy, rule, .. } => format!("policy {policy} rule {rule}"),
+            write!(f, "; audit: would {} (", verdict_word(a.verdict))?;
+            match &a.reason {
+                Reason::Rule { policy, rule, .. } => write!(f, "policy {policy} rule {rule}")?,
                 Reason::Posture {
-                    action: Action::Deny,
-                    ..
-                } => "default deny".into(),
-                Reason::Posture {
-                    action: Action::Allow,
-                    ..
-                } => "default allow".into(),
-            };
-            write!(f, "; audit: would {} ({what})", verdict_word(a.verdict))?;
+                    action,
+                    source,
+                    nearest_miss,
+                } => {
+                    f.write_str(match action {
+                        Action::Deny => "default deny",
+                        Action::Allow => "default allow",
+                    })?;
+                    if *source != PostureSource::BuiltIn {
+                        write!(f, " by {source}")?;
+                    }
+                    if *action == Action::Deny {
+                        write_miss(f, nearest_miss)?;
+                    }
+                }
+            }
+            f.write_str(")")?;
         }
         Ok(())
     }

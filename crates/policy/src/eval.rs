@@ -8,7 +8,7 @@ use crate::decision::{AuditOutcome, Decision, NearMiss, PostureSource, Reason, V
 use crate::model::{Action, Direction, HeaderCondition, ResourceName, WorkloadRef};
 use crate::pattern::{HostPattern, IdentityPattern, Method, PathPattern, PortRange, Protocol};
 use ipnet::IpNet;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -76,16 +76,96 @@ pub struct PolicySet {
     pub(crate) subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]>,
     pub(crate) postures: Postures,
     pub(crate) identity_workloads: HashMap<String, Vec<WorkloadRef>>,
-    /// Each declared workload's ports and their protocols.
-    pub(crate) declared_ports: HashMap<WorkloadRef, Vec<(u16, Protocol)>>,
+    /// Every declared Workload, in name order.
+    pub(crate) declared: BTreeMap<WorkloadRef, DeclaredWorkload>,
 }
 
-type PostureEntry = Option<(Arc<ResourceName>, Option<Action>, Option<Action>)>;
+/// A Workload declaration, as the evaluation and the reachability analysis need it.
+#[derive(Debug)]
+pub(crate) struct DeclaredWorkload {
+    /// Its exact SPIFFE ID (the compiler refuses patterns).
+    pub identity: String,
+    /// Ports and their protocols, in declaration order.
+    pub ports: Vec<(u16, Protocol)>,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// A DefaultPosture: its name, and its ingress and egress actions where it sets them.
+pub(crate) type PostureEntry = Option<(Arc<ResourceName>, Option<Action>, Option<Action>)>;
+
+/// The DefaultPostures of one scope (a namespace, or the mesh): at most one per mode.
+#[derive(Debug, Default)]
+pub(crate) struct ScopePostures {
+    pub enforce: PostureEntry,
+    pub audit: PostureEntry,
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Postures {
-    pub mesh: PostureEntry,
-    pub namespaces: HashMap<String, PostureEntry>,
+    pub mesh: ScopePostures,
+    pub namespaces: HashMap<String, ScopePostures>,
+}
+
+/// Which policies and postures count: those the verdict obeys, or also the audit-mode ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PolicyView {
+    /// Enforced policies and DefaultPostures only: what the verdict obeys.
+    #[default]
+    Enforced,
+    /// As if every `mode: audit` policy and DefaultPosture were enforced: what the audit
+    /// evaluation reports. At each scope the audit posture comes before the enforced one.
+    Staged,
+}
+
+impl Postures {
+    /// The posture for `direction` in namespace `namespace`, and where it came from. Enforced:
+    /// namespace, mesh, built-in. Staged: audit namespace, namespace, audit mesh, mesh,
+    /// built-in.
+    pub(crate) fn lookup(
+        &self,
+        namespace: &str,
+        direction: Direction,
+        view: PolicyView,
+    ) -> (Action, PostureSource) {
+        self.lookup_in(self.namespaces.get(namespace), direction, view)
+    }
+
+    fn lookup_in(
+        &self,
+        scope: Option<&ScopePostures>,
+        direction: Direction,
+        view: PolicyView,
+    ) -> (Action, PostureSource) {
+        let pick = |entry: &PostureEntry| {
+            entry.as_ref().and_then(|(name, ingress, egress)| {
+                let a = match direction {
+                    Direction::Ingress => *ingress,
+                    Direction::Egress => *egress,
+                };
+                a.map(|a| (a, name.clone()))
+            })
+        };
+        let staged = view == PolicyView::Staged;
+        let found = scope
+            .and_then(|s| {
+                let audit = staged
+                    .then(|| pick(&s.audit))
+                    .flatten()
+                    .map(|(a, n)| (a, PostureSource::AuditNamespace(n)));
+                audit.or_else(|| pick(&s.enforce).map(|(a, n)| (a, PostureSource::Namespace(n))))
+            })
+            .or_else(|| {
+                staged
+                    .then(|| pick(&self.mesh.audit))
+                    .flatten()
+                    .map(|(a, n)| (a, PostureSource::AuditMesh(n)))
+            })
+            .or_else(|| pick(&self.mesh.enforce).map(|(a, n)| (a, PostureSource::Mesh(n))));
+        found.unwrap_or(match direction {
+            Direction::Ingress => (Action::Deny, PostureSource::BuiltIn),
+            Direction::Egress => (Action::Allow, PostureSource::BuiltIn),
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +195,8 @@ pub(crate) struct RuleList {
 pub(crate) struct CompiledRule {
     pub policy: Arc<ResourceName>,
     pub name: Arc<str>,
+    /// Position in load order across the whole set, for ties between lists.
+    pub order: u32,
     pub conds: Vec<Cond>,
 }
 
@@ -257,7 +339,7 @@ impl Cond {
         format!("{} {v}", self.label())
     }
 
-    fn holds(&self, req: &Request<'_>, set: &PolicySet) -> bool {
+    pub(crate) fn holds(&self, req: &Request<'_>, set: &PolicySet) -> bool {
         let id = req.peer.identity;
         // A missing attribute is in no negated list, and matches no positive one.
         match self {
@@ -367,6 +449,11 @@ impl RuleList {
         self.rules.push(rule);
     }
 
+    /// The rules in definition order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &CompiledRule> {
+        self.rules.iter()
+    }
+
     /// Builds the identity index once every rule is in.
     pub(crate) fn finish(&mut self) {
         self.by_identity.clear();
@@ -419,6 +506,11 @@ impl RuleList {
     /// The rule with the largest share of its conditions matched (the first on a tie);
     /// scored without allocating, explained only for the winner.
     fn nearest_miss(&self, req: &Request<'_>, set: &PolicySet) -> Option<NearMiss> {
+        self.nearest(req, set).map(|(_, r)| r.near_miss(req, set).1)
+    }
+
+    /// The nearest rule and its score (thousandths of its conditions matched).
+    fn nearest(&self, req: &Request<'_>, set: &PolicySet) -> Option<(usize, &CompiledRule)> {
         // One lookup answers the identity condition of every indexed rule.
         let hits: &[u32] = req
             .peer
@@ -445,7 +537,7 @@ impl RuleList {
                 best = Some((score, r));
             }
         }
-        best.map(|(_, r)| r.near_miss(req, set).1)
+        best
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -454,6 +546,19 @@ impl RuleList {
 }
 
 impl SubjectRules {
+    /// The nearest miss among the enforced and the audit allow rules together (the first in
+    /// load order on a tie).
+    fn nearest_staged_miss(&self, req: &Request<'_>, set: &PolicySet) -> Option<NearMiss> {
+        let enforced = self.enforce.allow.nearest(req, set);
+        let audit = self.audit.allow.nearest(req, set);
+        let best = match (enforced, audit) {
+            (Some(e), Some(a)) if a.0 > e.0 || (a.0 == e.0 && a.1.order < e.1.order) => Some(a),
+            (Some(e), _) => Some(e),
+            (None, a) => a,
+        };
+        best.map(|(_, r)| r.near_miss(req, set).1)
+    }
+
     pub(crate) fn finish(&mut self) {
         for list in [
             &mut self.enforce.deny,
@@ -486,16 +591,17 @@ impl PolicySet {
         self.revision
     }
 
-    /// How many compiled rules there are, counted once per protected workload; for tooling.
     /// The protocol `workload` declares for `port`, if it declares that port.
     pub fn declared_protocol(&self, workload: &WorkloadRef, port: u16) -> Option<Protocol> {
-        self.declared_ports
+        self.declared
             .get(workload)?
+            .ports
             .iter()
             .find(|(p, _)| *p == port)
             .map(|(_, proto)| *proto)
     }
 
+    /// How many compiled rules there are, counted once per protected workload; for tooling.
     pub fn rule_count(&self) -> usize {
         self.subjects
             .values()
@@ -511,52 +617,53 @@ impl PolicySet {
     }
 
     /// The posture for a workload's namespace and direction, and where it came from.
-    fn posture(&self, subject: &WorkloadRef, direction: Direction) -> (Action, PostureSource) {
-        let pick = |entry: &PostureEntry| {
-            entry.as_ref().and_then(|(name, ingress, egress)| {
-                let a = match direction {
-                    Direction::Ingress => *ingress,
-                    Direction::Egress => *egress,
-                };
-                a.map(|a| (a, name.clone()))
-            })
-        };
-        if let Some((a, name)) = self
-            .postures
-            .namespaces
-            .get(&subject.namespace)
-            .and_then(pick)
-        {
-            return (a, PostureSource::Namespace(name));
-        }
-        if let Some((a, name)) = pick(&self.postures.mesh) {
-            return (a, PostureSource::Mesh(name));
-        }
-        match direction {
-            Direction::Ingress => (Action::Deny, PostureSource::BuiltIn),
-            Direction::Egress => (Action::Allow, PostureSource::BuiltIn),
-        }
+    pub(crate) fn posture(
+        &self,
+        subject: &WorkloadRef,
+        direction: Direction,
+        view: PolicyView,
+    ) -> (Action, PostureSource) {
+        self.postures.lookup(&subject.namespace, direction, view)
     }
 
     /// Decides one request: deny rules win, then allow rules, then the posture. Audit-mode
-    /// policies are evaluated beside the enforced ones and reported, never obeyed.
+    /// policies and postures are evaluated beside the enforced ones and reported, never
+    /// obeyed.
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
         let rules = self
             .subjects
             .get(req.subject)
             .and_then(|d| d[slot(req.direction)].as_ref());
-        let (posture, source) = self.posture(req.subject, req.direction);
+        let scope = self.postures.namespaces.get(&req.subject.namespace);
+        let (posture, source) = self
+            .postures
+            .lookup_in(scope, req.direction, PolicyView::Enforced);
+        let (staged_posture, staged_source) =
+            self.postures
+                .lookup_in(scope, req.direction, PolicyView::Staged);
+        let staged = staged_source.is_audit();
         let Some(rules) = rules else {
-            let nearest_miss = None;
+            let verdict = verdict_of(posture);
+            let audit = staged.then(|| {
+                Box::new(AuditOutcome {
+                    verdict: verdict_of(staged_posture),
+                    // No rule applies, so no allow rule can be named.
+                    reason: Reason::Posture {
+                        action: staged_posture,
+                        source: staged_source,
+                        nearest_miss: None,
+                    },
+                })
+            });
             return Decision {
-                verdict: verdict_of(posture),
+                verdict,
                 reason: Reason::Posture {
                     action: posture,
                     source,
-                    nearest_miss,
+                    nearest_miss: None,
                 },
                 revision: self.revision,
-                audit: None,
+                audit,
             };
         };
         let deny = rules.enforce.deny.first_match(req, self);
@@ -576,36 +683,39 @@ impl PolicySet {
                     verdict_of(posture),
                     Reason::Posture {
                         action: posture,
-                        source: source.clone(),
+                        source,
                         nearest_miss,
                     },
                 )
             }
         };
-        let audit = rules.has_audit.then(|| {
-            let shadow_deny = deny.map(|r| rule_reason(Action::Deny, r)).or_else(|| {
-                rules
-                    .audit
-                    .deny
-                    .first_match(req, self)
-                    .map(|r| rule_reason(Action::Deny, r))
-            });
-            let (verdict, reason) = match shadow_deny {
-                Some(reason) => (Verdict::Deny, reason),
-                None => match allow
-                    .or_else(|| rules.audit.allow.first_match(req, self))
-                    .map(|r| rule_reason(Action::Allow, r))
-                {
-                    Some(reason) => (Verdict::Allow, reason),
-                    None => (
-                        verdict_of(posture),
+        let audit = (rules.has_audit || staged).then(|| {
+            // Steps 4-6 again, with the audit policies added and the staged posture.
+            let shadow_deny = deny.or_else(|| rules.audit.deny.first_match(req, self));
+            let shadow_allow = match shadow_deny {
+                Some(_) => None,
+                None => allow.or_else(|| rules.audit.allow.first_match(req, self)),
+            };
+            let (verdict, reason) = match (shadow_deny, shadow_allow) {
+                (Some(r), _) => (Verdict::Deny, rule_reason(Action::Deny, r)),
+                (None, Some(r)) => (Verdict::Allow, rule_reason(Action::Allow, r)),
+                (None, None) => {
+                    // Explained only when reported, i.e. when it differs from the verdict.
+                    let nearest_miss = match staged_posture {
+                        Action::Deny if verdict == Verdict::Allow => {
+                            rules.nearest_staged_miss(req, self)
+                        }
+                        _ => None,
+                    };
+                    (
+                        verdict_of(staged_posture),
                         Reason::Posture {
-                            action: posture,
-                            source: source.clone(),
-                            nearest_miss: None,
+                            action: staged_posture,
+                            source: staged_source,
+                            nearest_miss,
                         },
-                    ),
-                },
+                    )
+                }
             };
             Box::new(AuditOutcome { verdict, reason })
         });

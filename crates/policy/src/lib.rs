@@ -14,16 +14,21 @@ mod eval;
 mod located;
 pub mod model;
 mod pattern;
+mod reach;
 mod source;
 
 pub use compile::{Distribution, relevant_to};
 pub use decision::{AuditOutcome, Decision, NearMiss, PostureSource, Reason, Verdict};
 pub use endpoints::{Endpoint, Endpoints};
 pub use error::{PolicyError, SourceLocation};
-pub use eval::{Headers, Http, Peer, PolicySet, Request};
+pub use eval::{Headers, Http, Peer, PolicySet, PolicyView, Request};
 pub use located::Located;
 pub use pattern::{
     GrpcName, HeaderName, HostPattern, IdentityPattern, Method, PathPattern, PortRange, Protocol,
+};
+pub use reach::{
+    BlastRadius, Grant, ReachEdge, ReachError, ReachOptions, Reached, SourceEgress, blast_radius,
+    can_reach, reachable_from, who_can_reach,
 };
 pub use source::{Origin, is_valid_name, parse_documents, parse_file};
 

@@ -122,7 +122,9 @@ pub enum Direction {
     Egress,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Decides the verdict.
@@ -130,6 +132,12 @@ pub enum Mode {
     Enforce,
     /// Evaluated beside the enforced policies and reported as would-allow / would-deny.
     Audit,
+}
+
+impl Mode {
+    pub fn is_enforce(&self) -> bool {
+        *self == Mode::Enforce
+    }
 }
 
 /// Which workloads a policy protects: by name, by labels, or (empty) all in its namespace.
@@ -301,6 +309,12 @@ pub struct DefaultPostureSpec {
     pub ingress: Option<Action>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Action>,
+    /// `enforce`: decides requests no enforced rule decided. `audit`: consulted only by the
+    /// audit evaluation, never by the verdict. Not written when `enforce`, so a sidecar that
+    /// predates audit postures still reads every enforced one, and refuses (NACKs) an audit
+    /// one rather than enforcing it.
+    #[serde(default, skip_serializing_if = "Mode::is_enforce")]
+    pub mode: Mode,
 }
 
 impl Serialize for Resource {
@@ -350,7 +364,7 @@ impl Resource {
             }
             Resource::Service(d) => format!("selects {:?}", d.spec.selector.match_labels),
             Resource::DefaultPosture(d) => format!(
-                "ingress {}, egress {}",
+                "ingress {}, egress {}{}",
                 d.spec
                     .ingress
                     .map(|a| format!("{a:?}").to_lowercase())
@@ -359,6 +373,10 @@ impl Resource {
                     .egress
                     .map(|a| format!("{a:?}").to_lowercase())
                     .unwrap_or_else(|| "(inherit)".into()),
+                match d.spec.mode {
+                    Mode::Enforce => "",
+                    Mode::Audit => " (audit)",
+                },
             ),
         }
     }

@@ -1,9 +1,16 @@
 //! Policy behaviour as data: one `check` helper, tables of requests and expected verdicts,
 //! and tables of refused files with their exact `file:line:column`.
+//!
+//! One test binary: the modules below share these helpers.
+
+#[path = "policy/reach.rs"]
+mod reach;
+#[path = "policy/staged_postures.rs"]
+mod staged_postures;
 
 use bulkhead_policy::model::{Direction, Resource, ResourceName};
 use bulkhead_policy::{
-    Http, Peer, PolicyError, PolicySet, Protocol, Request, load, parse_documents,
+    Decision, Http, Peer, PolicyError, PolicySet, Protocol, Request, load, parse_documents,
 };
 
 const DECLARATIONS: &str = r#"
@@ -75,35 +82,45 @@ fn wref(s: &str) -> ResourceName {
     }
 }
 
-/// Compiles `policies` (with the shared declarations) and checks each case's explanation.
-fn check(policies: &str, cases: &[(Case<'_>, &str)]) {
+/// Compiles `policies` (with the shared declarations) at revision 7.
+fn compile(policies: &str) -> PolicySet {
     let files = vec![
         ("decl.yaml".to_string(), DECLARATIONS.to_string()),
         ("p.yaml".to_string(), policies.to_string()),
     ];
     let (_, set) = load(&files, 7).unwrap_or_else(|e| panic!("policy refused: {e:?}"));
+    set
+}
+
+/// Decides one case.
+fn decide(set: &PolicySet, c: &Case<'_>) -> Decision {
+    let subject = wref(c.subject);
+    let peer_workload = c.peer_workload.map(wref);
+    let http = (c.protocol != Protocol::Tcp).then_some(Http {
+        method: c.method,
+        path: c.path,
+        host: c.host,
+        headers: &c.headers,
+    });
+    set.evaluate(&Request {
+        direction: c.direction,
+        subject: &subject,
+        peer: Peer {
+            identity: Some(c.peer),
+            ip: c.ip.map(|i| i.parse().expect("ip")),
+            workload: peer_workload.as_ref(),
+        },
+        port: c.port,
+        protocol: c.protocol,
+        http,
+    })
+}
+
+/// Compiles `policies` (with the shared declarations) and checks each case's explanation.
+fn check(policies: &str, cases: &[(Case<'_>, &str)]) {
+    let set = compile(policies);
     for (c, expected) in cases {
-        let subject = wref(c.subject);
-        let peer_workload = c.peer_workload.map(wref);
-        let http = (c.protocol != Protocol::Tcp).then_some(Http {
-            method: c.method,
-            path: c.path,
-            host: c.host,
-            headers: &c.headers,
-        });
-        let req = Request {
-            direction: c.direction,
-            subject: &subject,
-            peer: Peer {
-                identity: Some(c.peer),
-                ip: c.ip.map(|i| i.parse().expect("ip")),
-                workload: peer_workload.as_ref(),
-            },
-            port: c.port,
-            protocol: c.protocol,
-            http,
-        };
-        let got = set.evaluate(&req).to_string();
+        let got = decide(&set, c).to_string();
         assert_eq!(
             &got,
             expected,

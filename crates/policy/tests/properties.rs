@@ -15,6 +15,9 @@ use proptest::prelude::*;
 use proptest::sample::subsequence;
 use std::fmt::Write as _;
 
+#[path = "properties/reach.rs"]
+mod reach;
+
 const API: &str = "apiVersion: bulkhead.dev/v1alpha1";
 
 // ---------------------------------------------------------------------------------------
@@ -203,6 +206,8 @@ struct Posture {
 #[derive(Clone, Debug)]
 struct GenSet {
     posture: Option<Posture>,
+    /// A DefaultPosture with `mode: audit`.
+    audit_posture: Option<Posture>,
     policies: Vec<GenPolicy>,
 }
 
@@ -335,9 +340,10 @@ fn policy_strategy(audit_weight: f64) -> impl Strategy<Value = GenPolicy> {
         )
 }
 
-fn posture_strategy() -> impl Strategy<Value = Option<Posture>> {
+/// A DefaultPosture, present with probability `p`.
+fn posture_strategy(p: f64) -> impl Strategy<Value = Option<Posture>> {
     prop::option::weighted(
-        0.3,
+        p,
         (any::<bool>(), prop::option::of(action())).prop_map(|(namespaced, ingress)| Posture {
             namespaced,
             ingress,
@@ -347,10 +353,15 @@ fn posture_strategy() -> impl Strategy<Value = Option<Posture>> {
 
 fn set_strategy(audit_weight: f64) -> impl Strategy<Value = GenSet> {
     (
-        posture_strategy(),
+        posture_strategy(0.3),
+        posture_strategy(audit_weight),
         prop::collection::vec(policy_strategy(audit_weight), 0..=5),
     )
-        .prop_map(|(posture, policies)| GenSet { posture, policies })
+        .prop_map(|(posture, audit_posture, policies)| GenSet {
+            posture,
+            audit_posture,
+            policies,
+        })
 }
 
 fn request_strategy() -> impl Strategy<Value = GenRequest> {
@@ -605,7 +616,7 @@ fn policy_yaml(name: &str, p: &GenPolicy) -> String {
     out
 }
 
-fn posture_yaml(p: &Posture) -> String {
+fn posture_yaml(p: &Posture, audit: bool) -> String {
     let ns = if p.namespaced {
         "\n  namespace: shop"
     } else {
@@ -615,18 +626,30 @@ fn posture_yaml(p: &Posture) -> String {
         Some(a) => format!("{{ingress: {}}}", action_word(a)),
         None => "{egress: allow}".to_string(),
     };
-    format!("{API}\nkind: DefaultPosture\nmetadata:\n  name: posture{ns}\nspec: {spec}\n")
+    let (name, spec) = match audit {
+        true => ("staged", spec.replace('}', ", mode: audit}")),
+        false => ("posture", spec),
+    };
+    format!("{API}\nkind: DefaultPosture\nmetadata:\n  name: {name}{ns}\nspec: {spec}\n")
 }
 
 fn set_yaml(set: &GenSet) -> String {
-    set_yaml_keeping(set, |_| true)
+    set_yaml_keeping(set, |_| true, true)
 }
 
-/// The set's YAML with only the policies `keep` accepts; each keeps its name `p{i}`.
-fn set_yaml_keeping(set: &GenSet, keep: impl Fn(&GenPolicy) -> bool) -> String {
+/// The set's YAML with only the policies `keep` accepts (each keeps its name `p{i}`), and
+/// the audit posture if `audit_posture`.
+fn set_yaml_keeping(
+    set: &GenSet,
+    keep: impl Fn(&GenPolicy) -> bool,
+    audit_posture: bool,
+) -> String {
     let mut docs = vec![declarations_yaml()];
     if let Some(p) = &set.posture {
-        docs.push(posture_yaml(p));
+        docs.push(posture_yaml(p, false));
+    }
+    if let Some(p) = set.audit_posture.as_ref().filter(|_| audit_posture) {
+        docs.push(posture_yaml(p, true));
     }
     for (i, p) in set.policies.iter().enumerate() {
         if keep(p) {
@@ -813,13 +836,43 @@ fn first_match(set: &GenSet, action: Action, r: &GenRequest) -> Option<(String, 
 }
 
 fn posture(set: &GenSet, r: &GenRequest) -> Verdict {
+    staged_posture(set, r, false)
+}
+
+/// The ingress posture; `staged`: as the audit evaluation looks it up (audit namespace,
+/// namespace, audit mesh, mesh, built-in deny).
+fn staged_posture(set: &GenSet, r: &GenRequest, staged: bool) -> Verdict {
     let in_shop = SUBJECTS[r.subject].0 == "shop";
-    match &set.posture {
-        Some(Posture {
-            namespaced,
-            ingress: Some(Action::Allow),
-        }) if !namespaced || in_shop => Verdict::Allow,
+    let audit = set.audit_posture.as_ref().filter(|_| staged);
+    let sets_ingress = |p: Option<&Posture>, namespaced: bool| {
+        p.filter(|p| p.namespaced == namespaced && (!namespaced || in_shop))
+            .and_then(|p| p.ingress)
+    };
+    let enforced = set.posture.as_ref();
+    let action = sets_ingress(audit, true)
+        .or(sets_ingress(enforced, true))
+        .or(sets_ingress(audit, false))
+        .or(sets_ingress(enforced, false));
+    match action {
+        Some(Action::Allow) => Verdict::Allow,
         _ => Verdict::Deny,
+    }
+}
+
+/// The model's audit outcome: audit policies enforced too, and the staged posture.
+fn staged_model(set: &GenSet, r: &GenRequest) -> Verdict {
+    let rules = |action: Action| {
+        set.policies
+            .iter()
+            .filter(|p| p.action == action && selects(&p.selector, r.subject))
+            .any(|p| p.rules.iter().any(|rule| rule_matches(rule, r)))
+    };
+    if rules(Action::Deny) {
+        Verdict::Deny
+    } else if rules(Action::Allow) {
+        Verdict::Allow
+    } else {
+        staged_posture(set, r, true)
     }
 }
 
@@ -978,12 +1031,24 @@ proptest! {
         }
     }
 
-    /// (f) Audit-mode policies never change the verdict, nor its reason: the set with them
-    /// decides exactly as the set without them.
+    /// The audit outcome (or the verdict, when none is reported) agrees with the reference
+    /// model of the audit evaluation, including the order postures are looked up in.
+    #[test]
+    fn audit_outcomes_agree_with_the_reference_model(set in set_strategy(0.5), reqs in requests()) {
+        let compiled = compile_set(&set)?;
+        for r in &reqs {
+            let d = evaluate(&compiled, r);
+            let staged = d.audit.as_ref().map(|a| a.verdict).unwrap_or(d.verdict);
+            prop_assert_eq!(staged, staged_model(&set, r), "{}: {}\n{}", describe(r), d, set_yaml(&set));
+        }
+    }
+
+    /// (f) Audit-mode policies and postures never change the verdict, nor its reason: the set
+    /// with them decides exactly as the set without them.
     #[test]
     fn audit_policies_never_change_the_verdict(set in set_strategy(0.5), reqs in requests()) {
         let with_audit = compile_set(&set)?;
-        let (_, without) = compile_yaml(&set_yaml_keeping(&set, |p| !p.audit))?;
+        let (_, without) = compile_yaml(&set_yaml_keeping(&set, |p| !p.audit, false))?;
         for r in &reqs {
             let a = evaluate(&with_audit, r);
             let b = evaluate(&without, r);
