@@ -1,0 +1,327 @@
+//! What a policy change would do to the traffic the mesh has actually seen: every stored
+//! edge is replayed against the current set and a candidate, and each flow whose verdict
+//! changes is listed, newly denied first.
+//!
+//! A replayed request is a representative of its edge, not the request itself: the path is
+//! the template with each `*` replaced by `x`, and it carries no headers, host or peer
+//! address. Rules on those see the request as having none; the impact of such rules is an
+//! estimate, and the explanation printed beside each flow says what decided.
+//!
+//! "What if I enforce this" is [`enforce_all`] before compiling the candidate: audit-mode
+//! policies and postures then decide as if enforced.
+
+use crate::edge::{Edge, EdgeStats, rfc3339};
+use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
+use bulkhead_policy::{
+    Decision, Http, IdentityPattern, Peer, PolicySet, Protocol, Request, Verdict,
+};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// The resources with every audit-mode policy and posture switched to enforce. Where a scope
+/// (a namespace, or the mesh) has both an audit and an enforced posture, the audit one takes
+/// the enforced one's place, keeping the enforced one's direction where it sets none.
+pub fn enforce_all(resources: &[Resource]) -> Vec<Resource> {
+    // The enforced posture of each scope that also has an audit one.
+    let scope = |r: &Resource| r.metadata().namespace.as_ref().map(|n| n.value.to_string());
+    let mut audit_scopes = Vec::new();
+    for r in resources {
+        if let Resource::DefaultPosture(doc) = r
+            && doc.spec.mode == Mode::Audit
+        {
+            audit_scopes.push(scope(r));
+        }
+    }
+    let enforced: BTreeMap<Option<String>, &Resource> = resources
+        .iter()
+        .filter(|r| {
+            matches!(r, Resource::DefaultPosture(d) if d.spec.mode == Mode::Enforce)
+                && audit_scopes.contains(&scope(r))
+        })
+        .map(|r| (scope(r), r))
+        .collect();
+    let mut out = Vec::with_capacity(resources.len());
+    for r in resources {
+        match r {
+            Resource::AuthorizationPolicy(doc) => {
+                let mut doc = doc.clone();
+                doc.spec.mode = Mode::Enforce;
+                out.push(Resource::AuthorizationPolicy(doc));
+            }
+            Resource::DefaultPosture(doc) if doc.spec.mode == Mode::Audit => {
+                let mut doc = doc.clone();
+                doc.spec.mode = Mode::Enforce;
+                if let Some(Resource::DefaultPosture(e)) = enforced.get(&scope(r)) {
+                    doc.spec.ingress = doc.spec.ingress.or(e.spec.ingress);
+                    doc.spec.egress = doc.spec.egress.or(e.spec.egress);
+                }
+                out.push(Resource::DefaultPosture(doc));
+            }
+            Resource::DefaultPosture(_) if enforced.values().any(|e| e.key() == r.key()) => {}
+            other => out.push(other.clone()),
+        }
+    }
+    out
+}
+
+/// `current` with `changes` applied as `bulkhead apply` would: a resource with the same
+/// kind, namespace and name replaces the stored one in place; new ones are appended.
+pub fn apply(current: &[Resource], changes: &[Resource]) -> Vec<Resource> {
+    let mut out = current.to_vec();
+    for c in changes {
+        match out.iter_mut().find(|r| r.key() == c.key()) {
+            Some(slot) => *slot = c.clone(),
+            None => out.push(c.clone()),
+        }
+    }
+    out
+}
+
+/// A request shape between two parties: an edge without its outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow {
+    pub direction: Direction,
+    pub source_identity: Option<String>,
+    pub source_workload: Option<WorkloadRef>,
+    pub destination: WorkloadRef,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub method: Option<String>,
+    /// The path template.
+    pub path: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VerdictChange {
+    NewlyDenied,
+    NewlyAllowed,
+}
+
+/// One flow whose verdict the candidate changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowChange {
+    pub change: VerdictChange,
+    pub flow: Flow,
+    /// Every request of the flow, whatever it was decided at the time.
+    pub stats: EdgeStats,
+    /// The current set's decision.
+    pub before: Decision,
+    /// The candidate's decision: the policy and rule, or the posture and nearest miss.
+    pub after: Decision,
+}
+
+/// The flows a candidate would change, newly denied first, then by request count.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Impact {
+    pub changes: Vec<FlowChange>,
+    /// How many distinct flows were replayed.
+    pub replayed: usize,
+    /// Flows that could not be replayed: egress edges whose source workload is unknown.
+    pub not_replayed: Vec<Flow>,
+}
+
+impl Impact {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    pub fn newly_denied(&self) -> impl Iterator<Item = &FlowChange> {
+        self.changes
+            .iter()
+            .filter(|c| c.change == VerdictChange::NewlyDenied)
+    }
+}
+
+/// Replays every flow of `edges` against `current` and `candidate` and lists the flows whose
+/// verdict differs. `declared` gives the Workloads whose identities an egress replay needs
+/// (the server's identity); ingress replays need only the edge.
+///
+/// To see what enforcing audit-mode resources would do, compile the candidate from
+/// [`enforce_all`]; a candidate compiled as is shows what applying it would do (nothing, for
+/// audit-mode resources).
+pub fn impact(
+    edges: &[Edge],
+    current: &PolicySet,
+    candidate: &PolicySet,
+    declared: &[Resource],
+) -> Impact {
+    let identities: BTreeMap<WorkloadRef, String> = declared
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Workload(doc) => match &doc.spec.identity.value {
+                IdentityPattern::Exact(id) => Some((r.name(), id.clone())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let mut flows: BTreeMap<Flow, EdgeStats> = BTreeMap::new();
+    for e in edges {
+        let k = &e.key;
+        let flow = Flow {
+            direction: k.direction,
+            source_identity: k.source_identity.clone(),
+            source_workload: k.source_workload.clone(),
+            destination: k.destination.clone(),
+            port: k.port,
+            protocol: k.protocol,
+            method: k.method.clone(),
+            path: k.path.clone(),
+        };
+        flows.entry(flow).or_default().merge(&e.stats);
+    }
+    let mut out = Impact::default();
+    let headers: Vec<(String, String)> = Vec::new();
+    for (flow, stats) in flows {
+        let path = flow.path.as_deref().map(concrete_path);
+        let http = flow.protocol.is_http().then(|| Http {
+            method: flow.method.as_deref().unwrap_or_default(),
+            path: path.as_deref().unwrap_or("/"),
+            host: None,
+            headers: &headers,
+        });
+        let (subject, peer) = match flow.direction {
+            Direction::Ingress => (
+                &flow.destination,
+                Peer {
+                    identity: flow.source_identity.as_deref(),
+                    ip: None,
+                    workload: None,
+                },
+            ),
+            Direction::Egress => {
+                let Some(source) = &flow.source_workload else {
+                    out.not_replayed.push(flow.clone());
+                    continue;
+                };
+                (
+                    source,
+                    Peer {
+                        identity: identities.get(&flow.destination).map(String::as_str),
+                        ip: None,
+                        workload: Some(&flow.destination),
+                    },
+                )
+            }
+        };
+        let req = Request {
+            direction: flow.direction,
+            subject,
+            peer,
+            port: flow.port,
+            protocol: flow.protocol,
+            http,
+        };
+        out.replayed += 1;
+        let before = current.evaluate(&req);
+        let after = candidate.evaluate(&req);
+        let change = match (before.verdict, after.verdict) {
+            (Verdict::Allow, Verdict::Deny) => VerdictChange::NewlyDenied,
+            (Verdict::Deny, Verdict::Allow) => VerdictChange::NewlyAllowed,
+            _ => continue,
+        };
+        out.changes.push(FlowChange {
+            change,
+            flow,
+            stats,
+            before,
+            after,
+        });
+    }
+    out.changes.sort_by(|a, b| {
+        (a.change, std::cmp::Reverse(a.stats.count), &a.flow).cmp(&(
+            b.change,
+            std::cmp::Reverse(b.stats.count),
+            &b.flow,
+        ))
+    });
+    out
+}
+
+/// A path that matches its template: each `*` becomes `x` (`/orders/*` → `/orders/x`).
+pub fn concrete_path(template: &str) -> String {
+    template
+        .split('/')
+        .map(|seg| {
+            if seg == "**" {
+                "x".to_string()
+            } else {
+                seg.replace('*', "x")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// `spiffe://…/frontend (shop/frontend) -> shop/orders:8080 http GET /orders/*, ingress`
+impl fmt::Display for Flow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.source_identity, &self.source_workload) {
+            (Some(id), Some(w)) => write!(f, "{id} ({w})")?,
+            (Some(id), None) => f.write_str(id)?,
+            (None, Some(w)) => write!(f, "{w} (no identity)")?,
+            (None, None) => f.write_str("(no identity)")?,
+        }
+        write!(
+            f,
+            " -> {}:{} {}",
+            self.destination,
+            self.port,
+            self.protocol.as_str()
+        )?;
+        for part in [&self.method, &self.path].into_iter().flatten() {
+            write!(f, " {part}")?;
+        }
+        let dir = match self.direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        write!(f, ", {dir}")
+    }
+}
+
+/// One paragraph per flow, then a summary line.
+impl fmt::Display for Impact {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut totals = [(0usize, 0u64); 2];
+        for c in &self.changes {
+            let (word, slot) = match c.change {
+                VerdictChange::NewlyDenied => ("newly denied", 0),
+                VerdictChange::NewlyAllowed => ("newly allowed", 1),
+            };
+            totals[slot].0 += 1;
+            totals[slot].1 += c.stats.count;
+            let n = c.stats.count;
+            writeln!(
+                f,
+                "{word}: {}\n  {n} request{}, last seen {}\n  before: {}\n  after:  {}",
+                c.flow,
+                if n == 1 { "" } else { "s" },
+                rfc3339(c.stats.last_seen),
+                c.before,
+                c.after
+            )?;
+        }
+        write!(
+            f,
+            "{} of {} flows change: {} newly denied ({} requests), {} newly allowed ({} requests)",
+            self.changes.len(),
+            self.replayed,
+            totals[0].0,
+            totals[0].1,
+            totals[1].0,
+            totals[1].1
+        )?;
+        if !self.not_replayed.is_empty() {
+            write!(
+                f,
+                "; {} egress flows without a source workload not replayed",
+                self.not_replayed.len()
+            )?;
+        }
+        writeln!(f)
+    }
+}
+
+#[cfg(test)]
+mod tests;
