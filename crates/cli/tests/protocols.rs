@@ -48,6 +48,7 @@ struct Shop {
     /// The orders proxy's inbound (HTTP) listener and admin address.
     orders_in: SocketAddr,
     orders_admin: SocketAddr,
+    frontend_admin: SocketAddr,
 }
 
 fn apply(mesh: &Mesh, name: &str, text: &str) {
@@ -105,6 +106,7 @@ fn shop() -> Shop {
         tcp: addr(&frontend["upstreams"]["orders-tcp"]),
         orders_in: addr(&orders["inbound"]),
         orders_admin: addr(&orders["admin"]),
+        frontend_admin: addr(&frontend["admin"]),
         mesh,
         _procs: vec![http_app, echo_app, orders_proxy, tcp_proxy, frontend_proxy],
     }
@@ -176,6 +178,30 @@ fn http2_grpc_upgrades_and_permissive_ports() {
     // HTTP/1.1 still works on the same upstream port.
     let (_, out) = curl(&[&format!("{base}/orders")]);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    // HTTP/1.1 requests from separate app connections share one mTLS connection between
+    // the sidecars: five more app connections, no new connection at the orders sidecar.
+    let inbound_conns = || {
+        metrics(shop.orders_admin)
+            .lines()
+            .find(|l| l.starts_with("bulkhead_connections_total{direction=\"inbound\"}"))
+            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+            .unwrap()
+    };
+    let before = inbound_conns();
+    for i in 0..5 {
+        let r = http(shop.http, "GET", &format!("/orders/{i}"));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            r.body.contains("(HTTP/1.1)"),
+            "the app still sees HTTP/1.1: {}",
+            r.body
+        );
+    }
+    assert_eq!(inbound_conns(), before);
+    let config: serde_json::Value =
+        serde_json::from_str(&http(shop.frontend_admin, "GET", "/config").body).unwrap();
+    assert_eq!(config["sharedUpstreamConnections"], 1, "{config}");
 
     // An upgrade (WebSocket-style): allowed on /ws, then bytes flow both ways.
     let mut ws = TcpStream::connect(shop.http).unwrap();

@@ -101,6 +101,7 @@ async fn handle(
                 "policyRevision": shared.policies.load().revision(),
                 "meshEndpoints": shared.endpoints.load().len(),
                 "openTcpRelays": shared.relays.len(),
+                "sharedUpstreamConnections": shared.mux.open(),
                 "ready": not_ready(&shared).is_none(),
             });
             reply(StatusCode::OK, "application/json", format!("{body:#}\n"))

@@ -13,17 +13,21 @@ use std::sync::{Arc, Mutex};
 pub(crate) enum Alpn {
     Http1,
     H2,
+    /// HTTP/2 framing carrying the HTTP/1.1 requests of many app connections at once; the
+    /// receiving sidecar forwards each as HTTP/1.1 (see `crate::mux`).
+    Mux,
     /// Opaque TCP: the bytes are relayed as they are.
     Tcp,
 }
 
 impl Alpn {
-    pub(crate) const ALL: [&'static [u8]; 3] = [b"h2", b"http/1.1", TCP_ALPN];
+    pub(crate) const ALL: [&'static [u8]; 4] = [MUX_ALPN, b"h2", b"http/1.1", TCP_ALPN];
 
     pub(crate) fn id(self) -> &'static [u8] {
         match self {
             Alpn::Http1 => b"http/1.1",
             Alpn::H2 => b"h2",
+            Alpn::Mux => MUX_ALPN,
             Alpn::Tcp => TCP_ALPN,
         }
     }
@@ -32,6 +36,7 @@ impl Alpn {
         match negotiated? {
             b"http/1.1" => Some(Alpn::Http1),
             b"h2" => Some(Alpn::H2),
+            MUX_ALPN => Some(Alpn::Mux),
             TCP_ALPN => Some(Alpn::Tcp),
             _ => None,
         }
@@ -39,6 +44,7 @@ impl Alpn {
 }
 
 const TCP_ALPN: &[u8] = b"bulkhead.dev/tcp";
+const MUX_ALPN: &[u8] = b"bulkhead.dev/h1-mux";
 
 /// At most this many configurations are kept; past it the cache starts over (each entry is
 /// cheap to rebuild, and a proxy talks to few identities).

@@ -231,6 +231,8 @@ pub(crate) enum LinkError {
     Connect(std::io::Error),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Pool(#[from] hyper_util::client::legacy::Error),
 }
 
 enum Sender {
@@ -305,7 +307,7 @@ impl Link {
     }
 }
 
-fn spawn_conn<C, E>(conn: C)
+pub(crate) fn spawn_conn<C, E>(conn: C)
 where
     C: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display,

@@ -107,7 +107,7 @@ async fn serve(
                         relay(tcp, None, t, shared).await
                     }
                     (_, Sniffed::Http1 | Sniffed::H2) => {
-                        serve_app_http(tcp, None, h2, t, shared).await
+                        serve_app_http(tcp, None, AppSide::own(h2), t, shared).await
                     }
                     _ => tracing::warn!(
                         port,
@@ -163,7 +163,11 @@ async fn serve(
         (Some(_), Some(Alpn::Tcp)) => {
             tracing::warn!(src.id = %peer, port, "connection refused: an opaque TCP relay to a port declared for HTTP (its HTTP rules could not be enforced)");
         }
-        (_, alpn) => serve_app_http(tls, Some(peer), alpn == Some(Alpn::H2), t, shared).await,
+        (_, Some(Alpn::Mux)) => serve_app_http(tls, Some(peer), AppSide::Pool, t, shared).await,
+        (_, alpn) => {
+            let side = AppSide::own(alpn == Some(Alpn::H2));
+            serve_app_http(tls, Some(peer), side, t, shared).await
+        }
     }
 }
 
@@ -190,11 +194,42 @@ where
     }
 }
 
-async fn serve_app_http<I>(io: I, peer: Option<SpiffeId>, h2: bool, t: Target, shared: Arc<Shared>)
-where
+/// How requests of one downstream connection reach the app.
+enum AppSide {
+    /// A connection of its own, speaking the downstream's HTTP version.
+    Own { link: Link, h2: bool },
+    /// A multiplexed connection from another sidecar: HTTP/2 in, each stream forwarded as
+    /// HTTP/1.1 over the shared pool of app connections.
+    Pool,
+}
+
+impl AppSide {
+    fn own(h2: bool) -> AppSide {
+        AppSide::Own {
+            link: Link::new(h2),
+            h2,
+        }
+    }
+
+    fn serves_h2(&self) -> bool {
+        match self {
+            AppSide::Own { h2, .. } => *h2,
+            AppSide::Pool => true,
+        }
+    }
+}
+
+async fn serve_app_http<I>(
+    io: I,
+    peer: Option<SpiffeId>,
+    side: AppSide,
+    t: Target,
+    shared: Arc<Shared>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let link = Arc::new(Link::new(h2));
+    let h2 = side.serves_h2();
+    let link = Arc::new(side);
     let limits = shared.limits;
     // Made once per connection: the caller never changes on it.
     let conn = Arc::new(Caller {
@@ -239,7 +274,7 @@ struct Caller {
 async fn handle(
     mut req: Request<Incoming>,
     conn: &Caller,
-    link: Arc<Link>,
+    link: Arc<AppSide>,
     t: Target,
     shared: &Shared,
 ) -> Result<Response<Body>, Infallible> {
@@ -296,7 +331,11 @@ async fn handle(
     let sent = if upgrade {
         forward_upgrade(req, connect_app(app), shared.limits.idle_timeout).await
     } else {
-        link.send(req, || connect_app(app)).await.map(response_body)
+        match &*link {
+            AppSide::Own { link, .. } => link.send(req, || connect_app(app)).await,
+            AppSide::Pool => shared.app_pool.send(app, req).await,
+        }
+        .map(response_body)
     };
     match sent {
         Ok(mut resp) => {

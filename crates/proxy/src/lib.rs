@@ -17,6 +17,7 @@ mod detect;
 mod http;
 mod inbound;
 mod metrics;
+mod mux;
 mod outbound;
 mod tcp;
 mod watch;
@@ -79,6 +80,10 @@ pub(crate) struct Shared {
     pub relays: tcp::Relays,
     /// TLS client configurations per destination identity, for the current credentials.
     pub clients: clients::ClientConfigs,
+    /// Outbound: one shared connection per mesh destination for HTTP/1.1 requests.
+    pub mux: mux::Mux,
+    /// Inbound: pooled HTTP/1.1 connections to the app for multiplexed streams.
+    pub app_pool: mux::AppPool,
     pub metrics: metrics::Metrics,
     pub limits: config::Limits,
 }
@@ -122,6 +127,8 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         endpoints: ArcSwap::from_pointee(bulkhead_policy::Endpoints::default()),
         relays: tcp::Relays::default(),
         clients: clients::ClientConfigs::default(),
+        mux: mux::Mux::default(),
+        app_pool: mux::AppPool::new(config.limits.idle_timeout.min(Duration::from_secs(90))),
     });
 
     let admin = match config.admin {

@@ -40,6 +40,8 @@ pub(crate) struct Dest {
     pub workload: Option<WorkloadRef>,
     /// The destination port policy sees.
     pub port: u16,
+    /// The identity, shared, to find this destination's multiplexed connection.
+    pub mux_key: Arc<str>,
 }
 
 impl Dest {
@@ -50,6 +52,7 @@ impl Dest {
             identity: Some(spec.identity.clone()),
             workload: spec.workload.clone(),
             port: spec.port,
+            mux_key: Arc::from(spec.identity.as_str()),
         }
     }
 
@@ -66,6 +69,7 @@ impl Dest {
             identity: endpoint.and_then(|e| SpiffeId::parse(&e.identity).ok()),
             workload: endpoint.map(|e| e.workload.clone()),
             port: orig.port(),
+            mux_key: Arc::from(endpoint.map_or("", |e| e.identity.as_str())),
         }
     }
 
@@ -255,8 +259,17 @@ async fn handle(
     let sent = if upgrade {
         let connect = connect_upstream(dest.clone(), alpn, shared.clone());
         forward_upgrade(req, connect, shared.limits.idle_timeout).await
-    } else {
+    } else if h2 {
         link.send(req, || connect_upstream(dest.clone(), alpn, shared.clone()))
+            .await
+            .map(response_body)
+    } else {
+        // HTTP/1.1 shares the destination's one multiplexed connection.
+        shared
+            .mux
+            .send(dest.address, &dest.mux_key, req, || {
+                connect_upstream(dest.clone(), Alpn::Mux, shared.clone())
+            })
             .await
             .map(response_body)
     };
