@@ -243,6 +243,7 @@ async fn sidecar(
         admin: None,
         first_config_wait: Duration::from_secs(10),
         max_policy_rules: 100_000,
+        flow_interval: Duration::from_secs(2),
         limits: bulkhead_proxy::Limits::default(),
     })
     .await?;

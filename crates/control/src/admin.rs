@@ -1,5 +1,5 @@
-//! The admin API: tokens, apply / delete / get, history and rollback, proxy status, and the
-//! CAs (status, add, switch, retire). Every call needs the admin credential; every policy
+//! The admin API: tokens, apply / delete / get, history and rollback, proxy status, the
+//! CAs (status, add, switch, retire), and the stored traffic edges. Every call needs the admin credential; every policy
 //! change is a revision recorded with its author, every CA change is logged with its author.
 
 use crate::cas::{CaChangeError, CaOrigin, CaState, short};
@@ -357,6 +357,25 @@ impl Admin for State {
             "retired a CA: its root left the bundle, pushed to every proxy"
         );
         Ok(Response::new(self.ca_changed(&record.sha256)))
+    }
+
+    async fn list_edges(
+        &self,
+        req: Request<pb::ListEdgesRequest>,
+    ) -> Result<Response<pb::ListEdgesResponse>, Status> {
+        self.require_admin(&req)?;
+        let since = req.into_inner().since;
+        // Hours past the window may not be deleted yet (that happens on a report).
+        let from = since.max(self.flow_retention.oldest_bucket(unix_now()));
+        let edges = self.store.edges_since(from).map_err(internal)?;
+        let edges_json = serde_json::to_string(&edges)
+            .map_err(|e| Status::internal(format!("cannot encode the edges: {e}")))?;
+        let (dropped, refused) = self.flow_counters.get();
+        Ok(Response::new(pb::ListEdgesResponse {
+            edges_json,
+            dropped,
+            refused,
+        }))
     }
 }
 

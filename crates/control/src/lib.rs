@@ -8,6 +8,7 @@ mod admin;
 mod cas;
 mod datadir;
 mod error;
+mod flows;
 mod listener;
 mod proxies;
 mod service;
@@ -16,6 +17,7 @@ mod tokens;
 
 pub use datadir::{AdminContext, CONTEXT_FILE};
 pub use error::ControlError;
+pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
 
 use bulkhead_api::v1::{
     admin_server::AdminServer, config_server::ConfigServer, identity_server::IdentityServer,
@@ -59,8 +61,17 @@ impl RunningControl {
     }
 }
 
-/// Opens (or initialises) the data directory, binds, and serves in the background.
+/// Opens (or initialises) the data directory, binds, and serves in the background, keeping
+/// reported traffic edges as [`FlowRetention::default`] says.
 pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError> {
+    start_with_flow_retention(config, FlowRetention::default()).await
+}
+
+/// [`start`], keeping reported traffic edges for `flow_retention`.
+pub async fn start_with_flow_retention(
+    config: ControlConfig,
+    flow_retention: FlowRetention,
+) -> Result<RunningControl, ControlError> {
     let (dir, cas) =
         datadir::DataDir::open(&config.data_dir, &config.trust_domain, config.svid_lifetime)?;
     let store = store::Store::open(&config.data_dir.join("state.redb"))?;
@@ -75,7 +86,13 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
         source: e,
     })?;
     let context_file = dir.write_admin_context(cas.active(), addr)?;
-    let state = Arc::new(service::State::new(dir, cas, store, config.svid_lifetime)?);
+    let state = Arc::new(service::State::new(
+        dir,
+        cas,
+        store,
+        config.svid_lifetime,
+        flow_retention,
+    )?);
     let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
     listener::spawn_cert_renewal(state.clone());
     tracing::info!(%addr, trust_domain = state.trust_domain(), "control plane listening");
@@ -83,7 +100,11 @@ pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError
     let (stop, mut stopped) = watch::channel(false);
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::from_arc(state.clone()))
-        .add_service(ConfigServer::from_arc(state.clone()))
+        // Room for a flow report at its bound, so that its own error names the bound.
+        .add_service(
+            ConfigServer::from_arc(state.clone())
+                .max_decoding_message_size(MAX_REPORT_JSON_BYTES + 64 * 1024),
+        )
         .add_service(AdminServer::from_arc(state));
     let task = tokio::spawn(async move {
         router

@@ -1,9 +1,10 @@
 //! The control plane's shared state, and the services proxies call: Identity (join) and
-//! Config (watch, ack). The admin API is in `admin.rs`.
+//! Config (watch, ack, flow reports). The admin API is in `admin.rs`.
 
 use crate::cas::CaSet;
 use crate::datadir::DataDir;
 use crate::error::ControlError;
+use crate::flows::{self, Counters, FlowRetention, Reporter};
 use crate::listener::PeerInfo;
 use crate::proxies::{Registry, unix_now};
 use crate::store::Store;
@@ -86,6 +87,10 @@ pub(crate) struct State {
     /// new revision is published: changes apply one at a time, none is lost, and proxies see
     /// revisions in order.
     pub(crate) writes: tokio::sync::Mutex<()>,
+    /// How long reported traffic edges are kept, and how many.
+    pub(crate) flow_retention: FlowRetention,
+    /// Edges proxies dropped and edges this control plane refused, since it started.
+    pub(crate) flow_counters: Counters,
 }
 
 impl State {
@@ -94,6 +99,7 @@ impl State {
         cas: CaSet,
         store: Store,
         svid_lifetime: Duration,
+        flow_retention: FlowRetention,
     ) -> Result<State, ControlError> {
         let (revision, resources) = store.resources()?;
         tracing::info!(revision, resources = resources.len(), dir = %dir.path().display(), "loaded resources");
@@ -112,6 +118,8 @@ impl State {
             admin_id,
             proxies: Arc::new(Registry::default()),
             writes: tokio::sync::Mutex::new(()),
+            flow_retention,
+            flow_counters: Counters::default(),
         })
     }
 
@@ -434,5 +442,49 @@ impl Config for State {
                 .ack(id.as_str(), &workload, r.revision, Some(error));
         }
         Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn report_flows(
+        &self,
+        req: Request<pb::ReportFlowsRequest>,
+    ) -> Result<Response<pb::ReportFlowsResponse>, Status> {
+        let workload = ResourceName {
+            namespace: req.get_ref().namespace.clone(),
+            name: req.get_ref().workload.clone(),
+        };
+        let id = self.bound_caller(&req, &workload)?;
+        let r = req.into_inner();
+        let edges = flows::parse_report(&r.edges_json).map_err(|e| {
+            tracing::warn!(spiffe_id = %id, %workload, reason = %e, "flow report refused");
+            Status::invalid_argument(e.to_string())
+        })?;
+        let reporter = Reporter {
+            workload: &workload,
+            spiffe_id: id.as_str(),
+        };
+        let (kept, refused) = reporter.sort(edges);
+        self.flow_counters.add(r.dropped, refused);
+        if refused > 0 {
+            tracing::warn!(spiffe_id = %id, %workload, refused, "refused reported edges that this workload's sidecar did not decide");
+        }
+        let written = self
+            .store
+            .merge_edges(&kept, unix_now(), &self.flow_retention)
+            .map_err(internal)?;
+        if written.outside_window > 0 {
+            tracing::warn!(spiffe_id = %id, %workload, edges = written.outside_window, "reported edges outside the retention window (or ahead of this clock) were not stored");
+        }
+        if written.evicted > 0 {
+            tracing::warn!(
+                rows = written.evicted,
+                max_rows = self.flow_retention.max_rows,
+                "stored edges reached their bound; deleted the oldest hours"
+            );
+        }
+        tracing::debug!(spiffe_id = %id, %workload, stored = written.stored, refused, dropped = r.dropped, expired = written.expired, "flow report");
+        Ok(Response::new(pb::ReportFlowsResponse {
+            stored: written.stored,
+            refused,
+        }))
     }
 }

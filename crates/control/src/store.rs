@@ -1,15 +1,18 @@
 //! The embedded store (redb in the data directory): the current resources, every revision
 //! of the set with who made it and when (the audit log, and what rollback restores), join
-//! tokens (hashed), and which identity may fetch which workload's configuration.
+//! tokens (hashed), which identity may fetch which workload's configuration, and the traffic
+//! edges proxies report, per hour (bounded by a retention window and a row count).
 //!
 //! Each revision keeps the whole set, so a rollback restores it exactly. That costs the size
 //! of the set per change; pruning old revisions is future work.
 
 use crate::error::ControlError;
+use crate::flows::{BUCKET_SECS, FlowRetention, MAX_CLOCK_SKEW_SECS, bucket_of};
 use crate::tokens::{TokenError, TokenRecord, same_hash};
+use bulkhead_insight::{Edge, EdgeKey, EdgeStats};
 use bulkhead_policy::model::{Resource, ResourceName};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +21,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISIONS: TableDefinition<u64, &str> = TableDefinition::new("revisions");
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 const BINDINGS: TableDefinition<&str, u64> = TableDefinition::new("bindings");
+/// (start of the hour of `last_seen`, JSON of the `EdgeKey`) → JSON of the `EdgeStats`.
+const EDGES: TableDefinition<(u64, &str), &str> = TableDefinition::new("edges");
 
 pub(crate) struct Store {
     db: Database,
@@ -56,6 +61,20 @@ pub(crate) struct RevisionRecord {
     pub resources: Vec<String>,
 }
 
+/// What one report did to the stored edges.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct EdgesWritten {
+    /// Edges merged into the row of their key and hour.
+    pub stored: u64,
+    /// Edges not stored because their hour is outside the retention window: older than it,
+    /// or ahead of this clock by more than the allowed skew.
+    pub outside_window: u64,
+    /// Rows deleted because their hour left the retention window.
+    pub expired: u64,
+    /// Rows deleted, oldest hours first, to stay within the row bound.
+    pub evicted: u64,
+}
+
 impl Store {
     pub(crate) fn open(path: &Path) -> Result<Store, ControlError> {
         let err = |e: redb::Error| ControlError::Store {
@@ -73,6 +92,7 @@ impl Store {
             txn.open_table(REVISIONS)?;
             txn.open_table(TOKENS)?;
             txn.open_table(BINDINGS)?;
+            txn.open_table(EDGES)?;
             Ok(())
         })?;
         Ok(store)
@@ -309,5 +329,317 @@ impl Store {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(BINDINGS).map_err(|e| self.err(e))?;
         Ok(table.get(key.as_str()).map_err(|e| self.err(e))?.is_some())
+    }
+}
+
+impl Store {
+    /// Merges `edges` into their hour buckets (the hour of each edge's `last_seen`), then
+    /// deletes the hours past the retention window and, while there are more rows than the
+    /// bound, the oldest hours. One transaction.
+    pub(crate) fn merge_edges(
+        &self,
+        edges: &[Edge],
+        now_unix: u64,
+        retention: &FlowRetention,
+    ) -> Result<EdgesWritten, ControlError> {
+        let oldest = retention.oldest_bucket(now_unix);
+        let newest = bucket_of(now_unix.saturating_add(MAX_CLOCK_SKEW_SECS));
+        let mut written = EdgesWritten::default();
+        // Equal keys within one report become one row update.
+        let mut rows: BTreeMap<(u64, String), EdgeStats> = BTreeMap::new();
+        for edge in edges {
+            let bucket = bucket_of(edge.stats.last_seen);
+            if bucket < oldest || bucket > newest {
+                written.outside_window += 1;
+                continue;
+            }
+            let key = serde_json::to_string(&edge.key).map_err(|e| ControlError::Store {
+                path: self.path.clone(),
+                message: format!("cannot encode an edge key: {e}"),
+            })?;
+            rows.entry((bucket, key)).or_default().merge(&edge.stats);
+            written.stored += 1;
+        }
+        self.write(|txn| {
+            let mut table = txn.open_table(EDGES)?;
+            for ((bucket, key), stats) in &rows {
+                if stats.count == 0 {
+                    continue;
+                }
+                let mut merged = table
+                    .get((*bucket, key.as_str()))?
+                    .and_then(|v| serde_json::from_str::<EdgeStats>(v.value()).ok())
+                    .unwrap_or_default();
+                merged.merge(stats);
+                // Plain numbers: serialising them cannot fail.
+                let json = serde_json::to_string(&merged).unwrap_or_default();
+                table.insert((*bucket, key.as_str()), json.as_str())?;
+            }
+
+            let before = table.len()?;
+            table.retain_in((0, "")..(oldest, ""), |_, _| false)?;
+            let mut len = table.len()?;
+            written.expired = before - len;
+
+            while len > retention.max_rows {
+                let Some(first) = table.first()?.map(|(k, _)| k.value().0) else {
+                    break;
+                };
+                let last = table.last()?.map(|(k, _)| k.value().0).unwrap_or(first);
+                if first < last {
+                    table.retain_in((first, "")..(first + BUCKET_SECS, ""), |_, _| false)?;
+                } else {
+                    // One hour alone is over the bound: trim it, in key order.
+                    while table.len()? > retention.max_rows {
+                        table.pop_first()?;
+                    }
+                }
+                let now = table.len()?;
+                written.evicted += len - now;
+                len = now;
+            }
+            Ok(written)
+        })
+    }
+
+    /// Every stored edge in the hours from the one `from_unix` falls in on, with equal keys
+    /// merged across hours; sorted by key.
+    pub(crate) fn edges_since(&self, from_unix: u64) -> Result<Vec<Edge>, ControlError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(EDGES).map_err(|e| self.err(e))?;
+        let mut edges = Vec::new();
+        let range = table
+            .range((bucket_of(from_unix), "")..)
+            .map_err(|e| self.err(e))?;
+        for row in range {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let (bucket, key) = k.value();
+            let decoded = serde_json::from_str::<EdgeKey>(key).and_then(|key| {
+                serde_json::from_str::<EdgeStats>(v.value()).map(|stats| Edge { key, stats })
+            });
+            match decoded {
+                Ok(edge) => edges.push(edge),
+                Err(e) => {
+                    tracing::warn!(bucket, error = %e, "skipping an unreadable stored edge")
+                }
+            }
+        }
+        Ok(bulkhead_insight::merge_edges(edges))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::flows::tests::edge;
+    use bulkhead_policy::model::Direction::{Egress, Ingress};
+    use std::time::Duration;
+
+    /// 2024-05-01 10:00 UTC: the start of an hour.
+    const T0: u64 = 1_714_557_600;
+    const H: u64 = 3600;
+
+    struct TempStore {
+        store: Store,
+        dir: PathBuf,
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn temp_store(name: &str) -> TempStore {
+        let dir = std::env::temp_dir().join(format!(
+            "bulkhead-store-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("state.redb")).unwrap();
+        TempStore { store, dir }
+    }
+
+    fn retention(window_hours: u64, max_rows: u64) -> FlowRetention {
+        FlowRetention {
+            window: Duration::from_secs(window_hours * H),
+            max_rows,
+        }
+    }
+
+    /// `(hour, path, count)` of every stored row, in key order.
+    fn rows(store: &Store) -> Vec<(u64, String, u64)> {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(EDGES).unwrap();
+        table
+            .iter()
+            .unwrap()
+            .map(|row| {
+                let (k, v) = row.unwrap();
+                let (hour, key) = k.value();
+                let key: EdgeKey = serde_json::from_str(key).unwrap();
+                let stats: EdgeStats = serde_json::from_str(v.value()).unwrap();
+                (hour, key.path.unwrap(), stats.count)
+            })
+            .collect()
+    }
+
+    fn counts(edges: &[Edge]) -> Vec<(&str, u64)> {
+        edges
+            .iter()
+            .map(|e| (e.key.path.as_deref().unwrap(), e.stats.count))
+            .collect()
+    }
+
+    #[test]
+    fn reports_of_one_edge_merge_into_one_row() {
+        let t = temp_store("merge");
+        let keep = retention(24, 1000);
+        let first = t
+            .store
+            .merge_edges(
+                &[
+                    edge("frontend", "orders", Ingress, "/a", T0 + 10),
+                    edge("frontend", "orders", Ingress, "/a", T0 + 20),
+                ],
+                T0 + 30,
+                &keep,
+            )
+            .unwrap();
+        assert_eq!(first.stored, 2);
+        let second = t
+            .store
+            .merge_edges(
+                &[
+                    edge("frontend", "orders", Ingress, "/a", T0 + 40),
+                    edge("frontend", "orders", Ingress, "/b", T0 + 50),
+                ],
+                T0 + 60,
+                &keep,
+            )
+            .unwrap();
+        assert_eq!(second.stored, 2);
+        assert_eq!(
+            rows(&t.store),
+            vec![(T0, "/a".into(), 3), (T0, "/b".into(), 1)]
+        );
+        let edges = t.store.edges_since(0).unwrap();
+        assert_eq!(counts(&edges), vec![("/a", 3), ("/b", 1)]);
+        assert_eq!(edges[0].stats.first_seen, T0 + 10);
+        assert_eq!(edges[0].stats.last_seen, T0 + 40);
+        assert_eq!(edges[0].stats.bytes_in, 30);
+    }
+
+    #[test]
+    fn edges_are_kept_per_hour_and_since_picks_hours() {
+        let t = temp_store("hours");
+        let keep = retention(24, 1000);
+        t.store
+            .merge_edges(
+                &[
+                    edge("frontend", "orders", Ingress, "/a", T0 + 5),
+                    edge("frontend", "orders", Ingress, "/a", T0 + H + 5),
+                    edge("frontend", "orders", Ingress, "/a", T0 + 2 * H + 5),
+                    edge("orders", "db", Egress, "/q", T0 + 2 * H + 6),
+                ],
+                T0 + 2 * H + 10,
+                &keep,
+            )
+            .unwrap();
+        assert_eq!(
+            rows(&t.store),
+            vec![
+                (T0, "/a".into(), 1),
+                (T0 + H, "/a".into(), 1),
+                (T0 + 2 * H, "/a".into(), 1),
+                (T0 + 2 * H, "/q".into(), 1),
+            ]
+        );
+        // Across hours, equal keys are one edge.
+        let all = t.store.edges_since(0).unwrap();
+        assert_eq!(counts(&all), vec![("/a", 3), ("/q", 1)]);
+        assert_eq!(all[0].stats.first_seen, T0 + 5);
+        // `since` counts from the start of its hour.
+        let recent = t.store.edges_since(T0 + H + 1800).unwrap();
+        assert_eq!(counts(&recent), vec![("/a", 2), ("/q", 1)]);
+        assert!(t.store.edges_since(T0 + 3 * H).unwrap().is_empty());
+    }
+
+    #[test]
+    fn hours_past_the_window_are_deleted_on_a_report_and_not_stored() {
+        let t = temp_store("retention");
+        let keep = retention(2, 1000);
+        t.store
+            .merge_edges(
+                &[
+                    edge("frontend", "orders", Ingress, "/old", T0 + 5),
+                    edge("frontend", "orders", Ingress, "/newer", T0 + H + 5),
+                ],
+                T0 + H + 10,
+                &keep,
+            )
+            .unwrap();
+        assert_eq!(rows(&t.store).len(), 2);
+
+        // Three hours later the window starts at T0 + H: the hour of T0 goes.
+        let now = T0 + 3 * H + 10;
+        let written = t
+            .store
+            .merge_edges(
+                &[
+                    edge("frontend", "orders", Ingress, "/now", now),
+                    edge("frontend", "orders", Ingress, "/too-old", T0 + 100),
+                    edge("frontend", "orders", Ingress, "/future", now + 2 * H),
+                ],
+                now,
+                &keep,
+            )
+            .unwrap();
+        assert_eq!(
+            written,
+            EdgesWritten {
+                stored: 1,
+                outside_window: 2,
+                expired: 1,
+                evicted: 0,
+            }
+        );
+        assert_eq!(
+            rows(&t.store),
+            vec![(T0 + H, "/newer".into(), 1), (T0 + 3 * H, "/now".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn the_row_bound_deletes_the_oldest_hours_first() {
+        let t = temp_store("bound");
+        let keep = retention(24, 3);
+        let at = |hour: u64, path: &str| edge("frontend", "orders", Ingress, path, T0 + hour * H);
+        t.store
+            .merge_edges(&[at(0, "/a"), at(0, "/b"), at(1, "/c")], T0 + H, &keep)
+            .unwrap();
+        assert_eq!(rows(&t.store).len(), 3);
+
+        // One row over: the whole oldest hour goes, not just one of its rows.
+        let written = t.store.merge_edges(&[at(1, "/d")], T0 + H, &keep).unwrap();
+        assert_eq!(written.evicted, 2);
+        assert_eq!(
+            rows(&t.store),
+            vec![(T0 + H, "/c".into(), 1), (T0 + H, "/d".into(), 1)]
+        );
+
+        // One hour alone over the bound: older hours go, then it is trimmed to the bound.
+        let new_hour: Vec<Edge> = ["/e", "/f", "/g", "/h", "/i"]
+            .iter()
+            .map(|p| at(2, p))
+            .collect();
+        let written = t.store.merge_edges(&new_hour, T0 + 2 * H, &keep).unwrap();
+        assert_eq!(written.stored, 5);
+        assert_eq!(written.evicted, 4);
+        let left = rows(&t.store);
+        assert_eq!(left.len(), 3);
+        assert!(left.iter().all(|(hour, _, _)| *hour == T0 + 2 * H));
     }
 }

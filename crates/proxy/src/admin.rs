@@ -102,6 +102,7 @@ async fn handle(
                 "meshEndpoints": shared.endpoints.load().len(),
                 "openTcpRelays": shared.relays.len(),
                 "sharedUpstreamConnections": shared.mux.open(),
+                "flowEdgesHeld": shared.flows.held(),
                 "ready": not_ready(&shared).is_none(),
             });
             reply(StatusCode::OK, "application/json", format!("{body:#}\n"))

@@ -29,6 +29,8 @@ pub struct Config {
     /// A configuration with more compiled rules than this is refused (NACK) and the last good
     /// one stays in force: a bound on the memory a control plane can make a proxy use.
     pub max_policy_rules: usize,
+    /// How often the traffic seen is reported to the control plane as edges.
+    pub flow_interval: Duration,
     pub limits: Limits,
 }
 

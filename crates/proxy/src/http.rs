@@ -521,6 +521,15 @@ pub(crate) fn response_body(resp: Response<Incoming>) -> Response<Body> {
     Response::from_parts(parts, Either::Left(body))
 }
 
+/// The body size a message declares, or 0 (streamed bodies are not counted).
+pub(crate) fn content_length(headers: &HeaderMap) -> u64 {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// One structured event per decision: the decision log.
 pub(crate) fn log_decision(
     direction: &'static str,

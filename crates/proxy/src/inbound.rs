@@ -8,6 +8,8 @@
 use crate::clients::Alpn;
 use crate::config::{InboundSpec, InboundTarget};
 use crate::detect::{Sniffed, sniff};
+use crate::flows::Seen;
+use crate::http::content_length;
 use crate::http::{
     Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, accept_loop,
     check_path, denial, forward_upgrade, is_upgrade, listen, origin_form, protocol_of,
@@ -18,7 +20,7 @@ use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity;
-use bulkhead_policy::model::Direction;
+use bulkhead_policy::model::{Direction, WorkloadRef};
 use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -26,7 +28,7 @@ use hyper::service::service_fn;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -241,6 +243,12 @@ async fn serve_app_http<I>(
             destination: shared.identity.clone(),
         },
         decision_header: DecisionHeaders::default(),
+        source_workload: shared
+            .endpoints
+            .load()
+            .get(t.remote.ip())
+            .filter(|e| peer.as_ref().is_some_and(|p| p.as_str() == e.identity))
+            .map(|e| e.workload.clone()),
         peer,
     });
     let service = service_fn(move |req| {
@@ -269,6 +277,8 @@ struct Caller {
     source_header: Option<HeaderValue>,
     parties: Parties,
     decision_header: DecisionHeaders,
+    /// The caller's workload, when its address is a declared one with the caller's identity.
+    source_workload: Option<WorkloadRef>,
 }
 
 async fn handle(
@@ -278,6 +288,7 @@ async fn handle(
     t: Target,
     shared: &Shared,
 ) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
     let peer = conn.peer.as_ref();
     let peer_label = peer.map_or(PLAINTEXT_PEER, SpiffeId::as_str);
     if let Err(why) = check_path(req.uri().path()) {
@@ -295,6 +306,12 @@ async fn handle(
     }
     let host = request_host(&req);
     let headers = HeaderView(req.headers());
+    // A multiplexed stream is an HTTP/1.1 request of the caller's app, whatever the framing
+    // between the sidecars.
+    let protocol = match &*link {
+        AppSide::Pool => Protocol::Http,
+        AppSide::Own { .. } => protocol_of(&req),
+    };
     let decision = shared.policies.load().evaluate(&PolicyRequest {
         direction: Direction::Ingress,
         subject: &shared.workload,
@@ -304,7 +321,7 @@ async fn handle(
             workload: None,
         },
         port: t.port,
-        protocol: protocol_of(&req),
+        protocol,
         http: Some(Http {
             method: req.method().as_str(),
             path: req.uri().path(),
@@ -313,7 +330,26 @@ async fn handle(
         }),
     });
     crate::http::log_decision("inbound", &decision, peer_label, shared, &req);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let bytes_in = content_length(req.headers());
+    let record = |latency, bytes_out| {
+        shared.flows.record(&Seen {
+            direction: Direction::Ingress,
+            source_identity: peer.map(SpiffeId::as_str),
+            source_workload: conn.source_workload.as_ref(),
+            destination: &shared.workload,
+            port: t.port,
+            protocol,
+            method: Some(method.as_str()),
+            path: Some(&path),
+            decision: &decision,
+            bytes_in,
+            bytes_out,
+            latency,
+        })
+    };
     if !decision.is_allow() {
+        record(Duration::ZERO, 0);
         return Ok(denial(&req, &decision, format!("bulkhead: {decision}")));
     }
     origin_form(&mut req);
@@ -339,6 +375,7 @@ async fn handle(
     };
     match sent {
         Ok(mut resp) => {
+            record(started.elapsed(), content_length(resp.headers()));
             if let Some(v) = conn.decision_header.get(&decision) {
                 resp.headers_mut().insert(DECISION_HEADER, v);
             }

@@ -14,6 +14,7 @@ mod clients;
 pub mod config;
 mod credentials;
 mod detect;
+mod flows;
 mod http;
 mod inbound;
 mod metrics;
@@ -84,6 +85,8 @@ pub(crate) struct Shared {
     pub mux: mux::Mux,
     /// Inbound: pooled HTTP/1.1 connections to the app for multiplexed streams.
     pub app_pool: mux::AppPool,
+    /// Decisions counted per edge, reported to the control plane on an interval.
+    pub flows: flows::Flows,
     pub metrics: metrics::Metrics,
     pub limits: config::Limits,
 }
@@ -117,6 +120,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     let metrics = metrics::Metrics::new();
     metrics.svid_expiry.set(unix_seconds(tls.svid.not_after()));
     let shared = Arc::new(Shared {
+        flows: flows::Flows::new(metrics.flows_dropped.clone()),
         metrics,
         limits: config.limits,
         tls: ArcSwap::from_pointee(tls),
@@ -151,6 +155,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
 
     credentials::spawn_rotation(config.control, shared.clone());
     let mut first = watch::spawn(config.control, shared.clone(), config.max_policy_rules);
+    flows::spawn_reporter(config.control, shared.clone(), config.flow_interval);
     let revision = match tokio::time::timeout(
         config.first_config_wait,
         first.wait_for(|r| r.is_some()),

@@ -105,6 +105,9 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Seconds between reports of the traffic seen (edges) to the control plane.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    flow_interval_secs: u64,
     /// Worker threads. With 1 (the default) everything runs on one thread and a forwarded
     /// request never crosses threads; raise it for a workload that needs more than a core
     /// of proxying.
@@ -167,6 +170,7 @@ impl Args {
             admin: self.admin,
             first_config_wait: Duration::from_secs(10),
             max_policy_rules: self.max_policy_rules,
+            flow_interval: Duration::from_secs(self.flow_interval_secs),
             limits: bulkhead_proxy::Limits {
                 max_header_bytes: self.max_header_bytes,
                 header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),

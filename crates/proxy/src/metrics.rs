@@ -16,6 +16,7 @@
 //! | `bulkhead_tcp_closed` | counter | `direction`, `reason` (done, error, idle, policy) |
 //! | `bulkhead_tcp_bytes` | counter | `direction`, `flow` (to_peer, from_peer) |
 //! | `bulkhead_plaintext_connections` | counter | `port` (accepted without mTLS on a permissive port) |
+//! | `bulkhead_flow_requests_dropped` | counter | — (requests the bounded flow buffer could not count) |
 //!
 //! Counters get the `_total` suffix on the wire, as OpenMetrics says.
 
@@ -39,6 +40,10 @@ pub(crate) struct LabelText(Arc<str>);
 impl LabelText {
     pub(crate) fn new(text: &str) -> LabelText {
         LabelText(Arc::from(text))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -139,6 +144,7 @@ pub(crate) struct Metrics {
     pub tcp_closed: Family<TcpCloseLabels, Counter>,
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     pub plaintext: Family<PortLabels, Counter>,
+    pub flows_dropped: Counter,
     registry: Registry,
 }
 
@@ -161,6 +167,12 @@ impl Metrics {
         let tcp_closed = Family::<TcpCloseLabels, Counter>::default();
         let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
         let plaintext = Family::<PortLabels, Counter>::default();
+        let flows_dropped = Counter::default();
+        registry.register(
+            "bulkhead_flow_requests_dropped",
+            "Requests left out of the flow report because its buffer was full",
+            flows_dropped.clone(),
+        );
         registry.register(
             "bulkhead_tcp_opened",
             "Opaque TCP connections relayed, by direction",
@@ -246,6 +258,7 @@ impl Metrics {
             tcp_closed,
             tcp_bytes,
             plaintext,
+            flows_dropped,
             registry,
         }
     }

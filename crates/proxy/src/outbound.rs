@@ -7,6 +7,8 @@
 use crate::clients::Alpn;
 use crate::config::UpstreamSpec;
 use crate::detect::{Sniffed, sniff};
+use crate::flows::Seen;
+use crate::http::content_length;
 use crate::http::{
     Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, denial,
     forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
@@ -229,6 +231,7 @@ async fn handle(
     dest: Arc<Dest>,
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
+    let started = std::time::Instant::now();
     if let Err(why) = check_path(req.uri().path()) {
         return Ok(proxy_response(
             StatusCode::BAD_REQUEST,
@@ -240,7 +243,30 @@ async fn handle(
     let decision = egress_decision(&req, &dest, &shared);
     let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
     crate::http::log_decision("outbound", &decision, peer, &shared, &req);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let (protocol, bytes_in) = (protocol_of(&req), content_length(req.headers()));
+    let record = |latency, bytes_out| {
+        // Destinations outside the mesh have no workload to draw an edge to.
+        let Some(destination) = dest.workload.as_ref() else {
+            return;
+        };
+        shared.flows.record(&Seen {
+            direction: Direction::Egress,
+            source_identity: Some(shared.identity.as_str()),
+            source_workload: Some(&shared.workload),
+            destination,
+            port: dest.port,
+            protocol,
+            method: Some(method.as_str()),
+            path: Some(&path),
+            decision: &decision,
+            bytes_in,
+            bytes_out,
+            latency,
+        })
+    };
     if !decision.is_allow() {
+        record(std::time::Duration::ZERO, 0);
         return Ok(denial(
             &req,
             &decision,
@@ -274,7 +300,10 @@ async fn handle(
             .map(response_body)
     };
     match sent {
-        Ok(resp) => Ok(resp),
+        Ok(resp) => {
+            record(started.elapsed(), content_length(resp.headers()));
+            Ok(resp)
+        }
         Err(e) => {
             tracing::warn!(upstream = dest.name, error = %e, "upstream unreachable");
             Ok(proxy_response(

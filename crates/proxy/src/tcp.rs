@@ -39,6 +39,35 @@ impl Flow {
         })
     }
 
+    /// Counts the connection into its edge for the flow report.
+    fn record(&self, decision: &Decision, shared: &Shared) {
+        let (source_identity, source_workload, destination) = match self.direction {
+            Direction::Ingress => (
+                self.peer_identity.as_deref(),
+                self.peer_workload.as_ref(),
+                &shared.workload,
+            ),
+            Direction::Egress => match self.peer_workload.as_ref() {
+                Some(d) => (Some(shared.identity.as_str()), Some(&shared.workload), d),
+                None => return,
+            },
+        };
+        shared.flows.record(&crate::flows::Seen {
+            direction: self.direction,
+            source_identity,
+            source_workload,
+            destination,
+            port: self.port,
+            protocol: Protocol::Tcp,
+            method: None,
+            path: None,
+            decision,
+            bytes_in: 0,
+            bytes_out: 0,
+            latency: Duration::ZERO,
+        });
+    }
+
     fn direction_label(&self) -> &'static str {
         match self.direction {
             Direction::Ingress => "inbound",
@@ -48,6 +77,7 @@ impl Flow {
 
     /// The decision log line for this flow.
     pub(crate) fn log(&self, decision: &Decision, shared: &Shared) {
+        self.record(decision, shared);
         let verdict = if decision.is_allow() { "allow" } else { "deny" };
         shared.metrics.decision(self.direction_label(), decision);
         tracing::info!(

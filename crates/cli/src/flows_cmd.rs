@@ -1,0 +1,376 @@
+//! See and adapt (issue #7): the verbs over the traffic edges the sidecars report.
+//!
+//! - `graph`: who called whom, on which port, and what was decided (table, DOT, JSON);
+//! - `recommend`: least-privilege policy from what was observed, in audit mode, with its
+//!   evidence, or (`--diff`) what changed since the recommendation now applied;
+//! - `impact -f CANDIDATE`: the observed flows whose verdict the candidate would change;
+//! - `promote KIND/NS/NAME`: audit → enforce, refused while it had would-deny flows.
+
+use crate::admin_cmd::request;
+use crate::client;
+use anyhow::{Context, Result, bail};
+use bulkhead_api::v1::admin_client::AdminClient;
+use bulkhead_api::v1::{ApplyRequest, DeleteRequest, GetRequest, ListEdgesRequest};
+use bulkhead_insight::{Edge, EdgeVerdict, RecommendOptions};
+use bulkhead_policy::PolicySet;
+use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tonic::transport::Channel;
+
+type Admin = AdminClient<Channel>;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The stored edges last seen within `window` (all kept edges without one).
+async fn edges(admin: &mut Admin, window: Option<Duration>) -> Result<Vec<Edge>> {
+    let since = window.map_or(0, |w| now().saturating_sub(w.as_secs()));
+    let resp = admin
+        .list_edges(request(ListEdgesRequest { since }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let edges: Vec<Edge> = serde_json::from_str(&resp.edges_json)
+        .context("the control plane sent edges this CLI cannot read (versions differ?)")?;
+    Ok(edges
+        .into_iter()
+        .filter(|e| e.stats.last_seen >= since)
+        .collect())
+}
+
+/// The applied resources and their revision.
+async fn applied(admin: &mut Admin) -> Result<(Vec<Resource>, u64)> {
+    let resp = admin
+        .get(request(GetRequest {
+            kind: String::new(),
+        }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let resources = resp
+        .resources
+        .iter()
+        .map(bulkhead_api::resource_from_wire)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((resources, resp.revision))
+}
+
+fn compile(resources: &[Resource], what: &str) -> Result<PolicySet> {
+    PolicySet::compile(resources, 0).map_err(|errors| {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("{what} does not compile:\n{}", text.join("\n"))
+    })
+}
+
+/// Names a caller for people: its workload when known (by edge or by declared identity).
+fn caller(e: &Edge, by_identity: &BTreeMap<String, WorkloadRef>) -> String {
+    if let Some(w) = &e.key.source_workload {
+        return w.to_string();
+    }
+    match &e.key.source_identity {
+        Some(id) => by_identity
+            .get(id)
+            .map_or_else(|| id.clone(), ToString::to_string),
+        None => "(plaintext)".to_string(),
+    }
+}
+
+fn identities(resources: &[Resource]) -> BTreeMap<String, WorkloadRef> {
+    resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Workload(doc) => match &doc.spec.identity.value {
+                bulkhead_policy::IdentityPattern::Exact(id) => Some((id.clone(), r.name())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// One line of the graph: calls from one party to one workload's port.
+#[derive(Debug, Default, serde::Serialize)]
+struct GraphEdge {
+    source: String,
+    destination: String,
+    port: u16,
+    protocol: String,
+    /// Which sidecar's view this is: ingress (the destination's) when it reported the pair.
+    decided: String,
+    allowed: u64,
+    denied: u64,
+    would_deny: u64,
+    would_allow: u64,
+    last_seen: String,
+}
+
+pub async fn graph(admin: &mut Admin, window: Option<Duration>, output: &str) -> Result<()> {
+    let edges = edges(admin, window).await?;
+    let (resources, _) = applied(admin).await?;
+    let by_identity = identities(&resources);
+    // Each call is seen by both sidecars; the destination's (ingress) view is kept, and the
+    // source's only where the destination reported nothing for the pair.
+    let mut groups: BTreeMap<(String, String, u16, bool), (GraphEdge, u64)> = BTreeMap::new();
+    for e in &edges {
+        let ingress = e.key.direction == Direction::Ingress;
+        let k = (
+            caller(e, &by_identity),
+            e.key.destination.to_string(),
+            e.key.port,
+            ingress,
+        );
+        let (g, last) = groups.entry(k.clone()).or_default();
+        g.source = k.0;
+        g.destination = k.1;
+        g.port = k.2;
+        g.protocol = e.key.protocol.as_str().to_string();
+        g.decided = if ingress { "ingress" } else { "egress" }.into();
+        let n = e.stats.count;
+        match e.key.verdict {
+            EdgeVerdict::Allow => g.allowed += n,
+            EdgeVerdict::Deny => g.denied += n,
+            EdgeVerdict::AllowWouldDeny => {
+                g.allowed += n;
+                g.would_deny += n;
+            }
+            EdgeVerdict::DenyWouldAllow => {
+                g.denied += n;
+                g.would_allow += n;
+            }
+        }
+        *last = (*last).max(e.stats.last_seen);
+    }
+    let has_ingress: std::collections::BTreeSet<(String, String, u16)> = groups
+        .keys()
+        .filter(|k| k.3)
+        .map(|k| (k.0.clone(), k.1.clone(), k.2))
+        .collect();
+    let lines: Vec<GraphEdge> = groups
+        .into_iter()
+        .filter(|(k, _)| k.3 || !has_ingress.contains(&(k.0.clone(), k.1.clone(), k.2)))
+        .map(|(_, (mut g, last))| {
+            g.last_seen = bulkhead_insight::rfc3339(last);
+            g
+        })
+        .collect();
+    match output {
+        "json" => println!("{}", serde_json::to_string_pretty(&lines)?),
+        "dot" => {
+            println!("digraph mesh {{\n  rankdir=LR;\n  node [shape=box];");
+            for g in &lines {
+                let color = if g.denied > 0 {
+                    "red"
+                } else if g.would_deny > 0 {
+                    "orange"
+                } else {
+                    "black"
+                };
+                println!(
+                    "  \"{}\" -> \"{}\" [label=\"{}/{} allow {} deny {}{}\", color={color}];",
+                    g.source,
+                    g.destination,
+                    g.port,
+                    g.protocol,
+                    g.allowed,
+                    g.denied,
+                    if g.would_deny > 0 {
+                        format!(" would-deny {}", g.would_deny)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            println!("}}");
+        }
+        _ => {
+            println!(
+                "{:<28} {:<24} {:>6} {:<6} {:>8} {:>7} {:>10}  LAST SEEN",
+                "SOURCE", "DESTINATION", "PORT", "PROTO", "ALLOWED", "DENIED", "WOULD-DENY"
+            );
+            for g in &lines {
+                println!(
+                    "{:<28} {:<24} {:>6} {:<6} {:>8} {:>7} {:>10}  {}",
+                    g.source,
+                    g.destination,
+                    g.port,
+                    g.protocol,
+                    g.allowed,
+                    g.denied,
+                    g.would_deny,
+                    g.last_seen
+                );
+            }
+            println!(
+                "{} edges from {} reported edge records",
+                lines.len(),
+                edges.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn recommend(admin: &mut Admin, window: Option<Duration>, diff: bool) -> Result<()> {
+    let edges = edges(admin, window).await?;
+    let (resources, _) = applied(admin).await?;
+    let rec = bulkhead_insight::recommend(&edges, &resources, &RecommendOptions::default());
+    if diff {
+        print!("{}", bulkhead_insight::diff(&resources, &rec));
+    } else {
+        print!("{}", rec.to_yaml());
+    }
+    Ok(())
+}
+
+pub async fn impact(admin: &mut Admin, files: &[PathBuf], window: Option<Duration>) -> Result<()> {
+    let mut changes = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        changes.extend(bulkhead_policy::parse_documents(
+            &f.display().to_string(),
+            &text,
+        )?);
+    }
+    let edges = edges(admin, window).await?;
+    let (resources, revision) = applied(admin).await?;
+    let current = compile(&resources, "the applied set")?;
+    let merged = bulkhead_insight::apply(&resources, &changes);
+    // "What if I enforce this": audit policies and postures of the result count as enforced.
+    let candidate = compile(
+        &bulkhead_insight::enforce_all(&merged),
+        "the applied set with the candidate",
+    )?;
+    let impact = bulkhead_insight::impact(&edges, &current, &candidate, &merged);
+    println!(
+        "Replaying observed flows against revision {revision} and against it with {} enforced:",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    print!("{impact}");
+    Ok(())
+}
+
+/// `Kind/namespace/name`, or `namespace/name` for an AuthorizationPolicy.
+fn resource_key(s: &str) -> String {
+    if s.matches('/').count() >= 2 {
+        s.to_string()
+    } else {
+        format!("AuthorizationPolicy/{s}")
+    }
+}
+
+pub async fn promote(admin: &mut Admin, target: &str, window: Duration, force: bool) -> Result<()> {
+    let key = resource_key(target);
+    let (resources, _) = applied(admin).await?;
+    let Some(resource) = resources.iter().find(|r| r.key() == key) else {
+        bail!(
+            "{key} is not applied; `bulkhead get policies` and `bulkhead get postures` list what is"
+        );
+    };
+    let audit = match resource {
+        Resource::AuthorizationPolicy(d) => d.spec.mode == Mode::Audit,
+        Resource::DefaultPosture(d) => d.spec.mode == Mode::Audit,
+        _ => bail!("only AuthorizationPolicies and DefaultPostures have a mode; {key} has none"),
+    };
+    if !audit {
+        bail!("{key} is already enforced");
+    }
+    // The would-deny flows it is blamed for, within the window.
+    let name = resource.name().to_string();
+    let blamed: Vec<Edge> = edges(admin, Some(window))
+        .await?
+        .into_iter()
+        .filter(|e| {
+            e.key.verdict == EdgeVerdict::AllowWouldDeny && e.key.policy.as_deref() == Some(&name)
+        })
+        .collect();
+    if !blamed.is_empty() {
+        let by_identity = identities(&resources);
+        let total: u64 = blamed.iter().map(|e| e.stats.count).sum();
+        let mut lines = Vec::new();
+        for e in blamed.iter().take(10) {
+            lines.push(format!(
+                "  {} → {}:{} {} {} ({} requests, last seen {})",
+                caller(e, &by_identity),
+                e.key.destination,
+                e.key.port,
+                e.key.method.as_deref().unwrap_or("tcp"),
+                e.key.path.as_deref().unwrap_or(""),
+                e.stats.count,
+                bulkhead_insight::rfc3339(e.stats.last_seen)
+            ));
+        }
+        let what = format!(
+            "{key} would have denied {total} requests in the last {}s that are allowed today:\n{}",
+            window.as_secs(),
+            lines.join("\n")
+        );
+        if !force {
+            bail!(
+                "{what}\nrefusing to enforce it. Allow that traffic first (bulkhead recommend), wait \
+                 until it stops, or pass --force to deny it from now on"
+            );
+        }
+        eprintln!("{what}\n--force: enforcing it anyway");
+    }
+    let mut enforced = resource.clone();
+    let mut remove = None;
+    match &mut enforced {
+        Resource::AuthorizationPolicy(d) => d.spec.mode = Mode::Enforce,
+        Resource::DefaultPosture(d) => {
+            // One enforced posture per scope: fold the audit one's directions into it.
+            let scope = d.metadata.namespace.as_ref().map(|n| n.value.to_string());
+            let existing = resources.iter().find_map(|r| match r {
+                Resource::DefaultPosture(e)
+                    if e.spec.mode == Mode::Enforce
+                        && e.metadata.namespace.as_ref().map(|n| n.value.to_string()) == scope =>
+                {
+                    Some(e)
+                }
+                _ => None,
+            });
+            d.spec.mode = Mode::Enforce;
+            if let Some(existing) = existing {
+                let mut merged = existing.clone();
+                if d.spec.ingress.is_some() {
+                    merged.spec.ingress = d.spec.ingress;
+                }
+                if d.spec.egress.is_some() {
+                    merged.spec.egress = d.spec.egress;
+                }
+                remove = Some(key.clone());
+                enforced = Resource::DefaultPosture(merged);
+            }
+        }
+        _ => {}
+    }
+    let yaml = enforced.to_yaml().map_err(|e| anyhow::anyhow!(e))?;
+    let resp = admin
+        .apply(request(ApplyRequest {
+            file: format!("promote {key}"),
+            yaml,
+        }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let mut revision = resp.revision;
+    if let Some(key) = remove {
+        revision = admin
+            .delete(request(DeleteRequest { keys: vec![key] }))
+            .await
+            .map_err(client::status)?
+            .into_inner()
+            .revision;
+    }
+    println!("{key} is enforced (revision {revision})");
+    Ok(())
+}

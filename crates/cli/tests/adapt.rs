@@ -1,0 +1,222 @@
+//! See and adapt (issue #7), end to end with real processes: traffic through a sample mesh
+//! in discovery mode (ingress allowed by the namespace posture) → `bulkhead graph` shows it →
+//! `bulkhead recommend` writes least-privilege audit policy from it → applied, the observed
+//! traffic shows no would-deny while a new lateral request does → `bulkhead impact` lists
+//! exactly that request as newly denied → `bulkhead promote` refuses while it had would-deny
+//! flows, then (forced) enforces, and the lateral request is denied while the observed
+//! traffic still flows.
+#![allow(clippy::unwrap_used)]
+
+use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
+use bulkhead_testkit::{Proc, http};
+use std::net::SocketAddr;
+
+const DISCOVERY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: orders, namespace: shop}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/orders
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: payments, namespace: shop}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/payments
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: frontend, namespace: shop}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/frontend
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: DefaultPosture
+metadata: {name: discovery, namespace: shop}
+spec:
+  ingress: allow
+"#;
+
+struct Shop {
+    mesh: Mesh,
+    _procs: Vec<Proc>,
+    to_orders: SocketAddr,
+    to_payments: SocketAddr,
+}
+
+fn shop() -> Shop {
+    let mesh = Mesh::start();
+    apply(&mesh, "discovery.yaml", DISCOVERY);
+    let mut procs = Vec::new();
+    let mut upstreams = Vec::new();
+    for name in ["orders", "payments"] {
+        let (app, app_addr) = mesh.app(name);
+        let app_addr = app_addr.to_string();
+        let (proxy, ready) = mesh.proxy(
+            name,
+            &mesh.token(&id(name)),
+            &[
+                "--inbound",
+                "127.0.0.1:0",
+                "--app",
+                &app_addr,
+                "--port",
+                "8080",
+                "--flow-interval-secs",
+                "1",
+            ],
+        );
+        upstreams.push(format!(
+            "name={name},listen=127.0.0.1:0,address={},identity={},port=8080,workload=shop/{name}",
+            addr(&ready["inbound"]),
+            id(name)
+        ));
+        procs.extend([app, proxy]);
+    }
+    let (frontend, ready) = mesh.proxy(
+        "frontend",
+        &mesh.token(&id("frontend")),
+        &[
+            "--upstream",
+            &upstreams[0],
+            "--upstream",
+            &upstreams[1],
+            "--flow-interval-secs",
+            "1",
+        ],
+    );
+    procs.push(frontend);
+    Shop {
+        to_orders: addr(&ready["upstreams"]["orders"]),
+        to_payments: addr(&ready["upstreams"]["payments"]),
+        mesh,
+        _procs: procs,
+    }
+}
+
+fn apply(mesh: &Mesh, name: &str, text: &str) {
+    let file = mesh.dir.path().join(name);
+    std::fs::write(&file, text).unwrap();
+    let (code, _, err) = mesh.cli(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "apply failed: {err}");
+}
+
+fn cli(mesh: &Mesh, args: &[&str]) -> String {
+    let (code, out, err) = mesh.cli(args);
+    assert_eq!(code, 0, "bulkhead {args:?} failed: {err}");
+    out
+}
+
+/// The frontend's everyday traffic: reads and creates orders.
+fn everyday(shop: &Shop) {
+    for path in ["/orders/1", "/orders/2", "/orders/37"] {
+        assert_eq!(http(shop.to_orders, "GET", path).status, 200);
+    }
+    assert_eq!(http(shop.to_orders, "POST", "/orders").status, 200);
+}
+
+#[test]
+fn observe_recommend_audit_impact_promote() {
+    let shop = shop();
+    let mesh = &shop.mesh;
+    everyday(&shop);
+
+    // The graph shows the observed edge, from the destination sidecar's view.
+    eventually(WAIT, "the frontend → orders edge in the graph", || {
+        let out = cli(mesh, &["graph", "-o", "json"]);
+        let g: serde_json::Value = serde_json::from_str(&out).unwrap();
+        g.as_array().unwrap().iter().any(|e| {
+            e["source"] == "shop/frontend"
+                && e["destination"] == "shop/orders"
+                && e["decided"] == "ingress"
+                && e["allowed"] == 4
+        })
+    });
+    let dot = cli(mesh, &["graph", "-o", "dot"]);
+    assert!(
+        dot.contains("\"shop/frontend\" -> \"shop/orders\" [label=\"8080/http allow 4 deny 0\""),
+        "{dot}"
+    );
+
+    // Recommend: an audit allow policy for orders naming the frontend, ids generalised,
+    // with its evidence; and an audit deny posture for the namespace.
+    let rec = cli(mesh, &["recommend"]);
+    for needle in [
+        "name: orders-recommended",
+        "mode: audit",
+        "spiffe://test.local/ns/shop/sa/frontend",
+        "/orders/*",
+        "GET",
+        "POST",
+        "kind: DefaultPosture",
+        "ingress: deny",
+    ] {
+        assert!(rec.contains(needle), "missing {needle:?} in:\n{rec}");
+    }
+    assert!(rec.contains("# "), "the evidence is in comments:\n{rec}");
+    assert!(
+        !rec.contains("payments-recommended"),
+        "no traffic to payments was seen:\n{rec}"
+    );
+    apply(mesh, "recommended.yaml", &rec);
+
+    // In audit mode: everyday traffic is allowed with no audit difference; a new lateral
+    // request (the frontend calling payments, never seen before) is allowed today but
+    // would be denied.
+    everyday(&shop);
+    let r = http(shop.to_orders, "GET", "/orders/5");
+    let header = r.header("x-bulkhead-decision").unwrap().to_string();
+    assert!(!header.contains("audit"), "{header}");
+    let lateral = http(shop.to_payments, "POST", "/charge");
+    assert_eq!(lateral.status, 200, "allowed today: {lateral:?}");
+    let header = lateral.header("x-bulkhead-decision").unwrap();
+    assert!(
+        header.contains("audit=would-deny") && header.contains("audit-posture=shop/recommended"),
+        "{header}"
+    );
+
+    // Impact of enforcing the recommendation: exactly the lateral request is newly denied.
+    let file = mesh.dir.path().join("recommended.yaml");
+    eventually(WAIT, "the lateral request in the impact", || {
+        let out = cli(mesh, &["impact", "-f", file.to_str().unwrap()]);
+        out.contains("newly denied") && out.contains("shop/payments")
+    });
+    let out = cli(mesh, &["impact", "-f", file.to_str().unwrap()]);
+    let denied: Vec<&str> = out.lines().filter(|l| l.contains("newly denied")).collect();
+    assert!(
+        denied.iter().all(|l| !l.contains("shop/orders")),
+        "observed traffic must not be newly denied:\n{out}"
+    );
+    assert!(out.contains("POST /charge"), "{out}");
+
+    // Promote: the allow policy has no would-deny flows; the posture has the lateral one.
+    let out = cli(mesh, &["promote", "shop/orders-recommended"]);
+    assert!(
+        out.contains("AuthorizationPolicy/shop/orders-recommended is enforced"),
+        "{out}"
+    );
+    let (code, _, err) = mesh.cli(&["promote", "DefaultPosture/shop/recommended"]);
+    assert_ne!(code, 0, "promote must refuse while it had would-deny flows");
+    assert!(err.contains("would have denied 1 requests"), "{err}");
+    assert!(
+        err.contains("shop/frontend → shop/payments:8080 POST /charge"),
+        "{err}"
+    );
+    assert!(err.contains("--force"), "{err}");
+    let out = cli(
+        mesh,
+        &["promote", "DefaultPosture/shop/recommended", "--force"],
+    );
+    assert!(out.contains("is enforced"), "{out}");
+
+    // Enforced: the lateral request is denied; everyday traffic still flows.
+    eventually(WAIT, "the lateral request denied", || {
+        http(shop.to_payments, "POST", "/charge").status == 403
+    });
+    everyday(&shop);
+    let postures = cli(mesh, &["get", "postures", "-o", "yaml"]);
+    assert!(postures.contains("ingress: deny"), "{postures}");
+    assert!(!postures.contains("mode: audit"), "{postures}");
+}
