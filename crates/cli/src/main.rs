@@ -4,7 +4,9 @@ mod admin_cmd;
 mod ca_cmd;
 mod client;
 mod demo;
+mod flows_cmd;
 mod policy_cmd;
+mod reach_cmd;
 mod sample_app;
 
 use anyhow::{Context, Result, bail};
@@ -89,11 +91,50 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The service graph from observed traffic: who called whom, on which port, and what was
+    /// decided (the destination sidecar's view where it reported).
+    Graph {
+        /// Only traffic seen within this long (e.g. 15m, 24h); default: all that is kept.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "dot", "json"])]
+        output: String,
+    },
+    /// Least-privilege policies from observed traffic, in audit mode, with the evidence for
+    /// each rule; `--diff` shows what changed against the recommendation applied now.
+    Recommend {
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Replay observed traffic against the applied set with CANDIDATE files applied and
+    /// enforced (audit policies and postures included): every flow that would newly be
+    /// denied or allowed, with counts and when it was last seen.
+    Impact {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+    },
+    /// Enforce an audit-mode policy or posture (`namespace/name`, or
+    /// `DefaultPosture/namespace/name`). Refused while it would have denied traffic seen
+    /// within --window, unless --force.
+    Promote {
+        target: String,
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        window: Duration,
+        #[arg(long)]
+        force: bool,
+    },
     /// Offline policy tools for CI: lint, test, diff, explain. They read files only.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Who can reach a workload, or (--blast-radius) everything it could reach if
+    /// compromised, from policy alone: the applied policy, or files with -f.
+    Reach(reach_cmd::ReachArgs),
     /// Start a local mesh of three services, send legitimate traffic and a lateral-movement
     /// attempt, and show what was allowed and denied, and why.
     Demo {
@@ -347,7 +388,30 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Rollback { revision } => {
             admin_cmd::rollback(&mut client::admin(&cli.context).await?, revision).await
         }
+        Command::Graph { since, output } => {
+            flows_cmd::graph(&mut client::admin(&cli.context).await?, since, &output).await
+        }
+        Command::Recommend { since, diff } => {
+            flows_cmd::recommend(&mut client::admin(&cli.context).await?, since, diff).await
+        }
+        Command::Impact { files, since } => {
+            flows_cmd::impact(&mut client::admin(&cli.context).await?, &files, since).await
+        }
+        Command::Promote {
+            target,
+            window,
+            force,
+        } => {
+            flows_cmd::promote(
+                &mut client::admin(&cli.context).await?,
+                &target,
+                window,
+                force,
+            )
+            .await
+        }
         Command::Demo { once } => demo::run(once).await,
+        Command::Reach(args) => reach_cmd::run(&cli.context, args).await,
         Command::Policy { command } => match command {
             PolicyCommand::Lint { files } => policy_cmd::lint(&files),
             PolicyCommand::Test { files, cases } => policy_cmd::test(&files, &cases),

@@ -62,7 +62,7 @@ pub enum Expect {
     Deny,
 }
 
-fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
+pub(crate) fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for f in files {
         let paths: Vec<PathBuf> = if f.is_dir() {

@@ -1,0 +1,662 @@
+//! `bulkhead reach`: who can reach a workload, or what an attacker who controls it could reach
+//! hop by hop, computed from policy alone (`docs/reach.md`). The set is the one the control
+//! plane enforces, or policy files given with `-f`; either way nothing is changed.
+//!
+//! The analysis is `bulkhead_policy::reach`; this module only chooses the set and the
+//! assumptions, and prints the answer for a person (table) or a program (json). It must never
+//! print less than the analysis found: every edge, every grant, every workload reached.
+
+use crate::{admin_cmd, client, policy_cmd};
+use anyhow::{Context, Result, anyhow, bail};
+use bulkhead_api::v1::GetRequest;
+use bulkhead_policy::model::{Mode, Resource, WorkloadRef};
+use bulkhead_policy::{
+    BlastRadius, Grant, PolicySet, PolicyView, PostureSource, Protocol, ReachEdge, ReachError,
+    ReachOptions, SourceEgress,
+};
+use serde::Serialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// How many declared workloads an unknown-workload error lists.
+const LISTED: usize = 8;
+
+/// The flags, as clap reads them.
+#[derive(clap::Args, Debug)]
+pub struct ReachArgs {
+    /// The workload, as namespace/name (e.g. shop/payments).
+    workload: String,
+    /// Instead of who can reach WORKLOAD: everything it could reach, transitively, if it
+    /// were compromised.
+    #[arg(long)]
+    blast_radius: bool,
+    /// Policy files or directories of .yaml to analyse instead of the policy applied to the
+    /// control plane (repeatable). The files must make a complete set, as for `policy lint`.
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<PathBuf>,
+    /// Treat audit-mode policies and DefaultPostures as if they were enforced.
+    #[arg(long)]
+    staged: bool,
+    /// Assume the attacker holds the source's key and certificate and uses them outside its
+    /// sidecar: egress policy is not enforced and requests may come from any address.
+    #[arg(long)]
+    stolen_key: bool,
+    /// Output format: table for a person, json for a program.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// The question, resolved from the flags.
+struct Query {
+    workload: WorkloadRef,
+    question: Question,
+    options: ReachOptions,
+    files: Vec<PathBuf>,
+    output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Question {
+    WhoCanReach,
+    BlastRadius,
+}
+
+impl TryFrom<ReachArgs> for Query {
+    type Error = anyhow::Error;
+
+    fn try_from(a: ReachArgs) -> Result<Query> {
+        Ok(Query {
+            workload: parse_workload(&a.workload)?,
+            question: match a.blast_radius {
+                true => Question::BlastRadius,
+                false => Question::WhoCanReach,
+            },
+            options: ReachOptions {
+                view: match a.staged {
+                    true => PolicyView::Staged,
+                    false => PolicyView::Enforced,
+                },
+                egress: match a.stolen_key {
+                    true => SourceEgress::Bypassed,
+                    false => SourceEgress::Enforced,
+                },
+            },
+            files: a.files,
+            output: a.output,
+        })
+    }
+}
+
+fn parse_workload(s: &str) -> Result<WorkloadRef> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(WorkloadRef {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        }
+        _ => bail!("{s:?} is not a workload: write it as namespace/name, like shop/payments"),
+    }
+}
+
+pub async fn run(context: &Path, args: ReachArgs) -> Result<()> {
+    let query = Query::try_from(args)?;
+    let loaded = match query.files.is_empty() {
+        true => load_applied(context).await?,
+        false => load_files(&query.files)?,
+    };
+    let report = answer(&query, &loaded)?;
+    match query.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Table => print_table(&report),
+    }
+    Ok(())
+}
+
+/// A compiled set, its declared workloads (sorted) and where it came from.
+struct Loaded {
+    set: PolicySet,
+    workloads: Vec<WorkloadRef>,
+    source: SetSource,
+}
+
+#[derive(Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+enum SetSource {
+    /// The set the control plane enforces, at this revision.
+    ControlPlane {
+        revision: u64,
+    },
+    Files {
+        files: Vec<String>,
+    },
+}
+
+fn declared(resources: &[Resource]) -> Vec<WorkloadRef> {
+    let mut w: Vec<WorkloadRef> = resources
+        .iter()
+        .filter(|r| matches!(r, Resource::Workload(_)))
+        .map(Resource::name)
+        .collect();
+    w.sort();
+    w
+}
+
+async fn load_applied(context: &Path) -> Result<Loaded> {
+    const HINT: &str = "cannot read the applied policy from the control plane (pass -f FILE to analyse policy files instead)";
+    let mut admin = client::admin(context).await.context(HINT)?;
+    let resp = admin
+        .get(admin_cmd::request(GetRequest {
+            kind: String::new(),
+        }))
+        .await
+        .map_err(client::status)
+        .context(HINT)?
+        .into_inner();
+    let resources = resp
+        .resources
+        .iter()
+        .map(bulkhead_api::resource_from_wire)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| {
+            format!(
+                "the control plane sent revision {} in a form this bulkhead cannot read; is it older than the control plane?",
+                resp.revision
+            )
+        })?;
+    let set = PolicySet::compile(&resources, resp.revision).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow!(
+            "the applied policy (revision {}) does not compile in this bulkhead: {}; is it older than the control plane?",
+            resp.revision,
+            list.join("; ")
+        )
+    })?;
+    Ok(Loaded {
+        set,
+        workloads: declared(&resources),
+        source: SetSource::ControlPlane {
+            revision: resp.revision,
+        },
+    })
+}
+
+fn load_files(files: &[PathBuf]) -> Result<Loaded> {
+    let texts = policy_cmd::read_files(files)?;
+    if texts.is_empty() {
+        let dirs: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        bail!(
+            "no policy files in {}: -f reads a directory's .yaml and .yml files",
+            dirs.join(", ")
+        );
+    }
+    let (resources, set) = bulkhead_policy::load(&texts, 0).map_err(|errors| {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        anyhow!(
+            "{} error(s) in the policy files, so there is no set to analyse; fix them (`bulkhead policy lint` checks the same)",
+            errors.len()
+        )
+    })?;
+    Ok(Loaded {
+        set,
+        workloads: declared(&resources),
+        source: SetSource::Files {
+            files: texts.into_iter().map(|(name, _)| name).collect(),
+        },
+    })
+}
+
+/// The answer, in the one shape both outputs print.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Report {
+    question: Question,
+    workload: String,
+    source: SetSource,
+    assumptions: Assumptions,
+    #[serde(flatten)]
+    answer: Answer,
+    #[serde(skip)]
+    options: ReachOptions,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Assumptions {
+    /// `enforced`, or `staged`: audit policies and postures as if enforced.
+    view: &'static str,
+    /// `enforced`, or `bypassed`: the source's sidecar does not judge egress (stolen key).
+    egress: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Answer {
+    #[serde(rename_all = "camelCase")]
+    WhoCanReach {
+        /// The distinct sources, sorted.
+        sources: Vec<String>,
+        edges: Vec<EdgeView>,
+    },
+    #[serde(rename_all = "camelCase")]
+    BlastRadius {
+        /// How many declared workloads there are besides the start.
+        other_workloads: usize,
+        reached: Vec<ReachedView>,
+    },
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EdgeView {
+    from: String,
+    to: String,
+    port: u16,
+    protocol: Protocol,
+    /// Empty when egress is bypassed.
+    egress: Vec<GrantView>,
+    ingress: Vec<GrantView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReachedView {
+    workload: String,
+    hops: usize,
+    path: Vec<EdgeView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+enum GrantView {
+    Rule {
+        policy: String,
+        rule: String,
+        mode: Mode,
+    },
+    Posture {
+        scope: PostureScope,
+        mode: Mode,
+        /// The DefaultPosture; absent for the built-in posture.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resource: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum PostureScope {
+    BuiltIn,
+    Mesh,
+    Namespace,
+}
+
+impl From<&Grant> for GrantView {
+    fn from(g: &Grant) -> GrantView {
+        match g {
+            Grant::Rule { policy, rule, mode } => GrantView::Rule {
+                policy: policy.to_string(),
+                rule: rule.to_string(),
+                mode: *mode,
+            },
+            Grant::Posture(source) => {
+                let (scope, mode) = match source {
+                    PostureSource::BuiltIn => (PostureScope::BuiltIn, Mode::Enforce),
+                    PostureSource::Mesh(_) => (PostureScope::Mesh, Mode::Enforce),
+                    PostureSource::Namespace(_) => (PostureScope::Namespace, Mode::Enforce),
+                    PostureSource::AuditMesh(_) => (PostureScope::Mesh, Mode::Audit),
+                    PostureSource::AuditNamespace(_) => (PostureScope::Namespace, Mode::Audit),
+                };
+                GrantView::Posture {
+                    scope,
+                    mode,
+                    resource: source.resource().map(ToString::to_string),
+                }
+            }
+        }
+    }
+}
+
+impl From<&ReachEdge> for EdgeView {
+    fn from(e: &ReachEdge) -> EdgeView {
+        EdgeView {
+            from: e.from.to_string(),
+            to: e.to.to_string(),
+            port: e.port,
+            protocol: e.protocol,
+            egress: e.egress.iter().map(GrantView::from).collect(),
+            ingress: e.ingress.iter().map(GrantView::from).collect(),
+        }
+    }
+}
+
+fn answer(q: &Query, loaded: &Loaded) -> Result<Report> {
+    let unknown = |e: ReachError| unknown_workload(e, &q.workload, loaded);
+    let answer = match q.question {
+        Question::WhoCanReach => {
+            let edges = bulkhead_policy::who_can_reach(&loaded.set, &q.workload, q.options)
+                .map_err(unknown)?;
+            let mut sources: Vec<String> = edges.iter().map(|e| e.from.to_string()).collect();
+            sources.dedup(); // sorted by source already
+            Answer::WhoCanReach {
+                sources,
+                edges: edges.iter().map(EdgeView::from).collect(),
+            }
+        }
+        Question::BlastRadius => {
+            let BlastRadius { reached, .. } =
+                bulkhead_policy::blast_radius(&loaded.set, &q.workload, q.options)
+                    .map_err(unknown)?;
+            Answer::BlastRadius {
+                // The start is declared, or blast_radius would have refused it.
+                other_workloads: loaded.workloads.len().saturating_sub(1),
+                reached: reached
+                    .iter()
+                    .map(|r| ReachedView {
+                        workload: r.workload.to_string(),
+                        hops: r.hops,
+                        path: r.path.iter().map(EdgeView::from).collect(),
+                    })
+                    .collect(),
+            }
+        }
+    };
+    Ok(Report {
+        question: q.question,
+        workload: q.workload.to_string(),
+        source: loaded.source.clone(),
+        assumptions: Assumptions {
+            view: match q.options.view {
+                PolicyView::Enforced => "enforced",
+                PolicyView::Staged => "staged",
+            },
+            egress: match q.options.egress {
+                SourceEgress::Enforced => "enforced",
+                SourceEgress::Bypassed => "bypassed",
+            },
+        },
+        answer,
+        options: q.options,
+    })
+}
+
+/// The analysis's error, with what the set does declare, so the next try can be right.
+fn unknown_workload(e: ReachError, target: &WorkloadRef, loaded: &Loaded) -> anyhow::Error {
+    let (place, declares) = match &loaded.source {
+        SetSource::ControlPlane { revision } => (
+            format!("the applied policy (revision {revision})"),
+            "declares",
+        ),
+        SetSource::Files { .. } => ("the policy files".to_string(), "declare"),
+    };
+    if loaded.workloads.is_empty() {
+        return anyhow!(
+            "{e}; {place} {declares} no Workload at all: declare each workload (kind: Workload, with its identity and ports) for reach to analyse it"
+        );
+    }
+    let namesakes: Vec<String> = loaded
+        .workloads
+        .iter()
+        .filter(|w| w.name == target.name)
+        .map(ToString::to_string)
+        .collect();
+    let hint = match namesakes.is_empty() {
+        true => String::new(),
+        false => format!(" (did you mean {}?)", namesakes.join(" or ")),
+    };
+    let mut listed: Vec<String> = loaded
+        .workloads
+        .iter()
+        .take(LISTED)
+        .map(ToString::to_string)
+        .collect();
+    let more = loaded.workloads.len().saturating_sub(LISTED);
+    if more > 0 {
+        listed.push(format!("and {more} more"));
+    }
+    anyhow!(
+        "{e}{hint}; {place} {declares} {}: {}",
+        count(loaded.workloads.len(), "workload"),
+        listed.join(", ")
+    )
+}
+
+fn count(n: usize, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
+fn print_table(r: &Report) {
+    let summary = match &r.answer {
+        Answer::WhoCanReach { sources, edges } => {
+            let rows: Vec<Vec<String>> = edges
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.from.clone(),
+                        e.port.to_string(),
+                        e.protocol.as_str().to_string(),
+                        allowed_by(e),
+                    ]
+                })
+                .collect();
+            columns(&["SOURCE", "PORT", "PROTOCOL", "ALLOWED BY"], &rows);
+            match sources.len() {
+                0 => format!("no workload can reach {}", r.workload),
+                1 => format!("1 workload can reach {}", r.workload),
+                n => format!("{n} workloads can reach {}", r.workload),
+            }
+        }
+        Answer::BlastRadius {
+            other_workloads,
+            reached,
+        } => {
+            let rows: Vec<Vec<String>> = reached
+                .iter()
+                .map(|w| vec![w.workload.clone(), w.hops.to_string(), path(w)])
+                .collect();
+            columns(&["WORKLOAD", "HOPS", "PATH"], &rows);
+            let verb = if reached.len() == 1 { "is" } else { "are" };
+            format!(
+                "if {} is compromised, {} of {} {verb} reachable",
+                r.workload,
+                reached.len(),
+                count(*other_workloads, "other workload")
+            )
+        }
+    };
+    let mut notes = Vec::new();
+    if let SetSource::ControlPlane { revision } = r.source {
+        notes.push(format!("revision {revision}"));
+    }
+    if r.options.view == PolicyView::Staged {
+        notes.push("staged: audit policies and postures as if enforced".to_string());
+    }
+    if r.options.egress == SourceEgress::Bypassed {
+        notes.push("stolen key: egress not enforced, any source address".to_string());
+    }
+    match notes.is_empty() {
+        true => println!("{summary}"),
+        false => println!("{summary} ({})", notes.join("; ")),
+    }
+}
+
+/// Prints a header and rows in columns as wide as their widest cell; prints nothing if there
+/// are no rows.
+fn columns(header: &[&str], rows: &[Vec<String>]) {
+    if rows.is_empty() {
+        return;
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or_default()
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// `egress: policy shop/a rule x; ingress: policy shop/b rules y and z`
+fn allowed_by(e: &EdgeView) -> String {
+    let egress = match e.egress.is_empty() {
+        true => "not enforced (stolen key)".to_string(),
+        false => grants(&e.egress),
+    };
+    format!("egress: {egress}; ingress: {}", grants(&e.ingress))
+}
+
+/// The grants, the rules of one policy together: `policy shop/a rules x and y, built-in
+/// posture`.
+fn grants(list: &[GrantView]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < list.len() {
+        let GrantView::Rule { policy, mode, .. } = &list[i] else {
+            parts.push(list[i].to_string());
+            i += 1;
+            continue;
+        };
+        let mut rules = Vec::new();
+        while let Some(GrantView::Rule {
+            policy: p,
+            mode: m,
+            rule,
+        }) = list.get(i)
+        {
+            if p != policy || m != mode {
+                break;
+            }
+            rules.push(rule.as_str());
+            i += 1;
+        }
+        let audit = if *mode == Mode::Audit { "audit " } else { "" };
+        let names = match rules.split_last() {
+            Some((last, [])) => format!("rule {last}"),
+            Some((last, rest)) => format!("rules {} and {last}", rest.join(", ")),
+            None => String::new(), // unreachable: the loop took list[i] at least
+        };
+        parts.push(format!("{audit}policy {policy} {names}"));
+    }
+    parts.join(", ")
+}
+
+/// `shop/frontend -> shop/orders:8080 -> shop/payments:8080`
+fn path(r: &ReachedView) -> String {
+    let mut s = r.path.first().map(|e| e.from.clone()).unwrap_or_default();
+    for e in &r.path {
+        s.push_str(&format!(" -> {}:{}", e.to, e.port));
+    }
+    s
+}
+
+/// `policy shop/a rule x`, `audit namespace posture shop/staged`, `built-in posture`: as the
+/// policy crate names grants.
+impl fmt::Display for GrantView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let audit = |mode: &Mode| if *mode == Mode::Audit { "audit " } else { "" };
+        match self {
+            GrantView::Rule { policy, rule, mode } => {
+                write!(f, "{}policy {policy} rule {rule}", audit(mode))
+            }
+            GrantView::Posture {
+                scope: PostureScope::BuiltIn,
+                ..
+            } => f.write_str("built-in posture"),
+            GrantView::Posture {
+                scope,
+                mode,
+                resource,
+            } => {
+                let scope = match scope {
+                    PostureScope::Mesh => "mesh",
+                    _ => "namespace",
+                };
+                let name = resource.as_deref().unwrap_or_default();
+                write!(f, "{}{scope} posture {name}", audit(mode))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(policy: &str, rule: &str, mode: Mode) -> GrantView {
+        GrantView::Rule {
+            policy: policy.into(),
+            rule: rule.into(),
+            mode,
+        }
+    }
+
+    #[test]
+    fn grants_read_as_a_list_with_rules_grouped_by_policy() {
+        let list = [
+            rule("shop/a", "x", Mode::Enforce),
+            rule("shop/a", "y", Mode::Enforce),
+            rule("shop/a", "z", Mode::Enforce),
+            rule("shop/b", "w", Mode::Audit),
+            GrantView::Posture {
+                scope: PostureScope::Namespace,
+                mode: Mode::Audit,
+                resource: Some("shop/staged".into()),
+            },
+            GrantView::Posture {
+                scope: PostureScope::BuiltIn,
+                mode: Mode::Enforce,
+                resource: None,
+            },
+        ];
+        assert_eq!(
+            grants(&list),
+            "policy shop/a rules x, y and z, audit policy shop/b rule w, \
+             audit namespace posture shop/staged, built-in posture"
+        );
+    }
+
+    #[test]
+    fn workloads_are_namespace_slash_name() {
+        assert_eq!(
+            parse_workload("shop/payments").map(|w| w.to_string()).ok(),
+            Some("shop/payments".to_string())
+        );
+        for bad in ["payments", "/payments", "shop/", "a/b/c"] {
+            let e = parse_workload(bad).err().map(|e| e.to_string());
+            assert_eq!(
+                e,
+                Some(format!(
+                    "{bad:?} is not a workload: write it as namespace/name, like shop/payments"
+                ))
+            );
+        }
+    }
+}

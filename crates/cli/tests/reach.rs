@@ -1,0 +1,488 @@
+//! `bulkhead reach` with the real binary: who can reach a workload and the blast radius of a
+//! compromised one, from policy files (`-f`) and from the policy applied to a real control
+//! plane, under the enforced and the staged view, with and without a stolen key.
+//!
+//! The topology: frontend → orders → payments (8080 http, and 9000 tcp from orders); admin,
+//! which an allow policy opens to the namespace but a covering deny closes to everyone;
+//! ops/prober, allowed to call orders' /health; shop's egress posture is deny, so only what
+//! an egress policy allows leaves a shop sidecar. A staged (audit) policy would let frontend
+//! call payments' /refund directly.
+#![allow(clippy::unwrap_used)]
+
+use bulkhead_testkit::mesh::Mesh;
+use bulkhead_testkit::{Bins, TempDir, run};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+const SHOP: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: frontend, namespace: shop}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/frontend
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: orders, namespace: shop}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/orders
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: payments, namespace: shop}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/payments
+  ports: [{port: 8080, protocol: http}, {port: 9000, protocol: tcp}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: admin, namespace: shop}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/admin
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: prober, namespace: ops}
+spec:
+  identity: spiffe://test.local/ns/ops/sa/prober
+  ports: [{port: 9100, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: DefaultPosture
+metadata: {name: default, namespace: shop}
+spec:
+  egress: deny
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: frontend-egress, namespace: shop}
+spec:
+  selector: {workload: frontend}
+  direction: egress
+  action: allow
+  rules:
+    - name: to-orders
+      to: {workloads: [orders]}
+    - name: to-payments
+      to: {workloads: [payments], ports: [8080]}
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: orders-egress, namespace: shop}
+spec:
+  selector: {workload: orders}
+  direction: egress
+  action: allow
+  rules:
+    - name: to-payments
+      to: {workloads: [payments]}
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: orders-ingress, namespace: shop}
+spec:
+  selector: {workload: orders}
+  action: allow
+  rules:
+    - name: frontend-manages-orders
+      from: {identities: ["spiffe://test.local/ns/shop/sa/frontend"]}
+      to: {methods: [GET, POST], paths: ["/orders", "/orders/*"]}
+    - name: health
+      from: {namespaces: [shop, ops]}
+      to: {methods: [GET], paths: ["/health"]}
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: payments-allow-orders, namespace: shop}
+spec:
+  selector: {workload: payments}
+  action: allow
+  rules:
+    - name: charges
+      from: {identities: ["spiffe://test.local/ns/shop/sa/orders"]}
+      to: {ports: [8080], methods: [POST], paths: ["/charge"]}
+    - name: ledger
+      from: {identities: ["spiffe://test.local/ns/shop/sa/orders"]}
+      to: {ports: [9000]}
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: admin-allow-shop, namespace: shop}
+spec:
+  selector: {workload: admin}
+  action: allow
+  rules:
+    - from: {namespaces: [shop]}
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: admin-lockdown, namespace: shop}
+spec:
+  selector: {workload: admin}
+  action: deny
+  rules:
+    - name: everyone
+"#;
+
+const STAGED: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: payments-allow-refunds, namespace: shop}
+spec:
+  selector: {workload: payments}
+  action: allow
+  mode: audit
+  rules:
+    - name: frontend-refunds
+      from: {identities: ["spiffe://test.local/ns/shop/sa/frontend"]}
+      to: {ports: [8080], methods: [POST], paths: ["/refund"]}
+"#;
+
+const WHO_REACHES_PAYMENTS: &str = "\
+SOURCE       PORT  PROTOCOL  ALLOWED BY
+shop/orders  8080  http      egress: policy shop/orders-egress rule to-payments; ingress: policy shop/payments-allow-orders rule charges
+shop/orders  9000  tcp       egress: policy shop/orders-egress rule to-payments; ingress: policy shop/payments-allow-orders rule ledger
+1 workload can reach shop/payments";
+
+const WHO_REACHES_PAYMENTS_STAGED: &str = "\
+SOURCE         PORT  PROTOCOL  ALLOWED BY
+shop/frontend  8080  http      egress: policy shop/frontend-egress rule to-payments; ingress: audit policy shop/payments-allow-refunds rule frontend-refunds
+shop/orders    8080  http      egress: policy shop/orders-egress rule to-payments; ingress: policy shop/payments-allow-orders rule charges
+shop/orders    9000  tcp       egress: policy shop/orders-egress rule to-payments; ingress: policy shop/payments-allow-orders rule ledger
+2 workloads can reach shop/payments (staged: audit policies and postures as if enforced)";
+
+const FRONTEND_BLAST_RADIUS: &str = "\
+WORKLOAD       HOPS  PATH
+shop/orders    1     shop/frontend -> shop/orders:8080
+shop/payments  2     shop/frontend -> shop/orders:8080 -> shop/payments:8080
+if shop/frontend is compromised, 2 of 4 other workloads are reachable";
+
+/// The policy files, written once per test.
+struct Files {
+    _dir: TempDir,
+    shop: PathBuf,
+    staged: PathBuf,
+}
+
+fn files() -> Files {
+    let dir = TempDir::new().unwrap();
+    let (shop, staged) = (dir.path().join("shop.yaml"), dir.path().join("staged.yaml"));
+    std::fs::write(&shop, SHOP).unwrap();
+    std::fs::write(&staged, STAGED).unwrap();
+    Files {
+        _dir: dir,
+        shop,
+        staged,
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `bulkhead reach ARGS -f shop.yaml -f staged.yaml`, offline; (code, stdout, stderr).
+fn reach(f: &Files, args: &[&str]) -> (i32, String, String) {
+    let bins = Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
+    let mut all = vec!["reach"];
+    all.extend_from_slice(args);
+    all.extend(["-f", s(&f.shop), "-f", s(&f.staged)]);
+    run(&bins.bulkhead, &all, &[])
+}
+
+/// The table a successful run prints, without its final newline.
+fn table(result: (i32, String, String)) -> String {
+    let (code, out, err) = result;
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    out.strip_suffix('\n').unwrap_or(&out).to_string()
+}
+
+fn json_of(result: (i32, String, String)) -> Value {
+    serde_json::from_str(&table(result)).unwrap()
+}
+
+fn rule(policy: &str, rule: &str, mode: &str) -> Value {
+    json!({"kind": "rule", "policy": policy, "rule": rule, "mode": mode})
+}
+
+fn edge(from: &str, to: &str, port: u16, protocol: &str, egress: Value, ingress: Value) -> Value {
+    json!({"from": from, "to": to, "port": port, "protocol": protocol,
+           "egress": egress, "ingress": ingress})
+}
+
+#[test]
+fn who_can_reach_from_files_as_a_table_and_as_json() {
+    let f = files();
+    // The audit policy in staged.yaml changes nothing under the enforced view.
+    assert_eq!(table(reach(&f, &["shop/payments"])), WHO_REACHES_PAYMENTS);
+
+    // A posture grant (ops has no egress posture) beside policy grants, one policy's rules
+    // together.
+    assert_eq!(
+        table(reach(&f, &["shop/orders"])),
+        "\
+SOURCE         PORT  PROTOCOL  ALLOWED BY
+ops/prober     8080  http      egress: built-in posture; ingress: policy shop/orders-ingress rule health
+shop/frontend  8080  http      egress: policy shop/frontend-egress rule to-orders; ingress: policy shop/orders-ingress rules frontend-manages-orders and health
+2 workloads can reach shop/orders"
+    );
+
+    // admin-allow-shop opens admin to its namespace, but admin-lockdown covers it.
+    assert_eq!(
+        table(reach(&f, &["shop/admin"])),
+        "no workload can reach shop/admin"
+    );
+
+    let v = json_of(reach(&f, &["shop/orders", "-o", "json"]));
+    assert_eq!(
+        v,
+        json!({
+            "question": "who-can-reach",
+            "workload": "shop/orders",
+            "source": {"kind": "files", "files": [s(&f.shop), s(&f.staged)]},
+            "assumptions": {"view": "enforced", "egress": "enforced"},
+            "sources": ["ops/prober", "shop/frontend"],
+            "edges": [
+                edge("ops/prober", "shop/orders", 8080, "http",
+                     json!([{"kind": "posture", "scope": "builtIn", "mode": "enforce"}]),
+                     json!([rule("shop/orders-ingress", "health", "enforce")])),
+                edge("shop/frontend", "shop/orders", 8080, "http",
+                     json!([rule("shop/frontend-egress", "to-orders", "enforce")]),
+                     json!([rule("shop/orders-ingress", "frontend-manages-orders", "enforce"),
+                            rule("shop/orders-ingress", "health", "enforce")])),
+            ],
+        })
+    );
+}
+
+#[test]
+fn blast_radius_from_files_lists_every_workload_reached_with_hops_and_path() {
+    let f = files();
+    assert_eq!(
+        table(reach(&f, &["shop/frontend", "--blast-radius"])),
+        FRONTEND_BLAST_RADIUS
+    );
+    // The prober may only call /health, yet two hops take it to payments.
+    assert_eq!(
+        table(reach(&f, &["ops/prober", "--blast-radius"])),
+        "\
+WORKLOAD       HOPS  PATH
+shop/orders    1     ops/prober -> shop/orders:8080
+shop/payments  2     ops/prober -> shop/orders:8080 -> shop/payments:8080
+if ops/prober is compromised, 2 of 4 other workloads are reachable"
+    );
+    // payments' sidecar lets nothing out.
+    assert_eq!(
+        table(reach(&f, &["shop/payments", "--blast-radius"])),
+        "if shop/payments is compromised, 0 of 4 other workloads are reachable"
+    );
+
+    let v = json_of(reach(
+        &f,
+        &["shop/frontend", "--blast-radius", "-o", "json"],
+    ));
+    let to_orders = edge(
+        "shop/frontend",
+        "shop/orders",
+        8080,
+        "http",
+        json!([rule("shop/frontend-egress", "to-orders", "enforce")]),
+        json!([
+            rule("shop/orders-ingress", "frontend-manages-orders", "enforce"),
+            rule("shop/orders-ingress", "health", "enforce")
+        ]),
+    );
+    let to_payments = edge(
+        "shop/orders",
+        "shop/payments",
+        8080,
+        "http",
+        json!([rule("shop/orders-egress", "to-payments", "enforce")]),
+        json!([rule("shop/payments-allow-orders", "charges", "enforce")]),
+    );
+    assert_eq!(
+        v,
+        json!({
+            "question": "blast-radius",
+            "workload": "shop/frontend",
+            "source": {"kind": "files", "files": [s(&f.shop), s(&f.staged)]},
+            "assumptions": {"view": "enforced", "egress": "enforced"},
+            "otherWorkloads": 4,
+            "reached": [
+                {"workload": "shop/orders", "hops": 1, "path": [to_orders.clone()]},
+                {"workload": "shop/payments", "hops": 2, "path": [to_orders, to_payments]},
+            ],
+        })
+    );
+}
+
+#[test]
+fn staged_and_stolen_key_change_what_is_reachable() {
+    let f = files();
+    // --staged: the audit policy lets frontend reach payments directly, in one hop.
+    assert_eq!(
+        table(reach(&f, &["shop/payments", "--staged"])),
+        WHO_REACHES_PAYMENTS_STAGED
+    );
+    assert_eq!(
+        table(reach(&f, &["shop/frontend", "--blast-radius", "--staged"])),
+        "\
+WORKLOAD       HOPS  PATH
+shop/orders    1     shop/frontend -> shop/orders:8080
+shop/payments  1     shop/frontend -> shop/payments:8080
+if shop/frontend is compromised, 2 of 4 other workloads are reachable (staged: audit policies and postures as if enforced)"
+    );
+    let v = json_of(reach(&f, &["shop/payments", "--staged", "-o", "json"]));
+    assert_eq!(
+        v["assumptions"],
+        json!({"view": "staged", "egress": "enforced"})
+    );
+    assert_eq!(
+        v["edges"][0]["ingress"],
+        json!([rule(
+            "shop/payments-allow-refunds",
+            "frontend-refunds",
+            "audit"
+        )])
+    );
+
+    // --stolen-key: shop's egress posture no longer holds anyone back; orders' /health rule
+    // admits the whole namespace and ops.
+    let v = json_of(reach(&f, &["shop/orders", "--stolen-key", "-o", "json"]));
+    assert_eq!(
+        v["assumptions"],
+        json!({"view": "enforced", "egress": "bypassed"})
+    );
+    assert_eq!(
+        v["sources"],
+        json!([
+            "ops/prober",
+            "shop/admin",
+            "shop/frontend",
+            "shop/orders",
+            "shop/payments"
+        ])
+    );
+    assert_eq!(v["edges"][1]["egress"], json!([]));
+    assert_eq!(
+        table(reach(&f, &["shop/payments", "--blast-radius", "--stolen-key"])),
+        "\
+WORKLOAD     HOPS  PATH
+shop/orders  1     shop/payments -> shop/orders:8080
+if shop/payments is compromised, 1 of 4 other workloads is reachable (stolen key: egress not enforced, any source address)"
+    );
+    // The covering deny holds even for a stolen key.
+    assert_eq!(
+        table(reach(&f, &["shop/admin", "--stolen-key"])),
+        "no workload can reach shop/admin (stolen key: egress not enforced, any source address)"
+    );
+}
+
+#[test]
+fn errors_say_what_went_wrong_and_what_to_do() {
+    let f = files();
+    let known = "ops/prober, shop/admin, shop/frontend, shop/orders, shop/payments";
+
+    let (code, out, err) = reach(&f, &["shop/paymnts"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(
+        err,
+        format!(
+            "error: no Workload shop/paymnts is declared; reachability is computed between declared workloads only; the policy files declare 5 workloads: {known}\n"
+        )
+    );
+
+    let (code, _, err) = reach(&f, &["ops/payments", "--blast-radius"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        format!(
+            "error: no Workload ops/payments is declared; reachability is computed between declared workloads only (did you mean shop/payments?); the policy files declare 5 workloads: {known}\n"
+        )
+    );
+
+    let (code, _, err) = reach(&f, &["payments"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "error: \"payments\" is not a workload: write it as namespace/name, like shop/payments\n"
+    );
+
+    // A set that does not compile is refused with every error's location.
+    let bins = Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
+    let dir = TempDir::new().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, SHOP.replace("protocol: tcp", "protocol: tpc")).unwrap();
+    let (code, out, err) = run(
+        &bins.bulkhead,
+        &["reach", "shop/orders", "-f", s(&bad)],
+        &[],
+    );
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(err.starts_with(&format!("{}:20:", bad.display())), "{err}");
+    assert!(
+        err.ends_with("error: 1 error(s) in the policy files, so there is no set to analyse; fix them (`bulkhead policy lint` checks the same)\n"),
+        "{err}"
+    );
+
+    // Without -f and without a control plane: say so, and offer -f.
+    let missing = dir.path().join("admin.yaml");
+    let (code, _, err) = run(
+        &bins.bulkhead,
+        &["reach", "shop/orders"],
+        &[("BULKHEAD_CONTEXT", s(&missing))],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with(&format!("error: cannot read the applied policy from the control plane (pass -f FILE to analyse policy files instead): cannot read admin context {}", missing.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn reach_reads_the_policy_applied_to_the_control_plane() {
+    let mesh = Mesh::start();
+    let f = files();
+
+    // Nothing applied yet: nothing is declared, and the error says so.
+    let (code, _, err) = mesh.cli(&["reach", "shop/payments"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "error: no Workload shop/payments is declared; reachability is computed between declared workloads only; the applied policy (revision 0) declares no Workload at all: declare each workload (kind: Workload, with its identity and ports) for reach to analyse it\n"
+    );
+
+    for file in [&f.shop, &f.staged] {
+        let (code, _, err) = mesh.cli(&["apply", "-f", s(file)]);
+        assert_eq!(code, 0, "{err}");
+    }
+    // The same answers as from the files, at the revision they were computed for.
+    assert_eq!(
+        table(mesh.cli(&["reach", "shop/payments"])),
+        format!("{WHO_REACHES_PAYMENTS} (revision 2)")
+    );
+    assert_eq!(
+        table(mesh.cli(&["reach", "shop/frontend", "--blast-radius"])),
+        format!("{FRONTEND_BLAST_RADIUS} (revision 2)")
+    );
+    assert_eq!(
+        table(mesh.cli(&["reach", "shop/payments", "--staged"])),
+        WHO_REACHES_PAYMENTS_STAGED.replace("(staged:", "(revision 2; staged:")
+    );
+    let v = json_of(mesh.cli(&["reach", "shop/frontend", "--blast-radius", "-o", "json"]));
+    assert_eq!(v["source"], json!({"kind": "controlPlane", "revision": 2}));
+    let reached: Vec<(&str, u64)> = v["reached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["workload"].as_str().unwrap(), r["hops"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(reached, [("shop/orders", 1), ("shop/payments", 2)]);
+
+    let (code, _, err) = mesh.cli(&["reach", "shop/ghost"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "error: no Workload shop/ghost is declared; reachability is computed between declared workloads only; the applied policy (revision 2) declares 5 workloads: ops/prober, shop/admin, shop/frontend, shop/orders, shop/payments\n"
+    );
+}
