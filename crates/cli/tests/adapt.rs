@@ -48,7 +48,7 @@ struct Shop {
 
 fn shop() -> Shop {
     let mesh = Mesh::start();
-    apply(&mesh, "discovery.yaml", DISCOVERY);
+    mesh.apply("discovery.yaml", DISCOVERY);
     let mut procs = Vec::new();
     let mut upstreams = Vec::new();
     for name in ["orders", "payments"] {
@@ -94,13 +94,6 @@ fn shop() -> Shop {
         mesh,
         _procs: procs,
     }
-}
-
-fn apply(mesh: &Mesh, name: &str, text: &str) {
-    let file = mesh.dir.path().join(name);
-    std::fs::write(&file, text).unwrap();
-    let (code, _, err) = mesh.cli(&["apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(code, 0, "apply failed: {err}");
 }
 
 fn cli(mesh: &Mesh, args: &[&str]) -> String {
@@ -160,7 +153,7 @@ fn observe_recommend_audit_impact_promote() {
         !rec.contains("payments-recommended"),
         "no traffic to payments was seen:\n{rec}"
     );
-    apply(mesh, "recommended.yaml", &rec);
+    mesh.apply("recommended.yaml", &rec);
 
     // In audit mode: everyday traffic is allowed with no audit difference; a new lateral
     // request (the frontend calling payments, never seen before) is allowed today but

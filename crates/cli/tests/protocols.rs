@@ -51,18 +51,11 @@ struct Shop {
     frontend_admin: SocketAddr,
 }
 
-fn apply(mesh: &Mesh, name: &str, text: &str) {
-    let file = mesh.dir.path().join(name);
-    std::fs::write(&file, text).unwrap();
-    let (code, _, err) = mesh.cli(&["apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(code, 0, "apply failed: {err}");
-}
-
 /// Orders' HTTP app (h1 + h2c) and TCP echo app, each behind an inbound proxy, and a
 /// frontend proxy with an upstream to each.
 fn shop() -> Shop {
     let mesh = Mesh::start();
-    apply(&mesh, "policy.yaml", &format!("{POLICY}{TCP_RULE}"));
+    mesh.apply("policy.yaml", &format!("{POLICY}{TCP_RULE}"));
     let (http_app, http_app_addr) = mesh.app("orders");
     let (echo_app, echo_addr) = mesh.app_with("orders-echo", &["--tcp-echo"]);
     let app = http_app_addr.to_string();
@@ -84,7 +77,17 @@ fn shop() -> Shop {
     let (tcp_proxy, orders_tcp) = mesh.proxy(
         "orders-tcp",
         &mesh.token(&id("orders")),
-        &["--inbound", "127.0.0.1:0", "--app", &echo, "--port", "9000"],
+        // This one runs the multi-threaded runtime; the others the default single thread.
+        &[
+            "--inbound",
+            "127.0.0.1:0",
+            "--app",
+            &echo,
+            "--port",
+            "9000",
+            "--threads",
+            "2",
+        ],
     );
     let up_http = format!(
         "name=orders,listen=127.0.0.1:0,address={},identity={}",
@@ -275,7 +278,7 @@ fn opaque_tcp_is_relayed_and_closed_when_policy_changes() {
     }
 
     // A new policy without the TCP rule closes the open connection, and says why.
-    apply(&shop.mesh, "policy.yaml", POLICY);
+    shop.mesh.apply("policy.yaml", POLICY);
     eventually(WAIT, "the open TCP connection to be closed", || {
         let _ = conn.write_all(b"still there?");
         matches!(conn.read(&mut buf), Ok(0) | Err(_))

@@ -87,6 +87,14 @@ impl Mesh {
         self.dir.path().join("data")
     }
 
+    /// Writes `text` to `name` in the test directory and applies it; panics if refused.
+    pub fn apply(&self, name: &str, text: &str) {
+        let file = self.dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let (code, _, err) = self.cli(&["apply", "-f", file.to_str().unwrap()]);
+        assert_eq!(code, 0, "apply failed: {err}");
+    }
+
     /// Runs `bulkhead ARGS` as the admin; returns (code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let context = self.data().join("admin.yaml");
