@@ -257,6 +257,11 @@ impl Link {
         }
     }
 
+    /// Whether it speaks HTTP/2 (to the app or upstream), else HTTP/1.1.
+    pub(crate) fn h2(&self) -> bool {
+        self.h2
+    }
+
     pub(crate) async fn send<F, Fut, Io>(
         &self,
         req: Request<Incoming>,

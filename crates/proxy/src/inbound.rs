@@ -109,7 +109,7 @@ async fn serve(
                         relay(tcp, None, t, shared).await
                     }
                     (_, Sniffed::Http1 | Sniffed::H2) => {
-                        serve_app_http(tcp, None, AppSide::own(h2), t, shared).await
+                        serve_app_http(tcp, None, AppSide::Own(Link::new(h2)), t, shared).await
                     }
                     _ => tracing::warn!(
                         port,
@@ -167,7 +167,7 @@ async fn serve(
         }
         (_, Some(Alpn::Mux)) => serve_app_http(tls, Some(peer), AppSide::Pool, t, shared).await,
         (_, alpn) => {
-            let side = AppSide::own(alpn == Some(Alpn::H2));
+            let side = AppSide::Own(Link::new(alpn == Some(Alpn::H2)));
             serve_app_http(tls, Some(peer), side, t, shared).await
         }
     }
@@ -199,23 +199,16 @@ where
 /// How requests of one downstream connection reach the app.
 enum AppSide {
     /// A connection of its own, speaking the downstream's HTTP version.
-    Own { link: Link, h2: bool },
+    Own(Link),
     /// A multiplexed connection from another sidecar: HTTP/2 in, each stream forwarded as
     /// HTTP/1.1 over the shared pool of app connections.
     Pool,
 }
 
 impl AppSide {
-    fn own(h2: bool) -> AppSide {
-        AppSide::Own {
-            link: Link::new(h2),
-            h2,
-        }
-    }
-
     fn serves_h2(&self) -> bool {
         match self {
-            AppSide::Own { h2, .. } => *h2,
+            AppSide::Own(link) => link.h2(),
             AppSide::Pool => true,
         }
     }
@@ -310,7 +303,7 @@ async fn handle(
     // between the sidecars.
     let protocol = match &*link {
         AppSide::Pool => Protocol::Http,
-        AppSide::Own { .. } => protocol_of(&req),
+        AppSide::Own(_) => protocol_of(&req),
     };
     let decision = shared.policies.load().evaluate(&PolicyRequest {
         direction: Direction::Ingress,
@@ -368,7 +361,7 @@ async fn handle(
         forward_upgrade(req, connect_app(app), shared.limits.idle_timeout).await
     } else {
         match &*link {
-            AppSide::Own { link, .. } => link.send(req, || connect_app(app)).await,
+            AppSide::Own(link) => link.send(req, || connect_app(app)).await,
             AppSide::Pool => shared.app_pool.send(app, req).await,
         }
         .map(response_body)
