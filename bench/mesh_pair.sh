@@ -22,25 +22,8 @@ for _ in $(seq 100); do [[ -f $W/data/admin.yaml ]] && break; sleep 0.1; done
 export BULKHEAD_CONTEXT=$W/data/admin.yaml
 CONTROL=$(awk '/^server:/{gsub(/"/,"",$2); print $2}' "$BULKHEAD_CONTEXT")
 
-cat >"$W/policy.yaml" <<YAML
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: server, namespace: default}
-spec:
-  identity: spiffe://bench.local/ns/default/sa/server
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: server-allow-client, namespace: default}
-spec:
-  selector: {workload: server}
-  action: allow
-  rules:
-    - name: client-reads
-      from: {identities: ["spiffe://bench.local/ns/default/sa/client"]}
-      to: {methods: [GET, HEAD]}
-YAML
+# The pair's policy mirrors the HAProxy pair's rule: only the client's SPIFFE ID, GET or HEAD.
+cp "$HERE/bench/pair_policy.yaml" "$W/policy.yaml"
 "$BIN/bulkhead" apply -f "$W/policy.yaml" >/dev/null
 "$BIN/bulkhead" token create --identity spiffe://bench.local/ns/default/sa/server >"$W/server.token"
 "$BIN/bulkhead" token create --identity spiffe://bench.local/ns/default/sa/client >"$W/client.token"
