@@ -26,6 +26,7 @@ mod edge;
 mod impact;
 mod observed;
 mod recommend;
+pub mod tap;
 pub mod template;
 
 pub use edge::{Edge, EdgeKey, EdgeStats, EdgeVerdict, merge_edges, rfc3339};

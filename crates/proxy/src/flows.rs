@@ -38,6 +38,9 @@ pub(crate) struct Seen<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub latency: Duration,
+    /// The HTTP status the caller got (403 for a denial, 502 when the destination did not
+    /// answer); `None` for TCP.
+    pub status: Option<u16>,
 }
 
 pub(crate) struct Flows {
@@ -289,6 +292,7 @@ spec:
             bytes_in: 10,
             bytes_out: 20,
             latency: Duration::from_micros(300),
+            status: Some(200),
         });
     }
 

@@ -325,8 +325,8 @@ async fn handle(
     crate::http::log_decision("inbound", &decision, peer_label, shared, &req);
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let bytes_in = content_length(req.headers());
-    let record = |latency, bytes_out| {
-        shared.flows.record(&Seen {
+    let record = |latency, bytes_out, status: StatusCode| {
+        shared.observe(&Seen {
             direction: Direction::Ingress,
             source_identity: peer.map(SpiffeId::as_str),
             source_workload: conn.source_workload.as_ref(),
@@ -339,11 +339,13 @@ async fn handle(
             bytes_in,
             bytes_out,
             latency,
+            status: Some(status.as_u16()),
         })
     };
     if !decision.is_allow() {
-        record(Duration::ZERO, 0);
-        return Ok(denial(&req, &decision, format!("bulkhead: {decision}")));
+        let resp = denial(&req, &decision, format!("bulkhead: {decision}"));
+        record(Duration::ZERO, 0, resp.status());
+        return Ok(resp);
     }
     origin_form(&mut req);
     let upgrade = is_upgrade(&req);
@@ -368,7 +370,11 @@ async fn handle(
     };
     match sent {
         Ok(mut resp) => {
-            record(started.elapsed(), content_length(resp.headers()));
+            record(
+                started.elapsed(),
+                content_length(resp.headers()),
+                resp.status(),
+            );
             if let Some(v) = conn.decision_header.get(&decision) {
                 resp.headers_mut().insert(DECISION_HEADER, v);
             }
@@ -376,6 +382,7 @@ async fn handle(
         }
         Err(e) => {
             tracing::warn!(%app, error = %e, "local app unreachable");
+            record(started.elapsed(), 0, StatusCode::BAD_GATEWAY);
             Ok(proxy_response(
                 StatusCode::BAD_GATEWAY,
                 None,

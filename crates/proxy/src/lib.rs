@@ -104,6 +104,14 @@ pub struct Running {
     pub revision: u64,
 }
 
+impl Shared {
+    /// Every decided request or TCP connection passes here once it is done: it is counted
+    /// into its flow edge.
+    pub(crate) fn observe(&self, seen: &flows::Seen<'_>) {
+        self.flows.record(seen);
+    }
+}
+
 pub(crate) fn unix_seconds(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

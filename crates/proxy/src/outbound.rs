@@ -245,12 +245,12 @@ async fn handle(
     crate::http::log_decision("outbound", &decision, peer, &shared, &req);
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let (protocol, bytes_in) = (protocol_of(&req), content_length(req.headers()));
-    let record = |latency, bytes_out| {
+    let record = |latency, bytes_out, status: StatusCode| {
         // Destinations outside the mesh have no workload to draw an edge to.
         let Some(destination) = dest.workload.as_ref() else {
             return;
         };
-        shared.flows.record(&Seen {
+        shared.observe(&Seen {
             direction: Direction::Egress,
             source_identity: Some(shared.identity.as_str()),
             source_workload: Some(&shared.workload),
@@ -263,15 +263,13 @@ async fn handle(
             bytes_in,
             bytes_out,
             latency,
+            status: Some(status.as_u16()),
         })
     };
     if !decision.is_allow() {
-        record(std::time::Duration::ZERO, 0);
-        return Ok(denial(
-            &req,
-            &decision,
-            format!("bulkhead: egress {decision}"),
-        ));
+        let resp = denial(&req, &decision, format!("bulkhead: egress {decision}"));
+        record(std::time::Duration::ZERO, 0, resp.status());
+        return Ok(resp);
     }
     req.headers_mut().remove(DECISION_HEADER);
     origin_form(&mut req);
@@ -301,11 +299,16 @@ async fn handle(
     };
     match sent {
         Ok(resp) => {
-            record(started.elapsed(), content_length(resp.headers()));
+            record(
+                started.elapsed(),
+                content_length(resp.headers()),
+                resp.status(),
+            );
             Ok(resp)
         }
         Err(e) => {
             tracing::warn!(upstream = dest.name, error = %e, "upstream unreachable");
+            record(started.elapsed(), 0, StatusCode::BAD_GATEWAY);
             Ok(proxy_response(
                 StatusCode::BAD_GATEWAY,
                 None,

@@ -52,7 +52,7 @@ impl Flow {
                 None => return,
             },
         };
-        shared.flows.record(&crate::flows::Seen {
+        shared.observe(&crate::flows::Seen {
             direction: self.direction,
             source_identity,
             source_workload,
@@ -65,6 +65,7 @@ impl Flow {
             bytes_in: 0,
             bytes_out: 0,
             latency: Duration::ZERO,
+            status: None,
         });
     }
 
