@@ -377,6 +377,24 @@ impl Admin for State {
             refused,
         }))
     }
+
+    type TapStream = crate::tap::TapStream;
+
+    async fn tap(
+        &self,
+        req: Request<pb::TapRequest>,
+    ) -> Result<Response<Self::TapStream>, Status> {
+        self.require_admin(&req)?;
+        Err(Status::unimplemented("tap: in progress"))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        self.require_admin(&req)?;
+        Err(Status::unimplemented("events: in progress"))
+    }
 }
 
 fn refused(e: CaChangeError) -> Status {

@@ -13,6 +13,7 @@ mod listener;
 mod proxies;
 mod service;
 mod store;
+mod tap;
 mod tokens;
 
 pub use datadir::{AdminContext, CONTEXT_FILE};

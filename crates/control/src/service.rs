@@ -487,4 +487,22 @@ impl Config for State {
             refused,
         }))
     }
+
+    type WatchTapsStream = crate::tap::FiltersStream;
+
+    async fn watch_taps(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchTapsStream>, Status> {
+        let _ = req;
+        Err(Status::unimplemented("tap: in progress"))
+    }
+
+    async fn report_tap(
+        &self,
+        req: Request<pb::ReportTapRequest>,
+    ) -> Result<Response<pb::ReportTapResponse>, Status> {
+        let _ = req;
+        Err(Status::unimplemented("tap: in progress"))
+    }
 }
