@@ -44,7 +44,7 @@ async fn edges(admin: &mut Admin, window: Option<Duration>) -> Result<Vec<Edge>>
 }
 
 /// The applied resources and their revision.
-async fn applied(admin: &mut Admin) -> Result<(Vec<Resource>, u64)> {
+pub(crate) async fn applied(admin: &mut Admin) -> Result<(Vec<Resource>, u64)> {
     let resp = admin
         .get(request(GetRequest {
             kind: String::new(),
@@ -80,7 +80,7 @@ fn caller(e: &Edge, by_identity: &BTreeMap<String, WorkloadRef>) -> String {
     }
 }
 
-fn identities(resources: &[Resource]) -> BTreeMap<String, WorkloadRef> {
+pub(crate) fn identities(resources: &[Resource]) -> BTreeMap<String, WorkloadRef> {
     resources
         .iter()
         .filter_map(|r| match r {

@@ -7,6 +7,7 @@ mod demo;
 mod flows_cmd;
 mod policy_cmd;
 mod reach_cmd;
+mod tap_cmd;
 mod sample_app;
 
 use anyhow::{Context, Result, bail};
@@ -100,6 +101,9 @@ enum Command {
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "dot", "json"])]
         output: String,
     },
+    /// The requests a workload's sidecars decide, live: caller, method and path, status,
+    /// verdict and the rule behind it. Filters run in the sidecars; nothing is stored.
+    Tap(tap_cmd::TapArgs),
     /// Least-privilege policies from observed traffic, in audit mode, with the evidence for
     /// each rule; `--diff` shows what changed against the recommendation applied now.
     Recommend {
@@ -412,6 +416,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo { once } => demo::run(once).await,
         Command::Reach(args) => reach_cmd::run(&cli.context, args).await,
+        Command::Tap(args) => tap_cmd::run(&cli.context, args).await,
         Command::Policy { command } => match command {
             PolicyCommand::Lint { files } => policy_cmd::lint(&files),
             PolicyCommand::Test { files, cases } => policy_cmd::test(&files, &cases),

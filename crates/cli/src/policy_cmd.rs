@@ -132,13 +132,7 @@ fn workload_port(s: &str) -> Result<(ResourceName, u16)> {
 }
 
 fn workload(s: &str) -> Result<ResourceName> {
-    let (ns, name) = s
-        .split_once('/')
-        .with_context(|| format!("{s:?}: expected namespace/workload"))?;
-    Ok(ResourceName {
-        namespace: ns.into(),
-        name: name.into(),
-    })
+    bulkhead_policy::model::parse_workload(s).map_err(anyhow::Error::msg)
 }
 
 /// Evaluates one case against a set.

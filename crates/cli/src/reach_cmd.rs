@@ -95,15 +95,7 @@ impl TryFrom<ReachArgs> for Query {
 }
 
 fn parse_workload(s: &str) -> Result<WorkloadRef> {
-    match s.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok(WorkloadRef {
-                namespace: ns.into(),
-                name: name.into(),
-            })
-        }
-        _ => bail!("{s:?} is not a workload: write it as namespace/name, like shop/payments"),
-    }
+    bulkhead_policy::model::parse_workload(s).map_err(anyhow::Error::msg)
 }
 
 pub async fn run(context: &Path, args: ReachArgs) -> Result<()> {
@@ -649,7 +641,7 @@ mod tests {
             parse_workload("shop/payments").map(|w| w.to_string()).ok(),
             Some("shop/payments".to_string())
         );
-        for bad in ["payments", "/payments", "shop/", "a/b/c"] {
+        for bad in ["payments", "/payments", "shop/", "a/b/c", "Shop/payments"] {
             let e = parse_workload(bad).err().map(|e| e.to_string());
             assert_eq!(
                 e,

@@ -11,7 +11,8 @@ use bulkhead_api::resource_to_wire;
 use bulkhead_api::v1::{self as pb, admin_server::Admin};
 use bulkhead_identity::{Ca, SpiffeId, fingerprint};
 use bulkhead_policy::Origin;
-use bulkhead_policy::model::Resource;
+use bulkhead_insight::tap::TapFilter;
+use bulkhead_policy::model::{Resource, ResourceName};
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
@@ -385,7 +386,25 @@ impl Admin for State {
         req: Request<pb::TapRequest>,
     ) -> Result<Response<Self::TapStream>, Status> {
         self.require_admin(&req)?;
-        Err(Status::unimplemented("tap: in progress"))
+        let r = req.into_inner();
+        let workload = ResourceName {
+            namespace: r.namespace,
+            name: r.workload,
+        };
+        let filter: TapFilter = if r.filter_json.is_empty() {
+            TapFilter::default()
+        } else {
+            serde_json::from_str(&r.filter_json)
+                .map_err(|e| Status::invalid_argument(format!("the tap filter does not decode: {e}")))?
+        };
+        let (subscription, rx) = self.taps.subscribe(&workload, filter)?;
+        let connected = self.proxies.connected(&workload);
+        tracing::info!(%workload, proxies = connected, "tap opened");
+        Ok(Response::new(crate::tap::session_stream(
+            subscription,
+            rx,
+            connected,
+        )))
     }
 
     async fn list_events(

@@ -134,6 +134,14 @@ impl Registry {
         }
     }
 
+    /// How many proxies of `workload` have their configuration stream open.
+    pub(crate) fn connected(&self, workload: &ResourceName) -> u32 {
+        let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter(|((_, w), p)| w == workload && p.connected)
+            .count() as u32
+    }
+
     /// Every proxy's status; `bundle_current` says whether it holds exactly `bundle`.
     pub(crate) fn list(&self, bundle: &[String]) -> Vec<ProxyStatus> {
         let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());

@@ -91,6 +91,8 @@ pub(crate) struct State {
     pub(crate) flow_retention: FlowRetention,
     /// Edges proxies dropped and edges this control plane refused, since it started.
     pub(crate) flow_counters: Counters,
+    /// Open `bulkhead tap` sessions, per tapped workload.
+    pub(crate) taps: Arc<crate::tap::TapHub>,
 }
 
 impl State {
@@ -120,6 +122,7 @@ impl State {
             writes: tokio::sync::Mutex::new(()),
             flow_retention,
             flow_counters: Counters::default(),
+            taps: Arc::default(),
         })
     }
 
@@ -494,15 +497,34 @@ impl Config for State {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchTapsStream>, Status> {
-        let _ = req;
-        Err(Status::unimplemented("tap: in progress"))
+        let workload = ResourceName {
+            namespace: req.get_ref().namespace.clone(),
+            name: req.get_ref().workload.clone(),
+        };
+        self.bound_caller(&req, &workload)?;
+        let filters = self.taps.filters(&workload);
+        Ok(Response::new(crate::tap::filters_stream(filters)))
     }
 
     async fn report_tap(
         &self,
         req: Request<pb::ReportTapRequest>,
     ) -> Result<Response<pb::ReportTapResponse>, Status> {
-        let _ = req;
-        Err(Status::unimplemented("tap: in progress"))
+        let workload = ResourceName {
+            namespace: req.get_ref().namespace.clone(),
+            name: req.get_ref().workload.clone(),
+        };
+        let id = self.bound_caller(&req, &workload)?;
+        let r = req.into_inner();
+        let (events, refused) = crate::tap::parse_report(&r.events_json, &workload, id.as_str())
+            .map_err(|e| {
+                tracing::warn!(spiffe_id = %id, %workload, reason = %e, "tap report refused");
+                Status::invalid_argument(e)
+            })?;
+        if refused > 0 {
+            tracing::warn!(spiffe_id = %id, %workload, refused, "refused tapped requests that this workload's sidecar did not decide");
+        }
+        self.taps.publish(&workload, &events, r.skipped);
+        Ok(Response::new(pb::ReportTapResponse {}))
     }
 }

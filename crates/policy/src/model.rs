@@ -102,6 +102,22 @@ impl fmt::Display for ResourceName {
 /// A workload, named within its namespace (`shop/payments`).
 pub type WorkloadRef = ResourceName;
 
+/// Reads `namespace/name` as people type it on command lines and in flags; both parts must
+/// be valid names ([`crate::is_valid_name`]).
+pub fn parse_workload(text: &str) -> Result<WorkloadRef, String> {
+    match text.split_once('/') {
+        Some((ns, name)) if crate::is_valid_name(ns) && crate::is_valid_name(name) => {
+            Ok(ResourceName {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        }
+        _ => Err(format!(
+            "{text:?} is not a workload: write it as namespace/name, like shop/payments"
+        )),
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {

@@ -140,16 +140,10 @@ impl FromStr for UpstreamSpec {
                         })?)
                 }
                 "workload" => {
-                    let (ns, n) = v
-                        .split_once('/')
-                        .filter(|(ns, n)| {
-                            bulkhead_policy::is_valid_name(ns) && bulkhead_policy::is_valid_name(n)
-                        })
-                        .ok_or_else(|| format!("workload={v:?} is not namespace/name"))?;
-                    workload = Some(bulkhead_policy::model::ResourceName {
-                        namespace: ns.to_string(),
-                        name: n.to_string(),
-                    });
+                    workload = Some(
+                        bulkhead_policy::model::parse_workload(v)
+                            .map_err(|e| format!("workload={e}"))?,
+                    );
                 }
                 other => {
                     return Err(format!(

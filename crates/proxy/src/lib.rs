@@ -20,6 +20,7 @@ mod inbound;
 mod metrics;
 mod mux;
 mod outbound;
+mod tap;
 mod tcp;
 mod watch;
 
@@ -87,6 +88,8 @@ pub(crate) struct Shared {
     pub app_pool: mux::AppPool,
     /// Decisions counted per edge, reported to the control plane on an interval.
     pub flows: flows::Flows,
+    /// Decided requests sent live to operators tapping this workload.
+    pub tap: tap::Tap,
     pub metrics: metrics::Metrics,
     pub limits: config::Limits,
 }
@@ -106,9 +109,10 @@ pub struct Running {
 
 impl Shared {
     /// Every decided request or TCP connection passes here once it is done: it is counted
-    /// into its flow edge.
+    /// into its flow edge, and shown to operators tapping this workload.
     pub(crate) fn observe(&self, seen: &flows::Seen<'_>) {
         self.flows.record(seen);
+        self.tap.offer(seen);
     }
 }
 
@@ -129,6 +133,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     metrics.svid_expiry.set(unix_seconds(tls.svid.not_after()));
     let shared = Arc::new(Shared {
         flows: flows::Flows::new(metrics.flows_dropped.clone()),
+        tap: tap::Tap::default(),
         metrics,
         limits: config.limits,
         tls: ArcSwap::from_pointee(tls),
@@ -164,6 +169,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     credentials::spawn_rotation(config.control, shared.clone());
     let mut first = watch::spawn(config.control, shared.clone(), config.max_policy_rules);
     flows::spawn_reporter(config.control, shared.clone(), config.flow_interval);
+    tap::spawn(config.control, shared.clone());
     let revision = match tokio::time::timeout(
         config.first_config_wait,
         first.wait_for(|r| r.is_some()),
