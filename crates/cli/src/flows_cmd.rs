@@ -28,7 +28,7 @@ fn now() -> u64 {
 }
 
 /// The stored edges last seen within `window` (all kept edges without one).
-async fn edges(admin: &mut Admin, window: Option<Duration>) -> Result<Vec<Edge>> {
+pub(crate) async fn edges(admin: &mut Admin, window: Option<Duration>) -> Result<Vec<Edge>> {
     let since = window.map_or(0, |w| now().saturating_sub(w.as_secs()));
     let resp = admin
         .list_edges(request(ListEdgesRequest { since }))
@@ -89,6 +89,23 @@ pub(crate) fn identities(resources: &[Resource]) -> BTreeMap<String, WorkloadRef
                 _ => None,
             },
             _ => None,
+        })
+        .collect()
+}
+
+/// The edges, each caller known only by its SPIFFE ID named by the Workload that declares
+/// that identity (sidecars see identities; workloads are what people reason about).
+pub(crate) fn with_declared_callers(edges: Vec<Edge>, resources: &[Resource]) -> Vec<Edge> {
+    let by_identity = identities(resources);
+    edges
+        .into_iter()
+        .map(|mut e| {
+            if e.key.source_workload.is_none()
+                && let Some(w) = e.key.source_identity.as_ref().and_then(|id| by_identity.get(id))
+            {
+                e.key.source_workload = Some(w.clone());
+            }
+            e
         })
         .collect()
 }

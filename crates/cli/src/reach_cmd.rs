@@ -41,6 +41,14 @@ pub struct ReachArgs {
     /// sidecar: egress policy is not enforced and requests may come from any address.
     #[arg(long)]
     stolen_key: bool,
+    /// Answer from the traffic the sidecars reported instead of from policy: who actually
+    /// reached WORKLOAD, or (with --blast-radius) what it actually reached, hop by hop,
+    /// through requests that got through.
+    #[arg(long, conflicts_with_all = ["files", "staged", "stolen_key"])]
+    observed: bool,
+    /// With --observed: only traffic seen within this long (e.g. 1h, 7d); default: all kept.
+    #[arg(long, requires = "observed", value_parser = crate::parse_duration)]
+    since: Option<std::time::Duration>,
     /// Output format: table for a person, json for a program.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -99,6 +107,9 @@ fn parse_workload(s: &str) -> Result<WorkloadRef> {
 }
 
 pub async fn run(context: &Path, args: ReachArgs) -> Result<()> {
+    if args.observed {
+        return observed(context, args).await;
+    }
     let query = Query::try_from(args)?;
     let loaded = match query.files.is_empty() {
         true => load_applied(context).await?,
@@ -595,6 +606,107 @@ impl fmt::Display for GrantView {
                 write!(f, "{}{scope} posture {name}", audit(mode))
             }
         }
+    }
+}
+
+/// What traffic shows, as opposed to what policy allows.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ObservedReport {
+    question: Question,
+    workload: String,
+    source: &'static str,
+    /// Unix seconds; 0: every edge kept.
+    since: u64,
+    reached: Vec<ObservedView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ObservedView {
+    party: String,
+    hops: usize,
+    /// From the start to the end, both included.
+    path: Vec<String>,
+}
+
+/// `reach --observed`: the same questions answered from the reported flows.
+async fn observed(context: &Path, args: ReachArgs) -> Result<()> {
+    let workload = parse_workload(&args.workload)?;
+    let question = match args.blast_radius {
+        true => Question::BlastRadius,
+        false => Question::WhoCanReach,
+    };
+    let mut admin = client::admin(context).await?;
+    let (resources, _) = crate::flows_cmd::applied(&mut admin).await?;
+    let edges = crate::flows_cmd::edges(&mut admin, args.since).await?;
+    let edges = crate::flows_cmd::with_declared_callers(edges, &resources);
+    let since = edges_window(args.since);
+    let window = bulkhead_insight::Window {
+        since,
+        until: u64::MAX,
+    };
+    let found = match question {
+        Question::BlastRadius => bulkhead_insight::observed_reach(&edges, &workload, window),
+        Question::WhoCanReach => bulkhead_insight::who_reached(&edges, &workload, window),
+    };
+    let report = ObservedReport {
+        question,
+        workload: workload.to_string(),
+        source: "observed",
+        since,
+        reached: found
+            .iter()
+            .map(|r| ObservedView {
+                party: r.party.to_string(),
+                hops: r.hops,
+                path: r.path.iter().map(ToString::to_string).collect(),
+            })
+            .collect(),
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Table => print_observed(&report, args.since),
+    }
+    Ok(())
+}
+
+fn edges_window(since: Option<std::time::Duration>) -> u64 {
+    since.map_or(0, |d| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |n| n.as_secs())
+            .saturating_sub(d.as_secs())
+    })
+}
+
+fn print_observed(r: &ObservedReport, since: Option<std::time::Duration>) {
+    let rows: Vec<Vec<String>> = r
+        .reached
+        .iter()
+        .map(|v| vec![v.party.clone(), v.hops.to_string(), v.path.join(" -> ")])
+        .collect();
+    let first = match r.question {
+        Question::BlastRadius => "WORKLOAD",
+        Question::WhoCanReach => "SOURCE",
+    };
+    columns(&[first, "HOPS", "PATH"], &rows);
+    let window = since.map_or_else(
+        || "in all kept traffic".to_string(),
+        |d| format!("in traffic seen within {}s", d.as_secs()),
+    );
+    let n = r.reached.len();
+    match r.question {
+        Question::BlastRadius => println!(
+            "{window}, {} reached {} through requests that got through (observed, not what policy allows)",
+            r.workload,
+            count(n, "workload")
+        ),
+        Question::WhoCanReach => println!(
+            "{window}, {} reached {} through requests that got through (observed, not what policy allows)",
+            count(n, "caller"),
+            r.workload
+        ),
     }
 }
 

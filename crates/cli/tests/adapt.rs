@@ -133,6 +133,30 @@ fn observe_recommend_audit_impact_promote() {
         "{dot}"
     );
 
+    // The observed blast radius: the frontend actually reached orders and nothing else
+    // (policy would let it reach payments too: the namespace posture allows everything).
+    let reached = |args: &[&str]| -> Vec<(String, u64)> {
+        let out = cli(mesh, args);
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        r["reached"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["party"].as_str().unwrap().to_string(), v["hops"].as_u64().unwrap()))
+            .collect()
+    };
+    let observed = ["--observed", "-o", "json"];
+    assert_eq!(
+        reached(&[&["reach", "shop/frontend", "--blast-radius"], &observed[..]].concat()),
+        [("shop/orders".to_string(), 1)]
+    );
+    assert_eq!(
+        reached(&[&["reach", "shop/orders"], &observed[..]].concat()),
+        [("shop/frontend".to_string(), 1)]
+    );
+    let by_policy = cli(mesh, &["reach", "shop/frontend", "--blast-radius"]);
+    assert!(by_policy.contains("shop/payments"), "{by_policy}");
+
     // Recommend: an audit allow policy for orders naming the frontend, ids generalised,
     // with its evidence; and an audit deny posture for the namespace.
     let rec = cli(mesh, &["recommend"]);
