@@ -1,6 +1,8 @@
-//! `bulkhead demo`: a shop of three services on loopback, each behind its own sidecar, with a
-//! least-privilege policy; legitimate traffic flows, a compromised frontend tries to move
-//! laterally and is stopped, and every verdict is explained.
+//! `bulkhead demo`: a shop of three services on loopback, each behind its own sidecar. First
+//! in discovery mode (mTLS everywhere, every authenticated caller let in): a compromised
+//! frontend moves laterally unhindered, and the service graph and its blast radius show it.
+//! Then with a least-privilege policy: legitimate traffic still flows, the lateral requests
+//! are stopped with every verdict explained, and the graph and the blast radius shrink.
 //!
 //! Everything is real and in this one process: the control plane and its CA, TLS 1.3 mTLS
 //! between sidecars, the policy push, the apps.
@@ -8,7 +10,9 @@
 use crate::client;
 use crate::sample_app::{self, AppSpec};
 use anyhow::{Context, Result, bail};
-use bulkhead_api::v1::{ApplyRequest, CreateTokenRequest};
+use bulkhead_api::v1::admin_client::AdminClient;
+use bulkhead_api::v1::{ApplyRequest, CreateTokenRequest, DeleteRequest};
+use bulkhead_policy::model::Resource;
 use bulkhead_proxy::config::InboundSpec;
 use bulkhead_proxy::{Config, UpstreamSpec};
 use http::{Method, StatusCode, Uri};
@@ -20,6 +24,8 @@ const LOOPBACK_ANY: &str = "127.0.0.1:0";
 /// Every demo app is declared on port 8080 (examples/shop.yaml); the sidecars map the apps'
 /// ephemeral loopback ports to it.
 const DECLARED_PORT: u16 = 8080;
+
+type Admin = AdminClient<tonic::transport::Channel>;
 
 /// The demo's policy; the same file serves as the README's example.
 pub const POLICY: &str = include_str!("../../../examples/shop.yaml");
@@ -64,51 +70,171 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
         dir.display()
     );
     let mut admin = client::admin(&control.context_file).await?;
-    let applied = admin
-        .apply(crate::admin_cmd::request(ApplyRequest {
-            file: "demo-policy.yaml".into(),
-            yaml: POLICY.into(),
+    apply(&mut admin, "demo-discovery.yaml", &discovery_set()?).await?;
+    let bundle = std::fs::read_to_string(dir.join("ca.pem"))?;
+    let mesh = start_mesh(&mut admin, control.addr, &bundle).await?;
+
+    println!(
+        "\n== Before: discovery mode. Every hop is mTLS, but there is no least-privilege policy yet:\n   the shop namespace's DefaultPosture lets every authenticated caller in."
+    );
+    let before = unix_now();
+    run_round(&mesh, Phase::Before, true).await?;
+    show_graph(&mut admin, before).await?;
+    show_blast_radius(&control.context_file).await?;
+
+    // The graph after the policy shows only requests made after it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = unix_now();
+    let revision = apply(&mut admin, "demo-policy.yaml", POLICY).await?;
+    let revision = admin
+        .delete(crate::admin_cmd::request(DeleteRequest {
+            keys: vec![format!("DefaultPosture/shop/{DISCOVERY}")],
         }))
         .await
         .map_err(client::status)?
-        .into_inner();
-    let bundle = std::fs::read_to_string(dir.join("ca.pem"))?;
-
-    let mesh = start_mesh(&mut admin, control.addr, &bundle).await?;
-    println!("\nPolicy applied (revision {}):", applied.revision);
+        .into_inner()
+        .revision
+        .max(revision);
+    println!(
+        "\n== After: least-privilege policy (examples/shop.yaml) applied and the discovery posture deleted (revision {revision}):"
+    );
     println!(
         "  shop/orders-allow-frontend   allow  frontend -> orders    GET, POST /orders, /orders/*"
     );
     println!("  shop/payments-allow-orders   allow  orders   -> payments  POST /charge");
     println!("  shop/payments-deny-admin     deny   anyone   -> payments  /admin, /admin/*");
     println!("  everything else              denied by default");
-
-    let mut round = 1;
+    let ok = run_round(&mesh, Phase::After, true).await?;
+    show_graph(&mut admin, after).await?;
+    show_blast_radius(&control.context_file).await?;
+    println!(
+        "  payments is two hops away now: reachable only by compromising orders as well, and then only POST /charge."
+    );
+    println!(
+        "\nThe compromised frontend reached nothing its policy does not grant; every denial names the rule, or the nearest miss."
+    );
+    if once {
+        if !ok {
+            bail!("some verdicts were not as expected (see above)");
+        }
+        return Ok(());
+    }
+    println!("\nRepeating the same traffic every 5 s; Ctrl-C to stop.");
     loop {
-        let ok = run_round(&mesh, round == 1).await?;
-        if once {
-            if !ok {
-                bail!("some verdicts were not as expected (see above)");
-            }
-            return Ok(());
-        }
-        if round == 1 {
-            println!("\nRepeating the same traffic every 5 s; Ctrl-C to stop.");
-        }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { println!(); return Ok(()); }
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
-        round += 1;
-        let _ = round;
+        run_round(&mesh, Phase::After, false).await?;
     }
 }
 
-async fn start_mesh(
-    admin: &mut bulkhead_api::v1::admin_client::AdminClient<tonic::transport::Channel>,
-    control: SocketAddr,
-    bundle: &str,
-) -> Result<Mesh> {
+/// The name of the demo's discovery-mode DefaultPosture.
+const DISCOVERY: &str = "discovery";
+
+/// The shop's Workloads from the example policy, and a namespace posture that allows every
+/// authenticated caller in: where a mesh starts before least privilege.
+fn discovery_set() -> Result<String> {
+    let resources = bulkhead_policy::parse_documents("examples/shop.yaml", POLICY)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut yaml = String::new();
+    for r in resources
+        .iter()
+        .filter(|r| matches!(r, Resource::Workload(_)))
+    {
+        yaml.push_str("---\n");
+        yaml.push_str(&r.to_yaml().map_err(|e| anyhow::anyhow!(e))?);
+    }
+    yaml.push_str(&format!(
+        "---\napiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {{name: {DISCOVERY}, namespace: shop}}\nspec:\n  ingress: allow\n"
+    ));
+    Ok(yaml)
+}
+
+async fn apply(admin: &mut Admin, file: &str, yaml: &str) -> Result<u64> {
+    Ok(admin
+        .apply(crate::admin_cmd::request(ApplyRequest {
+            file: file.into(),
+            yaml: yaml.into(),
+        }))
+        .await
+        .map_err(client::status)?
+        .into_inner()
+        .revision)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Requests through sidecars per round, each decided at its destination's sidecar: orders
+/// and payments behind the checkout, the frontend's read, and three lateral attempts.
+const DECIDED_PER_ROUND: u64 = 6;
+
+/// The service graph as the sidecars reported it, from requests since `since`.
+async fn show_graph(admin: &mut Admin, since: u64) -> Result<()> {
+    // Sidecars report every 2 s: wait for this round's requests to be in.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let edges = loop {
+        let edges = crate::flows_cmd::edges_after(admin, since).await?;
+        let decided: u64 = edges
+            .iter()
+            .filter(|e| e.key.direction == bulkhead_policy::model::Direction::Ingress)
+            .map(|e| e.stats.count)
+            .sum();
+        if decided >= DECIDED_PER_ROUND || tokio::time::Instant::now() > deadline {
+            break edges;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let (resources, _) = crate::flows_cmd::applied(admin).await?;
+    let lines = crate::flows_cmd::graph_lines(&edges, &resources);
+    println!("\nService graph, as the sidecars reported it (bulkhead graph):");
+    print!(
+        "{}",
+        indent(&crate::flows_cmd::graph_table(&lines, edges.len()))
+    );
+
+    let edges = crate::flows_cmd::with_declared_callers(edges, &resources);
+    let frontend =
+        bulkhead_policy::model::parse_workload("shop/frontend").map_err(anyhow::Error::msg)?;
+    let window = bulkhead_insight::Window {
+        since,
+        until: u64::MAX,
+    };
+    let reached: Vec<String> = bulkhead_insight::observed_reach(&edges, &frontend, window)
+        .iter()
+        .map(|r| {
+            let hops = if r.hops == 1 { "hop" } else { "hops" };
+            format!("{} ({} {hops})", r.party, r.hops)
+        })
+        .collect();
+    println!(
+        "\nBlast radius of the frontend in observed traffic, hop by hop over requests that got through\n(bulkhead reach shop/frontend --blast-radius --observed):\n  {}",
+        match reached.is_empty() {
+            true => "nothing".to_string(),
+            false => reached.join(", "),
+        }
+    );
+    Ok(())
+}
+
+async fn show_blast_radius(context: &std::path::Path) -> Result<()> {
+    println!(
+        "\nBlast radius of a compromised frontend, from policy (bulkhead reach shop/frontend --blast-radius):"
+    );
+    let table = crate::reach_cmd::blast_radius_table(context, "shop/frontend").await?;
+    print!("{}", indent(&table));
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+async fn start_mesh(admin: &mut Admin, control: SocketAddr, bundle: &str) -> Result<Mesh> {
     let id = |sa: &str| format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{sa}");
     let any: SocketAddr = LOOPBACK_ANY.parse()?;
 
@@ -208,7 +334,7 @@ fn upstream(name: &str, address: SocketAddr, identity: &str) -> Result<UpstreamS
 }
 
 async fn sidecar(
-    admin: &mut bulkhead_api::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    admin: &mut Admin,
     control: SocketAddr,
     bundle: &str,
     identity: &str,
@@ -250,7 +376,14 @@ async fn sidecar(
     Ok(running)
 }
 
-async fn run_round(mesh: &Mesh, verbose: bool) -> Result<bool> {
+/// Before the least-privilege policy, or after it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Before,
+    After,
+}
+
+async fn run_round(mesh: &Mesh, phase: Phase, verbose: bool) -> Result<bool> {
     let legit = [
         Call {
             who: "customer -> frontend",
@@ -292,12 +425,13 @@ async fn run_round(mesh: &Mesh, verbose: bool) -> Result<bool> {
     ];
     let mut ok = true;
     let (mut allowed, mut denied) = (0, 0);
+    let attack_title = match phase {
+        Phase::Before => "A compromised frontend tries to move laterally, and nothing stops it",
+        Phase::After => "A compromised frontend tries to move laterally",
+    };
     for (title, calls) in [
         ("Legitimate traffic", &legit[..]),
-        (
-            "A compromised frontend tries to move laterally",
-            &attack[..],
-        ),
+        (attack_title, &attack[..]),
     ] {
         if verbose {
             println!("\n{title}:");
@@ -315,9 +449,14 @@ async fn run_round(mesh: &Mesh, verbose: bool) -> Result<bool> {
             } else {
                 denied += 1;
             }
-            let as_expected = status == call.expect;
+            let expect = match phase {
+                Phase::Before => StatusCode::OK,
+                Phase::After => call.expect,
+            };
+            let as_expected = status == expect;
             ok &= as_expected;
             if verbose || !as_expected {
+                let detail = phase == Phase::After || !as_expected;
                 let mark = match (status.is_success(), as_expected) {
                     (_, false) => "UNEXPECTED",
                     (true, true) => "ALLOWED",
@@ -336,16 +475,16 @@ async fn run_round(mesh: &Mesh, verbose: bool) -> Result<bool> {
                 {
                     println!("           decision: {d}");
                 }
-                for line in body.lines() {
-                    println!("           {}", line.trim_start_matches("bulkhead: "));
+                if detail {
+                    for line in body.lines() {
+                        println!("           {}", line.trim_start_matches("bulkhead: "));
+                    }
                 }
             }
         }
     }
     if verbose {
-        println!(
-            "\n{allowed} allowed, {denied} denied. The compromised frontend reached nothing its policy does not grant; every denial names the rule, or the nearest miss."
-        );
+        println!("\n{allowed} allowed, {denied} denied.");
     } else {
         println!(
             "  round: {allowed} allowed, {denied} denied{}",

@@ -29,7 +29,15 @@ fn now() -> u64 {
 
 /// The stored edges last seen within `window` (all kept edges without one).
 pub(crate) async fn edges(admin: &mut Admin, window: Option<Duration>) -> Result<Vec<Edge>> {
-    let since = window.map_or(0, |w| now().saturating_sub(w.as_secs()));
+    edges_after(
+        admin,
+        window.map_or(0, |w| now().saturating_sub(w.as_secs())),
+    )
+    .await
+}
+
+/// The stored edges last seen at or after `since` (unix seconds).
+pub(crate) async fn edges_after(admin: &mut Admin, since: u64) -> Result<Vec<Edge>> {
     let resp = admin
         .list_edges(request(ListEdgesRequest { since }))
         .await
@@ -101,7 +109,11 @@ pub(crate) fn with_declared_callers(edges: Vec<Edge>, resources: &[Resource]) ->
         .into_iter()
         .map(|mut e| {
             if e.key.source_workload.is_none()
-                && let Some(w) = e.key.source_identity.as_ref().and_then(|id| by_identity.get(id))
+                && let Some(w) = e
+                    .key
+                    .source_identity
+                    .as_ref()
+                    .and_then(|id| by_identity.get(id))
             {
                 e.key.source_workload = Some(w.clone());
             }
@@ -112,7 +124,7 @@ pub(crate) fn with_declared_callers(edges: Vec<Edge>, resources: &[Resource]) ->
 
 /// One line of the graph: calls from one party to one workload's port.
 #[derive(Debug, Default, serde::Serialize)]
-struct GraphEdge {
+pub(crate) struct GraphEdge {
     source: String,
     destination: String,
     port: u16,
@@ -129,11 +141,23 @@ struct GraphEdge {
 pub async fn graph(admin: &mut Admin, window: Option<Duration>, output: &str) -> Result<()> {
     let edges = edges(admin, window).await?;
     let (resources, _) = applied(admin).await?;
-    let by_identity = identities(&resources);
+    let lines = graph_lines(&edges, &resources);
+    match output {
+        "json" => println!("{}", serde_json::to_string_pretty(&lines)?),
+        "dot" => print!("{}", graph_dot(&lines)),
+        _ => print!("{}", graph_table(&lines, edges.len())),
+    }
+    Ok(())
+}
+
+/// The graph's lines: one per caller, destination and port, from the destination sidecar's
+/// view where it reported the pair.
+pub(crate) fn graph_lines(edges: &[Edge], resources: &[Resource]) -> Vec<GraphEdge> {
+    let by_identity = identities(resources);
     // Each call is seen by both sidecars; the destination's (ingress) view is kept, and the
     // source's only where the destination reported nothing for the pair.
     let mut groups: BTreeMap<(String, String, u16, bool), (GraphEdge, u64)> = BTreeMap::new();
-    for e in &edges {
+    for e in edges {
         let ingress = e.key.direction == Direction::Ingress;
         let k = (
             caller(e, &by_identity),
@@ -167,69 +191,74 @@ pub async fn graph(admin: &mut Admin, window: Option<Duration>, output: &str) ->
         .filter(|k| k.3)
         .map(|k| (k.0.clone(), k.1.clone(), k.2))
         .collect();
-    let lines: Vec<GraphEdge> = groups
+    groups
         .into_iter()
         .filter(|(k, _)| k.3 || !has_ingress.contains(&(k.0.clone(), k.1.clone(), k.2)))
         .map(|(_, (mut g, last))| {
             g.last_seen = bulkhead_insight::rfc3339(last);
             g
         })
-        .collect();
-    match output {
-        "json" => println!("{}", serde_json::to_string_pretty(&lines)?),
-        "dot" => {
-            println!("digraph mesh {{\n  rankdir=LR;\n  node [shape=box];");
-            for g in &lines {
-                let color = if g.denied > 0 {
-                    "red"
-                } else if g.would_deny > 0 {
-                    "orange"
-                } else {
-                    "black"
-                };
-                println!(
-                    "  \"{}\" -> \"{}\" [label=\"{}/{} allow {} deny {}{}\", color={color}];",
-                    g.source,
-                    g.destination,
-                    g.port,
-                    g.protocol,
-                    g.allowed,
-                    g.denied,
-                    if g.would_deny > 0 {
-                        format!(" would-deny {}", g.would_deny)
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-            println!("}}");
-        }
-        _ => {
-            println!(
-                "{:<28} {:<24} {:>6} {:<6} {:>8} {:>7} {:>10}  LAST SEEN",
-                "SOURCE", "DESTINATION", "PORT", "PROTO", "ALLOWED", "DENIED", "WOULD-DENY"
-            );
-            for g in &lines {
-                println!(
-                    "{:<28} {:<24} {:>6} {:<6} {:>8} {:>7} {:>10}  {}",
-                    g.source,
-                    g.destination,
-                    g.port,
-                    g.protocol,
-                    g.allowed,
-                    g.denied,
-                    g.would_deny,
-                    g.last_seen
-                );
-            }
-            println!(
-                "{} edges from {} reported edge records",
-                lines.len(),
-                edges.len()
-            );
-        }
+        .collect()
+}
+
+fn graph_dot(lines: &[GraphEdge]) -> String {
+    let mut out = String::from("digraph mesh {\n  rankdir=LR;\n  node [shape=box];\n");
+    for g in lines {
+        let color = if g.denied > 0 {
+            "red"
+        } else if g.would_deny > 0 {
+            "orange"
+        } else {
+            "black"
+        };
+        let would_deny = match g.would_deny {
+            0 => String::new(),
+            n => format!(" would-deny {n}"),
+        };
+        out.push_str(&format!(
+            "  \"{}\" -> \"{}\" [label=\"{}/{} allow {} deny {}{would_deny}\", color={color}];\n",
+            g.source, g.destination, g.port, g.protocol, g.allowed, g.denied,
+        ));
     }
-    Ok(())
+    out.push_str("}\n");
+    out
+}
+
+/// The graph for a person; `records` is how many stored edge records it was drawn from.
+pub(crate) fn graph_table(lines: &[GraphEdge], records: usize) -> String {
+    let row = |cells: [&str; 8]| {
+        format!(
+            "{:<28} {:<24} {:>6} {:<6} {:>8} {:>7} {:>10}  {}\n",
+            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+        )
+    };
+    let mut out = row([
+        "SOURCE",
+        "DESTINATION",
+        "PORT",
+        "PROTO",
+        "ALLOWED",
+        "DENIED",
+        "WOULD-DENY",
+        "LAST SEEN",
+    ]);
+    for g in lines {
+        out.push_str(&row([
+            &g.source,
+            &g.destination,
+            &g.port.to_string(),
+            &g.protocol,
+            &g.allowed.to_string(),
+            &g.denied.to_string(),
+            &g.would_deny.to_string(),
+            &g.last_seen,
+        ]));
+    }
+    out.push_str(&format!(
+        "{} edges from {records} reported edge records\n",
+        lines.len()
+    ));
+    out
 }
 
 pub async fn recommend(admin: &mut Admin, window: Option<Duration>, diff: bool) -> Result<()> {

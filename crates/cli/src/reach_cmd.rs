@@ -118,7 +118,7 @@ pub async fn run(context: &Path, args: ReachArgs) -> Result<()> {
     let report = answer(&query, &loaded)?;
     match query.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Table => print_table(&report),
+        Output::Table => print!("{}", render_table(&report)),
     }
     Ok(())
 }
@@ -440,7 +440,9 @@ fn count(n: usize, noun: &str) -> String {
     }
 }
 
-fn print_table(r: &Report) {
+/// The report for a person: the table, then a summary line with the assumptions.
+fn render_table(r: &Report) -> String {
+    let table;
     let summary = match &r.answer {
         Answer::WhoCanReach { sources, edges } => {
             let rows: Vec<Vec<String>> = edges
@@ -454,7 +456,7 @@ fn print_table(r: &Report) {
                     ]
                 })
                 .collect();
-            columns(&["SOURCE", "PORT", "PROTOCOL", "ALLOWED BY"], &rows);
+            table = columns(&["SOURCE", "PORT", "PROTOCOL", "ALLOWED BY"], &rows);
             match sources.len() {
                 0 => format!("no workload can reach {}", r.workload),
                 1 => format!("1 workload can reach {}", r.workload),
@@ -469,7 +471,7 @@ fn print_table(r: &Report) {
                 .iter()
                 .map(|w| vec![w.workload.clone(), w.hops.to_string(), path(w)])
                 .collect();
-            columns(&["WORKLOAD", "HOPS", "PATH"], &rows);
+            table = columns(&["WORKLOAD", "HOPS", "PATH"], &rows);
             let verb = if reached.len() == 1 { "is" } else { "are" };
             format!(
                 "if {} is compromised, {} of {} {verb} reachable",
@@ -490,16 +492,30 @@ fn print_table(r: &Report) {
         notes.push("stolen key: egress not enforced, any source address".to_string());
     }
     match notes.is_empty() {
-        true => println!("{summary}"),
-        false => println!("{summary} ({})", notes.join("; ")),
+        true => format!("{table}{summary}\n"),
+        false => format!("{table}{summary} ({})\n", notes.join("; ")),
     }
 }
 
-/// Prints a header and rows in columns as wide as their widest cell; prints nothing if there
-/// are no rows.
-fn columns(header: &[&str], rows: &[Vec<String>]) {
+/// `reach WORKLOAD --blast-radius` under the applied policy, as the table prints it.
+pub(crate) async fn blast_radius_table(context: &Path, workload: &str) -> Result<String> {
+    let query = Query {
+        workload: parse_workload(workload)?,
+        question: Question::BlastRadius,
+        options: ReachOptions::default(),
+        files: Vec::new(),
+        output: Output::Table,
+    };
+    let loaded = load_applied(context).await?;
+    Ok(render_table(&answer(&query, &loaded)?))
+}
+
+/// A header and rows in columns as wide as their widest cell, each line ending in a
+/// newline; empty if there are no rows.
+fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
     if rows.is_empty() {
-        return;
+        return out;
     }
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
@@ -510,7 +526,7 @@ fn columns(header: &[&str], rows: &[Vec<String>]) {
                 .unwrap_or_default()
         })
         .collect();
-    let line = |cells: Vec<&str>| {
+    let mut line = |cells: Vec<&str>| {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
@@ -519,12 +535,14 @@ fn columns(header: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", s.trim_end());
+        out.push_str(s.trim_end());
+        out.push('\n');
     };
     line(header.to_vec());
     for r in rows {
         line(r.iter().map(String::as_str).collect());
     }
+    out
 }
 
 /// `egress: policy shop/a rule x; ingress: policy shop/b rules y and z`
@@ -690,7 +708,7 @@ fn print_observed(r: &ObservedReport, since: Option<std::time::Duration>) {
         Question::BlastRadius => "WORKLOAD",
         Question::WhoCanReach => "SOURCE",
     };
-    columns(&[first, "HOPS", "PATH"], &rows);
+    print!("{}", columns(&[first, "HOPS", "PATH"], &rows));
     let window = since.map_or_else(
         || "in all kept traffic".to_string(),
         |d| format!("in traffic seen within {}s", d.as_secs()),

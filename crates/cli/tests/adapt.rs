@@ -142,7 +142,12 @@ fn observe_recommend_audit_impact_promote() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|v| (v["party"].as_str().unwrap().to_string(), v["hops"].as_u64().unwrap()))
+            .map(|v| {
+                (
+                    v["party"].as_str().unwrap().to_string(),
+                    v["hops"].as_u64().unwrap(),
+                )
+            })
             .collect()
     };
     let observed = ["--observed", "-o", "json"];

@@ -350,17 +350,68 @@ fn demo_once_shows_allowed_and_denied_calls() {
     let (code, out, err) = run(&bins.bulkhead, &["demo", "--once"], &[]);
     assert_eq!(code, 0, "demo failed:\n{out}\n{err}");
     for needle in [
+        // Before: discovery mode lets the lateral requests through.
+        "ALLOWED  frontend -> payments POST /charge  -> 200",
+        "5 allowed, 0 denied.",
+        // After: least privilege.
         "ALLOWED  customer -> frontend POST /checkout  -> 200",
         "-> POST /charge answered 200: payments: POST /charge from spiffe://bulkhead.local/ns/shop/sa/orders",
         "ALLOWED  frontend -> orders GET /orders  -> 200",
         "DENIED   frontend -> payments GET /admin/users  -> 403",
-        "denied by policy shop/payments-deny-admin rule admin-paths (revision 1)",
+        "denied by policy shop/payments-deny-admin rule admin-paths (revision 3)",
         "DENIED   frontend -> payments POST /charge  -> 403",
         "matched the method and path but not identity spiffe://bulkhead.local/ns/shop/sa/frontend",
         "2 allowed, 3 denied.",
     ] {
         assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
     }
+    // The graph and the blast radius, before and after the policy.
+    let (before, after) = out.split_once("== After").unwrap();
+    let row = |text: &str, from: &str, to: &str| -> Option<(u64, u64)> {
+        text.lines().find_map(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            (cells.len() > 6 && cells[0] == from && cells[1] == to)
+                .then(|| (cells[4].parse().unwrap(), cells[5].parse().unwrap()))
+        })
+    };
+    assert_eq!(
+        row(before, "shop/frontend", "shop/payments"),
+        Some((2, 0)),
+        "{before}"
+    );
+    assert_eq!(
+        row(after, "shop/frontend", "shop/payments"),
+        Some((0, 2)),
+        "{after}"
+    );
+    assert_eq!(
+        row(after, "shop/frontend", "shop/orders"),
+        Some((2, 1)),
+        "{after}"
+    );
+    assert_eq!(
+        row(after, "shop/orders", "shop/payments"),
+        Some((1, 0)),
+        "{after}"
+    );
+    assert!(
+        before.contains("shop/payments  1     shop/frontend -> shop/payments:8080"),
+        "{before}"
+    );
+    assert!(
+        after.contains(
+            "shop/payments  2     shop/frontend -> shop/orders:8080 -> shop/payments:8080"
+        ),
+        "{after}"
+    );
+    assert!(
+        before.contains("--observed):\n  shop/orders (1 hop), shop/payments (1 hop)"),
+        "{before}"
+    );
+    assert!(
+        after.contains("--observed):\n  shop/orders (1 hop), shop/payments (2 hops)"),
+        "{after}"
+    );
 }
 
 #[test]

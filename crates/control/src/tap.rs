@@ -20,8 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 pub(crate) type TapStream = Pin<Box<dyn Stream<Item = Result<pb::TapResponse, Status>> + Send>>;
-pub(crate) type FiltersStream =
-    Pin<Box<dyn Stream<Item = Result<pb::TapFilters, Status>> + Send>>;
+pub(crate) type FiltersStream = Pin<Box<dyn Stream<Item = Result<pb::TapFilters, Status>> + Send>>;
 
 /// Messages queued for one operator before events are skipped (each carries a batch).
 const SESSION_QUEUE: usize = 256;
@@ -372,6 +371,10 @@ mod tests {
         assert_eq!((kept.len(), refused), (2, 1));
         assert!(parse_report("{", &orders, me).is_err());
         let huge = format!("[{}]", " ".repeat(MAX_REPORT_BYTES));
-        assert!(parse_report(&huge, &orders, me).unwrap_err().contains("at most"));
+        assert!(
+            parse_report(&huge, &orders, me)
+                .unwrap_err()
+                .contains("at most")
+        );
     }
 }

@@ -97,10 +97,7 @@ impl TapFilter {
     pub fn matches(&self, e: &TapEvent) -> bool {
         if let Some(from) = &self.from {
             let by_identity = e.source_identity.as_deref() == Some(from.as_str());
-            let by_workload = e
-                .source_workload
-                .as_ref()
-                .is_some_and(|w| names(w, from));
+            let by_workload = e.source_workload.as_ref().is_some_and(|w| names(w, from));
             if !by_identity && !by_workload {
                 return false;
             }
@@ -111,7 +108,10 @@ impl TapFilter {
             return false;
         }
         if let Some(m) = &self.method
-            && !e.method.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(m))
+            && !e
+                .method
+                .as_deref()
+                .is_some_and(|x| x.eq_ignore_ascii_case(m))
         {
             return false;
         }
