@@ -4,11 +4,12 @@ mod admin_cmd;
 mod ca_cmd;
 mod client;
 mod demo;
+mod events_cmd;
 mod flows_cmd;
 mod policy_cmd;
 mod reach_cmd;
-mod tap_cmd;
 mod sample_app;
+mod tap_cmd;
 
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::CreateTokenRequest;
@@ -52,6 +53,22 @@ enum Command {
         /// Lifetime of the workload certificates the CA signs (e.g. 1h, 30m).
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         svid_lifetime: Duration,
+        /// For this many seconds after the first flow report, new edges and identities are
+        /// learned as the baseline, not reported (`bulkhead events`). 0: report from the
+        /// start.
+        #[arg(long, default_value_t = 3600)]
+        anomaly_learning_secs: u64,
+        /// A denial spike: at least this many denied requests to one workload in a minute…
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+        denial_spike_min: u64,
+        /// …and at least this many times its usual rate (the mean per minute over the hour
+        /// before).
+        #[arg(long, default_value_t = 5.0, value_parser = parse_factor)]
+        denial_spike_factor: f64,
+        /// Serve Prometheus metrics (plain HTTP, GET /metrics) on this address, e.g.
+        /// 127.0.0.1:7444; off when not given.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Join tokens, which let one proxy obtain one identity.
     Token {
@@ -104,6 +121,9 @@ enum Command {
     /// The requests a workload's sidecars decide, live: caller, method and path, status,
     /// verdict and the rule behind it. Filters run in the sidecars; nothing is stored.
     Tap(tap_cmd::TapArgs),
+    /// Anomalies found in observed traffic: a caller reaching a workload it never reached
+    /// before, an identity never seen before, a spike of denied requests.
+    Events(events_cmd::EventsArgs),
     /// Least-privilege policies from observed traffic, in audit mode, with the evidence for
     /// each rule; `--diff` shows what changed against the recommendation applied now.
     Recommend {
@@ -301,20 +321,36 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             trust_domain,
             svid_lifetime,
+            anomaly_learning_secs,
+            denial_spike_min,
+            denial_spike_factor,
+            metrics,
         } => {
             init_logging("info");
-            let running = bulkhead_control::start(bulkhead_control::ControlConfig {
+            let config = bulkhead_control::ControlConfig {
                 data_dir,
                 listen,
                 trust_domain,
                 svid_lifetime,
-            })
-            .await?;
+            };
+            let options = bulkhead_control::ControlOptions {
+                anomalies: bulkhead_control::Anomalies {
+                    learning: Duration::from_secs(anomaly_learning_secs),
+                    spike_min_denials: denial_spike_min,
+                    spike_factor: denial_spike_factor,
+                },
+                metrics,
+                ..Default::default()
+            };
+            let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(
                 "bulkhead control plane listening on {}\nadmin context: {} (the CLI reads it with --context or BULKHEAD_CONTEXT)",
                 running.addr,
                 running.context_file.display()
             );
+            if let Some(addr) = running.metrics_addr {
+                eprintln!("metrics: http://{addr}/metrics");
+            }
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
                 r = running.wait() => { r?; bail!("control plane stopped"); }
@@ -417,6 +453,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Demo { once } => demo::run(once).await,
         Command::Reach(args) => reach_cmd::run(&cli.context, args).await,
         Command::Tap(args) => tap_cmd::run(&cli.context, args).await,
+        Command::Events(args) => events_cmd::run(&cli.context, args).await,
         Command::Policy { command } => match command {
             PolicyCommand::Lint { files } => policy_cmd::lint(&files),
             PolicyCommand::Test { files, cases } => policy_cmd::test(&files, &cases),
@@ -501,6 +538,17 @@ pub(crate) fn init_logging(default: &str) {
         .init();
 }
 
+/// A spike factor: a finite number, at least 1.
+fn parse_factor(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 1.0 => Ok(f),
+        Ok(_) => Err(format!(
+            "{s:?}: the factor must be at least 1 (below, the usual rate would count as a spike)"
+        )),
+        Err(_) => Err(format!("{s:?} is not a number like 5 or 2.5")),
+    }
+}
+
 /// `90s`, `30m`, `1h`, `2d`, or a bare number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -525,6 +573,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 mod tests {
     use super::parse_duration;
     use std::time::Duration;
+
+    #[test]
+    fn factors() {
+        assert_eq!(super::parse_factor("2.5"), Ok(2.5));
+        assert!(super::parse_factor("0.5").is_err());
+        assert!(super::parse_factor("NaN").is_err());
+        assert!(super::parse_factor("x").is_err());
+    }
 
     #[test]
     fn durations() {

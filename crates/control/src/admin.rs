@@ -1,7 +1,9 @@
 //! The admin API: tokens, apply / delete / get, history and rollback, proxy status, the
-//! CAs (status, add, switch, retire), and the stored traffic edges. Every call needs the admin credential; every policy
-//! change is a revision recorded with its author, every CA change is logged with its author.
+//! CAs (status, add, switch, retire), the stored traffic edges and anomalies. Every call
+//! needs the admin credential; every policy change is a revision recorded with its author,
+//! every CA change is logged with its author.
 
+use crate::anomaly::{EVENT_RETENTION, MAX_EVENTS_PER_LIST};
 use crate::cas::{CaChangeError, CaOrigin, CaState, short};
 use crate::proxies::unix_now;
 use crate::service::{State, internal};
@@ -10,8 +12,8 @@ use crate::tokens::{self, TokenRecord};
 use bulkhead_api::resource_to_wire;
 use bulkhead_api::v1::{self as pb, admin_server::Admin};
 use bulkhead_identity::{Ca, SpiffeId, fingerprint};
-use bulkhead_policy::Origin;
 use bulkhead_insight::tap::TapFilter;
+use bulkhead_policy::Origin;
 use bulkhead_policy::model::{Resource, ResourceName};
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -381,10 +383,7 @@ impl Admin for State {
 
     type TapStream = crate::tap::TapStream;
 
-    async fn tap(
-        &self,
-        req: Request<pb::TapRequest>,
-    ) -> Result<Response<Self::TapStream>, Status> {
+    async fn tap(&self, req: Request<pb::TapRequest>) -> Result<Response<Self::TapStream>, Status> {
         self.require_admin(&req)?;
         let r = req.into_inner();
         let workload = ResourceName {
@@ -394,8 +393,9 @@ impl Admin for State {
         let filter: TapFilter = if r.filter_json.is_empty() {
             TapFilter::default()
         } else {
-            serde_json::from_str(&r.filter_json)
-                .map_err(|e| Status::invalid_argument(format!("the tap filter does not decode: {e}")))?
+            serde_json::from_str(&r.filter_json).map_err(|e| {
+                Status::invalid_argument(format!("the tap filter does not decode: {e}"))
+            })?
         };
         let (subscription, rx) = self.taps.subscribe(&workload, filter)?;
         let connected = self.proxies.connected(&workload);
@@ -412,7 +412,22 @@ impl Admin for State {
         req: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
         self.require_admin(&req)?;
-        Err(Status::unimplemented("events: in progress"))
+        let r = req.into_inner();
+        let limit = match r.limit as usize {
+            0 => MAX_EVENTS_PER_LIST,
+            n => n.min(MAX_EVENTS_PER_LIST),
+        };
+        let now = unix_now();
+        // Events past the window may not be deleted yet (that happens on the next one).
+        let since = r.since.max(now.saturating_sub(EVENT_RETENTION.window_secs));
+        let page = self.store.events(r.after, since, limit).map_err(internal)?;
+        let events_json = serde_json::to_string(&page.events)
+            .map_err(|e| Status::internal(format!("cannot encode the events: {e}")))?;
+        Ok(Response::new(pb::ListEventsResponse {
+            events_json,
+            last: page.last,
+            learning_until: self.anomalies.learning_until(now),
+        }))
     }
 }
 

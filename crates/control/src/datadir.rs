@@ -8,7 +8,7 @@
 //! DATA_DIR/ca.key           the key of the root made at first start, until it is retired    0600
 //! DATA_DIR/admin.pem        admin SVID chain, re-issued at each start and CA switch         0600
 //! DATA_DIR/admin.key        admin private key                                               0600
-//! DATA_DIR/admin.yaml       where the CLI finds the server and the above                    0600
+//! DATA_DIR/admin.yaml       where the CLI finds the server and the above (and /metrics)     0600
 //! DATA_DIR/state.redb       tokens, bindings, policies                                      0600
 //! ```
 //!
@@ -43,6 +43,9 @@ pub struct AdminContext {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// Where the control plane serves `/metrics`, when it does (`--metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 pub(crate) struct DataDir {
@@ -294,20 +297,18 @@ impl DataDir {
         write_file(&self.file("admin.pem"), chain.as_bytes(), 0o600)
     }
 
-    /// Issues a fresh admin credential and writes the context file that points at it.
+    /// Issues a fresh admin credential and writes the context file that points at it (and
+    /// at the metrics listener, if there is one).
     pub(crate) fn write_admin_context(
         &self,
         ca: &Ca,
         server: SocketAddr,
+        metrics: Option<SocketAddr>,
     ) -> Result<PathBuf, ControlError> {
         self.write_admin_credential(ca)?;
-        // A wildcard listen address is not dialable; the CLI on this host uses loopback.
-        let server = match server.ip().is_unspecified() {
-            true => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), server.port()),
-            false => server,
-        };
         let ctx = AdminContext {
-            server,
+            server: dialable(server),
+            metrics: metrics.map(dialable),
             trust_domain: ca.trust_domain().to_string(),
             ca_file: self.file(BUNDLE_FILE),
             cert_file: self.file("admin.pem"),
@@ -320,6 +321,14 @@ impl DataDir {
         let file = self.file(CONTEXT_FILE);
         write_file(&file, yaml.as_bytes(), 0o600)?;
         Ok(file)
+    }
+}
+
+/// A wildcard listen address is not dialable; a client on this host uses loopback.
+fn dialable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip().is_unspecified() {
+        true => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()),
+        false => addr,
     }
 }
 

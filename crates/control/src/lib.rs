@@ -5,17 +5,20 @@
 //! workload its identity was bound to by a join token.
 
 mod admin;
+mod anomaly;
 mod cas;
 mod datadir;
 mod error;
 mod flows;
 mod listener;
+mod metrics;
 mod proxies;
 mod service;
 mod store;
 mod tap;
 mod tokens;
 
+pub use anomaly::Anomalies;
 pub use datadir::{AdminContext, CONTEXT_FILE};
 pub use error::ControlError;
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
@@ -38,10 +41,23 @@ pub struct ControlConfig {
     pub svid_lifetime: Duration,
 }
 
+/// What [`start`] leaves at its defaults.
+#[derive(Clone, Debug, Default)]
+pub struct ControlOptions {
+    /// How long reported traffic edges are kept, and how many.
+    pub flow_retention: FlowRetention,
+    /// How anomalies are found in flow reports (`bulkhead events`).
+    pub anomalies: Anomalies,
+    /// Serve `/metrics` (plain HTTP) on this address; `None`: no metrics listener.
+    pub metrics: Option<SocketAddr>,
+}
+
 /// A running control plane. Dropping it does not stop it; call [`RunningControl::shutdown`].
 pub struct RunningControl {
     pub addr: SocketAddr,
     pub context_file: PathBuf,
+    /// Where `/metrics` is served, if it is (also in the context file).
+    pub metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ControlError>>,
 }
@@ -62,16 +78,28 @@ impl RunningControl {
     }
 }
 
-/// Opens (or initialises) the data directory, binds, and serves in the background, keeping
-/// reported traffic edges as [`FlowRetention::default`] says.
+/// Opens (or initialises) the data directory, binds, and serves in the background, with
+/// every [`ControlOptions`] at its default.
 pub async fn start(config: ControlConfig) -> Result<RunningControl, ControlError> {
-    start_with_flow_retention(config, FlowRetention::default()).await
+    start_with(config, ControlOptions::default()).await
 }
 
 /// [`start`], keeping reported traffic edges for `flow_retention`.
 pub async fn start_with_flow_retention(
     config: ControlConfig,
     flow_retention: FlowRetention,
+) -> Result<RunningControl, ControlError> {
+    let options = ControlOptions {
+        flow_retention,
+        ..ControlOptions::default()
+    };
+    start_with(config, options).await
+}
+
+/// [`start`] with `options`.
+pub async fn start_with(
+    config: ControlConfig,
+    options: ControlOptions,
 ) -> Result<RunningControl, ControlError> {
     let (dir, cas) =
         datadir::DataDir::open(&config.data_dir, &config.trust_domain, config.svid_lifetime)?;
@@ -86,19 +114,29 @@ pub async fn start_with_flow_retention(
         addr: config.listen,
         source: e,
     })?;
-    let context_file = dir.write_admin_context(cas.active(), addr)?;
-    let state = Arc::new(service::State::new(
+    let metrics_tcp = match options.metrics {
+        Some(listen) => Some(metrics::bind(listen).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_tcp.as_ref().map(|(_, a)| *a);
+    let context_file = dir.write_admin_context(cas.active(), addr, metrics_addr)?;
+    let state = Arc::new(service::State::with_options(
         dir,
         cas,
         store,
         config.svid_lifetime,
-        flow_retention,
+        options.flow_retention,
+        &options.anomalies,
     )?);
     let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
     listener::spawn_cert_renewal(state.clone());
     tracing::info!(%addr, trust_domain = state.trust_domain(), "control plane listening");
 
     let (stop, mut stopped) = watch::channel(false);
+    if let Some((tcp, metrics_addr)) = metrics_tcp {
+        tracing::info!(listen = %metrics_addr, "metrics listener ready (/metrics)");
+        metrics::serve(tcp, state.clone(), stop.subscribe());
+    }
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::from_arc(state.clone()))
         // Room for a flow report at its bound, so that its own error names the bound.
@@ -118,6 +156,7 @@ pub async fn start_with_flow_retention(
     Ok(RunningControl {
         addr,
         context_file,
+        metrics_addr,
         stop,
         task,
     })

@@ -1,11 +1,13 @@
 //! The control plane's shared state, and the services proxies call: Identity (join) and
 //! Config (watch, ack, flow reports). The admin API is in `admin.rs`.
 
+use crate::anomaly::{Anomalies, Monitor};
 use crate::cas::CaSet;
 use crate::datadir::DataDir;
 use crate::error::ControlError;
 use crate::flows::{self, Counters, FlowRetention, Reporter};
 use crate::listener::PeerInfo;
+use crate::metrics::Metrics;
 use crate::proxies::{Registry, unix_now};
 use crate::store::Store;
 use crate::tokens::{self, TokenError, TokenRecord};
@@ -93,9 +95,14 @@ pub(crate) struct State {
     pub(crate) flow_counters: Counters,
     /// Open `bulkhead tap` sessions, per tapped workload.
     pub(crate) taps: Arc<crate::tap::TapHub>,
+    /// Finds anomalies in flow reports (`bulkhead events`).
+    pub(crate) anomalies: Monitor,
+    pub(crate) metrics: Metrics,
 }
 
 impl State {
+    /// [`State::with_options`] with the default anomaly options.
+    #[cfg(test)]
     pub(crate) fn new(
         dir: DataDir,
         cas: CaSet,
@@ -103,7 +110,20 @@ impl State {
         svid_lifetime: Duration,
         flow_retention: FlowRetention,
     ) -> Result<State, ControlError> {
+        let anomalies = Anomalies::default();
+        State::with_options(dir, cas, store, svid_lifetime, flow_retention, &anomalies)
+    }
+
+    pub(crate) fn with_options(
+        dir: DataDir,
+        cas: CaSet,
+        store: Store,
+        svid_lifetime: Duration,
+        flow_retention: FlowRetention,
+        anomalies: &Anomalies,
+    ) -> Result<State, ControlError> {
         let (revision, resources) = store.resources()?;
+        let anomalies = Monitor::load(&store, anomalies, unix_now())?;
         tracing::info!(revision, resources = resources.len(), dir = %dir.path().display(), "loaded resources");
         let trust_domain = cas.trust_domain().to_string();
         let admin_id = SpiffeId::parse(&format!("spiffe://{trust_domain}{ADMIN_ID_PATH}"))?;
@@ -123,6 +143,8 @@ impl State {
             flow_retention,
             flow_counters: Counters::default(),
             taps: Arc::default(),
+            anomalies,
+            metrics: Metrics::default(),
         })
     }
 
@@ -484,6 +506,9 @@ impl Config for State {
                 "stored edges reached their bound; deleted the oldest hours"
             );
         }
+        self.metrics.edges_stored(written.stored);
+        self.anomalies
+            .observe(&self.store, &kept, unix_now(), &self.metrics);
         tracing::debug!(spiffe_id = %id, %workload, stored = written.stored, refused, dropped = r.dropped, expired = written.expired, "flow report");
         Ok(Response::new(pb::ReportFlowsResponse {
             stored: written.stored,

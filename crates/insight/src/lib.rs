@@ -10,7 +10,9 @@
 //!   mode, with the evidence in comments, and [`diff`] compares it with an earlier one;
 //! - [`impact`] replays the observed flows against the current policy and a candidate and
 //!   lists the flows whose verdict changes (with [`enforce_all`]: "what if I enforce this");
-//! - [`observed_reach`] and [`who_reached`] give the blast radius that traffic actually had.
+//! - [`observed_reach`] and [`who_reached`] give the blast radius that traffic actually had;
+//! - [`events::Detector`] turns flow reports into anomalies: a new edge, a new identity, a
+//!   spike of denials.
 //!
 //! Pure, like `bulkhead-policy`: no tokio, no sockets, no files, no clock (times are unix
 //! seconds in the edges).
@@ -23,6 +25,7 @@
 //! and says why beside it.
 
 mod edge;
+pub mod events;
 mod impact;
 mod observed;
 mod recommend;

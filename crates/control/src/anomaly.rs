@@ -1,0 +1,445 @@
+//! Anomalies (`bulkhead events`): every accepted flow report goes through the detector of
+//! `bulkhead_insight::events`, and what it finds is stored (`events` table) and counted.
+//!
+//! What the detector knows lives in memory, loaded at start from the stored edges, so a
+//! restart does not announce again what the store kept; when learning started is kept in
+//! the store too. Finding anomalies never fails or slows a flow report beyond a few hash
+//! look-ups per edge: the store is written only when there is an event to keep, and an
+//! error there is logged, not returned to the proxy, whose edges are already stored.
+
+use crate::error::ControlError;
+use crate::metrics::Metrics;
+use crate::store::{EventRetention, Store};
+use bulkhead_insight::Edge;
+use bulkhead_insight::events::{Detector, Event, EventKind, SpikeRule};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// Events are kept this long and at most this many.
+pub(crate) const EVENT_RETENTION: EventRetention = EventRetention {
+    window_secs: 7 * 24 * 3600,
+    max_rows: 10_000,
+};
+/// A `ListEvents` answers at most this many events.
+pub(crate) const MAX_EVENTS_PER_LIST: usize = 1_000;
+
+/// How the control plane finds anomalies in flow reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Anomalies {
+    /// New edges and identities are learned silently for this long after the first flow
+    /// report is stored: they are the baseline. 0: everything new is reported.
+    pub learning: Duration,
+    /// A denial spike: at least this many denied requests to one destination within a
+    /// minute…
+    pub spike_min_denials: u64,
+    /// …and at least this many times their mean per minute over the hour before.
+    pub spike_factor: f64,
+}
+
+impl Default for Anomalies {
+    fn default() -> Anomalies {
+        let rule = SpikeRule::default();
+        Anomalies {
+            learning: Duration::from_secs(3600),
+            spike_min_denials: rule.min_denials,
+            spike_factor: rule.factor,
+        }
+    }
+}
+
+/// The detector, shared by every report.
+#[derive(Debug)]
+pub(crate) struct Monitor {
+    detector: Mutex<Detector>,
+}
+
+impl Monitor {
+    /// A detector that knows every stored edge, learning since the first stored report.
+    pub(crate) fn load(
+        store: &Store,
+        options: &Anomalies,
+        now: u64,
+    ) -> Result<Monitor, ControlError> {
+        let edges = store.edges_since(0)?;
+        let mut start = store.learning_start()?;
+        if start.is_none() && !edges.is_empty() {
+            // Edges stored before anomalies were found: learning started with the first.
+            let first = edges
+                .iter()
+                .map(|e| e.stats.first_seen)
+                .min()
+                .unwrap_or(now);
+            store.set_learning_start(first.min(now))?;
+            start = Some(first.min(now));
+        }
+        let rule = SpikeRule {
+            min_denials: options.spike_min_denials,
+            factor: options.spike_factor,
+        };
+        let mut detector = Detector::new(options.learning.as_secs(), rule, start);
+        detector.learn(edges.iter().map(|e| &e.key));
+        tracing::info!(
+            edges = edges.len(),
+            learning_until = detector.learning_until(),
+            "anomaly detection knows the stored edges"
+        );
+        Ok(Monitor {
+            detector: Mutex::new(detector),
+        })
+    }
+
+    fn detector(&self) -> MutexGuard<'_, Detector> {
+        // A panic elsewhere cannot leave the sets half-updated in a way that matters here.
+        self.detector.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Finds the anomalies in the edges of one accepted report, arrived at `now`; stores,
+    /// counts and logs them.
+    pub(crate) fn observe(&self, store: &Store, edges: &[Edge], now: u64, metrics: &Metrics) {
+        let (observation, started) = {
+            let mut detector = self.detector();
+            let before = detector.learning_start();
+            let observation = detector.observe(edges, now);
+            let started = match before {
+                None => detector.learning_until(),
+                Some(_) => None,
+            };
+            (observation, started)
+        };
+        if let Some(until) = started {
+            if now < until {
+                tracing::info!(
+                    until = %bulkhead_insight::rfc3339(until),
+                    "first flow report: learning the baseline; new edges and identities seen until then are not reported"
+                );
+            }
+            if let Err(e) = store.set_learning_start(now) {
+                tracing::error!(error = %e, "could not record when learning started; after a restart it starts again");
+            }
+        }
+        if observation.unremembered > 0 {
+            tracing::warn!(
+                unremembered = observation.unremembered,
+                "anomaly detection is at its memory bound: new edges, identities or destinations were neither remembered nor reported"
+            );
+        }
+        if observation.events.is_empty() {
+            return;
+        }
+        match store.append_events(observation.events, now, &EVENT_RETENTION) {
+            Ok(stored) => {
+                for e in &stored {
+                    metrics.anomaly(e.kind);
+                    log(e);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not store anomaly events; they are lost, the flow report is kept")
+            }
+        }
+    }
+
+    /// Until when new edges and identities are learned silently, or 0 if they are not (any
+    /// more). Before the first report, the earliest that learning could end.
+    pub(crate) fn learning_until(&self, now: u64) -> u64 {
+        let detector = self.detector();
+        match detector.learning_until() {
+            Some(until) if now < until => until,
+            Some(_) => 0,
+            None if detector.learning_secs() > 0 => now.saturating_add(detector.learning_secs()),
+            None => 0,
+        }
+    }
+}
+
+/// One structured log event per anomaly, with its parties as fields.
+fn log(e: &Event) {
+    let src_id = e.source_identity.as_deref().unwrap_or("");
+    let src_workload = e.source_workload.as_ref().map(ToString::to_string);
+    let dst = e.destination.as_ref().map(ToString::to_string);
+    let (seq, kind, detail) = (e.seq, e.kind.as_str(), e.detail.as_str());
+    match e.kind {
+        EventKind::DenialSpike => {
+            tracing::warn!(seq, kind, dst.workload = dst, detail, "anomaly")
+        }
+        _ => tracing::info!(
+            seq,
+            kind,
+            src.id = src_id,
+            src.workload = src_workload,
+            dst.workload = dst,
+            dst.port = e.port,
+            detail,
+            "anomaly"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::flows::FlowRetention;
+    use crate::flows::tests::edge;
+    use bulkhead_insight::EdgeVerdict;
+    use bulkhead_policy::model::Direction::Ingress;
+    use std::path::PathBuf;
+
+    /// 2024-05-01 10:00 UTC.
+    const T0: u64 = 1_714_557_600;
+
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "bulkhead-anomaly-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn open(dir: &TempDir) -> Store {
+        Store::open(&dir.0.join("state.redb")).unwrap()
+    }
+
+    fn no_learning() -> Anomalies {
+        Anomalies {
+            learning: Duration::ZERO,
+            ..Anomalies::default()
+        }
+    }
+
+    /// Stores `edges` as a report would, then observes them.
+    fn report(store: &Store, monitor: &Monitor, edges: &[bulkhead_insight::Edge], now: u64) {
+        store
+            .merge_edges(edges, now, &FlowRetention::default())
+            .unwrap();
+        monitor.observe(store, edges, now, &Metrics::default());
+    }
+
+    fn kinds(store: &Store) -> Vec<(u64, EventKind)> {
+        let page = store.events(0, 0, 100).unwrap();
+        page.events.iter().map(|e| (e.seq, e.kind)).collect()
+    }
+
+    #[test]
+    fn a_restart_announces_nothing_the_store_kept_and_keeps_learning_time() {
+        let dir = temp_dir("restart");
+        let learn = Anomalies {
+            learning: Duration::from_secs(600),
+            ..Anomalies::default()
+        };
+        {
+            let store = open(&dir);
+            let monitor = Monitor::load(&store, &learn, T0).unwrap();
+            assert_eq!(monitor.learning_until(T0), T0 + 600, "not started yet");
+            report(
+                &store,
+                &monitor,
+                &[edge("a", "orders", Ingress, "/", T0)],
+                T0,
+            );
+            assert_eq!(monitor.learning_until(T0 + 300), T0 + 600);
+            assert!(kinds(&store).is_empty(), "learned silently");
+        }
+        let store = open(&dir);
+        let monitor = Monitor::load(&store, &learn, T0 + 300).unwrap();
+        assert_eq!(
+            monitor.learning_until(T0 + 300),
+            T0 + 600,
+            "kept across restarts"
+        );
+        assert_eq!(monitor.learning_until(T0 + 600), 0);
+        let now = T0 + 700;
+        report(
+            &store,
+            &monitor,
+            &[
+                edge("a", "orders", Ingress, "/", now),
+                edge("b", "orders", Ingress, "/", now),
+            ],
+            now,
+        );
+        assert_eq!(
+            kinds(&store),
+            vec![(1, EventKind::NewIdentity), (2, EventKind::NewEdge)]
+        );
+    }
+
+    #[test]
+    fn a_store_from_before_anomalies_learned_since_its_first_edge() {
+        let dir = temp_dir("upgrade");
+        let store = open(&dir);
+        store
+            .merge_edges(
+                &[edge("a", "orders", Ingress, "/", T0)],
+                T0,
+                &FlowRetention::default(),
+            )
+            .unwrap();
+        let monitor = Monitor::load(&store, &Anomalies::default(), T0 + 7200).unwrap();
+        assert_eq!(store.learning_start().unwrap(), Some(T0));
+        assert_eq!(monitor.learning_until(T0 + 7200), 0);
+        let now = T0 + 7200;
+        report(
+            &store,
+            &monitor,
+            &[edge("a", "orders", Ingress, "/", now)],
+            now,
+        );
+        assert!(kinds(&store).is_empty());
+    }
+
+    #[test]
+    fn events_are_numbered_listed_after_a_number_and_bounded() {
+        let dir = temp_dir("list");
+        let store = open(&dir);
+        let monitor = Monitor::load(&store, &no_learning(), T0).unwrap();
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let now = T0 + i as u64;
+            report(
+                &store,
+                &monitor,
+                &[edge(name, "orders", Ingress, "/", now)],
+                now,
+            );
+        }
+        let all = store.events(0, 0, 100).unwrap();
+        assert_eq!(all.events.len(), 6);
+        assert_eq!(all.last, 6);
+        // A page cut by its limit ends where a follower continues.
+        let page = store.events(2, 0, 3).unwrap();
+        let seqs: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+        assert_eq!((seqs, page.last), (vec![3, 4, 5], 5));
+        let rest = store.events(page.last, 0, 3).unwrap();
+        assert_eq!((rest.events.len(), rest.last), (1, 6));
+        let none = crate::store::EventPage {
+            events: Vec::new(),
+            last: 6,
+        };
+        assert_eq!(store.events(6, 0, 3).unwrap(), none);
+        // `since` leaves out older events.
+        let recent = store.events(0, T0 + 2, 100).unwrap();
+        assert_eq!(recent.events.len(), 2);
+
+        // Rows past the bound or the window go, oldest first; numbers are never reused.
+        let tight = EventRetention {
+            window_secs: 100,
+            max_rows: 3,
+        };
+        let mut spike = edge("d", "orders", Ingress, "/", T0);
+        spike.key.verdict = EdgeVerdict::Deny;
+        let mut events = Detector::new(0, SpikeRule::default(), None)
+            .observe(&[spike], T0 + 10)
+            .events;
+        let stored = store
+            .append_events(events.clone(), T0 + 10, &tight)
+            .unwrap();
+        assert_eq!(stored[0].seq, 7);
+        let left: Vec<u64> = kinds(&store).iter().map(|(s, _)| *s).collect();
+        assert_eq!(left, vec![6, 7, 8]);
+        for e in &mut events {
+            e.at = T0 + 200;
+        }
+        store.append_events(events, T0 + 200, &tight).unwrap();
+        let left: Vec<u64> = kinds(&store).iter().map(|(s, _)| *s).collect();
+        assert_eq!(left, vec![9, 10]);
+    }
+
+    /// Through the handlers, as tonic calls them with the peer the TLS layer verified: a
+    /// proxy's report makes events that only the admin can list, and the metrics count them.
+    #[tokio::test]
+    async fn reported_denials_are_listed_for_the_admin_and_counted() {
+        use bulkhead_api::v1::{self as pb, admin_server::Admin, config_server::Config};
+        let dir = temp_dir("handlers");
+        let lifetime = Duration::from_secs(3600);
+        let (data, cas) = crate::datadir::DataDir::open(&dir.0, "td.test", lifetime).unwrap();
+        let store = Store::open(&dir.0.join("state.redb")).unwrap();
+        let retention = FlowRetention::default();
+        let state = crate::service::State::with_options(
+            data,
+            cas,
+            store,
+            lifetime,
+            retention,
+            &no_learning(),
+        )
+        .unwrap();
+        let from = |spiffe_id: &str| crate::listener::PeerInfo {
+            remote: "127.0.0.1:40000".parse().unwrap(),
+            identity: Some(bulkhead_identity::SpiffeId::parse(spiffe_id).unwrap()),
+            cert_not_after: None,
+            cert_ca_sha256: None,
+        };
+        let orders = crate::flows::tests::id("orders");
+        let orders_wl = crate::flows::tests::workload("orders");
+        state.store.bind(&orders, &orders_wl, T0).unwrap();
+        let mut denied = edge(
+            "intruder",
+            "orders",
+            Ingress,
+            "/",
+            crate::proxies::unix_now(),
+        );
+        denied.key.verdict = EdgeVerdict::Deny;
+        denied.stats.count = 25;
+        let mut req = tonic::Request::new(pb::ReportFlowsRequest {
+            namespace: "shop".into(),
+            workload: "orders".into(),
+            edges_json: serde_json::to_string(&[denied]).unwrap(),
+            dropped: 0,
+        });
+        req.extensions_mut().insert(from(&orders));
+        state.report_flows(req).await.unwrap();
+
+        let list = |who: &str| {
+            let mut req = tonic::Request::new(pb::ListEventsRequest {
+                after: 0,
+                since: 0,
+                limit: 0,
+            });
+            req.extensions_mut().insert(from(who));
+            state.list_events(req)
+        };
+        let err = list(&orders).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let admin = format!("spiffe://td.test{}", bulkhead_api::channel::ADMIN_ID_PATH);
+        let r = list(&admin).await.unwrap().into_inner();
+        let events: Vec<bulkhead_insight::events::Event> =
+            serde_json::from_str(&r.events_json).unwrap();
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::NewIdentity,
+                EventKind::NewEdge,
+                EventKind::DenialSpike
+            ]
+        );
+        assert!(
+            events[2]
+                .detail
+                .starts_with("25 denied requests to shop/orders in one minute"),
+            "{}",
+            events[2].detail
+        );
+        assert_eq!((r.last, r.learning_until), (3, 0));
+        let text = state.metrics.encode(&state.flow_counters);
+        assert!(
+            text.contains("bulkhead_anomalies_total{kind=\"denial-spike\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bulkhead_flow_edges_stored_total 1"),
+            "{text}"
+        );
+    }
+}
