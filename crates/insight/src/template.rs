@@ -9,6 +9,7 @@
 
 use bulkhead_policy::PathPattern;
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::Hasher;
 
 /// A prefix with more distinct children than this is folded into `prefix/*`.
 pub const DEFAULT_MAX_CHILDREN: usize = 5;
@@ -22,22 +23,61 @@ pub const DEFAULT_MAX_CHILDREN: usize = 5;
 ///
 /// `/orders/123/items/9` → `/orders/*/items/*`; `/healthz` and `/` stay as they are.
 pub fn template(path: &str) -> String {
-    let path = path.split(['?', '#']).next().unwrap_or_default();
-    let segments: Vec<&str> = path
-        .split('/')
-        .map(|seg| if looks_like_id(seg) { "*" } else { seg })
-        .collect();
-    segments.join("/")
+    template_segments(path).collect::<Vec<&str>>().join("/")
 }
 
+/// Whether `template(path) == template`, without building the template: a sidecar compares
+/// each request's path with the templates it already counts, and allocates nothing for it.
+pub fn template_eq(path: &str, template: &str) -> bool {
+    let mut ours = template_segments(path);
+    let mut theirs = template.split('/');
+    loop {
+        match (ours.next(), theirs.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Feeds the template of `path` to `state` without building it: equal templates feed equal
+/// input, so `template_hash(p)` agrees with `template_hash(&template(p))` and with
+/// [`template_eq`]. (A template is its own template.)
+pub fn template_hash<H: Hasher>(path: &str, state: &mut H) {
+    for seg in template_segments(path) {
+        state.write(seg.as_bytes());
+        // A byte no UTF-8 text holds ends each segment, so `a/bc` and `ab/c` differ.
+        state.write_u8(0xff);
+    }
+}
+
+/// The segments of `template(path)`, `/` between them: a segment never holds a `/`, so
+/// splitting the joined template at `/` gives them back.
+fn template_segments(path: &str) -> impl Iterator<Item = &str> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    path.split('/')
+        .map(|seg| if looks_like_id(seg) { "*" } else { seg })
+}
+
+/// Runs for every segment of every request a sidecar counts: one pass over the bytes decides
+/// the cheap cases, and the costlier checks run only where they can succeed.
 fn looks_like_id(seg: &str) -> bool {
-    !seg.is_empty()
-        && (seg.contains('*')
-            || seg.bytes().all(|b| b.is_ascii_digit())
-            || is_uuid(seg)
-            || (seg.len() >= 8 && seg.bytes().all(|b| b.is_ascii_hexdigit()))
-            || is_token(seg)
-            || is_email(seg))
+    if seg.is_empty() {
+        return false;
+    }
+    let (mut digits, mut hex, mut star, mut at) = (true, true, false, false);
+    for b in seg.bytes() {
+        digits &= b.is_ascii_digit();
+        hex &= b.is_ascii_hexdigit();
+        star |= b == b'*';
+        // An e-mail address holds a `@`, plain or as `%40`.
+        at |= b == b'@' || b == b'%';
+    }
+    star || digits
+        || is_uuid(seg)
+        || (seg.len() >= 8 && hex)
+        || is_token(seg)
+        || (at && is_email(seg))
 }
 
 /// `8-4-4-4-12` hex digits.
@@ -51,9 +91,11 @@ fn is_uuid(seg: &str) -> bool {
 
 /// Base64url (with optional `=` padding), at least 16 long, with at least one digit.
 fn is_token(seg: &str) -> bool {
+    if seg.len() < 16 {
+        return false;
+    }
     let body = seg.trim_end_matches('=');
-    seg.len() >= 16
-        && !body.is_empty()
+    !body.is_empty()
         && body
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -213,6 +255,142 @@ mod tests {
     #[test]
     fn literal_stars_become_wildcards() {
         assert_eq!(template("/a*b/c"), "/*/c");
+    }
+
+    /// A small deterministic generator (xorshift64*), so the property tests need no crate.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        /// A path built from segments of every kind `template` tells apart (ids of each kind,
+        /// words, near misses, stars, queries, fragments, empty segments, non-ASCII), and from
+        /// random characters, so templates often collide and often almost do.
+        fn path(&mut self) -> String {
+            const SEGMENTS: &[&str] = &[
+                "orders",
+                "items",
+                "1",
+                "42",
+                "007",
+                "deadbeef",
+                "deadbee",
+                "DEADBEEFCAFE",
+                "c0ffee",
+                "3f2504e0-4f89-11d3-9a0c-0305e82c3301",
+                "3f2504e0-4f89-11d3-9a0c-0305e82c330",
+                "dGhpcyBpcyBhIHRva2Vu42",
+                "aGVsbG8gd29ybGQx==",
+                "getting-started-guide",
+                "abc123",
+                "ada@example.com",
+                "ada%40example.com",
+                "@handle",
+                "a@b.",
+                "a*b",
+                "*",
+                "",
+                "x?y=1",
+                "z#top",
+                "é",
+                "v2",
+            ];
+            const CHARS: &[u8] = b"0123456789abcdefABCXYZ-_=@.%*?#/";
+            let mut p = String::new();
+            if self.below(8) != 0 {
+                p.push('/');
+            }
+            for i in 0..self.below(6) {
+                if i > 0 {
+                    p.push('/');
+                }
+                if self.below(4) == 0 {
+                    for _ in 0..self.below(40) {
+                        p.push(char::from(CHARS[self.below(CHARS.len())]));
+                    }
+                } else {
+                    p.push_str(SEGMENTS[self.below(SEGMENTS.len())]);
+                }
+            }
+            p
+        }
+    }
+
+    fn hash_of(path: &str) -> u64 {
+        let mut h = std::hash::DefaultHasher::new();
+        template_hash(path, &mut h);
+        h.finish()
+    }
+
+    #[test]
+    fn template_eq_and_template_hash_agree_with_template() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let paths: Vec<String> = (0..3_000).map(|_| rng.path()).collect();
+        let mut equal_pairs = 0;
+        for (i, p) in paths.iter().enumerate() {
+            let t = template(p);
+            assert_eq!(template(&t), t, "a template is its own template: {p:?}");
+            assert!(template_eq(p, &t), "{p:?} vs its template {t:?}");
+            assert!(template_eq(&t, &t), "{t:?}");
+            assert_eq!(hash_of(p), hash_of(&t), "{p:?} hashes as its template");
+            // Against other paths' templates, and against raw paths and near misses as
+            // "templates": template_eq says exactly what comparing templates says.
+            for _ in 0..8 {
+                let q = &paths[rng.below(paths.len())];
+                let u = template(q);
+                assert_eq!(template_eq(p, &u), t == u, "{p:?} vs template {u:?}");
+                assert_eq!(template_eq(p, q), t == *q, "{p:?} vs {q:?}");
+                assert_eq!(hash_of(p) == hash_of(q), t == u, "hashes of {p:?}, {q:?}");
+                equal_pairs += usize::from(t == u);
+            }
+            let mut near = t.clone();
+            near.push(if i % 2 == 0 { '/' } else { 'x' });
+            assert!(!template_eq(p, &near), "{p:?} vs {near:?}");
+            let mut shorter = t.clone();
+            if shorter.pop().is_some() {
+                assert!(!template_eq(p, &shorter), "{p:?} vs {shorter:?}");
+            }
+        }
+        // The generator must make equal templates often, or the test proves little.
+        assert!(equal_pairs > 500, "only {equal_pairs} equal pairs");
+    }
+
+    /// `looks_like_id` as it was written first, plainly: the faster one must agree with it.
+    fn looks_like_id_plainly(seg: &str) -> bool {
+        !seg.is_empty()
+            && (seg.contains('*')
+                || seg.bytes().all(|b| b.is_ascii_digit())
+                || is_uuid(seg)
+                || (seg.len() >= 8 && seg.bytes().all(|b| b.is_ascii_hexdigit()))
+                || is_token(seg)
+                || is_email(seg))
+    }
+
+    #[test]
+    fn looks_like_id_agrees_with_its_plain_form() {
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        for _ in 0..20_000 {
+            let path = rng.path();
+            for seg in path.split('/') {
+                assert_eq!(looks_like_id(seg), looks_like_id_plainly(seg), "{seg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn template_hash_keeps_segment_borders() {
+        assert_ne!(hash_of("/a/bc"), hash_of("/ab/c"));
+        assert_ne!(hash_of("/a"), hash_of("/a/"));
+        assert_eq!(hash_of("/orders/1?x"), hash_of("/orders/*"));
     }
 
     fn set(items: &[&str]) -> BTreeSet<String> {

@@ -29,7 +29,8 @@ pub struct Config {
     /// A configuration with more compiled rules than this is refused (NACK) and the last good
     /// one stays in force: a bound on the memory a control plane can make a proxy use.
     pub max_policy_rules: usize,
-    /// How often the traffic seen is reported to the control plane as edges.
+    /// How often the traffic seen is reported to the control plane as edges. Zero turns
+    /// flow reporting off: nothing is counted and no reporter runs.
     pub flow_interval: Duration,
     pub limits: Limits,
 }

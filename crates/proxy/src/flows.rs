@@ -7,15 +7,23 @@
 //! buffer is full of other edges, or another thread holds it this instant) is dropped from
 //! the report and counted as dropped, which the next report carries. Paths leave the sidecar
 //! only as templates (`/orders/*`): ids and tokens in paths stay here.
+//!
+//! Counting is on every request's path, so a request whose edge is already held copies
+//! nothing: the edge is found by a hash of the fields the request borrows, and the request's
+//! path is hashed and compared as its template without the template being built. Only an
+//! edge's first request allocates its key. `--flow-interval-secs 0` turns counting and
+//! reporting off.
 
 use crate::Shared;
 use crate::credentials::control_channel;
 use bulkhead_api::v1::ReportFlowsRequest;
 use bulkhead_api::v1::config_client::ConfigClient;
+use bulkhead_insight::template::{template, template_eq, template_hash};
 use bulkhead_insight::{Edge, EdgeKey, EdgeStats, EdgeVerdict};
-use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Decision, PostureSource, Protocol, Reason, Verdict};
+use bulkhead_policy::model::{Direction, ResourceName, WorkloadRef};
+use bulkhead_policy::{Decision, Protocol, Reason, Verdict};
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,7 +52,12 @@ pub(crate) struct Seen<'a> {
 }
 
 pub(crate) struct Flows {
-    edges: Mutex<HashMap<EdgeKey, EdgeStats>>,
+    /// False when flow reporting is off (`--flow-interval-secs 0`): nothing is counted.
+    on: bool,
+    /// Keys the hash that finds an edge: random per process, so that no caller can choose
+    /// paths that pile up behind one hash.
+    hasher: RandomState,
+    edges: Mutex<Held>,
     /// Dropped since the last report.
     dropped: AtomicU64,
     /// Dropped since the start: `bulkhead_flow_requests_dropped_total`.
@@ -54,15 +67,35 @@ pub(crate) struct Flows {
 impl Flows {
     pub(crate) fn new(dropped_total: prometheus_client::metrics::counter::Counter) -> Flows {
         Flows {
+            on: true,
+            hasher: RandomState::new(),
             edges: Mutex::default(),
             dropped: AtomicU64::new(0),
             dropped_total,
         }
     }
 
-    /// Counts one request into its edge. Never waits.
+    /// Flows that count when reports go out every `interval`, and count nothing when it is
+    /// zero (flow reporting off).
+    pub(crate) fn for_interval(
+        interval: Duration,
+        dropped_total: prometheus_client::metrics::counter::Counter,
+    ) -> Flows {
+        Flows {
+            on: !interval.is_zero(),
+            ..Flows::new(dropped_total)
+        }
+    }
+
+    /// Counts one request into its edge. Never waits, and allocates only for the first
+    /// request of an edge: the key is borrowed from `seen`, found by its hash and compared
+    /// field by field, the path with the held template without building the request's.
     pub(crate) fn record(&self, seen: &Seen<'_>) {
-        let key = key_of(seen);
+        if !self.on {
+            return;
+        }
+        let key = KeyRef::of(seen);
+        let hash = key.shape.hash(&self.hasher);
         let stats = EdgeStats::one(
             crate::unix_seconds(std::time::SystemTime::now()).max(0) as u64,
             seen.bytes_in,
@@ -70,7 +103,7 @@ impl Flows {
             seen.latency.as_micros().min(u128::from(u64::MAX)) as u64,
         );
         let counted = match self.edges.try_lock() {
-            Ok(mut edges) => merge_into(&mut edges, key, &stats),
+            Ok(mut held) => held.add(hash, |k| key.matches(k), || key.to_key(), &stats),
             Err(_) => false,
         };
         if !counted {
@@ -81,13 +114,15 @@ impl Flows {
 
     /// Everything counted since the last call, and the drops.
     fn take(&self) -> (Vec<Edge>, u64) {
-        let edges = match self.edges.lock() {
+        let held = match self.edges.lock() {
             Ok(mut e) => std::mem::take(&mut *e),
             Err(p) => std::mem::take(&mut *p.into_inner()),
         };
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
-        let edges = edges
-            .into_iter()
+        let edges = held
+            .buckets
+            .into_values()
+            .flatten()
             .map(|(key, stats)| Edge { key, stats })
             .collect();
         (edges, dropped)
@@ -97,11 +132,11 @@ impl Flows {
     fn restore(&self, edges: Vec<Edge>, dropped: u64) {
         let mut lost = dropped;
         if let Ok(mut held) = self.edges.lock() {
-            for e in edges {
-                let count = e.stats.count;
-                if !merge_into(&mut held, e.key, &e.stats) {
-                    lost += count;
-                    self.dropped_total.inc_by(count);
+            for Edge { key, stats } in edges {
+                let hash = Shape::of_key(&key).hash(&self.hasher);
+                if !held.add(hash, |k| *k == key, || key.clone(), &stats) {
+                    lost += stats.count;
+                    self.dropped_total.inc_by(stats.count);
                 }
             }
         }
@@ -109,27 +144,145 @@ impl Flows {
     }
 
     pub(crate) fn held(&self) -> usize {
-        self.edges.lock().map_or(0, |e| e.len())
+        self.edges.lock().map_or(0, |e| e.len)
     }
 }
 
-/// Adds `stats` to the edge `key`; false when it is a new edge and the buffer is full.
-fn merge_into(edges: &mut HashMap<EdgeKey, EdgeStats>, key: EdgeKey, stats: &EdgeStats) -> bool {
-    if let Some(s) = edges.get_mut(&key) {
-        s.merge(stats);
-        return true;
-    }
-    if edges.len() >= MAX_EDGES {
-        return false;
-    }
-    edges.insert(key, *stats);
-    true
+/// The edges counted since the last report, by the hash of their [`Shape`].
+#[derive(Default)]
+struct Held {
+    /// Edges of one shape differ only in what decided them, so a bucket holds one edge but
+    /// for rare exceptions (and hash collisions).
+    buckets: HashMap<u64, Vec<(EdgeKey, EdgeStats)>, BuildHasherDefault<Prehashed>>,
+    /// Edges in all buckets.
+    len: usize,
 }
 
-fn key_of(seen: &Seen<'_>) -> EdgeKey {
-    let d = seen.decision;
-    let (verdict, reason) = match d.audit.as_deref() {
-        // When audit mode disagrees, the edge names what audit mode would have decided by.
+impl Held {
+    /// Adds `stats` to the edge `hash` leads to that `is` accepts, or to a new edge `make`
+    /// builds; false when that would be a new edge and the buffer is full.
+    fn add(
+        &mut self,
+        hash: u64,
+        is: impl Fn(&EdgeKey) -> bool,
+        make: impl FnOnce() -> EdgeKey,
+        stats: &EdgeStats,
+    ) -> bool {
+        if let Some(bucket) = self.buckets.get_mut(&hash)
+            && let Some((_, held)) = bucket.iter_mut().find(|(k, _)| is(k))
+        {
+            held.merge(stats);
+            return true;
+        }
+        if self.len >= MAX_EDGES {
+            return false;
+        }
+        self.buckets.entry(hash).or_default().push((make(), *stats));
+        self.len += 1;
+        true
+    }
+}
+
+/// The map's keys are SipHash values already; hashing them again would be wasted work.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed (`write_u64`); this is here because the trait needs it.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// The fields of an edge's key that find it: all but what decided (a policy and rule, or a
+/// posture), which tells apart only the rare edges that share everything else.
+struct Shape<'a> {
+    direction: Direction,
+    source_identity: Option<&'a str>,
+    source_workload: Option<&'a WorkloadRef>,
+    destination: &'a WorkloadRef,
+    port: u16,
+    protocol: Protocol,
+    method: Option<&'a str>,
+    /// A request's path, or a held edge's template: both hash as the template.
+    path: Option<&'a str>,
+    verdict: EdgeVerdict,
+}
+
+impl Shape<'_> {
+    fn of_key(key: &EdgeKey) -> Shape<'_> {
+        Shape {
+            direction: key.direction,
+            source_identity: key.source_identity.as_deref(),
+            source_workload: key.source_workload.as_ref(),
+            destination: &key.destination,
+            port: key.port,
+            protocol: key.protocol,
+            method: key.method.as_deref(),
+            path: key.path.as_deref(),
+            verdict: key.verdict,
+        }
+    }
+
+    /// Equal for a request and the key it counts into (a template is its own template).
+    fn hash(&self, state: &RandomState) -> u64 {
+        let mut h = state.build_hasher();
+        (
+            self.direction,
+            self.source_identity,
+            self.source_workload,
+            self.destination,
+            self.port,
+            self.protocol,
+            self.method,
+            self.verdict,
+        )
+            .hash(&mut h);
+        match self.path {
+            None => h.write_u8(0),
+            Some(path) => {
+                h.write_u8(1);
+                template_hash(path, &mut h);
+            }
+        }
+        h.finish()
+    }
+}
+
+/// The key of the edge a request counts into, borrowed from the request and its decision.
+struct KeyRef<'a> {
+    shape: Shape<'a>,
+    decided_by: DecidedBy<'a>,
+}
+
+/// What decided, as the key names it in `policy` and `rule`.
+enum DecidedBy<'a> {
+    Rule {
+        policy: &'a ResourceName,
+        rule: &'a str,
+    },
+    /// A DefaultPosture, or the built-in one (`None`).
+    Posture(Option<&'a ResourceName>),
+}
+
+/// The key's `policy` when the built-in posture decided.
+pub(crate) const BUILT_IN: &str = "built-in";
+
+/// What the decision was, for an edge or a tap event: the verdict, with audit mode's when it
+/// disagrees, and the reason that goes with it (audit mode's, when it disagrees: the edge
+/// names what it would have decided by).
+pub(crate) fn outcome(d: &Decision) -> (EdgeVerdict, &Reason) {
+    match d.audit.as_deref() {
         Some(a) if a.verdict != d.verdict => (
             if d.is_allow() {
                 EdgeVerdict::AllowWouldDeny
@@ -146,36 +299,103 @@ fn key_of(seen: &Seen<'_>) -> EdgeKey {
             },
             &d.reason,
         ),
-    };
-    let (policy, rule) = match reason {
-        Reason::Rule { policy, rule, .. } => (Some(policy.to_string()), Some(rule.to_string())),
-        Reason::Posture { source, .. } => (Some(posture_name(source)), None),
-    };
-    EdgeKey {
-        source_identity: seen.source_identity.map(str::to_string),
-        source_workload: seen.source_workload.cloned(),
-        destination: seen.destination.clone(),
-        port: seen.port,
-        protocol: seen.protocol,
-        method: seen.method.map(str::to_string),
-        path: seen.path.map(bulkhead_insight::template::template),
-        verdict,
-        policy,
-        rule,
-        direction: seen.direction,
     }
 }
 
-fn posture_name(source: &PostureSource) -> String {
-    match source.resource() {
-        Some(r) => r.to_string(),
-        None => "built-in".to_string(),
+impl<'a> KeyRef<'a> {
+    fn of(seen: &Seen<'a>) -> KeyRef<'a> {
+        let (verdict, reason) = outcome(seen.decision);
+        let decided_by = match reason {
+            Reason::Rule { policy, rule, .. } => DecidedBy::Rule { policy, rule },
+            Reason::Posture { source, .. } => {
+                DecidedBy::Posture(source.resource().map(|r| r.as_ref()))
+            }
+        };
+        KeyRef {
+            shape: Shape {
+                direction: seen.direction,
+                source_identity: seen.source_identity,
+                source_workload: seen.source_workload,
+                destination: seen.destination,
+                port: seen.port,
+                protocol: seen.protocol,
+                method: seen.method,
+                path: seen.path,
+                verdict,
+            },
+            decided_by,
+        }
     }
+
+    /// Whether `key` is this key: what `self.to_key() == *key` says, without building it.
+    fn matches(&self, key: &EdgeKey) -> bool {
+        let s = &self.shape;
+        s.port == key.port
+            && s.verdict == key.verdict
+            && s.direction == key.direction
+            && s.protocol == key.protocol
+            && s.method == key.method.as_deref()
+            && s.source_identity == key.source_identity.as_deref()
+            && s.source_workload == key.source_workload.as_ref()
+            && *s.destination == key.destination
+            && match (s.path, key.path.as_deref()) {
+                (Some(path), Some(t)) => template_eq(path, t),
+                (None, None) => true,
+                _ => false,
+            }
+            && match self.decided_by {
+                DecidedBy::Rule { policy, rule } => {
+                    key.rule.as_deref() == Some(rule)
+                        && key.policy.as_deref().is_some_and(|p| names(p, policy))
+                }
+                DecidedBy::Posture(resource) => {
+                    key.rule.is_none()
+                        && key.policy.as_deref().is_some_and(|p| match resource {
+                            Some(r) => names(p, r),
+                            None => p == BUILT_IN,
+                        })
+                }
+            }
+    }
+
+    /// The owned key: for the first request of an edge.
+    fn to_key(&self) -> EdgeKey {
+        let s = &self.shape;
+        let (policy, rule) = match self.decided_by {
+            DecidedBy::Rule { policy, rule } => (Some(policy.to_string()), Some(rule.to_string())),
+            DecidedBy::Posture(Some(r)) => (Some(r.to_string()), None),
+            DecidedBy::Posture(None) => (Some(BUILT_IN.to_string()), None),
+        };
+        EdgeKey {
+            source_identity: s.source_identity.map(str::to_string),
+            source_workload: s.source_workload.cloned(),
+            destination: s.destination.clone(),
+            port: s.port,
+            protocol: s.protocol,
+            method: s.method.map(str::to_string),
+            path: s.path.map(template),
+            verdict: s.verdict,
+            policy,
+            rule,
+            direction: s.direction,
+        }
+    }
+}
+
+/// Whether `text` is `name` as it prints (`namespace/name`), without printing it.
+fn names(text: &str, name: &ResourceName) -> bool {
+    text.strip_prefix(name.namespace.as_str())
+        .and_then(|rest| rest.strip_prefix('/'))
+        == Some(name.name.as_str())
 }
 
 /// Reports on `interval` for as long as the proxy runs. A failed report is kept for the
 /// next one (within the buffer's bound).
 pub(crate) fn spawn_reporter(control: SocketAddr, shared: Arc<Shared>, interval: Duration) {
+    if interval.is_zero() {
+        // Flow reporting is off: nothing is counted, so there is nothing to report.
+        return;
+    }
     tokio::spawn(async move {
         let mut client = ConfigClient::new(control_channel(control, &shared));
         let mut tick = tokio::time::interval(interval);
@@ -215,145 +435,4 @@ pub(crate) fn spawn_reporter(control: SocketAddr, shared: Arc<Shared>, interval:
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use bulkhead_policy::model::ResourceName;
-    use bulkhead_policy::{Http, Peer, PolicySet, Request};
-
-    const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://t.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: allow
-  rules:
-    - name: frontend-reads
-      from: {identities: ["spiffe://t.local/ns/shop/sa/frontend"]}
-      to: {methods: [GET]}
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-staged, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: deny
-  mode: audit
-  rules:
-    - name: no-admin
-      to: {paths: ["/admin/*"]}
-"#;
-
-    fn orders() -> WorkloadRef {
-        ResourceName {
-            namespace: "shop".into(),
-            name: "orders".into(),
-        }
-    }
-
-    fn decide(set: &PolicySet, caller: &str, path: &str) -> Decision {
-        set.evaluate(&Request {
-            direction: Direction::Ingress,
-            subject: &orders(),
-            peer: Peer {
-                identity: Some(caller),
-                ip: None,
-                workload: None,
-            },
-            port: 8080,
-            protocol: Protocol::Http,
-            http: Some(Http {
-                method: "GET",
-                path,
-                host: None,
-                headers: &Vec::<(String, String)>::new(),
-            }),
-        })
-    }
-
-    fn record(flows: &Flows, d: &Decision, caller: &str, path: &str) {
-        flows.record(&Seen {
-            direction: Direction::Ingress,
-            source_identity: Some(caller),
-            source_workload: None,
-            destination: &orders(),
-            port: 8080,
-            protocol: Protocol::Http,
-            method: Some("GET"),
-            path: Some(path),
-            decision: d,
-            bytes_in: 10,
-            bytes_out: 20,
-            latency: Duration::from_micros(300),
-            status: Some(200),
-        });
-    }
-
-    #[test]
-    fn requests_become_edges_with_templates_verdicts_and_drops() {
-        let (_, set) = bulkhead_policy::load(&[("p.yaml".into(), POLICY.into())], 1).unwrap();
-        let front = "spiffe://t.local/ns/shop/sa/frontend";
-        let flows = Flows::new(Default::default());
-        for id in ["1", "22", "333"] {
-            let path = format!("/orders/{id}");
-            record(&flows, &decide(&set, front, &path), front, &path);
-        }
-        record(&flows, &decide(&set, front, "/admin/x"), front, "/admin/x");
-        let other = "spiffe://t.local/ns/shop/sa/payments";
-        record(
-            &flows,
-            &decide(&set, other, "/orders/1"),
-            other,
-            "/orders/1",
-        );
-
-        let (mut edges, dropped) = flows.take();
-        edges.sort_by(|a, b| a.key.cmp(&b.key));
-        assert_eq!(dropped, 0);
-        let shown: Vec<String> = edges
-            .iter()
-            .map(|e| {
-                format!(
-                    "{} {} {} {} {}",
-                    e.key.path.as_deref().unwrap(),
-                    e.key.verdict,
-                    e.key.policy.as_deref().unwrap_or("-"),
-                    e.key.rule.as_deref().unwrap_or("-"),
-                    e.stats.count
-                )
-            })
-            .collect();
-        assert_eq!(
-            shown,
-            [
-                // Allowed today; the audit policy would deny: the edge names the audit rule.
-                "/admin/x allow-would-deny shop/orders-staged no-admin 1",
-                // Three concrete paths, one template; allowed by the rule.
-                "/orders/* allow shop/orders-allow frontend-reads 3",
-                "/orders/* deny built-in - 1",
-            ]
-        );
-        assert_eq!(edges[1].stats.bytes_in, 30);
-        assert_eq!(edges[1].stats.latency_max_micros, 300);
-        assert!(flows.take().0.is_empty(), "a report empties the buffer");
-
-        // Past the bound, new edges are dropped and counted; known edges still count.
-        let flows = Flows::new(Default::default());
-        let d = decide(&set, front, "/orders/1");
-        for i in 0..MAX_EDGES + 5 {
-            record(&flows, &d, front, &format!("/p{i}"));
-        }
-        record(&flows, &d, front, "/p0");
-        let (edges, dropped) = flows.take();
-        assert_eq!(edges.len(), MAX_EDGES);
-        assert_eq!(dropped, 5);
-        assert_eq!(flows.dropped_total.get(), 5);
-    }
-}
+mod tests;

@@ -323,7 +323,9 @@ async fn handle(
         }),
     });
     crate::http::log_decision("inbound", &decision, peer_label, shared, &req);
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
+    // bytes (a reference count), where copying the path into a `String` would allocate.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     let bytes_in = content_length(req.headers());
     let record = |latency, bytes_out, status: StatusCode| {
         shared.observe(&Seen {
@@ -334,7 +336,7 @@ async fn handle(
             port: t.port,
             protocol,
             method: Some(method.as_str()),
-            path: Some(&path),
+            path: Some(uri.path()),
             decision: &decision,
             bytes_in,
             bytes_out,

@@ -132,7 +132,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     let metrics = metrics::Metrics::new();
     metrics.svid_expiry.set(unix_seconds(tls.svid.not_after()));
     let shared = Arc::new(Shared {
-        flows: flows::Flows::new(metrics.flows_dropped.clone()),
+        flows: flows::Flows::for_interval(config.flow_interval, metrics.flows_dropped.clone()),
         tap: tap::Tap::default(),
         metrics,
         limits: config.limits,

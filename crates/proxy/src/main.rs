@@ -105,8 +105,10 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-    /// Seconds between reports of the traffic seen (edges) to the control plane.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    /// Seconds between reports of the traffic seen (edges) to the control plane. 0 turns
+    /// flow reporting off: no request is counted and nothing is reported, so `bulkhead
+    /// graph`, `recommend`, `impact` and `promote` see no traffic decided by this proxy.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
     flow_interval_secs: u64,
     /// Worker threads. With 1 (the default) everything runs on one thread and a forwarded
     /// request never crosses threads; raise it for a workload that needs more than a core

@@ -243,7 +243,9 @@ async fn handle(
     let decision = egress_decision(&req, &dest, &shared);
     let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
     crate::http::log_decision("outbound", &decision, peer, &shared, &req);
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
+    // bytes (a reference count), where copying the path into a `String` would allocate.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
     let (protocol, bytes_in) = (protocol_of(&req), content_length(req.headers()));
     let record = |latency, bytes_out, status: StatusCode| {
         // Destinations outside the mesh have no workload to draw an edge to.
@@ -258,7 +260,7 @@ async fn handle(
             port: dest.port,
             protocol,
             method: Some(method.as_str()),
-            path: Some(&path),
+            path: Some(uri.path()),
             decision: &decision,
             bytes_in,
             bytes_out,

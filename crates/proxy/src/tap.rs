@@ -10,13 +10,12 @@
 
 use crate::Shared;
 use crate::credentials::control_channel;
-use crate::flows::Seen;
+use crate::flows::{BUILT_IN, Seen, outcome};
 use arc_swap::ArcSwap;
 use bulkhead_api::v1::config_client::ConfigClient;
 use bulkhead_api::v1::{ReportTapRequest, WatchRequest};
-use bulkhead_insight::EdgeVerdict;
 use bulkhead_insight::tap::{TapEvent, TapFilter};
-use bulkhead_policy::{Decision, Reason, Verdict};
+use bulkhead_policy::Reason;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,30 +97,6 @@ impl Tap {
     }
 }
 
-/// What the decision was, for an edge or a tap event: the verdict, with audit mode's when it
-/// disagrees, and the reason that goes with it.
-pub(crate) fn outcome(d: &Decision) -> (EdgeVerdict, &Reason) {
-    match d.audit.as_deref() {
-        // When audit mode disagrees, name what audit mode would have decided by.
-        Some(a) if a.verdict != d.verdict => (
-            if d.is_allow() {
-                EdgeVerdict::AllowWouldDeny
-            } else {
-                EdgeVerdict::DenyWouldAllow
-            },
-            &a.reason,
-        ),
-        _ => (
-            if d.verdict == Verdict::Allow {
-                EdgeVerdict::Allow
-            } else {
-                EdgeVerdict::Deny
-            },
-            &d.reason,
-        ),
-    }
-}
-
 /// The policy (or posture) and the rule that decided.
 pub(crate) fn decided_by(reason: &Reason) -> (Option<String>, Option<String>) {
     match reason {
@@ -130,7 +105,7 @@ pub(crate) fn decided_by(reason: &Reason) -> (Option<String>, Option<String>) {
             Some(
                 source
                     .resource()
-                    .map_or_else(|| "built-in".to_string(), |r| r.to_string()),
+                    .map_or_else(|| BUILT_IN.to_string(), |r| r.to_string()),
             ),
             None,
         ),
@@ -252,8 +227,9 @@ async fn send(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use bulkhead_insight::EdgeVerdict;
     use bulkhead_policy::model::{Direction, ResourceName};
-    use bulkhead_policy::{PolicySet, Protocol};
+    use bulkhead_policy::{Decision, PolicySet, Protocol};
 
     fn seen<'a>(
         decision: &'a Decision,

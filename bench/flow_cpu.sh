@@ -1,0 +1,339 @@
+#!/usr/bin/env bash
+# bench/flow_cpu.sh — what flow reporting (issue #7) costs a sidecar in CPU.
+#
+# Issue #7 is done when "flow reporting at 5,000 requests per second adds under 5% CPU to
+# the proxy". This script reads that as: the CPU time a proxy uses with flow reporting on,
+# minus the CPU time it uses with reporting off, as a percentage of the time with it off,
+# at the same offered load. (Not 5 percentage points of a core: 5 % of what the proxy
+# spends anyway.)
+#
+# Setup, as bench/mesh_pair.sh: a control plane with bench/pair_policy.yaml, a server-side
+# sidecar (--inbound/--app) in front of nginx (one worker, 1 KiB body) and a client-side
+# sidecar whose upstream listener leads there over mTLS. Loopback only.
+#
+# Load: oha at a fixed rate (RATE, default 5,000 requests/s), HTTP/1.1 keep-alive over
+# CONNS (default 8) connections, to random paths /(orders|users|carts)/<1-6 digits>[/items],
+# which fold into 6 templates per proxy.
+#
+# Each rep starts two such pairs side by side, both warmed up for WARMUP:
+#   on    --flow-interval-secs 1: every request counted, a report every second, so the
+#         reporter's encoding and sending are in the figure too (the default is 10 s)
+#   off   --flow-interval-secs 0: no counting, no reporter
+# and then loads them in turn, in slices: SLICE (default 2s) of load on one pair, TAIL
+# (default 1.2s) idle so that its last report falls inside its own window, then the other
+# pair, until each has had DURATION (default 10s) of load; the order of the two alternates
+# from rep to rep. Each proxy's CPU time is utime+stime from /proc/PID/stat, read around
+# every slice and its tail, summed, and divided by the seconds of load: "CPU % of a core".
+# The machines are shared and noisy, and a neighbour's build moves a proxy's CPU use by more
+# than flow reporting does; alternating every few seconds puts both pairs under the same
+# noise. The added CPU is worked out per rep, and the median over REPS (default 3) reps is
+# the result.
+#
+# A slice counts only if every response was a 200 and oha's success rate is at least 99 %,
+# and each pair must reach 95 % of RATE over a rep; otherwise the script fails. The off pair
+# must also hold no edges at the end (/config's flowEdgesHeld), and the on pairs must have
+# reported requests to the control plane (`bulkhead graph`).
+#
+# Usage (from the repository root):
+#   bash bench/flow_cpu.sh
+#
+# Environment:
+#   DURATION WARMUP   load per pair and rep, and warm-up per pair (default 10s, 2s)
+#   SLICE TAIL        load per slice, as oha's -z, and idle after it (default 2s, 1.2s)
+#   RATE CONNS        requests per second and connections (default 5000, 8)
+#   REPS              reps, each with a fresh on pair and off pair (default 3)
+#   SUT_CPUS LG_CPUS  taskset CPU lists for the proxies and nginx, and for oha and the
+#                     control plane (default 0 and 1, as ../shared/bench/peer_bench.sh;
+#                     set to "" for no pinning)
+#   BULKHEAD_BIN_DIR  directory holding `bulkhead` and `bulkhead-proxy` (default
+#                     target/release, built with `cargo build --release -p bulkhead-proxy
+#                     -p bulkhead-cli` if missing; FLOW_BUILD=1 builds anyway)
+#   OHA               the oha binary (default: on PATH, else ~/.cache/bench-tools/bin/oha,
+#                     installed there with cargo as ../shared/bench/peer_bench.sh does)
+#   FLOW_KEEP=1       keep the work directory (logs, oha output)
+#
+# Exit status: 0 if flow reporting added under 5 % to both proxies, 3 if not, other non-zero
+# if the benchmark itself failed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+SLICE=${SLICE:-2s}
+TAIL=${TAIL:-1.2s}
+RATE=${RATE:-5000}
+CONNS=${CONNS:-8}
+REPS=${REPS:-3}
+SUT_CPUS=${SUT_CPUS-0}
+LG_CPUS=${LG_CPUS-1}
+TARGET_PCT=5
+
+need() { command -v "$1" >/dev/null 2>&1; }
+die() { echo "ERROR: $*" >&2; exit 1; }
+log() { echo "[$(date +%T)] $*" >&2; }
+
+# ---------- tools ----------
+pkgs=()
+for b in nginx:nginx-light jq:jq curl:curl python3:python3; do
+    need "${b%%:*}" || pkgs+=("${b#*:}")
+done
+if ((${#pkgs[@]})); then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+TOOLS=${BENCH_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/bench-tools}
+OHA=${OHA:-$(command -v oha || echo "$TOOLS/bin/oha")}
+if [[ ! -x $OHA ]]; then
+    need cargo || die "oha not found and no cargo; install with: cargo install oha --locked"
+    log "building oha (cargo install oha --locked, ~5 min on 2 cores)..."
+    cargo install oha --locked --root "$TOOLS" >/dev/null 2>&1
+    OHA=$TOOLS/bin/oha
+fi
+
+if [[ -n "${BULKHEAD_BIN_DIR:-}" ]]; then
+    BIN="$(cd "$BULKHEAD_BIN_DIR" && pwd)"
+else
+    BIN="$ROOT/target/release"
+    if [[ "${FLOW_BUILD:-0}" == 1 || ! -x "$BIN/bulkhead" || ! -x "$BIN/bulkhead-proxy" ]]; then
+        cargo build --release -p bulkhead-proxy -p bulkhead-cli
+    fi
+    if [[ -n "$(find crates -name '*.rs' -newer "$BIN/bulkhead-proxy" -print -quit 2>/dev/null)" ]]; then
+        log "warning: sources under crates/ are newer than $BIN/bulkhead-proxy (FLOW_BUILD=1 rebuilds)"
+    fi
+fi
+for b in bulkhead bulkhead-proxy; do
+    [[ -x "$BIN/$b" ]] || die "no executable $BIN/$b (set BULKHEAD_BIN_DIR)"
+done
+
+# ---------- process bookkeeping: only the PIDs started here ----------
+W="$(mktemp -d /tmp/bulkhead-flowcpu.XXXXXX)"
+PIDS=()
+stop_pid() {   # INT, then KILL after 3 s
+    kill -INT "$1" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+cleanup() {
+    local status=$? i
+    trap - EXIT INT TERM
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
+    if [[ "${FLOW_KEEP:-0}" == 1 ]]; then echo "work directory kept: $W" >&2; else rm -rf "$W"; fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+fail() {
+    echo "ERROR: $1" >&2
+    local f
+    for f in "$W"/*.log; do
+        [[ -s $f ]] || continue
+        echo "--- $(basename "$f") (last 10 lines)" >&2
+        tail -n 10 "$f" >&2
+    done
+    exit 1
+}
+# Run in the background as `sut CMD… &` (or `lgx`): the subshell becomes CMD (exec, and
+# taskset execs too), so $! is the process to measure and to stop.
+sut() { if [[ -n $SUT_CPUS ]]; then exec taskset -c "$SUT_CPUS" "$@"; else exec "$@"; fi; }
+lgx() { if [[ -n $LG_CPUS ]]; then exec taskset -c "$LG_CPUS" "$@"; else exec "$@"; fi; }
+lg() { if [[ -n $LG_CPUS ]]; then taskset -c "$LG_CPUS" "$@"; else "$@"; fi; }
+wait_for() {   # FILE PID WHAT: until FILE is non-empty
+    for _ in $(seq 300); do
+        [[ -s $1 ]] && return 0
+        kill -0 "$2" 2>/dev/null || fail "$3 exited during start"
+        sleep 0.1
+    done
+    fail "$3 was not ready within 30 s"
+}
+json() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+export BULKHEAD_LOG=${BULKHEAD_LOG:-warn}   # no per-request decision log
+
+# ---------- upstream: nginx, one worker, 1 KiB body ----------
+UP_PORT=$(free_port)
+mkdir -p "$W/www" "$W/tmp"
+head -c 1024 /dev/zero | tr '\0' x >"$W/www/body"
+chmod -R a+rX "$W"
+cat >"$W/nginx.conf" <<EOF
+worker_processes 1; pid $W/nginx.pid; error_log $W/nginx.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off; keepalive_requests 10000000; keepalive_timeout 120s; default_type application/octet-stream;
+  client_body_temp_path $W/tmp; proxy_temp_path $W/tmp; fastcgi_temp_path $W/tmp; uwsgi_temp_path $W/tmp; scgi_temp_path $W/tmp;
+  server { listen 127.0.0.1:$UP_PORT; root $W/www; location / { try_files /body =404; } }
+}
+EOF
+sut nginx -p "$W/" -c "$W/nginx.conf" -e "$W/nginx.log" -g 'daemon off;' &
+PIDS+=($!)
+for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$UP_PORT/" && break; sleep 0.1; done
+[[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$UP_PORT/x") == 200 ]] || fail "nginx is not answering"
+
+# ---------- control plane, policy, tokens ----------
+lgx "$BIN/bulkhead" control --data-dir "$W/data" --listen 127.0.0.1:0 --trust-domain bench.local \
+    2>"$W/control.log" &
+PIDS+=($!)
+wait_for "$W/data/admin.yaml" "${PIDS[-1]}" "the control plane"
+sleep 0.2
+export BULKHEAD_CONTEXT=$W/data/admin.yaml
+CONTROL=$(awk '/^server:/{gsub(/"/,"",$2); print $2}' "$BULKHEAD_CONTEXT")
+cp "$ROOT/bench/pair_policy.yaml" "$W/policy.yaml"
+"$BIN/bulkhead" apply -f "$W/policy.yaml" >/dev/null 2>"$W/apply.log" || fail "bulkhead apply failed"
+uses=$((2 * REPS))
+"$BIN/bulkhead" token create --uses "$uses" --identity spiffe://bench.local/ns/default/sa/server >"$W/server.token"
+"$BIN/bulkhead" token create --uses "$uses" --identity spiffe://bench.local/ns/default/sa/client >"$W/client.token"
+
+# ---------- two pairs, one with flow reporting on and one with it off ----------
+HZ=$(getconf CLK_TCK)
+ticks() { local f; read -r -a f <"/proc/$1/stat"; echo $((f[13] + f[14])); }
+secs() { awk -v d="$1" 'BEGIN{ if (d ~ /ms$/) print d/1000; else if (d ~ /m$/) print d*60; else print d+0 }'; }
+declare -A CPID SPID URL CADMIN SADMIN   # by mode
+start_pair() {   # MODE REP
+    local mode=$1 rep=$2 interval common inbound upstream code
+    interval=$([[ $mode == on ]] && echo 1 || echo 0)
+    common=(--control "$CONTROL" --trust-bundle "$W/data/ca.pem" --admin 127.0.0.1:0
+        --flow-interval-secs "$interval")
+    sut "$BIN/bulkhead-proxy" "${common[@]}" --token-file "$W/server.token" \
+        --inbound 127.0.0.1:0 --app "127.0.0.1:$UP_PORT" --port 8080 \
+        --ready-file "$W/server-$mode.$rep.json" 2>"$W/server-$mode.$rep.log" &
+    SPID[$mode]=$!
+    PIDS+=("${SPID[$mode]}")
+    wait_for "$W/server-$mode.$rep.json" "${SPID[$mode]}" "the server proxy ($mode)"
+    inbound=$(json "$W/server-$mode.$rep.json" 'j["inbound"]')
+    SADMIN[$mode]=$(json "$W/server-$mode.$rep.json" 'j["admin"]')
+    sut "$BIN/bulkhead-proxy" "${common[@]}" --token-file "$W/client.token" \
+        --upstream "name=server,listen=127.0.0.1:0,address=$inbound,identity=spiffe://bench.local/ns/default/sa/server,port=8080,workload=default/server" \
+        --ready-file "$W/client-$mode.$rep.json" 2>"$W/client-$mode.$rep.log" &
+    CPID[$mode]=$!
+    PIDS+=("${CPID[$mode]}")
+    wait_for "$W/client-$mode.$rep.json" "${CPID[$mode]}" "the client proxy ($mode)"
+    upstream=$(json "$W/client-$mode.$rep.json" 'j["upstreams"]["server"]')
+    CADMIN[$mode]=$(json "$W/client-$mode.$rep.json" 'j["admin"]')
+    URL[$mode]="http://$upstream$URL_RE"
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 3 "http://$upstream/orders/1" || true)
+    [[ $code == 200 ]] || fail "the $mode pair answered $code, not 200"
+}
+stop_pairs() {   # the four proxies, the last PIDs started
+    local i
+    for ((i = 0; i < 4; i++)); do stop_pid "${PIDS[-1]}"; unset 'PIDS[-1]'; done
+}
+edges_held() { curl -s "http://$1/config" | jq '.flowEdgesHeld'; }
+# Requests the control plane was told of by one side (`bulkhead graph` shows the client's
+# egress view beside the server's, since the pair's policy declares no client Workload).
+reported_requests() {   # ingress|egress
+    "$BIN/bulkhead" graph -o json 2>/dev/null |
+        jq --arg d "$1" '[.[] | select(.decided == $d) | .allowed] | add // 0' 2>/dev/null || echo 0
+}
+
+URL_RE='/(orders|users|carts)/[0-9]{1,6}(/items)?'
+OHA_ARGS=(--no-tui --output-format json -c "$CONNS" -q "$RATE" --rand-regex-url)
+NON200='[.statusCodeDistribution|to_entries[]|select(.key!="200")|.value]|add // 0'
+SLICE_S=$(secs "$SLICE")
+TAIL_S=$(secs "$TAIL")
+SLICES=$(awk -v d="$(secs "$DURATION")" -v s="$SLICE_S" 'BEGIN{n = int(d / s + 0.999); print (n < 1) ? 1 : n}')
+declare -A R   # R[mode.field] = space-separated values, one per rep
+add() { R[$1]="${R[$1]:-} $2"; }
+tail_of() { awk '{print $NF}' <<<"${R[$1]}"; }
+# One slice: SLICE of load on MODE's pair, then TAIL idle (its last report lands there),
+# with the pair's CPU read around both. Adds to the rep's sums.
+declare -A SUM
+slice() {   # MODE REP N
+    local mode=$1 j=$W/oha.$1.$2.$3.json t0c t0s t1c t1s s0 s1 ok non200 success
+    t0c=$(ticks "${CPID[$mode]}"); t0s=$(ticks "${SPID[$mode]}"); s0=$(date +%s.%N)
+    lg "$OHA" -z "$SLICE" "${OHA_ARGS[@]}" "${URL[$mode]}" >"$j"
+    s1=$(date +%s.%N)
+    sleep "$TAIL_S"
+    t1c=$(ticks "${CPID[$mode]}"); t1s=$(ticks "${SPID[$mode]}")
+    ok=$(jq '.statusCodeDistribution["200"] // 0' "$j")
+    non200=$(jq "$NON200" "$j")
+    success=$(jq '.summary.successRate' "$j")
+    ((non200 == 0)) || fail "rep $2, $mode pair: $non200 responses were not 200"
+    awk -v s="$success" 'BEGIN{exit !(s >= 0.99)}' || fail "rep $2, $mode pair: oha success rate $success"
+    SUM[$mode.client]=$((${SUM[$mode.client]:-0} + t1c - t0c))
+    SUM[$mode.server]=$((${SUM[$mode.server]:-0} + t1s - t0s))
+    SUM[$mode.ok]=$((${SUM[$mode.ok]:-0} + ok))
+    SUM[$mode.secs]=$(awk -v a="${SUM[$mode.secs]:-0}" -v b="$s0" -v c="$s1" 'BEGIN{print a + c - b}')
+}
+
+log "nginx on $UP_PORT, control plane $CONTROL; $REPS reps, each $SLICES slices of $SLICE per pair" \
+    "at $RATE req/s over $CONNS connections"
+for rep in $(seq "$REPS"); do
+    if ((rep % 2)); then order=(on off); else order=(off on); fi
+    for mode in "${order[@]}"; do
+        start_pair "$mode" "$rep"
+        lg "$OHA" -z "$WARMUP" "${OHA_ARGS[@]}" "${URL[$mode]}" >/dev/null
+    done
+    SUM=()
+    for n in $(seq "$SLICES"); do
+        for mode in "${order[@]}"; do slice "$mode" "$rep" "$n"; done
+    done
+    held=$(($(edges_held "${CADMIN[off]}") + $(edges_held "${SADMIN[off]}")))
+    ((held == 0)) || fail "flow reporting is off, yet that pair holds $held edges"
+    stop_pairs
+    for mode in on off; do
+        # CPU: utime+stime over the slices and their tails, per second of load.
+        for who in client server; do
+            add "$mode.$who" "$(awk -v d="${SUM[$mode.$who]}" -v hz="$HZ" -v w="${SUM[$mode.secs]}" 'BEGIN{printf "%.2f", 100*d/hz/w}')"
+        done
+        rate=$(awk -v n="${SUM[$mode.ok]}" -v w="${SUM[$mode.secs]}" 'BEGIN{printf "%.0f", n/w}')
+        awk -v r="$rate" -v q="$RATE" 'BEGIN{exit !(r >= 0.95 * q)}' ||
+            fail "rep $rep, $mode pair: achieved $rate requests/s of $RATE"
+        add "$mode.rps" "$rate"
+        log "rep $rep/$REPS $mode: client $(tail_of "$mode.client") %, server $(tail_of "$mode.server") % of a core, $rate req/s (200s)"
+    done
+done
+REPORTED_IN=$(reported_requests ingress)
+REPORTED_OUT=$(reported_requests egress)
+((REPORTED_IN > 0 && REPORTED_OUT > 0)) ||
+    fail "flow reporting was on, yet the control plane was told of $REPORTED_IN requests by the server proxy and $REPORTED_OUT by the client proxy"
+
+# ---------- report ----------
+med() { tr ' ' '\n' | awk NF | sort -g | awk '{a[NR]=$1} END{ if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+M() { med <<<"${R[$1]}"; }
+# Per rep: (on - off) / off, for each proxy and for both together.
+ratios() {   # WHO…: the proxies summed
+    local on off i w
+    for ((i = 1; i <= REPS; i++)); do
+        on=0 off=0
+        for w in "$@"; do
+            on=$(awk -v a="$on" -v b="$(cut -d' ' -f$((i + 1)) <<<"${R[on.$w]}")" 'BEGIN{print a+b}')
+            off=$(awk -v a="$off" -v b="$(cut -d' ' -f$((i + 1)) <<<"${R[off.$w]}")" 'BEGIN{print a+b}')
+        done
+        awk -v a="$on" -v b="$off" 'BEGIN{printf "%.2f ", 100*(a-b)/b}'
+    done
+}
+status=0
+echo
+echo "## Flow reporting cost: $RATE requests/s through one sidecar pair"
+echo
+echo "Run: \`bash bench/flow_cpu.sh\` (DURATION=$DURATION in $SLICES slices of $SLICE + $TAIL, RATE=$RATE, CONNS=$CONNS, REPS=$REPS," \
+    "SUT_CPUS=${SUT_CPUS:-all}, LG_CPUS=${LG_CPUS:-all}), $(date -u +%Y-%m-%dT%H:%MZ), revision" \
+    "$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- crates 2>/dev/null || echo ' + uncommitted changes'), nproc $(nproc)"
+echo
+echo "| proxy | CPU % of a core, on (1 s reports) | off | added, (on − off) / off, per rep | median added |"
+echo "| --- | ---: | ---: | --- | ---: |"
+for who in client server both; do
+    if [[ $who == both ]]; then
+        r=$(ratios client server)
+        on=$(awk -v a="$(M on.client)" -v b="$(M on.server)" 'BEGIN{print a+b}')
+        off=$(awk -v a="$(M off.client)" -v b="$(M off.server)" 'BEGIN{print a+b}')
+    else
+        r=$(ratios "$who")
+        on=$(M "on.$who") off=$(M "off.$who")
+    fi
+    added=$(med <<<"$r")
+    printf '| %s | %.1f | %.1f | %s | **%+.1f %%** |\n' "$who" "$on" "$off" "$(sed 's/ *$//; s/ /, /g' <<<"$r")" "$added"
+    if [[ $who != both ]] && ! awk -v a="$added" -v t="$TARGET_PCT" 'BEGIN{exit !(a < t)}'; then
+        status=3
+    fi
+done
+echo
+echo "Achieved (200s per second), median: on $(M on.rps), off $(M off.rps); requests reported to the control plane by the on pairs (warm-ups included), by the client proxy $REPORTED_OUT, by the server proxy $REPORTED_IN."
+echo
+if ((status == 0)); then
+    echo "Target (flow reporting adds under $TARGET_PCT % CPU to a proxy at $RATE requests/s): **met** by both proxies."
+else
+    echo "Target (flow reporting adds under $TARGET_PCT % CPU to a proxy at $RATE requests/s): **missed**."
+fi
+exit "$status"

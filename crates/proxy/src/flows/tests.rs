@@ -1,0 +1,334 @@
+#![allow(clippy::unwrap_used)]
+use super::*;
+use bulkhead_policy::model::ResourceName;
+use bulkhead_policy::{Http, Peer, PolicySet, Request};
+
+const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: orders, namespace: shop}
+spec:
+  identity: spiffe://t.local/ns/shop/sa/orders
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: orders-allow, namespace: shop}
+spec:
+  selector: {workload: orders}
+  action: allow
+  rules:
+    - name: frontend-reads
+      from: {identities: ["spiffe://t.local/ns/shop/sa/frontend"]}
+      to: {methods: [GET]}
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: orders-staged, namespace: shop}
+spec:
+  selector: {workload: orders}
+  action: deny
+  mode: audit
+  rules:
+    - name: no-admin
+      to: {paths: ["/admin/*"]}
+"#;
+
+fn orders() -> WorkloadRef {
+    ResourceName {
+        namespace: "shop".into(),
+        name: "orders".into(),
+    }
+}
+
+fn decide(set: &PolicySet, caller: &str, path: &str) -> Decision {
+    set.evaluate(&Request {
+        direction: Direction::Ingress,
+        subject: &orders(),
+        peer: Peer {
+            identity: Some(caller),
+            ip: None,
+            workload: None,
+        },
+        port: 8080,
+        protocol: Protocol::Http,
+        http: Some(Http {
+            method: "GET",
+            path,
+            host: None,
+            headers: &Vec::<(String, String)>::new(),
+        }),
+    })
+}
+
+fn record(flows: &Flows, d: &Decision, caller: &str, path: &str) {
+    flows.record(&Seen {
+        direction: Direction::Ingress,
+        source_identity: Some(caller),
+        source_workload: None,
+        destination: &orders(),
+        port: 8080,
+        protocol: Protocol::Http,
+        method: Some("GET"),
+        path: Some(path),
+        decision: d,
+        bytes_in: 10,
+        bytes_out: 20,
+        latency: Duration::from_micros(300),
+        status: Some(200),
+    });
+}
+
+#[test]
+fn an_interval_of_zero_counts_nothing() {
+    let (_, set) = bulkhead_policy::load(&[("p.yaml".into(), POLICY.into())], 1).unwrap();
+    let front = "spiffe://t.local/ns/shop/sa/frontend";
+    let flows = Flows::for_interval(Duration::ZERO, Default::default());
+    record(
+        &flows,
+        &decide(&set, front, "/orders/1"),
+        front,
+        "/orders/1",
+    );
+    assert_eq!(flows.held(), 0);
+    let (edges, dropped) = flows.take();
+    assert!(edges.is_empty());
+    assert_eq!(dropped, 0, "off is not a drop");
+    assert_eq!(flows.dropped_total.get(), 0);
+
+    let flows = Flows::for_interval(Duration::from_secs(1), Default::default());
+    record(
+        &flows,
+        &decide(&set, front, "/orders/1"),
+        front,
+        "/orders/1",
+    );
+    assert_eq!(flows.held(), 1);
+}
+
+/// A namespace posture that allows, so that posture edges name a resource too.
+const POSTURE: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: DefaultPosture
+metadata: {name: open, namespace: shop}
+spec:
+  ingress: allow
+"#;
+
+/// Requests of every kind of decision (rule, audit rule, built-in and namespace posture),
+/// callers, paths and methods.
+fn variety() -> Vec<(
+    Decision,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+)> {
+    let (_, strict) = bulkhead_policy::load(&[("p.yaml".into(), POLICY.into())], 1).unwrap();
+    let posture = format!("{POLICY}---\n{POSTURE}");
+    let (_, open) = bulkhead_policy::load(&[("p.yaml".into(), posture)], 2).unwrap();
+    let callers = [
+        "spiffe://t.local/ns/shop/sa/frontend",
+        "spiffe://t.local/ns/shop/sa/payments",
+    ];
+    let paths = [
+        "/orders/1",
+        "/orders/22",
+        "/orders/1/items",
+        "/admin/x",
+        "/admin/x?y=1",
+        "/orders",
+        "/",
+    ];
+    let mut out = Vec::new();
+    for set in [&strict, &open] {
+        for caller in callers {
+            for path in paths {
+                out.push((decide(set, caller, path), caller, Some("GET"), Some(path)));
+            }
+            out.push((
+                decide(set, caller, "/orders/1"),
+                caller,
+                Some("POST"),
+                Some("/orders/9"),
+            ));
+            out.push((decide(set, caller, "/"), caller, None, None));
+        }
+    }
+    out
+}
+
+fn seen<'a>(
+    (decision, caller, method, path): &'a (
+        Decision,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    ),
+    destination: &'a WorkloadRef,
+) -> Seen<'a> {
+    Seen {
+        direction: Direction::Ingress,
+        source_identity: Some(caller),
+        source_workload: None,
+        destination,
+        port: 8080,
+        protocol: Protocol::Http,
+        method: *method,
+        path: *path,
+        decision,
+        bytes_in: 1,
+        bytes_out: 2,
+        latency: Duration::from_micros(3),
+        status: Some(200),
+    }
+}
+
+#[test]
+fn a_request_finds_exactly_the_key_it_would_build() {
+    let hasher = RandomState::new();
+    let destination = orders();
+    let requests = variety();
+    let mut kinds = std::collections::BTreeSet::new();
+    for a in &requests {
+        let a_seen = seen(a, &destination);
+        let a_ref = KeyRef::of(&a_seen);
+        let a_key = a_ref.to_key();
+        kinds.insert((a_key.policy.clone(), a_key.rule.is_some()));
+        let hash = a_ref.shape.hash(&hasher);
+        assert_eq!(hash, Shape::of_key(&a_key).hash(&hasher), "{a_key:?}");
+        for b in &requests {
+            let b_key = KeyRef::of(&seen(b, &destination)).to_key();
+            assert_eq!(
+                a_ref.matches(&b_key),
+                a_key == b_key,
+                "{a_key:?} vs {b_key:?}"
+            );
+            if a_key == b_key {
+                assert_eq!(hash, Shape::of_key(&b_key).hash(&hasher));
+            }
+        }
+    }
+    // Rules, audit rules, the built-in posture and a namespace posture were all seen.
+    assert!(
+        kinds.contains(&(Some("shop/orders-allow".into()), true)),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(Some("shop/orders-staged".into()), true)),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(Some("built-in".into()), false)),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(Some("shop/open".into()), false)),
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn a_restored_report_merges_into_the_edges_counted_since() {
+    let destination = orders();
+    let requests = variety();
+    let flows = Flows::new(Default::default());
+    for r in &requests {
+        flows.record(&seen(r, &destination));
+    }
+    let (first, _) = flows.take();
+    for r in &requests {
+        flows.record(&seen(r, &destination));
+    }
+    let held = flows.held();
+    assert_eq!(held, first.len());
+    flows.restore(first, 0);
+    assert_eq!(flows.held(), held, "no edge is held twice");
+    let (edges, dropped) = flows.take();
+    assert_eq!(dropped, 0);
+    let counted: u64 = edges.iter().map(|e| e.stats.count).sum();
+    assert_eq!(counted, 2 * requests.len() as u64);
+}
+
+#[test]
+fn names_reads_a_resource_name_as_it_prints() {
+    let n = ResourceName {
+        namespace: "shop".into(),
+        name: "orders-allow".into(),
+    };
+    assert!(names(&n.to_string(), &n));
+    for other in [
+        "shop/orders",
+        "shop/orders-allowx",
+        "shoporders-allow",
+        "shop",
+        "",
+        "x/shop/orders-allow",
+        "*/orders-allow",
+    ] {
+        assert!(!names(other, &n), "{other}");
+    }
+    let mesh = ResourceName {
+        namespace: "*".into(),
+        name: "default".into(),
+    };
+    assert!(names("*/default", &mesh));
+}
+
+#[test]
+fn requests_become_edges_with_templates_verdicts_and_drops() {
+    let (_, set) = bulkhead_policy::load(&[("p.yaml".into(), POLICY.into())], 1).unwrap();
+    let front = "spiffe://t.local/ns/shop/sa/frontend";
+    let flows = Flows::new(Default::default());
+    for id in ["1", "22", "333"] {
+        let path = format!("/orders/{id}");
+        record(&flows, &decide(&set, front, &path), front, &path);
+    }
+    record(&flows, &decide(&set, front, "/admin/x"), front, "/admin/x");
+    let other = "spiffe://t.local/ns/shop/sa/payments";
+    record(
+        &flows,
+        &decide(&set, other, "/orders/1"),
+        other,
+        "/orders/1",
+    );
+
+    let (mut edges, dropped) = flows.take();
+    edges.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(dropped, 0);
+    let shown: Vec<String> = edges
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {} {} {}",
+                e.key.path.as_deref().unwrap(),
+                e.key.verdict,
+                e.key.policy.as_deref().unwrap_or("-"),
+                e.key.rule.as_deref().unwrap_or("-"),
+                e.stats.count
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            // Allowed today; the audit policy would deny: the edge names the audit rule.
+            "/admin/x allow-would-deny shop/orders-staged no-admin 1",
+            // Three concrete paths, one template; allowed by the rule.
+            "/orders/* allow shop/orders-allow frontend-reads 3",
+            "/orders/* deny built-in - 1",
+        ]
+    );
+    assert_eq!(edges[1].stats.bytes_in, 30);
+    assert_eq!(edges[1].stats.latency_max_micros, 300);
+    assert!(flows.take().0.is_empty(), "a report empties the buffer");
+
+    // Past the bound, new edges are dropped and counted; known edges still count.
+    let flows = Flows::new(Default::default());
+    let d = decide(&set, front, "/orders/1");
+    for i in 0..MAX_EDGES + 5 {
+        record(&flows, &d, front, &format!("/p{i}"));
+    }
+    record(&flows, &d, front, "/p0");
+    let (edges, dropped) = flows.take();
+    assert_eq!(edges.len(), MAX_EDGES);
+    assert_eq!(dropped, 5);
+    assert_eq!(flows.dropped_total.get(), 5);
+}
