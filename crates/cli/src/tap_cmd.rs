@@ -93,17 +93,20 @@ pub async fn run(context: &Path, args: TapArgs) -> Result<()> {
         .await
         .map_err(client::status)?
         .into_inner();
-    let deadline = args
-        .duration
-        .map(|d| tokio::time::Instant::now() + d)
-        .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let until_deadline = || async move {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
     let mut shown = 0u64;
     let mut first = true;
     let mut out = std::io::stdout().lock();
     loop {
         let message = tokio::select! {
             m = stream.message() => m.map_err(client::status)?,
-            _ = tokio::time::sleep_until(deadline) => return Ok(()),
+            _ = until_deadline() => return Ok(()),
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
         let Some(message) = message else {
