@@ -101,14 +101,28 @@ pub(crate) struct Reporter<'a> {
 impl Reporter<'_> {
     /// Whether this reporter's sidecar is the one that decided `key`.
     pub(crate) fn decided(&self, key: &EdgeKey) -> bool {
-        match key.direction {
-            Direction::Ingress => &key.destination == self.workload,
+        self.decides(
+            key.direction,
+            key.source_identity.as_deref(),
+            key.source_workload.as_ref(),
+            &key.destination,
+        )
+    }
+
+    /// Whether this reporter's sidecar decides a request in `direction` from that source to
+    /// `destination`: ingress to its workload, or egress from it under its own identity.
+    pub(crate) fn decides(
+        &self,
+        direction: Direction,
+        source_identity: Option<&str>,
+        source_workload: Option<&WorkloadRef>,
+        destination: &WorkloadRef,
+    ) -> bool {
+        match direction {
+            Direction::Ingress => destination == self.workload,
             Direction::Egress => {
-                key.source_workload.as_ref() == Some(self.workload)
-                    && key
-                        .source_identity
-                        .as_deref()
-                        .is_none_or(|id| id == self.spiffe_id)
+                source_workload == Some(self.workload)
+                    && source_identity.is_none_or(|id| id == self.spiffe_id)
             }
         }
     }

@@ -8,9 +8,10 @@
 //! events rather than holding anything up, and is told how many. The session ends when the
 //! operator hangs up, and with the last one the proxies stop sending.
 
+use crate::flows::Reporter;
 use bulkhead_api::v1 as pb;
 use bulkhead_insight::tap::{TapEvent, TapFilter};
-use bulkhead_policy::model::{Direction, ResourceName};
+use bulkhead_policy::model::ResourceName;
 use futures_util::Stream;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -248,14 +249,19 @@ pub(crate) fn parse_report(
         ));
     }
     let total = events.len();
+    let reporter = Reporter {
+        workload,
+        spiffe_id,
+    };
     let kept: Vec<TapEvent> = events
         .into_iter()
-        .filter(|e| match e.direction {
-            Direction::Ingress => &e.destination == workload,
-            Direction::Egress => {
-                e.source_workload.as_ref() == Some(workload)
-                    && e.source_identity.as_deref() == Some(spiffe_id)
-            }
+        .filter(|e| {
+            reporter.decides(
+                e.direction,
+                e.source_identity.as_deref(),
+                e.source_workload.as_ref(),
+                &e.destination,
+            )
         })
         .collect();
     let refused = total - kept.len();
@@ -268,6 +274,7 @@ mod tests {
     use super::*;
     use bulkhead_insight::EdgeVerdict;
     use bulkhead_policy::Protocol;
+    use bulkhead_policy::model::Direction;
 
     fn wl(name: &str) -> ResourceName {
         ResourceName {

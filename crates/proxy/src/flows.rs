@@ -275,8 +275,33 @@ enum DecidedBy<'a> {
     Posture(Option<&'a ResourceName>),
 }
 
+impl<'a> DecidedBy<'a> {
+    fn of(reason: &'a Reason) -> DecidedBy<'a> {
+        match reason {
+            Reason::Rule { policy, rule, .. } => DecidedBy::Rule { policy, rule },
+            Reason::Posture { source, .. } => {
+                DecidedBy::Posture(source.resource().map(|r| r.as_ref()))
+            }
+        }
+    }
+
+    /// The key's `policy` and `rule`.
+    fn names(&self) -> (Option<String>, Option<String>) {
+        match self {
+            DecidedBy::Rule { policy, rule } => (Some(policy.to_string()), Some(rule.to_string())),
+            DecidedBy::Posture(Some(r)) => (Some(r.to_string()), None),
+            DecidedBy::Posture(None) => (Some(BUILT_IN.to_string()), None),
+        }
+    }
+}
+
+/// The policy (or posture) and the rule that decided, as an edge or a tap event names them.
+pub(crate) fn decided_by(reason: &Reason) -> (Option<String>, Option<String>) {
+    DecidedBy::of(reason).names()
+}
+
 /// The key's `policy` when the built-in posture decided.
-pub(crate) const BUILT_IN: &str = "built-in";
+const BUILT_IN: &str = "built-in";
 
 /// What the decision was, for an edge or a tap event: the verdict, with audit mode's when it
 /// disagrees, and the reason that goes with it (audit mode's, when it disagrees: the edge
@@ -305,12 +330,7 @@ pub(crate) fn outcome(d: &Decision) -> (EdgeVerdict, &Reason) {
 impl<'a> KeyRef<'a> {
     fn of(seen: &Seen<'a>) -> KeyRef<'a> {
         let (verdict, reason) = outcome(seen.decision);
-        let decided_by = match reason {
-            Reason::Rule { policy, rule, .. } => DecidedBy::Rule { policy, rule },
-            Reason::Posture { source, .. } => {
-                DecidedBy::Posture(source.resource().map(|r| r.as_ref()))
-            }
-        };
+        let decided_by = DecidedBy::of(reason);
         KeyRef {
             shape: Shape {
                 direction: seen.direction,
@@ -361,11 +381,7 @@ impl<'a> KeyRef<'a> {
     /// The owned key: for the first request of an edge.
     fn to_key(&self) -> EdgeKey {
         let s = &self.shape;
-        let (policy, rule) = match self.decided_by {
-            DecidedBy::Rule { policy, rule } => (Some(policy.to_string()), Some(rule.to_string())),
-            DecidedBy::Posture(Some(r)) => (Some(r.to_string()), None),
-            DecidedBy::Posture(None) => (Some(BUILT_IN.to_string()), None),
-        };
+        let (policy, rule) = self.decided_by.names();
         EdgeKey {
             source_identity: s.source_identity.map(str::to_string),
             source_workload: s.source_workload.cloned(),
