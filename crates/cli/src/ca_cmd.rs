@@ -19,13 +19,6 @@ fn short(sha256: &str) -> &str {
     sha256.get(..16).unwrap_or(sha256)
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 pub async fn status(admin: &mut Admin, output: &str) -> Result<()> {
     let status = admin
         .ca_status(request(CaStatusRequest {}))
@@ -79,7 +72,7 @@ fn print_status(s: &CaStatusResponse) {
         "{:<17} {:<8} {:<6} {:<10} {:<11} SUBJECT",
         "ID", "STATE", "SIGNS", "ORIGIN", "NOT AFTER"
     );
-    let now = unix_now();
+    let now = crate::unix_now();
     for c in &s.cas {
         println!(
             "{:<17} {:<8} {:<6} {:<10} {:<11} {}",
@@ -196,7 +189,7 @@ pub async fn switch(admin: &mut Admin, id: &str, force: bool) -> Result<()> {
         .status
         .iter()
         .flat_map(|s| &s.cas)
-        .filter(|c| c.state == "trusted" && c.retire_safe_unix > unix_now())
+        .filter(|c| c.state == "trusted" && c.retire_safe_unix > crate::unix_now())
         .max_by_key(|c| c.deactivated_unix);
     if let Some(old) = previous {
         println!(

@@ -77,14 +77,14 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
     println!(
         "\n== Before: discovery mode. Every hop is mTLS, but there is no least-privilege policy yet:\n   the shop namespace's DefaultPosture lets every authenticated caller in."
     );
-    let before = unix_now();
+    let before = crate::unix_now();
     run_round(&mesh, Phase::Before, true).await?;
     show_graph(&mut admin, before).await?;
     show_blast_radius(&control.context_file).await?;
 
     // The graph after the policy shows only requests made after it.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let after = unix_now();
+    let after = crate::unix_now();
     let revision = apply(&mut admin, "demo-policy.yaml", POLICY).await?;
     let revision = admin
         .delete(crate::admin_cmd::request(DeleteRequest {
@@ -161,12 +161,6 @@ async fn apply(admin: &mut Admin, file: &str, yaml: &str) -> Result<u64> {
         .map_err(client::status)?
         .into_inner()
         .revision)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Requests through sidecars per round, each decided at its destination's sidecar: orders

@@ -10,7 +10,7 @@ use bulkhead_api::v1::admin_client::AdminClient;
 use bulkhead_insight::events::Event;
 use bulkhead_insight::rfc3339;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tonic::transport::Channel;
 
 /// Events asked for per call (the server's maximum).
@@ -42,7 +42,7 @@ struct Batch {
 
 pub async fn run(context: &Path, args: EventsArgs) -> Result<()> {
     let mut admin = client::admin(context).await?;
-    let since = args.since.map_or(0, |w| now().saturating_sub(w.as_secs()));
+    let since = crate::since(args.since);
     let batch = fetch(&mut admin, 0, since).await?;
     let out = Output::new(&args);
     if batch.learning_until > 0 {
@@ -157,12 +157,6 @@ fn parties(e: &Event) -> String {
         Some(c) => format!("{c} → {destination}"),
         None => format!("→ {destination}"),
     }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

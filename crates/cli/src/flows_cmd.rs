@@ -16,24 +16,14 @@ use bulkhead_policy::PolicySet;
 use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tonic::transport::Channel;
 
 type Admin = AdminClient<Channel>;
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The stored edges last seen within `window` (all kept edges without one).
 pub(crate) async fn edges(admin: &mut Admin, window: Option<Duration>) -> Result<Vec<Edge>> {
-    edges_after(
-        admin,
-        window.map_or(0, |w| now().saturating_sub(w.as_secs())),
-    )
-    .await
+    edges_after(admin, crate::since(window)).await
 }
 
 /// The stored edges last seen at or after `since` (unix seconds).
@@ -77,14 +67,25 @@ fn compile(resources: &[Resource], what: &str) -> Result<PolicySet> {
 
 /// Names a caller for people: its workload when known (by edge or by declared identity).
 fn caller(e: &Edge, by_identity: &BTreeMap<String, WorkloadRef>) -> String {
-    if let Some(w) = &e.key.source_workload {
-        return w.to_string();
-    }
-    match &e.key.source_identity {
-        Some(id) => by_identity
+    caller_name(
+        e.key.source_workload.as_ref(),
+        e.key.source_identity.as_deref(),
+        by_identity,
+    )
+}
+
+/// A caller's workload, or the workload that declares its identity, or the identity.
+pub(crate) fn caller_name(
+    workload: Option<&WorkloadRef>,
+    identity: Option<&str>,
+    by_identity: &BTreeMap<String, WorkloadRef>,
+) -> String {
+    match (workload, identity) {
+        (Some(w), _) => w.to_string(),
+        (None, Some(id)) => by_identity
             .get(id)
-            .map_or_else(|| id.clone(), ToString::to_string),
-        None => "(plaintext)".to_string(),
+            .map_or_else(|| id.to_string(), ToString::to_string),
+        (None, None) => "(plaintext)".to_string(),
     }
 }
 

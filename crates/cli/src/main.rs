@@ -549,6 +549,18 @@ fn parse_factor(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Now, in Unix seconds (0 if the clock is before 1970).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The Unix second a `--since` window starts at; 0 (everything kept) without one.
+fn since(window: Option<Duration>) -> u64 {
+    window.map_or(0, |w| unix_now().saturating_sub(w.as_secs()))
+}
+
 /// `90s`, `30m`, `1h`, `2d`, or a bare number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

@@ -659,7 +659,7 @@ async fn observed(context: &Path, args: ReachArgs) -> Result<()> {
     let (resources, _) = crate::flows_cmd::applied(&mut admin).await?;
     let edges = crate::flows_cmd::edges(&mut admin, args.since).await?;
     let edges = crate::flows_cmd::with_declared_callers(edges, &resources);
-    let since = edges_window(args.since);
+    let since = crate::since(args.since);
     let window = bulkhead_insight::Window {
         since,
         until: u64::MAX,
@@ -687,15 +687,6 @@ async fn observed(context: &Path, args: ReachArgs) -> Result<()> {
         Output::Table => print_observed(&report, args.since),
     }
     Ok(())
-}
-
-fn edges_window(since: Option<std::time::Duration>) -> u64 {
-    since.map_or(0, |d| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |n| n.as_secs())
-            .saturating_sub(d.as_secs())
-    })
 }
 
 fn print_observed(r: &ObservedReport, since: Option<std::time::Duration>) {

@@ -155,13 +155,11 @@ fn line(e: &TapEvent, by_identity: &BTreeMap<String, WorkloadRef>) -> String {
         Direction::Ingress => "in ",
         Direction::Egress => "out",
     };
-    let caller = match (&e.source_workload, &e.source_identity) {
-        (Some(w), _) => w.to_string(),
-        (None, Some(id)) => by_identity
-            .get(id)
-            .map_or_else(|| id.clone(), ToString::to_string),
-        (None, None) => "(plaintext)".to_string(),
-    };
+    let caller = crate::flows_cmd::caller_name(
+        e.source_workload.as_ref(),
+        e.source_identity.as_deref(),
+        by_identity,
+    );
     let what = match (&e.method, &e.path) {
         (Some(m), Some(p)) => format!("{m} {p}"),
         _ => e.protocol.as_str().to_string(),
