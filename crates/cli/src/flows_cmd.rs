@@ -28,17 +28,18 @@ pub(crate) async fn edges(admin: &mut Admin, window: Option<Duration>) -> Result
 
 /// The stored edges last seen at or after `since` (unix seconds).
 pub(crate) async fn edges_after(admin: &mut Admin, since: u64) -> Result<Vec<Edge>> {
-    let resp = admin
+    let mut chunks = admin
         .list_edges(request(ListEdgesRequest { since }))
         .await
         .map_err(client::status)?
         .into_inner();
-    let edges: Vec<Edge> = serde_json::from_str(&resp.edges_json)
-        .context("the control plane sent edges this CLI cannot read (versions differ?)")?;
-    Ok(edges
-        .into_iter()
-        .filter(|e| e.stats.last_seen >= since)
-        .collect())
+    let mut edges = Vec::new();
+    while let Some(chunk) = chunks.message().await.map_err(client::status)? {
+        let part: Vec<Edge> = serde_json::from_str(&chunk.edges_json)
+            .context("the control plane sent edges this CLI cannot read (versions differ?)")?;
+        edges.extend(part.into_iter().filter(|e| e.stats.last_seen >= since));
+    }
+    Ok(edges)
 }
 
 /// The applied resources and their revision.

@@ -5,6 +5,7 @@
 
 use crate::anomaly::{EVENT_RETENTION, MAX_EVENTS_PER_LIST};
 use crate::cas::{CaChangeError, CaOrigin, CaState, short};
+use crate::flows::{JsonChunks, LIST_CHUNK_BYTES};
 use crate::proxies::unix_now;
 use crate::service::{State, internal};
 use crate::store::Change;
@@ -18,6 +19,10 @@ use bulkhead_policy::model::{Resource, ResourceName};
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
+
+type ListEdgesStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<pb::ListEdgesResponse, Status>> + Send>,
+>;
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -362,23 +367,29 @@ impl Admin for State {
         Ok(Response::new(self.ca_changed(&record.sha256)))
     }
 
+    type ListEdgesStream = ListEdgesStream;
+
     async fn list_edges(
         &self,
         req: Request<pb::ListEdgesRequest>,
-    ) -> Result<Response<pb::ListEdgesResponse>, Status> {
+    ) -> Result<Response<ListEdgesStream>, Status> {
         self.require_admin(&req)?;
         let since = req.into_inner().since;
         // Hours past the window may not be deleted yet (that happens on a report).
         let from = since.max(self.flow_retention.oldest_bucket(unix_now()));
         let edges = self.store.edges_since(from).map_err(internal)?;
-        let edges_json = serde_json::to_string(&edges)
-            .map_err(|e| Status::internal(format!("cannot encode the edges: {e}")))?;
         let (dropped, refused) = self.flow_counters.get();
-        Ok(Response::new(pb::ListEdgesResponse {
-            edges_json,
-            dropped,
-            refused,
-        }))
+        // Chunks are encoded as the caller reads them, so at most one is held at a time.
+        let chunks = JsonChunks::new(edges, LIST_CHUNK_BYTES).map(move |chunk| {
+            chunk
+                .map(|edges_json| pb::ListEdgesResponse {
+                    edges_json,
+                    dropped,
+                    refused,
+                })
+                .map_err(|e| Status::internal(format!("cannot encode the edges: {e}")))
+        });
+        Ok(Response::new(Box::pin(futures_util::stream::iter(chunks))))
     }
 
     type TapStream = crate::tap::TapStream;

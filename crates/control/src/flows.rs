@@ -164,6 +164,67 @@ impl Counters {
     }
 }
 
+/// About how many bytes of `edges_json` one `ListEdges` answer carries.
+pub(crate) const LIST_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Edges as JSON arrays of at most about `max_bytes` each, in order, built one at a time as
+/// they are asked for. An edge larger than that alone makes a chunk of its own. There is
+/// always at least one chunk, so that no edges is `[]`.
+pub(crate) struct JsonChunks {
+    edges: std::vec::IntoIter<Edge>,
+    /// An edge already encoded that did not fit in the last chunk.
+    carried: Option<String>,
+    max_bytes: usize,
+    started: bool,
+}
+
+impl JsonChunks {
+    pub(crate) fn new(edges: Vec<Edge>, max_bytes: usize) -> JsonChunks {
+        JsonChunks {
+            edges: edges.into_iter(),
+            carried: None,
+            max_bytes,
+            started: false,
+        }
+    }
+}
+
+impl Iterator for JsonChunks {
+    type Item = Result<String, serde_json::Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut chunk = String::from("[");
+        let mut first = true;
+        loop {
+            let json = match self.carried.take() {
+                Some(json) => json,
+                None => match self.edges.next() {
+                    Some(edge) => match serde_json::to_string(&edge) {
+                        Ok(json) => json,
+                        Err(e) => return Some(Err(e)),
+                    },
+                    None => break,
+                },
+            };
+            if !first && chunk.len() + 1 + json.len() + 1 > self.max_bytes {
+                self.carried = Some(json);
+                break;
+            }
+            if !first {
+                chunk.push(',');
+            }
+            chunk.push_str(&json);
+            first = false;
+        }
+        if first && self.started {
+            return None;
+        }
+        self.started = true;
+        chunk.push(']');
+        Some(Ok(chunk))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
@@ -333,18 +394,83 @@ pub(crate) mod tests {
     }
 
     async fn list_edges(plane: &Plane, since: u64) -> (Vec<Edge>, u64, u64) {
+        let (edges, counters, _) = list_edge_chunks(plane, since).await;
+        (edges, counters.0, counters.1)
+    }
+
+    /// The edges, `(dropped, refused)` and how many chunks carried them.
+    async fn list_edge_chunks(plane: &Plane, since: u64) -> (Vec<Edge>, (u64, u64), usize) {
+        use futures_util::StreamExt;
         let admin = format!("spiffe://td.test{}", bulkhead_api::channel::ADMIN_ID_PATH);
-        let r = plane
+        let mut chunks = plane
             .state
             .list_edges(from(&admin, pb::ListEdgesRequest { since }))
             .await
             .unwrap()
             .into_inner();
-        (
-            serde_json::from_str(&r.edges_json).unwrap(),
-            r.dropped,
-            r.refused,
-        )
+        let (mut edges, mut counters, mut count) = (Vec::new(), (0, 0), 0);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.unwrap();
+            assert!(chunk.edges_json.len() <= LIST_CHUNK_BYTES);
+            edges.extend(serde_json::from_str::<Vec<Edge>>(&chunk.edges_json).unwrap());
+            counters = (chunk.dropped, chunk.refused);
+            count += 1;
+        }
+        (edges, counters, count)
+    }
+
+    #[tokio::test]
+    async fn many_edges_come_back_whole_in_several_chunks() {
+        let plane = plane("many");
+        let orders = joined(&plane, "orders");
+        let now = crate::proxies::unix_now();
+        let sent: Vec<Edge> = (0..6_000)
+            .map(|i| {
+                let path = format!("/orders/{i:05}/a-path-long-enough-to-fill-chunks-sooner");
+                edge("frontend", "orders", Direction::Ingress, &path, now)
+            })
+            .collect();
+        let r = plane
+            .state
+            .report_flows(from(&orders, report("orders", &sent, 0)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((r.stored, r.refused), (6_000, 0));
+        let (edges, _, chunks) = list_edge_chunks(&plane, 0).await;
+        assert!(chunks >= 2, "{chunks} chunk(s)");
+        assert_eq!(edges, sent);
+    }
+
+    #[test]
+    fn edges_are_listed_in_chunks_that_keep_their_bound_and_order() {
+        let edges: Vec<Edge> = (0..50)
+            .map(|i| edge("frontend", "orders", Direction::Ingress, &format!("/{i}"), 1))
+            .collect();
+        let one = serde_json::to_string(&edges[0]).unwrap().len();
+        let max = 3 * one + 10;
+        let chunks: Vec<String> = JsonChunks::new(edges.clone(), max)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(chunks.len() >= 50 / 3, "{} chunks", chunks.len());
+        let mut back = Vec::new();
+        for chunk in &chunks {
+            assert!(chunk.len() <= max, "a chunk of {} bytes", chunk.len());
+            let part: Vec<Edge> = serde_json::from_str(chunk).unwrap();
+            assert!(!part.is_empty());
+            back.extend(part);
+        }
+        assert_eq!(back, edges);
+
+        // An edge over the bound goes alone; no edges is one empty array.
+        let alone: Vec<String> = JsonChunks::new(edges[..2].to_vec(), 1)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(alone.len(), 2);
+        let none: Vec<String> = JsonChunks::new(Vec::new(), max)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(none, vec!["[]".to_string()]);
     }
 
     #[tokio::test]
@@ -393,11 +519,13 @@ pub(crate) mod tests {
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 
-        let err = plane
+        let Err(err) = plane
             .state
             .list_edges(from(&frontend, pb::ListEdgesRequest { since: 0 }))
             .await
-            .unwrap_err();
+        else {
+            panic!("a proxy read the edges");
+        };
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
         assert_eq!(list_edges(&plane, 0).await, (Vec::new(), 0, 0));
     }
