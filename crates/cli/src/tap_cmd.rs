@@ -164,7 +164,10 @@ fn line(e: &TapEvent, by_identity: &BTreeMap<String, WorkloadRef>) -> String {
         (Some(m), Some(p)) => format!("{m} {p}"),
         _ => e.protocol.as_str().to_string(),
     };
-    let status = e.status.map_or_else(|| "-".to_string(), |s| s.to_string());
+    let mut status = e.status.map_or_else(|| "-".to_string(), |s| s.to_string());
+    if let Some(grpc) = e.grpc_status {
+        status.push_str(&format!(" grpc-status {grpc}"));
+    }
     let by = match (&e.policy, &e.rule) {
         (Some(p), Some(r)) => format!("{p} rule {r}"),
         (Some(p), None) => p.clone(),
@@ -248,6 +251,7 @@ mod tests {
             method: Some("DELETE".into()),
             path: Some("/orders/7".into()),
             status: Some(403),
+            grpc_status: None,
             verdict: EdgeVerdict::Deny,
             policy: Some("built-in".into()),
             rule: None,
@@ -265,5 +269,20 @@ mod tests {
             },
         )]);
         assert!(line(&e, &known).contains("  shop/frontend -> shop/orders:8080  "));
+
+        // A denied gRPC call is HTTP 200; its gRPC status says what happened.
+        let grpc = TapEvent {
+            protocol: Protocol::Grpc,
+            method: Some("POST".into()),
+            path: Some("/shop.Orders/Cancel".into()),
+            status: Some(200),
+            grpc_status: Some(7),
+            ..e
+        };
+        assert!(
+            line(&grpc, &known).contains("  POST /shop.Orders/Cancel  200 grpc-status 7  deny  "),
+            "{}",
+            line(&grpc, &known)
+        );
     }
 }

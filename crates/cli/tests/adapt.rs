@@ -262,55 +262,32 @@ spec:
       to: {methods: [DELETE], paths: ["/orders/9"]}
 "#,
     );
-    let out = mesh.dir.path().join("tap.out");
-    let err = mesh.dir.path().join("tap.err");
-    let mut tap = std::process::Command::new(&mesh.bins.bulkhead)
-        .args([
-            "tap",
+    let (events, stderr) = mesh.tap(
+        &[
             "shop/orders",
             "--method",
             "delete",
             "--from",
             "shop/frontend",
-            "-o",
-            "json",
             "-n",
             "2",
             "--for",
             "30s",
-        ])
-        .env("BULKHEAD_CONTEXT", mesh.data().join("admin.yaml"))
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    // The tap reaches the sidecar a moment after it opens: repeat until it has two.
-    let mut exited = None;
-    for _ in 0..100 {
-        assert_eq!(http(shop.to_orders, "GET", "/orders/1").status, 200);
-        assert_eq!(http(shop.to_orders, "DELETE", "/orders/9").status, 403);
-        assert_eq!(http(shop.to_orders, "DELETE", "/orders/10").status, 200);
-        if let Some(status) = tap.try_wait().unwrap() {
-            exited = Some(status);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let _ = tap.kill();
-    let stderr = std::fs::read_to_string(&err).unwrap();
-    assert!(exited.is_some_and(|s| s.success()), "tap: {stderr}");
+        ],
+        || {
+            assert_eq!(http(shop.to_orders, "GET", "/orders/1").status, 200);
+            assert_eq!(http(shop.to_orders, "DELETE", "/orders/9").status, 403);
+            assert_eq!(http(shop.to_orders, "DELETE", "/orders/10").status, 200);
+        },
+    );
     assert!(
         stderr.contains("tapping shop/orders (1 sidecar connected"),
         "{stderr}"
     );
-    let events: Vec<serde_json::Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(events.len(), 2, "{events:?}");
     for e in &events {
         assert_eq!(e["method"], "DELETE", "the GETs were filtered out: {e}");
+        assert!(e.get("grpcStatus").is_none(), "not gRPC: {e}");
         assert_eq!(e["direction"], "ingress");
         assert_eq!(e["sourceIdentity"], id("frontend").as_str());
         assert_eq!(e["destination"]["name"], "orders");

@@ -177,6 +177,43 @@ fn http2_grpc_upgrades_and_permissive_ports() {
     );
     assert!(out.contains("not path /shop.Orders/Cancel"), "{out}");
     assert!(out.contains("x-bulkhead-decision: deny"), "{out}");
+    // Tap tells a denied call from an allowed one by its gRPC status, not the HTTP 200.
+    let (events, _) = shop.mesh.tap(
+        &[
+            "shop/orders",
+            "--path",
+            "/shop.Orders",
+            "-n",
+            "2",
+            "--for",
+            "30s",
+        ],
+        || {
+            for method in ["Get", "Cancel"] {
+                curl(&[&grpc[..], &[&format!("{base}/shop.Orders/{method}")]].concat());
+            }
+        },
+    );
+    // The tap may open between the two calls of a round: sorted, not in order sent.
+    let mut seen: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str(),
+                e["status"].as_u64(),
+                e["grpcStatus"].as_u64(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (Some("/shop.Orders/Cancel"), Some(200), Some(7)),
+            (Some("/shop.Orders/Get"), Some(200), None),
+        ],
+        "{events:?}"
+    );
 
     // HTTP/1.1 still works on the same upstream port.
     let (_, out) = curl(&[&format!("{base}/orders")]);

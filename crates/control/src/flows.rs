@@ -445,7 +445,15 @@ pub(crate) mod tests {
     #[test]
     fn edges_are_listed_in_chunks_that_keep_their_bound_and_order() {
         let edges: Vec<Edge> = (0..50)
-            .map(|i| edge("frontend", "orders", Direction::Ingress, &format!("/{i}"), 1))
+            .map(|i| {
+                edge(
+                    "frontend",
+                    "orders",
+                    Direction::Ingress,
+                    &format!("/{i}"),
+                    1,
+                )
+            })
             .collect();
         let one = serde_json::to_string(&edges[0]).unwrap().len();
         let max = 3 * one + 10;

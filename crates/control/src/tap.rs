@@ -295,6 +295,7 @@ mod tests {
             method: Some(method.into()),
             path: Some("/orders/1".into()),
             status: Some(200),
+            grpc_status: None,
             verdict: EdgeVerdict::Allow,
             policy: None,
             rule: None,

@@ -29,6 +29,11 @@ pub struct TapEvent {
     /// The HTTP status the caller got; `None` for TCP, or when the destination never
     /// answered.
     pub status: Option<u16>,
+    /// gRPC only: the `grpc-status` the caller got, when it came with the response headers
+    /// (a denial, or a call that failed before any message). A status sent in trailers, at
+    /// the end of a stream, comes after the event and is not in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
     pub verdict: EdgeVerdict,
     /// What decided (`shop/orders-allow`, `shop/default`, `built-in`), and by which rule.
     pub policy: Option<String>,
@@ -174,6 +179,7 @@ mod tests {
             method: Some("GET".into()),
             path: Some("/orders/7".into()),
             status: Some(200),
+            grpc_status: None,
             verdict: EdgeVerdict::AllowWouldDeny,
             policy: Some("shop/p".into()),
             rule: Some("r".into()),

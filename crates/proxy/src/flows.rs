@@ -49,6 +49,8 @@ pub(crate) struct Seen<'a> {
     /// The HTTP status the caller got (403 for a denial, 502 when the destination did not
     /// answer); `None` for TCP.
     pub status: Option<u16>,
+    /// gRPC only: a `grpc-status` that came with the response headers (for tap).
+    pub grpc_status: Option<u32>,
 }
 
 pub(crate) struct Flows {

@@ -432,6 +432,16 @@ pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
+/// For a gRPC call, the `grpc-status` of a response that carries it in its headers (a
+/// trailers-only response: a denial, or a call that failed before any message). Other
+/// responses are not looked at.
+pub(crate) fn grpc_status(protocol: bulkhead_policy::Protocol, headers: &HeaderMap) -> Option<u32> {
+    if protocol != bulkhead_policy::Protocol::Grpc {
+        return None;
+    }
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
 /// The protocol policy sees for an HTTP request.
 pub(crate) fn protocol_of<B>(req: &Request<B>) -> bulkhead_policy::Protocol {
     if is_grpc(req) {

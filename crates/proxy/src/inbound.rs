@@ -9,12 +9,12 @@ use crate::clients::Alpn;
 use crate::config::{InboundSpec, InboundTarget};
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
-use crate::http::content_length;
 use crate::http::{
     Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, accept_loop,
     check_path, denial, forward_upgrade, is_upgrade, listen, origin_form, protocol_of,
     proxy_response, request_host, response_body, serve_http, strip_hop_by_hop,
 };
+use crate::http::{content_length, grpc_status};
 use crate::metrics::{LabelText, Parties, TlsFailure};
 use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -327,7 +327,7 @@ async fn handle(
     // bytes (a reference count), where copying the path into a `String` would allocate.
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let bytes_in = content_length(req.headers());
-    let record = |latency, bytes_out, status: StatusCode| {
+    let record = |latency, bytes_out, status: StatusCode, headers: &http::HeaderMap| {
         shared.observe(&Seen {
             direction: Direction::Ingress,
             source_identity: peer.map(SpiffeId::as_str),
@@ -342,11 +342,12 @@ async fn handle(
             bytes_out,
             latency,
             status: Some(status.as_u16()),
+            grpc_status: grpc_status(protocol, headers),
         })
     };
     if !decision.is_allow() {
         let resp = denial(&req, &decision, format!("bulkhead: {decision}"));
-        record(Duration::ZERO, 0, resp.status());
+        record(Duration::ZERO, 0, resp.status(), resp.headers());
         return Ok(resp);
     }
     origin_form(&mut req);
@@ -376,6 +377,7 @@ async fn handle(
                 started.elapsed(),
                 content_length(resp.headers()),
                 resp.status(),
+                resp.headers(),
             );
             if let Some(v) = conn.decision_header.get(&decision) {
                 resp.headers_mut().insert(DECISION_HEADER, v);
@@ -384,12 +386,13 @@ async fn handle(
         }
         Err(e) => {
             tracing::warn!(%app, error = %e, "local app unreachable");
-            record(started.elapsed(), 0, StatusCode::BAD_GATEWAY);
-            Ok(proxy_response(
+            let resp = proxy_response(
                 StatusCode::BAD_GATEWAY,
                 None,
                 format!("bulkhead: the local app at {app} did not answer: {e}"),
-            ))
+            );
+            record(started.elapsed(), 0, resp.status(), resp.headers());
+            Ok(resp)
         }
     }
 }

@@ -8,12 +8,12 @@ use crate::clients::Alpn;
 use crate::config::UpstreamSpec;
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
-use crate::http::content_length;
 use crate::http::{
     Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, denial,
     forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
     response_body, serve_http, strip_hop_by_hop,
 };
+use crate::http::{content_length, grpc_status};
 use crate::metrics::{LabelText, Parties};
 use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -247,7 +247,7 @@ async fn handle(
     // bytes (a reference count), where copying the path into a `String` would allocate.
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let (protocol, bytes_in) = (protocol_of(&req), content_length(req.headers()));
-    let record = |latency, bytes_out, status: StatusCode| {
+    let record = |latency, bytes_out, status: StatusCode, headers: &http::HeaderMap| {
         // Destinations outside the mesh have no workload to draw an edge to.
         let Some(destination) = dest.workload.as_ref() else {
             return;
@@ -266,11 +266,12 @@ async fn handle(
             bytes_out,
             latency,
             status: Some(status.as_u16()),
+            grpc_status: grpc_status(protocol, headers),
         })
     };
     if !decision.is_allow() {
         let resp = denial(&req, &decision, format!("bulkhead: egress {decision}"));
-        record(std::time::Duration::ZERO, 0, resp.status());
+        record(std::time::Duration::ZERO, 0, resp.status(), resp.headers());
         return Ok(resp);
     }
     req.headers_mut().remove(DECISION_HEADER);
@@ -305,20 +306,22 @@ async fn handle(
                 started.elapsed(),
                 content_length(resp.headers()),
                 resp.status(),
+                resp.headers(),
             );
             Ok(resp)
         }
         Err(e) => {
             tracing::warn!(upstream = dest.name, error = %e, "upstream unreachable");
-            record(started.elapsed(), 0, StatusCode::BAD_GATEWAY);
-            Ok(proxy_response(
+            let resp = proxy_response(
                 StatusCode::BAD_GATEWAY,
                 None,
                 format!(
                     "bulkhead: upstream {} at {} (expected identity {}) failed: {e}",
                     dest.name, dest.address, peer
                 ),
-            ))
+            );
+            record(started.elapsed(), 0, resp.status(), resp.headers());
+            Ok(resp)
         }
     }
 }

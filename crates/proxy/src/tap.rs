@@ -110,6 +110,7 @@ fn event_of(seen: &Seen<'_>, at_millis: u64) -> TapEvent {
         method: seen.method.map(str::to_string),
         path: seen.path.map(str::to_string),
         status: seen.status,
+        grpc_status: seen.grpc_status,
         verdict,
         policy,
         rule,
@@ -234,6 +235,7 @@ mod tests {
             bytes_out: 0,
             latency: Duration::from_micros(250),
             status: Some(403),
+            grpc_status: None,
         }
     }
 

@@ -66,6 +66,7 @@ impl Flow {
             bytes_out: 0,
             latency: Duration::ZERO,
             status: None,
+            grpc_status: None,
         });
     }
 

@@ -108,6 +108,44 @@ impl Mesh {
         )
     }
 
+    /// Runs `bulkhead tap ARGS -o json` (ARGS should end it, with `-n` or `--for`) and calls
+    /// `drive` every 100 ms, for up to 10 s, until the tap exits. A tap reaches the sidecars
+    /// a moment after it opens, so `drive` sends the traffic to be seen again each time.
+    /// Returns the events, one JSON object per line, and the tap's stderr; panics if the
+    /// tap fails or never ends.
+    pub fn tap(&self, args: &[&str], mut drive: impl FnMut()) -> (Vec<serde_json::Value>, String) {
+        let out = self.dir.path().join("tap.out");
+        let err = self.dir.path().join("tap.err");
+        let mut tap = std::process::Command::new(&self.bins.bulkhead)
+            .arg("tap")
+            .args(args)
+            .args(["-o", "json"])
+            .env("BULKHEAD_CONTEXT", self.data().join("admin.yaml"))
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let mut exited = None;
+        for _ in 0..100 {
+            drive();
+            if let Some(status) = tap.try_wait().unwrap() {
+                exited = Some(status);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = tap.kill();
+        let _ = tap.wait();
+        let stderr = std::fs::read_to_string(&err).unwrap();
+        assert!(exited.is_some_and(|s| s.success()), "tap: {stderr}");
+        let events = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (events, stderr)
+    }
+
     pub fn token(&self, identity: &str) -> std::path::PathBuf {
         let (code, out, err) = self.cli(&["token", "create", "--identity", identity]);
         assert_eq!(code, 0, "token create failed: {err}");

@@ -75,6 +75,7 @@ fn record(flows: &Flows, d: &Decision, caller: &str, path: &str) {
         bytes_out: 20,
         latency: Duration::from_micros(300),
         status: Some(200),
+        grpc_status: None,
     });
 }
 
@@ -178,6 +179,7 @@ fn seen<'a>(
         bytes_out: 2,
         latency: Duration::from_micros(3),
         status: Some(200),
+        grpc_status: None,
     }
 }
 
