@@ -69,9 +69,9 @@ SUT_CPUS=${SUT_CPUS-0}
 LG_CPUS=${LG_CPUS-1}
 TARGET_PCT=5
 
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 need() { command -v "$1" >/dev/null 2>&1; }
-die() { echo "ERROR: $*" >&2; exit 1; }
-log() { echo "[$(date +%T)] $*" >&2; }
 
 # ---------- tools ----------
 pkgs=()
@@ -84,70 +84,21 @@ fi
 TOOLS=${BENCH_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/bench-tools}
 OHA=${OHA:-$(command -v oha || echo "$TOOLS/bin/oha")}
 if [[ ! -x $OHA ]]; then
-    need cargo || die "oha not found and no cargo; install with: cargo install oha --locked"
+    need cargo || fail "oha not found and no cargo; install with: cargo install oha --locked"
     log "building oha (cargo install oha --locked, ~5 min on 2 cores)..."
     cargo install oha --locked --root "$TOOLS" >/dev/null 2>&1
     OHA=$TOOLS/bin/oha
 fi
 
-if [[ -n "${BULKHEAD_BIN_DIR:-}" ]]; then
-    BIN="$(cd "$BULKHEAD_BIN_DIR" && pwd)"
-else
-    BIN="$ROOT/target/release"
-    if [[ "${FLOW_BUILD:-0}" == 1 || ! -x "$BIN/bulkhead" || ! -x "$BIN/bulkhead-proxy" ]]; then
-        cargo build --release -p bulkhead-proxy -p bulkhead-cli
-    fi
-    if [[ -n "$(find crates -name '*.rs' -newer "$BIN/bulkhead-proxy" -print -quit 2>/dev/null)" ]]; then
-        log "warning: sources under crates/ are newer than $BIN/bulkhead-proxy (FLOW_BUILD=1 rebuilds)"
-    fi
-fi
-for b in bulkhead bulkhead-proxy; do
-    [[ -x "$BIN/$b" ]] || die "no executable $BIN/$b (set BULKHEAD_BIN_DIR)"
-done
+bench_bins FLOW_BUILD
 
 # ---------- process bookkeeping: only the PIDs started here ----------
-W="$(mktemp -d /tmp/bulkhead-flowcpu.XXXXXX)"
-PIDS=()
-stop_pid() {   # INT, then KILL after 3 s
-    kill -INT "$1" 2>/dev/null || true
-    for _ in $(seq 30); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
-cleanup() {
-    local status=$? i
-    trap - EXIT INT TERM
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
-    if [[ "${FLOW_KEEP:-0}" == 1 ]]; then echo "work directory kept: $W" >&2; else rm -rf "$W"; fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-fail() {
-    echo "ERROR: $1" >&2
-    local f
-    for f in "$W"/*.log; do
-        [[ -s $f ]] || continue
-        echo "--- $(basename "$f") (last 10 lines)" >&2
-        tail -n 10 "$f" >&2
-    done
-    exit 1
-}
+bench_workdir bulkhead-flowcpu FLOW_KEEP
 # Run in the background as `sut CMD… &` (or `lgx`): the subshell becomes CMD (exec, and
 # taskset execs too), so $! is the process to measure and to stop.
 sut() { if [[ -n $SUT_CPUS ]]; then exec taskset -c "$SUT_CPUS" "$@"; else exec "$@"; fi; }
 lgx() { if [[ -n $LG_CPUS ]]; then exec taskset -c "$LG_CPUS" "$@"; else exec "$@"; fi; }
 lg() { if [[ -n $LG_CPUS ]]; then taskset -c "$LG_CPUS" "$@"; else "$@"; fi; }
-wait_for() {   # FILE PID WHAT: until FILE is non-empty
-    for _ in $(seq 300); do
-        [[ -s $1 ]] && return 0
-        kill -0 "$2" 2>/dev/null || fail "$3 exited during start"
-        sleep 0.1
-    done
-    fail "$3 was not ready within 30 s"
-}
-json() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 export BULKHEAD_LOG=${BULKHEAD_LOG:-warn}   # no per-request decision log
 
@@ -171,13 +122,7 @@ for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$UP_PORT/" && brea
 [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$UP_PORT/x") == 200 ]] || fail "nginx is not answering"
 
 # ---------- control plane, policy, tokens ----------
-lgx "$BIN/bulkhead" control --data-dir "$W/data" --listen 127.0.0.1:0 --trust-domain bench.local \
-    2>"$W/control.log" &
-PIDS+=($!)
-wait_for "$W/data/admin.yaml" "${PIDS[-1]}" "the control plane"
-sleep 0.2
-export BULKHEAD_CONTEXT=$W/data/admin.yaml
-CONTROL=$(awk '/^server:/{gsub(/"/,"",$2); print $2}' "$BULKHEAD_CONTEXT")
+start_control lgx
 cp "$ROOT/bench/pair_policy.yaml" "$W/policy.yaml"
 "$BIN/bulkhead" apply -f "$W/policy.yaml" >/dev/null 2>"$W/apply.log" || fail "bulkhead apply failed"
 uses=$((2 * REPS))

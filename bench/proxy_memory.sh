@@ -42,21 +42,9 @@ SETTLE="${MEM_SETTLE:-2}"
 IDLE_TARGET_MIB=10
 OPEN_TARGET_MIB=30
 
-if [[ -n "${BULKHEAD_BIN_DIR:-}" ]]; then
-    BIN="$(cd "$BULKHEAD_BIN_DIR" && pwd)"
-else
-    BIN="$ROOT/target/release"
-    if [[ "${MEM_BUILD:-0}" == 1 || ! -x "$BIN/bulkhead" || ! -x "$BIN/bulkhead-proxy" ]]; then
-        cargo build --release --bins
-    fi
-fi
-for b in bulkhead bulkhead-proxy; do
-    [[ -x "$BIN/$b" ]] || { echo "no executable $BIN/$b (set BULKHEAD_BIN_DIR)" >&2; exit 1; }
-done
-if [[ -z "${BULKHEAD_BIN_DIR:-}" ]] &&
-    [[ -n "$(find crates -name '*.rs' -newer "$BIN/bulkhead-proxy" -print -quit 2>/dev/null)" ]]; then
-    echo "warning: sources under crates/ are newer than $BIN/bulkhead-proxy (MEM_BUILD=1 rebuilds)" >&2
-fi
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+bench_bins MEM_BUILD
 
 # Per proxy: 2 sockets per client connection; the client script and the app: 1 each.
 want_fds=$((2 * CONNS + 256))
@@ -68,66 +56,11 @@ if (($(ulimit -n) < want_fds)); then
     exit 1
 fi
 
-W="$(mktemp -d /tmp/bulkhead-mem.XXXXXX)"
-PIDS=()   # started processes, stopped in reverse order on exit
-cleanup() {
-    local status=$? pid i
-    trap - EXIT INT TERM
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        pid=${PIDS[i]}
-        kill -INT "$pid" 2>/dev/null || true
-    done
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        pid=${PIDS[i]}
-        for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [[ "${MEM_KEEP:-0}" == 1 ]]; then
-        echo "work directory kept: $W" >&2
-    else
-        rm -rf "$W"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-fail() {
-    echo "$1" >&2
-    local f
-    for f in "$W"/*.log; do
-        [[ -s $f ]] || continue
-        echo "--- $(basename "$f") (last 15 lines)" >&2
-        tail -n 15 "$f" >&2
-    done
-    exit 1
-}
-
-log() { echo "[$(date +%T)] $*" >&2; }
-
-# wait_for FILE PID WHAT: until FILE is non-empty; fails if PID exits or 30 s pass.
-wait_for() {
-    for _ in $(seq 300); do
-        [[ -s $1 ]] && return 0
-        kill -0 "$2" 2>/dev/null || fail "$3 exited during start"
-        sleep 0.1
-    done
-    fail "$3 was not ready within 30 s"
-}
-
-# json FILE EXPR: a value from a ready file (EXPR is Python on the parsed object `j`).
-json() { python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"; }
+bench_workdir bulkhead-mem MEM_KEEP
 
 export BULKHEAD_LOG=${BULKHEAD_LOG:-warn}   # no per-request decision log
 
-"$BIN/bulkhead" control --data-dir "$W/data" --listen 127.0.0.1:0 --trust-domain bench.local \
-    2>"$W/control.log" &
-PIDS+=($!)
-wait_for "$W/data/admin.yaml" "${PIDS[-1]}" "the control plane"
-sleep 0.2   # admin.yaml is written once the listener is up; let the write finish
-export BULKHEAD_CONTEXT=$W/data/admin.yaml
-CONTROL=$(awk '/^server:/{gsub(/"/,"",$2); print $2}' "$BULKHEAD_CONTEXT")
+start_control
 
 # The pair's policy mirrors the HAProxy pair's rule: only the client's SPIFFE ID, GET or HEAD.
 cp "$ROOT/bench/pair_policy.yaml" "$W/policy.yaml"

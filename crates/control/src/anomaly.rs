@@ -11,7 +11,7 @@ use crate::error::ControlError;
 use crate::metrics::Metrics;
 use crate::store::{EventRetention, Store};
 use bulkhead_insight::Edge;
-use bulkhead_insight::events::{Detector, Event, EventKind, SpikeRule};
+use bulkhead_insight::events::{BASELINE_SECS, Detector, Event, EventKind, SpikeRule};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -78,10 +78,15 @@ impl Monitor {
         };
         let mut detector = Detector::new(options.learning.as_secs(), rule, start);
         detector.learn(edges.iter().map(|e| &e.key));
+        // The usual denial rates, from the stored hours that cover the last one.
+        let (denied, counted_from) = store.denials_since(now.saturating_sub(BASELINE_SECS))?;
+        let destinations = denied.len();
+        detector.recall_denials(denied, now.saturating_sub(counted_from), now);
         tracing::info!(
             edges = edges.len(),
+            destinations_with_denials = destinations,
             learning_until = detector.learning_until(),
-            "anomaly detection knows the stored edges"
+            "anomaly detection knows the stored edges and recent denial rates"
         );
         Ok(Monitor {
             detector: Mutex::new(detector),
@@ -272,6 +277,46 @@ mod tests {
             kinds(&store),
             vec![(1, EventKind::NewIdentity), (2, EventKind::NewEdge)]
         );
+    }
+
+    #[test]
+    fn a_restart_recalls_the_usual_denial_rate() {
+        let denials = |n: u64, at: u64| {
+            let mut e = edge("a", "orders", Ingress, "/", at);
+            e.key.verdict = bulkhead_insight::EdgeVerdict::Deny;
+            e.stats.count = n;
+            e
+        };
+        let spikes = |store: &Store| {
+            let page = store.events(0, 0, 100).unwrap();
+            page.events
+                .iter()
+                .filter(|e| e.kind == EventKind::DenialSpike)
+                .count()
+        };
+        let dir = temp_dir("denials");
+        {
+            // 10 denials a minute for 50 minutes: the usual rate, never a spike.
+            let store = open(&dir);
+            let monitor = Monitor::load(&store, &no_learning(), T0).unwrap();
+            for minute in 0..50 {
+                let at = T0 + minute * 60;
+                report(&store, &monitor, &[denials(10, at)], at);
+            }
+            assert_eq!(spikes(&store), 0);
+        }
+        // After a restart, 40 in a minute is under 5 times the usual 10…
+        let now = T0 + 3000;
+        let store = open(&dir);
+        let monitor = Monitor::load(&store, &no_learning(), now).unwrap();
+        report(&store, &monitor, &[denials(40, now)], now);
+        assert_eq!(spikes(&store), 0, "the usual rate was recalled");
+        // …where a control plane that knew no history would call it a spike.
+        let empty = temp_dir("no-denials");
+        let store = open(&empty);
+        let monitor = Monitor::load(&store, &no_learning(), now).unwrap();
+        report(&store, &monitor, &[denials(40, now)], now);
+        assert_eq!(spikes(&store), 1);
     }
 
     #[test]

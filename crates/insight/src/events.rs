@@ -204,6 +204,36 @@ impl Detector {
         }
     }
 
+    /// Recalls the usual denial rates from before a restart: `denied` requests to each
+    /// destination over the `over_secs` before `now`, as the store kept them. They count
+    /// as one slot just before the current minute, scaled to the baseline's length, so a
+    /// destination's usual rate is known at once (not 0 for an hour, when any 20 denials
+    /// would be a spike) and fades out of the baseline an hour later, as live history does.
+    pub fn recall_denials(
+        &mut self,
+        denied: impl IntoIterator<Item = (WorkloadRef, u64)>,
+        over_secs: u64,
+        now: u64,
+    ) {
+        if over_secs == 0 {
+            return;
+        }
+        let slot = (now / SLOT_SECS).saturating_sub(WINDOW_SLOTS);
+        for (destination, n) in denied {
+            let watched = self.denials.contains_key(&destination);
+            if n == 0 || (!watched && self.denials.len() >= MAX_WATCHED_DESTINATIONS) {
+                continue;
+            }
+            let scaled = u128::from(n) * u128::from(BASELINE_SECS) / u128::from(over_secs);
+            let scaled = u64::try_from(scaled).unwrap_or(u64::MAX);
+            let history = self.denials.entry(destination).or_default();
+            match history.slots.back_mut() {
+                Some((last, count)) if *last >= slot => *count = count.saturating_add(scaled),
+                _ => history.slots.push_back((slot, scaled)),
+            }
+        }
+    }
+
     /// When the first report came (learning started), if one has.
     pub fn learning_start(&self) -> Option<u64> {
         self.learning_start

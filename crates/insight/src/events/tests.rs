@@ -343,3 +343,37 @@ fn an_event_reads_and_writes_as_json() {
     assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), event);
     assert!(serde_json::from_str::<Event>(&json.replace("\"port\"", "\"prt\"")).is_err());
 }
+
+#[test]
+fn a_restart_recalls_the_usual_denial_rate() {
+    // Before the restart: 1,200 denials to orders over the last 2 hours, 10 a minute.
+    let mut d = detector();
+    d.learn([&denied("a", "orders", 1).key]);
+    d.recall_denials([(wl("orders"), 1_200), (wl("cart"), 0)], 7_200, T0);
+    // 40 in a minute is not 5 times the usual rate…
+    assert!(
+        d.observe(&[denied("a", "orders", 40)], T0)
+            .events
+            .is_empty()
+    );
+    // …50 is, and the detail says what was usual.
+    let o = d.observe(&[denied("a", "orders", 10)], T0 + 10);
+    assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
+    assert!(
+        o.events[0].detail.contains("(usual: 10.0 per minute)"),
+        "{}",
+        o.events[0].detail
+    );
+
+    // Without the recall, 40 would have been a spike; and the recalled rate fades out of
+    // the baseline an hour later.
+    let mut fresh = detector();
+    fresh.learn([&denied("a", "orders", 1).key]);
+    let o = fresh.observe(&[denied("a", "orders", 40)], T0);
+    assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
+    let mut later = detector();
+    later.learn([&denied("a", "orders", 1).key]);
+    later.recall_denials([(wl("orders"), 1_200)], 7_200, T0);
+    let o = later.observe(&[denied("a", "orders", 40)], T0 + 3_700);
+    assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
+}
