@@ -9,16 +9,16 @@
 //! only as templates (`/orders/*`): ids and tokens in paths stay here.
 //!
 //! Counting is on every request's path, so a request whose edge is already held copies
-//! nothing: the edge is found by a hash of the fields the request borrows, and the request's
-//! path is hashed and compared as its template without the template being built. Only an
-//! edge's first request allocates its key. `--flow-interval-secs 0` turns counting and
-//! reporting off.
+//! nothing and reads nothing of the held key: the edge is found by a keyed 128-bit hash of
+//! the fields the request borrows (see [`Found`]), its path hashed as its template without
+//! the template being built. Only an edge's first request allocates its key.
+//! `--flow-interval-secs 0` turns counting and reporting off.
 
 use crate::Shared;
 use crate::credentials::control_channel;
 use bulkhead_api::v1::ReportFlowsRequest;
 use bulkhead_api::v1::config_client::ConfigClient;
-use bulkhead_insight::template::{template, template_eq, template_hash};
+use bulkhead_insight::template::{template, template_hash};
 use bulkhead_insight::{Edge, EdgeKey, EdgeStats, EdgeVerdict};
 use bulkhead_policy::model::{Direction, ResourceName, WorkloadRef};
 use bulkhead_policy::{Decision, Protocol, Reason, Verdict};
@@ -97,7 +97,7 @@ impl Flows {
             return;
         }
         let key = KeyRef::of(seen);
-        let hash = key.shape.hash(&self.hasher);
+        let found = key.found(&self.hasher);
         let stats = EdgeStats::one(
             crate::unix_seconds(std::time::SystemTime::now()).max(0) as u64,
             seen.bytes_in,
@@ -105,7 +105,7 @@ impl Flows {
             seen.latency.as_micros().min(u128::from(u64::MAX)) as u64,
         );
         let counted = match self.edges.try_lock() {
-            Ok(mut held) => held.add(hash, |k| key.matches(k), || key.to_key(), &stats),
+            Ok(mut held) => held.add(found, || key.to_key(), &stats),
             Err(_) => false,
         };
         if !counted {
@@ -125,7 +125,7 @@ impl Flows {
             .buckets
             .into_values()
             .flatten()
-            .map(|(key, stats)| Edge { key, stats })
+            .map(|(_, key, stats)| Edge { key, stats })
             .collect();
         (edges, dropped)
     }
@@ -135,8 +135,8 @@ impl Flows {
         let mut lost = dropped;
         if let Ok(mut held) = self.edges.lock() {
             for Edge { key, stats } in edges {
-                let hash = Shape::of_key(&key).hash(&self.hasher);
-                if !held.add(hash, |k| *k == key, || key.clone(), &stats) {
+                let found = Found::of_key(&key, &self.hasher);
+                if !held.add(found, || key, &stats) {
                     lost += stats.count;
                     self.dropped_total.inc_by(stats.count);
                 }
@@ -154,24 +154,18 @@ impl Flows {
 #[derive(Default)]
 struct Held {
     /// Edges of one shape differ only in what decided them, so a bucket holds one edge but
-    /// for rare exceptions (and hash collisions).
-    buckets: HashMap<u64, Vec<(EdgeKey, EdgeStats)>, BuildHasherDefault<Prehashed>>,
+    /// for rare exceptions (and hash collisions); each with its fingerprint.
+    buckets: HashMap<u64, Vec<(u64, EdgeKey, EdgeStats)>, BuildHasherDefault<Prehashed>>,
     /// Edges in all buckets.
     len: usize,
 }
 
 impl Held {
-    /// Adds `stats` to the edge `hash` leads to that `is` accepts, or to a new edge `make`
-    /// builds; false when that would be a new edge and the buffer is full.
-    fn add(
-        &mut self,
-        hash: u64,
-        is: impl Fn(&EdgeKey) -> bool,
-        make: impl FnOnce() -> EdgeKey,
-        stats: &EdgeStats,
-    ) -> bool {
-        if let Some(bucket) = self.buckets.get_mut(&hash)
-            && let Some((_, held)) = bucket.iter_mut().find(|(k, _)| is(k))
+    /// Adds `stats` to the edge `found` finds, or to a new edge `make` builds; false when
+    /// that would be a new edge and the buffer is full.
+    fn add(&mut self, found: Found, make: impl FnOnce() -> EdgeKey, stats: &EdgeStats) -> bool {
+        if let Some(bucket) = self.buckets.get_mut(&found.bucket)
+            && let Some((_, _, held)) = bucket.iter_mut().find(|(f, _, _)| *f == found.fingerprint)
         {
             held.merge(stats);
             return true;
@@ -179,7 +173,10 @@ impl Held {
         if self.len >= MAX_EDGES {
             return false;
         }
-        self.buckets.entry(hash).or_default().push((make(), *stats));
+        self.buckets
+            .entry(found.bucket)
+            .or_default()
+            .push((found.fingerprint, make(), *stats));
         self.len += 1;
         true
     }
@@ -206,8 +203,56 @@ impl Hasher for Prehashed {
     }
 }
 
-/// The fields of an edge's key that find it: all but what decided (a policy and rule, or a
-/// posture), which tells apart only the rare edges that share everything else.
+/// How a held edge is found: `bucket` hashes the fields of its [`Shape`], `fingerprint`
+/// those and what decided it, in one pass of SipHash keyed at random per process. Two keys
+/// are taken for the same edge when both agree. That is 128 bits of a keyed hash: an
+/// accidental match is out of reach (about 2^-128 for a pair of keys) and no caller can aim
+/// for one without the key. In exchange, the held key's strings, cold in memory by the
+/// time the next request comes, are never read: comparing them cost a sidecar more than
+/// twice what the rest of counting does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Found {
+    bucket: u64,
+    fingerprint: u64,
+}
+
+impl Found {
+    /// What a held key is found by: the same as [`KeyRef::found`] for the request it was
+    /// built from.
+    fn of_key(key: &EdgeKey, state: &RandomState) -> Found {
+        let mut h = Shape::of_key(key).hasher(state);
+        let bucket = h.finish();
+        hash_names(key.policy.as_deref(), key.rule.as_deref(), &mut h);
+        Found {
+            bucket,
+            fingerprint: h.finish(),
+        }
+    }
+}
+
+/// A key's `policy` and `rule`, hashed: a tag for a rule or a posture, then each name and a
+/// byte no UTF-8 text holds.
+fn hash_names(policy: Option<&str>, rule: Option<&str>, h: &mut impl Hasher) {
+    h.write_u8(if rule.is_some() { 1 } else { 2 });
+    h.write(policy.unwrap_or_default().as_bytes());
+    h.write_u8(0xff);
+    if let Some(rule) = rule {
+        h.write(rule.as_bytes());
+        h.write_u8(0xff);
+    }
+}
+
+/// `name` as [`hash_names`] hashes it as printed (`namespace/name`), without printing it:
+/// SipHash reads its input as one stream of bytes, however it is split into writes.
+fn hash_resource_name(name: &ResourceName, h: &mut impl Hasher) {
+    h.write(name.namespace.as_bytes());
+    h.write(b"/");
+    h.write(name.name.as_bytes());
+    h.write_u8(0xff);
+}
+
+/// The fields of an edge's key that find its bucket: all but what decided (a policy and
+/// rule, or a posture), which tells apart only the rare edges that share everything else.
 struct Shape<'a> {
     direction: Direction,
     source_identity: Option<&'a str>,
@@ -236,8 +281,9 @@ impl Shape<'_> {
         }
     }
 
-    /// Equal for a request and the key it counts into (a template is its own template).
-    fn hash(&self, state: &RandomState) -> u64 {
+    /// A hasher that has read the shape: the same for a request and the key it counts
+    /// into (a template is its own template).
+    fn hasher(&self, state: &RandomState) -> std::hash::DefaultHasher {
         let mut h = state.build_hasher();
         (
             self.direction,
@@ -257,7 +303,7 @@ impl Shape<'_> {
                 template_hash(path, &mut h);
             }
         }
-        h.finish()
+        h
     }
 }
 
@@ -283,6 +329,27 @@ impl<'a> DecidedBy<'a> {
             Reason::Rule { policy, rule, .. } => DecidedBy::Rule { policy, rule },
             Reason::Posture { source, .. } => {
                 DecidedBy::Posture(source.resource().map(|r| r.as_ref()))
+            }
+        }
+    }
+
+    /// Hashes what [`Self::names`] gives, as [`hash_names`] does, without building it.
+    fn hash(&self, h: &mut impl Hasher) {
+        match self {
+            DecidedBy::Rule { policy, rule } => {
+                h.write_u8(1);
+                hash_resource_name(policy, h);
+                h.write(rule.as_bytes());
+                h.write_u8(0xff);
+            }
+            DecidedBy::Posture(Some(r)) => {
+                h.write_u8(2);
+                hash_resource_name(r, h);
+            }
+            DecidedBy::Posture(None) => {
+                h.write_u8(2);
+                h.write(BUILT_IN.as_bytes());
+                h.write_u8(0xff);
             }
         }
     }
@@ -349,35 +416,15 @@ impl<'a> KeyRef<'a> {
         }
     }
 
-    /// Whether `key` is this key: what `self.to_key() == *key` says, without building it.
-    fn matches(&self, key: &EdgeKey) -> bool {
-        let s = &self.shape;
-        s.port == key.port
-            && s.verdict == key.verdict
-            && s.direction == key.direction
-            && s.protocol == key.protocol
-            && s.method == key.method.as_deref()
-            && s.source_identity == key.source_identity.as_deref()
-            && s.source_workload == key.source_workload.as_ref()
-            && *s.destination == key.destination
-            && match (s.path, key.path.as_deref()) {
-                (Some(path), Some(t)) => template_eq(path, t),
-                (None, None) => true,
-                _ => false,
-            }
-            && match self.decided_by {
-                DecidedBy::Rule { policy, rule } => {
-                    key.rule.as_deref() == Some(rule)
-                        && key.policy.as_deref().is_some_and(|p| names(p, policy))
-                }
-                DecidedBy::Posture(resource) => {
-                    key.rule.is_none()
-                        && key.policy.as_deref().is_some_and(|p| match resource {
-                            Some(r) => names(p, r),
-                            None => p == BUILT_IN,
-                        })
-                }
-            }
+    /// What finds the edge this request counts into.
+    fn found(&self, state: &RandomState) -> Found {
+        let mut h = self.shape.hasher(state);
+        let bucket = h.finish();
+        self.decided_by.hash(&mut h);
+        Found {
+            bucket,
+            fingerprint: h.finish(),
+        }
     }
 
     /// The owned key: for the first request of an edge.
@@ -398,13 +445,6 @@ impl<'a> KeyRef<'a> {
             direction: s.direction,
         }
     }
-}
-
-/// Whether `text` is `name` as it prints (`namespace/name`), without printing it.
-fn names(text: &str, name: &ResourceName) -> bool {
-    text.strip_prefix(name.namespace.as_str())
-        .and_then(|rest| rest.strip_prefix('/'))
-        == Some(name.name.as_str())
 }
 
 /// Reports on `interval` for as long as the proxy runs. A failed report is kept for the

@@ -194,18 +194,29 @@ fn a_request_finds_exactly_the_key_it_would_build() {
         let a_ref = KeyRef::of(&a_seen);
         let a_key = a_ref.to_key();
         kinds.insert((a_key.policy.clone(), a_key.rule.is_some()));
-        let hash = a_ref.shape.hash(&hasher);
-        assert_eq!(hash, Shape::of_key(&a_key).hash(&hasher), "{a_key:?}");
+        let found = a_ref.found(&hasher);
+        assert_eq!(found, Found::of_key(&a_key, &hasher), "{a_key:?}");
         for b in &requests {
-            let b_key = KeyRef::of(&seen(b, &destination)).to_key();
+            let b_ref = KeyRef::of(&seen(b, &destination));
+            let b_key = b_ref.to_key();
+            // Found from the request or from its key: equal exactly for equal keys; and
+            // keys that differ only in what decided them share a bucket.
             assert_eq!(
-                a_ref.matches(&b_key),
+                b_ref.found(&hasher) == found,
                 a_key == b_key,
                 "{a_key:?} vs {b_key:?}"
             );
-            if a_key == b_key {
-                assert_eq!(hash, Shape::of_key(&b_key).hash(&hasher));
-            }
+            assert_eq!(Found::of_key(&b_key, &hasher) == found, a_key == b_key);
+            let same_shape = EdgeKey {
+                policy: None,
+                rule: None,
+                ..a_key.clone()
+            } == EdgeKey {
+                policy: None,
+                rule: None,
+                ..b_key.clone()
+            };
+            assert_eq!(b_ref.found(&hasher).bucket == found.bucket, same_shape);
         }
     }
     // Rules, audit rules, the built-in posture and a namespace posture were all seen.
@@ -250,12 +261,23 @@ fn a_restored_report_merges_into_the_edges_counted_since() {
 }
 
 #[test]
-fn names_reads_a_resource_name_as_it_prints() {
+fn a_resource_name_hashes_as_it_prints() {
+    let state = RandomState::new();
+    let of_text = |text: &str| {
+        let mut h = state.build_hasher();
+        hash_names(Some(text), None, &mut h);
+        h.finish()
+    };
+    let of_name = |n: &ResourceName| {
+        let mut h = state.build_hasher();
+        DecidedBy::Posture(Some(n)).hash(&mut h);
+        h.finish()
+    };
     let n = ResourceName {
         namespace: "shop".into(),
         name: "orders-allow".into(),
     };
-    assert!(names(&n.to_string(), &n));
+    assert_eq!(of_name(&n), of_text(&n.to_string()));
     for other in [
         "shop/orders",
         "shop/orders-allowx",
@@ -265,13 +287,13 @@ fn names_reads_a_resource_name_as_it_prints() {
         "x/shop/orders-allow",
         "*/orders-allow",
     ] {
-        assert!(!names(other, &n), "{other}");
+        assert_ne!(of_name(&n), of_text(other), "{other}");
     }
     let mesh = ResourceName {
         namespace: "*".into(),
         name: "default".into(),
     };
-    assert!(names("*/default", &mesh));
+    assert_eq!(of_name(&mesh), of_text("*/default"));
 }
 
 #[test]
