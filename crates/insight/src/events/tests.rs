@@ -206,6 +206,23 @@ fn a_spike_needs_the_minimum_within_a_sliding_minute() {
     assert!(d.observe(&[allowed_many], T0 + 71).events.is_empty());
 }
 
+/// With 10 denials a minute to orders as the usual rate: 49 within a minute from `at` are
+/// not a spike, the 50th (5 times the usual) makes one, and its detail says what was usual.
+fn spikes_at_five_times_ten_a_minute(d: &mut Detector, at: u64) {
+    assert!(
+        d.observe(&[denied("a", "orders", 49)], at)
+            .events
+            .is_empty()
+    );
+    let o = d.observe(&[denied("a", "orders", 1)], at + 1);
+    assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
+    assert!(
+        o.events[0].detail.contains("(usual: 10.0 per minute)"),
+        "{}",
+        o.events[0].detail
+    );
+}
+
 #[test]
 fn a_spike_is_measured_against_the_usual_rate_and_cools_down() {
     let rule = SpikeRule {
@@ -220,18 +237,7 @@ fn a_spike_is_measured_against_the_usual_rate_and_cools_down() {
         assert!(o.events.is_empty(), "minute {minute}");
     }
     let now = T0 + 3600;
-    assert!(
-        d.observe(&[denied("a", "orders", 49)], now)
-            .events
-            .is_empty()
-    );
-    let o = d.observe(&[denied("a", "orders", 1)], now + 1);
-    assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
-    assert!(
-        o.events[0].detail.contains("(usual: 10.0 per minute)"),
-        "{}",
-        o.events[0].detail
-    );
+    spikes_at_five_times_ten_a_minute(&mut d, now);
 
     // Within ten minutes: no second event for that destination, however many more.
     for step in 1..10 {
@@ -350,30 +356,17 @@ fn a_restart_recalls_the_usual_denial_rate() {
     let mut d = detector();
     d.learn([&denied("a", "orders", 1).key]);
     d.recall_denials([(wl("orders"), 1_200), (wl("cart"), 0)], 7_200, T0);
-    // 40 in a minute is not 5 times the usual rate…
-    assert!(
-        d.observe(&[denied("a", "orders", 40)], T0)
-            .events
-            .is_empty()
-    );
-    // …50 is, and the detail says what was usual.
-    let o = d.observe(&[denied("a", "orders", 10)], T0 + 10);
-    assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
-    assert!(
-        o.events[0].detail.contains("(usual: 10.0 per minute)"),
-        "{}",
-        o.events[0].detail
-    );
+    spikes_at_five_times_ten_a_minute(&mut d, T0);
 
-    // Without the recall, 40 would have been a spike; and the recalled rate fades out of
+    // Without the recall, 49 would have been a spike; and the recalled rate fades out of
     // the baseline an hour later.
     let mut fresh = detector();
     fresh.learn([&denied("a", "orders", 1).key]);
-    let o = fresh.observe(&[denied("a", "orders", 40)], T0);
+    let o = fresh.observe(&[denied("a", "orders", 49)], T0);
     assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
     let mut later = detector();
     later.learn([&denied("a", "orders", 1).key]);
     later.recall_denials([(wl("orders"), 1_200)], 7_200, T0);
-    let o = later.observe(&[denied("a", "orders", 40)], T0 + 3_700);
+    let o = later.observe(&[denied("a", "orders", 49)], T0 + 3_700);
     assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
 }
