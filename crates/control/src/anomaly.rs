@@ -296,17 +296,17 @@ mod tests {
         };
         let dir = temp_dir("denials");
         {
-            // 10 denials a minute for 50 minutes: the usual rate, never a spike.
+            // 10 denials a minute for an hour: the usual rate, never a spike.
             let store = open(&dir);
             let monitor = Monitor::load(&store, &no_learning(), T0).unwrap();
-            for minute in 0..50 {
+            for minute in 0..60 {
                 let at = T0 + minute * 60;
                 report(&store, &monitor, &[denials(10, at)], at);
             }
             assert_eq!(spikes(&store), 0);
         }
         // After a restart, 40 in a minute is under 5 times the usual 10…
-        let now = T0 + 3000;
+        let now = T0 + 3600;
         let store = open(&dir);
         let monitor = Monitor::load(&store, &no_learning(), now).unwrap();
         report(&store, &monitor, &[denials(40, now)], now);

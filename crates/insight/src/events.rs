@@ -209,15 +209,16 @@ impl Detector {
     /// as one slot just before the current minute, scaled to the baseline's length, so a
     /// destination's usual rate is known at once (not 0 for an hour, when any 20 denials
     /// would be a spike) and fades out of the baseline an hour later, as live history does.
+    /// They are spread over a baseline's length at least: a restart soon after a burst of
+    /// denials must not make the burst look usual. Recalling errs towards reporting a
+    /// spike, never towards hiding one.
     pub fn recall_denials(
         &mut self,
         denied: impl IntoIterator<Item = (WorkloadRef, u64)>,
         over_secs: u64,
         now: u64,
     ) {
-        if over_secs == 0 {
-            return;
-        }
+        let over_secs = over_secs.max(BASELINE_SECS);
         let slot = (now / SLOT_SECS).saturating_sub(WINDOW_SLOTS);
         for (destination, n) in denied {
             let watched = self.denials.contains_key(&destination);

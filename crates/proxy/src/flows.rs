@@ -205,11 +205,12 @@ impl Hasher for Prehashed {
 
 /// How a held edge is found: `bucket` hashes the fields of its [`Shape`], `fingerprint`
 /// those and what decided it, in one pass of SipHash keyed at random per process. Two keys
-/// are taken for the same edge when both agree. That is 128 bits of a keyed hash: an
-/// accidental match is out of reach (about 2^-128 for a pair of keys) and no caller can aim
-/// for one without the key. In exchange, the held key's strings, cold in memory by the
-/// time the next request comes, are never read: comparing them cost a sidecar more than
-/// twice what the rest of counting does.
+/// are taken for the same edge when both agree: 128 bits of a keyed hash for keys of
+/// different shapes, 64 for the rare ones that share a shape. An accidental match is out of
+/// reach (at most about 2^-64 for a pair of keys), and no caller can aim for one without
+/// the key. In exchange, the held key's strings, cold in memory by the time the next
+/// request comes, are never read: comparing them was most of what counting cost a sidecar
+/// (BENCHMARKS.md, "Flow reporting cost").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Found {
     bucket: u64,

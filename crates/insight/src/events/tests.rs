@@ -369,4 +369,12 @@ fn a_restart_recalls_the_usual_denial_rate() {
     later.recall_denials([(wl("orders"), 1_200)], 7_200, T0);
     let o = later.observe(&[denied("a", "orders", 49)], T0 + 3_700);
     assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
+
+    // A burst just before the restart is spread over an hour at least: 100 denials in the
+    // last minute are recalled as 1.7 a minute, so 20 more are still a spike.
+    let mut burst = detector();
+    burst.learn([&denied("a", "orders", 1).key]);
+    burst.recall_denials([(wl("orders"), 100)], 60, T0);
+    let o = burst.observe(&[denied("a", "orders", 20)], T0);
+    assert_eq!(kinds(&o), vec![EventKind::DenialSpike]);
 }
