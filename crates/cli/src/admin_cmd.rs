@@ -8,8 +8,8 @@ use bulkhead_api::v1::{
     ApplyRequest, ApplyResponse, DeleteRequest, GetRequest, HistoryRequest, ListProxiesRequest,
     RollbackRequest,
 };
+use bulkhead_policy::model::Resource;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tonic::transport::Channel;
 
 type Admin = AdminClient<Channel>;
@@ -82,21 +82,12 @@ pub async fn get(admin: &mut Admin, what: &str, output: &str) -> Result<()> {
             "unknown resource type {other:?}; use all, policies, workloads, services, postures or proxies"
         ),
     };
-    let resp = admin
-        .get(request(GetRequest { kind: kind.into() }))
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    let resources = resp
-        .resources
-        .iter()
-        .map(bulkhead_api::resource_from_wire)
-        .collect::<Result<Vec<_>, _>>()?;
+    let (resources, revision) = applied(admin, kind).await?;
     match output {
         "json" => println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({ "revision": resp.revision, "items": resources })
+                &serde_json::json!({ "revision": revision, "items": resources })
             )?
         ),
         "yaml" => {
@@ -116,17 +107,35 @@ pub async fn get(admin: &mut Admin, what: &str, output: &str) -> Result<()> {
                     r.summary()
                 );
             }
-            println!("revision {}", resp.revision);
+            println!("revision {revision}");
         }
     }
     Ok(())
 }
 
+/// The applied resources of `kind` (`""` for every kind) and the revision they are at.
+pub(crate) async fn applied(admin: &mut Admin, kind: &str) -> Result<(Vec<Resource>, u64)> {
+    let resp = admin
+        .get(request(GetRequest { kind: kind.into() }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let resources = resp
+        .resources
+        .iter()
+        .map(bulkhead_api::resource_from_wire)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| {
+            format!(
+                "the control plane sent revision {} in a form this bulkhead cannot read; is it older than the control plane?",
+                resp.revision
+            )
+        })?;
+    Ok((resources, resp.revision))
+}
+
 pub(crate) fn ago(unix: u64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::unix_now();
     match unix {
         0 => "-".into(),
         t if t > now => format!("in {}", human(t - now)),

@@ -183,7 +183,7 @@ async fn show_graph(admin: &mut Admin, since: u64) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let (resources, _) = crate::flows_cmd::applied(admin).await?;
+    let (resources, _) = crate::admin_cmd::applied(admin, "").await?;
     let lines = crate::flows_cmd::graph_lines(&edges, &resources);
     println!("\nService graph, as the sidecars reported it (bulkhead graph):");
     print!(

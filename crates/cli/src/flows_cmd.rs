@@ -6,11 +6,11 @@
 //! - `impact -f CANDIDATE`: the observed flows whose verdict the candidate would change;
 //! - `promote KIND/NS/NAME`: audit → enforce, refused while it had would-deny flows.
 
-use crate::admin_cmd::request;
+use crate::admin_cmd::{applied, request};
 use crate::client;
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::admin_client::AdminClient;
-use bulkhead_api::v1::{ApplyRequest, DeleteRequest, GetRequest, ListEdgesRequest};
+use bulkhead_api::v1::{ApplyRequest, DeleteRequest, ListEdgesRequest};
 use bulkhead_insight::{Edge, EdgeVerdict, RecommendOptions};
 use bulkhead_policy::PolicySet;
 use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
@@ -40,23 +40,6 @@ pub(crate) async fn edges_after(admin: &mut Admin, since: u64) -> Result<Vec<Edg
         edges.extend(part.into_iter().filter(|e| e.stats.last_seen >= since));
     }
     Ok(edges)
-}
-
-/// The applied resources and their revision.
-pub(crate) async fn applied(admin: &mut Admin) -> Result<(Vec<Resource>, u64)> {
-    let resp = admin
-        .get(request(GetRequest {
-            kind: String::new(),
-        }))
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    let resources = resp
-        .resources
-        .iter()
-        .map(bulkhead_api::resource_from_wire)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((resources, resp.revision))
 }
 
 fn compile(resources: &[Resource], what: &str) -> Result<PolicySet> {
@@ -142,7 +125,7 @@ pub(crate) struct GraphEdge {
 
 pub async fn graph(admin: &mut Admin, window: Option<Duration>, output: &str) -> Result<()> {
     let edges = edges(admin, window).await?;
-    let (resources, _) = applied(admin).await?;
+    let (resources, _) = applied(admin, "").await?;
     let lines = graph_lines(&edges, &resources);
     match output {
         "json" => println!("{}", serde_json::to_string_pretty(&lines)?),
@@ -265,7 +248,7 @@ pub(crate) fn graph_table(lines: &[GraphEdge], records: usize) -> String {
 
 pub async fn recommend(admin: &mut Admin, window: Option<Duration>, diff: bool) -> Result<()> {
     let edges = edges(admin, window).await?;
-    let (resources, _) = applied(admin).await?;
+    let (resources, _) = applied(admin, "").await?;
     let rec = bulkhead_insight::recommend(&edges, &resources, &RecommendOptions::default());
     if diff {
         print!("{}", bulkhead_insight::diff(&resources, &rec));
@@ -286,7 +269,7 @@ pub async fn impact(admin: &mut Admin, files: &[PathBuf], window: Option<Duratio
         )?);
     }
     let edges = edges(admin, window).await?;
-    let (resources, revision) = applied(admin).await?;
+    let (resources, revision) = applied(admin, "").await?;
     let current = compile(&resources, "the applied set")?;
     let merged = bulkhead_insight::apply(&resources, &changes);
     // "What if I enforce this": audit policies and postures of the result count as enforced.
@@ -318,7 +301,7 @@ fn resource_key(s: &str) -> String {
 
 pub async fn promote(admin: &mut Admin, target: &str, window: Duration, force: bool) -> Result<()> {
     let key = resource_key(target);
-    let (resources, _) = applied(admin).await?;
+    let (resources, _) = applied(admin, "").await?;
     let Some(resource) = resources.iter().find(|r| r.key() == key) else {
         bail!(
             "{key} is not applied; `bulkhead get policies` and `bulkhead get postures` list what is"

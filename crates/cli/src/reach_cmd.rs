@@ -8,7 +8,6 @@
 
 use crate::{admin_cmd, client, policy_cmd};
 use anyhow::{Context, Result, anyhow, bail};
-use bulkhead_api::v1::GetRequest;
 use bulkhead_policy::model::{Mode, Resource, WorkloadRef};
 use bulkhead_policy::{
     BlastRadius, Grant, PolicySet, PolicyView, PostureSource, Protocol, ReachEdge, ReachError,
@@ -155,39 +154,18 @@ fn declared(resources: &[Resource]) -> Vec<WorkloadRef> {
 async fn load_applied(context: &Path) -> Result<Loaded> {
     const HINT: &str = "cannot read the applied policy from the control plane (pass -f FILE to analyse policy files instead)";
     let mut admin = client::admin(context).await.context(HINT)?;
-    let resp = admin
-        .get(admin_cmd::request(GetRequest {
-            kind: String::new(),
-        }))
-        .await
-        .map_err(client::status)
-        .context(HINT)?
-        .into_inner();
-    let resources = resp
-        .resources
-        .iter()
-        .map(bulkhead_api::resource_from_wire)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| {
-            format!(
-                "the control plane sent revision {} in a form this bulkhead cannot read; is it older than the control plane?",
-                resp.revision
-            )
-        })?;
-    let set = PolicySet::compile(&resources, resp.revision).map_err(|errors| {
+    let (resources, revision) = admin_cmd::applied(&mut admin, "").await.context(HINT)?;
+    let set = PolicySet::compile(&resources, revision).map_err(|errors| {
         let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow!(
-            "the applied policy (revision {}) does not compile in this bulkhead: {}; is it older than the control plane?",
-            resp.revision,
+            "the applied policy (revision {revision}) does not compile in this bulkhead: {}; is it older than the control plane?",
             list.join("; ")
         )
     })?;
     Ok(Loaded {
         set,
         workloads: declared(&resources),
-        source: SetSource::ControlPlane {
-            revision: resp.revision,
-        },
+        source: SetSource::ControlPlane { revision },
     })
 }
 
@@ -656,7 +634,7 @@ async fn observed(context: &Path, args: ReachArgs) -> Result<()> {
         false => Question::WhoCanReach,
     };
     let mut admin = client::admin(context).await?;
-    let (resources, _) = crate::flows_cmd::applied(&mut admin).await?;
+    let (resources, _) = crate::admin_cmd::applied(&mut admin, "").await?;
     let edges = crate::flows_cmd::edges(&mut admin, args.since).await?;
     let edges = crate::flows_cmd::with_declared_callers(edges, &resources);
     let since = crate::since(args.since);

@@ -77,7 +77,7 @@ pub async fn run(context: &Path, args: TapArgs) -> Result<()> {
     let mut filter = args.filter()?;
     let mut admin = client::admin(context).await?;
     // A sidecar knows its caller by SPIFFE ID; name callers by their declared workloads.
-    let (resources, _) = crate::flows_cmd::applied(&mut admin).await?;
+    let (resources, _) = crate::admin_cmd::applied(&mut admin, "").await?;
     let by_identity = crate::flows_cmd::identities(&resources);
     if let Some(from) = &filter.from
         && let Some((id, _)) = by_identity.iter().find(|(_, w)| w.to_string() == *from)
