@@ -7,7 +7,7 @@
 
 use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
 use bulkhead_identity::{SpiffeId, Svid, TrustBundle, fingerprint};
-use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id};
+use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, orders_policy};
 use bulkhead_testkit::{KeepAlive, http, http_raw, parse_response, run};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
@@ -19,25 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-
-const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-frontend, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: allow
-  rules:
-    - name: frontend-reads-orders
-      from: {identities: ["spiffe://test.local/ns/shop/sa/frontend"]}
-      to: {methods: [GET], paths: ["/orders"]}
-"#;
 
 /// 4-second SVIDs: proxies renew about every 2 s, and a CA that stopped signing can be
 /// retired 5 s later.
@@ -56,7 +37,7 @@ struct Shop {
 fn shop() -> Shop {
     let mesh = Mesh::start_with(&["--svid-lifetime", SVID_LIFETIME]);
     let policy = mesh.dir.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
+    std::fs::write(&policy, orders_policy("/orders")).unwrap();
     assert_eq!(mesh.cli(&["apply", "-f", policy.to_str().unwrap()]).0, 0);
     let (procs, to_orders) = mesh.orders_and_frontend(&[]);
     let ready = |name: &str| -> serde_json::Value {

@@ -7,31 +7,12 @@
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::http;
-use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
+use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id, orders_policy};
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-frontend, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: allow
-  rules:
-    - name: frontend-reads-orders
-      from: {identities: ["spiffe://test.local/ns/shop/sa/frontend"]}
-      to: {methods: [GET], paths: ["/orders/*"]}
-"#;
 
 const FLOWS_EVERY_SECOND: [&str; 2] = ["--flow-interval-secs", "1"];
 
@@ -130,7 +111,7 @@ fn follow(mesh: &Mesh) -> (std::process::Child, mpsc::Receiver<String>) {
 #[test]
 fn new_edges_new_identities_and_denial_spikes() {
     let mesh = Mesh::start_with(&["--anomaly-learning-secs", "0", "--metrics", "127.0.0.1:0"]);
-    mesh.apply("policy.yaml", POLICY);
+    mesh.apply("policy.yaml", &orders_policy("/orders/*"));
     let metrics = metrics_addr(&mesh);
     assert_eq!(
         metric(metrics, "bulkhead_anomalies_total{kind=\"new-edge\"}"),

@@ -13,6 +13,30 @@ pub fn id(sa: &str) -> String {
     format!("spiffe://{TD}/ns/shop/sa/{sa}")
 }
 
+/// The orders workload (port 8080, HTTP) and a policy that lets the frontend GET `path`.
+pub fn orders_policy(path: &str) -> String {
+    format!(
+        r#"apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {{name: orders, namespace: shop}}
+spec:
+  identity: spiffe://{TD}/ns/shop/sa/orders
+  ports: [{{port: 8080, protocol: http}}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: orders-allow-frontend, namespace: shop}}
+spec:
+  selector: {{workload: orders}}
+  action: allow
+  rules:
+    - name: frontend-reads-orders
+      from: {{identities: ["spiffe://{TD}/ns/shop/sa/frontend"]}}
+      to: {{methods: [GET], paths: ["{path}"]}}
+"#
+    )
+}
+
 pub struct Mesh {
     pub bins: Bins,
     pub dir: TempDir,
