@@ -6,67 +6,17 @@ use bulkhead_policy::{PolicySet, parse_documents};
 const T: u64 = 1_714_557_600;
 
 /// The applied set: the shop of `examples/shop.yaml`, plus a database on an opaque TCP port.
-const SHOP: &str = r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: frontend, namespace: shop}
-spec:
-  identity: spiffe://bulkhead.local/ns/shop/sa/frontend
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://bulkhead.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: payments, namespace: shop}
-spec:
-  identity: spiffe://bulkhead.local/ns/shop/sa/payments
-  ports: [{port: 8080, protocol: http}]
----
+const SHOP: &str = concat!(
+    include_str!("../../../../examples/shop.yaml"),
+    r#"---
 apiVersion: bulkhead.dev/v1alpha1
 kind: Workload
 metadata: {name: db, namespace: shop}
 spec:
   identity: spiffe://bulkhead.local/ns/shop/sa/db
   ports: [{port: 5432, protocol: tcp}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-frontend, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: allow
-  rules:
-    - name: frontend-manages-orders
-      from: {identities: ["spiffe://bulkhead.local/ns/shop/sa/frontend"]}
-      to: {methods: [GET, POST], paths: ["/orders", "/orders/*"]}
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: payments-allow-orders, namespace: shop}
-spec:
-  selector: {workload: payments}
-  action: allow
-  rules:
-    - name: orders-charges
-      from: {identities: ["spiffe://bulkhead.local/ns/shop/sa/orders"]}
-      to: {methods: [POST], paths: ["/charge"]}
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: payments-deny-admin, namespace: shop}
-spec:
-  selector: {workload: payments}
-  action: deny
-  rules:
-    - name: admin-paths
-      to: {paths: ["/admin", "/admin/*"]}
-"#;
+"#
+);
 
 fn shop() -> Vec<Resource> {
     parse_documents("shop.yaml", SHOP).unwrap()
