@@ -314,17 +314,9 @@ fn compile(
         .workloads
         .iter()
         .filter_map(|(name, (doc, _))| {
-            let IdentityPattern::Exact(identity) = &doc.spec.identity.value else {
-                return None;
-            };
             let workload = DeclaredWorkload {
-                identity: identity.clone(),
-                ports: doc
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|p| (p.port.value, p.protocol))
-                    .collect(),
+                identity: doc.spec.exact_identity()?.clone(),
+                ports: doc.spec.port_protocols(),
                 addresses: doc.spec.addresses.iter().map(|a| a.value).collect(),
             };
             Some((name.clone(), workload))
@@ -445,7 +437,7 @@ fn postures(resources: &[Resource], errors: &mut Errors<'_>) -> Postures {
 fn identity_index(declared: &Declared<'_>) -> HashMap<String, Vec<WorkloadRef>> {
     let mut map: HashMap<String, Vec<WorkloadRef>> = HashMap::new();
     for (name, (doc, _)) in &declared.workloads {
-        if let IdentityPattern::Exact(id) = &doc.spec.identity.value {
+        if let Some(id) = doc.spec.exact_identity() {
             map.entry(id.clone()).or_default().push(name.clone());
         }
     }

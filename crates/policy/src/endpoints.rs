@@ -5,7 +5,7 @@
 //! must present that workload's identity. Any other address is outside the mesh.
 
 use crate::model::{Resource, WorkloadRef};
-use crate::pattern::{IdentityPattern, Protocol};
+use crate::pattern::Protocol;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
@@ -38,18 +38,13 @@ impl Endpoints {
         let mut e = Endpoints::default();
         for r in resources {
             let Resource::Workload(doc) = r else { continue };
-            let IdentityPattern::Exact(identity) = &doc.spec.identity.value else {
+            let Some(identity) = doc.spec.exact_identity() else {
                 continue;
             };
             let endpoint = Endpoint {
                 workload: r.name(),
                 identity: identity.clone(),
-                ports: doc
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|p| (p.port.value, p.protocol))
-                    .collect(),
+                ports: doc.spec.port_protocols(),
             };
             for a in &doc.spec.addresses {
                 e.by_ip.entry(a.value).or_insert_with(|| endpoint.clone());

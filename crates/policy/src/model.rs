@@ -297,6 +297,21 @@ pub struct WorkloadSpec {
     pub addresses: Vec<Located<std::net::IpAddr>>,
 }
 
+impl WorkloadSpec {
+    /// The exact SPIFFE ID; `None` for a pattern (which the compiler refuses).
+    pub fn exact_identity(&self) -> Option<&String> {
+        match &self.identity.value {
+            IdentityPattern::Exact(identity) => Some(identity),
+            _ => None,
+        }
+    }
+
+    /// The declared ports and their protocols, in declaration order.
+    pub fn port_protocols(&self) -> Vec<(u16, Protocol)> {
+        self.ports.iter().map(|p| (p.port.value, p.protocol)).collect()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortDeclaration {
