@@ -561,17 +561,20 @@ pub(crate) fn sanitize_comment(s: &str) -> String {
 }
 
 impl Recommendation {
+    /// Every namespace with a recommended posture or policy, in order.
+    fn namespaces(&self) -> BTreeSet<&Name> {
+        self.policies
+            .iter()
+            .map(|p| &p.namespace)
+            .chain(self.postures.iter().map(|p| &p.namespace))
+            .collect()
+    }
+
     /// The recommended resources, as the YAML of [`Recommendation::to_yaml`] parses: for each
     /// namespace its posture, then its policies that have rules.
     pub fn resources(&self) -> Vec<Resource> {
         let mut out = Vec::new();
-        let namespaces: BTreeSet<&Name> = self
-            .policies
-            .iter()
-            .map(|p| &p.namespace)
-            .chain(self.postures.iter().map(|p| &p.namespace))
-            .collect();
-        for ns in namespaces {
+        for ns in self.namespaces() {
             for p in self.postures.iter().filter(|p| &p.namespace == ns) {
                 out.push(p.resource());
             }

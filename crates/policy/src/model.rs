@@ -308,7 +308,10 @@ impl WorkloadSpec {
 
     /// The declared ports and their protocols, in declaration order.
     pub fn port_protocols(&self) -> Vec<(u16, Protocol)> {
-        self.ports.iter().map(|p| (p.port.value, p.protocol)).collect()
+        self.ports
+            .iter()
+            .map(|p| (p.port.value, p.protocol))
+            .collect()
     }
 }
 

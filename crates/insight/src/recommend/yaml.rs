@@ -10,7 +10,6 @@ use super::{
 };
 use crate::edge::{EdgeStats, rfc3339};
 use bulkhead_policy::model::Name;
-use std::collections::BTreeSet;
 use std::fmt::Write;
 
 impl Recommendation {
@@ -18,13 +17,7 @@ impl Recommendation {
     /// recommended posture and its policies. Policies with no rule print as comments only.
     pub fn to_yaml(&self) -> String {
         let mut docs = vec![self.header()];
-        let namespaces: BTreeSet<&Name> = self
-            .policies
-            .iter()
-            .map(|p| &p.namespace)
-            .chain(self.postures.iter().map(|p| &p.namespace))
-            .collect();
-        for ns in namespaces {
+        for ns in self.namespaces() {
             for p in self.postures.iter().filter(|p| &p.namespace == ns) {
                 docs.push(posture_yaml(p));
             }
