@@ -8,10 +8,13 @@
 //! error there is logged, not returned to the proxy, whose edges are already stored.
 
 use crate::error::ControlError;
+use crate::flows::bucket_of;
 use crate::metrics::Metrics;
 use crate::store::{EventRetention, Store};
 use bulkhead_insight::Edge;
 use bulkhead_insight::events::{BASELINE_SECS, Detector, Event, EventKind, SpikeRule};
+use bulkhead_policy::model::WorkloadRef;
+use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -60,30 +63,41 @@ impl Monitor {
         options: &Anomalies,
         now: u64,
     ) -> Result<Monitor, ControlError> {
-        let edges = store.edges_since(0)?;
+        // One pass over the stored rows: every key becomes known, and the denials in the
+        // stored hours that cover the last one give each destination's usual rate.
+        let recent = bucket_of(now.saturating_sub(BASELINE_SECS));
+        let mut keys = Vec::new();
+        let (mut first_seen, mut recent_first_seen) = (u64::MAX, u64::MAX);
+        let mut denied: BTreeMap<WorkloadRef, u64> = BTreeMap::new();
+        store.each_edge_row(0, |bucket, edge| {
+            first_seen = first_seen.min(edge.stats.first_seen);
+            if bucket >= recent {
+                recent_first_seen = recent_first_seen.min(edge.stats.first_seen);
+                if !edge.key.verdict.is_allow() && edge.stats.count > 0 {
+                    let n = denied.entry(edge.key.destination.clone()).or_default();
+                    *n = n.saturating_add(edge.stats.count);
+                }
+            }
+            keys.push(edge.key);
+        })?;
         let mut start = store.learning_start()?;
-        if start.is_none() && !edges.is_empty() {
+        if start.is_none() && !keys.is_empty() {
             // Edges stored before anomalies were found: learning started with the first.
-            let first = edges
-                .iter()
-                .map(|e| e.stats.first_seen)
-                .min()
-                .unwrap_or(now);
-            store.set_learning_start(first.min(now))?;
-            start = Some(first.min(now));
+            store.set_learning_start(first_seen.min(now))?;
+            start = Some(first_seen.min(now));
         }
         let rule = SpikeRule {
             min_denials: options.spike_min_denials,
             factor: options.spike_factor,
         };
         let mut detector = Detector::new(options.learning.as_secs(), rule, start);
-        detector.learn(edges.iter().map(|e| &e.key));
-        // The usual denial rates, from the stored hours that cover the last one.
-        let (denied, counted_from) = store.denials_since(now.saturating_sub(BASELINE_SECS))?;
+        detector.learn(&keys);
+        // Counted since the first request of those hours, but not before the first of them.
+        let counted_from = recent_first_seen.max(recent);
         let destinations = denied.len();
         detector.recall_denials(denied, now.saturating_sub(counted_from), now);
         tracing::info!(
-            edges = edges.len(),
+            rows = keys.len(),
             destinations_with_denials = destinations,
             learning_until = detector.learning_until(),
             "anomaly detection knows the stored edges and recent denial rates"

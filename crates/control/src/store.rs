@@ -12,7 +12,7 @@ use crate::flows::{BUCKET_SECS, FlowRetention, MAX_CLOCK_SKEW_SECS, bucket_of};
 use crate::tokens::{TokenError, TokenRecord, same_hash};
 use bulkhead_insight::events::Event;
 use bulkhead_insight::{Edge, EdgeKey, EdgeStats};
-use bulkhead_policy::model::{Resource, ResourceName, WorkloadRef};
+use bulkhead_policy::model::{Resource, ResourceName};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::BTreeMap;
@@ -415,33 +415,17 @@ impl Store {
     /// merged across hours; sorted by key.
     pub(crate) fn edges_since(&self, from_unix: u64) -> Result<Vec<Edge>, ControlError> {
         let mut edges = Vec::new();
-        self.each_edge_row(from_unix, |edge| edges.push(edge))?;
+        self.each_edge_row(from_unix, |_, edge| edges.push(edge))?;
         Ok(bulkhead_insight::merge_edges(edges))
     }
 
-    /// Denied requests to each destination in the stored hours from the one `from_unix`
-    /// falls in on, and since when they were counted: the first request any of those rows
-    /// saw, but not before the first of those hours.
-    pub(crate) fn denials_since(
+    /// Calls `f` with every readable stored row (one edge key in one hour: the hour's
+    /// start, and the edge) in the hours from the one `from_unix` falls in on, oldest first.
+    pub(crate) fn each_edge_row(
         &self,
         from_unix: u64,
-    ) -> Result<(BTreeMap<WorkloadRef, u64>, u64), ControlError> {
-        let start = bucket_of(from_unix);
-        let mut denied: BTreeMap<WorkloadRef, u64> = BTreeMap::new();
-        let mut first_seen = u64::MAX;
-        self.each_edge_row(from_unix, |edge| {
-            first_seen = first_seen.min(edge.stats.first_seen);
-            if !edge.key.verdict.is_allow() && edge.stats.count > 0 {
-                let n = denied.entry(edge.key.destination).or_default();
-                *n = n.saturating_add(edge.stats.count);
-            }
-        })?;
-        Ok((denied, first_seen.max(start)))
-    }
-
-    /// Calls `f` with every readable stored row (one edge key in one hour) in the hours
-    /// from the one `from_unix` falls in on, oldest hour first.
-    fn each_edge_row(&self, from_unix: u64, mut f: impl FnMut(Edge)) -> Result<(), ControlError> {
+        mut f: impl FnMut(u64, Edge),
+    ) -> Result<(), ControlError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(EDGES).map_err(|e| self.err(e))?;
         let range = table
@@ -454,7 +438,7 @@ impl Store {
                 serde_json::from_str::<EdgeStats>(v.value()).map(|stats| Edge { key, stats })
             });
             match decoded {
-                Ok(edge) => f(edge),
+                Ok(edge) => f(bucket, edge),
                 Err(e) => {
                     tracing::warn!(bucket, error = %e, "skipping an unreadable stored edge")
                 }
