@@ -235,10 +235,10 @@ enum TokenCommand {
         /// The identity the token grants, e.g. spiffe://bulkhead.local/ns/shop/sa/orders.
         #[arg(long)]
         identity: String,
-        /// Workload namespace (default: the ID's /ns/<namespace>).
+        /// Workload namespace (default: the ID's /ns/NAMESPACE).
         #[arg(long)]
         namespace: Option<String>,
-        /// Workload name (default: the ID's /sa/<account>).
+        /// Workload name (default: the ID's /sa/ACCOUNT).
         #[arg(long)]
         workload: Option<String>,
         /// How long the token is valid.

@@ -334,7 +334,7 @@ fn compile(
 fn declarations<'a>(resources: &'a [Resource], errors: &mut Errors<'_>) -> Declared<'a> {
     let mut workloads = BTreeMap::new();
     let mut services = BTreeMap::new();
-    let mut addresses: HashMap<std::net::IpAddr, ResourceName> = HashMap::new();
+    let mut addresses: HashMap<core::net::IpAddr, ResourceName> = HashMap::new();
     for (i, r) in resources.iter().enumerate() {
         match r {
             Resource::Workload(doc) => {

@@ -7,9 +7,9 @@
 use crate::decision::{AuditOutcome, Decision, NearMiss, PostureSource, Reason, Verdict};
 use crate::model::{Action, Direction, HeaderCondition, ResourceName, WorkloadRef};
 use crate::pattern::{HostPattern, IdentityPattern, Method, PathPattern, PortRange, Protocol};
+use core::net::IpAddr;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Access to a request's headers by lower-case name.

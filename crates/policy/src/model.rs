@@ -294,7 +294,7 @@ pub struct WorkloadSpec {
     /// The IP addresses the workload's app is reached at. A sidecar in transparent mode
     /// recognises a mesh destination by its address and requires the declared identity there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses: Vec<Located<std::net::IpAddr>>,
+    pub addresses: Vec<Located<core::net::IpAddr>>,
 }
 
 impl WorkloadSpec {

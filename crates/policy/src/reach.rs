@@ -16,10 +16,10 @@ use crate::decision::PostureSource;
 use crate::eval::{CompiledRule, Cond, DeclaredWorkload, PolicySet, PolicyView, RuleList, slot};
 use crate::model::{Action, Direction, Mode, ResourceName, WorkloadRef};
 use crate::pattern::Protocol;
+use core::net::IpAddr;
 use operation::Operation;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Whose egress decision counts.

@@ -16,6 +16,8 @@ pub use tempfile::TempDir;
 
 pub mod mesh;
 pub mod netns;
+#[cfg(test)]
+mod tidy;
 
 /// Where the real binaries are: next to the `bulkhead` binary cargo built for this test.
 pub struct Bins {
