@@ -191,7 +191,7 @@ async fn show_graph(admin: &mut Admin, since: u64) -> Result<()> {
         indent(&crate::flows_cmd::graph_table(&lines, edges.len()))
     );
 
-    let edges = crate::flows_cmd::with_declared_callers(edges, &resources);
+    let edges = bulkhead_insight::with_declared_callers(edges, &resources);
     let frontend =
         bulkhead_policy::model::parse_workload("shop/frontend").map_err(anyhow::Error::msg)?;
     let window = bulkhead_insight::Window {

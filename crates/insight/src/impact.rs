@@ -10,11 +10,9 @@
 //! "What if I enforce this" is [`enforce_all`] before compiling the candidate: audit-mode
 //! policies and postures then decide as if enforced.
 
-use crate::edge::{Edge, EdgeStats, rfc3339};
+use crate::edge::{Edge, EdgeKey, EdgeStats, rfc3339};
 use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
-use bulkhead_policy::{
-    Decision, Http, IdentityPattern, Peer, PolicySet, Protocol, Request, Verdict,
-};
+use bulkhead_policy::{Decision, Http, Peer, PolicySet, Protocol, Request, Verdict};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -91,6 +89,67 @@ pub struct Flow {
     pub path: Option<String>,
 }
 
+impl Flow {
+    /// The flow of an edge: its key without the outcome.
+    pub fn of(k: &EdgeKey) -> Flow {
+        Flow {
+            direction: k.direction,
+            source_identity: k.source_identity.clone(),
+            source_workload: k.source_workload.clone(),
+            destination: k.destination.clone(),
+            port: k.port,
+            protocol: k.protocol,
+            method: k.method.clone(),
+            path: k.path.clone(),
+        }
+    }
+
+    /// Replays a representative request of the flow against `set` (see the module's
+    /// documentation for what it carries). `identities` names each declared workload's
+    /// identity, which an egress replay presents as the server's. `None` for an egress flow
+    /// whose source workload is unknown: there is no subject to judge it for.
+    pub fn evaluate(
+        &self,
+        set: &PolicySet,
+        identities: &BTreeMap<WorkloadRef, String>,
+    ) -> Option<Decision> {
+        let headers: Vec<(String, String)> = Vec::new();
+        let path = self.path.as_deref().map(concrete_path);
+        let http = self.protocol.is_http().then(|| Http {
+            method: self.method.as_deref().unwrap_or_default(),
+            path: path.as_deref().unwrap_or("/"),
+            host: None,
+            headers: &headers,
+        });
+        let (subject, peer) = match self.direction {
+            Direction::Ingress => (
+                &self.destination,
+                Peer {
+                    identity: self.source_identity.as_deref(),
+                    ip: None,
+                    workload: None,
+                },
+            ),
+            Direction::Egress => (
+                self.source_workload.as_ref()?,
+                Peer {
+                    identity: identities.get(&self.destination).map(String::as_str),
+                    ip: None,
+                    workload: Some(&self.destination),
+                },
+            ),
+        };
+        Some(set.evaluate(&Request {
+            direction: self.direction,
+            subject,
+            peer,
+            port: self.port,
+            protocol: self.protocol,
+            http,
+        }))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum VerdictChange {
     NewlyDenied,
@@ -145,76 +204,21 @@ pub fn impact(
     candidate: &PolicySet,
     declared: &[Resource],
 ) -> Impact {
-    let identities: BTreeMap<WorkloadRef, String> = declared
-        .iter()
-        .filter_map(|r| match r {
-            Resource::Workload(doc) => match &doc.spec.identity.value {
-                IdentityPattern::Exact(id) => Some((r.name(), id.clone())),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect();
+    let identities = crate::graph::declared_identities(declared);
     let mut flows: BTreeMap<Flow, EdgeStats> = BTreeMap::new();
     for e in edges {
-        let k = &e.key;
-        let flow = Flow {
-            direction: k.direction,
-            source_identity: k.source_identity.clone(),
-            source_workload: k.source_workload.clone(),
-            destination: k.destination.clone(),
-            port: k.port,
-            protocol: k.protocol,
-            method: k.method.clone(),
-            path: k.path.clone(),
-        };
-        flows.entry(flow).or_default().merge(&e.stats);
+        flows.entry(Flow::of(&e.key)).or_default().merge(&e.stats);
     }
     let mut out = Impact::default();
-    let headers: Vec<(String, String)> = Vec::new();
     for (flow, stats) in flows {
-        let path = flow.path.as_deref().map(concrete_path);
-        let http = flow.protocol.is_http().then(|| Http {
-            method: flow.method.as_deref().unwrap_or_default(),
-            path: path.as_deref().unwrap_or("/"),
-            host: None,
-            headers: &headers,
-        });
-        let (subject, peer) = match flow.direction {
-            Direction::Ingress => (
-                &flow.destination,
-                Peer {
-                    identity: flow.source_identity.as_deref(),
-                    ip: None,
-                    workload: None,
-                },
-            ),
-            Direction::Egress => {
-                let Some(source) = &flow.source_workload else {
-                    out.not_replayed.push(flow.clone());
-                    continue;
-                };
-                (
-                    source,
-                    Peer {
-                        identity: identities.get(&flow.destination).map(String::as_str),
-                        ip: None,
-                        workload: Some(&flow.destination),
-                    },
-                )
-            }
-        };
-        let req = Request {
-            direction: flow.direction,
-            subject,
-            peer,
-            port: flow.port,
-            protocol: flow.protocol,
-            http,
+        let (Some(before), Some(after)) = (
+            flow.evaluate(current, &identities),
+            flow.evaluate(candidate, &identities),
+        ) else {
+            out.not_replayed.push(flow);
+            continue;
         };
         out.replayed += 1;
-        let before = current.evaluate(&req);
-        let after = candidate.evaluate(&req);
         let change = match (before.verdict, after.verdict) {
             (Verdict::Allow, Verdict::Deny) => VerdictChange::NewlyDenied,
             (Verdict::Deny, Verdict::Allow) => VerdictChange::NewlyAllowed,
