@@ -12,7 +12,9 @@ use crate::proxies::unix_now;
 use crate::service::State;
 use bulkhead_insight::{Reach, Window};
 use bulkhead_policy::model::{Resource, WorkloadRef};
-use bulkhead_policy::{EdgeView, PolicySet, PolicyView, ReachOptions, SourceEgress};
+use bulkhead_policy::{
+    BlastRadius, EdgeView, PolicySet, PolicyView, ReachOptions, SourceEgress,
+};
 use serde::Serialize;
 
 /// `?name=ns/name[&view=staged][&egress=bypassed][&window=SECS]`
@@ -121,6 +123,9 @@ struct EdgeRow {
 #[serde(rename_all = "camelCase")]
 struct PolicyBlast {
     reached: Vec<ReachedRow>,
+    /// Every edge between the start and the workloads it reaches: what an attacker holding
+    /// the start could use, hop after hop. Fewer edges, fewer ways to move.
+    edges: Vec<EdgeRow>,
 }
 
 #[derive(Serialize)]
@@ -145,6 +150,20 @@ fn row(e: &bulkhead_policy::ReachEdge) -> EdgeRow {
         allowed_by: edge.allowed_by(),
         edge,
     }
+}
+
+/// The edges among the start of `blast` and every workload it reached.
+fn radius_edges(set: &PolicySet, blast: &BlastRadius, options: ReachOptions) -> Vec<EdgeRow> {
+    let inside: std::collections::BTreeSet<&WorkloadRef> = std::iter::once(&blast.start)
+        .chain(blast.reached.iter().map(|r| &r.workload))
+        .collect();
+    inside
+        .iter()
+        .filter_map(|w| bulkhead_policy::reachable_from(set, w, options).ok())
+        .flatten()
+        .filter(|e| inside.contains(&e.to))
+        .map(|e| row(&e))
+        .collect()
 }
 
 fn observed(found: Vec<Reach>) -> Vec<ObservedRow> {
@@ -220,6 +239,7 @@ pub(super) fn view(state: &State, q: &WorkloadQuery) -> Result<WorkloadView, Vie
                     (Ok(who), Ok(blast)) => (
                         Some(who.iter().map(row).collect()),
                         Some(PolicyBlast {
+                            edges: radius_edges(&set, &blast, options),
                             reached: blast
                                 .reached
                                 .iter()
