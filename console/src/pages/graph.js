@@ -166,7 +166,7 @@ export function render(main, _rest, ctx) {
 function decision(d) {
   const what = [d.method, d.path].filter(Boolean).join(' ') || `${d.protocol} connections`;
   const by = d.rule ? `policy ${d.policy} rule ${d.rule}` : d.policy === 'built-in' ? 'the built-in posture' : `posture ${d.policy}`;
-  return h('li', { class: `decision ${d.verdict}` },
+  return h('li', { class: `decision ${d.verdict}`, dataset: { verdict: d.verdict, what, revision: d.revision, policy: d.policy || '' } },
     h('div', { class: 'what' }, h('span', { class: `badge ${d.verdict}` }, d.verdict), ` ${what} · ${d.count} request${d.count === 1 ? '' : 's'} · last seen ${ago(d.lastSeen)}`),
     h('div', { class: 'by' }, 'decided by ',
       d.resource ? h('a', { href: `#/policies/${encodeURIComponent(d.resource)}`, class: 'policy-link' }, by) : by,
