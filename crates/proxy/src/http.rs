@@ -1,6 +1,7 @@
 //! HTTP/1.1 plumbing shared by the inbound and outbound sides: one upstream connection per
 //! downstream connection, hop-by-hop header hygiene, and the responses the proxy itself makes.
 
+use crate::authz::Permit;
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -170,11 +171,16 @@ fn admit(
         Ok(permit) => Some(permit),
         Err(_) => {
             shared.metrics.refused_connection(direction);
-            tracing::warn!(
-                direction,
-                limit = shared.limits.max_connections,
-                "connection refused: too many open connections"
-            );
+            let reason = crate::metrics::Refusal::TooManyConnections;
+            if let Some(unlogged) = shared.refuse(direction, reason) {
+                tracing::warn!(
+                    direction,
+                    reason = reason.label(),
+                    limit = shared.limits.max_connections,
+                    unlogged,
+                    "connection refused: too many open connections"
+                );
+            }
             None
         }
     }
@@ -264,6 +270,7 @@ impl Link {
 
     pub(crate) async fn send<F, Fut, Io>(
         &self,
+        _permit: Permit,
         req: Request<Incoming>,
         connect: F,
     ) -> Result<Response<Incoming>, LinkError>
@@ -373,6 +380,7 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// Forwards an allowed upgrade request on a connection of its own; on `101 Switching
 /// Protocols` both sides are joined and bytes flow until either closes or goes idle.
 pub(crate) async fn forward_upgrade<Fut, Io>(
+    _permit: Permit,
     mut req: Request<Incoming>,
     connect: Fut,
     idle: std::time::Duration,

@@ -15,7 +15,7 @@ use crate::http::{
     proxy_response, request_host, response_body, serve_http, strip_hop_by_hop,
 };
 use crate::http::{content_length, grpc_status};
-use crate::metrics::{LabelText, Parties, TlsFailure};
+use crate::metrics::{LabelText, Parties, Refusal, TlsFailure};
 use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
@@ -83,14 +83,16 @@ async fn serve(
         InboundTarget::Transparent => match crate::capture::original_dst(&tcp) {
             Ok(orig) => ((Ipv4Addr::LOCALHOST, orig.port()).into(), orig.port()),
             Err(e) => {
-                tracing::warn!(error = %e, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)");
+                if let Some(unlogged) = shared.refuse("inbound", Refusal::NoOriginalDestination) {
+                    tracing::warn!(error = %e, unlogged, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)");
+                }
                 return;
             }
         },
     };
     let t = Target { app, port, remote };
     let declared = shared
-        .policies
+        .snapshot
         .load()
         .declared_protocol(&shared.workload, port);
     if permissive.contains(&port) {
@@ -111,10 +113,17 @@ async fn serve(
                     (_, Sniffed::Http1 | Sniffed::H2) => {
                         serve_app_http(tcp, None, AppSide::Own(Link::new(h2)), t, shared).await
                     }
-                    _ => tracing::warn!(
-                        port,
-                        "connection refused: port is declared for HTTP but the client did not speak HTTP"
-                    ),
+                    _ => {
+                        if let Some(unlogged) = shared.refuse("inbound", Refusal::OpaqueToHttpPort)
+                        {
+                            tracing::warn!(
+                                port,
+                                reason = Refusal::OpaqueToHttpPort.label(),
+                                unlogged,
+                                "connection refused: port is declared for HTTP but the client did not speak HTTP"
+                            )
+                        }
+                    }
                 }
                 return;
             }
@@ -163,7 +172,9 @@ async fn serve(
             relay(tls, Some(peer), t, shared).await
         }
         (Some(_), Some(Alpn::Tcp)) => {
-            tracing::warn!(src.id = %peer, port, "connection refused: an opaque TCP relay to a port declared for HTTP (its HTTP rules could not be enforced)");
+            if let Some(unlogged) = shared.refuse("inbound", Refusal::OpaqueToHttpPort) {
+                tracing::warn!(src.id = %peer, port, reason = Refusal::OpaqueToHttpPort.label(), unlogged, "connection refused: an opaque TCP relay to a port declared for HTTP (its HTTP rules could not be enforced)");
+            }
         }
         (_, Some(Alpn::Mux)) => serve_app_http(tls, Some(peer), AppSide::Pool, t, shared).await,
         (_, alpn) => {
@@ -185,13 +196,15 @@ where
         peer_workload: None,
         port: t.port,
     };
-    let decision = flow.decide(&shared);
+    let (decision, permit) = flow
+        .judge(&shared.snapshot.load(), &shared.workload)
+        .into_parts();
     flow.log(&decision, &shared);
-    if !decision.is_allow() {
+    let Some(permit) = permit else {
         return;
-    }
+    };
     match connect_app(t.app).await {
-        Ok(app) => crate::tcp::relay(&shared, flow, downstream, app).await,
+        Ok(app) => crate::tcp::relay(&shared, permit, flow, downstream, app).await,
         Err(e) => tracing::warn!(app = %t.app, error = %e, "local app unreachable"),
     }
 }
@@ -237,8 +250,9 @@ async fn serve_app_http<I>(
         },
         decision_header: DecisionHeaders::default(),
         source_workload: shared
-            .endpoints
+            .snapshot
             .load()
+            .endpoints()
             .get(t.remote.ip())
             .filter(|e| peer.as_ref().is_some_and(|p| p.as_str() == e.identity))
             .map(|e| e.workload.clone()),
@@ -285,12 +299,15 @@ async fn handle(
     let peer = conn.peer.as_ref();
     let peer_label = peer.map_or(PLAINTEXT_PEER, SpiffeId::as_str);
     if let Err(why) = check_path(req.uri().path()) {
-        tracing::warn!(
-            src.id = peer_label,
-            path = req.uri().path(),
-            why,
-            "request refused: ambiguous path"
-        );
+        if let Some(unlogged) = shared.refuse("inbound", Refusal::BadPath) {
+            tracing::warn!(
+                src.id = peer_label,
+                path = req.uri().path(),
+                why,
+                unlogged,
+                "request refused: ambiguous path"
+            );
+        }
         return Ok(proxy_response(
             StatusCode::BAD_REQUEST,
             None,
@@ -305,23 +322,28 @@ async fn handle(
         AppSide::Pool => Protocol::Http,
         AppSide::Own(_) => protocol_of(&req),
     };
-    let decision = shared.policies.load().evaluate(&PolicyRequest {
-        direction: Direction::Ingress,
-        subject: &shared.workload,
-        peer: Peer {
-            identity: peer.map(SpiffeId::as_str),
-            ip: Some(t.remote.ip()),
-            workload: None,
-        },
-        port: t.port,
-        protocol,
-        http: Some(Http {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            host: host.as_deref(),
-            headers: &headers,
-        }),
-    });
+    // One snapshot for the whole decision; the permit is what forwarding below requires.
+    let (decision, permit) = shared
+        .snapshot
+        .load()
+        .judge(&PolicyRequest {
+            direction: Direction::Ingress,
+            subject: &shared.workload,
+            peer: Peer {
+                identity: peer.map(SpiffeId::as_str),
+                ip: Some(t.remote.ip()),
+                workload: None,
+            },
+            port: t.port,
+            protocol,
+            http: Some(Http {
+                method: req.method().as_str(),
+                path: req.uri().path(),
+                host: host.as_deref(),
+                headers: &headers,
+            }),
+        })
+        .into_parts();
     crate::http::log_decision("inbound", &decision, peer_label, shared, &req);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
     // bytes (a reference count), where copying the path into a `String` would allocate.
@@ -345,11 +367,11 @@ async fn handle(
             grpc_status: grpc_status(protocol, headers),
         })
     };
-    if !decision.is_allow() {
+    let Some(permit) = permit else {
         let resp = denial(&req, &decision, format!("bulkhead: {decision}"));
         record(Duration::ZERO, 0, resp.status(), resp.headers());
         return Ok(resp);
-    }
+    };
     origin_form(&mut req);
     let upgrade = is_upgrade(&req);
     let headers = req.headers_mut();
@@ -363,11 +385,11 @@ async fn handle(
     }
     let app = t.app;
     let sent = if upgrade {
-        forward_upgrade(req, connect_app(app), shared.limits.idle_timeout).await
+        forward_upgrade(permit, req, connect_app(app), shared.limits.idle_timeout).await
     } else {
         match &*link {
-            AppSide::Own(link) => link.send(req, || connect_app(app)).await,
-            AppSide::Pool => shared.app_pool.send(app, req).await,
+            AppSide::Own(link) => link.send(permit, req, || connect_app(app)).await,
+            AppSide::Pool => shared.app_pool.send(permit, app, req).await,
         }
         .map(response_body)
     };

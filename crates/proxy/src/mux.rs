@@ -11,6 +11,7 @@
 //! Every request is still judged on its own, by both sidecars: the stream's identity is the
 //! connection's verified peer, exactly as on a connection of its own.
 
+use crate::authz::Permit;
 use crate::http::{LinkError, spawn_conn};
 
 use http::{Request, Response, Version};
@@ -54,6 +55,7 @@ impl Mux {
     /// HTTP/1.1.
     pub(crate) async fn send<F, Fut, Io>(
         &self,
+        _permit: Permit,
         addr: SocketAddr,
         identity: &Arc<str>,
         mut req: Request<Incoming>,
@@ -150,6 +152,7 @@ impl AppPool {
     /// Forwards a stream's request to the app at `app` as HTTP/1.1.
     pub(crate) async fn send(
         &self,
+        _permit: Permit,
         app: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Result<Response<Incoming>, LinkError> {

@@ -4,6 +4,7 @@
 //! the connection goes over mTLS to the destination's sidecar, which must present the
 //! identity declared for it. Destinations outside the mesh get opaque TCP, if policy allows.
 
+use crate::authz::{Judgement, Snapshot};
 use crate::clients::Alpn;
 use crate::config::UpstreamSpec;
 use crate::detect::{Sniffed, sniff};
@@ -14,13 +15,13 @@ use crate::http::{
     response_body, serve_http, strip_hop_by_hop,
 };
 use crate::http::{content_length, grpc_status};
-use crate::metrics::{LabelText, Parties};
+use crate::metrics::{LabelText, Parties, Refusal};
 use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::server_name;
 use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
+use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -44,6 +45,9 @@ pub(crate) struct Dest {
     pub port: u16,
     /// The identity, shared, to find this destination's multiplexed connection.
     pub mux_key: Arc<str>,
+    /// Transparent mode: the revision of the address table this destination was found in.
+    /// `None` for an explicit upstream, which the operator declared.
+    pub routed_at: Option<u64>,
 }
 
 impl Dest {
@@ -55,13 +59,13 @@ impl Dest {
             workload: spec.workload.clone(),
             port: spec.port,
             mux_key: Arc::from(spec.identity.as_str()),
+            routed_at: None,
         }
     }
 
     /// A captured connection's destination: in the mesh if a Workload declares its address.
-    fn of_original(orig: SocketAddr, shared: &Shared) -> Dest {
-        let endpoints = shared.endpoints.load();
-        let endpoint = endpoints.get(orig.ip());
+    fn of_original(orig: SocketAddr, snapshot: &Snapshot) -> Dest {
+        let endpoint = snapshot.endpoints().get(orig.ip());
         Dest {
             name: match endpoint {
                 Some(e) => format!("{}@{orig}", e.workload),
@@ -72,18 +76,35 @@ impl Dest {
             workload: endpoint.map(|e| e.workload.clone()),
             port: orig.port(),
             mux_key: Arc::from(endpoint.map_or("", |e| e.identity.as_str())),
+            routed_at: Some(snapshot.revision()),
         }
     }
 
-    fn declared_protocol(&self, shared: &Shared) -> Option<Protocol> {
+    /// Whether `snapshot` still routes this destination as it was routed when its connection
+    /// was accepted: same workload and identity at its address. A request is judged and sent
+    /// from one snapshot, so a destination the new address table moved is not served under
+    /// the new revision's rules.
+    fn routed_as_in(&self, snapshot: &Snapshot) -> bool {
+        match self.routed_at {
+            None => true,
+            Some(revision) if revision == snapshot.revision() => true,
+            Some(_) => {
+                let now = snapshot.endpoints().get(self.address.ip());
+                now.map(|e| &e.workload) == self.workload.as_ref()
+                    && now.map(|e| e.identity.as_str())
+                        == self.identity.as_ref().map(SpiffeId::as_str)
+            }
+        }
+    }
+
+    fn declared_protocol(&self, snapshot: &Snapshot) -> Option<Protocol> {
         let w = self.workload.as_ref()?;
-        shared
-            .endpoints
-            .load()
+        snapshot
+            .endpoints()
             .get(self.address.ip())
             .filter(|e| &e.workload == w)
             .and_then(|e| e.protocol(self.port))
-            .or_else(|| shared.policies.load().declared_protocol(w, self.port))
+            .or_else(|| snapshot.declared_protocol(w, self.port))
     }
 }
 
@@ -117,7 +138,7 @@ pub(crate) async fn spawn_transparent(
         let conn = async move {
             match crate::capture::original_dst(&tcp) {
                 Ok(orig) => {
-                    let dest = Arc::new(Dest::of_original(orig, &shared));
+                    let dest = Arc::new(Dest::of_original(orig, &shared.snapshot.load()));
                     tracing::debug!(
                         dst.name = dest.name,
                         in_mesh = dest.identity.is_some(),
@@ -126,7 +147,11 @@ pub(crate) async fn spawn_transparent(
                     serve(tcp, dest, shared).await
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)")
+                    if let Some(unlogged) =
+                        shared.refuse("outbound", Refusal::NoOriginalDestination)
+                    {
+                        tracing::warn!(error = %e, unlogged, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)")
+                    }
                 }
             }
         };
@@ -140,7 +165,7 @@ async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     if dest.identity.is_none() {
         return relay_outside(tcp, dest, shared).await;
     }
-    let declared = dest.declared_protocol(&shared);
+    let declared = dest.declared_protocol(&shared.snapshot.load());
     let sniffed = match declared {
         Some(Protocol::Tcp) => Sniffed::Opaque,
         _ => match sniff(&tcp, shared.limits.detect_timeout).await {
@@ -172,13 +197,15 @@ fn tcp_flow(dest: &Dest) -> Flow {
 /// Opaque TCP to a mesh destination, over mTLS.
 async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
-    let decision = flow.decide(&shared);
+    let (decision, permit) = flow
+        .judge(&shared.snapshot.load(), &shared.workload)
+        .into_parts();
     flow.log(&decision, &shared);
-    if !decision.is_allow() {
+    let Some(permit) = permit else {
         return;
-    }
+    };
     match connect_upstream(dest.clone(), Alpn::Tcp, shared.clone()).await {
-        Ok(up) => crate::tcp::relay(&shared, flow, tcp, up).await,
+        Ok(up) => crate::tcp::relay(&shared, permit, flow, tcp, up).await,
         Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "upstream unreachable"),
     }
 }
@@ -186,15 +213,17 @@ async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
 /// Opaque TCP to a destination outside the mesh: plain, if egress policy allows it.
 async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
-    let decision = flow.decide(&shared);
+    let (decision, permit) = flow
+        .judge(&shared.snapshot.load(), &shared.workload)
+        .into_parts();
     flow.log(&decision, &shared);
-    if !decision.is_allow() {
+    let Some(permit) = permit else {
         return;
-    }
+    };
     match TcpStream::connect(dest.address).await {
         Ok(up) => {
             let _ = up.set_nodelay(true);
-            crate::tcp::relay(&shared, flow, tcp, up).await
+            crate::tcp::relay(&shared, permit, flow, tcp, up).await
         }
         Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "destination unreachable"),
     }
@@ -233,14 +262,29 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
     if let Err(why) = check_path(req.uri().path()) {
+        if let Some(unlogged) = shared.refuse("outbound", Refusal::BadPath) {
+            tracing::warn!(
+                path = req.uri().path(),
+                why,
+                unlogged,
+                "request refused: ambiguous path"
+            );
+        }
         return Ok(proxy_response(
             StatusCode::BAD_REQUEST,
             None,
             format!("bulkhead: {why}"),
         ));
     }
-    // Egress policy: the sending side judges the request before it leaves.
-    let decision = egress_decision(&req, &dest, &shared);
+    // Egress policy: the sending side judges the request before it leaves, and routes it,
+    // from one snapshot.
+    let (decision, permit) = {
+        let snapshot = shared.snapshot.load();
+        if !dest.routed_as_in(&snapshot) {
+            return Ok(route_changed(&dest, &snapshot, &shared));
+        }
+        egress_decision(&req, &dest, &snapshot, &shared).into_parts()
+    };
     let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
     crate::http::log_decision("outbound", &decision, peer, &shared, &req);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
@@ -269,11 +313,11 @@ async fn handle(
             grpc_status: grpc_status(protocol, headers),
         })
     };
-    if !decision.is_allow() {
+    let Some(permit) = permit else {
         let resp = denial(&req, &decision, format!("bulkhead: egress {decision}"));
         record(std::time::Duration::ZERO, 0, resp.status(), resp.headers());
         return Ok(resp);
-    }
+    };
     req.headers_mut().remove(DECISION_HEADER);
     origin_form(&mut req);
     let upgrade = is_upgrade(&req);
@@ -285,16 +329,18 @@ async fn handle(
     let alpn = if h2 { Alpn::H2 } else { Alpn::Http1 };
     let sent = if upgrade {
         let connect = connect_upstream(dest.clone(), alpn, shared.clone());
-        forward_upgrade(req, connect, shared.limits.idle_timeout).await
+        forward_upgrade(permit, req, connect, shared.limits.idle_timeout).await
     } else if h2 {
-        link.send(req, || connect_upstream(dest.clone(), alpn, shared.clone()))
-            .await
-            .map(response_body)
+        link.send(permit, req, || {
+            connect_upstream(dest.clone(), alpn, shared.clone())
+        })
+        .await
+        .map(response_body)
     } else {
         // HTTP/1.1 shares the destination's one multiplexed connection.
         shared
             .mux
-            .send(dest.address, &dest.mux_key, req, || {
+            .send(permit, dest.address, &dest.mux_key, req, || {
                 connect_upstream(dest.clone(), Alpn::Mux, shared.clone())
             })
             .await
@@ -326,10 +372,15 @@ async fn handle(
     }
 }
 
-fn egress_decision(req: &Request<Incoming>, dest: &Dest, shared: &Shared) -> Decision {
+fn egress_decision(
+    req: &Request<Incoming>,
+    dest: &Dest,
+    snapshot: &Snapshot,
+    shared: &Shared,
+) -> Judgement {
     let host = request_host(req);
     let headers = HeaderView(req.headers());
-    shared.policies.load().evaluate(&PolicyRequest {
+    snapshot.judge(&PolicyRequest {
         direction: Direction::Egress,
         subject: &shared.workload,
         peer: Peer {
@@ -346,6 +397,34 @@ fn egress_decision(req: &Request<Incoming>, dest: &Dest, shared: &Shared) -> Dec
             headers: &headers,
         }),
     })
+}
+
+/// A captured connection's destination moved in the address table since it was accepted
+/// (another workload, or out of the mesh): its requests are not judged against rules meant
+/// for the address's new owner. The app reconnects, and the new connection is routed anew.
+fn route_changed(dest: &Dest, snapshot: &Snapshot, shared: &Shared) -> Response<Body> {
+    if let Some(unlogged) = shared.refuse("outbound", Refusal::RouteChanged) {
+        tracing::warn!(
+            dst.name = dest.name,
+            revision = snapshot.revision(),
+            unlogged,
+            "request refused: the destination's address changed owner in this revision; closing the connection"
+        );
+    }
+    let mut resp = proxy_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        None,
+        format!(
+            "bulkhead: {} is no longer routed as it was when this connection opened (revision {}); reconnect",
+            dest.name,
+            snapshot.revision()
+        ),
+    );
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 /// Dials `dest` over mTLS, requiring its identity, with the given application protocol.
@@ -410,5 +489,64 @@ fn tls_reason(e: &std::io::Error) -> String {
         }
         Some(other) => other.to_string(),
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bulkhead_policy::{Endpoint, Endpoints, PolicySet};
+
+    /// A snapshot at `revision` whose address table puts `owner` (if any) at 10.0.0.5.
+    fn snapshot(revision: u64, owner: Option<&str>) -> Snapshot {
+        let mut endpoints = Endpoints::default();
+        if let Some(name) = owner {
+            endpoints.insert(
+                "10.0.0.5".parse().unwrap(),
+                Endpoint {
+                    workload: bulkhead_policy::model::parse_workload(&format!("shop/{name}"))
+                        .unwrap(),
+                    identity: format!("spiffe://td/ns/shop/sa/{name}"),
+                    ports: vec![(8080, Protocol::Http)],
+                },
+            );
+        }
+        Snapshot::new(PolicySet::compile(&[], revision).unwrap(), endpoints)
+    }
+
+    #[test]
+    fn a_request_is_sent_only_where_its_snapshot_routes_it() {
+        let orig: SocketAddr = "10.0.0.5:8080".parse().unwrap();
+        let dest = Dest::of_original(orig, &snapshot(1, Some("orders")));
+        assert_eq!(
+            dest.identity.as_ref().unwrap().as_str(),
+            "spiffe://td/ns/shop/sa/orders"
+        );
+        assert_eq!(
+            dest.declared_protocol(&snapshot(1, Some("orders"))),
+            Some(Protocol::Http)
+        );
+        // Same revision, or a later one that routes the address the same way: served.
+        assert!(dest.routed_as_in(&snapshot(1, Some("orders"))));
+        assert!(dest.routed_as_in(&snapshot(2, Some("orders"))));
+        // The address changed owner, or left the mesh: not judged under the new rules.
+        assert!(!dest.routed_as_in(&snapshot(3, Some("payments"))));
+        assert!(!dest.routed_as_in(&snapshot(4, None)));
+        // Outside the mesh at first, in it later: also a different route.
+        let outside = Dest::of_original(orig, &snapshot(1, None));
+        assert!(outside.identity.is_none());
+        assert!(outside.routed_as_in(&snapshot(2, None)));
+        assert!(!outside.routed_as_in(&snapshot(3, Some("orders"))));
+    }
+
+    #[test]
+    fn an_explicit_upstream_is_routed_by_its_declaration() {
+        let spec: UpstreamSpec =
+            "name=orders,listen=127.0.0.1:0,address=10.0.0.5:8080,identity=spiffe://td/ns/shop/sa/orders"
+                .parse()
+                .unwrap();
+        let dest = Dest::of_upstream(&spec);
+        assert!(dest.routed_as_in(&snapshot(7, Some("payments"))));
     }
 }

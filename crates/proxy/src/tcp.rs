@@ -3,6 +3,7 @@
 //! policy denies is closed, with a log line naming the decision.
 
 use crate::Shared;
+use crate::authz::{Judgement, Permit, Snapshot};
 use bulkhead_policy::model::{Direction, WorkloadRef};
 use bulkhead_policy::{Decision, Peer, Protocol, Request as PolicyRequest};
 use std::collections::HashMap;
@@ -24,10 +25,11 @@ pub(crate) struct Flow {
 }
 
 impl Flow {
-    pub(crate) fn decide(&self, shared: &Shared) -> Decision {
-        shared.policies.load().evaluate(&PolicyRequest {
+    /// Judges the connection against one snapshot, as L4 policy sees it.
+    pub(crate) fn judge(&self, snapshot: &Snapshot, subject: &WorkloadRef) -> Judgement {
+        snapshot.judge(&PolicyRequest {
             direction: self.direction,
-            subject: &shared.workload,
+            subject,
             peer: Peer {
                 identity: self.peer_identity.as_deref(),
                 ip: self.peer_ip,
@@ -146,8 +148,10 @@ pub(crate) fn recheck(shared: &Shared) {
         .values()
         .cloned()
         .collect();
+    let snapshot = shared.snapshot.load();
     for (flow, close) in open {
-        let decision = flow.decide(shared);
+        let judged = flow.judge(&snapshot, &shared.workload);
+        let decision = judged.decision();
         if !decision.is_allow() {
             tracing::warn!(
                 direction = flow.direction_label(),
@@ -157,15 +161,20 @@ pub(crate) fn recheck(shared: &Shared) {
                 decision = %decision,
                 "closing an open TCP connection: the new policy denies it"
             );
-            shared.metrics.decision(flow.direction_label(), &decision);
+            shared.metrics.decision(flow.direction_label(), decision);
+            shared.metrics.refusal(
+                flow.direction_label(),
+                crate::metrics::Refusal::PolicyChanged,
+            );
             close.notify_one();
         }
     }
 }
 
 /// Relays between `a` (the side that connected to us) and `b` until either side closes, the
-/// connection is idle for `idle`, or a policy change denies it.
-pub(crate) async fn relay<A, B>(shared: &Shared, flow: Flow, a: A, b: B)
+/// connection is idle for `idle`, or a policy change denies it. The permit is the decision
+/// that allowed the connection.
+pub(crate) async fn relay<A, B>(shared: &Shared, _permit: Permit, flow: Flow, a: A, b: B)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
