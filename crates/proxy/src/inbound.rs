@@ -7,6 +7,7 @@
 
 use crate::clients::Alpn;
 use crate::config::{InboundSpec, InboundTarget};
+use crate::deadline::{Clock, ReqBody, ResponseTimeout, response_head};
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
@@ -14,7 +15,9 @@ use crate::http::{
     check_path, denial, forward_upgrade, is_upgrade, listen, origin_form, protocol_of,
     proxy_response, request_host, response_body, serve_http, strip_hop_by_hop,
 };
-use crate::http::{content_length, grpc_status};
+use crate::http::{
+    body_failed, content_length, grpc_status, head_refused, head_too_large, response_timed_out,
+};
 use crate::metrics::{LabelText, Parties, Refusal, TlsFailure};
 use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -238,7 +241,9 @@ async fn serve_app_http<I>(
 {
     let h2 = side.serves_h2();
     let link = Arc::new(side);
-    let limits = shared.limits;
+    // HTTP/1.1 only: its head and keep-alive deadlines, marked by each request.
+    let clock = (!h2).then(Clock::new);
+    let conn_clock = clock.clone();
     // Made once per connection: the caller never changes on it.
     let conn = Arc::new(Caller {
         source_header: peer
@@ -258,23 +263,33 @@ async fn serve_app_http<I>(
             .map(|e| e.workload.clone()),
         peer,
     });
+    let state = shared.clone();
     let service = service_fn(move |req| {
         let (conn, link, shared) = (conn.clone(), link.clone(), shared.clone());
+        let clock = conn_clock.clone();
         async move {
             let start = Instant::now();
-            let resp = handle(req, &conn, link, t, &shared).await;
-            if let Ok(r) = &resp {
+            if let Some(c) = &clock {
+                c.busy();
+            }
+            let mut resp = handle(req, &conn, link, t, &shared).await;
+            if let Ok(r) = &mut resp {
                 shared.metrics.request(
                     "inbound",
                     &conn.parties,
                     r.status().as_u16(),
                     start.elapsed(),
                 );
+                match &clock {
+                    Some(c) if r.status() == StatusCode::SWITCHING_PROTOCOLS => c.off(),
+                    Some(c) => r.body_mut().set_idle_when_done(c.idle_when_done()),
+                    None => {}
+                }
             }
             resp
         }
     });
-    serve_http(io, h2, &limits, service).await;
+    serve_http(io, h2, clock, &state, "inbound", service).await;
 }
 
 /// One inbound connection's caller, and what is derived from it once rather than per request.
@@ -298,6 +313,9 @@ async fn handle(
     let started = Instant::now();
     let peer = conn.peer.as_ref();
     let peer_label = peer.map_or(PLAINTEXT_PEER, SpiffeId::as_str);
+    if head_too_large(&req, &shared.limits) {
+        return Ok(head_refused(shared, "inbound"));
+    }
     if let Err(why) = check_path(req.uri().path()) {
         if let Some(unlogged) = shared.refuse("inbound", Refusal::BadPath) {
             tracing::warn!(
@@ -384,15 +402,39 @@ async fn handle(
         headers.insert(SOURCE_HEADER, v.clone());
     }
     let app = t.app;
-    let sent = if upgrade {
-        forward_upgrade(permit, req, connect_app(app), shared.limits.idle_timeout).await
+    let deadline = shared.limits.response_timeout;
+    let (sent, body) = if upgrade {
+        let send = forward_upgrade(permit, req, connect_app(app), shared.limits.idle_timeout);
+        (response_head(send, None, deadline).await, None)
     } else {
-        match &*link {
-            AppSide::Own(link) => link.send(permit, req, || connect_app(app)).await,
-            AppSide::Pool => shared.app_pool.send(permit, app, req).await,
-        }
-        .map(response_body)
+        let (parts, body) = req.into_parts();
+        let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
+        let req = Request::from_parts(parts, body);
+        let send = async {
+            match &*link {
+                AppSide::Own(link) => link.send(permit, req, || connect_app(app)).await,
+                AppSide::Pool => shared.app_pool.send(permit, app, req).await,
+            }
+            .map(response_body)
+        };
+        (
+            response_head(send, watched.as_ref(), deadline).await,
+            watched,
+        )
     };
+    let sent = match sent {
+        Ok(sent) => sent,
+        Err(ResponseTimeout) => {
+            let resp = response_timed_out(shared, "inbound", &format!("the local app at {app}"));
+            record(started.elapsed(), 0, resp.status(), resp.headers());
+            return Ok(resp);
+        }
+    };
+    if let (Err(_), Some(failure)) = (&sent, body.as_ref().and_then(|b| b.failure())) {
+        let resp = body_failed(failure, shared, "inbound");
+        record(started.elapsed(), 0, resp.status(), resp.headers());
+        return Ok(resp);
+    }
     match sent {
         Ok(mut resp) => {
             record(

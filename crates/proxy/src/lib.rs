@@ -14,6 +14,7 @@ pub mod capture;
 mod clients;
 pub mod config;
 mod credentials;
+mod deadline;
 mod detect;
 mod flows;
 mod http;
@@ -154,7 +155,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         rotation: credentials::Rotation::default(),
         relays: tcp::Relays::default(),
         clients: clients::ClientConfigs::default(),
-        mux: mux::Mux::default(),
+        mux: mux::Mux::new(config.limits.max_concurrent_streams),
         app_pool: mux::AppPool::new(config.limits.idle_timeout.min(Duration::from_secs(90))),
     });
 

@@ -7,6 +7,7 @@
 use crate::authz::{Judgement, Snapshot};
 use crate::clients::Alpn;
 use crate::config::UpstreamSpec;
+use crate::deadline::{Clock, ReqBody, ResponseTimeout, response_head};
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
@@ -14,7 +15,9 @@ use crate::http::{
     forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
     response_body, serve_http, strip_hop_by_hop,
 };
-use crate::http::{content_length, grpc_status};
+use crate::http::{
+    body_failed, content_length, grpc_status, head_refused, head_too_large, response_timed_out,
+};
 use crate::metrics::{LabelText, Parties, Refusal};
 use crate::tcp::Flow;
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -231,26 +234,38 @@ async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
 
 async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<Shared>) {
     let link = Arc::new(Link::new(h2));
-    let limits = shared.limits;
     let parties = Arc::new(Parties {
         source: shared.identity.clone(),
         destination: LabelText::new(dest.identity.as_ref().map_or("-", SpiffeId::as_str)),
     });
+    // HTTP/1.1 only: its head and keep-alive deadlines, marked by each request.
+    let clock = (!h2).then(Clock::new);
+    let conn_clock = clock.clone();
+    let state = shared.clone();
     let service = service_fn(move |req| {
         let (link, dest, shared, parties) =
             (link.clone(), dest.clone(), shared.clone(), parties.clone());
+        let clock = conn_clock.clone();
         async move {
             let start = std::time::Instant::now();
-            let resp = handle(req, link, h2, dest, shared.clone()).await;
-            if let Ok(r) = &resp {
+            if let Some(c) = &clock {
+                c.busy();
+            }
+            let mut resp = handle(req, link, h2, dest, shared.clone()).await;
+            if let Ok(r) = &mut resp {
                 shared
                     .metrics
                     .request("outbound", &parties, r.status().as_u16(), start.elapsed());
+                match &clock {
+                    Some(c) if r.status() == StatusCode::SWITCHING_PROTOCOLS => c.off(),
+                    Some(c) => r.body_mut().set_idle_when_done(c.idle_when_done()),
+                    None => {}
+                }
             }
             resp
         }
     });
-    serve_http(tcp, h2, &limits, service).await;
+    serve_http(tcp, h2, clock, &state, "outbound", service).await;
 }
 
 async fn handle(
@@ -261,6 +276,9 @@ async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
+    if head_too_large(&req, &shared.limits) {
+        return Ok(head_refused(&shared, "outbound"));
+    }
     if let Err(why) = check_path(req.uri().path()) {
         if let Some(unlogged) = shared.refuse("outbound", Refusal::BadPath) {
             tracing::warn!(
@@ -327,25 +345,56 @@ async fn handle(
     // Only the receiving sidecar may say who the caller is.
     req.headers_mut().remove(SOURCE_HEADER);
     let alpn = if h2 { Alpn::H2 } else { Alpn::Http1 };
-    let sent = if upgrade {
+    let deadline = shared.limits.response_timeout;
+    let (sent, body) = if upgrade {
         let connect = connect_upstream(dest.clone(), alpn, shared.clone());
-        forward_upgrade(permit, req, connect, shared.limits.idle_timeout).await
-    } else if h2 {
-        link.send(permit, req, || {
-            connect_upstream(dest.clone(), alpn, shared.clone())
-        })
-        .await
-        .map(response_body)
+        let send = forward_upgrade(permit, req, connect, shared.limits.idle_timeout);
+        (response_head(send, None, deadline).await, None)
     } else {
-        // HTTP/1.1 shares the destination's one multiplexed connection.
-        shared
-            .mux
-            .send(permit, dest.address, &dest.mux_key, req, || {
-                connect_upstream(dest.clone(), Alpn::Mux, shared.clone())
-            })
-            .await
-            .map(response_body)
+        let (parts, body) = req.into_parts();
+        let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
+        let req = Request::from_parts(parts, body);
+        let send = async {
+            if h2 {
+                link.send(permit, req, || {
+                    connect_upstream(dest.clone(), alpn, shared.clone())
+                })
+                .await
+                .map(response_body)
+            } else {
+                // HTTP/1.1 shares the destination's multiplexed connections; the stream's
+                // place is held until the response has ended.
+                shared
+                    .mux
+                    .send(permit, dest.address, &dest.mux_key, req, || {
+                        connect_upstream(dest.clone(), Alpn::Mux, shared.clone())
+                    })
+                    .await
+                    .map(|(resp, place)| {
+                        let mut resp = response_body(resp);
+                        resp.body_mut().set_stream(place);
+                        resp
+                    })
+            }
+        };
+        (
+            response_head(send, watched.as_ref(), deadline).await,
+            watched,
+        )
     };
+    let sent = match sent {
+        Ok(sent) => sent,
+        Err(ResponseTimeout) => {
+            let resp = response_timed_out(&shared, "outbound", &format!("upstream {}", dest.name));
+            record(started.elapsed(), 0, resp.status(), resp.headers());
+            return Ok(resp);
+        }
+    };
+    if let (Err(_), Some(failure)) = (&sent, body.as_ref().and_then(|b| b.failure())) {
+        let resp = body_failed(failure, &shared, "outbound");
+        record(started.elapsed(), 0, resp.status(), resp.headers());
+        return Ok(resp);
+    }
     match sent {
         Ok(resp) => {
             record(
