@@ -85,7 +85,9 @@ pub(crate) struct IdleWhenDone(Arc<Phase>);
 
 impl Drop for IdleWhenDone {
     fn drop(&mut self) {
-        // Only a busy connection goes idle; an upgraded one stays off.
+        // Only a busy connection goes idle; an upgraded one stays off. hyper reads again
+        // when a connection goes idle (its header timer, set as a backstop, asks it to), and
+        // that read starts the keep-alive clock.
         let _ = self
             .0
             .now
@@ -236,15 +238,19 @@ pub(crate) enum BodyFailure {
     Idle,
     /// It took longer than the total deadline.
     Total,
-    /// Reading it from the caller failed: a malformed body (bad chunked encoding) or a
-    /// caller that went away mid-body. The caller's fault, not the upstream's.
-    Unreadable,
+    /// The caller sent a body that is not valid HTTP (bad chunked encoding, more bytes
+    /// than it declared). The caller's fault, not the upstream's.
+    Malformed,
+    /// The caller went away mid-body (closed, or reset its stream): nobody is left to
+    /// answer, and nothing was refused.
+    Abandoned,
 }
 
 const RUNNING: u8 = 0;
 const FAILED_IDLE: u8 = 1;
 const FAILED_TOTAL: u8 = 2;
-const FAILED_READ: u8 = 3;
+const FAILED_MALFORMED: u8 = 3;
+const FAILED_ABANDONED: u8 = 4;
 
 /// What the handler can learn about a body it sent on: whether and why it failed, and when
 /// it ended (for the response deadline).
@@ -263,7 +269,8 @@ impl BodyState {
         match self.0.failure.load(Ordering::Relaxed) {
             FAILED_IDLE => Some(BodyFailure::Idle),
             FAILED_TOTAL => Some(BodyFailure::Total),
-            FAILED_READ => Some(BodyFailure::Unreadable),
+            FAILED_MALFORMED => Some(BodyFailure::Malformed),
+            FAILED_ABANDONED => Some(BodyFailure::Abandoned),
             _ => None,
         }
     }
@@ -394,7 +401,11 @@ impl Body for ReqBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                w.state.fail(FAILED_READ);
+                w.state.fail(if is_malformed(&e) {
+                    FAILED_MALFORMED
+                } else {
+                    FAILED_ABANDONED
+                });
                 Poll::Ready(Some(Err(BodyError::Read(e))))
             }
             Poll::Ready(None) => {
@@ -438,6 +449,22 @@ impl Body for ReqBody {
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
+}
+
+/// Whether reading a body failed because the caller sent invalid bytes (hyper's decoder
+/// says `InvalidData`/`InvalidInput`), rather than because it went away.
+fn is_malformed(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 // ---------------------------------------------------------------------------------------
@@ -695,5 +722,61 @@ mod tests {
                 .unwrap(),
             7
         );
+    }
+}
+
+#[cfg(test)]
+mod served {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// hyper serving over [`Timed`], its service marking requests as the proxy's do.
+    async fn serve(io: tokio::io::DuplexStream) {
+        let clock = Clock::new();
+        let conn_clock = clock.clone();
+        let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+            let clock = conn_clock.clone();
+            async move {
+                clock.busy();
+                let mut resp = http::Response::new(crate::http::Body::own(Bytes::from("ok")));
+                resp.body_mut().set_idle_when_done(clock.idle_when_done());
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        let io = Timed::new(io, clock, Duration::from_secs(1), Duration::from_secs(3));
+        let _ = crate::http::server(&crate::config::Limits::default())
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_outlives_the_head_timeout_under_hyper() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let served = tokio::spawn(serve(server));
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..2 {
+            client
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(
+                buf[..n].starts_with(b"HTTP/1.1 200"),
+                "{:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            // Longer than the head timeout, shorter than keep-alive.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+        let started = Instant::now();
+        assert_eq!(
+            client.read(&mut buf).await.unwrap(),
+            0,
+            "closed after keep-alive"
+        );
+        let waited = started.elapsed();
+        assert_eq!(waited, Duration::from_millis(500), "3 s after the response");
+        served.await.unwrap();
     }
 }

@@ -97,6 +97,11 @@ impl hyper::body::Body for Body {
 pub(crate) const SOURCE_HEADER: &str = "x-bulkhead-source";
 /// Set on responses the proxy denies: `deny; policy=…; rule=…; revision=…`.
 pub(crate) const DECISION_HEADER: &str = "x-bulkhead-decision";
+/// Owned by the mesh like `x-bulkhead-source`: dropped from every request a caller sends, on
+/// both sides; the receiving sidecar sets it from the verified peer, in Envoy's shape
+/// (`By=<the receiving workload's SPIFFE ID>;URI=<the caller's SPIFFE ID>`), for apps that
+/// read it. A plaintext caller (permissive port) gets none.
+pub(crate) const XFCC_HEADER: &str = "x-forwarded-client-cert";
 
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -176,12 +181,14 @@ pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
 
 /// An HTTP/1.1 server configured with the proxy's limits: request heads over the limit get
 /// 431, however they arrive (the head's size is checked, not only the read buffer's). The
-/// head and keep-alive deadlines are [`crate::deadline::Timed`]'s, not hyper's, whose
-/// header timer would also cut idle keep-alive connections.
+/// head and keep-alive deadlines are [`crate::deadline::Timed`]'s: hyper's header timer
+/// starts as soon as a connection waits, so it would cut idle keep-alive connections. It is
+/// kept only as a backstop that never fires first (keep-alive plus head time), because with
+/// it set hyper reads as soon as a connection goes idle, which starts `Timed`'s clock.
 pub(crate) fn server(limits: &crate::config::Limits) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(None)
+        .header_read_timeout(limits.keepalive_timeout + limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes)
         // hyper's floor for the read buffer is 8 KiB.
         .max_buf_size(limits.max_header_bytes.max(8192));
@@ -516,9 +523,18 @@ fn connection_refusal(e: &hyper::Error) -> Option<Refusal> {
     if e.is_parse_too_large() {
         return Some(Refusal::HeaderTooLarge);
     }
+    if e.is_timeout() {
+        // hyper's backstop header timer (see `server`): only a head that started late.
+        return Some(Refusal::HeaderTimeout);
+    }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        if let Some(expired) = s.downcast_ref::<crate::deadline::Expired>() {
+        // An io::Error's own `source` skips what it wraps: look inside.
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<crate::deadline::Expired>());
+        if let Some(expired) = inner {
             return (*expired == crate::deadline::Expired::Head).then_some(Refusal::HeaderTimeout);
         }
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
@@ -531,8 +547,9 @@ fn connection_refusal(e: &hyper::Error) -> Option<Refusal> {
 }
 
 /// The answer when a request could not be forwarded because of its own body: 408 when it
-/// stalled or took too long (the caller is slow), 400 when it could not be read (the
-/// caller sent a malformed body) — never a 502 that would blame the upstream. Counted.
+/// stalled or took too long (the caller is slow), 400 when it is malformed (the caller's
+/// fault) — never a 502 that would blame the upstream. Counted, unless the caller simply
+/// went away.
 pub(crate) fn body_failed(
     failure: BodyFailure,
     shared: &crate::Shared,
@@ -556,11 +573,23 @@ pub(crate) fn body_failed(
                 limits.body_timeout.as_secs()
             ),
         ),
-        BodyFailure::Unreadable => (
+        BodyFailure::Malformed => (
             Refusal::BadRequestBody,
             StatusCode::BAD_REQUEST,
-            "bulkhead: the request body could not be read (malformed chunked encoding, or the client stopped sending it)".to_string(),
+            "bulkhead: the request body is malformed (bad chunked encoding, or more bytes than declared)".to_string(),
         ),
+        BodyFailure::Abandoned => {
+            // Nobody is left to read this; not a refusal.
+            tracing::debug!(direction, "the caller went away before its request body was complete");
+            let mut resp = proxy_response(
+                StatusCode::BAD_REQUEST,
+                None,
+                "bulkhead: the request body was cut short by the caller".to_string(),
+            );
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
     };
     if let Some(unlogged) = shared.refuse(direction, reason) {
         tracing::warn!(
@@ -617,74 +646,6 @@ pub(crate) fn head_refused(shared: &crate::Shared, direction: &'static str) -> R
             shared.limits.max_header_bytes
         ),
     )
-}
-
-/// Whether the request asks to switch protocols (WebSocket and other HTTP/1.1 upgrades).
-pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == http::Version::HTTP_11
-        && req.headers().contains_key(http::header::UPGRADE)
-        && req
-            .headers()
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Forwards an allowed upgrade request on a connection of its own; on `101 Switching
-/// Protocols` both sides are joined and bytes flow until either closes or goes idle.
-pub(crate) async fn forward_upgrade<Fut, Io>(
-    _permit: Permit,
-    mut req: Request<Incoming>,
-    connect: Fut,
-    idle: std::time::Duration,
-) -> Result<Response<Body>, LinkError>
-where
-    Fut: Future<Output = std::io::Result<Io>>,
-    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let downstream = hyper::upgrade::on(&mut req);
-    let upgrade_headers: Vec<(HeaderName, HeaderValue)> = [CONNECTION, http::header::UPGRADE]
-        .into_iter()
-        .filter_map(|n| req.headers().get(&n).map(|v| (n, v.clone())))
-        .collect();
-    strip_hop_by_hop(req.headers_mut());
-    for (n, v) in upgrade_headers {
-        req.headers_mut().insert(n, v);
-    }
-    let io = TokioIo::new(connect.await.map_err(LinkError::Connect)?);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upgraded upstream connection ended");
-        }
-    });
-    let mut resp = sender.send_request(req).await?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            match tokio::try_join!(downstream, upstream) {
-                Ok((down, up)) => {
-                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
-                    match tokio::time::timeout(idle, copy).await {
-                        Ok(Ok((a, b))) => tracing::debug!(
-                            to_upstream = a,
-                            to_downstream = b,
-                            "upgraded connection closed"
-                        ),
-                        Ok(Err(e)) => tracing::debug!(error = %e, "upgraded connection ended"),
-                        Err(_) => tracing::debug!("upgraded connection reached its time limit"),
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
-            }
-        });
-        let (parts, body) = resp.into_parts();
-        return Ok(Response::from_parts(parts, Body::peer(body)));
-    }
-    Ok(response_body(resp))
 }
 
 /// Whether a request is gRPC (its content type), so a denial is answered the gRPC way.

@@ -11,15 +11,16 @@ use crate::deadline::{Clock, ReqBody, ResponseTimeout, response_head};
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
-    Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, accept_loop,
-    check_path, denial, forward_upgrade, is_upgrade, listen, origin_form, protocol_of,
-    proxy_response, request_host, response_body, serve_http, strip_hop_by_hop,
+    Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, XFCC_HEADER,
+    accept_loop, check_path, denial, listen, origin_form, protocol_of, proxy_response,
+    request_host, response_body, serve_http,
 };
 use crate::http::{
     body_failed, content_length, grpc_status, head_refused, head_too_large, response_timed_out,
 };
 use crate::metrics::{LabelText, Parties, Refusal, TlsFailure};
 use crate::tcp::Flow;
+use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity;
@@ -249,6 +250,10 @@ async fn serve_app_http<I>(
         source_header: peer
             .as_ref()
             .and_then(|p| HeaderValue::from_str(p.as_str()).ok()),
+        xfcc: peer.as_ref().and_then(|p| {
+            let by = shared.identity.as_str();
+            HeaderValue::from_str(&format!("By={by};URI={p}")).ok()
+        }),
         parties: Parties {
             source: LabelText::new(peer.as_ref().map_or(PLAINTEXT_PEER, SpiffeId::as_str)),
             destination: shared.identity.clone(),
@@ -297,6 +302,8 @@ struct Caller {
     peer: Option<SpiffeId>,
     /// The verified caller, for the app (`x-bulkhead-source`).
     source_header: Option<HeaderValue>,
+    /// The same in Envoy's `x-forwarded-client-cert` shape, `By=<this sidecar>;URI=<caller>`.
+    xfcc: Option<HeaderValue>,
     parties: Parties,
     decision_header: DecisionHeaders,
     /// The caller's workload, when its address is a declared one with the caller's identity.
@@ -308,7 +315,7 @@ async fn handle(
     conn: &Caller,
     link: Arc<AppSide>,
     t: Target,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let peer = conn.peer.as_ref();
@@ -391,36 +398,74 @@ async fn handle(
         return Ok(resp);
     };
     origin_form(&mut req);
-    let upgrade = is_upgrade(&req);
+    let switch = match upgrade::ask(&req) {
+        Ask::Nothing => None,
+        Ask::Refused(protocols) => {
+            upgrade::refused(shared, "inbound", &protocols, req.uri().path());
+            None
+        }
+        Ask::Switch { upgrade, refused } => {
+            if let Some(protocols) = refused {
+                upgrade::refused(shared, "inbound", &protocols, req.uri().path());
+            }
+            Some(upgrade)
+        }
+    };
+    // A tunnel keeps the request that opened it, to judge it again on policy changes.
+    let opened = switch.as_ref().map(|up| {
+        let peer = Peer {
+            identity: peer.map(SpiffeId::as_str),
+            ip: Some(t.remote.ip()),
+            workload: None,
+        };
+        OpenedBy::of(&req, Direction::Ingress, peer, t.port, host.clone(), up)
+    });
     let headers = req.headers_mut();
-    if !upgrade {
-        strip_hop_by_hop(headers);
-    }
+    upgrade::prepare(headers, switch.as_ref());
+    // Who the caller is, only as this sidecar verified it.
     headers.remove(DECISION_HEADER);
     headers.remove(SOURCE_HEADER);
+    headers.remove(XFCC_HEADER);
     if let Some(v) = &conn.source_header {
         headers.insert(SOURCE_HEADER, v.clone());
     }
+    if let Some(v) = &conn.xfcc {
+        headers.insert(XFCC_HEADER, v.clone());
+    }
     let app = t.app;
     let deadline = shared.limits.response_timeout;
-    let (sent, body) = if upgrade {
-        let send = forward_upgrade(permit, req, connect_app(app), shared.limits.idle_timeout);
-        (response_head(send, None, deadline).await, None)
-    } else {
-        let (parts, body) = req.into_parts();
-        let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
-        let req = Request::from_parts(parts, body);
-        let send = async {
-            match &*link {
-                AppSide::Own(link) => link.send(permit, req, || connect_app(app)).await,
-                AppSide::Pool => shared.app_pool.send(permit, app, req).await,
-            }
-            .map(response_body)
-        };
-        (
-            response_head(send, watched.as_ref(), deadline).await,
-            watched,
-        )
+    let whom = || format!("the local app at {app}");
+    let (sent, body) = match (switch, opened) {
+        (Some(up), Some(opened)) => {
+            let (connect, whom) = (connect_app(app), whom());
+            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), &whom);
+            (response_head(send, None, deadline).await, None)
+        }
+        _ => {
+            let (parts, body) = req.into_parts();
+            let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
+            let req = Request::from_parts(parts, body);
+            let send = async {
+                match &*link {
+                    AppSide::Own(link) => link.send(permit, req, || connect_app(app)).await,
+                    AppSide::Pool => shared.app_pool.send(permit, app, req).await,
+                }
+                .map(response_body)
+            };
+            let sent = response_head(send, watched.as_ref(), deadline).await;
+            // The plain path asked nobody to switch: a 101 here is never passed on.
+            let sent = sent.map(|r| match r {
+                Ok(resp) if upgrade::unasked(&resp) => Ok(upgrade::mismatch(
+                    shared,
+                    "inbound",
+                    &whom(),
+                    None,
+                    resp.headers().get(http::header::UPGRADE),
+                )),
+                other => other,
+            });
+            (sent, watched)
+        }
     };
     let sent = match sent {
         Ok(sent) => sent,

@@ -25,6 +25,7 @@ mod outbound;
 mod refusal;
 mod tap;
 mod tcp;
+mod upgrade;
 mod watch;
 
 pub use config::{Config, Limits, UpstreamSpec};

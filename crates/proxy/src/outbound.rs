@@ -11,15 +11,16 @@ use crate::deadline::{Clock, ReqBody, ResponseTimeout, response_head};
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, denial,
-    forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
-    response_body, serve_http, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, XFCC_HEADER, accept_loop, check_path,
+    denial, listen, origin_form, protocol_of, proxy_response, request_host, response_body,
+    serve_http,
 };
 use crate::http::{
     body_failed, content_length, grpc_status, head_refused, head_too_large, response_timed_out,
 };
 use crate::metrics::{LabelText, Parties, Refusal};
 use crate::tcp::Flow;
+use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::server_name;
@@ -336,51 +337,86 @@ async fn handle(
         record(std::time::Duration::ZERO, 0, resp.status(), resp.headers());
         return Ok(resp);
     };
-    req.headers_mut().remove(DECISION_HEADER);
     origin_form(&mut req);
-    let upgrade = is_upgrade(&req);
-    if !upgrade {
-        strip_hop_by_hop(req.headers_mut());
-    }
+    let switch = match upgrade::ask(&req) {
+        Ask::Nothing => None,
+        Ask::Refused(protocols) => {
+            upgrade::refused(&shared, "outbound", &protocols, req.uri().path());
+            None
+        }
+        Ask::Switch { upgrade, refused } => {
+            if let Some(protocols) = refused {
+                upgrade::refused(&shared, "outbound", &protocols, req.uri().path());
+            }
+            Some(upgrade)
+        }
+    };
+    // A tunnel keeps the request that opened it, to judge it again on policy changes.
+    let opened = switch.as_ref().map(|up| {
+        let peer = Peer {
+            identity: dest.identity.as_ref().map(SpiffeId::as_str),
+            ip: Some(dest.address.ip()),
+            workload: dest.workload.as_ref(),
+        };
+        let host = request_host(&req);
+        OpenedBy::of(&req, Direction::Egress, peer, dest.port, host, up)
+    });
+    let headers = req.headers_mut();
+    upgrade::prepare(headers, switch.as_ref());
     // Only the receiving sidecar may say who the caller is.
-    req.headers_mut().remove(SOURCE_HEADER);
+    headers.remove(DECISION_HEADER);
+    headers.remove(SOURCE_HEADER);
+    headers.remove(XFCC_HEADER);
     let alpn = if h2 { Alpn::H2 } else { Alpn::Http1 };
     let deadline = shared.limits.response_timeout;
-    let (sent, body) = if upgrade {
-        let connect = connect_upstream(dest.clone(), alpn, shared.clone());
-        let send = forward_upgrade(permit, req, connect, shared.limits.idle_timeout);
-        (response_head(send, None, deadline).await, None)
-    } else {
-        let (parts, body) = req.into_parts();
-        let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
-        let req = Request::from_parts(parts, body);
-        let send = async {
-            if h2 {
-                link.send(permit, req, || {
-                    connect_upstream(dest.clone(), alpn, shared.clone())
-                })
-                .await
-                .map(response_body)
-            } else {
-                // HTTP/1.1 shares the destination's multiplexed connections; the stream's
-                // place is held until the response has ended.
-                shared
-                    .mux
-                    .send(permit, dest.address, &dest.mux_key, req, || {
-                        connect_upstream(dest.clone(), Alpn::Mux, shared.clone())
+    let whom = || format!("upstream {}", dest.name);
+    let (sent, body) = match (switch, opened) {
+        (Some(up), Some(opened)) => {
+            let (connect, whom) = (connect_upstream(dest.clone(), alpn, shared.clone()), whom());
+            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), &whom);
+            (response_head(send, None, deadline).await, None)
+        }
+        _ => {
+            let (parts, body) = req.into_parts();
+            let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
+            let req = Request::from_parts(parts, body);
+            let send = async {
+                if h2 {
+                    link.send(permit, req, || {
+                        connect_upstream(dest.clone(), alpn, shared.clone())
                     })
                     .await
-                    .map(|(resp, place)| {
-                        let mut resp = response_body(resp);
-                        resp.body_mut().set_stream(place);
-                        resp
-                    })
-            }
-        };
-        (
-            response_head(send, watched.as_ref(), deadline).await,
-            watched,
-        )
+                    .map(response_body)
+                } else {
+                    // HTTP/1.1 shares the destination's multiplexed connections; the stream's
+                    // place is held until the response has ended.
+                    shared
+                        .mux
+                        .send(permit, dest.address, &dest.mux_key, req, || {
+                            connect_upstream(dest.clone(), Alpn::Mux, shared.clone())
+                        })
+                        .await
+                        .map(|(resp, place)| {
+                            let mut resp = response_body(resp);
+                            resp.body_mut().set_stream(place);
+                            resp
+                        })
+                }
+            };
+            let sent = response_head(send, watched.as_ref(), deadline).await;
+            // The plain path asked nobody to switch: a 101 here is never passed on.
+            let sent = sent.map(|r| match r {
+                Ok(resp) if upgrade::unasked(&resp) => Ok(upgrade::mismatch(
+                    &shared,
+                    "outbound",
+                    &whom(),
+                    None,
+                    resp.headers().get(http::header::UPGRADE),
+                )),
+                other => other,
+            });
+            (sent, watched)
+        }
     };
     let sent = match sent {
         Ok(sent) => sent,
