@@ -264,3 +264,388 @@ pub(crate) fn mib(bytes: usize) -> String {
         b => format!("{b} bytes"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::HistoryRetention;
+    use bulkhead_api::v1::{self as pb, admin_server::Admin};
+    use bulkhead_insight::{Edge, EdgeVerdict};
+    use std::time::Duration;
+
+    /// A control plane's state in a fresh data directory (removed on drop), called as tonic
+    /// calls it, with the admin's verified identity.
+    struct Plane {
+        state: State,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for Plane {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn plane(name: &str, bounds: ProxyBounds, history: HistoryRetention) -> Plane {
+        let dir = std::env::temp_dir().join(format!(
+            "bulkhead-change-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let lifetime = Duration::from_secs(3600);
+        let (data, cas) = crate::datadir::DataDir::open(&dir, "td.test", lifetime).unwrap();
+        let store = crate::store::Store::open_with(&dir.join("state.redb"), history).unwrap();
+        let state = State::with_options(
+            data,
+            cas,
+            store,
+            lifetime,
+            crate::flows::FlowRetention::default(),
+            &crate::anomaly::Anomalies::default(),
+            bounds,
+        )
+        .unwrap();
+        Plane { state, dir }
+    }
+
+    fn admin<T>(message: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(message);
+        req.extensions_mut().insert(crate::listener::PeerInfo {
+            remote: "127.0.0.1:40000".parse().unwrap(),
+            identity: Some(
+                bulkhead_identity::SpiffeId::parse("spiffe://td.test/bulkhead/admin").unwrap(),
+            ),
+            cert_not_after: None,
+            cert_ca_sha256: None,
+        });
+        req
+    }
+
+    const DECLARATIONS: &str = r#"
+apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: orders, namespace: shop}
+spec:
+  identity: spiffe://td.test/ns/shop/sa/orders
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: payments, namespace: shop}
+spec:
+  identity: spiffe://td.test/ns/shop/sa/payments
+  ports: [{port: 8080, protocol: http}]
+"#;
+
+    /// A deny policy for `workload` with `rules` rules on paths of `len` bytes.
+    fn deny(name: &str, workload: &str, rules: usize, len: usize) -> String {
+        let mut yaml = format!(
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{workload: {workload}}}\n  action: deny\n  rules:\n"
+        );
+        for i in 0..rules {
+            yaml.push_str(&format!(
+                "    - name: r{i}\n      to: {{paths: [\"/{i}/{}\"]}}\n",
+                "x".repeat(len)
+            ));
+        }
+        yaml
+    }
+
+    async fn apply(
+        p: &Plane,
+        yaml: &str,
+        expect_revision: Option<u64>,
+    ) -> Result<pb::ApplyResponse, tonic::Status> {
+        p.state
+            .apply(admin(pb::ApplyRequest {
+                file: "test.yaml".into(),
+                yaml: yaml.into(),
+                expect_revision,
+            }))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn a_change_against_a_revision_that_moved_on_is_refused() {
+        let p = plane(
+            "expect",
+            ProxyBounds::default(),
+            HistoryRetention::default(),
+        );
+        let err = apply(&p, DECLARATIONS, Some(3)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message()
+                .starts_with("the resource set is at revision 0, not 3 (--expect-revision)"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(apply(&p, DECLARATIONS, Some(0)).await.unwrap().revision, 1);
+        let err = p
+            .state
+            .delete(admin(pb::DeleteRequest {
+                keys: vec!["Workload/shop/payments".into()],
+                expect_revision: Some(0),
+            }))
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().contains("at revision 1, not 0"),
+            "{}",
+            err.message()
+        );
+        let err = p
+            .state
+            .rollback(admin(pb::RollbackRequest {
+                revision: 0,
+                expect_revision: Some(7),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn a_configuration_over_a_proxys_bounds_is_refused_naming_the_workload_and_bound() {
+        let bounds = ProxyBounds {
+            max_rules: 3,
+            max_config_bytes: 4096,
+        };
+        let p = plane("bounds", bounds, HistoryRetention::default());
+        apply(&p, DECLARATIONS, None).await.unwrap();
+        let err = apply(&p, &deny("many", "orders", 4, 1), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().starts_with(
+                "the configuration of workload shop/orders would hold 4 compiled rules; a proxy takes at most 3 (bulkhead control --max-proxy-rules"
+            ),
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains("Nothing was changed"));
+        let err = apply(&p, &deny("long", "payments", 1, 5000), None)
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().starts_with("the configuration of workload shop/payments would be ")
+                && err.message().contains(
+                    "a proxy's configuration may be at most 4 KiB (bulkhead control --max-proxy-config-bytes)"
+                ),
+            "{}",
+            err.message()
+        );
+        assert_eq!(
+            p.state.snapshot.borrow().revision,
+            1,
+            "nothing was committed"
+        );
+        // Within the bounds it goes through.
+        let ok = apply(&p, &deny("few", "orders", 3, 1), None).await.unwrap();
+        assert_eq!(ok.revision, 2);
+    }
+
+    #[tokio::test]
+    async fn the_affected_workloads_are_those_whose_configuration_changed() {
+        let p = plane(
+            "affected",
+            ProxyBounds::default(),
+            HistoryRetention::default(),
+        );
+        let first = apply(&p, DECLARATIONS, None).await.unwrap();
+        assert_eq!(
+            first.affected_workloads,
+            vec!["shop/orders", "shop/payments"]
+        );
+        let one = apply(&p, &deny("d", "orders", 1, 1), None).await.unwrap();
+        assert_eq!(one.affected_workloads, vec!["shop/orders"]);
+        // A proxy of an undeclared workload counts once it has connected.
+        let frontend = ResourceName {
+            namespace: "shop".into(),
+            name: "frontend".into(),
+        };
+        let _c = p.state.proxies.connect(
+            "spiffe://td.test/ns/shop/sa/frontend",
+            &frontend,
+            String::new(),
+            0,
+            String::new(),
+        );
+        let posture = "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: deny}\n";
+        let all = apply(&p, posture, None).await.unwrap();
+        assert_eq!(
+            all.affected_workloads,
+            vec!["shop/frontend", "shop/orders", "shop/payments"]
+        );
+        let same = apply(&p, posture, None).await.unwrap();
+        assert_eq!(
+            (same.revision, same.affected_workloads.len()),
+            (all.revision, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pruned_revision_says_so_and_names_the_oldest_kept() {
+        let history = HistoryRetention {
+            max_revisions: 2,
+            max_age: Duration::from_secs(86_400),
+        };
+        let p = plane("pruned", ProxyBounds::default(), history);
+        apply(&p, DECLARATIONS, None).await.unwrap();
+        for i in 0..3 {
+            apply(&p, &deny("d", "orders", 1, i + 1), None)
+                .await
+                .unwrap();
+        }
+        let err = p
+            .state
+            .rollback(admin(pb::RollbackRequest {
+                revision: 1,
+                expect_revision: None,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert!(
+            err.message().starts_with("revision 1 was pruned: the control plane keeps the whole set of the newest 2 revisions for at most 1 days")
+                && err.message().contains("The oldest revision it can restore is 3"),
+            "{}",
+            err.message()
+        );
+        let back = p
+            .state
+            .rollback(admin(pb::RollbackRequest {
+                revision: 3,
+                expect_revision: Some(4),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(back.revision, 5);
+    }
+
+    const AUDIT: &str = r#"
+apiVersion: bulkhead.dev/v1alpha1
+kind: DefaultPosture
+metadata: {name: default, namespace: shop}
+spec: {egress: allow}
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: DefaultPosture
+metadata: {name: recommended, namespace: shop}
+spec: {ingress: deny, mode: audit}
+"#;
+
+    async fn promote(
+        p: &Plane,
+        key: &str,
+        force: bool,
+    ) -> Result<pb::PromoteResponse, tonic::Status> {
+        p.state
+            .promote(admin(pb::PromoteRequest {
+                key: key.into(),
+                window_seconds: 3600,
+                force,
+                expect_revision: None,
+            }))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn promote_folds_a_posture_into_the_enforced_one_in_one_revision() {
+        let p = plane(
+            "promote",
+            ProxyBounds::default(),
+            HistoryRetention::default(),
+        );
+        apply(&p, DECLARATIONS, None).await.unwrap();
+        apply(&p, AUDIT, None).await.unwrap();
+        let r = promote(&p, "DefaultPosture/shop/recommended", false)
+            .await
+            .unwrap();
+        assert_eq!(r.result.as_ref().unwrap().revision, 3, "one revision");
+        assert!(r.forced_over.is_empty());
+        let snap = p.state.snapshot.borrow().clone();
+        let postures: Vec<String> = snap
+            .resources
+            .iter()
+            .filter(|r| r.kind() == "DefaultPosture")
+            .map(|r| r.to_json().unwrap())
+            .collect();
+        assert_eq!(postures.len(), 1, "{postures:?}");
+        assert!(
+            postures[0].contains("\"ingress\":\"deny\"")
+                && postures[0].contains("\"egress\":\"allow\""),
+            "{postures:?}"
+        );
+        let history = p.state.store.history(1).unwrap();
+        assert_eq!(history[0].action, "promote DefaultPosture/shop/recommended");
+
+        let err = promote(&p, "DefaultPosture/shop/default", false)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.message(),
+            "DefaultPosture/shop/default is already enforced"
+        );
+        let err = promote(&p, "Workload/shop/orders", false)
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("have a mode"), "{}", err.message());
+        let err = promote(&p, "AuthorizationPolicy/shop/ghost", false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn promote_is_refused_while_it_had_would_deny_flows_unless_forced() {
+        let p = plane(
+            "would-deny",
+            ProxyBounds::default(),
+            HistoryRetention::default(),
+        );
+        apply(&p, DECLARATIONS, None).await.unwrap();
+        apply(&p, AUDIT, None).await.unwrap();
+        let mut blamed: Edge = crate::flows::tests::edge(
+            "frontend",
+            "payments",
+            bulkhead_policy::model::Direction::Ingress,
+            "/charge",
+            crate::proxies::unix_now(),
+        );
+        blamed.key.verdict = EdgeVerdict::AllowWouldDeny;
+        blamed.key.policy = Some("shop/recommended".into());
+        blamed.key.method = Some("POST".into());
+        p.state
+            .store
+            .merge_edges(
+                &mut [blamed],
+                crate::proxies::unix_now(),
+                &crate::flows::FlowRetention::default(),
+            )
+            .unwrap();
+        let err = promote(&p, "DefaultPosture/shop/recommended", false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message().starts_with(
+                "DefaultPosture/shop/recommended would have denied 1 requests in the last 3600s that are allowed today:\n  shop/frontend → shop/payments:8080 POST /charge (1 requests, last seen "
+            ),
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains("pass --force"));
+        assert_eq!(p.state.snapshot.borrow().revision, 2, "nothing changed");
+        let r = promote(&p, "DefaultPosture/shop/recommended", true)
+            .await
+            .unwrap();
+        assert_eq!(r.result.unwrap().revision, 3);
+        assert!(r.forced_over.contains("would have denied 1 requests"));
+    }
+}

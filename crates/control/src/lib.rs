@@ -27,7 +27,7 @@ pub use change::ProxyBounds;
 pub use datadir::{AdminContext, CONTEXT_FILE};
 pub use error::ControlError;
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
-pub use store::{HistoryRetention, LOG_MAX_AGE, LOG_MAX_ENTRIES};
+pub use store::{HistoryRetention, LOG_CHANGES_PER_ENTRY, LOG_MAX_AGE, LOG_MAX_ENTRIES};
 
 use bulkhead_api::v1::{
     admin_server::AdminServer, config_server::ConfigServer, identity_server::IdentityServer,

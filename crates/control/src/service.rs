@@ -475,7 +475,7 @@ impl Config for State {
                         Some((revision, digest))
                             if revision == config.revision && digest == config.digest =>
                         {
-                            tracing::debug!(spiffe_id = %id, %workload, revision, "the proxy holds the current revision; sending only the trust bundle");
+                            tracing::info!(spiffe_id = %id, %workload, revision, "the proxy holds the current revision; sending only the trust bundle");
                             f.queue.push_back(pb::ProxyConfig {
                                 revision,
                                 digest,

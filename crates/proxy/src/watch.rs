@@ -162,8 +162,18 @@ impl Follower {
             match stream.message().await {
                 Ok(Some(message)) => {
                     let revision = message.revision;
+                    let count = message.pieces;
                     let config = match pieces.push(message) {
-                        Ok(Some(config)) => config,
+                        Ok(Some(config)) => {
+                            if count > 1 {
+                                tracing::info!(
+                                    revision,
+                                    pieces = count,
+                                    "configuration put together from its pieces"
+                                );
+                            }
+                            config
+                        }
                         Ok(None) => continue,
                         Err(e) => {
                             tracing::error!(revision, error = %e, "refused configuration pieces; keeping the last good configuration");
