@@ -618,5 +618,18 @@ pub fn was_redirected(local: SocketAddr, original: SocketAddr) -> bool {
     canonical(local) != canonical(original)
 }
 
+/// Whether `ip` is an address of this network namespace: binding a socket to it succeeds
+/// (with the default `ip_nonlocal_bind` 0). Inbound connections are forwarded to their
+/// original destination only if it is one, so that the sidecar never relays them elsewhere.
+pub fn is_local_address(ip: IpAddr) -> bool {
+    let domain = match ip {
+        IpAddr::V4(_) => socket2::Domain::IPV4,
+        IpAddr::V6(_) => socket2::Domain::IPV6,
+    };
+    socket2::Socket::new(domain, socket2::Type::STREAM, None)
+        .and_then(|s| s.bind(&SocketAddr::new(ip, 0).into()))
+        .is_ok()
+}
+
 #[cfg(test)]
 mod tests;

@@ -525,3 +525,11 @@ fn addresses_from_a_dual_stack_listener_are_made_canonical() {
         "10.1.2.3:8080".parse().unwrap()
     ));
 }
+
+#[test]
+fn only_this_namespaces_addresses_are_local() {
+    assert!(is_local_address("127.0.0.1".parse().unwrap()));
+    // Private addresses no lab hands out (hosts end in .2 to .251); nothing is sent.
+    assert!(!is_local_address("10.255.255.254".parse().unwrap()));
+    assert!(!is_local_address("fd00:dead:beef::7".parse().unwrap()));
+}
