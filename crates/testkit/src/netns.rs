@@ -387,7 +387,10 @@ mod tests {
             .arg("/etc/resolv.conf")
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "nameserver 10.9.9.9\n");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "nameserver 10.9.9.9\n"
+        );
         let etc = Path::new("/etc/netns").join(lab.ns("a"));
         assert!(etc.exists());
 
