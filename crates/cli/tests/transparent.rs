@@ -322,9 +322,6 @@ spec:
     );
 }
 
-/// The uid the sidecars run as in these tests (root), which init's rules exclude.
-const PROXY_UID: &str = "0";
-
 /// What a TCP client in `host` (as the app's uid) sees at `to` when it sends a line and
 /// reads until the connection ends: bash's /dev/tcp, then `cat`. A refused connection shows
 /// "Connection reset by peer" at once (on the write or the read, whichever meets the reset);
