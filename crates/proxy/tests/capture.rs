@@ -646,3 +646,66 @@ async fn answer(mut stream: tokio::net::TcpStream, label: &str) {
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
 }
+
+/// IPv6 is never left open: when its rules cannot be installed (here an ip6tables-restore
+/// that fails as on a kernel without IPv6 NAT), init fails, says to pass `--ipv6 drop`, and
+/// installs nothing, IPv4 included.
+#[test]
+fn init_fails_rather_than_leave_ipv6_open() {
+    if !can_run(
+        "init_fails_rather_than_leave_ipv6_open",
+        Backend::Iptables.tools(),
+    ) {
+        return;
+    }
+    let lab = Lab::new(&["pod"]);
+    let dir = TempDir::new().unwrap();
+    let fake = dir.path().join("ip6tables-restore");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"ip6tables-restore v1.8.9: can't initialize ip6tables table 'nat'\" >&2\nexit 2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = lab
+        .command("pod", Path::new(BIN))
+        .args(["init", "--proxy-uid", "1337"])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`ip6tables-restore --noflush` failed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("can't initialize ip6tables table 'nat'"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pass --ipv6 drop"), "{stderr}");
+    assert_eq!(Backend::Iptables.listing(&lab, "pod"), Vec::<String>::new());
+    // With --ipv6 drop there is no IPv6 NAT to fail, and the real tools install it all.
+    init(
+        &lab,
+        "pod",
+        Backend::Iptables,
+        &["--proxy-uid", "1337", "--ipv6", "drop"],
+    );
+    let listing = Backend::Iptables.listing(&lab, "pod");
+    assert!(
+        listing.contains(&"6 -A BULKHEAD_OUT_FILTER -j DROP".to_string()),
+        "{listing:?}"
+    );
+    assert!(
+        !listing
+            .iter()
+            .any(|l| l.starts_with("6 ") && l.contains("REDIRECT")),
+        "{listing:?}"
+    );
+}
