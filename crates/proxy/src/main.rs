@@ -73,7 +73,8 @@ struct Args {
     transparent: bool,
     /// Transparent mode: the listener for the app's redirected outbound connections
     /// (IP:PORT, the port given to `init --outbound-port`): `[::]:15001` takes IPv6 and IPv4,
-    /// `127.0.0.1:15001` IPv4 only (enough where the namespace has no IPv6). Only
+    /// `127.0.0.1:15001` IPv4 only (enough where the namespace has no IPv6; where init
+    /// captures IPv6, the app's IPv6 connections are then refused). Only
     /// connections redirected from this namespace (arriving on loopback) are served.
     #[arg(long)]
     outbound: Option<SocketAddr>,
@@ -85,7 +86,8 @@ struct Args {
     /// A declared upstream: name=N,listen=IP:PORT,address=IP:PORT,identity=spiffe://…  (repeatable)
     #[arg(long = "upstream")]
     upstreams: Vec<UpstreamSpec>,
-    /// Admin port: /metrics, /ready, /live, /config (IP:PORT; port 0 picks one).
+    /// Admin port: /metrics, /ready, /live, /config (IP:PORT; port 0 picks one; `[::]:PORT`
+    /// for IPv6 and IPv4). In transparent mode `init` closes it to the app's uid.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: Option<SocketAddr>,
     /// Write the bound addresses and identity here as JSON once ready.
