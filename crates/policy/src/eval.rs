@@ -601,6 +601,15 @@ impl PolicySet {
             .map(|(_, proto)| *proto)
     }
 
+    /// Whether `workload` declares any port. A transparent sidecar refuses connections to
+    /// the ports such a workload does not declare, before policy: a rule without `ports:`
+    /// then covers the declared ports only.
+    pub fn declares_ports(&self, workload: &WorkloadRef) -> bool {
+        self.declared
+            .get(workload)
+            .is_some_and(|w| !w.ports.is_empty())
+    }
+
     /// How many compiled rules there are, counted once per protected workload; for tooling.
     pub fn rule_count(&self) -> usize {
         self.subjects

@@ -13,19 +13,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
-use tokio::net::TcpListener;
 
 pub(crate) async fn spawn(
     listen: SocketAddr,
     shared: Arc<Shared>,
 ) -> Result<SocketAddr, ProxyError> {
-    let bind_err = |source| ProxyError::Bind {
-        what: "admin".into(),
-        addr: listen,
-        source,
-    };
-    let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
-    let addr = listener.local_addr().map_err(bind_err)?;
+    // `[::]:PORT` is one dual-stack socket, as for the other listeners.
+    let (listener, addr) = crate::http::listen(listen, "admin").await?;
     tracing::info!(listen = %addr, "admin listener ready (/metrics /ready /live /config)");
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {

@@ -118,11 +118,30 @@ pub(crate) async fn listen(
         addr,
         source,
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(bind_err)?;
+    let listener = match addr {
+        // `[::]` takes IPv4 too, whatever the host's `bindv6only` says: one listener for both
+        // families (IPv4 peers appear as `::ffff:a.b.c.d`; handlers make them canonical).
+        std::net::SocketAddr::V6(v6) if v6.ip().is_unspecified() => {
+            dual_stack(addr).map_err(bind_err)?
+        }
+        _ => tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(bind_err)?,
+    };
     let bound = listener.local_addr().map_err(bind_err)?;
     Ok((listener, bound))
+}
+
+/// A listener on `[::]:port` that accepts IPv4 as well (`IPV6_V6ONLY` off).
+fn dual_stack(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 /// Accepts forever. Each connection within `max_connections` is served by the future

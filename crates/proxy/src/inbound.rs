@@ -16,7 +16,7 @@ use crate::http::{
 };
 use crate::http::{content_length, grpc_status};
 use crate::metrics::{LabelText, Parties, TlsFailure};
-use crate::tcp::Flow;
+use crate::tcp::{Flow, Reset};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity;
@@ -26,7 +26,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -78,14 +78,12 @@ async fn serve(
     shared: Arc<Shared>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let remote = crate::capture::canonical(remote);
     let (app, port) = match target {
         InboundTarget::App { app, port } => (app, port),
-        InboundTarget::Transparent => match crate::capture::original_dst(&tcp) {
-            Ok(orig) => ((Ipv4Addr::LOCALHOST, orig.port()).into(), orig.port()),
-            Err(e) => {
-                tracing::warn!(error = %e, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)");
-                return;
-            }
+        InboundTarget::Transparent => match transparent_target(&tcp, &shared) {
+            Some(orig) => (orig, orig.port()),
+            None => return tcp.reset(),
         },
     };
     let t = Target { app, port, remote };
@@ -173,10 +171,64 @@ async fn serve(
     }
 }
 
+/// Transparent mode: where a redirected connection goes, which is where it was sent — the
+/// workload's own address and port, never loopback, so that a listener the app bound to
+/// 127.0.0.1 or ::1 stays out of reach from other hosts. `None` (logged and counted; the
+/// caller resets the connection) when it did not come through `init`'s rules, was not for
+/// an address of this namespace, or is for a port the workload does not declare while it
+/// declares some (refused before policy: a rule without `ports:` covers declared ports only).
+fn transparent_target(tcp: &TcpStream, shared: &Shared) -> Option<SocketAddr> {
+    let refuse = |reason: &'static str, why: &str| {
+        shared.metrics.reset("inbound", reason);
+        tracing::warn!(reason, "connection refused: {why}");
+        None
+    };
+    let (orig, local) = match (crate::capture::original_dst(tcp), tcp.local_addr()) {
+        (Ok(orig), Ok(local)) => (orig, crate::capture::canonical(local)),
+        (Err(e), _) | (_, Err(e)) => {
+            return refuse(
+                "not_redirected",
+                &format!(
+                    "no original destination ({e}); is this listener the target of `bulkhead-proxy init`'s rules?"
+                ),
+            );
+        }
+    };
+    if !crate::capture::was_redirected(local, orig) || orig.port() == local.port() {
+        return refuse(
+            "not_redirected",
+            &format!("{orig} is the proxy's own inbound port, not a port of the app"),
+        );
+    }
+    if orig.ip().is_loopback() || !crate::capture::is_local_address(orig.ip()) {
+        return refuse(
+            "not_local",
+            &format!("the original destination {orig} is not an address of this network namespace"),
+        );
+    }
+    let policies = shared.policies.load();
+    if policies.declares_ports(&shared.workload)
+        && policies
+            .declared_protocol(&shared.workload, orig.port())
+            .is_none()
+    {
+        return refuse(
+            "undeclared_port",
+            &format!(
+                "port {} is not one that workload {} declares",
+                orig.port(),
+                shared.workload
+            ),
+        );
+    }
+    Some(orig)
+}
+
 /// Opaque TCP in: judged once by L4 policy (and again on every policy change), then relayed.
-async fn relay<I>(downstream: I, peer: Option<SpiffeId>, t: Target, shared: Arc<Shared>)
+/// Refused with a reset when policy denies it or the app does not accept it.
+async fn relay<I>(mut downstream: I, peer: Option<SpiffeId>, t: Target, shared: Arc<Shared>)
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin + Reset,
 {
     let flow = Flow {
         direction: Direction::Ingress,
@@ -188,11 +240,22 @@ where
     let decision = flow.decide(&shared);
     flow.log(&decision, &shared);
     if !decision.is_allow() {
-        return;
+        shared.metrics.reset("inbound", "denied");
+        return downstream.reset();
     }
     match connect_app(t.app).await {
-        Ok(app) => crate::tcp::relay(&shared, flow, downstream, app).await,
-        Err(e) => tracing::warn!(app = %t.app, error = %e, "local app unreachable"),
+        Ok(mut app) => {
+            if crate::tcp::relay(&shared, flow, &mut downstream, &mut app).await == "error" {
+                shared.metrics.reset("inbound", "relay_error");
+                downstream.reset();
+                app.reset();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(app = %t.app, error = %e, "local app unreachable");
+            shared.metrics.reset("inbound", "unreachable");
+            downstream.reset();
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use crate::http::{
 };
 use crate::http::{content_length, grpc_status};
 use crate::metrics::{LabelText, Parties};
-use crate::tcp::Flow;
+use crate::tcp::{Flow, Reset};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::server_name;
@@ -115,7 +115,7 @@ pub(crate) async fn spawn_transparent(
         let span = tracing::info_span!("outbound", src.addr = %remote);
         let shared = state.clone();
         let conn = async move {
-            match crate::capture::original_dst(&tcp) {
+            match redirected_here(&tcp) {
                 Ok(orig) => {
                     let dest = Arc::new(Dest::of_original(orig, &shared));
                     tracing::debug!(
@@ -125,14 +125,41 @@ pub(crate) async fn spawn_transparent(
                     );
                     serve(tcp, dest, shared).await
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)")
+                Err(why) => {
+                    shared.metrics.reset("outbound", "not_redirected");
+                    tracing::warn!(reason = "not_redirected", "connection refused: {why}");
+                    tcp.reset()
                 }
             }
         };
         (conn, span)
     });
     Ok(addr)
+}
+
+/// The original destination of a connection that `init`'s OUTPUT rules redirected to the
+/// transparent listener. Such a connection arrives on loopback; anything else (a connection
+/// from another host, or straight to the listener's own port, which would be relayed back
+/// to the listener) is refused.
+fn redirected_here(tcp: &TcpStream) -> Result<SocketAddr, String> {
+    let local = tcp
+        .local_addr()
+        .map(crate::capture::canonical)
+        .map_err(|e| e.to_string())?;
+    let orig = crate::capture::original_dst(tcp).map_err(|e| {
+        format!("no original destination ({e}); is this listener the target of `bulkhead-proxy init`'s rules?")
+    })?;
+    if !local.ip().is_loopback() {
+        return Err(format!(
+            "arrived at {local}: only this namespace's redirected connections (on loopback) are served"
+        ));
+    }
+    if !crate::capture::was_redirected(local, orig) {
+        return Err(format!(
+            "{orig} is the proxy's own outbound port, not a redirected destination"
+        ));
+    }
+    Ok(orig)
 }
 
 async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
@@ -169,34 +196,61 @@ fn tcp_flow(dest: &Dest) -> Flow {
     }
 }
 
-/// Opaque TCP to a mesh destination, over mTLS.
+/// Opaque TCP to a mesh destination, over mTLS. Refused with a reset when egress policy
+/// denies it or the destination's sidecar does not take it; a reset from the far side is
+/// passed on as a reset.
 async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
     let decision = flow.decide(&shared);
     flow.log(&decision, &shared);
     if !decision.is_allow() {
-        return;
+        shared.metrics.reset("outbound", "denied");
+        return tcp.reset();
     }
     match connect_upstream(dest.clone(), Alpn::Tcp, shared.clone()).await {
-        Ok(up) => crate::tcp::relay(&shared, flow, tcp, up).await,
-        Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "upstream unreachable"),
+        Ok(up) => relay_or_reset(&shared, flow, tcp, up).await,
+        Err(e) => {
+            tracing::warn!(dst.name = dest.name, error = %e, "upstream unreachable");
+            shared.metrics.reset("outbound", "unreachable");
+            tcp.reset()
+        }
     }
 }
 
-/// Opaque TCP to a destination outside the mesh: plain, if egress policy allows it.
+/// Opaque TCP to a destination outside the mesh: plain, if egress policy allows it; refused
+/// with a reset otherwise, or when the destination refuses it.
 async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
     let decision = flow.decide(&shared);
     flow.log(&decision, &shared);
     if !decision.is_allow() {
-        return;
+        shared.metrics.reset("outbound", "denied");
+        return tcp.reset();
     }
     match TcpStream::connect(dest.address).await {
         Ok(up) => {
             let _ = up.set_nodelay(true);
-            crate::tcp::relay(&shared, flow, tcp, up).await
+            relay_or_reset(&shared, flow, tcp, up).await
         }
-        Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "destination unreachable"),
+        Err(e) => {
+            tracing::warn!(dst.name = dest.name, error = %e, "destination unreachable");
+            shared.metrics.reset("outbound", "unreachable");
+            tcp.reset()
+        }
+    }
+}
+
+/// Relays the app's connection; if either side fails (the far side reset), resets both.
+async fn relay_or_reset<U: Reset + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
+    flow: Flow,
+    mut app: TcpStream,
+    mut up: U,
+) {
+    if crate::tcp::relay(shared, flow, &mut app, &mut up).await == "error" {
+        shared.metrics.reset("outbound", "relay_error");
+        app.reset();
+        up.reset();
     }
 }
 
