@@ -106,7 +106,7 @@ pub struct InitArgs {
     /// not captured (comma list).
     #[arg(long, value_delimiter = ',', value_parser = parse_cidr)]
     pub exclude_cidrs: Vec<IpNet>,
-    /// The control plane's address (IP:PORT, [IPv6]:PORT); connections to it are never
+    /// The control plane's address (IP:PORT, an IPv6 address in brackets); connections to it are never
     /// captured.
     #[arg(long)]
     pub control: Option<SocketAddr>,
