@@ -7,8 +7,8 @@
 
 use crate::error::PolicyError;
 use crate::eval::{
-    CompiledRule, Cond, DeclaredWorkload, IdentitySet, PolicySet, Postures, RuleList, SubjectRules,
-    slot,
+    CompiledRule, Cond, DeclaredWorkload, IdentitySet, PolicySet, Postures, Quantifier, RuleGroup,
+    RuleList, SubjectRules, slot,
 };
 use crate::model::{
     Action, AuthorizationPolicySpec, Direction, Document, Mode, Resource, ResourceName, Rule,
@@ -224,7 +224,12 @@ fn compile(
     let postures = postures(resources, &mut errors);
     let identity_workloads = identity_index(&declared);
 
-    let mut subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]> = HashMap::new();
+    // One group of rules per (direction, namespace, selector): every workload the selector
+    // picks shares it, so a rule is compiled and stored once however many it protects.
+    type GroupKey = (Direction, String, Option<String>, BTreeMap<String, String>);
+    let mut group_of: HashMap<GroupKey, usize> = HashMap::new();
+    let mut groups: Vec<(RuleGroup, Direction)> = Vec::new();
+    let mut group_subjects: Vec<Vec<WorkloadRef>> = Vec::new();
     let mut order = 0u32;
     for (i, r) in resources.iter().enumerate() {
         let Resource::AuthorizationPolicy(doc) = r else {
@@ -232,7 +237,19 @@ fn compile(
         };
         let name = Arc::new(r.name());
         let ns = name.namespace.clone();
-        let targets = subjects_of(&doc.spec.selector, &ns, &declared);
+        let sel = &doc.spec.selector;
+        let key = (
+            doc.spec.direction,
+            ns.clone(),
+            sel.workload.as_ref().map(|w| w.value.to_string()),
+            sel.match_labels.clone(),
+        );
+        let gi = *group_of.entry(key).or_insert_with(|| {
+            groups.push((RuleGroup::default(), doc.spec.direction));
+            group_subjects.push(subjects_of(sel, &ns, &declared));
+            groups.len() - 1
+        });
+        let targets = &group_subjects[gi];
         if doc.spec.selector.workload.is_some() && !doc.spec.selector.match_labels.is_empty() {
             errors.at(
                 i,
@@ -253,7 +270,7 @@ fn compile(
                 &doc.spec,
                 rule,
                 &rule_name,
-                &targets,
+                targets,
                 &ns,
                 &declared,
                 &mut errors,
@@ -265,25 +282,19 @@ fn compile(
                 policy: name.clone(),
                 name: rule_name,
                 order,
-                conds: conditions(rule, doc.spec.direction, &ns, &declared),
+                conds: conditions(rule, doc.spec.direction, doc.spec.action, &ns, &declared),
             };
             order = order.saturating_add(1);
-            for subject in &targets {
-                let entry = subjects.entry(subject.clone()).or_default()[slot(doc.spec.direction)]
-                    .get_or_insert_with(SubjectRules::default);
-                let set = match doc.spec.mode {
-                    Mode::Enforce => &mut entry.enforce,
-                    Mode::Audit => {
-                        entry.has_audit = true;
-                        &mut entry.audit
-                    }
-                };
-                let list: &mut RuleList = match doc.spec.action {
-                    Action::Allow => &mut set.allow,
-                    Action::Deny => &mut set.deny,
-                };
-                list.push(compiled.clone());
-            }
+            let group = &mut groups[gi].0;
+            let set = match doc.spec.mode {
+                Mode::Enforce => &mut group.enforce,
+                Mode::Audit => &mut group.audit,
+            };
+            let list: &mut RuleList = match doc.spec.action {
+                Action::Allow => &mut set.allow,
+                Action::Deny => &mut set.deny,
+            };
+            list.push(compiled);
         }
         let mut names = HashSet::new();
         for rule in &doc.spec.rules {
@@ -307,8 +318,19 @@ fn compile(
     if !errors.list.is_empty() {
         return Err(errors.list);
     }
-    for rules in subjects.values_mut().flatten().flatten() {
-        rules.finish();
+    let mut subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]> = HashMap::new();
+    for ((mut group, direction), members) in groups.into_iter().zip(group_subjects) {
+        if group.len() == 0 {
+            continue;
+        }
+        group.finish();
+        let group = Arc::new(group);
+        for subject in members {
+            let entry = subjects.entry(subject).or_default()[slot(direction)]
+                .get_or_insert_with(SubjectRules::default);
+            entry.has_audit |= group.has_audit();
+            entry.groups.push(group.clone());
+        }
     }
     let declared = declared
         .workloads
@@ -645,7 +667,19 @@ fn check_rule(
 }
 
 /// Builds the rule's conditions in explanation order.
-fn conditions(rule: &Rule, direction: Direction, ns: &str, declared: &Declared<'_>) -> Vec<Cond> {
+fn conditions(
+    rule: &Rule,
+    direction: Direction,
+    action: Action,
+    ns: &str,
+    declared: &Declared<'_>,
+) -> Vec<Cond> {
+    // How a repeated header is read: every value must satisfy an allow rule's condition,
+    // any value a deny rule's.
+    let quantifier = match action {
+        Action::Allow => Quantifier::Every,
+        Action::Deny => Quantifier::Any,
+    };
     let mut conds = Vec::new();
     if let Some(from) = &rule.from {
         let f = &from.value;
@@ -727,7 +761,7 @@ fn conditions(rule: &Rule, direction: Direction, ns: &str, declared: &Declared<'
         }
     }
     for w in &rule.when {
-        conds.push(Cond::Header(w.value.clone()));
+        conds.push(Cond::Header(w.value.clone(), quantifier));
     }
     conds
 }

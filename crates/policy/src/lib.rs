@@ -6,6 +6,7 @@
 //!
 //! It must never widen what is allowed on bad input: a set with any error is refused whole.
 
+pub mod canonical;
 mod compile;
 mod decision;
 mod endpoints;
@@ -17,6 +18,7 @@ mod pattern;
 mod reach;
 mod source;
 
+pub use canonical::{CanonicalRequest, RawRequest, Refusal};
 pub use compile::{Distribution, relevant_to};
 pub use decision::{AuditOutcome, Decision, NearMiss, PostureSource, Reason, Verdict};
 pub use endpoints::{Endpoint, Endpoints};
@@ -24,7 +26,8 @@ pub use error::{PolicyError, SourceLocation};
 pub use eval::{Headers, Http, Peer, PolicySet, PolicyView, Request};
 pub use located::Located;
 pub use pattern::{
-    GrpcName, HeaderName, HostPattern, IdentityPattern, Method, PathPattern, PortRange, Protocol,
+    Glob, GrpcName, HeaderName, HostPattern, IdentityPattern, Method, PathPattern, PortRange,
+    Protocol,
 };
 pub use reach::{
     BlastRadius, Grant, ReachEdge, ReachError, ReachOptions, Reached, SourceEgress, blast_radius,

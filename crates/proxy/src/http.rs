@@ -490,12 +490,15 @@ fn grpc_percent_encode(text: &str) -> String {
     out
 }
 
-/// Request headers as the policy engine reads them.
+/// Request headers as the policy engine reads them: every value of a repeated header, as
+/// bytes (a value that is not text is still a value, never an absent header).
 pub(crate) struct HeaderView<'a>(pub &'a HeaderMap);
 
 impl bulkhead_policy::Headers for HeaderView<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
+    fn each_value(&self, name: &str, each: &mut dyn FnMut(&[u8])) {
+        for v in self.0.get_all(name) {
+            each(v.as_bytes());
+        }
     }
 }
 
