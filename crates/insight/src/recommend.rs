@@ -632,12 +632,16 @@ impl RecommendedPolicy {
             AuthorizationPolicySpec {
                 selector: Selector {
                     workload: Some(Located::new(self.workload.clone())),
-                    match_labels: BTreeMap::new(),
+                    match_labels: Located::new(BTreeMap::new()),
                 },
                 direction: Direction::Ingress,
                 action: Action::Allow,
                 mode: Mode::Audit,
-                rules: self.rules.iter().map(RecommendedRule::rule).collect(),
+                rules: self
+                    .rules
+                    .iter()
+                    .map(|r| Located::new(r.rule()))
+                    .collect(),
             },
         ))
     }

@@ -10,9 +10,10 @@ use crate::eval::{
     CompiledRule, Cond, DeclaredWorkload, IdentitySet, PolicySet, Postures, Quantifier, RuleGroup,
     RuleList, SubjectRules, slot,
 };
+use crate::located::Located;
 use crate::model::{
     Action, AuthorizationPolicySpec, Direction, Document, Mode, Resource, ResourceName, Rule,
-    Selector, Target, WorkloadRef, WorkloadSpec,
+    Selector, Source, Target, WorkloadRef, WorkloadSpec,
 };
 use crate::pattern::{IdentityPattern, Protocol};
 use crate::source::Origin;
@@ -135,14 +136,14 @@ impl Distribution {
                     }
                     let mut refs = Vec::new();
                     for rule in &doc.spec.rules {
-                        if let Some(from) = rule
+                        if let Some(labels) = rule
                             .from
                             .as_ref()
-                            .filter(|f| !f.value.workload_labels.is_empty())
+                            .and_then(|f| f.value.workload_labels.as_ref())
+                            .filter(|l| !l.is_empty())
                         {
                             for (name, (wdoc, _)) in &declared.workloads {
-                                if labels_match(&from.value.workload_labels, &wdoc.metadata.labels)
-                                {
+                                if labels_match(labels, &wdoc.metadata.labels) {
                                     refs.extend(decl_index("Workload", name));
                                 }
                             }
@@ -242,7 +243,7 @@ fn compile(
             doc.spec.direction,
             ns.clone(),
             sel.workload.as_ref().map(|w| w.value.to_string()),
-            sel.match_labels.clone(),
+            sel.match_labels.value.clone(),
         );
         let gi = *group_of.entry(key).or_insert_with(|| {
             groups.push((RuleGroup::default(), doc.spec.direction));
@@ -532,7 +533,7 @@ fn check_rule(
     i: usize,
     r: &Resource,
     spec: &AuthorizationPolicySpec,
-    rule: &Rule,
+    rule: &Located<Rule>,
     rule_name: &str,
     subjects: &[WorkloadRef],
     ns: &str,
@@ -540,7 +541,12 @@ fn check_rule(
     errors: &mut Errors<'_>,
 ) {
     let policy = r.name();
-    let rule_pos = rule.name.as_ref().and_then(|n| n.position());
+    // A nameless rule is pointed at by its own position (its first key).
+    let rule_pos = rule
+        .name
+        .as_ref()
+        .and_then(|n| n.position())
+        .or(rule.position());
     let to = rule.to.as_ref();
     let to_pos = to.and_then(|t| t.position()).or(rule_pos);
     let t = to.map(|t| &t.value);
@@ -560,6 +566,11 @@ fn check_rule(
             "policy {policy} rule {rule_name}: an egress rule has no `from`; its source is the selected workload"
         )),
         _ => {}
+    }
+    if spec.direction == Direction::Ingress
+        && let Some(from) = &rule.from
+    {
+        check_callers(i, r, &policy, rule_name, rule_pos, from, errors);
     }
     if let Some(t) = t {
         for s in &t.services {
@@ -666,6 +677,39 @@ fn check_rule(
     }
 }
 
+/// No silent wildcards: a caller selector that names nobody would match everybody, so it is
+/// refused with what it would have meant and how to say the intended thing explicitly.
+fn check_callers(
+    i: usize,
+    r: &Resource,
+    policy: &ResourceName,
+    rule_name: &str,
+    rule_pos: Option<(u32, u32)>,
+    from: &Located<Source>,
+    errors: &mut Errors<'_>,
+) {
+    let f = &from.value;
+    let ns = &policy.namespace;
+    if let Some(labels) = f.workload_labels.as_ref().filter(|l| l.is_empty()) {
+        errors.at(i, r, labels.position().or(from.position()).or(rule_pos), format!(
+            "policy {policy} rule {rule_name}: `workloadLabels: {{}}` gives no label, so it would match every caller (any identity, declared or not, from any trust domain), not \"the workloads of this namespace\"; write the callers explicitly: `namespaces: [{ns}]` for callers whose identity is in namespace {ns}, `workloadLabels` with at least one label for declared workloads, or `identities: [\"*\"]` for any authenticated caller"
+        ));
+        return;
+    }
+    let names_someone = !f.identities.is_empty()
+        || !f.not_identities.is_empty()
+        || !f.namespaces.is_empty()
+        || !f.not_namespaces.is_empty()
+        || f.workload_labels.is_some()
+        || !f.cidrs.is_empty()
+        || !f.not_cidrs.is_empty();
+    if !names_someone {
+        errors.at(i, r, from.position().or(rule_pos), format!(
+            "policy {policy} rule {rule_name}: `from` names no caller, so it would match every caller (authenticated or not, declared or not, from any trust domain); leave `from` out if the rule is meant for every caller, or name them: `identities: [\"*\"]` for any authenticated caller, `namespaces: [{ns}]` for callers of namespace {ns}, `workloadLabels: {{…}}` for declared workloads"
+        ));
+    }
+}
+
 /// Builds the rule's conditions in explanation order.
 fn conditions(
     rule: &Rule,
@@ -695,11 +739,11 @@ fn conditions(
                 names(&f.not_namespaces),
             ));
         }
-        if !f.workload_labels.is_empty() {
+        if let Some(labels) = &f.workload_labels {
             let ids: Vec<IdentityPattern> = declared
                 .workloads
                 .values()
-                .filter(|(doc, _)| labels_match(&f.workload_labels, &doc.metadata.labels))
+                .filter(|(doc, _)| labels_match(labels, &doc.metadata.labels))
                 .map(|(doc, _)| doc.spec.identity.value.clone())
                 .collect();
             conds.push(Cond::SourceWorkload(IdentitySet::new(&ids)));

@@ -832,3 +832,197 @@ fn a_proxy_gets_only_what_concerns_it_and_decides_the_same() {
         assert_eq!(part.evaluate(&req), full.evaluate(&req), "{subject} {peer}");
     }
 }
+
+/// An empty caller selector, in any form, would match every caller: refused at the place it
+/// is written, saying what it would have meant and what to write instead.
+#[test]
+fn empty_caller_selectors_are_refused() {
+    let rules = |body: &str| format!("{HEAD}  action: allow\n  rules:\n{body}");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            rules("    - name: web\n      from:\n        workloadLabels: {}\n"),
+            "p.yaml:13:25: policy shop/p rule web: `workloadLabels: {}` gives no label, so it would match every caller (any identity, declared or not, from any trust domain), not \"the workloads of this namespace\"; write the callers explicitly: `namespaces: [shop]`",
+        ),
+        (
+            rules("    - from: {workloadLabels: }\n"),
+            "p.yaml:11:28: policy shop/p rule rules[0]: `workloadLabels: {}` gives no label",
+        ),
+        (
+            rules("    - from: {namespaces: [shop], workloadLabels: {}}\n"),
+            "p.yaml:11:50: policy shop/p rule rules[0]: `workloadLabels: {}` gives no label",
+        ),
+        (
+            rules("    - from: {}\n"),
+            "p.yaml:11:13: policy shop/p rule rules[0]: `from` names no caller, so it would match every caller (authenticated or not, declared or not, from any trust domain); leave `from` out if the rule is meant for every caller",
+        ),
+        (rules("    - name: x\n      from:\n"), "p.yaml:12:"),
+        (
+            rules("    - from: {identities: []}\n      to: {ports: [8080]}\n"),
+            "p.yaml:11:13: policy shop/p rule rules[0]: `from` names no caller",
+        ),
+    ];
+    let mut failed = false;
+    for (yaml, want) in cases {
+        let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &yaml)]);
+        if !got.starts_with(want) {
+            eprintln!("MISMATCH want {want:?}\n got {got:?}\n{yaml}");
+            failed = true;
+        }
+    }
+    assert!(!failed, "see MISMATCH lines");
+}
+
+/// What compiles but protects nothing, or means something other than it looks, is a lint
+/// warning at its place.
+#[test]
+fn lint_warns_about_selectors_that_select_nothing_and_regex_paths() {
+    let text = format!(
+        "{}{}{}{}",
+        policy(
+            "typo-deny",
+            "paymnts",
+            "  action: deny\n",
+            "    - name: all\n"
+        ),
+        "---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: by-labels, namespace: shop}\nspec:\n  selector:\n    matchLabels: {app: paymnts}\n  action: deny\n",
+        policy(
+            "callers",
+            "orders",
+            "  action: allow\n",
+            "    - name: web\n      from:\n        workloadLabels: {tier: wbe}\n    - to:\n        paths: [\"/v1/.*\", \"/ok/*\"]\n"
+        ),
+        "---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: empty-ns, namespace: ghosts}\nspec:\n  action: deny\n",
+    );
+    let files = vec![
+        ("decl.yaml".to_string(), DECLARATIONS.as_bytes().to_vec()),
+        ("p.yaml".to_string(), text.into_bytes()),
+    ];
+    let (parsed, _) = bulkhead_policy::load_bytes(&files, 1).expect("compiles");
+    let got: Vec<String> = bulkhead_policy::lint_parsed(&parsed)
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "p.yaml:6:24: warning: policy shop/typo-deny selects workload shop/paymnts, which no Workload declares; if the name is misspelt it protects nothing (declare the Workload, or fix the name)",
+            "p.yaml:16:18: warning: policy shop/by-labels selects no declared Workload: none in namespace shop has the labels {app: paymnts}; a misspelt label selects nothing",
+            "p.yaml:28:25: warning: policy shop/callers rule web: no declared Workload has the labels {tier: wbe}, so this rule can never match (a misspelt label allows nothing)",
+            "p.yaml:30:9: warning: policy shop/callers rule rules[1]: path \"/v1/.*\" looks like a regular expression, but paths are literal text with * (part of one segment) and ** (any number of segments); it is read as the prefix \"/v1/.\"",
+            "p.yaml:34:18: warning: policy ghosts/empty-ns selects every declared Workload of namespace ghosts, and none is declared",
+        ]
+    );
+}
+
+/// Regular expressions that are not even canonical paths are refused, and say why.
+#[test]
+fn regex_paths_and_non_canonical_paths_are_refused_with_the_form_to_write() {
+    let to = |paths: &str| {
+        format!("{HEAD}  action: deny\n  rules:\n    - to: {{ports: [8080], paths: [{paths}]}}\n")
+    };
+    for (paths, want) in [
+        (
+            "\"/v1/[a-z]+\"",
+            "p.yaml:11:35: path \"/v1/[a-z]+\" is not in canonical form: write \"/v1/%5Ba-z%5D+\" (requests are matched after percent-encoded letters, digits and -._~ are decoded, and other escapes upper-cased) (this looks like a regular expression; paths are literal, with * for part of one segment and ** for any number of segments)",
+        ),
+        (
+            "\"/v1/\\\\d+\"",
+            "p.yaml:11:35: path \"/v1/\\\\d+\" can never match: the path holds a '\\' (raw or encoded), and the sidecar refuses such requests with 400 before any policy (this looks like a regular expression",
+        ),
+        (
+            "\"^/admin$\"",
+            "p.yaml:11:35: path \"^/admin$\" must start with '/' (this looks like a regular expression",
+        ),
+        (
+            "\"/%61dmin/*\"",
+            "p.yaml:11:35: path \"/%61dmin/*\" is not in canonical form: write \"/admin/*\"",
+        ),
+        (
+            "\"/orders/..;/admin\"",
+            "p.yaml:11:35: path \"/orders/..;/admin\" can never match: the path holds a ';'",
+        ),
+        (
+            "\"/a/../b\"",
+            "p.yaml:11:35: path \"/a/../b\" can never match: the path holds a '.' or '..' segment",
+        ),
+    ] {
+        let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &to(paths))]);
+        assert!(got.starts_with(want), "want {want}\n got {got}");
+    }
+}
+
+/// The YAML reader's own words (its options, its budget variants) never reach a user.
+#[test]
+fn reader_errors_are_in_our_words() {
+    let dup = "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: a, name: b}\nspec: {identity: spiffe://td/ns/a/sa/b}\n";
+    assert_eq!(
+        first_error(&[("p.yaml", dup)]),
+        "p.yaml:3:21: the key \"name\" is given twice in one mapping; keys must be unique (a second value would silently replace the first), so remove one"
+    );
+    let mut bomb = "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\na: &a [x,x,x,x,x,x,x,x,x,x]\n".to_string();
+    for (name, prev) in [("b", "a"), ("c", "b"), ("d", "c"), ("e", "d"), ("f", "e")] {
+        bomb.push_str(&format!("{name}: &{name} [{}]\n", vec![format!("*{prev}"); 10].join(",")));
+    }
+    let got = first_error(&[("p.yaml", &bomb)]);
+    assert_eq!(
+        got,
+        "p.yaml:8:11: the document is too large for a policy file: it holds more than 250000 values, counting what aliases (*name) expand to; split it into smaller documents"
+    );
+    let deep = format!(
+        "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {}\n",
+        "[".repeat(5000)
+    );
+    let got = first_error(&[("p.yaml", &deep)]);
+    assert!(
+        got.starts_with("p.yaml:3:") && got.ends_with("the document is too large for a policy file: it nests too deeply; split it into smaller documents"),
+        "{got}"
+    );
+    for text in [&dup.to_string(), &bomb, &deep] {
+        let got = first_error(&[("p.yaml", text)]);
+        for internal in ["Options", "DuplicateKeyPolicy", "budget", "Nodes", "{ nodes"] {
+            assert!(!got.contains(internal), "{got}");
+        }
+    }
+}
+
+/// A file that is not UTF-8 is an error for that file only, located; the other files are
+/// still read and their errors reported.
+#[test]
+fn non_utf8_files_are_located_errors_of_their_own() {
+    let files = vec![
+        ("a.yaml".to_string(), b"apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: \xe9}\n".to_vec()),
+        ("b.yaml".to_string(), b"apiVersion: v9\n".to_vec()),
+    ];
+    let errors: Vec<String> = match bulkhead_policy::load_bytes(&files, 1) {
+        Err(e) => e.iter().map(|e| e.to_string()).collect(),
+        Ok(_) => panic!("refused"),
+    };
+    assert_eq!(
+        errors,
+        [
+            "a.yaml:3:18: the file is not UTF-8 text (byte 0xE9 here is not part of a UTF-8 character); policy files must be UTF-8",
+            "b.yaml:1:13: apiVersion \"v9\" is not supported; use \"bulkhead.dev/v1alpha1\"",
+        ]
+    );
+}
+
+/// A nameless rule's errors point at the rule itself, not at its document.
+#[test]
+fn a_nameless_rule_is_pointed_at() {
+    let yaml = format!(
+        "{HEAD}  action: allow\n  rules:\n    - name: ok\n    - from:\n        identities: [\"*\"]\n      to:\n        workloads: [orders]\n"
+    );
+    let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &yaml)]);
+    assert!(
+        got.starts_with("p.yaml:15:9: policy shop/p rule rules[1]: in an ingress rule"),
+        "{got}"
+    );
+    let yaml = format!(
+        "{HEAD}  direction: egress\n  action: allow\n  rules:\n    - from: {{namespaces: [shop]}}\n"
+    );
+    let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &yaml)]);
+    assert!(
+        got.starts_with("p.yaml:12:13: policy shop/p rule rules[0]: an egress rule has no `from`"),
+        "{got}"
+    );
+}

@@ -490,9 +490,9 @@ fn rule_yaml(rule: &GenRule, name: &str, out: &mut String) {
         if !f.not_cidrs.is_empty() {
             fl.push(format!("notCidrs: [{}]", f.not_cidrs.join(", ")));
         }
-        if fl.is_empty() {
-            lines.push("from: {}".into());
-        } else {
+        // A `from` naming nobody is refused (it would match every caller); the model reads a
+        // generated empty `From` as no condition, which is written by leaving `from` out.
+        if !fl.is_empty() {
             lines.push("from:".into());
             lines.extend(fl.into_iter().map(|l| format!("  {l}")));
         }
