@@ -637,11 +637,7 @@ impl RecommendedPolicy {
                 direction: Direction::Ingress,
                 action: Action::Allow,
                 mode: Mode::Audit,
-                rules: self
-                    .rules
-                    .iter()
-                    .map(|r| Located::new(r.rule()))
-                    .collect(),
+                rules: self.rules.iter().map(|r| Located::new(r.rule())).collect(),
             },
         ))
     }

@@ -362,6 +362,13 @@ fn declarations<'a>(resources: &'a [Resource], errors: &mut Errors<'_>) -> Decla
         match r {
             Resource::Workload(doc) => {
                 for a in &doc.spec.addresses {
+                    if let std::net::IpAddr::V6(v6) = a.value
+                        && let Some(v4) = v6.to_ipv4_mapped()
+                    {
+                        errors.at(i, r, a.position(), format!(
+                            "address {v6} is an IPv4-mapped IPv6 address; declare the IPv4 address {v4} (sidecars unmap such addresses before looking them up)"
+                        ));
+                    }
                     if let Some(other) = addresses.insert(a.value, r.name()) {
                         errors.at(
                             i,
@@ -567,6 +574,27 @@ fn check_rule(
         )),
         _ => {}
     }
+    let mapped_nets = rule
+        .from
+        .iter()
+        .flat_map(|f| {
+            f.value
+                .cidrs
+                .iter()
+                .chain(&f.value.not_cidrs)
+                .map(|n| (n, f.position()))
+        })
+        .chain(
+            t.into_iter()
+                .flat_map(|t| t.cidrs.iter().chain(&t.not_cidrs).map(|n| (n, to_pos))),
+        );
+    for (net, pos) in mapped_nets {
+        if let Some(v4) = unmapped_net(net) {
+            errors.at(i, r, pos.or(rule_pos), format!(
+                "policy {policy} rule {rule_name}: {net} is an IPv4-mapped IPv6 network, which no address is compared with: IPv4-mapped addresses are unmapped before matching; write {v4}"
+            ));
+        }
+    }
     if spec.direction == Direction::Ingress
         && let Some(from) = &rule.from
     {
@@ -675,6 +703,16 @@ fn check_rule(
             }
         }
     }
+}
+
+/// The IPv4 network an IPv4-mapped IPv6 network (inside `::ffff:0:0/96`) stands for.
+fn unmapped_net(net: &ipnet::IpNet) -> Option<ipnet::Ipv4Net> {
+    let ipnet::IpNet::V6(v6) = net else {
+        return None;
+    };
+    let v4 = v6.network().to_ipv4_mapped()?;
+    let len = v6.prefix_len().checked_sub(96)?;
+    ipnet::Ipv4Net::new(v4, len).ok()
 }
 
 /// No silent wildcards: a caller selector that names nobody would match everybody, so it is

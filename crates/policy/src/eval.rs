@@ -229,6 +229,28 @@ impl PolicySet {
         self.revision
     }
 
+    /// Whether a Workload declares `workload`.
+    pub fn declares(&self, workload: &WorkloadRef) -> bool {
+        self.declared.contains_key(workload)
+    }
+
+    /// The identity `workload`'s Workload declares.
+    pub fn declared_identity(&self, workload: &WorkloadRef) -> Option<&str> {
+        self.declared.get(workload).map(|w| w.identity.as_str())
+    }
+
+    /// The ports and protocols `workload`'s Workload declares, in declaration order.
+    pub fn declared_ports(&self, workload: &WorkloadRef) -> Option<&[(u16, Protocol)]> {
+        self.declared.get(workload).map(|w| w.ports.as_slice())
+    }
+
+    /// The declared workloads whose Workload names `identity`.
+    pub fn workloads_with_identity(&self, identity: &str) -> &[WorkloadRef] {
+        self.identity_workloads
+            .get(identity)
+            .map_or(&[], Vec::as_slice)
+    }
+
     /// The protocol `workload` declares for `port`, if it declares that port.
     pub fn declared_protocol(&self, workload: &WorkloadRef, port: u16) -> Option<Protocol> {
         self.declared

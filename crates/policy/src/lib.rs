@@ -28,14 +28,14 @@ pub use eval::{Headers, Http, Peer, PolicySet, PolicyView, Request};
 pub use lint::{Warning, lint, lint_parsed};
 pub use located::Located;
 pub use pattern::{
-    Glob, GrpcName, HeaderName, HostPattern, IdentityPattern, Method, PathPattern, PortRange,
-    Protocol,
+    Glob, GrpcName, HeaderName, HostPattern, IdentityPattern, KNOWN_METHODS, Method, PathPattern,
+    PortRange, Protocol,
 };
 pub use reach::{
     BlastRadius, Grant, ReachEdge, ReachError, ReachOptions, Reached, SourceEgress, blast_radius,
     can_reach, reachable_from, who_can_reach,
 };
-pub use source::{Origin, is_valid_name, parse_documents, parse_file, text_of};
+pub use source::{Origin, is_valid_name, parse_documents, parse_file, read_yaml, text_of};
 
 /// The only `apiVersion` this build understands.
 pub const API_VERSION: &str = "bulkhead.dev/v1alpha1";

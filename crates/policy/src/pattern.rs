@@ -105,7 +105,8 @@ impl fmt::Display for IdentityPattern {
 #[serde(try_from = "String", into = "String")]
 pub struct Method(String);
 
-const METHODS: &[&str] = &[
+/// The methods a rule may name.
+pub const KNOWN_METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
 ];
 
@@ -119,12 +120,12 @@ impl TryFrom<String> for Method {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         let upper = s.to_ascii_uppercase();
-        if METHODS.contains(&upper.as_str()) {
+        if KNOWN_METHODS.contains(&upper.as_str()) {
             Ok(Method(upper))
         } else {
             Err(format!(
                 "unknown HTTP method {s:?}; expected one of {}",
-                METHODS.join(", ")
+                KNOWN_METHODS.join(", ")
             ))
         }
     }

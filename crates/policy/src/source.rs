@@ -155,6 +155,16 @@ fn split_documents(text: &str) -> Vec<(u32, &str)> {
     docs
 }
 
+/// Reads one YAML document of any shape (a `policy test` cases file, say) with the same
+/// error reporting as policy files: `file:line:column`, in our words.
+pub fn read_yaml<T: DeserializeOwned>(file: &str, text: &str) -> Result<T, PolicyError> {
+    let origin = Origin {
+        file: file.to_string(),
+        line_offset: 0,
+    };
+    serde_saphyr::from_str(text).map_err(|e| parse_error(&origin, &e))
+}
+
 /// Resource, namespace and workload names follow Kubernetes: lowercase letters, digits and
 /// '-', at most 63, not starting or ending with '-'.
 pub fn is_valid_name(s: &str) -> bool {

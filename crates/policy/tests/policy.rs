@@ -959,9 +959,14 @@ fn reader_errors_are_in_our_words() {
         first_error(&[("p.yaml", dup)]),
         "p.yaml:3:21: the key \"name\" is given twice in one mapping; keys must be unique (a second value would silently replace the first), so remove one"
     );
-    let mut bomb = "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\na: &a [x,x,x,x,x,x,x,x,x,x]\n".to_string();
+    let mut bomb =
+        "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\na: &a [x,x,x,x,x,x,x,x,x,x]\n"
+            .to_string();
     for (name, prev) in [("b", "a"), ("c", "b"), ("d", "c"), ("e", "d"), ("f", "e")] {
-        bomb.push_str(&format!("{name}: &{name} [{}]\n", vec![format!("*{prev}"); 10].join(",")));
+        bomb.push_str(&format!(
+            "{name}: &{name} [{}]\n",
+            vec![format!("*{prev}"); 10].join(",")
+        ));
     }
     let got = first_error(&[("p.yaml", &bomb)]);
     assert_eq!(
@@ -979,7 +984,13 @@ fn reader_errors_are_in_our_words() {
     );
     for text in [&dup.to_string(), &bomb, &deep] {
         let got = first_error(&[("p.yaml", text)]);
-        for internal in ["Options", "DuplicateKeyPolicy", "budget", "Nodes", "{ nodes"] {
+        for internal in [
+            "Options",
+            "DuplicateKeyPolicy",
+            "budget",
+            "Nodes",
+            "{ nodes",
+        ] {
             assert!(!got.contains(internal), "{got}");
         }
     }
@@ -990,7 +1001,10 @@ fn reader_errors_are_in_our_words() {
 #[test]
 fn non_utf8_files_are_located_errors_of_their_own() {
     let files = vec![
-        ("a.yaml".to_string(), b"apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: \xe9}\n".to_vec()),
+        (
+            "a.yaml".to_string(),
+            b"apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: \xe9}\n".to_vec(),
+        ),
         ("b.yaml".to_string(), b"apiVersion: v9\n".to_vec()),
     ];
     let errors: Vec<String> = match bulkhead_policy::load_bytes(&files, 1) {
@@ -1024,5 +1038,219 @@ fn a_nameless_rule_is_pointed_at() {
     assert!(
         got.starts_with("p.yaml:12:13: policy shop/p rule rules[0]: an egress rule has no `from`"),
         "{got}"
+    );
+}
+
+/// A raw request, as a sidecar receives it, through the canonical request to a decision:
+/// `refused (400): …` or the decision's explanation.
+fn decide_raw(
+    set: &PolicySet,
+    peer: &str,
+    ip: Option<&str>,
+    method: &str,
+    target: &str,
+    host: Option<&str>,
+    headers: &[(&str, &str)],
+) -> String {
+    use bulkhead_policy::{CanonicalRequest, RawRequest, canonical};
+    let raw = RawRequest {
+        method,
+        target,
+        authority: None,
+    };
+    let canon = match CanonicalRequest::new(raw, host.map(str::as_bytes)) {
+        Ok(c) => c,
+        Err(why) => return format!("refused (400): {why}"),
+    };
+    let subject = wref("shop/payments");
+    let headers: &[(&str, &str)] = headers;
+    set.evaluate(&Request {
+        direction: Direction::Ingress,
+        subject: &subject,
+        peer: Peer {
+            identity: Some(peer),
+            ip: ip.map(|i| canonical::peer_ip(i.parse().expect("ip"))),
+            workload: None,
+        },
+        port: 8080,
+        protocol: Protocol::Http,
+        http: Some(canon.http(&headers)),
+    })
+    .to_string()
+}
+
+/// Every canonicalisation rule, decided: what a policy says is what a request gets, whatever
+/// spelling the request uses.
+#[test]
+fn canonical_requests_get_the_verdict_the_policy_says() {
+    let set = compile(
+        &(policy(
+            "payments-allow",
+            "payments",
+            "  action: allow\n",
+            "    - name: orders\n      from: {identities: [\"spiffe://td/ns/shop/sa/orders\"]}\n      to: {ports: [8080], hosts: [pay.shop]}\n      when: [{header: x-env, values: [prod]}]\n",
+        ) + &policy(
+            "payments-deny",
+            "payments",
+            "  action: deny\n",
+            "    - name: admin\n      to: {ports: [8080], paths: [\"/admin\", \"/admin/*\"]}\n    - name: deletes\n      to: {ports: [8080], methods: [DELETE]}\n    - name: debug\n      to: {ports: [8080]}\n      when: [{header: x-debug, values: [\"on\"]}]\n    - name: outside\n      from: {cidrs: [10.0.0.0/8]}\n",
+        )),
+    );
+    let prod: &[(&str, &str)] = &[("x-env", "prod")];
+    let allowed = "allowed by policy shop/payments-allow rule orders (revision 7)";
+    let admin = "denied by policy shop/payments-deny rule admin (revision 7)";
+    for (method, target, host, headers, ip, want) in [
+        ("GET", "/charge", Some("pay.shop"), prod, None, allowed),
+        // Host: case, port, trailing dot.
+        ("GET", "/charge", Some("PAY.shop:8080"), prod, None, allowed),
+        ("GET", "/charge", Some("pay.shop."), prod, None, allowed),
+        // Percent-encoded letters are the same path.
+        ("GET", "/%61dmin/users", Some("pay.shop"), prod, None, admin),
+        ("GET", "/%41dmin", Some("pay.shop"), prod, None, allowed),
+        ("GET", "/ad%6Din", Some("pay.shop"), prod, None, admin),
+        // Ambiguous paths never reach policy.
+        (
+            "GET",
+            "/x/../admin",
+            Some("pay.shop"),
+            prod,
+            None,
+            "refused (400): the path holds a '.' or '..' segment (also when encoded, as %2e)",
+        ),
+        (
+            "GET",
+            "/x/%2e%2e/admin",
+            Some("pay.shop"),
+            prod,
+            None,
+            "refused (400): the path holds a '.' or '..' segment (also when encoded, as %2e)",
+        ),
+        (
+            "GET",
+            "/orders/..;/admin",
+            Some("pay.shop"),
+            prod,
+            None,
+            "refused (400): the path holds a ';' (path parameters: some servers strip them and resolve /a/..;/b to /b)",
+        ),
+        (
+            "GET",
+            "/admin%2Fusers",
+            Some("pay.shop"),
+            prod,
+            None,
+            "refused (400): the path holds an encoded '/' (%2F)",
+        ),
+        // Methods are case-sensitive: a lower-case one is refused, never upper-cased.
+        (
+            "DELETE",
+            "/charge",
+            Some("pay.shop"),
+            prod,
+            None,
+            "denied by policy shop/payments-deny rule deletes (revision 7)",
+        ),
+        (
+            "delete",
+            "/charge",
+            Some("pay.shop"),
+            prod,
+            None,
+            "refused (400): the method must be an HTTP token in upper case (methods are case-sensitive: `delete` is not DELETE)",
+        ),
+        (
+            "Delete",
+            "/charge",
+            Some("pay.shop"),
+            prod,
+            None,
+            "refused (400): the method must be an HTTP token in upper case (methods are case-sensitive: `delete` is not DELETE)",
+        ),
+        // A repeated header: an allow condition needs every value, a deny condition any.
+        (
+            "GET",
+            "/charge",
+            Some("pay.shop"),
+            &[("x-env", "prod"), ("x-env", "dev")],
+            None,
+            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule orders matched the identity and port and host but not header x-env \"prod\", \"dev\"",
+        ),
+        (
+            "GET",
+            "/charge",
+            Some("pay.shop"),
+            &[("x-env", "dev"), ("x-env", "prod")],
+            None,
+            "default deny: no policy allows this request (revision 7); nearest miss: policy shop/payments-allow rule orders matched the identity and port and host but not header x-env \"dev\", \"prod\"",
+        ),
+        (
+            "GET",
+            "/charge",
+            Some("pay.shop"),
+            &[("x-env", "prod"), ("x-debug", "off"), ("x-debug", "on")],
+            None,
+            "denied by policy shop/payments-deny rule debug (revision 7)",
+        ),
+        (
+            "GET",
+            "/charge",
+            Some("pay.shop"),
+            &[("x-env", "prod"), ("x-debug", "on"), ("x-debug", "off")],
+            None,
+            "denied by policy shop/payments-deny rule debug (revision 7)",
+        ),
+        (
+            "GET",
+            "/charge",
+            Some("pay.shop"),
+            &[("x-env", "prod"), ("x-debug", "off, on")],
+            None,
+            "denied by policy shop/payments-deny rule debug (revision 7)",
+        ),
+        // An IPv4 caller seen by an IPv6 listener is still inside 10.0.0.0/8.
+        (
+            "GET",
+            "/charge",
+            Some("pay.shop"),
+            prod,
+            Some("::ffff:10.1.2.3"),
+            "denied by policy shop/payments-deny rule outside (revision 7)",
+        ),
+        (
+            "GET",
+            "/charge",
+            Some("pay.shop"),
+            prod,
+            Some("fd00::1"),
+            allowed,
+        ),
+    ] {
+        let got = decide_raw(&set, ORDERS, ip, method, target, host, headers);
+        assert_eq!(got, want, "{method} {target} {host:?} {headers:?} {ip:?}");
+    }
+}
+
+#[test]
+fn mapped_networks_and_addresses_are_refused_with_the_ipv4_form() {
+    let got = first_error(&[
+        ("decl.yaml", DECLARATIONS),
+        (
+            "p.yaml",
+            &format!(
+                "{HEAD}  action: deny\n  rules:\n    - from: {{cidrs: [\"::ffff:10.0.0.0/104\"]}}\n"
+            ),
+        ),
+    ]);
+    assert_eq!(
+        got,
+        "p.yaml:11:13: policy shop/p rule rules[0]: ::ffff:10.0.0.0/104 is an IPv4-mapped IPv6 network, which no address is compared with: IPv4-mapped addresses are unmapped before matching; write 10.0.0.0/8"
+    );
+    let got = first_error(&[(
+        "p.yaml",
+        "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: shop}\nspec:\n  identity: spiffe://td/ns/shop/sa/w\n  addresses: [\"::ffff:10.1.2.3\"]\n",
+    )]);
+    assert_eq!(
+        got,
+        "p.yaml:6:15: address ::ffff:10.1.2.3 is an IPv4-mapped IPv6 address; declare the IPv4 address 10.1.2.3 (sidecars unmap such addresses before looking them up)"
     );
 }
