@@ -1,11 +1,11 @@
 //! Compiles a large mesh once and reports what it holds, so that peak memory can be measured
-//! from outside: `/usr/bin/time -v target/release/examples/scale` (BENCHMARKS.md).
+//! from outside: `/usr/bin/time -v target/release/examples/policy_scale` (BENCHMARKS.md).
 //!
 //! The shape is issue #15's: 1,000 Workloads in one namespace and 1,000 namespace-wide
 //! AuthorizationPolicies (no selector), one rule each. Every policy protects every workload,
 //! so a compiler that copied rules per workload would hold 1,000,000 of them.
 //!
-//! `cargo run --release -p bulkhead-policy --example scale [WORKLOADS] [POLICIES]`
+//! `cargo run --release -p bulkhead-policy --example policy_scale [WORKLOADS] [POLICIES]`
 
 use std::fmt::Write as _;
 use std::time::Instant;
