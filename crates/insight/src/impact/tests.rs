@@ -426,7 +426,12 @@ fn replays_use_the_canonical_request() {
         ingress("frontend", "shop/orders", "get", "/orders/*", 2),
         ingress("frontend", "shop/orders", "GET", "/orders/../x", 1),
     ];
-    let impact = impact(&edges, &compile(&current, 1), &compile(&candidate, 2), &candidate);
+    let impact = impact(
+        &edges,
+        &compile(&current, 1),
+        &compile(&candidate, 2),
+        &candidate,
+    );
     let got: Vec<String> = impact
         .changes
         .iter()
