@@ -3,6 +3,11 @@
 //! certificates from the control plane's own CA.
 #![allow(clippy::unwrap_used)]
 
+#[path = "e2e/canonical.rs"]
+mod canonical;
+#[path = "e2e/offline.rs"]
+mod offline;
+
 use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has};
 use bulkhead_testkit::{
     Bins, TempDir, foreign_identity, http, http_raw, mtls_raw, parse_response, run,
