@@ -433,7 +433,7 @@ fn offline_policy_tools_for_ci() {
 
     let (code, out, err) = run(&bins.bulkhead, &["policy", "test", p, "--cases", c], &[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.ends_with("\n5 passed, 0 failed\n"), "{out}");
+    assert!(out.ends_with("\n8 passed, 0 failed\n"), "{out}");
 
     // A wrong expectation fails the run and says what was decided instead.
     let dir = TempDir::new().unwrap();
@@ -450,7 +450,7 @@ fn offline_policy_tools_for_ci() {
         out.contains("FAILED  frontend cannot charge directly: expected allow, got deny"),
         "{out}"
     );
-    assert!(out.contains("4 passed, 1 failed"), "{out}");
+    assert!(out.contains("7 passed, 1 failed"), "{out}");
 
     // diff: widening orders to DELETE changes exactly one verdict.
     let newer = dir.path().join("new.yaml");
@@ -471,7 +471,7 @@ fn offline_policy_tools_for_ci() {
         out.contains("frontend cannot delete orders: deny -> allow"),
         "{out}"
     );
-    assert!(out.contains("1 of 5 request(s) change verdict"), "{out}");
+    assert!(out.contains("1 of 8 request(s) change verdict"), "{out}");
 
     // explain names the nearest miss.
     let (code, out, _) = run(
