@@ -330,7 +330,18 @@ fn compile(
             let entry = subjects.entry(subject).or_default()[slot(direction)]
                 .get_or_insert_with(SubjectRules::default);
             entry.has_audit |= group.has_audit();
-            entry.groups.push(group.clone());
+            entry.shared.push(group.clone());
+        }
+    }
+    // A group only one workload holds moves inline (no reference count, one load less).
+    for rules in subjects.values_mut().flatten().flatten() {
+        if rules.shared.len() == 1
+            && let Some(only) = rules.shared.pop()
+        {
+            match Arc::try_unwrap(only) {
+                Ok(group) => rules.own = Some(group),
+                Err(shared) => rules.shared.push(shared),
+            }
         }
     }
     let declared = declared

@@ -274,14 +274,17 @@ impl PolicySet {
     /// How many rules were compiled: each once, however many workloads it protects.
     pub fn compiled_rule_count(&self) -> usize {
         let mut seen = std::collections::HashSet::new();
-        self.subjects
-            .values()
-            .flatten()
-            .flatten()
-            .flat_map(|s| s.groups.iter())
+        let subjects = || self.subjects.values().flatten().flatten();
+        let own: usize = subjects()
+            .filter_map(|s| s.own.as_ref())
+            .map(RuleGroup::len)
+            .sum();
+        let shared: usize = subjects()
+            .flat_map(|s| s.shared.iter())
             .filter(|g| seen.insert(Arc::as_ptr(g)))
             .map(|g| g.len())
-            .sum()
+            .sum();
+        own + shared
     }
 
     /// The posture for a workload's namespace and direction, and where it came from.

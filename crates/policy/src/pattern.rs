@@ -259,6 +259,7 @@ impl std::hash::Hash for Glob {
 }
 
 impl PathPattern {
+    #[inline]
     pub fn matches(&self, path: &str) -> bool {
         match self {
             PathPattern::Exact(e) => e == path,

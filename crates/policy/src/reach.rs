@@ -319,7 +319,7 @@ impl<'a> Analysis<'a> {
             .and_then(|d| d[slot(side.direction)].as_ref());
         let mut deny: Vec<&'a RuleList> = Vec::new();
         let mut allow: Vec<(&'a RuleList, Mode)> = Vec::new();
-        for g in rules.iter().flat_map(|r| r.groups.iter()) {
+        for g in rules.iter().flat_map(|r| r.groups()) {
             deny.push(&g.enforce.deny);
             allow.push((&g.enforce.allow, Mode::Enforce));
             if view == PolicyView::Staged {

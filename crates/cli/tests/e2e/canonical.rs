@@ -450,4 +450,46 @@ fn offline_and_live_verdicts_agree() {
         "live verdicts differ from the table:\n{}",
         wrong.join("\n")
     );
+
+    // Over HTTP/2 the method arrives framed, so it reaches the canonical request, which
+    // refuses it with 400 before any policy, on the sending side already; so is a path
+    // parameter in an HTTP/2 `:path`, and an escaped letter reaches the app decoded.
+    let h2 = |method: &str, path: &str| {
+        let (code, out, err) = bulkhead_testkit::run(
+            std::path::Path::new("curl"),
+            &[
+                "-sS",
+                "-i",
+                "--max-time",
+                "10",
+                "--http2-prior-knowledge",
+                "--path-as-is",
+                "-X",
+                method,
+                "-H",
+                "x-env: prod",
+                "-H",
+                "host: orders.shop",
+                &format!("http://{to_orders}{path}"),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        out
+    };
+    let out = h2("delete", "/orders/1");
+    assert!(out.starts_with("HTTP/2 400"), "{out}");
+    assert!(
+        out.ends_with("bulkhead: the method must be an HTTP token in upper case (methods are case-sensitive: `delete` is not DELETE)\n"),
+        "{out}"
+    );
+    let out = h2("GET", "/orders/..;/admin/users");
+    assert!(out.starts_with("HTTP/2 400"), "{out}");
+    assert!(
+        out.ends_with("bulkhead: the path holds a ';' (path parameters: some servers strip them and resolve /a/..;/b to /b)\n"),
+        "{out}"
+    );
+    let out = h2("GET", "/%6Frders/%7E9");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.contains("orders: GET /orders/~9 from "), "{out}");
 }

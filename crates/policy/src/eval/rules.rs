@@ -45,10 +45,12 @@ impl RuleGroup {
 }
 
 /// The rules that apply to one workload in one direction: the groups of every selector that
-/// picks it.
+/// picks it. A group no other workload holds (a policy that names this workload) is kept
+/// inline, so the common case costs no more indirection than one list per workload did.
 #[derive(Debug, Default)]
 pub(crate) struct SubjectRules {
-    pub groups: Vec<Arc<RuleGroup>>,
+    pub own: Option<RuleGroup>,
+    pub shared: Vec<Arc<RuleGroup>>,
     pub has_audit: bool,
 }
 
@@ -73,6 +75,11 @@ impl RuleGroup {
 }
 
 impl SubjectRules {
+    /// Every group, the inline one first.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = &RuleGroup> {
+        self.own.iter().chain(self.shared.iter().map(|g| &**g))
+    }
+
     /// The first rule in load order, over every group, of list `kind` that matches.
     pub(crate) fn first_match(
         &self,
@@ -80,8 +87,12 @@ impl SubjectRules {
         req: &Request<'_>,
         set: &PolicySet,
     ) -> Option<&CompiledRule> {
+        // The common case, a workload only its own policies name: one list, no merging.
+        if let (Some(own), true) = (&self.own, self.shared.is_empty()) {
+            return own.list(kind).first_match(req, set);
+        }
         let mut best: Option<&CompiledRule> = None;
-        for g in &self.groups {
+        for g in self.groups() {
             if let Some(r) = g.list(kind).first_match(req, set)
                 && best.is_none_or(|b| r.order < b.order)
             {
@@ -100,7 +111,7 @@ impl SubjectRules {
         set: &PolicySet,
     ) -> Option<(usize, &CompiledRule)> {
         let mut best: Option<(usize, &CompiledRule)> = None;
-        for g in &self.groups {
+        for g in self.groups() {
             for &kind in kinds {
                 if let Some((score, r)) = g.list(kind).nearest(req, set)
                     && best.is_none_or(|(s, b)| score > s || (score == s && r.order < b.order))
@@ -124,7 +135,7 @@ impl SubjectRules {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.groups.iter().map(|g| g.len()).sum()
+        self.groups().map(RuleGroup::len).sum()
     }
 }
 
@@ -463,7 +474,11 @@ impl RuleList {
     }
 
     /// The first rule (in definition order) that matches.
+    #[inline]
     fn first_match(&self, req: &Request<'_>, set: &PolicySet) -> Option<&CompiledRule> {
+        if self.rules.is_empty() {
+            return None;
+        }
         let hashed: &[u32] = req
             .peer
             .identity
