@@ -182,12 +182,7 @@ pub(crate) fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
 }
 
 /// Parses and compiles; prints every error and fails if there is any.
-fn compile(
-    files: &[PathBuf],
-) -> Result<(
-    Vec<(bulkhead_policy::model::Resource, bulkhead_policy::Origin)>,
-    PolicySet,
-)> {
+fn compile(files: &[PathBuf]) -> Result<bulkhead_policy::Loaded> {
     let texts = read_bytes(files)?;
     match bulkhead_policy::load_bytes(&texts, 0) {
         Ok(loaded) => Ok(loaded),

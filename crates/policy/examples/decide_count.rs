@@ -26,7 +26,9 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let policies: usize = args.next().map_or(10_000, |a| a.parse().expect("policies"));
     let allow = args.next().is_none_or(|a| a == "allow");
-    let decisions: usize = args.next().map_or(100_000, |a| a.parse().expect("decisions"));
+    let decisions: usize = args
+        .next()
+        .map_or(100_000, |a| a.parse().expect("decisions"));
     let workloads = (policies / 10).max(1);
     let mut yaml = String::new();
     for j in 0..workloads {

@@ -52,13 +52,13 @@ pub fn load(
     Ok((parsed.into_iter().map(|(r, _)| r).collect(), set))
 }
 
+/// Parsed resources, each with where it came from, and the set they compile to.
+pub type Loaded = (Vec<(model::Resource, Origin)>, PolicySet);
+
 /// [`load`] for files read as bytes, keeping each resource's origin (for [`lint_parsed`]).
 /// A file that is not UTF-8 is an error for that file only ([`text_of`]); the others are
 /// still parsed and their errors reported.
-pub fn load_bytes(
-    files: &[(String, Vec<u8>)],
-    revision: u64,
-) -> Result<(Vec<(model::Resource, Origin)>, PolicySet), Vec<PolicyError>> {
+pub fn load_bytes(files: &[(String, Vec<u8>)], revision: u64) -> Result<Loaded, Vec<PolicyError>> {
     let texts = files.iter().map(|(n, b)| (n.as_str(), text_of(n, b)));
     load_texts(texts, revision)
 }
@@ -66,7 +66,7 @@ pub fn load_bytes(
 fn load_texts<'a>(
     files: impl Iterator<Item = (&'a str, Result<&'a str, PolicyError>)>,
     revision: u64,
-) -> Result<(Vec<(model::Resource, Origin)>, PolicySet), Vec<PolicyError>> {
+) -> Result<Loaded, Vec<PolicyError>> {
     let mut parsed = Vec::new();
     let mut errors = Vec::new();
     for (name, text) in files {
