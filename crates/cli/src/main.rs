@@ -253,13 +253,31 @@ enum TokenCommand {
 #[derive(Subcommand, Debug)]
 enum PolicyCommand {
     /// Parse and type-check policy files (or directories of .yaml); every error with
-    /// file:line:column; non-zero exit on any.
+    /// file:line:column; non-zero exit on any. Warns (on stderr) about selectors that select
+    /// no declared Workload, caller labels no Workload has, and paths that look like regular
+    /// expressions.
     Lint {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Treat warnings as errors (non-zero exit).
+        #[arg(long)]
+        strict: bool,
     },
-    /// Run a table of requests and expected verdicts (YAML: `cases: [{name, from, to, method,
-    /// path, expect, …}]`) against the policy files; non-zero exit on any mismatch.
+    /// Run a table of requests and expected verdicts against the policy files; non-zero exit
+    /// on any mismatch. Requests are judged as a sidecar judges them (canonical path,
+    /// method and host), and a case naming an undeclared workload, port, method or caller
+    /// identity is an error.
+    ///
+    /// The table is YAML: `cases: [{name, from, to, …}]`. Each case: `name`; `direction`
+    /// (ingress, the default, or egress); `from` (ingress: the caller's SPIFFE ID; egress:
+    /// the sending namespace/workload); `to` (namespace/workload:port); `caller` (ingress:
+    /// declared, the default; undeclared, for an identity no Workload declares;
+    /// unauthenticated, for a caller without a certificate, with no `from`); `toIdentity`
+    /// (egress; default: the destination's declared identity); `ip`; `protocol` (default:
+    /// the port's declared one); `method` (GET); `path` (/, a query allowed); `host`;
+    /// `headers` (name: value, or name: [values] for a repeated header); `expect` (allow;
+    /// deny, which a refusal also meets; or refuse, for a 400 before any policy); and
+    /// optionally `policy` (namespace/name) and `rule`.
     Test {
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -273,45 +291,87 @@ enum PolicyCommand {
         #[arg(long)]
         cases: PathBuf,
     },
-    /// Explain the decision for one request.
+    /// Explain the decision for one request, judged as a sidecar judges it (a request a
+    /// sidecar refuses with 400 is shown as refused).
     Explain {
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Ingress: the caller's SPIFFE ID. Egress: the sending namespace/workload.
-        #[arg(long)]
-        from: String,
+        /// Ingress: the caller's SPIFFE ID (a declared Workload's, unless --undeclared).
+        /// Egress: the sending namespace/workload.
+        #[arg(long, required_unless_present = "unauthenticated")]
+        from: Option<String>,
         /// namespace/workload:port
         #[arg(long)]
         to: String,
         #[arg(long, default_value = "ingress", value_parser = ["ingress", "egress"])]
         direction: String,
-        /// Egress: the SPIFFE ID the destination presents.
+        /// Ingress: the caller has no certificate (a plaintext caller on a permissive port).
+        #[arg(long, conflicts_with_all = ["from", "undeclared"])]
+        unauthenticated: bool,
+        /// Ingress: --from is an identity no Workload declares, on purpose.
+        #[arg(long)]
+        undeclared: bool,
+        /// Egress: the SPIFFE ID the destination presents (default: its declared one).
         #[arg(long)]
         to_identity: Option<String>,
         #[arg(long, default_value = "GET")]
         method: String,
+        /// The request target: a path, with a query if you like.
         #[arg(long, default_value = "/")]
         path: String,
         #[arg(long)]
         host: Option<String>,
-        /// name=value (repeatable)
+        /// name=value (repeatable; the same name twice is a header sent twice)
         #[arg(long = "header")]
         headers: Vec<String>,
         /// The peer's IP address.
         #[arg(long)]
         ip: Option<std::net::IpAddr>,
-        #[arg(long, default_value = "http", value_parser = ["http", "http2", "grpc", "tcp"])]
-        protocol: String,
+        /// Default: the protocol the destination declares for the port.
+        #[arg(long, value_parser = ["http", "http2", "grpc", "tcp"])]
+        protocol: Option<String>,
     },
 }
 
 #[tokio::main]
 async fn main() {
+    exit_quietly_on_closed_pipe();
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
+        if closed_pipe(&e) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `bulkhead … | head -1`: once the reader of our output has gone, writing fails with a
+/// broken pipe. That is the reader's choice, not an error: every verb exits 0, quietly.
+/// `println!` panics on it (std ignores SIGPIPE), so the panic is caught here, for every
+/// verb at once; a verb that writes with `write!` returns the error, caught in `main`.
+fn exit_quietly_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        // std's words: "failed printing to stdout: Broken pipe (os error 32)".
+        if message.starts_with("failed printing to std") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -455,7 +515,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Tap(args) => tap_cmd::run(&cli.context, args).await,
         Command::Events(args) => events_cmd::run(&cli.context, args).await,
         Command::Policy { command } => match command {
-            PolicyCommand::Lint { files } => policy_cmd::lint(&files),
+            PolicyCommand::Lint { files, strict } => policy_cmd::lint(&files, strict),
             PolicyCommand::Test { files, cases } => policy_cmd::test(&files, &cases),
             PolicyCommand::Diff { old, new, cases } => policy_cmd::diff(&[old], &[new], &cases),
             PolicyCommand::Explain {
@@ -463,6 +523,8 @@ async fn run(cli: Cli) -> Result<()> {
                 from,
                 to,
                 direction,
+                unauthenticated,
+                undeclared,
                 to_identity,
                 method,
                 path,
@@ -471,16 +533,19 @@ async fn run(cli: Cli) -> Result<()> {
                 ip,
                 protocol,
             } => {
-                let headers = headers
-                    .iter()
-                    .map(|h| {
-                        h.split_once('=')
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .with_context(|| format!("--header {h:?}: expected name=value"))
-                    })
-                    .collect::<Result<_>>()?;
+                let mut by_name: std::collections::BTreeMap<String, Vec<String>> =
+                    std::collections::BTreeMap::new();
+                for h in &headers {
+                    let (k, v) = h
+                        .split_once('=')
+                        .with_context(|| format!("--header {h:?}: expected name=value"))?;
+                    by_name
+                        .entry(k.to_string())
+                        .or_default()
+                        .push(v.to_string());
+                }
                 let case = policy_cmd::Case {
-                    name: "explain".into(),
+                    name: String::new(),
                     direction: if direction == "egress" {
                         bulkhead_policy::model::Direction::Egress
                     } else {
@@ -489,12 +554,22 @@ async fn run(cli: Cli) -> Result<()> {
                     from,
                     to,
                     to_identity,
+                    caller: match (unauthenticated, undeclared) {
+                        (true, _) => policy_cmd::Caller::Unauthenticated,
+                        (false, true) => policy_cmd::Caller::Undeclared,
+                        (false, false) => policy_cmd::Caller::Declared,
+                    },
                     ip,
-                    protocol: serde_json::from_value(serde_json::Value::String(protocol))?,
+                    protocol: protocol
+                        .map(|p| serde_json::from_value(serde_json::Value::String(p)))
+                        .transpose()?,
                     method: Some(method),
                     path: Some(path),
                     host,
-                    headers,
+                    headers: by_name
+                        .into_iter()
+                        .map(|(k, v)| (k, policy_cmd::HeaderValues::Many(v)))
+                        .collect(),
                     expect: None,
                     policy: None,
                     rule: None,

@@ -3,6 +3,11 @@
 //! certificates from the control plane's own CA.
 #![allow(clippy::unwrap_used)]
 
+#[path = "e2e/canonical.rs"]
+mod canonical;
+#[path = "e2e/offline.rs"]
+mod offline;
+
 use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has};
 use bulkhead_testkit::{
     Bins, TempDir, foreign_identity, http, http_raw, mtls_raw, parse_response, run,
@@ -428,7 +433,7 @@ fn offline_policy_tools_for_ci() {
 
     let (code, out, err) = run(&bins.bulkhead, &["policy", "test", p, "--cases", c], &[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.ends_with("\n5 passed, 0 failed\n"), "{out}");
+    assert!(out.ends_with("\n8 passed, 0 failed\n"), "{out}");
 
     // A wrong expectation fails the run and says what was decided instead.
     let dir = TempDir::new().unwrap();
@@ -445,7 +450,7 @@ fn offline_policy_tools_for_ci() {
         out.contains("FAILED  frontend cannot charge directly: expected allow, got deny"),
         "{out}"
     );
-    assert!(out.contains("4 passed, 1 failed"), "{out}");
+    assert!(out.contains("7 passed, 1 failed"), "{out}");
 
     // diff: widening orders to DELETE changes exactly one verdict.
     let newer = dir.path().join("new.yaml");
@@ -466,7 +471,7 @@ fn offline_policy_tools_for_ci() {
         out.contains("frontend cannot delete orders: deny -> allow"),
         "{out}"
     );
-    assert!(out.contains("1 of 5 request(s) change verdict"), "{out}");
+    assert!(out.contains("1 of 8 request(s) change verdict"), "{out}");
 
     // explain names the nearest miss.
     let (code, out, _) = run(

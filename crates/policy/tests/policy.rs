@@ -3,6 +3,8 @@
 //!
 //! One test binary: the modules below share these helpers.
 
+#[path = "policy/issue15.rs"]
+mod issue15;
 #[path = "policy/reach.rs"]
 mod reach;
 #[path = "policy/staged_postures.rs"]

@@ -11,8 +11,8 @@ use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
     Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, accept_loop,
-    check_path, denial, forward_upgrade, is_upgrade, listen, origin_form, protocol_of,
-    proxy_response, request_host, response_body, serve_http, strip_hop_by_hop,
+    canonical_request, denial, forward_upgrade, is_upgrade, listen, origin_form, protocol_of,
+    proxy_response, response_body, serve_http, set_target, strip_hop_by_hop,
 };
 use crate::http::{content_length, grpc_status};
 use crate::metrics::{LabelText, Parties, TlsFailure};
@@ -21,7 +21,7 @@ use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity;
 use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
+use bulkhead_policy::{Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -347,20 +347,23 @@ async fn handle(
     let started = Instant::now();
     let peer = conn.peer.as_ref();
     let peer_label = peer.map_or(PLAINTEXT_PEER, SpiffeId::as_str);
-    if let Err(why) = check_path(req.uri().path()) {
-        tracing::warn!(
-            src.id = peer_label,
-            path = req.uri().path(),
-            why,
-            "request refused: ambiguous path"
-        );
-        return Ok(proxy_response(
-            StatusCode::BAD_REQUEST,
-            None,
-            format!("bulkhead: {why}"),
-        ));
-    }
-    let host = request_host(&req);
+    // What policy judges, and the app receives: the canonical request.
+    let canonical = match canonical_request(&req) {
+        Ok(c) => c,
+        Err(why) => {
+            tracing::warn!(
+                src.id = peer_label,
+                path = req.uri().path(),
+                why = why.label(),
+                "request refused: {why}"
+            );
+            return Ok(proxy_response(
+                StatusCode::BAD_REQUEST,
+                None,
+                format!("bulkhead: {why}"),
+            ));
+        }
+    };
     let headers = HeaderView(req.headers());
     // A multiplexed stream is an HTTP/1.1 request of the caller's app, whatever the framing
     // between the sidecars.
@@ -373,18 +376,26 @@ async fn handle(
         subject: &shared.workload,
         peer: Peer {
             identity: peer.map(SpiffeId::as_str),
-            ip: Some(t.remote.ip()),
+            ip: Some(bulkhead_policy::canonical::peer_ip(t.remote.ip())),
             workload: None,
         },
         port: t.port,
         protocol,
-        http: Some(Http {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            host: host.as_deref(),
-            headers: &headers,
-        }),
+        http: Some(canonical.http(&headers)),
     });
+    let rewrite = canonical
+        .path_rewritten()
+        .then(|| canonical.target().into_owned());
+    if let Some(target) = rewrite
+        && let Err(e) = set_target(&mut req, &target)
+    {
+        tracing::warn!(src.id = peer_label, error = %e, "request refused: its canonical target is not a URI");
+        return Ok(proxy_response(
+            StatusCode::BAD_REQUEST,
+            None,
+            "bulkhead: the request target cannot be forwarded".into(),
+        ));
+    }
     crate::http::log_decision("inbound", &decision, peer_label, shared, &req);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
     // bytes (a reference count), where copying the path into a `String` would allocate.

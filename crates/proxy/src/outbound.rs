@@ -9,9 +9,9 @@ use crate::config::UpstreamSpec;
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, denial,
-    forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
-    response_body, serve_http, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, canonical_request, denial,
+    forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, response_body,
+    serve_http, set_target, strip_hop_by_hop,
 };
 use crate::http::{content_length, grpc_status};
 use crate::metrics::{LabelText, Parties};
@@ -20,7 +20,7 @@ use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::server_name;
 use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
+use bulkhead_policy::{CanonicalRequest, Decision, Peer, Protocol, Request as PolicyRequest};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -286,15 +286,37 @@ async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
-    if let Err(why) = check_path(req.uri().path()) {
+    // What policy judges, and the destination receives: the canonical request.
+    let canonical = match canonical_request(&req) {
+        Ok(c) => c,
+        Err(why) => {
+            tracing::warn!(
+                path = req.uri().path(),
+                why = why.label(),
+                "request refused: {why}"
+            );
+            return Ok(proxy_response(
+                StatusCode::BAD_REQUEST,
+                None,
+                format!("bulkhead: {why}"),
+            ));
+        }
+    };
+    // Egress policy: the sending side judges the request before it leaves.
+    let decision = egress_decision(&canonical, &req, &dest, &shared);
+    let rewrite = canonical
+        .path_rewritten()
+        .then(|| canonical.target().into_owned());
+    if let Some(target) = rewrite
+        && let Err(e) = set_target(&mut req, &target)
+    {
+        tracing::warn!(error = %e, "request refused: its canonical target is not a URI");
         return Ok(proxy_response(
             StatusCode::BAD_REQUEST,
             None,
-            format!("bulkhead: {why}"),
+            "bulkhead: the request target cannot be forwarded".into(),
         ));
     }
-    // Egress policy: the sending side judges the request before it leaves.
-    let decision = egress_decision(&req, &dest, &shared);
     let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
     crate::http::log_decision("outbound", &decision, peer, &shared, &req);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
@@ -380,25 +402,24 @@ async fn handle(
     }
 }
 
-fn egress_decision(req: &Request<Incoming>, dest: &Dest, shared: &Shared) -> Decision {
-    let host = request_host(req);
+fn egress_decision(
+    canonical: &CanonicalRequest<'_>,
+    req: &Request<Incoming>,
+    dest: &Dest,
+    shared: &Shared,
+) -> Decision {
     let headers = HeaderView(req.headers());
     shared.policies.load().evaluate(&PolicyRequest {
         direction: Direction::Egress,
         subject: &shared.workload,
         peer: Peer {
             identity: dest.identity.as_ref().map(SpiffeId::as_str),
-            ip: Some(dest.address.ip()),
+            ip: Some(bulkhead_policy::canonical::peer_ip(dest.address.ip())),
             workload: dest.workload.as_ref(),
         },
         port: dest.port,
         protocol: protocol_of(req),
-        http: Some(Http {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            host: host.as_deref(),
-            headers: &headers,
-        }),
+        http: Some(canonical.http(&headers)),
     })
 }
 

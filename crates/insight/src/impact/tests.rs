@@ -412,3 +412,41 @@ fn a_template_replays_as_a_path_that_matches_it() {
     assert_eq!(concrete_path("/api/**/health"), "/api/x/health");
     assert_eq!(concrete_path("/"), "/");
 }
+
+/// Replays are built as a sidecar builds requests: a template recorded with an escaped
+/// letter is the path policy sees now, and a flow a sidecar would refuse is not replayed.
+#[test]
+fn replays_use_the_canonical_request() {
+    let current = parse(SHOP);
+    let candidate = parse(&format!(
+        "{SHOP}---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: orders-deny-admin, namespace: shop}}\nspec:\n  selector: {{workload: orders}}\n  action: deny\n  rules:\n    - name: admin\n      to: {{paths: [\"/orders/admin\", \"/orders/admin/*\"]}}\n"
+    ));
+    let edges = vec![
+        ingress("frontend", "shop/orders", "GET", "/orders/%61dmin/*", 3),
+        ingress("frontend", "shop/orders", "get", "/orders/*", 2),
+        ingress("frontend", "shop/orders", "GET", "/orders/../x", 1),
+    ];
+    let impact = impact(
+        &edges,
+        &compile(&current, 1),
+        &compile(&candidate, 2),
+        &candidate,
+    );
+    let got: Vec<String> = impact
+        .changes
+        .iter()
+        .map(|c| format!("{:?} {} | {}", c.change, c.flow, c.after))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            "NewlyDenied spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend) -> shop/orders:8080 http GET /orders/%61dmin/*, ingress | denied by policy shop/orders-deny-admin rule admin (revision 2)"
+        ]
+    );
+    assert_eq!(impact.replayed, 1);
+    assert_eq!(impact.refused.len(), 2);
+    assert!(
+        impact.to_string().ends_with("; 2 flows a sidecar refuses before any policy (a lower-case method or an ambiguous path) not replayed\n"),
+        "{impact}"
+    );
+}
