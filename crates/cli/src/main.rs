@@ -275,7 +275,7 @@ enum PolicyCommand {
     /// unauthenticated, for a caller without a certificate, with no `from`); `toIdentity`
     /// (egress; default: the destination's declared identity); `ip`; `protocol` (default:
     /// the port's declared one); `method` (GET); `path` (/, a query allowed); `host`;
-    /// `headers` (name: value, or name: [values] for a repeated header); `expect` (allow;
+    /// `headers` (name: value, or name: a list of values for a repeated header); `expect` (allow;
     /// deny, which a refusal also meets; or refuse, for a 400 before any policy); and
     /// optionally `policy` (namespace/name) and `rule`.
     Test {
