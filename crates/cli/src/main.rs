@@ -14,6 +14,7 @@ mod tap_cmd;
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::CreateTokenRequest;
 use clap::{Parser, Subcommand};
+use std::io::{stderr, stdout};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -515,9 +516,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Tap(args) => tap_cmd::run(&cli.context, args).await,
         Command::Events(args) => events_cmd::run(&cli.context, args).await,
         Command::Policy { command } => match command {
-            PolicyCommand::Lint { files, strict } => policy_cmd::lint(&files, strict),
-            PolicyCommand::Test { files, cases } => policy_cmd::test(&files, &cases),
-            PolicyCommand::Diff { old, new, cases } => policy_cmd::diff(&[old], &[new], &cases),
+            PolicyCommand::Lint { files, strict } => {
+                policy_cmd::lint(&files, strict, &mut stdout(), &mut stderr())
+            }
+            PolicyCommand::Test { files, cases } => {
+                policy_cmd::test(&files, &cases, &mut stdout(), &mut stderr())
+            }
+            PolicyCommand::Diff { old, new, cases } => {
+                policy_cmd::diff(&[old], &[new], &cases, &mut stdout(), &mut stderr())
+            }
             PolicyCommand::Explain {
                 files,
                 from,
@@ -544,7 +551,7 @@ async fn run(cli: Cli) -> Result<()> {
                         .or_default()
                         .push(v.to_string());
                 }
-                let case = policy_cmd::Case {
+                let case = bulkhead_policy::cases::Case {
                     name: String::new(),
                     direction: if direction == "egress" {
                         bulkhead_policy::model::Direction::Egress
@@ -574,7 +581,7 @@ async fn run(cli: Cli) -> Result<()> {
                     policy: None,
                     rule: None,
                 };
-                policy_cmd::explain(&files, case)
+                policy_cmd::explain(&files, &case, &mut stdout(), &mut stderr())
             }
         },
         Command::SampleApp {

@@ -7,6 +7,7 @@
 //! It must never widen what is allowed on bad input: a set with any error is refused whole.
 
 pub mod canonical;
+pub mod cases;
 mod compile;
 mod decision;
 mod endpoints;
