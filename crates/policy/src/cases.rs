@@ -2,7 +2,7 @@
 //! `policy diff` and `policy explain` read, and the one this crate's own tests use, so a
 //! pipeline's cases and ours cannot drift apart.
 //!
-//! Every request is judged as a sidecar judges it: through the [canonical](crate::canonical)
+//! Every request is judged as a sidecar judges it: through the [`canonical`]
 //! request, so a path, method or host a sidecar refuses with 400 is refused here too. A case
 //! that names something no file declares (a workload, a caller identity, a method, a port) is
 //! an error ([`CaseError`]), not a silent default deny: a misspelt case must never pass.
