@@ -11,33 +11,7 @@ use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
 use bulkhead_testkit::{Proc, http};
 use std::net::SocketAddr;
 
-const DISCOVERY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: payments, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/payments
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: frontend, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/frontend
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: DefaultPosture
-metadata: {name: discovery, namespace: shop}
-spec:
-  ingress: allow
-"#;
+const DISCOVERY: &str = include_str!("fixtures/adapt-discovery.yaml");
 
 struct Shop {
     mesh: Mesh,

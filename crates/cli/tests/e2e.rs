@@ -14,44 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: orders-allow-frontend
-  namespace: shop
-spec:
-  selector:
-    workload: orders
-  action: allow
-  rules:
-    - name: frontend-reads-orders
-      from:
-        identities: ["spiffe://test.local/ns/shop/sa/frontend"]
-      to:
-        methods: [GET]
-        paths: ["/orders", "/orders/*"]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata:
-  name: orders-deny-internal
-  namespace: shop
-spec:
-  selector:
-    workload: orders
-  action: deny
-  rules:
-    - name: internal-paths
-      to:
-        paths: ["/orders/internal/*"]
-"#;
+const POLICY: &str = include_str!("fixtures/e2e.yaml");
 
 #[test]
 fn walking_skeleton_end_to_end() {

@@ -15,35 +15,7 @@ use bulkhead_policy::{
     Decision, Http, Peer, PolicyError, PolicySet, Protocol, Request, load, parse_documents,
 };
 
-const DECLARATIONS: &str = r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: payments, namespace: shop, labels: {app: payments, tier: backend}}
-spec:
-  identity: spiffe://td/ns/shop/sa/payments
-  ports: [{port: 8080, protocol: http}, {port: 9090, protocol: grpc}, {port: 5432, protocol: tcp}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop, labels: {app: orders, tier: backend}}
-spec:
-  identity: spiffe://td/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: frontend, namespace: shop, labels: {app: frontend, tier: web}}
-spec:
-  identity: spiffe://td/ns/shop/sa/frontend
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Service
-metadata: {name: backend, namespace: shop}
-spec:
-  selector: {matchLabels: {tier: backend}}
-  ports: [{port: 8080, protocol: http}]
-"#;
+const DECLARATIONS: &str = include_str!("fixtures/declarations.yaml");
 
 /// One request: `direction subject peer-identity [ip] port protocol [METHOD path [host] [h=v,…]]`.
 struct Case<'a> {

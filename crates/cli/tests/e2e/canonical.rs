@@ -11,52 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: frontend, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/frontend
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: allow
-  rules:
-    - name: frontend-reads
-      from: {identities: ["spiffe://test.local/ns/shop/sa/frontend"]}
-      to: {ports: [8080], methods: [GET], hosts: [orders.shop], paths: ["/orders/*", "/admin/*", "/local/*"]}
-      when: [{header: x-env, values: [prod]}]
-    - name: anyone-health
-      to: {ports: [8080], methods: [GET], paths: ["/health"]}
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-deny, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: deny
-  rules:
-    - name: admin
-      to: {ports: [8080], paths: ["/admin/*"]}
-    - name: deletes
-      to: {ports: [8080], methods: [DELETE]}
-    - name: loopback-local
-      from: {cidrs: [127.0.0.0/8]}
-      to: {ports: [8080], paths: ["/local/*"]}
-    - name: debug
-      to: {ports: [8080]}
-      when: [{header: x-debug, values: ["on"]}]
-"#;
+const POLICY: &str = include_str!("../fixtures/canonical.yaml");
 
 /// How a request gets to the orders sidecar: through the frontend's sidecar (mTLS, the
 /// frontend's identity), or in plaintext to orders' permissive port (no identity).

@@ -5,50 +5,7 @@ use bulkhead_policy::parse_documents;
 /// 2024-05-01T10:00:00Z
 const T: u64 = 1_714_557_600;
 
-const SHOP: &str = r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: frontend, namespace: shop}
-spec:
-  identity: spiffe://bulkhead.local/ns/shop/sa/frontend
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://bulkhead.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: payments, namespace: shop}
-spec:
-  identity: spiffe://bulkhead.local/ns/shop/sa/payments
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-frontend, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: allow
-  rules:
-    - name: frontend-manages-orders
-      from: {identities: ["spiffe://bulkhead.local/ns/shop/sa/frontend"]}
-      to: {methods: [GET, POST], paths: ["/orders", "/orders/*"]}
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: payments-allow-orders, namespace: shop}
-spec:
-  selector: {workload: payments}
-  action: allow
-  rules:
-    - name: orders-charges
-      from: {identities: ["spiffe://bulkhead.local/ns/shop/sa/orders"]}
-      to: {methods: [POST], paths: ["/charge"]}
-"#;
+const SHOP: &str = include_str!("../../testdata/impact-shop.yaml");
 
 fn parse(text: &str) -> Vec<Resource> {
     parse_documents("test.yaml", text).unwrap()
@@ -118,19 +75,7 @@ fn shop_edges() -> Vec<Edge> {
     ]
 }
 
-const STAGED: &str = r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-deny-frontend-writes, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: deny
-  mode: audit
-  rules:
-    - name: frontend-writes
-      from: {identities: ["spiffe://bulkhead.local/ns/shop/sa/frontend"]}
-      to: {methods: [POST]}
-"#;
+const STAGED: &str = include_str!("../../testdata/impact-staged.yaml");
 
 #[test]
 fn enforcing_a_staged_deny_lists_exactly_the_flows_it_would_break() {
