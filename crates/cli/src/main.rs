@@ -141,6 +141,10 @@ enum Command {
         files: Vec<PathBuf>,
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
+        /// Exit 1 (after the report) when a flow that is allowed today would be denied: a
+        /// gate for pipelines.
+        #[arg(long)]
+        fail_on_new_deny: bool,
     },
     /// Enforce an audit-mode policy or posture (`namespace/name`, or
     /// `DefaultPosture/namespace/name`). Refused while it would have denied traffic seen
@@ -160,6 +164,10 @@ enum Command {
     /// Who can reach a workload, or (--blast-radius) everything it could reach if
     /// compromised, from policy alone: the applied policy, or files with -f.
     Reach(reach_cmd::ReachArgs),
+    /// Print a shell completion script: `source <(bulkhead completion bash)`, or for zsh
+    /// `bulkhead completion zsh > "${fpath[1]}/_bulkhead"`, or for fish
+    /// `bulkhead completion fish > ~/.config/fish/completions/bulkhead.fish`.
+    Completion { shell: clap_complete::Shell },
     /// Start a local mesh of three services, send legitimate traffic and a lateral-movement
     /// attempt, and show what was allowed and denied, and why.
     Demo {
@@ -495,8 +503,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Recommend { since, diff } => {
             flows_cmd::recommend(&mut client::admin(&cli.context).await?, since, diff).await
         }
-        Command::Impact { files, since } => {
-            flows_cmd::impact(&mut client::admin(&cli.context).await?, &files, since).await
+        Command::Impact {
+            files,
+            since,
+            fail_on_new_deny,
+        } => {
+            let admin = &mut client::admin(&cli.context).await?;
+            flows_cmd::impact(admin, &files, since, fail_on_new_deny).await
         }
         Command::Promote {
             target,
@@ -510,6 +523,15 @@ async fn run(cli: Cli) -> Result<()> {
                 force,
             )
             .await
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            // Generated whole first: the generator panics on a write error, and a closed
+            // pipe (`| head`) must stay a quiet exit.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "bulkhead", &mut script);
+            std::io::Write::write_all(&mut stdout(), &script)?;
+            Ok(())
         }
         Command::Demo { once } => demo::run(once).await,
         Command::Reach(args) => reach_cmd::run(&cli.context, args).await,
@@ -644,23 +666,52 @@ fn since(window: Option<Duration>) -> u64 {
 }
 
 /// `90s`, `30m`, `1h`, `2d`, or a bare number of seconds.
+/// A duration as kubectl and Go write them: one or more `<number><unit>` parts, units `s`,
+/// `m`, `h`, `d` (`90s`, `30m`, `1h30m`, `2d12h`); a bare number is seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 2d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
-    };
-    if secs == 0 {
-        return Err("a duration must be more than zero".into());
+    let like = "a duration like 90s, 30m, 1h30m or 2d";
+    let mut rest = s;
+    let mut secs: u64 = 0;
+    let mut last_unit = u64::MAX;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?} is not {like}"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            // A bare number is seconds.
+            "" if digits == s.len() => 1,
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            other => return Err(format!("{s:?}: unknown unit {other:?}; use s, m, h or d")),
+        };
+        if unit >= last_unit {
+            return Err(format!(
+                "{s:?}: write the larger units first, each once (like 1h30m)"
+            ));
+        }
+        last_unit = unit;
+        rest = &rest[unit_len..];
+        secs = n
+            .checked_mul(unit)
+            .and_then(|part| secs.checked_add(part))
+            .ok_or_else(|| format!("{s:?} is too long a duration"))?;
     }
-    Ok(Duration::from_secs(secs))
+    match secs {
+        0 => Err("a duration must be more than zero".into()),
+        // Beyond any window or lifetime the mesh keeps, and beyond what clocks can subtract.
+        n if n > 100 * 365 * 86_400 => Err(format!("{s:?} is more than 100 years")),
+        n => Ok(Duration::from_secs(n)),
+    }
 }
 
 #[cfg(test)]
@@ -681,8 +732,28 @@ mod tests {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert!(parse_duration("1w").is_err());
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d12h"), Ok(Duration::from_secs(216_000)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            parse_duration("1w"),
+            Err("\"1w\": unknown unit \"w\"; use s, m, h or d".into())
+        );
+        assert_eq!(
+            parse_duration("30m1h"),
+            Err("\"30m1h\": write the larger units first, each once (like 1h30m)".into())
+        );
+        assert!(parse_duration("1h1h").is_err());
         assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("0h0m").is_err());
         assert!(parse_duration("h").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert!(parse_duration("213503982334602d").is_err());
+        assert!(parse_duration("36501d").is_err());
+        assert_eq!(
+            parse_duration("36500d"),
+            Ok(Duration::from_secs(36500 * 86_400))
+        );
     }
 }

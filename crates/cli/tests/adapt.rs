@@ -186,6 +186,17 @@ fn observe_recommend_audit_impact_promote() {
         "observed traffic must not be newly denied:\n{out}"
     );
     assert!(out.contains("POST /charge"), "{out}");
+    // As a pipeline gate: the same report, then exit 1 naming the count.
+    let (code, gated, err) =
+        mesh.cli(&["impact", "-f", file.to_str().unwrap(), "--fail-on-new-deny"]);
+    assert_eq!(code, 1, "{gated}{err}");
+    assert!(gated.contains("POST /charge"), "{gated}");
+    assert!(
+        err.contains(
+            "error: 1 observed flow(s) allowed today would be denied (--fail-on-new-deny)"
+        ),
+        "{err}"
+    );
 
     // Promote: the allow policy has no would-deny flows; the posture has the lateral one.
     let out = cli(mesh, &["promote", "shop/orders-recommended"]);
@@ -212,6 +223,10 @@ fn observe_recommend_audit_impact_promote() {
         http(shop.to_payments, "POST", "/charge").status == 403
     });
     everyday(&shop);
+    // Enforced already, the recommendation denies nothing new: the gate passes.
+    let (code, out, err) =
+        mesh.cli(&["impact", "-f", file.to_str().unwrap(), "--fail-on-new-deny"]);
+    assert_eq!(code, 0, "{out}{err}");
     let postures = cli(mesh, &["get", "postures", "-o", "yaml"]);
     assert!(postures.contains("ingress: deny"), "{postures}");
     assert!(!postures.contains("mode: audit"), "{postures}");

@@ -43,6 +43,7 @@ fn a_closed_pipe_is_no_error_for_any_verb() {
     let verbs: Vec<Vec<&str>> = vec![
         vec!["--help"],
         vec!["--version"],
+        vec!["completion", "bash"],
         vec!["policy", "lint", shop],
         vec!["policy", "test", shop, "--cases", cases],
         vec!["policy", "diff", shop, shop, "--cases", cases],
@@ -85,5 +86,34 @@ fn a_closed_pipe_is_no_error_for_any_verb() {
             "bulkhead {}: exit {code}\n{err}",
             args.join(" ")
         );
+    }
+}
+
+/// `source <(bulkhead completion bash)` completes verbs and their flags in a real bash.
+#[test]
+fn bash_completes_verbs_and_flags() {
+    let bins = bulkhead_testkit::Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
+    let complete = |words: &str| {
+        let script = format!(
+            "source <({bin} completion bash)\nCOMP_WORDS=({words})\nCOMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))\nCOMP_LINE=\"${{COMP_WORDS[*]}}\"\nCOMP_POINT=${{#COMP_LINE}}\n_bulkhead bulkhead \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+            bin = bins.bulkhead.display()
+        );
+        let out = Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(complete("bulkhead pol"), "policy\n");
+    let flags = complete("bulkhead impact --fail");
+    assert_eq!(flags, "--fail-on-new-deny\n");
+    let verbs = complete("bulkhead policy ''");
+    for verb in ["lint", "test", "diff", "explain"] {
+        assert!(verbs.lines().any(|l| l == verb), "{verbs}");
     }
 }
