@@ -199,7 +199,12 @@ fn walking_skeleton_end_to_end() {
 
     // The admin port shows what happened, labelled as an operator needs it.
     let admin = addr(&orders["admin"]);
-    let metrics = http(admin, "GET", "/metrics").body;
+    let page = http(admin, "GET", "/metrics");
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let metrics = page.body;
     for line in [
         "bulkhead_authz_decisions_total{direction=\"inbound\",verdict=\"deny\",audit=\"\",policy=\"shop/orders-deny-internal\",rule=\"internal-paths\"} 1",
         "bulkhead_authz_decisions_total{direction=\"inbound\",verdict=\"allow\",audit=\"\",policy=\"shop/orders-allow-frontend\",rule=\"frontend-reads-orders\"} 1",
@@ -220,6 +225,9 @@ fn walking_skeleton_end_to_end() {
         metrics.contains("bulkhead_svid_expiry_timestamp_seconds "),
         "{metrics}"
     );
+    // Prometheus' own checker takes the page as served (families, help, types).
+    let complaints = bulkhead_testkit::promtool_check_metrics("e2e", &metrics);
+    assert!(complaints.is_empty(), "{complaints}\n{metrics}");
     let frontend_metrics = http(addr(&frontend["admin"]), "GET", "/metrics").body;
     assert!(
         frontend_metrics.contains("bulkhead_tls_handshake_failures_total{direction=\"outbound\",reason=\"unexpected_identity\"} 1"),

@@ -65,11 +65,18 @@ async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.encode(),
-        ),
+        "/metrics" => {
+            let format = bulkhead_api::exposition::Format::negotiate(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            reply(
+                StatusCode::OK,
+                format.content_type(),
+                format.render(shared.metrics.encode()),
+            )
+        }
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" => match not_ready(&shared) {
             None => reply(StatusCode::OK, "text/plain", "ready\n".into()),

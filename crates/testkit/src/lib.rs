@@ -366,3 +366,51 @@ pub fn mtls_raw(
         Err(e) => Err(e.to_string()),
     }
 }
+
+/// The path of a program a test needs that is not about root (`promtool`, `bash`): `None`
+/// (and a `skipped:` line) when it is missing, a panic under `BULKHEAD_STRICT=1`, where
+/// `./dev/test` has installed it.
+pub fn tool(test: &str, program: &str) -> Option<std::path::PathBuf> {
+    if let Some(path) = netns::find_program(program) {
+        return Some(path);
+    }
+    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
+        panic!(
+            "{test} cannot run: it needs {program}, and BULKHEAD_STRICT=1 forbids skipping (./dev/test installs it on Debian)"
+        );
+    }
+    eprintln!("skipped: {test}: needs {program}");
+    None
+}
+
+/// Runs `promtool check metrics` on a `/metrics` page and returns its complaints; empty
+/// when the page passes (or, outside CI, when promtool is not installed).
+pub fn promtool_check_metrics(test: &str, page: &str) -> String {
+    use std::io::Write;
+    let Some(promtool) = tool(test, "promtool") else {
+        return String::new();
+    };
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(page.as_bytes())
+        .expect("promtool reads the page");
+    let out = child.wait_with_output().expect("promtool finishes");
+    match out.status.success() {
+        true => String::new(),
+        false => format!(
+            "promtool check metrics exited {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
