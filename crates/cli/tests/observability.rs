@@ -52,7 +52,7 @@ fn alerting_rules_pass_their_unit_tests() {
         ["test", "rules", "bulkhead.rules.test.yaml"],
     ] {
         let out = Command::new(&promtool)
-            .args(&args)
+            .args(args)
             .current_dir(&dir)
             .output()
             .unwrap();
