@@ -175,8 +175,9 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// A small HTTP service for demos and tests.
-    #[command(hide = true)]
+    /// A small HTTP service to put behind a sidecar when trying the mesh by hand (the
+    /// demo's and the tests' apps): it answers every request with its name, the method,
+    /// the path and the caller's identity as its sidecar passed it (`x-bulkhead-source`).
     SampleApp {
         #[arg(long)]
         name: String,

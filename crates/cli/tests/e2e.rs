@@ -7,6 +7,8 @@
 mod canonical;
 #[path = "e2e/offline.rs"]
 mod offline;
+#[path = "e2e/readme.rs"]
+mod readme;
 
 use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has};
 use bulkhead_testkit::{Bins, foreign_identity, http, http_raw, mtls_raw, parse_response, run};
