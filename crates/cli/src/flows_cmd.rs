@@ -259,7 +259,12 @@ pub async fn recommend(admin: &mut Admin, window: Option<Duration>, diff: bool) 
     Ok(())
 }
 
-pub async fn impact(admin: &mut Admin, files: &[PathBuf], window: Option<Duration>) -> Result<()> {
+pub async fn impact(
+    admin: &mut Admin,
+    files: &[PathBuf],
+    window: Option<Duration>,
+    fail_on_new_deny: bool,
+) -> Result<()> {
     let mut changes = Vec::new();
     for f in files {
         let text =
@@ -288,6 +293,10 @@ pub async fn impact(admin: &mut Admin, files: &[PathBuf], window: Option<Duratio
             .join(", ")
     );
     print!("{impact}");
+    let newly_denied = impact.newly_denied().count();
+    if fail_on_new_deny && newly_denied > 0 {
+        bail!("{newly_denied} observed flow(s) allowed today would be denied (--fail-on-new-deny)");
+    }
     Ok(())
 }
 

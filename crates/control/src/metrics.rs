@@ -190,11 +190,16 @@ async fn handle(
     req: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let format = bulkhead_api::exposition::Format::negotiate(
+        req.headers()
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
     let (status, content_type, body) = match req.uri().path() {
         "/metrics" => (
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.encode(&state.flow_counters),
+            format.content_type(),
+            format.render(state.metrics.encode(&state.flow_counters)),
         ),
         _ => (
             StatusCode::NOT_FOUND,
