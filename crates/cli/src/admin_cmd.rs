@@ -49,10 +49,11 @@ pub async fn apply(admin: &mut Admin, file: &Path, opts: ChangeOptions) -> Resul
     if let Ok(meta) = std::fs::metadata(file)
         && meta.len() > bulkhead_control::MAX_APPLY_BYTES as u64
     {
+        let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
         bail!(
-            "{name} is {:.1} MiB; one apply may carry at most {} MiB: split it into several files and apply each",
-            meta.len() as f64 / (1024.0 * 1024.0),
-            bulkhead_control::MAX_APPLY_BYTES / (1024 * 1024)
+            "{name} is {:.1} MiB; one apply may carry at most {:.1} MiB: split it into several files and apply each",
+            mib(meta.len() as f64),
+            mib(bulkhead_control::MAX_APPLY_BYTES as f64)
         );
     }
     let yaml = std::fs::read_to_string(file).with_context(|| format!("cannot read {name}"))?;

@@ -295,7 +295,9 @@ pub async fn impact(
     print!("{impact}");
     let newly_denied = impact.newly_denied().count();
     if fail_on_new_deny && newly_denied > 0 {
-        bail!("{newly_denied} observed flow(s) allowed today would be denied (--fail-on-new-deny)");
+        anyhow::bail!(
+            "{newly_denied} observed flow(s) allowed today would be denied (--fail-on-new-deny)"
+        );
     }
     Ok(())
 }

@@ -407,7 +407,7 @@ fn an_oversize_configuration_is_refused_or_reported_and_a_large_one_is_enforced(
     assert!(
         err.starts_with(&format!("error: {huge} is 2"))
             && err.ends_with(
-                "one apply may carry at most 16 MiB: split it into several files and apply each\n"
+                "one apply may carry at most 16.0 MiB: split it into several files and apply each\n"
             ),
         "{err}"
     );

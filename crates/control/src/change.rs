@@ -449,6 +449,22 @@ spec:
     }
 
     #[tokio::test]
+    async fn a_file_over_the_apply_bound_is_refused_in_our_words() {
+        let p = plane(
+            "too-large",
+            ProxyBounds::default(),
+            HistoryRetention::default(),
+        );
+        let yaml = "#".repeat(crate::admin::MAX_APPLY_BYTES + 1024 * 1024);
+        let err = apply(&p, &yaml, None).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            "test.yaml is 17.0 MiB; one apply may carry at most 16.0 MiB: split it into several files and apply each"
+        );
+    }
+
+    #[tokio::test]
     async fn the_affected_workloads_are_those_whose_configuration_changed() {
         let p = plane(
             "affected",

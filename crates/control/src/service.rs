@@ -624,3 +624,6 @@ impl Config for State {
         Ok(Response::new(pb::ReportTapResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests;
