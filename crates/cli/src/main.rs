@@ -70,23 +70,30 @@ enum Command {
         /// 127.0.0.1:7444; off when not given.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        #[command(flatten)]
+        bounds: ControlBounds,
     },
     /// Join tokens, which let one proxy obtain one identity.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// Apply resources from a YAML file (several documents per file). The whole resulting
-    /// set is type-checked; any error refuses the apply and changes nothing.
+    /// Apply resources from a YAML file (several documents per file, at most 16 MiB). The
+    /// whole resulting set is type-checked, and each affected workload's configuration is
+    /// checked against the proxies' bounds; any error refuses the apply and changes nothing.
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        #[command(flatten)]
+        change: ChangeFlags,
     },
     /// Delete the resources a file names, or Kind/namespace/name keys.
     Delete {
         #[arg(short = 'f', long = "filename")]
         file: Option<PathBuf>,
         keys: Vec<String>,
+        #[command(flatten)]
+        change: ChangeFlags,
     },
     /// Show resources (all, policies, workloads, services, postures) or proxies.
     Get {
@@ -102,8 +109,14 @@ enum Command {
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
     },
-    /// Restore the resource set exactly as it was at REVISION (as a new revision).
-    Rollback { revision: u64 },
+    /// Restore the resource set exactly as it was at REVISION (as a new revision). The
+    /// control plane keeps the whole set of recent revisions only (`bulkhead control
+    /// --history-revisions`, `--history-max-age`).
+    Rollback {
+        revision: u64,
+        #[command(flatten)]
+        change: ChangeFlags,
+    },
     /// The mesh's certificate authorities: status, and rotation (add-root → switch →
     /// retire; docs/ca.md has the procedure).
     Ca {
@@ -147,14 +160,16 @@ enum Command {
         fail_on_new_deny: bool,
     },
     /// Enforce an audit-mode policy or posture (`namespace/name`, or
-    /// `DefaultPosture/namespace/name`). Refused while it would have denied traffic seen
-    /// within --window, unless --force.
+    /// `DefaultPosture/namespace/name`). The control plane refuses while it would have
+    /// denied traffic seen within --window, unless --force, and commits it as one revision.
     Promote {
         target: String,
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         window: Duration,
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        change: ChangeFlags,
     },
     /// Offline policy tools for CI: lint, test, diff, explain. They read files only.
     Policy {
@@ -193,6 +208,63 @@ enum Command {
         #[arg(long)]
         tcp_echo: bool,
     },
+}
+
+/// How a change is made (apply, delete, rollback, promote).
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ChangeFlags {
+    /// Refuse the change unless the resource set is at exactly this revision (as `bulkhead
+    /// get` shows it): for pipelines that read, decide, then change.
+    #[arg(long, value_name = "REVISION")]
+    expect_revision: Option<u64>,
+    /// Wait until every connected proxy of each workload the change affected has put the
+    /// new revision in force, printing progress; exit non-zero naming each proxy that
+    /// refused it (with its reason) or did not answer in time.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "wait")]
+    timeout: Duration,
+}
+
+impl ChangeFlags {
+    fn options(self) -> admin_cmd::ChangeOptions {
+        admin_cmd::ChangeOptions {
+            expect_revision: self.expect_revision,
+            wait: self.wait.then_some(self.timeout),
+        }
+    }
+}
+
+/// What the control plane keeps and what one proxy's configuration may hold.
+#[derive(clap::Args, Debug)]
+struct ControlBounds {
+    /// Keep the whole resource set of this many newest revisions, for rollback (the
+    /// current one always stays). Who changed what is kept apart, for a year.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    history_revisions: u64,
+    /// …and none older than this (e.g. 30d, 12h).
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    history_max_age: Duration,
+    /// Refuse a change that would give one workload's proxies more compiled rules than
+    /// this. Keep it at or under every proxy's --max-policy-rules.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_proxy_rules: u64,
+    /// Refuse a change that would make one workload's configuration larger than this on
+    /// the wire (e.g. 16MiB, 512KiB). It travels in pieces of about 1 MiB either way.
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    max_proxy_config_bytes: usize,
+    /// Most stored traffic-edge rows (one per edge and hour); over it, the oldest hours go.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    flow_max_rows: u64,
+    /// Most stored traffic-edge rows one workload's reports may keep; over it, that
+    /// workload's oldest hours go, so one noisy app cannot push out the others' history.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    flow_max_rows_per_workload: u64,
+    /// Most distinct path templates kept per edge; past it, new paths are counted into the
+    /// edge's `/*` template (`bulkhead_flow_paths_folded_total`).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    flow_max_paths_per_edge: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -395,6 +467,7 @@ async fn run(cli: Cli) -> Result<()> {
             denial_spike_min,
             denial_spike_factor,
             metrics,
+            bounds,
         } => {
             init_logging("info");
             let config = bulkhead_control::ControlConfig {
@@ -410,7 +483,20 @@ async fn run(cli: Cli) -> Result<()> {
                     spike_factor: denial_spike_factor,
                 },
                 metrics,
-                ..Default::default()
+                history: bulkhead_control::HistoryRetention {
+                    max_revisions: bounds.history_revisions,
+                    max_age: bounds.history_max_age,
+                },
+                proxy_bounds: bulkhead_control::ProxyBounds {
+                    max_rules: usize::try_from(bounds.max_proxy_rules).unwrap_or(usize::MAX),
+                    max_config_bytes: bounds.max_proxy_config_bytes,
+                },
+                flow_retention: bulkhead_control::FlowRetention {
+                    max_rows: bounds.flow_max_rows,
+                    max_rows_per_workload: bounds.flow_max_rows_per_workload,
+                    max_paths_per_edge: bounds.flow_max_paths_per_edge,
+                    ..Default::default()
+                },
             };
             let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(
@@ -452,14 +538,20 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", resp.token);
             Ok(())
         }
-        Command::Apply { file } => {
-            admin_cmd::apply(&mut client::admin(&cli.context).await?, &file).await
+        Command::Apply { file, change } => {
+            admin_cmd::apply(
+                &mut client::admin(&cli.context).await?,
+                &file,
+                change.options(),
+            )
+            .await
         }
-        Command::Delete { file, keys } => {
+        Command::Delete { file, keys, change } => {
             admin_cmd::delete(
                 &mut client::admin(&cli.context).await?,
                 file.as_deref(),
                 keys,
+                change.options(),
             )
             .await
         }
@@ -495,8 +587,13 @@ async fn run(cli: Cli) -> Result<()> {
                 CaCommand::Retire { id, force } => ca_cmd::retire(&mut admin, &id, force).await,
             }
         }
-        Command::Rollback { revision } => {
-            admin_cmd::rollback(&mut client::admin(&cli.context).await?, revision).await
+        Command::Rollback { revision, change } => {
+            admin_cmd::rollback(
+                &mut client::admin(&cli.context).await?,
+                revision,
+                change.options(),
+            )
+            .await
         }
         Command::Graph { since, output } => {
             flows_cmd::graph(&mut client::admin(&cli.context).await?, since, &output).await
@@ -516,12 +613,14 @@ async fn run(cli: Cli) -> Result<()> {
             target,
             window,
             force,
+            change,
         } => {
             flows_cmd::promote(
                 &mut client::admin(&cli.context).await?,
                 &target,
                 window,
                 force,
+                change.options(),
             )
             .await
         }
@@ -666,6 +765,31 @@ fn since(window: Option<Duration>) -> u64 {
     window.map_or(0, |w| unix_now().saturating_sub(w.as_secs()))
 }
 
+/// `16MiB`, `512KiB`, `2GiB`, or a bare number of bytes.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 16MiB, 512KiB or 1048576"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        "GiB" => 1024 * 1024 * 1024,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?}; use KiB, MiB or GiB"
+            ));
+        }
+    };
+    match n.checked_mul(scale) {
+        Some(0) => Err("a size must be more than zero".into()),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{s:?} is too large")),
+    }
+}
+
 /// `90s`, `30m`, `1h`, `2d`, or a bare number of seconds.
 /// A duration as kubectl and Go write them: one or more `<number><unit>` parts, units `s`,
 /// `m`, `h`, `d` (`90s`, `30m`, `1h30m`, `2d12h`); a bare number is seconds.
@@ -726,6 +850,16 @@ mod tests {
         assert!(super::parse_factor("0.5").is_err());
         assert!(super::parse_factor("NaN").is_err());
         assert!(super::parse_factor("x").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_bytes("16MiB"), Ok(16 * 1024 * 1024));
+        assert_eq!(super::parse_bytes("512KiB"), Ok(512 * 1024));
+        assert_eq!(super::parse_bytes("1000"), Ok(1000));
+        assert!(super::parse_bytes("16MB").is_err());
+        assert!(super::parse_bytes("0").is_err());
+        assert!(super::parse_bytes("MiB").is_err());
     }
 
     #[test]

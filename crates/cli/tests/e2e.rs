@@ -600,6 +600,7 @@ async fn proxies_cannot_administer_or_read_other_workloads() {
         .watch(WatchRequest {
             namespace: "shop".into(),
             workload: "orders".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -614,6 +615,7 @@ async fn proxies_cannot_administer_or_read_other_workloads() {
         .watch(WatchRequest {
             namespace: "shop".into(),
             workload: "frontend".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -89,6 +89,11 @@ impl Proc {
         }
     }
 
+    /// The process id (for reading its /proc entries).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
