@@ -119,7 +119,7 @@ pub fn client_config(
 /// has to be syntactically valid.
 pub fn server_name() -> ServerName<'static> {
     ServerName::try_from("bulkhead.mesh")
-        .unwrap_or(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
+        .unwrap_or(ServerName::IpAddress(core::net::Ipv4Addr::LOCALHOST.into()))
 }
 
 /// The verified SPIFFE ID of the peer of a finished handshake, checked against our trust

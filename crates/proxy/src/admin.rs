@@ -13,19 +13,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
-use tokio::net::TcpListener;
 
 pub(crate) async fn spawn(
     listen: SocketAddr,
     shared: Arc<Shared>,
 ) -> Result<SocketAddr, ProxyError> {
-    let bind_err = |source| ProxyError::Bind {
-        what: "admin".into(),
-        addr: listen,
-        source,
-    };
-    let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
-    let addr = listener.local_addr().map_err(bind_err)?;
+    // `[::]:PORT` is one dual-stack socket, as for the other listeners.
+    let (listener, addr) = crate::http::listen(listen, "admin").await?;
     tracing::info!(listen = %addr, "admin listener ready (/metrics /ready /live /config)");
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -71,11 +65,18 @@ async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.encode(),
-        ),
+        "/metrics" => {
+            let format = bulkhead_api::exposition::Format::negotiate(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            reply(
+                StatusCode::OK,
+                format.content_type(),
+                format.render(shared.metrics.encode()),
+            )
+        }
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" => match not_ready(&shared) {
             None => reply(StatusCode::OK, "text/plain", "ready\n".into()),

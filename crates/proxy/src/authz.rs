@@ -45,6 +45,11 @@ impl Snapshot {
         &self.endpoints
     }
 
+    /// Whether `workload` declares any port (then a port it does not declare is refused).
+    pub(crate) fn declares_ports(&self, workload: &WorkloadRef) -> bool {
+        self.policy.declares_ports(workload)
+    }
+
     /// The protocol `workload` declares for `port`, if this proxy was told.
     pub(crate) fn declared_protocol(&self, workload: &WorkloadRef, port: u16) -> Option<Protocol> {
         self.policy.declared_protocol(workload, port)

@@ -120,7 +120,8 @@ pub enum InboundTarget {
     /// Explicit mode: one app address; `port` is the workload's declared port policy sees.
     App { app: SocketAddr, port: u16 },
     /// Transparent mode: connections were redirected here by `bulkhead-proxy init`; each goes
-    /// to 127.0.0.1 on the port it was originally sent to, which is also the port policy sees.
+    /// to the workload address and port it was originally sent to (never loopback), and that
+    /// port is the one policy sees.
     Transparent,
 }
 

@@ -151,31 +151,29 @@ pub(crate) fn proxy_response(
     resp
 }
 
-/// Refuses paths whose meaning an app might read differently from the policy: dot segments,
-/// empty segments and encoded separators. Returns why.
-pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
-    if !path.starts_with('/') {
-        return Err("path must start with '/'");
-    }
-    // Case-insensitive, without copying the path: this runs on every request.
-    let bytes = path.as_bytes();
-    let encoded = |pat: &[u8]| {
-        bytes
-            .windows(pat.len())
-            .any(|w| w.eq_ignore_ascii_case(pat))
+/// The request policy judges, built by the policy crate from what arrived (method, target,
+/// authority, every `Host` header): canonical path, upper-case method, host without port.
+/// A request it refuses (dot segments, encoded separators, path parameters, a lower-case
+/// method, two hosts …) is answered 400 before any policy, with the reason.
+pub(crate) fn canonical_request<B>(
+    req: &Request<B>,
+) -> Result<bulkhead_policy::CanonicalRequest<'_>, bulkhead_policy::Refusal> {
+    let uri = req.uri();
+    let raw = bulkhead_policy::RawRequest {
+        method: req.method().as_str(),
+        target: uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()),
+        authority: uri.authority().map(|a| a.as_str()),
     };
-    if path.contains('\\') || [b"%2e", b"%2f", b"%5c", b"%00"].iter().any(|p| encoded(*p)) {
-        return Err("path holds an encoded '.', '/', '\\' or NUL");
-    }
-    // One trailing slash is fine ("/a/b/"); any other empty segment is not.
-    let body = path[1..].strip_suffix('/').unwrap_or(&path[1..]);
-    if !body.is_empty()
-        && body
-            .split('/')
-            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err("path holds '.', '..' or empty segments");
-    }
+    let hosts = req.headers().get_all(http::header::HOST).iter();
+    bulkhead_policy::CanonicalRequest::new(raw, hosts.map(|h| h.as_bytes()))
+}
+
+/// Replaces the request target's path and query with `target` (the canonical path and the
+/// query as received), keeping any scheme and authority: what policy judged is what is sent.
+pub(crate) fn set_target<B>(req: &mut Request<B>, target: &str) -> Result<(), http::Error> {
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(target)?);
+    *req.uri_mut() = http::Uri::from_parts(parts)?;
     Ok(())
 }
 
@@ -205,11 +203,30 @@ pub(crate) async fn listen(
         addr,
         source,
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(bind_err)?;
+    let listener = match addr {
+        // `[::]` takes IPv4 too, whatever the host's `bindv6only` says: one listener for both
+        // families (IPv4 peers appear as `::ffff:a.b.c.d`; handlers make them canonical).
+        std::net::SocketAddr::V6(v6) if v6.ip().is_unspecified() => {
+            dual_stack(addr).map_err(bind_err)?
+        }
+        _ => tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(bind_err)?,
+    };
     let bound = listener.local_addr().map_err(bind_err)?;
     Ok((listener, bound))
+}
+
+/// A listener on `[::]:port` that accepts IPv4 as well (`IPV6_V6ONLY` off).
+fn dual_stack(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 /// Accepts forever. Each connection within `max_connections` is served by the future
@@ -714,33 +731,16 @@ fn grpc_percent_encode(text: &str) -> String {
     out
 }
 
-/// Request headers as the policy engine reads them.
+/// Request headers as the policy engine reads them: every value of a repeated header, as
+/// bytes (a value that is not text is still a value, never an absent header).
 pub(crate) struct HeaderView<'a>(pub &'a HeaderMap);
 
 impl bulkhead_policy::Headers for HeaderView<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
+    fn each_value(&self, name: &str, each: &mut dyn FnMut(&[u8])) {
+        for v in self.0.get_all(name) {
+            each(v.as_bytes());
+        }
     }
-}
-
-/// The request's host, lower case and without a port (from the URI or the Host header).
-pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req.uri().host().map(str::to_string).or_else(|| {
-        req.headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-    })?;
-    let host = match raw.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
-        None => match raw.rsplit_once(':') {
-            Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
-                h.to_string()
-            }
-            _ => raw,
-        },
-    };
-    Some(host.to_ascii_lowercase())
 }
 
 /// Keeps only path and query of the request target (origin form), dropping any authority.
@@ -798,7 +798,7 @@ pub(crate) fn log_decision(
 
 #[cfg(test)]
 mod tests {
-    use super::{check_path, grpc_percent_encode};
+    use super::{canonical_request, grpc_percent_encode, set_target};
 
     #[test]
     fn grpc_messages_are_percent_encoded() {
@@ -806,20 +806,30 @@ mod tests {
     }
 
     #[test]
-    fn ambiguous_paths_are_refused() {
-        for ok in ["/", "/charge", "/orders/1", "/a/b/"] {
-            assert!(check_path(ok).is_ok(), "{ok}");
+    fn requests_are_judged_and_sent_canonical() {
+        let req = |target: &str| {
+            http::Request::builder()
+                .uri(target)
+                .header("host", "Orders.Shop:8080")
+                .body(())
+                .unwrap()
+        };
+        let mut r = req("/%61dmin/users?q=%2F");
+        let c = canonical_request(&r).unwrap();
+        assert_eq!((c.path(), c.host()), ("/admin/users", Some("orders.shop")));
+        let target = c.target().into_owned();
+        set_target(&mut r, &target).unwrap();
+        assert_eq!(r.uri().to_string(), "/admin/users?q=%2F");
+        for bad in ["/a/../b", "/orders/..;/admin", "/a%2Fb", "/a//b"] {
+            assert!(canonical_request(&req(bad)).is_err(), "{bad}");
         }
-        for bad in [
-            "/a/../admin",
-            "/./admin",
-            "/a//b",
-            "/%2e%2e/admin",
-            "/a%2Fb",
-            "/a\\b",
-            "x",
-        ] {
-            assert!(check_path(bad).is_err(), "{bad}");
-        }
+        let mut h2 = http::Request::builder()
+            .uri("http://orders.shop/%7Euser")
+            .body(())
+            .unwrap();
+        let c = canonical_request(&h2).unwrap();
+        let target = c.target().into_owned();
+        set_target(&mut h2, &target).unwrap();
+        assert_eq!(h2.uri().to_string(), "http://orders.shop/~user");
     }
 }

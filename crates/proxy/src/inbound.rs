@@ -12,25 +12,25 @@ use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
     Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, XFCC_HEADER,
-    accept_loop, check_path, denial, listen, origin_form, protocol_of, proxy_response,
-    request_host, response_body, serve_http,
+    accept_loop, canonical_request, denial, listen, origin_form, protocol_of, proxy_response,
+    response_body, serve_http, set_target,
 };
 use crate::http::{
     body_failed, content_length, grpc_status, head_refused, head_too_large, response_timed_out,
 };
 use crate::metrics::{LabelText, Parties, Refusal, TlsFailure};
-use crate::tcp::Flow;
+use crate::tcp::{Flow, Reset};
 use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity;
 use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
+use bulkhead_policy::{Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -82,16 +82,12 @@ async fn serve(
     shared: Arc<Shared>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let remote = crate::capture::canonical(remote);
     let (app, port) = match target {
         InboundTarget::App { app, port } => (app, port),
-        InboundTarget::Transparent => match crate::capture::original_dst(&tcp) {
-            Ok(orig) => ((Ipv4Addr::LOCALHOST, orig.port()).into(), orig.port()),
-            Err(e) => {
-                if let Some(unlogged) = shared.refuse("inbound", Refusal::NoOriginalDestination) {
-                    tracing::warn!(error = %e, unlogged, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)");
-                }
-                return;
-            }
+        InboundTarget::Transparent => match transparent_target(&tcp, &shared) {
+            Some(orig) => (orig, orig.port()),
+            None => return tcp.reset(),
         },
     };
     let t = Target { app, port, remote };
@@ -188,10 +184,64 @@ async fn serve(
     }
 }
 
+/// Transparent mode: where a redirected connection goes, which is where it was sent — the
+/// workload's own address and port, never loopback, so that a listener the app bound to
+/// 127.0.0.1 or ::1 stays out of reach from other hosts. `None` (logged and counted; the
+/// caller resets the connection) when it did not come through `init`'s rules, was not for
+/// an address of this namespace, or is for a port the workload does not declare while it
+/// declares some (refused before policy: a rule without `ports:` covers declared ports only).
+fn transparent_target(tcp: &TcpStream, shared: &Shared) -> Option<SocketAddr> {
+    let refuse = |reason: &'static str, why: &str| {
+        shared.metrics.reset("inbound", reason);
+        tracing::warn!(reason, "connection refused: {why}");
+        None
+    };
+    let (orig, local) = match (crate::capture::original_dst(tcp), tcp.local_addr()) {
+        (Ok(orig), Ok(local)) => (orig, crate::capture::canonical(local)),
+        (Err(e), _) | (_, Err(e)) => {
+            return refuse(
+                "not_redirected",
+                &format!(
+                    "no original destination ({e}); is this listener the target of `bulkhead-proxy init`'s rules?"
+                ),
+            );
+        }
+    };
+    if !crate::capture::was_redirected(local, orig) || orig.port() == local.port() {
+        return refuse(
+            "not_redirected",
+            &format!("{orig} is the proxy's own inbound port, not a port of the app"),
+        );
+    }
+    if orig.ip().is_loopback() || !crate::capture::is_local_address(orig.ip()) {
+        return refuse(
+            "not_local",
+            &format!("the original destination {orig} is not an address of this network namespace"),
+        );
+    }
+    let snapshot = shared.snapshot.load();
+    if snapshot.declares_ports(&shared.workload)
+        && snapshot
+            .declared_protocol(&shared.workload, orig.port())
+            .is_none()
+    {
+        return refuse(
+            "undeclared_port",
+            &format!(
+                "port {} is not one that workload {} declares",
+                orig.port(),
+                shared.workload
+            ),
+        );
+    }
+    Some(orig)
+}
+
 /// Opaque TCP in: judged once by L4 policy (and again on every policy change), then relayed.
-async fn relay<I>(downstream: I, peer: Option<SpiffeId>, t: Target, shared: Arc<Shared>)
+/// Refused with a reset when policy denies it or the app does not accept it.
+async fn relay<I>(mut downstream: I, peer: Option<SpiffeId>, t: Target, shared: Arc<Shared>)
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin + Reset,
 {
     let flow = Flow {
         direction: Direction::Ingress,
@@ -205,11 +255,23 @@ where
         .into_parts();
     flow.log(&decision, &shared);
     let Some(permit) = permit else {
-        return;
+        shared.metrics.reset("inbound", "denied");
+        return downstream.reset();
     };
     match connect_app(t.app).await {
-        Ok(app) => crate::tcp::relay(&shared, permit, flow, downstream, app).await,
-        Err(e) => tracing::warn!(app = %t.app, error = %e, "local app unreachable"),
+        Ok(mut app) => {
+            let ended = crate::tcp::relay(&shared, permit, flow, &mut downstream, &mut app).await;
+            if ended == "error" {
+                shared.metrics.reset("inbound", "relay_error");
+                downstream.reset();
+                app.reset();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(app = %t.app, error = %e, "local app unreachable");
+            shared.metrics.reset("inbound", "unreachable");
+            downstream.reset();
+        }
     }
 }
 
@@ -323,23 +385,26 @@ async fn handle(
     if head_too_large(&req, &shared.limits) {
         return Ok(head_refused(shared, "inbound"));
     }
-    if let Err(why) = check_path(req.uri().path()) {
-        if let Some(unlogged) = shared.refuse("inbound", Refusal::BadPath) {
-            tracing::warn!(
-                src.id = peer_label,
-                path = req.uri().path(),
-                why,
-                unlogged,
-                "request refused: ambiguous path"
-            );
+    // What policy judges, and the app receives: the canonical request.
+    let canonical = match canonical_request(&req) {
+        Ok(c) => c,
+        Err(why) => {
+            if let Some(unlogged) = shared.refuse("inbound", Refusal::BadPath) {
+                tracing::warn!(
+                    src.id = peer_label,
+                    path = req.uri().path(),
+                    why = why.label(),
+                    unlogged,
+                    "request refused: {why}"
+                );
+            }
+            return Ok(proxy_response(
+                StatusCode::BAD_REQUEST,
+                None,
+                format!("bulkhead: {why}"),
+            ));
         }
-        return Ok(proxy_response(
-            StatusCode::BAD_REQUEST,
-            None,
-            format!("bulkhead: {why}"),
-        ));
-    }
-    let host = request_host(&req);
+    };
     let headers = HeaderView(req.headers());
     // A multiplexed stream is an HTTP/1.1 request of the caller's app, whatever the framing
     // between the sidecars.
@@ -356,19 +421,29 @@ async fn handle(
             subject: &shared.workload,
             peer: Peer {
                 identity: peer.map(SpiffeId::as_str),
-                ip: Some(t.remote.ip()),
+                ip: Some(bulkhead_policy::canonical::peer_ip(t.remote.ip())),
                 workload: None,
             },
             port: t.port,
             protocol,
-            http: Some(Http {
-                method: req.method().as_str(),
-                path: req.uri().path(),
-                host: host.as_deref(),
-                headers: &headers,
-            }),
+            http: Some(canonical.http(&headers)),
         })
         .into_parts();
+    // The host as policy read it, for judging an upgraded tunnel again later.
+    let host = canonical.host().map(str::to_string);
+    let rewrite = canonical
+        .path_rewritten()
+        .then(|| canonical.target().into_owned());
+    if let Some(target) = rewrite
+        && let Err(e) = set_target(&mut req, &target)
+    {
+        tracing::warn!(src.id = peer_label, error = %e, "request refused: its canonical target is not a URI");
+        return Ok(proxy_response(
+            StatusCode::BAD_REQUEST,
+            None,
+            "bulkhead: the request target cannot be forwarded".into(),
+        ));
+    }
     crate::http::log_decision("inbound", &decision, peer_label, shared, &req);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
     // bytes (a reference count), where copying the path into a `String` would allocate.

@@ -16,6 +16,7 @@
 //! | `bulkhead_tcp_opened` | counter | `direction` (opaque TCP connections relayed) |
 //! | `bulkhead_tcp_closed` | counter | `direction`, `reason` (done, error, idle, policy) |
 //! | `bulkhead_tcp_bytes` | counter | `direction`, `flow` (to_peer, from_peer) |
+//! | `bulkhead_connections_reset` | counter | `direction`, `reason` (see [`Metrics::reset`]) |
 //! | `bulkhead_plaintext_connections` | counter | `port` (accepted without mTLS on a permissive port) |
 //! | `bulkhead_flow_requests_dropped` | counter | — (requests the bounded flow buffer could not count) |
 //!
@@ -177,6 +178,7 @@ pub(crate) struct Metrics {
     pub tcp_closed: Family<TcpCloseLabels, Counter>,
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     pub plaintext: Family<PortLabels, Counter>,
+    pub resets: Family<TcpCloseLabels, Counter>,
     pub flows_dropped: Counter,
     registry: Registry,
 }
@@ -201,6 +203,12 @@ impl Metrics {
         let tcp_closed = Family::<TcpCloseLabels, Counter>::default();
         let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
         let plaintext = Family::<PortLabels, Counter>::default();
+        let resets = Family::<TcpCloseLabels, Counter>::default();
+        registry.register(
+            "bulkhead_connections_reset",
+            "Connections refused or ended with a TCP reset, by direction and reason",
+            resets.clone(),
+        );
         let flows_dropped = Counter::default();
         registry.register(
             "bulkhead_flow_requests_dropped",
@@ -298,6 +306,7 @@ impl Metrics {
             tcp_closed,
             tcp_bytes,
             plaintext,
+            resets,
             flows_dropped,
             registry,
         }
@@ -366,6 +375,17 @@ impl Metrics {
                 direction,
                 reason: reason.label(),
             })
+            .inc();
+    }
+
+    /// A connection closed with a TCP reset. Reasons: `undeclared_port` (inbound, to a port
+    /// the workload does not declare while it declares some), `not_redirected` (not sent by
+    /// `init`'s rules, e.g. to the proxy's own port), `not_local` (inbound, the original
+    /// destination is not an address of this namespace), `denied` (opaque TCP policy denied),
+    /// `unreachable` (nothing accepted it onward), `relay_error` (one side of a relay failed).
+    pub(crate) fn reset(&self, direction: &'static str, reason: &'static str) {
+        self.resets
+            .get_or_create(&TcpCloseLabels { direction, reason })
             .inc();
     }
 

@@ -11,21 +11,21 @@ use crate::deadline::{Clock, ReqBody, ResponseTimeout, response_head};
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, XFCC_HEADER, accept_loop, check_path,
-    denial, listen, origin_form, protocol_of, proxy_response, request_host, response_body,
-    serve_http,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, XFCC_HEADER, accept_loop,
+    canonical_request, denial, listen, origin_form, protocol_of, proxy_response, response_body,
+    serve_http, set_target,
 };
 use crate::http::{
     body_failed, content_length, grpc_status, head_refused, head_too_large, response_timed_out,
 };
 use crate::metrics::{LabelText, Parties, Refusal};
-use crate::tcp::Flow;
+use crate::tcp::{Flow, Reset};
 use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::server_name;
 use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
+use bulkhead_policy::{CanonicalRequest, Peer, Protocol, Request as PolicyRequest};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -140,7 +140,7 @@ pub(crate) async fn spawn_transparent(
         let span = tracing::info_span!("outbound", src.addr = %remote);
         let shared = state.clone();
         let conn = async move {
-            match crate::capture::original_dst(&tcp) {
+            match redirected_here(&tcp) {
                 Ok(orig) => {
                     let dest = Arc::new(Dest::of_original(orig, &shared.snapshot.load()));
                     tracing::debug!(
@@ -150,18 +150,49 @@ pub(crate) async fn spawn_transparent(
                     );
                     serve(tcp, dest, shared).await
                 }
-                Err(e) => {
+                Err(why) => {
+                    shared.metrics.reset("outbound", "not_redirected");
                     if let Some(unlogged) =
                         shared.refuse("outbound", Refusal::NoOriginalDestination)
                     {
-                        tracing::warn!(error = %e, unlogged, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)")
+                        tracing::warn!(
+                            reason = "not_redirected",
+                            unlogged,
+                            "connection refused: {why}"
+                        );
                     }
+                    tcp.reset()
                 }
             }
         };
         (conn, span)
     });
     Ok(addr)
+}
+
+/// The original destination of a connection that `init`'s OUTPUT rules redirected to the
+/// transparent listener. Such a connection arrives on loopback; anything else (a connection
+/// from another host, or straight to the listener's own port, which would be relayed back
+/// to the listener) is refused.
+fn redirected_here(tcp: &TcpStream) -> Result<SocketAddr, String> {
+    let local = tcp
+        .local_addr()
+        .map(crate::capture::canonical)
+        .map_err(|e| e.to_string())?;
+    let orig = crate::capture::original_dst(tcp).map_err(|e| {
+        format!("no original destination ({e}); is this listener the target of `bulkhead-proxy init`'s rules?")
+    })?;
+    if !local.ip().is_loopback() {
+        return Err(format!(
+            "arrived at {local}: only this namespace's redirected connections (on loopback) are served"
+        ));
+    }
+    if !crate::capture::was_redirected(local, orig) {
+        return Err(format!(
+            "{orig} is the proxy's own outbound port, not a redirected destination"
+        ));
+    }
+    Ok(orig)
 }
 
 async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
@@ -198,7 +229,9 @@ fn tcp_flow(dest: &Dest) -> Flow {
     }
 }
 
-/// Opaque TCP to a mesh destination, over mTLS.
+/// Opaque TCP to a mesh destination, over mTLS. Refused with a reset when egress policy
+/// denies it or the destination's sidecar does not take it; a reset from the far side is
+/// passed on as a reset.
 async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
     let (decision, permit) = flow
@@ -206,15 +239,21 @@ async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
         .into_parts();
     flow.log(&decision, &shared);
     let Some(permit) = permit else {
-        return;
+        shared.metrics.reset("outbound", "denied");
+        return tcp.reset();
     };
     match connect_upstream(dest.clone(), Alpn::Tcp, shared.clone()).await {
-        Ok(up) => crate::tcp::relay(&shared, permit, flow, tcp, up).await,
-        Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "upstream unreachable"),
+        Ok(up) => relay_or_reset(&shared, permit, flow, tcp, up).await,
+        Err(e) => {
+            tracing::warn!(dst.name = dest.name, error = %e, "upstream unreachable");
+            shared.metrics.reset("outbound", "unreachable");
+            tcp.reset()
+        }
     }
 }
 
-/// Opaque TCP to a destination outside the mesh: plain, if egress policy allows it.
+/// Opaque TCP to a destination outside the mesh: plain, if egress policy allows it; refused
+/// with a reset otherwise, or when the destination refuses it.
 async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
     let (decision, permit) = flow
@@ -222,14 +261,34 @@ async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
         .into_parts();
     flow.log(&decision, &shared);
     let Some(permit) = permit else {
-        return;
+        shared.metrics.reset("outbound", "denied");
+        return tcp.reset();
     };
     match TcpStream::connect(dest.address).await {
         Ok(up) => {
             let _ = up.set_nodelay(true);
-            crate::tcp::relay(&shared, permit, flow, tcp, up).await
+            relay_or_reset(&shared, permit, flow, tcp, up).await
         }
-        Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "destination unreachable"),
+        Err(e) => {
+            tracing::warn!(dst.name = dest.name, error = %e, "destination unreachable");
+            shared.metrics.reset("outbound", "unreachable");
+            tcp.reset()
+        }
+    }
+}
+
+/// Relays the app's connection; if either side fails (the far side reset), resets both.
+async fn relay_or_reset<U: Reset + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
+    permit: crate::authz::Permit,
+    flow: Flow,
+    mut app: TcpStream,
+    mut up: U,
+) {
+    if crate::tcp::relay(shared, permit, flow, &mut app, &mut up).await == "error" {
+        shared.metrics.reset("outbound", "relay_error");
+        app.reset();
+        up.reset();
     }
 }
 
@@ -280,21 +339,25 @@ async fn handle(
     if head_too_large(&req, &shared.limits) {
         return Ok(head_refused(&shared, "outbound"));
     }
-    if let Err(why) = check_path(req.uri().path()) {
-        if let Some(unlogged) = shared.refuse("outbound", Refusal::BadPath) {
-            tracing::warn!(
-                path = req.uri().path(),
-                why,
-                unlogged,
-                "request refused: ambiguous path"
-            );
+    // What policy judges, and the destination receives: the canonical request.
+    let canonical = match canonical_request(&req) {
+        Ok(c) => c,
+        Err(why) => {
+            if let Some(unlogged) = shared.refuse("outbound", Refusal::BadPath) {
+                tracing::warn!(
+                    path = req.uri().path(),
+                    why = why.label(),
+                    unlogged,
+                    "request refused: {why}"
+                );
+            }
+            return Ok(proxy_response(
+                StatusCode::BAD_REQUEST,
+                None,
+                format!("bulkhead: {why}"),
+            ));
         }
-        return Ok(proxy_response(
-            StatusCode::BAD_REQUEST,
-            None,
-            format!("bulkhead: {why}"),
-        ));
-    }
+    };
     // Egress policy: the sending side judges the request before it leaves, and routes it,
     // from one snapshot.
     let (decision, permit) = {
@@ -302,8 +365,23 @@ async fn handle(
         if !dest.routed_as_in(&snapshot) {
             return Ok(route_changed(&dest, &snapshot, &shared));
         }
-        egress_decision(&req, &dest, &snapshot, &shared).into_parts()
+        egress_decision(&canonical, &req, &dest, &snapshot, &shared).into_parts()
     };
+    // The host as policy read it, for judging an upgraded tunnel again later.
+    let host = canonical.host().map(str::to_string);
+    let rewrite = canonical
+        .path_rewritten()
+        .then(|| canonical.target().into_owned());
+    if let Some(target) = rewrite
+        && let Err(e) = set_target(&mut req, &target)
+    {
+        tracing::warn!(error = %e, "request refused: its canonical target is not a URI");
+        return Ok(proxy_response(
+            StatusCode::BAD_REQUEST,
+            None,
+            "bulkhead: the request target cannot be forwarded".into(),
+        ));
+    }
     let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
     crate::http::log_decision("outbound", &decision, peer, &shared, &req);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
@@ -358,7 +436,6 @@ async fn handle(
             ip: Some(dest.address.ip()),
             workload: dest.workload.as_ref(),
         };
-        let host = request_host(&req);
         OpenedBy::of(&req, Direction::Egress, peer, dest.port, host, up)
     });
     let headers = req.headers_mut();
@@ -458,29 +535,24 @@ async fn handle(
 }
 
 fn egress_decision(
+    canonical: &CanonicalRequest<'_>,
     req: &Request<Incoming>,
     dest: &Dest,
     snapshot: &Snapshot,
     shared: &Shared,
 ) -> Judgement {
-    let host = request_host(req);
     let headers = HeaderView(req.headers());
     snapshot.judge(&PolicyRequest {
         direction: Direction::Egress,
         subject: &shared.workload,
         peer: Peer {
             identity: dest.identity.as_ref().map(SpiffeId::as_str),
-            ip: Some(dest.address.ip()),
+            ip: Some(bulkhead_policy::canonical::peer_ip(dest.address.ip())),
             workload: dest.workload.as_ref(),
         },
         port: dest.port,
         protocol: protocol_of(req),
-        http: Some(Http {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            host: host.as_deref(),
-            headers: &headers,
-        }),
+        http: Some(canonical.http(&headers)),
     })
 }
 

@@ -222,8 +222,14 @@ pub(crate) fn recheck(shared: &Shared) {
 }
 
 /// Relays an opaque connection between `a` (the side that connected to us) and `b`: see
-/// [`tunnel`].
-pub(crate) async fn relay<A, B>(shared: &Shared, permit: Permit, flow: Flow, a: A, b: B)
+/// [`tunnel`]. Returns why it ended (the `reason` label).
+pub(crate) async fn relay<A, B>(
+    shared: &Shared,
+    permit: Permit,
+    flow: Flow,
+    a: A,
+    b: B,
+) -> &'static str
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -233,8 +239,16 @@ where
 
 /// Relays between `a` (the side that connected to us) and `b` until either side closes, the
 /// connection is idle for `--idle-timeout-secs`, or a policy change denies what `opened`
-/// it. The permit is the decision that allowed it.
-pub(crate) async fn tunnel<A, B>(shared: &Shared, _permit: Permit, opened: Opened, a: A, b: B)
+/// it. The permit is the decision that allowed it. Returns why it ended (the `reason`
+/// label): on `"error"` (a side reset or failed) the caller resets both, so that the failure
+/// reaches the other end as a reset rather than an orderly close.
+pub(crate) async fn tunnel<A, B>(
+    shared: &Shared,
+    _permit: Permit,
+    opened: Opened,
+    a: A,
+    b: B,
+) -> &'static str
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -258,6 +272,37 @@ where
         .get_or_create(&crate::metrics::TcpCloseLabels { direction, reason })
         .inc();
     tracing::debug!(direction, reason, to_peer, from_peer, "TCP relay ended");
+    reason
+}
+
+/// A connection that can be closed with a TCP reset (`SO_LINGER` 0) instead of an orderly
+/// close: how the sidecar refuses what it cannot or will not carry, so that a client (or a
+/// port scan) sees a refusal at once rather than an accepted connection closing.
+pub(crate) trait Reset: Sized {
+    fn tcp(&self) -> &tokio::net::TcpStream;
+
+    fn reset(self) {
+        // If the option cannot be set the close is orderly instead: still a refusal.
+        let _ = self.tcp().set_zero_linger();
+    }
+}
+
+impl Reset for tokio::net::TcpStream {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self
+    }
+}
+
+impl Reset for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl Reset for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0
+    }
 }
 
 /// Copies both ways; returns bytes a→b, bytes b→a and why it stopped.

@@ -290,14 +290,15 @@ where
         match tokio::try_join!(downstream, upstream) {
             Ok((down, up)) => {
                 let opened = crate::tcp::Opened::Upgrade(Arc::new(opened));
-                crate::tcp::tunnel(
+                // How it ended is counted by the tunnel; nothing is left to reset here.
+                let _ended = crate::tcp::tunnel(
                     &shared,
                     permit,
                     opened,
                     TokioIo::new(down),
                     TokioIo::new(up),
                 )
-                .await
+                .await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
         }
