@@ -713,6 +713,7 @@ async fn run(cli: Cli) -> Result<()> {
             ready_file,
             tcp_echo,
         } => {
+            init_logging("info");
             let addr = sample_app::serve(
                 sample_app::AppSpec {
                     name,

@@ -54,7 +54,7 @@ pub(crate) fn not_ready(shared: &Shared) -> Option<String> {
             crate::unix_seconds(tls.svid.not_after())
         ));
     }
-    if shared.policies.load().revision() == 0 {
+    if shared.snapshot.load().revision() == 0 {
         return Some("no policy revision received from the control plane yet".into());
     }
     None
@@ -88,6 +88,7 @@ async fn handle(
         },
         "/config" => {
             let tls = shared.tls.load();
+            let snapshot = shared.snapshot.load();
             let body = serde_json::json!({
                 "spiffeId": tls.svid.id().to_string(),
                 "workload": shared.workload.to_string(),
@@ -99,8 +100,8 @@ async fn handle(
                 },
                 "trustDomain": shared.tls.load().bundle.trust_domain(),
                 "trustBundleSha256": tls.roots,
-                "policyRevision": shared.policies.load().revision(),
-                "meshEndpoints": shared.endpoints.load().len(),
+                "policyRevision": snapshot.revision(),
+                "meshEndpoints": snapshot.endpoints().len(),
                 "openTcpRelays": shared.relays.len(),
                 "sharedUpstreamConnections": shared.mux.open(),
                 "flowEdgesHeld": shared.flows.held(),

@@ -100,9 +100,26 @@ struct Args {
     /// Largest request head (request line + headers) in bytes; larger gets 431.
     #[arg(long, default_value_t = 64 * 1024)]
     max_header_bytes: usize,
-    /// Seconds a client has to send a complete request head (slowloris protection).
+    /// Seconds a client has, from a request head's first byte, to send the whole head
+    /// (slowloris protection); the connection is closed after it.
     #[arg(long, default_value_t = 10)]
     header_read_timeout_secs: u64,
+    /// Seconds an HTTP/1.1 keep-alive connection may wait for its next request before it is
+    /// closed (a new connection waits as long for its first).
+    #[arg(long, default_value_t = 300)]
+    keepalive_timeout_secs: u64,
+    /// Seconds a request body on its way to the app or an upstream may stall between two
+    /// pieces; then the request gets 408 and its stream or app connection is freed.
+    #[arg(long, default_value_t = 30)]
+    body_idle_timeout_secs: u64,
+    /// Seconds a whole request body may take to arrive; then 408.
+    #[arg(long, default_value_t = 600)]
+    body_timeout_secs: u64,
+    /// Seconds the app or upstream has to send the response head, counted from the end of
+    /// the request; then 504 and the stream is dropped. Streaming responses are not cut once
+    /// their head has come.
+    #[arg(long, default_value_t = 60)]
+    response_timeout_secs: u64,
     /// Most connections open at once per listener.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
@@ -190,6 +207,10 @@ impl Args {
                 max_connections: self.max_connections.max(1),
                 idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
                 detect_timeout: Duration::from_millis(self.detect_timeout_ms.max(10)),
+                keepalive_timeout: Duration::from_secs(self.keepalive_timeout_secs.max(1)),
+                body_idle_timeout: Duration::from_secs(self.body_idle_timeout_secs.max(1)),
+                body_timeout: Duration::from_secs(self.body_timeout_secs.max(1)),
+                response_timeout: Duration::from_secs(self.response_timeout_secs.max(1)),
                 ..bulkhead_proxy::Limits::default()
             },
         })

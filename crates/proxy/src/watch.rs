@@ -262,7 +262,7 @@ impl Follower {
         shared
             .metrics
             .revision
-            .set(shared.policies.load().revision() as i64);
+            .set(shared.snapshot.load().revision() as i64);
         let ack = AckRequest {
             namespace: shared.workload.namespace.clone(),
             workload: shared.workload.name.clone(),
@@ -280,7 +280,7 @@ impl Follower {
 /// Decodes and compiles a configuration and takes its trust bundle; on any error keeps the
 /// current policy and bundle.
 fn apply(shared: &Shared, config: ProxyConfig, max_rules: usize) -> Result<(), String> {
-    let current = shared.policies.load().revision();
+    let current = shared.snapshot.load().revision();
     if current != 0 && config.revision == current {
         // The revision in force, sent again (a new bundle, or a new stream): a revision
         // never changes, so only the bundle can be new.
@@ -317,8 +317,10 @@ fn apply(shared: &Shared, config: ProxyConfig, max_rules: usize) -> Result<(), S
         .and_then(|ok| take_bundle(shared, config.trust_bundle.as_ref()).map(|()| ok));
     match outcome {
         Ok((set, endpoints, count)) => {
-            shared.endpoints.store(Arc::new(endpoints));
-            shared.policies.store(Arc::new(set));
+            // One store: no decision can see this revision's rules with another's addresses.
+            shared
+                .snapshot
+                .store(Arc::new(crate::authz::Snapshot::new(set, endpoints)));
             crate::tcp::recheck(shared);
             tracing::info!(
                 revision = config.revision,
