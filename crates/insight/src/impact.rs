@@ -5,14 +5,19 @@
 //! A replayed request is a representative of its edge, not the request itself: the path is
 //! the template with each `*` replaced by `x`, and it carries no headers, host or peer
 //! address. Rules on those see the request as having none; the impact of such rules is an
-//! estimate, and the explanation printed beside each flow says what decided.
+//! estimate, and the explanation printed beside each flow says what decided. The request is
+//! built as a sidecar builds it (`bulkhead_policy::canonical`); a flow a sidecar would now
+//! refuse before any policy (recorded before paths and methods were canonical) is counted in
+//! `refused`, not replayed: no policy change can alter a refusal.
 //!
 //! "What if I enforce this" is [`enforce_all`] before compiling the candidate: audit-mode
 //! policies and postures then decide as if enforced.
 
 use crate::edge::{Edge, EdgeKey, EdgeStats, rfc3339};
 use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
-use bulkhead_policy::{Decision, Http, Peer, PolicySet, Protocol, Request, Verdict};
+use bulkhead_policy::{
+    CanonicalRequest, Decision, Peer, PolicySet, Protocol, RawRequest, Request, Verdict,
+};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -105,22 +110,29 @@ impl Flow {
     }
 
     /// Replays a representative request of the flow against `set` (see the module's
-    /// documentation for what it carries). `identities` names each declared workload's
-    /// identity, which an egress replay presents as the server's. `None` for an egress flow
-    /// whose source workload is unknown: there is no subject to judge it for.
-    pub fn evaluate(
+    /// documentation for what it carries), made canonical as a sidecar makes it. `identities`
+    /// names each declared workload's identity, which an egress replay presents as the
+    /// server's.
+    pub fn replay(
         &self,
         set: &PolicySet,
         identities: &BTreeMap<WorkloadRef, String>,
-    ) -> Option<Decision> {
+    ) -> Result<Decision, Unreplayable> {
         let headers: Vec<(String, String)> = Vec::new();
         let path = self.path.as_deref().map(concrete_path);
-        let http = self.protocol.is_http().then(|| Http {
-            method: self.method.as_deref().unwrap_or_default(),
-            path: path.as_deref().unwrap_or("/"),
-            host: None,
-            headers: &headers,
-        });
+        let canonical = match self.protocol.is_http() {
+            false => None,
+            true => {
+                let raw = RawRequest {
+                    method: self.method.as_deref().unwrap_or_default(),
+                    target: path.as_deref().unwrap_or("/"),
+                    authority: None,
+                };
+                let c = CanonicalRequest::new(raw, std::iter::empty())
+                    .map_err(|_| Unreplayable::Refused)?;
+                Some(c)
+            }
+        };
         let (subject, peer) = match self.direction {
             Direction::Ingress => (
                 &self.destination,
@@ -131,7 +143,9 @@ impl Flow {
                 },
             ),
             Direction::Egress => (
-                self.source_workload.as_ref()?,
+                self.source_workload
+                    .as_ref()
+                    .ok_or(Unreplayable::NoSourceWorkload)?,
                 Peer {
                     identity: identities.get(&self.destination).map(String::as_str),
                     ip: None,
@@ -139,15 +153,33 @@ impl Flow {
                 },
             ),
         };
-        Some(set.evaluate(&Request {
+        Ok(set.evaluate(&Request {
             direction: self.direction,
             subject,
             peer,
             port: self.port,
             protocol: self.protocol,
-            http,
+            http: canonical.as_ref().map(|c| c.http(&headers)),
         }))
     }
+
+    /// [`Flow::replay`]'s decision, if the flow can be replayed at all.
+    pub fn evaluate(
+        &self,
+        set: &PolicySet,
+        identities: &BTreeMap<WorkloadRef, String>,
+    ) -> Option<Decision> {
+        self.replay(set, identities).ok()
+    }
+}
+
+/// Why a recorded flow cannot be judged again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreplayable {
+    /// An egress flow whose source workload is unknown: there is no subject to judge it for.
+    NoSourceWorkload,
+    /// A sidecar refuses the request before any policy (a lower-case method, a dot segment).
+    Refused,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -177,6 +209,9 @@ pub struct Impact {
     pub replayed: usize,
     /// Flows that could not be replayed: egress edges whose source workload is unknown.
     pub not_replayed: Vec<Flow>,
+    /// Flows a sidecar refuses before any policy (a lower-case method, a dot segment …),
+    /// whatever either set says.
+    pub refused: Vec<Flow>,
 }
 
 impl Impact {
@@ -211,12 +246,19 @@ pub fn impact(
     }
     let mut out = Impact::default();
     for (flow, stats) in flows {
-        let (Some(before), Some(after)) = (
-            flow.evaluate(current, &identities),
-            flow.evaluate(candidate, &identities),
-        ) else {
-            out.not_replayed.push(flow);
-            continue;
+        let (before, after) = match (
+            flow.replay(current, &identities),
+            flow.replay(candidate, &identities),
+        ) {
+            (Ok(before), Ok(after)) => (before, after),
+            (Err(Unreplayable::Refused), _) | (_, Err(Unreplayable::Refused)) => {
+                out.refused.push(flow);
+                continue;
+            }
+            _ => {
+                out.not_replayed.push(flow);
+                continue;
+            }
         };
         out.replayed += 1;
         let change = match (before.verdict, after.verdict) {
@@ -321,6 +363,13 @@ impl fmt::Display for Impact {
                 f,
                 "; {} egress flows without a source workload not replayed",
                 self.not_replayed.len()
+            )?;
+        }
+        if !self.refused.is_empty() {
+            write!(
+                f,
+                "; {} flows a sidecar refuses before any policy (a lower-case method or an ambiguous path) not replayed",
+                self.refused.len()
             )?;
         }
         writeln!(f)

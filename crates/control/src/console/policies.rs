@@ -238,18 +238,19 @@ impl Diffs {
         if let Some(v) = lock().get(&r.revision) {
             return Ok(v.clone());
         }
-        let before = state
-            .store
-            .set_at(r.revision.saturating_sub(1))?
-            .unwrap_or_default();
-        let after = state.store.set_at(r.revision)?.unwrap_or_default();
+        let before = state.store.set_at(r.revision.saturating_sub(1))?.known();
+        let after = state.store.set_at(r.revision)?.known();
         let view = Arc::new(RevisionView {
             revision: r.revision,
             time_unix: r.time_unix,
             actor: r.actor,
             action: r.action,
             changes: r.changes,
-            diff: diff_sets(&before, &after),
+            // A pruned snapshot leaves the diff unknown: shown as none, never as a guess.
+            diff: match (before, after) {
+                (Some(before), Some(after)) => diff_sets(&before, &after),
+                _ => Vec::new(),
+            },
         });
         let mut made = lock();
         if made.len() >= MAX_DIFFS {

@@ -553,7 +553,7 @@ impl Memo {
         if let Some(r) = lock(&self.sets).get(&revision) {
             return Ok(r.clone());
         }
-        let Some(resources) = state.store.set_at(revision)? else {
+        let crate::store::SetAt::Kept(resources) = state.store.set_at(revision)? else {
             return Ok(None);
         };
         let replay = PolicySet::compile(&resources, revision).ok().map(|set| {

@@ -12,9 +12,7 @@ use crate::proxies::unix_now;
 use crate::service::State;
 use bulkhead_insight::{Reach, Window};
 use bulkhead_policy::model::{Resource, WorkloadRef};
-use bulkhead_policy::{
-    BlastRadius, EdgeView, PolicySet, PolicyView, ReachOptions, SourceEgress,
-};
+use bulkhead_policy::{BlastRadius, EdgeView, PolicySet, PolicyView, ReachOptions, SourceEgress};
 use serde::Serialize;
 
 /// `?name=ns/name[&view=staged][&egress=bypassed][&window=SECS]`
