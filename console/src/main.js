@@ -97,18 +97,29 @@ async function start(message) {
 }
 
 api.whenUnauthorized(() => showLogin('The session ended; log in again.'));
-window.addEventListener('hashchange', () => { if (document.getElementById('main').dataset.page !== 'login') show(); });
-
-(async () => {
+/** Logs in with the address's `#token=…`, if it holds one; false when it does not. */
+async function loginFromAddress() {
   const token = location.hash.match(/^#token=([A-Za-z0-9_-]+)/);
-  if (token) {
-    // The token leaves the address bar (and history) before anything else happens.
-    history.replaceState(null, '', `${location.pathname}#/graph`);
-    try {
-      await api.login(token[1]);
-    } catch (e) {
-      return showLogin(e.message);
-    }
+  if (!token) return false;
+  // The token leaves the address bar (and history) before anything else happens.
+  history.replaceState(null, '', `${location.pathname}#/graph`);
+  try {
+    await api.login(token[1]);
+  } catch (e) {
+    showLogin(e.message);
+    return true;
   }
   start();
+  return true;
+}
+
+// A login address opened in a tab that already shows the console (or its login form) is a
+// change of the address's fragment only: no page load, so it is handled here too.
+window.addEventListener('hashchange', async () => {
+  if (await loginFromAddress()) return;
+  if (document.getElementById('main').dataset.page !== 'login') show();
+});
+
+(async () => {
+  if (!(await loginFromAddress())) start();
 })();

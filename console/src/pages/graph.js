@@ -87,8 +87,11 @@ export function render(main, _rest, ctx) {
     drawTable(v);
   }
 
+  // The same graph is always laid out the same way (no random start), so a reload, or two
+  // operators looking at it, see the same picture: callers above the workloads they call,
+  // in the order of their names, nodes never on top of each other.
   function layout() {
-    cy.layout({ name: 'cose', animate: false, randomize: true, nodeDimensionsIncludeLabels: true, padding: 30, idealEdgeLength: () => 140, nodeRepulsion: () => 12000, componentSpacing: 80 }).run();
+    cy.layout({ name: 'breadthfirst', directed: true, animate: false, avoidOverlap: true, nodeDimensionsIncludeLabels: true, spacingFactor: 1.4, padding: 30, sort: (a, b) => (a.id() < b.id() ? -1 : a.id() > b.id() ? 1 : 0) }).run();
     cy.fit(undefined, 30);
   }
 

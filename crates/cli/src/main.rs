@@ -77,7 +77,7 @@ enum Command {
         console: Option<SocketAddr>,
         /// A host name or address browsers use to reach the console besides ADDR: it goes
         /// into the console's certificate, and requests naming any other host are refused.
-        /// Repeatable; needed when ADDR is 0.0.0.0 or [::].
+        /// Repeatable; needed when ADDR is 0.0.0.0 or `[::]`.
         #[arg(long = "console-host", value_name = "NAME", requires = "console")]
         console_hosts: Vec<String>,
         /// Serve the console over plain HTTP instead of HTTPS, so that a browser needs no

@@ -150,7 +150,8 @@ fn row(e: &bulkhead_policy::ReachEdge) -> EdgeRow {
     }
 }
 
-/// The edges among the start of `blast` and every workload it reached.
+/// The edges among the start of `blast` and every workload it reached: ways to move from
+/// one workload to another (a workload calling itself moves nowhere, so it is left out).
 fn radius_edges(set: &PolicySet, blast: &BlastRadius, options: ReachOptions) -> Vec<EdgeRow> {
     let inside: std::collections::BTreeSet<&WorkloadRef> = std::iter::once(&blast.start)
         .chain(blast.reached.iter().map(|r| &r.workload))
@@ -159,7 +160,7 @@ fn radius_edges(set: &PolicySet, blast: &BlastRadius, options: ReachOptions) -> 
         .iter()
         .filter_map(|w| bulkhead_policy::reachable_from(set, w, options).ok())
         .flatten()
-        .filter(|e| inside.contains(&e.to))
+        .filter(|e| e.from != e.to && inside.contains(&e.to))
         .map(|e| row(&e))
         .collect()
 }
