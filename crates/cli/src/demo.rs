@@ -5,7 +5,8 @@
 //! are stopped with every verdict explained, and the graph and the blast radius shrink.
 //!
 //! Everything is real and in this one process: the control plane and its CA, TLS 1.3 mTLS
-//! between sidecars, the policy push, the apps.
+//! between sidecars, the policy push, the apps. The web console is served on loopback for as
+//! long as the demo runs; it prints the address to open.
 
 use crate::client;
 use crate::sample_app::{self, AppSpec};
@@ -57,12 +58,25 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
     println!(
         "Bulkhead demo: three services on loopback, each behind its own sidecar; mTLS (TLS 1.3, SPIFFE IDs) on every hop.\n"
     );
-    let control = bulkhead_control::start(bulkhead_control::ControlConfig {
-        data_dir: dir.to_path_buf(),
+    // The console on loopback over plain HTTP, so that a browser opens it without a
+    // certificate warning (`--console-insecure-http`; docs/console.md).
+    let console = bulkhead_control::ConsoleOptions {
         listen: LOOPBACK_ANY.parse()?,
-        trust_domain: TRUST_DOMAIN.into(),
-        svid_lifetime: bulkhead_identity::DEFAULT_SVID_LIFETIME,
-    })
+        transport: bulkhead_control::ConsoleTransport::InsecureHttpOnLoopback,
+        hosts: Vec::new(),
+    };
+    let control = bulkhead_control::start_with(
+        bulkhead_control::ControlConfig {
+            data_dir: dir.to_path_buf(),
+            listen: LOOPBACK_ANY.parse()?,
+            trust_domain: TRUST_DOMAIN.into(),
+            svid_lifetime: bulkhead_identity::DEFAULT_SVID_LIFETIME,
+        },
+        bulkhead_control::ControlOptions {
+            console: Some(console),
+            ..Default::default()
+        },
+    )
     .await?;
     println!(
         "  control plane  {}  trust domain {TRUST_DOMAIN}, new root CA in {}",
@@ -70,6 +84,18 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
         dir.display()
     );
     let mut admin = client::admin(&control.context_file).await?;
+    let login = admin
+        .create_console_token(crate::admin_cmd::request(
+            bulkhead_api::v1::CreateConsoleTokenRequest::default(),
+        ))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    println!(
+        "  web console    {}  open this address to log in (once, within 15 minutes; then\n                 BULKHEAD_CONTEXT={} bulkhead console token)",
+        login.login_url,
+        control.context_file.display()
+    );
     apply(&mut admin, "demo-discovery.yaml", &discovery_set()?).await?;
     let bundle = std::fs::read_to_string(dir.join("ca.pem"))?;
     let mesh = start_mesh(&mut admin, control.addr, &bundle).await?;
@@ -120,7 +146,10 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
         }
         return Ok(());
     }
-    println!("\nRepeating the same traffic every 5 s; Ctrl-C to stop.");
+    println!(
+        "\nRepeating the same traffic every 5 s; the console at {} follows it live. Ctrl-C to stop.",
+        login.console_url
+    );
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { println!(); return Ok(()); }
@@ -193,7 +222,7 @@ async fn show_graph(admin: &mut Admin, since: u64) -> Result<()> {
         indent(&crate::flows_cmd::graph_table(&lines, edges.len()))
     );
 
-    let edges = crate::flows_cmd::with_declared_callers(edges, &resources);
+    let edges = bulkhead_insight::with_declared_callers(edges, &resources);
     let frontend =
         bulkhead_policy::model::parse_workload("shop/frontend").map_err(anyhow::Error::msg)?;
     let window = bulkhead_insight::Window {

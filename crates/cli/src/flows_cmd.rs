@@ -12,10 +12,9 @@ use crate::client;
 use anyhow::{Context, Result};
 use bulkhead_api::v1::admin_client::AdminClient;
 use bulkhead_api::v1::{ListEdgesRequest, PromoteRequest};
-use bulkhead_insight::{Edge, EdgeVerdict, RecommendOptions};
+use bulkhead_insight::{Edge, RecommendOptions};
 use bulkhead_policy::PolicySet;
-use bulkhead_policy::model::{Direction, Resource, WorkloadRef};
-use std::collections::BTreeMap;
+use bulkhead_policy::model::Resource;
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -50,64 +49,6 @@ fn compile(resources: &[Resource], what: &str) -> Result<PolicySet> {
     })
 }
 
-/// Names a caller for people: its workload when known (by edge or by declared identity).
-fn caller(e: &Edge, by_identity: &BTreeMap<String, WorkloadRef>) -> String {
-    caller_name(
-        e.key.source_workload.as_ref(),
-        e.key.source_identity.as_deref(),
-        by_identity,
-    )
-}
-
-/// A caller's workload, or the workload that declares its identity, or the identity.
-pub(crate) fn caller_name(
-    workload: Option<&WorkloadRef>,
-    identity: Option<&str>,
-    by_identity: &BTreeMap<String, WorkloadRef>,
-) -> String {
-    match (workload, identity) {
-        (Some(w), _) => w.to_string(),
-        (None, Some(id)) => by_identity
-            .get(id)
-            .map_or_else(|| id.to_string(), ToString::to_string),
-        (None, None) => "(plaintext)".to_string(),
-    }
-}
-
-pub(crate) fn identities(resources: &[Resource]) -> BTreeMap<String, WorkloadRef> {
-    resources
-        .iter()
-        .filter_map(|r| match r {
-            Resource::Workload(doc) => match &doc.spec.identity.value {
-                bulkhead_policy::IdentityPattern::Exact(id) => Some((id.clone(), r.name())),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect()
-}
-
-/// The edges, each caller known only by its SPIFFE ID named by the Workload that declares
-/// that identity (sidecars see identities; workloads are what people reason about).
-pub(crate) fn with_declared_callers(edges: Vec<Edge>, resources: &[Resource]) -> Vec<Edge> {
-    let by_identity = identities(resources);
-    edges
-        .into_iter()
-        .map(|mut e| {
-            if e.key.source_workload.is_none()
-                && let Some(w) = e
-                    .key
-                    .source_identity
-                    .as_ref()
-                    .and_then(|id| by_identity.get(id))
-            {
-                e.key.source_workload = Some(w.clone());
-            }
-            e
-        })
-        .collect()
-}
-
 /// One line of the graph: calls from one party to one workload's port.
 #[derive(Debug, Default, serde::Serialize)]
 pub(crate) struct GraphEdge {
@@ -137,52 +78,22 @@ pub async fn graph(admin: &mut Admin, window: Option<Duration>, output: &str) ->
 }
 
 /// The graph's lines: one per caller, destination and port, from the destination sidecar's
-/// view where it reported the pair.
+/// view where it reported the pair (`bulkhead_insight::graph_lines`, which the console
+/// draws too).
 pub(crate) fn graph_lines(edges: &[Edge], resources: &[Resource]) -> Vec<GraphEdge> {
-    let by_identity = identities(resources);
-    // Each call is seen by both sidecars; the destination's (ingress) view is kept, and the
-    // source's only where the destination reported nothing for the pair.
-    let mut groups: BTreeMap<(String, String, u16, bool), (GraphEdge, u64)> = BTreeMap::new();
-    for e in edges {
-        let ingress = e.key.direction == Direction::Ingress;
-        let k = (
-            caller(e, &by_identity),
-            e.key.destination.to_string(),
-            e.key.port,
-            ingress,
-        );
-        let (g, last) = groups.entry(k.clone()).or_default();
-        g.source = k.0;
-        g.destination = k.1;
-        g.port = k.2;
-        g.protocol = e.key.protocol.as_str().to_string();
-        g.decided = if ingress { "ingress" } else { "egress" }.into();
-        let n = e.stats.count;
-        match e.key.verdict {
-            EdgeVerdict::Allow => g.allowed += n,
-            EdgeVerdict::Deny => g.denied += n,
-            EdgeVerdict::AllowWouldDeny => {
-                g.allowed += n;
-                g.would_deny += n;
-            }
-            EdgeVerdict::DenyWouldAllow => {
-                g.denied += n;
-                g.would_allow += n;
-            }
-        }
-        *last = (*last).max(e.stats.last_seen);
-    }
-    let has_ingress: std::collections::BTreeSet<(String, String, u16)> = groups
-        .keys()
-        .filter(|k| k.3)
-        .map(|k| (k.0.clone(), k.1.clone(), k.2))
-        .collect();
-    groups
+    bulkhead_insight::graph_lines(edges, resources)
         .into_iter()
-        .filter(|(k, _)| k.3 || !has_ingress.contains(&(k.0.clone(), k.1.clone(), k.2)))
-        .map(|(_, (mut g, last))| {
-            g.last_seen = bulkhead_insight::rfc3339(last);
-            g
+        .map(|g| GraphEdge {
+            source: g.source,
+            destination: g.destination,
+            port: g.port,
+            protocol: g.protocol,
+            decided: g.decided,
+            allowed: g.allowed,
+            denied: g.denied,
+            would_deny: g.would_deny,
+            would_allow: g.would_allow,
+            last_seen: bulkhead_insight::rfc3339(g.last_seen),
         })
         .collect()
 }

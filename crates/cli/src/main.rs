@@ -70,8 +70,27 @@ enum Command {
         /// 127.0.0.1:7444; off when not given.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        /// Serve the web console on this address, e.g. 127.0.0.1:7445; off when not given.
+        /// HTTPS with a certificate the control plane issues from the mesh's CA (trust
+        /// DATA_DIR/ca.pem in the browser); log in with `bulkhead console token`. Read-only.
+        #[arg(long, value_name = "ADDR")]
+        console: Option<SocketAddr>,
+        /// A host name or address browsers use to reach the console besides ADDR: it goes
+        /// into the console's certificate, and requests naming any other host are refused.
+        /// Repeatable; needed when ADDR is 0.0.0.0 or `[::]`.
+        #[arg(long = "console-host", value_name = "NAME", requires = "console")]
+        console_hosts: Vec<String>,
+        /// Serve the console over plain HTTP instead of HTTPS, so that a browser needs no
+        /// trusted root. Refused unless ADDR is a loopback address.
+        #[arg(long, requires = "console")]
+        console_insecure_http: bool,
         #[command(flatten)]
         bounds: ControlBounds,
+    },
+    /// The web console (`bulkhead control --console ADDR`; docs/console.md).
+    Console {
+        #[command(subcommand)]
+        command: ConsoleCommand,
     },
     /// Join tokens, which let one proxy obtain one identity.
     Token {
@@ -311,6 +330,22 @@ enum CaCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum ConsoleCommand {
+    /// Mint a login token for the web console: single use, short-lived, bound to this admin
+    /// credential. Prints the console's address with the token in its fragment; opening it
+    /// logs in (the token is exchanged for a session cookie and leaves the address bar).
+    Token {
+        /// How long the token may wait to be used (at most 1h); the session it opens lasts
+        /// 8 hours.
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Print only the token, to paste into the console's login form.
+        #[arg(long)]
+        token_only: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum TokenCommand {
     /// Mint a join token bound to one SPIFFE ID and workload. Prints only the token.
     Create {
@@ -467,6 +502,9 @@ async fn run(cli: Cli) -> Result<()> {
             denial_spike_min,
             denial_spike_factor,
             metrics,
+            console,
+            console_hosts,
+            console_insecure_http,
             bounds,
         } => {
             init_logging("info");
@@ -483,6 +521,14 @@ async fn run(cli: Cli) -> Result<()> {
                     spike_factor: denial_spike_factor,
                 },
                 metrics,
+                console: console.map(|listen| bulkhead_control::ConsoleOptions {
+                    listen,
+                    transport: match console_insecure_http {
+                        true => bulkhead_control::ConsoleTransport::InsecureHttpOnLoopback,
+                        false => bulkhead_control::ConsoleTransport::Https,
+                    },
+                    hosts: console_hosts,
+                }),
                 history: bulkhead_control::HistoryRetention {
                     max_revisions: bounds.history_revisions,
                     max_age: bounds.history_max_age,
@@ -506,6 +552,9 @@ async fn run(cli: Cli) -> Result<()> {
             );
             if let Some(addr) = running.metrics_addr {
                 eprintln!("metrics: http://{addr}/metrics");
+            }
+            if let Some(url) = &running.console_url {
+                eprintln!("console: {url} (log in with `bulkhead console token`)");
             }
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
@@ -536,6 +585,31 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(client::status)?
                 .into_inner();
             println!("{}", resp.token);
+            Ok(())
+        }
+        Command::Console {
+            command: ConsoleCommand::Token { ttl, token_only },
+        } => {
+            let mut admin = client::admin(&cli.context).await?;
+            let resp = admin
+                .create_console_token(admin_cmd::request(
+                    bulkhead_api::v1::CreateConsoleTokenRequest {
+                        ttl_seconds: ttl.as_secs(),
+                    },
+                ))
+                .await
+                .map_err(client::status)?
+                .into_inner();
+            if token_only {
+                println!("{}", resp.token);
+            } else {
+                println!("{}", resp.login_url);
+                eprintln!(
+                    "open it within {}s to log in to {} (single use)",
+                    ttl.as_secs(),
+                    resp.console_url
+                );
+            }
             Ok(())
         }
         Command::Apply { file, change } => {

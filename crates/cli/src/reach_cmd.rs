@@ -8,13 +8,11 @@
 
 use crate::{admin_cmd, client, policy_cmd};
 use anyhow::{Context, Result, anyhow, bail};
-use bulkhead_policy::model::{Mode, Resource, WorkloadRef};
+use bulkhead_policy::model::{Resource, WorkloadRef};
 use bulkhead_policy::{
-    BlastRadius, Grant, PolicySet, PolicyView, PostureSource, Protocol, ReachEdge, ReachError,
-    ReachOptions, SourceEgress,
+    BlastRadius, EdgeView, PolicySet, PolicyView, ReachError, ReachOptions, SourceEgress,
 };
 use serde::Serialize;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// How many declared workloads an unknown-workload error lists.
@@ -238,86 +236,10 @@ enum Answer {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct EdgeView {
-    from: String,
-    to: String,
-    port: u16,
-    protocol: Protocol,
-    /// Empty when egress is bypassed.
-    egress: Vec<GrantView>,
-    ingress: Vec<GrantView>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
 struct ReachedView {
     workload: String,
     hops: usize,
     path: Vec<EdgeView>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "camelCase")]
-enum GrantView {
-    Rule {
-        policy: String,
-        rule: String,
-        mode: Mode,
-    },
-    Posture {
-        scope: PostureScope,
-        mode: Mode,
-        /// The DefaultPosture; absent for the built-in posture.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        resource: Option<String>,
-    },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-enum PostureScope {
-    BuiltIn,
-    Mesh,
-    Namespace,
-}
-
-impl From<&Grant> for GrantView {
-    fn from(g: &Grant) -> GrantView {
-        match g {
-            Grant::Rule { policy, rule, mode } => GrantView::Rule {
-                policy: policy.to_string(),
-                rule: rule.to_string(),
-                mode: *mode,
-            },
-            Grant::Posture(source) => {
-                let (scope, mode) = match source {
-                    PostureSource::BuiltIn => (PostureScope::BuiltIn, Mode::Enforce),
-                    PostureSource::Mesh(_) => (PostureScope::Mesh, Mode::Enforce),
-                    PostureSource::Namespace(_) => (PostureScope::Namespace, Mode::Enforce),
-                    PostureSource::AuditMesh(_) => (PostureScope::Mesh, Mode::Audit),
-                    PostureSource::AuditNamespace(_) => (PostureScope::Namespace, Mode::Audit),
-                };
-                GrantView::Posture {
-                    scope,
-                    mode,
-                    resource: source.resource().map(ToString::to_string),
-                }
-            }
-        }
-    }
-}
-
-impl From<&ReachEdge> for EdgeView {
-    fn from(e: &ReachEdge) -> EdgeView {
-        EdgeView {
-            from: e.from.to_string(),
-            to: e.to.to_string(),
-            port: e.port,
-            protocol: e.protocol,
-            egress: e.egress.iter().map(GrantView::from).collect(),
-            ingress: e.ingress.iter().map(GrantView::from).collect(),
-        }
-    }
 }
 
 fn answer(q: &Query, loaded: &Loaded) -> Result<Report> {
@@ -430,7 +352,7 @@ fn render_table(r: &Report) -> String {
                         e.from.clone(),
                         e.port.to_string(),
                         e.protocol.as_str().to_string(),
-                        allowed_by(e),
+                        e.allowed_by(),
                     ]
                 })
                 .collect();
@@ -523,50 +445,6 @@ fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// `egress: policy shop/a rule x; ingress: policy shop/b rules y and z`
-fn allowed_by(e: &EdgeView) -> String {
-    let egress = match e.egress.is_empty() {
-        true => "not enforced (stolen key)".to_string(),
-        false => grants(&e.egress),
-    };
-    format!("egress: {egress}; ingress: {}", grants(&e.ingress))
-}
-
-/// The grants, the rules of one policy together: `policy shop/a rules x and y, built-in
-/// posture`.
-fn grants(list: &[GrantView]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < list.len() {
-        let GrantView::Rule { policy, mode, .. } = &list[i] else {
-            parts.push(list[i].to_string());
-            i += 1;
-            continue;
-        };
-        let mut rules = Vec::new();
-        while let Some(GrantView::Rule {
-            policy: p,
-            mode: m,
-            rule,
-        }) = list.get(i)
-        {
-            if p != policy || m != mode {
-                break;
-            }
-            rules.push(rule.as_str());
-            i += 1;
-        }
-        let audit = if *mode == Mode::Audit { "audit " } else { "" };
-        let names = match rules.split_last() {
-            Some((last, [])) => format!("rule {last}"),
-            Some((last, rest)) => format!("rules {} and {last}", rest.join(", ")),
-            None => String::new(), // unreachable: the loop took list[i] at least
-        };
-        parts.push(format!("{audit}policy {policy} {names}"));
-    }
-    parts.join(", ")
-}
-
 /// `shop/frontend -> shop/orders:8080 -> shop/payments:8080`
 fn path(r: &ReachedView) -> String {
     let mut s = r.path.first().map(|e| e.from.clone()).unwrap_or_default();
@@ -574,35 +452,6 @@ fn path(r: &ReachedView) -> String {
         s.push_str(&format!(" -> {}:{}", e.to, e.port));
     }
     s
-}
-
-/// `policy shop/a rule x`, `audit namespace posture shop/staged`, `built-in posture`: as the
-/// policy crate names grants.
-impl fmt::Display for GrantView {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let audit = |mode: &Mode| if *mode == Mode::Audit { "audit " } else { "" };
-        match self {
-            GrantView::Rule { policy, rule, mode } => {
-                write!(f, "{}policy {policy} rule {rule}", audit(mode))
-            }
-            GrantView::Posture {
-                scope: PostureScope::BuiltIn,
-                ..
-            } => f.write_str("built-in posture"),
-            GrantView::Posture {
-                scope,
-                mode,
-                resource,
-            } => {
-                let scope = match scope {
-                    PostureScope::Mesh => "mesh",
-                    _ => "namespace",
-                };
-                let name = resource.as_deref().unwrap_or_default();
-                write!(f, "{}{scope} posture {name}", audit(mode))
-            }
-        }
-    }
 }
 
 /// What traffic shows, as opposed to what policy allows.
@@ -636,7 +485,7 @@ async fn observed(context: &Path, args: ReachArgs) -> Result<()> {
     let mut admin = client::admin(context).await?;
     let (resources, _) = crate::admin_cmd::applied(&mut admin, "").await?;
     let edges = crate::flows_cmd::edges(&mut admin, args.since).await?;
-    let edges = crate::flows_cmd::with_declared_callers(edges, &resources);
+    let edges = bulkhead_insight::with_declared_callers(edges, &resources);
     let since = crate::since(args.since);
     let window = bulkhead_insight::Window {
         since,
@@ -700,39 +549,6 @@ fn print_observed(r: &ObservedReport, since: Option<std::time::Duration>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rule(policy: &str, rule: &str, mode: Mode) -> GrantView {
-        GrantView::Rule {
-            policy: policy.into(),
-            rule: rule.into(),
-            mode,
-        }
-    }
-
-    #[test]
-    fn grants_read_as_a_list_with_rules_grouped_by_policy() {
-        let list = [
-            rule("shop/a", "x", Mode::Enforce),
-            rule("shop/a", "y", Mode::Enforce),
-            rule("shop/a", "z", Mode::Enforce),
-            rule("shop/b", "w", Mode::Audit),
-            GrantView::Posture {
-                scope: PostureScope::Namespace,
-                mode: Mode::Audit,
-                resource: Some("shop/staged".into()),
-            },
-            GrantView::Posture {
-                scope: PostureScope::BuiltIn,
-                mode: Mode::Enforce,
-                resource: None,
-            },
-        ];
-        assert_eq!(
-            grants(&list),
-            "policy shop/a rules x, y and z, audit policy shop/b rule w, \
-             audit namespace posture shop/staged, built-in posture"
-        );
-    }
 
     #[test]
     fn workloads_are_namespace_slash_name() {

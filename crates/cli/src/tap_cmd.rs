@@ -78,7 +78,7 @@ pub async fn run(context: &Path, args: TapArgs) -> Result<()> {
     let mut admin = client::admin(context).await?;
     // A sidecar knows its caller by SPIFFE ID; name callers by their declared workloads.
     let (resources, _) = crate::admin_cmd::applied(&mut admin, "").await?;
-    let by_identity = crate::flows_cmd::identities(&resources);
+    let by_identity = bulkhead_insight::identities(&resources);
     if let Some(from) = &filter.from
         && let Some((id, _)) = by_identity.iter().find(|(_, w)| w.to_string() == *from)
     {
@@ -155,7 +155,7 @@ fn line(e: &TapEvent, by_identity: &BTreeMap<String, WorkloadRef>) -> String {
         Direction::Ingress => "in ",
         Direction::Egress => "out",
     };
-    let caller = crate::flows_cmd::caller_name(
+    let caller = bulkhead_insight::caller_name(
         e.source_workload.as_ref(),
         e.source_identity.as_deref(),
         by_identity,

@@ -514,6 +514,14 @@ impl Admin for State {
             learning_until: self.anomalies.learning_until(now),
         }))
     }
+
+    // Issue 21: console
+    async fn create_console_token(
+        &self,
+        req: Request<pb::CreateConsoleTokenRequest>,
+    ) -> Result<Response<pb::CreateConsoleTokenResponse>, Status> {
+        crate::console::create_token(self, req)
+    }
 }
 
 fn refused(e: CaChangeError) -> Status {

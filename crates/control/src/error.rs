@@ -41,4 +41,7 @@ pub enum ControlError {
     },
     #[error("server stopped: {0}")]
     Serve(String),
+    /// The web console's options cannot be served as given (issue 21).
+    #[error("console: {0}")]
+    Console(String),
 }

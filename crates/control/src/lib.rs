@@ -8,6 +8,7 @@ mod admin;
 mod anomaly;
 mod cas;
 mod change;
+mod console;
 mod datadir;
 mod delivery;
 mod error;
@@ -24,6 +25,7 @@ mod tokens;
 pub use admin::MAX_APPLY_BYTES;
 pub use anomaly::Anomalies;
 pub use change::ProxyBounds;
+pub use console::{ConsoleOptions, ConsoleTransport};
 pub use datadir::{AdminContext, CONTEXT_FILE};
 pub use error::ControlError;
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
@@ -56,6 +58,8 @@ pub struct ControlOptions {
     pub anomalies: Anomalies,
     /// Serve `/metrics` (plain HTTP) on this address; `None`: no metrics listener.
     pub metrics: Option<SocketAddr>,
+    /// Serve the web console (issue 21); `None`: no console.
+    pub console: Option<ConsoleOptions>,
     /// How many snapshots of the whole set are kept for rollback, and how long.
     pub history: HistoryRetention,
     /// What one proxy's configuration may hold; a change over it is refused.
@@ -68,6 +72,8 @@ pub struct RunningControl {
     pub context_file: PathBuf,
     /// Where `/metrics` is served, if it is (also in the context file).
     pub metrics_addr: Option<SocketAddr>,
+    /// The web console's address (`https://127.0.0.1:7445/`), if it is served.
+    pub console_url: Option<String>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ControlError>>,
 }
@@ -144,6 +150,14 @@ pub async fn start_with(
     tracing::info!(%addr, trust_domain = state.trust_domain(), "control plane listening");
 
     let (stop, mut stopped) = watch::channel(false);
+    let console_url = match &options.console {
+        Some(console) => Some(
+            console::spawn(state.clone(), console, stop.subscribe())
+                .await?
+                .url,
+        ),
+        None => None,
+    };
     if let Some((tcp, metrics_addr)) = metrics_tcp {
         tracing::info!(listen = %metrics_addr, "metrics listener ready (/metrics)");
         metrics::serve(tcp, state.clone(), stop.subscribe());
@@ -171,6 +185,7 @@ pub async fn start_with(
         addr,
         context_file,
         metrics_addr,
+        console_url,
         stop,
         task,
     })

@@ -105,6 +105,8 @@ pub(crate) struct State {
     /// Finds anomalies in flow reports (`bulkhead events`).
     pub(crate) anomalies: Monitor,
     pub(crate) metrics: Metrics,
+    /// The web console's sessions and live signals (issue 21).
+    pub(crate) console: crate::console::Console,
 }
 
 impl State {
@@ -163,6 +165,7 @@ impl State {
             taps: Arc::default(),
             anomalies,
             metrics: Metrics::default(),
+            console: Default::default(),
         })
     }
 
@@ -580,6 +583,7 @@ impl Config for State {
         self.metrics.edges_bounded(&written);
         self.anomalies
             .observe(&self.store, &kept, unix_now(), &self.metrics);
+        self.console.flows_reported();
         tracing::debug!(spiffe_id = %id, %workload, stored = written.stored, refused, dropped = r.dropped, expired = written.expired, "flow report");
         Ok(Response::new(pb::ReportFlowsResponse {
             stored: written.stored,

@@ -91,6 +91,18 @@ pub(crate) enum SetAt {
     Missing,
 }
 
+impl SetAt {
+    /// The set, if it is known: kept, or empty before the first revision. `None` when its
+    /// snapshot was pruned.
+    pub(crate) fn known(self) -> Option<Vec<Resource>> {
+        match self {
+            SetAt::Kept(set) => Some(set),
+            SetAt::Missing => Some(Vec::new()),
+            SetAt::Pruned { .. } => None,
+        }
+    }
+}
+
 /// What one commit did.
 #[derive(Debug)]
 pub(crate) struct Committed {

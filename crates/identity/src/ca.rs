@@ -339,6 +339,51 @@ impl Ca {
         key.into_svid(chain)
     }
 
+    /// [`Ca::issue_local`] for a server that browsers reach by name or address (the web
+    /// console): the SVID also carries `hosts` as DNS or IP SANs, which the X.509-SVID spec
+    /// allows beside the one URI SAN. A host that is neither an IP address nor a valid DNS
+    /// name is refused.
+    pub fn issue_local_for_hosts(
+        &self,
+        id: &SpiffeId,
+        hosts: &[String],
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<Svid, IdentityError> {
+        self.check_domain(id)?;
+        let key = LocalKey::generate()?;
+        let mut params = svid_params(id, lifetime, now)?;
+        for host in hosts {
+            params.subject_alt_names.push(match host.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) if is_dns_name(host) => {
+                    SanType::DnsName(host.as_str().try_into().map_err(|e: rcgen::Error| {
+                        IdentityError::Signing(format!("host {host:?}: {e}"))
+                    })?)
+                }
+                Err(_) => {
+                    return Err(IdentityError::Signing(format!(
+                        "{host:?} is neither an IP address nor a DNS name"
+                    )));
+                }
+            });
+        }
+        let public = CertificateSigningRequestParams::from_der(
+            &CertificateSigningRequestDer::from(key.csr_der(None)?),
+        )
+        .map_err(|e| IdentityError::BadCsr(e.to_string()))?
+        .public_key;
+        let cert = params
+            .signed_by(&public, &self.issuer)
+            .map_err(|e| IdentityError::Signing(e.to_string()))?;
+        let above_root = self.chain.len().saturating_sub(1);
+        let chain = std::iter::once(cert.der().clone())
+            .chain(std::iter::once(self.cert_der.clone()))
+            .chain(self.chain[..above_root].iter().cloned())
+            .collect();
+        key.into_svid(chain)
+    }
+
     fn check_domain(&self, id: &SpiffeId) -> Result<(), IdentityError> {
         if id.trust_domain() != self.trust_domain {
             return Err(IdentityError::Signing(format!(
@@ -348,6 +393,21 @@ impl Ca {
         }
         Ok(())
     }
+}
+
+/// A DNS name of letters, digits and hyphens in dot-separated labels (no wildcard).
+fn is_dns_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn check_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
@@ -659,6 +719,42 @@ mod tests {
             svid.chain()[1],
             *a.cert_der(),
             "a root's SVIDs present the root"
+        );
+    }
+
+    #[test]
+    fn a_server_for_browsers_carries_its_hosts_beside_its_spiffe_id() {
+        let now = SystemTime::now();
+        let ca = Ca::generate("bulkhead.local", now).unwrap();
+        let id = SpiffeId::parse("spiffe://bulkhead.local/bulkhead/console").unwrap();
+        let hosts = ["127.0.0.1".to_string(), "console.example".to_string()];
+        let svid = ca
+            .issue_local_for_hosts(&id, &hosts, Duration::from_secs(60), now)
+            .unwrap();
+        assert_eq!(svid.id(), &id, "still an SVID: one URI SAN");
+        let (_, cert) = X509Certificate::from_der(&svid.chain()[0]).unwrap();
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(
+            names[1].contains("127.0.0.1") || names[1].contains("[127, 0, 0, 1]"),
+            "{names:?}"
+        );
+        assert!(names[2].contains("console.example"), "{names:?}");
+        let bad =
+            ca.issue_local_for_hosts(&id, &["no spaces".into()], Duration::from_secs(60), now);
+        assert!(bad.is_err());
+        let foreign = SpiffeId::parse("spiffe://other.local/bulkhead/console").unwrap();
+        assert!(
+            ca.issue_local_for_hosts(&foreign, &[], Duration::from_secs(60), now)
+                .is_err()
         );
     }
 }

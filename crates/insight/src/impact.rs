@@ -13,11 +13,10 @@
 //! "What if I enforce this" is [`enforce_all`] before compiling the candidate: audit-mode
 //! policies and postures then decide as if enforced.
 
-use crate::edge::{Edge, EdgeStats, rfc3339};
+use crate::edge::{Edge, EdgeKey, EdgeStats, rfc3339};
 use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
 use bulkhead_policy::{
-    CanonicalRequest, Decision, IdentityPattern, Peer, PolicySet, Protocol, RawRequest, Request,
-    Verdict,
+    CanonicalRequest, Decision, Peer, PolicySet, Protocol, RawRequest, Request, Verdict,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -95,6 +94,94 @@ pub struct Flow {
     pub path: Option<String>,
 }
 
+impl Flow {
+    /// The flow of an edge: its key without the outcome.
+    pub fn of(k: &EdgeKey) -> Flow {
+        Flow {
+            direction: k.direction,
+            source_identity: k.source_identity.clone(),
+            source_workload: k.source_workload.clone(),
+            destination: k.destination.clone(),
+            port: k.port,
+            protocol: k.protocol,
+            method: k.method.clone(),
+            path: k.path.clone(),
+        }
+    }
+
+    /// Replays a representative request of the flow against `set` (see the module's
+    /// documentation for what it carries), made canonical as a sidecar makes it. `identities`
+    /// names each declared workload's identity, which an egress replay presents as the
+    /// server's.
+    pub fn replay(
+        &self,
+        set: &PolicySet,
+        identities: &BTreeMap<WorkloadRef, String>,
+    ) -> Result<Decision, Unreplayable> {
+        let headers: Vec<(String, String)> = Vec::new();
+        let path = self.path.as_deref().map(concrete_path);
+        let canonical = match self.protocol.is_http() {
+            false => None,
+            true => {
+                let raw = RawRequest {
+                    method: self.method.as_deref().unwrap_or_default(),
+                    target: path.as_deref().unwrap_or("/"),
+                    authority: None,
+                };
+                let c = CanonicalRequest::new(raw, std::iter::empty())
+                    .map_err(|_| Unreplayable::Refused)?;
+                Some(c)
+            }
+        };
+        let (subject, peer) = match self.direction {
+            Direction::Ingress => (
+                &self.destination,
+                Peer {
+                    identity: self.source_identity.as_deref(),
+                    ip: None,
+                    workload: None,
+                },
+            ),
+            Direction::Egress => (
+                self.source_workload
+                    .as_ref()
+                    .ok_or(Unreplayable::NoSourceWorkload)?,
+                Peer {
+                    identity: identities.get(&self.destination).map(String::as_str),
+                    ip: None,
+                    workload: Some(&self.destination),
+                },
+            ),
+        };
+        Ok(set.evaluate(&Request {
+            direction: self.direction,
+            subject,
+            peer,
+            port: self.port,
+            protocol: self.protocol,
+            http: canonical.as_ref().map(|c| c.http(&headers)),
+        }))
+    }
+
+    /// [`Flow::replay`]'s decision, if the flow can be replayed at all.
+    pub fn evaluate(
+        &self,
+        set: &PolicySet,
+        identities: &BTreeMap<WorkloadRef, String>,
+    ) -> Option<Decision> {
+        self.replay(set, identities).ok()
+    }
+}
+
+/// Why a recorded flow cannot be judged again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreplayable {
+    /// An egress flow whose source workload is unknown: there is no subject to judge it for.
+    NoSourceWorkload,
+    /// A sidecar refuses the request before any policy (a lower-case method, a dot segment).
+    Refused,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum VerdictChange {
     NewlyDenied,
@@ -152,88 +239,28 @@ pub fn impact(
     candidate: &PolicySet,
     declared: &[Resource],
 ) -> Impact {
-    let identities: BTreeMap<WorkloadRef, String> = declared
-        .iter()
-        .filter_map(|r| match r {
-            Resource::Workload(doc) => match &doc.spec.identity.value {
-                IdentityPattern::Exact(id) => Some((r.name(), id.clone())),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect();
+    let identities = crate::graph::declared_identities(declared);
     let mut flows: BTreeMap<Flow, EdgeStats> = BTreeMap::new();
     for e in edges {
-        let k = &e.key;
-        let flow = Flow {
-            direction: k.direction,
-            source_identity: k.source_identity.clone(),
-            source_workload: k.source_workload.clone(),
-            destination: k.destination.clone(),
-            port: k.port,
-            protocol: k.protocol,
-            method: k.method.clone(),
-            path: k.path.clone(),
-        };
-        flows.entry(flow).or_default().merge(&e.stats);
+        flows.entry(Flow::of(&e.key)).or_default().merge(&e.stats);
     }
     let mut out = Impact::default();
-    let headers: Vec<(String, String)> = Vec::new();
     for (flow, stats) in flows {
-        let path = flow.path.as_deref().map(concrete_path);
-        let canonical = match flow.protocol.is_http() {
-            false => None,
-            true => {
-                let raw = RawRequest {
-                    method: flow.method.as_deref().unwrap_or_default(),
-                    target: path.as_deref().unwrap_or("/"),
-                    authority: None,
-                };
-                match CanonicalRequest::new(raw, std::iter::empty()) {
-                    Ok(c) => Some(c),
-                    Err(_) => {
-                        out.refused.push(flow.clone());
-                        continue;
-                    }
-                }
+        let (before, after) = match (
+            flow.replay(current, &identities),
+            flow.replay(candidate, &identities),
+        ) {
+            (Ok(before), Ok(after)) => (before, after),
+            (Err(Unreplayable::Refused), _) | (_, Err(Unreplayable::Refused)) => {
+                out.refused.push(flow);
+                continue;
             }
-        };
-        let http = canonical.as_ref().map(|c| c.http(&headers));
-        let (subject, peer) = match flow.direction {
-            Direction::Ingress => (
-                &flow.destination,
-                Peer {
-                    identity: flow.source_identity.as_deref(),
-                    ip: None,
-                    workload: None,
-                },
-            ),
-            Direction::Egress => {
-                let Some(source) = &flow.source_workload else {
-                    out.not_replayed.push(flow.clone());
-                    continue;
-                };
-                (
-                    source,
-                    Peer {
-                        identity: identities.get(&flow.destination).map(String::as_str),
-                        ip: None,
-                        workload: Some(&flow.destination),
-                    },
-                )
+            _ => {
+                out.not_replayed.push(flow);
+                continue;
             }
-        };
-        let req = Request {
-            direction: flow.direction,
-            subject,
-            peer,
-            port: flow.port,
-            protocol: flow.protocol,
-            http,
         };
         out.replayed += 1;
-        let before = current.evaluate(&req);
-        let after = candidate.evaluate(&req);
         let change = match (before.verdict, after.verdict) {
             (Verdict::Allow, Verdict::Deny) => VerdictChange::NewlyDenied,
             (Verdict::Deny, Verdict::Allow) => VerdictChange::NewlyAllowed,

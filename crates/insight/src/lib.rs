@@ -4,6 +4,8 @@
 //! what was decided, how often) and reports them; the control plane stores them. This crate
 //! is the logic over stored edges:
 //!
+//! - [`graph_lines`] groups edges into the service graph, one line per caller, destination
+//!   and port, as `bulkhead graph` prints it and the web console draws it;
 //! - [`template()`] turns concrete paths into templates (`/orders/123` → `/orders/*`) and
 //!   [`generalise`] folds sets of them into path patterns of the policy language; an edge
 //!   keeps at most [`DEFAULT_MAX_PATHS_PER_EDGE`] templates, then counts new paths into
@@ -12,6 +14,7 @@
 //!   mode, with the evidence in comments, and [`diff`] compares it with an earlier one;
 //! - [`impact`] replays the observed flows against the current policy and a candidate and
 //!   lists the flows whose verdict changes (with [`enforce_all`]: "what if I enforce this");
+//!   [`Flow::evaluate`] replays one flow, which is how a stored denial gets its nearest miss;
 //! - [`observed_reach`] and [`who_reached`] give the blast radius that traffic actually had;
 //! - [`events::Detector`] turns flow reports into anomalies: a new edge, a new identity, a
 //!   spike of denials.
@@ -28,6 +31,7 @@
 
 mod edge;
 pub mod events;
+mod graph;
 mod impact;
 mod observed;
 mod recommend;
@@ -35,6 +39,9 @@ pub mod tap;
 pub mod template;
 
 pub use edge::{Edge, EdgeKey, EdgeStats, EdgeVerdict, merge_edges, rfc3339};
+pub use graph::{
+    GraphLine, caller_name, declared_identities, graph_lines, identities, with_declared_callers,
+};
 pub use impact::{
     Flow, FlowChange, Impact, VerdictChange, apply, concrete_path, enforce_all, impact,
 };

@@ -33,8 +33,8 @@ pub use pattern::{
     PortRange, Protocol,
 };
 pub use reach::{
-    BlastRadius, Grant, ReachEdge, ReachError, ReachOptions, Reached, SourceEgress, blast_radius,
-    can_reach, reachable_from, who_can_reach,
+    BlastRadius, EdgeView, Grant, GrantView, PostureScope, ReachEdge, ReachError, ReachOptions,
+    Reached, SourceEgress, blast_radius, can_reach, reachable_from, who_can_reach,
 };
 pub use source::{Origin, is_valid_name, parse_documents, parse_file, read_yaml, text_of};
 

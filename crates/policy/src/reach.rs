@@ -11,6 +11,7 @@
 //! The semantics are documented in `docs/policy.md`, "Reachability and blast radius".
 
 mod operation;
+mod view;
 
 use crate::decision::PostureSource;
 use crate::eval::{CompiledRule, Cond, DeclaredWorkload, PolicySet, PolicyView, RuleList, slot};
@@ -21,6 +22,8 @@ use operation::Operation;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
+
+pub use view::{EdgeView, GrantView, PostureScope};
 
 /// Whose egress decision counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

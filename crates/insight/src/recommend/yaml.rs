@@ -204,6 +204,14 @@ fn describe(o: &Observed) -> String {
     sanitize_comment(&s)
 }
 
+/// `8080/http GET /orders/*`, `5432/tcp`: the shape of the requests, as the evidence
+/// comments name it.
+impl std::fmt::Display for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe(self))
+    }
+}
+
 fn span(s: &EdgeStats) -> String {
     format!(
         "{}, first seen {}, last seen {}",
