@@ -401,4 +401,15 @@ fn http2_rapid_reset_closes_that_connection_only() {
         &format!("http://{}/orders/2", shop.http),
     ]);
     assert!(out.starts_with("HTTP/2 200"), "{out}");
+    // Counted, with its reason, where it happened.
+    let page = metrics(shop.frontend_admin);
+    let counted = page
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "bulkhead_refusals_total{direction=\"outbound\",reason=\"rapid_reset\"} ",
+            )
+        })
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(counted.is_some_and(|n| n >= 1.0), "{page}");
 }
