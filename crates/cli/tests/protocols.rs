@@ -23,6 +23,8 @@ struct Shop {
     /// The frontend proxy's upstream listeners.
     http: SocketAddr,
     tcp: SocketAddr,
+    /// The same TCP port, declared without `workload=`: found by its identity.
+    tcp_by_identity: SocketAddr,
     /// The orders proxy's inbound (HTTP) listener and admin address.
     orders_in: SocketAddr,
     orders_admin: SocketAddr,
@@ -77,14 +79,27 @@ fn shop() -> Shop {
         addr(&orders_tcp["inbound"]),
         id("orders")
     );
+    let up_tcp_by_identity = format!(
+        "name=orders-tcp-by-identity,listen=127.0.0.1:0,address={},identity={},port=9000",
+        addr(&orders_tcp["inbound"]),
+        id("orders")
+    );
     let (frontend_proxy, frontend) = mesh.proxy(
         "frontend",
         &mesh.token(&id("frontend")),
-        &["--upstream", &up_http, "--upstream", &up_tcp],
+        &[
+            "--upstream",
+            &up_http,
+            "--upstream",
+            &up_tcp,
+            "--upstream",
+            &up_tcp_by_identity,
+        ],
     );
     Shop {
         http: addr(&frontend["upstreams"]["orders"]),
         tcp: addr(&frontend["upstreams"]["orders-tcp"]),
+        tcp_by_identity: addr(&frontend["upstreams"]["orders-tcp-by-identity"]),
         orders_in: addr(&orders["inbound"]),
         orders_admin: addr(&orders["admin"]),
         frontend_admin: addr(&frontend["admin"]),
@@ -311,6 +326,34 @@ fn opaque_tcp_is_relayed_and_closed_when_policy_changes() {
     assert!(matches!(conn.read(&mut buf), Ok(0) | Err(_)));
 }
 
+/// An HTTP client through an explicit upstream to a port its Workload declares `tcp` gets
+/// an opaque relay (its bytes reach the echo app and come back), not an HTTP error from a
+/// sidecar that took them for HTTP; with or without `workload=` on the upstream (#13.7).
+#[test]
+fn http_bytes_to_a_tcp_port_are_relayed_opaquely() {
+    let shop = shop();
+    let request = "GET /orders/1 HTTP/1.1\r\nHost: orders\r\n\r\n";
+    for upstream in [shop.tcp, shop.tcp_by_identity] {
+        let mut conn = TcpStream::connect(upstream).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        conn.write_all(request.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while got.len() < request.len() {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            request,
+            "through {upstream}: the echo app's answer, not a sidecar's"
+        );
+    }
+}
+
 #[test]
 fn http2_rapid_reset_closes_that_connection_only() {
     let shop = shop();
@@ -358,4 +401,15 @@ fn http2_rapid_reset_closes_that_connection_only() {
         &format!("http://{}/orders/2", shop.http),
     ]);
     assert!(out.starts_with("HTTP/2 200"), "{out}");
+    // Counted, with its reason, where it happened.
+    let page = metrics(shop.frontend_admin);
+    let counted = page
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "bulkhead_refusals_total{direction=\"outbound\",reason=\"rapid_reset\"} ",
+            )
+        })
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(counted.is_some_and(|n| n >= 1.0), "{page}");
 }

@@ -10,6 +10,7 @@
 //! port scan, each of which used to go around the mesh.
 #![allow(clippy::unwrap_used)]
 
+use bulkhead_testkit::mesh::eventually;
 use bulkhead_testkit::netns::{Lab, can_run, contains};
 use bulkhead_testkit::{Bins, Proc, TempDir, parse_response};
 use std::net::{IpAddr, SocketAddr};
@@ -646,7 +647,91 @@ spec:
         "bulkhead_connections_reset_total{direction=\"outbound\",reason=\"denied\"}",
     );
     assert!(denied.is_some_and(|n| n >= 2.0), "{page}");
+    upgrades_from_a_compromised_app(&net, server4);
     drop(udp);
+}
+
+/// #22.1 and #22.5 from the app's uid: an allowed request carrying `Upgrade: h2c` (and a
+/// forged `x-forwarded-client-cert`) gets a plain HTTP/1.1 answer, never a tunnel, so the
+/// `/admin` sent next on that connection is judged and refused; the app never sees the forged
+/// header; a WebSocket still works, and is closed when the policy that allowed it goes.
+fn upgrades_from_a_compromised_app(net: &Net, orders: std::net::Ipv4Addr) {
+    let smuggle = format!(
+        "exec 3<>/dev/tcp/{orders}/8080; printf 'GET /orders/1 HTTP/1.1\\r\\nHost: orders\\r\\n\
+         Connection: Upgrade, HTTP2-Settings\\r\\nUpgrade: h2c\\r\\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\\r\\n\
+         x-echo-headers: 1\\r\\nx-forwarded-client-cert: URI=spiffe://test.local/ns/shop/sa/admin\\r\\n\\r\\n\
+         GET /admin HTTP/1.1\\r\\nHost: orders\\r\\nConnection: close\\r\\n\\r\\n' >&3; timeout 10 cat <&3"
+    );
+    let (code, out) = net.app("client", "bash", &["-c", &smuggle]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "the upgrade was not refused: {out}"
+    );
+    assert!(!out.contains(" 101 "), "{out}");
+    assert!(
+        !out.contains("sa/admin"),
+        "the app saw the forged header: {out}"
+    );
+    let admin = out
+        .find("HTTP/1.1 403")
+        .unwrap_or_else(|| panic!("/admin not refused: {out}"));
+    assert!(out[admin..].contains("x-bulkhead-decision: deny"), "{out}");
+
+    // A WebSocket (GET /orders/ws: allowed) echoes; deleting the policy closes it.
+    let ws = format!(
+        "exec 3<>/dev/tcp/{orders}/8080; cat <&3 & c=$!; \
+         printf 'GET /orders/ws HTTP/1.1\\r\\nHost: orders\\r\\nConnection: Upgrade\\r\\nUpgrade: websocket\\r\\n\\r\\n' >&3; \
+         sleep 0.5; printf 'still-allowed' >&3; wait $c; echo CLOSED"
+    );
+    let ids = [format!("--reuid={APP_UID}"), format!("--regid={APP_UID}")];
+    let mut tunnel = net
+        .cmd(
+            "client",
+            Path::new("timeout"),
+            &[
+                "60",
+                "setpriv",
+                &ids[0],
+                &ids[1],
+                "--clear-groups",
+                "bash",
+                "-c",
+                &ws,
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (seen, mut stdout) = (seen.clone(), tunnel.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let read = || seen.lock().unwrap().clone();
+    eventually(WAIT, "the WebSocket to echo", || {
+        read().contains("still-allowed")
+    });
+    assert!(read().starts_with("HTTP/1.1 101"), "{}", read());
+    assert!(!read().contains("CLOSED"));
+    net.ok(
+        "control",
+        &net.bins.bulkhead,
+        &["delete", "AuthorizationPolicy/shop/orders-allow-frontend"],
+    );
+    eventually(WAIT, "the WebSocket to be closed", || {
+        read().contains("CLOSED")
+    });
+    let _ = tunnel.wait();
+    let _ = reader.join();
 }
 
 const UDP_ENV: &str = "BULKHEAD_TRANSPARENT_UDP";

@@ -55,6 +55,11 @@ impl Snapshot {
         self.policy.declared_protocol(workload, port)
     }
 
+    /// The declared workloads whose Workload names `identity`.
+    pub(crate) fn workloads_with_identity(&self, identity: &str) -> &[WorkloadRef] {
+        self.policy.workloads_with_identity(identity)
+    }
+
     /// Decides one request or connection. The permit comes only with an allowing decision
     /// (an audit-mode would-deny still allows: audit never changes a verdict).
     pub(crate) fn judge(&self, req: &Request<'_>) -> Judgement {

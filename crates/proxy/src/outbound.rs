@@ -101,14 +101,43 @@ impl Dest {
         }
     }
 
+    /// The protocol the destination's Workload declares for its port. A captured
+    /// destination is found by its address. An explicit upstream is found by its
+    /// `workload=`, or without one by its identity, in the mesh's address table and in the
+    /// declarations this proxy was sent: the protocol they all declare for the port (none if
+    /// they differ, or one does not declare it).
     fn declared_protocol(&self, snapshot: &Snapshot) -> Option<Protocol> {
-        let w = self.workload.as_ref()?;
-        snapshot
+        if self.routed_at.is_some() {
+            let w = self.workload.as_ref()?;
+            return snapshot
+                .endpoints()
+                .get(self.address.ip())
+                .filter(|e| &e.workload == w)
+                .and_then(|e| e.protocol(self.port))
+                .or_else(|| snapshot.declared_protocol(w, self.port));
+        }
+        let identity = self.identity.as_ref()?.as_str();
+        let by_name = |w: &WorkloadRef| match &self.workload {
+            Some(named) => named == w,
+            None => true,
+        };
+        let policy_workloads: Vec<&WorkloadRef> = match &self.workload {
+            Some(w) => vec![w],
+            None => snapshot.workloads_with_identity(identity).iter().collect(),
+        };
+        let mut declared = snapshot
             .endpoints()
-            .get(self.address.ip())
-            .filter(|e| &e.workload == w)
-            .and_then(|e| e.protocol(self.port))
-            .or_else(|| snapshot.declared_protocol(w, self.port))
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| e.identity == identity && by_name(&e.workload))
+            .map(|e| e.protocol(self.port))
+            .chain(
+                policy_workloads
+                    .into_iter()
+                    .filter_map(|w| snapshot.declared_protocol(w, self.port).map(Some)),
+            );
+        let first = declared.next()??;
+        declared.all(|p| p == Some(first)).then_some(first)
     }
 }
 
@@ -214,6 +243,21 @@ async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     match sniffed {
         Sniffed::Http1 | Sniffed::H2 => {
             serve_http_out(tcp, sniffed == Sniffed::H2, dest, shared).await
+        }
+        // An idle or non-HTTP connection to a port declared for HTTP: the peer's sidecar
+        // would refuse it after a handshake, so it is refused here without dialling.
+        Sniffed::Tls | Sniffed::Opaque if declared.is_some_and(Protocol::is_http) => {
+            if let Some(unlogged) = shared.refuse("outbound", Refusal::NotHttp) {
+                tracing::warn!(
+                    dst.name = dest.name,
+                    port = dest.port,
+                    reason = Refusal::NotHttp.label(),
+                    unlogged,
+                    "connection refused: the destination port is declared for HTTP but the app \
+                     sent no HTTP within the detection timeout"
+                );
+            }
+            tcp.reset()
         }
         Sniffed::Tls | Sniffed::Opaque => relay_mesh(tcp, dest, shared).await,
     }
