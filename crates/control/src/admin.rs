@@ -52,6 +52,8 @@ impl Admin for State {
                 self.trust_domain()
             )));
         }
+        id.refuse_reserved()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let pick = |given: String, derived: Option<&str>, what: &str| {
             let v = if given.is_empty() {
                 derived.unwrap_or_default().to_string()

@@ -294,9 +294,10 @@ impl Identity for State {
                 tracing::warn!(?remote, token_id, reason = %refusal, "join refused");
                 return Err(match refusal {
                     JoinRefusal::Token(e) => Status::unauthenticated(e.to_string()),
-                    JoinRefusal::Identity(e @ IdentityError::IdentityMismatch { .. }) => {
-                        Status::permission_denied(e.to_string())
-                    }
+                    JoinRefusal::Identity(
+                        e @ (IdentityError::IdentityMismatch { .. }
+                        | IdentityError::Reserved { .. }),
+                    ) => Status::permission_denied(e.to_string()),
                     JoinRefusal::Identity(e) => Status::invalid_argument(e.to_string()),
                 });
             }
@@ -327,6 +328,10 @@ impl State {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let id = caller(&req)?;
         let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
+        // The mesh's own identities are issued by the control plane to itself, never renewed
+        // on request, whatever the store says (a token from before they were reserved).
+        id.refuse_reserved()
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
         if !self.store.has_identity(id.as_str()).map_err(internal)? {
             return Err(Status::permission_denied(format!(
                 "{id} was never issued by a join token; only workload identities renew"
@@ -337,7 +342,7 @@ impl State {
         let chain = signer
             .sign_csr(&csr, &id, self.svid_lifetime, SystemTime::now())
             .map_err(|e| match e {
-                e @ IdentityError::IdentityMismatch { .. } => {
+                e @ (IdentityError::IdentityMismatch { .. } | IdentityError::Reserved { .. }) => {
                     Status::permission_denied(e.to_string())
                 }
                 e => Status::invalid_argument(e.to_string()),

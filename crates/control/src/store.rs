@@ -18,6 +18,15 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+// Issue 13: the audit log of credential changes, proxy instances and revocations.
+mod audit;
+mod trust;
+pub(crate) use audit::{AuditEntry, NewEntry};
+pub(crate) use trust::{
+    EXPIRY_SLACK_SECS, Instance, IssueRefusal, IssuedCert, Revocation, RevocationKind,
+    RevokeError, RevokeOrder,
+};
+
 const RESOURCES: TableDefinition<&str, &str> = TableDefinition::new("resources");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISIONS: TableDefinition<u64, &str> = TableDefinition::new("revisions");
@@ -102,6 +111,8 @@ impl Store {
             txn.open_table(BINDINGS)?;
             txn.open_table(EDGES)?;
             txn.open_table(EVENTS)?;
+            trust::create_tables(txn)?;
+            audit::create_table(txn)?;
             Ok(())
         })?;
         Ok(store)
