@@ -276,7 +276,7 @@ impl Ca {
     }
 
     /// SHA-256 of this CA's own certificate, lowercase hex: its name on the wire and in the
-    /// CLI, and what [`crate::issuer_fingerprint`] finds in an SVID it signed.
+    /// CLI, and what [`crate::Svid::issuer_fingerprint`] finds in an SVID it signed.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.cert_der)
     }

@@ -438,7 +438,10 @@ mod tests {
                 now,
             )
             .unwrap_err();
-        assert!(matches!(err, IdentityError::IdentityMismatch { .. }), "{err}");
+        assert!(
+            matches!(err, IdentityError::IdentityMismatch { .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -14,11 +14,11 @@
 use crate::error::{IdentityError, SvidError};
 use crate::spiffe::SpiffeId;
 use crate::svid::{Svid, TrustBundle, not_after_of, not_before_of, spiffe_id_of};
+use rustls::client::Resumption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::client::Resumption;
 use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig,
@@ -138,7 +138,7 @@ pub fn client_config(
 /// has to be syntactically valid.
 pub fn server_name() -> ServerName<'static> {
     ServerName::try_from("bulkhead.mesh")
-        .unwrap_or(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
+        .unwrap_or(ServerName::IpAddress(core::net::Ipv4Addr::LOCALHOST.into()))
 }
 
 /// The verified SPIFFE ID of the peer of a finished handshake, checked against our trust
@@ -195,12 +195,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
-        self.verify_chain(&cert, intermediates, now)
-            .map_err(|e| {
-                chain_error(e, end_entity, |at| {
-                    self.verify_chain(&cert, intermediates, at)
-                })
-            })?;
+        self.verify_chain(&cert, intermediates, now).map_err(|e| {
+            chain_error(e, end_entity, |at| {
+                self.verify_chain(&cert, intermediates, at)
+            })
+        })?;
         let id = spiffe_id_of(end_entity).map_err(svid_error)?;
         self.expected.check(&id).map_err(svid_error)?;
         self.bundle
@@ -504,7 +503,8 @@ mod tests {
             &[b"http/1.1"],
         )
         .unwrap();
-        let server = server_config(&p.server, bundle, ClientAuth::Required, &[b"http/1.1"]).unwrap();
+        let server =
+            server_config(&p.server, bundle, ClientAuth::Required, &[b"http/1.1"]).unwrap();
         (client, server)
     }
 
@@ -630,8 +630,8 @@ mod tests {
     #[test]
     fn a_leaf_without_the_client_auth_purpose_is_refused_as_such() {
         use rcgen::{
-            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer,
-            KeyPair, KeyUsagePurpose, SanType,
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose, SanType,
         };
         let p = pair();
         let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -653,7 +653,8 @@ mod tests {
             vec![p.ca.cert_der().clone(), root_cert.der().clone()],
         )
         .unwrap();
-        let server = server_config(&p.server, &bundle, ClientAuth::Required, &[b"http/1.1"]).unwrap();
+        let server =
+            server_config(&p.server, &bundle, ClientAuth::Required, &[b"http/1.1"]).unwrap();
         let client = client_config(
             Some(&svid),
             &bundle,
@@ -666,7 +667,8 @@ mod tests {
             matches!(
                 err,
                 rustls::Error::InvalidCertificate(
-                    CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. }
+                    CertificateError::InvalidPurpose
+                        | CertificateError::InvalidPurposeContext { .. }
                 )
             ),
             "{err:?}"

@@ -6,8 +6,8 @@
 
 use crate::model::{Resource, WorkloadRef};
 use crate::pattern::Protocol;
+use core::net::IpAddr;
 use std::collections::HashMap;
-use std::net::IpAddr;
 
 /// A workload reachable at an address.
 #[derive(Clone, Debug, PartialEq, Eq)]

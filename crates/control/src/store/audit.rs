@@ -10,7 +10,7 @@
 
 use super::{META, Store};
 use crate::error::ControlError;
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 
 /// Sequence number → JSON of an [`AuditEntry`].
 const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("audit");
@@ -81,7 +81,7 @@ impl Store {
     /// Records a change that is not itself in the store (a CA change, which lives in the data
     /// directory), in a transaction of its own.
     pub(crate) fn audit(&self, entry: NewEntry, now_unix: u64) -> Result<AuditEntry, ControlError> {
-        self.write(|txn| append(txn, entry, now_unix))
+        self.write(|txn| append(txn, entry.clone(), now_unix))
     }
 
     /// The newest `limit` entries, newest first.

@@ -57,7 +57,11 @@ impl Instance {
 
     /// When its newest certificate expires (0 if it holds none).
     pub(crate) fn valid_until(&self) -> u64 {
-        self.certs.iter().map(|c| c.not_after_unix).max().unwrap_or(0)
+        self.certs
+            .iter()
+            .map(|c| c.not_after_unix)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -153,9 +157,7 @@ pub(crate) enum IssueRefusal {
 pub(crate) enum RevokeError {
     #[error("{} is already revoked: {}", .0.subject, .0.describe())]
     AlreadyRevoked(Revocation),
-    #[error(
-        "there is no proxy instance {0}; `bulkhead get proxies` shows each proxy's instance"
-    )]
+    #[error("there is no proxy instance {0}; `bulkhead get proxies` shows each proxy's instance")]
     UnknownInstance(String),
     #[error("{0} is not revoked; `bulkhead get revocations` lists what is")]
     NotRevoked(String),
@@ -255,7 +257,7 @@ impl Store {
                 workload: workload.name.clone(),
                 joined_unix: now_unix,
                 token_id: token_id.to_string(),
-                certs: vec![cert],
+                certs: vec![cert.clone()],
             };
             for c in &instance.certs {
                 txn.open_table(SERIALS)?
@@ -296,7 +298,7 @@ impl Store {
             }
             record.certs = kept;
             serials.insert(cert.serial.as_str(), instance)?;
-            record.certs.push(cert);
+            record.certs.push(cert.clone());
             instances.insert(instance, to_json(&record).as_str())?;
             Ok(Ok(record))
         })
@@ -310,7 +312,10 @@ impl Store {
     }
 
     /// The instance a certificate was issued to, if it was recorded.
-    pub(crate) fn instance_by_serial(&self, serial: &str) -> Result<Option<Instance>, ControlError> {
+    pub(crate) fn instance_by_serial(
+        &self,
+        serial: &str,
+    ) -> Result<Option<Instance>, ControlError> {
         let id = {
             let txn = self.db.begin_read().map_err(|e| self.err(e))?;
             let table = txn.open_table(SERIALS).map_err(|e| self.err(e))?;
@@ -751,7 +756,10 @@ pub(crate) mod tests {
             .new_instance(ORDERS, &orders(), "tok", cert("01", 5000), 100)
             .unwrap()
             .unwrap();
-        assert_eq!(s.create_token("t1", &token(ORDERS), ADMIN, 100).unwrap(), Ok(()));
+        assert_eq!(
+            s.create_token("t1", &token(ORDERS), ADMIN, 100).unwrap(),
+            Ok(())
+        );
         s.create_token("t2", &token("spiffe://td/ns/shop/sa/other"), ADMIN, 100)
             .unwrap()
             .unwrap();
@@ -778,22 +786,38 @@ pub(crate) mod tests {
             Err(IssueRefusal::Revoked(r)) => r.subject,
             other => panic!("{other:?}"),
         };
-        assert_eq!(refused(s.add_cert(&i.id, cert("02", 6000), 300).unwrap()), ORDERS);
+        assert_eq!(
+            refused(s.add_cert(&i.id, cert("02", 6000), 300).unwrap()),
+            ORDERS
+        );
         assert!(
             s.new_instance(ORDERS, &orders(), "tok", cert("03", 6000), 300)
                 .unwrap()
                 .is_err()
         );
-        assert!(s.create_token("t3", &token(ORDERS), ADMIN, 300).unwrap().is_err());
+        assert!(
+            s.create_token("t3", &token(ORDERS), ADMIN, 300)
+                .unwrap()
+                .is_err()
+        );
         assert!(matches!(
             s.revoke(&o, 300).unwrap(),
             Err(RevokeError::AlreadyRevoked(_))
         ));
 
         // Unrevoking waits for every certificate issued before to expire.
-        let err = s.unrevoke_identity(ORDERS, ADMIN, 4999).unwrap().unwrap_err();
-        assert!(matches!(err, RevokeError::TooEarly { until: 5000, .. }), "{err}");
-        assert!(err.to_string().contains("cannot be unrevoked before"), "{err}");
+        let err = s
+            .unrevoke_identity(ORDERS, ADMIN, 4999)
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(err, RevokeError::TooEarly { until: 5000, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("cannot be unrevoked before"),
+            "{err}"
+        );
         let (lifted, audit) = s.unrevoke_identity(ORDERS, ADMIN, 5000).unwrap().unwrap();
         assert_eq!(lifted.reason, "key leaked");
         assert_eq!(audit.action, format!("unrevoke identity {ORDERS}"));
@@ -853,7 +877,8 @@ pub(crate) mod tests {
             "an expired certificate leaves the list"
         );
         assert!(matches!(
-            s.revoke(&order(RevocationKind::Proxy, "nope"), 700).unwrap(),
+            s.revoke(&order(RevocationKind::Proxy, "nope"), 700)
+                .unwrap(),
             Err(RevokeError::UnknownInstance(_))
         ));
         assert!(
@@ -871,8 +896,12 @@ pub(crate) mod tests {
     fn tokens_are_listed_and_deleted_without_their_secrets_leaving() {
         let t = temp_store("tokens");
         let s = &t.store;
-        s.create_token("b", &token(ORDERS), ADMIN, 1).unwrap().unwrap();
-        s.create_token("a", &token(ORDERS), ADMIN, 1).unwrap().unwrap();
+        s.create_token("b", &token(ORDERS), ADMIN, 1)
+            .unwrap()
+            .unwrap();
+        s.create_token("a", &token(ORDERS), ADMIN, 1)
+            .unwrap()
+            .unwrap();
         let ids: Vec<String> = s.tokens().unwrap().into_iter().map(|(id, _)| id).collect();
         assert_eq!(ids, ["a", "b"]);
         assert_eq!(s.delete_token("a", ADMIN, 2).unwrap(), Some(token(ORDERS)));
@@ -880,7 +909,10 @@ pub(crate) mod tests {
         let log = s.audit_log(1).unwrap();
         assert_eq!(log[0].action, "token delete a");
         assert!(!log[0].detail.join(" ").contains(&"ab".repeat(32)));
-        assert_eq!(s.bound_workloads(ORDERS).unwrap(), Vec::<ResourceName>::new());
+        assert_eq!(
+            s.bound_workloads(ORDERS).unwrap(),
+            Vec::<ResourceName>::new()
+        );
         s.bind(ORDERS, &orders(), 1).unwrap();
         assert_eq!(s.bound_workloads(ORDERS).unwrap(), vec![orders()]);
         assert!(
