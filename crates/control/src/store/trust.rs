@@ -18,7 +18,7 @@ use crate::cas::utc;
 use crate::error::ControlError;
 use crate::tokens::TokenRecord;
 use bulkhead_policy::model::ResourceName;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 /// Instance id → JSON of an [`Instance`].
