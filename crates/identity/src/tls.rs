@@ -4,7 +4,7 @@
 //! certificate chaining to the bundle; the caller reads the verified ID with
 //! [`peer_identity`]. A client built here checks the server's chain *and* that its SPIFFE ID
 //! is the one it meant to reach; host names play no part. Either side also refuses a peer the
-//! bundle's [`RevocationCheck`] names, at every handshake.
+//! bundle's [`RevocationCheck`](crate::RevocationCheck) names, at every handshake.
 //!
 //! No session is ever resumed: servers keep no session cache and send no tickets, clients
 //! store none. A resumed TLS 1.3 session carries the authentication of the handshake that
