@@ -93,6 +93,25 @@ impl Authority {
         }
     }
 
+    /// A leaf like [`Authority::svid`] but for servers only: its extended key usage lacks
+    /// clientAuth.
+    fn server_only(&self, uri: &str) -> Leaf {
+        let now = SystemTime::now();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        params.not_before = (now - MINUTE).into();
+        params.not_after = (now + HOUR).into();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        }
+    }
+
     /// A leaf that is right in every way the issuer controls: one URI SAN, no CA flag, valid now.
     fn svid(&self, uri: &str) -> Leaf {
         let now = SystemTime::now();
@@ -249,6 +268,17 @@ fn each_bad_client_certificate_is_refused_with_its_own_reason() {
             "bad_signature",
         ),
         ("unknown CA", stranger.svid(&frontend), "unknown_ca"),
+        // Its dates are wrong too, but a certificate we cannot place is named by its CA.
+        (
+            "expired, from an unknown CA",
+            stranger.leaf(&[&frontend], false, now - 2 * HOUR, now - HOUR),
+            "unknown_ca",
+        ),
+        (
+            "no clientAuth purpose",
+            ours.server_only(&frontend),
+            "wrong_purpose",
+        ),
     ];
 
     let refusals = || -> Vec<String> {
@@ -280,11 +310,14 @@ fn each_bad_client_certificate_is_refused_with_its_own_reason() {
     }
 
     let metrics = http(addr(&orders["admin"]), "GET", "/metrics").body;
-    let mut want: Vec<String> = cases
+    let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+    for (_, _, reason) in &cases {
+        *counts.entry(reason).or_default() += 1;
+    }
+    let want: Vec<String> = counts
         .iter()
-        .map(|(_, _, reason)| failure_line("inbound", reason))
+        .map(|(reason, n)| format!("bulkhead_tls_handshake_failures_total{{direction=\"inbound\",reason=\"{reason}\"}} {n}"))
         .collect();
-    want.sort();
     assert_eq!(
         tls_failures(&metrics, "inbound"),
         want,
@@ -400,4 +433,122 @@ fn used_up_and_expired_tokens_are_refused_with_what_to_do() {
         err.contains("join token expired; create a new one with `bulkhead token create`"),
         "{err}"
     );
+}
+
+/// Runs `openssl s_client` against `addr` with the admin credential, saving the session to
+/// `sess` (`-sess_out`) or offering it (`-sess_in`). It keeps reading for half a second after
+/// the handshake, so a session ticket the server sends would be saved. Returns its stdout.
+fn s_client(mesh: &Mesh, addr: SocketAddr, sess: &std::path::Path, offer: bool) -> String {
+    use std::process::{Command, Stdio};
+    let data = mesh.data();
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-tls1_3", "-connect", &addr.to_string()])
+        .arg("-cert")
+        .arg(data.join("admin.pem"))
+        .arg("-key")
+        .arg(data.join("admin.key"))
+        .arg("-CAfile")
+        .arg(data.join("ca.pem"))
+        .arg(if offer { "-sess_in" } else { "-sess_out" })
+        .arg(sess)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed (dev/setup installs it)");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn no_mtls_listener_resumes_a_session() {
+    let mesh = Mesh::start();
+    let (_app, app) = mesh.app("orders");
+    let token = mesh.token(&id("orders"));
+    let app = app.to_string();
+    let (_proxy, orders) = mesh.proxy(
+        "orders",
+        &token,
+        &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
+    );
+    // The harness sees a resumption where there is one: `openssl s_server` with the same
+    // credential sends tickets, and the saved session is resumed.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = mesh.data();
+    let mut server = std::process::Command::new("openssl")
+        .args(["s_server", "-tls1_3", "-accept", &port.to_string()])
+        .arg("-cert")
+        .arg(data.join("admin.pem"))
+        .arg("-key")
+        .arg(data.join("admin.key"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let resumable = SocketAddr::from(([127, 0, 0, 1], port));
+    eventually(WAIT, "openssl s_server listening", || {
+        TcpStream::connect(resumable).is_ok()
+    });
+    let sess = mesh.dir.path().join("control.sess");
+    let first = s_client(&mesh, resumable, &sess, false);
+    let second = s_client(&mesh, resumable, &sess, true);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(first.contains("New Session Ticket"), "{first}");
+    assert!(second.contains("Reused, TLSv1.3"), "{second}");
+
+    for (what, listener) in [
+        ("control plane", mesh.control_addr),
+        ("sidecar inbound", addr(&orders["inbound"])),
+    ] {
+        let sess = mesh.dir.path().join(format!("{}.sess", listener.port()));
+        let first = s_client(&mesh, listener, &sess, false);
+        assert!(
+            first.contains("New, TLSv1.3"),
+            "{what}: no handshake: {first}"
+        );
+        // openssl prints each TLS 1.3 ticket that arrives and saves the session only when
+        // it could resume it: neither happens, so there is nothing to offer back.
+        assert!(
+            !first.contains("New Session Ticket"),
+            "{what} sent a session ticket: {first}"
+        );
+        assert!(!sess.exists(), "{what}: openssl saved a resumable session");
+    }
+}
+
+#[test]
+fn reserved_identities_cannot_have_a_token_and_logging_is_documented() {
+    let mesh = Mesh::start();
+    for reserved in [
+        "spiffe://test.local/bulkhead/control",
+        "spiffe://test.local/bulkhead/admin",
+        "spiffe://test.local/bulkhead/anything",
+    ] {
+        let (code, out, err) = mesh.cli(&["token", "create", "--identity", reserved]);
+        assert_ne!(code, 0, "{reserved}: a token was made: {out}");
+        assert!(
+            err.contains("is reserved") && err.contains("ns/<namespace>/sa/<account>"),
+            "{reserved}: {err}"
+        );
+    }
+    for bin in [&mesh.bins.bulkhead, &mesh.bins.proxy] {
+        let help = std::process::Command::new(bin)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(
+            help.contains("BULKHEAD_LOG") && help.contains("RUST_LOG"),
+            "{}: {help}",
+            bin.display()
+        );
+    }
 }

@@ -59,6 +59,8 @@ impl Admin for State {
                 self.trust_domain()
             )));
         }
+        id.refuse_reserved()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let pick = |given: String, derived: Option<&str>, what: &str| {
             let v = if given.is_empty() {
                 derived.unwrap_or_default().to_string()
@@ -213,7 +215,10 @@ impl Admin for State {
                 changes: r.changes,
             })
             .collect();
-        Ok(Response::new(pb::HistoryResponse { revisions }))
+        Ok(Response::new(pb::HistoryResponse {
+            revisions,
+            audit: Vec::new(),
+        }))
     }
 
     async fn rollback(

@@ -71,6 +71,7 @@ impl Snapshot {
             piece: 0,
             pieces: 1,
             unchanged: false,
+            revocations: None,
         }
     }
 }
@@ -298,9 +299,10 @@ impl Identity for State {
                 tracing::warn!(?remote, token_id, reason = %refusal, "join refused");
                 return Err(match refusal {
                     JoinRefusal::Token(e) => Status::unauthenticated(e.to_string()),
-                    JoinRefusal::Identity(e @ IdentityError::IdentityMismatch { .. }) => {
-                        Status::permission_denied(e.to_string())
-                    }
+                    JoinRefusal::Identity(
+                        e @ (IdentityError::IdentityMismatch { .. }
+                        | IdentityError::Reserved { .. }),
+                    ) => Status::permission_denied(e.to_string()),
                     JoinRefusal::Identity(e) => Status::invalid_argument(e.to_string()),
                 });
             }
@@ -319,6 +321,7 @@ impl Identity for State {
             spiffe_id: id.to_string(),
             namespace: record.namespace,
             workload: record.workload,
+            instance: String::new(),
         }))
     }
 }
@@ -331,6 +334,10 @@ impl State {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let id = caller(&req)?;
         let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
+        // The mesh's own identities are issued by the control plane to itself, never renewed
+        // on request, whatever the store says (a token from before they were reserved).
+        id.refuse_reserved()
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
         if !self.store.has_identity(id.as_str()).map_err(internal)? {
             return Err(Status::permission_denied(format!(
                 "{id} was never issued by a join token; only workload identities renew"
@@ -341,7 +348,7 @@ impl State {
         let chain = signer
             .sign_csr(&csr, &id, self.svid_lifetime, SystemTime::now())
             .map_err(|e| match e {
-                e @ IdentityError::IdentityMismatch { .. } => {
+                e @ (IdentityError::IdentityMismatch { .. } | IdentityError::Reserved { .. }) => {
                     Status::permission_denied(e.to_string())
                 }
                 e => Status::invalid_argument(e.to_string()),
@@ -355,6 +362,7 @@ impl State {
             spiffe_id: id.to_string(),
             namespace: String::new(),
             workload: String::new(),
+            instance: String::new(),
         }))
     }
 }

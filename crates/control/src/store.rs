@@ -28,6 +28,14 @@ use redb::{ReadableTable, TableDefinition};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+// Issue 13: the audit log of credential changes, proxy instances and revocations. The
+// tables and their unit tests are in place; the service does not call them yet (revocation,
+// `token list|delete` and the rejoin credential are the next step), hence the allowance.
+#[allow(dead_code)]
+mod audit;
+#[allow(dead_code)]
+mod trust;
+
 const RESOURCES: TableDefinition<&str, &str> = TableDefinition::new("resources");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Revision → JSON of its [`RevisionRecord`] (who, when, what changed; no set).
@@ -142,6 +150,8 @@ impl Store {
             txn.open_table(BINDINGS)?;
             edges::create(txn)?;
             events::create(txn)?;
+            trust::create_tables(txn)?;
+            audit::create_table(txn)?;
             Ok(())
         })?;
         store.migrate_snapshots()?;

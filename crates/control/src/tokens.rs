@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 const PREFIX: &str = "bhj";
 
 /// What the store keeps for a token. The secret itself is never stored.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct TokenRecord {
     pub secret_sha256: String,
     pub spiffe_id: String,

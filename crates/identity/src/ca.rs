@@ -10,6 +10,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, UnixTime};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -65,11 +66,9 @@ impl Ca {
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        // The SPIFFE X.509-SVID spec: a signing certificate sets keyCertSign and may set
+        // cRLSign; digitalSignature is for leaves only.
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.subject_alt_names = vec![SanType::URI(
             format!("spiffe://{trust_domain}")
                 .try_into()
@@ -289,10 +288,23 @@ impl Ca {
 
     /// Signs an X.509-SVID for `id` over the public key in `csr_der`. Everything the CSR asks
     /// for besides its key is ignored: the identity is the caller's decision, not the CSR's.
+    /// An identity the mesh reserves for itself ([`SpiffeId::is_reserved`]) is refused,
+    /// whoever asks: only [`Ca::issue_local`] makes those.
     ///
     /// Returns the leaf, this CA's certificate, and any intermediates above it; the root
     /// travels only when this CA is the root.
     pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        id.refuse_reserved()?;
+        self.sign(csr_der, id, lifetime, now)
+    }
+
+    fn sign(
         &self,
         csr_der: &[u8],
         id: &SpiffeId,
@@ -327,7 +339,7 @@ impl Ca {
     }
 
     /// Issues an SVID whose key is made here, for the control plane's own use (its serving
-    /// certificate and the admin credential).
+    /// certificate and the admin credential): the one way to an identity the mesh reserves.
     pub fn issue_local(
         &self,
         id: &SpiffeId,
@@ -335,7 +347,7 @@ impl Ca {
         now: SystemTime,
     ) -> Result<Svid, IdentityError> {
         let key = LocalKey::generate()?;
-        let chain = self.sign_csr(&key.csr_der(Some(id))?, id, lifetime, now)?;
+        let chain = self.sign(&key.csr_der(Some(id))?, id, lifetime, now)?;
         key.into_svid(chain)
     }
 
@@ -416,7 +428,7 @@ fn check_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
 }
 
 fn read_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
+    CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())
 }
@@ -424,9 +436,10 @@ fn read_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
 /// The first private key in `pem` (PKCS#8, SEC1 or PKCS#1, skipping other blocks such as EC
 /// parameters), and that key alone as PEM in its own format.
 fn read_key(pem: &str) -> Result<(KeyPair, String), String> {
-    let der = rustls_pemfile::private_key(&mut pem.as_bytes())
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| "no private key block found".to_string())?;
+    let der = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => "no private key block found".to_string(),
+        e => e.to_string(),
+    })?;
     let label = match &der {
         PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
         PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
@@ -509,10 +522,9 @@ fn svid_params(
     dn.push(DnType::OrganizationName, "bulkhead");
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    // The SPIFFE X.509-SVID spec: a leaf sets digitalSignature. keyEncipherment means
+    // nothing for an EC key (it encrypts no key; TLS 1.3 signs), so it is left out.
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,

@@ -16,6 +16,8 @@ pub enum SvidError {
     UnexpectedIdentity { expected: String, found: String },
     #[error("peer identity {found} is outside trust domain {expected}")]
     WrongTrustDomain { expected: String, found: String },
+    #[error("peer identity {id} (certificate serial {serial}) is revoked")]
+    Revoked { id: String, serial: String },
 }
 
 /// Failures of the identity machinery itself (signing, key handling, configuration).
@@ -25,6 +27,14 @@ pub enum IdentityError {
     InvalidId { id: String, reason: &'static str },
     #[error("certificate signing request refused: {0}")]
     BadCsr(String),
+    #[error(
+        "{id} is reserved: identities under spiffe://{trust_domain}/bulkhead/ belong to the mesh itself ({purpose}) and only the control plane issues them, to itself; give the workload its own identity, such as spiffe://{trust_domain}/ns/<namespace>/sa/<account>"
+    )]
+    Reserved {
+        id: String,
+        trust_domain: String,
+        purpose: &'static str,
+    },
     #[error("this credential is bound to {bound}; it cannot be used to obtain {requested}")]
     IdentityMismatch { bound: String, requested: String },
     #[error("could not sign certificate: {0}")]

@@ -13,6 +13,12 @@ pub struct SpiffeId {
 
 const MAX_LEN: usize = 2048;
 
+/// The path segment under which the mesh names its own components. Every identity under
+/// `spiffe://<td>/bulkhead` belongs to the mesh: the control plane issues those to itself
+/// ([`crate::Ca::issue_local`]) and no workload can obtain one ([`crate::Ca::sign_csr`]
+/// refuses them).
+pub const RESERVED_SEGMENT: &str = "bulkhead";
+
 impl SpiffeId {
     /// Parses per the SPIFFE ID spec: lowercase trust domain of `[a-z0-9.-_]`, path segments of
     /// `[a-zA-Z0-9.-_]`, no empty, `.` or `..` segments, no trailing slash, no query, fragment,
@@ -91,6 +97,41 @@ impl SpiffeId {
         &self.id[self.path_at..]
     }
 
+    /// Whether this identity belongs to the mesh itself: its path is `/bulkhead` or under it.
+    pub fn is_reserved(&self) -> bool {
+        let path = &self.path()[1..];
+        path == RESERVED_SEGMENT
+            || path
+                .strip_prefix(RESERVED_SEGMENT)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+
+    /// What a reserved identity is for, in words; `None` if it is not reserved.
+    pub fn reserved_for(&self) -> Option<&'static str> {
+        if !self.is_reserved() {
+            return None;
+        }
+        Some(match &self.path()[1 + RESERVED_SEGMENT.len()..] {
+            "/control" => {
+                "the control plane's own identity, which proxies and the CLI trust as the control plane"
+            }
+            "/admin" => "the admin credential, which may change policy and mint join tokens",
+            _ => "reserved for the mesh's own components",
+        })
+    }
+
+    /// Refuses an identity the mesh reserves, saying what it is for and what to use instead.
+    pub fn refuse_reserved(&self) -> Result<(), IdentityError> {
+        match self.reserved_for() {
+            Some(purpose) => Err(IdentityError::Reserved {
+                id: self.to_string(),
+                trust_domain: self.trust_domain().to_string(),
+                purpose,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The namespace, if the path has the Kubernetes shape `/ns/<ns>/sa/<sa>`.
     pub fn namespace(&self) -> Option<&str> {
         let mut segs = self.path()[1..].split('/');
@@ -132,6 +173,37 @@ mod tests {
         assert_eq!(id.service_account(), Some("orders"));
         let other = SpiffeId::parse("spiffe://td/bulkhead/control").unwrap();
         assert_eq!(other.namespace(), None);
+    }
+
+    #[test]
+    fn the_mesh_reserves_everything_under_its_own_segment() {
+        for reserved in [
+            "spiffe://td/bulkhead",
+            "spiffe://td/bulkhead/control",
+            "spiffe://td/bulkhead/admin",
+            "spiffe://td/bulkhead/anything/deeper",
+        ] {
+            let id = SpiffeId::parse(reserved).unwrap();
+            assert!(id.is_reserved(), "{reserved}");
+            assert!(id.reserved_for().is_some(), "{reserved}");
+        }
+        assert!(
+            SpiffeId::parse("spiffe://td/bulkhead/admin")
+                .unwrap()
+                .reserved_for()
+                .unwrap()
+                .contains("admin credential")
+        );
+        for workload in [
+            "spiffe://td/ns/bulkhead/sa/admin",
+            "spiffe://td/bulkheads/admin",
+            "spiffe://td/bulkhead-x",
+            "spiffe://bulkhead/ns/a/sa/b",
+        ] {
+            let id = SpiffeId::parse(workload).unwrap();
+            assert!(!id.is_reserved(), "{workload}");
+            assert_eq!(id.reserved_for(), None);
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use crate::error::{IdentityError, SvidError};
 use crate::spiffe::SpiffeId;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -138,9 +139,10 @@ impl Svid {
 
     /// Reads a chain and PKCS#8 key from PEM (the admin credential).
     pub fn from_pem(certs_pem: &str, key_pem: &str) -> Result<Svid, IdentityError> {
-        let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut certs_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(certs_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
         let key =
             KeyPair::from_pem(key_pem).map_err(|e| IdentityError::IssuedCert(e.to_string()))?;
         LocalKey { key }.into_svid(chain)
@@ -192,6 +194,13 @@ pub fn serial_of(cert_der: &[u8]) -> Option<String> {
     Some(cert.raw_serial_as_string())
 }
 
+/// When a certificate starts being valid, if it parses.
+pub fn not_before_of(cert_der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
+    let secs = u64::try_from(cert.validity().not_before.timestamp()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// When a certificate stops being valid, if it parses.
 pub fn not_after_of(cert_der: &[u8]) -> Option<SystemTime> {
     let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
@@ -226,7 +235,17 @@ pub(crate) fn ca_uri_san(cert_der: &[u8]) -> Option<String> {
     })
 }
 
-/// The root certificates a peer's chain must lead to, with the trust domain they serve.
+/// Who is refused although their certificate chains to the bundle: revoked identities and
+/// revoked certificates. Asked at every handshake, so a list behind it that changes takes
+/// effect at the next one. Implementations answer from memory; they must not block.
+pub trait RevocationCheck: Send + Sync + std::fmt::Debug {
+    /// Whether the leaf of `id` with `serial` (colon-separated hex, as [`serial_of`] gives
+    /// it) is revoked.
+    fn is_revoked(&self, id: &SpiffeId, serial: &str) -> bool;
+}
+
+/// The root certificates a peer's chain must lead to, with the trust domain they serve, and
+/// optionally the revocations a peer must not be named by.
 ///
 /// The trust domain is configuration (the control plane's `--trust-domain`), not a property
 /// of the roots: an enterprise root brought by the operator names no SPIFFE trust domain.
@@ -234,6 +253,7 @@ pub(crate) fn ca_uri_san(cert_der: &[u8]) -> Option<String> {
 pub struct TrustBundle {
     trust_domain: String,
     roots: Vec<CertificateDer<'static>>,
+    revocations: Option<Arc<dyn RevocationCheck>>,
 }
 
 impl TrustBundle {
@@ -256,7 +276,30 @@ impl TrustBundle {
         Ok(TrustBundle {
             trust_domain: trust_domain.to_string(),
             roots,
+            revocations: None,
         })
+    }
+
+    /// The same bundle, refusing every peer `check` names: every TLS configuration built from
+    /// it (server and client) asks `check` at each handshake.
+    pub fn with_revocations(mut self, check: Arc<dyn RevocationCheck>) -> TrustBundle {
+        self.revocations = Some(check);
+        self
+    }
+
+    /// Refuses a leaf (of `id`) that the bundle's revocation check names.
+    pub fn check_revoked(&self, id: &SpiffeId, leaf_der: &[u8]) -> Result<(), SvidError> {
+        let Some(check) = &self.revocations else {
+            return Ok(());
+        };
+        let serial = serial_of(leaf_der).unwrap_or_default();
+        if check.is_revoked(id, &serial) {
+            return Err(SvidError::Revoked {
+                id: id.to_string(),
+                serial,
+            });
+        }
+        Ok(())
     }
 
     /// Builds a bundle whose trust domain is read from the `spiffe://` URI SAN of its roots
@@ -314,7 +357,7 @@ impl TrustBundle {
 }
 
 fn read_pem_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
+    CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| IdentityError::Bundle(e.to_string()))
 }
@@ -342,12 +385,63 @@ mod tests {
         assert_eq!(svid.id(), &id);
         let (_, leaf) = X509Certificate::from_der(&svid.chain()[0]).unwrap();
         assert!(!leaf.is_ca());
-        let ku = leaf.key_usage().unwrap().unwrap().value;
+        // The SPIFFE X.509-SVID spec: a leaf sets digitalSignature, never keyCertSign or
+        // cRLSign; keyEncipherment has no meaning for an EC key, so it is not set.
+        let ku = leaf.key_usage().unwrap().unwrap();
+        assert!(ku.critical);
+        let ku = ku.value;
         assert!(ku.digital_signature() && !ku.key_cert_sign() && !ku.crl_sign());
+        assert!(!ku.key_encipherment() && !ku.key_agreement());
+        // A signing certificate sets keyCertSign and may set cRLSign; digitalSignature
+        // belongs to leaves.
+        let (_, root) = X509Certificate::from_der(ca.cert_der()).unwrap();
+        let ku = root.key_usage().unwrap().unwrap().value;
+        assert!(ku.key_cert_sign() && ku.crl_sign() && !ku.digital_signature());
         let eku = leaf.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
         let life = svid.not_after().duration_since(svid.not_before()).unwrap();
         assert_eq!(life, crate::DEFAULT_SVID_LIFETIME + Duration::from_secs(60));
+    }
+
+    #[test]
+    fn reserved_identities_come_only_from_issue_local() {
+        let now = SystemTime::now();
+        let ca = Ca::generate("td.test", now).unwrap();
+        for path in ["/bulkhead/admin", "/bulkhead/control", "/bulkhead/anything"] {
+            let id = SpiffeId::parse(&format!("spiffe://td.test{path}")).unwrap();
+            let key = LocalKey::generate().unwrap();
+            // Whatever the CSR asks for, even exactly that identity.
+            for csr in [key.csr_der(Some(&id)).unwrap(), key.csr_der(None).unwrap()] {
+                let err = ca
+                    .sign_csr(&csr, &id, Duration::from_secs(60), now)
+                    .unwrap_err();
+                assert!(matches!(err, IdentityError::Reserved { .. }), "{err}");
+                assert!(
+                    err.to_string().starts_with(&format!(
+                        "spiffe://td.test{path} is reserved: identities under spiffe://td.test/bulkhead/ belong to the mesh itself"
+                    )),
+                    "{err}"
+                );
+            }
+            let own = ca.issue_local(&id, Duration::from_secs(60), now).unwrap();
+            assert_eq!(own.id(), &id);
+        }
+        // A CSR naming a reserved identity for a workload identity is refused as a mismatch.
+        let key = LocalKey::generate().unwrap();
+        let admin = SpiffeId::parse("spiffe://td.test/bulkhead/admin").unwrap();
+        let workload = SpiffeId::parse("spiffe://td.test/ns/a/sa/b").unwrap();
+        let err = ca
+            .sign_csr(
+                &key.csr_der(Some(&admin)).unwrap(),
+                &workload,
+                Duration::from_secs(60),
+                now,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, IdentityError::IdentityMismatch { .. }),
+            "{err}"
+        );
     }
 
     #[test]

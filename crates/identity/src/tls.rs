@@ -3,20 +3,29 @@
 //! A server built here requires (or, for the control plane's join endpoint, permits) a client
 //! certificate chaining to the bundle; the caller reads the verified ID with
 //! [`peer_identity`]. A client built here checks the server's chain *and* that its SPIFFE ID
-//! is the one it meant to reach; host names play no part.
+//! is the one it meant to reach; host names play no part. Either side also refuses a peer the
+//! bundle's [`RevocationCheck`](crate::RevocationCheck) names, at every handshake.
+//!
+//! No session is ever resumed: servers keep no session cache and send no tickets, clients
+//! store none. A resumed TLS 1.3 session carries the authentication of the handshake that
+//! made it, certificate included, so resumption would let a peer in on a certificate that has
+//! since expired or been revoked. Every connection presents and verifies a certificate.
 
 use crate::error::{IdentityError, SvidError};
 use crate::spiffe::SpiffeId;
-use crate::svid::{Svid, TrustBundle, spiffe_id_of};
+use crate::svid::{Svid, TrustBundle, not_after_of, not_before_of, spiffe_id_of};
+use rustls::client::Resumption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
 use rustls::{
-    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig,
+    SignatureScheme,
 };
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 /// The crypto provider for every Bulkhead TLS endpoint (aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -62,7 +71,8 @@ impl ExpectedServer {
     }
 }
 
-/// An mTLS server configuration: TLS 1.3 only, our SVID, clients verified against `bundle`.
+/// An mTLS server configuration: TLS 1.3 only, our SVID, clients verified against `bundle`
+/// (and refused if its revocation check names them); no session resumption.
 pub fn server_config(
     svid: &Svid,
     bundle: &TrustBundle,
@@ -80,14 +90,21 @@ pub fn server_config(
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| IdentityError::Tls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier(verifier)))
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier {
+            inner: verifier,
+            bundle: bundle.clone(),
+        }))
         .with_single_cert(svid.chain().to_vec(), svid.private_key())
         .map_err(|e| IdentityError::Tls(e.to_string()))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // No resumption: no stateful cache, and no tickets (stateless ones were never made).
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
-/// An mTLS client configuration presenting `svid` (if any) and accepting only `expected`.
+/// An mTLS client configuration presenting `svid` (if any) and accepting only `expected`
+/// (and not if the bundle's revocation check names it); no session resumption.
 pub fn client_config(
     svid: Option<&Svid>,
     bundle: &TrustBundle,
@@ -99,6 +116,7 @@ pub fn client_config(
         roots: Arc::new(bundle.root_store()?),
         expected,
         algorithms: provider.signature_verification_algorithms,
+        bundle: bundle.clone(),
     });
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -112,6 +130,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.resumption = Resumption::disabled();
     Ok(config)
 }
 
@@ -139,12 +158,31 @@ pub fn peer_identity(
     Ok(id)
 }
 
-/// Verifies a server's chain to the bundle and its SPIFFE ID; ignores DNS names.
+/// Verifies a server's chain to the bundle, its SPIFFE ID and that it is not revoked; ignores
+/// DNS names.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<rustls::RootCertStore>,
     expected: ExpectedServer,
     algorithms: WebPkiSupportedAlgorithms,
+    bundle: TrustBundle,
+}
+
+impl SpiffeServerVerifier {
+    fn verify_chain(
+        &self,
+        cert: &ParsedCertificate<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )
+    }
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -157,16 +195,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )
-        .map_err(|e| chain_error(e, end_entity))?;
+        self.verify_chain(&cert, intermediates, now).map_err(|e| {
+            chain_error(e, end_entity, |at| {
+                self.verify_chain(&cert, intermediates, at)
+            })
+        })?;
         let id = spiffe_id_of(end_entity).map_err(svid_error)?;
         self.expected.check(&id).map_err(svid_error)?;
+        self.bundle
+            .check_revoked(&id, end_entity)
+            .map_err(svid_error)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -193,21 +231,25 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// webpki's client verifier, its errors named as [`chain_error`] names them.
+/// webpki's client verifier, its errors named as [`chain_error`] names them, and a client the
+/// bundle's revocation check names refused.
 #[derive(Debug)]
-struct SpiffeClientVerifier(Arc<dyn ClientCertVerifier>);
+struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    bundle: TrustBundle,
+}
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn offer_client_auth(&self) -> bool {
-        self.0.offer_client_auth()
+        self.inner.offer_client_auth()
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.0.client_auth_mandatory()
+        self.inner.client_auth_mandatory()
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.0.root_hint_subjects()
+        self.inner.root_hint_subjects()
     }
 
     fn verify_client_cert(
@@ -216,9 +258,24 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
+        let verified = self
+            .inner
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|e| chain_error(e, end_entity))
+            .map_err(|e| {
+                chain_error(e, end_entity, |at| {
+                    self.inner
+                        .verify_client_cert(end_entity, intermediates, at)
+                        .map(|_| ())
+                })
+            })?;
+        // Only a valid SVID can be revoked; one that is not is refused later, by the caller's
+        // `peer_identity`, with its own reason.
+        if let Ok(id) = spiffe_id_of(end_entity) {
+            self.bundle
+                .check_revoked(&id, end_entity)
+                .map_err(svid_error)?;
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -227,7 +284,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -236,22 +293,58 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
-/// webpki refuses a leaf with the CA flag before looking for its issuer, but says so only in
-/// an opaque `Other` error: name it as the SVID rule it breaks, so logs and metrics can.
-fn chain_error(e: rustls::Error, end_entity: &CertificateDer<'_>) -> rustls::Error {
+/// Names a chain verification failure for logs and metrics.
+///
+/// - webpki refuses a leaf with the CA flag before looking for its issuer, but says so only
+///   in an opaque `Other` error: name it as the SVID rule it breaks.
+/// - webpki checks a certificate's dates before its issuer, so a certificate from a CA we do
+///   not know that has also expired (or is not valid yet) would be named by its dates. The
+///   CA is the graver fault: `verify_at` runs the same verification at a moment inside the
+///   leaf's validity, and if the issuer is unknown then too, that is the error.
+fn chain_error(
+    e: rustls::Error,
+    end_entity: &CertificateDer<'_>,
+    verify_at: impl Fn(UnixTime) -> Result<(), rustls::Error>,
+) -> rustls::Error {
+    use rustls::Error::InvalidCertificate;
     match e {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_))
+        InvalidCertificate(CertificateError::Other(_))
             if spiffe_id_of(end_entity) == Err(SvidError::CaLeaf) =>
         {
             svid_error(SvidError::CaLeaf)
+        }
+        InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        ) => {
+            let inside = match (not_before_of(end_entity), not_after_of(end_entity)) {
+                (Some(from), Some(until)) => match until.duration_since(from) {
+                    Ok(span) => from + span / 2,
+                    Err(_) => return e,
+                },
+                _ => return e,
+            };
+            let at = UnixTime::since_unix_epoch(
+                inside.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO),
+            );
+            match verify_at(at) {
+                Err(
+                    unknown @ InvalidCertificate(
+                        CertificateError::UnknownIssuer | CertificateError::BadSignature,
+                    ),
+                ) => unknown,
+                _ => e,
+            }
         }
         e => e,
     }
@@ -269,8 +362,12 @@ mod tests {
     use crate::{Ca, SpiffeId};
     use std::time::{Duration, SystemTime};
 
-    /// Runs a handshake in memory; returns the first error either side raises.
-    fn handshake(client: ClientConfig, server: ServerConfig) -> Result<(), rustls::Error> {
+    /// Runs a handshake in memory; returns how the client saw it finish (full or resumed),
+    /// or the first error either side raises.
+    fn handshake(
+        client: ClientConfig,
+        server: ServerConfig,
+    ) -> Result<rustls::HandshakeKind, rustls::Error> {
         let mut c = rustls::ClientConnection::new(Arc::new(client), server_name())?;
         let mut s = rustls::ServerConnection::new(Arc::new(server))?;
         for _ in 0..20 {
@@ -297,7 +394,9 @@ mod tests {
             }
             c.process_new_packets()?;
             if !c.is_handshaking() && !s.is_handshaking() {
-                return Ok(());
+                return c
+                    .handshake_kind()
+                    .ok_or_else(|| rustls::Error::General("no handshake kind".into()));
             }
         }
         Err(rustls::Error::General("handshake did not finish".into()))
@@ -362,5 +461,217 @@ mod tests {
             .unwrap();
         let err = handshake(cc(&future), sc()).unwrap_err();
         assert!(format!("{err:?}").contains("NotValidYet"), "{err:?}");
+    }
+
+    struct Pair {
+        ca: Ca,
+        bundle: TrustBundle,
+        server_id: SpiffeId,
+        server: Svid,
+        client: Svid,
+    }
+
+    fn pair() -> Pair {
+        let now = SystemTime::now();
+        let ca = Ca::generate("td", now).unwrap();
+        let bundle = TrustBundle::from_pem(ca.cert_pem()).unwrap();
+        let server_id = SpiffeId::parse("spiffe://td/server").unwrap();
+        let server = ca
+            .issue_local(&server_id, Duration::from_secs(3600), now)
+            .unwrap();
+        let client = ca
+            .issue_local(
+                &SpiffeId::parse("spiffe://td/client").unwrap(),
+                Duration::from_secs(3600),
+                now,
+            )
+            .unwrap();
+        Pair {
+            ca,
+            bundle,
+            server_id,
+            server,
+            client,
+        }
+    }
+
+    fn configs(p: &Pair, bundle: &TrustBundle) -> (ClientConfig, ServerConfig) {
+        let client = client_config(
+            Some(&p.client),
+            bundle,
+            ExpectedServer::Exact(p.server_id.clone()),
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        let server =
+            server_config(&p.server, bundle, ClientAuth::Required, &[b"http/1.1"]).unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn no_session_is_ever_resumed() {
+        use rustls::HandshakeKind::{Full, Resumed};
+        let p = pair();
+        let (client, server) = configs(&p, &p.bundle);
+        // The harness can see a resumption: the same configurations with rustls' defaults
+        // for session storage, tickets and the client's cache resume the second time.
+        let (mut client_on, mut server_on) = (client.clone(), server.clone());
+        server_on.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+        server_on.send_tls13_tickets = 2;
+        client_on.resumption = Resumption::default();
+        assert_eq!(handshake(client_on.clone(), server_on.clone()), Ok(Full));
+        assert_eq!(handshake(client_on, server_on.clone()), Ok(Resumed));
+        // Ours never do, whichever side would offer it: our client keeps no session…
+        assert_eq!(handshake(client.clone(), server_on.clone()), Ok(Full));
+        assert_eq!(handshake(client.clone(), server_on), Ok(Full));
+        // …and our server offers none to a client that would keep one.
+        assert_eq!(handshake(client.clone(), server.clone()), Ok(Full));
+        assert_eq!(handshake(client.clone(), server.clone()), Ok(Full));
+        let mut eager_client = client.clone();
+        eager_client.resumption = Resumption::default();
+        assert_eq!(handshake(eager_client.clone(), server.clone()), Ok(Full));
+        assert_eq!(handshake(eager_client, server), Ok(Full));
+    }
+
+    fn svid_error_of(e: &rustls::Error) -> Option<SvidError> {
+        match e {
+            rustls::Error::InvalidCertificate(CertificateError::Other(o)) => {
+                o.0.downcast_ref::<SvidError>().cloned()
+            }
+            _ => None,
+        }
+    }
+
+    #[derive(Debug)]
+    struct Revoked(Vec<String>);
+
+    impl crate::RevocationCheck for Revoked {
+        fn is_revoked(&self, id: &SpiffeId, serial: &str) -> bool {
+            self.0.iter().any(|r| r == id.as_str() || r == serial)
+        }
+    }
+
+    #[test]
+    fn both_sides_refuse_a_revoked_peer_at_the_handshake() {
+        let p = pair();
+        let (client, server) = configs(&p, &p.bundle);
+        assert!(handshake(client.clone(), server.clone()).is_ok());
+
+        let by_id = p
+            .bundle
+            .clone()
+            .with_revocations(Arc::new(Revoked(vec!["spiffe://td/client".into()])));
+        let (_, strict_server) = configs(&p, &by_id);
+        let err = handshake(client.clone(), strict_server).unwrap_err();
+        assert_eq!(
+            svid_error_of(&err),
+            Some(SvidError::Revoked {
+                id: "spiffe://td/client".into(),
+                serial: p.client.serial().into()
+            })
+        );
+
+        let by_serial = p
+            .bundle
+            .clone()
+            .with_revocations(Arc::new(Revoked(vec![p.server.serial().to_string()])));
+        let (strict_client, _) = configs(&p, &by_serial);
+        let err = handshake(strict_client, server.clone()).unwrap_err();
+        assert_eq!(
+            svid_error_of(&err),
+            Some(SvidError::Revoked {
+                id: "spiffe://td/server".into(),
+                serial: p.server.serial().into()
+            })
+        );
+
+        // Another serial of the same identity is not this one.
+        let other = p
+            .bundle
+            .clone()
+            .with_revocations(Arc::new(Revoked(vec!["00:11".into()])));
+        let (c, s) = configs(&p, &other);
+        assert!(handshake(c, s).is_ok());
+    }
+
+    #[test]
+    fn an_expired_certificate_from_an_unknown_ca_is_named_by_its_ca() {
+        let p = pair();
+        let now = SystemTime::now();
+        let (_, server) = configs(&p, &p.bundle);
+        let stranger = Ca::generate("td", now - Duration::from_secs(7200)).unwrap();
+        let old = |ca: &Ca| {
+            ca.issue_local(
+                &SpiffeId::parse("spiffe://td/client").unwrap(),
+                Duration::from_secs(60),
+                now - Duration::from_secs(600),
+            )
+            .unwrap()
+        };
+        let client_with = |svid: &Svid| {
+            client_config(
+                Some(svid),
+                &p.bundle,
+                ExpectedServer::Exact(p.server_id.clone()),
+                &[b"http/1.1"],
+            )
+            .unwrap()
+        };
+        let err = handshake(client_with(&old(&stranger)), server.clone()).unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
+        // From our own CA, the same dates are what is wrong.
+        let err = handshake(client_with(&old(&p.ca)), server).unwrap_err();
+        assert!(format!("{err:?}").contains("Expired"), "{err:?}");
+    }
+
+    #[test]
+    fn a_leaf_without_the_client_auth_purpose_is_refused_as_such() {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose, SanType,
+        };
+        let p = pair();
+        let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut root = CertificateParams::default();
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let root_cert = root.self_signed(&root_key).unwrap();
+        let issuer = Issuer::new(root, root_key);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut leaf = CertificateParams::default();
+        leaf.is_ca = IsCa::ExplicitNoCa;
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        leaf.subject_alt_names = vec![SanType::URI("spiffe://td/client".try_into().unwrap())];
+        let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
+        let svid = Svid::from_pem(&leaf_cert.pem(), &key.serialize_pem()).unwrap();
+        let bundle = TrustBundle::for_trust_domain(
+            "td",
+            vec![p.ca.cert_der().clone(), root_cert.der().clone()],
+        )
+        .unwrap();
+        let server =
+            server_config(&p.server, &bundle, ClientAuth::Required, &[b"http/1.1"]).unwrap();
+        let client = client_config(
+            Some(&svid),
+            &bundle,
+            ExpectedServer::Exact(p.server_id.clone()),
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        let err = handshake(client, server).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::InvalidPurpose
+                        | CertificateError::InvalidPurposeContext { .. }
+                )
+            ),
+            "{err:?}"
+        );
     }
 }

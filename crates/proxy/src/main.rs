@@ -17,7 +17,8 @@ use std::time::Duration;
     name = "bulkhead-proxy",
     version,
     args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    subcommand_negates_reqs = true,
+    after_help = LOGGING_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -264,9 +265,28 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+const LOGGING_HELP: &str = "Logging: BULKHEAD_LOG sets what is logged, as a filter in RUST_LOG's syntax, e.g. BULKHEAD_LOG=debug or BULKHEAD_LOG=info,bulkhead_proxy=debug,h2=warn; RUST_LOG is read when BULKHEAD_LOG is unset. The default is info; logs go to stderr (--log-format text or json).";
+
+/// The log filter: `BULKHEAD_LOG`, else `RUST_LOG` (both in `RUST_LOG`'s syntax), else info.
+/// A filter that does not parse is reported and the default used.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    for var in ["BULKHEAD_LOG", "RUST_LOG"] {
+        let Ok(text) = std::env::var(var) else {
+            continue;
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        return tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
+            eprintln!("warning: {var}={text:?} is not a log filter ({e}); logging at info");
+            tracing_subscriber::EnvFilter::new("info")
+        });
+    }
+    tracing_subscriber::EnvFilter::new("info")
+}
+
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_filter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

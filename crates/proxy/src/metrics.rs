@@ -420,6 +420,11 @@ pub(crate) enum TlsFailure {
     ManyUriSans,
     CaLeaf,
     BadSpiffeId,
+    /// The leaf's extended key usage does not allow its use here (a client certificate
+    /// without clientAuth, a server certificate without serverAuth).
+    WrongPurpose,
+    /// The peer's identity or certificate was revoked (`bulkhead revoke`).
+    Revoked,
     Incompatible,
     /// The peer refused our certificate (it sent an alert).
     RefusedByPeer,
@@ -442,6 +447,8 @@ impl TlsFailure {
             TlsFailure::ManyUriSans => "many_uri_sans",
             TlsFailure::CaLeaf => "ca_flag_on_leaf",
             TlsFailure::BadSpiffeId => "bad_spiffe_id",
+            TlsFailure::WrongPurpose => "wrong_purpose",
+            TlsFailure::Revoked => "revoked",
             TlsFailure::Incompatible => "incompatible",
             TlsFailure::RefusedByPeer => "refused_by_peer",
             TlsFailure::Timeout => "timeout",
@@ -457,6 +464,7 @@ impl TlsFailure {
             SvidError::CaLeaf => TlsFailure::CaLeaf,
             SvidError::UnexpectedIdentity { .. } => TlsFailure::UnexpectedIdentity,
             SvidError::WrongTrustDomain { .. } => TlsFailure::WrongTrustDomain,
+            SvidError::Revoked { .. } => TlsFailure::Revoked,
         }
     }
 
@@ -478,6 +486,7 @@ impl TlsFailure {
                 C::NotValidYet | C::NotValidYetContext { .. } => TlsFailure::NotYetValid,
                 C::UnknownIssuer => TlsFailure::UnknownCa,
                 C::BadSignature => TlsFailure::BadSignature,
+                C::InvalidPurpose | C::InvalidPurposeContext { .. } => TlsFailure::WrongPurpose,
                 C::Other(o) => {
                     o.0.downcast_ref::<SvidError>()
                         .map(TlsFailure::of_svid)
@@ -512,6 +521,19 @@ mod tests {
                 "refused_by_peer",
             ),
             (io(E::InvalidCertificate(C::BadSignature)), "bad_signature"),
+            (
+                io(E::InvalidCertificate(C::InvalidPurpose)),
+                "wrong_purpose",
+            ),
+            (
+                io(E::InvalidCertificate(C::Other(rustls::OtherError(
+                    Arc::new(SvidError::Revoked {
+                        id: "spiffe://td/a".into(),
+                        serial: "01".into(),
+                    }),
+                )))),
+                "revoked",
+            ),
             (
                 io(E::InvalidMessage(
                     rustls::InvalidMessage::InvalidContentType,
