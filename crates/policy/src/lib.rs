@@ -15,6 +15,8 @@ mod located;
 pub mod model;
 mod pattern;
 mod reach;
+#[cfg(feature = "schema")]
+mod schema;
 mod source;
 
 pub use compile::{Distribution, relevant_to};
