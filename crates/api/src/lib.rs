@@ -7,6 +7,8 @@ pub mod v1 {
 }
 
 pub mod channel;
+pub mod exposition;
+pub mod pieces;
 
 pub use v1::Resource as WireResource;
 

@@ -5,11 +5,12 @@ use crate::client;
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::admin_client::AdminClient;
 use bulkhead_api::v1::{
-    ApplyRequest, ApplyResponse, DeleteRequest, GetRequest, HistoryRequest, ListProxiesRequest,
-    RollbackRequest,
+    ApplyRequest, ApplyResponse, AwaitRevisionRequest, DeleteRequest, GetRequest, HistoryRequest,
+    ListProxiesRequest, ProxyProgress, RollbackRequest,
 };
 use bulkhead_policy::model::Resource;
 use std::path::Path;
+use std::time::Duration;
 use tonic::transport::Channel;
 
 type Admin = AdminClient<Channel>;
@@ -33,23 +34,152 @@ fn print_changes(resp: &ApplyResponse) {
     println!("revision {}", resp.revision);
 }
 
-pub async fn apply(admin: &mut Admin, file: &Path) -> Result<()> {
-    let yaml =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+/// How a change is made: against which revision, and whether to wait until it is in force.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChangeOptions {
+    /// Refuse unless the set is at this revision (`--expect-revision`).
+    pub expect_revision: Option<u64>,
+    /// Wait this long at most for every affected proxy to acknowledge (`--wait`).
+    pub wait: Option<Duration>,
+}
+
+pub async fn apply(admin: &mut Admin, file: &Path, opts: ChangeOptions) -> Result<()> {
+    let name = file.display().to_string();
+    // Said here, before the file crosses the wire, in the words the control plane uses.
+    if let Ok(meta) = std::fs::metadata(file)
+        && meta.len() > bulkhead_control::MAX_APPLY_BYTES as u64
+    {
+        let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
+        bail!(
+            "{name} is {:.1} MiB; one apply may carry at most {:.1} MiB: split it into several files and apply each",
+            mib(meta.len() as f64),
+            mib(bulkhead_control::MAX_APPLY_BYTES as f64)
+        );
+    }
+    let yaml = std::fs::read_to_string(file).with_context(|| format!("cannot read {name}"))?;
     let resp = admin
         .apply(request(ApplyRequest {
-            file: file.display().to_string(),
+            file: name,
             yaml,
+            expect_revision: opts.expect_revision,
         }))
         .await
         .map_err(client::status)?
         .into_inner();
     print_changes(&resp);
+    wait_if_asked(admin, &resp, opts.wait).await
+}
+
+/// With `--wait`: waits until every connected proxy of the workloads the change affected has
+/// put its revision in force, printing progress on stderr; an error names each proxy that
+/// refused it (with its reason) or did not answer in time.
+pub(crate) async fn wait_if_asked(
+    admin: &mut Admin,
+    resp: &ApplyResponse,
+    wait: Option<Duration>,
+) -> Result<()> {
+    let Some(timeout) = wait else {
+        return Ok(());
+    };
+    let workloads = &resp.affected_workloads;
+    if workloads.is_empty() {
+        eprintln!("no workload's configuration changed; nothing to wait for");
+        return Ok(());
+    }
+    let revision = resp.revision;
+    eprintln!(
+        "waiting up to {}s for the proxies of {} to put revision {revision} in force",
+        timeout.as_secs(),
+        workloads.join(", ")
+    );
+    let mut stream = admin
+        .await_revision(request(AwaitRevisionRequest {
+            revision,
+            workloads: workloads.clone(),
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        }))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    let mut last = Vec::new();
+    // The server ends the wait at the timeout; a little more here covers the answer's trip.
+    let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(5);
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.message()).await;
+        let msg = match next {
+            Ok(msg) => msg.map_err(client::status)?,
+            Err(_) => None,
+        };
+        let Some(msg) = msg else { break };
+        eprintln!("  {}", progress_line(&msg.proxies));
+        last = msg.proxies;
+        if msg.done {
+            break;
+        }
+    }
+    let laggards: Vec<String> = last
+        .iter()
+        .filter(|p| p.state != "acked")
+        .map(|p| {
+            let who = format!("{} ({}/{})", p.spiffe_id, p.namespace, p.workload);
+            match p.state.as_str() {
+                "nacked" => format!("  {who} refused revision {}: {}", p.revision, p.error),
+                "disconnected" => format!("  {who} disconnected before it answered"),
+                _ => format!("  {who} did not answer within {}s", timeout.as_secs()),
+            }
+        })
+        .collect();
+    if last.is_empty() {
+        eprintln!(
+            "no proxy of {} is connected; nothing to wait for",
+            workloads.join(", ")
+        );
+        return Ok(());
+    }
+    if !laggards.is_empty() {
+        bail!(
+            "revision {revision} is not in force at {} of {} proxies:
+{}",
+            laggards.len(),
+            last.len(),
+            laggards.join("\n")
+        );
+    }
+    eprintln!(
+        "revision {revision} is in force at all {} proxies",
+        last.len()
+    );
     Ok(())
 }
 
+/// `2 acknowledged, 1 refused, 1 pending` of the proxies waited for.
+fn progress_line(proxies: &[ProxyProgress]) -> String {
+    let count = |state: &str| proxies.iter().filter(|p| p.state == state).count();
+    let mut parts = vec![format!(
+        "{} of {} acknowledged",
+        count("acked"),
+        proxies.len()
+    )];
+    for (state, word) in [
+        ("nacked", "refused"),
+        ("disconnected", "disconnected"),
+        ("pending", "pending"),
+    ] {
+        let n = count(state);
+        if n > 0 {
+            parts.push(format!("{n} {word}"));
+        }
+    }
+    parts.join(", ")
+}
+
 /// Deletes the resources a file names, or `Kind/namespace/name` keys.
-pub async fn delete(admin: &mut Admin, file: Option<&Path>, keys: Vec<String>) -> Result<()> {
+pub async fn delete(
+    admin: &mut Admin,
+    file: Option<&Path>,
+    keys: Vec<String>,
+    opts: ChangeOptions,
+) -> Result<()> {
     let mut keys = keys;
     if let Some(file) = file {
         let text = std::fs::read_to_string(file)
@@ -61,12 +191,15 @@ pub async fn delete(admin: &mut Admin, file: Option<&Path>, keys: Vec<String>) -
         bail!("nothing to delete: pass -f FILE or Kind/namespace/name keys");
     }
     let resp = admin
-        .delete(request(DeleteRequest { keys }))
+        .delete(request(DeleteRequest {
+            keys,
+            expect_revision: opts.expect_revision,
+        }))
         .await
         .map_err(client::status)?
         .into_inner();
     print_changes(&resp);
-    Ok(())
+    wait_if_asked(admin, &resp, opts.wait).await
 }
 
 /// `what`: all, policies, workloads, services, postures, or proxies.
@@ -244,12 +377,15 @@ pub async fn history(admin: &mut Admin, limit: u32, output: &str) -> Result<()> 
     Ok(())
 }
 
-pub async fn rollback(admin: &mut Admin, revision: u64) -> Result<()> {
+pub async fn rollback(admin: &mut Admin, revision: u64, opts: ChangeOptions) -> Result<()> {
     let resp = admin
-        .rollback(request(RollbackRequest { revision }))
+        .rollback(request(RollbackRequest {
+            revision,
+            expect_revision: opts.expect_revision,
+        }))
         .await
         .map_err(client::status)?
         .into_inner();
     print_changes(&resp);
-    Ok(())
+    wait_if_asked(admin, &resp, opts.wait).await
 }

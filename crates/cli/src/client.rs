@@ -49,6 +49,15 @@ pub fn status(s: tonic::Status) -> anyhow::Error {
             "control plane unreachable: {} (is `bulkhead control` running?)",
             s.message()
         ),
+        // The transport's own limit, hit before the control plane could answer in its words.
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+            if s.message().contains("message length too large") =>
+        {
+            anyhow::anyhow!(
+                "the message was larger than the control plane or this CLI accepts ({}): split what you send into smaller files",
+                s.message()
+            )
+        }
         _ => anyhow::anyhow!("{}", s.message()),
     }
 }

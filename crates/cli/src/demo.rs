@@ -89,6 +89,7 @@ async fn run_in(dir: &std::path::Path, once: bool) -> Result<()> {
     let revision = admin
         .delete(crate::admin_cmd::request(DeleteRequest {
             keys: vec![format!("DefaultPosture/shop/{DISCOVERY}")],
+            expect_revision: None,
         }))
         .await
         .map_err(client::status)?
@@ -156,6 +157,7 @@ async fn apply(admin: &mut Admin, file: &str, yaml: &str) -> Result<u64> {
         .apply(crate::admin_cmd::request(ApplyRequest {
             file: file.into(),
             yaml: yaml.into(),
+            expect_revision: None,
         }))
         .await
         .map_err(client::status)?

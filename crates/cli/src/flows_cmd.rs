@@ -4,16 +4,17 @@
 //! - `recommend`: least-privilege policy from what was observed, in audit mode, with its
 //!   evidence, or (`--diff`) what changed since the recommendation now applied;
 //! - `impact -f CANDIDATE`: the observed flows whose verdict the candidate would change;
-//! - `promote KIND/NS/NAME`: audit → enforce, refused while it had would-deny flows.
+//! - `promote KIND/NS/NAME`: audit → enforce, refused while it had would-deny flows (the
+//!   control plane decides and commits it: `Admin.Promote`).
 
-use crate::admin_cmd::{applied, request};
+use crate::admin_cmd::{ChangeOptions, applied, request, wait_if_asked};
 use crate::client;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use bulkhead_api::v1::admin_client::AdminClient;
-use bulkhead_api::v1::{ApplyRequest, DeleteRequest, ListEdgesRequest};
+use bulkhead_api::v1::{ListEdgesRequest, PromoteRequest};
 use bulkhead_insight::{Edge, EdgeVerdict, RecommendOptions};
 use bulkhead_policy::PolicySet;
-use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
+use bulkhead_policy::model::{Direction, Resource, WorkloadRef};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -258,7 +259,12 @@ pub async fn recommend(admin: &mut Admin, window: Option<Duration>, diff: bool) 
     Ok(())
 }
 
-pub async fn impact(admin: &mut Admin, files: &[PathBuf], window: Option<Duration>) -> Result<()> {
+pub async fn impact(
+    admin: &mut Admin,
+    files: &[PathBuf],
+    window: Option<Duration>,
+    fail_on_new_deny: bool,
+) -> Result<()> {
     let mut changes = Vec::new();
     for f in files {
         let text =
@@ -287,6 +293,12 @@ pub async fn impact(admin: &mut Admin, files: &[PathBuf], window: Option<Duratio
             .join(", ")
     );
     print!("{impact}");
+    let newly_denied = impact.newly_denied().count();
+    if fail_on_new_deny && newly_denied > 0 {
+        anyhow::bail!(
+            "{newly_denied} observed flow(s) allowed today would be denied (--fail-on-new-deny)"
+        );
+    }
     Ok(())
 }
 
@@ -299,109 +311,30 @@ fn resource_key(s: &str) -> String {
     }
 }
 
-pub async fn promote(admin: &mut Admin, target: &str, window: Duration, force: bool) -> Result<()> {
+/// Enforces an audit policy or posture: the control plane checks its would-deny flows and
+/// commits it in one revision (`Admin.Promote`); this only says what it did.
+pub async fn promote(
+    admin: &mut Admin,
+    target: &str,
+    window: Duration,
+    force: bool,
+    opts: ChangeOptions,
+) -> Result<()> {
     let key = resource_key(target);
-    let (resources, _) = applied(admin, "").await?;
-    let Some(resource) = resources.iter().find(|r| r.key() == key) else {
-        bail!(
-            "{key} is not applied; `bulkhead get policies` and `bulkhead get postures` list what is"
-        );
-    };
-    let audit = match resource {
-        Resource::AuthorizationPolicy(d) => d.spec.mode == Mode::Audit,
-        Resource::DefaultPosture(d) => d.spec.mode == Mode::Audit,
-        _ => bail!("only AuthorizationPolicies and DefaultPostures have a mode; {key} has none"),
-    };
-    if !audit {
-        bail!("{key} is already enforced");
-    }
-    // The would-deny flows it is blamed for, within the window.
-    let name = resource.name().to_string();
-    let blamed: Vec<Edge> = edges(admin, Some(window))
-        .await?
-        .into_iter()
-        .filter(|e| {
-            e.key.verdict == EdgeVerdict::AllowWouldDeny && e.key.policy.as_deref() == Some(&name)
-        })
-        .collect();
-    if !blamed.is_empty() {
-        let by_identity = identities(&resources);
-        let total: u64 = blamed.iter().map(|e| e.stats.count).sum();
-        let mut lines = Vec::new();
-        for e in blamed.iter().take(10) {
-            lines.push(format!(
-                "  {} → {}:{} {} {} ({} requests, last seen {})",
-                caller(e, &by_identity),
-                e.key.destination,
-                e.key.port,
-                e.key.method.as_deref().unwrap_or("tcp"),
-                e.key.path.as_deref().unwrap_or(""),
-                e.stats.count,
-                bulkhead_insight::rfc3339(e.stats.last_seen)
-            ));
-        }
-        let what = format!(
-            "{key} would have denied {total} requests in the last {}s that are allowed today:\n{}",
-            window.as_secs(),
-            lines.join("\n")
-        );
-        if !force {
-            bail!(
-                "{what}\nrefusing to enforce it. Allow that traffic first (bulkhead recommend), wait \
-                 until it stops, or pass --force to deny it from now on"
-            );
-        }
-        eprintln!("{what}\n--force: enforcing it anyway");
-    }
-    let mut enforced = resource.clone();
-    let mut remove = None;
-    match &mut enforced {
-        Resource::AuthorizationPolicy(d) => d.spec.mode = Mode::Enforce,
-        Resource::DefaultPosture(d) => {
-            // One enforced posture per scope: fold the audit one's directions into it.
-            let scope = d.metadata.namespace.as_ref().map(|n| n.value.to_string());
-            let existing = resources.iter().find_map(|r| match r {
-                Resource::DefaultPosture(e)
-                    if e.spec.mode == Mode::Enforce
-                        && e.metadata.namespace.as_ref().map(|n| n.value.to_string()) == scope =>
-                {
-                    Some(e)
-                }
-                _ => None,
-            });
-            d.spec.mode = Mode::Enforce;
-            if let Some(existing) = existing {
-                let mut merged = existing.clone();
-                if d.spec.ingress.is_some() {
-                    merged.spec.ingress = d.spec.ingress;
-                }
-                if d.spec.egress.is_some() {
-                    merged.spec.egress = d.spec.egress;
-                }
-                remove = Some(key.clone());
-                enforced = Resource::DefaultPosture(merged);
-            }
-        }
-        _ => {}
-    }
-    let yaml = enforced.to_yaml().map_err(|e| anyhow::anyhow!(e))?;
     let resp = admin
-        .apply(request(ApplyRequest {
-            file: format!("promote {key}"),
-            yaml,
+        .promote(request(PromoteRequest {
+            key: key.clone(),
+            window_seconds: window.as_secs(),
+            force,
+            expect_revision: opts.expect_revision,
         }))
         .await
         .map_err(client::status)?
         .into_inner();
-    let mut revision = resp.revision;
-    if let Some(key) = remove {
-        revision = admin
-            .delete(request(DeleteRequest { keys: vec![key] }))
-            .await
-            .map_err(client::status)?
-            .into_inner()
-            .revision;
+    if !resp.forced_over.is_empty() {
+        eprintln!("{}\n--force: enforcing it anyway", resp.forced_over);
     }
-    println!("{key} is enforced (revision {revision})");
-    Ok(())
+    let result = resp.result.unwrap_or_default();
+    println!("{key} is enforced (revision {})", result.revision);
+    wait_if_asked(admin, &result, opts.wait).await
 }

@@ -14,6 +14,7 @@ mod tap_cmd;
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::CreateTokenRequest;
 use clap::{Parser, Subcommand};
+use std::io::{stderr, stdout};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -69,23 +70,30 @@ enum Command {
         /// 127.0.0.1:7444; off when not given.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        #[command(flatten)]
+        bounds: ControlBounds,
     },
     /// Join tokens, which let one proxy obtain one identity.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// Apply resources from a YAML file (several documents per file). The whole resulting
-    /// set is type-checked; any error refuses the apply and changes nothing.
+    /// Apply resources from a YAML file (several documents per file, at most 16 MiB). The
+    /// whole resulting set is type-checked, and each affected workload's configuration is
+    /// checked against the proxies' bounds; any error refuses the apply and changes nothing.
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
+        #[command(flatten)]
+        change: ChangeFlags,
     },
     /// Delete the resources a file names, or Kind/namespace/name keys.
     Delete {
         #[arg(short = 'f', long = "filename")]
         file: Option<PathBuf>,
         keys: Vec<String>,
+        #[command(flatten)]
+        change: ChangeFlags,
     },
     /// Show resources (all, policies, workloads, services, postures) or proxies.
     Get {
@@ -101,8 +109,14 @@ enum Command {
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
     },
-    /// Restore the resource set exactly as it was at REVISION (as a new revision).
-    Rollback { revision: u64 },
+    /// Restore the resource set exactly as it was at REVISION (as a new revision). The
+    /// control plane keeps the whole set of recent revisions only (`bulkhead control
+    /// --history-revisions`, `--history-max-age`).
+    Rollback {
+        revision: u64,
+        #[command(flatten)]
+        change: ChangeFlags,
+    },
     /// The mesh's certificate authorities: status, and rotation (add-root → switch →
     /// retire; docs/ca.md has the procedure).
     Ca {
@@ -140,16 +154,22 @@ enum Command {
         files: Vec<PathBuf>,
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
+        /// Exit 1 (after the report) when a flow that is allowed today would be denied: a
+        /// gate for pipelines.
+        #[arg(long)]
+        fail_on_new_deny: bool,
     },
     /// Enforce an audit-mode policy or posture (`namespace/name`, or
-    /// `DefaultPosture/namespace/name`). Refused while it would have denied traffic seen
-    /// within --window, unless --force.
+    /// `DefaultPosture/namespace/name`). The control plane refuses while it would have
+    /// denied traffic seen within --window, unless --force, and commits it as one revision.
     Promote {
         target: String,
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         window: Duration,
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        change: ChangeFlags,
     },
     /// Offline policy tools for CI: lint, test, diff, explain. They read files only.
     Policy {
@@ -159,6 +179,10 @@ enum Command {
     /// Who can reach a workload, or (--blast-radius) everything it could reach if
     /// compromised, from policy alone: the applied policy, or files with -f.
     Reach(reach_cmd::ReachArgs),
+    /// Print a shell completion script: `source <(bulkhead completion bash)`, or for zsh
+    /// `bulkhead completion zsh > "${fpath[1]}/_bulkhead"`, or for fish
+    /// `bulkhead completion fish > ~/.config/fish/completions/bulkhead.fish`.
+    Completion { shell: clap_complete::Shell },
     /// Start a local mesh of three services, send legitimate traffic and a lateral-movement
     /// attempt, and show what was allowed and denied, and why.
     Demo {
@@ -166,8 +190,9 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// A small HTTP service for demos and tests.
-    #[command(hide = true)]
+    /// A small HTTP service to put behind a sidecar when trying the mesh by hand (the
+    /// demo's and the tests' apps): it answers every request with its name, the method,
+    /// the path and the caller's identity as its sidecar passed it (`x-bulkhead-source`).
     SampleApp {
         #[arg(long)]
         name: String,
@@ -183,6 +208,63 @@ enum Command {
         #[arg(long)]
         tcp_echo: bool,
     },
+}
+
+/// How a change is made (apply, delete, rollback, promote).
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ChangeFlags {
+    /// Refuse the change unless the resource set is at exactly this revision (as `bulkhead
+    /// get` shows it): for pipelines that read, decide, then change.
+    #[arg(long, value_name = "REVISION")]
+    expect_revision: Option<u64>,
+    /// Wait until every connected proxy of each workload the change affected has put the
+    /// new revision in force, printing progress; exit non-zero naming each proxy that
+    /// refused it (with its reason) or did not answer in time.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, requires = "wait")]
+    timeout: Duration,
+}
+
+impl ChangeFlags {
+    fn options(self) -> admin_cmd::ChangeOptions {
+        admin_cmd::ChangeOptions {
+            expect_revision: self.expect_revision,
+            wait: self.wait.then_some(self.timeout),
+        }
+    }
+}
+
+/// What the control plane keeps and what one proxy's configuration may hold.
+#[derive(clap::Args, Debug)]
+struct ControlBounds {
+    /// Keep the whole resource set of this many newest revisions, for rollback (the
+    /// current one always stays). Who changed what is kept apart, for a year.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    history_revisions: u64,
+    /// …and none older than this (e.g. 30d, 12h).
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    history_max_age: Duration,
+    /// Refuse a change that would give one workload's proxies more compiled rules than
+    /// this. Keep it at or under every proxy's --max-policy-rules.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_proxy_rules: u64,
+    /// Refuse a change that would make one workload's configuration larger than this on
+    /// the wire (e.g. 16MiB, 512KiB). It travels in pieces of about 1 MiB either way.
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
+    max_proxy_config_bytes: usize,
+    /// Most stored traffic-edge rows (one per edge and hour); over it, the oldest hours go.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    flow_max_rows: u64,
+    /// Most stored traffic-edge rows one workload's reports may keep; over it, that
+    /// workload's oldest hours go, so one noisy app cannot push out the others' history.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    flow_max_rows_per_workload: u64,
+    /// Most distinct path templates kept per edge; past it, new paths are counted into the
+    /// edge's `/*` template (`bulkhead_flow_paths_folded_total`).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    flow_max_paths_per_edge: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -253,13 +335,31 @@ enum TokenCommand {
 #[derive(Subcommand, Debug)]
 enum PolicyCommand {
     /// Parse and type-check policy files (or directories of .yaml); every error with
-    /// file:line:column; non-zero exit on any.
+    /// file:line:column; non-zero exit on any. Warns (on stderr) about selectors that select
+    /// no declared Workload, caller labels no Workload has, and paths that look like regular
+    /// expressions.
     Lint {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Treat warnings as errors (non-zero exit).
+        #[arg(long)]
+        strict: bool,
     },
-    /// Run a table of requests and expected verdicts (YAML: `cases: [{name, from, to, method,
-    /// path, expect, …}]`) against the policy files; non-zero exit on any mismatch.
+    /// Run a table of requests and expected verdicts against the policy files; non-zero exit
+    /// on any mismatch. Requests are judged as a sidecar judges them (canonical path,
+    /// method and host), and a case naming an undeclared workload, port, method or caller
+    /// identity is an error.
+    ///
+    /// The table is YAML: `cases: [{name, from, to, …}]`. Each case: `name`; `direction`
+    /// (ingress, the default, or egress); `from` (ingress: the caller's SPIFFE ID; egress:
+    /// the sending namespace/workload); `to` (namespace/workload:port); `caller` (ingress:
+    /// declared, the default; undeclared, for an identity no Workload declares;
+    /// unauthenticated, for a caller without a certificate, with no `from`); `toIdentity`
+    /// (egress; default: the destination's declared identity); `ip`; `protocol` (default:
+    /// the port's declared one); `method` (GET); `path` (/, a query allowed); `host`;
+    /// `headers` (name: value, or name: a list of values for a repeated header); `expect` (allow;
+    /// deny, which a refusal also meets; or refuse, for a 400 before any policy); and
+    /// optionally `policy` (namespace/name) and `rule`.
     Test {
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -273,45 +373,87 @@ enum PolicyCommand {
         #[arg(long)]
         cases: PathBuf,
     },
-    /// Explain the decision for one request.
+    /// Explain the decision for one request, judged as a sidecar judges it (a request a
+    /// sidecar refuses with 400 is shown as refused).
     Explain {
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Ingress: the caller's SPIFFE ID. Egress: the sending namespace/workload.
-        #[arg(long)]
-        from: String,
+        /// Ingress: the caller's SPIFFE ID (a declared Workload's, unless --undeclared).
+        /// Egress: the sending namespace/workload.
+        #[arg(long, required_unless_present = "unauthenticated")]
+        from: Option<String>,
         /// namespace/workload:port
         #[arg(long)]
         to: String,
         #[arg(long, default_value = "ingress", value_parser = ["ingress", "egress"])]
         direction: String,
-        /// Egress: the SPIFFE ID the destination presents.
+        /// Ingress: the caller has no certificate (a plaintext caller on a permissive port).
+        #[arg(long, conflicts_with_all = ["from", "undeclared"])]
+        unauthenticated: bool,
+        /// Ingress: --from is an identity no Workload declares, on purpose.
+        #[arg(long)]
+        undeclared: bool,
+        /// Egress: the SPIFFE ID the destination presents (default: its declared one).
         #[arg(long)]
         to_identity: Option<String>,
         #[arg(long, default_value = "GET")]
         method: String,
+        /// The request target: a path, with a query if you like.
         #[arg(long, default_value = "/")]
         path: String,
         #[arg(long)]
         host: Option<String>,
-        /// name=value (repeatable)
+        /// name=value (repeatable; the same name twice is a header sent twice)
         #[arg(long = "header")]
         headers: Vec<String>,
         /// The peer's IP address.
         #[arg(long)]
         ip: Option<std::net::IpAddr>,
-        #[arg(long, default_value = "http", value_parser = ["http", "http2", "grpc", "tcp"])]
-        protocol: String,
+        /// Default: the protocol the destination declares for the port.
+        #[arg(long, value_parser = ["http", "http2", "grpc", "tcp"])]
+        protocol: Option<String>,
     },
 }
 
 #[tokio::main]
 async fn main() {
+    exit_quietly_on_closed_pipe();
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
+        if closed_pipe(&e) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `bulkhead … | head -1`: once the reader of our output has gone, writing fails with a
+/// broken pipe. That is the reader's choice, not an error: every verb exits 0, quietly.
+/// `println!` panics on it (std ignores SIGPIPE), so the panic is caught here, for every
+/// verb at once; a verb that writes with `write!` returns the error, caught in `main`.
+fn exit_quietly_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        // std's words: "failed printing to stdout: Broken pipe (os error 32)".
+        if message.starts_with("failed printing to std") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -325,6 +467,7 @@ async fn run(cli: Cli) -> Result<()> {
             denial_spike_min,
             denial_spike_factor,
             metrics,
+            bounds,
         } => {
             init_logging("info");
             let config = bulkhead_control::ControlConfig {
@@ -340,7 +483,20 @@ async fn run(cli: Cli) -> Result<()> {
                     spike_factor: denial_spike_factor,
                 },
                 metrics,
-                ..Default::default()
+                history: bulkhead_control::HistoryRetention {
+                    max_revisions: bounds.history_revisions,
+                    max_age: bounds.history_max_age,
+                },
+                proxy_bounds: bulkhead_control::ProxyBounds {
+                    max_rules: usize::try_from(bounds.max_proxy_rules).unwrap_or(usize::MAX),
+                    max_config_bytes: bounds.max_proxy_config_bytes,
+                },
+                flow_retention: bulkhead_control::FlowRetention {
+                    max_rows: bounds.flow_max_rows,
+                    max_rows_per_workload: bounds.flow_max_rows_per_workload,
+                    max_paths_per_edge: bounds.flow_max_paths_per_edge,
+                    ..Default::default()
+                },
             };
             let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(
@@ -382,14 +538,20 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", resp.token);
             Ok(())
         }
-        Command::Apply { file } => {
-            admin_cmd::apply(&mut client::admin(&cli.context).await?, &file).await
+        Command::Apply { file, change } => {
+            admin_cmd::apply(
+                &mut client::admin(&cli.context).await?,
+                &file,
+                change.options(),
+            )
+            .await
         }
-        Command::Delete { file, keys } => {
+        Command::Delete { file, keys, change } => {
             admin_cmd::delete(
                 &mut client::admin(&cli.context).await?,
                 file.as_deref(),
                 keys,
+                change.options(),
             )
             .await
         }
@@ -425,8 +587,13 @@ async fn run(cli: Cli) -> Result<()> {
                 CaCommand::Retire { id, force } => ca_cmd::retire(&mut admin, &id, force).await,
             }
         }
-        Command::Rollback { revision } => {
-            admin_cmd::rollback(&mut client::admin(&cli.context).await?, revision).await
+        Command::Rollback { revision, change } => {
+            admin_cmd::rollback(
+                &mut client::admin(&cli.context).await?,
+                revision,
+                change.options(),
+            )
+            .await
         }
         Command::Graph { since, output } => {
             flows_cmd::graph(&mut client::admin(&cli.context).await?, since, &output).await
@@ -434,35 +601,59 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Recommend { since, diff } => {
             flows_cmd::recommend(&mut client::admin(&cli.context).await?, since, diff).await
         }
-        Command::Impact { files, since } => {
-            flows_cmd::impact(&mut client::admin(&cli.context).await?, &files, since).await
+        Command::Impact {
+            files,
+            since,
+            fail_on_new_deny,
+        } => {
+            let admin = &mut client::admin(&cli.context).await?;
+            flows_cmd::impact(admin, &files, since, fail_on_new_deny).await
         }
         Command::Promote {
             target,
             window,
             force,
+            change,
         } => {
             flows_cmd::promote(
                 &mut client::admin(&cli.context).await?,
                 &target,
                 window,
                 force,
+                change.options(),
             )
             .await
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            // Generated whole first: the generator panics on a write error, and a closed
+            // pipe (`| head`) must stay a quiet exit.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "bulkhead", &mut script);
+            std::io::Write::write_all(&mut stdout(), &script)?;
+            Ok(())
         }
         Command::Demo { once } => demo::run(once).await,
         Command::Reach(args) => reach_cmd::run(&cli.context, args).await,
         Command::Tap(args) => tap_cmd::run(&cli.context, args).await,
         Command::Events(args) => events_cmd::run(&cli.context, args).await,
         Command::Policy { command } => match command {
-            PolicyCommand::Lint { files } => policy_cmd::lint(&files),
-            PolicyCommand::Test { files, cases } => policy_cmd::test(&files, &cases),
-            PolicyCommand::Diff { old, new, cases } => policy_cmd::diff(&[old], &[new], &cases),
+            PolicyCommand::Lint { files, strict } => {
+                policy_cmd::lint(&files, strict, &mut stdout(), &mut stderr())
+            }
+            PolicyCommand::Test { files, cases } => {
+                policy_cmd::test(&files, &cases, &mut stdout(), &mut stderr())
+            }
+            PolicyCommand::Diff { old, new, cases } => {
+                policy_cmd::diff(&[old], &[new], &cases, &mut stdout(), &mut stderr())
+            }
             PolicyCommand::Explain {
                 files,
                 from,
                 to,
                 direction,
+                unauthenticated,
+                undeclared,
                 to_identity,
                 method,
                 path,
@@ -471,16 +662,19 @@ async fn run(cli: Cli) -> Result<()> {
                 ip,
                 protocol,
             } => {
-                let headers = headers
-                    .iter()
-                    .map(|h| {
-                        h.split_once('=')
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .with_context(|| format!("--header {h:?}: expected name=value"))
-                    })
-                    .collect::<Result<_>>()?;
-                let case = policy_cmd::Case {
-                    name: "explain".into(),
+                let mut by_name: std::collections::BTreeMap<String, Vec<String>> =
+                    std::collections::BTreeMap::new();
+                for h in &headers {
+                    let (k, v) = h
+                        .split_once('=')
+                        .with_context(|| format!("--header {h:?}: expected name=value"))?;
+                    by_name
+                        .entry(k.to_string())
+                        .or_default()
+                        .push(v.to_string());
+                }
+                let case = bulkhead_policy::cases::Case {
+                    name: String::new(),
                     direction: if direction == "egress" {
                         bulkhead_policy::model::Direction::Egress
                     } else {
@@ -489,17 +683,27 @@ async fn run(cli: Cli) -> Result<()> {
                     from,
                     to,
                     to_identity,
+                    caller: match (unauthenticated, undeclared) {
+                        (true, _) => policy_cmd::Caller::Unauthenticated,
+                        (false, true) => policy_cmd::Caller::Undeclared,
+                        (false, false) => policy_cmd::Caller::Declared,
+                    },
                     ip,
-                    protocol: serde_json::from_value(serde_json::Value::String(protocol))?,
+                    protocol: protocol
+                        .map(|p| serde_json::from_value(serde_json::Value::String(p)))
+                        .transpose()?,
                     method: Some(method),
                     path: Some(path),
                     host,
-                    headers,
+                    headers: by_name
+                        .into_iter()
+                        .map(|(k, v)| (k, policy_cmd::HeaderValues::Many(v)))
+                        .collect(),
                     expect: None,
                     policy: None,
                     rule: None,
                 };
-                policy_cmd::explain(&files, case)
+                policy_cmd::explain(&files, &case, &mut stdout(), &mut stderr())
             }
         },
         Command::SampleApp {
@@ -509,6 +713,7 @@ async fn run(cli: Cli) -> Result<()> {
             ready_file,
             tcp_echo,
         } => {
+            init_logging("info");
             let addr = sample_app::serve(
                 sample_app::AppSpec {
                     name,
@@ -561,24 +766,78 @@ fn since(window: Option<Duration>) -> u64 {
     window.map_or(0, |w| unix_now().saturating_sub(w.as_secs()))
 }
 
-/// `90s`, `30m`, `1h`, `2d`, or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// `16MiB`, `512KiB`, `2GiB`, or a bare number of bytes.
+fn parse_bytes(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
+    let n: usize = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 2d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+        .map_err(|_| format!("{s:?} is not a size like 16MiB, 512KiB or 1048576"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        "GiB" => 1024 * 1024 * 1024,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?}; use KiB, MiB or GiB"
+            ));
+        }
     };
-    if secs == 0 {
-        return Err("a duration must be more than zero".into());
+    match n.checked_mul(scale) {
+        Some(0) => Err("a size must be more than zero".into()),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{s:?} is too large")),
     }
-    Ok(Duration::from_secs(secs))
+}
+
+/// `90s`, `30m`, `1h`, `2d`, or a bare number of seconds.
+/// A duration as kubectl and Go write them: one or more `<number><unit>` parts, units `s`,
+/// `m`, `h`, `d` (`90s`, `30m`, `1h30m`, `2d12h`); a bare number is seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let like = "a duration like 90s, 30m, 1h30m or 2d";
+    let mut rest = s;
+    let mut secs: u64 = 0;
+    let mut last_unit = u64::MAX;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?} is not {like}"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            // A bare number is seconds.
+            "" if digits == s.len() => 1,
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            other => return Err(format!("{s:?}: unknown unit {other:?}; use s, m, h or d")),
+        };
+        if unit >= last_unit {
+            return Err(format!(
+                "{s:?}: write the larger units first, each once (like 1h30m)"
+            ));
+        }
+        last_unit = unit;
+        rest = &rest[unit_len..];
+        secs = n
+            .checked_mul(unit)
+            .and_then(|part| secs.checked_add(part))
+            .ok_or_else(|| format!("{s:?} is too long a duration"))?;
+    }
+    match secs {
+        0 => Err("a duration must be more than zero".into()),
+        // Beyond any window or lifetime the mesh keeps, and beyond what clocks can subtract.
+        n if n > 100 * 365 * 86_400 => Err(format!("{s:?} is more than 100 years")),
+        n => Ok(Duration::from_secs(n)),
+    }
 }
 
 #[cfg(test)]
@@ -595,12 +854,42 @@ mod tests {
     }
 
     #[test]
+    fn sizes() {
+        assert_eq!(super::parse_bytes("16MiB"), Ok(16 * 1024 * 1024));
+        assert_eq!(super::parse_bytes("512KiB"), Ok(512 * 1024));
+        assert_eq!(super::parse_bytes("1000"), Ok(1000));
+        assert!(super::parse_bytes("16MB").is_err());
+        assert!(super::parse_bytes("0").is_err());
+        assert!(super::parse_bytes("MiB").is_err());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert!(parse_duration("1w").is_err());
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d12h"), Ok(Duration::from_secs(216_000)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            parse_duration("1w"),
+            Err("\"1w\": unknown unit \"w\"; use s, m, h or d".into())
+        );
+        assert_eq!(
+            parse_duration("30m1h"),
+            Err("\"30m1h\": write the larger units first, each once (like 1h30m)".into())
+        );
+        assert!(parse_duration("1h1h").is_err());
         assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("0h0m").is_err());
         assert!(parse_duration("h").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert!(parse_duration("213503982334602d").is_err());
+        assert!(parse_duration("36501d").is_err());
+        assert_eq!(
+            parse_duration("36500d"),
+            Ok(Duration::from_secs(36500 * 86_400))
+        );
     }
 }

@@ -1,68 +1,25 @@
 //! `bulkhead policy …`: offline commands for CI pipelines. They read files only and talk to
 //! no control plane: lint a policy set, run tables of expected verdicts against it, show which
 //! requests change verdict between two versions, and explain one request.
+//!
+//! The cases format and how a case is judged (as a sidecar judges it, through the canonical
+//! request; a misspelt name is an error, never a silent default deny) live in the policy
+//! crate (`bulkhead_policy::cases`); this module reads files and writes reports. Every
+//! command writes to the writers it is given, so its tests run in-process (`tests.rs`).
 
 use anyhow::{Context, Result, bail};
-use bulkhead_policy::model::{Direction, ResourceName};
-use bulkhead_policy::{Decision, Http, Peer, PolicySet, Protocol, Reason, Request};
-use serde::Deserialize;
-use std::collections::BTreeMap;
+use bulkhead_policy::cases::{Case, Outcome, read_cases};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// A table of requests and the verdict each should get.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CaseFile {
-    pub cases: Vec<Case>,
-}
+pub use bulkhead_policy::cases::{Caller, HeaderValues};
 
-/// One request. Ingress: `from` is the caller's SPIFFE ID and `to` the protected
-/// `namespace/workload:port`. Egress: `from` is the sending `namespace/workload`, `to` the
-/// destination `namespace/workload:port`, and `toIdentity` the ID it must present.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Case {
-    pub name: String,
-    #[serde(default)]
-    pub direction: Direction,
-    pub from: String,
-    pub to: String,
-    #[serde(default)]
-    pub to_identity: Option<String>,
-    #[serde(default)]
-    pub ip: Option<std::net::IpAddr>,
-    #[serde(default = "http")]
-    pub protocol: Protocol,
-    #[serde(default)]
-    pub method: Option<String>,
-    #[serde(default)]
-    pub path: Option<String>,
-    #[serde(default)]
-    pub host: Option<String>,
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// `allow` or `deny`; required by `policy test`.
-    #[serde(default)]
-    pub expect: Option<Expect>,
-    /// The policy (`namespace/name`) expected to decide, if the test cares.
-    #[serde(default)]
-    pub policy: Option<String>,
-    #[serde(default)]
-    pub rule: Option<String>,
-}
+#[cfg(test)]
+mod tests;
 
-fn http() -> Protocol {
-    Protocol::Http
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Expect {
-    Allow,
-    Deny,
-}
-
-pub(crate) fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
+/// The files to read: each path, or each `.yaml`/`.yml` in a directory, as bytes (a file
+/// that is not UTF-8 is reported as a located error of its own).
+pub(crate) fn read_bytes(files: &[PathBuf]) -> Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
     for f in files {
         let paths: Vec<PathBuf> = if f.is_dir() {
@@ -77,192 +34,159 @@ pub(crate) fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
             vec![f.clone()]
         };
         for p in paths {
-            let text = std::fs::read_to_string(&p)
-                .with_context(|| format!("cannot read {}", p.display()))?;
-            out.push((p.display().to_string(), text));
+            let bytes =
+                std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            out.push((p.display().to_string(), bytes));
         }
     }
     Ok(out)
 }
 
-/// Parses and compiles; prints every error and fails if there is any.
-fn compile(files: &[PathBuf]) -> Result<(usize, PolicySet)> {
-    let texts = read_files(files)?;
-    match bulkhead_policy::load(&texts, 0) {
-        Ok((resources, set)) => Ok((resources.len(), set)),
+/// The files' texts; a non-UTF-8 file is a located error.
+pub(crate) fn read_files(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
+    read_bytes(files)?
+        .into_iter()
+        .map(|(name, bytes)| {
+            let text = bulkhead_policy::text_of(&name, &bytes)?.to_string();
+            Ok((name, text))
+        })
+        .collect()
+}
+
+/// Parses and compiles; writes every error to `err` and fails if there is any.
+fn compile(files: &[PathBuf], err: &mut dyn Write) -> Result<bulkhead_policy::Loaded> {
+    let texts = read_bytes(files)?;
+    match bulkhead_policy::load_bytes(&texts, 0) {
+        Ok(loaded) => Ok(loaded),
         Err(errors) => {
             for e in &errors {
-                eprintln!("{e}");
+                writeln!(err, "{e}")?;
             }
             bail!("{} error(s); the policy set is refused whole", errors.len())
         }
     }
 }
 
-pub fn lint(files: &[PathBuf]) -> Result<()> {
-    let (resources, set) = compile(files)?;
-    println!(
-        "ok: {resources} resources, {} rules; every rule is enforceable as written",
-        set.rule_count()
-    );
+fn cases_in(path: &Path) -> Result<Vec<Case>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(read_cases(&path.display().to_string(), &bytes)?)
+}
+
+/// `policy lint`: the report goes to `out`, warnings to `err`.
+pub fn lint(
+    files: &[PathBuf],
+    strict: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<()> {
+    let (parsed, set) = compile(files, err)?;
+    let warnings = bulkhead_policy::lint_parsed(&parsed);
+    for w in &warnings {
+        writeln!(err, "{w}")?;
+    }
+    if strict && !warnings.is_empty() {
+        bail!("{} warning(s), which --strict makes errors", warnings.len());
+    }
+    let noted = match warnings.len() {
+        0 => String::new(),
+        n => format!("; {n} warning(s) above"),
+    };
+    writeln!(
+        out,
+        "ok: {} resources, {} rules; every rule is enforceable as written{noted}",
+        parsed.len(),
+        set.compiled_rule_count(),
+    )?;
     Ok(())
 }
 
-fn read_cases(path: &Path) -> Result<Vec<Case>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let file: CaseFile = serde_saphyr::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {}",
-            path.display(),
-            e.to_string().lines().next().unwrap_or_default()
-        )
-    })?;
-    Ok(file.cases)
-}
-
-fn workload_port(s: &str) -> Result<(ResourceName, u16)> {
-    let (w, port) = s
-        .rsplit_once(':')
-        .with_context(|| format!("{s:?}: expected namespace/workload:port"))?;
-    let port = port
-        .parse()
-        .with_context(|| format!("{s:?}: {port:?} is not a port"))?;
-    Ok((workload(w)?, port))
-}
-
-fn workload(s: &str) -> Result<ResourceName> {
-    bulkhead_policy::model::parse_workload(s).map_err(anyhow::Error::msg)
-}
-
-/// Evaluates one case against a set.
-pub fn decide(set: &PolicySet, case: &Case) -> Result<Decision> {
-    let (dest, port) = workload_port(&case.to)?;
-    let headers: Vec<(String, String)> = case
-        .headers
-        .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-        .collect();
-    let http = case.protocol.is_http().then(|| Http {
-        method: case.method.as_deref().unwrap_or("GET"),
-        path: case.path.as_deref().unwrap_or("/"),
-        host: case.host.as_deref(),
-        headers: &headers,
-    });
-    let (subject, peer) = match case.direction {
-        Direction::Ingress => (
-            dest.clone(),
-            Peer {
-                identity: Some(case.from.as_str()),
-                ip: case.ip,
-                workload: None,
-            },
-        ),
-        Direction::Egress => (
-            workload(&case.from)?,
-            Peer {
-                identity: case.to_identity.as_deref(),
-                ip: case.ip,
-                workload: Some(&dest),
-            },
-        ),
-    };
-    Ok(set.evaluate(&Request {
-        direction: case.direction,
-        subject: &subject,
-        peer,
-        port,
-        protocol: case.protocol,
-        http,
-    }))
-}
-
-fn decided_by(d: &Decision) -> (Option<String>, Option<String>) {
-    match &d.reason {
-        Reason::Rule { policy, rule, .. } => (Some(policy.to_string()), Some(rule.to_string())),
-        Reason::Posture { .. } => (None, None),
-    }
-}
-
-pub fn test(files: &[PathBuf], cases: &Path) -> Result<()> {
-    let (_, set) = compile(files)?;
-    let cases = read_cases(cases)?;
+/// `policy test`: a line per case, then the count; fails if any case failed.
+pub fn test(
+    files: &[PathBuf],
+    cases: &Path,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<()> {
+    let (_, set) = compile(files, err)?;
+    let cases = cases_in(cases)?;
     let (mut passed, mut failed) = (0, 0);
     for case in &cases {
-        let d = decide(&set, case)?;
-        let Some(expect) = case.expect else {
-            bail!("case {:?} has no `expect: allow|deny`", case.name);
-        };
-        let got = if d.is_allow() {
-            Expect::Allow
-        } else {
-            Expect::Deny
-        };
-        let (policy, rule) = decided_by(&d);
-        let mut problems = Vec::new();
-        if got != expect {
-            problems.push(format!("expected {expect:?}, got {got:?}").to_lowercase());
-        }
-        if case.policy.is_some() && case.policy != policy {
-            problems.push(format!(
-                "expected policy {}, decided by {}",
-                case.policy.as_deref().unwrap_or_default(),
-                policy.as_deref().unwrap_or("the default posture")
-            ));
-        }
-        if case.rule.is_some() && case.rule != rule {
-            problems.push(format!(
-                "expected rule {}, got {}",
-                case.rule.as_deref().unwrap_or_default(),
-                rule.as_deref().unwrap_or("none")
-            ));
-        }
-        if problems.is_empty() {
+        let verdict = case.run(&set)?;
+        if verdict.passed() {
             passed += 1;
-            println!("ok      {}", case.name);
+            match &verdict.outcome {
+                Outcome::Refused(why) => writeln!(out, "ok      {} (refused: {why})", case.name)?,
+                Outcome::Decided(_) => writeln!(out, "ok      {}", case.name)?,
+            }
         } else {
             failed += 1;
-            println!(
-                "FAILED  {}: {}\n        {d}",
+            writeln!(
+                out,
+                "FAILED  {}: {}\n        {}",
                 case.name,
-                problems.join("; ")
-            );
+                verdict.problems.join("; "),
+                verdict.outcome
+            )?;
         }
     }
-    println!("\n{passed} passed, {failed} failed");
+    writeln!(out, "\n{passed} passed, {failed} failed")?;
     if failed > 0 {
         bail!("{failed} case(s) did not get the expected verdict");
     }
     Ok(())
 }
 
-pub fn diff(old: &[PathBuf], new: &[PathBuf], cases: &Path) -> Result<()> {
-    let (_, old_set) = compile(old)?;
-    let (_, new_set) = compile(new)?;
-    let cases = read_cases(cases)?;
+/// `policy diff`: each case whose verdict changes between the two sets, then the count.
+pub fn diff(
+    old: &[PathBuf],
+    new: &[PathBuf],
+    cases: &Path,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<()> {
+    let (_, old_set) = compile(old, err)?;
+    let (_, new_set) = compile(new, err)?;
+    let cases = cases_in(cases)?;
     let mut changed = 0;
     for case in &cases {
-        let (a, b) = (decide(&old_set, case)?, decide(&new_set, case)?);
-        if a.verdict != b.verdict {
+        let (a, b) = (case.decide(&old_set, false)?, case.decide(&new_set, false)?);
+        if a.word() != b.word() {
             changed += 1;
-            let word = |d: &Decision| if d.is_allow() { "allow" } else { "deny" };
-            println!(
+            writeln!(
+                out,
                 "{}: {} -> {}\n  old: {a}\n  new: {b}",
                 case.name,
-                word(&a),
-                word(&b)
-            );
+                a.word(),
+                b.word()
+            )?;
         }
     }
-    println!("{changed} of {} request(s) change verdict", cases.len());
+    writeln!(
+        out,
+        "{changed} of {} request(s) change verdict",
+        cases.len()
+    )?;
     Ok(())
 }
 
-pub fn explain(files: &[PathBuf], case: Case) -> Result<()> {
-    let (_, set) = compile(files)?;
-    let d = decide(&set, &case)?;
-    println!("{}", if d.is_allow() { "ALLOW" } else { "DENY" });
-    println!("{d}");
-    println!("x-bulkhead-decision: {}", d.header_value());
+/// `policy explain`: the verdict, the decision in words, and the header a sidecar would set.
+pub fn explain(
+    files: &[PathBuf],
+    case: &Case,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<()> {
+    let (_, set) = compile(files, err)?;
+    match case.decide(&set, true)? {
+        Outcome::Refused(why) => {
+            writeln!(out, "REFUSED (400, before any policy)")?;
+            writeln!(out, "bulkhead: {why}")?;
+        }
+        Outcome::Decided(d) => {
+            writeln!(out, "{}", if d.is_allow() { "ALLOW" } else { "DENY" })?;
+            writeln!(out, "{d}")?;
+            writeln!(out, "x-bulkhead-decision: {}", d.header_value())?;
+        }
+    }
     Ok(())
 }

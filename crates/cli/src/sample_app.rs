@@ -1,9 +1,17 @@
 //! A small HTTP service for the demo and the tests: it answers every request with who it is,
-//! what was asked and who asked (the sidecar's `x-bulkhead-source`). With a downstream URL,
-//! each POST first calls that URL with POST and reports the answer, so requests chain
-//! across services. It speaks HTTP/1.1 and HTTP/2 (h2c); an `Upgrade` request is answered
-//! with 101 and the connection then echoes bytes (a stand-in for WebSocket). With `tcp_echo`
-//! it is instead a plain TCP echo server, for opaque TCP.
+//! what was asked and who asked (the sidecar's `x-bulkhead-source`), after reading the
+//! request's body whole (as an upload handler would). With a downstream URL, each POST first
+//! calls that URL with POST and reports the answer, so requests chain across services. It
+//! speaks HTTP/1.1 and HTTP/2 (h2c).
+//!
+//! Upgrades, as a real server would take them: `Upgrade: h2c` is answered with 101 and the
+//! connection then speaks HTTP/2, served like any other (what an attacker smuggles requests
+//! through); any other `Upgrade` is answered with 101 and the connection then echoes bytes (a
+//! stand-in for WebSocket). For tests of the sidecar, a request may ask the app to misbehave
+//! or to show what reached it: `x-sample-upgrade-as: P` answers an upgrade with 101 for
+//! protocol P whatever was asked, and `x-echo-headers` adds the request's headers to the
+//! answer. Each upgrade it accepts is logged (`upgraded to …`). With `tcp_echo` it is instead
+//! a plain TCP echo server, for opaque TCP.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -58,11 +66,34 @@ pub fn serve(spec: AppSpec, listener: TcpListener) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Answers an upgrade with 101, then echoes what the client sends.
-fn upgrade_echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let protocol = req.headers().get(http::header::UPGRADE).cloned();
+/// Answers an upgrade with 101. For `h2c`, the connection then speaks HTTP/2 and each of
+/// its requests is served by [`handle`]; for anything else it echoes what the client sends.
+fn upgrade(req: Request<Incoming>, spec: Arc<AppSpec>) -> Response<Full<Bytes>> {
+    let asked = req.headers().get(http::header::UPGRADE).cloned();
+    let protocol = req
+        .headers()
+        .get("x-sample-upgrade-as")
+        .cloned()
+        .or(asked)
+        .unwrap_or_else(|| http::HeaderValue::from_static("websocket"));
+    let h2c = protocol.as_bytes().eq_ignore_ascii_case(b"h2c");
+    tracing::info!(
+        app = spec.name,
+        path = req.uri().path(),
+        protocol = ?protocol,
+        "upgraded to {}",
+        if h2c { "h2c" } else { "an echo" }
+    );
     tokio::spawn(async move {
-        if let Ok(upgraded) = hyper::upgrade::on(req).await {
+        let Ok(upgraded) = hyper::upgrade::on(req).await else {
+            return;
+        };
+        if h2c {
+            let svc = service_fn(move |req| serve_boxed(req, spec.clone()));
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(upgraded, svc)
+                .await;
+        } else {
             let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
             let _ = tokio::io::copy(&mut r, &mut w).await;
         }
@@ -74,10 +105,18 @@ fn upgrade_echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
         http::header::CONNECTION,
         http::HeaderValue::from_static("upgrade"),
     );
-    if let Some(p) = protocol {
-        h.insert(http::header::UPGRADE, p);
-    }
+    h.insert(http::header::UPGRADE, protocol);
     resp
+}
+
+type Answer = Result<Response<Full<Bytes>>, Infallible>;
+
+/// [`handle`] behind a box, for the HTTP/2 connections an h2c upgrade starts from inside it.
+fn serve_boxed(
+    req: Request<Incoming>,
+    spec: Arc<AppSpec>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>> {
+    Box::pin(handle(req, spec))
 }
 
 async fn handle(
@@ -85,7 +124,7 @@ async fn handle(
     spec: Arc<AppSpec>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.headers().contains_key(http::header::UPGRADE) {
-        return Ok(upgrade_echo(req));
+        return Ok(upgrade(req, spec));
     }
     let caller = req
         .headers()
@@ -100,8 +139,26 @@ async fn handle(
         req.uri().path(),
         req.version()
     );
+    if req.headers().contains_key("x-echo-headers") {
+        for (k, v) in req.headers() {
+            text.push_str(&format!(
+                "\n  {k}: {}",
+                String::from_utf8_lossy(v.as_bytes())
+            ));
+        }
+    }
+    // An upload is read whole before it is answered.
+    let method = req.method().clone();
+    if let Err(e) = req.into_body().collect().await {
+        let mut resp = Response::new(Full::new(Bytes::from(format!(
+            "{}: could not read the request body: {e}\n",
+            spec.name
+        ))));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        return Ok(resp);
+    }
     let mut status = StatusCode::OK;
-    if let (&http::Method::POST, Some(down)) = (req.method(), &spec.downstream) {
+    if let (http::Method::POST, Some(down)) = (method, &spec.downstream) {
         match post(down).await {
             Ok((s, body)) => {
                 if !s.is_success() {

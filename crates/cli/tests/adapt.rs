@@ -11,33 +11,7 @@ use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
 use bulkhead_testkit::{Proc, http};
 use std::net::SocketAddr;
 
-const DISCOVERY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: payments, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/payments
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: frontend, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/frontend
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: DefaultPosture
-metadata: {name: discovery, namespace: shop}
-spec:
-  ingress: allow
-"#;
+const DISCOVERY: &str = include_str!("fixtures/adapt-discovery.yaml");
 
 struct Shop {
     mesh: Mesh,
@@ -212,6 +186,17 @@ fn observe_recommend_audit_impact_promote() {
         "observed traffic must not be newly denied:\n{out}"
     );
     assert!(out.contains("POST /charge"), "{out}");
+    // As a pipeline gate: the same report, then exit 1 naming the count.
+    let (code, gated, err) =
+        mesh.cli(&["impact", "-f", file.to_str().unwrap(), "--fail-on-new-deny"]);
+    assert_eq!(code, 1, "{gated}{err}");
+    assert!(gated.contains("POST /charge"), "{gated}");
+    assert!(
+        err.contains(
+            "error: 1 observed flow(s) allowed today would be denied (--fail-on-new-deny)"
+        ),
+        "{err}"
+    );
 
     // Promote: the allow policy has no would-deny flows; the posture has the lateral one.
     let out = cli(mesh, &["promote", "shop/orders-recommended"]);
@@ -238,6 +223,10 @@ fn observe_recommend_audit_impact_promote() {
         http(shop.to_payments, "POST", "/charge").status == 403
     });
     everyday(&shop);
+    // Enforced already, the recommendation denies nothing new: the gate passes.
+    let (code, out, err) =
+        mesh.cli(&["impact", "-f", file.to_str().unwrap(), "--fail-on-new-deny"]);
+    assert_eq!(code, 0, "{out}{err}");
     let postures = cli(mesh, &["get", "postures", "-o", "yaml"]);
     assert!(postures.contains("ingress: deny"), "{postures}");
     assert!(!postures.contains("mode: audit"), "{postures}");

@@ -542,6 +542,7 @@ async fn silent_proxy(
         .watch(WatchRequest {
             namespace: "shop".into(),
             workload: "frontend".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -125,6 +125,9 @@ fn new_edges_new_identities_and_denial_spikes() {
     for path in ["/orders/1", "/orders/2", "/orders/3"] {
         assert_eq!(http(to_orders, "GET", path).status, 200);
     }
+    let page = http(metrics, "GET", "/metrics").body;
+    let complaints = bulkhead_testkit::promtool_check_metrics("events", &page);
+    assert!(complaints.is_empty(), "{complaints}\n{page}");
     let stored = reported(&mesh, metrics, 0, 1);
     let frontend = id("frontend");
     let first = events(&mesh);

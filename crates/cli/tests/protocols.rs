@@ -10,29 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}, {port: 9000, protocol: tcp}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: allow
-  rules:
-    - name: frontend-reads
-      from: {identities: ["spiffe://test.local/ns/shop/sa/frontend"]}
-      to: {ports: [8080], methods: [GET], paths: ["/orders", "/orders/*", "/ws"]}
-    - name: frontend-grpc-get
-      from: {identities: ["spiffe://test.local/ns/shop/sa/frontend"]}
-      to: {ports: [8080], methods: [POST], paths: ["/shop.Orders/Get"]}
-    - name: anyone-health
-      to: {ports: [8080], methods: [GET], paths: ["/health"]}
-"#;
+const POLICY: &str = include_str!("fixtures/protocols.yaml");
 
 const TCP_RULE: &str = r#"    - name: frontend-tcp
       from: {identities: ["spiffe://test.local/ns/shop/sa/frontend"]}

@@ -320,6 +320,7 @@ async fn run_proxy(
     let watch = WatchRequest {
         namespace: workload.namespace.clone(),
         workload: workload.name.clone(),
+        ..Default::default()
     };
     let mut stream = retry("watch", &client, |mut c| {
         let w = watch.clone();
@@ -483,6 +484,7 @@ async fn run(args: Args) -> Result<()> {
         let r = ApplyRequest {
             file: "scale-declarations.yaml".into(),
             yaml: yaml.clone(),
+            ..Default::default()
         };
         async move { c.apply(r).await }
     })
@@ -596,6 +598,7 @@ async fn run(args: Args) -> Result<()> {
             .apply(ApplyRequest {
                 file: format!("scale-change-{step}.yaml"),
                 yaml,
+                ..Default::default()
             })
             .await
             .map_err(|s| format!("apply {step}: {}", s.message()))?

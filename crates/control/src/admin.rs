@@ -5,10 +5,11 @@
 
 use crate::anomaly::{EVENT_RETENTION, MAX_EVENTS_PER_LIST};
 use crate::cas::{CaChangeError, CaOrigin, CaState, short};
+use crate::change::Proposal;
 use crate::flows::{JsonChunks, LIST_CHUNK_BYTES};
 use crate::proxies::unix_now;
 use crate::service::{State, internal};
-use crate::store::Change;
+use crate::store::SetAt;
 use crate::tokens::{self, TokenRecord};
 use bulkhead_api::resource_to_wire;
 use bulkhead_api::v1::{self as pb, admin_server::Admin};
@@ -28,12 +29,18 @@ const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_HISTORY: usize = 20;
 
-fn lines(changes: &[(String, Change)], keep: impl Fn(&str) -> bool) -> Vec<String> {
-    changes
-        .iter()
-        .filter(|(k, _)| keep(k))
-        .map(|(k, c)| format!("{k} {}", c.word()))
-        .collect()
+/// The largest policy file one apply may carry. Larger files are refused in these words
+/// before anything is parsed (the admin service reads messages up to a little more, so the
+/// refusal is ours, not the transport's).
+pub const MAX_APPLY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why a file is too large to apply.
+fn too_large(file: &str, bytes: usize) -> String {
+    format!(
+        "{file} is {}; one apply may carry at most {}: split it into several files and apply each",
+        crate::change::mib(bytes),
+        crate::change::mib(MAX_APPLY_BYTES)
+    )
 }
 
 #[tonic::async_trait]
@@ -108,26 +115,34 @@ impl Admin for State {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let actor = self.require_admin(&req)?;
         let r = req.into_inner();
+        if r.yaml.len() > MAX_APPLY_BYTES {
+            return Err(Status::invalid_argument(too_large(&r.file, r.yaml.len())));
+        }
         let parsed = bulkhead_policy::parse_file(&r.file, &r.yaml)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let _one_change_at_a_time = self.writes.lock().await;
-        // The whole set after this apply must compile: a change that would leave any policy
-        // unenforceable (say, a port re-declared as tcp under an HTTP rule) is refused.
         let new_keys: HashSet<String> = parsed.iter().map(|(r, _)| r.key()).collect();
-        let current = self.snapshot.borrow().resources.clone();
-        let (mut set, mut origins): (Vec<Resource>, Vec<Option<Origin>>) = current
-            .into_iter()
-            .filter(|r| !new_keys.contains(&r.key()))
-            .map(|r| (r, None))
-            .unzip();
-        for (res, origin) in parsed {
-            set.push(res);
-            origins.push(Some(origin));
-        }
-        self.check(&set, &origins)?;
-        let (revision, changes) = self.commit(&set, &actor, &format!("apply {}", r.file))?;
-        let applied = lines(&changes, |k| new_keys.contains(k));
-        Ok(Response::new(pb::ApplyResponse { revision, applied }))
+        let action = format!("apply {}", r.file);
+        let (changed, ()) = self
+            .change(&actor, &action, r.expect_revision, |current| {
+                // The applied resources replace those of the same key; the rest stay.
+                let (mut set, mut origins): (Vec<Resource>, Vec<Option<Origin>>) = current
+                    .resources
+                    .iter()
+                    .filter(|r| !new_keys.contains(&r.key()))
+                    .map(|r| (r.clone(), None))
+                    .unzip();
+                for (res, origin) in parsed {
+                    set.push(res);
+                    origins.push(Some(origin));
+                }
+                Ok((Proposal { set, origins }, ()))
+            })
+            .await?;
+        Ok(Response::new(pb::ApplyResponse {
+            revision: changed.revision,
+            applied: changed.lines(|k| new_keys.contains(k)),
+            affected_workloads: changed.affected_names(),
+        }))
     }
 
     async fn delete(
@@ -135,24 +150,29 @@ impl Admin for State {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let actor = self.require_admin(&req)?;
-        let keys: HashSet<String> = req.into_inner().keys.into_iter().collect();
-        let _one_change_at_a_time = self.writes.lock().await;
-        let current = self.snapshot.borrow().resources.clone();
-        let existing: HashSet<String> = current.iter().map(Resource::key).collect();
-        if let Some(missing) = keys.iter().find(|k| !existing.contains(*k)) {
-            return Err(Status::not_found(format!(
-                "{missing} does not exist; `bulkhead get` lists resources as Kind/namespace/name"
-            )));
-        }
-        let set: Vec<Resource> = current
-            .into_iter()
-            .filter(|r| !keys.contains(&r.key()))
-            .collect();
-        self.check(&set, &vec![None; set.len()])?;
-        let (revision, changes) = self.commit(&set, &actor, "delete")?;
+        let r = req.into_inner();
+        let keys: HashSet<String> = r.keys.into_iter().collect();
+        let (changed, ()) = self
+            .change(&actor, "delete", r.expect_revision, |current| {
+                let existing: HashSet<String> = current.resources.iter().map(Resource::key).collect();
+                if let Some(missing) = keys.iter().find(|k| !existing.contains(*k)) {
+                    return Err(Status::not_found(format!(
+                        "{missing} does not exist; `bulkhead get` lists resources as Kind/namespace/name"
+                    )));
+                }
+                let set = current
+                    .resources
+                    .iter()
+                    .filter(|r| !keys.contains(&r.key()))
+                    .cloned()
+                    .collect();
+                Ok((Proposal::unlocated(set), ()))
+            })
+            .await?;
         Ok(Response::new(pb::ApplyResponse {
-            revision,
-            applied: lines(&changes, |k| keys.contains(k)),
+            revision: changed.revision,
+            applied: changed.lines(|k| keys.contains(k)),
+            affected_workloads: changed.affected_names(),
         }))
     }
 
@@ -201,22 +221,39 @@ impl Admin for State {
         req: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let actor = self.require_admin(&req)?;
-        let target = req.into_inner().revision;
-        let _one_change_at_a_time = self.writes.lock().await;
-        let Some(set) = self.store.set_at(target).map_err(internal)? else {
-            return Err(Status::not_found(format!(
-                "there is no revision {target}; `bulkhead history` lists them"
-            )));
-        };
-        // Declarations can have changed since; the restored set must still compile.
-        self.check(&set, &vec![None; set.len()])?;
-        let (revision, changes) = self.commit(&set, &actor, &format!("rollback to {target}"))?;
+        let r = req.into_inner();
+        let target = r.revision;
+        let action = format!("rollback to {target}");
+        let (changed, ()) = self
+            .change(&actor, &action, r.expect_revision, |_| {
+                let set = match self.store.set_at(target).map_err(internal)? {
+                    SetAt::Kept(set) => set,
+                    SetAt::Missing => {
+                        return Err(Status::not_found(format!(
+                            "there is no revision {target}; `bulkhead history` lists them"
+                        )));
+                    }
+                    SetAt::Pruned { oldest_kept } => {
+                        let h = self.store.history_retention();
+                        return Err(Status::not_found(format!(
+                            "revision {target} was pruned: the control plane keeps the whole set of the newest {} revisions for at most {} days (bulkhead control --history-revisions, --history-max-age). The oldest revision it can restore is {oldest_kept}; `bulkhead history` still lists who changed what",
+                            h.max_revisions,
+                            h.max_age.as_secs() / 86_400,
+                        )));
+                    }
+                };
+                // Declarations can have changed since; the restored set must still compile.
+                Ok((Proposal::unlocated(set), ()))
+            })
+            .await?;
         Ok(Response::new(pb::ApplyResponse {
-            revision,
-            applied: lines(&changes, |_| true)
+            revision: changed.revision,
+            applied: changed
+                .lines(|_| true)
                 .into_iter()
                 .filter(|l| !l.ends_with(" unchanged"))
                 .collect(),
+            affected_workloads: changed.affected_names(),
         }))
     }
 
@@ -415,6 +452,43 @@ impl Admin for State {
             subscription,
             rx,
             connected,
+        )))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let actor = self.require_admin(&req)?;
+        let key = req.get_ref().key.clone();
+        let (changed, forced_over) = self.promote_audit(&actor, req.into_inner()).await?;
+        Ok(Response::new(pb::PromoteResponse {
+            result: Some(pb::ApplyResponse {
+                revision: changed.revision,
+                applied: changed.lines(|k| k == key),
+                affected_workloads: changed.affected_names(),
+            }),
+            forced_over,
+        }))
+    }
+
+    type AwaitRevisionStream = crate::delivery::AwaitStream;
+
+    async fn await_revision(
+        &self,
+        req: Request<pb::AwaitRevisionRequest>,
+    ) -> Result<Response<Self::AwaitRevisionStream>, Status> {
+        self.require_admin(&req)?;
+        let r = req.into_inner();
+        let timeout = match r.timeout_ms {
+            0 => crate::delivery::DEFAULT_WAIT,
+            ms => Duration::from_millis(ms),
+        };
+        Ok(Response::new(crate::delivery::await_revision(
+            self.proxies.clone(),
+            r.revision,
+            r.workloads,
+            timeout,
         )))
     }
 

@@ -238,10 +238,11 @@ mod tests {
 
     /// Stores `edges` as a report would, then observes them.
     fn report(store: &Store, monitor: &Monitor, edges: &[bulkhead_insight::Edge], now: u64) {
+        let mut edges = edges.to_vec();
         store
-            .merge_edges(edges, now, &FlowRetention::default())
+            .merge_edges(&mut edges, now, &FlowRetention::default())
             .unwrap();
-        monitor.observe(store, edges, now, &Metrics::default());
+        monitor.observe(store, &edges, now, &Metrics::default());
     }
 
     fn kinds(store: &Store) -> Vec<(u64, EventKind)> {
@@ -339,7 +340,7 @@ mod tests {
         let store = open(&dir);
         store
             .merge_edges(
-                &[edge("a", "orders", Ingress, "/", T0)],
+                &mut [edge("a", "orders", Ingress, "/", T0)],
                 T0,
                 &FlowRetention::default(),
             )
@@ -380,7 +381,7 @@ mod tests {
         assert_eq!((seqs, page.last), (vec![3, 4, 5], 5));
         let rest = store.events(page.last, 0, 3).unwrap();
         assert_eq!((rest.events.len(), rest.last), (1, 6));
-        let none = crate::store::EventPage {
+        let none = crate::store::events::EventPage {
             events: Vec::new(),
             last: 6,
         };
@@ -430,6 +431,7 @@ mod tests {
             lifetime,
             retention,
             &no_learning(),
+            crate::change::ProxyBounds::default(),
         )
         .unwrap();
         let from = |spiffe_id: &str| crate::listener::PeerInfo {

@@ -30,6 +30,10 @@ pub enum ControlError {
     Identity(#[from] bulkhead_identity::IdentityError),
     #[error("store {path}: {message}")]
     Store { path: PathBuf, message: String },
+    #[error(
+        "the disk holding {path} is full ({detail}); nothing was written. Free space on it and try again: the control plane carries on without a restart"
+    )]
+    DiskFull { path: PathBuf, detail: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,

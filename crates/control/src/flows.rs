@@ -30,6 +30,13 @@ pub struct FlowRetention {
     pub window: Duration,
     /// The most stored rows (one per edge key and hour); over it, the oldest hours go first.
     pub max_rows: u64,
+    /// The most rows one workload's sidecars' reports may keep (the workload that decided:
+    /// the destination for ingress, the source for egress); over it, that workload's
+    /// oldest hours go first, so one noisy app cannot push the others' history out.
+    pub max_rows_per_workload: u64,
+    /// The most distinct path templates per edge (its key without the path); past it, new
+    /// paths are counted into the edge's `/*` template.
+    pub max_paths_per_edge: u64,
 }
 
 impl Default for FlowRetention {
@@ -37,6 +44,8 @@ impl Default for FlowRetention {
         FlowRetention {
             window: Duration::from_secs(7 * 24 * 3600),
             max_rows: 200_000,
+            max_rows_per_workload: 20_000,
+            max_paths_per_edge: bulkhead_insight::DEFAULT_MAX_PATHS_PER_EDGE,
         }
     }
 }
@@ -426,8 +435,11 @@ pub(crate) mod tests {
         let now = crate::proxies::unix_now();
         let sent: Vec<Edge> = (0..6_000)
             .map(|i| {
+                // Each on a port of its own: one path per edge, within the per-edge bound.
                 let path = format!("/orders/{i:05}/a-path-long-enough-to-fill-chunks-sooner");
-                edge("frontend", "orders", Direction::Ingress, &path, now)
+                let mut e = edge("frontend", "orders", Direction::Ingress, &path, now);
+                e.key.port = 10_000 + i;
+                e
             })
             .collect();
         let r = plane

@@ -7,21 +7,27 @@
 mod admin;
 mod anomaly;
 mod cas;
+mod change;
 mod datadir;
+mod delivery;
 mod error;
 mod flows;
 mod listener;
 mod metrics;
+mod promote;
 mod proxies;
 mod service;
 mod store;
 mod tap;
 mod tokens;
 
+pub use admin::MAX_APPLY_BYTES;
 pub use anomaly::Anomalies;
+pub use change::ProxyBounds;
 pub use datadir::{AdminContext, CONTEXT_FILE};
 pub use error::ControlError;
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
+pub use store::{HistoryRetention, LOG_CHANGES_PER_ENTRY, LOG_MAX_AGE, LOG_MAX_ENTRIES};
 
 use bulkhead_api::v1::{
     admin_server::AdminServer, config_server::ConfigServer, identity_server::IdentityServer,
@@ -50,6 +56,10 @@ pub struct ControlOptions {
     pub anomalies: Anomalies,
     /// Serve `/metrics` (plain HTTP) on this address; `None`: no metrics listener.
     pub metrics: Option<SocketAddr>,
+    /// How many snapshots of the whole set are kept for rollback, and how long.
+    pub history: HistoryRetention,
+    /// What one proxy's configuration may hold; a change over it is refused.
+    pub proxy_bounds: ProxyBounds,
 }
 
 /// A running control plane. Dropping it does not stop it; call [`RunningControl::shutdown`].
@@ -103,7 +113,7 @@ pub async fn start_with(
 ) -> Result<RunningControl, ControlError> {
     let (dir, cas) =
         datadir::DataDir::open(&config.data_dir, &config.trust_domain, config.svid_lifetime)?;
-    let store = store::Store::open(&config.data_dir.join("state.redb"))?;
+    let store = store::Store::open_with(&config.data_dir.join("state.redb"), options.history)?;
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ControlError::Bind {
@@ -127,6 +137,7 @@ pub async fn start_with(
         config.svid_lifetime,
         options.flow_retention,
         &options.anomalies,
+        options.proxy_bounds,
     )?);
     let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
     listener::spawn_cert_renewal(state.clone());
@@ -144,7 +155,10 @@ pub async fn start_with(
             ConfigServer::from_arc(state.clone())
                 .max_decoding_message_size(MAX_REPORT_JSON_BYTES + 64 * 1024),
         )
-        .add_service(AdminServer::from_arc(state));
+        // Room for a policy file at its bound, so that its own error names the bound.
+        .add_service(
+            AdminServer::from_arc(state).max_decoding_message_size(MAX_APPLY_BYTES + 1024 * 1024),
+        );
     let task = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, async move {

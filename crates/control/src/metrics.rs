@@ -7,6 +7,8 @@
 //! | `bulkhead_flow_edges_stored` | counter | — (reported edges merged into the store) |
 //! | `bulkhead_flow_edges_refused` | counter | — (reported edges the reporting sidecar did not decide) |
 //! | `bulkhead_flow_requests_dropped` | counter | — (requests proxies left out of their reports, as they say) |
+//! | `bulkhead_flow_paths_folded` | counter | — (reported edges counted into their edge's `/*` template: the edge held its bound of distinct paths) |
+//! | `bulkhead_flow_rows_deleted` | counter | `reason` (expired, workload-bound, mesh-bound): stored edge rows deleted |
 //!
 //! Counters get the `_total` suffix on the wire, as OpenMetrics says. The listener serves
 //! nothing but these numbers, without TLS: bind it to loopback or a port only monitoring can
@@ -37,12 +39,22 @@ struct KindLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Why stored edge rows are deleted.
+const ROW_DELETIONS: [&str; 3] = ["expired", "workload-bound", "mesh-bound"];
+
 /// The counters kept here; the flow counters that `ListEdges` also reports live in
 /// [`Counters`] and are read from there on each scrape.
 #[derive(Debug)]
 pub(crate) struct Metrics {
     anomalies: Family<KindLabels, Counter>,
     edges_stored: Counter,
+    paths_folded: Counter,
+    rows_deleted: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -54,9 +66,15 @@ impl Default for Metrics {
                 kind: kind.as_str(),
             });
         }
+        let rows_deleted = Family::<ReasonLabels, Counter>::default();
+        for reason in ROW_DELETIONS {
+            let _ = rows_deleted.get_or_create(&ReasonLabels { reason });
+        }
         Metrics {
             anomalies,
             edges_stored: Counter::default(),
+            paths_folded: Counter::default(),
+            rows_deleted,
         }
     }
 }
@@ -75,6 +93,22 @@ impl Metrics {
         self.edges_stored.inc_by(n);
     }
 
+    /// What the bounds did to one report: paths folded, rows deleted and why.
+    pub(crate) fn edges_bounded(&self, written: &crate::store::EdgesWritten) {
+        self.paths_folded.inc_by(written.folded);
+        for (reason, n) in ROW_DELETIONS.into_iter().zip([
+            written.expired,
+            written.evicted_in_workload,
+            written.evicted,
+        ]) {
+            if n > 0 {
+                self.rows_deleted
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc_by(n);
+            }
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub(crate) fn encode(&self, flows: &Counters) -> String {
         let (dropped, refused) = flows.get();
@@ -88,6 +122,16 @@ impl Metrics {
             "bulkhead_flow_edges_stored",
             "Reported traffic edges merged into the store",
             self.edges_stored.clone(),
+        );
+        registry.register(
+            "bulkhead_flow_paths_folded",
+            "Reported edges counted into their edge's /* template because the edge held its bound of distinct paths",
+            self.paths_folded.clone(),
+        );
+        registry.register(
+            "bulkhead_flow_rows_deleted",
+            "Stored edge rows deleted, by reason (expired, workload-bound, mesh-bound)",
+            self.rows_deleted.clone(),
         );
         registry.register(
             "bulkhead_flow_edges_refused",
@@ -146,11 +190,16 @@ async fn handle(
     req: Request<Incoming>,
     state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let format = bulkhead_api::exposition::Format::negotiate(
+        req.headers()
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
     let (status, content_type, body) = match req.uri().path() {
         "/metrics" => (
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.encode(&state.flow_counters),
+            format.content_type(),
+            format.render(state.metrics.encode(&state.flow_counters)),
         ),
         _ => (
             StatusCode::NOT_FOUND,

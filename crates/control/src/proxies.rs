@@ -1,18 +1,31 @@
 //! What the control plane knows of each proxy: connected or not, which revision it was sent,
 //! which it put in force (ACK) or refused (NACK) and why, when it was last heard from, and
 //! when its certificate expires. In memory: it is rebuilt as proxies reconnect.
+//!
+//! Every change is announced on a watch channel ([`Registry::subscribe`]), so that a caller
+//! can wait for proxies to acknowledge a revision (`delivery.rs`) without polling.
 
 use bulkhead_api::v1::ProxyStatus;
 use bulkhead_policy::model::ResourceName;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 type Key = (String, ResourceName);
 
-#[derive(Default)]
 pub(crate) struct Registry {
     proxies: Mutex<BTreeMap<Key, ProxyStatus>>,
+    /// Bumped after every change of any proxy's status.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            proxies: Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -39,12 +52,37 @@ impl Drop for Connection {
 
 impl Registry {
     fn update(&self, key: &Key, f: impl FnOnce(&mut ProxyStatus)) {
-        // A poisoned lock only means another request panicked mid-update; the map is still
-        // a best-effort status view, so keep serving it.
-        let mut map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = map.get_mut(key) {
-            f(p);
+        {
+            // A poisoned lock only means another request panicked mid-update; the map is
+            // still a best-effort status view, so keep serving it.
+            let mut map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(p) = map.get_mut(key) {
+                f(p);
+            }
         }
+        self.changed();
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees a change after every update of any proxy's status.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The revision last sent to this proxy (0 if none).
+    pub(crate) fn sent_revision(&self, spiffe_id: &str, workload: &ResourceName) -> u64 {
+        let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(spiffe_id.to_string(), workload.clone()))
+            .map_or(0, |p| p.sent_revision)
+    }
+
+    /// Every workload a proxy of which has connected since this control plane started.
+    pub(crate) fn workloads(&self) -> BTreeSet<ResourceName> {
+        let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().map(|(_, w)| w.clone()).collect()
     }
 
     pub(crate) fn connect(
@@ -68,6 +106,8 @@ impl Registry {
         p.cert_not_after_unix = cert_not_after_unix;
         p.cert_ca_sha256 = cert_ca_sha256;
         p.last_contact_unix = unix_now();
+        drop(map);
+        self.changed();
         Connection {
             registry: self.clone(),
             key,

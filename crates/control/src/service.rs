@@ -32,10 +32,10 @@ use tonic::{Request, Response, Status};
 pub(crate) struct Snapshot {
     pub revision: u64,
     pub resources: Vec<Resource>,
-    wire: Vec<pb::Resource>,
+    pub(crate) wire: Vec<pb::Resource>,
     /// The mesh's address table, the same for every proxy.
-    endpoints: Vec<pb::Endpoint>,
-    distribution: bulkhead_policy::Distribution,
+    pub(crate) endpoints: Vec<pb::Endpoint>,
+    pub(crate) distribution: bulkhead_policy::Distribution,
 }
 
 impl Snapshot {
@@ -54,18 +54,23 @@ impl Snapshot {
         }
     }
 
-    /// The part that concerns `workload`, with the trust bundle.
+    /// The part that concerns `workload`, with the trust bundle, as one message.
     fn config_for(&self, workload: &ResourceName, trust: &pb::TrustBundle) -> pb::ProxyConfig {
+        let resources: Vec<pb::Resource> = self
+            .distribution
+            .indices_for(workload)
+            .into_iter()
+            .filter_map(|i| self.wire.get(i).cloned())
+            .collect();
         pb::ProxyConfig {
             revision: self.revision,
-            resources: self
-                .distribution
-                .indices_for(workload)
-                .into_iter()
-                .filter_map(|i| self.wire.get(i).cloned())
-                .collect(),
+            digest: bulkhead_api::pieces::digest(&resources, &self.endpoints),
+            resources,
             endpoints: self.endpoints.clone(),
             trust_bundle: Some(trust.clone()),
+            piece: 0,
+            pieces: 1,
+            unchanged: false,
         }
     }
 }
@@ -85,10 +90,12 @@ pub(crate) struct State {
     pub(crate) serving: Arc<ArcSwap<ServerConfig>>,
     pub(crate) admin_id: SpiffeId,
     pub(crate) proxies: Arc<Registry>,
-    /// Held by every change (apply, delete, rollback) from reading the current set until the
-    /// new revision is published: changes apply one at a time, none is lost, and proxies see
+    /// Held by every change ([`State::change`]) from reading the current set until the new
+    /// revision is published: changes apply one at a time, none is lost, and proxies see
     /// revisions in order.
     pub(crate) writes: tokio::sync::Mutex<()>,
+    /// What one proxy's configuration may hold, checked before every change is committed.
+    pub(crate) proxy_bounds: crate::change::ProxyBounds,
     /// How long reported traffic edges are kept, and how many.
     pub(crate) flow_retention: FlowRetention,
     /// Edges proxies dropped and edges this control plane refused, since it started.
@@ -111,7 +118,16 @@ impl State {
         flow_retention: FlowRetention,
     ) -> Result<State, ControlError> {
         let anomalies = Anomalies::default();
-        State::with_options(dir, cas, store, svid_lifetime, flow_retention, &anomalies)
+        let bounds = crate::change::ProxyBounds::default();
+        State::with_options(
+            dir,
+            cas,
+            store,
+            svid_lifetime,
+            flow_retention,
+            &anomalies,
+            bounds,
+        )
     }
 
     pub(crate) fn with_options(
@@ -121,6 +137,7 @@ impl State {
         svid_lifetime: Duration,
         flow_retention: FlowRetention,
         anomalies: &Anomalies,
+        proxy_bounds: crate::change::ProxyBounds,
     ) -> Result<State, ControlError> {
         let (revision, resources) = store.resources()?;
         let anomalies = Monitor::load(&store, anomalies, unix_now())?;
@@ -140,6 +157,7 @@ impl State {
             admin_id,
             proxies: Arc::new(Registry::default()),
             writes: tokio::sync::Mutex::new(()),
+            proxy_bounds,
             flow_retention,
             flow_counters: Counters::default(),
             taps: Arc::default(),
@@ -212,26 +230,6 @@ impl State {
                 Status::invalid_argument(text.join("\n"))
             })
     }
-
-    /// Stores `set` as a new revision and pushes it to every proxy.
-    pub(crate) fn commit(
-        &self,
-        set: &[Resource],
-        actor: &str,
-        action: &str,
-    ) -> Result<(u64, Vec<(String, crate::store::Change)>), Status> {
-        let (revision, changes) = self
-            .store
-            .commit(set, actor, action, unix_now())
-            .map_err(internal)?;
-        if revision != self.snapshot.borrow().revision {
-            let (revision, resources) = self.store.resources().map_err(internal)?;
-            self.snapshot
-                .send_replace(Arc::new(Snapshot::new(revision, resources)));
-            tracing::info!(revision, actor, action, "new revision pushed");
-        }
-        Ok((revision, changes))
-    }
 }
 
 pub(crate) fn caller<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
@@ -243,7 +241,10 @@ pub(crate) fn caller<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
 
 pub(crate) fn internal(e: ControlError) -> Status {
     tracing::error!(error = %e, "internal error");
-    Status::internal(e.to_string())
+    match e {
+        ControlError::DiskFull { .. } => Status::resource_exhausted(e.to_string()),
+        e => Status::internal(e.to_string()),
+    }
 }
 
 /// Why a join was refused.
@@ -367,6 +368,19 @@ fn svid_not_after(chain: &[rustls::pki_types::CertificateDer<'_>]) -> u64 {
 
 type ConfigStream = Pin<Box<dyn Stream<Item = Result<pb::ProxyConfig, Status>> + Send>>;
 
+/// One proxy's configuration stream: what it follows, what it said it holds, and the
+/// messages of a revision not sent yet.
+struct Follow {
+    revisions: watch::Receiver<Arc<Snapshot>>,
+    cas: watch::Receiver<Arc<CaSet>>,
+    first: bool,
+    /// The revision and digest the proxy said it holds, until the first message.
+    held: Option<(u64, String)>,
+    queue: std::collections::VecDeque<pb::ProxyConfig>,
+    /// Marks the proxy connected while the stream lives.
+    _connection: crate::proxies::Connection,
+}
+
 impl State {
     /// The caller's identity, if it is bound to `workload` (by the join token it used).
     fn bound_caller<T>(
@@ -411,40 +425,74 @@ impl Config for State {
             .and_then(|p| p.cert_ca_sha256.clone())
             .unwrap_or_default();
         let not_after = peer.and_then(|p| p.cert_not_after).unwrap_or(0);
-        tracing::info!(spiffe_id = %id, %workload, "proxy watching configuration");
+        let held = (req.get_ref().held_revision != 0).then(|| {
+            (
+                req.get_ref().held_revision,
+                req.get_ref().held_digest.clone(),
+            )
+        });
+        let pieces = req.get_ref().accepts_pieces;
+        tracing::info!(spiffe_id = %id, %workload, held_revision = held.as_ref().map_or(0, |h| h.0), pieces, "proxy watching configuration");
         let connection = self
             .proxies
             .connect(id.as_str(), &workload, remote, not_after, cert_ca);
         let registry = self.proxies.clone();
-        // A new revision or a new bundle: either sends the whole current state.
-        let state = (
-            self.snapshot.subscribe(),
-            self.cas.subscribe(),
-            true,
-            connection,
-        );
-        let stream =
-            futures_util::stream::unfold(state, move |(mut rx, mut cas, first, connection)| {
-                let workload = workload.clone();
-                let id = id.clone();
-                let registry = registry.clone();
-                async move {
-                    if !first {
+        // A new revision or a new bundle: either sends the whole current state, in pieces
+        // to a proxy that takes them, and only the bundle to a proxy that just reconnected
+        // holding exactly the current revision.
+        let follow = Follow {
+            revisions: self.snapshot.subscribe(),
+            cas: self.cas.subscribe(),
+            first: true,
+            held,
+            queue: std::collections::VecDeque::new(),
+            _connection: connection,
+        };
+        let stream = futures_util::stream::unfold(follow, move |mut f| {
+            let workload = workload.clone();
+            let id = id.clone();
+            let registry = registry.clone();
+            async move {
+                loop {
+                    if let Some(next) = f.queue.pop_front() {
+                        return Some((Ok(next), f));
+                    }
+                    if !f.first {
                         let changed = tokio::select! {
-                            r = rx.changed() => r,
-                            r = cas.changed() => r,
+                            r = f.revisions.changed() => r,
+                            r = f.cas.changed() => r,
                         };
                         if changed.is_err() {
                             return None;
                         }
                     }
-                    let snap = rx.borrow_and_update().clone();
-                    let trust = cas.borrow_and_update().clone();
+                    f.first = false;
+                    let snap = f.revisions.borrow_and_update().clone();
+                    let trust = f.cas.borrow_and_update().clone();
                     registry.sent(id.as_str(), &workload, snap.revision);
                     let config = snap.config_for(&workload, trust.wire());
-                    Some((Ok(config), (rx, cas, false, connection)))
+                    match f.held.take() {
+                        Some((revision, digest))
+                            if revision == config.revision && digest == config.digest =>
+                        {
+                            tracing::info!(spiffe_id = %id, %workload, revision, "the proxy holds the current revision; sending only the trust bundle");
+                            f.queue.push_back(pb::ProxyConfig {
+                                revision,
+                                digest,
+                                unchanged: true,
+                                trust_bundle: config.trust_bundle,
+                                ..pb::ProxyConfig::default()
+                            });
+                        }
+                        _ if pieces => f.queue.extend(bulkhead_api::pieces::split(
+                            config,
+                            bulkhead_api::pieces::PIECE_BYTES,
+                        )),
+                        _ => f.queue.push_back(config),
+                    }
                 }
-            });
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -462,9 +510,15 @@ impl Config for State {
             self.proxies.ack(id.as_str(), &workload, r.revision, None);
         } else {
             let error: String = r.error.chars().take(2000).collect();
-            tracing::warn!(spiffe_id = %id, %workload, revision = r.revision, error, "NACK: the proxy refused this revision and keeps its last good one");
+            // A proxy that could not even read what it was sent does not know its revision:
+            // it refused the one sent to it.
+            let revision = match r.revision {
+                0 => self.proxies.sent_revision(id.as_str(), &workload),
+                n => n,
+            };
+            tracing::warn!(spiffe_id = %id, %workload, revision, error, "NACK: the proxy refused this revision and keeps its last good one");
             self.proxies
-                .ack(id.as_str(), &workload, r.revision, Some(error));
+                .ack(id.as_str(), &workload, revision, Some(error));
         }
         Ok(Response::new(pb::AckResponse {}))
     }
@@ -487,14 +541,14 @@ impl Config for State {
             workload: &workload,
             spiffe_id: id.as_str(),
         };
-        let (kept, refused) = reporter.sort(edges);
+        let (mut kept, refused) = reporter.sort(edges);
         self.flow_counters.add(r.dropped, refused);
         if refused > 0 {
             tracing::warn!(spiffe_id = %id, %workload, refused, "refused reported edges that this workload's sidecar did not decide");
         }
         let written = self
             .store
-            .merge_edges(&kept, unix_now(), &self.flow_retention)
+            .merge_edges(&mut kept, unix_now(), &self.flow_retention)
             .map_err(internal)?;
         if written.outside_window > 0 {
             tracing::warn!(spiffe_id = %id, %workload, edges = written.outside_window, "reported edges outside the retention window (or ahead of this clock) were not stored");
@@ -506,7 +560,24 @@ impl Config for State {
                 "stored edges reached their bound; deleted the oldest hours"
             );
         }
+        if written.evicted_in_workload > 0 {
+            tracing::warn!(
+                %workload,
+                rows = written.evicted_in_workload,
+                max_rows_per_workload = self.flow_retention.max_rows_per_workload,
+                "this workload's stored edges reached their bound; deleted its oldest hours"
+            );
+        }
+        if written.folded > 0 {
+            tracing::debug!(
+                %workload,
+                edges = written.folded,
+                max_paths_per_edge = self.flow_retention.max_paths_per_edge,
+                "edges past their bound of distinct paths were counted into their /* template"
+            );
+        }
         self.metrics.edges_stored(written.stored);
+        self.metrics.edges_bounded(&written);
         self.anomalies
             .observe(&self.store, &kept, unix_now(), &self.metrics);
         tracing::debug!(spiffe_id = %id, %workload, stored = written.stored, refused, dropped = r.dropped, expired = written.expired, "flow report");
@@ -553,3 +624,6 @@ impl Config for State {
         Ok(Response::new(pb::ReportTapResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -48,6 +48,17 @@ pub struct EdgeKey {
     pub direction: Direction,
 }
 
+impl EdgeKey {
+    /// The same key without its path: the edge whose path templates are counted together
+    /// for the per-edge bound ([`crate::template::DEFAULT_MAX_PATHS_PER_EDGE`]).
+    pub fn without_path(&self) -> EdgeKey {
+        EdgeKey {
+            path: None,
+            ..self.clone()
+        }
+    }
+}
+
 /// The verdict the deciding sidecar gave, and what audit-mode policy would have given when
 /// that differs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

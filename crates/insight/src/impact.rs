@@ -5,7 +5,10 @@
 //! A replayed request is a representative of its edge, not the request itself: the path is
 //! the template with each `*` replaced by `x`, and it carries no headers, host or peer
 //! address. Rules on those see the request as having none; the impact of such rules is an
-//! estimate, and the explanation printed beside each flow says what decided.
+//! estimate, and the explanation printed beside each flow says what decided. The request is
+//! built as a sidecar builds it (`bulkhead_policy::canonical`); a flow a sidecar would now
+//! refuse before any policy (recorded before paths and methods were canonical) is counted in
+//! `refused`, not replayed: no policy change can alter a refusal.
 //!
 //! "What if I enforce this" is [`enforce_all`] before compiling the candidate: audit-mode
 //! policies and postures then decide as if enforced.
@@ -13,7 +16,8 @@
 use crate::edge::{Edge, EdgeStats, rfc3339};
 use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
 use bulkhead_policy::{
-    Decision, Http, IdentityPattern, Peer, PolicySet, Protocol, Request, Verdict,
+    CanonicalRequest, Decision, IdentityPattern, Peer, PolicySet, Protocol, RawRequest, Request,
+    Verdict,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -118,6 +122,9 @@ pub struct Impact {
     pub replayed: usize,
     /// Flows that could not be replayed: egress edges whose source workload is unknown.
     pub not_replayed: Vec<Flow>,
+    /// Flows a sidecar refuses before any policy (a lower-case method, a dot segment …),
+    /// whatever either set says.
+    pub refused: Vec<Flow>,
 }
 
 impl Impact {
@@ -174,12 +181,24 @@ pub fn impact(
     let headers: Vec<(String, String)> = Vec::new();
     for (flow, stats) in flows {
         let path = flow.path.as_deref().map(concrete_path);
-        let http = flow.protocol.is_http().then(|| Http {
-            method: flow.method.as_deref().unwrap_or_default(),
-            path: path.as_deref().unwrap_or("/"),
-            host: None,
-            headers: &headers,
-        });
+        let canonical = match flow.protocol.is_http() {
+            false => None,
+            true => {
+                let raw = RawRequest {
+                    method: flow.method.as_deref().unwrap_or_default(),
+                    target: path.as_deref().unwrap_or("/"),
+                    authority: None,
+                };
+                match CanonicalRequest::new(raw, std::iter::empty()) {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        out.refused.push(flow.clone());
+                        continue;
+                    }
+                }
+            }
+        };
+        let http = canonical.as_ref().map(|c| c.http(&headers));
         let (subject, peer) = match flow.direction {
             Direction::Ingress => (
                 &flow.destination,
@@ -317,6 +336,13 @@ impl fmt::Display for Impact {
                 f,
                 "; {} egress flows without a source workload not replayed",
                 self.not_replayed.len()
+            )?;
+        }
+        if !self.refused.is_empty() {
+            write!(
+                f,
+                "; {} flows a sidecar refuses before any policy (a lower-case method or an ambiguous path) not replayed",
+                self.refused.len()
             )?;
         }
         writeln!(f)

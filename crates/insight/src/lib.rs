@@ -5,7 +5,9 @@
 //! is the logic over stored edges:
 //!
 //! - [`template()`] turns concrete paths into templates (`/orders/123` → `/orders/*`) and
-//!   [`generalise`] folds sets of them into path patterns of the policy language;
+//!   [`generalise`] folds sets of them into path patterns of the policy language; an edge
+//!   keeps at most [`DEFAULT_MAX_PATHS_PER_EDGE`] templates, then counts new paths into
+//!   [`FOLDED_PATH`];
 //! - [`recommend`] writes least-privilege ingress policy from what was observed, in audit
 //!   mode, with the evidence in comments, and [`diff`] compares it with an earlier one;
 //! - [`impact`] replays the observed flows against the current policy and a candidate and
@@ -42,4 +44,4 @@ pub use recommend::{
     RecommendOptions, Recommendation, RecommendationDiff, RecommendedPolicy, RecommendedPosture,
     RecommendedRule, ResourceDiff, RuleDiff, diff, recommend,
 };
-pub use template::{generalise, template};
+pub use template::{DEFAULT_MAX_PATHS_PER_EDGE, FOLDED_PATH, generalise, template};

@@ -19,7 +19,9 @@ use bulkhead_policy::model::{
     Action, AuthorizationPolicySpec, DefaultPostureSpec, Direction, Document, Metadata, Mode, Name,
     Resource, Rule, Selector, Source, Target, WorkloadRef, WorkloadSpec,
 };
-use bulkhead_policy::{IdentityPattern, Located, Method, PathPattern, PortRange, Protocol};
+use bulkhead_policy::{
+    IdentityPattern, Located, Method, PathPattern, PortRange, Protocol, canonical,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Longest name the language accepts.
@@ -320,10 +322,19 @@ fn http_conditions(
 
 /// Why an allowed request from a caller with an exact identity still cannot go into a rule
 /// that carries methods and paths.
+///
+/// Paths and methods are read as a sidecar reads them (the canonical request): a template
+/// a sidecar would refuse with 400, or a lower-case method, is left out with that reason.
 fn unwritable_http(e: &Edge) -> Option<String> {
     let Some(method) = &e.key.method else {
         return Some("an HTTP request without a method".into());
     };
+    if let Err(why) = canonical::method(method) {
+        return Some(format!(
+            "method {}: sidecars refuse it ({why})",
+            sanitize_comment(method)
+        ));
+    }
     if Method::try_from(method.clone()).is_err() {
         return Some(format!(
             "method {} cannot be written in a policy",
@@ -333,7 +344,16 @@ fn unwritable_http(e: &Edge) -> Option<String> {
     let Some(path) = &e.key.path else {
         return Some("an HTTP request without a path".into());
     };
-    if PathPattern::try_from(path.clone()).is_err() {
+    let canonical = match canonical::path(path) {
+        Ok(c) => c,
+        Err(why) => {
+            return Some(format!(
+                "path template {}: sidecars refuse it ({why})",
+                sanitize_comment(path)
+            ));
+        }
+    };
+    if PathPattern::try_from(canonical.into_owned()).is_err() {
         return Some(format!(
             "path template {} cannot be written in a policy",
             sanitize_comment(path)
@@ -403,14 +423,20 @@ fn policy_for(
         g.seen.merge(&e.stats);
         add(&mut g.evidence, e);
         if http {
-            // Upper case, as the language writes methods (`get` and `GET` are one).
+            // Canonical already (`unwritable_http` left out the others); a template recorded
+            // before sidecars canonicalised paths (`/%61dmin/*`) is written as they see it.
             g.methods.extend(
                 k.method
                     .clone()
                     .and_then(|m| Method::try_from(m).ok())
                     .map(|m| m.as_str().to_string()),
             );
-            g.templates.extend(k.path.clone());
+            g.templates.extend(
+                k.path
+                    .as_deref()
+                    .and_then(|p| canonical::path(p).ok())
+                    .map(|p| p.into_owned()),
+            );
         } else if k.protocol.is_http()
             && let Err(why) = http_conditions(dest, decl, k.port)
         {
@@ -632,12 +658,12 @@ impl RecommendedPolicy {
             AuthorizationPolicySpec {
                 selector: Selector {
                     workload: Some(Located::new(self.workload.clone())),
-                    match_labels: BTreeMap::new(),
+                    match_labels: Located::new(BTreeMap::new()),
                 },
                 direction: Direction::Ingress,
                 action: Action::Allow,
                 mode: Mode::Audit,
-                rules: self.rules.iter().map(RecommendedRule::rule).collect(),
+                rules: self.rules.iter().map(|r| Located::new(r.rule())).collect(),
             },
         ))
     }

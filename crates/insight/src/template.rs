@@ -14,6 +14,17 @@ use std::hash::Hasher;
 /// A prefix with more distinct children than this is folded into `prefix/*`.
 pub const DEFAULT_MAX_CHILDREN: usize = 5;
 
+/// How many distinct path templates the control plane keeps per edge (an edge's key without
+/// its path, [`crate::EdgeKey::without_path`]) by default. Templates catch ids; they cannot
+/// catch words (`/wiki/Rust`, `/wiki/Go`), so without a bound one app serving word-like
+/// paths would make a stored edge per word.
+pub const DEFAULT_MAX_PATHS_PER_EDGE: u64 = 64;
+
+/// The template a path is counted into once its edge holds as many templates as it may:
+/// any path. Replayed (`impact`) or generalised (`recommend`) it stands for every path, so
+/// a recommendation from a folded edge allows any path on it; it never stands for less.
+pub const FOLDED_PATH: &str = "/*";
+
 /// Generalises one concrete path: each segment that looks like an id becomes `*`, every other
 /// segment stays; the query and fragment are dropped.
 ///

@@ -14,53 +14,13 @@
 use bulkhead_policy::model::{Direction, Resource, ResourceName};
 use bulkhead_policy::{Http, Peer, PolicySet, Protocol, Request, load, parse_documents};
 use criterion::{BenchmarkId, Criterion};
-use std::fmt::Write as _;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-const RULES_PER_WORKLOAD: usize = 10;
+mod shape;
+use shape::{METHODS, RULES_PER_WORKLOAD, caller, mesh_yaml, rule_path, workload};
+
 const SIZES: [usize; 3] = [10, 1_000, 10_000];
-const METHODS: [&str; 4] = ["GET", "POST", "PUT", "DELETE"];
-
-/// Workload `j`: namespace, name, identity.
-fn workload(j: usize) -> (String, String, String) {
-    let ns = format!("ns{}", j / 100);
-    let name = format!("w{j}");
-    let id = format!("spiffe://mesh.local/ns/{ns}/sa/{name}");
-    (ns, name, id)
-}
-
-/// The caller that rule `k` of workload `j` allows: another workload of the mesh.
-fn caller(j: usize, k: usize, workloads: usize) -> String {
-    workload((j * 7 + k * 13 + 1) % workloads.max(1)).2 + &format!("-c{k}")
-}
-
-fn rule_path(k: usize) -> String {
-    format!("/api/v{k}/")
-}
-
-/// The YAML of a mesh with `policies` single-rule policies over `policies / 10` workloads.
-fn mesh_yaml(policies: usize) -> String {
-    let workloads = policies / RULES_PER_WORKLOAD;
-    let mut out = String::with_capacity(policies * 400);
-    for j in 0..workloads {
-        let (ns, name, id) = workload(j);
-        let _ = write!(
-            out,
-            "---\napiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}\nspec:\n  identity: \"{id}\"\n  ports: [{{port: 8080, protocol: http}}]\n"
-        );
-        for k in 0..RULES_PER_WORKLOAD {
-            let _ = write!(
-                out,
-                "---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}-allow-{k}, namespace: {ns}}}\nspec:\n  selector: {{workload: {name}}}\n  action: allow\n  rules:\n    - name: r{k}\n      from: {{identities: [\"{}\"]}}\n      to: {{methods: [{}], paths: [\"{}*\"]}}\n",
-                caller(j, k, workloads),
-                METHODS[k % METHODS.len()],
-                rule_path(k)
-            );
-        }
-    }
-    out
-}
 
 struct Mesh {
     policies: usize,

@@ -7,17 +7,20 @@
 
 use crate::error::PolicyError;
 use crate::eval::{
-    CompiledRule, Cond, DeclaredWorkload, IdentitySet, PolicySet, Postures, RuleList, SubjectRules,
-    slot,
+    CompiledRule, Cond, DeclaredWorkload, IdentitySet, PolicySet, Postures, Quantifier, RuleGroup,
+    RuleList, SubjectRules, slot,
 };
 use crate::model::{
-    Action, AuthorizationPolicySpec, Direction, Document, Mode, Resource, ResourceName, Rule,
-    Selector, Target, WorkloadRef, WorkloadSpec,
+    Action, Direction, Document, Mode, Resource, ResourceName, Rule, Selector, WorkloadRef,
+    WorkloadSpec,
 };
-use crate::pattern::{IdentityPattern, Protocol};
+use crate::pattern::IdentityPattern;
 use crate::source::Origin;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+
+mod check;
+use check::check_rule;
 
 /// Collects errors with their locations.
 struct Errors<'a> {
@@ -135,14 +138,14 @@ impl Distribution {
                     }
                     let mut refs = Vec::new();
                     for rule in &doc.spec.rules {
-                        if let Some(from) = rule
+                        if let Some(labels) = rule
                             .from
                             .as_ref()
-                            .filter(|f| !f.value.workload_labels.is_empty())
+                            .and_then(|f| f.value.workload_labels.as_ref())
+                            .filter(|l| !l.is_empty())
                         {
                             for (name, (wdoc, _)) in &declared.workloads {
-                                if labels_match(&from.value.workload_labels, &wdoc.metadata.labels)
-                                {
+                                if labels_match(labels, &wdoc.metadata.labels) {
                                     refs.extend(decl_index("Workload", name));
                                 }
                             }
@@ -224,7 +227,12 @@ fn compile(
     let postures = postures(resources, &mut errors);
     let identity_workloads = identity_index(&declared);
 
-    let mut subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]> = HashMap::new();
+    // One group of rules per (direction, namespace, selector): every workload the selector
+    // picks shares it, so a rule is compiled and stored once however many it protects.
+    type GroupKey = (Direction, String, Option<String>, BTreeMap<String, String>);
+    let mut group_of: HashMap<GroupKey, usize> = HashMap::new();
+    let mut groups: Vec<(RuleGroup, Direction)> = Vec::new();
+    let mut group_subjects: Vec<Vec<WorkloadRef>> = Vec::new();
     let mut order = 0u32;
     for (i, r) in resources.iter().enumerate() {
         let Resource::AuthorizationPolicy(doc) = r else {
@@ -232,7 +240,19 @@ fn compile(
         };
         let name = Arc::new(r.name());
         let ns = name.namespace.clone();
-        let targets = subjects_of(&doc.spec.selector, &ns, &declared);
+        let sel = &doc.spec.selector;
+        let key = (
+            doc.spec.direction,
+            ns.clone(),
+            sel.workload.as_ref().map(|w| w.value.to_string()),
+            sel.match_labels.value.clone(),
+        );
+        let gi = *group_of.entry(key).or_insert_with(|| {
+            groups.push((RuleGroup::default(), doc.spec.direction));
+            group_subjects.push(subjects_of(sel, &ns, &declared));
+            groups.len() - 1
+        });
+        let targets = &group_subjects[gi];
         if doc.spec.selector.workload.is_some() && !doc.spec.selector.match_labels.is_empty() {
             errors.at(
                 i,
@@ -253,7 +273,7 @@ fn compile(
                 &doc.spec,
                 rule,
                 &rule_name,
-                &targets,
+                targets,
                 &ns,
                 &declared,
                 &mut errors,
@@ -265,25 +285,19 @@ fn compile(
                 policy: name.clone(),
                 name: rule_name,
                 order,
-                conds: conditions(rule, doc.spec.direction, &ns, &declared),
+                conds: conditions(rule, doc.spec.direction, doc.spec.action, &ns, &declared),
             };
             order = order.saturating_add(1);
-            for subject in &targets {
-                let entry = subjects.entry(subject.clone()).or_default()[slot(doc.spec.direction)]
-                    .get_or_insert_with(SubjectRules::default);
-                let set = match doc.spec.mode {
-                    Mode::Enforce => &mut entry.enforce,
-                    Mode::Audit => {
-                        entry.has_audit = true;
-                        &mut entry.audit
-                    }
-                };
-                let list: &mut RuleList = match doc.spec.action {
-                    Action::Allow => &mut set.allow,
-                    Action::Deny => &mut set.deny,
-                };
-                list.push(compiled.clone());
-            }
+            let group = &mut groups[gi].0;
+            let set = match doc.spec.mode {
+                Mode::Enforce => &mut group.enforce,
+                Mode::Audit => &mut group.audit,
+            };
+            let list: &mut RuleList = match doc.spec.action {
+                Action::Allow => &mut set.allow,
+                Action::Deny => &mut set.deny,
+            };
+            list.push(compiled);
         }
         let mut names = HashSet::new();
         for rule in &doc.spec.rules {
@@ -307,8 +321,30 @@ fn compile(
     if !errors.list.is_empty() {
         return Err(errors.list);
     }
+    let mut subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]> = HashMap::new();
+    for ((mut group, direction), members) in groups.into_iter().zip(group_subjects) {
+        if group.len() == 0 {
+            continue;
+        }
+        group.finish();
+        let group = Arc::new(group);
+        for subject in members {
+            let entry = subjects.entry(subject).or_default()[slot(direction)]
+                .get_or_insert_with(SubjectRules::default);
+            entry.has_audit |= group.has_audit();
+            entry.shared.push(group.clone());
+        }
+    }
+    // A group only one workload holds moves inline (no reference count, one load less).
     for rules in subjects.values_mut().flatten().flatten() {
-        rules.finish();
+        if rules.shared.len() == 1
+            && let Some(only) = rules.shared.pop()
+        {
+            match Arc::try_unwrap(only) {
+                Ok(group) => rules.own = Some(group),
+                Err(shared) => rules.shared.push(shared),
+            }
+        }
     }
     let declared = declared
         .workloads
@@ -339,6 +375,13 @@ fn declarations<'a>(resources: &'a [Resource], errors: &mut Errors<'_>) -> Decla
         match r {
             Resource::Workload(doc) => {
                 for a in &doc.spec.addresses {
+                    if let core::net::IpAddr::V6(v6) = a.value
+                        && let Some(v4) = v6.to_ipv4_mapped()
+                    {
+                        errors.at(i, r, a.position(), format!(
+                            "address {v6} is an IPv4-mapped IPv6 address; declare the IPv4 address {v4} (sidecars unmap such addresses before looking them up)"
+                        ));
+                    }
                     if let Some(other) = addresses.insert(a.value, r.name()) {
                         errors.at(
                             i,
@@ -480,172 +523,20 @@ fn workload_ref(s: &str, ns: &str) -> ResourceName {
     }
 }
 
-/// The HTTP-only conditions a rule uses, by field name.
-fn l7_fields(rule: &Rule) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    if let Some(to) = &rule.to {
-        let t = &to.value;
-        for (set, name) in [
-            (
-                !t.methods.is_empty() || !t.not_methods.is_empty(),
-                "methods",
-            ),
-            (!t.paths.is_empty() || !t.not_paths.is_empty(), "paths"),
-            (!t.hosts.is_empty() || !t.not_hosts.is_empty(), "hosts"),
-            (t.grpc.is_some(), "grpc"),
-        ] {
-            if set {
-                out.push(name);
-            }
-        }
-    }
-    if !rule.when.is_empty() {
-        out.push("when (headers)");
-    }
-    out
-}
-
-#[allow(clippy::too_many_arguments)]
-fn check_rule(
-    i: usize,
-    r: &Resource,
-    spec: &AuthorizationPolicySpec,
+/// Builds the rule's conditions in explanation order.
+fn conditions(
     rule: &Rule,
-    rule_name: &str,
-    subjects: &[WorkloadRef],
+    direction: Direction,
+    action: Action,
     ns: &str,
     declared: &Declared<'_>,
-    errors: &mut Errors<'_>,
-) {
-    let policy = r.name();
-    let rule_pos = rule.name.as_ref().and_then(|n| n.position());
-    let to = rule.to.as_ref();
-    let to_pos = to.and_then(|t| t.position()).or(rule_pos);
-    let t = to.map(|t| &t.value);
-    let dests_given = t.is_some_and(|t| {
-        !t.identities.is_empty()
-            || !t.workloads.is_empty()
-            || !t.services.is_empty()
-            || !t.namespaces.is_empty()
-            || !t.cidrs.is_empty()
-            || !t.not_cidrs.is_empty()
-    });
-    match spec.direction {
-        Direction::Ingress if dests_given => errors.at(i, r, to_pos, format!(
-            "policy {policy} rule {rule_name}: in an ingress rule the destination is the selected workload; `to` may give only ports, protocols, methods, paths, hosts and grpc (use direction: egress to restrict destinations)"
-        )),
-        Direction::Egress if rule.from.is_some() => errors.at(i, r, rule.from.as_ref().and_then(|f| f.position()), format!(
-            "policy {policy} rule {rule_name}: an egress rule has no `from`; its source is the selected workload"
-        )),
-        _ => {}
-    }
-    if let Some(t) = t {
-        for s in &t.services {
-            let name = workload_ref(&s.value, ns);
-            if !declared.services.contains_key(&name) {
-                errors.at(i, r, s.position(), format!("no Service {name} is declared"));
-            }
-        }
-        for w in &t.workloads {
-            let name = workload_ref(&w.value, ns);
-            if !crate::is_valid_name(&name.namespace) || !crate::is_valid_name(&name.name) {
-                errors.at(
-                    i,
-                    r,
-                    w.position(),
-                    format!(
-                        "{:?} is not a workload name (name or namespace/name)",
-                        w.value
-                    ),
-                );
-            }
-        }
-    }
-
-    // Type check: HTTP and gRPC conditions only where every port the rule covers speaks them.
-    let l7 = l7_fields(rule);
-    if l7.is_empty() {
-        return;
-    }
-    let fields = l7.join(", ");
-    let wants_grpc = t.is_some_and(|t| t.grpc.is_some());
-    if t.is_some_and(|t| t.protocols.contains(&Protocol::Tcp)) {
-        errors.at(i, r, to_pos, format!(
-            "policy {policy} rule {rule_name} uses {fields} but limits itself to protocol tcp, where requests have no HTTP attributes"
-        ));
-        return;
-    }
-    // Which workloads' ports does this rule act on?
-    let checked: Vec<WorkloadRef> = match spec.direction {
-        Direction::Ingress => subjects.to_vec(),
-        Direction::Egress => {
-            let t = t.cloned().unwrap_or_else(Target::default);
-            let mut dests: Vec<WorkloadRef> = t
-                .workloads
-                .iter()
-                .map(|w| workload_ref(&w.value, ns))
-                .collect();
-            for s in &t.services {
-                if let Some(svc) = declared.services.get(&workload_ref(&s.value, ns)) {
-                    let sns = workload_ref(&s.value, ns).namespace;
-                    dests.extend(subjects_of(&svc.spec.selector, &sns, declared));
-                }
-            }
-            if dests.is_empty() {
-                errors.at(i, r, to_pos, format!(
-                    "policy {policy} rule {rule_name} uses {fields} in an egress rule without naming destination workloads or services; name them so the compiler can check their ports speak HTTP"
-                ));
-                return;
-            }
-            dests
-        }
+) -> Vec<Cond> {
+    // How a repeated header is read: every value must satisfy an allow rule's condition,
+    // any value a deny rule's.
+    let quantifier = match action {
+        Action::Allow => Quantifier::Every,
+        Action::Deny => Quantifier::Any,
     };
-    if checked.is_empty() && spec.direction == Direction::Ingress {
-        errors.at(i, r, to_pos, format!(
-            "policy {policy} rule {rule_name} uses {fields} but its selector matches no declared Workload; declare the workloads with their ports and protocols"
-        ));
-        return;
-    }
-    for w in checked {
-        let Some((doc, _)) = declared.workloads.get(&w) else {
-            errors.at(i, r, to_pos, format!(
-                "policy {policy} rule {rule_name} uses {fields} on workload {w}, which has no Workload declaration; declare it with its ports and protocols so the rule can be checked"
-            ));
-            continue;
-        };
-        if doc.spec.ports.is_empty() {
-            errors.at(i, r, to_pos, format!(
-                "policy {policy} rule {rule_name} uses {fields} on workload {w}, whose Workload declares no ports; declare its ports and protocols so the rule can be checked"
-            ));
-            continue;
-        }
-        for p in &doc.spec.ports {
-            let port = p.port.value;
-            let covered = t.is_none_or(|t| {
-                (t.ports.is_empty() || t.ports.iter().any(|r| r.contains(port)))
-                    && !t.not_ports.iter().any(|r| r.contains(port))
-                    && (t.protocols.is_empty() || t.protocols.contains(&p.protocol))
-            });
-            if !covered {
-                continue;
-            }
-            if !p.protocol.is_http() {
-                errors.at(i, r, to_pos, format!(
-                    "policy {policy} rule {rule_name} uses {fields}, but it applies to port {port} of {w}, declared {} (opaque TCP), where they cannot be enforced; limit the rule with `ports:` to the workload's HTTP ports",
-                    p.protocol.as_str()
-                ));
-            } else if wants_grpc && p.protocol != Protocol::Grpc {
-                errors.at(i, r, to_pos, format!(
-                    "policy {policy} rule {rule_name} uses grpc, but it applies to port {port} of {w}, declared {}; limit the rule with `ports:` to gRPC ports",
-                    p.protocol.as_str()
-                ));
-            }
-        }
-    }
-}
-
-/// Builds the rule's conditions in explanation order.
-fn conditions(rule: &Rule, direction: Direction, ns: &str, declared: &Declared<'_>) -> Vec<Cond> {
     let mut conds = Vec::new();
     if let Some(from) = &rule.from {
         let f = &from.value;
@@ -661,11 +552,11 @@ fn conditions(rule: &Rule, direction: Direction, ns: &str, declared: &Declared<'
                 names(&f.not_namespaces),
             ));
         }
-        if !f.workload_labels.is_empty() {
+        if let Some(labels) = &f.workload_labels {
             let ids: Vec<IdentityPattern> = declared
                 .workloads
                 .values()
-                .filter(|(doc, _)| labels_match(&f.workload_labels, &doc.metadata.labels))
+                .filter(|(doc, _)| labels_match(labels, &doc.metadata.labels))
                 .map(|(doc, _)| doc.spec.identity.value.clone())
                 .collect();
             conds.push(Cond::SourceWorkload(IdentitySet::new(&ids)));
@@ -727,7 +618,7 @@ fn conditions(rule: &Rule, direction: Direction, ns: &str, declared: &Declared<'
         }
     }
     for w in &rule.when {
-        conds.push(Cond::Header(w.value.clone()));
+        conds.push(Cond::Header(w.value.clone(), quantifier));
     }
     conds
 }

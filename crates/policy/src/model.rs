@@ -166,8 +166,8 @@ impl Mode {
 pub struct Selector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<Located<Name>>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Located::is_empty_map")]
+    pub match_labels: Located<BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,8 +181,9 @@ pub struct AuthorizationPolicySpec {
     pub action: Action,
     #[serde(default)]
     pub mode: Mode,
+    /// Each rule with its position, so that a nameless rule can still be pointed at.
     #[serde(default)]
-    pub rules: Vec<Rule>,
+    pub rules: Vec<Located<Rule>>,
 }
 
 /// A request matches a rule when it matches every part the rule gives (`from`, `to`, each
@@ -193,7 +194,13 @@ pub struct AuthorizationPolicySpec {
 pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<Located<Name>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `from:` written with nothing in it (or `null`) is `Some` of an empty `Source`, which
+    /// the compiler refuses: it would name every caller without saying so.
+    #[serde(
+        default,
+        deserialize_with = "crate::located::given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub from: Option<Located<Source>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Located<Target>>,
@@ -217,8 +224,13 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<Name>,
     /// Callers whose declared Workload has these labels (resolved to their identities).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub workload_labels: BTreeMap<String, String>,
+    /// Given but empty (`{}`, `null`) is `Some` of an empty map, which the compiler refuses.
+    #[serde(
+        default,
+        deserialize_with = "crate::located::given",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub workload_labels: Option<Located<BTreeMap<String, String>>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[cfg_attr(feature = "schema", schemars(with = "Vec<String>"))]
     pub cidrs: Vec<IpNet>,
@@ -390,7 +402,7 @@ impl Resource {
                     d.spec.selector.match_labels.is_empty(),
                 ) {
                     (Some(w), _) => format!("workload {}", w.value),
-                    (None, false) => format!("labels {:?}", d.spec.selector.match_labels),
+                    (None, false) => format!("labels {:?}", d.spec.selector.match_labels.value),
                     (None, true) => "all workloads".to_string(),
                 };
                 let mode = match d.spec.mode {
@@ -414,7 +426,7 @@ impl Resource {
                     .collect();
                 format!("{} ports {}", d.spec.identity.value, ports.join(","))
             }
-            Resource::Service(d) => format!("selects {:?}", d.spec.selector.match_labels),
+            Resource::Service(d) => format!("selects {:?}", d.spec.selector.match_labels.value),
             Resource::DefaultPosture(d) => format!(
                 "ingress {}, egress {}{}",
                 d.spec

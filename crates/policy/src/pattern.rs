@@ -105,7 +105,8 @@ impl fmt::Display for IdentityPattern {
 #[serde(try_from = "String", into = "String")]
 pub struct Method(String);
 
-const METHODS: &[&str] = &[
+/// The methods a rule may name.
+pub const KNOWN_METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
 ];
 
@@ -119,12 +120,12 @@ impl TryFrom<String> for Method {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         let upper = s.to_ascii_uppercase();
-        if METHODS.contains(&upper.as_str()) {
+        if KNOWN_METHODS.contains(&upper.as_str()) {
             Ok(Method(upper))
         } else {
             Err(format!(
                 "unknown HTTP method {s:?}; expected one of {}",
-                METHODS.join(", ")
+                KNOWN_METHODS.join(", ")
             ))
         }
     }
@@ -136,58 +137,152 @@ impl From<Method> for String {
     }
 }
 
-/// An HTTP path pattern.
+/// An HTTP path pattern, matched against the canonical request path
+/// ([`crate::canonical`]).
 ///
 /// - `/charge` matches exactly.
 /// - A single final `*` makes a prefix: `/orders/*` matches `/orders/1` and `/orders/1/items`.
 /// - Otherwise `*` matches within one segment and `**` any number of whole segments:
 ///   `/users/*/profile`, `/api/**/health`.
+///
+/// A pattern must itself be in canonical form (a request path can match nothing else), so
+/// `/%61dmin` and `/a/../b` are refused with the form to write instead.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum PathPattern {
     Exact(String),
     Prefix(String),
-    Glob(String),
+    Glob(Glob),
+}
+
+/// A glob path pattern, compiled once into its segments. Matching simulates the pattern as
+/// a set of positions (an NFA over segments), so its cost is bounded by the path length
+/// times the pattern length: no input can make it backtrack.
+#[derive(Clone, Debug)]
+pub struct Glob {
+    text: String,
+    segs: Box<[GlobSeg]>,
+}
+
+#[derive(Clone, Debug)]
+enum GlobSeg {
+    /// `**`: any number of whole segments, none included.
+    AnyDepth,
+    /// A segment without `*`.
+    Literal(Box<str>),
+    /// A segment with `*`: its literal parts, split on `*` (so at least two).
+    Wild(Box<[Box<str>]>),
+}
+
+/// The most segments a glob may have: positions are kept in one `u64`.
+pub const MAX_GLOB_SEGMENTS: usize = 63;
+
+impl Glob {
+    fn new(text: String) -> Result<Glob, String> {
+        let segs: Vec<GlobSeg> = text[1..]
+            .split('/')
+            .map(|seg| match seg {
+                "**" => GlobSeg::AnyDepth,
+                s if !s.contains('*') => GlobSeg::Literal(s.into()),
+                s => GlobSeg::Wild(s.split('*').map(Box::from).collect()),
+            })
+            .collect();
+        if segs.len() > MAX_GLOB_SEGMENTS {
+            return Err(format!(
+                "path {text:?} has {} segments; a pattern with wildcards may have at most {MAX_GLOB_SEGMENTS}",
+                segs.len()
+            ));
+        }
+        Ok(Glob {
+            text,
+            segs: segs.into(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether `path` (starting with '/') matches. One pass over the path's segments; at
+    /// each, every live pattern position is advanced, so the work is at most the number of
+    /// path segments times the number of pattern segments, each step a linear-time segment
+    /// comparison.
+    pub fn matches(&self, path: &str) -> bool {
+        let m = self.segs.len();
+        let accept = 1u64 << m;
+        let mut live = self.closure(1);
+        for seg in path.get(1..).unwrap_or("").split('/') {
+            let mut next = 0u64;
+            let mut rest = live & (accept - 1);
+            while rest != 0 {
+                let i = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                match &self.segs[i] {
+                    GlobSeg::AnyDepth => next |= 1 << i,
+                    GlobSeg::Literal(l) if **l == *seg => next |= 1 << (i + 1),
+                    GlobSeg::Literal(_) => {}
+                    GlobSeg::Wild(parts) if wild_matches(parts, seg) => next |= 1 << (i + 1),
+                    GlobSeg::Wild(_) => {}
+                }
+            }
+            live = self.closure(next);
+            if live == 0 {
+                return false;
+            }
+        }
+        live & accept != 0
+    }
+
+    /// Adds the positions reachable without consuming a segment: past every `**`.
+    fn closure(&self, mut live: u64) -> u64 {
+        for (i, seg) in self.segs.iter().enumerate() {
+            if live & (1 << i) != 0 && matches!(seg, GlobSeg::AnyDepth) {
+                live |= 1 << (i + 1);
+            }
+        }
+        live
+    }
+}
+
+impl PartialEq for Glob {
+    fn eq(&self, other: &Glob) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Glob {}
+
+impl std::hash::Hash for Glob {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.text.hash(h)
+    }
 }
 
 impl PathPattern {
+    #[inline]
     pub fn matches(&self, path: &str) -> bool {
         match self {
             PathPattern::Exact(e) => e == path,
             PathPattern::Prefix(p) => path.starts_with(p.as_str()),
-            PathPattern::Glob(g) => glob_segments(
-                &g[1..].split('/').collect::<Vec<_>>(),
-                &path.get(1..).unwrap_or("").split('/').collect::<Vec<_>>(),
-            ),
+            PathPattern::Glob(g) => g.matches(path),
         }
     }
 }
 
-/// Matches path segments against pattern segments (`**` = any number of segments).
-fn glob_segments(pat: &[&str], segs: &[&str]) -> bool {
-    match pat.split_first() {
-        None => segs.is_empty(),
-        Some((&"**", rest)) => (0..=segs.len()).any(|i| glob_segments(rest, &segs[i..])),
-        Some((p, rest)) => match segs.split_first() {
-            Some((s, srest)) => glob_one(p, s) && glob_segments(rest, srest),
-            None => false,
-        },
-    }
-}
-
-/// One segment with `*` wildcards (never crossing '/').
-fn glob_one(pat: &str, seg: &str) -> bool {
-    let parts: Vec<&str> = pat.split('*').collect();
-    if parts.len() == 1 {
-        return pat == seg;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !seg.starts_with(first) || seg.len() < first.len() + last.len() || !seg.ends_with(last) {
+/// One segment against the literal parts of a segment pattern with `*` (never crossing
+/// '/'): the first part is a prefix, the last a suffix, and each middle part is found
+/// leftmost after the one before, which is optimal for `*` and linear (`str::find`).
+fn wild_matches(parts: &[Box<str>], seg: &str) -> bool {
+    let (first, last) = match (parts.first(), parts.last()) {
+        (Some(f), Some(l)) if parts.len() >= 2 => (&**f, &**l),
+        _ => return false,
+    };
+    if seg.len() < first.len() + last.len() || !seg.starts_with(first) || !seg.ends_with(last) {
         return false;
     }
     let mut rest = &seg[first.len()..seg.len() - last.len()];
     for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
+        match rest.find(&**mid) {
             Some(i) => rest = &rest[i + mid.len()..],
             None => return false,
         }
@@ -195,14 +290,48 @@ fn glob_one(pat: &str, seg: &str) -> bool {
     true
 }
 
+/// Characters a regular expression would use that a path pattern reads literally; `lint`
+/// warns about patterns holding them, and refusals mention it.
+pub(crate) fn looks_like_regex(p: &str) -> bool {
+    p.contains(".*")
+        || p.contains(".+")
+        || p.contains("\\")
+        || p.starts_with('^')
+        || p.ends_with('$')
+        || p.contains('[')
+        || p.contains('(')
+        || p.contains('|')
+        || p.contains('{')
+        || p.contains('+')
+}
+
 impl TryFrom<String> for PathPattern {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
+        let regex_hint = |msg: String| match looks_like_regex(&s) {
+            true => format!(
+                "{msg} (this looks like a regular expression; paths are literal, with * for part of one segment and ** for any number of segments)"
+            ),
+            false => msg,
+        };
         if !s.starts_with('/') {
-            return Err(format!("path {s:?} must start with '/'"));
+            return Err(regex_hint(format!("path {s:?} must start with '/'")));
         }
         if s.contains('?') || s.contains('#') {
             return Err(format!("path {s:?} must not hold a query or fragment"));
+        }
+        match crate::canonical::path(&s) {
+            Err(why) => {
+                return Err(regex_hint(format!(
+                    "path {s:?} can never match: {why}, and the sidecar refuses such requests with 400 before any policy"
+                )));
+            }
+            Ok(c) if c != s => {
+                return Err(regex_hint(format!(
+                    "path {s:?} is not in canonical form: write {c:?} (requests are matched after percent-encoded letters, digits and -._~ are decoded, and other escapes upper-cased)"
+                )));
+            }
+            Ok(_) => {}
         }
         let stars = s.matches('*').count();
         if stars == 0 {
@@ -219,7 +348,7 @@ impl TryFrom<String> for PathPattern {
                 ));
             }
         }
-        Ok(PathPattern::Glob(s))
+        Ok(PathPattern::Glob(Glob::new(s)?))
     }
 }
 
@@ -232,7 +361,8 @@ impl From<PathPattern> for String {
 impl fmt::Display for PathPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PathPattern::Exact(e) | PathPattern::Glob(e) => f.write_str(e),
+            PathPattern::Exact(e) => f.write_str(e),
+            PathPattern::Glob(g) => f.write_str(g.as_str()),
             PathPattern::Prefix(p) => write!(f, "{p}*"),
         }
     }

@@ -319,12 +319,12 @@ impl<'a> Analysis<'a> {
             .and_then(|d| d[slot(side.direction)].as_ref());
         let mut deny: Vec<&'a RuleList> = Vec::new();
         let mut allow: Vec<(&'a RuleList, Mode)> = Vec::new();
-        if let Some(r) = rules {
-            deny.push(&r.enforce.deny);
-            allow.push((&r.enforce.allow, Mode::Enforce));
+        for g in rules.iter().flat_map(|r| r.groups()) {
+            deny.push(&g.enforce.deny);
+            allow.push((&g.enforce.allow, Mode::Enforce));
             if view == PolicyView::Staged {
-                deny.push(&r.audit.deny);
-                allow.push((&r.audit.allow, Mode::Audit));
+                deny.push(&g.audit.deny);
+                allow.push((&g.audit.allow, Mode::Audit));
             }
         }
         // Deny rules that surely apply; each covers the operations within its own.
@@ -367,7 +367,7 @@ impl<'a> Analysis<'a> {
             subject: side.subject,
             peer: crate::eval::Peer {
                 identity: Some(side.peer_identity),
-                ip: side.peer_ip,
+                ip: side.peer_ip.map(crate::canonical::peer_ip),
                 workload: side.peer_workload,
             },
             port: side.port,
@@ -394,7 +394,7 @@ impl<'a> Analysis<'a> {
                     op.grpc(services, methods);
                     None
                 }
-                Cond::Header(h) => {
+                Cond::Header(h, _) => {
                     op.header(h);
                     None
                 }

@@ -57,6 +57,27 @@ pub fn parse_file(file: &str, text: &str) -> Result<Vec<(Resource, Origin)>, Pol
     Ok(out)
 }
 
+/// The text of a file read as bytes. A file that is not UTF-8 is an error for that file
+/// only, at the line and column (counted in characters) of its first invalid byte.
+pub fn text_of<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, PolicyError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let valid = String::from_utf8_lossy(&bytes[..e.valid_up_to()]);
+        let line = valid.matches('\n').count() + 1;
+        let column = valid.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let byte = bytes.get(e.valid_up_to()).copied().unwrap_or_default();
+        PolicyError::Parse {
+            location: SourceLocation {
+                file: file.to_string(),
+                line: u32::try_from(line).unwrap_or(u32::MAX),
+                column: u32::try_from(column).unwrap_or(u32::MAX),
+            },
+            message: format!(
+                "the file is not UTF-8 text (byte 0x{byte:02X} here is not part of a UTF-8 character); policy files must be UTF-8"
+            ),
+        }
+    })
+}
+
 /// Parses every document and returns only the resources (see [`parse_file`]).
 pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, PolicyError> {
     Ok(parse_file(file, text)?
@@ -134,6 +155,16 @@ fn split_documents(text: &str) -> Vec<(u32, &str)> {
     docs
 }
 
+/// Reads one YAML document of any shape (a `policy test` cases file, say) with the same
+/// error reporting as policy files: `file:line:column`, in our words.
+pub fn read_yaml<T: DeserializeOwned>(file: &str, text: &str) -> Result<T, PolicyError> {
+    let origin = Origin {
+        file: file.to_string(),
+        line_offset: 0,
+    };
+    serde_saphyr::from_str(text).map_err(|e| parse_error(&origin, &e))
+}
+
 /// Resource, namespace and workload names follow Kubernetes: lowercase letters, digits and
 /// '-', at most 63, not starting or ending with '-'.
 pub fn is_valid_name(s: &str) -> bool {
@@ -149,8 +180,53 @@ fn parse_error(origin: &Origin, e: &serde_saphyr::Error) -> PolicyError {
     let pos = e.location().map(|l| (l.line() as u32, l.column() as u32));
     PolicyError::Parse {
         location: origin.at(pos),
-        message: first_line(&e.to_string()),
+        message: in_our_words(e).unwrap_or_else(|| first_line(&e.to_string())),
     }
+}
+
+/// The reader's errors that would otherwise name its internals (options, budget variants),
+/// said in terms of the file.
+fn in_our_words(e: &serde_saphyr::Error) -> Option<String> {
+    use serde_saphyr::Error as E;
+    use serde_saphyr::budget::BudgetBreach as B;
+    let mut e = e.without_snippet();
+    while let E::AliasError { error, .. } = e {
+        e = error.without_snippet();
+    }
+    let too_big = |what: String| {
+        format!(
+            "the document is too large for a policy file: {what}; split it into smaller documents"
+        )
+    };
+    Some(match e {
+        E::DuplicateMappingKey { key, .. } => match key {
+            Some(k) => format!(
+                "the key {k:?} is given twice in one mapping; keys must be unique (a second value would silently replace the first), so remove one"
+            ),
+            None => "a key is given twice in one mapping; keys must be unique (a second value would silently replace the first), so remove one".into(),
+        },
+        E::Budget { breach, .. } => match breach {
+            B::Nodes { nodes } => too_big(format!(
+                "it holds more than {} values, counting what aliases (*name) expand to",
+                nodes.saturating_sub(1)
+            )),
+            B::Depth { depth } => too_big(format!("it nests more than {} levels deep", depth.saturating_sub(1))),
+            B::Aliases { aliases } => too_big(format!("it uses more than {} aliases", aliases.saturating_sub(1))),
+            B::Anchors { anchors } => too_big(format!("it defines more than {} anchors", anchors.saturating_sub(1))),
+            B::ScalarBytes { total_scalar_bytes } => too_big(format!(
+                "its values hold more than {} bytes",
+                total_scalar_bytes.saturating_sub(1)
+            )),
+            _ => too_big("it exceeds a limit on size, nesting or aliases".into()),
+        },
+        other => {
+            let text = first_line(&other.to_string());
+            match text.as_str() {
+                "recursion limit exceeded" => too_big("it nests too deeply".into()),
+                _ => return None,
+            }
+        }
+    })
 }
 
 /// serde-saphyr renders a source snippet after the message; a CLI error wants the message.
@@ -170,6 +246,16 @@ fn first_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::split_documents;
+
+    #[test]
+    fn non_utf8_is_located() {
+        let e = super::text_of("f.yaml", b"a: 1\nb: x\xffy\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "f.yaml:2:5: the file is not UTF-8 text (byte 0xFF here is not part of a UTF-8 character); policy files must be UTF-8"
+        );
+        assert_eq!(super::text_of("f.yaml", b"ok\n"), Ok("ok\n"));
+    }
 
     #[test]
     fn documents_split_on_separator_lines_only() {

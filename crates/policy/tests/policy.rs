@@ -3,6 +3,8 @@
 //!
 //! One test binary: the modules below share these helpers.
 
+#[path = "policy/issue15.rs"]
+mod issue15;
 #[path = "policy/reach.rs"]
 mod reach;
 #[path = "policy/staged_postures.rs"]
@@ -13,35 +15,7 @@ use bulkhead_policy::{
     Decision, Http, Peer, PolicyError, PolicySet, Protocol, Request, load, parse_documents,
 };
 
-const DECLARATIONS: &str = r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: payments, namespace: shop, labels: {app: payments, tier: backend}}
-spec:
-  identity: spiffe://td/ns/shop/sa/payments
-  ports: [{port: 8080, protocol: http}, {port: 9090, protocol: grpc}, {port: 5432, protocol: tcp}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop, labels: {app: orders, tier: backend}}
-spec:
-  identity: spiffe://td/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: frontend, namespace: shop, labels: {app: frontend, tier: web}}
-spec:
-  identity: spiffe://td/ns/shop/sa/frontend
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Service
-metadata: {name: backend, namespace: shop}
-spec:
-  selector: {matchLabels: {tier: backend}}
-  ports: [{port: 8080, protocol: http}]
-"#;
+const DECLARATIONS: &str = include_str!("fixtures/declarations.yaml");
 
 /// One request: `direction subject peer-identity [ip] port protocol [METHOD path [host] [h=v,…]]`.
 struct Case<'a> {
@@ -831,4 +805,62 @@ fn a_proxy_gets_only_what_concerns_it_and_decides_the_same() {
         };
         assert_eq!(part.evaluate(&req), full.evaluate(&req), "{subject} {peer}");
     }
+}
+
+/// The examples' case tables, run through `bulkhead_policy::cases`, the format and judge
+/// `bulkhead policy test` uses: what users copy from `examples/` passes here first.
+#[test]
+fn the_examples_cases_pass() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut ran = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let Some(stem) = name.strip_suffix("-cases.yaml") else {
+            continue;
+        };
+        let policies = root.join(format!("{stem}.yaml"));
+        let files = [(
+            policies.display().to_string(),
+            std::fs::read(&policies).unwrap(),
+        )];
+        let (_, set) = bulkhead_policy::load_bytes(&files, 0).unwrap();
+        let cases = bulkhead_policy::cases::read_cases(&name, &std::fs::read(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{e}"));
+        for case in &cases {
+            let verdict = case.run(&set).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                verdict.passed(),
+                "{name}: {}: {}\n{}",
+                case.name,
+                verdict.problems.join("; "),
+                verdict.outcome
+            );
+            ran += 1;
+        }
+    }
+    assert!(ran >= 8, "only {ran} cases found under examples/");
+}
+
+/// A case that names what the set does not declare is an error of its own kind, never a
+/// default deny that would pass an `expect: deny`.
+#[test]
+fn a_misspelt_case_is_an_error_not_a_deny() {
+    let set = compile("");
+    let case = bulkhead_policy::cases::Case {
+        name: "typo".into(),
+        from: Some("spiffe://td/ns/shop/sa/frontend".into()),
+        to: "shop/paymnts:8080".into(),
+        expect: Some(bulkhead_policy::cases::Expect::Deny),
+        ..Default::default()
+    };
+    assert!(matches!(
+        case.run(&set),
+        Err(bulkhead_policy::cases::CaseError::UnknownWorkload { .. })
+    ));
+    let case = bulkhead_policy::cases::Case {
+        to: "shop/payments:8080".into(),
+        ..case
+    };
+    assert!(case.run(&set).unwrap().passed());
 }

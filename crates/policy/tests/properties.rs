@@ -15,6 +15,8 @@ use proptest::prelude::*;
 use proptest::sample::subsequence;
 use std::fmt::Write as _;
 
+#[path = "properties/paths.rs"]
+mod paths;
 #[path = "properties/reach.rs"]
 mod reach;
 
@@ -114,12 +116,13 @@ fn path_matches(pattern: &str, path: &str) -> bool {
 }
 
 const CIDRS: [&str; 3] = ["10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/16"];
-const IPS: [&str; 3] = ["10.0.0.1", "10.1.2.3", "192.168.1.1"];
+/// Caller addresses; the IPv4-mapped one is what a `[::]` listener reports for 10.1.2.3.
+const IPS: [&str; 4] = ["10.0.0.1", "10.1.2.3", "192.168.1.1", "::ffff:10.1.2.3"];
 
 fn cidr_contains(cidr: &str, ip: &str) -> bool {
     let hits: &[&str] = match cidr {
-        "10.0.0.0/8" => &["10.0.0.1", "10.1.2.3"],
-        "10.1.0.0/16" => &["10.1.2.3"],
+        "10.0.0.0/8" => &["10.0.0.1", "10.1.2.3", "::ffff:10.1.2.3"],
+        "10.1.0.0/16" => &["10.1.2.3", "::ffff:10.1.2.3"],
         "192.168.0.0/16" => &["192.168.1.1"],
         other => panic!("no table for cidr {other}"),
     };
@@ -219,7 +222,8 @@ struct GenRequest {
     port: usize,
     method: &'static str,
     path: &'static str,
-    header: Option<&'static str>,
+    /// The values of `x-env`, in order: none, one, or a repeated header.
+    header: Vec<&'static str>,
 }
 
 /// Usually nothing; with probability `p`, one to `max` items of `items`. Keeping most fields
@@ -373,7 +377,7 @@ fn request_strategy() -> impl Strategy<Value = GenRequest> {
         0..REQUEST_PORTS.len(),
         prop::sample::select(REQUEST_METHODS.to_vec()),
         prop::sample::select(REQUEST_PATHS.to_vec()),
-        prop::option::of(prop::sample::select(REQUEST_HEADER_VALUES.to_vec())),
+        prop::collection::vec(prop::sample::select(REQUEST_HEADER_VALUES.to_vec()), 0..=2),
     )
         .prop_map(
             |(subject, identity, ip, port, method, path, header)| GenRequest {
@@ -490,9 +494,9 @@ fn rule_yaml(rule: &GenRule, name: &str, out: &mut String) {
         if !f.not_cidrs.is_empty() {
             fl.push(format!("notCidrs: [{}]", f.not_cidrs.join(", ")));
         }
-        if fl.is_empty() {
-            lines.push("from: {}".into());
-        } else {
+        // A `from` naming nobody is refused (it would match every caller); the model reads a
+        // generated empty `From` as no condition, which is written by leaving `from` out.
+        if !fl.is_empty() {
             lines.push("from:".into());
             lines.extend(fl.into_iter().map(|l| format!("  {l}")));
         }
@@ -751,7 +755,10 @@ fn any_none<T>(any: &[T], none: &[T], hit: impl Fn(&T) -> bool) -> bool {
 
 /// Whether a rule matches. A caller attribute that is missing (no identity, no `/ns/`, no
 /// address) matches no positive list and is in no `not…` list.
-fn rule_matches(rule: &GenRule, r: &GenRequest) -> bool {
+///
+/// A header sent more than once satisfies an allow rule's condition only if every value
+/// does, a deny rule's if any value does.
+fn rule_matches(rule: &GenRule, action: Action, r: &GenRequest) -> bool {
     if let Some(f) = &rule.from {
         if !f.ids.is_empty() || !f.not_ids.is_empty() {
             let ok = match r.identity {
@@ -809,13 +816,18 @@ fn rule_matches(rule: &GenRule, r: &GenRequest) -> bool {
         }
     }
     rule.when.iter().all(|h| {
-        let got = r.header;
         // A bare `header:` requires the header.
         let bare = h.values.is_empty() && h.not_values.is_empty() && h.present.is_none();
-        h.present.is_none_or(|p| p == got.is_some())
-            && (!bare || got.is_some())
-            && (h.values.is_empty() || got.is_some_and(|g| h.values.contains(&g)))
-            && !got.is_some_and(|g| h.not_values.contains(&g))
+        let value_ok =
+            |g: &&str| (h.values.is_empty() || h.values.contains(g)) && !h.not_values.contains(g);
+        if r.header.is_empty() {
+            return h.present != Some(true) && !bare && h.values.is_empty();
+        }
+        h.present != Some(false)
+            && match action {
+                Action::Allow => r.header.iter().all(value_ok),
+                Action::Deny => r.header.iter().any(value_ok),
+            }
     })
 }
 
@@ -830,7 +842,7 @@ fn first_match(set: &GenSet, action: Action, r: &GenRequest) -> Option<(String, 
             p.rules
                 .iter()
                 .enumerate()
-                .find(|(_, rule)| rule_matches(rule, r))
+                .find(|(_, rule)| rule_matches(rule, action, r))
                 .map(|(n, rule)| (format!("p{i}"), rule_label(rule, n)))
         })
 }
@@ -865,7 +877,7 @@ fn staged_model(set: &GenSet, r: &GenRequest) -> Verdict {
         set.policies
             .iter()
             .filter(|p| p.action == action && selects(&p.selector, r.subject))
-            .any(|p| p.rules.iter().any(|rule| rule_matches(rule, r)))
+            .any(|p| p.rules.iter().any(|rule| rule_matches(rule, action, r)))
     };
     if rules(Action::Deny) {
         Verdict::Deny
@@ -1225,7 +1237,12 @@ fn identity_pattern() -> impl Strategy<Value = String> {
 fn path_pattern() -> impl Strategy<Value = String> {
     prop_oneof![
         1 => prop::sample::select(vec!["/".to_string(), "/a/**/b".into(), "/users/*/x".into(), "/f/*.pdf".into(), "/**".into()]),
-        3 => ("[^?#*]{0,10}", any::<bool>()).prop_map(|(p, star)| format!("/{p}{}", if star { "*" } else { "" })),
+        // Arbitrary text, in the canonical form a pattern must have (requests are matched
+        // canonical); text no request path can hold is skipped.
+        3 => ("[^?#*]{0,10}", any::<bool>()).prop_filter_map("no request path holds it", |(p, star)| {
+            let c = bulkhead_policy::canonical::path(&format!("/{p}")).ok()?.into_owned();
+            Some(format!("{c}{}", if star { "*" } else { "" }))
+        }),
     ]
 }
 

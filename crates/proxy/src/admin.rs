@@ -13,19 +13,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
-use tokio::net::TcpListener;
 
 pub(crate) async fn spawn(
     listen: SocketAddr,
     shared: Arc<Shared>,
 ) -> Result<SocketAddr, ProxyError> {
-    let bind_err = |source| ProxyError::Bind {
-        what: "admin".into(),
-        addr: listen,
-        source,
-    };
-    let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
-    let addr = listener.local_addr().map_err(bind_err)?;
+    // `[::]:PORT` is one dual-stack socket, as for the other listeners.
+    let (listener, addr) = crate::http::listen(listen, "admin").await?;
     tracing::info!(listen = %addr, "admin listener ready (/metrics /ready /live /config)");
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -60,7 +54,7 @@ pub(crate) fn not_ready(shared: &Shared) -> Option<String> {
             crate::unix_seconds(tls.svid.not_after())
         ));
     }
-    if shared.policies.load().revision() == 0 {
+    if shared.snapshot.load().revision() == 0 {
         return Some("no policy revision received from the control plane yet".into());
     }
     None
@@ -71,11 +65,18 @@ async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.encode(),
-        ),
+        "/metrics" => {
+            let format = bulkhead_api::exposition::Format::negotiate(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            reply(
+                StatusCode::OK,
+                format.content_type(),
+                format.render(shared.metrics.encode()),
+            )
+        }
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" => match not_ready(&shared) {
             None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
@@ -87,6 +88,7 @@ async fn handle(
         },
         "/config" => {
             let tls = shared.tls.load();
+            let snapshot = shared.snapshot.load();
             let body = serde_json::json!({
                 "spiffeId": tls.svid.id().to_string(),
                 "workload": shared.workload.to_string(),
@@ -98,8 +100,8 @@ async fn handle(
                 },
                 "trustDomain": shared.tls.load().bundle.trust_domain(),
                 "trustBundleSha256": tls.roots,
-                "policyRevision": shared.policies.load().revision(),
-                "meshEndpoints": shared.endpoints.load().len(),
+                "policyRevision": snapshot.revision(),
+                "meshEndpoints": snapshot.endpoints().len(),
                 "openTcpRelays": shared.relays.len(),
                 "sharedUpstreamConnections": shared.mux.open(),
                 "flowEdgesHeld": shared.flows.held(),

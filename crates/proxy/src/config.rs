@@ -54,6 +54,26 @@ pub struct Limits {
     /// HTTP/2 streams a client may reset before they finish, at once, before the connection
     /// is closed (rapid-reset protection).
     pub max_pending_resets: usize,
+    /// An HTTP/1.1 connection may wait this long between requests (keep-alive); the
+    /// header-read timeout starts only with a request's first byte.
+    pub keepalive_timeout: Duration,
+    /// A request body on its way to the app or an upstream may stall this long between two
+    /// pieces; then 408 and its stream or connection is freed.
+    pub body_idle_timeout: Duration,
+    /// A whole request body must arrive within this; then 408.
+    pub body_timeout: Duration,
+    /// The app or upstream must send the response head within this of the request's end;
+    /// then 504 and the stream is dropped.
+    pub response_timeout: Duration,
+}
+
+impl Limits {
+    pub(crate) fn deadlines(&self) -> crate::deadline::Deadlines {
+        crate::deadline::Deadlines {
+            body_idle: self.body_idle_timeout,
+            body_total: self.body_timeout,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -66,6 +86,10 @@ impl Default for Limits {
             detect_timeout: Duration::from_secs(1),
             max_concurrent_streams: 256,
             max_pending_resets: 20,
+            keepalive_timeout: Duration::from_secs(300),
+            body_idle_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(600),
+            response_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -96,7 +120,8 @@ pub enum InboundTarget {
     /// Explicit mode: one app address; `port` is the workload's declared port policy sees.
     App { app: SocketAddr, port: u16 },
     /// Transparent mode: connections were redirected here by `bulkhead-proxy init`; each goes
-    /// to 127.0.0.1 on the port it was originally sent to, which is also the port policy sees.
+    /// to the workload address and port it was originally sent to (never loopback), and that
+    /// port is the one policy sees.
     Transparent,
 }
 

@@ -1,25 +1,107 @@
 //! HTTP/1.1 plumbing shared by the inbound and outbound sides: one upstream connection per
 //! downstream connection, hop-by-hop header hygiene, and the responses the proxy itself makes.
 
+use crate::authz::Permit;
+use crate::deadline::{BodyFailure, Clock, IdleWhenDone, ReqBody};
+use crate::metrics::Refusal;
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
 
-/// Either the peer's streamed body or one the proxy wrote.
-pub(crate) type Body = Either<Incoming, Full<Bytes>>;
+/// A response body: the peer's, streamed, or one the proxy wrote; with what must happen
+/// when it has been written (or dropped).
+pub(crate) struct Body {
+    inner: Inner,
+    /// The downstream HTTP/1.1 connection goes back to waiting for a request.
+    idle_when_done: Option<IdleWhenDone>,
+    /// The stream it came on frees its place on a shared connection.
+    stream: Option<crate::mux::StreamSlot>,
+}
+
+enum Inner {
+    Peer(Incoming),
+    Own(Option<Bytes>),
+}
+
+impl Body {
+    pub(crate) fn peer(body: Incoming) -> Body {
+        Body {
+            inner: Inner::Peer(body),
+            idle_when_done: None,
+            stream: None,
+        }
+    }
+
+    pub(crate) fn own(bytes: Bytes) -> Body {
+        Body {
+            inner: Inner::Own(Some(bytes).filter(|b| !b.is_empty())),
+            idle_when_done: None,
+            stream: None,
+        }
+    }
+
+    pub(crate) fn set_idle_when_done(&mut self, guard: IdleWhenDone) {
+        self.idle_when_done = Some(guard);
+    }
+
+    pub(crate) fn set_stream(&mut self, slot: crate::mux::StreamSlot) {
+        self.stream = Some(slot);
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            Inner::Peer(body) => Pin::new(body).poll_frame(cx),
+            Inner::Own(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if let Poll::Ready(None) = polled {
+            // Done: the stream is free at once, not when hyper gets round to dropping us.
+            this.stream = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Peer(body) => body.is_end_stream(),
+            Inner::Own(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Peer(body) => body.size_hint(),
+            Inner::Own(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
 
 /// Set on requests to the app: the caller's verified SPIFFE ID. Any incoming copy is dropped.
 pub(crate) const SOURCE_HEADER: &str = "x-bulkhead-source";
 /// Set on responses the proxy denies: `deny; policy=…; rule=…; revision=…`.
 pub(crate) const DECISION_HEADER: &str = "x-bulkhead-decision";
+/// Owned by the mesh like `x-bulkhead-source`: dropped from every request a caller sends, on
+/// both sides; the receiving sidecar sets it from the verified peer, in Envoy's shape
+/// (`By=<the receiving workload's SPIFFE ID>;URI=<the caller's SPIFFE ID>`), for apps that
+/// read it. A plaintext caller (permissive port) gets none.
+pub(crate) const XFCC_HEADER: &str = "x-forwarded-client-cert";
 
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -56,7 +138,7 @@ pub(crate) fn proxy_response(
     decision: Option<&str>,
     text: String,
 ) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(text + "\n"))));
+    let mut resp = Response::new(Body::own(Bytes::from(text + "\n")));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(
@@ -69,40 +151,43 @@ pub(crate) fn proxy_response(
     resp
 }
 
-/// Refuses paths whose meaning an app might read differently from the policy: dot segments,
-/// empty segments and encoded separators. Returns why.
-pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
-    if !path.starts_with('/') {
-        return Err("path must start with '/'");
-    }
-    // Case-insensitive, without copying the path: this runs on every request.
-    let bytes = path.as_bytes();
-    let encoded = |pat: &[u8]| {
-        bytes
-            .windows(pat.len())
-            .any(|w| w.eq_ignore_ascii_case(pat))
+/// The request policy judges, built by the policy crate from what arrived (method, target,
+/// authority, every `Host` header): canonical path, upper-case method, host without port.
+/// A request it refuses (dot segments, encoded separators, path parameters, a lower-case
+/// method, two hosts …) is answered 400 before any policy, with the reason.
+pub(crate) fn canonical_request<B>(
+    req: &Request<B>,
+) -> Result<bulkhead_policy::CanonicalRequest<'_>, bulkhead_policy::Refusal> {
+    let uri = req.uri();
+    let raw = bulkhead_policy::RawRequest {
+        method: req.method().as_str(),
+        target: uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()),
+        authority: uri.authority().map(|a| a.as_str()),
     };
-    if path.contains('\\') || [b"%2e", b"%2f", b"%5c", b"%00"].iter().any(|p| encoded(*p)) {
-        return Err("path holds an encoded '.', '/', '\\' or NUL");
-    }
-    // One trailing slash is fine ("/a/b/"); any other empty segment is not.
-    let body = path[1..].strip_suffix('/').unwrap_or(&path[1..]);
-    if !body.is_empty()
-        && body
-            .split('/')
-            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err("path holds '.', '..' or empty segments");
-    }
+    let hosts = req.headers().get_all(http::header::HOST).iter();
+    bulkhead_policy::CanonicalRequest::new(raw, hosts.map(|h| h.as_bytes()))
+}
+
+/// Replaces the request target's path and query with `target` (the canonical path and the
+/// query as received), keeping any scheme and authority: what policy judged is what is sent.
+pub(crate) fn set_target<B>(req: &mut Request<B>, target: &str) -> Result<(), http::Error> {
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(target)?);
+    *req.uri_mut() = http::Uri::from_parts(parts)?;
     Ok(())
 }
 
 /// An HTTP/1.1 server configured with the proxy's limits: request heads over the limit get
-/// 431, and a client that does not finish one within the timeout is disconnected.
+/// 431, however they arrive (the head's size is checked, not only the read buffer's). The
+/// head and keep-alive deadlines are [`crate::deadline::Timed`]'s: hyper's header timer
+/// starts as soon as a connection waits, so it would cut idle keep-alive connections. It is
+/// kept only as a backstop that never fires first (keep-alive plus head time), because with
+/// it set hyper reads as soon as a connection goes idle, which starts `Timed`'s clock.
 pub(crate) fn server(limits: &crate::config::Limits) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(limits.keepalive_timeout + limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
         // hyper's floor for the read buffer is 8 KiB.
         .max_buf_size(limits.max_header_bytes.max(8192));
     b
@@ -118,11 +203,30 @@ pub(crate) async fn listen(
         addr,
         source,
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(bind_err)?;
+    let listener = match addr {
+        // `[::]` takes IPv4 too, whatever the host's `bindv6only` says: one listener for both
+        // families (IPv4 peers appear as `::ffff:a.b.c.d`; handlers make them canonical).
+        std::net::SocketAddr::V6(v6) if v6.ip().is_unspecified() => {
+            dual_stack(addr).map_err(bind_err)?
+        }
+        _ => tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(bind_err)?,
+    };
     let bound = listener.local_addr().map_err(bind_err)?;
     Ok((listener, bound))
+}
+
+/// A listener on `[::]:port` that accepts IPv4 as well (`IPV6_V6ONLY` off).
+fn dual_stack(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 /// Accepts forever. Each connection within `max_connections` is served by the future
@@ -170,11 +274,16 @@ fn admit(
         Ok(permit) => Some(permit),
         Err(_) => {
             shared.metrics.refused_connection(direction);
-            tracing::warn!(
-                direction,
-                limit = shared.limits.max_connections,
-                "connection refused: too many open connections"
-            );
+            let reason = crate::metrics::Refusal::TooManyConnections;
+            if let Some(unlogged) = shared.refuse(direction, reason) {
+                tracing::warn!(
+                    direction,
+                    reason = reason.label(),
+                    limit = shared.limits.max_connections,
+                    unlogged,
+                    "connection refused: too many open connections"
+                );
+            }
             None
         }
     }
@@ -236,8 +345,8 @@ pub(crate) enum LinkError {
 }
 
 enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<Incoming>),
-    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+    H1(hyper::client::conn::http1::SendRequest<ReqBody>),
+    H2(hyper::client::conn::http2::SendRequest<ReqBody>),
 }
 
 /// The upstream side of one downstream connection, dialled on first use and re-dialled if
@@ -264,7 +373,8 @@ impl Link {
 
     pub(crate) async fn send<F, Fut, Io>(
         &self,
-        req: Request<Incoming>,
+        _permit: Permit,
+        req: Request<ReqBody>,
         connect: F,
     ) -> Result<Response<Incoming>, LinkError>
     where
@@ -325,10 +435,18 @@ where
 }
 
 /// Serves one downstream connection with HTTP/1.1 (upgrades allowed) or HTTP/2, under the
-/// proxy's limits. HTTP/2 bounds concurrent streams and header lists, and closes a
-/// connection that resets streams faster than it lets them finish (rapid reset).
-pub(crate) async fn serve_http<I, S>(io: I, h2: bool, limits: &crate::config::Limits, service: S)
-where
+/// proxy's limits. HTTP/1.1 runs under `clock`'s head and keep-alive deadlines (the service
+/// marks requests busy and their responses done with it). HTTP/2 bounds concurrent streams
+/// and header lists, and closes a connection that resets streams faster than it lets them
+/// finish (rapid reset). How the connection ended, if it was a refusal, is counted.
+pub(crate) async fn serve_http<I, S>(
+    io: I,
+    h2: bool,
+    clock: Option<Clock>,
+    shared: &crate::Shared,
+    direction: &'static str,
+    service: S,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Clone
@@ -336,92 +454,215 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let io = TokioIo::new(io);
-    let result = if h2 {
-        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
-            .max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-            .max_local_error_reset_streams(Some(limits.max_pending_resets))
-            .serve_connection(io, service)
-            .await
-    } else {
-        server(limits)
-            .serve_connection(io, service)
-            .with_upgrades()
-            .await
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
-}
-
-/// Whether the request asks to switch protocols (WebSocket and other HTTP/1.1 upgrades).
-pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == http::Version::HTTP_11
-        && req.headers().contains_key(http::header::UPGRADE)
-        && req
-            .headers()
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// Forwards an allowed upgrade request on a connection of its own; on `101 Switching
-/// Protocols` both sides are joined and bytes flow until either closes or goes idle.
-pub(crate) async fn forward_upgrade<Fut, Io>(
-    mut req: Request<Incoming>,
-    connect: Fut,
-    idle: std::time::Duration,
-) -> Result<Response<Body>, LinkError>
-where
-    Fut: Future<Output = std::io::Result<Io>>,
-    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let downstream = hyper::upgrade::on(&mut req);
-    let upgrade_headers: Vec<(HeaderName, HeaderValue)> = [CONNECTION, http::header::UPGRADE]
-        .into_iter()
-        .filter_map(|n| req.headers().get(&n).map(|v| (n, v.clone())))
-        .collect();
-    strip_hop_by_hop(req.headers_mut());
-    for (n, v) in upgrade_headers {
-        req.headers_mut().insert(n, v);
-    }
-    let io = TokioIo::new(connect.await.map_err(LinkError::Connect)?);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upgraded upstream connection ended");
+    let limits = &shared.limits;
+    let result = match (h2, clock) {
+        (false, Some(clock)) => {
+            let io = crate::deadline::Timed::new(
+                io,
+                clock,
+                limits.header_read_timeout,
+                limits.keepalive_timeout,
+            );
+            server(limits)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades()
+                .await
         }
-    });
-    let mut resp = sender.send_request(req).await?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            match tokio::try_join!(downstream, upstream) {
-                Ok((down, up)) => {
-                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
-                    match tokio::time::timeout(idle, copy).await {
-                        Ok(Ok((a, b))) => tracing::debug!(
-                            to_upstream = a,
-                            to_downstream = b,
-                            "upgraded connection closed"
-                        ),
-                        Ok(Err(e)) => tracing::debug!(error = %e, "upgraded connection ended"),
-                        Err(_) => tracing::debug!("upgraded connection reached its time limit"),
+        (false, None) => {
+            server(limits)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades()
+                .await
+        }
+        (true, _) => {
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .max_header_list_size(h2_header_list_limit(limits))
+                .max_pending_accept_reset_streams(Some(limits.max_pending_resets))
+                .max_local_error_reset_streams(Some(limits.max_pending_resets))
+                .serve_connection(TokioIo::new(io), service)
+                .await
+        }
+    };
+    let Err(e) = result else {
+        return;
+    };
+    match connection_refusal(&e) {
+        Some(reason) => {
+            if let Some(unlogged) = shared.refuse(direction, reason) {
+                tracing::warn!(
+                    direction,
+                    reason = reason.label(),
+                    error = %e,
+                    unlogged,
+                    "connection closed: {}",
+                    match reason {
+                        Refusal::HeaderTimeout => "the request head did not arrive in time",
+                        Refusal::HeaderTooLarge => "the request head is over the size limit (431)",
+                        Refusal::RapidReset => "the client reset HTTP/2 streams faster than it let them finish",
+                        _ => "refused",
                     }
-                }
-                Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+                );
             }
-        });
-        let (parts, body) = resp.into_parts();
-        return Ok(Response::from_parts(parts, Either::Left(body)));
+        }
+        None => tracing::debug!(error = %e, "connection ended with an error"),
     }
-    Ok(response_body(resp))
+}
+
+/// The HTTP/2 header list size hyper enforces itself: above the proxy's limit, so that heads
+/// between the two reach the service, which answers 431 and counts it (an over-size head
+/// that h2 refused by itself could not be counted).
+fn h2_header_list_limit(limits: &crate::config::Limits) -> u32 {
+    limits
+        .max_header_bytes
+        .saturating_mul(2)
+        .min(u32::MAX as usize) as u32
+}
+
+/// The size of a request head as HTTP/2 counts it (RFC 9113 §6.5.2: name, value and 32
+/// bytes per field), for the 431 of HTTP/2 requests.
+pub(crate) fn header_list_size<B>(req: &Request<B>) -> usize {
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum::<usize>()
+        + req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+}
+
+/// Whether an HTTP/2 request's head is over the limit: answered 431 by the caller.
+pub(crate) fn head_too_large<B>(req: &Request<B>, limits: &crate::config::Limits) -> bool {
+    req.version() == http::Version::HTTP_2 && header_list_size(req) > limits.max_header_bytes
+}
+
+/// Which refusal ended a served connection, if one did.
+fn connection_refusal(e: &hyper::Error) -> Option<Refusal> {
+    if e.is_parse_too_large() {
+        return Some(Refusal::HeaderTooLarge);
+    }
+    if e.is_timeout() {
+        // hyper's backstop header timer (see `server`): only a head that started late.
+        return Some(Refusal::HeaderTimeout);
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        // An io::Error's own `source` skips what it wraps: look inside.
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<crate::deadline::Expired>());
+        if let Some(expired) = inner {
+            return (*expired == crate::deadline::Expired::Head).then_some(Refusal::HeaderTimeout);
+        }
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM))
+                .then_some(Refusal::RapidReset);
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// The answer when a request could not be forwarded because of its own body: 408 when it
+/// stalled or took too long (the caller is slow), 400 when it is malformed (the caller's
+/// fault) — never a 502 that would blame the upstream. Counted, unless the caller simply
+/// went away.
+pub(crate) fn body_failed(
+    failure: BodyFailure,
+    shared: &crate::Shared,
+    direction: &'static str,
+) -> Response<Body> {
+    let limits = &shared.limits;
+    let (reason, status, text) = match failure {
+        BodyFailure::Idle => (
+            Refusal::BodyIdleTimeout,
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "bulkhead: the request body stalled for more than {} s (--body-idle-timeout-secs)",
+                limits.body_idle_timeout.as_secs()
+            ),
+        ),
+        BodyFailure::Total => (
+            Refusal::BodyTimeout,
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "bulkhead: the request body did not arrive within {} s (--body-timeout-secs)",
+                limits.body_timeout.as_secs()
+            ),
+        ),
+        BodyFailure::Malformed => (
+            Refusal::BadRequestBody,
+            StatusCode::BAD_REQUEST,
+            "bulkhead: the request body is malformed (bad chunked encoding, or more bytes than declared)".to_string(),
+        ),
+        BodyFailure::Abandoned => {
+            // Nobody is left to read this; not a refusal.
+            tracing::debug!(direction, "the caller went away before its request body was complete");
+            let mut resp = proxy_response(
+                StatusCode::BAD_REQUEST,
+                None,
+                "bulkhead: the request body was cut short by the caller".to_string(),
+            );
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+    };
+    if let Some(unlogged) = shared.refuse(direction, reason) {
+        tracing::warn!(
+            direction,
+            reason = reason.label(),
+            unlogged,
+            "request refused: {text}"
+        );
+    }
+    let mut resp = proxy_response(status, None, text);
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// The answer when the app or upstream sent no response head in time: 504, counted.
+pub(crate) fn response_timed_out(
+    shared: &crate::Shared,
+    direction: &'static str,
+    whom: &str,
+) -> Response<Body> {
+    let reason = Refusal::ResponseTimeout;
+    let text = format!(
+        "bulkhead: {whom} did not answer within {} s (--response-timeout-secs)",
+        shared.limits.response_timeout.as_secs()
+    );
+    if let Some(unlogged) = shared.refuse(direction, reason) {
+        tracing::warn!(
+            direction,
+            reason = reason.label(),
+            unlogged,
+            "request cut: {text}"
+        );
+    }
+    proxy_response(StatusCode::GATEWAY_TIMEOUT, None, text)
+}
+
+/// The answer to an HTTP/2 request whose head is over `--max-header-bytes`: 431, counted.
+pub(crate) fn head_refused(shared: &crate::Shared, direction: &'static str) -> Response<Body> {
+    let reason = Refusal::HeaderTooLarge;
+    if let Some(unlogged) = shared.refuse(direction, reason) {
+        tracing::warn!(
+            direction,
+            reason = reason.label(),
+            unlogged,
+            "request refused: its head is over the size limit (431)"
+        );
+    }
+    proxy_response(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        None,
+        format!(
+            "bulkhead: the request head is over {} bytes (--max-header-bytes)",
+            shared.limits.max_header_bytes
+        ),
+    )
 }
 
 /// Whether a request is gRPC (its content type), so a denial is answered the gRPC way.
@@ -464,7 +705,7 @@ pub(crate) fn denial<B>(
     if !is_grpc(req) {
         return proxy_response(StatusCode::FORBIDDEN, Some(&header), text);
     }
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    let mut resp = Response::new(Body::own(Bytes::new()));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     h.insert("grpc-status", HeaderValue::from_static("7"));
@@ -490,33 +731,16 @@ fn grpc_percent_encode(text: &str) -> String {
     out
 }
 
-/// Request headers as the policy engine reads them.
+/// Request headers as the policy engine reads them: every value of a repeated header, as
+/// bytes (a value that is not text is still a value, never an absent header).
 pub(crate) struct HeaderView<'a>(pub &'a HeaderMap);
 
 impl bulkhead_policy::Headers for HeaderView<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
+    fn each_value(&self, name: &str, each: &mut dyn FnMut(&[u8])) {
+        for v in self.0.get_all(name) {
+            each(v.as_bytes());
+        }
     }
-}
-
-/// The request's host, lower case and without a port (from the URI or the Host header).
-pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req.uri().host().map(str::to_string).or_else(|| {
-        req.headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-    })?;
-    let host = match raw.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
-        None => match raw.rsplit_once(':') {
-            Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
-                h.to_string()
-            }
-            _ => raw,
-        },
-    };
-    Some(host.to_ascii_lowercase())
 }
 
 /// Keeps only path and query of the request target (origin form), dropping any authority.
@@ -533,7 +757,7 @@ pub(crate) fn origin_form(req: &mut Request<Incoming>) {
 pub(crate) fn response_body(resp: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Either::Left(body))
+    Response::from_parts(parts, Body::peer(body))
 }
 
 /// The body size a message declares, or 0 (streamed bodies are not counted).
@@ -574,7 +798,7 @@ pub(crate) fn log_decision(
 
 #[cfg(test)]
 mod tests {
-    use super::{check_path, grpc_percent_encode};
+    use super::{canonical_request, grpc_percent_encode, set_target};
 
     #[test]
     fn grpc_messages_are_percent_encoded() {
@@ -582,20 +806,30 @@ mod tests {
     }
 
     #[test]
-    fn ambiguous_paths_are_refused() {
-        for ok in ["/", "/charge", "/orders/1", "/a/b/"] {
-            assert!(check_path(ok).is_ok(), "{ok}");
+    fn requests_are_judged_and_sent_canonical() {
+        let req = |target: &str| {
+            http::Request::builder()
+                .uri(target)
+                .header("host", "Orders.Shop:8080")
+                .body(())
+                .unwrap()
+        };
+        let mut r = req("/%61dmin/users?q=%2F");
+        let c = canonical_request(&r).unwrap();
+        assert_eq!((c.path(), c.host()), ("/admin/users", Some("orders.shop")));
+        let target = c.target().into_owned();
+        set_target(&mut r, &target).unwrap();
+        assert_eq!(r.uri().to_string(), "/admin/users?q=%2F");
+        for bad in ["/a/../b", "/orders/..;/admin", "/a%2Fb", "/a//b"] {
+            assert!(canonical_request(&req(bad)).is_err(), "{bad}");
         }
-        for bad in [
-            "/a/../admin",
-            "/./admin",
-            "/a//b",
-            "/%2e%2e/admin",
-            "/a%2Fb",
-            "/a\\b",
-            "x",
-        ] {
-            assert!(check_path(bad).is_err(), "{bad}");
-        }
+        let mut h2 = http::Request::builder()
+            .uri("http://orders.shop/%7Euser")
+            .body(())
+            .unwrap();
+        let c = canonical_request(&h2).unwrap();
+        let target = c.target().into_owned();
+        set_target(&mut h2, &target).unwrap();
+        assert_eq!(h2.uri().to_string(), "http://orders.shop/~user");
     }
 }

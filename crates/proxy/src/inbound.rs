@@ -7,26 +7,30 @@
 
 use crate::clients::Alpn;
 use crate::config::{InboundSpec, InboundTarget};
+use crate::deadline::{Clock, ReqBody, ResponseTimeout, response_head};
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
-    Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, accept_loop,
-    check_path, denial, forward_upgrade, is_upgrade, listen, origin_form, protocol_of,
-    proxy_response, request_host, response_body, serve_http, strip_hop_by_hop,
+    Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, XFCC_HEADER,
+    accept_loop, canonical_request, denial, listen, origin_form, protocol_of, proxy_response,
+    response_body, serve_http, set_target,
 };
-use crate::http::{content_length, grpc_status};
-use crate::metrics::{LabelText, Parties, TlsFailure};
-use crate::tcp::Flow;
+use crate::http::{
+    body_failed, content_length, grpc_status, head_refused, head_too_large, response_timed_out,
+};
+use crate::metrics::{LabelText, Parties, Refusal, TlsFailure};
+use crate::tcp::{Flow, Reset};
+use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity;
 use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
+use bulkhead_policy::{Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -78,19 +82,17 @@ async fn serve(
     shared: Arc<Shared>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let remote = crate::capture::canonical(remote);
     let (app, port) = match target {
         InboundTarget::App { app, port } => (app, port),
-        InboundTarget::Transparent => match crate::capture::original_dst(&tcp) {
-            Ok(orig) => ((Ipv4Addr::LOCALHOST, orig.port()).into(), orig.port()),
-            Err(e) => {
-                tracing::warn!(error = %e, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)");
-                return;
-            }
+        InboundTarget::Transparent => match transparent_target(&tcp, &shared) {
+            Some(orig) => (orig, orig.port()),
+            None => return tcp.reset(),
         },
     };
     let t = Target { app, port, remote };
     let declared = shared
-        .policies
+        .snapshot
         .load()
         .declared_protocol(&shared.workload, port);
     if permissive.contains(&port) {
@@ -111,10 +113,17 @@ async fn serve(
                     (_, Sniffed::Http1 | Sniffed::H2) => {
                         serve_app_http(tcp, None, AppSide::Own(Link::new(h2)), t, shared).await
                     }
-                    _ => tracing::warn!(
-                        port,
-                        "connection refused: port is declared for HTTP but the client did not speak HTTP"
-                    ),
+                    _ => {
+                        if let Some(unlogged) = shared.refuse("inbound", Refusal::OpaqueToHttpPort)
+                        {
+                            tracing::warn!(
+                                port,
+                                reason = Refusal::OpaqueToHttpPort.label(),
+                                unlogged,
+                                "connection refused: port is declared for HTTP but the client did not speak HTTP"
+                            )
+                        }
+                    }
                 }
                 return;
             }
@@ -163,7 +172,9 @@ async fn serve(
             relay(tls, Some(peer), t, shared).await
         }
         (Some(_), Some(Alpn::Tcp)) => {
-            tracing::warn!(src.id = %peer, port, "connection refused: an opaque TCP relay to a port declared for HTTP (its HTTP rules could not be enforced)");
+            if let Some(unlogged) = shared.refuse("inbound", Refusal::OpaqueToHttpPort) {
+                tracing::warn!(src.id = %peer, port, reason = Refusal::OpaqueToHttpPort.label(), unlogged, "connection refused: an opaque TCP relay to a port declared for HTTP (its HTTP rules could not be enforced)");
+            }
         }
         (_, Some(Alpn::Mux)) => serve_app_http(tls, Some(peer), AppSide::Pool, t, shared).await,
         (_, alpn) => {
@@ -173,10 +184,64 @@ async fn serve(
     }
 }
 
+/// Transparent mode: where a redirected connection goes, which is where it was sent — the
+/// workload's own address and port, never loopback, so that a listener the app bound to
+/// 127.0.0.1 or ::1 stays out of reach from other hosts. `None` (logged and counted; the
+/// caller resets the connection) when it did not come through `init`'s rules, was not for
+/// an address of this namespace, or is for a port the workload does not declare while it
+/// declares some (refused before policy: a rule without `ports:` covers declared ports only).
+fn transparent_target(tcp: &TcpStream, shared: &Shared) -> Option<SocketAddr> {
+    let refuse = |reason: &'static str, why: &str| {
+        shared.metrics.reset("inbound", reason);
+        tracing::warn!(reason, "connection refused: {why}");
+        None
+    };
+    let (orig, local) = match (crate::capture::original_dst(tcp), tcp.local_addr()) {
+        (Ok(orig), Ok(local)) => (orig, crate::capture::canonical(local)),
+        (Err(e), _) | (_, Err(e)) => {
+            return refuse(
+                "not_redirected",
+                &format!(
+                    "no original destination ({e}); is this listener the target of `bulkhead-proxy init`'s rules?"
+                ),
+            );
+        }
+    };
+    if !crate::capture::was_redirected(local, orig) || orig.port() == local.port() {
+        return refuse(
+            "not_redirected",
+            &format!("{orig} is the proxy's own inbound port, not a port of the app"),
+        );
+    }
+    if orig.ip().is_loopback() || !crate::capture::is_local_address(orig.ip()) {
+        return refuse(
+            "not_local",
+            &format!("the original destination {orig} is not an address of this network namespace"),
+        );
+    }
+    let snapshot = shared.snapshot.load();
+    if snapshot.declares_ports(&shared.workload)
+        && snapshot
+            .declared_protocol(&shared.workload, orig.port())
+            .is_none()
+    {
+        return refuse(
+            "undeclared_port",
+            &format!(
+                "port {} is not one that workload {} declares",
+                orig.port(),
+                shared.workload
+            ),
+        );
+    }
+    Some(orig)
+}
+
 /// Opaque TCP in: judged once by L4 policy (and again on every policy change), then relayed.
-async fn relay<I>(downstream: I, peer: Option<SpiffeId>, t: Target, shared: Arc<Shared>)
+/// Refused with a reset when policy denies it or the app does not accept it.
+async fn relay<I>(mut downstream: I, peer: Option<SpiffeId>, t: Target, shared: Arc<Shared>)
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin + Reset,
 {
     let flow = Flow {
         direction: Direction::Ingress,
@@ -185,14 +250,28 @@ where
         peer_workload: None,
         port: t.port,
     };
-    let decision = flow.decide(&shared);
+    let (decision, permit) = flow
+        .judge(&shared.snapshot.load(), &shared.workload)
+        .into_parts();
     flow.log(&decision, &shared);
-    if !decision.is_allow() {
-        return;
-    }
+    let Some(permit) = permit else {
+        shared.metrics.reset("inbound", "denied");
+        return downstream.reset();
+    };
     match connect_app(t.app).await {
-        Ok(app) => crate::tcp::relay(&shared, flow, downstream, app).await,
-        Err(e) => tracing::warn!(app = %t.app, error = %e, "local app unreachable"),
+        Ok(mut app) => {
+            let ended = crate::tcp::relay(&shared, permit, flow, &mut downstream, &mut app).await;
+            if ended == "error" {
+                shared.metrics.reset("inbound", "relay_error");
+                downstream.reset();
+                app.reset();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(app = %t.app, error = %e, "local app unreachable");
+            shared.metrics.reset("inbound", "unreachable");
+            downstream.reset();
+        }
     }
 }
 
@@ -225,42 +304,59 @@ async fn serve_app_http<I>(
 {
     let h2 = side.serves_h2();
     let link = Arc::new(side);
-    let limits = shared.limits;
+    // HTTP/1.1 only: its head and keep-alive deadlines, marked by each request.
+    let clock = (!h2).then(Clock::new);
+    let conn_clock = clock.clone();
     // Made once per connection: the caller never changes on it.
     let conn = Arc::new(Caller {
         source_header: peer
             .as_ref()
             .and_then(|p| HeaderValue::from_str(p.as_str()).ok()),
+        xfcc: peer.as_ref().and_then(|p| {
+            let by = shared.identity.as_str();
+            HeaderValue::from_str(&format!("By={by};URI={p}")).ok()
+        }),
         parties: Parties {
             source: LabelText::new(peer.as_ref().map_or(PLAINTEXT_PEER, SpiffeId::as_str)),
             destination: shared.identity.clone(),
         },
         decision_header: DecisionHeaders::default(),
         source_workload: shared
-            .endpoints
+            .snapshot
             .load()
+            .endpoints()
             .get(t.remote.ip())
             .filter(|e| peer.as_ref().is_some_and(|p| p.as_str() == e.identity))
             .map(|e| e.workload.clone()),
         peer,
     });
+    let state = shared.clone();
     let service = service_fn(move |req| {
         let (conn, link, shared) = (conn.clone(), link.clone(), shared.clone());
+        let clock = conn_clock.clone();
         async move {
             let start = Instant::now();
-            let resp = handle(req, &conn, link, t, &shared).await;
-            if let Ok(r) = &resp {
+            if let Some(c) = &clock {
+                c.busy();
+            }
+            let mut resp = handle(req, &conn, link, t, &shared).await;
+            if let Ok(r) = &mut resp {
                 shared.metrics.request(
                     "inbound",
                     &conn.parties,
                     r.status().as_u16(),
                     start.elapsed(),
                 );
+                match &clock {
+                    Some(c) if r.status() == StatusCode::SWITCHING_PROTOCOLS => c.off(),
+                    Some(c) => r.body_mut().set_idle_when_done(c.idle_when_done()),
+                    None => {}
+                }
             }
             resp
         }
     });
-    serve_http(io, h2, &limits, service).await;
+    serve_http(io, h2, clock, &state, "inbound", service).await;
 }
 
 /// One inbound connection's caller, and what is derived from it once rather than per request.
@@ -268,6 +364,8 @@ struct Caller {
     peer: Option<SpiffeId>,
     /// The verified caller, for the app (`x-bulkhead-source`).
     source_header: Option<HeaderValue>,
+    /// The same in Envoy's `x-forwarded-client-cert` shape, `By=<this sidecar>;URI=<caller>`.
+    xfcc: Option<HeaderValue>,
     parties: Parties,
     decision_header: DecisionHeaders,
     /// The caller's workload, when its address is a declared one with the caller's identity.
@@ -279,25 +377,34 @@ async fn handle(
     conn: &Caller,
     link: Arc<AppSide>,
     t: Target,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let peer = conn.peer.as_ref();
     let peer_label = peer.map_or(PLAINTEXT_PEER, SpiffeId::as_str);
-    if let Err(why) = check_path(req.uri().path()) {
-        tracing::warn!(
-            src.id = peer_label,
-            path = req.uri().path(),
-            why,
-            "request refused: ambiguous path"
-        );
-        return Ok(proxy_response(
-            StatusCode::BAD_REQUEST,
-            None,
-            format!("bulkhead: {why}"),
-        ));
+    if head_too_large(&req, &shared.limits) {
+        return Ok(head_refused(shared, "inbound"));
     }
-    let host = request_host(&req);
+    // What policy judges, and the app receives: the canonical request.
+    let canonical = match canonical_request(&req) {
+        Ok(c) => c,
+        Err(why) => {
+            if let Some(unlogged) = shared.refuse("inbound", Refusal::BadPath) {
+                tracing::warn!(
+                    src.id = peer_label,
+                    path = req.uri().path(),
+                    why = why.label(),
+                    unlogged,
+                    "request refused: {why}"
+                );
+            }
+            return Ok(proxy_response(
+                StatusCode::BAD_REQUEST,
+                None,
+                format!("bulkhead: {why}"),
+            ));
+        }
+    };
     let headers = HeaderView(req.headers());
     // A multiplexed stream is an HTTP/1.1 request of the caller's app, whatever the framing
     // between the sidecars.
@@ -305,23 +412,38 @@ async fn handle(
         AppSide::Pool => Protocol::Http,
         AppSide::Own(_) => protocol_of(&req),
     };
-    let decision = shared.policies.load().evaluate(&PolicyRequest {
-        direction: Direction::Ingress,
-        subject: &shared.workload,
-        peer: Peer {
-            identity: peer.map(SpiffeId::as_str),
-            ip: Some(t.remote.ip()),
-            workload: None,
-        },
-        port: t.port,
-        protocol,
-        http: Some(Http {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            host: host.as_deref(),
-            headers: &headers,
-        }),
-    });
+    // One snapshot for the whole decision; the permit is what forwarding below requires.
+    let (decision, permit) = shared
+        .snapshot
+        .load()
+        .judge(&PolicyRequest {
+            direction: Direction::Ingress,
+            subject: &shared.workload,
+            peer: Peer {
+                identity: peer.map(SpiffeId::as_str),
+                ip: Some(bulkhead_policy::canonical::peer_ip(t.remote.ip())),
+                workload: None,
+            },
+            port: t.port,
+            protocol,
+            http: Some(canonical.http(&headers)),
+        })
+        .into_parts();
+    // The host as policy read it, for judging an upgraded tunnel again later.
+    let host = canonical.host().map(str::to_string);
+    let rewrite = canonical
+        .path_rewritten()
+        .then(|| canonical.target().into_owned());
+    if let Some(target) = rewrite
+        && let Err(e) = set_target(&mut req, &target)
+    {
+        tracing::warn!(src.id = peer_label, error = %e, "request refused: its canonical target is not a URI");
+        return Ok(proxy_response(
+            StatusCode::BAD_REQUEST,
+            None,
+            "bulkhead: the request target cannot be forwarded".into(),
+        ));
+    }
     crate::http::log_decision("inbound", &decision, peer_label, shared, &req);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
     // bytes (a reference count), where copying the path into a `String` would allocate.
@@ -345,32 +467,94 @@ async fn handle(
             grpc_status: grpc_status(protocol, headers),
         })
     };
-    if !decision.is_allow() {
+    let Some(permit) = permit else {
         let resp = denial(&req, &decision, format!("bulkhead: {decision}"));
         record(Duration::ZERO, 0, resp.status(), resp.headers());
         return Ok(resp);
-    }
+    };
     origin_form(&mut req);
-    let upgrade = is_upgrade(&req);
+    let switch = match upgrade::ask(&req) {
+        Ask::Nothing => None,
+        Ask::Refused(protocols) => {
+            upgrade::refused(shared, "inbound", &protocols, req.uri().path());
+            None
+        }
+        Ask::Switch { upgrade, refused } => {
+            if let Some(protocols) = refused {
+                upgrade::refused(shared, "inbound", &protocols, req.uri().path());
+            }
+            Some(upgrade)
+        }
+    };
+    // A tunnel keeps the request that opened it, to judge it again on policy changes.
+    let opened = switch.as_ref().map(|up| {
+        let peer = Peer {
+            identity: peer.map(SpiffeId::as_str),
+            ip: Some(t.remote.ip()),
+            workload: None,
+        };
+        OpenedBy::of(&req, Direction::Ingress, peer, t.port, host.clone(), up)
+    });
     let headers = req.headers_mut();
-    if !upgrade {
-        strip_hop_by_hop(headers);
-    }
+    upgrade::prepare(headers, switch.as_ref());
+    // Who the caller is, only as this sidecar verified it.
     headers.remove(DECISION_HEADER);
     headers.remove(SOURCE_HEADER);
+    headers.remove(XFCC_HEADER);
     if let Some(v) = &conn.source_header {
         headers.insert(SOURCE_HEADER, v.clone());
     }
+    if let Some(v) = &conn.xfcc {
+        headers.insert(XFCC_HEADER, v.clone());
+    }
     let app = t.app;
-    let sent = if upgrade {
-        forward_upgrade(req, connect_app(app), shared.limits.idle_timeout).await
-    } else {
-        match &*link {
-            AppSide::Own(link) => link.send(req, || connect_app(app)).await,
-            AppSide::Pool => shared.app_pool.send(app, req).await,
+    let deadline = shared.limits.response_timeout;
+    let whom = || format!("the local app at {app}");
+    let (sent, body) = match (switch, opened) {
+        (Some(up), Some(opened)) => {
+            let (connect, whom) = (connect_app(app), whom());
+            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), &whom);
+            (response_head(send, None, deadline).await, None)
         }
-        .map(response_body)
+        _ => {
+            let (parts, body) = req.into_parts();
+            let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
+            let req = Request::from_parts(parts, body);
+            let send = async {
+                match &*link {
+                    AppSide::Own(link) => link.send(permit, req, || connect_app(app)).await,
+                    AppSide::Pool => shared.app_pool.send(permit, app, req).await,
+                }
+                .map(response_body)
+            };
+            let sent = response_head(send, watched.as_ref(), deadline).await;
+            // The plain path asked nobody to switch: a 101 here is never passed on.
+            let sent = sent.map(|r| match r {
+                Ok(resp) if upgrade::unasked(&resp) => Ok(upgrade::mismatch(
+                    shared,
+                    "inbound",
+                    &whom(),
+                    None,
+                    resp.headers().get(http::header::UPGRADE),
+                )),
+                other => other,
+            });
+            (sent, watched)
+        }
     };
+    let sent = match sent {
+        Ok(sent) => sent,
+        Err(ResponseTimeout) => {
+            let resp = response_timed_out(shared, "inbound", &format!("the local app at {app}"));
+            record(started.elapsed(), 0, resp.status(), resp.headers());
+            return Ok(resp);
+        }
+    };
+    if let (Err(_), Some(failure)) = (&sent, body.as_ref().and_then(|b| b.failure())) {
+        let resp = body_failed(failure, shared, "inbound");
+        record(started.elapsed(), 0, resp.status(), resp.headers());
+        return Ok(resp);
+    }
     match sent {
         Ok(mut resp) => {
             record(

@@ -8,11 +8,13 @@
 //! The proxy's private key is made here and never leaves the process; it never holds a CA key.
 
 mod admin;
+mod authz;
 mod bootstrap;
 pub mod capture;
 mod clients;
 pub mod config;
 mod credentials;
+mod deadline;
 mod detect;
 mod flows;
 mod http;
@@ -20,15 +22,16 @@ mod inbound;
 mod metrics;
 mod mux;
 mod outbound;
+mod refusal;
 mod tap;
 mod tcp;
+mod upgrade;
 mod watch;
 
 pub use config::{Config, Limits, UpstreamSpec};
 
 use arc_swap::ArcSwap;
 use bulkhead_identity::SpiffeId;
-use bulkhead_policy::PolicySet;
 use bulkhead_policy::model::ResourceName;
 use credentials::TlsSet;
 use serde::Serialize;
@@ -74,10 +77,10 @@ pub(crate) struct Shared {
     pub workload: ResourceName,
     /// This proxy's SPIFFE ID as a metric label (it never changes across renewals).
     pub identity: metrics::LabelText,
-    pub policies: ArcSwap<PolicySet>,
+    /// Everything a decision reads from the configuration (revision, compiled policy, the
+    /// mesh's address table), swapped whole; a request loads it once.
+    pub snapshot: ArcSwap<authz::Snapshot>,
     pub rotation: credentials::Rotation,
-    /// The mesh's address table (transparent outbound routing), updated with the policies.
-    pub endpoints: ArcSwap<bulkhead_policy::Endpoints>,
     /// Open opaque TCP relays, judged again on every policy change.
     pub relays: tcp::Relays,
     /// TLS client configurations per destination identity, for the current credentials.
@@ -91,6 +94,8 @@ pub(crate) struct Shared {
     /// Decided requests sent live to operators tapping this workload.
     pub tap: tap::Tap,
     pub metrics: metrics::Metrics,
+    /// Rate limits for the log lines of refusals (every one is counted).
+    pub refusal_logs: refusal::LogGates,
     pub limits: config::Limits,
 }
 
@@ -114,6 +119,13 @@ impl Shared {
         self.flows.record(seen);
         self.tap.offer(seen);
     }
+
+    /// Counts a refusal; `Some(n)` if it should also be logged now (`n` of its kind went
+    /// unlogged since the last line), `None` if a line for its kind was written recently.
+    pub(crate) fn refuse(&self, direction: &'static str, reason: refusal::Refusal) -> Option<u64> {
+        self.metrics.refusal(direction, reason);
+        self.refusal_logs.admit(reason)
+    }
 }
 
 pub(crate) fn unix_seconds(t: std::time::SystemTime) -> i64 {
@@ -135,16 +147,16 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         flows: flows::Flows::for_interval(config.flow_interval, metrics.flows_dropped.clone()),
         tap: tap::Tap::default(),
         metrics,
+        refusal_logs: refusal::LogGates::default(),
         limits: config.limits,
         tls: ArcSwap::from_pointee(tls),
         workload: joined.workload,
         identity: metrics::LabelText::new(id.as_str()),
-        policies: ArcSwap::from_pointee(PolicySet::default()),
+        snapshot: ArcSwap::from_pointee(authz::Snapshot::default()),
         rotation: credentials::Rotation::default(),
-        endpoints: ArcSwap::from_pointee(bulkhead_policy::Endpoints::default()),
         relays: tcp::Relays::default(),
         clients: clients::ClientConfigs::default(),
-        mux: mux::Mux::default(),
+        mux: mux::Mux::new(config.limits.max_concurrent_streams),
         app_pool: mux::AppPool::new(config.limits.idle_timeout.min(Duration::from_secs(90))),
     });
 

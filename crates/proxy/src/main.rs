@@ -29,8 +29,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Install the rules that redirect this network namespace's TCP traffic through the proxy
-    /// (run as root in the workload's namespace, before the app starts), or remove them.
+    /// Install the rules that redirect this network namespace's TCP traffic (IPv4 and IPv6)
+    /// through the proxy, drop the UDP the mesh cannot carry and close the admin port to the
+    /// app (run as root in the workload's namespace, before the app starts), or remove them.
+    /// The mesh carries TCP only: UDP is dropped (--udp drop, the default) or goes around it
+    /// (--udp allow, --allow-udp-ports).
     Init(capture::InitArgs),
 }
 
@@ -51,6 +54,7 @@ struct Args {
     #[arg(long)]
     identity: Option<String>,
     /// Inbound mTLS listener (IP:PORT; port 0 picks one). Needs --app, or --transparent.
+    /// `[::]:PORT` listens on IPv6 and IPv4 alike (one dual-stack socket).
     #[arg(long)]
     inbound: Option<SocketAddr>,
     /// The local app the inbound listener protects (IP:PORT).
@@ -61,11 +65,17 @@ struct Args {
     #[arg(long, requires = "app")]
     port: Option<u16>,
     /// Transparent mode: the inbound listener receives connections redirected by
-    /// `bulkhead-proxy init` and forwards each to 127.0.0.1 on its original port.
+    /// `bulkhead-proxy init` and forwards each, once allowed, to the workload address and port
+    /// it was sent to (never to loopback: what the app bound to 127.0.0.1 or ::1 stays
+    /// local). If the workload declares ports, connections to other ports are reset before
+    /// policy.
     #[arg(long, requires = "inbound")]
     transparent: bool,
     /// Transparent mode: the listener for the app's redirected outbound connections
-    /// (IP:PORT, e.g. 127.0.0.1:15001, the port given to `init --outbound-port`).
+    /// (IP:PORT, the port given to `init --outbound-port`): `[::]:15001` takes IPv6 and IPv4,
+    /// `127.0.0.1:15001` IPv4 only (enough where the namespace has no IPv6; where init
+    /// captures IPv6, the app's IPv6 connections are then refused). Only
+    /// connections redirected from this namespace (arriving on loopback) are served.
     #[arg(long)]
     outbound: Option<SocketAddr>,
     /// A port (of the app) that also accepts plaintext, for migrating callers into the mesh;
@@ -76,7 +86,8 @@ struct Args {
     /// A declared upstream: name=N,listen=IP:PORT,address=IP:PORT,identity=spiffe://…  (repeatable)
     #[arg(long = "upstream")]
     upstreams: Vec<UpstreamSpec>,
-    /// Admin port: /metrics, /ready, /live, /config (IP:PORT; port 0 picks one).
+    /// Admin port: /metrics, /ready, /live, /config (IP:PORT; port 0 picks one; `[::]:PORT`
+    /// for IPv6 and IPv4). In transparent mode `init` closes it to the app's uid.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: Option<SocketAddr>,
     /// Write the bound addresses and identity here as JSON once ready.
@@ -89,9 +100,26 @@ struct Args {
     /// Largest request head (request line + headers) in bytes; larger gets 431.
     #[arg(long, default_value_t = 64 * 1024)]
     max_header_bytes: usize,
-    /// Seconds a client has to send a complete request head (slowloris protection).
+    /// Seconds a client has, from a request head's first byte, to send the whole head
+    /// (slowloris protection); the connection is closed after it.
     #[arg(long, default_value_t = 10)]
     header_read_timeout_secs: u64,
+    /// Seconds an HTTP/1.1 keep-alive connection may wait for its next request before it is
+    /// closed (a new connection waits as long for its first).
+    #[arg(long, default_value_t = 300)]
+    keepalive_timeout_secs: u64,
+    /// Seconds a request body on its way to the app or an upstream may stall between two
+    /// pieces; then the request gets 408 and its stream or app connection is freed.
+    #[arg(long, default_value_t = 30)]
+    body_idle_timeout_secs: u64,
+    /// Seconds a whole request body may take to arrive; then 408.
+    #[arg(long, default_value_t = 600)]
+    body_timeout_secs: u64,
+    /// Seconds the app or upstream has to send the response head, counted from the end of
+    /// the request; then 504 and the stream is dropped. Streaming responses are not cut once
+    /// their head has come.
+    #[arg(long, default_value_t = 60)]
+    response_timeout_secs: u64,
     /// Most connections open at once per listener.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
@@ -179,6 +207,10 @@ impl Args {
                 max_connections: self.max_connections.max(1),
                 idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(1)),
                 detect_timeout: Duration::from_millis(self.detect_timeout_ms.max(10)),
+                keepalive_timeout: Duration::from_secs(self.keepalive_timeout_secs.max(1)),
+                body_idle_timeout: Duration::from_secs(self.body_idle_timeout_secs.max(1)),
+                body_timeout: Duration::from_secs(self.body_timeout_secs.max(1)),
+                response_timeout: Duration::from_secs(self.response_timeout_secs.max(1)),
                 ..bulkhead_proxy::Limits::default()
             },
         })

@@ -8,6 +8,7 @@
 //! | `bulkhead_tls_handshake_failures` | counter | `direction`, `reason` (see [`TlsFailure`]) |
 //! | `bulkhead_connections` | counter | `direction` |
 //! | `bulkhead_connections_refused` | counter | `direction` (over `--max-connections`) |
+//! | `bulkhead_refusals` | counter | `direction` (inbound, outbound), `reason` (see [`Refusal`]): every refusal the proxy makes on its own, below |
 //! | `bulkhead_svid_expiry_timestamp_seconds` | gauge | — |
 //! | `bulkhead_svid_renewals` | counter | `result` (ok, error) |
 //! | `bulkhead_config_updates` | counter | `result` (ack, nack) |
@@ -15,11 +16,37 @@
 //! | `bulkhead_tcp_opened` | counter | `direction` (opaque TCP connections relayed) |
 //! | `bulkhead_tcp_closed` | counter | `direction`, `reason` (done, error, idle, policy) |
 //! | `bulkhead_tcp_bytes` | counter | `direction`, `flow` (to_peer, from_peer) |
+//! | `bulkhead_connections_reset` | counter | `direction`, `reason` (see [`Metrics::reset`]) |
 //! | `bulkhead_plaintext_connections` | counter | `port` (accepted without mTLS on a permissive port) |
 //! | `bulkhead_flow_requests_dropped` | counter | — (requests the bounded flow buffer could not count) |
 //!
 //! Counters get the `_total` suffix on the wire, as OpenMetrics says.
+//!
+//! `bulkhead_refusals_total` counts what the proxy refuses or cuts by itself; a policy denial
+//! is in `bulkhead_authz_decisions_total` and a refused handshake in
+//! `bulkhead_tls_handshake_failures_total`. Its `reason` values:
+//!
+//! | reason | what happened | the caller sees |
+//! |---|---|---|
+//! | `too_many_connections` | a listener at `--max-connections` | connection closed at accept |
+//! | `header_timeout` | a request head not complete within `--header-read-timeout-secs` of its first byte (slowloris) | connection closed |
+//! | `header_too_large` | a request head over `--max-header-bytes`, HTTP/1.1 or HTTP/2 | 431 |
+//! | `rapid_reset` | an HTTP/2 client resetting streams faster than it lets them finish | GOAWAY `ENHANCE_YOUR_CALM` |
+//! | `bad_path` | an ambiguous path | 400 |
+//! | `opaque_to_http_port` | inbound: an opaque relay, or non-HTTP plaintext, to a port declared for HTTP | connection closed |
+//! | `http_to_tcp_port` | inbound: multiplexed HTTP to a port declared `tcp` | 502 naming the port |
+//! | `not_http` | outbound: an idle or non-HTTP connection to a destination port declared for HTTP, refused without dialling the peer | connection closed |
+//! | `upgrade_refused` | an `Upgrade` to a protocol the port does not allow (`h2c` always) | the request is served as plain HTTP/1.1 |
+//! | `upgrade_mismatch` | a `101` for another protocol than the one forwarded | 502, connection closed |
+//! | `body_idle_timeout` | a request body stalled past `--body-idle-timeout-secs` | 408 |
+//! | `body_timeout` | a request body not complete within `--body-timeout-secs` | 408 |
+//! | `bad_request_body` | a request body that could not be read (bad chunked encoding) | 400 |
+//! | `response_timeout` | no response head within `--response-timeout-secs` of the request's end | 504 |
+//! | `route_changed` | transparent: the destination's address changed owner since the connection opened | 503, connection closed |
+//! | `policy_changed` | an open relay or upgraded connection a new policy denies | connection closed |
+//! | `no_original_destination` | transparent: a redirected connection without its original destination | connection closed |
 
+pub(crate) use crate::refusal::Refusal;
 use bulkhead_identity::SvidError;
 use bulkhead_policy::model::ResourceName;
 use bulkhead_policy::{Decision, Reason, Verdict};
@@ -108,6 +135,12 @@ pub(crate) struct TlsLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RefusalLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct TcpCloseLabels {
     pub direction: &'static str,
     pub reason: &'static str,
@@ -136,6 +169,7 @@ pub(crate) struct Metrics {
     pub tls_failures: Family<TlsLabels, Counter>,
     pub connections: Family<DirectionLabels, Counter>,
     pub refused: Family<DirectionLabels, Counter>,
+    pub refusals: Family<RefusalLabels, Counter>,
     pub svid_expiry: Gauge,
     pub renewals: Family<ResultLabels, Counter>,
     pub config_updates: Family<ResultLabels, Counter>,
@@ -144,6 +178,7 @@ pub(crate) struct Metrics {
     pub tcp_closed: Family<TcpCloseLabels, Counter>,
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     pub plaintext: Family<PortLabels, Counter>,
+    pub resets: Family<TcpCloseLabels, Counter>,
     pub flows_dropped: Counter,
     registry: Registry,
 }
@@ -159,6 +194,7 @@ impl Metrics {
         let tls_failures = Family::<TlsLabels, Counter>::default();
         let connections = Family::<DirectionLabels, Counter>::default();
         let refused = Family::<DirectionLabels, Counter>::default();
+        let refusals = Family::<RefusalLabels, Counter>::default();
         let svid_expiry = Gauge::default();
         let renewals = Family::<ResultLabels, Counter>::default();
         let config_updates = Family::<ResultLabels, Counter>::default();
@@ -167,6 +203,12 @@ impl Metrics {
         let tcp_closed = Family::<TcpCloseLabels, Counter>::default();
         let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
         let plaintext = Family::<PortLabels, Counter>::default();
+        let resets = Family::<TcpCloseLabels, Counter>::default();
+        registry.register(
+            "bulkhead_connections_reset",
+            "Connections refused or ended with a TCP reset, by direction and reason",
+            resets.clone(),
+        );
         let flows_dropped = Counter::default();
         registry.register(
             "bulkhead_flow_requests_dropped",
@@ -224,6 +266,11 @@ impl Metrics {
             refused.clone(),
         );
         registry.register(
+            "bulkhead_refusals",
+            "Requests and connections the proxy refused or cut on its own (not policy denials), by direction and reason",
+            refusals.clone(),
+        );
+        registry.register(
             "bulkhead_svid_expiry_timestamp_seconds",
             "When the current SVID expires (Unix time)",
             svid_expiry.clone(),
@@ -250,6 +297,7 @@ impl Metrics {
             tls_failures,
             connections,
             refused,
+            refusals,
             svid_expiry,
             renewals,
             config_updates,
@@ -258,6 +306,7 @@ impl Metrics {
             tcp_closed,
             tcp_bytes,
             plaintext,
+            resets,
             flows_dropped,
             registry,
         }
@@ -317,6 +366,26 @@ impl Metrics {
     pub(crate) fn refused_connection(&self, direction: &'static str) {
         self.refused
             .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    pub(crate) fn refusal(&self, direction: &'static str, reason: Refusal) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                direction,
+                reason: reason.label(),
+            })
+            .inc();
+    }
+
+    /// A connection closed with a TCP reset. Reasons: `undeclared_port` (inbound, to a port
+    /// the workload does not declare while it declares some), `not_redirected` (not sent by
+    /// `init`'s rules, e.g. to the proxy's own port), `not_local` (inbound, the original
+    /// destination is not an address of this namespace), `denied` (opaque TCP policy denied),
+    /// `unreachable` (nothing accepted it onward), `relay_error` (one side of a relay failed).
+    pub(crate) fn reset(&self, direction: &'static str, reason: &'static str) {
+        self.resets
+            .get_or_create(&TcpCloseLabels { direction, reason })
             .inc();
     }
 

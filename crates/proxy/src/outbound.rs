@@ -4,23 +4,28 @@
 //! the connection goes over mTLS to the destination's sidecar, which must present the
 //! identity declared for it. Destinations outside the mesh get opaque TCP, if policy allows.
 
+use crate::authz::{Judgement, Snapshot};
 use crate::clients::Alpn;
 use crate::config::UpstreamSpec;
+use crate::deadline::{Clock, ReqBody, ResponseTimeout, response_head};
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
 use crate::http::{
-    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, accept_loop, check_path, denial,
-    forward_upgrade, is_upgrade, listen, origin_form, protocol_of, proxy_response, request_host,
-    response_body, serve_http, strip_hop_by_hop,
+    Body, DECISION_HEADER, HeaderView, Link, SOURCE_HEADER, XFCC_HEADER, accept_loop,
+    canonical_request, denial, listen, origin_form, protocol_of, proxy_response, response_body,
+    serve_http, set_target,
 };
-use crate::http::{content_length, grpc_status};
-use crate::metrics::{LabelText, Parties};
-use crate::tcp::Flow;
+use crate::http::{
+    body_failed, content_length, grpc_status, head_refused, head_too_large, response_timed_out,
+};
+use crate::metrics::{LabelText, Parties, Refusal};
+use crate::tcp::{Flow, Reset};
+use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::server_name;
 use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
+use bulkhead_policy::{CanonicalRequest, Peer, Protocol, Request as PolicyRequest};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -44,6 +49,9 @@ pub(crate) struct Dest {
     pub port: u16,
     /// The identity, shared, to find this destination's multiplexed connection.
     pub mux_key: Arc<str>,
+    /// Transparent mode: the revision of the address table this destination was found in.
+    /// `None` for an explicit upstream, which the operator declared.
+    pub routed_at: Option<u64>,
 }
 
 impl Dest {
@@ -55,13 +63,13 @@ impl Dest {
             workload: spec.workload.clone(),
             port: spec.port,
             mux_key: Arc::from(spec.identity.as_str()),
+            routed_at: None,
         }
     }
 
     /// A captured connection's destination: in the mesh if a Workload declares its address.
-    fn of_original(orig: SocketAddr, shared: &Shared) -> Dest {
-        let endpoints = shared.endpoints.load();
-        let endpoint = endpoints.get(orig.ip());
+    fn of_original(orig: SocketAddr, snapshot: &Snapshot) -> Dest {
+        let endpoint = snapshot.endpoints().get(orig.ip());
         Dest {
             name: match endpoint {
                 Some(e) => format!("{}@{orig}", e.workload),
@@ -72,18 +80,35 @@ impl Dest {
             workload: endpoint.map(|e| e.workload.clone()),
             port: orig.port(),
             mux_key: Arc::from(endpoint.map_or("", |e| e.identity.as_str())),
+            routed_at: Some(snapshot.revision()),
         }
     }
 
-    fn declared_protocol(&self, shared: &Shared) -> Option<Protocol> {
+    /// Whether `snapshot` still routes this destination as it was routed when its connection
+    /// was accepted: same workload and identity at its address. A request is judged and sent
+    /// from one snapshot, so a destination the new address table moved is not served under
+    /// the new revision's rules.
+    fn routed_as_in(&self, snapshot: &Snapshot) -> bool {
+        match self.routed_at {
+            None => true,
+            Some(revision) if revision == snapshot.revision() => true,
+            Some(_) => {
+                let now = snapshot.endpoints().get(self.address.ip());
+                now.map(|e| &e.workload) == self.workload.as_ref()
+                    && now.map(|e| e.identity.as_str())
+                        == self.identity.as_ref().map(SpiffeId::as_str)
+            }
+        }
+    }
+
+    fn declared_protocol(&self, snapshot: &Snapshot) -> Option<Protocol> {
         let w = self.workload.as_ref()?;
-        shared
-            .endpoints
-            .load()
+        snapshot
+            .endpoints()
             .get(self.address.ip())
             .filter(|e| &e.workload == w)
             .and_then(|e| e.protocol(self.port))
-            .or_else(|| shared.policies.load().declared_protocol(w, self.port))
+            .or_else(|| snapshot.declared_protocol(w, self.port))
     }
 }
 
@@ -115,9 +140,9 @@ pub(crate) async fn spawn_transparent(
         let span = tracing::info_span!("outbound", src.addr = %remote);
         let shared = state.clone();
         let conn = async move {
-            match crate::capture::original_dst(&tcp) {
+            match redirected_here(&tcp) {
                 Ok(orig) => {
-                    let dest = Arc::new(Dest::of_original(orig, &shared));
+                    let dest = Arc::new(Dest::of_original(orig, &shared.snapshot.load()));
                     tracing::debug!(
                         dst.name = dest.name,
                         in_mesh = dest.identity.is_some(),
@@ -125,8 +150,18 @@ pub(crate) async fn spawn_transparent(
                     );
                     serve(tcp, dest, shared).await
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "connection refused: no original destination (is this listener the target of `bulkhead-proxy init`'s rules?)")
+                Err(why) => {
+                    shared.metrics.reset("outbound", "not_redirected");
+                    if let Some(unlogged) =
+                        shared.refuse("outbound", Refusal::NoOriginalDestination)
+                    {
+                        tracing::warn!(
+                            reason = "not_redirected",
+                            unlogged,
+                            "connection refused: {why}"
+                        );
+                    }
+                    tcp.reset()
                 }
             }
         };
@@ -135,12 +170,37 @@ pub(crate) async fn spawn_transparent(
     Ok(addr)
 }
 
+/// The original destination of a connection that `init`'s OUTPUT rules redirected to the
+/// transparent listener. Such a connection arrives on loopback; anything else (a connection
+/// from another host, or straight to the listener's own port, which would be relayed back
+/// to the listener) is refused.
+fn redirected_here(tcp: &TcpStream) -> Result<SocketAddr, String> {
+    let local = tcp
+        .local_addr()
+        .map(crate::capture::canonical)
+        .map_err(|e| e.to_string())?;
+    let orig = crate::capture::original_dst(tcp).map_err(|e| {
+        format!("no original destination ({e}); is this listener the target of `bulkhead-proxy init`'s rules?")
+    })?;
+    if !local.ip().is_loopback() {
+        return Err(format!(
+            "arrived at {local}: only this namespace's redirected connections (on loopback) are served"
+        ));
+    }
+    if !crate::capture::was_redirected(local, orig) {
+        return Err(format!(
+            "{orig} is the proxy's own outbound port, not a redirected destination"
+        ));
+    }
+    Ok(orig)
+}
+
 async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
     if dest.identity.is_none() {
         return relay_outside(tcp, dest, shared).await;
     }
-    let declared = dest.declared_protocol(&shared);
+    let declared = dest.declared_protocol(&shared.snapshot.load());
     let sniffed = match declared {
         Some(Protocol::Tcp) => Sniffed::Opaque,
         _ => match sniff(&tcp, shared.limits.detect_timeout).await {
@@ -169,59 +229,103 @@ fn tcp_flow(dest: &Dest) -> Flow {
     }
 }
 
-/// Opaque TCP to a mesh destination, over mTLS.
+/// Opaque TCP to a mesh destination, over mTLS. Refused with a reset when egress policy
+/// denies it or the destination's sidecar does not take it; a reset from the far side is
+/// passed on as a reset.
 async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
-    let decision = flow.decide(&shared);
+    let (decision, permit) = flow
+        .judge(&shared.snapshot.load(), &shared.workload)
+        .into_parts();
     flow.log(&decision, &shared);
-    if !decision.is_allow() {
-        return;
-    }
+    let Some(permit) = permit else {
+        shared.metrics.reset("outbound", "denied");
+        return tcp.reset();
+    };
     match connect_upstream(dest.clone(), Alpn::Tcp, shared.clone()).await {
-        Ok(up) => crate::tcp::relay(&shared, flow, tcp, up).await,
-        Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "upstream unreachable"),
+        Ok(up) => relay_or_reset(&shared, permit, flow, tcp, up).await,
+        Err(e) => {
+            tracing::warn!(dst.name = dest.name, error = %e, "upstream unreachable");
+            shared.metrics.reset("outbound", "unreachable");
+            tcp.reset()
+        }
     }
 }
 
-/// Opaque TCP to a destination outside the mesh: plain, if egress policy allows it.
+/// Opaque TCP to a destination outside the mesh: plain, if egress policy allows it; refused
+/// with a reset otherwise, or when the destination refuses it.
 async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
-    let decision = flow.decide(&shared);
+    let (decision, permit) = flow
+        .judge(&shared.snapshot.load(), &shared.workload)
+        .into_parts();
     flow.log(&decision, &shared);
-    if !decision.is_allow() {
-        return;
-    }
+    let Some(permit) = permit else {
+        shared.metrics.reset("outbound", "denied");
+        return tcp.reset();
+    };
     match TcpStream::connect(dest.address).await {
         Ok(up) => {
             let _ = up.set_nodelay(true);
-            crate::tcp::relay(&shared, flow, tcp, up).await
+            relay_or_reset(&shared, permit, flow, tcp, up).await
         }
-        Err(e) => tracing::warn!(dst.name = dest.name, error = %e, "destination unreachable"),
+        Err(e) => {
+            tracing::warn!(dst.name = dest.name, error = %e, "destination unreachable");
+            shared.metrics.reset("outbound", "unreachable");
+            tcp.reset()
+        }
+    }
+}
+
+/// Relays the app's connection; if either side fails (the far side reset), resets both.
+async fn relay_or_reset<U: Reset + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    shared: &Shared,
+    permit: crate::authz::Permit,
+    flow: Flow,
+    mut app: TcpStream,
+    mut up: U,
+) {
+    if crate::tcp::relay(shared, permit, flow, &mut app, &mut up).await == "error" {
+        shared.metrics.reset("outbound", "relay_error");
+        app.reset();
+        up.reset();
     }
 }
 
 async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<Shared>) {
     let link = Arc::new(Link::new(h2));
-    let limits = shared.limits;
     let parties = Arc::new(Parties {
         source: shared.identity.clone(),
         destination: LabelText::new(dest.identity.as_ref().map_or("-", SpiffeId::as_str)),
     });
+    // HTTP/1.1 only: its head and keep-alive deadlines, marked by each request.
+    let clock = (!h2).then(Clock::new);
+    let conn_clock = clock.clone();
+    let state = shared.clone();
     let service = service_fn(move |req| {
         let (link, dest, shared, parties) =
             (link.clone(), dest.clone(), shared.clone(), parties.clone());
+        let clock = conn_clock.clone();
         async move {
             let start = std::time::Instant::now();
-            let resp = handle(req, link, h2, dest, shared.clone()).await;
-            if let Ok(r) = &resp {
+            if let Some(c) = &clock {
+                c.busy();
+            }
+            let mut resp = handle(req, link, h2, dest, shared.clone()).await;
+            if let Ok(r) = &mut resp {
                 shared
                     .metrics
                     .request("outbound", &parties, r.status().as_u16(), start.elapsed());
+                match &clock {
+                    Some(c) if r.status() == StatusCode::SWITCHING_PROTOCOLS => c.off(),
+                    Some(c) => r.body_mut().set_idle_when_done(c.idle_when_done()),
+                    None => {}
+                }
             }
             resp
         }
     });
-    serve_http(tcp, h2, &limits, service).await;
+    serve_http(tcp, h2, clock, &state, "outbound", service).await;
 }
 
 async fn handle(
@@ -232,15 +336,52 @@ async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
-    if let Err(why) = check_path(req.uri().path()) {
+    if head_too_large(&req, &shared.limits) {
+        return Ok(head_refused(&shared, "outbound"));
+    }
+    // What policy judges, and the destination receives: the canonical request.
+    let canonical = match canonical_request(&req) {
+        Ok(c) => c,
+        Err(why) => {
+            if let Some(unlogged) = shared.refuse("outbound", Refusal::BadPath) {
+                tracing::warn!(
+                    path = req.uri().path(),
+                    why = why.label(),
+                    unlogged,
+                    "request refused: {why}"
+                );
+            }
+            return Ok(proxy_response(
+                StatusCode::BAD_REQUEST,
+                None,
+                format!("bulkhead: {why}"),
+            ));
+        }
+    };
+    // Egress policy: the sending side judges the request before it leaves, and routes it,
+    // from one snapshot.
+    let (decision, permit) = {
+        let snapshot = shared.snapshot.load();
+        if !dest.routed_as_in(&snapshot) {
+            return Ok(route_changed(&dest, &snapshot, &shared));
+        }
+        egress_decision(&canonical, &req, &dest, &snapshot, &shared).into_parts()
+    };
+    // The host as policy read it, for judging an upgraded tunnel again later.
+    let host = canonical.host().map(str::to_string);
+    let rewrite = canonical
+        .path_rewritten()
+        .then(|| canonical.target().into_owned());
+    if let Some(target) = rewrite
+        && let Err(e) = set_target(&mut req, &target)
+    {
+        tracing::warn!(error = %e, "request refused: its canonical target is not a URI");
         return Ok(proxy_response(
             StatusCode::BAD_REQUEST,
             None,
-            format!("bulkhead: {why}"),
+            "bulkhead: the request target cannot be forwarded".into(),
         ));
     }
-    // Egress policy: the sending side judges the request before it leaves.
-    let decision = egress_decision(&req, &dest, &shared);
     let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
     crate::http::log_decision("outbound", &decision, peer, &shared, &req);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
@@ -269,37 +410,104 @@ async fn handle(
             grpc_status: grpc_status(protocol, headers),
         })
     };
-    if !decision.is_allow() {
+    let Some(permit) = permit else {
         let resp = denial(&req, &decision, format!("bulkhead: egress {decision}"));
         record(std::time::Duration::ZERO, 0, resp.status(), resp.headers());
         return Ok(resp);
-    }
-    req.headers_mut().remove(DECISION_HEADER);
-    origin_form(&mut req);
-    let upgrade = is_upgrade(&req);
-    if !upgrade {
-        strip_hop_by_hop(req.headers_mut());
-    }
-    // Only the receiving sidecar may say who the caller is.
-    req.headers_mut().remove(SOURCE_HEADER);
-    let alpn = if h2 { Alpn::H2 } else { Alpn::Http1 };
-    let sent = if upgrade {
-        let connect = connect_upstream(dest.clone(), alpn, shared.clone());
-        forward_upgrade(req, connect, shared.limits.idle_timeout).await
-    } else if h2 {
-        link.send(req, || connect_upstream(dest.clone(), alpn, shared.clone()))
-            .await
-            .map(response_body)
-    } else {
-        // HTTP/1.1 shares the destination's one multiplexed connection.
-        shared
-            .mux
-            .send(dest.address, &dest.mux_key, req, || {
-                connect_upstream(dest.clone(), Alpn::Mux, shared.clone())
-            })
-            .await
-            .map(response_body)
     };
+    origin_form(&mut req);
+    let switch = match upgrade::ask(&req) {
+        Ask::Nothing => None,
+        Ask::Refused(protocols) => {
+            upgrade::refused(&shared, "outbound", &protocols, req.uri().path());
+            None
+        }
+        Ask::Switch { upgrade, refused } => {
+            if let Some(protocols) = refused {
+                upgrade::refused(&shared, "outbound", &protocols, req.uri().path());
+            }
+            Some(upgrade)
+        }
+    };
+    // A tunnel keeps the request that opened it, to judge it again on policy changes.
+    let opened = switch.as_ref().map(|up| {
+        let peer = Peer {
+            identity: dest.identity.as_ref().map(SpiffeId::as_str),
+            ip: Some(dest.address.ip()),
+            workload: dest.workload.as_ref(),
+        };
+        OpenedBy::of(&req, Direction::Egress, peer, dest.port, host, up)
+    });
+    let headers = req.headers_mut();
+    upgrade::prepare(headers, switch.as_ref());
+    // Only the receiving sidecar may say who the caller is.
+    headers.remove(DECISION_HEADER);
+    headers.remove(SOURCE_HEADER);
+    headers.remove(XFCC_HEADER);
+    let alpn = if h2 { Alpn::H2 } else { Alpn::Http1 };
+    let deadline = shared.limits.response_timeout;
+    let whom = || format!("upstream {}", dest.name);
+    let (sent, body) = match (switch, opened) {
+        (Some(up), Some(opened)) => {
+            let (connect, whom) = (connect_upstream(dest.clone(), alpn, shared.clone()), whom());
+            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), &whom);
+            (response_head(send, None, deadline).await, None)
+        }
+        _ => {
+            let (parts, body) = req.into_parts();
+            let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
+            let req = Request::from_parts(parts, body);
+            let send = async {
+                if h2 {
+                    link.send(permit, req, || {
+                        connect_upstream(dest.clone(), alpn, shared.clone())
+                    })
+                    .await
+                    .map(response_body)
+                } else {
+                    // HTTP/1.1 shares the destination's multiplexed connections; the stream's
+                    // place is held until the response has ended.
+                    shared
+                        .mux
+                        .send(permit, dest.address, &dest.mux_key, req, || {
+                            connect_upstream(dest.clone(), Alpn::Mux, shared.clone())
+                        })
+                        .await
+                        .map(|(resp, place)| {
+                            let mut resp = response_body(resp);
+                            resp.body_mut().set_stream(place);
+                            resp
+                        })
+                }
+            };
+            let sent = response_head(send, watched.as_ref(), deadline).await;
+            // The plain path asked nobody to switch: a 101 here is never passed on.
+            let sent = sent.map(|r| match r {
+                Ok(resp) if upgrade::unasked(&resp) => Ok(upgrade::mismatch(
+                    &shared,
+                    "outbound",
+                    &whom(),
+                    None,
+                    resp.headers().get(http::header::UPGRADE),
+                )),
+                other => other,
+            });
+            (sent, watched)
+        }
+    };
+    let sent = match sent {
+        Ok(sent) => sent,
+        Err(ResponseTimeout) => {
+            let resp = response_timed_out(&shared, "outbound", &format!("upstream {}", dest.name));
+            record(started.elapsed(), 0, resp.status(), resp.headers());
+            return Ok(resp);
+        }
+    };
+    if let (Err(_), Some(failure)) = (&sent, body.as_ref().and_then(|b| b.failure())) {
+        let resp = body_failed(failure, &shared, "outbound");
+        record(started.elapsed(), 0, resp.status(), resp.headers());
+        return Ok(resp);
+    }
     match sent {
         Ok(resp) => {
             record(
@@ -326,26 +534,54 @@ async fn handle(
     }
 }
 
-fn egress_decision(req: &Request<Incoming>, dest: &Dest, shared: &Shared) -> Decision {
-    let host = request_host(req);
+fn egress_decision(
+    canonical: &CanonicalRequest<'_>,
+    req: &Request<Incoming>,
+    dest: &Dest,
+    snapshot: &Snapshot,
+    shared: &Shared,
+) -> Judgement {
     let headers = HeaderView(req.headers());
-    shared.policies.load().evaluate(&PolicyRequest {
+    snapshot.judge(&PolicyRequest {
         direction: Direction::Egress,
         subject: &shared.workload,
         peer: Peer {
             identity: dest.identity.as_ref().map(SpiffeId::as_str),
-            ip: Some(dest.address.ip()),
+            ip: Some(bulkhead_policy::canonical::peer_ip(dest.address.ip())),
             workload: dest.workload.as_ref(),
         },
         port: dest.port,
         protocol: protocol_of(req),
-        http: Some(Http {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            host: host.as_deref(),
-            headers: &headers,
-        }),
+        http: Some(canonical.http(&headers)),
     })
+}
+
+/// A captured connection's destination moved in the address table since it was accepted
+/// (another workload, or out of the mesh): its requests are not judged against rules meant
+/// for the address's new owner. The app reconnects, and the new connection is routed anew.
+fn route_changed(dest: &Dest, snapshot: &Snapshot, shared: &Shared) -> Response<Body> {
+    if let Some(unlogged) = shared.refuse("outbound", Refusal::RouteChanged) {
+        tracing::warn!(
+            dst.name = dest.name,
+            revision = snapshot.revision(),
+            unlogged,
+            "request refused: the destination's address changed owner in this revision; closing the connection"
+        );
+    }
+    let mut resp = proxy_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        None,
+        format!(
+            "bulkhead: {} is no longer routed as it was when this connection opened (revision {}); reconnect",
+            dest.name,
+            snapshot.revision()
+        ),
+    );
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 /// Dials `dest` over mTLS, requiring its identity, with the given application protocol.
@@ -410,5 +646,64 @@ fn tls_reason(e: &std::io::Error) -> String {
         }
         Some(other) => other.to_string(),
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bulkhead_policy::{Endpoint, Endpoints, PolicySet};
+
+    /// A snapshot at `revision` whose address table puts `owner` (if any) at 10.0.0.5.
+    fn snapshot(revision: u64, owner: Option<&str>) -> Snapshot {
+        let mut endpoints = Endpoints::default();
+        if let Some(name) = owner {
+            endpoints.insert(
+                "10.0.0.5".parse().unwrap(),
+                Endpoint {
+                    workload: bulkhead_policy::model::parse_workload(&format!("shop/{name}"))
+                        .unwrap(),
+                    identity: format!("spiffe://td/ns/shop/sa/{name}"),
+                    ports: vec![(8080, Protocol::Http)],
+                },
+            );
+        }
+        Snapshot::new(PolicySet::compile(&[], revision).unwrap(), endpoints)
+    }
+
+    #[test]
+    fn a_request_is_sent_only_where_its_snapshot_routes_it() {
+        let orig: SocketAddr = "10.0.0.5:8080".parse().unwrap();
+        let dest = Dest::of_original(orig, &snapshot(1, Some("orders")));
+        assert_eq!(
+            dest.identity.as_ref().unwrap().as_str(),
+            "spiffe://td/ns/shop/sa/orders"
+        );
+        assert_eq!(
+            dest.declared_protocol(&snapshot(1, Some("orders"))),
+            Some(Protocol::Http)
+        );
+        // Same revision, or a later one that routes the address the same way: served.
+        assert!(dest.routed_as_in(&snapshot(1, Some("orders"))));
+        assert!(dest.routed_as_in(&snapshot(2, Some("orders"))));
+        // The address changed owner, or left the mesh: not judged under the new rules.
+        assert!(!dest.routed_as_in(&snapshot(3, Some("payments"))));
+        assert!(!dest.routed_as_in(&snapshot(4, None)));
+        // Outside the mesh at first, in it later: also a different route.
+        let outside = Dest::of_original(orig, &snapshot(1, None));
+        assert!(outside.identity.is_none());
+        assert!(outside.routed_as_in(&snapshot(2, None)));
+        assert!(!outside.routed_as_in(&snapshot(3, Some("orders"))));
+    }
+
+    #[test]
+    fn an_explicit_upstream_is_routed_by_its_declaration() {
+        let spec: UpstreamSpec =
+            "name=orders,listen=127.0.0.1:0,address=10.0.0.5:8080,identity=spiffe://td/ns/shop/sa/orders"
+                .parse()
+                .unwrap();
+        let dest = Dest::of_upstream(&spec);
+        assert!(dest.routed_as_in(&snapshot(7, Some("payments"))));
     }
 }

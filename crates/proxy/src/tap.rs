@@ -28,7 +28,6 @@ const QUEUE: usize = 1_024;
 /// Events per report, and how long the first one waits for company.
 const BATCH: usize = 200;
 const BATCH_WAIT: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub(crate) struct Tap {
     on: AtomicBool,
@@ -139,14 +138,16 @@ async fn follow(mut client: ConfigClient<tonic::transport::Channel>, shared: Arc
     let request = WatchRequest {
         namespace: shared.workload.namespace.clone(),
         workload: shared.workload.name.clone(),
+        ..WatchRequest::default()
     };
-    let mut backoff = Duration::from_millis(200);
+    // The same prompt, jittered, capped retries as the configuration stream.
+    let mut backoff = crate::watch::Backoff::reconnect();
     loop {
         match client.watch_taps(request.clone()).await {
             Ok(response) => {
                 let mut stream = response.into_inner();
                 while let Ok(Some(message)) = stream.message().await {
-                    backoff = Duration::from_millis(200);
+                    backoff.reset();
                     match serde_json::from_str::<Vec<TapFilter>>(&message.filters_json) {
                         Ok(filters) => {
                             if !filters.is_empty() {
@@ -167,8 +168,7 @@ async fn follow(mut client: ConfigClient<tonic::transport::Channel>, shared: Arc
         }
         // Nobody can be told what is tapped while the control plane is away.
         shared.tap.set_filters(Vec::new());
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(backoff.next_wait()).await;
     }
 }
 

@@ -3,6 +3,7 @@
 //! policy denies is closed, with a log line naming the decision.
 
 use crate::Shared;
+use crate::authz::{Judgement, Permit, Snapshot};
 use bulkhead_policy::model::{Direction, WorkloadRef};
 use bulkhead_policy::{Decision, Peer, Protocol, Request as PolicyRequest};
 use std::collections::HashMap;
@@ -24,10 +25,11 @@ pub(crate) struct Flow {
 }
 
 impl Flow {
-    pub(crate) fn decide(&self, shared: &Shared) -> Decision {
-        shared.policies.load().evaluate(&PolicyRequest {
+    /// Judges the connection against one snapshot, as L4 policy sees it.
+    pub(crate) fn judge(&self, snapshot: &Snapshot, subject: &WorkloadRef) -> Judgement {
+        snapshot.judge(&PolicyRequest {
             direction: self.direction,
-            subject: &shared.workload,
+            subject,
             peer: Peer {
                 identity: self.peer_identity.as_deref(),
                 ip: self.peer_ip,
@@ -97,11 +99,67 @@ impl Flow {
     }
 }
 
-/// Open opaque connections, each with a way to close it.
+/// What opened a relay, to judge it again: an opaque connection, or the HTTP request that
+/// switched protocols.
+#[derive(Clone)]
+pub(crate) enum Opened {
+    Tcp(Flow),
+    Upgrade(Arc<crate::upgrade::OpenedBy>),
+}
+
+impl Opened {
+    fn direction_label(&self) -> &'static str {
+        let direction = match self {
+            Opened::Tcp(flow) => flow.direction,
+            Opened::Upgrade(by) => by.direction,
+        };
+        match direction {
+            Direction::Ingress => "inbound",
+            Direction::Egress => "outbound",
+        }
+    }
+
+    fn judge(&self, snapshot: &Snapshot, subject: &WorkloadRef) -> Judgement {
+        match self {
+            Opened::Tcp(flow) => flow.judge(snapshot, subject),
+            Opened::Upgrade(by) => by.judge(snapshot, subject),
+        }
+    }
+
+    /// Says why the relay is being closed.
+    fn log_close(&self, decision: &Decision) {
+        let reason = crate::metrics::Refusal::PolicyChanged.label();
+        match self {
+            Opened::Tcp(flow) => tracing::warn!(
+                direction = flow.direction_label(),
+                peer.id = flow.peer_identity.as_deref().unwrap_or("-"),
+                peer.ip = ?flow.peer_ip,
+                port = flow.port,
+                reason,
+                decision = %decision,
+                "closing an open TCP connection: the new policy denies it"
+            ),
+            Opened::Upgrade(by) => tracing::warn!(
+                direction = self.direction_label(),
+                peer.id = by.peer_identity.as_deref().unwrap_or("-"),
+                peer.ip = ?by.peer_ip,
+                port = by.port,
+                http.method = by.method,
+                http.path = by.path,
+                protocol = by.protocol,
+                reason,
+                decision = %decision,
+                "closing an upgraded connection: the new policy denies the request that opened it"
+            ),
+        }
+    }
+}
+
+/// Open relays (opaque connections and upgraded ones), each with a way to close it.
 #[derive(Default)]
 pub(crate) struct Relays {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, (Flow, Arc<Notify>)>>,
+    open: Mutex<HashMap<u64, (Opened, Arc<Notify>)>>,
 }
 
 /// Removes a relay from the list when it ends, however it ends.
@@ -121,13 +179,13 @@ impl Drop for Registered<'_> {
 }
 
 impl Relays {
-    fn register(&self, flow: Flow) -> (Registered<'_>, Arc<Notify>) {
+    fn register(&self, opened: Opened) -> (Registered<'_>, Arc<Notify>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let close = Arc::new(Notify::new());
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (flow, close.clone()));
+            .insert(id, (opened, close.clone()));
         (Registered { relays: self, id }, close)
     }
 
@@ -136,9 +194,10 @@ impl Relays {
     }
 }
 
-/// Judges every open relay against the policy now in force; closes the ones it denies.
+/// Judges every open relay (with the request that opened it, for an upgraded connection)
+/// against the policy now in force; closes the ones it denies.
 pub(crate) fn recheck(shared: &Shared) {
-    let open: Vec<(Flow, Arc<Notify>)> = shared
+    let open: Vec<(Opened, Arc<Notify>)> = shared
         .relays
         .open
         .lock()
@@ -146,37 +205,61 @@ pub(crate) fn recheck(shared: &Shared) {
         .values()
         .cloned()
         .collect();
-    for (flow, close) in open {
-        let decision = flow.decide(shared);
+    let snapshot = shared.snapshot.load();
+    for (opened, close) in open {
+        let judged = opened.judge(&snapshot, &shared.workload);
+        let decision = judged.decision();
         if !decision.is_allow() {
-            tracing::warn!(
-                direction = flow.direction_label(),
-                peer.id = flow.peer_identity.as_deref().unwrap_or("-"),
-                peer.ip = ?flow.peer_ip,
-                port = flow.port,
-                decision = %decision,
-                "closing an open TCP connection: the new policy denies it"
-            );
-            shared.metrics.decision(flow.direction_label(), &decision);
+            opened.log_close(decision);
+            let direction = opened.direction_label();
+            shared.metrics.decision(direction, decision);
+            shared
+                .metrics
+                .refusal(direction, crate::metrics::Refusal::PolicyChanged);
             close.notify_one();
         }
     }
 }
 
-/// Relays between `a` (the side that connected to us) and `b` until either side closes, the
-/// connection is idle for `idle`, or a policy change denies it.
-pub(crate) async fn relay<A, B>(shared: &Shared, flow: Flow, a: A, b: B)
+/// Relays an opaque connection between `a` (the side that connected to us) and `b`: see
+/// [`tunnel`]. Returns why it ended (the `reason` label).
+pub(crate) async fn relay<A, B>(
+    shared: &Shared,
+    permit: Permit,
+    flow: Flow,
+    a: A,
+    b: B,
+) -> &'static str
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let direction = flow.direction_label();
+    tunnel(shared, permit, Opened::Tcp(flow), a, b).await
+}
+
+/// Relays between `a` (the side that connected to us) and `b` until either side closes, the
+/// connection is idle for `--idle-timeout-secs`, or a policy change denies what `opened`
+/// it. The permit is the decision that allowed it. Returns why it ended (the `reason`
+/// label): on `"error"` (a side reset or failed) the caller resets both, so that the failure
+/// reaches the other end as a reset rather than an orderly close.
+pub(crate) async fn tunnel<A, B>(
+    shared: &Shared,
+    _permit: Permit,
+    opened: Opened,
+    a: A,
+    b: B,
+) -> &'static str
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let direction = opened.direction_label();
     shared
         .metrics
         .tcp_opened
         .get_or_create(&crate::metrics::DirectionLabels { direction })
         .inc();
-    let (_registered, close) = shared.relays.register(flow);
+    let (_registered, close) = shared.relays.register(opened);
     let idle = shared.limits.idle_timeout;
     let (to_peer, from_peer, reason) = pump(a, b, idle, &close).await;
     let m = &shared.metrics;
@@ -189,6 +272,37 @@ where
         .get_or_create(&crate::metrics::TcpCloseLabels { direction, reason })
         .inc();
     tracing::debug!(direction, reason, to_peer, from_peer, "TCP relay ended");
+    reason
+}
+
+/// A connection that can be closed with a TCP reset (`SO_LINGER` 0) instead of an orderly
+/// close: how the sidecar refuses what it cannot or will not carry, so that a client (or a
+/// port scan) sees a refusal at once rather than an accepted connection closing.
+pub(crate) trait Reset: Sized {
+    fn tcp(&self) -> &tokio::net::TcpStream;
+
+    fn reset(self) {
+        // If the option cannot be set the close is orderly instead: still a refusal.
+        let _ = self.tcp().set_zero_linger();
+    }
+}
+
+impl Reset for tokio::net::TcpStream {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self
+    }
+}
+
+impl Reset for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl Reset for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0
+    }
 }
 
 /// Copies both ways; returns bytes a→b, bytes b→a and why it stopped.

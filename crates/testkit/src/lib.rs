@@ -89,6 +89,11 @@ impl Proc {
         }
     }
 
+    /// The process id (for reading its /proc entries).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -217,15 +222,36 @@ pub fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
         .get(..3)?
         .parse()
         .ok()?;
-    let headers = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    let body = match chunked {
+        true => dechunk(body)?,
+        false => body.to_string(),
+    };
     Some(HttpResponse {
         status,
         headers,
-        body: body.to_string(),
+        body,
     })
+}
+
+/// A chunked body's data (RFC 9112 §7.1); `None` if it is malformed or cut short.
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// One HTTP/1.1 keep-alive connection, for many requests in a row.
@@ -364,5 +390,53 @@ pub fn mtls_raw(
     match tls.read_to_end(&mut buf) {
         Ok(_) => Ok(buf),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The path of a program a test needs that is not about root (`promtool`, `bash`): `None`
+/// (and a `skipped:` line) when it is missing, a panic under `BULKHEAD_STRICT=1`, where
+/// `./dev/test` has installed it.
+pub fn tool(test: &str, program: &str) -> Option<std::path::PathBuf> {
+    if let Some(path) = netns::find_program(program) {
+        return Some(path);
+    }
+    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
+        panic!(
+            "{test} cannot run: it needs {program}, and BULKHEAD_STRICT=1 forbids skipping (./dev/test installs it on Debian)"
+        );
+    }
+    eprintln!("skipped: {test}: needs {program}");
+    None
+}
+
+/// Runs `promtool check metrics` on a `/metrics` page and returns its complaints; empty
+/// when the page passes (or, outside CI, when promtool is not installed).
+pub fn promtool_check_metrics(test: &str, page: &str) -> String {
+    use std::io::Write;
+    let Some(promtool) = tool(test, "promtool") else {
+        return String::new();
+    };
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(page.as_bytes())
+        .expect("promtool reads the page");
+    let out = child.wait_with_output().expect("promtool finishes");
+    match out.status.success() {
+        true => String::new(),
+        false => format!(
+            "promtool check metrics exited {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
 }

@@ -2,7 +2,8 @@
 //! and what actually crosses the wire between hosts.
 //!
 //! A hub namespace holds a Linux bridge; each host gets a namespace of its own, joined to the
-//! bridge by a veth pair (`eth0` on the host's side) on a /24 of the lab's. Every link is made
+//! bridge by a veth pair (`eth0` on the host's side), with an IPv4 address on a /24 of the
+//! lab's and an IPv6 one (unique local, fd00::/8) on a /64 of the lab's. Every link is made
 //! inside the lab's namespaces, never in the test's own, so nothing touches the machine's
 //! network, and deleting the namespaces (on drop, also after a panic) removes everything.
 //!
@@ -10,7 +11,7 @@
 //! unsafe code): programs run there through `ip netns exec` ([`Lab::command`]).
 
 use crate::{Proc, TempDir};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -89,18 +90,22 @@ pub struct Lab {
     hosts: Vec<Host>,
     /// Namespaces created so far, in order; what drop deletes.
     made: Vec<String>,
+    /// `/etc/netns/<ns>` directories made for [`Lab::set_resolv_conf`]; what drop deletes.
+    etc: Vec<PathBuf>,
 }
 
 struct Host {
     name: String,
     ns: String,
     addr: Ipv4Addr,
+    addr6: Ipv6Addr,
 }
 
 impl Lab {
     /// Creates the hub namespace with a bridge, and one namespace per host joined to it: host
-    /// `i` gets `10.<a>.<b>.(i+2)/24` on `eth0`, where `a.b` comes from the pid and a
-    /// per-process counter, and `lo` is up everywhere. Namespaces are named
+    /// `i` gets `10.<a>.<b>.(i+2)/24` and `fd00:<a>:<b>::(i+2)/64` on `eth0`, where `a.b` comes
+    /// from the pid and a per-process counter, and `lo` is up everywhere. The IPv6 address is
+    /// usable at once (no duplicate address detection). Namespaces are named
     /// `bh<pid>x<n>-<host>` (the hub `bh<pid>x<n>`). Host names: lowercase letters, digits
     /// and `-`, distinct. Panics (after removing what it made) if any step fails.
     pub fn new(hosts: &[&str]) -> Lab {
@@ -117,6 +122,7 @@ impl Lab {
             hub: hub.clone(),
             hosts: Vec::new(),
             made: Vec::new(),
+            etc: Vec::new(),
         };
         lab.add_namespace(&hub);
         lab.run_ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
@@ -135,6 +141,7 @@ impl Lab {
             );
             let ns = format!("{hub}-{name}");
             let addr = Ipv4Addr::new(10, a, b, i as u8 + 2);
+            let addr6 = Ipv6Addr::new(0xfd00, a.into(), b.into(), 0, 0, 0, 0, i as u16 + 2);
             let veth = format!("v{i}");
             lab.add_namespace(&ns);
             lab.run_ip(&[
@@ -151,11 +158,22 @@ impl Lab {
                 "dev",
                 "eth0",
             ]);
+            lab.run_ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
             lab.run_ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             lab.hosts.push(Host {
                 name: name.to_string(),
                 ns,
                 addr,
+                addr6,
             });
         }
         lab
@@ -164,6 +182,35 @@ impl Lab {
     /// The host's address on the lab's bridge.
     pub fn ip(&self, host: &str) -> Ipv4Addr {
         self.host(host).addr
+    }
+
+    /// The host's IPv6 address on the lab's bridge (in fd00::/8).
+    pub fn ip6(&self, host: &str) -> Ipv6Addr {
+        self.host(host).addr6
+    }
+
+    /// The host's address of one family or the other: `ip6(host)` or `ip(host)`.
+    pub fn addr(&self, host: &str, v6: bool) -> IpAddr {
+        if v6 {
+            self.ip6(host).into()
+        } else {
+            self.ip(host).into()
+        }
+    }
+
+    /// Gives `host` its own `/etc/resolv.conf`: programs run with [`Lab::command`] (`ip netns
+    /// exec`, which bind-mounts `/etc/netns/<ns>/resolv.conf` over it) read `text` there. The
+    /// file goes with the lab.
+    pub fn set_resolv_conf(&mut self, host: &str, text: &str) {
+        let dir = Path::new("/etc/netns").join(self.ns(host));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        if !self.etc.contains(&dir) {
+            self.etc.push(dir.clone());
+        }
+        let file = dir.join("resolv.conf");
+        std::fs::write(&file, text)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
     }
 
     /// The host's namespace name, as `ip netns` knows it.
@@ -241,6 +288,11 @@ impl Drop for Lab {
     /// Deleting a namespace deletes its links (a veth pair goes with either end); a process
     /// still running in one keeps it alive, unnamed, until that process exits.
     fn drop(&mut self) {
+        for dir in &self.etc {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                eprintln!("warning: could not delete {}: {e}", dir.display());
+            }
+        }
         for ns in self.made.iter().rev() {
             let status = Command::new(&self.ip)
                 .args(["netns", "del", ns])
@@ -294,30 +346,56 @@ mod tests {
         ) {
             return;
         }
-        let lab = Lab::new(&["a", "b"]);
+        let mut lab = Lab::new(&["a", "b"]);
         let (a, b) = (lab.ip("a"), lab.ip("b"));
         assert_eq!(a.octets()[0], 10);
         assert_eq!(a.octets()[3], 2);
         assert_eq!(b.octets()[3], 3);
+        let (a6, b6) = (lab.ip6("a"), lab.ip6("b"));
+        assert_eq!(a6.segments()[0], 0xfd00);
+        assert_eq!((a6.segments()[7], b6.segments()[7]), (2, 3));
+        assert_eq!(
+            [a6.segments()[1], a6.segments()[2]],
+            [u16::from(a.octets()[1]), u16::from(a.octets()[2])]
+        );
         let names: Vec<String> = lab.made.clone();
         let capture = lab.capture();
-        // Nothing listens on b:1, so a refusal proves the SYN reached b and the RST came back.
-        let out = lab
-            .command("a", Path::new("curl"))
-            .args(["-sS", "--max-time", "5"])
-            .arg(format!("http://{b}:1/"))
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("Couldn't connect") || stderr.contains("refused"),
-            "{stderr}"
-        );
+        // Nothing listens on b:1, so a refusal proves the SYN reached b and the RST came back,
+        // over either family.
+        for url in [format!("http://{b}:1/"), format!("http://[{b6}]:1/")] {
+            let out = lab
+                .command("a", Path::new("curl"))
+                .args(["-sS", "--max-time", "5"])
+                .arg(&url)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("Couldn't connect") || stderr.contains("refused"),
+                "{url}: {stderr}"
+            );
+        }
         let pcap = capture.stop();
         assert!(pcap.len() > 24, "no packet captured");
         assert!(contains(&pcap, &b.octets()), "no packet to {b} captured");
+        assert!(contains(&pcap, &b6.octets()), "no packet to {b6} captured");
+
+        // A resolv.conf of the host's own, seen there only, gone with the lab.
+        lab.set_resolv_conf("a", "nameserver 10.9.9.9\n");
+        let out = lab
+            .command("a", Path::new("cat"))
+            .arg("/etc/resolv.conf")
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "nameserver 10.9.9.9\n"
+        );
+        let etc = Path::new("/etc/netns").join(lab.ns("a"));
+        assert!(etc.exists());
 
         drop(lab);
+        assert!(!etc.exists(), "{} left behind", etc.display());
         let list = namespaces();
         for ns in names {
             assert!(!list.contains(&ns), "{ns} still exists");

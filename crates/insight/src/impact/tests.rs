@@ -5,50 +5,7 @@ use bulkhead_policy::parse_documents;
 /// 2024-05-01T10:00:00Z
 const T: u64 = 1_714_557_600;
 
-const SHOP: &str = r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: frontend, namespace: shop}
-spec:
-  identity: spiffe://bulkhead.local/ns/shop/sa/frontend
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://bulkhead.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: payments, namespace: shop}
-spec:
-  identity: spiffe://bulkhead.local/ns/shop/sa/payments
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-frontend, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: allow
-  rules:
-    - name: frontend-manages-orders
-      from: {identities: ["spiffe://bulkhead.local/ns/shop/sa/frontend"]}
-      to: {methods: [GET, POST], paths: ["/orders", "/orders/*"]}
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: payments-allow-orders, namespace: shop}
-spec:
-  selector: {workload: payments}
-  action: allow
-  rules:
-    - name: orders-charges
-      from: {identities: ["spiffe://bulkhead.local/ns/shop/sa/orders"]}
-      to: {methods: [POST], paths: ["/charge"]}
-"#;
+const SHOP: &str = include_str!("../../testdata/impact-shop.yaml");
 
 fn parse(text: &str) -> Vec<Resource> {
     parse_documents("test.yaml", text).unwrap()
@@ -118,19 +75,7 @@ fn shop_edges() -> Vec<Edge> {
     ]
 }
 
-const STAGED: &str = r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-deny-frontend-writes, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: deny
-  mode: audit
-  rules:
-    - name: frontend-writes
-      from: {identities: ["spiffe://bulkhead.local/ns/shop/sa/frontend"]}
-      to: {methods: [POST]}
-"#;
+const STAGED: &str = include_str!("../../testdata/impact-staged.yaml");
 
 #[test]
 fn enforcing_a_staged_deny_lists_exactly_the_flows_it_would_break() {
@@ -411,4 +356,42 @@ fn a_template_replays_as_a_path_that_matches_it() {
     assert_eq!(concrete_path("/files/*.pdf"), "/files/x.pdf");
     assert_eq!(concrete_path("/api/**/health"), "/api/x/health");
     assert_eq!(concrete_path("/"), "/");
+}
+
+/// Replays are built as a sidecar builds requests: a template recorded with an escaped
+/// letter is the path policy sees now, and a flow a sidecar would refuse is not replayed.
+#[test]
+fn replays_use_the_canonical_request() {
+    let current = parse(SHOP);
+    let candidate = parse(&format!(
+        "{SHOP}---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: orders-deny-admin, namespace: shop}}\nspec:\n  selector: {{workload: orders}}\n  action: deny\n  rules:\n    - name: admin\n      to: {{paths: [\"/orders/admin\", \"/orders/admin/*\"]}}\n"
+    ));
+    let edges = vec![
+        ingress("frontend", "shop/orders", "GET", "/orders/%61dmin/*", 3),
+        ingress("frontend", "shop/orders", "get", "/orders/*", 2),
+        ingress("frontend", "shop/orders", "GET", "/orders/../x", 1),
+    ];
+    let impact = impact(
+        &edges,
+        &compile(&current, 1),
+        &compile(&candidate, 2),
+        &candidate,
+    );
+    let got: Vec<String> = impact
+        .changes
+        .iter()
+        .map(|c| format!("{:?} {} | {}", c.change, c.flow, c.after))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            "NewlyDenied spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend) -> shop/orders:8080 http GET /orders/%61dmin/*, ingress | denied by policy shop/orders-deny-admin rule admin (revision 2)"
+        ]
+    );
+    assert_eq!(impact.replayed, 1);
+    assert_eq!(impact.refused.len(), 2);
+    assert!(
+        impact.to_string().ends_with("; 2 flows a sidecar refuses before any policy (a lower-case method or an ambiguous path) not replayed\n"),
+        "{impact}"
+    );
 }

@@ -440,7 +440,7 @@ fn requests_the_language_cannot_say_are_listed_not_allowed() {
             "# cannot be written as a rule:",
             "#   spiffe://bulkhead.local/ns/shop/* (shop/*), 8080/http GET /orders: 1 request, last seen 2024-05-01T10:00:00Z; identity spiffe://bulkhead.local/ns/shop/* is not one exact SPIFFE ID",
             "#   spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend), 8080/http PROPFIND /dav: 1 request, last seen 2024-05-01T11:00:00Z; method PROPFIND cannot be written in a policy",
-            "#   spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend), 8080/http GET *: 1 request, last seen 2024-05-01T11:00:00Z; path template * cannot be written in a policy",
+            "#   spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend), 8080/http GET *: 1 request, last seen 2024-05-01T11:00:00Z; path template *: sidecars refuse it (the path must start with '/')",
         ]
     );
     assert!(rec.resources().is_empty());
@@ -523,7 +523,8 @@ fn names_yaml_would_misread_are_quoted_and_still_parse() {
         "frontend",
         "yes/123",
         "GET",
-        "/a \"quoted\" path\u{7}/ü",
+        // Written as sidecars see it: the ü percent-encoded, the rest as it came.
+        "/a'quoted'path/ü!&*:@",
         EdgeVerdict::Allow,
         1,
     );
@@ -539,7 +540,7 @@ fn names_yaml_would_misread_are_quoted_and_still_parse() {
     assert!(yaml.contains("    workload: \"123\"\n"), "{yaml}");
     assert!(yaml.contains("    - name: from-null\n"), "{yaml}");
     assert!(
-        yaml.contains("        paths: [\"/a \\\"quoted\\\" path\\u0007/ü\"]\n"),
+        yaml.contains("        paths: [\"/a'quoted'path/%C3%BC!&*:@\"]\n"),
         "{yaml}"
     );
     check_applies(&rec, &current);

@@ -244,6 +244,7 @@ impl PathPattern {
         match self {
             PathPattern::Exact(s) | PathPattern::Prefix(s) => s,
             PathPattern::Glob(g) => {
+                let g = g.as_str();
                 let star = g.find('*').unwrap_or(g.len());
                 let slash = g[..star].rfind('/').unwrap_or(0);
                 match &g[slash..] {

@@ -3,35 +3,7 @@ use super::*;
 use bulkhead_policy::model::ResourceName;
 use bulkhead_policy::{Http, Peer, PolicySet, Request};
 
-const POLICY: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {name: orders, namespace: shop}
-spec:
-  identity: spiffe://t.local/ns/shop/sa/orders
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: allow
-  rules:
-    - name: frontend-reads
-      from: {identities: ["spiffe://t.local/ns/shop/sa/frontend"]}
-      to: {methods: [GET]}
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders-staged, namespace: shop}
-spec:
-  selector: {workload: orders}
-  action: deny
-  mode: audit
-  rules:
-    - name: no-admin
-      to: {paths: ["/admin/*"]}
-"#;
+const POLICY: &str = include_str!("../../testdata/flows-policy.yaml");
 
 fn orders() -> WorkloadRef {
     ResourceName {
@@ -107,12 +79,7 @@ fn an_interval_of_zero_counts_nothing() {
 }
 
 /// A namespace posture that allows, so that posture edges name a resource too.
-const POSTURE: &str = r#"apiVersion: bulkhead.dev/v1alpha1
-kind: DefaultPosture
-metadata: {name: open, namespace: shop}
-spec:
-  ingress: allow
-"#;
+const POSTURE: &str = include_str!("../../testdata/flows-posture.yaml");
 
 /// Requests of every kind of decision (rule, audit rule, built-in and namespace posture),
 /// callers, paths and methods.

@@ -1,0 +1,186 @@
+#![allow(clippy::unwrap_used)]
+use super::*;
+use bulkhead_api::pieces::{Assembler, PIECE_BYTES, resource_bytes};
+use bulkhead_api::v1::admin_server::Admin;
+use futures_util::StreamExt;
+
+struct Plane {
+    state: State,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn plane(name: &str) -> Plane {
+    let dir = std::env::temp_dir().join(format!(
+        "bulkhead-service-{name}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let lifetime = Duration::from_secs(3600);
+    let (data, cas) = DataDir::open(&dir, "td.test", lifetime).unwrap();
+    let store = Store::open(&dir.join("state.redb")).unwrap();
+    let state = State::new(data, cas, store, lifetime, FlowRetention::default()).unwrap();
+    Plane { state, dir }
+}
+
+fn from<T>(spiffe_id: &str, message: T) -> Request<T> {
+    let mut req = Request::new(message);
+    req.extensions_mut().insert(PeerInfo {
+        remote: "127.0.0.1:40000".parse().unwrap(),
+        identity: Some(SpiffeId::parse(spiffe_id).unwrap()),
+        cert_not_after: None,
+        cert_ca_sha256: None,
+    });
+    req
+}
+
+const ORDERS: &str = "spiffe://td.test/ns/shop/sa/orders";
+
+/// Orders declared, and `n` deny policies for it with paths of about 200 bytes.
+async fn applied(p: &Plane, n: usize) -> u64 {
+    let mut yaml = String::from(
+        "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: orders, namespace: shop}\nspec:\n  identity: spiffe://td.test/ns/shop/sa/orders\n  ports: [{port: 8080, protocol: http}]\n",
+    );
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: d{i}, namespace: shop}}\nspec:\n  selector: {{workload: orders}}\n  action: deny\n  rules:\n    - name: r\n      to: {{paths: [\"/{i}/{}\"]}}\n",
+            "x".repeat(200)
+        ));
+    }
+    let r = p
+        .state
+        .apply(from(
+            "spiffe://td.test/bulkhead/admin",
+            pb::ApplyRequest {
+                file: "t.yaml".into(),
+                yaml,
+                expect_revision: None,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    p.state
+        .store
+        .bind(
+            ORDERS,
+            &ResourceName {
+                namespace: "shop".into(),
+                name: "orders".into(),
+            },
+            0,
+        )
+        .unwrap();
+    r.revision
+}
+
+fn watch_request(held: Option<(u64, String)>, accepts_pieces: bool) -> pb::WatchRequest {
+    let (held_revision, held_digest) = held.unwrap_or_default();
+    pb::WatchRequest {
+        namespace: "shop".into(),
+        workload: "orders".into(),
+        held_revision,
+        held_digest,
+        accepts_pieces,
+    }
+}
+
+/// The messages of the first revision a new stream sends.
+async fn first_revision(p: &Plane, request: pb::WatchRequest) -> Vec<pb::ProxyConfig> {
+    let mut stream = p
+        .state
+        .watch(from(ORDERS, request))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.next().await {
+        let msg = msg.unwrap();
+        let last = msg.pieces <= 1 || msg.piece + 1 == msg.pieces;
+        out.push(msg);
+        if last {
+            return out;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_large_revision_goes_in_bounded_pieces_and_a_proxy_holding_it_gets_only_the_bundle() {
+    let p = plane("pieces");
+    let revision = applied(&p, 12_000).await;
+    let pieces = first_revision(&p, watch_request(None, true)).await;
+    assert!(pieces.len() >= 3, "about 3 MB: {} pieces", pieces.len());
+    for piece in &pieces {
+        let bytes: usize = piece.resources.iter().map(resource_bytes).sum();
+        assert!(bytes <= PIECE_BYTES, "{bytes} bytes in one piece");
+        assert_eq!(piece.revision, revision);
+    }
+    let mut assembler = Assembler::default();
+    let mut whole = None;
+    for piece in pieces {
+        whole = assembler.push(piece).unwrap();
+    }
+    let whole = whole.unwrap();
+    assert_eq!(whole.resources.len(), 12_001);
+    assert_eq!(
+        whole.digest,
+        bulkhead_api::pieces::digest(&whole.resources, &whole.endpoints)
+    );
+
+    // Reconnecting with exactly that revision: only the trust bundle comes back.
+    let held = Some((revision, whole.digest.clone()));
+    let again = first_revision(&p, watch_request(held, true)).await;
+    assert_eq!(again.len(), 1);
+    assert!(again[0].unchanged && again[0].resources.is_empty());
+    assert!(again[0].trust_bundle.is_some());
+    // Holding something else (another store's revision of that number): all of it.
+    let wrong = Some((revision, "0".repeat(64)));
+    assert_eq!(
+        first_revision(&p, watch_request(wrong, true)).await.len(),
+        whole_pieces(&p).await
+    );
+    // A proxy that does not take pieces gets one message, as before.
+    let one = first_revision(&p, watch_request(None, false)).await;
+    assert_eq!((one.len(), one[0].resources.len()), (1, 12_001));
+}
+
+async fn whole_pieces(p: &Plane) -> usize {
+    first_revision(p, watch_request(None, true)).await.len()
+}
+
+#[tokio::test]
+async fn a_nack_without_a_revision_counts_against_the_one_sent() {
+    let p = plane("nack");
+    let revision = applied(&p, 1).await;
+    let mut stream = p
+        .state
+        .watch(from(ORDERS, watch_request(None, true)))
+        .await
+        .unwrap()
+        .into_inner();
+    // Sent, but (say) too large for this proxy to read.
+    assert_eq!(stream.next().await.unwrap().unwrap().revision, revision);
+    p.state
+        .ack(from(
+            ORDERS,
+            pb::AckRequest {
+                namespace: "shop".into(),
+                workload: "orders".into(),
+                revision: 0,
+                accepted: false,
+                error: "the configuration stream broke while receiving it".into(),
+                bundle_sha256: Vec::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    let status = p.state.proxies.list(&[]);
+    assert_eq!(status[0].nacked_revision, revision);
+    assert!(status[0].nack_error.contains("broke while receiving"));
+}
