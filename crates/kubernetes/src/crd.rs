@@ -174,7 +174,7 @@ fn keep_unknown_fields(schema: &mut Value) {
     }
 }
 
-/// The CRDs as one YAML stream, as `bulkhead k8s crds` prints it and `deploy/base/crds.yaml`
+/// The CRDs as one YAML stream, as `bulkhead k8s crds` prints it and `deploy/kubernetes/base/crds.yaml`
 /// holds it.
 pub fn crds_yaml() -> Result<String, String> {
     let mut out = String::from(
@@ -225,5 +225,22 @@ mod tests {
         let text = serde_json::to_string(&crds()).unwrap();
         assert!(!text.contains("\"additionalProperties\":false"));
         assert!(text.contains("x-kubernetes-preserve-unknown-fields"));
+    }
+
+    /// The committed manifests are what the types generate: a change to a policy type that
+    /// is not regenerated fails here, with the command that fixes it.
+    #[test]
+    fn committed_crds_match_the_types() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/kubernetes/base/crds.yaml"
+        );
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        let generated = crds_yaml().unwrap();
+        assert!(
+            committed == generated,
+            "deploy/kubernetes/base/crds.yaml has drifted from the policy types; regenerate it: \
+             cargo run -p bulkhead-cli -- k8s crds > deploy/kubernetes/base/crds.yaml"
+        );
     }
 }
