@@ -446,3 +446,6 @@ fn proxy_container(config: &InjectConfig, probes: &[AppProbe]) -> Result<Value, 
 pub fn namespace_opt_in(labels: Option<&BTreeMap<String, String>>) -> Option<&str> {
     labels.and_then(|l| l.get(INJECT_KEY)).map(String::as_str)
 }
+
+#[cfg(test)]
+mod tests;
