@@ -439,7 +439,7 @@ pub fn derive(trust_domain: &str, cluster: ClusterObjects<'_>) -> Derived {
     out
 }
 
-/// The Workload a pod belongs to, named as [`derive`] names it (without the rare kind
+/// The Workload a pod belongs to, named as [`derive()`] names it (without the rare kind
 /// suffix of a name clash, which attestation does not need: the pod's owner decides).
 pub fn workload_name_of(pod: &Pod) -> String {
     owner_of(pod).name
