@@ -19,6 +19,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[derive(Subcommand, Debug)]
+enum K8sCommand {
+    /// Print the bulkhead.dev/v1alpha1 CustomResourceDefinitions (generated from the policy
+    /// types; the same as deploy/kubernetes/base/crds.yaml): `bulkhead k8s crds | kubectl
+    /// apply -f -`.
+    Crds,
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "bulkhead",
@@ -203,6 +211,11 @@ enum Command {
     /// `bulkhead completion zsh > "${fpath[1]}/_bulkhead"`, or for fish
     /// `bulkhead completion fish > ~/.config/fish/completions/bulkhead.fish`.
     Completion { shell: clap_complete::Shell },
+    /// Bulkhead on Kubernetes (docs/kubernetes.md).
+    K8s {
+        #[command(subcommand)]
+        command: K8sCommand,
+    },
     /// Start a local mesh of three services, send legitimate traffic and a lateral-movement
     /// attempt, and show what was allowed and denied, and why.
     Demo {
@@ -706,6 +719,14 @@ async fn run(cli: Cli) -> Result<()> {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "bulkhead", &mut script);
             std::io::Write::write_all(&mut stdout(), &script)?;
+            Ok(())
+        }
+        Command::K8s {
+            command: K8sCommand::Crds,
+        } => {
+            let yaml = bulkhead_kubernetes::crd::crds_yaml()
+                .map_err(|e| anyhow::anyhow!("could not print the CRDs as YAML: {e}"))?;
+            std::io::Write::write_all(&mut stdout(), yaml.as_bytes())?;
             Ok(())
         }
         Command::Demo { once } => demo::run(once).await,

@@ -18,6 +18,8 @@ mod located;
 pub mod model;
 mod pattern;
 mod reach;
+#[cfg(feature = "schema")]
+mod schema;
 mod source;
 
 pub use canonical::{CanonicalRequest, RawRequest, Refusal};

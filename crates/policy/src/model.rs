@@ -119,6 +119,7 @@ pub fn parse_workload(text: &str) -> Result<WorkloadRef, String> {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     #[default]
@@ -129,6 +130,7 @@ pub enum Action {
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Enforced by the destination's sidecar, on requests it receives.
@@ -141,6 +143,7 @@ pub enum Direction {
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Decides the verdict.
@@ -158,6 +161,7 @@ impl Mode {
 
 /// Which workloads a policy protects: by name, by labels, or (empty) all in its namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Selector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,6 +171,7 @@ pub struct Selector {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
@@ -184,6 +189,7 @@ pub struct AuthorizationPolicySpec {
 /// A request matches a rule when it matches every part the rule gives (`from`, `to`, each
 /// `when`); within a list, any entry may match; a `not…` list must match no entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,6 +211,7 @@ pub struct Rule {
 /// Who sends the request (ingress rules only: in egress rules the source is the selected
 /// workload itself).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -225,8 +232,10 @@ pub struct Source {
     )]
     pub workload_labels: Option<Located<BTreeMap<String, String>>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<String>"))]
     pub cidrs: Vec<IpNet>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<String>"))]
     pub not_cidrs: Vec<IpNet>,
 }
 
@@ -234,6 +243,7 @@ pub struct Source {
 /// only the operation (ports, protocol, HTTP, gRPC) may be given; egress rules also say which
 /// destinations (identities, workloads, services, namespaces, CIDRs).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Target {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -246,8 +256,10 @@ pub struct Target {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<Name>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<String>"))]
     pub cidrs: Vec<IpNet>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<String>"))]
     pub not_cidrs: Vec<IpNet>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortRange>,
@@ -272,6 +284,7 @@ pub struct Target {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Grpc {
     /// `package.Service`
@@ -284,6 +297,7 @@ pub struct Grpc {
 
 /// A condition on one request header: one of `values`, none of `notValues`, or `present`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderCondition {
     pub header: HeaderName,
@@ -297,6 +311,7 @@ pub struct HeaderCondition {
 
 /// A workload: its labels (in metadata), identity, and the ports its app serves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
     /// The exact SPIFFE ID the workload's proxy holds.
@@ -328,6 +343,7 @@ impl WorkloadSpec {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortDeclaration {
     pub port: Located<u16>,
@@ -338,6 +354,7 @@ pub struct PortDeclaration {
 
 /// A named group of workloads (selected by labels) serving the given ports.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     #[serde(default)]
@@ -349,6 +366,7 @@ pub struct ServiceSpec {
 /// What happens to a request no allow rule matches, mesh-wide (no namespace) or for one
 /// namespace. Without any DefaultPosture: ingress deny, egress allow.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DefaultPostureSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]

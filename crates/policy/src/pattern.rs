@@ -370,6 +370,7 @@ impl fmt::Display for PathPattern {
 
 /// The protocol a port speaks, as declared on a workload or service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Http,

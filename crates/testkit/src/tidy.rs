@@ -37,6 +37,16 @@ const LAYERS: &[(&str, &[&str])] = &[
             "bulkhead-insight",
         ],
     ),
+    (
+        "bulkhead-kubernetes",
+        &[
+            "bulkhead-policy",
+            "bulkhead-identity",
+            "bulkhead-api",
+            "bulkhead-insight",
+            "bulkhead-control",
+        ],
+    ),
     ("bulkhead-testkit", &["bulkhead-identity"]),
     (
         "bulkhead-cli",
@@ -47,6 +57,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "bulkhead-insight",
             "bulkhead-proxy",
             "bulkhead-control",
+            "bulkhead-kubernetes",
         ],
     ),
 ];
