@@ -326,6 +326,9 @@ fn demo_once_shows_allowed_and_denied_calls() {
     let (code, out, err) = run(&bins.bulkhead, &["demo", "--once"], &[]);
     assert_eq!(code, 0, "demo failed:\n{out}\n{err}");
     for needle in [
+        // The web console, on loopback, with its one-time login address (#21).
+        "  web console    http://127.0.0.1:",
+        "/#token=",
         // Before: discovery mode lets the lateral requests through.
         "ALLOWED  frontend -> payments POST /charge  -> 200",
         "5 allowed, 0 denied.",

@@ -678,6 +678,23 @@ fn upgrades_from_a_compromised_app(net: &Net, orders: std::net::Ipv4Addr) {
         .unwrap_or_else(|| panic!("/admin not refused: {out}"));
     assert!(out[admin..].contains("x-bulkhead-decision: deny"), "{out}");
 
+    // #22.4: a path parameter, which Tomcat and Jetty resolve (`/orders/..;/admin` is their
+    // `/admin`), is refused before any policy and never reaches the app.
+    let params = format!(
+        "exec 3<>/dev/tcp/{orders}/8080; printf 'GET /orders/..;/admin HTTP/1.1\\r\\nHost: orders\\r\\n\
+         x-echo-headers: 1\\r\\nConnection: close\\r\\n\\r\\n' >&3; timeout 10 cat <&3"
+    );
+    let (code, out) = net.app("client", "bash", &["-c", &params]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 400"),
+        "a path parameter was not refused: {out}"
+    );
+    assert!(
+        out.contains("bulkhead: ") && !out.contains("orders: GET"),
+        "{out}"
+    );
+
     // A WebSocket (GET /orders/ws: allowed) echoes; deleting the policy closes it.
     let ws = format!(
         "exec 3<>/dev/tcp/{orders}/8080; cat <&3 & c=$!; \
