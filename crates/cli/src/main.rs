@@ -831,26 +831,8 @@ async fn run(cli: Cli) -> Result<()> {
 
 const LOGGING_HELP: &str = "Logging (`control`, `demo`): BULKHEAD_LOG sets what is logged, as a filter in RUST_LOG's syntax, e.g. BULKHEAD_LOG=debug or BULKHEAD_LOG=info,bulkhead_control=debug; RUST_LOG is read when BULKHEAD_LOG is unset. The default is info for `control` and warn for `demo`; logs go to stderr.";
 
-/// The log filter: `BULKHEAD_LOG`, else `RUST_LOG` (both in `RUST_LOG`'s syntax), else
-/// `default`. A filter that does not parse is reported and the default used.
-fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    for var in ["BULKHEAD_LOG", "RUST_LOG"] {
-        let Ok(text) = std::env::var(var) else {
-            continue;
-        };
-        if text.trim().is_empty() {
-            continue;
-        }
-        return tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
-            eprintln!("warning: {var}={text:?} is not a log filter ({e}); logging at {default}");
-            tracing_subscriber::EnvFilter::new(default)
-        });
-    }
-    tracing_subscriber::EnvFilter::new(default)
-}
-
 pub(crate) fn init_logging(default: &str) {
-    let filter = log_filter(default);
+    let filter = bulkhead_proxy::log_filter(default);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

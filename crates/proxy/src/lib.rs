@@ -224,3 +224,21 @@ fn write_ready_file(path: &std::path::Path, running: &Running) -> Result<(), Pro
 
 /// How long a peer may take to finish a TLS handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The log filter both binaries use: `BULKHEAD_LOG`, else `RUST_LOG` (both in `RUST_LOG`'s syntax), else
+/// `default`. A filter that does not parse is reported and the default used.
+pub fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    for var in ["BULKHEAD_LOG", "RUST_LOG"] {
+        let Ok(text) = std::env::var(var) else {
+            continue;
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        return tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
+            eprintln!("warning: {var}={text:?} is not a log filter ({e}); logging at {default}");
+            tracing_subscriber::EnvFilter::new(default)
+        });
+    }
+    tracing_subscriber::EnvFilter::new(default)
+}

@@ -267,26 +267,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 const LOGGING_HELP: &str = "Logging: BULKHEAD_LOG sets what is logged, as a filter in RUST_LOG's syntax, e.g. BULKHEAD_LOG=debug or BULKHEAD_LOG=info,bulkhead_proxy=debug,h2=warn; RUST_LOG is read when BULKHEAD_LOG is unset. The default is info; logs go to stderr (--log-format text or json).";
 
-/// The log filter: `BULKHEAD_LOG`, else `RUST_LOG` (both in `RUST_LOG`'s syntax), else info.
-/// A filter that does not parse is reported and the default used.
-fn log_filter() -> tracing_subscriber::EnvFilter {
-    for var in ["BULKHEAD_LOG", "RUST_LOG"] {
-        let Ok(text) = std::env::var(var) else {
-            continue;
-        };
-        if text.trim().is_empty() {
-            continue;
-        }
-        return tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
-            eprintln!("warning: {var}={text:?} is not a log filter ({e}); logging at info");
-            tracing_subscriber::EnvFilter::new("info")
-        });
-    }
-    tracing_subscriber::EnvFilter::new("info")
-}
-
 fn init_logging(format: &str) {
-    let filter = log_filter();
+    let filter = bulkhead_proxy::log_filter("info");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
