@@ -414,6 +414,9 @@ check(problems.length === 0, 'no page broke the CSP or threw', problems.join(' |
   await page.reload();
   await page.waitForSelector('#login');
   check(status === 401 && dataAfterLogout.length === 0, 'after logging out, the session gives no more data (401)', `${status} ${dataAfterLogout.join(',')}`);
+  // The other tab's live streams end with the session: it shows the login within seconds.
+  await workload.waitForSelector('#login', { timeout: 3_000 });
+  ok('the other open tab is logged out too: its live streams ended with the session');
   await workload.waitForSelector('#login', { timeout: WAIT });
   ok('the other open page falls back to the login when the session ends');
 }

@@ -46,6 +46,16 @@ pub(super) struct Auth {
     tokens: Mutex<HashMap<Hash, Pending>>,
     sessions: Mutex<HashMap<Hash, Session>>,
     failures: Mutex<(u64, u32)>,
+    closings: Closings,
+}
+
+/// Counts sessions closed (logged out or evicted), so that live streams check theirs at once.
+struct Closings(tokio::sync::watch::Sender<u64>);
+
+impl Default for Closings {
+    fn default() -> Closings {
+        Closings(tokio::sync::watch::channel(0).0)
+    }
 }
 
 struct Pending {
@@ -166,6 +176,7 @@ impl Auth {
                 .map(|(k, _)| *k)
         {
             sessions.remove(&oldest);
+            self.closings.0.send_modify(|n| *n += 1);
             tracing::warn!(
                 max = MAX_SESSIONS,
                 session = tag(&oldest),
@@ -217,7 +228,13 @@ impl Auth {
             && let Some(s) = lock(&self.sessions).remove(h)
         {
             tracing::info!(actor = s.actor, session = tag(h), "console session closed");
+            self.closings.0.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Changes whenever a session is closed: a live stream then checks its own.
+    pub(super) fn closings(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.closings.0.subscribe()
     }
 }
 
@@ -316,7 +333,15 @@ mod tests {
         assert_eq!(seen.actor, "admin (user alice)");
         assert!(auth.session("not-a-session", 1_020).is_none());
         assert!(auth.still_open(&seen, 1_020));
+        // A live stream hears of every closed session, to check its own at once.
+        let mut closings = auth.closings();
+        assert!(!closings.has_changed().unwrap());
         auth.close(&seen);
+        assert!(
+            closings.has_changed().unwrap(),
+            "logging out wakes live streams"
+        );
+        assert!(!auth.still_open(&seen, 1_021));
         assert!(!auth.still_open(&seen, 1_020));
         assert!(auth.session(&id, 1_020).is_none(), "closed");
     }

@@ -33,8 +33,9 @@ const MAX_STREAMS: usize = 128;
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// …and at least this often, for what changes with time alone.
 const REFRESH: Duration = Duration::from_secs(10);
-/// How often an idle tap checks that its session is still open.
-const SESSION_CHECK: Duration = Duration::from_secs(15);
+/// How often an idle tap checks that its session is still open (a view stream checks
+/// whenever any session closes).
+const SESSION_CHECK: Duration = Duration::from_secs(1);
 
 /// The bound on open streams.
 pub(super) struct Streams(Arc<Semaphore>);
@@ -80,6 +81,7 @@ pub(super) async fn live(
         return no_slot();
     };
     let follow = Follow {
+        closings: app.state.console.auth.closings(),
         snapshot: app.state.snapshot.subscribe(),
         flows: app.state.console.flows.subscribe(),
         state: app.state,
@@ -99,6 +101,8 @@ struct Follow {
     access: Access,
     snapshot: watch::Receiver<Arc<crate::service::Snapshot>>,
     flows: watch::Receiver<u64>,
+    /// A session was closed: this stream's may be the one.
+    closings: watch::Receiver<u64>,
     /// The JSON last sent, so an unchanged view is not sent again.
     last: Option<String>,
     computed: Option<Instant>,
@@ -113,13 +117,17 @@ impl Follow {
         }
         loop {
             if let Some(at) = self.computed {
-                tokio::select! {
-                    r = self.snapshot.changed() => r.ok()?,
-                    r = self.flows.changed() => r.ok()?,
-                    _ = tokio::time::sleep(REFRESH) => {}
+                let closed = tokio::select! {
+                    r = self.snapshot.changed() => { r.ok()?; false }
+                    r = self.flows.changed() => { r.ok()?; false }
+                    r = self.closings.changed() => { r.ok()?; true }
+                    _ = tokio::time::sleep(REFRESH) => false,
+                };
+                // Coalesce bursts: whatever else changes meanwhile is in the next view. A
+                // closed session is checked at once, below.
+                if !closed {
+                    tokio::time::sleep_until(at + MIN_INTERVAL).await;
                 }
-                // Coalesce bursts: whatever else changes meanwhile is in the next view.
-                tokio::time::sleep_until(at + MIN_INTERVAL).await;
                 self.snapshot.borrow_and_update();
                 self.flows.borrow_and_update();
             }
