@@ -334,7 +334,7 @@ mod tests {
         assert!(auth.session("not-a-session", 1_020).is_none());
         assert!(auth.still_open(&seen, 1_020));
         // A live stream hears of every closed session, to check its own at once.
-        let mut closings = auth.closings();
+        let closings = auth.closings();
         assert!(!closings.has_changed().unwrap());
         auth.close(&seen);
         assert!(
