@@ -622,6 +622,36 @@ pub(crate) fn body_failed(
     resp
 }
 
+/// What a forwarded request got.
+pub(crate) enum Answered<T> {
+    /// The answer, or the link's error.
+    Sent(T),
+    /// In its place, the refusal its caller gets.
+    Refused(Response<Body>),
+}
+
+/// Ends an exchange, for both sidecars: what was sent back, or the refusal in its place, 504
+/// when no response head came in time, or the request body's own failure (408 or 400) when
+/// that is why forwarding failed.
+pub(crate) fn answered<T, E>(
+    sent: Result<Result<T, E>, crate::deadline::ResponseTimeout>,
+    body: Option<&crate::deadline::BodyState>,
+    shared: &crate::Shared,
+    direction: &'static str,
+    whom: impl FnOnce() -> String,
+) -> Answered<Result<T, E>> {
+    match sent {
+        Err(crate::deadline::ResponseTimeout) => {
+            Answered::Refused(response_timed_out(shared, direction, &whom()))
+        }
+        Ok(Err(e)) => match body.and_then(|b| b.failure()) {
+            Some(failure) => Answered::Refused(body_failed(failure, shared, direction)),
+            None => Answered::Sent(Err(e)),
+        },
+        Ok(answer) => Answered::Sent(answer),
+    }
+}
+
 /// The answer when the app or upstream sent no response head in time: 504, counted.
 pub(crate) fn response_timed_out(
     shared: &crate::Shared,

@@ -7,16 +7,14 @@
 
 use crate::clients::Alpn;
 use crate::config::{InboundSpec, InboundTarget};
-use crate::deadline::{Clock, ReqBody, ResponseTimeout, response_head};
+use crate::deadline::{Clock, ReqBody, response_head};
 use crate::detect::{Sniffed, sniff};
 use crate::flows::Seen;
+use crate::http::{Answered, answered, content_length, grpc_status, head_refused, head_too_large};
 use crate::http::{
     Body, DECISION_HEADER, DecisionHeaders, HeaderView, Link, SOURCE_HEADER, XFCC_HEADER,
     accept_loop, canonical_request, denial, listen, origin_form, protocol_of, proxy_response,
     response_body, serve_http, set_target,
-};
-use crate::http::{
-    body_failed, content_length, grpc_status, head_refused, head_too_large, response_timed_out,
 };
 use crate::metrics::{LabelText, Parties, Refusal, TlsFailure};
 use crate::tcp::{Flow, Reset};
@@ -542,19 +540,15 @@ async fn handle(
             (sent, watched)
         }
     };
-    let sent = match sent {
-        Ok(sent) => sent,
-        Err(ResponseTimeout) => {
-            let resp = response_timed_out(shared, "inbound", &format!("the local app at {app}"));
+    let sent = match answered(sent, body.as_ref(), shared, "inbound", || {
+        format!("the local app at {app}")
+    }) {
+        Answered::Sent(sent) => sent,
+        Answered::Refused(resp) => {
             record(started.elapsed(), 0, resp.status(), resp.headers());
             return Ok(resp);
         }
     };
-    if let (Err(_), Some(failure)) = (&sent, body.as_ref().and_then(|b| b.failure())) {
-        let resp = body_failed(failure, shared, "inbound");
-        record(started.elapsed(), 0, resp.status(), resp.headers());
-        return Ok(resp);
-    }
     match sent {
         Ok(mut resp) => {
             record(
