@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::mesh::{Mesh, TD, addr, id};
-use bulkhead_testkit::{Proc, tool};
+use bulkhead_testkit::tool;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,11 +40,6 @@ fn discovery_yaml() -> String {
     out
 }
 
-/// A sample app serving as `name`.
-fn app(mesh: &Mesh, name: &str) -> (Proc, SocketAddr) {
-    mesh.app(name)
-}
-
 fn upstream(name: &str, to: SocketAddr) -> String {
     format!(
         "name={name},listen=127.0.0.1:0,address={to},identity={},port=8080,workload=shop/{name}",
@@ -73,7 +68,7 @@ fn the_console_in_a_real_browser() {
     let mut procs = Vec::new();
 
     // payments: an app behind a sidecar.
-    let (payments_app, payments_app_addr) = app(&mesh, "payments");
+    let (payments_app, payments_app_addr) = mesh.app("payments");
     procs.push(payments_app);
     let token = mesh.token(&id("payments"));
     let payments_app_addr = payments_app_addr.to_string();
@@ -94,7 +89,7 @@ fn the_console_in_a_real_browser() {
 
     // orders: an app behind a sidecar that also holds an upstream to payments (the script
     // sends orders' calls to payments through it).
-    let (orders_app, orders_app_addr) = app(&mesh, "orders");
+    let (orders_app, orders_app_addr) = mesh.app("orders");
     procs.push(orders_app);
     let token = mesh.token(&id("orders"));
     let orders_app_addr = orders_app_addr.to_string();

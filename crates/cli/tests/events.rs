@@ -36,18 +36,6 @@ fn kinds(events: &[serde_json::Value]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Where the control plane serves `/metrics`: the context file says.
-fn metrics_addr(mesh: &Mesh) -> SocketAddr {
-    let context = std::fs::read_to_string(mesh.data().join("admin.yaml")).unwrap();
-    context
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics: "))
-        .expect("admin.yaml names the metrics listener")
-        .trim_matches('"')
-        .parse()
-        .unwrap()
-}
-
 /// The value of one metric line (`name{labels}`), 0 if absent.
 fn metric(at: SocketAddr, series: &str) -> u64 {
     let r = http(at, "GET", "/metrics");
@@ -112,7 +100,7 @@ fn follow(mesh: &Mesh) -> (std::process::Child, mpsc::Receiver<String>) {
 fn new_edges_new_identities_and_denial_spikes() {
     let mesh = Mesh::start_with(&["--anomaly-learning-secs", "0", "--metrics", "127.0.0.1:0"]);
     mesh.apply("policy.yaml", &orders_policy("/orders/*"));
-    let metrics = metrics_addr(&mesh);
+    let metrics = mesh.metrics_addr();
     assert_eq!(
         metric(metrics, "bulkhead_anomalies_total{kind=\"new-edge\"}"),
         0

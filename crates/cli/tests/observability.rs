@@ -79,14 +79,7 @@ fn prometheus_scrapes_the_mesh_and_every_dashboard_query_has_data() {
         serde_json::from_str(&text.unwrap()).unwrap()
     };
     let (orders, frontend) = (ready("orders"), ready("frontend"));
-    let control_metrics = std::fs::read_to_string(mesh.data().join("admin.yaml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("metrics: ")
-                .map(|a| a.trim_matches('"').to_string())
-        })
-        .expect("admin.yaml names the metrics listener");
+    let control_metrics = mesh.metrics_addr().to_string();
 
     // Sidecars found through a file, as service discovery writes one.
     let dir = mesh.dir.path();

@@ -531,7 +531,7 @@ fn a_full_disk_heals_without_a_restart() {
         &["--flow-interval-secs", "1"],
     );
     assert_eq!(http(to_orders, "GET", "/before").status, 200);
-    let metrics = metrics_addr(&mesh);
+    let metrics = mesh.metrics_addr();
     eventually(WAIT, "the first flows stored", || {
         counter(
             &http(metrics, "GET", "/metrics").body,
@@ -587,18 +587,6 @@ fn a_full_disk_heals_without_a_restart() {
         "{}",
         mesh.control.log_text()
     );
-}
-
-/// Where the control plane serves `/metrics`: the context file says.
-fn metrics_addr(mesh: &Mesh) -> std::net::SocketAddr {
-    let context = std::fs::read_to_string(mesh.data().join("admin.yaml")).unwrap();
-    context
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics: "))
-        .expect("admin.yaml names the metrics listener")
-        .trim_matches('"')
-        .parse()
-        .unwrap()
 }
 
 /// A word-like path segment for `i`: letters only, which no template takes for an id.
@@ -745,7 +733,7 @@ async fn word_paths_stay_within_the_per_edge_bound_and_other_workloads_keep_thei
         "the other workload's history survived"
     );
     let folded = counter(
-        &http(metrics_addr(&mesh), "GET", "/metrics").body,
+        &http(mesh.metrics_addr(), "GET", "/metrics").body,
         "bulkhead_flow_paths_folded_total",
     );
     assert!(folded > 0.0, "folded paths are counted");

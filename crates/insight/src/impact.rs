@@ -162,15 +162,6 @@ impl Flow {
             http: canonical.as_ref().map(|c| c.http(&headers)),
         }))
     }
-
-    /// [`Flow::replay`]'s decision, if the flow can be replayed at all.
-    pub fn evaluate(
-        &self,
-        set: &PolicySet,
-        identities: &BTreeMap<WorkloadRef, String>,
-    ) -> Option<Decision> {
-        self.replay(set, identities).ok()
-    }
 }
 
 /// Why a recorded flow cannot be judged again.

@@ -107,6 +107,19 @@ impl Mesh {
         self.control.kill();
     }
 
+    /// Where the control plane serves `/metrics` (started with `--metrics`), as it wrote in
+    /// admin.yaml.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let context = std::fs::read_to_string(self.data().join("admin.yaml")).unwrap();
+        context
+            .lines()
+            .find_map(|l| l.strip_prefix("metrics: "))
+            .expect("admin.yaml names the metrics listener (start with --metrics)")
+            .trim_matches('"')
+            .parse()
+            .unwrap()
+    }
+
     pub fn data(&self) -> std::path::PathBuf {
         self.dir.path().join("data")
     }

@@ -379,7 +379,7 @@ pub(super) fn edge(state: &State, spec: &ViewSpec) -> Result<EdgeDetail, ViewErr
             .console
             .memo
             .set(state, revision)?
-            .and_then(|(set, ids)| Flow::of(&e.key).evaluate(&set, &ids));
+            .and_then(|(set, ids)| Flow::of(&e.key).replay(&set, &ids).ok());
         let resource = e.key.policy.as_deref().and_then(|p| {
             snapshot
                 .resources
