@@ -14,7 +14,7 @@
 //!   mode, with the evidence in comments, and [`diff`] compares it with an earlier one;
 //! - [`impact`] replays the observed flows against the current policy and a candidate and
 //!   lists the flows whose verdict changes (with [`enforce_all`]: "what if I enforce this");
-//!   [`Flow::evaluate`] replays one flow, which is how a stored denial gets its nearest miss;
+//!   [`Flow::replay`] replays one flow, which is how a stored denial gets its nearest miss;
 //! - [`observed_reach`] and [`who_reached`] give the blast radius that traffic actually had;
 //! - [`events::Detector`] turns flow reports into anomalies: a new edge, a new identity, a
 //!   spike of denials.
