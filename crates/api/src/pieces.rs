@@ -95,6 +95,7 @@ pub fn split(config: ProxyConfig, piece_bytes: usize) -> Vec<ProxyConfig> {
         resources,
         endpoints,
         trust_bundle,
+        revocations,
         ..
     } = config.clone();
     let start_new = |pieces: &mut Vec<ProxyConfig>, size: &mut usize, add: usize| {
@@ -123,6 +124,7 @@ pub fn split(config: ProxyConfig, piece_bytes: usize) -> Vec<ProxyConfig> {
     }
     if let Some(last) = pieces.last_mut() {
         last.trust_bundle = trust_bundle;
+        last.revocations = revocations;
     }
     pieces
 }
@@ -208,6 +210,9 @@ impl Assembler {
                 if piece.trust_bundle.is_some() {
                     p.trust_bundle = piece.trust_bundle;
                 }
+                if piece.revocations.is_some() {
+                    p.revocations = piece.revocations;
+                }
             }
         }
         self.next += 1;
@@ -266,6 +271,10 @@ mod tests {
                 roots_der: vec![vec![1, 2, 3]],
                 signing_ca_sha256: "ab".into(),
             }),
+            revocations: Some(crate::v1::Revocations {
+                identities: vec!["spiffe://td/ns/shop/sa/leaked".into()],
+                serials: vec!["0a:0b".into()],
+            }),
             ..ProxyConfig::default()
         }
     }
@@ -292,6 +301,7 @@ mod tests {
                 p.encoded_len()
             );
             assert_eq!(p.trust_bundle.is_some(), i == 3, "the bundle comes last");
+            assert_eq!(p.revocations.is_some(), i == 3, "with the revocations");
         }
         let mut a = Assembler::default();
         let mut out = None;

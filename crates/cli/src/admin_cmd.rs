@@ -291,7 +291,7 @@ async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
         .await
         .map_err(client::status)?
         .into_inner();
-    if output != "table" {
+    if output != "table" && output != "wide" {
         let rows: Vec<serde_json::Value> = resp
             .proxies
             .iter()
@@ -303,7 +303,8 @@ async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
                     "nackError": p.nack_error, "lastContactUnix": p.last_contact_unix,
                     "certNotAfterUnix": p.cert_not_after_unix, "remote": p.remote,
                     "certCaSha256": p.cert_ca_sha256, "bundleSha256": p.bundle_sha256,
-                    "bundleCurrent": p.bundle_current,
+                    "bundleCurrent": p.bundle_current, "instance": p.instance,
+                    "revoked": p.revoked,
                 })
             })
             .collect();
@@ -313,11 +314,25 @@ async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
         }
         return Ok(());
     }
+    let wide = output == "wide";
+    if wide {
+        print!("{:<13} ", "INSTANCE");
+    }
     println!(
         "{:<46} {:<22} {:<10} {:<22} {:<12} {:<13} {:<17} BUNDLE",
         "IDENTITY", "WORKLOAD", "STREAM", "REVISION", "LAST SEEN", "CERT EXPIRES", "CERT CA"
     );
     for p in &resp.proxies {
+        if wide {
+            print!(
+                "{:<13} ",
+                if p.instance.is_empty() {
+                    "-"
+                } else {
+                    &p.instance
+                }
+            );
+        }
         let state = match (p.nacked_revision, p.acked_revision == p.sent_revision) {
             (0, true) => format!("{} ACK", p.acked_revision),
             (0, false) => format!("{} sent, {} ACK", p.sent_revision, p.acked_revision),
@@ -342,6 +357,9 @@ async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
         if p.nacked_revision != 0 {
             println!("  NACK of revision {}: {}", p.nacked_revision, p.nack_error);
         }
+        if !p.revoked.is_empty() {
+            println!("  REVOKED: {}", p.revoked);
+        }
     }
     Ok(())
 }
@@ -353,12 +371,22 @@ pub async fn history(admin: &mut Admin, limit: u32, output: &str) -> Result<()> 
         .map_err(client::status)?
         .into_inner();
     if output == "json" {
-        let rows: Vec<serde_json::Value> = resp
+        let revisions: Vec<serde_json::Value> = resp
             .revisions
             .iter()
             .map(|r| serde_json::json!({"revision": r.revision, "timeUnix": r.time_unix, "actor": r.actor, "action": r.action, "changes": r.changes}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        let audit: Vec<serde_json::Value> = resp
+            .audit
+            .iter()
+            .map(|e| serde_json::json!({"seq": e.seq, "timeUnix": e.time_unix, "actor": e.actor, "action": e.action, "detail": e.detail}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"revisions": revisions, "credentials": audit})
+            )?
+        );
         return Ok(());
     }
     println!("{:<9} {:<10} {:<30} ACTOR", "REVISION", "WHEN", "ACTION");
@@ -372,6 +400,25 @@ pub async fn history(admin: &mut Admin, limit: u32, output: &str) -> Result<()> 
         );
         for c in &r.changes {
             println!("          {c}");
+        }
+    }
+    if !resp.audit.is_empty() {
+        println!();
+        println!(
+            "{:<9} {:<10} {:<30} ACTOR",
+            "CHANGE", "WHEN", "CREDENTIALS AND CAS"
+        );
+        for e in &resp.audit {
+            println!(
+                "{:<9} {:<10} {:<30} {}",
+                e.seq,
+                ago(e.time_unix),
+                e.action,
+                e.actor
+            );
+            for d in &e.detail {
+                println!("          {d}");
+            }
         }
     }
     Ok(())

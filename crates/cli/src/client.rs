@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use bulkhead_api::channel::{self, CONTROL_ID_PATH};
 use bulkhead_api::v1::admin_client::AdminClient;
+use bulkhead_api::v1::credentials_client::CredentialsClient;
 use bulkhead_control::AdminContext;
 use bulkhead_identity::tls::{ExpectedServer, client_config};
 use bulkhead_identity::{SpiffeId, Svid, TrustBundle};
@@ -11,6 +12,18 @@ use std::path::Path;
 use tonic::transport::Channel;
 
 pub async fn admin(context: &Path) -> Result<AdminClient<Channel>> {
+    // `Get` answers with every applied resource, which in a large mesh can pass gRPC's usual
+    // 4 MiB. (ListEdges comes in chunks of about 1 MiB, whatever the number of edges.)
+    Ok(AdminClient::new(channel(context)?).max_decoding_message_size(MAX_ANSWER_BYTES))
+}
+
+/// The Credentials service (join tokens, revocations), with the admin credential.
+pub async fn credentials(context: &Path) -> Result<CredentialsClient<Channel>> {
+    Ok(CredentialsClient::new(channel(context)?))
+}
+
+/// A channel to the control plane the context file names, with the admin credential.
+fn channel(context: &Path) -> Result<Channel> {
     let text = std::fs::read_to_string(context).with_context(|| {
         format!(
             "cannot read admin context {} (start `bulkhead control` first, or pass --context DATA_DIR/admin.yaml)",
@@ -33,10 +46,7 @@ pub async fn admin(context: &Path) -> Result<AdminClient<Channel>> {
         ExpectedServer::Exact(control),
         &[b"h2"],
     )?;
-    // `Get` answers with every applied resource, which in a large mesh can pass gRPC's usual
-    // 4 MiB. (ListEdges comes in chunks of about 1 MiB, whatever the number of edges.)
-    Ok(AdminClient::new(channel::connect(ctx.server, tls))
-        .max_decoding_message_size(MAX_ANSWER_BYTES))
+    Ok(channel::connect(ctx.server, tls))
 }
 
 /// The largest answer the CLI accepts from the control plane.

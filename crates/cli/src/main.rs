@@ -3,6 +3,7 @@
 mod admin_cmd;
 mod ca_cmd;
 mod client;
+mod credentials_cmd;
 mod demo;
 mod events_cmd;
 mod flows_cmd;
@@ -106,6 +107,16 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Revoke an identity or one proxy instance, at once, everywhere.
+    Revoke {
+        #[command(subcommand)]
+        command: RevokeCommand,
+    },
+    /// Lift an identity's revocation.
+    Unrevoke {
+        #[command(subcommand)]
+        command: UnrevokeCommand,
+    },
     /// Apply resources from a YAML file (several documents per file, at most 16 MiB). The
     /// whole resulting set is type-checked, and each affected workload's configuration is
     /// checked against the proxies' bounds; any error refuses the apply and changes nothing.
@@ -123,14 +134,16 @@ enum Command {
         #[command(flatten)]
         change: ChangeFlags,
     },
-    /// Show resources (all, policies, workloads, services, postures) or proxies.
+    /// Show resources (all, policies, workloads, services, postures), proxies or
+    /// revocations. `-o wide` adds each proxy's instance.
     Get {
         #[arg(default_value = "all")]
         what: String,
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "wide", "json", "yaml"])]
         output: String,
     },
-    /// The audit log: every revision, who made it, when, and what changed.
+    /// The audit log: every revision, who made it, when, and what changed; then every change
+    /// to join tokens, revocations and CAs.
     History {
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -379,6 +392,40 @@ enum TokenCommand {
         #[arg(long, default_value_t = 1)]
         uses: u32,
     },
+    /// Every join token the control plane holds, used or not (never a secret).
+    List {
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Delete a join token (by the ID `token list` shows): it can no longer be redeemed.
+    Delete { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RevokeCommand {
+    /// Revoke a SPIFFE ID: every proxy refuses every certificate of it (new handshakes and
+    /// open connections), and its joins, renewals and unused join tokens are refused.
+    Identity {
+        spiffe_id: String,
+        /// Why, for `bulkhead history` and `get revocations`.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Revoke one proxy instance (the INSTANCE column of `bulkhead get proxies -o wide`): the
+    /// certificates it holds are refused everywhere and it cannot renew; other proxies of
+    /// the same workload are untouched. Permanent.
+    Proxy {
+        instance: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UnrevokeCommand {
+    /// Lift an identity's revocation, once every certificate issued to it before has
+    /// expired (so none of them becomes valid again).
+    Identity { spiffe_id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -576,30 +623,61 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Token {
-            command:
+        Command::Token { command } => {
+            let mut c = client::credentials(&cli.context).await?;
+            let out = &mut std::io::stdout();
+            match command {
+                TokenCommand::List { output } => {
+                    credentials_cmd::list_tokens(&mut c, &output, out).await
+                }
+                TokenCommand::Delete { id } => {
+                    credentials_cmd::delete_token(&mut c, &id, out).await
+                }
                 TokenCommand::Create {
                     identity,
                     namespace,
                     workload,
                     ttl,
                     uses,
-                },
+                } => {
+                    let mut admin = client::admin(&cli.context).await?;
+                    let resp = admin
+                        .create_token(admin_cmd::request(CreateTokenRequest {
+                            spiffe_id: identity,
+                            namespace: namespace.unwrap_or_default(),
+                            workload: workload.unwrap_or_default(),
+                            ttl_seconds: ttl.as_secs(),
+                            max_uses: uses,
+                        }))
+                        .await
+                        .map_err(client::status)?
+                        .into_inner();
+                    println!("{}", resp.token);
+                    Ok(())
+                }
+            }
+        }
+        Command::Revoke { command } => {
+            let mut c = client::credentials(&cli.context).await?;
+            let out = &mut std::io::stdout();
+            match command {
+                RevokeCommand::Identity { spiffe_id, reason } => {
+                    credentials_cmd::revoke(&mut c, "identity", &spiffe_id, &reason, out).await
+                }
+                RevokeCommand::Proxy { instance, reason } => {
+                    credentials_cmd::revoke(&mut c, "proxy", &instance, &reason, out).await
+                }
+            }
+        }
+        Command::Unrevoke {
+            command: UnrevokeCommand::Identity { spiffe_id },
         } => {
-            let mut admin = client::admin(&cli.context).await?;
-            let resp = admin
-                .create_token(admin_cmd::request(CreateTokenRequest {
-                    spiffe_id: identity,
-                    namespace: namespace.unwrap_or_default(),
-                    workload: workload.unwrap_or_default(),
-                    ttl_seconds: ttl.as_secs(),
-                    max_uses: uses,
-                }))
-                .await
-                .map_err(client::status)?
-                .into_inner();
-            println!("{}", resp.token);
-            Ok(())
+            let mut c = client::credentials(&cli.context).await?;
+            credentials_cmd::unrevoke(&mut c, &spiffe_id, &mut std::io::stdout()).await
+        }
+        Command::Get { what, output } if what.eq_ignore_ascii_case("revocations") => {
+            let mut c = client::credentials(&cli.context).await?;
+            credentials_cmd::list_revocations(&mut c, &output, &mut std::io::stdout()).await
         }
         Command::Console {
             command: ConsoleCommand::Token { ttl, token_only },

@@ -552,3 +552,213 @@ fn reserved_identities_cannot_have_a_token_and_logging_is_documented() {
         );
     }
 }
+
+/// One mTLS connection presenting `leaf` (of the mesh's CA) to `addr`, kept open after its
+/// first exchange.
+struct OpenMtls {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl OpenMtls {
+    fn connect(addr: SocketAddr, bundle: &TrustBundle, server_id: &str, leaf: &Leaf) -> OpenMtls {
+        let expected = ExpectedServer::Exact(SpiffeId::parse(server_id).unwrap());
+        let mut config = client_config(None, bundle, expected, &[b"http/1.1"]).unwrap();
+        let key =
+            CertifiedKey::from_der(vec![leaf.cert.clone()], leaf.key.clone_key(), &provider())
+                .unwrap();
+        config.client_auth_cert_resolver = Arc::new(Present(Arc::new(key)));
+        let conn = rustls::ClientConnection::new(Arc::new(config), server_name()).unwrap();
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        OpenMtls {
+            tls: rustls::StreamOwned::new(conn, tcp),
+        }
+    }
+
+    /// Sends a keep-alive GET and reads its answer's head and body (Content-Length).
+    fn get(&mut self, path: &str) -> String {
+        write!(self.tls, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.tls.read(&mut chunk).unwrap();
+            assert_ne!(
+                n,
+                0,
+                "closed before the answer: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(r) = parse_response(&buf) {
+                let len: usize = r.header("content-length").unwrap().parse().unwrap();
+                if r.body.len() >= len {
+                    return String::from_utf8_lossy(&buf)
+                        .lines()
+                        .next()
+                        .unwrap()
+                        .to_string();
+                }
+            }
+        }
+    }
+
+    /// How long until the server closes the connection (at most `limit`); `None` if it did
+    /// not.
+    fn closed_within(&mut self, limit: Duration) -> Option<Duration> {
+        let start = std::time::Instant::now();
+        self.tls.sock.set_read_timeout(Some(limit)).unwrap();
+        let mut chunk = [0u8; 256];
+        match self.tls.read(&mut chunk) {
+            Ok(0) => Some(start.elapsed()),
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut =>
+            {
+                Some(start.elapsed())
+            }
+            _ => None,
+        }
+    }
+}
+
+fn counter(metrics: &str, line_start: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_revoked_identity_is_refused_within_a_second_and_its_open_connection_closed() {
+    let mesh = Mesh::start();
+    mesh.apply(
+        "policy.yaml",
+        &bulkhead_testkit::mesh::orders_policy("/orders"),
+    );
+    let (_procs, to_orders) = mesh.orders_and_frontend(&[]);
+    let ready = |name: &str| -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json"))).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let orders_in = addr(&ready("orders")["inbound"]);
+    let orders_admin = addr(&ready("orders")["admin"]);
+    let bundle =
+        TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
+            .unwrap();
+    assert_eq!(http(to_orders, "GET", "/orders").status, 200);
+
+    // A certificate of frontend's identity (as a thief holding its key would have), with a
+    // connection open to orders that keeps working until the revocation.
+    let stolen = Authority::mesh(&mesh).svid(&id("frontend"));
+    let mut open = OpenMtls::connect(orders_in, &bundle, &id("orders"), &stolen);
+    assert!(open.get("/orders").contains(" 200 "), "allowed by policy");
+
+    let (code, out, err) = mesh.cli(&[
+        "revoke",
+        "identity",
+        &id("frontend"),
+        "--reason",
+        "key leaked",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("identity {} revoked", id("frontend"))),
+        "{out}"
+    );
+    let closed = open.closed_within(Duration::from_secs(1));
+    assert!(
+        closed.is_some(),
+        "the open connection of the revoked identity stayed open for over a second"
+    );
+
+    // New handshakes are refused: the thief's and the real sidecar's.
+    let err = mtls_get(orders_in, &bundle, &id("orders"), &stolen).unwrap_err();
+    assert!(!err.is_empty());
+    assert_ne!(http(to_orders, "GET", "/orders").status, 200);
+    let metrics = http(orders_admin, "GET", "/metrics").body;
+    assert!(
+        counter(
+            &metrics,
+            "bulkhead_tls_handshake_failures_total{direction=\"inbound\",reason=\"revoked\"}"
+        ) >= 2,
+        "{metrics}"
+    );
+    assert!(
+        counter(
+            &metrics,
+            "bulkhead_connections_reset_total{direction=\"inbound\",reason=\"revoked\"}"
+        ) >= 1,
+        "{metrics}"
+    );
+
+    // What the operator sees, and what the identity can no longer get.
+    let (_, list, _) = mesh.cli(&["get", "revocations"]);
+    assert!(
+        list.contains(&id("frontend")) && list.contains("key leaked"),
+        "{list}"
+    );
+    let (_, history, _) = mesh.cli(&["history"]);
+    assert!(
+        history.contains(&format!("revoke identity {}", id("frontend"))),
+        "{history}"
+    );
+    let (code, _, err) = mesh.cli(&["token", "create", "--identity", &id("frontend")]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("was revoked") && err.contains("key leaked"),
+        "{err}"
+    );
+    let (code, _, err) = mesh.cli(&["unrevoke", "identity", &id("frontend")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot be unrevoked before"), "{err}");
+    let (_, proxies, _) = mesh.cli(&["get", "proxies", "-o", "wide"]);
+    assert!(proxies.contains("REVOKED: identity"), "{proxies}");
+    let (code, _, err) = mesh.cli(&["revoke", "identity", "spiffe://test.local/bulkhead/admin"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot be revoked"), "{err}");
+
+    // One proxy instance: orders' own. Its configuration stream ends and stays closed (the
+    // control plane refuses its certificate), and it shows as revoked.
+    let (_, json, _) = mesh.cli(&["get", "proxies", "-o", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let orders = rows
+        .iter()
+        .find(|p| p["workload"] == "orders")
+        .expect("orders is listed");
+    let instance = orders["instance"].as_str().unwrap().to_string();
+    assert_eq!(instance.len(), 12, "{orders}");
+    let (code, out, err) = mesh.cli(&["revoke", "proxy", &instance, "--reason", "host lost"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("certificates refused: "), "{out}");
+    eventually(WAIT, "orders' stream closed", || {
+        let (_, json, _) = mesh.cli(&["get", "proxies", "-o", "json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+        rows.iter().any(|p| {
+            p["workload"] == "orders"
+                && p["connected"] == false
+                && p["revoked"].as_str().unwrap_or("").contains("host lost")
+        })
+    });
+    let (_, tokens, _) = mesh.cli(&["token", "list", "-o", "json"]);
+    let tokens: Vec<serde_json::Value> = serde_json::from_str(&tokens).unwrap();
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t["spiffeId"] != id("frontend").as_str())
+    );
+    let orders_token = tokens
+        .iter()
+        .find(|t| t["spiffeId"] == id("orders").as_str())
+        .expect("orders' spent token is listed");
+    assert_eq!(orders_token["usesLeft"], 0);
+    let token_id = orders_token["id"].as_str().unwrap();
+    let (code, out, err) = mesh.cli(&["token", "delete", token_id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted"), "{out}");
+    let (code, _, err) = mesh.cli(&["token", "delete", token_id]);
+    assert_ne!(code, 0);
+    assert!(err.contains("there is no join token"), "{err}");
+}

@@ -176,9 +176,10 @@ async fn a_thousand_applies_leave_the_store_and_memory_bounded() {
     assert!(out.ends_with("revision 1001\n"), "{out}");
     // Who changed what is kept apart, and longer: the first revision is still in the log.
     let (_, history, _) = mesh.cli(&["history", "--limit", "2000", "-o", "json"]);
-    let log: Vec<serde_json::Value> = serde_json::from_str(&history).unwrap();
-    assert_eq!(log.len(), 1001);
-    assert_eq!(log.last().unwrap()["action"], "apply set-1.yaml");
+    let log: serde_json::Value = serde_json::from_str(&history).unwrap();
+    let revisions = log["revisions"].as_array().unwrap();
+    assert_eq!(revisions.len(), 1001);
+    assert_eq!(revisions.last().unwrap()["action"], "apply set-1.yaml");
 }
 
 /// Two postures: the enforced `default` (egress allowed) and an audit `recommended`

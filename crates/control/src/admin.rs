@@ -102,8 +102,12 @@ impl Admin for State {
             uses_left: uses,
         };
         self.store
-            .insert_token(&token_id, &record)
-            .map_err(internal)?;
+            .create_token(&token_id, &record, &actor, unix_now())
+            .map_err(internal)?
+            .map_err(|revoked| Status::failed_precondition(format!(
+                "{}; a revoked identity gets no join token (`bulkhead unrevoke identity` lifts it once its certificates expired)",
+                revoked.describe()
+            )))?;
         tracing::info!(actor, token_id, spiffe_id = %id, namespace = record.namespace, workload = record.workload, uses, "join token created");
         Ok(Response::new(pb::CreateTokenResponse {
             token,
@@ -215,10 +219,21 @@ impl Admin for State {
                 changes: r.changes,
             })
             .collect();
-        Ok(Response::new(pb::HistoryResponse {
-            revisions,
-            audit: Vec::new(),
-        }))
+        let audit = self
+            .store
+            .audit_log(limit)
+            .map_err(internal)?
+            .into_iter()
+            .map(|e| pb::AuditEntry {
+                seq: e.seq,
+                time_unix: e.time_unix,
+                actor: e.actor,
+                action: e.action,
+                detail: e.detail,
+                revision: e.revision.unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(pb::HistoryResponse { revisions, audit }))
     }
 
     async fn rollback(
@@ -268,9 +283,16 @@ impl Admin for State {
     ) -> Result<Response<pb::ListProxiesResponse>, Status> {
         self.require_admin(&req)?;
         let bundle = self.cas.borrow().bundle().fingerprints();
-        Ok(Response::new(pb::ListProxiesResponse {
-            proxies: self.proxies.list(&bundle),
-        }))
+        let revocations = self.store.revocations().map_err(internal)?;
+        let mut proxies = self.proxies.list(&bundle);
+        for p in &mut proxies {
+            if let Some(r) = revocations.iter().find(|r| {
+                r.subject == p.spiffe_id || (!p.instance.is_empty() && r.subject == p.instance)
+            }) {
+                p.revoked = r.describe();
+            }
+        }
+        Ok(Response::new(pb::ListProxiesResponse { proxies }))
     }
 
     async fn ca_status(
@@ -324,6 +346,18 @@ impl Admin for State {
         let member = self.dir.store_new_ca(ca, origin).map_err(internal)?;
         let set = current.with_added(member).map_err(refused)?;
         self.publish_cas(set).map_err(internal)?;
+        self.audit_ca(
+            &actor,
+            format!("ca add {id}"),
+            vec![format!(
+                "{} CA; its root is in the bundle, it does not sign yet",
+                if origin == CaOrigin::Imported {
+                    "an imported"
+                } else {
+                    "a generated"
+                }
+            )],
+        );
         tracing::info!(
             actor,
             ca = short(&id),
@@ -374,6 +408,18 @@ impl Admin for State {
             .map_err(refused)?;
         let signer = set.active().clone();
         self.publish_cas(set).map_err(internal)?;
+        self.audit_ca(
+            &actor,
+            format!("ca switch {id}"),
+            vec![format!(
+                "it signs every new certificate from now on{}",
+                if r.force {
+                    " (forced: not every proxy had confirmed its root)"
+                } else {
+                    ""
+                }
+            )],
+        );
         if let Err(e) = self.dir.write_admin_credential(&signer) {
             // The switch stands; the old credential stays valid until its CA is retired.
             tracing::error!(error = %e, "switched CA, but could not re-issue the admin credential from it; it will be at the next start");
@@ -400,6 +446,18 @@ impl Admin for State {
             .map_err(refused)?;
         self.publish_cas(set).map_err(internal)?;
         self.dir.delete_key(&record);
+        self.audit_ca(
+            &actor,
+            format!("ca retire {}", record.sha256),
+            vec![format!(
+                "its root left the bundle and its key was deleted{}",
+                if r.force {
+                    " (forced: certificates it signed may still be valid)"
+                } else {
+                    ""
+                }
+            )],
+        );
         tracing::info!(
             actor,
             ca = short(&record.sha256),
@@ -545,6 +603,20 @@ fn refused(e: CaChangeError) -> Status {
 }
 
 impl State {
+    /// Records a CA change in the audit log (`bulkhead history`). The change is made and
+    /// published already: a failure to record it is logged, not undone.
+    fn audit_ca(&self, actor: &str, action: String, detail: Vec<String>) {
+        let entry = crate::store::audit::NewEntry {
+            actor: actor.to_string(),
+            action,
+            detail,
+            revision: None,
+        };
+        if let Err(e) = self.store.audit(entry, unix_now()) {
+            tracing::error!(error = %e, "could not record a CA change in the audit log");
+        }
+    }
+
     fn ca_status_now(&self) -> pb::CaStatusResponse {
         let cas = self.cas.borrow().clone();
         let bundle = cas.bundle().fingerprints();

@@ -439,6 +439,7 @@ mod tests {
             identity: Some(bulkhead_identity::SpiffeId::parse(spiffe_id).unwrap()),
             cert_not_after: None,
             cert_ca_sha256: None,
+            cert_serial: None,
         };
         let orders = crate::flows::tests::id("orders");
         let orders_wl = crate::flows::tests::workload("orders");

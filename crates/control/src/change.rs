@@ -318,6 +318,7 @@ mod tests {
             ),
             cert_not_after: None,
             cert_ca_sha256: None,
+            cert_serial: None,
         });
         req
     }
@@ -488,6 +489,7 @@ spec:
             &frontend,
             String::new(),
             0,
+            String::new(),
             String::new(),
         );
         let posture = "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: deny}\n";

@@ -156,13 +156,34 @@ mod tests {
     #[tokio::test]
     async fn a_wait_ends_when_every_proxy_answered_and_names_a_refusal() {
         let registry = Arc::new(Registry::default());
-        let a = registry.connect("spiffe://td/a", &orders(), "r".into(), 0, String::new());
-        let _b = registry.connect("spiffe://td/b", &orders(), "r".into(), 0, String::new());
+        let a = registry.connect(
+            "spiffe://td/a",
+            &orders(),
+            "r".into(),
+            0,
+            String::new(),
+            String::new(),
+        );
+        let _b = registry.connect(
+            "spiffe://td/b",
+            &orders(),
+            "r".into(),
+            0,
+            String::new(),
+            String::new(),
+        );
         let other = ResourceName {
             namespace: "shop".into(),
             name: "other".into(),
         };
-        let _c = registry.connect("spiffe://td/c", &other, "r".into(), 0, String::new());
+        let _c = registry.connect(
+            "spiffe://td/c",
+            &other,
+            "r".into(),
+            0,
+            String::new(),
+            String::new(),
+        );
         let mut stream = await_revision(
             registry.clone(),
             5,
@@ -195,8 +216,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_wait_runs_out_of_time_and_a_closed_stream_is_no_answer() {
         let registry = Arc::new(Registry::default());
-        let a = registry.connect("spiffe://td/a", &orders(), "r".into(), 0, String::new());
-        let _b = registry.connect("spiffe://td/b", &orders(), "r".into(), 0, String::new());
+        let a = registry.connect(
+            "spiffe://td/a",
+            &orders(),
+            "r".into(),
+            0,
+            String::new(),
+            String::new(),
+        );
+        let _b = registry.connect(
+            "spiffe://td/b",
+            &orders(),
+            "r".into(),
+            0,
+            String::new(),
+            String::new(),
+        );
         let mut stream = await_revision(
             registry.clone(),
             3,

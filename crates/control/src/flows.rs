@@ -378,6 +378,7 @@ pub(crate) mod tests {
             identity: Some(bulkhead_identity::SpiffeId::parse(spiffe_id).unwrap()),
             cert_not_after: None,
             cert_ca_sha256: None,
+            cert_serial: None,
         });
         req
     }

@@ -9,6 +9,7 @@ mod anomaly;
 mod cas;
 mod change;
 mod console;
+mod credentials;
 mod datadir;
 mod delivery;
 mod error;
@@ -32,7 +33,8 @@ pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
 pub use store::{HistoryRetention, LOG_CHANGES_PER_ENTRY, LOG_MAX_AGE, LOG_MAX_ENTRIES};
 
 use bulkhead_api::v1::{
-    admin_server::AdminServer, config_server::ConfigServer, identity_server::IdentityServer,
+    admin_server::AdminServer, config_server::ConfigServer, credentials_server::CredentialsServer,
+    identity_server::IdentityServer,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -147,6 +149,7 @@ pub async fn start_with(
     )?);
     let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
     listener::spawn_cert_renewal(state.clone());
+    credentials::spawn_upkeep(state.clone());
     tracing::info!(%addr, trust_domain = state.trust_domain(), "control plane listening");
 
     let (stop, mut stopped) = watch::channel(false);
@@ -164,6 +167,7 @@ pub async fn start_with(
     }
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::from_arc(state.clone()))
+        .add_service(CredentialsServer::from_arc(state.clone()))
         // Room for a flow report at its bound, so that its own error names the bound.
         .add_service(
             ConfigServer::from_arc(state.clone())

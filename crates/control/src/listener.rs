@@ -34,6 +34,8 @@ pub(crate) struct PeerInfo {
     pub cert_not_after: Option<u64>,
     /// SHA-256 (hex) of the CA certificate that signed it (the second in its chain).
     pub cert_ca_sha256: Option<String>,
+    /// Its serial, colon-separated hex (as `bulkhead_identity::serial_of` gives it).
+    pub cert_serial: Option<String>,
 }
 
 pub(crate) struct TlsConn {
@@ -75,10 +77,12 @@ impl AsyncWrite for TlsConn {
 }
 
 /// The listener's TLS configuration: a serving SVID the signing CA issues now (with a key that
-/// never leaves this process), and client certificates checked against the bundle.
+/// never leaves this process), and client certificates checked against the bundle and
+/// refused if revoked.
 pub(crate) fn serving_config(
     cas: &CaSet,
     svid_lifetime: Duration,
+    revoked: Arc<crate::credentials::Revoked>,
 ) -> Result<ServerConfig, ControlError> {
     let id = SpiffeId::parse(&format!("spiffe://{}{CONTROL_ID_PATH}", cas.trust_domain()))?;
     let svid = cas
@@ -86,7 +90,7 @@ pub(crate) fn serving_config(
         .issue_local(&id, svid_lifetime, std::time::SystemTime::now())?;
     Ok(server_config(
         &svid,
-        cas.bundle(),
+        &cas.bundle().clone().with_revocations(revoked),
         ClientAuth::Optional,
         &[b"h2"],
     )?)
@@ -169,11 +173,15 @@ pub(crate) fn incoming(
                 let cert_ca_sha256 = certs
                     .and_then(|c| c.get(1))
                     .map(|c| bulkhead_identity::fingerprint(c));
+                let cert_serial = certs
+                    .and_then(|c| c.first())
+                    .and_then(|c| bulkhead_identity::serial_of(c));
                 let info = PeerInfo {
                     remote,
                     identity,
                     cert_not_after,
                     cert_ca_sha256,
+                    cert_serial,
                 };
                 let _ = tx.send(Ok(TlsConn { inner: tls, info })).await;
             });

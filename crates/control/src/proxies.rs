@@ -92,6 +92,7 @@ impl Registry {
         remote: String,
         cert_not_after_unix: u64,
         cert_ca_sha256: String,
+        instance: String,
     ) -> Connection {
         let key = (spiffe_id.to_string(), workload.clone());
         let mut map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
@@ -105,6 +106,7 @@ impl Registry {
         p.remote = remote;
         p.cert_not_after_unix = cert_not_after_unix;
         p.cert_ca_sha256 = cert_ca_sha256;
+        p.instance = instance;
         p.last_contact_unix = unix_now();
         drop(map);
         self.changed();

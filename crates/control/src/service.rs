@@ -54,8 +54,14 @@ impl Snapshot {
         }
     }
 
-    /// The part that concerns `workload`, with the trust bundle, as one message.
-    fn config_for(&self, workload: &ResourceName, trust: &pb::TrustBundle) -> pb::ProxyConfig {
+    /// The part that concerns `workload`, with the trust bundle and the revocations, as one
+    /// message.
+    fn config_for(
+        &self,
+        workload: &ResourceName,
+        trust: &pb::TrustBundle,
+        revoked: &bulkhead_identity::RevokedSet,
+    ) -> pb::ProxyConfig {
         let resources: Vec<pb::Resource> = self
             .distribution
             .indices_for(workload)
@@ -71,7 +77,7 @@ impl Snapshot {
             piece: 0,
             pieces: 1,
             unchanged: false,
-            revocations: None,
+            revocations: Some(crate::credentials::to_wire(revoked)),
         }
     }
 }
@@ -108,6 +114,9 @@ pub(crate) struct State {
     pub(crate) metrics: Metrics,
     /// The web console's sessions and live signals (issue 21).
     pub(crate) console: crate::console::Console,
+    /// Who is refused although their certificates chain to the bundle: pushed to every
+    /// proxy, asked by the listener at every handshake.
+    pub(crate) revoked: Arc<crate::credentials::Revoked>,
 }
 
 impl State {
@@ -147,7 +156,8 @@ impl State {
         tracing::info!(revision, resources = resources.len(), dir = %dir.path().display(), "loaded resources");
         let trust_domain = cas.trust_domain().to_string();
         let admin_id = SpiffeId::parse(&format!("spiffe://{trust_domain}{ADMIN_ID_PATH}"))?;
-        let serving = crate::listener::serving_config(&cas, svid_lifetime)?;
+        let revoked = Arc::new(crate::credentials::Revoked::load(&store, unix_now())?);
+        let serving = crate::listener::serving_config(&cas, svid_lifetime, revoked.clone())?;
         Ok(State {
             dir,
             store,
@@ -167,6 +177,7 @@ impl State {
             anomalies,
             metrics: Metrics::default(),
             console: Default::default(),
+            revoked,
         })
     }
 
@@ -190,7 +201,11 @@ impl State {
 
     /// Rebuilds the listener's TLS configuration from the current CA set.
     pub(crate) fn refresh_serving(&self) -> Result<(), ControlError> {
-        let config = crate::listener::serving_config(&self.cas.borrow(), self.svid_lifetime)?;
+        let config = crate::listener::serving_config(
+            &self.cas.borrow(),
+            self.svid_lifetime,
+            self.revoked.clone(),
+        )?;
         self.serving.store(Arc::new(config));
         Ok(())
     }
@@ -311,17 +326,27 @@ impl Identity for State {
             namespace: record.namespace.clone(),
             name: record.workload.clone(),
         };
+        // Recorded in the transaction that checks the revocations: a certificate of an
+        // identity revoked meanwhile never leaves.
+        let instance = self
+            .store
+            .new_instance(id.as_str(), &workload, token_id, issued(&chain), unix_now())
+            .map_err(internal)?
+            .map_err(|revoked| {
+                tracing::warn!(?remote, token_id, spiffe_id = %id, "join refused: the identity is revoked");
+                Status::permission_denied(revoked.describe())
+            })?;
         self.store
             .bind(id.as_str(), &workload, unix_now())
             .map_err(internal)?;
-        tracing::info!(?remote, spiffe_id = %id, %workload, lifetime_s = self.svid_lifetime.as_secs(), "issued SVID");
+        tracing::info!(?remote, spiffe_id = %id, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "issued SVID");
         Ok(Response::new(pb::JoinResponse {
             cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
             trust_bundle_der: self.bundle_der(),
             spiffe_id: id.to_string(),
             namespace: record.namespace,
             workload: record.workload,
-            instance: String::new(),
+            instance: instance.id,
         }))
     }
 }
@@ -343,6 +368,12 @@ impl State {
                 "{id} was never issued by a join token; only workload identities renew"
             )));
         }
+        self.refuse_revoked(&req)?;
+        let serial = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.cert_serial.clone())
+            .unwrap_or_default();
         let csr = req.into_inner().csr_der;
         let signer = self.signer();
         let chain = signer
@@ -353,17 +384,76 @@ impl State {
                 }
                 e => Status::invalid_argument(e.to_string()),
             })?;
+        let instance = self.record_renewal(&id, &serial, issued(&chain))?;
         self.proxies
             .issued(id.as_str(), &signer.fingerprint(), svid_not_after(&chain));
-        tracing::info!(?remote, spiffe_id = %id, lifetime_s = self.svid_lifetime.as_secs(), "renewed SVID");
+        tracing::info!(?remote, spiffe_id = %id, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "renewed SVID");
         Ok(Response::new(pb::JoinResponse {
             cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
             trust_bundle_der: self.bundle_der(),
             spiffe_id: id.to_string(),
-            namespace: String::new(),
-            workload: String::new(),
-            instance: String::new(),
+            namespace: instance.namespace,
+            workload: instance.workload,
+            instance: instance.id,
         }))
+    }
+
+    /// Records a renewal's certificate for the instance that holds the certificate with
+    /// `serial`, in the transaction that checks the revocations. A certificate from before
+    /// instances were recorded (or of an instance forgotten) makes a new instance, bound to
+    /// the workload the identity's join bound it to.
+    fn record_renewal(
+        &self,
+        id: &SpiffeId,
+        serial: &str,
+        cert: crate::store::trust::IssuedCert,
+    ) -> Result<crate::store::trust::Instance, Status> {
+        use crate::store::trust::IssueRefusal;
+        let now = unix_now();
+        let known = self.store.instance_by_serial(serial).map_err(internal)?;
+        let outcome = match known {
+            Some(instance) => self
+                .store
+                .add_cert(&instance.id, cert, now)
+                .map_err(internal)?,
+            None => {
+                let workload = self
+                    .store
+                    .bound_workloads(id.as_str())
+                    .map_err(internal)?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| {
+                        Status::permission_denied(format!(
+                            "{id} is bound to no workload; join with a new token"
+                        ))
+                    })?;
+                self.store
+                    .new_instance(id.as_str(), &workload, "", cert, now)
+                    .map_err(internal)?
+                    .map_err(IssueRefusal::Revoked)
+            }
+        };
+        outcome.map_err(|refusal| match refusal {
+            IssueRefusal::Revoked(r) => {
+                tracing::warn!(spiffe_id = %id, serial, "renewal refused: revoked");
+                Status::permission_denied(r.describe())
+            }
+            IssueRefusal::UnknownInstance(i) => Status::permission_denied(format!(
+                "proxy instance {i} is no longer known (its certificates expired); join again with a new token"
+            )),
+        })
+    }
+}
+
+/// The serial and expiry of the leaf of `chain`, as the store records an issued certificate.
+fn issued(chain: &[rustls::pki_types::CertificateDer<'_>]) -> crate::store::trust::IssuedCert {
+    crate::store::trust::IssuedCert {
+        serial: chain
+            .first()
+            .and_then(|c| bulkhead_identity::serial_of(c))
+            .unwrap_or_default(),
+        not_after_unix: svid_not_after(chain),
     }
 }
 
@@ -384,6 +474,11 @@ type ConfigStream = Pin<Box<dyn Stream<Item = Result<pb::ProxyConfig, Status>> +
 struct Follow {
     revisions: watch::Receiver<Arc<Snapshot>>,
     cas: watch::Receiver<Arc<CaSet>>,
+    revoked: watch::Receiver<Arc<bulkhead_identity::RevokedSet>>,
+    /// The serial of the certificate the stream was opened with: if it or its identity is
+    /// revoked, the stream ends.
+    serial: String,
+    ended: bool,
     first: bool,
     /// The revision and digest the proxy said it holds, until the first message.
     held: Option<(u64, String)>,
@@ -400,6 +495,7 @@ impl State {
         workload: &ResourceName,
     ) -> Result<SpiffeId, Status> {
         let id = caller(req)?;
+        self.refuse_revoked(req)?;
         if !self
             .store
             .is_bound(id.as_str(), workload)
@@ -435,7 +531,15 @@ impl Config for State {
             .as_ref()
             .and_then(|p| p.cert_ca_sha256.clone())
             .unwrap_or_default();
-        let not_after = peer.and_then(|p| p.cert_not_after).unwrap_or(0);
+        let not_after = peer.as_ref().and_then(|p| p.cert_not_after).unwrap_or(0);
+        let serial = peer
+            .as_ref()
+            .and_then(|p| p.cert_serial.clone())
+            .unwrap_or_default();
+        let instance = match self.store.instance_by_serial(&serial).map_err(internal)? {
+            Some(i) => i.id,
+            None => String::new(),
+        };
         let held = (req.get_ref().held_revision != 0).then(|| {
             (
                 req.get_ref().held_revision,
@@ -444,9 +548,9 @@ impl Config for State {
         });
         let pieces = req.get_ref().accepts_pieces;
         tracing::info!(spiffe_id = %id, %workload, held_revision = held.as_ref().map_or(0, |h| h.0), pieces, "proxy watching configuration");
-        let connection = self
-            .proxies
-            .connect(id.as_str(), &workload, remote, not_after, cert_ca);
+        let connection =
+            self.proxies
+                .connect(id.as_str(), &workload, remote, not_after, cert_ca, instance);
         let registry = self.proxies.clone();
         // A new revision or a new bundle: either sends the whole current state, in pieces
         // to a proxy that takes them, and only the bundle to a proxy that just reconnected
@@ -454,6 +558,9 @@ impl Config for State {
         let follow = Follow {
             revisions: self.snapshot.subscribe(),
             cas: self.cas.subscribe(),
+            revoked: self.revoked.subscribe(),
+            serial,
+            ended: false,
             first: true,
             held,
             queue: std::collections::VecDeque::new(),
@@ -468,20 +575,34 @@ impl Config for State {
                     if let Some(next) = f.queue.pop_front() {
                         return Some((Ok(next), f));
                     }
+                    if f.ended {
+                        return None;
+                    }
                     if !f.first {
                         let changed = tokio::select! {
                             r = f.revisions.changed() => r,
                             r = f.cas.changed() => r,
+                            r = f.revoked.changed() => r,
                         };
                         if changed.is_err() {
                             return None;
                         }
                     }
                     f.first = false;
+                    let revoked = f.revoked.borrow_and_update().clone();
+                    if revoked.refuses(id.as_str(), &f.serial) {
+                        tracing::warn!(spiffe_id = %id, %workload, serial = f.serial, "ending the configuration stream of a revoked proxy");
+                        f.ended = true;
+                        let status = Status::permission_denied(format!(
+                            "the certificate of {id} (serial {}) is revoked; `bulkhead get revocations` says why",
+                            f.serial
+                        ));
+                        return Some((Err(status), f));
+                    }
                     let snap = f.revisions.borrow_and_update().clone();
                     let trust = f.cas.borrow_and_update().clone();
                     registry.sent(id.as_str(), &workload, snap.revision);
-                    let config = snap.config_for(&workload, trust.wire());
+                    let config = snap.config_for(&workload, trust.wire(), &revoked);
                     match f.held.take() {
                         Some((revision, digest))
                             if revision == config.revision && digest == config.digest =>
@@ -492,6 +613,7 @@ impl Config for State {
                                 digest,
                                 unchanged: true,
                                 trust_bundle: config.trust_bundle,
+                                revocations: config.revocations,
                                 ..pb::ProxyConfig::default()
                             });
                         }

@@ -28,13 +28,8 @@ use redb::{ReadableTable, TableDefinition};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-// Issue 13: the audit log of credential changes, proxy instances and revocations. The
-// tables and their unit tests are in place; the service does not call them yet (revocation,
-// `token list|delete` and the rejoin credential are the next step), hence the allowance.
-#[allow(dead_code)]
-mod audit;
-#[allow(dead_code)]
-mod trust;
+pub(crate) mod audit;
+pub(crate) mod trust;
 
 const RESOURCES: TableDefinition<&str, &str> = TableDefinition::new("resources");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -386,14 +381,6 @@ fn log_lines(changes: &[(String, Change)]) -> Vec<String> {
 }
 
 impl Store {
-    pub(crate) fn insert_token(&self, id: &str, record: &TokenRecord) -> Result<(), ControlError> {
-        let json = serde_json::to_string(record).unwrap_or_default();
-        self.write(|txn| {
-            txn.open_table(TOKENS)?.insert(id, json.as_str())?;
-            Ok(())
-        })
-    }
-
     /// Checks a token, runs `issue` with its record, and spends one use only if `issue`
     /// succeeds, all in one transaction.
     pub(crate) fn redeem_token<T, E: From<TokenError>>(

@@ -15,6 +15,6 @@ pub use ca::{Ca, DEFAULT_SVID_LIFETIME};
 pub use error::{CaImportError, IdentityError, SvidError};
 pub use spiffe::{RESERVED_SEGMENT, SpiffeId};
 pub use svid::{
-    LocalKey, RevocationCheck, Svid, TrustBundle, fingerprint, not_after_of, not_before_of,
-    serial_of, spiffe_id_of, subject_of,
+    LocalKey, RevocationCheck, RevokedSet, Svid, TrustBundle, fingerprint, not_after_of,
+    not_before_of, serial_of, spiffe_id_of, subject_of,
 };

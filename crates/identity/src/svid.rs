@@ -244,6 +244,45 @@ pub trait RevocationCheck: Send + Sync + std::fmt::Debug {
     fn is_revoked(&self, id: &SpiffeId, serial: &str) -> bool;
 }
 
+/// A list of revoked identities and certificate serials, as the control plane pushes it: the
+/// value a [`RevocationCheck`] answers from. Sets, so asking costs two lookups.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RevokedSet {
+    identities: std::collections::BTreeSet<String>,
+    serials: std::collections::BTreeSet<String>,
+}
+
+impl RevokedSet {
+    /// Revoked SPIFFE IDs (every certificate of each), and revoked certificates by serial
+    /// (colon-separated hex, as [`serial_of`] gives it).
+    pub fn new(
+        identities: impl IntoIterator<Item = String>,
+        serials: impl IntoIterator<Item = String>,
+    ) -> RevokedSet {
+        RevokedSet {
+            identities: identities.into_iter().collect(),
+            serials: serials.into_iter().collect(),
+        }
+    }
+
+    pub fn identities(&self) -> impl Iterator<Item = &str> {
+        self.identities.iter().map(String::as_str)
+    }
+
+    pub fn serials(&self) -> impl Iterator<Item = &str> {
+        self.serials.iter().map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.identities.is_empty() && self.serials.is_empty()
+    }
+
+    /// Whether the certificate of `id` with `serial` is refused.
+    pub fn refuses(&self, id: &str, serial: &str) -> bool {
+        self.identities.contains(id) || (!serial.is_empty() && self.serials.contains(serial))
+    }
+}
+
 /// The root certificates a peer's chain must lead to, with the trust domain they serve, and
 /// optionally the revocations a peer must not be named by.
 ///

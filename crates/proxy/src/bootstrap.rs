@@ -19,6 +19,8 @@ pub(crate) struct Joined {
     pub svid: Svid,
     pub bundle: TrustBundle,
     pub workload: ResourceName,
+    /// The proxy instance this join made (`bulkhead revoke proxy INSTANCE`).
+    pub instance: String,
 }
 
 pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
@@ -95,5 +97,6 @@ pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
             namespace: response.namespace,
             name: response.workload,
         },
+        instance: response.instance,
     })
 }

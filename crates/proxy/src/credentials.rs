@@ -108,7 +108,8 @@ pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<
         &ours,
         wire.roots_der.iter().map(|r| r.clone().into()).collect(),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?
+    .with_revocations(shared.revoked.clone());
     let roots = bundle.fingerprints();
     let held = shared.tls.load().roots.clone();
     if roots.len() != held.len() || roots.iter().any(|r| !held.contains(r)) {

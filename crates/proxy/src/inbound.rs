@@ -163,8 +163,37 @@ async fn serve(
         }
     };
     let alpn = Alpn::of(session.alpn_protocol());
+    let serial = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| bulkhead_identity::serial_of(leaf))
+        .unwrap_or_default();
     shared.metrics.connection("inbound");
     tracing::debug!(src.id = %peer, ?alpn, "mTLS connection accepted");
+    // A peer revoked while its connection is open loses it at once: the connection, its
+    // streams and any relay are dropped.
+    let revoked = shared.revoked.clone();
+    let peer_id = peer.clone();
+    let metrics_shared = shared.clone();
+    tokio::select! {
+        () = serve_tls(tls, peer, declared, alpn, t, shared) => {}
+        () = revoked.until_revoked(&peer_id, &serial) => {
+            metrics_shared.metrics.reset("inbound", "revoked");
+            tracing::warn!(src.id = %peer_id, serial, reason = "revoked", "closed an open connection: its peer was revoked");
+        }
+    }
+}
+
+/// An accepted mTLS connection from `peer`, served as its protocol says.
+async fn serve_tls(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SpiffeId,
+    declared: Option<Protocol>,
+    alpn: Option<Alpn>,
+    t: Target,
+    shared: Arc<Shared>,
+) {
+    let port = t.port;
     match (declared, alpn) {
         (Some(Protocol::Tcp), _) | (None, Some(Alpn::Tcp)) => {
             relay(tls, Some(peer), t, shared).await

@@ -23,6 +23,7 @@ mod metrics;
 mod mux;
 mod outbound;
 mod refusal;
+mod revoked;
 mod tap;
 mod tcp;
 mod upgrade;
@@ -97,6 +98,8 @@ pub(crate) struct Shared {
     /// Rate limits for the log lines of refusals (every one is counted).
     pub refusal_logs: refusal::LogGates,
     pub limits: config::Limits,
+    /// Identities and certificates the control plane revoked: refused at every handshake.
+    pub revoked: Arc<revoked::Revoked>,
 }
 
 /// What a started proxy bound and who it is.
@@ -139,8 +142,10 @@ pub(crate) fn unix_seconds(t: std::time::SystemTime) -> i64 {
 pub async fn start(config: Config) -> Result<Running, ProxyError> {
     let joined = bootstrap::join(&config).await?;
     let id: SpiffeId = joined.svid.id().clone();
-    tracing::info!(spiffe_id = %id, workload = %joined.workload, serial = joined.svid.serial(), "joined the mesh");
-    let tls = TlsSet::build(joined.svid, &joined.bundle)?;
+    tracing::info!(spiffe_id = %id, workload = %joined.workload, instance = joined.instance, serial = joined.svid.serial(), "joined the mesh");
+    let revoked = Arc::new(revoked::Revoked::default());
+    let bundle = joined.bundle.with_revocations(revoked.clone());
+    let tls = TlsSet::build(joined.svid, &bundle)?;
     let metrics = metrics::Metrics::new();
     metrics.svid_expiry.set(unix_seconds(tls.svid.not_after()));
     let shared = Arc::new(Shared {
@@ -158,6 +163,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         clients: clients::ClientConfigs::default(),
         mux: mux::Mux::new(config.limits.max_concurrent_streams),
         app_pool: mux::AppPool::new(config.limits.idle_timeout.min(Duration::from_secs(90))),
+        revoked,
     });
 
     let admin = match config.admin {

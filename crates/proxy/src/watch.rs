@@ -231,6 +231,9 @@ impl Follower {
     fn take(&mut self, config: ProxyConfig) -> Result<(), String> {
         let revision = config.revision;
         let digest = config.digest.clone();
+        // Revocations hold whatever becomes of the revision: a refused policy never keeps a
+        // revoked peer in.
+        self.shared.revoked.take(config.revocations.as_ref());
         let outcome = if config.unchanged {
             take_bundle(&self.shared, config.trust_bundle.as_ref()).inspect_err(|e| {
                 tracing::error!(revision, error = %e, "refused the trust bundle; keeping the current one");

@@ -35,6 +35,7 @@ fn from<T>(spiffe_id: &str, message: T) -> Request<T> {
         identity: Some(SpiffeId::parse(spiffe_id).unwrap()),
         cert_not_after: None,
         cert_ca_sha256: None,
+        cert_serial: None,
     });
     req
 }

@@ -48,13 +48,6 @@ pub(crate) struct Instance {
 }
 
 impl Instance {
-    pub(crate) fn workload(&self) -> ResourceName {
-        ResourceName {
-            namespace: self.namespace.clone(),
-            name: self.workload.clone(),
-        }
-    }
-
     /// When its newest certificate expires (0 if it holds none).
     pub(crate) fn valid_until(&self) -> u64 {
         self.certs
