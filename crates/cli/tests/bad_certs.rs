@@ -645,27 +645,28 @@ fn a_revoked_identity_is_refused_within_a_second_and_its_open_connection_closed(
     };
     let orders_in = addr(&ready("orders")["inbound"]);
     let orders_admin = addr(&ready("orders")["admin"]);
+    let frontend_admin = addr(&ready("frontend")["admin"]);
     let bundle =
         TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
             .unwrap();
-    assert_eq!(http(to_orders, "GET", "/orders").status, 200);
+    let metric =
+        |admin: SocketAddr, line: &str| counter(&http(admin, "GET", "/metrics").body, line);
 
-    // A certificate of frontend's identity (as a thief holding its key would have), with a
-    // connection open to orders that keeps working until the revocation.
-    let stolen = Authority::mesh(&mesh).svid(&id("frontend"));
+    // An intruder holding a valid certificate of the mesh, with a keep-alive connection
+    // open to orders (policy denies it; the connection stays open for its next request).
+    let intruder = id("intruder");
+    let stolen = Authority::mesh(&mesh).svid(&intruder);
     let mut open = OpenMtls::connect(orders_in, &bundle, &id("orders"), &stolen);
-    assert!(open.get("/orders").contains(" 200 "), "allowed by policy");
+    assert!(open.get("/orders").starts_with("HTTP/1.1 403"));
+    assert!(
+        open.get("/orders").starts_with("HTTP/1.1 403"),
+        "kept alive"
+    );
 
-    let (code, out, err) = mesh.cli(&[
-        "revoke",
-        "identity",
-        &id("frontend"),
-        "--reason",
-        "key leaked",
-    ]);
+    let (code, out, err) = mesh.cli(&["revoke", "identity", &intruder, "--reason", "key leaked"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains(&format!("identity {} revoked", id("frontend"))),
+        out.contains(&format!("identity {intruder} revoked")),
         "{out}"
     );
     let closed = open.closed_within(Duration::from_secs(1));
@@ -673,55 +674,36 @@ fn a_revoked_identity_is_refused_within_a_second_and_its_open_connection_closed(
         closed.is_some(),
         "the open connection of the revoked identity stayed open for over a second"
     );
-
-    // New handshakes are refused: the thief's and the real sidecar's.
     let err = mtls_get(orders_in, &bundle, &id("orders"), &stolen).unwrap_err();
     assert!(!err.is_empty());
-    assert_ne!(http(to_orders, "GET", "/orders").status, 200);
-    let metrics = http(orders_admin, "GET", "/metrics").body;
-    assert!(
-        counter(
-            &metrics,
-            "bulkhead_tls_handshake_failures_total{direction=\"inbound\",reason=\"revoked\"}"
-        ) >= 2,
-        "{metrics}"
-    );
-    assert!(
-        counter(
-            &metrics,
-            "bulkhead_connections_reset_total{direction=\"inbound\",reason=\"revoked\"}"
-        ) >= 1,
-        "{metrics}"
-    );
-
-    // What the operator sees, and what the identity can no longer get.
-    let (_, list, _) = mesh.cli(&["get", "revocations"]);
-    assert!(
-        list.contains(&id("frontend")) && list.contains("key leaked"),
-        "{list}"
-    );
-    let (_, history, _) = mesh.cli(&["history"]);
-    assert!(
-        history.contains(&format!("revoke identity {}", id("frontend"))),
-        "{history}"
-    );
-    let (code, _, err) = mesh.cli(&["token", "create", "--identity", &id("frontend")]);
+    eventually(WAIT, "the refusals counted", || {
+        metric(
+            orders_admin,
+            "bulkhead_tls_handshake_failures_total{direction=\"inbound\",reason=\"revoked\"}",
+        ) >= 1
+            && metric(
+                orders_admin,
+                "bulkhead_connections_reset_total{direction=\"inbound\",reason=\"revoked\"}",
+            ) >= 1
+    });
+    let (code, _, err) = mesh.cli(&["token", "create", "--identity", &intruder]);
     assert_ne!(code, 0);
     assert!(
         err.contains("was revoked") && err.contains("key leaked"),
         "{err}"
     );
-    let (code, _, err) = mesh.cli(&["unrevoke", "identity", &id("frontend")]);
+    let (code, _, err) = mesh.cli(&["unrevoke", "identity", &intruder]);
     assert_ne!(code, 0);
     assert!(err.contains("cannot be unrevoked before"), "{err}");
-    let (_, proxies, _) = mesh.cli(&["get", "proxies", "-o", "wide"]);
-    assert!(proxies.contains("REVOKED: identity"), "{proxies}");
     let (code, _, err) = mesh.cli(&["revoke", "identity", "spiffe://test.local/bulkhead/admin"]);
     assert_ne!(code, 0);
     assert!(err.contains("cannot be revoked"), "{err}");
 
-    // One proxy instance: orders' own. Its configuration stream ends and stays closed (the
-    // control plane refuses its certificate), and it shows as revoked.
+    // One proxy instance, orders': frontend's sidecar closes its open shared connection to
+    // it and refuses new handshakes; the control plane ends orders' configuration stream
+    // and keeps it closed.
+    let mut app = bulkhead_testkit::KeepAlive::connect(to_orders).unwrap();
+    assert_eq!(app.request("GET", "/orders").unwrap().status, 200);
     let (_, json, _) = mesh.cli(&["get", "proxies", "-o", "json"]);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
     let orders = rows
@@ -733,6 +715,16 @@ fn a_revoked_identity_is_refused_within_a_second_and_its_open_connection_closed(
     let (code, out, err) = mesh.cli(&["revoke", "proxy", &instance, "--reason", "host lost"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("certificates refused: "), "{out}");
+    let outbound_reset =
+        "bulkhead_connections_reset_total{direction=\"outbound\",reason=\"revoked\"}";
+    eventually(
+        Duration::from_secs(1),
+        "frontend closing its connection to orders",
+        || metric(frontend_admin, outbound_reset) >= 1,
+    );
+    let refused = http(to_orders, "GET", "/orders");
+    assert_eq!(refused.status, 502, "{}", refused.body);
+    assert!(refused.body.contains("reason=revoked"), "{}", refused.body);
     eventually(WAIT, "orders' stream closed", || {
         let (_, json, _) = mesh.cli(&["get", "proxies", "-o", "json"]);
         let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
@@ -742,13 +734,29 @@ fn a_revoked_identity_is_refused_within_a_second_and_its_open_connection_closed(
                 && p["revoked"].as_str().unwrap_or("").contains("host lost")
         })
     });
-    let (_, tokens, _) = mesh.cli(&["token", "list", "-o", "json"]);
-    let tokens: Vec<serde_json::Value> = serde_json::from_str(&tokens).unwrap();
+
+    // What the operator sees.
+    let (_, list, _) = mesh.cli(&["get", "revocations"]);
     assert!(
-        tokens
-            .iter()
-            .all(|t| t["spiffeId"] != id("frontend").as_str())
+        list.contains(&intruder) && list.contains("key leaked") && list.contains(&instance),
+        "{list}"
     );
+    let (_, history, _) = mesh.cli(&["history"]);
+    assert!(
+        history.contains(&format!("revoke identity {intruder}"))
+            && history.contains(&format!("revoke proxy {instance}")),
+        "{history}"
+    );
+    let (_, proxies, _) = mesh.cli(&["get", "proxies", "-o", "wide"]);
+    assert!(
+        proxies.contains("REVOKED: proxy instance") && proxies.contains(&instance),
+        "{proxies}"
+    );
+
+    // Join tokens: listed without secrets, deleted once.
+    let (_, tokens, _) = mesh.cli(&["token", "list", "-o", "json"]);
+    assert!(!tokens.contains("bhj."), "{tokens}");
+    let tokens: Vec<serde_json::Value> = serde_json::from_str(&tokens).unwrap();
     let orders_token = tokens
         .iter()
         .find(|t| t["spiffeId"] == id("orders").as_str())
@@ -761,4 +769,71 @@ fn a_revoked_identity_is_refused_within_a_second_and_its_open_connection_closed(
     let (code, _, err) = mesh.cli(&["token", "delete", token_id]);
     assert_ne!(code, 0);
     assert!(err.contains("there is no join token"), "{err}");
+}
+
+/// A proxy and the CLI talk to a control plane only if it presents the control identity
+/// from the mesh's CA: a workload's own SVID (which a compromised workload holds) or the
+/// control identity from another CA is refused before the token or the admin credential is
+/// used, and the token still works with the real control plane afterwards.
+#[test]
+fn a_fake_control_plane_is_refused_by_proxies_and_the_cli() {
+    let mesh = Mesh::start();
+    let token = mesh.token(&id("orders"));
+    let workload_svid = Authority::mesh(&mesh).svid(&id("orders"));
+    let stranger = Ca::generate("test.local", SystemTime::now()).unwrap();
+    let foreign_control = Authority::of(&stranger).svid("spiffe://test.local/bulkhead/control");
+    for (fake, expected) in [
+        (
+            fake_upstream(&workload_svid),
+            "spiffe://test.local/bulkhead/control",
+        ),
+        (fake_upstream(&foreign_control), "unknown"),
+    ] {
+        let mut args = mesh.proxy_args(&token);
+        args[1] = fake.to_string();
+        args.extend([
+            "--upstream".into(),
+            format!(
+                "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+                id("x")
+            ),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = bulkhead_testkit::run(&mesh.bins.proxy, &args, &[]);
+        assert_ne!(code, 0, "joined a fake control plane: {err}");
+        assert!(
+            err.to_lowercase().contains(expected),
+            "{fake}: expected {expected:?} in: {err}"
+        );
+
+        let context = std::fs::read_to_string(mesh.data().join("admin.yaml")).unwrap();
+        let real = mesh.control_addr.to_string();
+        let fake_context = mesh.dir.path().join("fake-admin.yaml");
+        std::fs::write(&fake_context, context.replace(&real, &fake.to_string())).unwrap();
+        let (code, out, err) = bulkhead_testkit::run(
+            &mesh.bins.bulkhead,
+            &[
+                "--context",
+                fake_context.to_str().unwrap(),
+                "get",
+                "policies",
+            ],
+            &[],
+        );
+        assert_ne!(code, 0, "the CLI believed a fake control plane: {out}");
+        assert!(!err.is_empty());
+    }
+    // The token was never offered to the impostors: it still joins the real one.
+    let (mut orders, _) = mesh.proxy(
+        "orders",
+        &token,
+        &[
+            "--upstream",
+            &format!(
+                "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+                id("x")
+            ),
+        ],
+    );
+    orders.assert_running();
 }

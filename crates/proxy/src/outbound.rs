@@ -627,7 +627,7 @@ async fn connect_upstream(
     dest: Arc<Dest>,
     alpn: Alpn,
     shared: Arc<Shared>,
-) -> std::io::Result<TlsStream<TcpStream>> {
+) -> std::io::Result<crate::revoked::Watched<TlsStream<TcpStream>>> {
     let identity = dest
         .identity
         .as_ref()
@@ -645,7 +645,19 @@ async fn connect_upstream(
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name(), tcp)).await {
         Ok(Ok(tls)) => {
             shared.metrics.connection("outbound");
-            Ok(tls)
+            let serial = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| bulkhead_identity::serial_of(leaf))
+                .unwrap_or_default();
+            Ok(crate::revoked::Watched::new(
+                tls,
+                identity.clone(),
+                serial,
+                &shared,
+            ))
         }
         Ok(Err(e)) => {
             let reason = crate::metrics::TlsFailure::of_io(&e);

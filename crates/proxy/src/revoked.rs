@@ -63,6 +63,96 @@ impl Revoked {
     }
 }
 
+/// A connection this sidecar opened to a peer, closed (both ways, at the socket) as soon as
+/// the peer's certificate is revoked. Dropping it stops the watch.
+pub(crate) struct Watched<T> {
+    inner: T,
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl<T: crate::tcp::Reset> Watched<T> {
+    /// Watches `inner`, whose peer presented the certificate of `id` with `serial`.
+    pub(crate) fn new(inner: T, id: SpiffeId, serial: String, shared: &Arc<crate::Shared>) -> Self {
+        let dup = match std::os::fd::AsFd::as_fd(inner.tcp()).try_clone_to_owned() {
+            Ok(fd) => socket2::Socket::from(fd),
+            Err(e) => {
+                // Without a second handle the connection cannot be cut from outside; new
+                // handshakes are still refused.
+                tracing::warn!(error = %e, "cannot watch an upstream connection for revocation");
+                return Watched { inner, _stop: None };
+            }
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shared.revoked.until_revoked(&id, &serial) => {
+                    let _ = dup.shutdown(std::net::Shutdown::Both);
+                    shared.metrics.reset("outbound", "revoked");
+                    tracing::warn!(dst.id = %id, serial, reason = "revoked", "closed an open connection: its peer was revoked");
+                }
+                _ = stopped => {}
+            }
+        });
+        Watched {
+            inner,
+            _stop: Some(stop),
+        }
+    }
+}
+
+impl<T: crate::tcp::Reset> crate::tcp::Reset for Watched<T> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.inner.tcp()
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
