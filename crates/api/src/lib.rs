@@ -8,6 +8,7 @@ pub mod v1 {
 
 pub mod channel;
 pub mod exposition;
+pub mod otlp;
 pub mod pieces;
 
 pub use v1::Resource as WireResource;

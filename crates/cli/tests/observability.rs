@@ -195,3 +195,261 @@ fn prometheus_scrapes_the_mesh_and_every_dashboard_query_has_data() {
     );
     assert_eq!(allowed[0]["value"][1], "10", "{allowed:?}");
 }
+
+/// An OTLP/gRPC trace receiver built from OpenTelemetry's own protobufs (the
+/// `opentelemetry-proto` crate): it keeps every span it is sent, with its resource's
+/// `service.name`.
+mod otlp_receiver {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    pub struct Receiver {
+        pub spans: Arc<Mutex<Vec<(String, Span)>>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut kept = self.spans.lock().unwrap();
+            for rs in req.into_inner().resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|kv| kv.key == "service.name")
+                    .and_then(|kv| kv.value.as_ref())
+                    .and_then(|v| match &v.value {
+                        Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    kept.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Serves on a thread of its own for the rest of the test.
+    pub fn start() -> (SocketAddr, Receiver) {
+        let receiver = Receiver::default();
+        let served = receiver.clone();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(served))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await
+                    .unwrap();
+            });
+        });
+        (addr, receiver)
+    }
+
+    pub fn attr(span: &Span, key: &str) -> Option<String> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| match &v.value {
+                Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                Some(any_value::Value::IntValue(i)) => Some(i.to_string()),
+                Some(any_value::Value::BoolValue(b)) => Some(b.to_string()),
+                _ => None,
+            })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
+    use otlp_receiver::attr;
+    let (collector, receiver) = otlp_receiver::start();
+    let endpoint = format!("http://{collector}");
+    let mesh = Mesh::start();
+    mesh.apply("policy.yaml", &orders_policy("/orders"));
+    let traced = ["--otlp-endpoint", endpoint.as_str()];
+    let (_procs, to_orders) = mesh.orders_and_frontend_with(&traced, &traced);
+    let ready = |name: &str| -> Value {
+        let text = std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json")));
+        serde_json::from_str(&text.unwrap()).unwrap()
+    };
+
+    // The app sends a traceparent: the trace goes on through both sidecars to the app.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let app_span = "00f067aa0ba902b7";
+    let mut tcp = std::net::TcpStream::connect(to_orders).unwrap();
+    std::io::Write::write_all(
+        &mut tcp,
+        format!(
+            "GET /orders HTTP/1.1\r\nHost: orders\r\ntraceparent: 00-{trace}-{app_span}-01\r\ntracestate: vendor=kept\r\nx-echo-headers: 1\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut tcp, &mut raw).unwrap();
+    let allowed = String::from_utf8_lossy(&raw).to_string();
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
+    // No traceparent: the sidecar starts a trace; this one is denied by orders' sidecar.
+    assert_eq!(http(to_orders, "GET", "/admin").status, 403);
+
+    let spans = || receiver.spans.lock().unwrap().clone();
+    eventually(WAIT, "four spans at the receiver", || spans().len() >= 4);
+    let spans = spans();
+    let find = |service: &str, path: &str| {
+        spans
+            .iter()
+            .find(|(s, span)| s == service && attr(span, "url.path").as_deref() == Some(path))
+            .map(|(_, span)| span.clone())
+            .unwrap_or_else(|| panic!("no span of {service} for {path}: {spans:#?}"))
+    };
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+
+    // Allowed: app span → frontend's client span → orders' server span → the app's request.
+    let client = find("frontend", "/orders");
+    let server = find("orders", "/orders");
+    assert_eq!(hex(&client.trace_id), trace);
+    assert_eq!(hex(&server.trace_id), trace);
+    assert_eq!(hex(&client.parent_span_id), app_span);
+    assert_eq!(
+        server.parent_span_id, client.span_id,
+        "server span is the client span's child"
+    );
+    assert_eq!(client.kind, SpanKind::Client as i32);
+    assert_eq!(server.kind, SpanKind::Server as i32);
+    assert_eq!(server.trace_state, "vendor=kept");
+    assert!(
+        allowed.to_lowercase().contains(&format!(
+            "traceparent: 00-{trace}-{}-01",
+            hex(&server.span_id)
+        )),
+        "the app's request carries orders' server span as its parent: {allowed}"
+    );
+    assert_eq!(attr(&server, "bulkhead.verdict").as_deref(), Some("allow"));
+    assert_eq!(
+        attr(&server, "bulkhead.policy").as_deref(),
+        Some("shop/orders-allow-frontend")
+    );
+    assert_eq!(
+        attr(&server, "bulkhead.rule").as_deref(),
+        Some("frontend-reads-orders")
+    );
+    assert_eq!(
+        attr(&server, "bulkhead.source.identity"),
+        Some(bulkhead_testkit::mesh::id("frontend"))
+    );
+    assert_eq!(
+        attr(&client, "bulkhead.destination.identity"),
+        Some(bulkhead_testkit::mesh::id("orders"))
+    );
+    assert_eq!(
+        attr(&server, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(attr(&server, "bulkhead.revision").as_deref(), Some("1"));
+    assert!(server.start_time_unix_nano <= server.end_time_unix_nano);
+    assert!(client.start_time_unix_nano <= server.start_time_unix_nano);
+
+    // Denied: a new trace, the denial on orders' server span, the 403 on both.
+    let client = find("frontend", "/admin");
+    let server = find("orders", "/admin");
+    assert_eq!(server.trace_id, client.trace_id);
+    assert_ne!(hex(&client.trace_id), trace);
+    assert!(
+        client.parent_span_id.is_empty(),
+        "a new trace starts at the client span"
+    );
+    assert_eq!(server.parent_span_id, client.span_id);
+    assert_eq!(attr(&server, "bulkhead.verdict").as_deref(), Some("deny"));
+    assert_eq!(
+        attr(&server, "bulkhead.policy").as_deref(),
+        Some("(default posture)")
+    );
+    assert_eq!(
+        attr(&server, "http.response.status_code").as_deref(),
+        Some("403")
+    );
+    assert_eq!(
+        attr(&client, "http.response.status_code").as_deref(),
+        Some("403")
+    );
+    let status = server.status.clone().unwrap();
+    assert_eq!(status.code, StatusCode::Error as i32);
+    assert!(
+        status.message.contains("denied by the mesh"),
+        "{}",
+        status.message
+    );
+
+    // Counted on each sidecar.
+    for name in ["frontend", "orders"] {
+        let admin = addr(&ready(name)["admin"]);
+        let count = |metric: &str| -> u64 {
+            http(admin, "GET", "/metrics")
+                .body
+                .lines()
+                .find(|l| l.starts_with(&format!("{metric} ")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        eventually(WAIT, "the exports counted", || {
+            count("bulkhead_trace_spans_exported_total") >= 2
+        });
+        assert_eq!(count("bulkhead_trace_spans_dropped_total"), 0, "{name}");
+    }
+}
+
+#[test]
+fn a_dead_trace_collector_drops_spans_not_requests() {
+    // Nothing listens there: every export fails.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let endpoint = format!("http://{dead}");
+    let mesh = Mesh::start();
+    mesh.apply("policy.yaml", &orders_policy("/orders"));
+    let traced = ["--otlp-endpoint", endpoint.as_str()];
+    let (_procs, to_orders) = mesh.orders_and_frontend_with(&traced, &traced);
+    for _ in 0..50 {
+        assert_eq!(http(to_orders, "GET", "/orders").status, 200);
+    }
+    let text = std::fs::read_to_string(mesh.dir.path().join("frontend-proxy.json")).unwrap();
+    let admin = addr(&serde_json::from_str::<Value>(&text).unwrap()["admin"]);
+    eventually(WAIT, "the dropped spans counted", || {
+        http(admin, "GET", "/metrics")
+            .body
+            .lines()
+            .find(|l| l.starts_with("bulkhead_trace_spans_dropped_total "))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n >= 50)
+    });
+}

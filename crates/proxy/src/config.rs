@@ -33,6 +33,18 @@ pub struct Config {
     /// flow reporting off: nothing is counted and no reporter runs.
     pub flow_interval: Duration,
     pub limits: Limits,
+    /// Where request spans go (OTLP/gRPC), and which share of new traces is kept; `None`:
+    /// no spans.
+    pub traces: Option<Traces>,
+}
+
+/// Tracing: spans for every sampled request, to an OTLP collector.
+#[derive(Clone, Debug)]
+pub struct Traces {
+    /// `http://HOST:PORT` of an OTLP/gRPC collector.
+    pub endpoint: String,
+    /// The probability that a request without a sampled `traceparent` starts a trace.
+    pub sampling_ratio: f64,
 }
 
 /// Protections against clients that misbehave, by accident or on purpose.

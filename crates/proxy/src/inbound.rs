@@ -407,6 +407,7 @@ async fn handle(
     shared: &Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    let started_at = std::time::SystemTime::now();
     let peer = conn.peer.as_ref();
     let peer_label = peer.map_or(PLAINTEXT_PEER, SpiffeId::as_str);
     if head_too_large(&req, &shared.limits) {
@@ -476,7 +477,23 @@ async fn handle(
     // bytes (a reference count), where copying the path into a `String` would allocate.
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let bytes_in = content_length(req.headers());
+    let span = crate::trace::Pending::begin(
+        shared.tracer.as_ref(),
+        req.headers_mut(),
+        bulkhead_api::otlp::SpanKind::Server,
+        started_at,
+    );
     let record = |latency, bytes_out, status: StatusCode, headers: &http::HeaderMap| {
+        span.end(&crate::trace::Outcome {
+            direction: "inbound",
+            method: method.as_str(),
+            path: uri.path(),
+            port: t.port,
+            source: peer.map(SpiffeId::as_str),
+            destination: Some(shared.identity.as_str()),
+            decision: &decision,
+            status: status.as_u16(),
+        });
         shared.observe(&Seen {
             direction: Direction::Ingress,
             source_identity: peer.map(SpiffeId::as_str),

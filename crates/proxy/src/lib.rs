@@ -26,9 +26,11 @@ mod refusal;
 mod revoked;
 mod tap;
 mod tcp;
+mod trace;
 mod upgrade;
 mod watch;
 
+use bulkhead_api::otlp::Value;
 pub use config::{Config, Limits, UpstreamSpec};
 
 use arc_swap::ArcSwap;
@@ -58,6 +60,8 @@ pub enum ProxyError {
     Identity(#[from] bulkhead_identity::IdentityError),
     #[error("SVID renewal refused: {0}")]
     Renew(String),
+    #[error(transparent)]
+    Traces(#[from] bulkhead_api::otlp::EndpointError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: String,
@@ -100,6 +104,8 @@ pub(crate) struct Shared {
     pub limits: config::Limits,
     /// Identities and certificates the control plane revoked: refused at every handshake.
     pub revoked: Arc<revoked::Revoked>,
+    /// Request spans, when an OTLP endpoint is set.
+    pub tracer: Option<trace::Tracer>,
 }
 
 /// What a started proxy bound and who it is.
@@ -148,7 +154,35 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     let tls = TlsSet::build(joined.svid, &bundle)?;
     let metrics = metrics::Metrics::new();
     metrics.svid_expiry.set(unix_seconds(tls.svid.not_after()));
+    let tracer = match &config.traces {
+        Some(t) => Some(trace::Tracer::start(
+            &t.endpoint,
+            t.sampling_ratio,
+            vec![
+                ("service.name", Value::Str(joined.workload.name.clone())),
+                (
+                    "service.namespace",
+                    Value::Str(joined.workload.namespace.clone()),
+                ),
+                ("bulkhead.identity", Value::Str(id.to_string())),
+                (
+                    "service.version",
+                    Value::Str(env!("CARGO_PKG_VERSION").into()),
+                ),
+            ],
+            metrics.traces.clone(),
+        )?),
+        None => None,
+    };
+    if let Some(t) = &config.traces {
+        tracing::info!(
+            endpoint = t.endpoint,
+            sampling_ratio = t.sampling_ratio,
+            "request spans go to an OTLP collector"
+        );
+    }
     let shared = Arc::new(Shared {
+        tracer,
         flows: flows::Flows::for_interval(config.flow_interval, metrics.flows_dropped.clone()),
         tap: tap::Tap::default(),
         metrics,

@@ -134,6 +134,17 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Send a span for every sampled request to this OTLP/gRPC collector (`http://HOST:PORT`,
+    /// usually an OpenTelemetry Collector beside the proxy). Unset: the standard
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then OTEL_EXPORTER_OTLP_ENDPOINT; neither: no
+    /// spans. A slow or dead collector drops spans, never requests.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// The share of requests without a sampled `traceparent` that start a trace (0 to 1); a
+    /// request whose `traceparent` says sampled is always traced, one that says not sampled
+    /// never is.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = sampling_ratio)]
+    trace_sampling_ratio: f64,
     /// Seconds between reports of the traffic seen (edges) to the control plane. 0 turns
     /// flow reporting off: no request is counted and nothing is reported, so `bulkhead
     /// graph`, `recommend`, `impact` and `promote` see no traffic decided by this proxy.
@@ -202,6 +213,13 @@ impl Args {
             first_config_wait: Duration::from_secs(10),
             max_policy_rules: self.max_policy_rules,
             flow_interval: Duration::from_secs(self.flow_interval_secs),
+            traces: self
+                .otlp_endpoint
+                .or_else(|| bulkhead_api::otlp::endpoint_from_env(|k| std::env::var(k).ok()))
+                .map(|endpoint| bulkhead_proxy::config::Traces {
+                    endpoint,
+                    sampling_ratio: self.trace_sampling_ratio,
+                }),
             limits: bulkhead_proxy::Limits {
                 max_header_bytes: self.max_header_bytes,
                 header_read_timeout: Duration::from_secs(self.header_read_timeout_secs.max(1)),
@@ -215,6 +233,15 @@ impl Args {
                 ..bulkhead_proxy::Limits::default()
             },
         })
+    }
+}
+
+fn sampling_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a ratio between 0 and 1 (e.g. 0.01 for 1%)"
+        )),
     }
 }
 

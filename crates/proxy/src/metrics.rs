@@ -180,7 +180,25 @@ pub(crate) struct Metrics {
     pub plaintext: Family<PortLabels, Counter>,
     pub resets: Family<TcpCloseLabels, Counter>,
     pub flows_dropped: Counter,
+    /// Spans sent to the trace collector, and dropped (`--otlp-endpoint`).
+    pub traces: Arc<TraceCounters>,
     registry: Registry,
+}
+
+/// What the span exporter did; registered whether or not tracing is on.
+#[derive(Debug, Default)]
+pub(crate) struct TraceCounters {
+    exported: Counter,
+    dropped: Counter,
+}
+
+impl bulkhead_api::otlp::SpanCounts for TraceCounters {
+    fn exported(&self, n: u64) {
+        self.exported.inc_by(n);
+    }
+    fn dropped(&self, n: u64) {
+        self.dropped.inc_by(n);
+    }
 }
 
 impl Metrics {
@@ -290,7 +308,19 @@ impl Metrics {
             "The policy revision in force",
             revision.clone(),
         );
+        let traces = Arc::new(TraceCounters::default());
+        registry.register(
+            "bulkhead_trace_spans_exported",
+            "Spans the trace collector accepted",
+            traces.exported.clone(),
+        );
+        registry.register(
+            "bulkhead_trace_spans_dropped",
+            "Spans dropped: the queue was full, or the collector refused them or did not answer in time",
+            traces.dropped.clone(),
+        );
         Metrics {
+            traces,
             requests,
             duration,
             decisions,

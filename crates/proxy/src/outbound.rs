@@ -378,6 +378,7 @@ async fn handle(
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
+    let started_at = std::time::SystemTime::now();
     if head_too_large(&req, &shared.limits) {
         return Ok(head_refused(&shared, "outbound"));
     }
@@ -430,7 +431,23 @@ async fn handle(
     // bytes (a reference count), where copying the path into a `String` would allocate.
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let (protocol, bytes_in) = (protocol_of(&req), content_length(req.headers()));
+    let span = crate::trace::Pending::begin(
+        shared.tracer.as_ref(),
+        req.headers_mut(),
+        bulkhead_api::otlp::SpanKind::Client,
+        started_at,
+    );
     let record = |latency, bytes_out, status: StatusCode, headers: &http::HeaderMap| {
+        span.end(&crate::trace::Outcome {
+            direction: "outbound",
+            method: method.as_str(),
+            path: uri.path(),
+            port: dest.port,
+            source: Some(shared.identity.as_str()),
+            destination: dest.identity.as_ref().map(SpiffeId::as_str),
+            decision: &decision,
+            status: status.as_u16(),
+        });
         // Destinations outside the mesh have no workload to draw an edge to.
         let Some(destination) = dest.workload.as_ref() else {
             return;
