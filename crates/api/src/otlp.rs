@@ -123,6 +123,16 @@ fn new_span_id() -> [u8; 8] {
     }
 }
 
+/// Reads a sampling ratio given on a command line: a number from 0 to 1.
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a ratio between 0 and 1 (e.g. 0.01 for 1%)"
+        )),
+    }
+}
+
 /// Whether a request starts a span: it follows its parent's sampled flag when it has one
 /// (parent-based sampling, so a trace is whole or absent), else a trace is sampled with
 /// probability `ratio`.
@@ -138,6 +148,7 @@ pub enum SpanKind {
     Server,
     Client,
     Internal,
+    Producer,
 }
 
 /// One attribute value.
@@ -195,6 +206,7 @@ impl FinishedSpan {
                 SpanKind::Server => span::SpanKind::Server,
                 SpanKind::Client => span::SpanKind::Client,
                 SpanKind::Internal => span::SpanKind::Internal,
+                SpanKind::Producer => span::SpanKind::Producer,
             } as i32,
             start_time_unix_nano: unix_nanos(self.start),
             end_time_unix_nano: unix_nanos(self.end),
@@ -356,6 +368,37 @@ impl Exporter {
         if self.queue.try_send(span).is_err() {
             self.counts.dropped(1);
         }
+    }
+}
+
+/// Sampling and export together: what a process that makes spans holds.
+#[derive(Debug)]
+pub struct Tracer {
+    exporter: Exporter,
+    /// The probability that work without a sampled parent starts a trace.
+    ratio: f64,
+}
+
+impl Tracer {
+    pub fn start(
+        endpoint: &str,
+        ratio: f64,
+        resource: Vec<(&'static str, Value)>,
+        counts: Arc<dyn SpanCounts>,
+    ) -> Result<Tracer, EndpointError> {
+        Ok(Tracer {
+            exporter: Exporter::start(endpoint, resource, counts)?,
+            ratio,
+        })
+    }
+
+    /// The context of a new span under `parent`, if it is sampled (see [`sampled`]).
+    pub fn sample(&self, parent: Option<&SpanContext>) -> Option<SpanContext> {
+        sampled(parent, self.ratio).then(|| SpanContext::child_of(parent))
+    }
+
+    pub fn export(&self, span: FinishedSpan) {
+        self.exporter.offer(span);
     }
 }
 

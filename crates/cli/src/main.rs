@@ -96,6 +96,8 @@ enum Command {
         console_insecure_http: bool,
         #[command(flatten)]
         bounds: ControlBounds,
+        #[command(flatten)]
+        traces: ControlTraces,
     },
     /// The web console (`bulkhead control --console ADDR`; docs/console.md).
     Console {
@@ -280,6 +282,19 @@ impl ChangeFlags {
             wait: self.wait.then_some(self.timeout),
         }
     }
+}
+
+/// `bulkhead control`'s spans (docs/tracing.md).
+#[derive(clap::Args, Debug)]
+struct ControlTraces {
+    /// Send spans of admin and proxy calls, commits and pushes to this OTLP/gRPC collector
+    /// (`http://HOST:PORT`). Unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then
+    /// OTEL_EXPORTER_OTLP_ENDPOINT; neither: no spans.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// The share of calls without a sampled `traceparent` that start a trace (0 to 1).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = bulkhead_api::otlp::parse_ratio)]
+    trace_sampling_ratio: f64,
 }
 
 /// What the control plane keeps and what one proxy's configuration may hold.
@@ -567,6 +582,7 @@ async fn run(cli: Cli) -> Result<()> {
             console_hosts,
             console_insecure_http,
             bounds,
+            traces,
         } => {
             init_logging("info");
             let config = bulkhead_control::ControlConfig {
@@ -604,6 +620,13 @@ async fn run(cli: Cli) -> Result<()> {
                     max_paths_per_edge: bounds.flow_max_paths_per_edge,
                     ..Default::default()
                 },
+                traces: traces
+                    .otlp_endpoint
+                    .or_else(|| bulkhead_api::otlp::endpoint_from_env(|k| std::env::var(k).ok()))
+                    .map(|endpoint| bulkhead_control::TraceOptions {
+                        endpoint,
+                        sampling_ratio: traces.trace_sampling_ratio,
+                    }),
             };
             let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(

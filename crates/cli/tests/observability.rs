@@ -290,9 +290,9 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
     use otlp_receiver::attr;
     let (collector, receiver) = otlp_receiver::start();
     let endpoint = format!("http://{collector}");
-    let mesh = Mesh::start();
-    mesh.apply("policy.yaml", &orders_policy("/orders"));
     let traced = ["--otlp-endpoint", endpoint.as_str()];
+    let mesh = Mesh::start_with(&traced);
+    mesh.apply("policy.yaml", &orders_policy("/orders"));
     let (_procs, to_orders) = mesh.orders_and_frontend_with(&traced, &traced);
     let ready = |name: &str| -> Value {
         let text = std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json")));
@@ -318,9 +318,17 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
     // No traceparent: the sidecar starts a trace; this one is denied by orders' sidecar.
     assert_eq!(http(to_orders, "GET", "/admin").status, 403);
 
-    let spans = || receiver.spans.lock().unwrap().clone();
-    eventually(WAIT, "four spans at the receiver", || spans().len() >= 4);
-    let spans = spans();
+    let all_spans = || receiver.spans.lock().unwrap().clone();
+    let request_spans = || {
+        all_spans()
+            .into_iter()
+            .filter(|(service, _)| service != "bulkhead-control")
+            .collect::<Vec<_>>()
+    };
+    eventually(WAIT, "four request spans at the receiver", || {
+        request_spans().len() >= 4
+    });
+    let spans = request_spans();
     let find = |service: &str, path: &str| {
         spans
             .iter()
@@ -424,6 +432,67 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
         });
         assert_eq!(count("bulkhead_trace_spans_dropped_total"), 0, "{name}");
     }
+
+    // The control plane: the apply call, the commit under it, and the push of the revision
+    // to orders' proxy under the commit, ended by its ACK.
+    mesh.apply(
+        "more.yaml",
+        "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: health, namespace: shop}\nspec:\n  selector: {workload: orders}\n  action: allow\n  rules:\n    - name: health\n      from: {identities: [\"spiffe://test.local/ns/shop/sa/frontend\"]}\n      to: {methods: [GET], paths: [/health]}\n",
+    );
+    let control = || {
+        all_spans()
+            .into_iter()
+            .filter(|(service, _)| service == "bulkhead-control")
+            .map(|(_, span)| span)
+            .collect::<Vec<_>>()
+    };
+    let named = |spans: &[opentelemetry_proto::tonic::trace::v1::Span], name: &str| {
+        spans
+            .iter()
+            .filter(|s| s.name == name)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    eventually(WAIT, "the push of revision 2 answered", || {
+        !named(&control(), "push revision 2").is_empty()
+    });
+    let spans = control();
+    let commit = named(&spans, "commit revision 2")
+        .pop()
+        .expect("a commit span");
+    let apply = spans
+        .iter()
+        .find(|s| s.span_id == commit.parent_span_id)
+        .expect("the commit's parent is sent");
+    assert_eq!(apply.name, "bulkhead.v1.Admin/Apply");
+    assert_eq!(apply.kind, SpanKind::Server as i32);
+    assert_eq!(attr(apply, "rpc.grpc.status_code").as_deref(), Some("0"));
+    assert!(
+        attr(&commit, "bulkhead.action")
+            .is_some_and(|a| a.starts_with("apply ") && a.ends_with("more.yaml")),
+        "{commit:?}"
+    );
+    let push = named(&spans, "push revision 2").pop().unwrap();
+    assert_eq!(push.parent_span_id, commit.span_id);
+    assert_eq!(push.trace_id, apply.trace_id);
+    assert_eq!(
+        attr(&push, "bulkhead.workload").as_deref(),
+        Some("shop/orders")
+    );
+    assert_eq!(attr(&push, "bulkhead.result").as_deref(), Some("ack"));
+    assert!(push.end_time_unix_nano >= push.start_time_unix_nano);
+    // A refused call is an error span.
+    let (code, _, _) = mesh.cli(&["rollback", "99"]);
+    assert_ne!(code, 0);
+    eventually(WAIT, "the refused rollback", || {
+        control().iter().any(|s| {
+            s.name == "bulkhead.v1.Admin/Rollback"
+                && attr(s, "rpc.grpc.status_code").as_deref() == Some("5")
+                && s.status
+                    .as_ref()
+                    .is_some_and(|st| st.code == StatusCode::Error as i32)
+        })
+    });
 }
 
 #[test]

@@ -145,11 +145,12 @@ impl State {
         };
         if committed.revision != current.revision {
             // What was checked is what is pushed; the store kept the same set, in key order.
-            let snapshot = if committed.revision == candidate.revision {
+            let mut snapshot = if committed.revision == candidate.revision {
                 candidate
             } else {
                 Snapshot::new(committed.revision, candidate.resources)
             };
+            snapshot.commit_span = self.commit_span(&changed, actor, action);
             self.snapshot.send_replace(Arc::new(snapshot));
             tracing::info!(
                 revision = changed.revision,
@@ -160,6 +161,39 @@ impl State {
             );
         }
         Ok((changed, extra))
+    }
+
+    /// Records the commit of a revision as a span under the call that made it, if traced.
+    fn commit_span(
+        &self,
+        changed: &Changed,
+        actor: &str,
+        action: &str,
+    ) -> Option<bulkhead_api::otlp::SpanContext> {
+        use bulkhead_api::otlp::{SpanKind, Value};
+        let tracer = self.tracer.as_ref()?;
+        let call = crate::spans::current_call();
+        let begun = crate::spans::Begun::under(tracer, call.as_ref())?;
+        let context = begun.context;
+        begun.end(
+            tracer,
+            format!("commit revision {}", changed.revision),
+            SpanKind::Internal,
+            vec![
+                (
+                    "bulkhead.revision",
+                    Value::Int(i64::try_from(changed.revision).unwrap_or(i64::MAX)),
+                ),
+                ("bulkhead.actor", Value::Str(actor.to_string())),
+                ("bulkhead.action", Value::Str(action.to_string())),
+                (
+                    "bulkhead.affected_workloads",
+                    Value::Int(i64::try_from(changed.affected.len()).unwrap_or(i64::MAX)),
+                ),
+            ],
+            None,
+        );
+        Some(context)
     }
 
     /// The workloads whose configuration differs between `old` and `new`, after checking

@@ -19,6 +19,7 @@ mod metrics;
 mod promote;
 mod proxies;
 mod service;
+mod spans;
 mod store;
 mod tap;
 mod tokens;
@@ -66,6 +67,17 @@ pub struct ControlOptions {
     pub history: HistoryRetention,
     /// What one proxy's configuration may hold; a change over it is refused.
     pub proxy_bounds: ProxyBounds,
+    /// Spans of calls, commits and pushes to an OTLP collector; `None`: no spans.
+    pub traces: Option<TraceOptions>,
+}
+
+/// Where the control plane's spans go (`bulkhead control --otlp-endpoint`).
+#[derive(Clone, Debug)]
+pub struct TraceOptions {
+    /// `http://HOST:PORT` of an OTLP/gRPC collector.
+    pub endpoint: String,
+    /// The probability that a call without a sampled `traceparent` starts a trace.
+    pub sampling_ratio: f64,
 }
 
 /// A running control plane. Dropping it does not stop it; call [`RunningControl::shutdown`].
@@ -138,7 +150,7 @@ pub async fn start_with(
     };
     let metrics_addr = metrics_tcp.as_ref().map(|(_, a)| *a);
     let context_file = dir.write_admin_context(cas.active(), addr, metrics_addr)?;
-    let state = Arc::new(service::State::with_options(
+    let mut state = service::State::with_options(
         dir,
         cas,
         store,
@@ -146,7 +158,36 @@ pub async fn start_with(
         options.flow_retention,
         &options.anomalies,
         options.proxy_bounds,
-    )?);
+    )?;
+    if let Some(t) = &options.traces {
+        let tracer = bulkhead_api::otlp::Tracer::start(
+            &t.endpoint,
+            t.sampling_ratio,
+            vec![
+                (
+                    "service.name",
+                    bulkhead_api::otlp::Value::Str("bulkhead-control".into()),
+                ),
+                (
+                    "service.version",
+                    bulkhead_api::otlp::Value::Str(env!("CARGO_PKG_VERSION").into()),
+                ),
+                (
+                    "bulkhead.trust_domain",
+                    bulkhead_api::otlp::Value::Str(config.trust_domain.clone()),
+                ),
+            ],
+            state.metrics.traces.clone(),
+        )
+        .map_err(|e| ControlError::Serve(e.to_string()))?;
+        tracing::info!(
+            endpoint = t.endpoint,
+            sampling_ratio = t.sampling_ratio,
+            "spans of calls, commits and pushes go to an OTLP collector"
+        );
+        state.tracer = Some(Arc::new(tracer));
+    }
+    let state = Arc::new(state);
     let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
     listener::spawn_cert_renewal(state.clone());
     credentials::spawn_upkeep(state.clone());
@@ -166,6 +207,9 @@ pub async fn start_with(
         metrics::serve(tcp, state.clone(), stop.subscribe());
     }
     let router = tonic::transport::Server::builder()
+        .layer(spans::CallSpans {
+            tracer: state.tracer.clone(),
+        })
         .add_service(IdentityServer::from_arc(state.clone()))
         .add_service(CredentialsServer::from_arc(state.clone()))
         // Room for a flow report at its bound, so that its own error names the bound.

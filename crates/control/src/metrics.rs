@@ -55,6 +55,8 @@ pub(crate) struct Metrics {
     edges_stored: Counter,
     paths_folded: Counter,
     rows_deleted: Family<ReasonLabels, Counter>,
+    /// Spans the exporter sent and dropped (`--otlp-endpoint`).
+    pub(crate) traces: std::sync::Arc<bulkhead_api::otlp::ExportCounts>,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,7 @@ impl Default for Metrics {
             edges_stored: Counter::default(),
             paths_folded: Counter::default(),
             rows_deleted,
+            traces: Default::default(),
         }
     }
 }
@@ -142,6 +145,19 @@ impl Metrics {
             "bulkhead_flow_requests_dropped",
             "Requests proxies left out of their flow reports because their buffer was full",
             ConstCounter::new(dropped),
+        );
+        let spans = |c: &std::sync::atomic::AtomicU64| {
+            ConstCounter::new(c.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        registry.register(
+            "bulkhead_trace_spans_exported",
+            "Spans the trace collector accepted",
+            spans(&self.traces.exported),
+        );
+        registry.register(
+            "bulkhead_trace_spans_dropped",
+            "Spans dropped: the queue was full, or the collector refused them or did not answer in time",
+            spans(&self.traces.dropped),
         );
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -36,6 +36,9 @@ pub(crate) struct Snapshot {
     /// The mesh's address table, the same for every proxy.
     pub(crate) endpoints: Vec<pb::Endpoint>,
     pub(crate) distribution: bulkhead_policy::Distribution,
+    /// The span of the commit that made this revision, when it was traced: each proxy's
+    /// push span is its child.
+    pub(crate) commit_span: Option<bulkhead_api::otlp::SpanContext>,
 }
 
 impl Snapshot {
@@ -51,6 +54,7 @@ impl Snapshot {
             wire,
             endpoints,
             distribution,
+            commit_span: None,
         }
     }
 
@@ -117,6 +121,9 @@ pub(crate) struct State {
     /// Who is refused although their certificates chain to the bundle: pushed to every
     /// proxy, asked by the listener at every handshake.
     pub(crate) revoked: Arc<crate::credentials::Revoked>,
+    /// Spans to an OTLP collector (`--otlp-endpoint`), and the pushes awaiting an answer.
+    pub(crate) tracer: Option<Arc<bulkhead_api::otlp::Tracer>>,
+    pub(crate) pushes: crate::spans::Pushes,
 }
 
 impl State {
@@ -178,6 +185,8 @@ impl State {
             metrics: Metrics::default(),
             console: Default::default(),
             revoked,
+            tracer: None,
+            pushes: Default::default(),
         })
     }
 
@@ -552,6 +561,8 @@ impl Config for State {
             self.proxies
                 .connect(id.as_str(), &workload, remote, not_after, cert_ca, instance);
         let registry = self.proxies.clone();
+        let tracer = self.tracer.clone();
+        let pushes = self.pushes.clone();
         // A new revision or a new bundle: either sends the whole current state, in pieces
         // to a proxy that takes them, and only the bundle to a proxy that just reconnected
         // holding exactly the current revision.
@@ -570,6 +581,8 @@ impl Config for State {
             let workload = workload.clone();
             let id = id.clone();
             let registry = registry.clone();
+            let tracer = tracer.clone();
+            let pushes = pushes.clone();
             async move {
                 loop {
                     if let Some(next) = f.queue.pop_front() {
@@ -602,6 +615,15 @@ impl Config for State {
                     let snap = f.revisions.borrow_and_update().clone();
                     let trust = f.cas.borrow_and_update().clone();
                     registry.sent(id.as_str(), &workload, snap.revision);
+                    if let Some(tracer) = &tracer {
+                        pushes.sent(
+                            tracer,
+                            id.as_str(),
+                            &workload,
+                            snap.revision,
+                            snap.commit_span.as_ref(),
+                        );
+                    }
                     let config = snap.config_for(&workload, trust.wire(), &revoked);
                     match f.held.take() {
                         Some((revision, digest))
@@ -641,6 +663,10 @@ impl Config for State {
         if r.accepted {
             tracing::debug!(spiffe_id = %id, %workload, revision = r.revision, "ACK");
             self.proxies.ack(id.as_str(), &workload, r.revision, None);
+            if let Some(tracer) = &self.tracer {
+                self.pushes
+                    .answered(tracer, id.as_str(), &workload, r.revision, None);
+            }
         } else {
             let error: String = r.error.chars().take(2000).collect();
             // A proxy that could not even read what it was sent does not know its revision:
@@ -650,6 +676,10 @@ impl Config for State {
                 n => n,
             };
             tracing::warn!(spiffe_id = %id, %workload, revision, error, "NACK: the proxy refused this revision and keeps its last good one");
+            if let Some(tracer) = &self.tracer {
+                self.pushes
+                    .answered(tracer, id.as_str(), &workload, revision, Some(&error));
+            }
             self.proxies
                 .ack(id.as_str(), &workload, revision, Some(error));
         }

@@ -143,7 +143,7 @@ struct Args {
     /// The share of requests without a sampled `traceparent` that start a trace (0 to 1); a
     /// request whose `traceparent` says sampled is always traced, one that says not sampled
     /// never is.
-    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = sampling_ratio)]
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = bulkhead_api::otlp::parse_ratio)]
     trace_sampling_ratio: f64,
     /// Seconds between reports of the traffic seen (edges) to the control plane. 0 turns
     /// flow reporting off: no request is counted and nothing is reported, so `bulkhead
@@ -233,15 +233,6 @@ impl Args {
                 ..bulkhead_proxy::Limits::default()
             },
         })
-    }
-}
-
-fn sampling_ratio(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
-        _ => Err(format!(
-            "{s:?} is not a ratio between 0 and 1 (e.g. 0.01 for 1%)"
-        )),
     }
 }
 

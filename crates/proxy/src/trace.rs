@@ -9,7 +9,7 @@
 //! one `try_send`: a slow or dead collector drops spans, never requests
 //! (`bulkhead_trace_spans_dropped_total`).
 
-use bulkhead_api::otlp::{self, Exporter, FinishedSpan, SpanContext, SpanKind, Value};
+use bulkhead_api::otlp::{self, FinishedSpan, SpanContext, SpanKind, Value};
 use bulkhead_policy::{Decision, Reason};
 use http::{HeaderMap, HeaderValue};
 use std::time::SystemTime;
@@ -18,11 +18,7 @@ const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
 
 /// Spans on, toward one collector.
-pub(crate) struct Tracer {
-    exporter: Exporter,
-    /// The probability that a request without a sampled parent starts a trace.
-    ratio: f64,
-}
+pub(crate) struct Tracer(otlp::Tracer);
 
 /// A request's span, from when its head arrived.
 pub(crate) struct RequestSpan {
@@ -91,10 +87,9 @@ impl Tracer {
         resource: Vec<(&'static str, Value)>,
         counts: std::sync::Arc<dyn otlp::SpanCounts>,
     ) -> Result<Tracer, otlp::EndpointError> {
-        Ok(Tracer {
-            exporter: Exporter::start(endpoint, resource, counts)?,
-            ratio,
-        })
+        Ok(Tracer(otlp::Tracer::start(
+            endpoint, ratio, resource, counts,
+        )?))
     }
 
     /// Starts a span for a request whose headers are `headers`, if it is sampled, and makes
@@ -110,10 +105,7 @@ impl Tracer {
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(SpanContext::from_traceparent);
-        if !otlp::sampled(parent.as_ref(), self.ratio) {
-            return None;
-        }
-        let context = SpanContext::child_of(parent.as_ref());
+        let context = self.0.sample(parent.as_ref())?;
         let value = HeaderValue::from_str(&context.traceparent()).ok()?;
         headers.insert(TRACEPARENT, value);
         let trace_state = parent
@@ -178,7 +170,7 @@ impl Tracer {
         } else {
             None
         };
-        self.exporter.offer(FinishedSpan {
+        self.0.export(FinishedSpan {
             context: span.context,
             parent: span.parent,
             trace_state: span.trace_state,
