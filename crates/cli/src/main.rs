@@ -98,6 +98,9 @@ enum Command {
         bounds: ControlBounds,
         #[command(flatten)]
         traces: ControlTraces,
+        /// Log format: text, or one JSON object per line.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
     },
     /// The web console (`bulkhead control --console ADDR`; docs/console.md).
     Console {
@@ -583,8 +586,9 @@ async fn run(cli: Cli) -> Result<()> {
             console_insecure_http,
             bounds,
             traces,
+            log_format,
         } => {
-            init_logging("info");
+            bulkhead_proxy::init_logging("info", log_format == "json");
             let config = bulkhead_control::ControlConfig {
                 data_dir,
                 listen,
@@ -933,12 +937,7 @@ async fn run(cli: Cli) -> Result<()> {
 const LOGGING_HELP: &str = "Logging (`control`, `demo`): BULKHEAD_LOG sets what is logged, as a filter in RUST_LOG's syntax, e.g. BULKHEAD_LOG=debug or BULKHEAD_LOG=info,bulkhead_control=debug; RUST_LOG is read when BULKHEAD_LOG is unset. The default is info for `control` and warn for `demo`; logs go to stderr.";
 
 pub(crate) fn init_logging(default: &str) {
-    let filter = bulkhead_proxy::log_filter(default);
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    bulkhead_proxy::init_logging(default, false);
 }
 
 /// A spike factor: a finite number, at least 1.

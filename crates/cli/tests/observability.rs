@@ -293,7 +293,8 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
     let traced = ["--otlp-endpoint", endpoint.as_str()];
     let mesh = Mesh::start_with(&traced);
     mesh.apply("policy.yaml", &orders_policy("/orders"));
-    let (_procs, to_orders) = mesh.orders_and_frontend_with(&traced, &traced);
+    let orders_flags = [traced[0], traced[1], "--log-format", "json"];
+    let (procs, to_orders) = mesh.orders_and_frontend_with(&orders_flags, &traced);
     let ready = |name: &str| -> Value {
         let text = std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json")));
         serde_json::from_str(&text.unwrap()).unwrap()
@@ -317,6 +318,7 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
     assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
     // No traceparent: the sidecar starts a trace; this one is denied by orders' sidecar.
     assert_eq!(http(to_orders, "GET", "/admin").status, 403);
+    assert_eq!(http(to_orders, "GET", "/admin/1234567").status, 403);
 
     let all_spans = || receiver.spans.lock().unwrap().clone();
     let request_spans = || {
@@ -325,8 +327,8 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
             .filter(|(service, _)| service != "bulkhead-control")
             .collect::<Vec<_>>()
     };
-    eventually(WAIT, "four request spans at the receiver", || {
-        request_spans().len() >= 4
+    eventually(WAIT, "six request spans at the receiver", || {
+        request_spans().len() >= 6
     });
     let spans = request_spans();
     let find = |service: &str, path: &str| {
@@ -415,6 +417,63 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
         status.message
     );
 
+    // orders' access log (--log-format json): one object per request, in the documented
+    // schema, with the trace id.
+    let log = procs[1].log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "bulkhead::access")
+        .collect();
+    let allowed = lines
+        .iter()
+        .find(|v| v["path"] == "/orders")
+        .unwrap_or_else(|| panic!("no access line for /orders in:\n{log}"));
+    for (key, want) in [
+        ("direction", json!("inbound")),
+        ("protocol", json!("http")),
+        ("source", json!(bulkhead_testkit::mesh::id("frontend"))),
+        ("destination", json!(bulkhead_testkit::mesh::id("orders"))),
+        ("destination_workload", json!("shop/orders")),
+        ("method", json!("GET")),
+        ("status", json!(200)),
+        ("verdict", json!("allow")),
+        ("policy", json!("shop/orders-allow-frontend")),
+        ("rule", json!("frontend-reads-orders")),
+        ("revision", json!(1)),
+        ("trace_id", json!(trace)),
+        ("message", json!("request")),
+    ] {
+        assert_eq!(allowed[key], want, "{key} in {allowed}");
+    }
+    assert!(allowed["duration_ms"].as_f64().is_some(), "{allowed}");
+    let denied = lines.iter().find(|v| v["path"] == "/admin").unwrap();
+    assert_eq!(denied["verdict"], "deny");
+    assert_eq!(denied["status"], 403);
+    assert_eq!(denied["policy"], "-");
+    assert_ne!(denied["trace_id"], "-", "the trace the client span started");
+    assert!(
+        lines.iter().any(|v| v["path"] == "/admin/*"),
+        "paths are logged as templates: {log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|v| !v["path"].as_str().unwrap().contains("1234567")),
+        "an id reached a path field: {log}"
+    );
+    assert!(
+        allowed.get("decision").is_none(),
+        "an allow needs no explanation: {allowed}"
+    );
+    assert!(
+        denied["decision"]
+            .as_str()
+            .unwrap()
+            .contains("nearest miss"),
+        "a denial is explained: {denied}"
+    );
+
     // Counted on each sidecar.
     for name in ["frontend", "orders"] {
         let admin = addr(&ready(name)["admin"]);
@@ -453,8 +512,13 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
             .cloned()
             .collect::<Vec<_>>()
     };
-    eventually(WAIT, "the push of revision 2 answered", || {
-        !named(&control(), "push revision 2").is_empty()
+    let orders_push = |spans: &[opentelemetry_proto::tonic::trace::v1::Span]| {
+        named(spans, "push revision 2")
+            .into_iter()
+            .find(|s| attr(s, "bulkhead.workload").as_deref() == Some("shop/orders"))
+    };
+    eventually(WAIT, "the push of revision 2 to orders answered", || {
+        orders_push(&control()).is_some()
     });
     let spans = control();
     let commit = named(&spans, "commit revision 2")
@@ -472,7 +536,7 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
             .is_some_and(|a| a.starts_with("apply ") && a.ends_with("more.yaml")),
         "{commit:?}"
     );
-    let push = named(&spans, "push revision 2").pop().unwrap();
+    let push = orders_push(&spans).unwrap();
     assert_eq!(push.parent_span_id, commit.span_id);
     assert_eq!(push.trace_id, apply.trace_id);
     assert_eq!(

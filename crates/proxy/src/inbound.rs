@@ -472,7 +472,7 @@ async fn handle(
             "bulkhead: the request target cannot be forwarded".into(),
         ));
     }
-    crate::http::log_decision("inbound", &decision, peer_label, shared, &req);
+    crate::http::count_decision("inbound", &decision, shared);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
     // bytes (a reference count), where copying the path into a `String` would allocate.
     let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -484,6 +484,19 @@ async fn handle(
         started_at,
     );
     let record = |latency, bytes_out, status: StatusCode, headers: &http::HeaderMap| {
+        crate::http::log_access(&crate::http::Access {
+            direction: "inbound",
+            source: peer.map(SpiffeId::as_str),
+            destination: Some(shared.identity.as_str()),
+            source_workload: conn.source_workload.as_ref(),
+            destination_workload: Some(&shared.workload),
+            method: method.as_str(),
+            path: uri.path(),
+            status: status.as_u16(),
+            decision: &decision,
+            trace_id: span.trace_id(),
+            duration: started.elapsed(),
+        });
         span.end(&crate::trace::Outcome {
             direction: "inbound",
             method: method.as_str(),

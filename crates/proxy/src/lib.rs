@@ -282,3 +282,19 @@ pub fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
     }
     tracing_subscriber::EnvFilter::new(default)
 }
+
+/// Logging for both binaries: to stderr, filtered by [`log_filter`], as text or as one JSON
+/// object per line (`--log-format json`; fields flattened, so an access line's fields are
+/// top-level keys beside `timestamp`, `level`, `target` and `message`).
+pub fn init_logging(default: &str, json: bool) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(log_filter(default))
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+}

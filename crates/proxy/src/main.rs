@@ -286,14 +286,5 @@ async fn run(config: Config) -> anyhow::Result<()> {
 const LOGGING_HELP: &str = "Logging: BULKHEAD_LOG sets what is logged, as a filter in RUST_LOG's syntax, e.g. BULKHEAD_LOG=debug or BULKHEAD_LOG=info,bulkhead_proxy=debug,h2=warn; RUST_LOG is read when BULKHEAD_LOG is unset. The default is info; logs go to stderr (--log-format text or json).";
 
 fn init_logging(format: &str) {
-    let filter = bulkhead_proxy::log_filter("info");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
+    bulkhead_proxy::init_logging("info", format == "json");
 }

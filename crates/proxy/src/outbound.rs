@@ -426,7 +426,7 @@ async fn handle(
         ));
     }
     let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
-    crate::http::log_decision("outbound", &decision, peer, &shared, &req);
+    crate::http::count_decision("outbound", &decision, &shared);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
     // bytes (a reference count), where copying the path into a `String` would allocate.
     let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -438,6 +438,19 @@ async fn handle(
         started_at,
     );
     let record = |latency, bytes_out, status: StatusCode, headers: &http::HeaderMap| {
+        crate::http::log_access(&crate::http::Access {
+            direction: "outbound",
+            source: Some(shared.identity.as_str()),
+            destination: dest.identity.as_ref().map(SpiffeId::as_str),
+            source_workload: Some(&shared.workload),
+            destination_workload: dest.workload.as_ref(),
+            method: method.as_str(),
+            path: uri.path(),
+            status: status.as_u16(),
+            decision: &decision,
+            trace_id: span.trace_id(),
+            duration: started.elapsed(),
+        });
         span.end(&crate::trace::Outcome {
             direction: "outbound",
             method: method.as_str(),

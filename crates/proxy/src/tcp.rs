@@ -79,22 +79,47 @@ impl Flow {
         }
     }
 
-    /// The decision log line for this flow.
+    /// The access line for this connection, when it is judged (the schema of HTTP requests'
+    /// lines, with `protocol="tcp"`, the port, and no method, path or status).
     pub(crate) fn log(&self, decision: &Decision, shared: &Shared) {
         self.record(decision, shared);
-        let verdict = if decision.is_allow() { "allow" } else { "deny" };
         shared.metrics.decision(self.direction_label(), decision);
+        let (verdict, policy, rule) = crate::http::verdict_policy_rule(decision);
+        let peer = self.peer_identity.as_deref().unwrap_or("-");
+        let peer_workload = self
+            .peer_workload
+            .as_ref()
+            .map_or_else(|| "-".to_string(), ToString::to_string);
+        let (source, destination, source_workload, destination_workload) = match self.direction {
+            Direction::Ingress => (
+                peer,
+                shared.identity.as_str(),
+                peer_workload,
+                shared.workload.to_string(),
+            ),
+            Direction::Egress => (
+                shared.identity.as_str(),
+                peer,
+                shared.workload.to_string(),
+                peer_workload,
+            ),
+        };
         tracing::info!(
-            target: "bulkhead::decision",
+            target: "bulkhead::access",
             direction = self.direction_label(),
-            verdict,
-            peer.id = self.peer_identity.as_deref().unwrap_or("-"),
-            peer.ip = ?self.peer_ip,
-            workload = %shared.workload,
             protocol = "tcp",
+            source,
+            source_workload,
+            destination,
+            destination_workload,
+            peer_ip = ?self.peer_ip,
             port = self.port,
+            verdict,
+            policy = %policy,
+            rule = %rule,
+            revision = decision.revision,
             decision = %decision,
-            "authorization decision"
+            "connection"
         );
     }
 }

@@ -34,6 +34,8 @@ pub(crate) struct RequestSpan {
 pub(crate) struct Pending<'a> {
     tracer: Option<&'a Tracer>,
     span: std::sync::Mutex<Option<RequestSpan>>,
+    /// The request's trace: this span's, or (untraced here) the one its `traceparent` names.
+    trace_id: Option<[u8; 16]>,
 }
 
 impl<'a> Pending<'a> {
@@ -46,11 +48,23 @@ impl<'a> Pending<'a> {
         kind: SpanKind,
         start: SystemTime,
     ) -> Pending<'a> {
+        let incoming = headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(SpanContext::from_traceparent)
+            .map(|c| c.trace_id);
         let span = tracer.and_then(|t| t.begin(headers, kind, start));
+        let trace_id = span.as_ref().map(|s| s.context.trace_id).or(incoming);
         Pending {
             tracer,
             span: std::sync::Mutex::new(span),
+            trace_id,
         }
+    }
+
+    /// The request's trace id (hex), for its log line.
+    pub(crate) fn trace_id(&self) -> Option<String> {
+        self.trace_id.map(|t| otlp::hex(&t))
     }
 
     pub(crate) fn end(&self, outcome: &Outcome<'_>) {
