@@ -15,8 +15,92 @@ pub const CONTROL_ID_PATH: &str = "/bulkhead/control";
 /// The path of the admin credential's SPIFFE ID within its trust domain.
 pub const ADMIN_ID_PATH: &str = "/bulkhead/admin";
 
+/// Where the control plane is: an address, or a DNS name (a Kubernetes Service's, say) and a
+/// port. A name is resolved again at every dial, and each address it resolves to is tried in
+/// turn, so a name that moves or lists several replicas is followed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlAddr {
+    Addr(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl From<SocketAddr> for ControlAddr {
+    fn from(addr: SocketAddr) -> ControlAddr {
+        ControlAddr::Addr(addr)
+    }
+}
+
+impl std::fmt::Display for ControlAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlAddr::Addr(a) => write!(f, "{a}"),
+            ControlAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ControlAddr {
+    type Err = String;
+
+    /// `IP:PORT`, `[IPv6]:PORT` or `NAME:PORT`.
+    fn from_str(s: &str) -> Result<ControlAddr, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ControlAddr::Addr(addr));
+        }
+        let bad = || {
+            format!(
+                "{s:?} is not HOST:PORT (an address like 10.0.0.1:7443 or a DNS name like bulkhead-control.bulkhead.svc:7443)"
+            )
+        };
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !valid || port == 0 {
+            return Err(bad());
+        }
+        Ok(ControlAddr::Name {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl ControlAddr {
+    /// Dials it: the address, or each address the name resolves to now, in turn.
+    pub async fn dial(&self) -> std::io::Result<TcpStream> {
+        let addrs: Vec<SocketAddr> = match self {
+            ControlAddr::Addr(a) => vec![*a],
+            ControlAddr::Name { host, port } => tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot resolve {self}: {e}")))?
+                .collect(),
+        };
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{self} resolves to no address"),
+        );
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => return Ok(tcp),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
 /// Connects lazily: the first RPC dials, and a broken connection is re-dialled on the next.
-pub fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Channel {
+pub fn connect(addr: impl Into<ControlAddr>, tls: rustls::ClientConfig) -> Channel {
     let tls = Arc::new(tls);
     connect_dynamic(addr, move || tls.clone())
 }
@@ -24,10 +108,11 @@ pub fn connect(addr: SocketAddr, tls: rustls::ClientConfig) -> Channel {
 /// Like [`connect`], but asks `tls` for the configuration at every dial, so a rotated
 /// certificate is used by the next connection while open ones carry on.
 pub fn connect_dynamic(
-    addr: SocketAddr,
+    addr: impl Into<ControlAddr>,
     tls: impl Fn() -> Arc<rustls::ClientConfig> + Send + Sync + 'static,
 ) -> Channel {
     let tls = Arc::new(tls);
+    let addr = Arc::new(addr.into());
     // The URI is only a placeholder for tonic; the connector below decides where to dial.
     let endpoint = Endpoint::from_static("http://bulkhead.control")
         .connect_timeout(Duration::from_secs(5))
@@ -35,11 +120,65 @@ pub fn connect_dynamic(
         .keep_alive_timeout(Duration::from_secs(10));
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
         let connector = TlsConnector::from(tls());
+        let addr = addr.clone();
         async move {
-            let tcp = TcpStream::connect(addr).await?;
+            let tcp = addr.dial().await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(server_name(), tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_addresses_are_addresses_or_names() {
+        assert_eq!(
+            "10.0.0.1:7443".parse::<ControlAddr>(),
+            Ok(ControlAddr::Addr("10.0.0.1:7443".parse().unwrap()))
+        );
+        assert_eq!(
+            "[::1]:7443".parse::<ControlAddr>(),
+            Ok(ControlAddr::Addr("[::1]:7443".parse().unwrap()))
+        );
+        assert_eq!(
+            "Bulkhead-Control.bulkhead.svc:7443".parse::<ControlAddr>(),
+            Ok(ControlAddr::Name {
+                host: "bulkhead-control.bulkhead.svc".into(),
+                port: 7443
+            })
+        );
+        for bad in [
+            "",
+            "host",
+            "host:",
+            ":7443",
+            "host:0",
+            "ho st:1",
+            "-a.b:1",
+            "a..b:1",
+            "host:99999",
+        ] {
+            let err = bad.parse::<ControlAddr>().unwrap_err();
+            assert!(err.contains("is not HOST:PORT"), "{bad}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_is_resolved_at_dial() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let by_name: ControlAddr = format!("localhost:{port}").parse().unwrap();
+        let dialled = by_name.dial().await.unwrap();
+        assert_eq!(dialled.peer_addr().unwrap().port(), port);
+        let nowhere: ControlAddr = "no-such-host.invalid:7443".parse().unwrap();
+        let err = nowhere.dial().await.unwrap_err().to_string();
+        assert!(
+            err.contains("cannot resolve no-such-host.invalid:7443"),
+            "{err}"
+        );
+    }
 }

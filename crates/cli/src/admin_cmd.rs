@@ -436,3 +436,78 @@ pub async fn rollback(admin: &mut Admin, revision: u64, opts: ChangeOptions) -> 
     print_changes(&resp);
     wait_if_asked(admin, &resp, opts.wait).await
 }
+
+/// `bulkhead version`: this CLI's, the control plane's and every proxy's version.
+pub async fn version(admin: &mut Admin, output: &str) -> Result<()> {
+    let resp = admin
+        .version(request(bulkhead_api::v1::VersionRequest {}))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    if output == "json" {
+        let proxies: Vec<serde_json::Value> = resp
+            .proxies
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "spiffeId": p.spiffe_id, "namespace": p.namespace, "workload": p.workload,
+                    "connected": p.connected, "version": p.version,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "client": crate::VERSION,
+                "controlPlane": resp.control_version,
+                "proxies": proxies,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("client         {}", crate::VERSION);
+    println!("control plane  {}", resp.control_version);
+    let mut versions: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for p in resp.proxies.iter().filter(|p| p.connected) {
+        *versions
+            .entry(if p.version.is_empty() {
+                "unknown"
+            } else {
+                &p.version
+            })
+            .or_default() += 1;
+    }
+    let summary: Vec<String> = versions
+        .iter()
+        .map(|(v, n)| format!("{n} at {v}"))
+        .collect();
+    println!(
+        "proxies        {}",
+        if summary.is_empty() {
+            "none connected".to_string()
+        } else {
+            summary.join(", ")
+        }
+    );
+    if !resp.proxies.is_empty() {
+        println!();
+        println!(
+            "{:<46} {:<22} {:<8} VERSION",
+            "IDENTITY", "WORKLOAD", "STREAM"
+        );
+        for p in &resp.proxies {
+            println!(
+                "{:<46} {:<22} {:<8} {}",
+                p.spiffe_id,
+                format!("{}/{}", p.namespace, p.workload),
+                if p.connected { "open" } else { "closed" },
+                if p.version.is_empty() {
+                    "unknown"
+                } else {
+                    &p.version
+                }
+            );
+        }
+    }
+    Ok(())
+}

@@ -376,7 +376,7 @@ async fn sidecar(
         .into_inner()
         .token;
     let running = bulkhead_proxy::start(Config {
-        control,
+        control: control.into(),
         trust_bundle_pem: bundle.to_string(),
         token: bulkhead_proxy::config::JoinToken(token),
         identity: Some(bulkhead_identity::SpiffeId::parse(identity)?),

@@ -112,6 +112,14 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// This CLI's version, the control plane's, and the version every proxy reported.
+    Version {
+        /// Only this CLI's version; do not ask the control plane.
+        #[arg(long)]
+        client: bool,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
     /// Revoke an identity or one proxy instance, at once, everywhere.
     Revoke {
         #[command(subcommand)]
@@ -684,6 +692,20 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Version {
+            client: true,
+            output,
+        } => {
+            if output == "json" {
+                println!("{}", serde_json::json!({ "client": VERSION }));
+            } else {
+                println!("client         {VERSION}");
+            }
+            Ok(())
+        }
+        Command::Version { output, .. } => {
+            admin_cmd::version(&mut client::admin(&cli.context).await?, &output).await
+        }
         Command::Revoke { command } => {
             let mut c = client::credentials(&cli.context).await?;
             let out = &mut std::io::stdout();
@@ -952,6 +974,9 @@ fn parse_factor(s: &str) -> Result<f64, String> {
 }
 
 /// Now, in Unix seconds (0 if the clock is before 1970).
+/// This CLI's version.
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -823,17 +823,47 @@ fn a_fake_control_plane_is_refused_by_proxies_and_the_cli() {
         assert_ne!(code, 0, "the CLI believed a fake control plane: {out}");
         assert!(!err.is_empty());
     }
-    // The token was never offered to the impostors: it still joins the real one.
-    let (mut orders, _) = mesh.proxy(
-        "orders",
-        &token,
-        &[
-            "--upstream",
-            &format!(
-                "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
-                id("x")
-            ),
-        ],
+    // The token was never offered to the impostors: it still joins the real one, named by
+    // a DNS name (resolved at every dial) rather than an address.
+    let mut args = mesh.proxy_args(&token);
+    args[1] = format!("localhost:{}", mesh.control_addr.port());
+    let ready = mesh.dir.path().join("orders-by-name.json");
+    args.extend([
+        "--upstream".into(),
+        format!(
+            "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+            id("x")
+        ),
+        "--ready-file".into(),
+        ready.to_str().unwrap().into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut orders = bulkhead_testkit::Proc::spawn(
+        "orders-by-name",
+        mesh.dir.path(),
+        &mesh.bins.proxy,
+        &args,
+        &[],
     );
+    let joined: serde_json::Value =
+        serde_json::from_str(&orders.wait_for_file(&ready, WAIT)).unwrap();
+    assert_eq!(joined["spiffe_id"], id("orders"));
     orders.assert_running();
+    // A name that resolves nowhere is a clear error.
+    let mut args = mesh.proxy_args(&token);
+    args[1] = "no-such-control.invalid:7443".into();
+    args.extend([
+        "--upstream".into(),
+        format!(
+            "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+            id("x")
+        ),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = bulkhead_testkit::run(&mesh.bins.proxy, &args, &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot resolve no-such-control.invalid:7443"),
+        "{err}"
+    );
 }

@@ -529,6 +529,7 @@ async fn silent_proxy(
         .join(JoinRequest {
             token,
             csr_der: key.csr_der(None).unwrap(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -563,6 +563,30 @@ fn control_plane_outage_keeps_enforcement_then_resyncs() {
                 == 2
         },
     );
+
+    // Every part says its version: the CLI, the control plane, and each proxy as reported.
+    let want = env!("CARGO_PKG_VERSION");
+    let (code, out, err) = mesh.cli(&["version"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(&format!(
+            "client         {want}\ncontrol plane  {want}\nproxies        2 at {want}\n"
+        )),
+        "{out}"
+    );
+    let (_, json, _) = mesh.cli(&["version", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["controlPlane"], want);
+    let proxies = v["proxies"].as_array().unwrap();
+    assert_eq!(proxies.len(), 2, "{v}");
+    assert!(proxies.iter().all(|p| p["version"] == want), "{v}");
+    // Without a control plane, --client still answers.
+    mesh.stop_control();
+    let (code, out, _) = mesh.cli(&["version", "--client"]);
+    assert_eq!((code, out), (0, format!("client         {want}\n")));
+    let (code, _, err) = mesh.cli(&["version"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("control plane unreachable"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,6 +682,7 @@ async fn join_as(mesh: &Mesh, identity: &str) -> bulkhead_identity::Svid {
         .join(JoinRequest {
             token,
             csr_der: key.csr_der(None).unwrap(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -295,6 +295,7 @@ async fn run_proxy(
     let request = JoinRequest {
         token,
         csr_der: key.csr_der(None)?,
+        ..Default::default()
     };
     let joined = {
         // Its own connection, without a client certificate, as a real proxy's first dial.

@@ -277,6 +277,18 @@ impl Admin for State {
         }))
     }
 
+    async fn version(
+        &self,
+        req: Request<pb::VersionRequest>,
+    ) -> Result<Response<pb::VersionResponse>, Status> {
+        self.require_admin(&req)?;
+        let bundle = self.cas.borrow().bundle().fingerprints();
+        Ok(Response::new(pb::VersionResponse {
+            control_version: env!("CARGO_PKG_VERSION").to_string(),
+            proxies: self.proxies.list(&bundle),
+        }))
+    }
+
     async fn list_proxies(
         &self,
         req: Request<pb::ListProxiesRequest>,

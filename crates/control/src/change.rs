@@ -525,6 +525,7 @@ spec:
             0,
             String::new(),
             String::new(),
+            String::new(),
         );
         let posture = "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: deny}\n";
         let all = apply(&p, posture, None).await.unwrap();

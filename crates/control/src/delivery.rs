@@ -163,12 +163,14 @@ mod tests {
             0,
             String::new(),
             String::new(),
+            String::new(),
         );
         let _b = registry.connect(
             "spiffe://td/b",
             &orders(),
             "r".into(),
             0,
+            String::new(),
             String::new(),
             String::new(),
         );
@@ -181,6 +183,7 @@ mod tests {
             &other,
             "r".into(),
             0,
+            String::new(),
             String::new(),
             String::new(),
         );
@@ -223,12 +226,14 @@ mod tests {
             0,
             String::new(),
             String::new(),
+            String::new(),
         );
         let _b = registry.connect(
             "spiffe://td/b",
             &orders(),
             "r".into(),
             0,
+            String::new(),
             String::new(),
             String::new(),
         );

@@ -93,6 +93,7 @@ impl Registry {
         cert_not_after_unix: u64,
         cert_ca_sha256: String,
         instance: String,
+        version: String,
     ) -> Connection {
         let key = (spiffe_id.to_string(), workload.clone());
         let mut map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,6 +108,7 @@ impl Registry {
         p.cert_not_after_unix = cert_not_after_unix;
         p.cert_ca_sha256 = cert_ca_sha256;
         p.instance = instance;
+        p.version = version;
         p.last_contact_unix = unix_now();
         drop(map);
         self.changed();
@@ -119,6 +121,19 @@ impl Registry {
     pub(crate) fn sent(&self, spiffe_id: &str, workload: &ResourceName, revision: u64) {
         self.update(&(spiffe_id.to_string(), workload.clone()), |p| {
             p.sent_revision = revision;
+        });
+    }
+
+    /// Records the version a proxy reported (bounded: it is a peer's word).
+    pub(crate) fn reported_version(&self, spiffe_id: &str, workload: &ResourceName, version: &str) {
+        if version.is_empty() {
+            return;
+        }
+        let version = bounded_version(version);
+        self.update(&(spiffe_id.to_string(), workload.clone()), |p| {
+            if p.version != version {
+                p.version = version;
+            }
         });
     }
 
@@ -195,6 +210,14 @@ impl Registry {
             })
             .collect()
     }
+}
+
+/// A version as a proxy reported it, kept to 64 printable characters.
+pub(crate) fn bounded_version(v: &str) -> String {
+    v.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect()
 }
 
 /// At most this many roots of a proxy's report are kept.

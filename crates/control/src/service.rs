@@ -557,9 +557,15 @@ impl Config for State {
         });
         let pieces = req.get_ref().accepts_pieces;
         tracing::info!(spiffe_id = %id, %workload, held_revision = held.as_ref().map_or(0, |h| h.0), pieces, "proxy watching configuration");
-        let connection =
-            self.proxies
-                .connect(id.as_str(), &workload, remote, not_after, cert_ca, instance);
+        let connection = self.proxies.connect(
+            id.as_str(),
+            &workload,
+            remote,
+            not_after,
+            cert_ca,
+            instance,
+            crate::proxies::bounded_version(&req.get_ref().proxy_version),
+        );
         let registry = self.proxies.clone();
         let tracer = self.tracer.clone();
         let pushes = self.pushes.clone();
@@ -660,6 +666,8 @@ impl Config for State {
         let r = req.into_inner();
         self.proxies
             .holds_bundle(id.as_str(), &workload, r.bundle_sha256.clone());
+        self.proxies
+            .reported_version(id.as_str(), &workload, &r.proxy_version);
         if r.accepted {
             tracing::debug!(spiffe_id = %id, %workload, revision = r.revision, "ACK");
             self.proxies.ack(id.as_str(), &workload, r.revision, None);

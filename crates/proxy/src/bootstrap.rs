@@ -25,7 +25,7 @@ pub(crate) struct Joined {
 
 pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
     let fail = |message: String| ProxyError::Join {
-        addr: config.control,
+        addr: config.control.clone(),
         message,
     };
     let bundle = match &config.identity {
@@ -44,11 +44,12 @@ pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
         ExpectedServer::Exact(control_identity(&bundle)?),
         &[b"h2"],
     )?;
-    let mut client = IdentityClient::new(channel::connect(config.control, tls));
+    let mut client = IdentityClient::new(channel::connect(config.control.clone(), tls));
     let key = LocalKey::generate()?;
     let request = JoinRequest {
         token: config.token.0.clone(),
         csr_der: key.csr_der(config.identity.as_ref())?,
+        proxy_version: crate::VERSION.to_string(),
     };
     // The control plane may still be starting: retry only "unavailable", briefly.
     let mut delay = Duration::from_millis(100);

@@ -18,7 +18,6 @@ use bulkhead_api::v1::identity_client::IdentityClient;
 use bulkhead_identity::tls::{ClientAuth, ExpectedServer, client_config, server_config};
 use bulkhead_identity::{IdentityError, LocalKey, SpiffeId, Svid, TrustBundle};
 use rustls::{ClientConfig, ServerConfig};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -167,7 +166,7 @@ pub(crate) fn control_identity(bundle: &TrustBundle) -> Result<SpiffeId, Identit
 
 /// A channel to the control plane that always presents the current SVID.
 pub(crate) fn control_channel(
-    control: SocketAddr,
+    control: bulkhead_api::channel::ControlAddr,
     shared: &Arc<Shared>,
 ) -> tonic::transport::Channel {
     let shared = shared.clone();
@@ -193,7 +192,7 @@ fn switch_jitter(svid: &Svid, now: SystemTime) -> Duration {
 
 const MAX_SWITCH_JITTER: Duration = Duration::from_secs(30);
 
-pub(crate) fn spawn_rotation(control: SocketAddr, shared: Arc<Shared>) {
+pub(crate) fn spawn_rotation(control: bulkhead_api::channel::ControlAddr, shared: Arc<Shared>) {
     tokio::spawn(async move {
         let mut client = IdentityClient::new(control_channel(control, &shared));
         loop {

@@ -24,7 +24,6 @@ use bulkhead_policy::model::{Direction, ResourceName, WorkloadRef};
 use bulkhead_policy::{Decision, Protocol, Reason, Verdict};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -450,7 +449,11 @@ impl<'a> KeyRef<'a> {
 
 /// Reports on `interval` for as long as the proxy runs. A failed report is kept for the
 /// next one (within the buffer's bound).
-pub(crate) fn spawn_reporter(control: SocketAddr, shared: Arc<Shared>, interval: Duration) {
+pub(crate) fn spawn_reporter(
+    control: bulkhead_api::channel::ControlAddr,
+    shared: Arc<Shared>,
+    interval: Duration,
+) {
     if interval.is_zero() {
         // Flow reporting is off: nothing is counted, so there is nothing to report.
         return;

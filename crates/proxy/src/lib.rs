@@ -55,7 +55,10 @@ pub enum ProxyError {
     #[error("trust bundle: {0}")]
     Bundle(bulkhead_identity::IdentityError),
     #[error("could not join the control plane at {addr}: {message}")]
-    Join { addr: SocketAddr, message: String },
+    Join {
+        addr: bulkhead_api::channel::ControlAddr,
+        message: String,
+    },
     #[error("identity: {0}")]
     Identity(#[from] bulkhead_identity::IdentityError),
     #[error("SVID renewal refused: {0}")]
@@ -218,10 +221,14 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         None => None,
     };
 
-    credentials::spawn_rotation(config.control, shared.clone());
-    let mut first = watch::spawn(config.control, shared.clone(), config.max_policy_rules);
-    flows::spawn_reporter(config.control, shared.clone(), config.flow_interval);
-    tap::spawn(config.control, shared.clone());
+    credentials::spawn_rotation(config.control.clone(), shared.clone());
+    let mut first = watch::spawn(
+        config.control.clone(),
+        shared.clone(),
+        config.max_policy_rules,
+    );
+    flows::spawn_reporter(config.control.clone(), shared.clone(), config.flow_interval);
+    tap::spawn(config.control.clone(), shared.clone());
     let revision = match tokio::time::timeout(
         config.first_config_wait,
         first.wait_for(|r| r.is_some()),
@@ -261,6 +268,9 @@ fn write_ready_file(path: &std::path::Path, running: &Running) -> Result<(), Pro
     std::fs::write(&tmp, json).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
 }
+
+/// This proxy's version, reported to the control plane (`bulkhead version`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// How long a peer may take to finish a TLS handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

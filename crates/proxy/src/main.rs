@@ -40,9 +40,11 @@ enum Cmd {
 
 #[derive(clap::Args, Debug)]
 struct Args {
-    /// The control plane's address (IP:PORT).
+    /// The control plane's address: IP:PORT, or HOST:PORT with a DNS name (resolved at every
+    /// connection, each address it resolves to tried in turn), e.g.
+    /// bulkhead-control.bulkhead.svc:7443.
     #[arg(long, env = "BULKHEAD_CONTROL")]
-    control: SocketAddr,
+    control: bulkhead_api::channel::ControlAddr,
     /// PEM file with the mesh's root certificate(s), e.g. DATA_DIR/ca.pem of the control plane.
     #[arg(long, env = "BULKHEAD_TRUST_BUNDLE")]
     trust_bundle: PathBuf,

@@ -15,7 +15,6 @@ use arc_swap::ArcSwap;
 use bulkhead_api::v1::config_client::ConfigClient;
 use bulkhead_api::v1::{ReportTapRequest, WatchRequest};
 use bulkhead_insight::tap::{TapEvent, TapFilter};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -124,7 +123,7 @@ fn unix_millis() -> u64 {
 }
 
 /// Follows what operators tap at this workload, and sends what matches.
-pub(crate) fn spawn(control: SocketAddr, shared: Arc<Shared>) {
+pub(crate) fn spawn(control: bulkhead_api::channel::ControlAddr, shared: Arc<Shared>) {
     let receiver = shared.tap.receiver.lock().ok().and_then(|mut r| r.take());
     let Some(receiver) = receiver else {
         return;

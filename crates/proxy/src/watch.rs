@@ -16,7 +16,6 @@ use bulkhead_api::pieces::Assembler;
 use bulkhead_api::v1::config_client::ConfigClient;
 use bulkhead_api::v1::{AckRequest, ProxyConfig, WatchRequest};
 use bulkhead_policy::PolicySet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -83,7 +82,7 @@ pub(crate) fn is_refusal(code: tonic::Code) -> bool {
 
 /// Starts following; the receiver reports the revision in force once one has arrived.
 pub(crate) fn spawn(
-    control: SocketAddr,
+    control: bulkhead_api::channel::ControlAddr,
     shared: Arc<Shared>,
     max_rules: usize,
 ) -> watch::Receiver<Option<u64>> {
@@ -148,6 +147,7 @@ impl Follower {
             held_revision,
             held_digest,
             accepts_pieces: true,
+            proxy_version: crate::VERSION.to_string(),
         }
     }
 
@@ -273,6 +273,7 @@ impl Follower {
             accepted: outcome.is_ok(),
             error: outcome.err().unwrap_or_default(),
             bundle_sha256: shared.tls.load().roots.clone(),
+            proxy_version: crate::VERSION.to_string(),
         };
         if let Err(status) = client.ack(ack).await {
             tracing::warn!(revision, error = %status.message(), "could not report the configuration's status");

@@ -88,6 +88,7 @@ fn watch_request(held: Option<(u64, String)>, accepts_pieces: bool) -> pb::Watch
         held_revision,
         held_digest,
         accepts_pieces,
+        ..Default::default()
     }
 }
 
@@ -177,6 +178,7 @@ async fn a_nack_without_a_revision_counts_against_the_one_sent() {
                 accepted: false,
                 error: "the configuration stream broke while receiving it".into(),
                 bundle_sha256: Vec::new(),
+                ..Default::default()
             },
         ))
         .await
