@@ -521,11 +521,7 @@ spec:
         let _c = p.state.proxies.connect(
             "spiffe://td.test/ns/shop/sa/frontend",
             &frontend,
-            String::new(),
-            0,
-            String::new(),
-            String::new(),
-            String::new(),
+            crate::proxies::Connecting::default(),
         );
         let posture = "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: deny}\n";
         let all = apply(&p, posture, None).await.unwrap();

@@ -159,20 +159,12 @@ mod tests {
         let a = registry.connect(
             "spiffe://td/a",
             &orders(),
-            "r".into(),
-            0,
-            String::new(),
-            String::new(),
-            String::new(),
+            crate::proxies::Connecting::default(),
         );
         let _b = registry.connect(
             "spiffe://td/b",
             &orders(),
-            "r".into(),
-            0,
-            String::new(),
-            String::new(),
-            String::new(),
+            crate::proxies::Connecting::default(),
         );
         let other = ResourceName {
             namespace: "shop".into(),
@@ -181,11 +173,7 @@ mod tests {
         let _c = registry.connect(
             "spiffe://td/c",
             &other,
-            "r".into(),
-            0,
-            String::new(),
-            String::new(),
-            String::new(),
+            crate::proxies::Connecting::default(),
         );
         let mut stream = await_revision(
             registry.clone(),
@@ -222,20 +210,12 @@ mod tests {
         let a = registry.connect(
             "spiffe://td/a",
             &orders(),
-            "r".into(),
-            0,
-            String::new(),
-            String::new(),
-            String::new(),
+            crate::proxies::Connecting::default(),
         );
         let _b = registry.connect(
             "spiffe://td/b",
             &orders(),
-            "r".into(),
-            0,
-            String::new(),
-            String::new(),
-            String::new(),
+            crate::proxies::Connecting::default(),
         );
         let mut stream = await_revision(
             registry.clone(),

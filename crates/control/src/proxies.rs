@@ -35,6 +35,17 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// What a proxy's new configuration stream says about it.
+#[derive(Debug, Default)]
+pub(crate) struct Connecting {
+    pub remote: String,
+    pub cert_not_after_unix: u64,
+    pub cert_ca_sha256: String,
+    /// The proxy instance its certificate belongs to (empty if not recorded).
+    pub instance: String,
+    pub version: String,
+}
+
 /// Marks a configuration stream open; dropping it marks the stream closed.
 pub(crate) struct Connection {
     registry: Arc<Registry>,
@@ -89,11 +100,7 @@ impl Registry {
         self: &Arc<Self>,
         spiffe_id: &str,
         workload: &ResourceName,
-        remote: String,
-        cert_not_after_unix: u64,
-        cert_ca_sha256: String,
-        instance: String,
-        version: String,
+        seen: Connecting,
     ) -> Connection {
         let key = (spiffe_id.to_string(), workload.clone());
         let mut map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
@@ -104,11 +111,11 @@ impl Registry {
             ..ProxyStatus::default()
         });
         p.connected = true;
-        p.remote = remote;
-        p.cert_not_after_unix = cert_not_after_unix;
-        p.cert_ca_sha256 = cert_ca_sha256;
-        p.instance = instance;
-        p.version = version;
+        p.remote = seen.remote;
+        p.cert_not_after_unix = seen.cert_not_after_unix;
+        p.cert_ca_sha256 = seen.cert_ca_sha256;
+        p.instance = seen.instance;
+        p.version = seen.version;
         p.last_contact_unix = unix_now();
         drop(map);
         self.changed();

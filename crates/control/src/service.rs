@@ -560,11 +560,13 @@ impl Config for State {
         let connection = self.proxies.connect(
             id.as_str(),
             &workload,
-            remote,
-            not_after,
-            cert_ca,
-            instance,
-            crate::proxies::bounded_version(&req.get_ref().proxy_version),
+            crate::proxies::Connecting {
+                remote,
+                cert_not_after_unix: not_after,
+                cert_ca_sha256: cert_ca,
+                instance,
+                version: crate::proxies::bounded_version(&req.get_ref().proxy_version),
+            },
         );
         let registry = self.proxies.clone();
         let tracer = self.tracer.clone();
