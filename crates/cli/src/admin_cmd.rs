@@ -5,11 +5,11 @@ use crate::client;
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::admin_client::AdminClient;
 use bulkhead_api::v1::{
-    ApplyRequest, ApplyResponse, AwaitRevisionRequest, DeleteRequest, GetRequest, HistoryRequest,
-    ListProxiesRequest, ProxyProgress, RollbackRequest,
+    ApplyFile, ApplyRequest, ApplyResponse, AwaitRevisionRequest, DeleteRequest, GetRequest,
+    HistoryRequest, ListProxiesRequest, ProxyProgress, RollbackRequest,
 };
 use bulkhead_policy::model::Resource;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::Channel;
 
@@ -43,29 +43,115 @@ pub struct ChangeOptions {
     pub wait: Option<Duration>,
 }
 
-pub async fn apply(admin: &mut Admin, file: &Path, opts: ChangeOptions) -> Result<()> {
-    let name = file.display().to_string();
-    // Said here, before the file crosses the wire, in the words the control plane uses.
-    if let Ok(meta) = std::fs::metadata(file)
-        && meta.len() > bulkhead_control::MAX_APPLY_BYTES as u64
-    {
+/// Reads what `apply -f` names: files, `-` (standard input), and directories (their
+/// `.yaml`, `.yml` and `.json` files in name order; with `recursive`, their subdirectories'
+/// too). Said here, before anything crosses the wire, when it is over the bound.
+pub fn read_apply_files(paths: &[PathBuf], recursive: bool) -> Result<Vec<ApplyFile>> {
+    fn walk(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read directory {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                if recursive {
+                    walk(&path, recursive, out)?;
+                }
+            } else if path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+            {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for path in paths {
+        if path.as_os_str() == "-" {
+            let mut yaml = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut yaml)
+                .context("cannot read standard input")?;
+            files.push(ApplyFile {
+                file: "<stdin>".into(),
+                yaml,
+            });
+        } else if path.is_dir() {
+            let mut found = Vec::new();
+            walk(path, recursive, &mut found)?;
+            if found.is_empty() {
+                bail!(
+                    "{} holds no .yaml, .yml or .json file{}",
+                    path.display(),
+                    if recursive {
+                        ""
+                    } else {
+                        " (-R looks in its subdirectories)"
+                    }
+                );
+            }
+            for f in found {
+                let yaml = std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                files.push(ApplyFile {
+                    file: f.display().to_string(),
+                    yaml,
+                });
+            }
+        } else {
+            let name = path.display().to_string();
+            let yaml =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {name}"))?;
+            files.push(ApplyFile { file: name, yaml });
+        }
+    }
+    let total: usize = files.iter().map(|f| f.yaml.len()).sum();
+    if total > bulkhead_control::MAX_APPLY_BYTES {
         let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
+        let name = match files.as_slice() {
+            [one] => one.file.clone(),
+            many => format!("{} files", many.len()),
+        };
         bail!(
             "{name} is {:.1} MiB; one apply may carry at most {:.1} MiB: split it into several files and apply each",
-            mib(meta.len() as f64),
+            mib(total as f64),
             mib(bulkhead_control::MAX_APPLY_BYTES as f64)
         );
     }
-    let yaml = std::fs::read_to_string(file).with_context(|| format!("cannot read {name}"))?;
+    Ok(files)
+}
+
+/// `apply -f …`: every file in one revision; with `dry_run`, checked by the control plane
+/// and nothing committed.
+pub async fn apply(
+    admin: &mut Admin,
+    files: Vec<ApplyFile>,
+    dry_run: bool,
+    opts: ChangeOptions,
+) -> Result<()> {
     let resp = admin
         .apply(request(ApplyRequest {
-            file: name,
-            yaml,
+            files,
+            dry_run,
             expect_revision: opts.expect_revision,
+            ..Default::default()
         }))
         .await
         .map_err(client::status)?
         .into_inner();
+    if resp.dry_run {
+        for line in &resp.applied {
+            println!("{line} (dry run)");
+        }
+        println!(
+            "revision {} (dry run: nothing was changed; {} workload(s) would get a new configuration)",
+            resp.revision,
+            resp.affected_workloads.len()
+        );
+        return Ok(());
+    }
     print_changes(&resp);
     wait_if_asked(admin, &resp, opts.wait).await
 }
@@ -202,20 +288,78 @@ pub async fn delete(
     wait_if_asked(admin, &resp, opts.wait).await
 }
 
-/// `what`: all, policies, workloads, services, postures, or proxies.
-pub async fn get(admin: &mut Admin, what: &str, output: &str) -> Result<()> {
-    let kind = match what {
+/// What `get` selects: a kind, optionally one name, optionally one namespace.
+#[derive(Debug, Default)]
+pub struct Selection<'a> {
+    pub name: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+}
+
+impl Selection<'_> {
+    /// Whether a resource (or proxy) in `namespace` named `name` is selected. A NAME may be
+    /// `namespace/name`.
+    fn admits(&self, namespace: &str, name: &str) -> bool {
+        if self.namespace.is_some_and(|n| n != namespace) {
+            return false;
+        }
+        match self.name {
+            None => true,
+            Some(wanted) => match wanted.split_once('/') {
+                Some((ns, n)) => ns == namespace && n == name,
+                None => wanted == name,
+            },
+        }
+    }
+}
+
+/// The kind a `get` word names (`""`: every kind), kubectl-style: plural, singular or the
+/// Kind itself, in any case.
+fn kind_of(what: &str) -> Option<&'static str> {
+    Some(match what {
         "all" => "",
-        "policies" | "policy" | "authorizationpolicies" => "AuthorizationPolicy",
+        "policies" | "policy" | "authorizationpolicies" | "authorizationpolicy" => {
+            "AuthorizationPolicy"
+        }
         "workloads" | "workload" => "Workload",
         "services" | "service" => "Service",
-        "postures" | "posture" | "defaultpostures" => "DefaultPosture",
-        "proxies" | "proxy" => return get_proxies(admin, output).await,
-        other => bail!(
-            "unknown resource type {other:?}; use all, policies, workloads, services, postures or proxies"
-        ),
+        "postures" | "posture" | "defaultpostures" | "defaultposture" => "DefaultPosture",
+        _ => return None,
+    })
+}
+
+/// `get KIND [NAME]` (also `get KIND/NAME`): all, policies, workloads, services, postures, or
+/// proxies; `-n` keeps one namespace. A NAME that matches nothing is an error, as kubectl's.
+pub async fn get(
+    admin: &mut Admin,
+    what: &str,
+    select: &Selection<'_>,
+    output: &str,
+) -> Result<()> {
+    if matches!(what, "proxies" | "proxy") {
+        return get_proxies(admin, select, output).await;
+    }
+    let Some(kind) = kind_of(what) else {
+        bail!(
+            "unknown resource type {what:?}; use all, policies, workloads, services, postures, proxies or revocations"
+        );
     };
-    let (resources, revision) = applied(admin, kind).await?;
+    let (mut resources, revision) = applied(admin, kind).await?;
+    resources.retain(|r| {
+        let n = r.name();
+        select.admits(&n.namespace, &n.name)
+    });
+    if let Some(name) = select.name
+        && resources.is_empty()
+    {
+        bail!(
+            "{} {name:?} not found{} (revision {revision}); `bulkhead get {what}` lists them",
+            if kind.is_empty() { "resource" } else { kind },
+            select
+                .namespace
+                .map(|n| format!(" in namespace {n}"))
+                .unwrap_or_default()
+        );
+    }
     match output {
         "json" => println!(
             "{}",
@@ -228,18 +372,23 @@ pub async fn get(admin: &mut Admin, what: &str, output: &str) -> Result<()> {
                 print!("---\n{}", r.to_yaml().map_err(|e| anyhow::anyhow!(e))?);
             }
         }
-        _ => {
-            println!("{:<20} {:<12} {:<32} SUMMARY", "KIND", "NAMESPACE", "NAME");
+        "name" => {
             for r in &resources {
-                let name = r.name();
-                println!(
-                    "{:<20} {:<12} {:<32} {}",
-                    r.kind(),
-                    name.namespace,
-                    name.name,
-                    r.summary()
-                );
+                println!("{}", r.key());
             }
+        }
+        _ => {
+            let rows: Vec<[String; 4]> = resources
+                .iter()
+                .map(|r| {
+                    let name = r.name();
+                    [r.kind().to_string(), name.namespace, name.name, r.summary()]
+                })
+                .collect();
+            print!(
+                "{}",
+                crate::table::render(&["KIND", "NAMESPACE", "NAME", "SUMMARY"], &rows)
+            );
             println!("revision {revision}");
         }
     }
@@ -285,12 +434,20 @@ fn human(secs: u64) -> String {
     }
 }
 
-async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
-    let resp = admin
+async fn get_proxies(admin: &mut Admin, select: &Selection<'_>, output: &str) -> Result<()> {
+    let mut resp = admin
         .list_proxies(request(ListProxiesRequest {}))
         .await
         .map_err(client::status)?
         .into_inner();
+    resp.proxies
+        .retain(|p| select.admits(&p.namespace, &p.workload));
+    if output == "name" {
+        for p in &resp.proxies {
+            println!("proxy/{}/{}", p.namespace, p.workload);
+        }
+        return Ok(());
+    }
     if output != "table" && output != "wide" {
         let rows: Vec<serde_json::Value> = resp
             .proxies
@@ -300,8 +457,8 @@ async fn get_proxies(admin: &mut Admin, output: &str) -> Result<()> {
                     "spiffeId": p.spiffe_id, "namespace": p.namespace, "workload": p.workload,
                     "connected": p.connected, "sentRevision": p.sent_revision,
                     "ackedRevision": p.acked_revision, "nackedRevision": p.nacked_revision,
-                    "nackError": p.nack_error, "lastContactUnix": p.last_contact_unix,
-                    "certNotAfterUnix": p.cert_not_after_unix, "remote": p.remote,
+                    "nackError": p.nack_error, "lastContact": crate::jsonstyle::time(p.last_contact_unix),
+                    "certNotAfter": crate::jsonstyle::time(p.cert_not_after_unix), "remote": p.remote,
                     "certCaSha256": p.cert_ca_sha256, "bundleSha256": p.bundle_sha256,
                     "bundleCurrent": p.bundle_current, "instance": p.instance,
                     "revoked": p.revoked,
@@ -374,12 +531,12 @@ pub async fn history(admin: &mut Admin, limit: u32, output: &str) -> Result<()> 
         let revisions: Vec<serde_json::Value> = resp
             .revisions
             .iter()
-            .map(|r| serde_json::json!({"revision": r.revision, "timeUnix": r.time_unix, "actor": r.actor, "action": r.action, "changes": r.changes}))
+            .map(|r| serde_json::json!({"revision": r.revision, "time": crate::jsonstyle::time(r.time_unix), "actor": r.actor, "action": r.action, "changes": r.changes}))
             .collect();
         let audit: Vec<serde_json::Value> = resp
             .audit
             .iter()
-            .map(|e| serde_json::json!({"seq": e.seq, "timeUnix": e.time_unix, "actor": e.actor, "action": e.action, "detail": e.detail}))
+            .map(|e| serde_json::json!({"seq": e.seq, "time": crate::jsonstyle::time(e.time_unix), "actor": e.actor, "action": e.action, "detail": e.detail}))
             .collect();
         println!(
             "{}",

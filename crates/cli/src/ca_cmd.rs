@@ -40,11 +40,13 @@ fn status_json(s: &CaStatusResponse) -> serde_json::Value {
         .map(|c| {
             serde_json::json!({
                 "sha256": c.sha256, "state": c.state, "origin": c.origin,
-                "subject": c.subject, "notAfterUnix": c.not_after_unix,
+                "subject": c.subject, "notAfter": crate::jsonstyle::time(c.not_after_unix),
                 "rootSha256": c.root_sha256, "rootSubject": c.root_subject,
-                "addedUnix": c.added_unix, "activatedUnix": c.activated_unix,
-                "deactivatedUnix": c.deactivated_unix, "retiredUnix": c.retired_unix,
-                "retireSafeUnix": c.retire_safe_unix,
+                "added": crate::jsonstyle::time(c.added_unix),
+                "activated": crate::jsonstyle::time(c.activated_unix),
+                "deactivated": crate::jsonstyle::time(c.deactivated_unix),
+                "retired": crate::jsonstyle::time(c.retired_unix),
+                "retireSafe": crate::jsonstyle::time(c.retire_safe_unix),
             })
         })
         .collect();

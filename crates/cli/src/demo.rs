@@ -187,6 +187,7 @@ async fn apply(admin: &mut Admin, file: &str, yaml: &str) -> Result<u64> {
             file: file.into(),
             yaml: yaml.into(),
             expect_revision: None,
+            ..Default::default()
         }))
         .await
         .map_err(client::status)?

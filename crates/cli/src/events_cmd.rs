@@ -13,6 +13,9 @@ use std::path::Path;
 use std::time::Duration;
 use tonic::transport::Channel;
 
+/// The time fields of an event, Unix seconds on the wire, RFC 3339 when printed.
+const EVENT_TIMES: [&str; 1] = ["at"];
+
 /// Events asked for per call (the server's maximum).
 const PAGE: u32 = 1_000;
 /// How often `--follow` asks for new events.
@@ -114,10 +117,16 @@ impl Output {
     /// Prints `events`; a table starts with its header when `first`, even without events.
     fn print(&self, events: &[Event], first: bool) -> Result<()> {
         match self {
-            Output::Json => println!("{}", serde_json::to_string_pretty(events)?),
+            Output::Json => {
+                let mut v = serde_json::to_value(events)?;
+                crate::jsonstyle::times(&mut v, &EVENT_TIMES, &[]);
+                println!("{}", serde_json::to_string_pretty(&v)?)
+            }
             Output::JsonLines => {
                 for e in events {
-                    println!("{}", serde_json::to_string(e)?);
+                    let mut v = serde_json::to_value(e)?;
+                    crate::jsonstyle::times(&mut v, &EVENT_TIMES, &[]);
+                    println!("{}", serde_json::to_string(&v)?);
                 }
             }
             Output::Table => {

@@ -7,9 +7,11 @@ mod credentials_cmd;
 mod demo;
 mod events_cmd;
 mod flows_cmd;
+mod jsonstyle;
 mod policy_cmd;
 mod reach_cmd;
 mod sample_app;
+mod table;
 mod tap_cmd;
 
 use anyhow::{Context, Result, bail};
@@ -134,8 +136,18 @@ enum Command {
     /// whole resulting set is type-checked, and each affected workload's configuration is
     /// checked against the proxies' bounds; any error refuses the apply and changes nothing.
     Apply {
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
+        /// A file, a directory (its .yaml, .yml and .json files), or `-` for standard input.
+        /// Repeatable: everything given is applied as one revision.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Also the files in subdirectories of the directories given.
+        #[arg(short = 'R', long)]
+        recursive: bool,
+        /// Have the control plane check everything a real apply checks (parse, type-check
+        /// of the resulting set, per-proxy bounds, --expect-revision) and print what would
+        /// change; nothing is committed.
+        #[arg(long, conflicts_with = "wait")]
+        dry_run: bool,
         #[command(flatten)]
         change: ChangeFlags,
     },
@@ -148,11 +160,17 @@ enum Command {
         change: ChangeFlags,
     },
     /// Show resources (all, policies, workloads, services, postures), proxies or
-    /// revocations. `-o wide` adds each proxy's instance.
+    /// revocations: `get KIND [NAME]` or `get KIND/NAME`, NAME as `name` or
+    /// `namespace/name`; every namespace unless `-n`. `-o wide` adds each proxy's instance;
+    /// `-o name` prints keys only.
     Get {
         #[arg(default_value = "all")]
         what: String,
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "wide", "json", "yaml"])]
+        name: Option<String>,
+        /// Only this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "wide", "json", "yaml", "name"])]
         output: String,
     },
     /// The audit log: every revision, who made it, when, and what changed; then every change
@@ -724,7 +742,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mut c = client::credentials(&cli.context).await?;
             credentials_cmd::unrevoke(&mut c, &spiffe_id, &mut std::io::stdout()).await
         }
-        Command::Get { what, output } if what.eq_ignore_ascii_case("revocations") => {
+        Command::Get { what, output, .. } if what.eq_ignore_ascii_case("revocations") => {
             let mut c = client::credentials(&cli.context).await?;
             credentials_cmd::list_revocations(&mut c, &output, &mut std::io::stdout()).await
         }
@@ -753,10 +771,17 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Apply { file, change } => {
+        Command::Apply {
+            files,
+            recursive,
+            dry_run,
+            change,
+        } => {
+            let files = admin_cmd::read_apply_files(&files, recursive)?;
             admin_cmd::apply(
                 &mut client::admin(&cli.context).await?,
-                &file,
+                files,
+                dry_run,
                 change.options(),
             )
             .await
@@ -770,10 +795,25 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await
         }
-        Command::Get { what, output } => {
+        Command::Get {
+            what,
+            name,
+            namespace,
+            output,
+        } => {
+            // `get policy/NAME`, as kubectl takes it.
+            let (what, name) = match (what.split_once('/'), name) {
+                (Some((kind, rest)), None) => (kind.to_string(), Some(rest.to_string())),
+                (_, name) => (what, name),
+            };
+            let select = admin_cmd::Selection {
+                name: name.as_deref(),
+                namespace: namespace.as_deref(),
+            };
             admin_cmd::get(
                 &mut client::admin(&cli.context).await?,
                 &what.to_lowercase(),
+                &select,
                 &output,
             )
             .await

@@ -134,7 +134,11 @@ pub async fn run(context: &Path, args: TapArgs) -> Result<()> {
             .context("the control plane sent tap events this CLI cannot read (versions differ?)")?;
         for e in &events {
             match args.output.as_str() {
-                "json" => writeln!(out, "{}", serde_json::to_string(e)?)?,
+                "json" => {
+                    let mut v = serde_json::to_value(e)?;
+                    crate::jsonstyle::times(&mut v, &[], &[("atMillis", "at")]);
+                    writeln!(out, "{}", serde_json::to_string(&v)?)?
+                }
                 _ => writeln!(out, "{}", line(e, &by_identity))?,
             }
             shown += 1;

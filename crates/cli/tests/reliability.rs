@@ -117,6 +117,7 @@ async fn a_thousand_applies_leave_the_store_and_memory_bounded() {
                     file: format!("set-{round}.yaml"),
                     yaml: four_hundred(round),
                     expect_revision: None,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

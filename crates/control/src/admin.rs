@@ -121,15 +121,56 @@ impl Admin for State {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let actor = self.require_admin(&req)?;
         let r = req.into_inner();
-        if r.yaml.len() > MAX_APPLY_BYTES {
-            return Err(Status::invalid_argument(too_large(&r.file, r.yaml.len())));
+        let files: Vec<pb::ApplyFile> = if r.files.is_empty() {
+            vec![pb::ApplyFile {
+                file: r.file,
+                yaml: r.yaml,
+            }]
+        } else {
+            r.files
+        };
+        let total: usize = files.iter().map(|f| f.yaml.len()).sum();
+        if total > MAX_APPLY_BYTES {
+            let name = match files.as_slice() {
+                [one] => one.file.clone(),
+                many => format!("{} files", many.len()),
+            };
+            return Err(Status::invalid_argument(too_large(&name, total)));
         }
-        let parsed = bulkhead_policy::parse_file(&r.file, &r.yaml)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut parsed: Vec<(Resource, Origin)> = Vec::new();
+        let mut errors = Vec::new();
+        for f in &files {
+            match bulkhead_policy::parse_file(&f.file, &f.yaml) {
+                Ok(resources) => parsed.extend(resources),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Status::invalid_argument(errors.join("\n")));
+        }
+        // One resource twice (in two files, or twice in one) would leave which one wins to
+        // the order of the files: refused, naming both places.
+        let mut seen: std::collections::HashMap<String, &Origin> = std::collections::HashMap::new();
+        for (res, origin) in &parsed {
+            if let Some(first) = seen.insert(res.key(), origin) {
+                errors.push(format!(
+                    "{}:{}: {} is also at {}:{}; apply each resource once",
+                    origin.file,
+                    origin.line_offset + 1,
+                    res.key(),
+                    first.file,
+                    first.line_offset + 1
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Status::invalid_argument(errors.join("\n")));
+        }
         let new_keys: HashSet<String> = parsed.iter().map(|(r, _)| r.key()).collect();
-        let action = format!("apply {}", r.file);
+        let names: Vec<&str> = files.iter().map(|f| f.file.as_str()).collect();
+        let action = format!("apply {}", names.join(", "));
         let (changed, ()) = self
-            .change(&actor, &action, r.expect_revision, |current| {
+            .change_with(&actor, &action, r.expect_revision, r.dry_run, |current| {
                 // The applied resources replace those of the same key; the rest stay.
                 let (mut set, mut origins): (Vec<Resource>, Vec<Option<Origin>>) = current
                     .resources
@@ -148,6 +189,7 @@ impl Admin for State {
             revision: changed.revision,
             applied: changed.lines(|k| new_keys.contains(k)),
             affected_workloads: changed.affected_names(),
+            dry_run: r.dry_run,
         }))
     }
 
@@ -179,6 +221,7 @@ impl Admin for State {
             revision: changed.revision,
             applied: changed.lines(|k| keys.contains(k)),
             affected_workloads: changed.affected_names(),
+            dry_run: false,
         }))
     }
 
@@ -274,6 +317,7 @@ impl Admin for State {
                 .filter(|l| !l.ends_with(" unchanged"))
                 .collect(),
             affected_workloads: changed.affected_names(),
+            dry_run: false,
         }))
     }
 
@@ -542,6 +586,7 @@ impl Admin for State {
                 revision: changed.revision,
                 applied: changed.lines(|k| k == key),
                 affected_workloads: changed.affected_names(),
+                dry_run: false,
             }),
             forced_over,
         }))

@@ -99,6 +99,20 @@ impl State {
         expect_revision: Option<u64>,
         build: impl FnOnce(Current<'_>) -> Result<(Proposal, T), Status>,
     ) -> Result<(Changed, T), Status> {
+        self.change_with(actor, action, expect_revision, false, build)
+            .await
+    }
+
+    /// [`State::change`], or with `dry_run` everything but the commit: the same checks and
+    /// refusals, and what would change, at the current revision.
+    pub(crate) async fn change_with<T>(
+        &self,
+        actor: &str,
+        action: &str,
+        expect_revision: Option<u64>,
+        dry_run: bool,
+        build: impl FnOnce(Current<'_>) -> Result<(Proposal, T), Status>,
+    ) -> Result<(Changed, T), Status> {
         let _one_change_at_a_time = self.writes.lock().await;
         let current = self.snapshot.borrow().clone();
         if let Some(expected) = expect_revision
@@ -119,6 +133,27 @@ impl State {
         set.sort_by_key(Resource::key);
         let candidate = Snapshot::new(current.revision + 1, set);
         let affected = self.within_bounds(&current, &candidate)?;
+        if dry_run {
+            let as_json = |set: &[Resource]| {
+                crate::store::by_key(set)
+                    .map_err(|e| Status::internal(format!("a resource does not serialize: {e}")))
+            };
+            let changes = crate::store::changes(
+                &as_json(&current.resources)?,
+                &as_json(&candidate.resources)?,
+            );
+            let nothing = changes
+                .iter()
+                .all(|(_, c)| *c == crate::store::Change::Unchanged);
+            return Ok((
+                Changed {
+                    revision: current.revision,
+                    changes,
+                    affected: if nothing { Vec::new() } else { affected },
+                },
+                extra,
+            ));
+        }
         let committed = self
             .store
             .commit(
@@ -397,6 +432,7 @@ spec:
                 file: "test.yaml".into(),
                 yaml: yaml.into(),
                 expect_revision,
+                ..Default::default()
             }))
             .await
             .map(tonic::Response::into_inner)

@@ -67,6 +67,33 @@ impl Change {
     }
 }
 
+/// How each resource changes from `old` to `new` (key → JSON), in key order, deletions last.
+pub(crate) fn changes(
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+) -> Vec<(String, Change)> {
+    let mut changes = Vec::new();
+    for (key, json) in new {
+        let change = match old.get(key) {
+            None => Change::Created,
+            Some(o) if o == json => Change::Unchanged,
+            Some(_) => Change::Configured,
+        };
+        changes.push((key.clone(), change));
+    }
+    for key in old.keys().filter(|k| !new.contains_key(*k)) {
+        changes.push((key.clone(), Change::Deleted));
+    }
+    changes
+}
+
+/// The JSON of each resource of `set`, by key, as the store keeps them.
+pub(crate) fn by_key(set: &[Resource]) -> Result<BTreeMap<String, String>, String> {
+    set.iter()
+        .map(|r| r.to_json().map(|j| (r.key(), j)))
+        .collect()
+}
+
 /// One entry of the revision log: a revision of the set, who made it, when and how.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RevisionRecord {
@@ -271,14 +298,10 @@ impl Store {
         action: &str,
         now_unix: u64,
     ) -> Result<Committed, ControlError> {
-        let new: BTreeMap<String, String> = set
-            .iter()
-            .map(|r| r.to_json().map(|j| (r.key(), j)))
-            .collect::<Result<_, _>>()
-            .map_err(|message| ControlError::Store {
-                path: self.path.clone(),
-                message,
-            })?;
+        let new: BTreeMap<String, String> = by_key(set).map_err(|message| ControlError::Store {
+            path: self.path.clone(),
+            message,
+        })?;
         let committed = self.write(|txn| {
             let mut table = txn.open_table(RESOURCES)?;
             let mut old = BTreeMap::new();
@@ -286,18 +309,7 @@ impl Store {
                 let (k, v) = row?;
                 old.insert(k.value().to_string(), v.value().to_string());
             }
-            let mut changes = Vec::new();
-            for (key, json) in &new {
-                let change = match old.get(key) {
-                    None => Change::Created,
-                    Some(o) if o == json => Change::Unchanged,
-                    Some(_) => Change::Configured,
-                };
-                changes.push((key.clone(), change));
-            }
-            for key in old.keys().filter(|k| !new.contains_key(*k)) {
-                changes.push((key.clone(), Change::Deleted));
-            }
+            let changes = changes(&old, &new);
             let mut meta = txn.open_table(META)?;
             let current = meta.get("revision")?.map(|v| v.value()).unwrap_or(0);
             if changes.iter().all(|(_, c)| *c == Change::Unchanged) {

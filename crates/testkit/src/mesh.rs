@@ -145,6 +145,33 @@ impl Mesh {
         )
     }
 
+    /// [`Mesh::cli`] with `input` on its standard input.
+    pub fn cli_stdin(&self, args: &[&str], input: &str) -> (i32, String, String) {
+        use std::io::Write;
+        let context = self.data().join("admin.yaml");
+        let mut child = std::process::Command::new(&self.bins.bulkhead)
+            .args(args)
+            .env("BULKHEAD_CONTEXT", &context)
+            .env("USER", "alice")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Runs `bulkhead tap ARGS -o json` (ARGS should end it, with `-n` or `--for`) and calls
     /// `drive` every 100 ms, for up to 10 s, until the tap exits. A tap reaches the sidecars
     /// a moment after it opens, so `drive` sends the traffic to be seen again each time.

@@ -61,6 +61,7 @@ async fn applied(p: &Plane, n: usize) -> u64 {
                 file: "t.yaml".into(),
                 yaml,
                 expect_revision: None,
+                ..Default::default()
             },
         ))
         .await
