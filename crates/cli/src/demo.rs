@@ -394,6 +394,7 @@ async fn sidecar(
         ready_file: None,
         admin: None,
         traces: None,
+        credential_file: None,
         first_config_wait: Duration::from_secs(10),
         max_policy_rules: 100_000,
         flow_interval: Duration::from_secs(2),

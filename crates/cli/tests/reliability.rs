@@ -745,3 +745,111 @@ async fn word_paths_stay_within_the_per_edge_bound_and_other_workloads_keep_thei
         all.len()
     );
 }
+
+/// Starts orders' sidecar exactly as `mesh.proxy` does, with `token`.
+fn orders_sidecar(
+    mesh: &Mesh,
+    token: &Path,
+    app: std::net::SocketAddr,
+) -> (bulkhead_testkit::Proc, std::net::SocketAddr) {
+    let app = app.to_string();
+    let (proxy, ready) = mesh.proxy(
+        "orders",
+        token,
+        &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
+    );
+    (proxy, addr(&ready["inbound"]))
+}
+
+#[test]
+fn a_killed_sidecar_restarted_with_the_same_command_serves_again() {
+    let mesh = Mesh::start();
+    mesh.apply("policy.yaml", &orders_policy("/orders"));
+    let (_app, app_addr) = mesh.app("orders");
+    let token = mesh.token(&id("orders"));
+    let (mut orders, orders_in) = orders_sidecar(&mesh, &token, app_addr);
+    let frontend_token = mesh.token(&id("frontend"));
+    let upstream = format!(
+        "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
+        id("orders")
+    );
+    let (_frontend, ready) = mesh.proxy("frontend", &frontend_token, &["--upstream", &upstream]);
+    let to_orders = addr(&ready["upstreams"]["orders"]);
+    assert_eq!(http(to_orders, "GET", "/orders").status, 200);
+
+    // The credential is kept beside the token, readable by its user only.
+    let credential = std::path::PathBuf::from(format!("{}.credential", token.display()));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&credential).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let instance = |mesh: &Mesh| -> String {
+        let (_, json, _) = mesh.cli(&["get", "proxies", "-o", "json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+        rows.iter()
+            .find(|p| p["workload"] == "orders")
+            .map(|p| p["instance"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let first = instance(&mesh);
+
+    // kill -9, then the same command: it rejoins with its credential, not the spent token.
+    orders.kill();
+    // The ready file of the killed run would look like the new one's.
+    std::fs::remove_file(mesh.dir.path().join("orders-proxy.json")).unwrap();
+    let started = Instant::now();
+    let (mut orders, again_in) = orders_sidecar(&mesh, &token, app_addr);
+    assert_eq!(again_in.ip(), orders_in.ip());
+    assert!(
+        orders
+            .log_text()
+            .contains("rejoined with the kept credential (no token spent)"),
+        "{}",
+        orders.log_text()
+    );
+    // The frontend's upstream names the old port: a new frontend for the new one.
+    let upstream = format!(
+        "name=orders,listen=127.0.0.1:0,address={again_in},identity={}",
+        id("orders")
+    );
+    let (_frontend2, ready) = mesh.proxy(
+        "frontend2",
+        &mesh.token(&id("frontend")),
+        &["--upstream", &upstream],
+    );
+    let to_orders = addr(&ready["upstreams"]["orders"]);
+    eventually(WAIT, "orders serving again", || {
+        http(to_orders, "GET", "/orders").status == 200
+    });
+    eprintln!("restart to serving: {:?}", started.elapsed());
+    assert_eq!(instance(&mesh), first, "the same proxy instance");
+    let (_, tokens, _) = mesh.cli(&["token", "list", "-o", "json"]);
+    let tokens: Vec<serde_json::Value> = serde_json::from_str(&tokens).unwrap();
+    let orders_tokens: Vec<&serde_json::Value> = tokens
+        .iter()
+        .filter(|t| t["spiffeId"] == id("orders").as_str())
+        .collect();
+    assert_eq!(orders_tokens.len(), 1);
+    assert_eq!(
+        orders_tokens[0]["usesLeft"], 0,
+        "spent once, by the first join only"
+    );
+
+    // A credential others could read is refused, with what to do.
+    orders.kill();
+    std::fs::set_permissions(&credential, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = mesh.failing_proxy(&token, &[]);
+    assert!(
+        err.contains("mode 644") && err.contains("bulkhead revoke proxy"),
+        "{err}"
+    );
+    std::fs::set_permissions(&credential, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A revoked instance cannot rejoin, and the spent token does not let it either.
+    let (code, _, err) = mesh.cli(&["revoke", "proxy", &first, "--reason", "host lost"]);
+    assert_eq!(code, 0, "{err}");
+    let err = mesh.failing_proxy(&token, &[]);
+    assert!(
+        err.contains("was refused") && err.contains("host lost") && err.contains("used up"),
+        "{err}"
+    );
+}

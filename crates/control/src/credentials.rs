@@ -4,9 +4,9 @@
 //!
 //! A revocation is made in the store with its audit entry (`store/trust.rs`), then the list is
 //! rebuilt from the store and published: every configuration stream pushes it to its proxy at
-//! once (which refuses new handshakes from the revoked and closes their open connections), the
-//! control plane's own listener refuses their handshakes, and a stream of a revoked proxy is
-//! ended. Join and Renew check the store itself, in the transaction that records the
+//! once (which refuses new handshakes from the revoked and closes their open connections),
+//! every call made with a revoked certificate is refused in words that say why, and a stream
+//! of a revoked proxy is ended. Join and Renew check the store itself, in the transaction that records the
 //! certificate, so a certificate issued while a revocation is made never leaves.
 
 use crate::error::ControlError;
@@ -16,7 +16,7 @@ use crate::store::Store;
 use crate::store::trust::{Revocation, RevocationKind, RevokeError, RevokeOrder};
 use crate::tokens::TokenRecord;
 use bulkhead_api::v1::{self as pb, credentials_server::Credentials};
-use bulkhead_identity::{RevocationCheck, RevokedSet, SpiffeId};
+use bulkhead_identity::{RevokedSet, SpiffeId};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -27,16 +27,10 @@ use tonic::{Request, Response, Status};
 const UPKEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// The revoked identities and the serials of revoked instances' certificates that may still
-/// be valid; asked at every handshake of the control plane's listener.
+/// be valid; every call made with a certificate asks it.
 #[derive(Debug)]
 pub(crate) struct Revoked {
     list: watch::Sender<Arc<RevokedSet>>,
-}
-
-impl RevocationCheck for Revoked {
-    fn is_revoked(&self, id: &SpiffeId, serial: &str) -> bool {
-        self.list.borrow().refuses(id.as_str(), serial)
-    }
 }
 
 impl Revoked {
@@ -179,12 +173,31 @@ impl State {
             return Ok(());
         };
         let serial = peer.cert_serial.as_deref().unwrap_or_default();
-        if self.revoked.refuses(id.as_str(), serial) {
-            return Err(Status::permission_denied(format!(
-                "the certificate of {id} (serial {serial}) is revoked; `bulkhead get revocations` says why"
-            )));
+        if !self.revoked.refuses(id.as_str(), serial) {
+            return Ok(());
         }
-        Ok(())
+        // Refused either way; the store says by whom and why.
+        let instance = self
+            .store
+            .instance_by_serial(serial)
+            .ok()
+            .flatten()
+            .map(|i| i.id);
+        let why = self.store.revocations().ok().and_then(|all| {
+            all.into_iter().find(|r| match r.kind {
+                RevocationKind::Identity => r.subject == id.as_str(),
+                RevocationKind::Proxy => instance.as_deref() == Some(r.subject.as_str()),
+            })
+        });
+        Err(Status::permission_denied(match why {
+            Some(r) => format!(
+                "the certificate of {id} (serial {serial}) is refused: {}",
+                r.describe()
+            ),
+            None => format!(
+                "the certificate of {id} (serial {serial}) is revoked; `bulkhead get revocations` says why"
+            ),
+        }))
     }
 }
 

@@ -77,12 +77,12 @@ impl AsyncWrite for TlsConn {
 }
 
 /// The listener's TLS configuration: a serving SVID the signing CA issues now (with a key that
-/// never leaves this process), and client certificates checked against the bundle and
-/// refused if revoked.
+/// never leaves this process), and client certificates checked against the bundle. A revoked
+/// certificate completes its handshake and is refused by every call that uses it
+/// (`State::refuse_revoked`), so that its holder is told why.
 pub(crate) fn serving_config(
     cas: &CaSet,
     svid_lifetime: Duration,
-    revoked: Arc<crate::credentials::Revoked>,
 ) -> Result<ServerConfig, ControlError> {
     let id = SpiffeId::parse(&format!("spiffe://{}{CONTROL_ID_PATH}", cas.trust_domain()))?;
     let svid = cas
@@ -90,7 +90,7 @@ pub(crate) fn serving_config(
         .issue_local(&id, svid_lifetime, std::time::SystemTime::now())?;
     Ok(server_config(
         &svid,
-        &cas.bundle().clone().with_revocations(revoked),
+        cas.bundle(),
         ClientAuth::Optional,
         &[b"h2"],
     )?)

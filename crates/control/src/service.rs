@@ -119,7 +119,7 @@ pub(crate) struct State {
     /// The web console's sessions and live signals (issue 21).
     pub(crate) console: crate::console::Console,
     /// Who is refused although their certificates chain to the bundle: pushed to every
-    /// proxy, asked by the listener at every handshake.
+    /// proxy, and checked by every call made with a certificate.
     pub(crate) revoked: Arc<crate::credentials::Revoked>,
     /// Spans to an OTLP collector (`--otlp-endpoint`), and the pushes awaiting an answer.
     pub(crate) tracer: Option<Arc<bulkhead_api::otlp::Tracer>>,
@@ -164,7 +164,7 @@ impl State {
         let trust_domain = cas.trust_domain().to_string();
         let admin_id = SpiffeId::parse(&format!("spiffe://{trust_domain}{ADMIN_ID_PATH}"))?;
         let revoked = Arc::new(crate::credentials::Revoked::load(&store, unix_now())?);
-        let serving = crate::listener::serving_config(&cas, svid_lifetime, revoked.clone())?;
+        let serving = crate::listener::serving_config(&cas, svid_lifetime)?;
         Ok(State {
             dir,
             store,
@@ -210,11 +210,7 @@ impl State {
 
     /// Rebuilds the listener's TLS configuration from the current CA set.
     pub(crate) fn refresh_serving(&self) -> Result<(), ControlError> {
-        let config = crate::listener::serving_config(
-            &self.cas.borrow(),
-            self.svid_lifetime,
-            self.revoked.clone(),
-        )?;
+        let config = crate::listener::serving_config(&self.cas.borrow(), self.svid_lifetime)?;
         self.serving.store(Arc::new(config));
         Ok(())
     }

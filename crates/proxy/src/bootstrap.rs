@@ -23,12 +23,166 @@ pub(crate) struct Joined {
     pub instance: String,
 }
 
+/// Joins: with the credential a previous run of this proxy kept, if it has one that is
+/// still valid and accepted, else with the join token. The credential is (re)written after.
 pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
+    let sealed = config
+        .credential_file
+        .as_ref()
+        .map(|path| crate::sealed::Sealed { path: path.clone() });
+    let bundle = trust_bundle(config)?;
+    let mut joined = None;
+    let mut refused = None;
+    if let Some(stored) = sealed
+        .as_ref()
+        .map(crate::sealed::Sealed::load)
+        .transpose()?
+        .flatten()
+    {
+        let path = sealed
+            .as_ref()
+            .map(|s| s.path.display().to_string())
+            .unwrap_or_default();
+        let left = stored
+            .svid
+            .not_after()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        if left < Duration::from_secs(5) {
+            tracing::warn!(credential = path, spiffe_id = %stored.svid.id(), "the kept credential has expired; joining with the token");
+        } else {
+            match rejoin(config, &bundle, &stored).await {
+                Ok(j) => {
+                    tracing::info!(credential = path, spiffe_id = %j.svid.id(), instance = j.instance, "rejoined with the kept credential (no token spent)");
+                    joined = Some(j);
+                }
+                Err(Refused(why)) => {
+                    tracing::warn!(
+                        credential = path,
+                        reason = why,
+                        "the kept credential was refused; joining with the token"
+                    );
+                    refused = Some(format!("the credential kept in {path} was refused ({why})"));
+                }
+            }
+        }
+    }
+    let joined = match joined {
+        Some(j) => j,
+        None => join_with_token(config, bundle)
+            .await
+            .map_err(|e| match (e, refused) {
+                (ProxyError::Join { addr, message }, Some(why)) => ProxyError::Join {
+                    addr,
+                    message: format!("{why}; with the join token: {message}"),
+                },
+                (e, _) => e,
+            })?,
+    };
+    if let Some(sealed) = &sealed {
+        sealed.store(&joined.svid, &joined.workload, &joined.instance)?;
+    }
+    Ok(joined)
+}
+
+/// Why the kept credential could not be used.
+struct Refused(String);
+
+/// Renews with the kept credential over mTLS, as the periodic renewal does: the same
+/// identity and instance, a new key made here.
+async fn rejoin(
+    config: &Config,
+    bundle: &TrustBundle,
+    stored: &crate::sealed::Stored,
+) -> Result<Joined, Refused> {
+    if stored.svid.id().trust_domain() != bundle.trust_domain() {
+        return Err(Refused(format!(
+            "it is for trust domain {}, the bundle for {}",
+            stored.svid.id().trust_domain(),
+            bundle.trust_domain()
+        )));
+    }
+    let refused = |e: &dyn std::fmt::Display| Refused(e.to_string());
+    let control = control_identity(bundle).map_err(|e| refused(&e))?;
+    let tls = client_config(
+        Some(&stored.svid),
+        bundle,
+        ExpectedServer::Exact(control),
+        &[b"h2"],
+    )
+    .map_err(|e| refused(&e))?;
+    let mut client = IdentityClient::new(channel::connect(config.control.clone(), tls));
+    let key = LocalKey::generate().map_err(|e| refused(&e))?;
+    let csr_der = key
+        .csr_der(Some(stored.svid.id()))
+        .map_err(|e| refused(&e))?;
+    let mut delay = Duration::from_millis(100);
+    let response = loop {
+        match client
+            .renew(bulkhead_api::v1::RenewRequest {
+                csr_der: csr_der.clone(),
+            })
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && delay < Duration::from_secs(5) => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(s) => return Err(Refused(s.message().to_string())),
+        }
+    };
+    let svid = key
+        .into_svid(
+            response
+                .cert_chain_der
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+        )
+        .map_err(|e| refused(&e))?;
+    if svid.id() != stored.svid.id() {
+        return Err(Refused(format!(
+            "the control plane renewed {} as {}",
+            stored.svid.id(),
+            svid.id()
+        )));
+    }
+    let bundle = TrustBundle::for_trust_domain(
+        bundle.trust_domain(),
+        response
+            .trust_bundle_der
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    )
+    .map_err(|e| refused(&e))?;
+    let workload = match (response.namespace.is_empty(), response.workload.is_empty()) {
+        (false, false) => ResourceName {
+            namespace: response.namespace,
+            name: response.workload,
+        },
+        _ => stored.workload.clone(),
+    };
+    Ok(Joined {
+        svid,
+        bundle,
+        workload,
+        instance: if response.instance.is_empty() {
+            stored.instance.clone()
+        } else {
+            response.instance
+        },
+    })
+}
+
+/// The bundle file's roots, for the trust domain `--identity` names or a root names.
+fn trust_bundle(config: &Config) -> Result<TrustBundle, ProxyError> {
     let fail = |message: String| ProxyError::Join {
         addr: config.control.clone(),
         message,
     };
-    let bundle = match &config.identity {
+    match &config.identity {
         Some(id) => TrustBundle::from_pem_for(id.trust_domain(), &config.trust_bundle_pem),
         None => TrustBundle::from_pem(&config.trust_bundle_pem),
     }
@@ -37,7 +191,19 @@ pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
             "{e}: pass --identity spiffe://<trust-domain>/… to name the mesh's trust domain"
         )),
         e => ProxyError::Bundle(e),
-    })?;
+    })
+}
+
+async fn join_with_token(config: &Config, bundle: TrustBundle) -> Result<Joined, ProxyError> {
+    let fail = |message: String| ProxyError::Join {
+        addr: config.control.clone(),
+        message,
+    };
+    if config.token.0.is_empty() {
+        return Err(fail(
+            "the kept credential could not be used and there is no join token: create one with `bulkhead token create` and pass it with --token-file".into(),
+        ));
+    }
     let tls = client_config(
         None,
         &bundle,

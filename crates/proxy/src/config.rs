@@ -36,6 +36,9 @@ pub struct Config {
     /// Where request spans go (OTLP/gRPC), and which share of new traces is kept; `None`:
     /// no spans.
     pub traces: Option<Traces>,
+    /// This proxy's own key and certificate, kept (0600) to rejoin after a restart without a
+    /// new token; `None`: a restarted proxy needs a new join token.
+    pub credential_file: Option<PathBuf>,
 }
 
 /// Tracing: spans for every sampled request, to an OTLP collector.

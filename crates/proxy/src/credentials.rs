@@ -270,6 +270,13 @@ async fn renew(
     let serial = svid.serial().to_string();
     let not_after = svid.not_after();
     let set = replace(shared, |current| current.with_svid(svid.clone()))?;
+    if let Some(sealed) = &shared.sealed
+        && let Err(e) = sealed.store(&svid, &shared.workload, &shared.instance)
+    {
+        // The proxy goes on with the new certificate; a restart would fall back to the
+        // token while the kept one is still valid, and to nothing after.
+        tracing::error!(error = %e, "could not keep the renewed credential; a restart may need a new join token");
+    }
     shared
         .metrics
         .svid_expiry

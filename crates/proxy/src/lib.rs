@@ -24,6 +24,7 @@ mod mux;
 mod outbound;
 mod refusal;
 mod revoked;
+mod sealed;
 mod tap;
 mod tcp;
 mod trace;
@@ -65,6 +66,11 @@ pub enum ProxyError {
     Renew(String),
     #[error(transparent)]
     Traces(#[from] bulkhead_api::otlp::EndpointError),
+    #[error("credential file {path}: {message}")]
+    Credential {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: String,
@@ -109,6 +115,10 @@ pub(crate) struct Shared {
     pub revoked: Arc<revoked::Revoked>,
     /// Request spans, when an OTLP endpoint is set.
     pub tracer: Option<trace::Tracer>,
+    /// Where this proxy keeps its credential to rejoin after a restart (rewritten at each
+    /// renewal), and the instance its join made.
+    pub sealed: Option<sealed::Sealed>,
+    pub instance: String,
 }
 
 /// What a started proxy bound and who it is.
@@ -186,6 +196,11 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     }
     let shared = Arc::new(Shared {
         tracer,
+        sealed: config
+            .credential_file
+            .as_ref()
+            .map(|path| sealed::Sealed { path: path.clone() }),
+        instance: joined.instance.clone(),
         flows: flows::Flows::for_interval(config.flow_interval, metrics.flows_dropped.clone()),
         tap: tap::Tap::default(),
         metrics,

@@ -53,6 +53,19 @@ struct Args {
     /// of `ps`).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Where this proxy keeps its own key and certificate (0600, rewritten at every
+    /// renewal) so that, killed and started again with the same command, it rejoins by
+    /// renewing with them instead of spending a new token. Default: the token file's path
+    /// with `.credential` appended; none when the token comes from BULKHEAD_JOIN_TOKEN.
+    #[arg(
+        long,
+        env = "BULKHEAD_CREDENTIAL_FILE",
+        conflicts_with = "no_credential_file"
+    )]
+    credential_file: Option<PathBuf>,
+    /// Keep no credential: a restarted proxy needs a new join token.
+    #[arg(long)]
+    no_credential_file: bool,
     /// The SPIFFE ID this proxy expects to hold; joining fails if the token is bound to another.
     #[arg(long)]
     identity: Option<String>,
@@ -164,12 +177,26 @@ impl Args {
         let trust_bundle_pem = std::fs::read_to_string(&self.trust_bundle).with_context(|| {
             format!("cannot read --trust-bundle {}", self.trust_bundle.display())
         })?;
+        let credential_file = match (&self.credential_file, &self.token_file) {
+            _ if self.no_credential_file => None,
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(token)) => {
+                let mut name = token.as_os_str().to_owned();
+                name.push(".credential");
+                Some(PathBuf::from(name))
+            }
+            (None, None) => None,
+        };
+        let has_credential = credential_file.as_ref().is_some_and(|p| p.exists());
         let token = match (&self.token_file, std::env::var("BULKHEAD_JOIN_TOKEN").ok()) {
+            // Spent and deleted after the first join: the credential rejoins without it.
+            (Some(path), _) if has_credential && !path.exists() => String::new(),
             (Some(path), _) => std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read --token-file {}", path.display()))?
                 .trim()
                 .to_string(),
             (None, Some(t)) if !t.trim().is_empty() => t.trim().to_string(),
+            _ if has_credential => String::new(),
             _ => bail!(
                 "no join token: pass --token-file FILE or set BULKHEAD_JOIN_TOKEN (create one with `bulkhead token create`)"
             ),
@@ -215,6 +242,7 @@ impl Args {
             first_config_wait: Duration::from_secs(10),
             max_policy_rules: self.max_policy_rules,
             flow_interval: Duration::from_secs(self.flow_interval_secs),
+            credential_file,
             traces: self
                 .otlp_endpoint
                 .or_else(|| bulkhead_api::otlp::endpoint_from_env(|k| std::env::var(k).ok()))
