@@ -410,7 +410,8 @@ fn used_up_and_expired_tokens_are_refused_with_what_to_do() {
     let late = mesh.dir.path().join("late.token");
     std::fs::write(&late, out.trim()).unwrap();
 
-    // A single-use token: the first proxy joins, the second start is refused.
+    // A single-use token: the first proxy joins, a second proxy with the token (and no kept
+    // credential of its own) is refused.
     let token = mesh.token(&id("frontend"));
     let upstream = format!(
         "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
@@ -418,7 +419,7 @@ fn used_up_and_expired_tokens_are_refused_with_what_to_do() {
     );
     let (mut first, _) = mesh.proxy("frontend", &token, &["--upstream", &upstream]);
     first.assert_running();
-    let err = mesh.failing_proxy(&token, &[]);
+    let err = mesh.failing_proxy(&token, &["--no-credential-file"]);
     assert!(
         err.contains("join token has been used up; create a new one with `bulkhead token create`"),
         "{err}"

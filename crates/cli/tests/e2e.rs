@@ -305,7 +305,8 @@ fn join_tokens_grant_exactly_one_identity() {
     );
     assert_eq!(ready["spiffe_id"], id("frontend"));
     p.assert_running();
-    let err = mesh.failing_proxy(&token, &[]);
+    // A second proxy with the spent token and no kept credential of its own.
+    let err = mesh.failing_proxy(&token, &["--no-credential-file"]);
     assert!(err.contains("join token has been used up"), "{err}");
 
     // A made-up token is refused without detail about any real one.

@@ -126,8 +126,8 @@ impl Svid {
         self.chain.get(1).map(|c| fingerprint(c))
     }
 
-    /// PEM of the chain and of the key. Only for the admin credential the control plane hands
-    /// to the CLI on its own host.
+    /// PEM of the chain and of the key. Only for a credential kept on its own host: the admin
+    /// credential the control plane writes for the CLI, and a proxy's own credential file.
     pub fn to_pem(&self) -> (String, String) {
         let certs = self
             .chain
