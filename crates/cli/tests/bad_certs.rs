@@ -413,10 +413,7 @@ fn used_up_and_expired_tokens_are_refused_with_what_to_do() {
     // A single-use token: the first proxy joins, a second proxy with the token (and no kept
     // credential of its own) is refused.
     let token = mesh.token(&id("frontend"));
-    let upstream = format!(
-        "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
-        id("x")
-    );
+    let upstream = unused_upstream();
     let (mut first, _) = mesh.proxy("frontend", &token, &["--upstream", &upstream]);
     first.assert_running();
     let err = mesh.failing_proxy(&token, &["--no-credential-file"]);
@@ -552,6 +549,14 @@ fn reserved_identities_cannot_have_a_token_and_logging_is_documented() {
             bin.display()
         );
     }
+}
+
+/// An upstream no request goes to: a proxy needs one listener to start.
+fn unused_upstream() -> String {
+    format!(
+        "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+        id("x")
+    )
 }
 
 /// One mTLS connection presenting `leaf` (of the mesh's CA) to `addr`, kept open after its
@@ -792,13 +797,7 @@ fn a_fake_control_plane_is_refused_by_proxies_and_the_cli() {
     ] {
         let mut args = mesh.proxy_args(&token);
         args[1] = fake.to_string();
-        args.extend([
-            "--upstream".into(),
-            format!(
-                "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
-                id("x")
-            ),
-        ]);
+        args.extend(["--upstream".into(), unused_upstream()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, _, err) = bulkhead_testkit::run(&mesh.bins.proxy, &args, &[]);
         assert_ne!(code, 0, "joined a fake control plane: {err}");
@@ -831,10 +830,7 @@ fn a_fake_control_plane_is_refused_by_proxies_and_the_cli() {
     let ready = mesh.dir.path().join("orders-by-name.json");
     args.extend([
         "--upstream".into(),
-        format!(
-            "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
-            id("x")
-        ),
+        unused_upstream(),
         "--ready-file".into(),
         ready.to_str().unwrap().into(),
     ]);
@@ -853,13 +849,7 @@ fn a_fake_control_plane_is_refused_by_proxies_and_the_cli() {
     // A name that resolves nowhere is a clear error.
     let mut args = mesh.proxy_args(&token);
     args[1] = "no-such-control.invalid:7443".into();
-    args.extend([
-        "--upstream".into(),
-        format!(
-            "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
-            id("x")
-        ),
-    ]);
+    args.extend(["--upstream".into(), unused_upstream()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, _, err) = bulkhead_testkit::run(&mesh.bins.proxy, &args, &[]);
     assert_ne!(code, 0);

@@ -148,15 +148,7 @@ async fn rejoin(
             svid.id()
         )));
     }
-    let bundle = TrustBundle::for_trust_domain(
-        bundle.trust_domain(),
-        response
-            .trust_bundle_der
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-    )
-    .map_err(|e| refused(&e))?;
+    let bundle = issued_bundle(bundle, response.trust_bundle_der).map_err(|e| refused(&e))?;
     let workload = match (response.namespace.is_empty(), response.workload.is_empty()) {
         (false, false) => ResourceName {
             namespace: response.namespace,
@@ -176,12 +168,27 @@ async fn rejoin(
     })
 }
 
-/// The bundle file's roots, for the trust domain `--identity` names or a root names.
-fn trust_bundle(config: &Config) -> Result<TrustBundle, ProxyError> {
-    let fail = |message: String| ProxyError::Join {
+fn join_error(config: &Config, message: String) -> ProxyError {
+    ProxyError::Join {
         addr: config.control.clone(),
         message,
-    };
+    }
+}
+
+/// The roots a join or renewal answered with, for the trust domain already known.
+fn issued_bundle(
+    known: &TrustBundle,
+    roots_der: Vec<Vec<u8>>,
+) -> Result<TrustBundle, IdentityError> {
+    TrustBundle::for_trust_domain(
+        known.trust_domain(),
+        roots_der.into_iter().map(Into::into).collect(),
+    )
+}
+
+/// The bundle file's roots, for the trust domain `--identity` names or a root names.
+fn trust_bundle(config: &Config) -> Result<TrustBundle, ProxyError> {
+    let fail = |message: String| join_error(config, message);
     match &config.identity {
         Some(id) => TrustBundle::from_pem_for(id.trust_domain(), &config.trust_bundle_pem),
         None => TrustBundle::from_pem(&config.trust_bundle_pem),
@@ -195,10 +202,7 @@ fn trust_bundle(config: &Config) -> Result<TrustBundle, ProxyError> {
 }
 
 async fn join_with_token(config: &Config, bundle: TrustBundle) -> Result<Joined, ProxyError> {
-    let fail = |message: String| ProxyError::Join {
-        addr: config.control.clone(),
-        message,
-    };
+    let fail = |message: String| join_error(config, message);
     if config.token.0.is_empty() {
         return Err(fail(
             "the kept credential could not be used and there is no join token: create one with `bulkhead token create` and pass it with --token-file".into(),
@@ -248,15 +252,7 @@ async fn join_with_token(config: &Config, bundle: TrustBundle) -> Result<Joined,
             bundle.trust_domain()
         )));
     }
-    let bundle = TrustBundle::for_trust_domain(
-        bundle.trust_domain(),
-        response
-            .trust_bundle_der
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-    )
-    .map_err(ProxyError::Bundle)?;
+    let bundle = issued_bundle(&bundle, response.trust_bundle_der).map_err(ProxyError::Bundle)?;
     Ok(Joined {
         svid,
         bundle,

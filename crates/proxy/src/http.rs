@@ -819,7 +819,7 @@ pub(crate) struct Access<'a> {
     pub path: &'a str,
     pub status: u16,
     pub decision: &'a bulkhead_policy::Decision,
-    pub trace_id: Option<String>,
+    pub trace_id: Option<[u8; 16]>,
     pub duration: std::time::Duration,
 }
 
@@ -842,6 +842,10 @@ pub(crate) fn verdict_policy_rule(d: &bulkhead_policy::Decision) -> (&'static st
 /// docs/observability.md). The path is its template (`/orders/{id}`), as flows name it, so a
 /// log holds no identifier a path carried.
 pub(crate) fn log_access(a: &Access<'_>) {
+    // Once per request: nothing is formatted when the access log is filtered out.
+    if !tracing::enabled!(target: "bulkhead::access", tracing::Level::INFO) {
+        return;
+    }
     let (verdict, policy, rule) = verdict_policy_rule(a.decision);
     let workload = |w: Option<&bulkhead_policy::model::WorkloadRef>| {
         w.map_or_else(|| "-".to_string(), ToString::to_string)
@@ -861,7 +865,9 @@ pub(crate) fn log_access(a: &Access<'_>) {
         policy = %policy,
         rule = %rule,
         revision = a.decision.revision,
-        trace_id = a.trace_id.as_deref().unwrap_or("-"),
+        trace_id = %a
+            .trace_id
+            .map_or_else(|| "-".to_string(), |t| bulkhead_api::otlp::hex(&t)),
         duration_ms = a.duration.as_secs_f64() * 1000.0,
         // A denial's explanation (with its nearest miss, which names the path as sent).
         decision = (!a.decision.is_allow()).then(|| a.decision.to_string()),

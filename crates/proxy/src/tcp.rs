@@ -84,6 +84,9 @@ impl Flow {
     pub(crate) fn log(&self, decision: &Decision, shared: &Shared) {
         self.record(decision, shared);
         shared.metrics.decision(self.direction_label(), decision);
+        if !tracing::enabled!(target: "bulkhead::access", tracing::Level::INFO) {
+            return;
+        }
         let (verdict, policy, rule) = crate::http::verdict_policy_rule(decision);
         let peer = self.peer_identity.as_deref().unwrap_or("-");
         let peer_workload = self

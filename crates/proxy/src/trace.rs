@@ -62,9 +62,9 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// The request's trace id (hex), for its log line.
-    pub(crate) fn trace_id(&self) -> Option<String> {
-        self.trace_id.map(|t| otlp::hex(&t))
+    /// The request's trace id, for its log line.
+    pub(crate) fn trace_id(&self) -> Option<[u8; 16]> {
+        self.trace_id
     }
 
     pub(crate) fn end(&self, outcome: &Outcome<'_>) {
