@@ -26,7 +26,7 @@ pub async fn credentials(context: &Path) -> Result<CredentialsClient<Channel>> {
 fn channel(context: &Path) -> Result<Channel> {
     let text = std::fs::read_to_string(context).with_context(|| {
         format!(
-            "cannot read admin context {} (start `bulkhead control` first, or pass --context DATA_DIR/admin.yaml)",
+            "cannot read admin context {} (start `bulkhead control` first, or pass --context with a context's name (`bulkhead config get-contexts`) or a control plane's DATA_DIR/admin.yaml)",
             context.display()
         )
     })?;

@@ -65,10 +65,20 @@ pub(crate) struct GraphEdge {
     last_seen: String,
 }
 
-pub async fn graph(admin: &mut Admin, window: Option<Duration>, output: &str) -> Result<()> {
+pub async fn graph(
+    admin: &mut Admin,
+    window: Option<Duration>,
+    namespace: Option<&str>,
+    output: &str,
+) -> Result<()> {
     let edges = edges(admin, window).await?;
     let (resources, _) = applied(admin, "").await?;
-    let lines = graph_lines(&edges, &resources);
+    let mut lines = graph_lines(&edges, &resources);
+    if let Some(ns) = namespace {
+        // `namespace/workload` names; a caller known only by its SPIFFE ID is in no namespace.
+        let in_ns = |name: &str| name.split_once('/').is_some_and(|(n, _)| n == ns);
+        lines.retain(|g| in_ns(&g.source) || in_ns(&g.destination));
+    }
     match output {
         "json" => println!("{}", serde_json::to_string_pretty(&lines)?),
         "dot" => print!("{}", graph_dot(&lines)),

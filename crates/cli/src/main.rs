@@ -3,6 +3,7 @@
 mod admin_cmd;
 mod ca_cmd;
 mod client;
+mod contexts;
 mod credentials_cmd;
 mod demo;
 mod events_cmd;
@@ -38,14 +39,11 @@ enum K8sCommand {
     after_help = LOGGING_HELP
 )]
 struct Cli {
-    /// Admin context written by `bulkhead control` (DATA_DIR/admin.yaml).
-    #[arg(
-        long,
-        global = true,
-        env = "BULKHEAD_CONTEXT",
-        default_value = "bulkhead-data/admin.yaml"
-    )]
-    context: PathBuf,
+    /// Which control plane to talk to: a context's name (`bulkhead config get-contexts`) or
+    /// the admin context file a control plane wrote (DATA_DIR/admin.yaml). Without it, the
+    /// current context of ~/.config/bulkhead/config, else bulkhead-data/admin.yaml.
+    #[arg(long, global = true, env = "BULKHEAD_CONTEXT")]
+    context: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -201,6 +199,9 @@ enum Command {
         /// Only traffic seen within this long (e.g. 15m, 24h); default: all that is kept.
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
+        /// Only lines whose caller or destination is in this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "dot", "json"])]
         output: String,
     },
@@ -255,6 +256,12 @@ enum Command {
     /// `bulkhead completion zsh > "${fpath[1]}/_bulkhead"`, or for fish
     /// `bulkhead completion fish > ~/.config/fish/completions/bulkhead.fish`.
     Completion { shell: clap_complete::Shell },
+    /// The CLI's contexts, kubectl's way: named control planes in ~/.config/bulkhead/config
+    /// (or $BULKHEAD_CONFIG), one of them current.
+    Config {
+        #[command(subcommand)]
+        command: contexts::ConfigCommand,
+    },
     /// Bulkhead on Kubernetes (docs/kubernetes.md).
     K8s {
         #[command(subcommand)]
@@ -442,7 +449,11 @@ enum TokenCommand {
         output: String,
     },
     /// Delete a join token (by the ID `token list` shows): it can no longer be redeemed.
-    Delete { id: String },
+    Delete {
+        /// Tokens made before ids were kept from starting with '-' may start with one.
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -597,6 +608,8 @@ fn closed_pipe(e: &anyhow::Error) -> bool {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // The admin context file, found only by the commands that talk to a control plane.
+    let context = || contexts::resolve(cli.context.as_deref(), &contexts::Env::process());
     match cli.command {
         Command::Control {
             data_dir,
@@ -677,7 +690,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Token { command } => {
-            let mut c = client::credentials(&cli.context).await?;
+            let mut c = client::credentials(&context()?).await?;
             let out = &mut std::io::stdout();
             match command {
                 TokenCommand::List { output } => {
@@ -693,7 +706,7 @@ async fn run(cli: Cli) -> Result<()> {
                     ttl,
                     uses,
                 } => {
-                    let mut admin = client::admin(&cli.context).await?;
+                    let mut admin = client::admin(&context()?).await?;
                     let resp = admin
                         .create_token(admin_cmd::request(CreateTokenRequest {
                             spiffe_id: identity,
@@ -722,10 +735,10 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Version { output, .. } => {
-            admin_cmd::version(&mut client::admin(&cli.context).await?, &output).await
+            admin_cmd::version(&mut client::admin(&context()?).await?, &output).await
         }
         Command::Revoke { command } => {
-            let mut c = client::credentials(&cli.context).await?;
+            let mut c = client::credentials(&context()?).await?;
             let out = &mut std::io::stdout();
             match command {
                 RevokeCommand::Identity { spiffe_id, reason } => {
@@ -739,17 +752,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Unrevoke {
             command: UnrevokeCommand::Identity { spiffe_id },
         } => {
-            let mut c = client::credentials(&cli.context).await?;
+            let mut c = client::credentials(&context()?).await?;
             credentials_cmd::unrevoke(&mut c, &spiffe_id, &mut std::io::stdout()).await
         }
         Command::Get { what, output, .. } if what.eq_ignore_ascii_case("revocations") => {
-            let mut c = client::credentials(&cli.context).await?;
+            let mut c = client::credentials(&context()?).await?;
             credentials_cmd::list_revocations(&mut c, &output, &mut std::io::stdout()).await
         }
         Command::Console {
             command: ConsoleCommand::Token { ttl, token_only },
         } => {
-            let mut admin = client::admin(&cli.context).await?;
+            let mut admin = client::admin(&context()?).await?;
             let resp = admin
                 .create_console_token(admin_cmd::request(
                     bulkhead_api::v1::CreateConsoleTokenRequest {
@@ -779,7 +792,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let files = admin_cmd::read_apply_files(&files, recursive)?;
             admin_cmd::apply(
-                &mut client::admin(&cli.context).await?,
+                &mut client::admin(&context()?).await?,
                 files,
                 dry_run,
                 change.options(),
@@ -788,7 +801,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Delete { file, keys, change } => {
             admin_cmd::delete(
-                &mut client::admin(&cli.context).await?,
+                &mut client::admin(&context()?).await?,
                 file.as_deref(),
                 keys,
                 change.options(),
@@ -811,7 +824,7 @@ async fn run(cli: Cli) -> Result<()> {
                 namespace: namespace.as_deref(),
             };
             admin_cmd::get(
-                &mut client::admin(&cli.context).await?,
+                &mut client::admin(&context()?).await?,
                 &what.to_lowercase(),
                 &select,
                 &output,
@@ -819,10 +832,10 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::History { limit, output } => {
-            admin_cmd::history(&mut client::admin(&cli.context).await?, limit, &output).await
+            admin_cmd::history(&mut client::admin(&context()?).await?, limit, &output).await
         }
         Command::Ca { command } => {
-            let mut admin = client::admin(&cli.context).await?;
+            let mut admin = client::admin(&context()?).await?;
             match command {
                 CaCommand::Status { output } => ca_cmd::status(&mut admin, &output).await,
                 CaCommand::AddRoot {
@@ -844,24 +857,29 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Rollback { revision, change } => {
             admin_cmd::rollback(
-                &mut client::admin(&cli.context).await?,
+                &mut client::admin(&context()?).await?,
                 revision,
                 change.options(),
             )
             .await
         }
-        Command::Graph { since, output } => {
-            flows_cmd::graph(&mut client::admin(&cli.context).await?, since, &output).await
+        Command::Graph {
+            since,
+            namespace,
+            output,
+        } => {
+            let admin = &mut client::admin(&context()?).await?;
+            flows_cmd::graph(admin, since, namespace.as_deref(), &output).await
         }
         Command::Recommend { since, diff } => {
-            flows_cmd::recommend(&mut client::admin(&cli.context).await?, since, diff).await
+            flows_cmd::recommend(&mut client::admin(&context()?).await?, since, diff).await
         }
         Command::Impact {
             files,
             since,
             fail_on_new_deny,
         } => {
-            let admin = &mut client::admin(&cli.context).await?;
+            let admin = &mut client::admin(&context()?).await?;
             flows_cmd::impact(admin, &files, since, fail_on_new_deny).await
         }
         Command::Promote {
@@ -871,13 +889,16 @@ async fn run(cli: Cli) -> Result<()> {
             change,
         } => {
             flows_cmd::promote(
-                &mut client::admin(&cli.context).await?,
+                &mut client::admin(&context()?).await?,
                 &target,
                 window,
                 force,
                 change.options(),
             )
             .await
+        }
+        Command::Config { command } => {
+            contexts::run(command, &contexts::Env::process(), &mut stdout())
         }
         Command::Completion { shell } => {
             use clap::CommandFactory;
@@ -897,9 +918,9 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { once } => demo::run(once).await,
-        Command::Reach(args) => reach_cmd::run(&cli.context, args).await,
-        Command::Tap(args) => tap_cmd::run(&cli.context, args).await,
-        Command::Events(args) => events_cmd::run(&cli.context, args).await,
+        Command::Reach(args) => reach_cmd::run(&context()?, args).await,
+        Command::Tap(args) => tap_cmd::run(&context()?, args).await,
+        Command::Events(args) => events_cmd::run(&context()?, args).await,
         Command::Policy { command } => match command {
             PolicyCommand::Lint { files, strict } => {
                 policy_cmd::lint(&files, strict, &mut stdout(), &mut stderr())

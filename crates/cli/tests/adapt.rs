@@ -101,6 +101,17 @@ fn observe_recommend_audit_impact_promote() {
                 && e["allowed"] == 4
         })
     });
+    // -n keeps the lines with a side in the namespace.
+    let lines = |ns: &str| -> usize {
+        let out = cli(mesh, &["graph", "-n", ns, "-o", "json"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert!(lines("shop") >= 1);
+    assert_eq!(lines("billing"), 0);
     let dot = cli(mesh, &["graph", "-o", "dot"]);
     assert!(
         dot.contains("\"shop/frontend\" -> \"shop/orders\" [label=\"8080/http allow 4 deny 0\""),

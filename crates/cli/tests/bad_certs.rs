@@ -849,7 +849,12 @@ fn a_fake_control_plane_is_refused_by_proxies_and_the_cli() {
     // A name that resolves nowhere is a clear error.
     let mut args = mesh.proxy_args(&token);
     args[1] = "no-such-control.invalid:7443".into();
-    args.extend(["--upstream".into(), unused_upstream()]);
+    // (The proxy above holds this token file's kept credential.)
+    args.extend([
+        "--upstream".into(),
+        unused_upstream(),
+        "--no-credential-file".into(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, _, err) = bulkhead_testkit::run(&mesh.bins.proxy, &args, &[]);
     assert_ne!(code, 0);

@@ -25,22 +25,19 @@ pub(crate) struct Joined {
 
 /// Joins: with the credential a previous run of this proxy kept, if it has one that is
 /// still valid and accepted, else with the join token. The credential is (re)written after.
-pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
-    let sealed = config
-        .credential_file
-        .as_ref()
-        .map(|path| crate::sealed::Sealed { path: path.clone() });
+pub(crate) async fn join(
+    config: &Config,
+    sealed: Option<&crate::sealed::Sealed>,
+) -> Result<Joined, ProxyError> {
     let bundle = trust_bundle(config)?;
     let mut joined = None;
     let mut refused = None;
     if let Some(stored) = sealed
-        .as_ref()
         .map(crate::sealed::Sealed::load)
         .transpose()?
         .flatten()
     {
         let path = sealed
-            .as_ref()
             .map(|s| s.path.display().to_string())
             .unwrap_or_default();
         let left = stored
@@ -79,7 +76,7 @@ pub(crate) async fn join(config: &Config) -> Result<Joined, ProxyError> {
                 (e, _) => e,
             })?,
     };
-    if let Some(sealed) = &sealed {
+    if let Some(sealed) = sealed {
         sealed.store(&joined.svid, &joined.workload, &joined.instance)?;
     }
     Ok(joined)

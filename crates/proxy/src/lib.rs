@@ -159,7 +159,12 @@ pub(crate) fn unix_seconds(t: std::time::SystemTime) -> i64 {
 /// Joins the control plane, binds every listener, waits for the first configuration (up to
 /// `first_config_wait`; until then everything is denied) and serves in the background.
 pub async fn start(config: Config) -> Result<Running, ProxyError> {
-    let joined = bootstrap::join(&config).await?;
+    let sealed = config
+        .credential_file
+        .as_deref()
+        .map(sealed::Sealed::claim)
+        .transpose()?;
+    let joined = bootstrap::join(&config, sealed.as_ref()).await?;
     let id: SpiffeId = joined.svid.id().clone();
     tracing::info!(spiffe_id = %id, workload = %joined.workload, instance = joined.instance, serial = joined.svid.serial(), "joined the mesh");
     let revoked = Arc::new(revoked::Revoked::default());
@@ -196,10 +201,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     }
     let shared = Arc::new(Shared {
         tracer,
-        sealed: config
-            .credential_file
-            .as_ref()
-            .map(|path| sealed::Sealed { path: path.clone() }),
+        sealed,
         instance: joined.instance.clone(),
         flows: flows::Flows::for_interval(config.flow_interval, metrics.flows_dropped.clone()),
         tap: tap::Tap::default(),

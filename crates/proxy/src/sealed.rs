@@ -11,6 +11,11 @@
 //! A file readable by anyone else, or owned by another user, is refused: its key may have
 //! been read. The proxy says so and does not start; the operator deletes the file and revokes
 //! the instance the header names.
+//!
+//! One credential is one running proxy: the file is claimed with an exclusive lock on
+//! `<credential>.lock` (held until the process ends, so a `kill -9` releases it), and a
+//! second proxy started with the same token file while the first runs is refused, naming the
+//! first one's pid, instead of rejoining as the same instance.
 
 use crate::ProxyError;
 use bulkhead_identity::Svid;
@@ -22,10 +27,12 @@ use std::path::{Path, PathBuf};
 const KEY_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
 const KEY_END: &str = "-----END PRIVATE KEY-----";
 
-/// Where the credential is kept, and what it belongs to.
+/// Where the credential is kept, claimed by this process for as long as it runs.
 #[derive(Clone, Debug)]
 pub(crate) struct Sealed {
     pub path: PathBuf,
+    /// The locked `<credential>.lock`; the lock goes with the last clone (or the process).
+    _claim: std::sync::Arc<std::fs::File>,
 }
 
 /// A credential read back.
@@ -43,6 +50,52 @@ fn err(path: &Path, message: String) -> ProxyError {
 }
 
 impl Sealed {
+    /// Claims the credential at `path` for this process, or says which process holds it.
+    pub(crate) fn claim(path: &Path) -> Result<Sealed, ProxyError> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| {
+                err(
+                    &lock_path,
+                    format!("cannot open the credential's lock: {e}"),
+                )
+            })?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => "another process".to_string(),
+                    pid => format!("another bulkhead-proxy (pid {pid})"),
+                };
+                return Err(err(
+                    path,
+                    format!(
+                        "{holder} is running with this credential; one credential is one proxy. Give this proxy its own token file (`bulkhead token create`), or stop the other one first"
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(err(&lock_path, format!("cannot lock it: {e}")));
+            }
+        }
+        // Who holds it, for the next one's error.
+        let _ = file.set_len(0);
+        let _ = write!(file, "{}", std::process::id());
+        Ok(Sealed {
+            path: path.to_path_buf(),
+            _claim: std::sync::Arc::new(file),
+        })
+    }
+
     /// Reads the credential, if there is one. A file others can read, or owned by another
     /// user, or that does not parse, is an error that names what to do.
     pub(crate) fn load(&self) -> Result<Option<Stored>, ProxyError> {
@@ -155,7 +208,7 @@ mod tests {
         let ca = bulkhead_identity::Ca::generate("td", now).unwrap();
         let id = bulkhead_identity::SpiffeId::parse("spiffe://td/ns/shop/sa/orders").unwrap();
         let svid = ca.issue_local(&id, Duration::from_secs(3600), now).unwrap();
-        let sealed = Sealed { path: temp("rt") };
+        let sealed = Sealed::claim(&temp("rt")).unwrap();
         assert!(sealed.load().unwrap().is_none(), "no file yet");
         let workload = ResourceName {
             namespace: "shop".into(),
@@ -188,5 +241,26 @@ mod tests {
         let refused = sealed.load().err().unwrap().to_string();
         assert!(refused.contains("holds no private key"), "{refused}");
         let _ = std::fs::remove_dir_all(sealed.path.parent().unwrap());
+    }
+
+    #[test]
+    fn one_credential_is_claimed_by_one_proxy_at_a_time() {
+        let path = temp("claim");
+        let first = Sealed::claim(&path).unwrap();
+        let second = Sealed::claim(&path).err().unwrap().to_string();
+        assert!(
+            second.contains(&format!(
+                "another bulkhead-proxy (pid {}) is running with this credential",
+                std::process::id()
+            )) && second.contains("its own token file"),
+            "{second}"
+        );
+        // Clones share the claim; it goes with the last one.
+        let clone = first.clone();
+        drop(first);
+        assert!(Sealed::claim(&path).is_err(), "a clone still holds it");
+        drop(clone);
+        Sealed::claim(&path).unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

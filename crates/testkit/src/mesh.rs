@@ -213,10 +213,16 @@ impl Mesh {
     pub fn token(&self, identity: &str) -> std::path::PathBuf {
         let (code, out, err) = self.cli(&["token", "create", "--identity", identity]);
         assert_eq!(code, 0, "token create failed: {err}");
-        let file = self
-            .dir
-            .path()
-            .join(format!("{}.token", identity.rsplit('/').next().unwrap()));
+        // A file of its own per token: a running proxy claims its token file's kept
+        // credential, so two proxies of one identity cannot share a file.
+        let name = identity.rsplit('/').next().unwrap();
+        let file = (1..)
+            .map(|n| match n {
+                1 => self.dir.path().join(format!("{name}.token")),
+                n => self.dir.path().join(format!("{name}-{n}.token")),
+            })
+            .find(|f| !f.exists())
+            .unwrap();
         std::fs::write(&file, out.trim()).unwrap();
         file
     }

@@ -109,6 +109,55 @@ fn get_takes_a_kind_a_name_a_namespace_and_prints_names() {
         err.contains("AuthorizationPolicy \"nope\" not found in namespace shop (revision 2)"),
         "{err}"
     );
+
+    // Contexts, kubectl's way: a named context made current is used when neither --context
+    // nor BULKHEAD_CONTEXT is given; a wrong name is refused in words.
+    let config = mesh.dir.path().join("home/config");
+    let admin = mesh.data().join("admin.yaml");
+    let bulkhead = |args: &[&str]| {
+        bulkhead_testkit::run(
+            &mesh.bins.bulkhead,
+            args,
+            &[
+                ("BULKHEAD_CONFIG", config.to_str().unwrap()),
+                ("HOME", "/nonexistent"),
+            ],
+        )
+    };
+    let (code, _, err) = bulkhead(&["get", "workloads", "-o", "name"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("bulkhead-data/admin.yaml"), "{err}");
+    let (code, out, err) = bulkhead(&[
+        "config",
+        "set-context",
+        "lab",
+        "--file",
+        admin.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("context \"lab\" added in"), "{out}");
+    let (code, _, err) = bulkhead(&["config", "use-context", "lab"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = bulkhead(&["get", "workloads", "-n", "shop", "-o", "name"]);
+    assert_eq!((code, out.as_str()), (0, "Workload/shop/orders\n"), "{err}");
+    let (code, out, err) = bulkhead(&[
+        "--context",
+        "lab",
+        "get",
+        "workloads",
+        "-n",
+        "billing",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "Workload/billing/orders\n"),
+        "{err}"
+    );
+    let (code, _, err) = bulkhead(&["--context", "labs", "get", "workloads"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot read admin context labs"), "{err}");
 }
 
 /// Whether `v` is an RFC 3339 UTC time as the CLI prints them (`2026-12-05T13:15:06Z`).
