@@ -90,6 +90,24 @@ impl Registry {
             .map_or(0, |p| p.sent_revision)
     }
 
+    /// Counts for the metrics, at `revision` (the newest) and `now_unix`: connected,
+    /// disconnected with a certificate still valid, connected but behind, connected and
+    /// refusing.
+    pub(crate) fn counts(&self, revision: u64, now_unix: u64) -> crate::metrics::Fleet {
+        let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = crate::metrics::Fleet::default();
+        for p in map.values() {
+            if !p.connected {
+                f.disconnected += i64::from(p.cert_not_after_unix > now_unix);
+                continue;
+            }
+            f.connected += 1;
+            f.behind += i64::from(p.acked_revision < revision);
+            f.nacking += i64::from(p.nacked_revision != 0);
+        }
+        f
+    }
+
     /// Every workload a proxy of which has connected since this control plane started.
     pub(crate) fn workloads(&self) -> BTreeSet<ResourceName> {
         let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());

@@ -39,6 +39,8 @@ pub(crate) struct Snapshot {
     /// The span of the commit that made this revision, when it was traced: each proxy's
     /// push span is its child.
     pub(crate) commit_span: Option<bulkhead_api::otlp::SpanContext>,
+    /// When this revision was committed (or loaded), for the push latency metric.
+    pub(crate) committed: Option<std::time::Instant>,
 }
 
 impl Snapshot {
@@ -55,6 +57,7 @@ impl Snapshot {
             endpoints,
             distribution,
             commit_span: None,
+            committed: Some(std::time::Instant::now()),
         }
     }
 
@@ -115,7 +118,7 @@ pub(crate) struct State {
     pub(crate) taps: Arc<crate::tap::TapHub>,
     /// Finds anomalies in flow reports (`bulkhead events`).
     pub(crate) anomalies: Monitor,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     /// The web console's sessions and live signals (issue 21).
     pub(crate) console: crate::console::Console,
     /// Who is refused although their certificates chain to the bundle: pushed to every
@@ -124,6 +127,8 @@ pub(crate) struct State {
     /// Spans to an OTLP collector (`--otlp-endpoint`), and the pushes awaiting an answer.
     pub(crate) tracer: Option<Arc<bulkhead_api::otlp::Tracer>>,
     pub(crate) pushes: crate::spans::Pushes,
+    /// The Prometheus file_sd file (`--prometheus-sd-file`), when one is written.
+    pub(crate) discovery: Option<crate::discovery::Discovery>,
 }
 
 impl State {
@@ -182,16 +187,48 @@ impl State {
             flow_counters: Counters::default(),
             taps: Arc::default(),
             anomalies,
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             console: Default::default(),
             revoked,
             tracer: None,
             pushes: Default::default(),
+            discovery: None,
         })
     }
 
     pub(crate) fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// The fleet, the newest revision and the signing CA's time left, for a scrape.
+    pub(crate) fn fleet(&self) -> crate::metrics::Fleet {
+        let revision = self.snapshot.borrow().revision;
+        let mut fleet = self.proxies.counts(revision, unix_now());
+        fleet.revision = i64::try_from(revision).unwrap_or(i64::MAX);
+        let not_after = bulkhead_identity::not_after_of(self.signer().cert_der());
+        fleet.ca_expiry_seconds =
+            not_after.map_or(0.0, |t| match t.duration_since(SystemTime::now()) {
+                Ok(left) => left.as_secs_f64(),
+                Err(past) => -past.duration().as_secs_f64(),
+            });
+        fleet
+    }
+
+    /// Why the control plane is not ready to serve, if it is not: the store must answer a
+    /// read, and the signing CA must be valid.
+    pub(crate) fn not_ready(&self) -> Option<String> {
+        if let Err(e) = self.store.answers() {
+            return Some(format!("the store does not answer: {e}"));
+        }
+        let signer = self.signer();
+        match bulkhead_identity::not_after_of(signer.cert_der()) {
+            Some(t) if t > SystemTime::now() => None,
+            Some(_) => Some(format!(
+                "the signing CA {} has expired",
+                signer.fingerprint()
+            )),
+            None => Some("the signing CA's certificate cannot be read".into()),
+        }
     }
 
     /// The CA that signs now.
@@ -345,6 +382,7 @@ impl Identity for State {
             .bind(id.as_str(), &workload, unix_now())
             .map_err(internal)?;
         tracing::info!(?remote, spiffe_id = %id, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "issued SVID");
+        self.metrics.svid_issued("join");
         Ok(Response::new(pb::JoinResponse {
             cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
             trust_bundle_der: self.bundle_der(),
@@ -393,6 +431,7 @@ impl State {
         self.proxies
             .issued(id.as_str(), &signer.fingerprint(), svid_not_after(&chain));
         tracing::info!(?remote, spiffe_id = %id, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "renewed SVID");
+        self.metrics.svid_issued("renew");
         Ok(Response::new(pb::JoinResponse {
             cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
             trust_bundle_der: self.bundle_der(),
@@ -490,6 +529,8 @@ struct Follow {
     queue: std::collections::VecDeque<pb::ProxyConfig>,
     /// Marks the proxy connected while the stream lives.
     _connection: crate::proxies::Connection,
+    /// Lists the proxy in the Prometheus file_sd file while the stream lives.
+    _listed: Option<crate::discovery::Listed>,
 }
 
 impl State {
@@ -553,6 +594,7 @@ impl Config for State {
         });
         let pieces = req.get_ref().accepts_pieces;
         tracing::info!(spiffe_id = %id, %workload, held_revision = held.as_ref().map_or(0, |h| h.0), pieces, "proxy watching configuration");
+        let instance_label = instance.clone();
         let connection = self.proxies.connect(
             id.as_str(),
             &workload,
@@ -560,13 +602,23 @@ impl Config for State {
                 remote,
                 cert_not_after_unix: not_after,
                 cert_ca_sha256: cert_ca,
-                instance,
+                instance: instance.clone(),
                 version: crate::proxies::bounded_version(&req.get_ref().proxy_version),
             },
         );
+        let listed = self.discovery.as_ref().and_then(|d| {
+            let target = crate::discovery::Target::reported(
+                &req.get_ref().admin_address,
+                peer.as_ref().map(|p| p.remote),
+                &workload,
+                &instance_label,
+            )?;
+            Some(d.list(target))
+        });
         let registry = self.proxies.clone();
         let tracer = self.tracer.clone();
         let pushes = self.pushes.clone();
+        let metrics = self.metrics.clone();
         // A new revision or a new bundle: either sends the whole current state, in pieces
         // to a proxy that takes them, and only the bundle to a proxy that just reconnected
         // holding exactly the current revision.
@@ -580,6 +632,7 @@ impl Config for State {
             held,
             queue: std::collections::VecDeque::new(),
             _connection: connection,
+            _listed: listed,
         };
         let stream = futures_util::stream::unfold(follow, move |mut f| {
             let workload = workload.clone();
@@ -587,6 +640,7 @@ impl Config for State {
             let registry = registry.clone();
             let tracer = tracer.clone();
             let pushes = pushes.clone();
+            let metrics = metrics.clone();
             async move {
                 loop {
                     if let Some(next) = f.queue.pop_front() {
@@ -605,6 +659,9 @@ impl Config for State {
                             return None;
                         }
                     }
+                    // A revision pushed to a proxy already connected when it was
+                    // committed is timed to its answer; a (re)connection's first is not.
+                    let live = !f.first;
                     f.first = false;
                     let revoked = f.revoked.borrow_and_update().clone();
                     if revoked.refuses(id.as_str(), &f.serial) {
@@ -619,6 +676,9 @@ impl Config for State {
                     let snap = f.revisions.borrow_and_update().clone();
                     let trust = f.cas.borrow_and_update().clone();
                     registry.sent(id.as_str(), &workload, snap.revision);
+                    if live && let Some(committed) = snap.committed {
+                        metrics.pushed(id.as_str(), &workload, snap.revision, committed);
+                    }
                     if let Some(tracer) = &tracer {
                         pushes.sent(
                             tracer,
@@ -669,6 +729,8 @@ impl Config for State {
         if r.accepted {
             tracing::debug!(spiffe_id = %id, %workload, revision = r.revision, "ACK");
             self.proxies.ack(id.as_str(), &workload, r.revision, None);
+            self.metrics
+                .answered(id.as_str(), &workload, r.revision, false);
             if let Some(tracer) = &self.tracer {
                 self.pushes
                     .answered(tracer, id.as_str(), &workload, r.revision, None);
@@ -686,6 +748,8 @@ impl Config for State {
                 self.pushes
                     .answered(tracer, id.as_str(), &workload, revision, Some(&error));
             }
+            self.metrics
+                .answered(id.as_str(), &workload, revision, true);
             self.proxies
                 .ack(id.as_str(), &workload, revision, Some(error));
         }

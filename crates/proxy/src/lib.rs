@@ -241,6 +241,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         config.control.clone(),
         shared.clone(),
         config.max_policy_rules,
+        admin,
     );
     flows::spawn_reporter(config.control.clone(), shared.clone(), config.flow_interval);
     tap::spawn(config.control.clone(), shared.clone());
