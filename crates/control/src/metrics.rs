@@ -9,10 +9,10 @@
 //! | `bulkhead_flow_requests_dropped` | counter | — (requests proxies left out of their reports, as they say) |
 //! | `bulkhead_flow_paths_folded` | counter | — (reported edges counted into their edge's `/*` template: the edge held its bound of distinct paths) |
 //! | `bulkhead_flow_rows_deleted` | counter | `reason` (expired, workload-bound, mesh-bound): stored edge rows deleted |
-//! | `bulkhead_proxies_connected` | gauge | — (proxies with a configuration stream open) |
-//! | `bulkhead_proxies_disconnected` | gauge | — (proxies seen since start whose stream is closed and whose certificate is still valid: they should be back) |
-//! | `bulkhead_proxies_behind` | gauge | — (connected proxies that have not acknowledged the newest revision) |
-//! | `bulkhead_proxies_nacking` | gauge | — (connected proxies whose last answer refused a revision) |
+//! | `bulkhead_proxies_connected` | gauge | — (configuration streams open: one per proxy process) |
+//! | `bulkhead_proxies_disconnected` | gauge | — (identity and workload pairs seen since start with no stream open and a certificate still valid: they should be back) |
+//! | `bulkhead_proxies_behind` | gauge | — (connected identity and workload pairs that have not acknowledged the newest revision) |
+//! | `bulkhead_proxies_nacking` | gauge | — (connected identity and workload pairs whose last answer refused a revision) |
 //! | `bulkhead_policy_revision` | gauge | — (the newest committed revision; the proxies' gauge of the same name is the one in force there) |
 //! | `bulkhead_svids_issued` | counter | `how` (join, renew) |
 //! | `bulkhead_ca_expiry_seconds` | gauge | — (seconds until the signing CA's certificate expires) |
@@ -46,6 +46,7 @@ use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::net::TcpListener;
@@ -86,6 +87,15 @@ pub(crate) struct Fleet {
 /// A revision pushed to a proxy and not yet answered: which, and when it was committed.
 type PendingPushes = HashMap<(String, ResourceName), (u64, Instant)>;
 
+/// One open configuration stream in `bulkhead_proxies_connected`, until dropped.
+pub(crate) struct OpenStream(Arc<AtomicI64>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Why stored edge rows are deleted.
 const ROW_DELETIONS: [&str; 3] = ["expired", "workload-bound", "mesh-bound"];
 
@@ -100,6 +110,8 @@ pub(crate) struct Metrics {
     svids_issued: Family<HowLabels, Counter>,
     push_duration: Family<ResultLabels, Histogram>,
     pending_pushes: Mutex<PendingPushes>,
+    /// Configuration streams open now (one per connected proxy process).
+    streams: Arc<AtomicI64>,
     /// Spans the exporter sent and dropped (`--otlp-endpoint`).
     pub(crate) traces: std::sync::Arc<bulkhead_api::otlp::ExportCounts>,
 }
@@ -135,6 +147,7 @@ impl Default for Metrics {
             svids_issued,
             push_duration,
             pending_pushes: Mutex::default(),
+            streams: Arc::default(),
             traces: Default::default(),
         }
     }
@@ -147,6 +160,17 @@ impl Metrics {
                 kind: kind.as_str(),
             })
             .inc();
+    }
+
+    /// A proxy's configuration stream opened: counted connected until the guard drops.
+    pub(crate) fn stream_opened(&self) -> OpenStream {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(self.streams.clone())
+    }
+
+    /// Configuration streams open now.
+    pub(crate) fn streams(&self) -> i64 {
+        self.streams.load(Ordering::Relaxed)
     }
 
     /// A certificate issued by a join (`join`) or a renewal (`renew`).

@@ -204,6 +204,8 @@ impl State {
     pub(crate) fn fleet(&self) -> crate::metrics::Fleet {
         let revision = self.snapshot.borrow().revision;
         let mut fleet = self.proxies.counts(revision, unix_now());
+        // Counted per stream: replicas sharing an identity are each a proxy.
+        fleet.connected = self.metrics.streams();
         fleet.revision = i64::try_from(revision).unwrap_or(i64::MAX);
         let not_after = bulkhead_identity::not_after_of(self.signer().cert_der());
         fleet.ca_expiry_seconds =
@@ -531,6 +533,8 @@ struct Follow {
     _connection: crate::proxies::Connection,
     /// Lists the proxy in the Prometheus file_sd file while the stream lives.
     _listed: Option<crate::discovery::Listed>,
+    /// Counts the stream in `bulkhead_proxies_connected` while it lives.
+    _open: crate::metrics::OpenStream,
 }
 
 impl State {
@@ -633,6 +637,7 @@ impl Config for State {
             queue: std::collections::VecDeque::new(),
             _connection: connection,
             _listed: listed,
+            _open: self.metrics.stream_opened(),
         };
         let stream = futures_util::stream::unfold(follow, move |mut f| {
             let workload = workload.clone();

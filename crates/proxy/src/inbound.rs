@@ -357,7 +357,7 @@ async fn serve_app_http<I>(
                 peer.as_ref().map(SpiffeId::as_str),
                 source_workload.as_ref(),
             ),
-            destination_place: Place::of(None, Some(&shared.workload)),
+            destination_place: shared.place.clone(),
         },
         decision_header: DecisionHeaders::default(),
         source_workload,

@@ -159,17 +159,17 @@ pub(crate) struct Parties {
 }
 
 impl Parties {
-    /// The parties of a connection between this sidecar (`own`, its workload `own_workload`)
+    /// The parties of a connection between this sidecar (`own`, its place `own_place`)
     /// and a peer: the peer called when `inbound`. A peer without an identity is a plaintext
     /// caller inbound, a destination outside the mesh outbound.
     pub(crate) fn with_peer(
         inbound: bool,
         own: &LabelText,
-        own_workload: &ResourceName,
+        own_place: &Place,
         peer: Option<&str>,
         peer_workload: Option<&ResourceName>,
     ) -> Parties {
-        let mine = Place::of(None, Some(own_workload));
+        let mine = own_place.clone();
         let theirs = Place::of(peer, peer_workload);
         match inbound {
             true => Parties {

@@ -339,7 +339,7 @@ async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<S
     let parties = Arc::new(Parties {
         source: shared.identity.clone(),
         destination: LabelText::new(dest.identity.as_ref().map_or("-", SpiffeId::as_str)),
-        source_place: Place::of(None, Some(&shared.workload)),
+        source_place: shared.place.clone(),
         destination_place: Place::of(
             dest.identity.as_ref().map(SpiffeId::as_str),
             dest.workload.as_ref(),

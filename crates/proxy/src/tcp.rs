@@ -77,7 +77,7 @@ impl Flow {
         crate::metrics::Parties::with_peer(
             self.direction == Direction::Ingress,
             &shared.identity,
-            &shared.workload,
+            &shared.place,
             self.peer_identity.as_deref(),
             self.peer_workload.as_ref(),
         )
@@ -168,7 +168,7 @@ impl Opened {
         crate::metrics::Parties::with_peer(
             direction == Direction::Ingress,
             &shared.identity,
-            &shared.workload,
+            &shared.place,
             identity.as_deref(),
             workload.as_ref(),
         )
