@@ -243,13 +243,39 @@ fn prometheus_scrapes_the_mesh_it_discovers_and_every_dashboard_query_has_data()
     for row in ["Mesh overview", "Workload", "Authorization"] {
         assert!(rows.contains(&row), "no {row} row in {rows:?}");
     }
+    // Its variables list the mesh's namespaces and workloads (`label_values(SELECTOR,
+    // LABEL)`, as Grafana asks Prometheus: the label's values among the selector's series).
+    let all = |q: &str| {
+        q.replace("$__rate_interval", "1m")
+            .replace("$namespace", ".*")
+            .replace("$workload", ".*")
+    };
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    for (name, want) in [("namespace", "shop"), ("workload", "orders")] {
+        let var = variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name} variable"));
+        let q = all(var["query"]["query"].as_str().unwrap());
+        let (selector, label) = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|r| r.rsplit_once(", "))
+            .unwrap_or_else(|| panic!("not label_values(SELECTOR, LABEL): {q}"));
+        let values = prometheus.api(&format!(
+            "label/{label}/values?match[]={}",
+            prometheus::encode(selector)
+        ));
+        assert!(
+            values["data"].as_array().unwrap().iter().any(|v| v == want),
+            "${name}: {q} gives {values}"
+        );
+    }
     let mut queries = 0;
     for panel in panels.iter().filter(|p| p["type"] != "row") {
         for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$__rate_interval", "1m");
+            // The variables at "All", as Grafana sends them.
+            let expr = all(target["expr"].as_str().unwrap());
             // A rate needs two scrapes in its window: data may take a scrape interval.
             let what = format!("data for panel {} ({expr})", panel["title"]);
             eventually(WAIT, &what, || !prometheus.query(&expr).is_empty());
