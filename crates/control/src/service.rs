@@ -535,6 +535,8 @@ struct Follow {
     _listed: Option<crate::discovery::Listed>,
     /// Counts the stream in `bulkhead_proxies_connected` while it lives.
     _open: crate::metrics::OpenStream,
+    /// The revision last sent on this stream (0: none yet).
+    sent: u64,
 }
 
 impl State {
@@ -598,7 +600,6 @@ impl Config for State {
         });
         let pieces = req.get_ref().accepts_pieces;
         tracing::info!(spiffe_id = %id, %workload, held_revision = held.as_ref().map_or(0, |h| h.0), pieces, "proxy watching configuration");
-        let instance_label = instance.clone();
         let connection = self.proxies.connect(
             id.as_str(),
             &workload,
@@ -615,7 +616,7 @@ impl Config for State {
                 &req.get_ref().admin_address,
                 peer.as_ref().map(|p| p.remote),
                 &workload,
-                &instance_label,
+                &instance,
             )?;
             Some(d.list(target))
         });
@@ -638,6 +639,7 @@ impl Config for State {
             _connection: connection,
             _listed: listed,
             _open: self.metrics.stream_opened(),
+            sent: 0,
         };
         let stream = futures_util::stream::unfold(follow, move |mut f| {
             let workload = workload.clone();
@@ -665,7 +667,8 @@ impl Config for State {
                         }
                     }
                     // A revision pushed to a proxy already connected when it was
-                    // committed is timed to its answer; a (re)connection's first is not.
+                    // committed is timed to its answer; a (re)connection's first is not,
+                    // nor the same revision sent again with a new bundle.
                     let live = !f.first;
                     f.first = false;
                     let revoked = f.revoked.borrow_and_update().clone();
@@ -681,9 +684,13 @@ impl Config for State {
                     let snap = f.revisions.borrow_and_update().clone();
                     let trust = f.cas.borrow_and_update().clone();
                     registry.sent(id.as_str(), &workload, snap.revision);
-                    if live && let Some(committed) = snap.committed {
+                    if live
+                        && snap.revision != f.sent
+                        && let Some(committed) = snap.committed
+                    {
                         metrics.pushed(id.as_str(), &workload, snap.revision, committed);
                     }
+                    f.sent = snap.revision;
                     if let Some(tracer) = &tracer {
                         pushes.sent(
                             tracer,

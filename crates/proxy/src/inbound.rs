@@ -16,7 +16,7 @@ use crate::http::{
     accept_loop, canonical_request, denial, listen, origin_form, protocol_of, proxy_response,
     response_body, serve_http, set_target,
 };
-use crate::metrics::{LabelText, Parties, Place, Refusal, TlsFailure};
+use crate::metrics::{Parties, Refusal, TlsFailure};
 use crate::tcp::{Flow, Reset};
 use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 /// The label the metrics give a caller without mTLS (permissive ports only).
-const PLAINTEXT_PEER: &str = "plaintext";
+pub(crate) const PLAINTEXT_PEER: &str = "plaintext";
 
 pub(crate) async fn spawn(
     spec: &InboundSpec,
@@ -350,15 +350,13 @@ async fn serve_app_http<I>(
             let by = shared.identity.as_str();
             HeaderValue::from_str(&format!("By={by};URI={p}")).ok()
         }),
-        parties: Parties {
-            source: LabelText::new(peer.as_ref().map_or(PLAINTEXT_PEER, SpiffeId::as_str)),
-            destination: shared.identity.clone(),
-            source_place: Place::of(
-                peer.as_ref().map(SpiffeId::as_str),
-                source_workload.as_ref(),
-            ),
-            destination_place: shared.place.clone(),
-        },
+        parties: Parties::with_peer(
+            true,
+            &shared.identity,
+            &shared.place,
+            peer.as_ref().map(SpiffeId::as_str),
+            source_workload.as_ref(),
+        ),
         decision_header: DecisionHeaders::default(),
         source_workload,
         peer,

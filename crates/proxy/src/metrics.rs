@@ -173,7 +173,7 @@ impl Parties {
         let theirs = Place::of(peer, peer_workload);
         match inbound {
             true => Parties {
-                source: LabelText::new(peer.unwrap_or("plaintext")),
+                source: LabelText::new(peer.unwrap_or(crate::inbound::PLAINTEXT_PEER)),
                 destination: own.clone(),
                 source_place: theirs,
                 destination_place: mine,

@@ -16,7 +16,7 @@ use crate::http::{
     canonical_request, denial, listen, origin_form, protocol_of, proxy_response, response_body,
     serve_http, set_target,
 };
-use crate::metrics::{LabelText, Parties, Place, Refusal};
+use crate::metrics::{Parties, Refusal};
 use crate::tcp::{Flow, Reset};
 use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -336,15 +336,13 @@ async fn relay_or_reset<U: Reset + tokio::io::AsyncRead + tokio::io::AsyncWrite 
 
 async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<Shared>) {
     let link = Arc::new(Link::new(h2));
-    let parties = Arc::new(Parties {
-        source: shared.identity.clone(),
-        destination: LabelText::new(dest.identity.as_ref().map_or("-", SpiffeId::as_str)),
-        source_place: shared.place.clone(),
-        destination_place: Place::of(
-            dest.identity.as_ref().map(SpiffeId::as_str),
-            dest.workload.as_ref(),
-        ),
-    });
+    let parties = Arc::new(Parties::with_peer(
+        false,
+        &shared.identity,
+        &shared.place,
+        dest.identity.as_ref().map(SpiffeId::as_str),
+        dest.workload.as_ref(),
+    ));
     // HTTP/1.1 only: its head and keep-alive deadlines, marked by each request.
     let clock = (!h2).then(Clock::new);
     let conn_clock = clock.clone();
