@@ -332,6 +332,42 @@ impl Metrics {
     }
 }
 
+impl State {
+    /// The fleet, the newest revision and the signing CA's time left, for a scrape.
+    pub(crate) fn fleet(&self) -> crate::metrics::Fleet {
+        let revision = self.snapshot.borrow().revision;
+        let mut fleet = self.proxies.counts(revision, crate::proxies::unix_now());
+        // Counted per stream: replicas sharing an identity are each a proxy.
+        fleet.connected = self.metrics.streams();
+        fleet.revision = i64::try_from(revision).unwrap_or(i64::MAX);
+        let not_after = bulkhead_identity::not_after_of(self.signer().cert_der());
+        fleet.ca_expiry_seconds = not_after.map_or(0.0, |t| {
+            match t.duration_since(std::time::SystemTime::now()) {
+                Ok(left) => left.as_secs_f64(),
+                Err(past) => -past.duration().as_secs_f64(),
+            }
+        });
+        fleet
+    }
+
+    /// Why the control plane is not ready to serve, if it is not: the store must answer a
+    /// read, and the signing CA must be valid.
+    pub(crate) fn not_ready(&self) -> Option<String> {
+        if let Err(e) = self.store.answers() {
+            return Some(format!("the store does not answer: {e}"));
+        }
+        let signer = self.signer();
+        match bulkhead_identity::not_after_of(signer.cert_der()) {
+            Some(t) if t > std::time::SystemTime::now() => None,
+            Some(_) => Some(format!(
+                "the signing CA {} has expired",
+                signer.fingerprint()
+            )),
+            None => Some("the signing CA's certificate cannot be read".into()),
+        }
+    }
+}
+
 /// Binds the metrics listener and says where it is bound; serving starts with [`serve`].
 pub(crate) async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), ControlError> {
     let bind_err = |source| ControlError::Bind {
