@@ -252,3 +252,41 @@ const MAX_REPORTED_ROOTS: usize = 32;
 pub(crate) fn same_roots(a: &[String], b: &[String]) -> bool {
     a.len() == b.len() && a.iter().all(|r| b.contains(r))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str) -> ResourceName {
+        ResourceName {
+            namespace: "shop".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn the_fleet_counted_for_the_metrics() {
+        let registry = Arc::new(Registry::default());
+        let now = 1_000_000;
+        let seen = |not_after| Connecting {
+            cert_not_after_unix: not_after,
+            ..Connecting::default()
+        };
+        let id = |name: &str| format!("spiffe://td/ns/shop/sa/{name}");
+        let orders = registry.connect(&id("orders"), &workload("orders"), seen(now + 3600));
+        let _frontend = registry.connect(&id("frontend"), &workload("frontend"), seen(now + 3600));
+        let payments = registry.connect(&id("payments"), &workload("payments"), seen(now + 3600));
+        let stale = registry.connect(&id("old"), &workload("old"), seen(now - 1));
+        registry.ack(&id("orders"), &workload("orders"), 3, None);
+        registry.ack(&id("frontend"), &workload("frontend"), 2, None);
+        registry.ack(&id("frontend"), &workload("frontend"), 3, Some("no".into()));
+        let f = registry.counts(3, now);
+        assert_eq!((f.connected, f.behind, f.nacking), (4, 3, 1));
+        // Gone: payments with a valid certificate (it should be back), old with an expired one.
+        drop((payments, stale));
+        let f = registry.counts(3, now);
+        assert_eq!((f.connected, f.disconnected, f.behind), (2, 1, 1));
+        drop(orders);
+        assert_eq!(registry.counts(3, now).disconnected, 2);
+    }
+}
