@@ -10,6 +10,7 @@ pub mod channel;
 pub mod exposition;
 pub mod otlp;
 pub mod pieces;
+pub mod process;
 
 pub use v1::Resource as WireResource;
 

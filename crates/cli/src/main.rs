@@ -80,6 +80,11 @@ enum Command {
         /// 127.0.0.1:7444; off when not given.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        /// Write a Prometheus file_sd file here: every connected proxy's /metrics address
+        /// (labels job, namespace, workload, instance) and this control plane's --metrics,
+        /// rewritten atomically as proxies connect and disconnect (docs/observability.md).
+        #[arg(long, value_name = "PATH")]
+        prometheus_sd_file: Option<PathBuf>,
         /// Serve the web console on this address, e.g. 127.0.0.1:7445; off when not given.
         /// HTTPS with a certificate the control plane issues from the mesh's CA (trust
         /// DATA_DIR/ca.pem in the browser); log in with `bulkhead console token`. Read-only.
@@ -620,6 +625,7 @@ async fn run(cli: Cli) -> Result<()> {
             denial_spike_min,
             denial_spike_factor,
             metrics,
+            prometheus_sd_file,
             console,
             console_hosts,
             console_insecure_http,
@@ -641,6 +647,7 @@ async fn run(cli: Cli) -> Result<()> {
                     spike_factor: denial_spike_factor,
                 },
                 metrics,
+                prometheus_sd_file,
                 console: console.map(|listen| bulkhead_control::ConsoleOptions {
                     listen,
                     transport: match console_insecure_http {

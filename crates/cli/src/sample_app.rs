@@ -147,6 +147,15 @@ async fn handle(
             ));
         }
     }
+    // `x-sample-status: 403`: the app answers that status itself, with a forged
+    // `x-bulkhead-decision` that its sidecar must drop, so that tests can tell an app's own
+    // 403 from a mesh denial (`response_flags` in the sidecars' metrics).
+    let own_status = req
+        .headers()
+        .get("x-sample-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u16>().ok())
+        .and_then(|v| StatusCode::from_u16(v).ok());
     // An upload is read whole before it is answered.
     let method = req.method().clone();
     if let Err(e) = req.into_body().collect().await {
@@ -179,6 +188,13 @@ async fn handle(
     }
     let mut resp = Response::new(Full::new(Bytes::from(text + "\n")));
     *resp.status_mut() = status;
+    if let Some(own) = own_status {
+        *resp.status_mut() = own;
+        resp.headers_mut().insert(
+            "x-bulkhead-decision",
+            http::HeaderValue::from_static("deny; forged by the app"),
+        );
+    }
     Ok(resp)
 }
 

@@ -210,11 +210,12 @@ fn walking_skeleton_end_to_end() {
     );
     let metrics = page.body;
     for line in [
-        "bulkhead_authz_decisions_total{direction=\"inbound\",verdict=\"deny\",audit=\"\",policy=\"shop/orders-deny-internal\",rule=\"internal-paths\"} 1",
-        "bulkhead_authz_decisions_total{direction=\"inbound\",verdict=\"allow\",audit=\"\",policy=\"shop/orders-allow-frontend\",rule=\"frontend-reads-orders\"} 1",
-        "bulkhead_requests_total{direction=\"inbound\",source=\"spiffe://test.local/ns/shop/sa/frontend\",destination=\"spiffe://test.local/ns/shop/sa/orders\",status=\"403\"} 2",
-        // Latency by the same labels: two 403s observed.
-        "bulkhead_request_duration_seconds_count{direction=\"inbound\",source=\"spiffe://test.local/ns/shop/sa/frontend\",destination=\"spiffe://test.local/ns/shop/sa/orders\",status=\"403\"} 2",
+        "bulkhead_authz_decisions_total{direction=\"inbound\",verdict=\"deny\",audit=\"\",policy=\"shop/orders-deny-internal\",rule=\"internal-paths\",source_namespace=\"shop\",source_workload=\"frontend\",source_principal=\"spiffe://test.local/ns/shop/sa/frontend\",destination_namespace=\"shop\",destination_workload=\"orders\"} 1",
+        "bulkhead_authz_decisions_total{direction=\"inbound\",verdict=\"allow\",audit=\"\",policy=\"shop/orders-allow-frontend\",rule=\"frontend-reads-orders\",source_namespace=\"shop\",source_workload=\"frontend\",source_principal=\"spiffe://test.local/ns/shop/sa/frontend\",destination_namespace=\"shop\",destination_workload=\"orders\"} 1",
+        "bulkhead_requests_total{direction=\"inbound\",source_namespace=\"shop\",source_workload=\"frontend\",source_principal=\"spiffe://test.local/ns/shop/sa/frontend\",destination_namespace=\"shop\",destination_workload=\"orders\",destination_principal=\"spiffe://test.local/ns/shop/sa/orders\",response_code=\"403\",response_flags=\"RBAC\"} 2",
+        // Mesh denials, told apart from an app's own 403 by `response_flags`; latency by the
+        // same labels: two 403s observed.
+        "bulkhead_request_duration_seconds_count{direction=\"inbound\",source_namespace=\"shop\",source_workload=\"frontend\",source_principal=\"spiffe://test.local/ns/shop/sa/frontend\",destination_namespace=\"shop\",destination_workload=\"orders\",destination_principal=\"spiffe://test.local/ns/shop/sa/orders\",response_code=\"403\",response_flags=\"RBAC\"} 2",
         "bulkhead_tls_handshake_failures_total{direction=\"inbound\",reason=\"not_tls\"} 1",
         // A foreign CA (roots carry a random tag in their name, so it is not ours).
         "bulkhead_tls_handshake_failures_total{direction=\"inbound\",reason=\"unknown_ca\"} 1",

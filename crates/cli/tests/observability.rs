@@ -1,12 +1,15 @@
 //! The mesh in the tools its operators already run, for real: Prometheus from Debian scrapes
-//! two sidecars and the control plane (the sidecars found through `file_sd`), keeps every
-//! family's help and type, loads the alerting rules in `deploy/prometheus/` without an
-//! error, and answers every query of the Grafana dashboard in `deploy/grafana/` with data.
-//! The rules' own behaviour is unit-tested by `promtool test rules`.
+//! two sidecars and the control plane, found through the `file_sd` file the control plane
+//! writes (`--prometheus-sd-file`); every page passes `promtool check metrics`; Prometheus
+//! keeps every family's help and type, loads the alerting rules in `deploy/prometheus/`
+//! without an error, and answers every query of the Grafana dashboard in `deploy/grafana/`
+//! with data, and the numbers are the traffic sent. The rules' own behaviour is unit-tested
+//! by `promtool test rules`.
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, orders_policy};
-use bulkhead_testkit::{Proc, http, tool};
+use bulkhead_testkit::prometheus::{self, Prometheus};
+use bulkhead_testkit::{http, tool};
 use serde_json::{Value, json};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -14,31 +17,6 @@ use std::process::Command;
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
-}
-
-/// Percent-encodes a query parameter (everything but unreserved characters).
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// An instant query against Prometheus' HTTP API; the `data.result` array.
-fn query(prometheus: SocketAddr, promql: &str) -> Vec<Value> {
-    let r = http(
-        prometheus,
-        "GET",
-        &format!("/api/v1/query?query={}", encode(promql)),
-    );
-    let v: Value = serde_json::from_str(&r.body)
-        .unwrap_or_else(|e| panic!("{promql}: not JSON ({e}): {}", r.body));
-    assert_eq!(v["status"], "success", "{promql}: {v}");
-    v["data"]["result"].as_array().unwrap().clone()
 }
 
 #[test]
@@ -65,88 +43,170 @@ fn alerting_rules_pass_their_unit_tests() {
     }
 }
 
+/// The `file_sd` file the control plane writes: its groups.
+fn sd_groups(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// One GET with extra request headers, on a fresh connection: status line and headers.
+fn get_with(to: SocketAddr, path: &str, headers: &str) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(to).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: orders\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).unwrap();
+    String::from_utf8_lossy(&raw).to_string()
+}
+
 #[test]
-fn prometheus_scrapes_the_mesh_and_every_dashboard_query_has_data() {
-    let test = "prometheus_scrapes_the_mesh_and_every_dashboard_query_has_data";
+fn prometheus_scrapes_the_mesh_it_discovers_and_every_dashboard_query_has_data() {
+    let test = "prometheus_scrapes_the_mesh_it_discovers_and_every_dashboard_query_has_data";
     let Some(prometheus_bin) = tool(test, "prometheus") else {
         return;
     };
-    let mesh = Mesh::start_with(&["--metrics", "127.0.0.1:0"]);
+    // The control plane writes the targets file into Prometheus' directory.
+    let prometheus_dir = prometheus::dir();
+    let sd_file = prometheus_dir.path().join("bulkhead-sd.json");
+    let sd = sd_file.to_str().unwrap();
+    let mesh = Mesh::start_with(&["--metrics", "127.0.0.1:0", "--prometheus-sd-file", sd]);
     mesh.apply("policy.yaml", &orders_policy("/orders/*"));
-    let (_procs, to_orders) = mesh.orders_and_frontend(&[]);
+    let (mut procs, to_orders) = mesh.orders_and_frontend(&[]);
     let ready = |name: &str| -> Value {
         let text = std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json")));
         serde_json::from_str(&text.unwrap()).unwrap()
     };
     let (orders, frontend) = (ready("orders"), ready("frontend"));
-    let control_metrics = mesh.metrics_addr().to_string();
+    let control_metrics = mesh.metrics_addr();
 
-    // Sidecars found through a file, as service discovery writes one.
-    let dir = mesh.dir.path();
-    let targets = json!([{
-        "targets": [orders["admin"], frontend["admin"]],
-        "labels": {"mesh": "test"},
-    }]);
-    std::fs::write(dir.join("proxies.json"), targets.to_string()).unwrap();
+    // Each connected proxy is listed at the admin address it reported, with its workload.
+    eventually(
+        WAIT,
+        "both sidecars and the control plane in the file",
+        || sd_groups(&sd_file).len() == 3,
+    );
+    let groups = sd_groups(&sd_file);
+    assert_eq!(groups[0]["targets"], json!([control_metrics.to_string()]));
+    assert_eq!(groups[0]["labels"], json!({"job": "bulkhead-control"}));
+    for (name, ready) in [("orders", &orders), ("frontend", &frontend)] {
+        let group = groups
+            .iter()
+            .find(|g| g["labels"]["workload"] == name)
+            .unwrap_or_else(|| panic!("{name} not in {groups:?}"));
+        assert_eq!(group["targets"], json!([ready["admin"]]), "{group}");
+        assert_eq!(group["labels"]["job"], "bulkhead-proxies");
+        assert_eq!(group["labels"]["namespace"], "shop");
+        assert!(
+            group["labels"]["instance"]
+                .as_str()
+                .is_some_and(|i| !i.is_empty()),
+            "{group}"
+        );
+    }
+
+    // The control plane answers /live and /ready on its metrics port.
+    for path in ["/live", "/ready"] {
+        let r = http(control_metrics, "GET", path);
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
+    assert_eq!(http(control_metrics, "GET", "/nothing").status, 404);
+
+    // One scrape job, the targets from the control plane's file, the job names from its labels.
     let config = format!(
-        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{rules:?}]\nscrape_configs:\n  - job_name: bulkhead-proxies\n    file_sd_configs: [{{files: [{sd:?}], refresh_interval: 1s}}]\n  - job_name: bulkhead-control\n    static_configs: [{{targets: [{control_metrics:?}]}}]\n",
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [{rules:?}]\nscrape_configs:\n  - job_name: bulkhead\n    file_sd_configs: [{{files: [{sd:?}], refresh_interval: 1s}}]\n",
         rules = deploy().join("prometheus/bulkhead.rules.yaml"),
-        sd = dir.join("proxies.json"),
     );
-    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let prometheus: SocketAddr = listen.parse().unwrap();
-    let mut server = Proc::spawn(
-        "prometheus",
-        dir,
-        &prometheus_bin,
-        &[
-            &format!("--config.file={}", dir.join("prometheus.yml").display()),
-            &format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
-            &format!("--web.listen-address={listen}"),
-        ],
-        &[],
-    );
-    eventually(WAIT, "Prometheus ready", || {
-        server.assert_running();
-        std::net::TcpStream::connect(prometheus).is_ok()
-            && http(prometheus, "GET", "/-/ready").status == 200
-    });
+    let prometheus = Prometheus::start(&prometheus_bin, prometheus_dir, &config);
 
-    // Traffic of every kind the dashboard shows: allowed, denied, and a caller that does
-    // not speak TLS to a sidecar's mTLS port. Two rounds, scrapes apart, so rates exist.
+    // Traffic of every kind the dashboard shows: allowed, denied by the mesh, refused by
+    // the app itself, and a caller that does not speak TLS to a sidecar's mTLS port. Two
+    // rounds, scrapes apart, so rates exist.
     let inbound = addr(&orders["inbound"]);
     for _ in 0..2 {
         for _ in 0..5 {
             assert_eq!(http(to_orders, "GET", "/orders/1").status, 200);
         }
         assert_eq!(http(to_orders, "GET", "/admin").status, 403);
+        let own = get_with(to_orders, "/orders/2", "x-sample-status: 403\r\n");
+        assert!(own.starts_with("HTTP/1.1 403"), "{own}");
+        assert!(
+            !own.to_lowercase().contains("forged"),
+            "the app's forged decision header passed its sidecar: {own}"
+        );
         let _ = bulkhead_testkit::http_raw(inbound, "GET", "/");
         std::thread::sleep(std::time::Duration::from_millis(1500));
     }
+    // A revision pushed to connected proxies: its push is timed to their ACKs.
+    mesh.apply(
+        "more.yaml",
+        "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: health, namespace: shop}\nspec:\n  selector: {workload: orders}\n  action: allow\n  rules:\n    - name: health\n      from: {identities: [\"spiffe://test.local/ns/shop/sa/frontend\"]}\n      to: {methods: [GET], paths: [/health]}\n",
+    );
 
     eventually(WAIT, "every target scraped and up", || {
-        let up = query(prometheus, "up");
+        let up = prometheus.query("up");
         up.len() == 3 && up.iter().all(|s| s["value"][1] == "1")
     });
+    // The proxies' series carry the labels the file gave them.
+    let up = prometheus.query("up{job=\"bulkhead-proxies\"}");
+    let mut workloads: Vec<&str> = up
+        .iter()
+        .map(|s| {
+            assert_eq!(s["metric"]["namespace"], "shop", "{s}");
+            s["metric"]["workload"].as_str().unwrap()
+        })
+        .collect();
+    workloads.sort();
+    assert_eq!(workloads, ["frontend", "orders"]);
+
+    // Every page passes `promtool check metrics`, in the format promtool reads.
+    let targets = prometheus.api("targets");
+    let active = targets["data"]["activeTargets"].as_array().unwrap();
+    assert_eq!(active.len(), 3, "{targets}");
+    for target in active {
+        let url = target["scrapeUrl"].as_str().unwrap();
+        let host = url.trim_start_matches("http://").split('/').next().unwrap();
+        let page = http(host.parse().unwrap(), "GET", "/metrics");
+        assert_eq!(page.status, 200);
+        let complaints = bulkhead_testkit::promtool_check_metrics(test, &page.body);
+        assert!(complaints.is_empty(), "{url}: {complaints}\n{}", page.body);
+        for family in [
+            "bulkhead_build_info{",
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(
+                page.body.contains(family),
+                "{url}: no {family} in\n{}",
+                page.body
+            );
+        }
+    }
+
     // Prometheus kept each family's help and type (it drops them when the page's content
     // type and its body disagree).
-    let r = http(prometheus, "GET", "/api/v1/metadata");
-    let metadata: Value = serde_json::from_str(&r.body).unwrap();
-    for family in [
-        "bulkhead_requests",
-        "bulkhead_authz_decisions",
-        "bulkhead_anomalies",
+    let metadata = prometheus.api("metadata");
+    for (family, kind) in [
+        ("bulkhead_requests", "counter"),
+        ("bulkhead_authz_decisions", "counter"),
+        ("bulkhead_anomalies", "counter"),
+        ("bulkhead_svids_issued", "counter"),
+        ("bulkhead_push_duration_seconds", "histogram"),
+        ("bulkhead_build", "info"),
+        ("process_resident_memory_bytes", "gauge"),
     ] {
         let entry = metadata["data"][family]
             .get(0)
             .unwrap_or_else(|| panic!("no metadata for {family}: {metadata}"));
-        assert_eq!(entry["type"], "counter", "{family}: {entry}");
+        assert_eq!(entry["type"], kind, "{family}: {entry}");
         assert!(
             entry["help"].as_str().is_some_and(|h| !h.is_empty()),
             "{family}: {entry}"
@@ -155,15 +215,14 @@ fn prometheus_scrapes_the_mesh_and_every_dashboard_query_has_data() {
 
     // Every alerting rule evaluates without an error against the real series.
     eventually(WAIT, "every rule evaluated", || {
-        let r = http(prometheus, "GET", "/api/v1/rules");
-        let v: Value = serde_json::from_str(&r.body).unwrap();
+        let v = prometheus.api("rules");
         let rules: Vec<&Value> = v["data"]["groups"]
             .as_array()
             .into_iter()
             .flatten()
             .flat_map(|g| g["rules"].as_array().unwrap())
             .collect();
-        rules.len() == 6
+        rules.len() == 9
             && rules.iter().all(|r| {
                 assert_ne!(r["health"], "err", "{r}");
                 r["health"] == "ok"
@@ -176,24 +235,120 @@ fn prometheus_scrapes_the_mesh_and_every_dashboard_query_has_data() {
     )
     .unwrap();
     let panels = dashboard["panels"].as_array().unwrap();
-    assert!(panels.len() >= 10);
-    for panel in panels {
+    let rows: Vec<&str> = panels
+        .iter()
+        .filter(|p| p["type"] == "row")
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for row in ["Mesh overview", "Workload", "Authorization"] {
+        assert!(rows.contains(&row), "no {row} row in {rows:?}");
+    }
+    // Its variables list the mesh's namespaces and workloads (`label_values(SELECTOR,
+    // LABEL)`, as Grafana asks Prometheus: the label's values among the selector's series).
+    let all = |q: &str| {
+        q.replace("$__rate_interval", "1m")
+            .replace("$namespace", ".*")
+            .replace("$workload", ".*")
+    };
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    for (name, want) in [("namespace", "shop"), ("workload", "orders")] {
+        let var = variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name} variable"));
+        let q = all(var["query"]["query"].as_str().unwrap());
+        let (selector, label) = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|r| r.rsplit_once(", "))
+            .unwrap_or_else(|| panic!("not label_values(SELECTOR, LABEL): {q}"));
+        let values = prometheus.api(&format!(
+            "label/{label}/values?match[]={}",
+            prometheus::encode(selector)
+        ));
+        assert!(
+            values["data"].as_array().unwrap().iter().any(|v| v == want),
+            "${name}: {q} gives {values}"
+        );
+    }
+    let mut queries = 0;
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
         for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$__rate_interval", "1m");
+            // The variables at "All", as Grafana sends them.
+            let expr = all(target["expr"].as_str().unwrap());
             // A rate needs two scrapes in its window: data may take a scrape interval.
             let what = format!("data for panel {} ({expr})", panel["title"]);
-            eventually(WAIT, &what, || !query(prometheus, &expr).is_empty());
+            eventually(WAIT, &what, || !prometheus.query(&expr).is_empty());
+            queries += 1;
         }
     }
-    // And what they show is the traffic sent: 10 allowed requests reached orders.
-    let allowed = query(
-        prometheus,
-        "sum(bulkhead_authz_decisions_total{direction=\"inbound\",verdict=\"allow\"})",
+    assert!(queries >= 20, "{queries} queries");
+
+    // And what they show is the traffic sent. 10 allowed requests reached orders …
+    let count = |promql: &str| prometheus.value(promql).unwrap_or(-1.0);
+    let inbound_orders = "direction=\"inbound\",source_namespace=\"shop\",source_workload=\"frontend\",destination_namespace=\"shop\",destination_workload=\"orders\"";
+    assert_eq!(
+        count(&format!(
+            "sum(bulkhead_authz_decisions_total{{{inbound_orders},verdict=\"allow\"}})"
+        )),
+        12.0,
+        "10 allowed and 2 the app refused itself"
     );
-    assert_eq!(allowed[0]["value"][1], "10", "{allowed:?}");
+    // … the mesh denied 2, counted with the caller, and told apart from the app's own 403s.
+    assert_eq!(
+        count(&format!(
+            "sum(bulkhead_authz_decisions_total{{{inbound_orders},verdict=\"deny\",source_principal=\"spiffe://test.local/ns/shop/sa/frontend\"}})"
+        )),
+        2.0
+    );
+    for (direction, flags, want) in [
+        ("inbound", "RBAC", 2.0),
+        ("inbound", "-", 2.0),
+        ("outbound", "RBAC", 2.0),
+        ("outbound", "-", 2.0),
+    ] {
+        let q = format!(
+            "sum(bulkhead_requests_total{{direction=\"{direction}\",source_workload=\"frontend\",destination_workload=\"orders\",response_code=\"403\",response_flags=\"{flags}\"}})"
+        );
+        assert_eq!(count(&q), want, "{q}");
+    }
+    // The control plane's fleet: two connected, both SVIDs issued by join, the CA valid
+    // for its lifetime, the revision pushed and acknowledged by both.
+    assert_eq!(count("bulkhead_proxies_connected"), 2.0);
+    assert_eq!(count("bulkhead_svids_issued_total{how=\"join\"}"), 2.0);
+    let ca_left = count("bulkhead_ca_expiry_seconds");
+    assert!(ca_left > 86400.0 * 300.0, "CA time left {ca_left}");
+    eventually(
+        WAIT,
+        "both ACKs of revision 2 timed and none behind",
+        || {
+            count("bulkhead_push_duration_seconds_count{result=\"ack\"}") == 2.0
+                && count("bulkhead_proxies_behind") == 0.0
+                && count("bulkhead_policy_revision{job=\"bulkhead-control\"}") == 2.0
+        },
+    );
+    assert_eq!(
+        count("count(bulkhead_build_info{component=\"proxy\"})"),
+        2.0
+    );
+    assert!(count("sum(bulkhead_connections_open{job=\"bulkhead-proxies\"})") >= 1.0);
+
+    // A sidecar that stops leaves the file at once, and the control plane counts it
+    // disconnected (the alert that replaces `up == 0` for discovered sidecars).
+    procs[2].kill();
+    eventually(WAIT, "the stopped sidecar out of the file", || {
+        sd_groups(&sd_file).len() == 2
+    });
+    assert!(
+        sd_groups(&sd_file)
+            .iter()
+            .all(|g| g["labels"]["workload"] != "frontend")
+    );
+    eventually(WAIT, "the stopped sidecar counted disconnected", || {
+        prometheus.value("bulkhead_proxies_disconnected") == Some(1.0)
+            && prometheus.value("bulkhead_proxies_connected") == Some(1.0)
+    });
+    let _ = prometheus.log_text();
 }
 
 /// An OTLP/gRPC trace receiver built from OpenTelemetry's own protobufs (the

@@ -276,7 +276,7 @@ fn http2_grpc_upgrades_and_permissive_ports() {
         "{m}"
     );
     assert!(
-        m.contains("source=\"plaintext\",destination=\"spiffe://test.local/ns/shop/sa/orders\",status=\"200\""),
+        m.contains("source_namespace=\"unknown\",source_workload=\"unknown\",source_principal=\"plaintext\",destination_namespace=\"shop\",destination_workload=\"orders\",destination_principal=\"spiffe://test.local/ns/shop/sa/orders\",response_code=\"200\",response_flags=\"-\""),
         "{m}"
     );
 }

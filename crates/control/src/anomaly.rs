@@ -494,7 +494,7 @@ mod tests {
             events[2].detail
         );
         assert_eq!((r.last, r.learning_until), (3, 0));
-        let text = state.metrics.encode(&state.flow_counters);
+        let text = state.metrics.encode(&state.flow_counters, &state.fleet());
         assert!(
             text.contains("bulkhead_anomalies_total{kind=\"denial-spike\"} 1"),
             "{text}"

@@ -39,6 +39,11 @@ pub enum ControlError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot write the Prometheus file_sd file {path}: {source}")]
+    SdFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("server stopped: {0}")]
     Serve(String),
     /// The web console's options cannot be served as given (issue 21).

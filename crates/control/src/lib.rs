@@ -12,6 +12,7 @@ mod console;
 mod credentials;
 mod datadir;
 mod delivery;
+mod discovery;
 mod error;
 mod flows;
 mod listener;
@@ -69,6 +70,9 @@ pub struct ControlOptions {
     pub proxy_bounds: ProxyBounds,
     /// Spans of calls, commits and pushes to an OTLP collector; `None`: no spans.
     pub traces: Option<TraceOptions>,
+    /// Write a Prometheus `file_sd` file here listing every connected proxy's `/metrics`
+    /// and this control plane's, rewritten at every connect and disconnect.
+    pub prometheus_sd_file: Option<PathBuf>,
 }
 
 /// Where the control plane's spans go (`bulkhead control --otlp-endpoint`).
@@ -159,6 +163,10 @@ pub async fn start_with(
         &options.anomalies,
         options.proxy_bounds,
     )?;
+    if let Some(path) = &options.prometheus_sd_file {
+        state.discovery = Some(discovery::Discovery::start(path.clone(), metrics_addr)?);
+        tracing::info!(path = %path.display(), "Prometheus file_sd file written; rewritten as proxies come and go");
+    }
     if let Some(t) = &options.traces {
         let tracer = bulkhead_api::otlp::Tracer::start(
             &t.endpoint,

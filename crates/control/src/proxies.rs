@@ -90,6 +90,24 @@ impl Registry {
             .map_or(0, |p| p.sent_revision)
     }
 
+    /// Counts for the metrics, at `revision` (the newest) and `now_unix`: connected,
+    /// disconnected with a certificate still valid, connected but behind, connected and
+    /// refusing.
+    pub(crate) fn counts(&self, revision: u64, now_unix: u64) -> crate::metrics::Fleet {
+        let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = crate::metrics::Fleet::default();
+        for p in map.values() {
+            if !p.connected {
+                f.disconnected += i64::from(p.cert_not_after_unix > now_unix);
+                continue;
+            }
+            f.connected += 1;
+            f.behind += i64::from(p.acked_revision < revision);
+            f.nacking += i64::from(p.nacked_revision != 0);
+        }
+        f
+    }
+
     /// Every workload a proxy of which has connected since this control plane started.
     pub(crate) fn workloads(&self) -> BTreeSet<ResourceName> {
         let map = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
@@ -233,4 +251,42 @@ const MAX_REPORTED_ROOTS: usize = 32;
 /// Whether two lists name the same roots, in any order.
 pub(crate) fn same_roots(a: &[String], b: &[String]) -> bool {
     a.len() == b.len() && a.iter().all(|r| b.contains(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str) -> ResourceName {
+        ResourceName {
+            namespace: "shop".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn the_fleet_counted_for_the_metrics() {
+        let registry = Arc::new(Registry::default());
+        let now = 1_000_000;
+        let seen = |not_after| Connecting {
+            cert_not_after_unix: not_after,
+            ..Connecting::default()
+        };
+        let id = |name: &str| format!("spiffe://td/ns/shop/sa/{name}");
+        let orders = registry.connect(&id("orders"), &workload("orders"), seen(now + 3600));
+        let _frontend = registry.connect(&id("frontend"), &workload("frontend"), seen(now + 3600));
+        let payments = registry.connect(&id("payments"), &workload("payments"), seen(now + 3600));
+        let stale = registry.connect(&id("old"), &workload("old"), seen(now - 1));
+        registry.ack(&id("orders"), &workload("orders"), 3, None);
+        registry.ack(&id("frontend"), &workload("frontend"), 2, None);
+        registry.ack(&id("frontend"), &workload("frontend"), 3, Some("no".into()));
+        let f = registry.counts(3, now);
+        assert_eq!((f.connected, f.behind, f.nacking), (4, 3, 1));
+        // Gone: payments with a valid certificate (it should be back), old with an expired one.
+        drop((payments, stale));
+        let f = registry.counts(3, now);
+        assert_eq!((f.connected, f.disconnected, f.behind), (2, 1, 1));
+        drop(orders);
+        assert_eq!(registry.counts(3, now).disconnected, 2);
+    }
 }

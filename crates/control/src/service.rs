@@ -39,6 +39,8 @@ pub(crate) struct Snapshot {
     /// The span of the commit that made this revision, when it was traced: each proxy's
     /// push span is its child.
     pub(crate) commit_span: Option<bulkhead_api::otlp::SpanContext>,
+    /// When this revision was committed (or loaded), for the push latency metric.
+    pub(crate) committed: Option<std::time::Instant>,
 }
 
 impl Snapshot {
@@ -55,6 +57,7 @@ impl Snapshot {
             endpoints,
             distribution,
             commit_span: None,
+            committed: Some(std::time::Instant::now()),
         }
     }
 
@@ -115,7 +118,7 @@ pub(crate) struct State {
     pub(crate) taps: Arc<crate::tap::TapHub>,
     /// Finds anomalies in flow reports (`bulkhead events`).
     pub(crate) anomalies: Monitor,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     /// The web console's sessions and live signals (issue 21).
     pub(crate) console: crate::console::Console,
     /// Who is refused although their certificates chain to the bundle: pushed to every
@@ -124,6 +127,8 @@ pub(crate) struct State {
     /// Spans to an OTLP collector (`--otlp-endpoint`), and the pushes awaiting an answer.
     pub(crate) tracer: Option<Arc<bulkhead_api::otlp::Tracer>>,
     pub(crate) pushes: crate::spans::Pushes,
+    /// The Prometheus file_sd file (`--prometheus-sd-file`), when one is written.
+    pub(crate) discovery: Option<crate::discovery::Discovery>,
 }
 
 impl State {
@@ -182,11 +187,12 @@ impl State {
             flow_counters: Counters::default(),
             taps: Arc::default(),
             anomalies,
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             console: Default::default(),
             revoked,
             tracer: None,
             pushes: Default::default(),
+            discovery: None,
         })
     }
 
@@ -345,6 +351,7 @@ impl Identity for State {
             .bind(id.as_str(), &workload, unix_now())
             .map_err(internal)?;
         tracing::info!(?remote, spiffe_id = %id, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "issued SVID");
+        self.metrics.svid_issued("join");
         Ok(Response::new(pb::JoinResponse {
             cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
             trust_bundle_der: self.bundle_der(),
@@ -393,6 +400,7 @@ impl State {
         self.proxies
             .issued(id.as_str(), &signer.fingerprint(), svid_not_after(&chain));
         tracing::info!(?remote, spiffe_id = %id, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "renewed SVID");
+        self.metrics.svid_issued("renew");
         Ok(Response::new(pb::JoinResponse {
             cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
             trust_bundle_der: self.bundle_der(),
@@ -490,6 +498,12 @@ struct Follow {
     queue: std::collections::VecDeque<pb::ProxyConfig>,
     /// Marks the proxy connected while the stream lives.
     _connection: crate::proxies::Connection,
+    /// Lists the proxy in the Prometheus file_sd file while the stream lives.
+    _listed: Option<crate::discovery::Listed>,
+    /// Counts the stream in `bulkhead_proxies_connected` while it lives.
+    _open: crate::metrics::OpenStream,
+    /// The revision last sent on this stream (0: none yet).
+    sent: u64,
 }
 
 impl State {
@@ -560,13 +574,23 @@ impl Config for State {
                 remote,
                 cert_not_after_unix: not_after,
                 cert_ca_sha256: cert_ca,
-                instance,
+                instance: instance.clone(),
                 version: crate::proxies::bounded_version(&req.get_ref().proxy_version),
             },
         );
+        let listed = self.discovery.as_ref().and_then(|d| {
+            let target = crate::discovery::Target::reported(
+                &req.get_ref().admin_address,
+                peer.as_ref().map(|p| p.remote),
+                &workload,
+                &instance,
+            )?;
+            Some(d.list(target))
+        });
         let registry = self.proxies.clone();
         let tracer = self.tracer.clone();
         let pushes = self.pushes.clone();
+        let metrics = self.metrics.clone();
         // A new revision or a new bundle: either sends the whole current state, in pieces
         // to a proxy that takes them, and only the bundle to a proxy that just reconnected
         // holding exactly the current revision.
@@ -580,6 +604,9 @@ impl Config for State {
             held,
             queue: std::collections::VecDeque::new(),
             _connection: connection,
+            _listed: listed,
+            _open: self.metrics.stream_opened(),
+            sent: 0,
         };
         let stream = futures_util::stream::unfold(follow, move |mut f| {
             let workload = workload.clone();
@@ -587,6 +614,7 @@ impl Config for State {
             let registry = registry.clone();
             let tracer = tracer.clone();
             let pushes = pushes.clone();
+            let metrics = metrics.clone();
             async move {
                 loop {
                     if let Some(next) = f.queue.pop_front() {
@@ -605,6 +633,10 @@ impl Config for State {
                             return None;
                         }
                     }
+                    // A revision pushed to a proxy already connected when it was
+                    // committed is timed to its answer; a (re)connection's first is not,
+                    // nor the same revision sent again with a new bundle.
+                    let live = !f.first;
                     f.first = false;
                     let revoked = f.revoked.borrow_and_update().clone();
                     if revoked.refuses(id.as_str(), &f.serial) {
@@ -619,6 +651,13 @@ impl Config for State {
                     let snap = f.revisions.borrow_and_update().clone();
                     let trust = f.cas.borrow_and_update().clone();
                     registry.sent(id.as_str(), &workload, snap.revision);
+                    if live
+                        && snap.revision != f.sent
+                        && let Some(committed) = snap.committed
+                    {
+                        metrics.pushed(id.as_str(), &workload, snap.revision, committed);
+                    }
+                    f.sent = snap.revision;
                     if let Some(tracer) = &tracer {
                         pushes.sent(
                             tracer,
@@ -669,6 +708,8 @@ impl Config for State {
         if r.accepted {
             tracing::debug!(spiffe_id = %id, %workload, revision = r.revision, "ACK");
             self.proxies.ack(id.as_str(), &workload, r.revision, None);
+            self.metrics
+                .answered(id.as_str(), &workload, r.revision, false);
             if let Some(tracer) = &self.tracer {
                 self.pushes
                     .answered(tracer, id.as_str(), &workload, r.revision, None);
@@ -686,6 +727,8 @@ impl Config for State {
                 self.pushes
                     .answered(tracer, id.as_str(), &workload, revision, Some(&error));
             }
+            self.metrics
+                .answered(id.as_str(), &workload, revision, true);
             self.proxies
                 .ack(id.as_str(), &workload, revision, Some(error));
         }

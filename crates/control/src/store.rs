@@ -442,6 +442,12 @@ impl Store {
         })
     }
 
+    /// Whether the store answers a read (for `/ready`): a read transaction, which never
+    /// waits for a writer.
+    pub(crate) fn answers(&self) -> Result<(), ControlError> {
+        self.read().map(|_| ())
+    }
+
     /// Whether any join token ever bound `spiffe_id` to a workload.
     pub(crate) fn has_identity(&self, spiffe_id: &str) -> Result<bool, ControlError> {
         let prefix = format!("{spiffe_id}|");

@@ -74,7 +74,10 @@ async fn handle(
             reply(
                 StatusCode::OK,
                 format.content_type(),
-                format.render(shared.metrics.encode()),
+                format.render(bulkhead_api::process::with_process_families(
+                    shared.metrics.encode(),
+                    "proxy",
+                )),
             )
         }
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),

@@ -249,10 +249,11 @@ pub(crate) fn accept_loop<F, Fut>(
                     let Some(permit) = admit(&slots, &shared, direction) else {
                         continue;
                     };
+                    let open = shared.metrics.opened(direction);
                     let (conn, span) = serve(tcp, remote);
                     tokio::spawn(async move {
                         conn.instrument(span).await;
-                        drop(permit);
+                        drop((permit, open));
                     });
                 }
                 Err(e) => {
@@ -733,9 +734,12 @@ pub(crate) fn denial<B>(
 ) -> Response<Body> {
     let header = decision.header_value();
     if !is_grpc(req) {
-        return proxy_response(StatusCode::FORBIDDEN, Some(&header), text);
+        let mut resp = proxy_response(StatusCode::FORBIDDEN, Some(&header), text);
+        resp.extensions_mut().insert(MeshDenial);
+        return resp;
     }
     let mut resp = Response::new(Body::own(Bytes::new()));
+    resp.extensions_mut().insert(MeshDenial);
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     h.insert("grpc-status", HeaderValue::from_static("7"));
@@ -803,10 +807,34 @@ pub(crate) fn content_length(headers: &HeaderMap) -> u64 {
 pub(crate) fn count_decision(
     direction: &'static str,
     decision: &bulkhead_policy::Decision,
+    parties: &crate::metrics::Parties,
     shared: &crate::Shared,
 ) {
-    shared.metrics.decision(direction, decision);
+    shared.metrics.decision(direction, decision, parties);
 }
+
+/// Whether an answer is a mesh denial (`response_flags="RBAC"`): this sidecar's own denial
+/// (marked by [`denial`]), or, from a destination's sidecar (`from_sidecar`), a response
+/// carrying its `x-bulkhead-decision: deny…`, which a receiving sidecar never lets its app set.
+pub(crate) fn response_flags<B>(
+    resp: &Response<B>,
+    from_sidecar: bool,
+) -> crate::metrics::ResponseFlags {
+    let denied_here = resp.extensions().get::<MeshDenial>().is_some();
+    let denied_there = from_sidecar
+        && resp
+            .headers()
+            .get(DECISION_HEADER)
+            .is_some_and(|v| v.as_bytes().starts_with(b"deny"));
+    match denied_here || denied_there {
+        true => crate::metrics::ResponseFlags::Rbac,
+        false => crate::metrics::ResponseFlags::None,
+    }
+}
+
+/// Marks a response this sidecar made to refuse a request by policy (never sent).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MeshDenial;
 
 /// One HTTP request, once its answer is known: what the access and decision log says.
 pub(crate) struct Access<'a> {

@@ -16,7 +16,7 @@ use crate::http::{
     accept_loop, canonical_request, denial, listen, origin_form, protocol_of, proxy_response,
     response_body, serve_http, set_target,
 };
-use crate::metrics::{LabelText, Parties, Refusal, TlsFailure};
+use crate::metrics::{Parties, Refusal, TlsFailure};
 use crate::tcp::{Flow, Reset};
 use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 /// The label the metrics give a caller without mTLS (permissive ports only).
-const PLAINTEXT_PEER: &str = "plaintext";
+pub(crate) const PLAINTEXT_PEER: &str = "plaintext";
 
 pub(crate) async fn spawn(
     spec: &InboundSpec,
@@ -335,6 +335,13 @@ async fn serve_app_http<I>(
     let clock = (!h2).then(Clock::new);
     let conn_clock = clock.clone();
     // Made once per connection: the caller never changes on it.
+    let source_workload = shared
+        .snapshot
+        .load()
+        .endpoints()
+        .get(t.remote.ip())
+        .filter(|e| peer.as_ref().is_some_and(|p| p.as_str() == e.identity))
+        .map(|e| e.workload.clone());
     let conn = Arc::new(Caller {
         source_header: peer
             .as_ref()
@@ -343,18 +350,15 @@ async fn serve_app_http<I>(
             let by = shared.identity.as_str();
             HeaderValue::from_str(&format!("By={by};URI={p}")).ok()
         }),
-        parties: Parties {
-            source: LabelText::new(peer.as_ref().map_or(PLAINTEXT_PEER, SpiffeId::as_str)),
-            destination: shared.identity.clone(),
-        },
+        parties: Parties::with_peer(
+            true,
+            &shared.identity,
+            &shared.place,
+            peer.as_ref().map(SpiffeId::as_str),
+            source_workload.as_ref(),
+        ),
         decision_header: DecisionHeaders::default(),
-        source_workload: shared
-            .snapshot
-            .load()
-            .endpoints()
-            .get(t.remote.ip())
-            .filter(|e| peer.as_ref().is_some_and(|p| p.as_str() == e.identity))
-            .map(|e| e.workload.clone()),
+        source_workload,
         peer,
     });
     let state = shared.clone();
@@ -372,6 +376,7 @@ async fn serve_app_http<I>(
                     "inbound",
                     &conn.parties,
                     r.status().as_u16(),
+                    crate::http::response_flags(r, false),
                     start.elapsed(),
                 );
                 match &clock {
@@ -472,7 +477,7 @@ async fn handle(
             "bulkhead: the request target cannot be forwarded".into(),
         ));
     }
-    crate::http::count_decision("inbound", &decision, shared);
+    crate::http::count_decision("inbound", &decision, &conn.parties, shared);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
     // bytes (a reference count), where copying the path into a `String` would allocate.
     let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -616,6 +621,8 @@ async fn handle(
                 resp.status(),
                 resp.headers(),
             );
+            // Only the mesh says what the mesh decided: an app's copy never passes.
+            resp.headers_mut().remove(DECISION_HEADER);
             if let Some(v) = conn.decision_header.get(&decision) {
                 resp.headers_mut().insert(DECISION_HEADER, v);
             }

@@ -91,6 +91,8 @@ pub(crate) struct Shared {
     pub workload: ResourceName,
     /// This proxy's SPIFFE ID as a metric label (it never changes across renewals).
     pub identity: metrics::LabelText,
+    /// This proxy's namespace and workload as metric labels.
+    pub place: metrics::Place,
     /// Everything a decision reads from the configuration (revision, compiled policy, the
     /// mesh's address table), swapped whole; a request loads it once.
     pub snapshot: ArcSwap<authz::Snapshot>,
@@ -209,6 +211,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         refusal_logs: refusal::LogGates::default(),
         limits: config.limits,
         tls: ArcSwap::from_pointee(tls),
+        place: metrics::Place::of(None, Some(&joined.workload)),
         workload: joined.workload,
         identity: metrics::LabelText::new(id.as_str()),
         snapshot: ArcSwap::from_pointee(authz::Snapshot::default()),
@@ -243,6 +246,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         config.control.clone(),
         shared.clone(),
         config.max_policy_rules,
+        admin,
     );
     flows::spawn_reporter(config.control.clone(), shared.clone(), config.flow_interval);
     tap::spawn(config.control.clone(), shared.clone());

@@ -2,11 +2,12 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `bulkhead_requests` | counter | `direction` (inbound, outbound), `source` (the caller's SPIFFE ID, or `plaintext`), `destination` (the callee's SPIFFE ID), `status` |
+//! | `bulkhead_requests` | counter | `direction` (inbound, outbound), the caller's and the callee's [`Place`] and SPIFFE ID (`source_namespace`, `source_workload`, `source_principal`, `destination_namespace`, `destination_workload`, `destination_principal`), `response_code`, `response_flags` (`RBAC` for a mesh denial, by this sidecar or the peer's; `-` otherwise) |
 //! | `bulkhead_request_duration_seconds` | histogram | the same as `bulkhead_requests` |
-//! | `bulkhead_authz_decisions` | counter | `direction`, `verdict` (allow, deny), `audit` (would_deny, would_allow, or empty), `policy`, `rule` |
+//! | `bulkhead_authz_decisions` | counter | `direction`, `verdict` (allow, deny), `audit` (would_deny, would_allow, or empty), `policy`, `rule`, the caller (`source_namespace`, `source_workload`, `source_principal`) and the callee (`destination_namespace`, `destination_workload`) |
 //! | `bulkhead_tls_handshake_failures` | counter | `direction`, `reason` (see [`TlsFailure`]) |
 //! | `bulkhead_connections` | counter | `direction` |
+//! | `bulkhead_connections_open` | gauge | `direction` (connections open now on the listeners) |
 //! | `bulkhead_connections_refused` | counter | `direction` (over `--max-connections`) |
 //! | `bulkhead_refusals` | counter | `direction` (inbound, outbound), `reason` (see [`Refusal`]): every refusal the proxy makes on its own, below |
 //! | `bulkhead_svid_expiry_timestamp_seconds` | gauge | — |
@@ -20,7 +21,13 @@
 //! | `bulkhead_plaintext_connections` | counter | `port` (accepted without mTLS on a permissive port) |
 //! | `bulkhead_flow_requests_dropped` | counter | — (requests the bounded flow buffer could not count) |
 //!
-//! Counters get the `_total` suffix on the wire, as OpenMetrics says.
+//! Counters get the `_total` suffix on the wire, as OpenMetrics says. `/metrics` also
+//! serves `bulkhead_build_info` and the `process_*` families (`bulkhead_api::process`).
+//!
+//! Cardinality: every label value comes from a bounded set: the mesh's workloads and
+//! identities (a caller the sidecar cannot place is `unknown`; a plaintext caller's principal
+//! is `plaintext`), the policies and rules in force, and fixed words. No path, address,
+//! header or serial is ever a label value. `docs/observability.md` counts the series.
 //!
 //! `bulkhead_refusals_total` counts what the proxy refuses or cuts by itself; a policy denial
 //! is in `bulkhead_authz_decisions_total` and a refused handshake in
@@ -99,19 +106,119 @@ impl EncodeLabelValue for PolicyLabel {
     }
 }
 
-/// Who called whom over one connection: the labels of every request on it.
+/// The value of a namespace or workload label for a party the sidecar cannot place.
+pub(crate) const UNKNOWN: &str = "unknown";
+
+/// Where a party sits in the mesh, as Istio and Linkerd label it: its namespace and workload.
+/// Its Workload when the sidecar knows it (its own; a destination it was configured with or
+/// found by address; a caller at a declared address with the declared identity), else the
+/// namespace and service account of its SPIFFE ID (`spiffe://td/ns/<ns>/sa/<sa>`, the
+/// identity a Workload's token binds), else `unknown`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct Place {
+    pub namespace: LabelText,
+    pub workload: LabelText,
+}
+
+impl Place {
+    pub(crate) fn of(identity: Option<&str>, workload: Option<&ResourceName>) -> Place {
+        if let Some(w) = workload {
+            return Place {
+                namespace: LabelText::new(&w.namespace),
+                workload: LabelText::new(&w.name),
+            };
+        }
+        let from_id = identity.and_then(|id| {
+            let path = id.strip_prefix("spiffe://")?.split_once('/')?.1;
+            let mut parts = path.split('/');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some("ns"), Some(ns), Some("sa"), Some(sa)) if parts.next().is_none() => {
+                    Some((ns, sa))
+                }
+                _ => None,
+            }
+        });
+        let (namespace, workload) = from_id.unwrap_or((UNKNOWN, UNKNOWN));
+        Place {
+            namespace: LabelText::new(namespace),
+            workload: LabelText::new(workload),
+        }
+    }
+}
+
+/// Who called whom over one connection: the labels of every request and decision on it,
+/// made once per connection.
 #[derive(Clone, Debug)]
 pub(crate) struct Parties {
+    /// The caller's SPIFFE ID, or `plaintext`.
     pub source: LabelText,
+    /// The callee's SPIFFE ID, or `-` outside the mesh.
     pub destination: LabelText,
+    pub source_place: Place,
+    pub destination_place: Place,
+}
+
+impl Parties {
+    /// The parties of a connection between this sidecar (`own`, its place `own_place`)
+    /// and a peer: the peer called when `inbound`. A peer without an identity is a plaintext
+    /// caller inbound, a destination outside the mesh outbound.
+    pub(crate) fn with_peer(
+        inbound: bool,
+        own: &LabelText,
+        own_place: &Place,
+        peer: Option<&str>,
+        peer_workload: Option<&ResourceName>,
+    ) -> Parties {
+        let mine = own_place.clone();
+        let theirs = Place::of(peer, peer_workload);
+        match inbound {
+            true => Parties {
+                source: LabelText::new(peer.unwrap_or(crate::inbound::PLAINTEXT_PEER)),
+                destination: own.clone(),
+                source_place: theirs,
+                destination_place: mine,
+            },
+            false => Parties {
+                source: own.clone(),
+                destination: LabelText::new(peer.unwrap_or("-")),
+                source_place: mine,
+                destination_place: theirs,
+            },
+        }
+    }
+}
+
+/// What kind of answer a request got, beside its status code (Envoy's response flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ResponseFlags {
+    /// The app's (or the destination's) own answer, whatever its status.
+    None,
+    /// Denied by the mesh: by this sidecar's policy, or, outbound, by the destination's
+    /// sidecar (its `x-bulkhead-decision: deny…`, which the receiving sidecar never lets an
+    /// app set). An app's own 403 is not this.
+    Rbac,
+}
+
+impl ResponseFlags {
+    fn label(self) -> &'static str {
+        match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::Rbac => "RBAC",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RequestLabels {
     pub direction: &'static str,
-    pub source: LabelText,
-    pub destination: LabelText,
-    pub status: u16,
+    pub source_namespace: LabelText,
+    pub source_workload: LabelText,
+    pub source_principal: LabelText,
+    pub destination_namespace: LabelText,
+    pub destination_workload: LabelText,
+    pub destination_principal: LabelText,
+    pub response_code: u16,
+    pub response_flags: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,6 +233,11 @@ pub(crate) struct DecisionLabels {
     pub audit: &'static str,
     pub policy: PolicyLabel,
     pub rule: Option<LabelText>,
+    pub source_namespace: LabelText,
+    pub source_workload: LabelText,
+    pub source_principal: LabelText,
+    pub destination_namespace: LabelText,
+    pub destination_workload: LabelText,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -168,6 +280,7 @@ pub(crate) struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub tls_failures: Family<TlsLabels, Counter>,
     pub connections: Family<DirectionLabels, Counter>,
+    pub open: Family<DirectionLabels, Gauge>,
     pub refused: Family<DirectionLabels, Counter>,
     pub refusals: Family<RefusalLabels, Counter>,
     pub svid_expiry: Gauge,
@@ -211,6 +324,16 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         let tls_failures = Family::<TlsLabels, Counter>::default();
         let connections = Family::<DirectionLabels, Counter>::default();
+        let open = Family::<DirectionLabels, Gauge>::default();
+        // Both directions from the start, at 0: a sidecar with nothing open says so.
+        for direction in ["inbound", "outbound"] {
+            let _ = open.get_or_create(&DirectionLabels { direction });
+        }
+        registry.register(
+            "bulkhead_connections_open",
+            "Connections open now on the sidecar's listeners, by direction",
+            open.clone(),
+        );
         let refused = Family::<DirectionLabels, Counter>::default();
         let refusals = Family::<RefusalLabels, Counter>::default();
         let svid_expiry = Gauge::default();
@@ -255,17 +378,17 @@ impl Metrics {
         );
         registry.register(
             "bulkhead_requests",
-            "HTTP requests handled, by direction, source and destination identity, and status",
+            "HTTP requests handled, by direction, caller and callee (namespace, workload, SPIFFE ID), response code and flags (RBAC: denied by the mesh)",
             requests.clone(),
         );
         registry.register(
             "bulkhead_request_duration_seconds",
-            "Time from request to response headers, by direction, source, destination and status",
+            "Time from request to response headers, by the labels of bulkhead_requests",
             duration.clone(),
         );
         registry.register(
             "bulkhead_authz_decisions",
-            "Authorization decisions by verdict, audit outcome, policy and rule",
+            "Authorization decisions by verdict, audit outcome, policy, rule, caller and callee",
             decisions.clone(),
         );
         registry.register(
@@ -326,6 +449,7 @@ impl Metrics {
             decisions,
             tls_failures,
             connections,
+            open,
             refused,
             refusals,
             svid_expiry,
@@ -349,7 +473,7 @@ impl Metrics {
         out
     }
 
-    pub(crate) fn decision(&self, direction: &'static str, d: &Decision) {
+    pub(crate) fn decision(&self, direction: &'static str, d: &Decision, parties: &Parties) {
         let (policy, rule) = match &d.reason {
             Reason::Rule { policy, rule, .. } => (
                 PolicyLabel(Some(policy.clone())),
@@ -370,6 +494,11 @@ impl Metrics {
                 audit,
                 policy,
                 rule,
+                source_namespace: parties.source_place.namespace.clone(),
+                source_workload: parties.source_place.workload.clone(),
+                source_principal: parties.source.clone(),
+                destination_namespace: parties.destination_place.namespace.clone(),
+                destination_workload: parties.destination_place.workload.clone(),
             })
             .inc();
     }
@@ -379,13 +508,19 @@ impl Metrics {
         direction: &'static str,
         parties: &Parties,
         status: u16,
+        flags: ResponseFlags,
         elapsed: std::time::Duration,
     ) {
         let labels = RequestLabels {
             direction,
-            source: parties.source.clone(),
-            destination: parties.destination.clone(),
-            status,
+            source_namespace: parties.source_place.namespace.clone(),
+            source_workload: parties.source_place.workload.clone(),
+            source_principal: parties.source.clone(),
+            destination_namespace: parties.destination_place.namespace.clone(),
+            destination_workload: parties.destination_place.workload.clone(),
+            destination_principal: parties.destination.clone(),
+            response_code: status,
+            response_flags: flags.label(),
         };
         self.requests.get_or_create(&labels).inc();
         self.duration
@@ -419,6 +554,16 @@ impl Metrics {
             .inc();
     }
 
+    /// A connection opened on a listener: counted open until the guard is dropped.
+    pub(crate) fn opened(&self, direction: &'static str) -> OpenConnection {
+        let gauge = self
+            .open
+            .get_or_create(&DirectionLabels { direction })
+            .clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
     pub(crate) fn connection(&self, direction: &'static str) {
         self.connections
             .get_or_create(&DirectionLabels { direction })
@@ -432,6 +577,15 @@ impl Metrics {
                 reason: reason.label(),
             })
             .inc();
+    }
+}
+
+/// One open connection in `bulkhead_connections_open`, until dropped.
+pub(crate) struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -536,6 +690,41 @@ mod tests {
 
     fn io(e: rustls::Error) -> std::io::Error {
         std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn a_party_is_placed_by_its_workload_or_its_spiffe_id() {
+        let place = |p: Place| {
+            (
+                p.namespace.as_str().to_string(),
+                p.workload.as_str().to_string(),
+            )
+        };
+        let orders = ResourceName {
+            namespace: "shop".into(),
+            name: "orders".into(),
+        };
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            place(Place::of(Some("spiffe://td/ns/x/sa/y"), Some(&orders))),
+            s("shop", "orders")
+        );
+        assert_eq!(
+            place(Place::of(Some("spiffe://td/ns/pay/sa/ledger"), None)),
+            s("pay", "ledger")
+        );
+        for odd in [
+            "spiffe://td/bulkhead/control",
+            "spiffe://td/ns/a/sa/b/c",
+            "x",
+        ] {
+            assert_eq!(
+                place(Place::of(Some(odd), None)),
+                s(UNKNOWN, UNKNOWN),
+                "{odd}"
+            );
+        }
+        assert_eq!(place(Place::of(None, None)), s(UNKNOWN, UNKNOWN));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::http::{
     canonical_request, denial, listen, origin_form, protocol_of, proxy_response, response_body,
     serve_http, set_target,
 };
-use crate::metrics::{LabelText, Parties, Refusal};
+use crate::metrics::{Parties, Refusal};
 use crate::tcp::{Flow, Reset};
 use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
@@ -336,10 +336,13 @@ async fn relay_or_reset<U: Reset + tokio::io::AsyncRead + tokio::io::AsyncWrite 
 
 async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<Shared>) {
     let link = Arc::new(Link::new(h2));
-    let parties = Arc::new(Parties {
-        source: shared.identity.clone(),
-        destination: LabelText::new(dest.identity.as_ref().map_or("-", SpiffeId::as_str)),
-    });
+    let parties = Arc::new(Parties::with_peer(
+        false,
+        &shared.identity,
+        &shared.place,
+        dest.identity.as_ref().map(SpiffeId::as_str),
+        dest.workload.as_ref(),
+    ));
     // HTTP/1.1 only: its head and keep-alive deadlines, marked by each request.
     let clock = (!h2).then(Clock::new);
     let conn_clock = clock.clone();
@@ -353,11 +356,16 @@ async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<S
             if let Some(c) = &clock {
                 c.busy();
             }
-            let mut resp = handle(req, link, h2, dest, shared.clone()).await;
+            let in_mesh = dest.identity.is_some();
+            let mut resp = handle(req, link, h2, dest, &parties, shared.clone()).await;
             if let Ok(r) = &mut resp {
-                shared
-                    .metrics
-                    .request("outbound", &parties, r.status().as_u16(), start.elapsed());
+                shared.metrics.request(
+                    "outbound",
+                    &parties,
+                    r.status().as_u16(),
+                    crate::http::response_flags(r, in_mesh),
+                    start.elapsed(),
+                );
                 match &clock {
                     Some(c) if r.status() == StatusCode::SWITCHING_PROTOCOLS => c.off(),
                     Some(c) => r.body_mut().set_idle_when_done(c.idle_when_done()),
@@ -375,6 +383,7 @@ async fn handle(
     link: Arc<Link>,
     h2: bool,
     dest: Arc<Dest>,
+    parties: &Parties,
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
@@ -426,7 +435,7 @@ async fn handle(
         ));
     }
     let peer = dest.identity.as_ref().map_or("-", SpiffeId::as_str);
-    crate::http::count_decision("outbound", &decision, &shared);
+    crate::http::count_decision("outbound", &decision, parties, &shared);
     // Kept for the flow record after `req` is sent on: a `Uri` clone shares the request's
     // bytes (a reference count), where copying the path into a `String` would allocate.
     let (method, uri) = (req.method().clone(), req.uri().clone());

@@ -72,6 +72,17 @@ impl Flow {
         });
     }
 
+    /// The metric labels of this connection's parties (made once per connection).
+    fn parties(&self, shared: &Shared) -> crate::metrics::Parties {
+        crate::metrics::Parties::with_peer(
+            self.direction == Direction::Ingress,
+            &shared.identity,
+            &shared.place,
+            self.peer_identity.as_deref(),
+            self.peer_workload.as_ref(),
+        )
+    }
+
     fn direction_label(&self) -> &'static str {
         match self.direction {
             Direction::Ingress => "inbound",
@@ -83,7 +94,9 @@ impl Flow {
     /// lines, with `protocol="tcp"`, the port, and no method, path or status).
     pub(crate) fn log(&self, decision: &Decision, shared: &Shared) {
         self.record(decision, shared);
-        shared.metrics.decision(self.direction_label(), decision);
+        shared
+            .metrics
+            .decision(self.direction_label(), decision, &self.parties(shared));
         if !tracing::enabled!(target: "bulkhead::access", tracing::Level::INFO) {
             return;
         }
@@ -145,6 +158,20 @@ impl Opened {
             Direction::Ingress => "inbound",
             Direction::Egress => "outbound",
         }
+    }
+
+    fn parties(&self, shared: &Shared) -> crate::metrics::Parties {
+        let (direction, identity, workload) = match self {
+            Opened::Tcp(flow) => (flow.direction, &flow.peer_identity, &flow.peer_workload),
+            Opened::Upgrade(by) => (by.direction, &by.peer_identity, &by.peer_workload),
+        };
+        crate::metrics::Parties::with_peer(
+            direction == Direction::Ingress,
+            &shared.identity,
+            &shared.place,
+            identity.as_deref(),
+            workload.as_ref(),
+        )
     }
 
     fn judge(&self, snapshot: &Snapshot, subject: &WorkloadRef) -> Judgement {
@@ -240,7 +267,9 @@ pub(crate) fn recheck(shared: &Shared) {
         if !decision.is_allow() {
             opened.log_close(decision);
             let direction = opened.direction_label();
-            shared.metrics.decision(direction, decision);
+            shared
+                .metrics
+                .decision(direction, decision, &opened.parties(shared));
             shared
                 .metrics
                 .refusal(direction, crate::metrics::Refusal::PolicyChanged);

@@ -85,6 +85,7 @@ pub(crate) fn spawn(
     control: bulkhead_api::channel::ControlAddr,
     shared: Arc<Shared>,
     max_rules: usize,
+    admin: Option<std::net::SocketAddr>,
 ) -> watch::Receiver<Option<u64>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
@@ -95,6 +96,7 @@ pub(crate) fn spawn(
             max_rules,
             held: None,
             in_force: tx,
+            admin: admin.map(|a| a.to_string()).unwrap_or_default(),
         };
         let mut unreachable = Backoff::reconnect();
         let mut refused = Backoff::refused();
@@ -136,6 +138,8 @@ struct Follower {
     /// The revision in force and the digest it came with: named when re-opening.
     held: Option<(u64, String)>,
     in_force: watch::Sender<Option<u64>>,
+    /// Where `/metrics` is served, told to the control plane for Prometheus' discovery.
+    admin: String,
 }
 
 impl Follower {
@@ -148,6 +152,7 @@ impl Follower {
             held_digest,
             accepts_pieces: true,
             proxy_version: crate::VERSION.to_string(),
+            admin_address: self.admin.clone(),
         }
     }
 

@@ -16,6 +16,7 @@ pub use tempfile::TempDir;
 
 pub mod mesh;
 pub mod netns;
+pub mod prometheus;
 #[cfg(test)]
 mod tidy;
 
