@@ -329,3 +329,223 @@ mod webhook {
         assert!(!out.contains("caBundle:"));
     }
 }
+
+mod install {
+    //! The install manifests: `kubectl kustomize deploy/kubernetes/base` renders them, every
+    //! object validates against the Kubernetes 1.32 schemas (`kubernetes-validate --strict`),
+    //! the control plane runs locked down, and the ClusterRole grants exactly the calls
+    //! `bulkhead_kubernetes::access` lists.
+
+    use super::repo;
+    use bulkhead_kubernetes::access::API_ACCESS;
+    use serde_json::Value;
+    use std::collections::BTreeSet;
+    use std::process::Command;
+
+    /// The version the objects are validated against.
+    const KUBERNETES: &str = "1.32.0";
+
+    fn documents(yaml: &str) -> Vec<Value> {
+        yaml.split("\n---\n")
+            .map(|d| d.trim_start_matches("---\n"))
+            .filter(|d| {
+                d.lines()
+                    .any(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            })
+            .map(|d| serde_saphyr::from_str::<Value>(d).unwrap())
+            .collect()
+    }
+
+    fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in the install"))
+    }
+
+    #[test]
+    fn the_install_renders_validates_and_runs_locked_down() {
+        let test = "the_install_renders_validates_and_runs_locked_down";
+        let Some(kubectl) = bulkhead_testkit::tool(test, "kubectl") else {
+            return;
+        };
+        let out = Command::new(kubectl)
+            .args(["kustomize", "deploy/kubernetes/base"])
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rendered = String::from_utf8(out.stdout).unwrap();
+        let objects = documents(&rendered);
+        let kinds: Vec<String> = objects
+            .iter()
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["kind"].as_str().unwrap(),
+                    o["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect();
+        for want in [
+            "Namespace/bulkhead-system",
+            "ServiceAccount/bulkhead-control",
+            "ClusterRole/bulkhead-control",
+            "ClusterRoleBinding/bulkhead-control",
+            "PersistentVolumeClaim/bulkhead-data",
+            "Service/bulkhead-control",
+            "Service/bulkhead-webhook",
+            "Deployment/bulkhead-control",
+            "MutatingWebhookConfiguration/bulkhead-injector",
+            "CustomResourceDefinition/authorizationpolicies.bulkhead.dev",
+            "CustomResourceDefinition/workloads.bulkhead.dev",
+            "CustomResourceDefinition/services.bulkhead.dev",
+            "CustomResourceDefinition/defaultpostures.bulkhead.dev",
+        ] {
+            assert!(
+                kinds.contains(&want.to_string()),
+                "{want} missing: {kinds:?}"
+            );
+        }
+        assert_eq!(kinds.len(), 13, "{kinds:?}");
+
+        // The control plane: not root, nothing writable but its data, no capability.
+        let deployment = find(&objects, "Deployment", "bulkhead-control");
+        let pod = &deployment["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "bulkhead-control");
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        let control = &pod["containers"][0];
+        let security = &control["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true);
+        assert_eq!(security["allowPrivilegeEscalation"], false);
+        assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert!(control["readinessProbe"].is_object() && control["livenessProbe"].is_object());
+        assert!(control["resources"]["requests"].is_object());
+        assert!(control["resources"]["limits"]["memory"].is_string());
+        let mounts = control["volumeMounts"].to_string();
+        assert!(mounts.contains("/var/lib/bulkhead"), "{mounts}");
+        let args: Vec<&str> = control["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(args.contains(&"--webhook-listen=0.0.0.0:8443"), "{args:?}");
+        assert!(args.contains(&"--data-dir=/var/lib/bulkhead"), "{args:?}");
+
+        // The webhook configuration calls the webhook Service, which reaches the container.
+        let hooks = find(
+            &objects,
+            "MutatingWebhookConfiguration",
+            "bulkhead-injector",
+        );
+        let service = find(&objects, "Service", "bulkhead-webhook");
+        for h in hooks["webhooks"].as_array().unwrap() {
+            let to = &h["clientConfig"]["service"];
+            assert_eq!(to["name"], "bulkhead-webhook");
+            assert_eq!(to["namespace"], service["metadata"]["namespace"]);
+            assert_eq!(to["port"], service["spec"]["ports"][0]["port"]);
+        }
+        let target = service["spec"]["ports"][0]["targetPort"].as_str().unwrap();
+        let port = control["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == target)
+            .unwrap_or_else(|| panic!("no container port {target}"));
+        assert_eq!(port["containerPort"], 8443);
+
+        // Every object against the Kubernetes schemas. The install holds no object of our own
+        // kinds (those are CRD-typed, which kubernetes-validate has no schema for and would
+        // only warn about); the CRDs themselves are validated as CustomResourceDefinitions.
+        let Some(validate) = bulkhead_testkit::tool(test, "kubernetes-validate") else {
+            return;
+        };
+        let dir = bulkhead_testkit::TempDir::new().unwrap();
+        let file = dir.path().join("install.yaml");
+        std::fs::write(&file, &rendered).unwrap();
+        let out = Command::new(validate)
+            .args(["--kubernetes-version", KUBERNETES, "--strict"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        let passed = text
+            .lines()
+            .filter(|l| l.contains(" passed for resource "))
+            .count();
+        assert_eq!(passed, objects.len(), "every object validated:\n{text}");
+        assert!(!text.contains("WARN") && !text.contains("ERROR"), "{text}");
+    }
+
+    /// `(group, resource, verb, resourceName or "")`.
+    type Grant = (String, String, String, String);
+
+    #[test]
+    fn the_cluster_role_grants_exactly_what_the_code_calls() {
+        let text =
+            std::fs::read_to_string(repo().join("deploy/kubernetes/base/rbac.yaml")).unwrap();
+        let objects = documents(&text);
+        let role = find(&objects, "ClusterRole", "bulkhead-control");
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+                .unwrap_or_default()
+        };
+        let mut granted: BTreeSet<Grant> = BTreeSet::new();
+        for rule in role["rules"].as_array().unwrap() {
+            let mut names = strings(&rule["resourceNames"]);
+            if names.is_empty() {
+                names.push(String::new());
+            }
+            for g in strings(&rule["apiGroups"]) {
+                for r in strings(&rule["resources"]) {
+                    for v in strings(&rule["verbs"]) {
+                        assert!(v != "*" && r != "*" && g != "*", "a wildcard in {rule}");
+                        for n in &names {
+                            granted.insert((g.clone(), r.clone(), v.clone(), n.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut called: BTreeSet<Grant> = BTreeSet::new();
+        for a in API_ACCESS {
+            let names: Vec<&str> = if a.names.is_empty() {
+                vec![""]
+            } else {
+                a.names.to_vec()
+            };
+            for v in a.verbs {
+                for n in &names {
+                    called.insert((
+                        a.group.into(),
+                        a.resource.into(),
+                        v.to_string(),
+                        n.to_string(),
+                    ));
+                }
+            }
+        }
+        let extra: Vec<_> = granted.difference(&called).collect();
+        let missing: Vec<_> = called.difference(&granted).collect();
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "granted but not called (remove from rbac.yaml): {extra:?}\ncalled but not granted (add to rbac.yaml): {missing:?}"
+        );
+        // Bound to the control plane's account only.
+        let binding = find(&objects, "ClusterRoleBinding", "bulkhead-control");
+        assert_eq!(binding["subjects"].as_array().unwrap().len(), 1);
+        assert_eq!(binding["subjects"][0]["name"], "bulkhead-control");
+        assert_eq!(binding["subjects"][0]["namespace"], "bulkhead-system");
+    }
+}
