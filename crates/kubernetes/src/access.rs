@@ -53,7 +53,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
         resource: "tokenreviews",
         verbs: &["create"],
         names: &[],
-        caller: Caller::Controller,
+        caller: Caller::Now("attest::TokenReviewer::review"),
     },
     // Keeping the webhook configuration's caBundle the mesh's bundle.
     ApiAccess {

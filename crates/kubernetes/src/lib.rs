@@ -16,6 +16,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod attest;
 pub mod cr;
 pub mod crd;
 pub mod derive;
