@@ -9,6 +9,7 @@ mod demo;
 mod events_cmd;
 mod flows_cmd;
 mod jsonstyle;
+mod k8s_cmd;
 mod policy_cmd;
 mod reach_cmd;
 mod sample_app;
@@ -22,14 +23,6 @@ use std::io::{stderr, stdout};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-#[derive(Subcommand, Debug)]
-enum K8sCommand {
-    /// Print the bulkhead.dev/v1alpha1 CustomResourceDefinitions (generated from the policy
-    /// types; the same as deploy/kubernetes/base/crds.yaml): `bulkhead k8s crds | kubectl
-    /// apply -f -`.
-    Crds,
-}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -103,6 +96,8 @@ enum Command {
         bounds: ControlBounds,
         #[command(flatten)]
         traces: ControlTraces,
+        #[command(flatten)]
+        webhook: k8s_cmd::ControlWebhook,
         /// Log format: text, or one JSON object per line.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -270,7 +265,7 @@ enum Command {
     /// Bulkhead on Kubernetes (docs/kubernetes.md).
     K8s {
         #[command(subcommand)]
-        command: K8sCommand,
+        command: k8s_cmd::K8sCommand,
     },
     /// Start a local mesh of three services, send legitimate traffic and a lateral-movement
     /// attempt, and show what was allowed and denied, and why.
@@ -631,6 +626,7 @@ async fn run(cli: Cli) -> Result<()> {
             console_insecure_http,
             bounds,
             traces,
+            webhook,
             log_format,
         } => {
             bulkhead_proxy::init_logging("info", log_format == "json");
@@ -689,6 +685,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if let Some(url) = &running.console_url {
                 eprintln!("console: {url} (log in with `bulkhead console token`)");
+            }
+            if let Some(addr) = webhook.start(running.issuer.clone()).await? {
+                eprintln!("injection webhook: https://{addr}/inject");
             }
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
@@ -916,14 +915,7 @@ async fn run(cli: Cli) -> Result<()> {
             std::io::Write::write_all(&mut stdout(), &script)?;
             Ok(())
         }
-        Command::K8s {
-            command: K8sCommand::Crds,
-        } => {
-            let yaml = bulkhead_kubernetes::crd::crds_yaml()
-                .map_err(|e| anyhow::anyhow!("could not print the CRDs as YAML: {e}"))?;
-            std::io::Write::write_all(&mut stdout(), yaml.as_bytes())?;
-            Ok(())
-        }
+        Command::K8s { command } => k8s_cmd::run(&cli.context, command, &mut stdout()),
         Command::Demo { once } => demo::run(once).await,
         Command::Reach(args) => reach_cmd::run(&context()?, args).await,
         Command::Tap(args) => tap_cmd::run(&context()?, args).await,

@@ -1,5 +1,6 @@
 //! Bulkhead on Kubernetes with the real binary: `bulkhead k8s crds` prints the CRDs the
-//! install manifests hold, and the API server's own tooling (`kubectl kustomize`) renders them.
+//! install manifests hold, and the injection webhook answers recorded AdmissionReviews over
+//! HTTPS (`webhook`).
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::{Bins, run};
@@ -28,4 +29,523 @@ fn k8s_crds_prints_the_committed_manifests() {
     assert!(out.contains("openAPIV3Schema"));
     assert!(out.contains("additionalPrinterColumns"));
     assert!(out.contains("status: {}"));
+}
+
+mod webhook {
+    //! The injection webhook served for real: a control plane with `--webhook-listen`, the
+    //! recorded AdmissionReviews posted over HTTPS, the server's certificate verified against
+    //! the caBundle `bulkhead k8s webhook-config` prints, and each returned patch applied with
+    //! json-patch to the recorded pod.
+
+    use super::repo;
+    use base64::Engine;
+    use bulkhead_testkit::mesh::{Mesh, eventually};
+    use bulkhead_testkit::{HttpResponse, parse_response};
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use serde_json::{Value, json};
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const HOST: &str = "bulkhead-webhook.bulkhead-system.svc";
+
+    fn fixture(name: &str) -> Value {
+        let path = repo().join(format!("crates/kubernetes/tests/fixtures/{name}.json"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// A client trusting exactly the PEM bundle, as the API server trusts caBundle.
+    fn client(bundle_pem: &str) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        let mut rest = bundle_pem;
+        while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+            let end = rest[start..].find("-----END CERTIFICATE-----").unwrap() + start;
+            let body: String = rest[start + 27..end]
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .unwrap();
+            roots.add(CertificateDer::from(der)).unwrap();
+            rest = &rest[end + 25..];
+        }
+        assert!(!roots.is_empty(), "no certificate in {bundle_pem}");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    /// One HTTPS exchange: `head` (without the final blank line) and `body`.
+    fn exchange(
+        addr: SocketAddr,
+        tls: &Arc<rustls::ClientConfig>,
+        name: &str,
+        head: &str,
+        body: &[u8],
+    ) -> Result<(HttpResponse, Vec<u8>), String> {
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        let conn = rustls::ClientConnection::new(tls.clone(), name).unwrap();
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        // One write, so that a server answering before it reads the body has it all.
+        let mut request =
+            format!("{head}\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").into_bytes();
+        request.extend_from_slice(body);
+        stream.write_all(&request).map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        let leaf = stream
+            .conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .ok_or("no server certificate")?;
+        let res = parse_response(&raw)
+            .ok_or_else(|| format!("not an HTTP response: {}", String::from_utf8_lossy(&raw)))?;
+        Ok((res, leaf))
+    }
+
+    fn post(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>, review: &Value) -> Value {
+        let body = serde_json::to_vec(review).unwrap();
+        let head = format!(
+            "POST /inject HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}",
+            body.len()
+        );
+        let (res, _) = exchange(addr, tls, HOST, &head, &body).unwrap();
+        assert_eq!(res.status, 200, "{}", res.body);
+        serde_json::from_str(&res.body).unwrap()
+    }
+
+    /// The review's pod with the answer's patch applied, as the API server would.
+    fn patched(review: &Value, answer: &Value) -> Value {
+        let response = &answer["response"];
+        assert_eq!(response["uid"], review["request"]["uid"]);
+        assert_eq!(response["allowed"], true, "{answer}");
+        assert_eq!(response["patchType"], "JSONPatch");
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(response["patch"].as_str().unwrap())
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+        let mut pod = review["request"]["object"].clone();
+        json_patch::patch(&mut pod, &patch).unwrap();
+        pod
+    }
+
+    fn inits(pod: &Value) -> Vec<&str> {
+        pod["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_webhook_injects_over_https_under_the_printed_ca_bundle() {
+        let mesh = Mesh::start_with(&[
+            "--svid-lifetime",
+            "4s",
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--inject-control",
+            "10.96.0.20:7443",
+            "--inject-image",
+            "registry.example/bulkhead:test",
+        ]);
+        let mut addr = None;
+        eventually(Duration::from_secs(30), "the webhook's address", || {
+            addr = mesh
+                .control
+                .log_text()
+                .lines()
+                .find_map(|l| l.strip_prefix("injection webhook: https://"))
+                .and_then(|l| l.strip_suffix("/inject"))
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            addr.is_some()
+        });
+        let addr = addr.unwrap();
+
+        // The configuration, its caBundle the mesh's bundle.
+        let (code, yaml, err) = mesh.cli(&["k8s", "webhook-config"]);
+        assert_eq!(code, 0, "{err}");
+        let config: Value = serde_saphyr::from_str(&yaml).unwrap();
+        assert_eq!(config["kind"], "MutatingWebhookConfiguration");
+        let hooks = config["webhooks"].as_array().unwrap();
+        assert_eq!(hooks.len(), 2);
+        for h in hooks {
+            assert_eq!(h["sideEffects"], "None");
+            assert_eq!(h["admissionReviewVersions"], json!(["v1"]));
+            assert_eq!(h["failurePolicy"], "Fail");
+            assert_eq!(h["timeoutSeconds"], 10);
+            assert_eq!(h["clientConfig"]["service"]["name"], "bulkhead-webhook");
+            assert_eq!(h["clientConfig"]["service"]["namespace"], "bulkhead-system");
+        }
+        let ca_bundle = base64::engine::general_purpose::STANDARD
+            .decode(hooks[0]["clientConfig"]["caBundle"].as_str().unwrap())
+            .unwrap();
+        let ca_bundle = String::from_utf8(ca_bundle).unwrap();
+        assert_eq!(
+            ca_bundle,
+            std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap()
+        );
+        let tls = client(&ca_bundle);
+
+        // A pod of an opted-in namespace: init container, native sidecar, token volume.
+        let review = fixture("admission-orders");
+        let answer = post(addr, &tls, &review);
+        assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(answer["kind"], "AdmissionReview");
+        let pod = patched(&review, &answer);
+        assert_eq!(inits(&pod)[..2], ["bulkhead-init", "bulkhead-proxy"]);
+        let sidecar = &pod["spec"]["initContainers"][1];
+        assert_eq!(sidecar["restartPolicy"], "Always");
+        assert_eq!(sidecar["image"], "registry.example/bulkhead:test");
+        assert!(
+            sidecar["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("10.96.0.20:7443"))
+        );
+        let volumes = pod["spec"]["volumes"].to_string();
+        assert!(volumes.contains(r#""audience":"bulkhead""#), "{volumes}");
+        // The trust bundle the sidecar starts with is the mesh's current one.
+        assert_eq!(
+            pod["metadata"]["annotations"]["bulkhead.dev/trust-bundle"],
+            json!(ca_bundle)
+        );
+        // A valid Pod.
+        let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod.clone()).unwrap();
+        assert_eq!(typed.spec.unwrap().containers.len(), 1);
+
+        // Injecting twice changes nothing.
+        let mut again = review.clone();
+        again["request"]["object"] = pod;
+        again["request"]["uid"] = json!("0f6d4b0e-9d43-4c1b-8f3e-2a4c5d6e7f80");
+        let answer = post(addr, &tls, &again);
+        assert_eq!(answer["response"]["uid"], again["request"]["uid"]);
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"].get("patch").is_none(), "{answer}");
+
+        // A pod opted in by its own label.
+        let review = fixture("admission-labelled-pod");
+        let pod = patched(&review, &post(addr, &tls, &review));
+        assert!(inits(&pod).contains(&"bulkhead-proxy"));
+
+        // Opted out: admitted as it is.
+        let review = fixture("admission-opted-out");
+        let answer = post(addr, &tls, &review);
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"].get("patch").is_none(), "{answer}");
+
+        // What cannot be meshed is refused, in words.
+        for (name, words) in [
+            ("admission-host-network", "hostNetwork"),
+            ("admission-grpc-probe", "gRPC probe"),
+        ] {
+            let review = fixture(name);
+            let answer = post(addr, &tls, &review);
+            assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
+            assert_eq!(answer["response"]["allowed"], false, "{answer}");
+            let message = answer["response"]["status"]["message"].as_str().unwrap();
+            assert!(message.contains(words), "{name}: {message}");
+        }
+
+        // Bad input: an HTTP error in words, and the webhook carries on.
+        let send = |head: &str, body: &[u8]| exchange(addr, &tls, HOST, head, body).unwrap().0;
+        let res = send(
+            "POST /inject HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2",
+            b"{}",
+        );
+        assert_eq!(res.status, 415, "{}", res.body);
+        assert!(res.body.contains("application/json"), "{}", res.body);
+        let res = send(
+            "POST /inject HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 8",
+            b"not json",
+        );
+        assert_eq!(res.status, 400);
+        assert!(res.body.contains("not an AdmissionReview"), "{}", res.body);
+        let mut old = fixture("admission-orders");
+        old["apiVersion"] = json!("admission.k8s.io/v1beta1");
+        let old = serde_json::to_vec(&old).unwrap();
+        let res = send(
+            &format!(
+                "POST /inject HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}",
+                old.len()
+            ),
+            &old,
+        );
+        assert_eq!(res.status, 400);
+        assert!(res.body.contains("admission.k8s.io/v1"), "{}", res.body);
+        let res = send(
+            "POST /inject HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 67108864",
+            b"{",
+        );
+        assert_eq!(res.status, 413, "{}", res.body);
+        assert_eq!(send("GET /inject HTTP/1.1", b"").status, 405);
+        assert_eq!(send("GET /metrics HTTP/1.1", b"").status, 404);
+        let review = fixture("admission-orders");
+        patched(&review, &post(addr, &tls, &review));
+
+        // The certificate names the Service, not just any host.
+        assert!(
+            exchange(addr, &tls, "evil.example", "GET / HTTP/1.1", b"").is_err(),
+            "a name outside the certificate was accepted"
+        );
+        // A bundle other than the mesh's does not verify it.
+        let foreign = bulkhead_testkit::foreign_identity("other.local", "spiffe://other.local/x");
+        let foreign_root =
+            foreign.chain_pem[foreign.chain_pem.rfind("-----BEGIN").unwrap()..].to_string();
+        assert!(exchange(addr, &client(&foreign_root), HOST, "GET / HTTP/1.1", b"").is_err());
+
+        // Re-issued before expiry (SVIDs live 4 s here: at half-life).
+        let serial = |leaf: &[u8]| bulkhead_identity::serial_of(leaf).unwrap();
+        let (_, first) = exchange(addr, &tls, HOST, "GET / HTTP/1.1", b"").unwrap();
+        eventually(Duration::from_secs(10), "a re-issued certificate", || {
+            let (_, leaf) = exchange(addr, &tls, HOST, "GET / HTTP/1.1", b"").unwrap();
+            serial(&leaf) != serial(&first)
+        });
+    }
+
+    #[test]
+    fn the_install_manifest_holds_the_webhook_config_without_its_ca_bundle() {
+        let bins = bulkhead_testkit::Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
+        let (code, out, err) = bulkhead_testkit::run(
+            &bins.bulkhead,
+            &["k8s", "webhook-config", "--no-ca-bundle"],
+            &[],
+        );
+        assert_eq!(code, 0, "{err}");
+        let committed =
+            std::fs::read_to_string(repo().join("deploy/kubernetes/base/webhook.yaml")).unwrap();
+        assert_eq!(out, committed);
+        assert!(!out.contains("caBundle:"));
+    }
+}
+
+mod install {
+    //! The install manifests: `kubectl kustomize deploy/kubernetes/base` renders them, every
+    //! object validates against the Kubernetes 1.32 schemas (`kubernetes-validate --strict`),
+    //! the control plane runs locked down, and the ClusterRole grants exactly the calls
+    //! `bulkhead_kubernetes::access` lists.
+
+    use super::repo;
+    use bulkhead_kubernetes::access::API_ACCESS;
+    use serde_json::Value;
+    use std::collections::BTreeSet;
+    use std::process::Command;
+
+    /// The version the objects are validated against.
+    const KUBERNETES: &str = "1.32.0";
+
+    fn documents(yaml: &str) -> Vec<Value> {
+        yaml.split("\n---\n")
+            .map(|d| d.trim_start_matches("---\n"))
+            .filter(|d| {
+                d.lines()
+                    .any(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            })
+            .map(|d| serde_saphyr::from_str::<Value>(d).unwrap())
+            .collect()
+    }
+
+    fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in the install"))
+    }
+
+    #[test]
+    fn the_install_renders_validates_and_runs_locked_down() {
+        let test = "the_install_renders_validates_and_runs_locked_down";
+        let Some(kubectl) = bulkhead_testkit::tool(test, "kubectl") else {
+            return;
+        };
+        let out = Command::new(kubectl)
+            .args(["kustomize", "deploy/kubernetes/base"])
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rendered = String::from_utf8(out.stdout).unwrap();
+        let objects = documents(&rendered);
+        let kinds: Vec<String> = objects
+            .iter()
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["kind"].as_str().unwrap(),
+                    o["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect();
+        for want in [
+            "Namespace/bulkhead-system",
+            "ServiceAccount/bulkhead-control",
+            "ClusterRole/bulkhead-control",
+            "ClusterRoleBinding/bulkhead-control",
+            "PersistentVolumeClaim/bulkhead-data",
+            "Service/bulkhead-control",
+            "Service/bulkhead-webhook",
+            "Deployment/bulkhead-control",
+            "MutatingWebhookConfiguration/bulkhead-injector",
+            "CustomResourceDefinition/authorizationpolicies.bulkhead.dev",
+            "CustomResourceDefinition/workloads.bulkhead.dev",
+            "CustomResourceDefinition/services.bulkhead.dev",
+            "CustomResourceDefinition/defaultpostures.bulkhead.dev",
+        ] {
+            assert!(
+                kinds.contains(&want.to_string()),
+                "{want} missing: {kinds:?}"
+            );
+        }
+        assert_eq!(kinds.len(), 13, "{kinds:?}");
+
+        // The control plane: not root, nothing writable but its data, no capability.
+        let deployment = find(&objects, "Deployment", "bulkhead-control");
+        let pod = &deployment["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "bulkhead-control");
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        let control = &pod["containers"][0];
+        let security = &control["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true);
+        assert_eq!(security["allowPrivilegeEscalation"], false);
+        assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert!(control["readinessProbe"].is_object() && control["livenessProbe"].is_object());
+        assert!(control["resources"]["requests"].is_object());
+        assert!(control["resources"]["limits"]["memory"].is_string());
+        let mounts = control["volumeMounts"].to_string();
+        assert!(mounts.contains("/var/lib/bulkhead"), "{mounts}");
+        let args: Vec<&str> = control["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(args.contains(&"--webhook-listen=0.0.0.0:8443"), "{args:?}");
+        assert!(args.contains(&"--data-dir=/var/lib/bulkhead"), "{args:?}");
+
+        // The webhook configuration calls the webhook Service, which reaches the container.
+        let hooks = find(
+            &objects,
+            "MutatingWebhookConfiguration",
+            "bulkhead-injector",
+        );
+        let service = find(&objects, "Service", "bulkhead-webhook");
+        for h in hooks["webhooks"].as_array().unwrap() {
+            let to = &h["clientConfig"]["service"];
+            assert_eq!(to["name"], "bulkhead-webhook");
+            assert_eq!(to["namespace"], service["metadata"]["namespace"]);
+            assert_eq!(to["port"], service["spec"]["ports"][0]["port"]);
+        }
+        let target = service["spec"]["ports"][0]["targetPort"].as_str().unwrap();
+        let port = control["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == target)
+            .unwrap_or_else(|| panic!("no container port {target}"));
+        assert_eq!(port["containerPort"], 8443);
+
+        // Every object against the Kubernetes schemas. The install holds no object of our own
+        // kinds (those are CRD-typed, which kubernetes-validate has no schema for and would
+        // only warn about); the CRDs themselves are validated as CustomResourceDefinitions.
+        let Some(validate) = bulkhead_testkit::tool(test, "kubernetes-validate") else {
+            return;
+        };
+        let dir = bulkhead_testkit::TempDir::new().unwrap();
+        let file = dir.path().join("install.yaml");
+        std::fs::write(&file, &rendered).unwrap();
+        let out = Command::new(validate)
+            .args(["--kubernetes-version", KUBERNETES, "--strict"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        let passed = text
+            .lines()
+            .filter(|l| l.contains(" passed for resource "))
+            .count();
+        assert_eq!(passed, objects.len(), "every object validated:\n{text}");
+        assert!(!text.contains("WARN") && !text.contains("ERROR"), "{text}");
+    }
+
+    /// `(group, resource, verb, resourceName or "")`.
+    type Grant = (String, String, String, String);
+
+    #[test]
+    fn the_cluster_role_grants_exactly_what_the_code_calls() {
+        let text =
+            std::fs::read_to_string(repo().join("deploy/kubernetes/base/rbac.yaml")).unwrap();
+        let objects = documents(&text);
+        let role = find(&objects, "ClusterRole", "bulkhead-control");
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+                .unwrap_or_default()
+        };
+        let mut granted: BTreeSet<Grant> = BTreeSet::new();
+        for rule in role["rules"].as_array().unwrap() {
+            let mut names = strings(&rule["resourceNames"]);
+            if names.is_empty() {
+                names.push(String::new());
+            }
+            for g in strings(&rule["apiGroups"]) {
+                for r in strings(&rule["resources"]) {
+                    for v in strings(&rule["verbs"]) {
+                        assert!(v != "*" && r != "*" && g != "*", "a wildcard in {rule}");
+                        for n in &names {
+                            granted.insert((g.clone(), r.clone(), v.clone(), n.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut called: BTreeSet<Grant> = BTreeSet::new();
+        for a in API_ACCESS {
+            let names: Vec<&str> = if a.names.is_empty() {
+                vec![""]
+            } else {
+                a.names.to_vec()
+            };
+            for v in a.verbs {
+                for n in &names {
+                    called.insert((
+                        a.group.into(),
+                        a.resource.into(),
+                        v.to_string(),
+                        n.to_string(),
+                    ));
+                }
+            }
+        }
+        let extra: Vec<_> = granted.difference(&called).collect();
+        let missing: Vec<_> = called.difference(&granted).collect();
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "granted but not called (remove from rbac.yaml): {extra:?}\ncalled but not granted (add to rbac.yaml): {missing:?}"
+        );
+        // Bound to the control plane's account only.
+        let binding = find(&objects, "ClusterRoleBinding", "bulkhead-control");
+        assert_eq!(binding["subjects"].as_array().unwrap().len(), 1);
+        assert_eq!(binding["subjects"][0]["name"], "bulkhead-control");
+        assert_eq!(binding["subjects"][0]["namespace"], "bulkhead-system");
+    }
 }

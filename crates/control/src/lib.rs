@@ -15,6 +15,7 @@ mod delivery;
 mod discovery;
 mod error;
 mod flows;
+mod issuer;
 mod listener;
 mod metrics;
 mod promote;
@@ -32,6 +33,7 @@ pub use console::{ConsoleOptions, ConsoleTransport};
 pub use datadir::{AdminContext, CONTEXT_FILE};
 pub use error::ControlError;
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
+pub use issuer::{Issuer, ServingTls};
 pub use store::{HistoryRetention, LOG_CHANGES_PER_ENTRY, LOG_MAX_AGE, LOG_MAX_ENTRIES};
 
 use bulkhead_api::v1::{
@@ -92,6 +94,9 @@ pub struct RunningControl {
     pub metrics_addr: Option<SocketAddr>,
     /// The web console's address (`https://127.0.0.1:7445/`), if it is served.
     pub console_url: Option<String>,
+    /// Serving certificates from the mesh's CA for listeners outside this crate (the
+    /// Kubernetes injection webhook).
+    pub issuer: Issuer,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ControlError>>,
 }
@@ -214,6 +219,7 @@ pub async fn start_with(
         tracing::info!(listen = %metrics_addr, "metrics listener ready (/metrics)");
         metrics::serve(tcp, state.clone(), stop.subscribe());
     }
+    let issuer = Issuer::new(state.clone());
     let router = tonic::transport::Server::builder()
         .layer(spans::CallSpans {
             tracer: state.tracer.clone(),
@@ -242,6 +248,7 @@ pub async fn start_with(
         context_file,
         metrics_addr,
         console_url,
+        issuer,
         stop,
         task,
     })

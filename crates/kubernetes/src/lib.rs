@@ -14,11 +14,15 @@
 //! a pod that should be meshed is refused rather than admitted without its sidecar, and a
 //! token is never taken on its own word.
 
+pub mod access;
+pub mod admission;
+pub mod attest;
 pub mod cr;
 pub mod crd;
 pub mod derive;
 pub mod desired;
 pub mod inject;
+pub mod webhook;
 
 /// The label every resource the controller writes carries; the controller owns exactly the
 /// resources with it, and replaces or deletes them as the cluster changes.

@@ -1,0 +1,150 @@
+//! `bulkhead k8s …` and the Kubernetes flags of `bulkhead control` (docs/kubernetes.md).
+
+use anyhow::{Context, Result, bail};
+use bulkhead_kubernetes::inject::InjectConfig;
+use bulkhead_kubernetes::webhook::{self, WebhookConfig, WebhookOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum K8sCommand {
+    /// Print the bulkhead.dev/v1alpha1 CustomResourceDefinitions (generated from the policy
+    /// types; the same as deploy/kubernetes/base/crds.yaml): `bulkhead k8s crds | kubectl
+    /// apply -f -`.
+    Crds,
+    /// Print the MutatingWebhookConfiguration of the injection webhook, its caBundle the
+    /// mesh's current trust bundle (the admin context's CA file, or --ca-bundle):
+    /// `bulkhead k8s webhook-config | kubectl apply -f -`. Print it again after a CA change.
+    WebhookConfig {
+        /// The trust bundle (PEM) to put in caBundle; default: the CA file the admin context
+        /// (--context) names, which the control plane keeps current.
+        #[arg(long, value_name = "FILE", conflicts_with = "no_ca_bundle")]
+        ca_bundle: Option<PathBuf>,
+        /// Leave caBundle out (the install manifest's form, completed at install).
+        #[arg(long)]
+        no_ca_bundle: bool,
+        /// The webhook Service's namespace.
+        #[arg(long, default_value = webhook::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// The webhook Service's name.
+        #[arg(long, default_value = webhook::DEFAULT_SERVICE)]
+        service: String,
+        /// The webhook Service's port.
+        #[arg(long, default_value_t = 443)]
+        port: u16,
+        /// Fail (a pod that asked to be meshed is not created while the webhook is away) or
+        /// Ignore (it is created without its sidecar).
+        #[arg(long, default_value = "Fail", value_parser = ["Fail", "Ignore"])]
+        failure_policy: String,
+        /// How long the API server waits for the webhook (1 to 30 seconds).
+        #[arg(long, default_value_t = 10)]
+        timeout_seconds: u32,
+    },
+}
+
+/// `bulkhead control`'s sidecar-injection webhook.
+#[derive(clap::Args, Debug)]
+pub struct ControlWebhook {
+    /// Serve the sidecar-injection webhook (HTTPS, POST /inject, AdmissionReview v1) on this
+    /// address, e.g. 0.0.0.0:8443; off when not given. Its certificate comes from the mesh's
+    /// CA and is re-issued at half-life and at every CA change.
+    #[arg(long, value_name = "ADDR")]
+    webhook_listen: Option<SocketAddr>,
+    /// A DNS name the API server reaches the webhook by (its Service's), put in the
+    /// webhook's certificate. Repeatable.
+    #[arg(
+        long = "webhook-host",
+        value_name = "NAME",
+        default_value = webhook::DEFAULT_HOST,
+        requires = "webhook_listen"
+    )]
+    webhook_hosts: Vec<String>,
+    /// The image injected pods run the sidecar from (both binaries).
+    #[arg(long, value_name = "IMAGE", requires = "webhook_listen",
+        default_value = concat!("ghcr.io/bulkhead/bulkhead:", env!("CARGO_PKG_VERSION")))]
+    inject_image: String,
+    /// The control plane's address as injected sidecars dial it (its Service's cluster IP
+    /// and gRPC port). Required with --webhook-listen.
+    #[arg(long, value_name = "IP:PORT", requires = "webhook_listen")]
+    inject_control: Option<SocketAddr>,
+}
+
+impl ControlWebhook {
+    /// Starts the webhook if asked; returns its address.
+    pub async fn start(self, issuer: bulkhead_control::Issuer) -> Result<Option<SocketAddr>> {
+        let Some(listen) = self.webhook_listen else {
+            return Ok(None);
+        };
+        let Some(control) = self.inject_control else {
+            bail!(
+                "--webhook-listen needs --inject-control IP:PORT: the control plane's address as injected sidecars dial it (its Service's cluster IP and gRPC port)"
+            );
+        };
+        let inject = InjectConfig::new(&self.inject_image, control, &issuer.bundle_pem());
+        let hook = webhook::spawn(
+            issuer,
+            WebhookOptions {
+                listen,
+                hosts: self.webhook_hosts,
+                inject,
+            },
+        )
+        .await?;
+        Ok(Some(hook.addr))
+    }
+}
+
+pub fn run(context: &Path, command: K8sCommand, out: &mut dyn Write) -> Result<()> {
+    match command {
+        K8sCommand::Crds => {
+            let yaml = bulkhead_kubernetes::crd::crds_yaml()
+                .map_err(|e| anyhow::anyhow!("could not print the CRDs as YAML: {e}"))?;
+            out.write_all(yaml.as_bytes())?;
+        }
+        K8sCommand::WebhookConfig {
+            ca_bundle,
+            no_ca_bundle,
+            namespace,
+            service,
+            port,
+            failure_policy,
+            timeout_seconds,
+        } => {
+            let ca_bundle_pem = match (no_ca_bundle, ca_bundle) {
+                (true, _) => None,
+                (false, Some(file)) => Some(read(&file)?),
+                (false, None) => Some(read(&context_ca_file(context)?)?),
+            };
+            let config = WebhookConfig {
+                service_namespace: namespace,
+                service_name: service,
+                service_port: port,
+                failure_policy,
+                timeout_seconds,
+                ca_bundle_pem,
+                ..WebhookConfig::default()
+            };
+            let yaml = webhook::configuration_yaml(&config).map_err(|e| anyhow::anyhow!(e))?;
+            out.write_all(yaml.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+fn read(file: &Path) -> Result<String> {
+    std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+}
+
+/// The trust bundle file the admin context names.
+fn context_ca_file(context: &Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(context).with_context(|| {
+        format!(
+            "cannot read admin context {} to find the trust bundle (pass --context DATA_DIR/admin.yaml or --ca-bundle FILE)",
+            context.display()
+        )
+    })?;
+    let ctx: bulkhead_control::AdminContext = serde_saphyr::from_str(&text)
+        .with_context(|| format!("admin context {} is not valid", context.display()))?;
+    Ok(ctx.ca_file)
+}
