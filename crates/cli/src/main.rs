@@ -915,7 +915,7 @@ async fn run(cli: Cli) -> Result<()> {
             std::io::Write::write_all(&mut stdout(), &script)?;
             Ok(())
         }
-        Command::K8s { command } => k8s_cmd::run(&cli.context, command, &mut stdout()),
+        Command::K8s { command } => k8s_cmd::run(&context()?, command, &mut stdout()),
         Command::Demo { once } => demo::run(once).await,
         Command::Reach(args) => reach_cmd::run(&context()?, args).await,
         Command::Tap(args) => tap_cmd::run(&context()?, args).await,
