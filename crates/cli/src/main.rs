@@ -8,14 +8,15 @@ mod demo;
 mod events_cmd;
 mod flows_cmd;
 mod jsonstyle;
+mod k8s_cmd;
 mod policy_cmd;
 mod reach_cmd;
-mod sample_app;
 mod table;
 mod tap_cmd;
 
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::CreateTokenRequest;
+use bulkhead_sample_app as sample_app;
 use clap::{Parser, Subcommand};
 use std::io::{stderr, stdout};
 use std::net::SocketAddr;
@@ -890,12 +891,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::K8s {
             command: K8sCommand::Crds,
-        } => {
-            let yaml = bulkhead_kubernetes::crd::crds_yaml()
-                .map_err(|e| anyhow::anyhow!("could not print the CRDs as YAML: {e}"))?;
-            std::io::Write::write_all(&mut stdout(), yaml.as_bytes())?;
-            Ok(())
-        }
+        } => k8s_cmd::crds(&mut stdout()),
         Command::Demo { once } => demo::run(once).await,
         Command::Reach(args) => reach_cmd::run(&cli.context, args).await,
         Command::Tap(args) => tap_cmd::run(&cli.context, args).await,
