@@ -78,7 +78,7 @@ pub fn endpoints_from_wire(wire: &[v1::Endpoint]) -> Result<bulkhead_policy::End
                 w.namespace, w.name
             ));
         }
-        if !w.identity.starts_with("spiffe://") {
+        if bulkhead_identity::SpiffeId::parse(&w.identity).is_err() {
             return Err(format!(
                 "endpoint {ip}: identity {:?} is not a SPIFFE ID",
                 w.identity

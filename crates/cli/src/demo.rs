@@ -9,13 +9,13 @@
 //! long as the demo runs; it prints the address to open.
 
 use crate::client;
-use crate::sample_app::{self, AppSpec};
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::admin_client::AdminClient;
 use bulkhead_api::v1::{ApplyRequest, CreateTokenRequest, DeleteRequest};
 use bulkhead_policy::model::Resource;
 use bulkhead_proxy::config::InboundSpec;
 use bulkhead_proxy::{Config, UpstreamSpec};
+use bulkhead_sample_app::{self as sample_app, AppSpec};
 use http::{Method, StatusCode, Uri};
 use std::net::SocketAddr;
 use std::time::Duration;

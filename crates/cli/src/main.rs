@@ -12,12 +12,12 @@ mod jsonstyle;
 mod k8s_cmd;
 mod policy_cmd;
 mod reach_cmd;
-mod sample_app;
 mod table;
 mod tap_cmd;
 
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::CreateTokenRequest;
+use bulkhead_sample_app as sample_app;
 use clap::{Parser, Subcommand};
 use std::io::{stderr, stdout};
 use std::net::SocketAddr;

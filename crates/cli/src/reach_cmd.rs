@@ -13,6 +13,7 @@ use bulkhead_policy::{
     BlastRadius, EdgeView, PolicySet, PolicyView, ReachError, ReachOptions, SourceEgress,
 };
 use serde::Serialize;
+use std::io::{Write, stderr, stdout};
 use std::path::{Path, PathBuf};
 
 /// How many declared workloads an unknown-workload error lists.
@@ -107,15 +108,26 @@ pub async fn run(context: &Path, args: ReachArgs) -> Result<()> {
     if args.observed {
         return observed(context, args).await;
     }
+    from_policy(context, args, &mut stdout(), &mut stderr()).await
+}
+
+/// The answer from policy (the applied set, or `-f` files), written to `out`; the errors of
+/// files that do not compile to `err`.
+async fn from_policy(
+    context: &Path,
+    args: ReachArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<()> {
     let query = Query::try_from(args)?;
     let loaded = match query.files.is_empty() {
         true => load_applied(context).await?,
-        false => load_files(&query.files)?,
+        false => load_files(&query.files, err)?,
     };
     let report = answer(&query, &loaded)?;
     match query.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Table => print!("{}", render_table(&report)),
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        Output::Table => write!(out, "{}", render_table(&report))?,
     }
     Ok(())
 }
@@ -167,7 +179,7 @@ async fn load_applied(context: &Path) -> Result<Loaded> {
     })
 }
 
-fn load_files(files: &[PathBuf]) -> Result<Loaded> {
+fn load_files(files: &[PathBuf], err: &mut dyn Write) -> Result<Loaded> {
     let texts = policy_cmd::read_files(files)?;
     if texts.is_empty() {
         let dirs: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
@@ -178,7 +190,9 @@ fn load_files(files: &[PathBuf]) -> Result<Loaded> {
     }
     let (resources, set) = bulkhead_policy::load(&texts, 0).map_err(|errors| {
         for e in &errors {
-            eprintln!("{e}");
+            if let Err(closed) = writeln!(err, "{e}") {
+                return closed.into();
+            }
         }
         anyhow!(
             "{} error(s) in the policy files, so there is no set to analyse; fix them (`bulkhead policy lint` checks the same)",
@@ -547,23 +561,4 @@ fn print_observed(r: &ObservedReport, since: Option<std::time::Duration>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workloads_are_namespace_slash_name() {
-        assert_eq!(
-            parse_workload("shop/payments").map(|w| w.to_string()).ok(),
-            Some("shop/payments".to_string())
-        );
-        for bad in ["payments", "/payments", "shop/", "a/b/c", "Shop/payments"] {
-            let e = parse_workload(bad).err().map(|e| e.to_string());
-            assert_eq!(
-                e,
-                Some(format!(
-                    "{bad:?} is not a workload: write it as namespace/name, like shop/payments"
-                ))
-            );
-        }
-    }
-}
+mod tests;

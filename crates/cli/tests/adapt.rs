@@ -4,7 +4,7 @@
 //! traffic shows no would-deny while a new lateral request does → `bulkhead impact` lists
 //! exactly that request as newly denied → `bulkhead promote` refuses while it had would-deny
 //! flows, then (forced) enforces, and the lateral request is denied while the observed
-//! traffic still flows.
+//! traffic still flows. And `bulkhead reach` over the policy applied to a control plane.
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
@@ -307,4 +307,74 @@ spec:
             "{e}"
         );
     }
+}
+
+#[test]
+fn reach_reads_the_policy_applied_to_the_control_plane() {
+    let mesh = Mesh::start();
+    let dir = bulkhead_testkit::TempDir::new().unwrap();
+    let (shop, staged) = (dir.path().join("shop.yaml"), dir.path().join("staged.yaml"));
+    std::fs::write(&shop, include_str!("fixtures/reach-shop.yaml")).unwrap();
+    std::fs::write(&staged, include_str!("fixtures/reach-staged.yaml")).unwrap();
+    // The tables the in-process tests (`reach_cmd/tests.rs`) expect from the same files.
+    let who_reaches_payments = include_str!("fixtures/reach-who-reaches-payments.txt").trim_end();
+    let frontend_blast_radius = include_str!("fixtures/reach-frontend-blast-radius.txt").trim_end();
+    let who_reaches_payments_staged =
+        include_str!("fixtures/reach-who-reaches-payments-staged.txt").trim_end();
+    let table = |(code, out, err): (i32, String, String)| {
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        out.strip_suffix('\n').unwrap_or(&out).to_string()
+    };
+
+    // Nothing applied yet: nothing is declared, and the error says so.
+    let (code, _, err) = mesh.cli(&["reach", "shop/payments"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "error: no Workload shop/payments is declared; reachability is computed between declared workloads only; the applied policy (revision 0) declares no Workload at all: declare each workload (kind: Workload, with its identity and ports) for reach to analyse it\n"
+    );
+
+    for file in [&shop, &staged] {
+        let (code, _, err) = mesh.cli(&["apply", "-f", file.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    }
+    // The same answers as from the files, at the revision they were computed for.
+    assert_eq!(
+        table(mesh.cli(&["reach", "shop/payments"])),
+        format!("{who_reaches_payments} (revision 2)")
+    );
+    assert_eq!(
+        table(mesh.cli(&["reach", "shop/frontend", "--blast-radius"])),
+        format!("{frontend_blast_radius} (revision 2)")
+    );
+    assert_eq!(
+        table(mesh.cli(&["reach", "shop/payments", "--staged"])),
+        who_reaches_payments_staged.replace("(staged:", "(revision 2; staged:")
+    );
+    let v: serde_json::Value = serde_json::from_str(&table(mesh.cli(&[
+        "reach",
+        "shop/frontend",
+        "--blast-radius",
+        "-o",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(
+        v["source"],
+        serde_json::json!({"kind": "controlPlane", "revision": 2})
+    );
+    let reached: Vec<(&str, u64)> = v["reached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["workload"].as_str().unwrap(), r["hops"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(reached, [("shop/orders", 1), ("shop/payments", 2)]);
+
+    let (code, _, err) = mesh.cli(&["reach", "shop/ghost"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "error: no Workload shop/ghost is declared; reachability is computed between declared workloads only; the applied policy (revision 2) declares 5 workloads: ops/prober, shop/admin, shop/frontend, shop/orders, shop/payments\n"
+    );
 }

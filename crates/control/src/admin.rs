@@ -95,7 +95,7 @@ impl Admin for State {
         let expires_unix = unix_now() + ttl.as_secs();
         let record = TokenRecord {
             secret_sha256,
-            spiffe_id: id.to_string(),
+            spiffe_id: id.clone(),
             namespace,
             workload,
             expires_unix,

@@ -103,7 +103,7 @@ pub(crate) fn spawn_upkeep(state: Arc<State>) {
 fn token_info(id: String, t: TokenRecord) -> pb::TokenInfo {
     pb::TokenInfo {
         id,
-        spiffe_id: t.spiffe_id,
+        spiffe_id: t.spiffe_id.into(),
         namespace: t.namespace,
         workload: t.workload,
         uses_left: t.uses_left,
@@ -233,7 +233,7 @@ impl Credentials for State {
                 tracing::info!(
                     actor,
                     token_id = id,
-                    spiffe_id = record.spiffe_id,
+                    spiffe_id = record.spiffe_id.as_str(),
                     "join token deleted"
                 );
                 Ok(Response::new(pb::DeleteTokenResponse {

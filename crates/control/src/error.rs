@@ -50,3 +50,11 @@ pub enum ControlError {
     #[error("console: {0}")]
     Console(String),
 }
+
+/// An ID the control plane builds for itself that does not parse is an identity error, as it
+/// was when `SpiffeId::parse` returned one.
+impl From<bulkhead_identity::SpiffeIdError> for ControlError {
+    fn from(e: bulkhead_identity::SpiffeIdError) -> ControlError {
+        ControlError::Identity(e.into())
+    }
+}

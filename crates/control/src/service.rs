@@ -311,7 +311,7 @@ impl Identity for State {
                 &tokens::hash(secret),
                 unix_now(),
                 |record: &TokenRecord| {
-                    let id = SpiffeId::parse(&record.spiffe_id)?;
+                    let id = record.spiffe_id.clone();
                     let chain = self
                         .signer()
                         .sign_csr(&r.csr_der, &id, self.svid_lifetime, now)?;

@@ -3,6 +3,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bulkhead_identity::SpiffeId;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -12,7 +13,7 @@ const PREFIX: &str = "bhj";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct TokenRecord {
     pub secret_sha256: String,
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     pub namespace: String,
     pub workload: String,
     pub expires_unix: u64,

@@ -4,8 +4,8 @@
 //! every intermediate below the root.
 
 use crate::error::{CaImportError, IdentityError};
-use crate::spiffe::SpiffeId;
 use crate::svid::{LocalKey, Svid, fingerprint, pem_block, subject_of};
+use bulkhead_spiffe::SpiffeId;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -100,13 +100,12 @@ impl Ca {
         let first = certs
             .first()
             .ok_or_else(|| IdentityError::CaLoad("no certificate in PEM".into()))?;
-        let root_id = crate::svid::ca_uri_san(first).ok_or_else(|| {
+        let trust_domain = crate::svid::ca_trust_domain(first).ok_or_else(|| {
             IdentityError::CaLoad(
                 "CA certificate has no spiffe:// URI SAN naming its trust domain".into(),
             )
         })?;
-        let trust_domain = root_id.trim_start_matches("spiffe://").to_string();
-        Ca::load(&trust_domain, cert_pem, key_pem)
+        Ca::load(trust_domain.as_str(), cert_pem, key_pem)
     }
 
     /// Loads a CA of `trust_domain` as [`Ca::certs_pem`] and [`Ca::key_pem`] wrote it: its
@@ -424,7 +423,8 @@ fn is_dns_name(host: &str) -> bool {
 
 fn check_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
     // A trust domain is valid when an ID in it is.
-    SpiffeId::parse(&format!("spiffe://{trust_domain}/ca")).map(|_| ())
+    SpiffeId::parse(&format!("spiffe://{trust_domain}/ca"))?;
+    Ok(())
 }
 
 fn read_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {

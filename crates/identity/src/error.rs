@@ -23,18 +23,12 @@ pub enum SvidError {
 /// Failures of the identity machinery itself (signing, key handling, configuration).
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("invalid SPIFFE ID {id:?}: {reason}")]
-    InvalidId { id: String, reason: &'static str },
+    #[error(transparent)]
+    InvalidId(#[from] bulkhead_spiffe::SpiffeIdError),
     #[error("certificate signing request refused: {0}")]
     BadCsr(String),
-    #[error(
-        "{id} is reserved: identities under spiffe://{trust_domain}/bulkhead/ belong to the mesh itself ({purpose}) and only the control plane issues them, to itself; give the workload its own identity, such as spiffe://{trust_domain}/ns/<namespace>/sa/<account>"
-    )]
-    Reserved {
-        id: String,
-        trust_domain: String,
-        purpose: &'static str,
-    },
+    #[error(transparent)]
+    Reserved(#[from] bulkhead_spiffe::ReservedId),
     #[error("this credential is bound to {bound}; it cannot be used to obtain {requested}")]
     IdentityMismatch { bound: String, requested: String },
     #[error("could not sign certificate: {0}")]

@@ -7,13 +7,17 @@
 
 mod ca;
 mod error;
-mod spiffe;
 mod svid;
 pub mod tls;
 
+/// The one SPIFFE ID grammar, re-exported so that `bulkhead_identity::SpiffeId` is the same
+/// type as `bulkhead_spiffe::SpiffeId`.
+pub use bulkhead_spiffe::{
+    RESERVED_SEGMENT, ReservedId, Rule as SpiffeIdRule, SpiffeId, SpiffeIdError, SpiffePath,
+    TrustDomain,
+};
 pub use ca::{Ca, DEFAULT_SVID_LIFETIME};
 pub use error::{CaImportError, IdentityError, SvidError};
-pub use spiffe::{RESERVED_SEGMENT, SpiffeId};
 pub use svid::{
     LocalKey, RevocationCheck, RevokedSet, Svid, TrustBundle, fingerprint, not_after_of,
     not_before_of, serial_of, spiffe_id_of, subject_of,

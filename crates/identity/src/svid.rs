@@ -2,7 +2,7 @@
 //! checks the SPIFFE X.509-SVID spec puts on a peer's leaf.
 
 use crate::error::{IdentityError, SvidError};
-use crate::spiffe::SpiffeId;
+use bulkhead_spiffe::{SpiffeId, TrustDomain};
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
@@ -223,14 +223,13 @@ pub fn subject_of(cert_der: &[u8]) -> Option<String> {
     Some(cert.subject().to_string())
 }
 
-/// The `spiffe://<trust-domain>` URI SAN of a CA certificate, if it has one.
-pub(crate) fn ca_uri_san(cert_der: &[u8]) -> Option<String> {
+/// The trust domain a CA certificate names in a `spiffe://<trust-domain>` URI SAN, if it has
+/// one.
+pub(crate) fn ca_trust_domain(cert_der: &[u8]) -> Option<TrustDomain> {
     let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) if u.starts_with("spiffe://") => {
-            Some(u.trim_end_matches('/').to_string())
-        }
+        GeneralName::URI(u) => TrustDomain::from_id(u).ok(),
         _ => None,
     })
 }
@@ -347,11 +346,11 @@ impl TrustBundle {
         if roots.is_empty() {
             return Err(IdentityError::Bundle("no root certificates".into()));
         }
-        let uri = roots
+        let trust_domain = roots
             .iter()
-            .find_map(|r| ca_uri_san(r))
+            .find_map(|r| ca_trust_domain(r))
             .ok_or(IdentityError::NoTrustDomain)?;
-        TrustBundle::for_trust_domain(uri.trim_start_matches("spiffe://"), roots)
+        TrustBundle::for_trust_domain(trust_domain.as_str(), roots)
     }
 
     /// Reads PEM roots; the trust domain as [`TrustBundle::new`] finds it.
@@ -454,7 +453,7 @@ mod tests {
                 let err = ca
                     .sign_csr(&csr, &id, Duration::from_secs(60), now)
                     .unwrap_err();
-                assert!(matches!(err, IdentityError::Reserved { .. }), "{err}");
+                assert!(matches!(err, IdentityError::Reserved(_)), "{err}");
                 assert!(
                     err.to_string().starts_with(&format!(
                         "spiffe://td.test{path} is reserved: identities under spiffe://td.test/bulkhead/ belong to the mesh itself"

@@ -12,8 +12,8 @@
 //! since expired or been revoked. Every connection presents and verifies a certificate.
 
 use crate::error::{IdentityError, SvidError};
-use crate::spiffe::SpiffeId;
 use crate::svid::{Svid, TrustBundle, not_after_of, not_before_of, spiffe_id_of};
+use bulkhead_spiffe::SpiffeId;
 use rustls::client::Resumption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -362,6 +362,24 @@ mod tests {
     use crate::{Ca, SpiffeId};
     use std::time::{Duration, SystemTime};
 
+    /// Moves what `from` has to send into `to`, which then processes it.
+    fn pass<A, B>(
+        from: &mut rustls::ConnectionCommon<A>,
+        to: &mut rustls::ConnectionCommon<B>,
+    ) -> Result<(), rustls::Error> {
+        let io = |e: std::io::Error| rustls::Error::General(e.to_string());
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).map_err(io)?;
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).map_err(io)?;
+        }
+        to.process_new_packets()?;
+        Ok(())
+    }
+
     /// Runs a handshake in memory; returns how the client saw it finish (full or resumed),
     /// or the first error either side raises.
     fn handshake(
@@ -371,28 +389,8 @@ mod tests {
         let mut c = rustls::ClientConnection::new(Arc::new(client), server_name())?;
         let mut s = rustls::ServerConnection::new(Arc::new(server))?;
         for _ in 0..20 {
-            let mut buf = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut buf)
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                s.read_tls(&mut rd)
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
-            }
-            s.process_new_packets()?;
-            let mut buf = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut buf)
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                c.read_tls(&mut rd)
-                    .map_err(|e| rustls::Error::General(e.to_string()))?;
-            }
-            c.process_new_packets()?;
+            pass(&mut *c, &mut *s)?;
+            pass(&mut *s, &mut *c)?;
             if !c.is_handshaking() && !s.is_handshaking() {
                 return c
                     .handshake_kind()

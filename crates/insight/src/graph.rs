@@ -145,7 +145,10 @@ pub fn identities(resources: &[Resource]) -> BTreeMap<String, WorkloadRef> {
     resources
         .iter()
         .filter_map(|r| match r {
-            Resource::Workload(doc) => doc.spec.exact_identity().map(|id| (id.clone(), r.name())),
+            Resource::Workload(doc) => doc
+                .spec
+                .exact_identity()
+                .map(|id| (id.to_string(), r.name())),
             _ => None,
         })
         .collect()

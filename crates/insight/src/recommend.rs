@@ -22,6 +22,7 @@ use bulkhead_policy::model::{
 use bulkhead_policy::{
     IdentityPattern, Located, Method, PathPattern, PortRange, Protocol, canonical,
 };
+use bulkhead_spiffe::SpiffeId;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Longest name the language accepts.
@@ -387,12 +388,7 @@ fn policy_for(
         } else {
             match &k.source_identity {
                 None => Some(LeftOutReason::NoIdentity),
-                Some(id)
-                    if !matches!(
-                        IdentityPattern::try_from(id.clone()),
-                        Ok(IdentityPattern::Exact(_))
-                    ) =>
-                {
+                Some(id) if SpiffeId::parse(id).is_err() => {
                     Some(LeftOutReason::Unwritable(format!(
                         "identity {} is not one exact SPIFFE ID",
                         sanitize_comment(id)
@@ -452,13 +448,14 @@ fn policy_for(
     let mut taken = BTreeSet::new();
     let mut rules = Vec::new();
     for ((identity, http), g) in &groups {
-        let mut base = rule_base(identity, dest.namespace.as_str());
+        let Ok(spiffe_id) = SpiffeId::parse(identity) else {
+            continue; // unreachable: identities were checked above
+        };
+        let mut base = rule_base(&spiffe_id, dest.namespace.as_str());
         if !http && identities_with_http.contains(identity) {
             base.push_str("-ports");
         }
-        let Ok(id) = IdentityPattern::try_from(identity.clone()) else {
-            continue; // unreachable: identities were checked above
-        };
+        let id = IdentityPattern::Exact(spiffe_id);
         let mut evidence: Vec<Observed> = g.evidence.values().cloned().collect();
         evidence.sort_by_key(|o| std::cmp::Reverse(o.stats.count));
         let would_deny: u64 = evidence.iter().map(|o| o.would_deny).sum();
@@ -517,17 +514,11 @@ fn policy_for(
 
 /// `from-<sa>` for `spiffe://td/ns/<same namespace>/sa/<sa>`, `from-<ns>-<sa>` for another
 /// namespace, `from-<path>` for any other layout.
-fn rule_base(identity: &str, namespace: &str) -> String {
-    let path = identity
-        .strip_prefix("spiffe://")
-        .and_then(|r| r.split_once('/'))
-        .map(|(_, p)| p)
-        .unwrap_or_default();
-    let segs: Vec<&str> = path.split('/').collect();
-    let who = match segs.as_slice() {
-        ["ns", ns, "sa", sa] if *ns == namespace => sa.to_string(),
-        ["ns", ns, "sa", sa] => format!("{ns}-{sa}"),
-        _ => segs.join("-"),
+fn rule_base(identity: &SpiffeId, namespace: &str) -> String {
+    let who = match (identity.namespace(), identity.service_account()) {
+        (Some(ns), Some(sa)) if ns == namespace => sa.to_string(),
+        (Some(ns), Some(sa)) => format!("{ns}-{sa}"),
+        _ => identity.segments().collect::<Vec<_>>().join("-"),
     };
     format!("from-{}", sanitize_name(&who))
 }

@@ -351,7 +351,7 @@ fn compile(
         .iter()
         .filter_map(|(name, (doc, _))| {
             let workload = DeclaredWorkload {
-                identity: doc.spec.exact_identity()?.clone(),
+                identity: doc.spec.exact_identity()?.to_string(),
                 ports: doc.spec.port_protocols(),
                 addresses: doc.spec.addresses.iter().map(|a| a.value).collect(),
             };
@@ -481,7 +481,7 @@ fn identity_index(declared: &Declared<'_>) -> HashMap<String, Vec<WorkloadRef>> 
     let mut map: HashMap<String, Vec<WorkloadRef>> = HashMap::new();
     for (name, (doc, _)) in &declared.workloads {
         if let Some(id) = doc.spec.exact_identity() {
-            map.entry(id.clone()).or_default().push(name.clone());
+            map.entry(id.to_string()).or_default().push(name.clone());
         }
     }
     map

@@ -43,7 +43,7 @@ impl Endpoints {
             };
             let endpoint = Endpoint {
                 workload: r.name(),
-                identity: identity.clone(),
+                identity: identity.to_string(),
                 ports: doc.spec.port_protocols(),
             };
             for a in &doc.spec.addresses {

@@ -187,7 +187,7 @@ impl Postures {
 pub(crate) fn peer_namespace<'a>(req: &Request<'a>) -> Option<&'a str> {
     match (req.direction, req.peer.workload) {
         (Direction::Egress, Some(w)) => Some(w.namespace.as_str()),
-        _ => req.peer.identity.and_then(namespace_of),
+        _ => req.peer.identity.and_then(bulkhead_spiffe::namespace_of),
     }
 }
 
@@ -196,16 +196,6 @@ pub(crate) fn slot(d: Direction) -> usize {
     match d {
         Direction::Ingress => 0,
         Direction::Egress => 1,
-    }
-}
-
-/// The namespace segment of a `spiffe://td/ns/<ns>/…` ID.
-fn namespace_of(id: &str) -> Option<&str> {
-    let path = id.strip_prefix("spiffe://")?.split_once('/')?.1;
-    let mut segs = path.split('/');
-    match (segs.next(), segs.next()) {
-        (Some("ns"), Some(ns)) => Some(ns),
-        _ => None,
     }
 }
 

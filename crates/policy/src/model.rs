@@ -326,7 +326,7 @@ pub struct WorkloadSpec {
 
 impl WorkloadSpec {
     /// The exact SPIFFE ID; `None` for a pattern (which the compiler refuses).
-    pub fn exact_identity(&self) -> Option<&String> {
+    pub fn exact_identity(&self) -> Option<&bulkhead_spiffe::SpiffeId> {
         match &self.identity.value {
             IdentityPattern::Exact(identity) => Some(identity),
             _ => None,

@@ -1,6 +1,7 @@
 //! The matchable values of a rule: identities, methods, paths. Each parses from the string an
 //! operator writes and serializes back to that same string.
 
+use bulkhead_spiffe::{Rule, SpiffeId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -8,12 +9,13 @@ use std::fmt;
 ///
 /// `spiffe://td/ns/shop/sa/orders` matches exactly; a trailing `/*` (`spiffe://td/ns/shop/*`)
 /// matches every identity below that path; `spiffe://td/*` matches the whole trust domain;
-/// a lone `*` matches any authenticated identity.
+/// a lone `*` matches any authenticated identity. The IDs and prefixes are read with the one
+/// SPIFFE grammar ([`bulkhead_spiffe`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum IdentityPattern {
     Any,
-    Exact(String),
+    Exact(SpiffeId),
     /// Stored with the trailing slash: `spiffe://td/ns/shop/`.
     Prefix(String),
 }
@@ -22,7 +24,7 @@ impl IdentityPattern {
     pub fn matches(&self, id: &str) -> bool {
         match self {
             IdentityPattern::Any => true,
-            IdentityPattern::Exact(e) => e == id,
+            IdentityPattern::Exact(e) => e.as_str() == id,
             IdentityPattern::Prefix(p) => id.starts_with(p.as_str()),
         }
     }
@@ -34,7 +36,7 @@ impl TryFrom<String> for IdentityPattern {
         if s == "*" {
             return Ok(IdentityPattern::Any);
         }
-        let Some(rest) = s.strip_prefix("spiffe://") else {
+        let Some(rest) = s.strip_prefix(bulkhead_spiffe::SCHEME) else {
             return Err(format!(
                 "identity {s:?} must start with \"spiffe://\" (e.g. spiffe://bulkhead.local/ns/shop/sa/orders), or be \"*\""
             ));
@@ -48,39 +50,28 @@ impl TryFrom<String> for IdentityPattern {
                 "identity {s:?}: \"*\" is allowed only as a whole final segment (spiffe://td/ns/shop/*)"
             ));
         }
-        let (domain, path) = body.split_once('/').unwrap_or((body, ""));
-        let domain_ok = domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
-        if domain.is_empty() || !domain_ok {
-            return Err(format!(
+        let id = if prefix { &s[..s.len() - 2] } else { &s };
+        let (domain, path) = bulkhead_spiffe::parse_parts(id).map_err(|e| match e.rule() {
+            r if r.is_trust_domain() && r != Rule::TrustDomainTooLong => format!(
                 "identity {s:?}: the trust domain must be lowercase letters, digits, '.', '-' or '_'"
-            ));
-        }
-        let path_ok = path.is_empty()
-            || path.split('/').all(|seg| {
-                !seg.is_empty()
-                    && seg != "."
-                    && seg != ".."
-                    && seg
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-            });
-        if !path_ok {
-            return Err(format!(
+            ),
+            r if r.is_path() => format!(
                 "identity {s:?}: path segments must be non-empty letters, digits, '.', '-' or '_'"
-            ));
+            ),
+            r => format!("identity {s:?}: {}", r.reason()),
+        })?;
+        if prefix {
+            return Ok(IdentityPattern::Prefix(format!("{id}/")));
         }
-        if !prefix && path.is_empty() {
+        if path.is_root() {
             return Err(format!(
                 "identity {s:?} names a trust domain, not a workload; write \"spiffe://{domain}/*\" to match the whole trust domain"
             ));
         }
-        Ok(if prefix {
-            IdentityPattern::Prefix(format!("spiffe://{body}/"))
-        } else {
-            IdentityPattern::Exact(s)
-        })
+        // parse_parts accepted it whole and the path is not empty: a workload's ID.
+        SpiffeId::try_from(s)
+            .map(IdentityPattern::Exact)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -94,7 +85,7 @@ impl fmt::Display for IdentityPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IdentityPattern::Any => f.write_str("*"),
-            IdentityPattern::Exact(e) => f.write_str(e),
+            IdentityPattern::Exact(e) => f.write_str(e.as_str()),
             IdentityPattern::Prefix(p) => write!(f, "{p}*"),
         }
     }
@@ -638,6 +629,14 @@ mod tests {
             assert!(id(bad).is_err(), "{bad} should be refused");
         }
         assert_eq!(ns.to_string(), "spiffe://td/ns/a/*");
+        // The SPIFFE ID's limits hold for patterns too.
+        let long = format!("spiffe://td/{}", "a".repeat(2040));
+        assert_eq!(
+            id(&long).unwrap_err(),
+            format!("identity {long:?}: longer than 2048 bytes")
+        );
+        assert!(id(&format!("spiffe://{}/*", "t".repeat(256))).is_err());
+        assert!(id(&format!("spiffe://{}/*", "t".repeat(255))).is_ok());
     }
 
     #[test]

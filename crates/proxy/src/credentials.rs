@@ -158,10 +158,10 @@ impl Rotation {
 
 /// The control plane's expected identity in the bundle's trust domain.
 pub(crate) fn control_identity(bundle: &TrustBundle) -> Result<SpiffeId, IdentityError> {
-    SpiffeId::parse(&format!(
+    Ok(SpiffeId::parse(&format!(
         "spiffe://{}{CONTROL_ID_PATH}",
         bundle.trust_domain()
-    ))
+    ))?)
 }
 
 /// A channel to the control plane that always presents the current SVID.

@@ -3,9 +3,11 @@
 //!
 //! - Workspace dependencies point one way, as the table below says; a new crate must be added
 //!   to the table (and to ARCHITECTURE.md's code map) before the check passes.
-//! - The pure crates (`policy`, `insight`, `identity`) depend on no runtime, socket, store or
+//! - The pure crates (`spiffe`, `policy`, `insight`, `identity`) depend on no runtime, socket, store or
 //!   wire crate, and their non-test code names no `std::net`, `std::fs`, `tokio` or clock.
 //! - Only `api` knows protobuf (prost and its code generators).
+//! - Only `proxy`, `control`, `sample-app`, `testkit` and `api`'s `channel` and `otlp` name
+//!   a socket: the CLI, for one, opens none of its own.
 //!
 //! It reads `cargo metadata` and the source files as text; it runs nothing else.
 
@@ -15,9 +17,10 @@ use std::path::{Path, PathBuf};
 /// Each workspace crate and the workspace crates it may depend on (normal and build
 /// dependencies). Dev-dependencies may add `bulkhead-testkit`.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("bulkhead-policy", &[]),
-    ("bulkhead-identity", &[]),
-    ("bulkhead-insight", &["bulkhead-policy"]),
+    ("bulkhead-spiffe", &[]),
+    ("bulkhead-policy", &["bulkhead-spiffe"]),
+    ("bulkhead-identity", &["bulkhead-spiffe"]),
+    ("bulkhead-insight", &["bulkhead-policy", "bulkhead-spiffe"]),
     ("bulkhead-api", &["bulkhead-policy", "bulkhead-identity"]),
     (
         "bulkhead-proxy",
@@ -47,6 +50,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "bulkhead-control",
         ],
     ),
+    ("bulkhead-sample-app", &[]),
     ("bulkhead-testkit", &["bulkhead-identity"]),
     (
         "bulkhead-cli",
@@ -58,12 +62,18 @@ const LAYERS: &[(&str, &[&str])] = &[
             "bulkhead-proxy",
             "bulkhead-control",
             "bulkhead-kubernetes",
+            "bulkhead-sample-app",
         ],
     ),
 ];
 
 /// The crates that must stay pure: no I/O, no runtime, no clock.
-const PURE: &[&str] = &["bulkhead-policy", "bulkhead-insight", "bulkhead-identity"];
+const PURE: &[&str] = &[
+    "bulkhead-spiffe",
+    "bulkhead-policy",
+    "bulkhead-insight",
+    "bulkhead-identity",
+];
 
 /// Registry crates a pure crate may not depend on: runtimes, sockets, stores, the wire.
 const NOT_IN_PURE: &[&str] = &[
@@ -95,6 +105,41 @@ const NOT_IN_PURE_SOURCE: &[&str] = &[
     "tokio",
     "SystemTime::now",
     "Instant::now",
+];
+
+/// The crates whose code may open sockets: the sidecar, the control plane, the sample app the
+/// demo and tests serve, and the harness that only tests use.
+const SOCKET_CRATES: &[&str] = &[
+    "bulkhead-proxy",
+    "bulkhead-control",
+    "bulkhead-sample-app",
+    "bulkhead-testkit",
+];
+
+/// And the modules of other crates that may: `api`'s dialer of the control plane and its
+/// exporter of spans to a collector; `kubernetes`' injection webhook (an HTTPS server) and
+/// its TokenReview client.
+const SOCKET_MODULES: &[&str] = &[
+    "crates/api/src/channel.rs",
+    "crates/api/src/otlp.rs",
+    "crates/kubernetes/src/webhook.rs",
+    "crates/kubernetes/src/attest.rs",
+];
+
+/// What opens a socket, as source names it: socket types, and tonic's dialer and server.
+/// Address types (`SocketAddr`, `IpAddr`) are values and allowed.
+const SOCKET_NAMES: &[&str] = &[
+    "std::net::Tcp",
+    "std::net::Udp",
+    "tokio::net",
+    "TcpListener",
+    "TcpStream",
+    "UdpSocket",
+    "UnixStream",
+    "UnixListener",
+    "socket2",
+    "transport::Endpoint",
+    "transport::Server",
 ];
 
 #[derive(Debug)]
@@ -247,38 +292,60 @@ fn non_test_lines(path: &Path) -> Vec<(usize, String)> {
         .collect()
 }
 
-#[test]
-fn pure_crates_name_no_io_runtime_or_clock() {
-    let mut wrong = Vec::new();
-    for p in packages()
-        .iter()
-        .filter(|p| PURE.contains(&p.name.as_str()))
-    {
-        let src = p
-            .manifest
-            .parent()
-            .expect("a manifest is in a directory")
-            .join("src");
-        let mut files = Vec::new();
-        rust_files(&src, &mut files);
-        assert!(
-            !files.is_empty(),
-            "no sources found below {}",
-            src.display()
-        );
-        for file in files {
-            for (line, text) in non_test_lines(&file) {
-                for bad in NOT_IN_PURE_SOURCE {
-                    if text.contains(bad) {
-                        wrong.push(format!(
-                            "{}:{line}: {} names `{bad}`; the pure crates do no I/O and read no clock (use core::net for address types, take the time as an argument)",
-                            file.display(),
-                            p.name
-                        ));
-                    }
-                }
+/// Each non-test line of `package`'s sources (below its `src/`, but the files `skip` names,
+/// relative to the workspace root) that names one of `names`: `path:line: package names
+/// `name``.
+fn naming(package: &Package, names: &[&str], skip: &[&str]) -> Vec<String> {
+    let src = package
+        .manifest
+        .parent()
+        .expect("a manifest is in a directory")
+        .join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    assert!(
+        !files.is_empty(),
+        "no sources found below {}",
+        src.display()
+    );
+    let root = workspace_root();
+    let mut found = Vec::new();
+    for file in files {
+        let relative = file.strip_prefix(&root).unwrap_or(&file);
+        if skip.iter().any(|m| relative == Path::new(m)) {
+            continue;
+        }
+        for (line, text) in non_test_lines(&file) {
+            for name in names.iter().filter(|n| text.contains(*n)) {
+                found.push(format!(
+                    "{}:{line}: {} names `{name}`",
+                    file.display(),
+                    package.name
+                ));
             }
         }
     }
+    found
+}
+
+#[test]
+fn pure_crates_name_no_io_runtime_or_clock() {
+    let wrong: Vec<String> = packages()
+        .iter()
+        .filter(|p| PURE.contains(&p.name.as_str()))
+        .flat_map(|p| naming(p, NOT_IN_PURE_SOURCE, &[]))
+        .map(|found| format!("{found}; the pure crates do no I/O and read no clock (use core::net for address types, take the time as an argument)"))
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn only_proxy_control_sample_app_and_the_api_dialers_open_sockets() {
+    let wrong: Vec<String> = packages()
+        .iter()
+        .filter(|p| !SOCKET_CRATES.contains(&p.name.as_str()))
+        .flat_map(|p| naming(p, SOCKET_NAMES, SOCKET_MODULES))
+        .map(|found| format!("{found}; only proxy, control, sample-app, kubernetes' webhook and attest, and api's channel and otlp open sockets (ARCHITECTURE.md)"))
+        .collect();
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }

@@ -15,6 +15,7 @@ use crate::proxies::unix_now;
 use crate::service::State;
 use axum::extract::{Path, Query, State as Ext};
 use axum::response::{IntoResponse, Response};
+use bulkhead_identity::{SpiffeId, SpiffeIdRule};
 use bulkhead_insight::{Edge, EdgeVerdict, Flow, GraphLine};
 use bulkhead_policy::model::{Resource, WorkloadRef};
 use bulkhead_policy::{Decision, PolicySet, Reason};
@@ -58,6 +59,15 @@ pub(super) enum ViewSpec {
 }
 
 pub(super) type Params = HashMap<String, String>;
+
+/// Query parameters from pairs, as the tests of the views write them.
+#[cfg(test)]
+pub(super) fn params(pairs: &[(&str, &str)]) -> Params {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
 
 pub(super) fn param<'a>(q: &'a Params, name: &str) -> Result<&'a str, ViewError> {
     q.get(name)
@@ -275,16 +285,14 @@ pub(super) fn graph(state: &State, window: u64) -> Result<GraphView, ViewError> 
 
 /// A party by the name the graph gives it: `ns/name`, a SPIFFE ID, or `(plaintext)`.
 fn node(id: String, declared: &BTreeSet<String>) -> Node {
-    let (kind, namespace) = if id.starts_with("spiffe://") {
-        let ns = bulkhead_identity::SpiffeId::parse(&id)
-            .ok()
-            .and_then(|s| s.namespace().map(str::to_string))
-            .unwrap_or_else(|| "(outside)".into());
-        ("identity", ns)
-    } else if let Some((ns, _)) = id.split_once('/') {
-        ("workload", ns.to_string())
-    } else {
-        ("plaintext", "(plaintext)".into())
+    let (kind, namespace) = match SpiffeId::parse(&id) {
+        Ok(s) => ("identity", s.namespace().unwrap_or("(outside)").to_string()),
+        // A spiffe:// name that is not a well-formed ID is still someone outside.
+        Err(e) if e.rule() != SpiffeIdRule::Scheme => ("identity", "(outside)".into()),
+        Err(_) => match id.split_once('/') {
+            Some((ns, _)) => ("workload", ns.to_string()),
+            None => ("plaintext", "(plaintext)".into()),
+        },
     };
     Node {
         declared: declared.contains(&id),
@@ -574,14 +582,8 @@ impl Memo {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use super::params as q;
     use super::*;
-
-    fn q(pairs: &[(&str, &str)]) -> Params {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     #[test]
     fn views_refuse_what_they_cannot_use() {

@@ -307,13 +307,7 @@ pub(super) fn view(state: &State, q: &WorkloadQuery) -> Result<WorkloadView, Vie
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    fn q(pairs: &[(&str, &str)]) -> Params {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::console::views::params as q;
 
     #[test]
     fn queries_name_a_workload_and_the_assumptions() {

@@ -278,7 +278,7 @@ impl Store {
             else {
                 return Ok(Err(IssueRefusal::UnknownInstance(instance.to_string())));
             };
-            if let Some(revoked) = refusal(txn, &record.spiffe_id, Some(instance))? {
+            if let Some(revoked) = refusal(txn, record.spiffe_id.as_str(), Some(instance))? {
                 return Ok(Err(IssueRefusal::Revoked(revoked)));
             }
             let mut serials = txn.open_table(SERIALS)?;
@@ -390,7 +390,7 @@ impl Store {
                     let mut tokens = txn.open_table(TOKENS)?;
                     tokens.retain(|id, json| {
                         let bound = read_json::<TokenRecord>(json)
-                            .is_some_and(|t| t.spiffe_id == order.subject);
+                            .is_some_and(|t| t.spiffe_id.as_str() == order.subject);
                         if bound {
                             tokens_deleted.push(id.to_string());
                         }
@@ -564,7 +564,7 @@ impl Store {
         now_unix: u64,
     ) -> Result<Result<(), Revocation>, ControlError> {
         self.write(|txn| {
-            if let Some(revoked) = refusal(txn, &record.spiffe_id, None)? {
+            if let Some(revoked) = refusal(txn, record.spiffe_id.as_str(), None)? {
                 return Ok(Err(revoked));
             }
             txn.open_table(TOKENS)?
@@ -696,7 +696,7 @@ pub(crate) mod tests {
     fn token(spiffe_id: &str) -> TokenRecord {
         TokenRecord {
             secret_sha256: "ab".repeat(32),
-            spiffe_id: spiffe_id.into(),
+            spiffe_id: bulkhead_identity::SpiffeId::parse(spiffe_id).unwrap(),
             namespace: "shop".into(),
             workload: "orders".into(),
             expires_unix: 10_000,

@@ -493,15 +493,24 @@ fn many_paths_fold_into_a_prefix() {
 #[test]
 fn rule_names_come_from_identities_and_stay_unique_and_valid() {
     assert_eq!(
-        rule_base("spiffe://bulkhead.local/ns/shop/sa/frontend", "shop"),
+        rule_base(
+            &SpiffeId::parse("spiffe://bulkhead.local/ns/shop/sa/frontend").unwrap(),
+            "shop"
+        ),
         "from-frontend"
     );
     assert_eq!(
-        rule_base("spiffe://bulkhead.local/ns/edge/sa/gateway", "shop"),
+        rule_base(
+            &SpiffeId::parse("spiffe://bulkhead.local/ns/edge/sa/gateway").unwrap(),
+            "shop"
+        ),
         "from-edge-gateway"
     );
     assert_eq!(
-        rule_base("spiffe://partner.example/Billing/API_v2", "shop"),
+        rule_base(
+            &SpiffeId::parse("spiffe://partner.example/Billing/API_v2").unwrap(),
+            "shop"
+        ),
         "from-billing-api-v2"
     );
     let mut taken = BTreeSet::new();

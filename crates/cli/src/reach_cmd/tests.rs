@@ -1,45 +1,40 @@
-//! `bulkhead reach` with the real binary: who can reach a workload and the blast radius of a
-//! compromised one, from policy files (`-f`) and from the policy applied to a real control
-//! plane, under the enforced and the staged view, with and without a stolen key.
+//! `bulkhead reach` from policy files (`-f`), in-process: who can reach a workload and the
+//! blast radius of a compromised one, under the enforced and the staged view, with and
+//! without a stolen key, and the errors, each as `main` would print it (standard output,
+//! standard error with its `error:` line, exit code). The same from the policy applied to a
+//! real control plane runs as processes, in `tests/adapt.rs`.
 //!
 //! The topology: frontend → orders → payments (8080 http, and 9000 tcp from orders); admin,
 //! which an allow policy opens to the namespace but a covering deny closes to everyone;
 //! ops/prober, allowed to call orders' /health; shop's egress posture is deny, so only what
 //! an egress policy allows leaves a shop sidecar. A staged (audit) policy would let frontend
 //! call payments' /refund directly.
-#![allow(clippy::unwrap_used)]
 
-use bulkhead_testkit::mesh::Mesh;
-use bulkhead_testkit::{Bins, TempDir, run};
+use super::*;
+use bulkhead_testkit::TempDir;
+use clap::Parser;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
 
-const SHOP: &str = include_str!("fixtures/reach-shop.yaml");
+const SHOP: &str = include_str!("../../tests/fixtures/reach-shop.yaml");
 
-const STAGED: &str = include_str!("fixtures/reach-staged.yaml");
+const STAGED: &str = include_str!("../../tests/fixtures/reach-staged.yaml");
 
-const WHO_REACHES_PAYMENTS: &str = "\
-SOURCE       PORT  PROTOCOL  ALLOWED BY
-shop/orders  8080  http      egress: policy shop/orders-egress rule to-payments; ingress: policy shop/payments-allow-orders rule charges
-shop/orders  9000  tcp       egress: policy shop/orders-egress rule to-payments; ingress: policy shop/payments-allow-orders rule ledger
-1 workload can reach shop/payments";
+/// The tables `tests/adapt.rs` expects from the control plane too.
+fn who_reaches_payments() -> &'static str {
+    include_str!("../../tests/fixtures/reach-who-reaches-payments.txt").trim_end()
+}
 
-const WHO_REACHES_PAYMENTS_STAGED: &str = "\
-SOURCE         PORT  PROTOCOL  ALLOWED BY
-shop/frontend  8080  http      egress: policy shop/frontend-egress rule to-payments; ingress: audit policy shop/payments-allow-refunds rule frontend-refunds
-shop/orders    8080  http      egress: policy shop/orders-egress rule to-payments; ingress: policy shop/payments-allow-orders rule charges
-shop/orders    9000  tcp       egress: policy shop/orders-egress rule to-payments; ingress: policy shop/payments-allow-orders rule ledger
-2 workloads can reach shop/payments (staged: audit policies and postures as if enforced)";
+fn who_reaches_payments_staged() -> &'static str {
+    include_str!("../../tests/fixtures/reach-who-reaches-payments-staged.txt").trim_end()
+}
 
-const FRONTEND_BLAST_RADIUS: &str = "\
-WORKLOAD       HOPS  PATH
-shop/orders    1     shop/frontend -> shop/orders:8080
-shop/payments  2     shop/frontend -> shop/orders:8080 -> shop/payments:8080
-if shop/frontend is compromised, 2 of 4 other workloads are reachable";
+fn frontend_blast_radius() -> &'static str {
+    include_str!("../../tests/fixtures/reach-frontend-blast-radius.txt").trim_end()
+}
 
 /// The policy files, written once per test.
 struct Files {
-    _dir: TempDir,
+    dir: TempDir,
     shop: PathBuf,
     staged: PathBuf,
 }
@@ -49,24 +44,51 @@ fn files() -> Files {
     let (shop, staged) = (dir.path().join("shop.yaml"), dir.path().join("staged.yaml"));
     std::fs::write(&shop, SHOP).unwrap();
     std::fs::write(&staged, STAGED).unwrap();
-    Files {
-        _dir: dir,
-        shop,
-        staged,
-    }
+    Files { dir, shop, staged }
 }
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `bulkhead reach` as the command line parses it.
+#[derive(Parser)]
+struct Reach {
+    #[command(flatten)]
+    args: ReachArgs,
+}
+
+/// `bulkhead reach ARGS` with `context` as the admin context, run in-process: (exit code,
+/// stdout, stderr) as `main` leaves them.
+fn reach_in(context: &Path, args: &[&str]) -> (i32, String, String) {
+    let parsed = Reach::try_parse_from(std::iter::once("reach").chain(args.iter().copied()))
+        .unwrap()
+        .args;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = runtime.block_on(from_policy(context, parsed, &mut out, &mut err));
+    let code = match result {
+        Ok(()) => 0,
+        Err(e) => {
+            writeln!(err, "error: {e:#}").unwrap();
+            1
+        }
+    };
+    (
+        code,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
+}
+
 /// `bulkhead reach ARGS -f shop.yaml -f staged.yaml`, offline; (code, stdout, stderr).
 fn reach(f: &Files, args: &[&str]) -> (i32, String, String) {
-    let bins = Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
-    let mut all = vec!["reach"];
-    all.extend_from_slice(args);
+    let mut all = args.to_vec();
     all.extend(["-f", s(&f.shop), "-f", s(&f.staged)]);
-    run(&bins.bulkhead, &all, &[])
+    reach_in(&f.dir.path().join("admin.yaml"), &all)
 }
 
 /// The table a successful run prints, without its final newline.
@@ -90,10 +112,27 @@ fn edge(from: &str, to: &str, port: u16, protocol: &str, egress: Value, ingress:
 }
 
 #[test]
+fn workloads_are_namespace_slash_name() {
+    assert_eq!(
+        parse_workload("shop/payments").map(|w| w.to_string()).ok(),
+        Some("shop/payments".to_string())
+    );
+    for bad in ["payments", "/payments", "shop/", "a/b/c", "Shop/payments"] {
+        let e = parse_workload(bad).err().map(|e| e.to_string());
+        assert_eq!(
+            e,
+            Some(format!(
+                "{bad:?} is not a workload: write it as namespace/name, like shop/payments"
+            ))
+        );
+    }
+}
+
+#[test]
 fn who_can_reach_from_files_as_a_table_and_as_json() {
     let f = files();
     // The audit policy in staged.yaml changes nothing under the enforced view.
-    assert_eq!(table(reach(&f, &["shop/payments"])), WHO_REACHES_PAYMENTS);
+    assert_eq!(table(reach(&f, &["shop/payments"])), who_reaches_payments());
 
     // A posture grant (ops has no egress posture) beside policy grants, one policy's rules
     // together.
@@ -139,7 +178,7 @@ fn blast_radius_from_files_lists_every_workload_reached_with_hops_and_path() {
     let f = files();
     assert_eq!(
         table(reach(&f, &["shop/frontend", "--blast-radius"])),
-        FRONTEND_BLAST_RADIUS
+        frontend_blast_radius()
     );
     // The prober may only call /health, yet two hops take it to payments.
     assert_eq!(
@@ -201,7 +240,7 @@ fn staged_and_stolen_key_change_what_is_reachable() {
     // --staged: the audit policy lets frontend reach payments directly, in one hop.
     assert_eq!(
         table(reach(&f, &["shop/payments", "--staged"])),
-        WHO_REACHES_PAYMENTS_STAGED
+        who_reaches_payments_staged()
     );
     assert_eq!(
         table(reach(&f, &["shop/frontend", "--blast-radius", "--staged"])),
@@ -288,14 +327,12 @@ fn errors_say_what_went_wrong_and_what_to_do() {
     );
 
     // A set that does not compile is refused with every error's location.
-    let bins = Bins::next_to(env!("CARGO_BIN_EXE_bulkhead"));
     let dir = TempDir::new().unwrap();
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, SHOP.replace("protocol: tcp", "protocol: tpc")).unwrap();
-    let (code, out, err) = run(
-        &bins.bulkhead,
-        &["reach", "shop/orders", "-f", s(&bad)],
-        &[],
+    let (code, out, err) = reach_in(
+        &dir.path().join("admin.yaml"),
+        &["shop/orders", "-f", s(&bad)],
     );
     assert_eq!((code, out.as_str()), (1, ""));
     assert!(err.starts_with(&format!("{}:20:", bad.display())), "{err}");
@@ -306,62 +343,10 @@ fn errors_say_what_went_wrong_and_what_to_do() {
 
     // Without -f and without a control plane: say so, and offer -f.
     let missing = dir.path().join("admin.yaml");
-    let (code, _, err) = run(
-        &bins.bulkhead,
-        &["reach", "shop/orders"],
-        &[("BULKHEAD_CONTEXT", s(&missing))],
-    );
+    let (code, _, err) = reach_in(&missing, &["shop/orders"]);
     assert_eq!(code, 1);
     assert!(
         err.starts_with(&format!("error: cannot read the applied policy from the control plane (pass -f FILE to analyse policy files instead): cannot read admin context {}", missing.display())),
         "{err}"
-    );
-}
-
-#[test]
-fn reach_reads_the_policy_applied_to_the_control_plane() {
-    let mesh = Mesh::start();
-    let f = files();
-
-    // Nothing applied yet: nothing is declared, and the error says so.
-    let (code, _, err) = mesh.cli(&["reach", "shop/payments"]);
-    assert_eq!(code, 1);
-    assert_eq!(
-        err,
-        "error: no Workload shop/payments is declared; reachability is computed between declared workloads only; the applied policy (revision 0) declares no Workload at all: declare each workload (kind: Workload, with its identity and ports) for reach to analyse it\n"
-    );
-
-    for file in [&f.shop, &f.staged] {
-        let (code, _, err) = mesh.cli(&["apply", "-f", s(file)]);
-        assert_eq!(code, 0, "{err}");
-    }
-    // The same answers as from the files, at the revision they were computed for.
-    assert_eq!(
-        table(mesh.cli(&["reach", "shop/payments"])),
-        format!("{WHO_REACHES_PAYMENTS} (revision 2)")
-    );
-    assert_eq!(
-        table(mesh.cli(&["reach", "shop/frontend", "--blast-radius"])),
-        format!("{FRONTEND_BLAST_RADIUS} (revision 2)")
-    );
-    assert_eq!(
-        table(mesh.cli(&["reach", "shop/payments", "--staged"])),
-        WHO_REACHES_PAYMENTS_STAGED.replace("(staged:", "(revision 2; staged:")
-    );
-    let v = json_of(mesh.cli(&["reach", "shop/frontend", "--blast-radius", "-o", "json"]));
-    assert_eq!(v["source"], json!({"kind": "controlPlane", "revision": 2}));
-    let reached: Vec<(&str, u64)> = v["reached"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["workload"].as_str().unwrap(), r["hops"].as_u64().unwrap()))
-        .collect();
-    assert_eq!(reached, [("shop/orders", 1), ("shop/payments", 2)]);
-
-    let (code, _, err) = mesh.cli(&["reach", "shop/ghost"]);
-    assert_eq!(code, 1);
-    assert_eq!(
-        err,
-        "error: no Workload shop/ghost is declared; reachability is computed between declared workloads only; the applied policy (revision 2) declares 5 workloads: ops/prober, shop/admin, shop/frontend, shop/orders, shop/payments\n"
     );
 }

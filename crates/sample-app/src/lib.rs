@@ -12,8 +12,11 @@
 //! protocol P whatever was asked, and `x-echo-headers` adds the request's headers to the
 //! answer. Each upgrade it accepts is logged (`upgraded to …`). With `tcp_echo` it is instead
 //! a plain TCP echo server, for opaque TCP.
+//!
+//! A crate of its own so that the CLI, which starts it (`bulkhead sample-app`, `bulkhead
+//! demo`), opens no socket itself: the sockets are here, in `proxy`, in `control` and in
+//! `api::channel` (ARCHITECTURE.md's invariants). Never part of the mesh itself.
 
-use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -24,6 +27,32 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
+
+/// What went wrong, worded as the demo and `bulkhead sample-app` print it.
+#[derive(Debug, thiserror::Error)]
+pub enum SampleAppError {
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("URL has no host")]
+    NoHost,
+    #[error("cannot connect to {host}:{port}")]
+    Connect {
+        host: String,
+        port: u16,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Request(#[from] http::Error),
+}
+
+pub type Result<T, E = SampleAppError> = std::result::Result<T, E>;
 
 #[derive(Clone, Debug)]
 pub struct AppSpec {
@@ -38,7 +67,10 @@ pub struct AppSpec {
 pub async fn bind(listen: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {listen}"))
+        .map_err(|source| SampleAppError::Listen {
+            addr: listen,
+            source,
+        })
 }
 
 /// Serves on `listener` in the background; returns its address.
@@ -182,7 +214,7 @@ async fn handle(
             }
             Err(e) => {
                 status = StatusCode::BAD_GATEWAY;
-                text.push_str(&format!("\n  -> POST {down} failed: {e:#}"));
+                text.push_str(&format!("\n  -> POST {down} failed: {}", chain(&e)));
             }
         }
     }
@@ -203,11 +235,15 @@ pub async fn request(
     method: http::Method,
     uri: &http::Uri,
 ) -> Result<(StatusCode, String, http::HeaderMap)> {
-    let host = uri.host().context("URL has no host")?;
+    let host = uri.host().ok_or(SampleAppError::NoHost)?;
     let port = uri.port_u16().unwrap_or(80);
     let tcp = TcpStream::connect((host, port))
         .await
-        .with_context(|| format!("cannot connect to {host}:{port}"))?;
+        .map_err(|source| SampleAppError::Connect {
+            host: host.to_string(),
+            port,
+            source,
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -221,6 +257,18 @@ pub async fn request(
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned(), headers))
+}
+
+/// The error and its causes, each after a colon (as `anyhow` writes `{:#}`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 async fn post(uri: &http::Uri) -> Result<(StatusCode, String)> {
