@@ -20,6 +20,7 @@ mod promote;
 mod proxies;
 mod service;
 mod spans;
+mod spiffe_bundle;
 mod store;
 mod tap;
 mod tokens;
@@ -69,6 +70,9 @@ pub struct ControlOptions {
     pub proxy_bounds: ProxyBounds,
     /// Spans of calls, commits and pushes to an OTLP collector; `None`: no spans.
     pub traces: Option<TraceOptions>,
+    /// Serve the trust bundle as a SPIFFE bundle over HTTPS (`https_spiffe`) on this
+    /// address; `None`: no bundle endpoint.
+    pub bundle_endpoint: Option<SocketAddr>,
 }
 
 /// Where the control plane's spans go (`bulkhead control --otlp-endpoint`).
@@ -88,6 +92,8 @@ pub struct RunningControl {
     pub metrics_addr: Option<SocketAddr>,
     /// The web console's address (`https://127.0.0.1:7445/`), if it is served.
     pub console_url: Option<String>,
+    /// Where the SPIFFE bundle endpoint listens, if it does.
+    pub bundle_endpoint: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ControlError>>,
 }
@@ -202,6 +208,10 @@ pub async fn start_with(
         ),
         None => None,
     };
+    let bundle_endpoint = match options.bundle_endpoint {
+        Some(listen) => Some(spiffe_bundle::spawn(state.clone(), listen, stop.subscribe()).await?),
+        None => None,
+    };
     if let Some((tcp, metrics_addr)) = metrics_tcp {
         tracing::info!(listen = %metrics_addr, "metrics listener ready (/metrics)");
         metrics::serve(tcp, state.clone(), stop.subscribe());
@@ -234,6 +244,7 @@ pub async fn start_with(
         context_file,
         metrics_addr,
         console_url,
+        bundle_endpoint,
         stop,
         task,
     })
