@@ -14,9 +14,11 @@
 //! `workload.spiffe.io: true` (INVALID_ARGUMENT otherwise, as the spec says). The JWT-SVID
 //! profile answers UNIMPLEMENTED: the mesh's CA signs X.509-SVIDs only.
 //!
-//! Some clients (grpc-core for `unix:` targets) send an `:authority` that is a file path
-//! or `unix:…`; [`Authority`] replaces it with `localhost` before the router sees the
-//! request, since a Unix socket has no authority to check.
+//! Some clients (grpc-core for `unix:` targets, so py-spiffe) send the socket's path as
+//! `:authority`, which h2 refuses before any service sees it; [`authority`] rewrites it to
+//! `localhost` in the client's HTTP/2 header blocks, since a Unix socket has no authority.
+
+mod authority;
 
 use crate::credentials::{self, control_channel};
 use crate::{ProxyError, Shared};
@@ -108,11 +110,11 @@ pub(crate) async fn spawn(
     })?;
     tokio::spawn(renewal(control, shared.clone(), app.clone()));
     let service = SpiffeWorkloadApiServer::new(Api { app });
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming =
+        tokio_stream::wrappers::UnixListenerStream::new(listener).map(|conn| conn.map(relay));
     let shown = path.display().to_string();
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
-            .layer(tower::layer::layer_fn(Authority))
             .add_service(service)
             .serve_with_incoming(incoming)
             .await;
@@ -343,36 +345,38 @@ impl SpiffeWorkloadApi for Api {
     }
 }
 
-/// Gives every request the authority `localhost` before tonic's router sees it: on a Unix
-/// socket the authority names nothing, and grpc-core clients send a path or `unix:…`.
-#[derive(Clone)]
-struct Authority<S>(S);
-
-impl<S, B> tower::Service<http::Request<B>> for Authority<S>
-where
-    S: tower::Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let mut parts = req.uri().clone().into_parts();
-        if parts.authority.is_some() {
-            parts.authority = Some(http::uri::Authority::from_static("localhost"));
-            if let Ok(uri) = http::Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
+/// Puts the [`authority::Rewriter`] between a client and the gRPC server: what the client
+/// sends goes through it, what the server answers is copied back as it is.
+fn relay(client: tokio::net::UnixStream) -> tokio::io::DuplexStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = tokio::io::split(ours);
+    tokio::spawn(async move {
+        let mut rewriter = authority::Rewriter::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut out = Vec::with_capacity(16 * 1024);
+        loop {
+            let n = match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            out.clear();
+            if let Err(e) = rewriter.feed(&buf[..n], &mut out) {
+                tracing::info!(error = %e, "Workload API client refused");
+                break;
+            }
+            if to_server.write_all(&out).await.is_err() {
+                break;
             }
         }
-        self.0.call(req)
-    }
+        let _ = to_server.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        let _ = to_client.shutdown().await;
+    });
+    theirs
 }
 
 #[cfg(test)]
