@@ -77,6 +77,36 @@ fn py_spiffe_fetches_the_apps_own_svid_and_bundle_from_a_sidecar_and_sees_rotati
             .contains("workload.spiffe.io"),
         "{seen}"
     );
+    // A CA added while a stream is open reaches the app on that stream.
+    let mut watcher = std::process::Command::new(&python)
+        .args([
+            check_script().to_str().unwrap(),
+            "watch-bundle",
+            socket.to_str().unwrap(),
+            "--trust-domain",
+            TD,
+            "--roots",
+            "2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(watcher.stdout.take().unwrap());
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready 1");
+    let (code, _, err) = mesh.cli(&["ca", "add-root"]);
+    assert_eq!(code, 0, "{err}");
+    let out = watcher.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(
+        out.status.success(),
+        "check.py watch-bundle failed:\n{rest}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The app's key never reaches a log.
     let log = std::fs::read_to_string(mesh.dir.path().join("billing-proxy.log")).unwrap();
     assert!(log.contains("issued the app's X.509-SVID"), "{log}");

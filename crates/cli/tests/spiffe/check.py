@@ -141,6 +141,39 @@ def workload_api(args):
     }))
 
 
+def watch_bundle(args):
+    """Waits on an open FetchX509SVID stream until the trust domain's bundle holds
+    --roots roots (another CA added while the stream is open), and on FetchX509Bundles."""
+    td = TrustDomain(args.trust_domain)
+    client = WorkloadApiClient(socket_path="unix:" + args.socket, default_timeout=20)
+    first = client.fetch_x509_bundles().get_bundle_for_trust_domain(td)
+    print(f"ready {len(first.x509_authorities)}", flush=True)
+    seen = []
+    done = threading.Event()
+
+    def on_success(ctx):
+        n = len(ctx.x509_bundle_set.get_bundle_for_trust_domain(td).x509_authorities)
+        seen.append(n)
+        if n == args.roots:
+            done.set()
+
+    def on_error(e):
+        seen.append(str(e))
+        done.set()
+
+    handler = client.stream_x509_contexts(on_success, on_error, retry_connect=False)
+    done.wait(timeout=60)
+    handler.cancel()
+    if not done.is_set() or seen[-1] != args.roots:
+        fail(f"the stream never carried {args.roots} roots: {seen}")
+    # A new FetchX509Bundles call has them too.
+    now = client.fetch_x509_bundles().get_bundle_for_trust_domain(td)
+    if len(now.x509_authorities) != args.roots:
+        fail(f"FetchX509Bundles has {len(now.x509_authorities)} roots")
+    client.close()
+    print(json.dumps({"roots_seen": seen}))
+
+
 def fetch_endpoint(url, ca_pem, td):
     """GET the bundle endpoint the https_spiffe way: the chain must verify against the trust
     domain's roots and the server must present spiffe://TD/bulkhead/bundle-endpoint (no
@@ -221,13 +254,17 @@ def main():
     w.add_argument("--ca-pem", required=True)
     w.add_argument("--sidecar-credential", required=True)
     w.add_argument("--rotations", type=int, default=1)
+    wb = sub.add_parser("watch-bundle")
+    wb.add_argument("socket")
+    wb.add_argument("--trust-domain", required=True)
+    wb.add_argument("--roots", type=int, required=True)
     b = sub.add_parser("bundle")
     b.add_argument("document")
     b.add_argument("--trust-domain", required=True)
     b.add_argument("--ca-pem", required=True)
     b.add_argument("--endpoint")
     args = parser.parse_args()
-    {"workload-api": workload_api, "bundle": bundle}[args.command](args)
+    {"workload-api": workload_api, "bundle": bundle, "watch-bundle": watch_bundle}[args.command](args)
 
 
 if __name__ == "__main__":
