@@ -6,6 +6,16 @@ pub mod v1 {
     tonic::include_proto!("bulkhead.v1");
 }
 
+/// The SPIFFE Workload API (`proto/spiffe/workload.proto`), which the sidecar serves to apps
+/// that want their own X.509-SVID (`bulkhead-proxy --workload-api`).
+#[allow(clippy::all, clippy::unwrap_used, missing_docs)]
+pub mod spiffe_workload {
+    tonic::include_proto!("_");
+
+    /// The metadata every Workload API call must carry (`workload.spiffe.io: true`).
+    pub const HEADER: &str = "workload.spiffe.io";
+}
+
 pub mod channel;
 pub mod exposition;
 pub mod otlp;

@@ -6,8 +6,8 @@ use crate::client;
 use anyhow::{Context, Result, bail};
 use bulkhead_api::v1::admin_client::AdminClient;
 use bulkhead_api::v1::{
-    AddCaRequest, CaChangeResponse, CaInfo, CaStatusRequest, CaStatusResponse, RetireCaRequest,
-    SwitchCaRequest,
+    AddCaRequest, CaBundleRequest, CaChangeResponse, CaInfo, CaStatusRequest, CaStatusResponse,
+    RetireCaRequest, SwitchCaRequest,
 };
 use std::path::Path;
 use tonic::transport::Channel;
@@ -29,6 +29,20 @@ pub async fn status(admin: &mut Admin, output: &str) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
     } else {
         print_status(&status);
+    }
+    Ok(())
+}
+
+/// Prints the trust bundle as PEM or as the SPIFFE bundle document.
+pub async fn bundle(admin: &mut Admin, output: &str) -> Result<()> {
+    let bundle = admin
+        .ca_bundle(request(CaBundleRequest {}))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    match output {
+        "spiffe" => print!("{}", bundle.spiffe_json),
+        _ => print!("{}", bundle.pem),
     }
     Ok(())
 }

@@ -395,6 +395,7 @@ async fn sidecar(
         admin: None,
         traces: None,
         credential_file: None,
+        workload_api: None,
         first_config_wait: Duration::from_secs(10),
         max_policy_rules: 100_000,
         flow_interval: Duration::from_secs(2),

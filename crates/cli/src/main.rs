@@ -92,6 +92,12 @@ enum Command {
         /// trusted root. Refused unless ADDR is a loopback address.
         #[arg(long, requires = "console")]
         console_insecure_http: bool,
+        /// Serve the trust bundle as a SPIFFE bundle (JWK Set) over HTTPS at `/` on this
+        /// address, for other trust domains to federate with (`https_spiffe` profile: the
+        /// certificate is an SVID for spiffe://TRUST_DOMAIN/bulkhead/bundle-endpoint);
+        /// off when not given (docs/spiffe.md).
+        #[arg(long, value_name = "ADDR")]
+        bundle_endpoint: Option<SocketAddr>,
         #[command(flatten)]
         bounds: ControlBounds,
         #[command(flatten)]
@@ -372,6 +378,13 @@ enum CaCommand {
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
     },
+    /// The trust bundle: every root not retired, as PEM (the default, what DATA_DIR/ca.pem
+    /// holds) or as a SPIFFE bundle, the JWK Set document other trust domains federate with
+    /// (`-o spiffe`; docs/spiffe.md).
+    Bundle {
+        #[arg(short = 'o', long, default_value = "pem", value_parser = ["pem", "spiffe"])]
+        output: String,
+    },
     /// Add a CA, trusted but not signing: a new generated root, or (with --import-cert,
     /// --import-key and --chain) your own intermediate CA. Its root joins the bundle, which
     /// is pushed to every proxy.
@@ -624,6 +637,7 @@ async fn run(cli: Cli) -> Result<()> {
             console,
             console_hosts,
             console_insecure_http,
+            bundle_endpoint,
             bounds,
             traces,
             webhook,
@@ -673,6 +687,7 @@ async fn run(cli: Cli) -> Result<()> {
                         endpoint,
                         sampling_ratio: traces.trace_sampling_ratio,
                     }),
+                bundle_endpoint,
             };
             let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(
@@ -688,6 +703,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if let Some(addr) = webhook.start(running.issuer.clone()).await? {
                 eprintln!("injection webhook: https://{addr}/inject");
+            }
+            if let Some(addr) = running.bundle_endpoint {
+                eprintln!("SPIFFE bundle endpoint: https://{addr}/");
             }
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
@@ -844,6 +862,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mut admin = client::admin(&context()?).await?;
             match command {
                 CaCommand::Status { output } => ca_cmd::status(&mut admin, &output).await,
+                CaCommand::Bundle { output } => ca_cmd::bundle(&mut admin, &output).await,
                 CaCommand::AddRoot {
                     import_cert,
                     import_key,

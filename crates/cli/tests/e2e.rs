@@ -11,6 +11,8 @@ mod kubectl;
 mod offline;
 #[path = "e2e/readme.rs"]
 mod readme;
+#[path = "e2e/spiffe.rs"]
+mod spiffe;
 
 use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has};
 use bulkhead_testkit::{Bins, foreign_identity, http, http_raw, mtls_raw, parse_response, run};

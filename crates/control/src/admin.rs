@@ -359,6 +359,20 @@ impl Admin for State {
         Ok(Response::new(self.ca_status_now()))
     }
 
+    async fn ca_bundle(
+        &self,
+        req: Request<pb::CaBundleRequest>,
+    ) -> Result<Response<pb::CaBundleResponse>, Status> {
+        self.require_admin(&req)?;
+        let cas = self.cas.borrow().clone();
+        Ok(Response::new(pb::CaBundleResponse {
+            trust_domain: cas.trust_domain().to_string(),
+            pem: cas.bundle().to_pem(),
+            spiffe_json: crate::spiffe_bundle::document_text(&cas),
+            spiffe_sequence: crate::spiffe_bundle::sequence(&cas),
+        }))
+    }
+
     async fn add_ca(
         &self,
         req: Request<pb::AddCaRequest>,

@@ -22,6 +22,7 @@ mod promote;
 mod proxies;
 mod service;
 mod spans;
+mod spiffe_bundle;
 mod store;
 mod tap;
 mod tokens;
@@ -75,6 +76,9 @@ pub struct ControlOptions {
     /// Write a Prometheus `file_sd` file here listing every connected proxy's `/metrics`
     /// and this control plane's, rewritten at every connect and disconnect.
     pub prometheus_sd_file: Option<PathBuf>,
+    /// Serve the trust bundle as a SPIFFE bundle over HTTPS (`https_spiffe`) on this
+    /// address; `None`: no bundle endpoint.
+    pub bundle_endpoint: Option<SocketAddr>,
 }
 
 /// Where the control plane's spans go (`bulkhead control --otlp-endpoint`).
@@ -97,6 +101,8 @@ pub struct RunningControl {
     /// Serving certificates from the mesh's CA for listeners outside this crate (the
     /// Kubernetes injection webhook).
     pub issuer: Issuer,
+    /// Where the SPIFFE bundle endpoint listens, if it does.
+    pub bundle_endpoint: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ControlError>>,
 }
@@ -215,6 +221,10 @@ pub async fn start_with(
         ),
         None => None,
     };
+    let bundle_endpoint = match options.bundle_endpoint {
+        Some(listen) => Some(spiffe_bundle::spawn(state.clone(), listen, stop.subscribe()).await?),
+        None => None,
+    };
     if let Some((tcp, metrics_addr)) = metrics_tcp {
         tracing::info!(listen = %metrics_addr, "metrics listener ready (/metrics)");
         metrics::serve(tcp, state.clone(), stop.subscribe());
@@ -249,6 +259,7 @@ pub async fn start_with(
         metrics_addr,
         console_url,
         issuer,
+        bundle_endpoint,
         stop,
         task,
     })

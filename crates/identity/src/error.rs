@@ -45,6 +45,11 @@ pub enum IdentityError {
     NoTrustDomain,
     #[error("TLS configuration failed: {0}")]
     Tls(String),
+    #[error("root {subject} cannot be published in a SPIFFE bundle: {reason}")]
+    BundleKey {
+        subject: String,
+        reason: &'static str,
+    },
 }
 
 /// Why a CA brought by the operator (a certificate, its key and the chain to a root) cannot

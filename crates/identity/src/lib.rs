@@ -7,6 +7,7 @@
 
 mod ca;
 mod error;
+pub mod jwk;
 mod svid;
 pub mod tls;
 

@@ -39,6 +39,9 @@ pub struct Config {
     /// This proxy's own key and certificate, kept (0600) to rejoin after a restart without a
     /// new token; `None`: a restarted proxy needs a new join token.
     pub credential_file: Option<PathBuf>,
+    /// Serve the SPIFFE Workload API to the app on this Unix socket (0600): an X.509-SVID
+    /// for this proxy's identity with a key made for the app, and the trust bundle.
+    pub workload_api: Option<PathBuf>,
 }
 
 /// Tracing: spans for every sampled request, to an OTLP collector.

@@ -114,6 +114,9 @@ pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<
     if roots.len() != held.len() || roots.iter().any(|r| !held.contains(r)) {
         let set = replace(shared, |current| current.with_bundle(&bundle))
             .map_err(|e| format!("cannot use the new trust bundle: {e}"))?;
+        if let Some(app) = &shared.workload_api {
+            app.bundle_changed(&set.bundle);
+        }
         tracing::info!(
             roots = ?roots.iter().map(|r| short(r)).collect::<Vec<_>>(),
             signer = set.signer.as_deref().map(short),
@@ -174,7 +177,7 @@ pub(crate) fn control_channel(
 }
 
 /// How long to wait before renewing: about half of what is left, ± 10 %.
-fn renew_after(svid: &Svid, now: SystemTime) -> Duration {
+pub(crate) fn renew_after(svid: &Svid, now: SystemTime) -> Duration {
     let left = svid.not_after().duration_since(now).unwrap_or_default();
     (left / 2)
         .mul_f64(rand::random_range(0.9..1.1))
@@ -281,6 +284,9 @@ async fn renew(
         .metrics
         .svid_expiry
         .set(crate::unix_seconds(not_after));
+    if let Some(app) = &shared.workload_api {
+        app.sidecar_renewed(set.signer.as_deref());
+    }
     tracing::info!(serial, previous = current.svid.serial(), not_after = ?not_after, ca = set.signer.as_deref().map(short), "renewed SVID; new connections use it");
     Ok(())
 }

@@ -30,6 +30,7 @@ mod tcp;
 mod trace;
 mod upgrade;
 mod watch;
+mod workload_api;
 
 use bulkhead_api::otlp::Value;
 pub use config::{Config, Limits, UpstreamSpec};
@@ -77,6 +78,11 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot serve the SPIFFE Workload API on {path}: {source}")]
+    WorkloadApi {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write ready file {path}: {source}")]
     ReadyFile {
         path: std::path::PathBuf,
@@ -121,6 +127,8 @@ pub(crate) struct Shared {
     /// renewal), and the instance its join made.
     pub sealed: Option<sealed::Sealed>,
     pub instance: String,
+    /// The app's own SVID and bundle, when the sidecar serves the SPIFFE Workload API.
+    pub workload_api: Option<Arc<workload_api::AppIdentity>>,
 }
 
 /// What a started proxy bound and who it is.
@@ -133,6 +141,9 @@ pub struct Running {
     /// The transparent outbound listener, if any.
     pub outbound: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The SPIFFE Workload API's Unix socket, if served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_api: Option<std::path::PathBuf>,
     pub revision: u64,
 }
 
@@ -220,6 +231,10 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         clients: clients::ClientConfigs::default(),
         mux: mux::Mux::new(config.limits.max_concurrent_streams),
         app_pool: mux::AppPool::new(config.limits.idle_timeout.min(Duration::from_secs(90))),
+        workload_api: config
+            .workload_api
+            .as_ref()
+            .map(|_| Arc::new(workload_api::AppIdentity::new(bundle.clone()))),
         revoked,
     });
 
@@ -241,6 +256,12 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         None => None,
     };
 
+    let workload_api = match (&config.workload_api, &shared.workload_api) {
+        (Some(path), Some(app)) => Some(
+            workload_api::spawn(path, config.control.clone(), shared.clone(), app.clone()).await?,
+        ),
+        _ => None,
+    };
     credentials::spawn_rotation(config.control.clone(), shared.clone());
     let mut first = watch::spawn(
         config.control.clone(),
@@ -271,6 +292,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         upstreams,
         outbound,
         admin,
+        workload_api,
         revision,
     };
     if let Some(path) = &config.ready_file {

@@ -63,6 +63,12 @@ struct Args {
         conflicts_with = "no_credential_file"
     )]
     credential_file: Option<PathBuf>,
+    /// Serve the SPIFFE Workload API on this Unix socket (made 0600, replacing a stale
+    /// socket): the app gets an X.509-SVID for this proxy's identity with a key of its own,
+    /// and the trust bundle, both pushed again on every renewal or bundle change
+    /// (docs/spiffe.md). Set SPIFFE_ENDPOINT_SOCKET=unix:PATH for the app.
+    #[arg(long, value_name = "PATH")]
+    workload_api: Option<PathBuf>,
     /// Keep no credential: a restarted proxy needs a new join token.
     #[arg(long)]
     no_credential_file: bool,
@@ -224,9 +230,13 @@ impl Args {
             (Some(_), None) => bail!("--inbound needs --app IP:PORT, or --transparent"),
             _ => None,
         };
-        if inbound.is_none() && self.upstreams.is_empty() && self.outbound.is_none() {
+        if inbound.is_none()
+            && self.upstreams.is_empty()
+            && self.outbound.is_none()
+            && self.workload_api.is_none()
+        {
             bail!(
-                "nothing to do: pass --inbound with --app or --transparent, --outbound, or at least one --upstream"
+                "nothing to do: pass --inbound with --app or --transparent, --outbound, at least one --upstream, or --workload-api"
             );
         }
         Ok(Config {
@@ -243,6 +253,7 @@ impl Args {
             max_policy_rules: self.max_policy_rules,
             flow_interval: Duration::from_secs(self.flow_interval_secs),
             credential_file,
+            workload_api: self.workload_api,
             traces: self
                 .otlp_endpoint
                 .or_else(|| bulkhead_api::otlp::endpoint_from_env(|k| std::env::var(k).ok()))

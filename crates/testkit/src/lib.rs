@@ -410,6 +410,28 @@ pub fn tool(test: &str, program: &str) -> Option<std::path::PathBuf> {
     None
 }
 
+/// `python3`, if it can import `module` (the SPIFFE project's client, `spiffe`): `None` (and
+/// a `skipped:` line) when either is missing, a panic under `BULKHEAD_STRICT=1`, where
+/// `./dev/test` has installed them.
+pub fn python_with(test: &str, module: &str) -> Option<std::path::PathBuf> {
+    let python = tool(test, "python3")?;
+    let imports = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if imports {
+        return Some(python);
+    }
+    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
+        panic!(
+            "{test} cannot run: python3 cannot import {module}, and BULKHEAD_STRICT=1 forbids skipping (./dev/test installs it)"
+        );
+    }
+    eprintln!("skipped: {test}: needs the python module {module}");
+    None
+}
+
 /// Runs `promtool check metrics` on a `/metrics` page and returns its complaints; empty
 /// when the page passes (or, outside CI, when promtool is not installed).
 pub fn promtool_check_metrics(test: &str, page: &str) -> String {

@@ -1,0 +1,271 @@
+"""Checks Bulkhead's SPIFFE surfaces with the SPIFFE project's own Python client (py-spiffe).
+
+Run by crates/cli/tests/e2e/spiffe.rs against real processes; prints one JSON object on
+success, exits non-zero with the reason otherwise.
+
+  check.py workload-api SOCKET --id SPIFFE_ID --ca-pem PATH --sidecar-credential PATH [--rotations N]
+  check.py bundle DOCUMENT --trust-domain TD --ca-pem PATH [--endpoint https://HOST:PORT/]
+"""
+
+import argparse
+import base64
+import json
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+
+import grpc
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from spiffe import WorkloadApiClient, X509Bundle, TrustDomain
+from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+
+def fail(message):
+    print(message, file=sys.stderr)
+    sys.exit(1)
+
+
+def public_der(key):
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def roots_of(ca_pem_path, td):
+    with open(ca_pem_path, "rb") as f:
+        bundle = X509Bundle.parse(TrustDomain(td), f.read())
+    return {c.fingerprint(c.signature_hash_algorithm).hex() for c in bundle.x509_authorities}
+
+
+def fingerprints(certs):
+    return {c.fingerprint(c.signature_hash_algorithm).hex() for c in certs}
+
+
+def check_svid(svid, expected_id, sidecar_public):
+    if str(svid.spiffe_id) != expected_id:
+        fail(f"SPIFFE ID {svid.spiffe_id}, expected {expected_id}")
+    leaf = svid.leaf
+    if public_der(leaf.public_key()) != public_der(svid.private_key.public_key()):
+        fail("the private key does not match the leaf certificate")
+    if public_der(svid.private_key.public_key()) == sidecar_public:
+        fail("the app was given the sidecar's own key")
+    return leaf.serial_number
+
+
+def workload_api(args):
+    target = "unix:" + args.socket
+    with open(args.sidecar_credential, "rb") as f:
+        text = f.read()
+    key_pem = text[text.index(b"-----BEGIN PRIVATE KEY-----"):]
+    key_pem = key_pem[: key_pem.index(b"-----END PRIVATE KEY-----") + len(b"-----END PRIVATE KEY-----")]
+    sidecar_public = public_der(serialization.load_pem_private_key(key_pem, None).public_key())
+    td = args.id.split("/")[2]
+
+    # Without the security header the call is refused with INVALID_ARGUMENT.
+    with grpc.insecure_channel(target) as channel:
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        try:
+            next(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), timeout=10))
+            fail("a call without workload.spiffe.io: true was answered")
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                fail(f"a call without the header got {e.code()}, not INVALID_ARGUMENT: {e.details()}")
+            refused = e.details()
+
+    client = WorkloadApiClient(socket_path=target, default_timeout=20)
+    svid = client.fetch_x509_svid()
+    first_serial = check_svid(svid, args.id, sidecar_public)
+    bundles = client.fetch_x509_bundles()
+    bundle = bundles.get_bundle_for_trust_domain(TrustDomain(td))
+    if bundle is None:
+        fail(f"no bundle for {td}")
+    if fingerprints(bundle.x509_authorities) != roots_of(args.ca_pem, td):
+        fail("the bundle's authorities are not the roots of ca.pem")
+    context = client.fetch_x509_context()
+    if fingerprints(context.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain(td)).x509_authorities) != roots_of(args.ca_pem, td):
+        fail("the SVID's bundle is not the roots of ca.pem")
+
+    try:
+        client.fetch_jwt_svid(audience={"x"})
+        fail("FetchJWTSVID answered")
+    except Exception as e:  # py-spiffe wraps the gRPC error
+        jwt_error = str(e)
+        if "UNIMPLEMENTED" not in jwt_error.upper() and "not supported" not in jwt_error:
+            fail(f"FetchJWTSVID failed otherwise: {jwt_error}")
+
+    # Rotation: the open stream delivers each renewed SVID, each with a new key of its own.
+    serials = []
+    keys = set()
+    errors = []
+    done = threading.Event()
+
+    def on_success(ctx):
+        try:
+            s = ctx.default_svid
+            serial = check_svid(s, args.id, sidecar_public)
+            if not serials or serials[-1] != serial:
+                serials.append(serial)
+                keys.add(public_der(s.private_key.public_key()))
+            if len(serials) > args.rotations:
+                done.set()
+        except SystemExit:
+            errors.append("bad SVID on the stream")
+            done.set()
+
+    def on_error(e):
+        errors.append(str(e))
+        done.set()
+
+    handler = client.stream_x509_contexts(on_success, on_error, retry_connect=False)
+    done.wait(timeout=60)
+    handler.cancel()
+    client.close()
+    if errors:
+        fail(f"stream error: {errors}")
+    if len(serials) <= args.rotations:
+        fail(f"saw {len(serials)} SVIDs on the stream in 60 s, wanted {args.rotations + 1}")
+    if len(keys) != len(serials):
+        fail("a renewed SVID reused a key")
+    print(json.dumps({
+        "spiffe_id": str(svid.spiffe_id),
+        "first_serial": str(first_serial),
+        "stream_serials": [str(s) for s in serials],
+        "refused_without_header": refused,
+        "jwt": jwt_error,
+    }))
+
+
+def watch_bundle(args):
+    """Waits on an open FetchX509SVID stream until the trust domain's bundle holds
+    --roots roots (another CA added while the stream is open), and on FetchX509Bundles."""
+    td = TrustDomain(args.trust_domain)
+    client = WorkloadApiClient(socket_path="unix:" + args.socket, default_timeout=20)
+    first = client.fetch_x509_bundles().get_bundle_for_trust_domain(td)
+    print(f"ready {len(first.x509_authorities)}", flush=True)
+    seen = []
+    done = threading.Event()
+
+    def on_success(ctx):
+        n = len(ctx.x509_bundle_set.get_bundle_for_trust_domain(td).x509_authorities)
+        seen.append(n)
+        if n == args.roots:
+            done.set()
+
+    def on_error(e):
+        seen.append(str(e))
+        done.set()
+
+    handler = client.stream_x509_contexts(on_success, on_error, retry_connect=False)
+    done.wait(timeout=60)
+    handler.cancel()
+    if not done.is_set() or seen[-1] != args.roots:
+        fail(f"the stream never carried {args.roots} roots: {seen}")
+    # A new FetchX509Bundles call has them too.
+    now = client.fetch_x509_bundles().get_bundle_for_trust_domain(td)
+    if len(now.x509_authorities) != args.roots:
+        fail(f"FetchX509Bundles has {len(now.x509_authorities)} roots")
+    client.close()
+    print(json.dumps({"roots_seen": seen}))
+
+
+def fetch_endpoint(url, ca_pem, td):
+    """GET the bundle endpoint the https_spiffe way: the chain must verify against the trust
+    domain's roots and the server must present spiffe://TD/bulkhead/bundle-endpoint (no
+    host-name check: the SPIFFE ID is what is authenticated)."""
+    parsed = urllib.parse.urlparse(url)
+    ctx = ssl.create_default_context(cafile=ca_pem)
+    ctx.check_hostname = False
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+            uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.UniformResourceIdentifier
+            )
+            if uris != [f"spiffe://{td}/bulkhead/bundle-endpoint"]:
+                fail(f"the bundle endpoint presented {uris}")
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {parsed.hostname}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        fail(f"the bundle endpoint answered {head[:40]!r}")
+    if b"content-type: application/json" not in head.lower():
+        fail("the bundle endpoint's content type is not application/json")
+    return body
+
+
+def bundle(args):
+    with open(args.document, "rb") as f:
+        text = f.read()
+    doc = json.loads(text)
+    if not isinstance(doc.get("spiffe_sequence"), int) or doc["spiffe_sequence"] < 1:
+        fail(f"spiffe_sequence: {doc.get('spiffe_sequence')!r}")
+    if not isinstance(doc.get("spiffe_refresh_hint"), int) or doc["spiffe_refresh_hint"] < 1:
+        fail(f"spiffe_refresh_hint: {doc.get('spiffe_refresh_hint')!r}")
+    ders = []
+    for key in doc["keys"]:
+        if key.get("use") != "x509-svid":
+            fail(f"a key with use {key.get('use')!r}")
+        if "kid" in key:
+            fail("an x509-svid key carries a kid")
+        if len(key.get("x5c", [])) != 1:
+            fail("an x509-svid key without exactly one x5c certificate")
+        der = base64.b64decode(key["x5c"][0])
+        cert = x509.load_der_x509_certificate(der)
+        # The JWK's own parameters (kty/crv/x/y) are the certificate's public key.
+        public = jwt.PyJWK(key).key
+        if public_der(public) != public_der(cert.public_key()):
+            fail("a key's parameters are not its certificate's public key")
+        ders.append(der)
+    parsed = X509Bundle.parse_raw(TrustDomain(args.trust_domain), b"".join(ders))
+    if fingerprints(parsed.x509_authorities) != roots_of(args.ca_pem, args.trust_domain):
+        fail("the SPIFFE bundle's roots are not those of ca.pem")
+    served = None
+    if args.endpoint:
+        body = fetch_endpoint(args.endpoint, args.ca_pem, args.trust_domain)
+        if json.loads(body) != doc:
+            fail("the bundle endpoint serves another document than `ca bundle -o spiffe` prints")
+        served = True
+    print(json.dumps({
+        "roots": len(ders),
+        "sequence": doc["spiffe_sequence"],
+        "kty": sorted({k["kty"] for k in doc["keys"]}),
+        "served_same": served,
+    }))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("workload-api")
+    w.add_argument("socket")
+    w.add_argument("--id", required=True)
+    w.add_argument("--ca-pem", required=True)
+    w.add_argument("--sidecar-credential", required=True)
+    w.add_argument("--rotations", type=int, default=1)
+    wb = sub.add_parser("watch-bundle")
+    wb.add_argument("socket")
+    wb.add_argument("--trust-domain", required=True)
+    wb.add_argument("--roots", type=int, required=True)
+    b = sub.add_parser("bundle")
+    b.add_argument("document")
+    b.add_argument("--trust-domain", required=True)
+    b.add_argument("--ca-pem", required=True)
+    b.add_argument("--endpoint")
+    args = parser.parse_args()
+    {"workload-api": workload_api, "bundle": bundle, "watch-bundle": watch_bundle}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

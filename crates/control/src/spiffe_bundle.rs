@@ -1,0 +1,244 @@
+//! The trust bundle in the SPIFFE bundle format (a JWK Set: one `x509-svid` key per root,
+//! `spiffe_sequence`, `spiffe_refresh_hint`), as `bulkhead ca bundle -o spiffe` prints it
+//! and the bundle endpoint (`bulkhead control --bundle-endpoint ADDR`) serves it at `/`.
+//!
+//! The endpoint follows the `https_spiffe` profile of SPIFFE federation: HTTPS (TLS 1.3)
+//! with a certificate the control plane issues itself from the signing CA for
+//! `spiffe://<td>/bulkhead/bundle-endpoint`, re-issued at half-life and on every CA change.
+//! It serves only the public document: GET `/`, nothing else, no secret.
+
+use crate::cas::{CaSet, CaState};
+use crate::error::ControlError;
+use crate::service::State;
+use arc_swap::ArcSwap;
+use bulkhead_identity::SpiffeId;
+use bulkhead_identity::jwk::{KeyParams, x509_svid_key};
+use bulkhead_identity::tls::{ClientAuth, server_config};
+use http::{Method, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+/// The endpoint's own identity, in the mesh's reserved space.
+pub const BUNDLE_ENDPOINT_ID_PATH: &str = "/bulkhead/bundle-endpoint";
+/// How often a federated trust domain should fetch the bundle again (seconds).
+pub const REFRESH_HINT_SECS: u64 = 300;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTIONS: usize = 64;
+
+/// The sequence number of a CA set's bundle: it grows by one each time a root enters the
+/// bundle (a CA added) or leaves it (a CA retired), and records are never deleted.
+pub(crate) fn sequence(set: &CaSet) -> u64 {
+    set.members()
+        .iter()
+        .map(|m| 1 + u64::from(m.record.state == CaState::Retired))
+        .sum()
+}
+
+/// The SPIFFE bundle document of a CA set. A root whose key the format cannot carry is left
+/// out and logged (the PEM bundle still has it); every root Bulkhead generates is EC P-256.
+pub(crate) fn document(set: &CaSet) -> serde_json::Value {
+    let keys: Vec<serde_json::Value> = set
+        .bundle()
+        .roots()
+        .iter()
+        .filter_map(|root| match x509_svid_key(root) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::warn!(error = %e, "a root left out of the SPIFFE bundle");
+                None
+            }
+        })
+        .map(|key| {
+            let mut jwk = serde_json::json!({ "use": "x509-svid", "x5c": [key.x5c] });
+            match key.params {
+                KeyParams::Ec { crv, x, y } => {
+                    jwk["kty"] = "EC".into();
+                    jwk["crv"] = crv.into();
+                    jwk["x"] = x.into();
+                    jwk["y"] = y.into();
+                }
+                KeyParams::Rsa { n, e } => {
+                    jwk["kty"] = "RSA".into();
+                    jwk["n"] = n.into();
+                    jwk["e"] = e.into();
+                }
+            }
+            jwk
+        })
+        .collect();
+    serde_json::json!({
+        "keys": keys,
+        "spiffe_sequence": sequence(set),
+        "spiffe_refresh_hint": REFRESH_HINT_SECS,
+    })
+}
+
+/// The document as served and printed: pretty JSON and a final newline.
+pub(crate) fn document_text(set: &CaSet) -> String {
+    let mut text = serde_json::to_string_pretty(&document(set)).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// Binds the bundle endpoint and serves it until `stop`.
+pub(crate) async fn spawn(
+    state: Arc<State>,
+    listen: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> Result<SocketAddr, ControlError> {
+    let tcp = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ControlError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addr = tcp.local_addr().map_err(|source| ControlError::Bind {
+        addr: listen,
+        source,
+    })?;
+    let tls = Arc::new(ArcSwap::from_pointee(tls_config(&state)?));
+    renew(state.clone(), tls.clone());
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tracing::info!(listen = %addr, "SPIFFE bundle endpoint listening (https_spiffe)");
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                _ = stopped(&mut stop) => return,
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let (tcp, remote) = tokio::select! {
+                _ = stopped(&mut stop) => return,
+                a = tcp.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bundle endpoint accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let config = tls.load_full();
+            let state = state.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                connection(tcp, remote, config, state).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Until the control plane stops.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    config: Arc<ServerConfig>,
+    state: Arc<State>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "bundle endpoint TLS handshake refused");
+            return;
+        }
+        Err(_) => return,
+    };
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(&state, req.method(), req.uri().path())) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%remote, error = %e, "bundle endpoint connection ended");
+    }
+}
+
+fn answer(state: &State, method: &Method, path: &str) -> http::Response<Full<Bytes>> {
+    let (status, body, kind) = match (method, path) {
+        (&Method::GET, "/") => (
+            StatusCode::OK,
+            document_text(&state.cas.borrow()),
+            "application/json",
+        ),
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "the SPIFFE bundle is served at /\n".to_string(),
+            "text/plain; charset=utf-8",
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET\n".to_string(),
+            "text/plain; charset=utf-8",
+        ),
+    };
+    let mut response = http::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(kind) {
+        response.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// TLS 1.3 with a fresh certificate for the endpoint's identity; clients need none.
+fn tls_config(state: &State) -> Result<ServerConfig, ControlError> {
+    let id = SpiffeId::parse(&format!(
+        "spiffe://{}{BUNDLE_ENDPOINT_ID_PATH}",
+        state.trust_domain()
+    ))?;
+    let svid =
+        state
+            .signer()
+            .issue_local(&id, state.svid_lifetime(), std::time::SystemTime::now())?;
+    let cas = state.cas.borrow().clone();
+    Ok(server_config(
+        &svid,
+        cas.bundle(),
+        ClientAuth::Optional,
+        &[b"http/1.1"],
+    )?)
+}
+
+/// Re-issues the endpoint's certificate at half-life and whenever the CA set changes.
+fn renew(state: Arc<State>, config: Arc<ArcSwap<ServerConfig>>) {
+    let mut cas = state.cas.subscribe();
+    tokio::spawn(async move {
+        let mut wait = state.svid_lifetime() / 2;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                changed = cas.changed() => if changed.is_err() { return },
+            }
+            wait = match tls_config(&state) {
+                Ok(c) => {
+                    config.store(Arc::new(c));
+                    state.svid_lifetime() / 2
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not renew the bundle endpoint's certificate; retrying in 30s");
+                    Duration::from_secs(30)
+                }
+            };
+        }
+    });
+}
