@@ -656,10 +656,6 @@ spec:
             "lonely-sa-token",
             tokenreview::bound_token("shop", "lonely", "lonely-1", &["bulkhead"]),
         );
-        api.answer(
-            "reserved-sa-token",
-            tokenreview::bound_token("bulkhead", "control", "x-1", &["bulkhead"]),
-        );
         for (name, token, words) in [
             (
                 "expired",
@@ -697,6 +693,34 @@ spec:
             "{err}"
         );
         api.forbid(false);
+
+        // A restarted proxy rejoins with its kept credential, without asking the API
+        // server again (here its token is no longer one the API server knows).
+        let credential = mesh.dir.path().join("frontend.credential");
+        let kept = [
+            "--upstream",
+            &upstream,
+            "--credential-file",
+            credential.to_str().unwrap(),
+        ];
+        let (mut first, _) = mesh.proxy_joining(
+            "frontend-2",
+            mesh.attested_proxy_args(&frontend_token),
+            &kept,
+        );
+        first.kill();
+        let asked = api.reviews().len();
+        std::fs::write(&frontend_token, "unknown-sa-token\n").unwrap();
+        let (_again, ready) = mesh.proxy_joining(
+            "frontend-2",
+            mesh.attested_proxy_args(&frontend_token),
+            &kept,
+        );
+        assert_eq!(ready["spiffe_id"], id("frontend"), "{ready}");
+        assert_eq!(api.reviews().len(), asked, "the API server was asked again");
+        // … and without it, the rotated token is read at the join (and refused here).
+        let err = mesh.failing_proxy_joining(mesh.attested_proxy_args(&frontend_token), &[]);
+        assert!(err.contains("token lookup failed"), "{err}");
 
         // A revoked identity gets no SVID by its service-account token either.
         let (code, _, err) = mesh.cli(&["revoke", "identity", &id("orders"), "--reason", "test"]);
