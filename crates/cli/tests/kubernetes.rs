@@ -415,6 +415,8 @@ mod install {
             .collect();
         assert!(args.contains(&"--webhook-listen=0.0.0.0:8443"), "{args:?}");
         assert!(args.contains(&"--data-dir=/var/lib/bulkhead"), "{args:?}");
+        // Injected sidecars join by service-account token.
+        assert!(args.contains(&"--kubernetes-attest"), "{args:?}");
 
         // The webhook configuration calls the webhook Service, which reaches the container.
         let hooks = find(
