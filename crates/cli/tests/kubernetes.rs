@@ -732,6 +732,34 @@ spec:
     }
 
     #[test]
+    fn an_api_server_that_cannot_be_reached_is_named() {
+        let api = TokenReviewServer::start();
+        // A port nothing listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (url, ca, token) = (format!("https://{closed}"), api.ca_file(), api.token_file());
+        let mesh = Mesh::start_with(&[
+            "--kubernetes-attest",
+            "--kubernetes-api",
+            &url,
+            "--kubernetes-ca",
+            ca.to_str().unwrap(),
+            "--kubernetes-token-file",
+            token.to_str().unwrap(),
+        ]);
+        mesh.apply("orders.yaml", &orders_policy("/orders/*"));
+        let file = token_file(&mesh, "orders", "orders-sa-token");
+        let err = mesh.failing_proxy_joining(mesh.attested_proxy_args(&file), &[]);
+        assert!(
+            err.contains("could not check the service-account token")
+                && err.contains(&format!("TokenReview to {closed}")),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_control_plane_without_attestation_refuses_service_account_tokens() {
         let mesh = Mesh::start();
         mesh.apply("orders.yaml", &orders_policy("/orders/*"));

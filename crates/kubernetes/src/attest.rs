@@ -65,6 +65,8 @@ pub enum Refusal {
 pub enum ReviewError {
     #[error("in-cluster configuration: {0}")]
     InCluster(String),
+    #[error("--kubernetes-api {url:?} {why}: expected https://HOST[:PORT]")]
+    ApiUrl { url: String, why: &'static str },
     #[error("cannot read {path}: {source}")]
     File {
         path: PathBuf,
@@ -222,10 +224,9 @@ impl InCluster {
         ca_file: &Path,
         token_file: &Path,
     ) -> Result<InCluster, ReviewError> {
-        let bad = |why: &str| {
-            ReviewError::InCluster(format!(
-                "--kubernetes-api {url:?} {why}: expected https://HOST[:PORT]"
-            ))
+        let bad = |why: &'static str| ReviewError::ApiUrl {
+            url: url.into(),
+            why,
         };
         let rest = url
             .strip_prefix("https://")
