@@ -254,8 +254,12 @@ async fn join_with_token(config: &Config, bundle: TrustBundle) -> Result<Joined,
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
-            // The control plane answered, but could not ask the API server.
-            Err(s) if s.code() == Code::Unavailable && attested => {
+            // The control plane answered that it could not ask the API server: its words.
+            Err(s)
+                if s.code() == Code::Unavailable
+                    && attested
+                    && s.message().contains("service-account token") =>
+            {
                 return Err(fail(s.message().to_string()));
             }
             Err(s) if s.code() == Code::Unavailable => {
