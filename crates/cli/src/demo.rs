@@ -380,6 +380,7 @@ async fn sidecar(
         control: control.into(),
         trust_bundle_pem: bundle.to_string(),
         token: bulkhead_proxy::config::JoinToken(token),
+        service_account_token_file: None,
         identity: Some(bulkhead_identity::SpiffeId::parse(identity)?),
         inbound: app.map(|app| InboundSpec {
             listen: LOOPBACK_ANY.parse().expect("literal address"),

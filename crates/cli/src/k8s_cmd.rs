@@ -6,6 +6,7 @@ use bulkhead_kubernetes::webhook::{self, WebhookConfig, WebhookOptions};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum K8sCommand {
@@ -92,6 +93,70 @@ impl ControlWebhook {
         )
         .await?;
         Ok(Some(hook.addr))
+    }
+}
+
+/// `bulkhead control`'s joins by Kubernetes service-account token.
+#[derive(clap::Args, Debug)]
+pub struct ControlAttest {
+    /// Accept joins by a pod's projected service-account token (audience `bulkhead`, what
+    /// injected sidecars present with --service-account-token-file), checked with a
+    /// TokenReview: the SVID is for exactly spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT,
+    /// bound to the Workload that declares it. The API server is found in-cluster
+    /// (KUBERNETES_SERVICE_HOST/PORT and the pod's service-account ca.crt and token) unless
+    /// --kubernetes-api is given.
+    #[arg(long)]
+    kubernetes_attest: bool,
+    /// The API server to send TokenReviews to, https://HOST[:PORT], instead of the in-cluster
+    /// one.
+    #[arg(long, value_name = "URL", requires = "kubernetes_attest")]
+    kubernetes_api: Option<String>,
+    /// The CA certificate(s) (PEM) the API server's certificate must chain to; default: the
+    /// pod's service-account ca.crt.
+    #[arg(long, value_name = "FILE", requires = "kubernetes_attest")]
+    kubernetes_ca: Option<PathBuf>,
+    /// The control plane's own bearer token for the API server, re-read at every
+    /// TokenReview (the kubelet rotates it); default: the pod's service-account token.
+    #[arg(long, value_name = "FILE", requires = "kubernetes_attest")]
+    kubernetes_token_file: Option<PathBuf>,
+}
+
+impl ControlAttest {
+    /// The attestor `bulkhead control` hands the control plane, if asked for one.
+    pub fn attestor(self) -> Result<Option<Arc<dyn bulkhead_control::Attestor>>> {
+        use bulkhead_kubernetes::attest::{InCluster, SERVICE_ACCOUNT_DIR, TokenReviewer};
+        use bulkhead_kubernetes::inject::TOKEN_AUDIENCE;
+        if !self.kubernetes_attest {
+            return Ok(None);
+        }
+        let dir = Path::new(SERVICE_ACCOUNT_DIR);
+        let cluster = match &self.kubernetes_api {
+            Some(url) => InCluster::explicit(
+                url,
+                &self.kubernetes_ca.unwrap_or_else(|| dir.join("ca.crt")),
+                &self
+                    .kubernetes_token_file
+                    .unwrap_or_else(|| dir.join("token")),
+            ),
+            None => InCluster::load(|k| std::env::var(k).ok(), dir).and_then(|mut c| {
+                if let Some(ca) = &self.kubernetes_ca {
+                    c.ca_pem = std::fs::read_to_string(ca).map_err(|source| {
+                        bulkhead_kubernetes::attest::ReviewError::File {
+                            path: ca.clone(),
+                            source,
+                        }
+                    })?;
+                }
+                if let Some(token) = self.kubernetes_token_file {
+                    c.token_file = token;
+                }
+                Ok(c)
+            }),
+        }
+        .context("--kubernetes-attest")?;
+        let reviewer =
+            TokenReviewer::new(cluster, TOKEN_AUDIENCE).context("--kubernetes-attest")?;
+        Ok(Some(Arc::new(reviewer)))
     }
 }
 

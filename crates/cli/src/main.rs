@@ -105,7 +105,9 @@ enum Command {
         #[command(flatten)]
         traces: ControlTraces,
         #[command(flatten)]
-        webhook: k8s_cmd::ControlWebhook,
+        webhook: Box<k8s_cmd::ControlWebhook>,
+        #[command(flatten)]
+        attest: Box<k8s_cmd::ControlAttest>,
         /// Log format: text, or one JSON object per line.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -643,6 +645,7 @@ async fn run(cli: Cli) -> Result<()> {
             bounds,
             traces,
             webhook,
+            attest,
             log_format,
         } => {
             bulkhead_proxy::init_logging("info", log_format == "json");
@@ -690,6 +693,7 @@ async fn run(cli: Cli) -> Result<()> {
                         sampling_ratio: traces.trace_sampling_ratio,
                     }),
                 bundle_endpoint,
+                attestor: (*attest).attestor()?,
             };
             let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(
@@ -703,7 +707,7 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(url) = &running.console_url {
                 eprintln!("console: {url} (log in with `bulkhead console token`)");
             }
-            if let Some(addr) = webhook.start(running.issuer.clone()).await? {
+            if let Some(addr) = (*webhook).start(running.issuer.clone()).await? {
                 eprintln!("injection webhook: https://{addr}/inject");
             }
             if let Some(addr) = running.bundle_endpoint {

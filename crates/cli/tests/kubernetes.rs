@@ -1,15 +1,14 @@
 //! Bulkhead on Kubernetes with the real binary: `bulkhead k8s crds` prints the CRDs the
-//! install manifests hold, and the injection webhook answers recorded AdmissionReviews over
-//! HTTPS (`webhook`).
+//! install manifests hold, the injection webhook answers recorded AdmissionReviews over
+//! HTTPS (`webhook`), and proxies join by their service-account token, checked with a
+//! TokenReview by a test API server (`attest`).
 #![allow(clippy::unwrap_used)]
 
-use bulkhead_testkit::{Bins, run};
 use std::path::Path;
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
-
 
 mod webhook {
     //! The injection webhook served for real: a control plane with `--webhook-listen`, the
@@ -416,6 +415,8 @@ mod install {
             .collect();
         assert!(args.contains(&"--webhook-listen=0.0.0.0:8443"), "{args:?}");
         assert!(args.contains(&"--data-dir=/var/lib/bulkhead"), "{args:?}");
+        // Injected sidecars join by service-account token.
+        assert!(args.contains(&"--kubernetes-attest"), "{args:?}");
 
         // The webhook configuration calls the webhook Service, which reaches the container.
         let hooks = find(
@@ -527,5 +528,247 @@ mod install {
         assert_eq!(binding["subjects"].as_array().unwrap().len(), 1);
         assert_eq!(binding["subjects"][0]["name"], "bulkhead-control");
         assert_eq!(binding["subjects"][0]["namespace"], "bulkhead-system");
+    }
+}
+
+mod attest {
+    //! Joins by service-account token: a real control plane with `--kubernetes-attest`
+    //! pointed at the testkit's TokenReview server (HTTPS, its own CA, our bearer token
+    //! checked), real sidecars with `--service-account-token-file`. The server's answers are
+    //! written to the API's documented shape; no real API server is involved.
+
+    use bulkhead_testkit::http;
+    use bulkhead_testkit::mesh::{Mesh, addr, id, orders_policy};
+    use bulkhead_testkit::tokenreview::{self, TokenReviewServer};
+    use serde_json::json;
+    use std::path::PathBuf;
+
+    fn token_file(mesh: &Mesh, name: &str, token: &str) -> PathBuf {
+        let file = mesh.dir.path().join(format!("{name}.satoken"));
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        file
+    }
+
+    fn attesting_mesh(api: &TokenReviewServer) -> Mesh {
+        let (url, ca, token) = (api.url(), api.ca_file(), api.token_file());
+        Mesh::start_with(&[
+            "--kubernetes-attest",
+            "--kubernetes-api",
+            &url,
+            "--kubernetes-ca",
+            ca.to_str().unwrap(),
+            "--kubernetes-token-file",
+            token.to_str().unwrap(),
+        ])
+    }
+
+    const FRONTEND: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: frontend, namespace: shop}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/frontend
+"#;
+
+    #[test]
+    fn a_proxy_joins_by_its_service_account_token_and_serves() {
+        let api = TokenReviewServer::start();
+        api.answer(
+            "orders-sa-token",
+            tokenreview::bound_token("shop", "orders", "orders-7c9d8f6b5-x2x9k", &["bulkhead"]),
+        );
+        api.answer(
+            "frontend-sa-token",
+            tokenreview::bound_token("shop", "frontend", "frontend-5d8f-abcde", &["bulkhead"]),
+        );
+        let mesh = attesting_mesh(&api);
+        mesh.apply("orders.yaml", &orders_policy("/orders/*"));
+        mesh.apply("frontend.yaml", FRONTEND);
+
+        let (_orders_app, app) = mesh.app("orders");
+        let app = app.to_string();
+        let orders_token = token_file(&mesh, "orders", "orders-sa-token");
+        let (_orders, ready) = mesh.proxy_joining(
+            "orders",
+            mesh.attested_proxy_args(&orders_token),
+            &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
+        );
+        assert_eq!(ready["spiffe_id"], id("orders"), "{ready}");
+        assert_eq!(ready["workload"], "shop/orders", "{ready}");
+        let orders_in = addr(&ready["inbound"]);
+        let upstream = format!(
+            "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
+            id("orders")
+        );
+        let frontend_token = token_file(&mesh, "frontend", "frontend-sa-token");
+        let (_frontend, ready) = mesh.proxy_joining(
+            "frontend",
+            mesh.attested_proxy_args(&frontend_token),
+            &["--upstream", &upstream],
+        );
+        let to_orders = addr(&ready["upstreams"]["orders"]);
+
+        // What the operator sees: each proxy with exactly its attested identity and the
+        // Workload that declares it.
+        let (code, json, err) = mesh.cli(&["get", "proxies", "-o", "json"]);
+        assert_eq!(code, 0, "{err}");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+        for sa in ["orders", "frontend"] {
+            assert!(
+                rows.iter().any(|p| p["spiffeId"] == id(sa)
+                    && p["namespace"] == "shop"
+                    && p["workload"] == sa),
+                "{sa}: {json}"
+            );
+        }
+        // A request through the sidecar pair, allowed by policy.
+        let res = http(to_orders, "GET", "/orders/1");
+        assert_eq!(res.status, 200, "{}", res.body);
+
+        // The API server was asked, with our bearer token (else it answers 401) and the
+        // audience bulkhead, about exactly the tokens presented.
+        let reviews = api.reviews();
+        let asked: Vec<&str> = reviews
+            .iter()
+            .map(|r| r["spec"]["token"].as_str().unwrap())
+            .collect();
+        assert!(asked.contains(&"orders-sa-token") && asked.contains(&"frontend-sa-token"));
+        assert!(
+            reviews
+                .iter()
+                .all(|r| r["spec"]["audiences"] == json!(["bulkhead"]))
+        );
+
+        // Refusals, in words the proxy prints before it exits non-zero.
+        api.answer(
+            "expired-sa-token",
+            tokenreview::unauthenticated(
+                "[invalid bearer token, service account token has expired]",
+            ),
+        );
+        api.answer(
+            "other-audience-sa-token",
+            tokenreview::bound_token(
+                "shop",
+                "orders",
+                "orders-1",
+                &["https://kubernetes.default.svc"],
+            ),
+        );
+        api.answer(
+            "lonely-sa-token",
+            tokenreview::bound_token("shop", "lonely", "lonely-1", &["bulkhead"]),
+        );
+        for (name, token, words) in [
+            (
+                "expired",
+                "expired-sa-token",
+                "service account token has expired",
+            ),
+            ("unknown", "unknown-sa-token", "token lookup failed"),
+            (
+                "audience",
+                "other-audience-sa-token",
+                "is not for audience \"bulkhead\"",
+            ),
+            (
+                "lonely",
+                "lonely-sa-token",
+                "no Workload declares spiffe://test.local/ns/shop/sa/lonely",
+            ),
+        ] {
+            let file = token_file(&mesh, name, token);
+            let err = mesh.failing_proxy_joining(mesh.attested_proxy_args(&file), &[]);
+            assert!(err.contains(words), "{name}: {err}");
+        }
+        // The token never reaches a log.
+        for log in ["control", "orders-proxy", "frontend-proxy"] {
+            let text = std::fs::read_to_string(mesh.dir.path().join(format!("{log}.log"))).unwrap();
+            assert!(!text.contains("-sa-token"), "{log}.log holds a token");
+        }
+
+        // An API server that refuses the control plane (no RBAC grant): said so.
+        api.forbid(true);
+        let err = mesh.failing_proxy_joining(mesh.attested_proxy_args(&orders_token), &[]);
+        assert!(
+            err.contains("could not check the service-account token")
+                && err.contains("cannot create resource \"tokenreviews\""),
+            "{err}"
+        );
+        api.forbid(false);
+
+        // A restarted proxy rejoins with its kept credential, without asking the API
+        // server again (here its token is no longer one the API server knows).
+        let credential = mesh.dir.path().join("frontend.credential");
+        let kept = [
+            "--upstream",
+            &upstream,
+            "--credential-file",
+            credential.to_str().unwrap(),
+        ];
+        let (mut first, _) = mesh.proxy_joining(
+            "frontend-2",
+            mesh.attested_proxy_args(&frontend_token),
+            &kept,
+        );
+        first.kill();
+        let asked = api.reviews().len();
+        std::fs::write(&frontend_token, "unknown-sa-token\n").unwrap();
+        let (_again, ready) = mesh.proxy_joining(
+            "frontend-2",
+            mesh.attested_proxy_args(&frontend_token),
+            &kept,
+        );
+        assert_eq!(ready["spiffe_id"], id("frontend"), "{ready}");
+        assert_eq!(api.reviews().len(), asked, "the API server was asked again");
+        // … and without it, the rotated token is read at the join (and refused here).
+        let err = mesh.failing_proxy_joining(mesh.attested_proxy_args(&frontend_token), &[]);
+        assert!(err.contains("token lookup failed"), "{err}");
+
+        // A revoked identity gets no SVID by its service-account token either.
+        let (code, _, err) = mesh.cli(&["revoke", "identity", &id("orders"), "--reason", "test"]);
+        assert_eq!(code, 0, "{err}");
+        let err = mesh.failing_proxy_joining(mesh.attested_proxy_args(&orders_token), &[]);
+        assert!(err.contains("revoked"), "{err}");
+    }
+
+    #[test]
+    fn an_api_server_that_cannot_be_reached_is_named() {
+        let api = TokenReviewServer::start();
+        // A port nothing listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (url, ca, token) = (format!("https://{closed}"), api.ca_file(), api.token_file());
+        let mesh = Mesh::start_with(&[
+            "--kubernetes-attest",
+            "--kubernetes-api",
+            &url,
+            "--kubernetes-ca",
+            ca.to_str().unwrap(),
+            "--kubernetes-token-file",
+            token.to_str().unwrap(),
+        ]);
+        mesh.apply("orders.yaml", &orders_policy("/orders/*"));
+        let file = token_file(&mesh, "orders", "orders-sa-token");
+        let err = mesh.failing_proxy_joining(mesh.attested_proxy_args(&file), &[]);
+        assert!(
+            err.contains("could not check the service-account token")
+                && err.contains(&format!("TokenReview to {closed}")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_control_plane_without_attestation_refuses_service_account_tokens() {
+        let mesh = Mesh::start();
+        mesh.apply("orders.yaml", &orders_policy("/orders/*"));
+        let file = token_file(&mesh, "orders", "orders-sa-token");
+        let err = mesh.failing_proxy_joining(mesh.attested_proxy_args(&file), &[]);
+        assert!(
+            err.contains("does not accept service-account tokens")
+                && err.contains("--kubernetes-attest"),
+            "{err}"
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 mod admin;
 mod anomaly;
+mod attestation;
 mod cas;
 mod change;
 mod console;
@@ -29,6 +30,7 @@ mod tokens;
 
 pub use admin::MAX_APPLY_BYTES;
 pub use anomaly::Anomalies;
+pub use attestation::{Attestation, AttestationError, Attested, Attestor};
 pub use change::ProxyBounds;
 pub use console::{ConsoleOptions, ConsoleTransport};
 pub use datadir::{AdminContext, CONTEXT_FILE};
@@ -79,6 +81,9 @@ pub struct ControlOptions {
     /// Serve the trust bundle as a SPIFFE bundle over HTTPS (`https_spiffe`) on this
     /// address; `None`: no bundle endpoint.
     pub bundle_endpoint: Option<SocketAddr>,
+    /// Accept joins by a credential this attestor checks (a Kubernetes service-account
+    /// token) instead of a join token; `None`: such joins are refused.
+    pub attestor: Option<Arc<dyn Attestor>>,
 }
 
 /// Where the control plane's spans go (`bulkhead control --otlp-endpoint`).
@@ -174,6 +179,13 @@ pub async fn start_with(
         &options.anomalies,
         options.proxy_bounds,
     )?;
+    if let Some(attestor) = &options.attestor {
+        tracing::info!(
+            accepts = attestor.describe(),
+            "joins by attestation accepted besides join tokens"
+        );
+        state.attestor = Some(attestor.clone());
+    }
     if let Some(path) = &options.prometheus_sd_file {
         state.discovery = Some(discovery::Discovery::start(path.clone(), metrics_addr)?);
         tracing::info!(path = %path.display(), "Prometheus file_sd file written; rewritten as proxies come and go");

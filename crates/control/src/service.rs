@@ -26,6 +26,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+mod attested;
+
 /// The resource set every proxy's view is cut from, with what the cut needs precomputed once
 /// per revision: the distribution index and each resource's wire encoding.
 #[derive(Debug, Default)]
@@ -129,6 +131,8 @@ pub(crate) struct State {
     pub(crate) pushes: crate::spans::Pushes,
     /// The Prometheus file_sd file (`--prometheus-sd-file`), when one is written.
     pub(crate) discovery: Option<crate::discovery::Discovery>,
+    /// Checks the credentials of joins without a join token (`--kubernetes-attest`).
+    pub(crate) attestor: Option<Arc<dyn crate::Attestor>>,
 }
 
 impl State {
@@ -193,6 +197,7 @@ impl State {
             tracer: None,
             pushes: Default::default(),
             discovery: None,
+            attestor: None,
         })
     }
 
@@ -301,6 +306,14 @@ impl Identity for State {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
         let r = req.into_inner();
+        if !r.service_account_token.is_empty() {
+            if !r.token.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a join presents a join token or a service-account token, not both",
+                ));
+            }
+            return self.join_attested(remote, r).await;
+        }
         let (token_id, secret) =
             tokens::parse(&r.token).map_err(|e| Status::unauthenticated(e.to_string()))?;
         let now = SystemTime::now();

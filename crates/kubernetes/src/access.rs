@@ -47,7 +47,8 @@ pub const API_ACCESS: &[ApiAccess] = &[
     status("workloads/status"),
     status("services/status"),
     status("defaultpostures/status"),
-    // Service-account token attestation.
+    // Service-account token attestation: Identity.Join with a service-account token
+    // (`bulkhead control --kubernetes-attest`).
     ApiAccess {
         group: "authentication.k8s.io",
         resource: "tokenreviews",

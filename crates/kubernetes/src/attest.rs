@@ -8,8 +8,11 @@
 //! bound to are the API server's to check, and this module refuses everything the API server
 //! did not affirm: an unauthenticated review (an expired token, another audience, a pod that
 //! no longer exists), an answer without our audience, a user that is not a service account,
-//! and a token not bound to a pod (a long-lived Secret token). Not wired into Join yet.
+//! and a token not bound to a pod (a long-lived Secret token). `bulkhead control
+//! --kubernetes-attest` hands a [`TokenReviewer`] to the control plane as its
+//! [`Attestor`]: Identity.Join with a service-account token asks it.
 
+use bulkhead_control::{Attestation, AttestationError, Attestor};
 use bulkhead_identity::SpiffeId;
 use bytes::Bytes;
 use http::{Request, StatusCode, header};
@@ -62,6 +65,8 @@ pub enum Refusal {
 pub enum ReviewError {
     #[error("in-cluster configuration: {0}")]
     InCluster(String),
+    #[error("--kubernetes-api {url:?} {why}: expected https://HOST[:PORT]")]
+    ApiUrl { url: String, why: &'static str },
     #[error("cannot read {path}: {source}")]
     File {
         path: PathBuf,
@@ -210,6 +215,69 @@ impl InCluster {
     }
 }
 
+impl InCluster {
+    /// The API server at `url` (`https://HOST[:PORT]`, 443 by default), trusted through the
+    /// CA certificates in `ca_file`, called with the token in `token_file` (re-read at every
+    /// call): a control plane outside the cluster, or a test's API server.
+    pub fn explicit(
+        url: &str,
+        ca_file: &Path,
+        token_file: &Path,
+    ) -> Result<InCluster, ReviewError> {
+        let bad = |why: &'static str| ReviewError::ApiUrl {
+            url: url.into(),
+            why,
+        };
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| bad("is not an https:// URL"))?;
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(bad("has a path, query or user, or no host"));
+        }
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (host, after) = v6
+                    .split_once(']')
+                    .ok_or_else(|| bad("has no closing ']'"))?;
+                let port = match after {
+                    "" => None,
+                    p => Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| bad("has junk after ']'"))?,
+                    ),
+                };
+                (host, port)
+            }
+            None => match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
+        let port: u16 = match port {
+            None => 443,
+            Some(p) => p.parse().map_err(|_| bad("has no valid port"))?,
+        };
+        if host.is_empty() {
+            return Err(bad("has no host"));
+        }
+        let server = match host.contains(':') {
+            true => format!("[{host}]:{port}"),
+            false => format!("{host}:{port}"),
+        };
+        let ca_pem = std::fs::read_to_string(ca_file).map_err(|source| ReviewError::File {
+            path: ca_file.to_path_buf(),
+            source,
+        })?;
+        Ok(InCluster {
+            server,
+            host: host.into(),
+            ca_pem,
+            token_file: token_file.to_path_buf(),
+        })
+    }
+}
+
 /// Makes TokenReviews with the control plane's own credentials.
 #[derive(Clone)]
 pub struct TokenReviewer {
@@ -330,6 +398,42 @@ impl TokenReviewer {
         answer
             .status
             .ok_or_else(|| transport("the TokenReview has no status".into()))
+    }
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("server", &self.cluster.server)
+            .field("token_file", &self.cluster.token_file)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The control plane's check of a service-account token (`--kubernetes-attest`): what the
+/// API server refuses or does not affirm is [`AttestationError::Refused`] with its reason;
+/// an API server that cannot be asked is [`AttestationError::Unreachable`].
+impl Attestor for TokenReviewer {
+    fn describe(&self) -> &str {
+        "Kubernetes service-account tokens (TokenReview)"
+    }
+
+    fn attest<'a>(&'a self, trust_domain: &'a str, credential: &'a str) -> Attestation<'a> {
+        Box::pin(async move {
+            match TokenReviewer::attest(self, trust_domain, credential).await {
+                Ok(Ok(a)) => Ok(bulkhead_control::Attested {
+                    id: a.id,
+                    subject: format!("pod {}/{}", a.namespace, a.pod_name),
+                }),
+                Ok(Err(refusal)) => Err(AttestationError::Refused {
+                    reason: refusal.to_string(),
+                }),
+                Err(e) => Err(AttestationError::Unreachable {
+                    reason: e.to_string(),
+                }),
+            }
+        })
     }
 }
 

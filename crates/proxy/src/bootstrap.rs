@@ -1,4 +1,5 @@
-//! Joining the mesh: make a key here, send only a CSR and the join token, get an SVID back.
+//! Joining the mesh: make a key here, send only a CSR and the join token (or the pod's
+//! service-account token, `--service-account-token-file`), get an SVID back.
 //!
 //! The trust domain is the one `--identity` names, or else the one a root of the bundle file
 //! names in its `spiffe://` URI (a root Bulkhead generated has one; an enterprise root does
@@ -71,7 +72,10 @@ pub(crate) async fn join(
             .map_err(|e| match (e, refused) {
                 (ProxyError::Join { addr, message }, Some(why)) => ProxyError::Join {
                     addr,
-                    message: format!("{why}; with the join token: {message}"),
+                    message: match config.service_account_token_file {
+                        Some(_) => format!("{why}; with the service-account token: {message}"),
+                        None => format!("{why}; with the join token: {message}"),
+                    },
                 },
                 (e, _) => e,
             })?,
@@ -198,13 +202,35 @@ fn trust_bundle(config: &Config) -> Result<TrustBundle, ProxyError> {
     })
 }
 
+/// Joins with the join token, or with the service-account token (read now: the kubelet
+/// rotates it) when `--service-account-token-file` is given.
 async fn join_with_token(config: &Config, bundle: TrustBundle) -> Result<Joined, ProxyError> {
     let fail = |message: String| join_error(config, message);
-    if config.token.0.is_empty() {
-        return Err(fail(
-            "the kept credential could not be used and there is no join token: create one with `bulkhead token create` and pass it with --token-file".into(),
-        ));
-    }
+    let (token, service_account_token) = match &config.service_account_token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                fail(format!(
+                    "cannot read --service-account-token-file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let text = text.trim().to_string();
+            if text.is_empty() {
+                return Err(fail(format!(
+                    "--service-account-token-file {} is empty",
+                    path.display()
+                )));
+            }
+            (String::new(), text)
+        }
+        None if config.token.0.is_empty() => {
+            return Err(fail(
+                "the kept credential could not be used and there is no join token: create one with `bulkhead token create` and pass it with --token-file".into(),
+            ));
+        }
+        None => (config.token.0.clone(), String::new()),
+    };
+    let attested = !service_account_token.is_empty();
     let tls = client_config(
         None,
         &bundle,
@@ -214,9 +240,10 @@ async fn join_with_token(config: &Config, bundle: TrustBundle) -> Result<Joined,
     let mut client = IdentityClient::new(channel::connect(config.control.clone(), tls));
     let key = LocalKey::generate()?;
     let request = JoinRequest {
-        token: config.token.0.clone(),
+        token,
         csr_der: key.csr_der(config.identity.as_ref())?,
         proxy_version: crate::VERSION.to_string(),
+        service_account_token,
     };
     // The control plane may still be starting: retry only "unavailable", briefly.
     let mut delay = Duration::from_millis(100);
@@ -226,6 +253,14 @@ async fn join_with_token(config: &Config, bundle: TrustBundle) -> Result<Joined,
             Err(s) if s.code() == Code::Unavailable && delay < Duration::from_secs(5) => {
                 tokio::time::sleep(delay).await;
                 delay *= 2;
+            }
+            // The control plane answered that it could not ask the API server: its words.
+            Err(s)
+                if s.code() == Code::Unavailable
+                    && attested
+                    && s.message().contains("service-account token") =>
+            {
+                return Err(fail(s.message().to_string()));
             }
             Err(s) if s.code() == Code::Unavailable => {
                 return Err(fail(format!(

@@ -14,6 +14,10 @@ pub struct Config {
     pub trust_bundle_pem: String,
     /// The join token. Its `Debug` is redacted so it cannot reach a log by accident.
     pub token: JoinToken,
+    /// Join by this file's service-account token (a pod's projected token, audience
+    /// `bulkhead`) instead of a join token; re-read at every join, since the kubelet
+    /// rotates it.
+    pub service_account_token_file: Option<PathBuf>,
     /// If set, the identity the proxy expects; the control plane refuses a token bound to
     /// another one.
     pub identity: Option<SpiffeId>,

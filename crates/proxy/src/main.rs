@@ -53,6 +53,13 @@ struct Args {
     /// of `ps`).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Join by presenting this pod's projected service-account token (audience `bulkhead`;
+    /// what an injected sidecar is given) instead of a join token: the control plane
+    /// (`bulkhead control --kubernetes-attest`) checks it with a TokenReview and issues the
+    /// identity spiffe://TD/ns/NAMESPACE/sa/ACCOUNT. Read again at every join, so a rotated
+    /// token is used.
+    #[arg(long, value_name = "PATH", conflicts_with = "token_file")]
+    service_account_token_file: Option<PathBuf>,
     /// Where this proxy keeps its own key and certificate (0600, rewritten at every
     /// renewal) so that, killed and started again with the same command, it rejoins by
     /// renewing with them instead of spending a new token. Default: the token file's path
@@ -195,6 +202,8 @@ impl Args {
         };
         let has_credential = credential_file.as_ref().is_some_and(|p| p.exists());
         let token = match (&self.token_file, std::env::var("BULKHEAD_JOIN_TOKEN").ok()) {
+            // Joins by the service-account token, read at the join.
+            _ if self.service_account_token_file.is_some() => String::new(),
             // Spent and deleted after the first join: the credential rejoins without it.
             (Some(path), _) if has_credential && !path.exists() => String::new(),
             (Some(path), _) => std::fs::read_to_string(path)
@@ -243,6 +252,7 @@ impl Args {
             control: self.control,
             trust_bundle_pem,
             token: JoinToken(token),
+            service_account_token_file: self.service_account_token_file,
             identity,
             inbound,
             upstreams: self.upstreams,

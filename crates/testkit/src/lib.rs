@@ -19,6 +19,7 @@ pub mod netns;
 pub mod prometheus;
 #[cfg(test)]
 mod tidy;
+pub mod tokenreview;
 
 /// Where the real binaries are: next to the `bulkhead` binary cargo built for this test.
 pub struct Bins {

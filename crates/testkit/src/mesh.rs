@@ -258,8 +258,30 @@ impl Mesh {
 
     /// Starts a sidecar; returns it and its ready-file JSON.
     pub fn proxy(&self, name: &str, token: &Path, extra: &[&str]) -> (Proc, serde_json::Value) {
+        self.proxy_joining(name, self.proxy_args(token), extra)
+    }
+
+    /// The flags of a sidecar that joins by the service-account token in `file` (a control
+    /// plane with `--kubernetes-attest`) instead of a join token.
+    pub fn attested_proxy_args(&self, file: &Path) -> Vec<String> {
+        self.proxy_args(file)
+            .into_iter()
+            .map(|a| match a.as_str() {
+                "--token-file" => "--service-account-token-file".to_string(),
+                _ => a,
+            })
+            .collect()
+    }
+
+    /// Starts a sidecar with `args` (the join's flags, as [`Mesh::proxy_args`] makes them)
+    /// and `extra`; returns it and its ready-file JSON.
+    pub fn proxy_joining(
+        &self,
+        name: &str,
+        mut args: Vec<String>,
+        extra: &[&str],
+    ) -> (Proc, serde_json::Value) {
         let ready = self.dir.path().join(format!("{name}-proxy.json"));
-        let mut args = self.proxy_args(token);
         args.extend([
             "--ready-file".to_string(),
             ready.to_str().unwrap().to_string(),
@@ -325,7 +347,11 @@ impl Mesh {
 
     /// Runs a proxy expected to fail at start; returns its stderr.
     pub fn failing_proxy(&self, token: &Path, extra: &[&str]) -> String {
-        let mut args = self.proxy_args(token);
+        self.failing_proxy_joining(self.proxy_args(token), extra)
+    }
+
+    /// [`Mesh::failing_proxy`] with the join's flags `args`.
+    pub fn failing_proxy_joining(&self, mut args: Vec<String>, extra: &[&str]) -> String {
         args.extend([
             "--upstream".into(),
             format!(

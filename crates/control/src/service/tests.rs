@@ -188,3 +188,132 @@ async fn a_nack_without_a_revision_counts_against_the_one_sent() {
     assert_eq!(status[0].nacked_revision, revision);
     assert!(status[0].nack_error.contains("broke while receiving"));
 }
+
+/// An attestor that vouches for one identity, or refuses as told.
+#[derive(Debug)]
+struct Vouches(Result<&'static str, crate::AttestationError>);
+
+impl crate::Attestor for Vouches {
+    fn describe(&self) -> &str {
+        "a test's attestor"
+    }
+
+    fn attest<'a>(&'a self, _td: &'a str, _credential: &'a str) -> crate::Attestation<'a> {
+        let answer = self.0.clone().map(|id| crate::Attested {
+            id: SpiffeId::parse(id).unwrap(),
+            subject: "pod shop/x-1".into(),
+        });
+        Box::pin(async move { answer })
+    }
+}
+
+fn attested_join(token: &str, sa_token: &str) -> Request<pb::JoinRequest> {
+    let key = bulkhead_identity::LocalKey::generate().unwrap();
+    Request::new(pb::JoinRequest {
+        token: token.into(),
+        service_account_token: sa_token.into(),
+        csr_der: key.csr_der(None).unwrap(),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_join_by_attestation_gets_exactly_the_vouched_identity_and_its_one_workload() {
+    let mut p = plane("attested");
+    let workload = |name: &str, ns: &str, sa: &str| {
+        format!(
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  identity: spiffe://td.test/ns/shop/sa/{sa}\n---\n"
+        )
+    };
+    let yaml = [
+        workload("orders", "shop", "orders"),
+        workload("orders-mirror", "other", "orders"),
+        workload("twin-a", "shop", "twin"),
+        workload("twin-b", "shop", "twin"),
+    ]
+    .concat();
+    p.state
+        .apply(from(
+            "spiffe://td.test/bulkhead/admin",
+            pb::ApplyRequest {
+                file: "t.yaml".into(),
+                yaml,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+
+    // Not configured: refused in words, whatever the token.
+    let e = p.state.join(attested_join("", "t")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("--kubernetes-attest"), "{e:?}");
+
+    let mut join_as = async |answer: Result<&'static str, crate::AttestationError>| {
+        p.state.attestor = Some(Arc::new(Vouches(answer)));
+        p.state
+            .join(attested_join("", "t"))
+            .await
+            .map(Response::into_inner)
+    };
+    // Declared in two namespaces: the one of the identity's own namespace.
+    let joined = join_as(Ok(ORDERS)).await.unwrap();
+    assert_eq!(joined.spiffe_id, ORDERS);
+    assert_eq!(
+        (joined.namespace.as_str(), joined.workload.as_str()),
+        ("shop", "orders")
+    );
+    assert!(!joined.cert_chain_der.is_empty());
+
+    for (answer, code, words) in [
+        (
+            Ok("spiffe://td.test/ns/shop/sa/nobody"),
+            tonic::Code::FailedPrecondition,
+            "no Workload declares spiffe://td.test/ns/shop/sa/nobody",
+        ),
+        (
+            Ok("spiffe://td.test/ns/shop/sa/twin"),
+            tonic::Code::FailedPrecondition,
+            "several Workloads declare",
+        ),
+        (
+            Ok("spiffe://elsewhere.test/ns/shop/sa/orders"),
+            tonic::Code::PermissionDenied,
+            "outside this control plane's trust domain",
+        ),
+        (
+            Ok("spiffe://td.test/bulkhead/control"),
+            tonic::Code::PermissionDenied,
+            "reserved",
+        ),
+        (
+            Err(crate::AttestationError::Refused {
+                reason: "expired".into(),
+            }),
+            tonic::Code::Unauthenticated,
+            "the service-account token was refused: expired",
+        ),
+        (
+            Err(crate::AttestationError::Unreachable {
+                reason: "connection refused".into(),
+            }),
+            tonic::Code::Unavailable,
+            "could not check the service-account token: connection refused",
+        ),
+    ] {
+        let e = join_as(answer).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(e.message().contains(words), "{e:?}");
+    }
+
+    // Both kinds of token, or an outsized one: refused before anyone is asked.
+    let e = p
+        .state
+        .join(attested_join("bhj.x.y", "t"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let huge = "x".repeat(65 * 1024);
+    let e = p.state.join(attested_join("", &huge)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+}

@@ -1,18 +1,15 @@
 //! The rule on TokenReview answers, and the client against an HTTPS server speaking the
-//! TokenReview API with the answers in `tests/fixtures/tokenreview-*.json` (written to the
-//! API's documented shape; never captured from a live API server).
+//! TokenReview API (`bulkhead_testkit::tokenreview`, shared with the end-to-end tests) with
+//! the answers in `tests/fixtures/tokenreview-*.json` (written to the API's documented
+//! shape; never captured from a live API server).
 #![allow(clippy::unwrap_used)]
 
 use super::*;
 use bulkhead_identity::Ca;
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use serde_json::Value;
 use std::time::SystemTime;
 
 const TD: &str = "cluster.local";
-const OWN_TOKEN: &str = "control-plane-service-account-token";
 
 fn fixture(name: &str) -> Value {
     let path = format!(
@@ -105,121 +102,67 @@ fn in_cluster_configuration_comes_from_the_standard_variables_and_files() {
     assert!(TokenReviewer::new(c, "bulkhead").is_err(), "no certificate");
 }
 
-/// An API server for TokenReviews only: HTTPS under its own CA, answering each token with
-/// its fixture (the request's spec echoed, as the API server does), 401 for a wrong bearer
-/// token, 403 when `forbidden`.
-async fn api_server(forbidden: bool) -> (InCluster, bulkhead_testkit::TempDir) {
-    let ca = Ca::generate(TD, SystemTime::now()).unwrap();
-    let id = SpiffeId::parse("spiffe://cluster.local/kube-apiserver").unwrap();
-    let svid = ca
-        .issue_local_for_hosts(
-            &id,
-            &["127.0.0.1".into()],
-            Duration::from_secs(600),
-            SystemTime::now(),
-        )
-        .unwrap();
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(
-        bulkhead_identity::tls::provider(),
-    )
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(svid.chain().to_vec(), svid.private_key())
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = tcp.local_addr().unwrap().port();
-    let answers: BTreeMap<&str, Value> = [
-        ("orders-token", fixture("orders")),
-        ("other-audience-token", fixture("other-audience")),
-        ("expired-token", fixture("expired")),
-        ("pod-deleted-token", fixture("pod-deleted")),
-    ]
-    .into_iter()
-    .collect();
-    let answers = Arc::new(answers);
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = tcp.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            let answers = answers.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(
-                    move |req: Request<hyper::body::Incoming>| {
-                        let answers = answers.clone();
-                        async move {
-                            let reply = |code: StatusCode, v: Value| {
-                                let mut r =
-                                    http::Response::new(Full::new(Bytes::from(v.to_string())));
-                                *r.status_mut() = code;
-                                Ok::<_, std::convert::Infallible>(r)
-                            };
-                            let bearer = req
-                                .headers()
-                                .get(header::AUTHORIZATION)
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_string);
-                            let path = req.uri().path().to_string();
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            if bearer.as_deref() != Some(&format!("Bearer {OWN_TOKEN}")) {
-                                return reply(
-                                    StatusCode::UNAUTHORIZED,
-                                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                    "message": "Unauthorized", "reason": "Unauthorized", "code": 401}),
-                                );
-                            }
-                            if forbidden {
-                                return reply(
-                                    StatusCode::FORBIDDEN,
-                                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                    "message": "tokenreviews.authentication.k8s.io is forbidden: User \"system:serviceaccount:bulkhead-system:bulkhead-control\" cannot create resource \"tokenreviews\" in API group \"authentication.k8s.io\" at the cluster scope",
-                                    "reason": "Forbidden", "code": 403}),
-                                );
-                            }
-                            assert_eq!(path, TOKEN_REVIEW_PATH);
-                            let review: Value = serde_json::from_slice(&body).unwrap();
-                            assert_eq!(review["apiVersion"], "authentication.k8s.io/v1");
-                            assert_eq!(review["kind"], "TokenReview");
-                            assert_eq!(review["spec"]["audiences"], json!(["bulkhead"]));
-                            let token = review["spec"]["token"].as_str().unwrap();
-                            let mut answer = answers.get(token).cloned().unwrap_or_else(|| {
-                            json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
-                                "status": {"user": {}, "error": "[invalid bearer token, token lookup failed]"}})
-                        });
-                            answer["spec"] = review["spec"].clone();
-                            reply(StatusCode::CREATED, answer)
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
+/// The testkit's API server for TokenReviews (HTTPS under its own CA, our bearer token
+/// checked, 401 otherwise), answering each token with its fixture.
+fn api_server() -> (InCluster, bulkhead_testkit::tokenreview::TokenReviewServer) {
+    let server = bulkhead_testkit::tokenreview::TokenReviewServer::start();
+    for (token, name) in [
+        ("orders-token", "orders"),
+        ("other-audience-token", "other-audience"),
+        ("expired-token", "expired"),
+        ("pod-deleted-token", "pod-deleted"),
+    ] {
+        server.answer(token, fixture(name));
+    }
+    let cluster =
+        InCluster::explicit(&server.url(), &server.ca_file(), &server.token_file()).unwrap();
+    (cluster, server)
+}
+
+#[test]
+fn an_explicit_api_server_is_an_https_url() {
     let dir = bulkhead_testkit::TempDir::new().unwrap();
-    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
-    std::fs::write(dir.path().join("token"), format!("{OWN_TOKEN}\n")).unwrap();
-    let port = port.to_string();
-    let cluster = InCluster::load(
-        |k| match k {
-            "KUBERNETES_SERVICE_HOST" => Some("127.0.0.1".into()),
-            "KUBERNETES_SERVICE_PORT" => Some(port.clone()),
-            _ => None,
-        },
-        dir.path(),
-    )
-    .unwrap();
-    (cluster, dir)
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, "x").unwrap();
+    let token = dir.path().join("token");
+    for (url, server, host) in [
+        ("https://10.0.0.1:6443", "10.0.0.1:6443", "10.0.0.1"),
+        (
+            "https://api.example.com/",
+            "api.example.com:443",
+            "api.example.com",
+        ),
+        ("https://[fd00::1]:6443", "[fd00::1]:6443", "fd00::1"),
+        ("https://[fd00::1]", "[fd00::1]:443", "fd00::1"),
+    ] {
+        let c = InCluster::explicit(url, &ca, &token).unwrap();
+        assert_eq!(
+            (c.server.as_str(), c.host.as_str()),
+            (server, host),
+            "{url}"
+        );
+        assert_eq!(c.token_file, token);
+    }
+    for url in [
+        "http://10.0.0.1",
+        "https://",
+        "https://h:port",
+        "https://h:70000",
+        "https://h/api",
+        "https://u@h",
+        "https://[fd00::1",
+        "https://[fd00::1]x",
+        "https://:443",
+    ] {
+        assert!(InCluster::explicit(url, &ca, &token).is_err(), "{url}");
+    }
+    let e = InCluster::explicit("https://h", &dir.path().join("none"), &token).unwrap_err();
+    assert!(e.to_string().contains("none"), "{e}");
 }
 
 #[tokio::test]
 async fn token_reviews_over_https_give_the_identity_or_the_reason() {
-    let (cluster, _dir) = api_server(false).await;
+    let (cluster, server) = api_server();
     let reviewer = TokenReviewer::new(cluster.clone(), "bulkhead").unwrap();
     let a = reviewer.attest(TD, "orders-token").await.unwrap().unwrap();
     assert_eq!(a.id.as_str(), "spiffe://cluster.local/ns/shop/sa/orders");
@@ -231,6 +174,18 @@ async fn token_reviews_over_https_give_the_identity_or_the_reason() {
     ] {
         let refusal = reviewer.attest(TD, token).await.unwrap().unwrap_err();
         assert!(refusal.to_string().contains(words), "{token}: {refusal}");
+    }
+
+    // Each review as the API reads it: kind, version and our audience (the server refuses
+    // another kind, version or path).
+    let reviews = server.reviews();
+    assert_eq!(reviews.len(), 5);
+    for r in &reviews {
+        assert_eq!(
+            r["spec"]["audiences"],
+            serde_json::json!(["bulkhead"]),
+            "{r}"
+        );
     }
 
     // Our own token is read at each call (the kubelet rotates it): a wrong one is a 401.
@@ -254,7 +209,8 @@ async fn token_reviews_over_https_give_the_identity_or_the_reason() {
 
 #[tokio::test]
 async fn a_missing_rbac_grant_is_named() {
-    let (cluster, _dir) = api_server(true).await;
+    let (cluster, server) = api_server();
+    server.forbid(true);
     let reviewer = TokenReviewer::new(cluster, "bulkhead").unwrap();
     let e = reviewer.review("orders-token").await.unwrap_err();
     assert!(matches!(e, ReviewError::Status { status: 403, .. }), "{e}");
