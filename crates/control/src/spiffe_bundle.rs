@@ -10,10 +10,7 @@
 use crate::cas::{CaSet, CaState};
 use crate::error::ControlError;
 use crate::service::State;
-use arc_swap::ArcSwap;
-use bulkhead_identity::SpiffeId;
 use bulkhead_identity::jwk::{KeyParams, x509_svid_key};
-use bulkhead_identity::tls::{ClientAuth, server_config};
 use http::{Method, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -25,8 +22,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-/// The endpoint's own identity, in the mesh's reserved space.
-pub const BUNDLE_ENDPOINT_ID_PATH: &str = "/bulkhead/bundle-endpoint";
+/// The endpoint's identity is `spiffe://<td>/bulkhead/<this>` (one of the mesh's own).
+const BUNDLE_ENDPOINT_NAME: &str = "bundle-endpoint";
 /// How often a federated trust domain should fetch the bundle again (seconds).
 pub const REFRESH_HINT_SECS: u64 = 300;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,8 +101,9 @@ pub(crate) async fn spawn(
         addr: listen,
         source,
     })?;
-    let tls = Arc::new(ArcSwap::from_pointee(tls_config(&state)?));
-    renew(state.clone(), tls.clone());
+    // An SVID for spiffe://<td>/bulkhead/bundle-endpoint, kept current; no client certificate.
+    let tls =
+        crate::Issuer::new(state.clone()).serving(BUNDLE_ENDPOINT_NAME, &[], &[b"http/1.1"])?;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tracing::info!(listen = %addr, "SPIFFE bundle endpoint listening (https_spiffe)");
     tokio::spawn(async move {
@@ -125,7 +123,7 @@ pub(crate) async fn spawn(
                     }
                 },
             };
-            let config = tls.load_full();
+            let config = tls.config();
             let state = state.clone();
             tokio::spawn(async move {
                 let _permit = permit;
@@ -198,47 +196,4 @@ fn answer(state: &State, method: &Method, path: &str) -> http::Response<Full<Byt
         http::HeaderValue::from_static("no-store"),
     );
     response
-}
-
-/// TLS 1.3 with a fresh certificate for the endpoint's identity; clients need none.
-fn tls_config(state: &State) -> Result<ServerConfig, ControlError> {
-    let id = SpiffeId::parse(&format!(
-        "spiffe://{}{BUNDLE_ENDPOINT_ID_PATH}",
-        state.trust_domain()
-    ))?;
-    let svid =
-        state
-            .signer()
-            .issue_local(&id, state.svid_lifetime(), std::time::SystemTime::now())?;
-    let cas = state.cas.borrow().clone();
-    Ok(server_config(
-        &svid,
-        cas.bundle(),
-        ClientAuth::Optional,
-        &[b"http/1.1"],
-    )?)
-}
-
-/// Re-issues the endpoint's certificate at half-life and whenever the CA set changes.
-fn renew(state: Arc<State>, config: Arc<ArcSwap<ServerConfig>>) {
-    let mut cas = state.cas.subscribe();
-    tokio::spawn(async move {
-        let mut wait = state.svid_lifetime() / 2;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                changed = cas.changed() => if changed.is_err() { return },
-            }
-            wait = match tls_config(&state) {
-                Ok(c) => {
-                    config.store(Arc::new(c));
-                    state.svid_lifetime() / 2
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "could not renew the bundle endpoint's certificate; retrying in 30s");
-                    Duration::from_secs(30)
-                }
-            };
-        }
-    });
 }
