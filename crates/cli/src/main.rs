@@ -41,8 +41,6 @@ struct Cli {
     command: Command,
 }
 
-// Parsed once per run: the size of its largest variant costs nothing worth a Box.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the control plane: CA, join tokens, policy store and push.
