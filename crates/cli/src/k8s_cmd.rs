@@ -107,7 +107,7 @@ pub struct ControlAttest {
     /// --kubernetes-api is given.
     #[arg(long)]
     kubernetes_attest: bool,
-    /// The API server to send TokenReviews to, https://HOST[:PORT], instead of the in-cluster
+    /// The API server to send TokenReviews to, `https://HOST[:PORT]`, instead of the in-cluster
     /// one.
     #[arg(long, value_name = "URL", requires = "kubernetes_attest")]
     kubernetes_api: Option<String>,
