@@ -153,6 +153,8 @@ struct Package {
     name: String,
     manifest: PathBuf,
     deps: Vec<Dep>,
+    /// The source files of its integration-test targets.
+    tests: Vec<PathBuf>,
 }
 
 fn workspace_root() -> PathBuf {
@@ -189,6 +191,17 @@ fn packages() -> Vec<Package> {
         .map(|p| Package {
             name: p["name"].as_str().unwrap_or_default().to_string(),
             manifest: PathBuf::from(p["manifest_path"].as_str().unwrap_or_default()),
+            tests: p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|t| {
+                    t["kind"]
+                        .as_array()
+                        .is_some_and(|k| k.iter().any(|k| k == "test"))
+                })
+                .map(|t| PathBuf::from(t["src_path"].as_str().unwrap_or_default()))
+                .collect(),
             deps: p["dependencies"]
                 .as_array()
                 .into_iter()
@@ -347,5 +360,31 @@ fn only_proxy_control_sample_app_and_the_api_dialers_open_sockets() {
         .flat_map(|p| naming(p, SOCKET_NAMES, SOCKET_MODULES))
         .map(|found| format!("{found}; only proxy, control, sample-app, kubernetes' webhook and attest, and api's channel and otlp open sockets (ARCHITECTURE.md)"))
         .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// A crate with `autotests = false` runs only the test files its manifest names: a file in
+/// `tests/` that no `[[test]]` entry names is silently never built (a merge once dropped one).
+#[test]
+fn every_integration_test_file_is_a_test_target() {
+    let mut wrong = Vec::new();
+    for p in packages() {
+        let Some(dir) = p.manifest.parent().map(|d| d.join("tests")) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for file in entries.flatten().map(|e| e.path()) {
+            if file.extension().is_some_and(|e| e == "rs") && !p.tests.contains(&file) {
+                wrong.push(format!(
+                    "{} is not a test target of {}: add a [[test]] entry for it to {}",
+                    file.display(),
+                    p.name,
+                    p.manifest.display()
+                ));
+            }
+        }
+    }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
