@@ -273,6 +273,95 @@ if [[ -n $CG_LOAD ]]; then
         e=$(cg_total "$empty")
         echo "| $side | $(commify "$t") | **$(commify "$(per "$t" | cut -d. -f1)")** | $(commify "$e") |"
     done
+    # Self cost grouped by area (crate, or libc's memcpy and malloc); it sums to the total.
+    for side in client server; do
+        callgrind_annotate --inclusive=no --threshold=100 --auto=no "$(cg_dump_file "$side" 2)" \
+            >"$W/self-$side.txt" 2>/dev/null || fail "callgrind_annotate failed on the $side dump"
+        python3 - "$REQUESTS" "$W/self-$side.txt" >"$W/areas-$side.tsv" <<'PY'
+import re, sys
+n = int(sys.argv[1])
+line_re = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*?):(.*?)(?: \[(.*)\])?$")
+areas = {}
+total = 0
+started = False
+prog = None
+for line in open(sys.argv[2], errors="replace"):
+    if "PROGRAM TOTALS" in line:
+        prog = int(line.split()[0].replace(",", ""))
+        continue
+    if "file:function" in line:
+        started = True
+        continue
+    if not started:
+        continue
+    m = line_re.match(line.rstrip("\n"))
+    if not m:
+        continue
+    ir = int(m.group(1).replace(",", ""))
+    path, fn, obj = m.group(2), m.group(3), m.group(4) or ""
+    # The frames every request ran under are listed with the whole window's cost when the
+    # dump is taken mid-run; they are not self cost.
+    if ir == prog:
+        continue
+    crate = None
+    mm = re.search(r"/registry/src/[^/]+/([A-Za-z0-9_\-]+?)-\d+\.\d+[^/]*/", path)
+    if mm:
+        crate = mm.group(1)
+    mm = re.search(r"/crates/([a-z\-]+)/src/", path)
+    if mm:
+        crate = "bulkhead-" + mm.group(1)
+    head = fn.lstrip("<").split("::")[0]
+    if "/aws-lc/" in path or fn.startswith(("aws_lc", "_aesni", "__ecp", "aead_aes", "ecp_")):
+        area = "TLS crypto (aws-lc: AES-GCM, GHASH, and any handshake)"
+    elif fn.startswith(("__mem", "memcpy", "memmove", "memset", "__memset", "__memcmp", "__memmove")):
+        area = "libc memcpy/memmove/memset/memcmp"
+    elif fn.startswith(("malloc", "free", "_int_", "realloc", "calloc", "cfree", "tcache", "__libc_malloc", "__libc_free", "__libc_realloc", "unlink_chunk", "malloc_consolidate")):
+        area = "allocator (glibc malloc/free)"
+    elif "core::hash::sip" in fn:
+        area = "SipHash (std HashMap keys, flow fingerprints)"
+    elif head in ("rustls", "tokio_rustls") or crate in ("rustls", "tokio-rustls"):
+        area = "rustls (records, buffers)"
+    elif head == "h2" or crate == "h2":
+        area = "h2 (HTTP/2 framing, HPACK, streams)"
+    elif head in ("hyper", "hyper_util") or crate in ("hyper", "hyper-util"):
+        area = "hyper (HTTP/1 parse and encode, dispatch, client pool)"
+    elif head == "http" or crate in ("http", "httparse"):
+        area = "http (HeaderMap, header names)"
+    elif head == "httparse":
+        area = "http (HeaderMap, header names)"
+    elif head == "tokio" or crate == "tokio":
+        area = "tokio (tasks, I/O driver, timers, channels)"
+    elif head in ("prometheus_client",) or crate == "prometheus-client":
+        area = "metrics (prometheus-client)"
+    elif head.startswith("bulkhead_") or (crate or "").startswith("bulkhead-"):
+        area = (crate or head.replace("_", "-")) + " (own code, with what it inlines)"
+    elif head == "tracing" or head.startswith("tracing_") or (crate or "").startswith("tracing"):
+        area = "tracing"
+    elif obj.endswith(".so.6") or obj.endswith(".so.2") or ".so" in obj:
+        area = "other libc / kernel entry (syscall wrappers)"
+    else:
+        area = "other: " + (crate or head)
+    areas[area] = areas.get(area, 0) + ir
+    total += ir
+rows = sorted(areas.items(), key=lambda kv: -kv[1])
+big = [(a, v) for a, v in rows if v / total >= 0.01]
+rest = total - sum(v for _, v in big)
+for a, v in big:
+    print(f"{a}\t{v / n:.0f}\t{100 * v / total:.1f}")
+print(f"everything else\t{rest / n:.0f}\t{100 * rest / total:.1f}")
+print(f"sum of self costs\t{total / n:.0f}\t{100 * total / prog:.1f}")
+PY
+    done
+    echo
+    echo "Self cost by area (Ir per request, % of the sidecar's total; areas under 1 % in \"everything else\"):"
+    echo
+    echo "| sidecar | area | Ir/request | % |"
+    echo "| --- | --- | ---: | ---: |"
+    for side in client server; do
+        while IFS=$'\t' read -r area ir pct; do
+            echo "| $side | $area | $(commify "$ir") | $pct |"
+        done <"$W/areas-$side.tsv"
+    done
     for side in client server; do
         win=$(cg_dump_file "$side" 2)
         t=$(cg_total "$win")
