@@ -25,10 +25,11 @@
 #   strace     both sidecars run natively; `strace -c -f -p PID` attaches to every thread of
 #              each just before the window and is stopped (SIGINT) just after; its calls and
 #              errors per kind, divided by REQUESTS.
-# Instruction counts are repeatable to well under 1 % from run to run (the keys, the TLS
-# nonces and the timer wake-ups differ); callgrind runs the code about 50× slower, so
-# timer-driven work (flow reports every 10 s, HTTP/2 pings) weighs a little more there than
-# at full speed. Under valgrind, aws-lc sees valgrind's CPU (AVX2, AES-NI, no AVX-512) and
+# Instruction counts repeat to within about 2 % from run to run (the keys, the TLS nonces
+# and the timer wake-ups differ). The window starts once both proxies' flow reporters have
+# dialled the control plane for their first report (a TLS handshake), so that falls before it;
+# callgrind runs the code about 50× slower, so later timer-driven work (a flow report every
+# 10 s, on the connection already open) weighs a little more there than at full speed. Under valgrind, aws-lc sees valgrind's CPU (AVX2, AES-NI, no AVX-512) and
 # picks its code paths for it. strace slows every system call, which changes nothing when one
 # request is in flight at a time.
 #
@@ -116,6 +117,7 @@ start_pair() {
     CLIENT_PID=$!
     PIDS+=("$CLIENT_PID")
     wait_long "$W/$run-client.json" "$CLIENT_PID" "the client proxy ($run)"
+    CLIENT_READY=$SECONDS
     UPSTREAM=$(json "$W/$run-client.json" 'j["upstreams"]["server"]')
 }
 
@@ -180,6 +182,20 @@ await_mark() {
     fail "the client did not reach '$2' within 30 minutes"
 }
 
+# settle_reporter: until the flow reporters' first reports are behind both proxies. A
+# reporter starts just before its proxy has its configuration (the ready file), reports one
+# interval (10 s) later, and dials the control plane for it (a TLS handshake, about 3 million
+# Ir under callgrind: 1.5 k per request if it fell in the window); later reports reuse that
+# connection. So the window starts at least 15 s after the client proxy (the later one) was
+# ready.
+settle_reporter() {
+    local left=$((CLIENT_READY + 15 - SECONDS))
+    if ((left > 0)); then
+        log "waiting $left s for the flow reporters' first reports (they dial the control plane)"
+        sleep "$left"
+    fi
+}
+
 # cg_dump_file SIDE N: the Nth dump callgrind wrote for SIDE.
 cg_dump_file() { ls "$W"/cg-"$1".*."$2" 2>/dev/null | head -n 1; }
 cg_total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
@@ -190,6 +206,7 @@ run_callgrind() {
         "--callgrind-out-file=$W/cg-%s.%p" --log-file="$W/valgrind-%s.log"
     start_load callgrind
     await_mark callgrind warm
+    settle_reporter
     log "callgrind run: warm-up done; zeroing, dumping an empty window"
     local pid
     for pid in "$SERVER_PID" "$CLIENT_PID"; do
@@ -214,6 +231,7 @@ run_strace() {
     start_pair strace
     start_load strace
     await_mark strace warm
+    settle_reporter
     local side pid spids=()
     for side in server client; do
         pid=$SERVER_PID
