@@ -26,12 +26,14 @@
 #              each just before the window and is stopped (SIGINT) just after; its calls and
 #              errors per kind, divided by REQUESTS.
 # Instruction counts repeat to within about 2 % from run to run (the keys, the TLS nonces
-# and the timer wake-ups differ). The window starts once both proxies' flow reporters have
-# dialled the control plane for their first report (a TLS handshake), so that falls before it;
-# callgrind runs the code about 50× slower, so later timer-driven work (a flow report every
-# 10 s, on the connection already open) weighs a little more there than at full speed. Under valgrind, aws-lc sees valgrind's CPU (AVX2, AES-NI, no AVX-512) and
-# picks its code paths for it. strace slows every system call, which changes nothing when one
-# request is in flight at a time.
+# and the timer wake-ups differ). The window starts at least 15 s after the client proxy was
+# ready, once both flow reporters have dialled the control plane for their first report (a
+# TLS handshake); callgrind runs the code about 50× slower, so later timer-driven work (a
+# flow report every 10 s, on the connection already open) weighs a little more there than at
+# full speed. Under valgrind, aws-lc sees valgrind's CPU (AVX2, AES-NI, no AVX-512) and picks
+# its code paths for it. glibc copies over 2 KiB with `rep movsb`, which valgrind counts once
+# per byte. strace slows every system call, which changes nothing when one request is in
+# flight at a time.
 #
 # valgrind and strace are bench-only tools: installed here with apt-get when missing, never
 # needed by dev/test or CI.
