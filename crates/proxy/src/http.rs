@@ -5,7 +5,10 @@ use crate::authz::Permit;
 use crate::deadline::{BodyFailure, Clock, IdleWhenDone, ReqBody};
 use crate::metrics::Refusal;
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{
+    CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, Request, Response, StatusCode};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
@@ -93,26 +96,29 @@ impl hyper::body::Body for Body {
     }
 }
 
+// The mesh's own header names are `HeaderName`s, not `&str`: a `HeaderMap` lookup by `&str`
+// parses the name again on every call (BENCHMARKS.md, "Per-request cost").
+
 /// Set on requests to the app: the caller's verified SPIFFE ID. Any incoming copy is dropped.
-pub(crate) const SOURCE_HEADER: &str = "x-bulkhead-source";
+pub(crate) const SOURCE_HEADER: HeaderName = HeaderName::from_static("x-bulkhead-source");
 /// Set on responses the proxy denies: `deny; policy=…; rule=…; revision=…`.
-pub(crate) const DECISION_HEADER: &str = "x-bulkhead-decision";
+pub(crate) const DECISION_HEADER: HeaderName = HeaderName::from_static("x-bulkhead-decision");
 /// Owned by the mesh like `x-bulkhead-source`: dropped from every request a caller sends, on
 /// both sides; the receiving sidecar sets it from the verified peer, in Envoy's shape
 /// (`By=<the receiving workload's SPIFFE ID>;URI=<the caller's SPIFFE ID>`), for apps that
 /// read it. A plaintext caller (permissive port) gets none.
-pub(crate) const XFCC_HEADER: &str = "x-forwarded-client-cert";
+pub(crate) const XFCC_HEADER: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
@@ -127,8 +133,8 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
