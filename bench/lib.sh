@@ -71,13 +71,16 @@ bench_cleanup() {
     exit "$status"
 }
 
+# wait_for FILE PID WHAT [SECONDS]: until FILE is written, failing if PID exits first or
+# SECONDS (default 30) pass.
 wait_for() {
-    for _ in $(seq 300); do
+    local secs=${4:-30}
+    for _ in $(seq $((secs * 10))); do
         [[ -s $1 ]] && return 0
         kill -0 "$2" 2>/dev/null || fail "$3 exited during start"
         sleep 0.1
     done
-    fail "$3 was not ready within 30 s"
+    fail "$3 was not ready within $secs s"
 }
 
 # json FILE EXPR: a value from a ready file (EXPR is Python on the parsed object `j`).

@@ -83,15 +83,6 @@ PIDS+=($!)
 wait_for "$W/app.json" "${PIDS[-1]}" "the sample app"
 APP=$(json "$W/app.json" 'j["addr"]')
 
-# wait_long FILE PID WHAT: wait_for with room for valgrind's start-up (up to 5 minutes).
-wait_long() {
-    for _ in $(seq 3000); do
-        [[ -s $1 ]] && return 0
-        kill -0 "$2" 2>/dev/null || fail "$3 exited during start"
-        sleep 0.1
-    done
-    fail "$3 was not ready within 300 s"
-}
 
 # start_pair RUN [WRAPPER…]: a server and a client sidecar, each run through WRAPPER (with
 # %s in it replaced by the side's name); sets SERVER_PID, CLIENT_PID, UPSTREAM.
@@ -109,7 +100,7 @@ start_pair() {
     "${wrap[@]//%s/server}" "$BIN/bulkhead-proxy" "${server_args[@]}" 2>"$W/$run-server.log" &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
-    wait_long "$W/$run-server.json" "$SERVER_PID" "the server proxy ($run)"
+    wait_for "$W/$run-server.json" "$SERVER_PID" "the server proxy ($run)" 300  # room for valgrind's start-up
     local inbound
     inbound=$(json "$W/$run-server.json" 'j["inbound"]')
     client_args=("${common[@]}" --token-file "$W/$run-client.token"
@@ -118,7 +109,7 @@ start_pair() {
     "${wrap[@]//%s/client}" "$BIN/bulkhead-proxy" "${client_args[@]}" 2>"$W/$run-client.log" &
     CLIENT_PID=$!
     PIDS+=("$CLIENT_PID")
-    wait_long "$W/$run-client.json" "$CLIENT_PID" "the client proxy ($run)"
+    wait_for "$W/$run-client.json" "$CLIENT_PID" "the client proxy ($run)" 300  # room for valgrind's start-up
     CLIENT_READY=$SECONDS
     UPSTREAM=$(json "$W/$run-client.json" 'j["upstreams"]["server"]')
 }

@@ -550,11 +550,16 @@ mod attest {
     }
 
     fn attesting_mesh(api: &TokenReviewServer) -> Mesh {
-        let (url, ca, token) = (api.url(), api.ca_file(), api.token_file());
+        attesting_mesh_at(api, &api.url())
+    }
+
+    /// A control plane attesting with `api`'s CA and token, sending TokenReviews to `url`.
+    fn attesting_mesh_at(api: &TokenReviewServer, url: &str) -> Mesh {
+        let (ca, token) = (api.ca_file(), api.token_file());
         Mesh::start_with(&[
             "--kubernetes-attest",
             "--kubernetes-api",
-            &url,
+            url,
             "--kubernetes-ca",
             ca.to_str().unwrap(),
             "--kubernetes-token-file",
@@ -739,16 +744,7 @@ spec:
             .unwrap()
             .local_addr()
             .unwrap();
-        let (url, ca, token) = (format!("https://{closed}"), api.ca_file(), api.token_file());
-        let mesh = Mesh::start_with(&[
-            "--kubernetes-attest",
-            "--kubernetes-api",
-            &url,
-            "--kubernetes-ca",
-            ca.to_str().unwrap(),
-            "--kubernetes-token-file",
-            token.to_str().unwrap(),
-        ]);
+        let mesh = attesting_mesh_at(&api, &format!("https://{closed}"));
         mesh.apply("orders.yaml", &orders_policy("/orders/*"));
         let file = token_file(&mesh, "orders", "orders-sa-token");
         let err = mesh.failing_proxy_joining(mesh.attested_proxy_args(&file), &[]);

@@ -189,3 +189,36 @@ pub(crate) fn incoming(
     });
     ReceiverStream::new(rx)
 }
+
+/// The next connection for an HTTPS listener of the control plane's own (the console, the
+/// bundle endpoint), with one of its bounded connection slots: waits for a free slot, then
+/// accepts. `None` once `stop` turns true. A failed accept (out of descriptors, say) is logged
+/// with `what` and retried after 50 ms.
+pub(crate) async fn next_connection(
+    tcp: &TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    what: &str,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, TcpStream, SocketAddr)> {
+    let permit = tokio::select! {
+        _ = stopped(stop) => return None,
+        p = slots.clone().acquire_owned() => p.ok()?,
+    };
+    loop {
+        tokio::select! {
+            _ = stopped(stop) => return None,
+            a = tcp.accept() => match a {
+                Ok((tcp, remote)) => return Some((permit, tcp, remote)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Until the control plane stops.
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

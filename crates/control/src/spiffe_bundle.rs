@@ -9,6 +9,7 @@
 
 use crate::cas::{CaSet, CaState};
 use crate::error::ControlError;
+use crate::listener::next_connection;
 use crate::service::State;
 use bulkhead_identity::jwk::{KeyParams, x509_svid_key};
 use http::{Method, StatusCode, header};
@@ -107,22 +108,9 @@ pub(crate) async fn spawn(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tracing::info!(listen = %addr, "SPIFFE bundle endpoint listening (https_spiffe)");
     tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                _ = stopped(&mut stop) => return,
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            };
-            let (tcp, remote) = tokio::select! {
-                _ = stopped(&mut stop) => return,
-                a = tcp.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "bundle endpoint accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((permit, tcp, remote)) =
+            next_connection(&tcp, &slots, &mut stop, "bundle endpoint").await
+        {
             let config = tls.config();
             let state = state.clone();
             tokio::spawn(async move {
@@ -132,11 +120,6 @@ pub(crate) async fn spawn(
         }
     });
     Ok(addr)
-}
-
-/// Until the control plane stops.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn connection(

@@ -244,13 +244,15 @@ pub(crate) fn spawn_rotation(control: bulkhead_api::channel::ControlAddr, shared
     });
 }
 
-async fn renew(
+/// A new key made here, certified for `id` by `Identity.Renew` over the sidecar's mTLS
+/// channel; refused if the control plane answers for another identity. The sidecar's own
+/// renewal and the Workload API's keys for its app both come from here.
+pub(crate) async fn certified(
     client: &mut IdentityClient<tonic::transport::Channel>,
-    shared: &Shared,
-) -> Result<(), ProxyError> {
-    let current = shared.tls.load();
+    id: &SpiffeId,
+) -> Result<Svid, ProxyError> {
     let key = LocalKey::generate()?;
-    let csr_der = key.csr_der(Some(current.svid.id()))?;
+    let csr_der = key.csr_der(Some(id))?;
     let response = client
         .renew(RenewRequest { csr_der })
         .await
@@ -263,13 +265,21 @@ async fn renew(
             .map(Into::into)
             .collect(),
     )?;
-    if svid.id() != current.svid.id() {
+    if svid.id() != id {
         return Err(ProxyError::Renew(format!(
-            "control plane returned {} for {}",
-            svid.id(),
-            current.svid.id()
+            "control plane returned {} for {id}",
+            svid.id()
         )));
     }
+    Ok(svid)
+}
+
+async fn renew(
+    client: &mut IdentityClient<tonic::transport::Channel>,
+    shared: &Shared,
+) -> Result<(), ProxyError> {
+    let current = shared.tls.load();
+    let svid = certified(client, current.svid.id()).await?;
     let serial = svid.serial().to_string();
     let not_after = svid.not_after();
     let set = replace(shared, |current| current.with_svid(svid.clone()))?;

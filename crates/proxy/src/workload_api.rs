@@ -26,9 +26,8 @@ use bulkhead_api::spiffe_workload as pb;
 use bulkhead_api::spiffe_workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use bulkhead_api::v1::RenewRequest;
 use bulkhead_api::v1::identity_client::IdentityClient;
-use bulkhead_identity::{LocalKey, Svid, TrustBundle, fingerprint};
+use bulkhead_identity::{Svid, TrustBundle, fingerprint};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -175,7 +174,9 @@ async fn renewal(
     let mut client = IdentityClient::new(control_channel(control, &shared));
     let mut backoff = Duration::from_millis(250);
     loop {
-        match issue(&mut client, &shared).await {
+        // A new key for the app, certified for the sidecar's own identity.
+        let ours = shared.tls.load().svid.id().clone();
+        match credentials::certified(&mut client, &ours).await {
             Ok(svid) => {
                 tracing::info!(
                     spiffe_id = %svid.id(),
@@ -200,35 +201,6 @@ async fn renewal(
             }
         }
     }
-}
-
-/// A new key for the app, certified for the sidecar's identity by `Identity.Renew`.
-async fn issue(
-    client: &mut IdentityClient<tonic::transport::Channel>,
-    shared: &Shared,
-) -> Result<Svid, ProxyError> {
-    let ours = shared.tls.load().svid.id().clone();
-    let key = LocalKey::generate()?;
-    let csr_der = key.csr_der(Some(&ours))?;
-    let response = client
-        .renew(RenewRequest { csr_der })
-        .await
-        .map_err(|s| ProxyError::Renew(s.message().to_string()))?
-        .into_inner();
-    let svid = key.into_svid(
-        response
-            .cert_chain_der
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-    )?;
-    if svid.id() != &ours {
-        return Err(ProxyError::Renew(format!(
-            "control plane returned {} for {ours}",
-            svid.id()
-        )));
-    }
-    Ok(svid)
 }
 
 /// The roots, DER concatenated, as the Workload API carries a bundle.

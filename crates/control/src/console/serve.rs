@@ -10,6 +10,7 @@
 use super::auth::{self, Access, LoginError, PLAIN_COOKIE, SECURE_COOKIE};
 use super::{ConsoleOptions, ConsoleTransport, Served, assets, live, views};
 use crate::error::ControlError;
+use crate::listener::{next_connection, stopped};
 use crate::proxies::unix_now;
 use crate::service::State;
 use arc_swap::ArcSwap;
@@ -107,22 +108,9 @@ pub(crate) async fn spawn(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tracing::info!(listen = %addr, url = served.url, "console listening");
     tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                _ = stopped(&mut stop) => return,
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            };
-            let (tcp, remote) = tokio::select! {
-                _ = stopped(&mut stop) => return,
-                a = tcp.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "console accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((permit, tcp, remote)) =
+            next_connection(&tcp, &slots, &mut stop, "console").await
+        {
             let _ = tcp.set_nodelay(true);
             let router = router.clone();
             let tls = tls.as_ref().map(|t| t.load_full());
@@ -138,11 +126,6 @@ pub(crate) async fn spawn(
         }
     });
     Ok(served)
-}
-
-/// Until the control plane stops.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// One connection: the TLS handshake (when served over HTTPS), then HTTP/1.1 or HTTP/2.
