@@ -152,7 +152,7 @@ impl Output {
 /// `caller → destination:port`, or what of it an event names.
 fn parties(e: &Event) -> String {
     let caller = match (&e.source_identity, &e.source_workload) {
-        (Some(id), _) => Some(id.clone()),
+        (Some(id), _) => Some(id.to_string()),
         (None, Some(w)) => Some(w.to_string()),
         (None, None) if e.port.is_some() => Some("unauthenticated".to_string()),
         (None, None) => None,
@@ -179,7 +179,7 @@ mod tests {
             seq: 1,
             at: 0,
             kind,
-            source_identity: Some("spiffe://t/ns/shop/sa/frontend".into()),
+            source_identity: Some("spiffe://t/ns/shop/sa/frontend".parse().unwrap()),
             source_workload: None,
             destination: Some(WorkloadRef {
                 namespace: "shop".into(),

@@ -244,7 +244,7 @@ mod tests {
         let e = TapEvent {
             at_millis: 1_700_000_000_123,
             direction: Direction::Ingress,
-            source_identity: Some("spiffe://t/ns/shop/sa/frontend".into()),
+            source_identity: Some("spiffe://t/ns/shop/sa/frontend".parse().unwrap()),
             source_workload: None,
             destination: ResourceName {
                 namespace: "shop".into(),

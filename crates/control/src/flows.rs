@@ -239,6 +239,7 @@ pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use bulkhead_api::v1::{self as pb, admin_server::Admin, config_server::Config};
+    use bulkhead_identity::SpiffeId;
     use bulkhead_insight::{EdgeStats, EdgeVerdict};
     use bulkhead_policy::Protocol;
 
@@ -249,8 +250,10 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn id(name: &str) -> String {
+    pub(crate) fn id(name: &str) -> SpiffeId {
         format!("spiffe://td.test/ns/shop/sa/{name}")
+            .parse()
+            .unwrap()
     }
 
     /// `from` → `to` on `path`, decided by the sidecar of `direction`, one request at `at`.
@@ -320,6 +323,20 @@ pub(crate) mod tests {
             parse_report(&format!("[{one}")),
             Err(ReportError::Malformed { .. })
         ));
+        // A caller that is not one SPIFFE ID (a glob, another scheme) never reaches the
+        // graph: the report is refused, and says which rule the ID broke.
+        for bad in [
+            "spiffe://td.test/ns/shop/*",
+            "https://td.test/ns/shop/sa/a",
+            "",
+        ] {
+            let report = format!("[{}]", one.replace(id("a").as_str(), bad));
+            let err = parse_report(&report).unwrap_err();
+            assert!(
+                matches!(err, ReportError::Malformed { .. }) && err.to_string().contains(bad),
+                "{bad:?}: {err}"
+            );
+        }
 
         let too_many = format!(
             "[{}]",
@@ -391,7 +408,7 @@ pub(crate) mod tests {
             .store
             .bind(&spiffe_id, &workload(name), crate::proxies::unix_now())
             .unwrap();
-        spiffe_id
+        spiffe_id.to_string()
     }
 
     fn report(name: &str, edges: &[Edge], dropped: u64) -> pb::ReportFlowsRequest {

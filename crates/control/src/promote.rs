@@ -153,7 +153,7 @@ fn describe(key: &str, blamed: &[Edge], window: u64, resources: &[Resource]) -> 
         (Some(w), _) => w.to_string(),
         (None, Some(id)) => by_identity
             .get(id.as_str())
-            .map_or_else(|| id.clone(), ToString::to_string),
+            .map_or_else(|| id.to_string(), ToString::to_string),
         (None, None) => "(plaintext)".to_string(),
     };
     let total: u64 = blamed.iter().map(|e| e.stats.count).sum();

@@ -287,7 +287,7 @@ mod tests {
         TapEvent {
             at_millis: 1,
             direction,
-            source_identity: Some("spiffe://t/ns/shop/sa/frontend".into()),
+            source_identity: Some("spiffe://t/ns/shop/sa/frontend".parse().unwrap()),
             source_workload: Some(wl("frontend")),
             destination: wl("orders"),
             port: 8080,
@@ -366,7 +366,7 @@ mod tests {
         let me = "spiffe://t/ns/shop/sa/orders";
         let mut egress_as_me = event("GET", Direction::Egress);
         egress_as_me.source_workload = Some(orders.clone());
-        egress_as_me.source_identity = Some(me.into());
+        egress_as_me.source_identity = Some(me.parse().unwrap());
         let json = serde_json::to_string(&[
             // Ingress to orders: ours.
             event("GET", Direction::Ingress),

@@ -11,6 +11,7 @@
 
 use bulkhead_policy::Protocol;
 use bulkhead_policy::model::{Direction, WorkloadRef};
+use bulkhead_spiffe::SpiffeId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,7 +29,7 @@ pub struct Edge {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EdgeKey {
     /// The caller's verified SPIFFE ID; `None` for plaintext or otherwise unknown callers.
-    pub source_identity: Option<String>,
+    pub source_identity: Option<SpiffeId>,
     /// The caller's workload, when the reporting sidecar knows it.
     pub source_workload: Option<WorkloadRef>,
     pub destination: WorkloadRef,
@@ -191,7 +192,11 @@ mod tests {
 
     fn key(verdict: EdgeVerdict) -> EdgeKey {
         EdgeKey {
-            source_identity: Some("spiffe://bulkhead.local/ns/shop/sa/frontend".into()),
+            source_identity: Some(
+                "spiffe://bulkhead.local/ns/shop/sa/frontend"
+                    .parse()
+                    .unwrap(),
+            ),
             source_workload: Some(WorkloadRef {
                 namespace: "shop".into(),
                 name: "frontend".into(),

@@ -14,6 +14,7 @@
 
 use crate::{Edge, EdgeKey, EdgeVerdict};
 use bulkhead_policy::model::{Direction, WorkloadRef};
+use bulkhead_spiffe::SpiffeId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -83,7 +84,7 @@ pub struct Event {
     pub kind: EventKind,
     /// The caller (new-edge, new-identity); `None` for a spike, which names its top callers
     /// in `detail`.
-    pub source_identity: Option<String>,
+    pub source_identity: Option<SpiffeId>,
     pub source_workload: Option<WorkloadRef>,
     /// The destination workload; for a new identity, the first one it called.
     pub destination: Option<WorkloadRef>,
@@ -125,7 +126,7 @@ impl SpikeRule {
 /// Who called, as events name it: its SPIFFE ID, else its workload, else nobody known.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Caller {
-    Identity(String),
+    Identity(SpiffeId),
     Workload(WorkloadRef),
     Unauthenticated,
 }
@@ -171,7 +172,7 @@ pub struct Detector {
     spike: SpikeRule,
     learning_start: Option<u64>,
     edges: HashSet<Triple>,
-    identities: HashSet<String>,
+    identities: HashSet<SpiffeId>,
     denials: HashMap<WorkloadRef, Denials>,
 }
 

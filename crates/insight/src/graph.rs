@@ -175,7 +175,7 @@ pub fn with_declared_callers(edges: Vec<Edge>, resources: &[Resource]) -> Vec<Ed
                     .key
                     .source_identity
                     .as_ref()
-                    .and_then(|id| by_identity.get(id))
+                    .and_then(|id| by_identity.get(id.as_str()))
             {
                 e.key.source_workload = Some(w.clone());
             }
@@ -216,7 +216,7 @@ spec:
     ) -> Edge {
         Edge {
             key: EdgeKey {
-                source_identity: identity.map(Into::into),
+                source_identity: identity.map(|id| id.parse().unwrap()),
                 source_workload: from.map(wl),
                 destination: wl("orders"),
                 port: 8080,

@@ -18,6 +18,7 @@ use bulkhead_policy::model::{Direction, Mode, Resource, WorkloadRef};
 use bulkhead_policy::{
     CanonicalRequest, Decision, Peer, PolicySet, Protocol, RawRequest, Request, Verdict,
 };
+use bulkhead_spiffe::SpiffeId;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -84,7 +85,7 @@ pub fn apply(current: &[Resource], changes: &[Resource]) -> Vec<Resource> {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Flow {
     pub direction: Direction,
-    pub source_identity: Option<String>,
+    pub source_identity: Option<SpiffeId>,
     pub source_workload: Option<WorkloadRef>,
     pub destination: WorkloadRef,
     pub port: u16,

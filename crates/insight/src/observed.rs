@@ -9,6 +9,7 @@
 
 use crate::edge::{Edge, EdgeStats};
 use bulkhead_policy::model::{Direction, WorkloadRef};
+use bulkhead_spiffe::SpiffeId;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
@@ -17,7 +18,7 @@ use std::fmt;
 pub enum Party {
     Workload(WorkloadRef),
     /// A caller known only by its SPIFFE ID.
-    Identity(String),
+    Identity(SpiffeId),
     /// A caller with neither workload nor identity (plaintext).
     Unknown,
 }
@@ -187,10 +188,14 @@ mod tests {
         let src = w(from);
         Edge {
             key: EdgeKey {
-                source_identity: Some(format!(
-                    "spiffe://bulkhead.local/ns/{}/sa/{}",
-                    src.namespace, src.name
-                )),
+                source_identity: Some(
+                    format!(
+                        "spiffe://bulkhead.local/ns/{}/sa/{}",
+                        src.namespace, src.name
+                    )
+                    .parse()
+                    .unwrap(),
+                ),
                 source_workload: Some(src),
                 destination: w(to),
                 port: 8080,
@@ -301,7 +306,7 @@ mod tests {
     fn callers_without_a_workload_are_named_by_identity_or_as_unknown() {
         let mut by_id = ingress("a/x", "a/target", EdgeVerdict::Allow);
         by_id.key.source_workload = None;
-        by_id.key.source_identity = Some("spiffe://partner.example/api".into());
+        by_id.key.source_identity = Some("spiffe://partner.example/api".parse().unwrap());
         let mut plain = ingress("a/x", "a/target", EdgeVerdict::Allow);
         plain.key.source_workload = None;
         plain.key.source_identity = None;

@@ -103,7 +103,7 @@ pub struct Observed {
 /// Requests that were seen but are not allowed by the recommendation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeftOut {
-    pub source_identity: Option<String>,
+    pub source_identity: Option<SpiffeId>,
     pub source_workload: Option<WorkloadRef>,
     pub observed: Observed,
     pub reason: LeftOutReason,
@@ -251,7 +251,7 @@ fn recommend_postures(rec: &mut Recommendation, current: &[Resource]) {
 type Shape = (u16, Protocol, Option<String>, Option<String>);
 type Rows = BTreeMap<Shape, Observed>;
 /// A caller's identity and workload, and why its requests were left out.
-type LeftOutKey = (Option<String>, Option<WorkloadRef>, LeftOutReason);
+type LeftOutKey = (Option<SpiffeId>, Option<WorkloadRef>, LeftOutReason);
 
 /// One caller's requests that can become one rule.
 #[derive(Default)]
@@ -375,7 +375,7 @@ fn policy_for(
     let mut seen = EdgeStats::default();
     let mut left_out: BTreeMap<LeftOutKey, Rows> = BTreeMap::new();
     // (identity, whether the rule carries methods and paths) → requests.
-    let mut groups: BTreeMap<(String, bool), Group> = BTreeMap::new();
+    let mut groups: BTreeMap<(SpiffeId, bool), Group> = BTreeMap::new();
     for e in edges {
         seen.merge(&e.stats);
         let k = &e.key;
@@ -388,12 +388,6 @@ fn policy_for(
         } else {
             match &k.source_identity {
                 None => Some(LeftOutReason::NoIdentity),
-                Some(id) if SpiffeId::parse(id).is_err() => {
-                    Some(LeftOutReason::Unwritable(format!(
-                        "identity {} is not one exact SPIFFE ID",
-                        sanitize_comment(id)
-                    )))
-                }
                 Some(_) if k.port == 0 => Some(LeftOutReason::Unwritable("port 0".into())),
                 Some(_) => None,
             }
@@ -440,7 +434,7 @@ fn policy_for(
                 .insert(format!("methods and paths not written: {why}"));
         }
     }
-    let identities_with_http: BTreeSet<&String> = groups
+    let identities_with_http: BTreeSet<&SpiffeId> = groups
         .keys()
         .filter(|(_, http)| *http)
         .map(|(id, _)| id)
@@ -448,14 +442,11 @@ fn policy_for(
     let mut taken = BTreeSet::new();
     let mut rules = Vec::new();
     for ((identity, http), g) in &groups {
-        let Ok(spiffe_id) = SpiffeId::parse(identity) else {
-            continue; // unreachable: identities were checked above
-        };
-        let mut base = rule_base(&spiffe_id, dest.namespace.as_str());
+        let mut base = rule_base(identity, dest.namespace.as_str());
         if !http && identities_with_http.contains(identity) {
             base.push_str("-ports");
         }
-        let id = IdentityPattern::Exact(spiffe_id);
+        let id = IdentityPattern::Exact(identity.clone());
         let mut evidence: Vec<Observed> = g.evidence.values().cloned().collect();
         evidence.sort_by_key(|o| std::cmp::Reverse(o.stats.count));
         let would_deny: u64 = evidence.iter().map(|o| o.would_deny).sum();

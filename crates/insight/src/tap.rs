@@ -8,6 +8,7 @@
 use crate::EdgeVerdict;
 use bulkhead_policy::Protocol;
 use bulkhead_policy::model::{Direction, WorkloadRef};
+use bulkhead_spiffe::SpiffeId;
 use serde::{Deserialize, Serialize};
 
 /// One request (or TCP connection) a sidecar decided.
@@ -18,7 +19,7 @@ pub struct TapEvent {
     pub at_millis: u64,
     /// Which sidecar decided: the destination's (ingress) or the source's (egress).
     pub direction: Direction,
-    pub source_identity: Option<String>,
+    pub source_identity: Option<SpiffeId>,
     pub source_workload: Option<WorkloadRef>,
     pub destination: WorkloadRef,
     pub port: u16,
@@ -171,7 +172,7 @@ mod tests {
         TapEvent {
             at_millis: 1,
             direction: Direction::Ingress,
-            source_identity: Some("spiffe://t/ns/shop/sa/frontend".into()),
+            source_identity: Some("spiffe://t/ns/shop/sa/frontend".parse().unwrap()),
             source_workload: Some(wl("shop", "frontend")),
             destination: wl("shop", "orders"),
             port: 8080,

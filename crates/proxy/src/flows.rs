@@ -18,6 +18,7 @@ use crate::Shared;
 use crate::credentials::control_channel;
 use bulkhead_api::v1::ReportFlowsRequest;
 use bulkhead_api::v1::config_client::ConfigClient;
+use bulkhead_identity::SpiffeId;
 use bulkhead_insight::template::{template, template_hash};
 use bulkhead_insight::{Edge, EdgeKey, EdgeStats, EdgeVerdict};
 use bulkhead_policy::model::{Direction, ResourceName, WorkloadRef};
@@ -34,7 +35,7 @@ pub(crate) const MAX_EDGES: usize = 10_000;
 /// One decided request or TCP connection, as the sidecar saw it.
 pub(crate) struct Seen<'a> {
     pub direction: Direction,
-    pub source_identity: Option<&'a str>,
+    pub source_identity: Option<&'a SpiffeId>,
     pub source_workload: Option<&'a WorkloadRef>,
     pub destination: &'a WorkloadRef,
     pub port: u16,
@@ -255,7 +256,7 @@ fn hash_resource_name(name: &ResourceName, h: &mut impl Hasher) {
 /// rule, or a posture), which tells apart only the rare edges that share everything else.
 struct Shape<'a> {
     direction: Direction,
-    source_identity: Option<&'a str>,
+    source_identity: Option<&'a SpiffeId>,
     source_workload: Option<&'a WorkloadRef>,
     destination: &'a WorkloadRef,
     port: u16,
@@ -270,7 +271,7 @@ impl Shape<'_> {
     fn of_key(key: &EdgeKey) -> Shape<'_> {
         Shape {
             direction: key.direction,
-            source_identity: key.source_identity.as_deref(),
+            source_identity: key.source_identity.as_ref(),
             source_workload: key.source_workload.as_ref(),
             destination: &key.destination,
             port: key.port,
@@ -432,7 +433,7 @@ impl<'a> KeyRef<'a> {
         let s = &self.shape;
         let (policy, rule) = self.decided_by.names();
         EdgeKey {
-            source_identity: s.source_identity.map(str::to_string),
+            source_identity: s.source_identity.cloned(),
             source_workload: s.source_workload.cloned(),
             destination: s.destination.clone(),
             port: s.port,

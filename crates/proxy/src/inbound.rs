@@ -272,7 +272,7 @@ where
 {
     let flow = Flow {
         direction: Direction::Ingress,
-        peer_identity: peer.map(|p| p.as_str().to_string()),
+        peer_identity: peer,
         peer_ip: Some(t.remote.ip()),
         peer_workload: None,
         port: t.port,
@@ -514,7 +514,7 @@ async fn handle(
         });
         shared.observe(&Seen {
             direction: Direction::Ingress,
-            source_identity: peer.map(SpiffeId::as_str),
+            source_identity: peer,
             source_workload: conn.source_workload.as_ref(),
             destination: &shared.workload,
             port: t.port,

@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     pub workload: ResourceName,
     /// This proxy's SPIFFE ID as a metric label (it never changes across renewals).
     pub identity: metrics::LabelText,
+    /// The same SPIFFE ID, typed: what flow reports and tap events carry.
+    pub spiffe_id: SpiffeId,
     /// This proxy's namespace and workload as metric labels.
     pub place: metrics::Place,
     /// Everything a decision reads from the configuration (revision, compiled policy, the
@@ -225,6 +227,7 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         place: metrics::Place::of(None, Some(&joined.workload)),
         workload: joined.workload,
         identity: metrics::LabelText::new(id.as_str()),
+        spiffe_id: id.clone(),
         snapshot: ArcSwap::from_pointee(authz::Snapshot::default()),
         rotation: credentials::Rotation::default(),
         relays: tcp::Relays::default(),

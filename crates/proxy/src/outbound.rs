@@ -264,7 +264,7 @@ async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
 fn tcp_flow(dest: &Dest) -> Flow {
     Flow {
         direction: Direction::Egress,
-        peer_identity: dest.identity.as_ref().map(|i| i.as_str().to_string()),
+        peer_identity: dest.identity.clone(),
         peer_ip: Some(dest.address.ip()),
         peer_workload: dest.workload.clone(),
         port: dest.port,
@@ -476,7 +476,7 @@ async fn handle(
         };
         shared.observe(&Seen {
             direction: Direction::Egress,
-            source_identity: Some(shared.identity.as_str()),
+            source_identity: Some(&shared.spiffe_id),
             source_workload: Some(&shared.workload),
             destination,
             port: dest.port,

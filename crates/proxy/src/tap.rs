@@ -100,7 +100,7 @@ fn event_of(seen: &Seen<'_>, at_millis: u64) -> TapEvent {
     TapEvent {
         at_millis,
         direction: seen.direction,
-        source_identity: seen.source_identity.map(str::to_string),
+        source_identity: seen.source_identity.cloned(),
         source_workload: seen.source_workload.cloned(),
         destination: seen.destination.clone(),
         port: seen.port,
@@ -211,9 +211,13 @@ async fn send(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use bulkhead_identity::SpiffeId;
     use bulkhead_insight::EdgeVerdict;
     use bulkhead_policy::model::{Direction, ResourceName};
     use bulkhead_policy::{Decision, PolicySet, Protocol};
+
+    static FRONTEND: std::sync::LazyLock<SpiffeId> =
+        std::sync::LazyLock::new(|| "spiffe://t/ns/shop/sa/frontend".parse().unwrap());
 
     fn seen<'a>(
         decision: &'a Decision,
@@ -222,7 +226,7 @@ mod tests {
     ) -> Seen<'a> {
         Seen {
             direction: Direction::Ingress,
-            source_identity: Some("spiffe://t/ns/shop/sa/frontend"),
+            source_identity: Some(&FRONTEND),
             source_workload: None,
             destination,
             port: 8080,

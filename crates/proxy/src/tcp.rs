@@ -4,6 +4,7 @@
 
 use crate::Shared;
 use crate::authz::{Judgement, Permit, Snapshot};
+use bulkhead_identity::SpiffeId;
 use bulkhead_policy::model::{Direction, WorkloadRef};
 use bulkhead_policy::{Decision, Peer, Protocol, Request as PolicyRequest};
 use std::collections::HashMap;
@@ -18,7 +19,7 @@ use tokio::sync::Notify;
 #[derive(Clone, Debug)]
 pub(crate) struct Flow {
     pub direction: Direction,
-    pub peer_identity: Option<String>,
+    pub peer_identity: Option<SpiffeId>,
     pub peer_ip: Option<IpAddr>,
     pub peer_workload: Option<WorkloadRef>,
     pub port: u16,
@@ -45,12 +46,12 @@ impl Flow {
     fn record(&self, decision: &Decision, shared: &Shared) {
         let (source_identity, source_workload, destination) = match self.direction {
             Direction::Ingress => (
-                self.peer_identity.as_deref(),
+                self.peer_identity.as_ref(),
                 self.peer_workload.as_ref(),
                 &shared.workload,
             ),
             Direction::Egress => match self.peer_workload.as_ref() {
-                Some(d) => (Some(shared.identity.as_str()), Some(&shared.workload), d),
+                Some(d) => (Some(&shared.spiffe_id), Some(&shared.workload), d),
                 None => return,
             },
         };
@@ -162,14 +163,18 @@ impl Opened {
 
     fn parties(&self, shared: &Shared) -> crate::metrics::Parties {
         let (direction, identity, workload) = match self {
-            Opened::Tcp(flow) => (flow.direction, &flow.peer_identity, &flow.peer_workload),
-            Opened::Upgrade(by) => (by.direction, &by.peer_identity, &by.peer_workload),
+            Opened::Tcp(flow) => (
+                flow.direction,
+                flow.peer_identity.as_deref(),
+                &flow.peer_workload,
+            ),
+            Opened::Upgrade(by) => (by.direction, by.peer_identity.as_deref(), &by.peer_workload),
         };
         crate::metrics::Parties::with_peer(
             direction == Direction::Ingress,
             &shared.identity,
             &shared.place,
-            identity.as_deref(),
+            identity,
             workload.as_ref(),
         )
     }

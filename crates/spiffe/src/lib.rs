@@ -316,7 +316,11 @@ pub fn parse_parts(s: &str) -> Result<(TrustDomain, SpiffePath), SpiffeIdError> 
 }
 
 /// A workload's SPIFFE ID: `spiffe://<trust-domain>/<path>`, checked, with a path.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Compared, ordered and hashed as its text, so that a map keyed by `SpiffeId` is looked up
+/// with a `&str` ([`Borrow<str>`](std::borrow::Borrow)) and reads as the string it is
+/// ([`Deref`](std::ops::Deref)).
+#[derive(Clone, Debug)]
 pub struct SpiffeId {
     id: String,
     /// Byte offset where the path starts (the '/' after the trust domain).
@@ -447,6 +451,45 @@ impl SpiffeId {
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.id)
+    }
+}
+
+impl PartialEq for SpiffeId {
+    fn eq(&self, other: &SpiffeId) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for SpiffeId {}
+
+impl std::hash::Hash for SpiffeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state)
+    }
+}
+
+impl PartialOrd for SpiffeId {
+    fn partial_cmp(&self, other: &SpiffeId) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SpiffeId {
+    fn cmp(&self, other: &SpiffeId) -> std::cmp::Ordering {
+        self.id.cmp(&other.id)
+    }
+}
+
+impl std::borrow::Borrow<str> for SpiffeId {
+    fn borrow(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::ops::Deref for SpiffeId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.id
     }
 }
 

@@ -2,6 +2,7 @@
 use super::*;
 use crate::EdgeStats;
 use bulkhead_policy::Protocol;
+use bulkhead_spiffe::SpiffeId;
 
 /// 2024-05-01 10:00:00 UTC.
 const T0: u64 = 1_714_557_600;
@@ -13,8 +14,10 @@ fn wl(name: &str) -> WorkloadRef {
     }
 }
 
-fn id(name: &str) -> String {
+fn id(name: &str) -> SpiffeId {
     format!("spiffe://td.test/ns/shop/sa/{name}")
+        .parse()
+        .unwrap()
 }
 
 /// `count` requests from `from` to `to`:8080, with `verdict`, decided at ingress.
@@ -303,8 +306,9 @@ fn hostile_counts_saturate_and_never_panic() {
 #[test]
 fn memory_is_bounded() {
     let mut d = detector();
-    d.identities
-        .extend((0..MAX_KNOWN_IDENTITIES).map(|i| format!("spiffe://td.test/{i}")));
+    d.identities.extend(
+        (0..MAX_KNOWN_IDENTITIES).map(|i| format!("spiffe://td.test/{i}").parse().unwrap()),
+    );
     let o = d.observe(&[allowed("late", "orders")], T0);
     assert_eq!(kinds(&o), vec![EventKind::NewEdge]);
     assert_eq!(o.unremembered, 1);

@@ -38,7 +38,11 @@ fn edge(
 ) -> Edge {
     Edge {
         key: EdgeKey {
-            source_identity: Some(format!("spiffe://bulkhead.local/ns/shop/sa/{from}")),
+            source_identity: Some(
+                format!("spiffe://bulkhead.local/ns/shop/sa/{from}")
+                    .parse()
+                    .unwrap(),
+            ),
             source_workload: Some(wl(&format!("shop/{from}"))),
             destination: wl(to),
             port: 8080,

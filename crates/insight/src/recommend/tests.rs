@@ -1,6 +1,7 @@
 use super::*;
 use crate::edge::{EdgeKey, EdgeStats, EdgeVerdict};
 use bulkhead_policy::{PolicySet, parse_documents};
+use bulkhead_spiffe::SpiffeId;
 
 /// 2024-05-01T10:00:00Z
 const T: u64 = 1_714_557_600;
@@ -22,8 +23,12 @@ fn shop() -> Vec<Resource> {
     parse_documents("shop.yaml", SHOP).unwrap()
 }
 
-fn id(sa: &str) -> Option<String> {
-    Some(format!("spiffe://bulkhead.local/ns/shop/sa/{sa}"))
+fn id(sa: &str) -> Option<SpiffeId> {
+    Some(
+        format!("spiffe://bulkhead.local/ns/shop/sa/{sa}")
+            .parse()
+            .unwrap(),
+    )
 }
 
 fn wl(s: &str) -> WorkloadRef {
@@ -37,7 +42,7 @@ fn wl(s: &str) -> WorkloadRef {
 /// An ingress edge: `count` requests, the first at `T + first`, the last at `T + last`.
 #[allow(clippy::too_many_arguments)]
 fn edge(
-    from: Option<String>,
+    from: Option<SpiffeId>,
     to: &str,
     port: u16,
     protocol: Protocol,
@@ -416,17 +421,6 @@ fn requests_the_language_cannot_say_are_listed_not_allowed() {
             EdgeVerdict::Allow,
             1,
         ),
-        edge(
-            Some("spiffe://bulkhead.local/ns/shop/*".into()),
-            "shop/orders",
-            8080,
-            Protocol::Http,
-            Some("GET"),
-            Some("/orders"),
-            EdgeVerdict::Allow,
-            1,
-            (0, 0),
-        ),
         http("frontend", "shop/orders", "GET", "*", EdgeVerdict::Allow, 1),
     ];
     let rec = recommend(&edges, &shop(), &RecommendOptions::default());
@@ -436,9 +430,8 @@ fn requests_the_language_cannot_say_are_listed_not_allowed() {
             .skip_while(|l| !l.starts_with("# shop/orders"))
             .collect::<Vec<_>>(),
         vec![
-            "# shop/orders: 3 requests seen 2024-05-01T10:00:00Z to 2024-05-01T11:00:00Z; no rule recommended.",
+            "# shop/orders: 2 requests seen 2024-05-01T10:00:00Z to 2024-05-01T11:00:00Z; no rule recommended.",
             "# cannot be written as a rule:",
-            "#   spiffe://bulkhead.local/ns/shop/* (shop/*), 8080/http GET /orders: 1 request, last seen 2024-05-01T10:00:00Z; identity spiffe://bulkhead.local/ns/shop/* is not one exact SPIFFE ID",
             "#   spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend), 8080/http PROPFIND /dav: 1 request, last seen 2024-05-01T11:00:00Z; method PROPFIND cannot be written in a policy",
             "#   spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend), 8080/http GET *: 1 request, last seen 2024-05-01T11:00:00Z; path template *: sidecars refuse it (the path must start with '/')",
         ]
@@ -537,7 +530,7 @@ fn names_yaml_would_misread_are_quoted_and_still_parse() {
         EdgeVerdict::Allow,
         1,
     );
-    e.key.source_identity = Some("spiffe://bulkhead.local/ns/yes/sa/null".into());
+    e.key.source_identity = Some("spiffe://bulkhead.local/ns/yes/sa/null".parse().unwrap());
     let current = parse_documents(
         "odd.yaml",
         "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: \"123\", namespace: \"yes\"}\nspec:\n  identity: spiffe://bulkhead.local/ns/yes/sa/app\n  ports: [{port: 8080, protocol: http}]\n",

@@ -187,7 +187,7 @@ fn left_out_comments(out: &mut String, left_out: &[LeftOut]) {
 fn source(l: &LeftOut) -> String {
     let s = match (&l.source_identity, &l.source_workload) {
         (Some(id), Some(w)) => format!("{id} ({w})"),
-        (Some(id), None) => id.clone(),
+        (Some(id), None) => id.to_string(),
         (None, Some(w)) => format!("from {w}"),
         (None, None) => "from an unknown caller".into(),
     };

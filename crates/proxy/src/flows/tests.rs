@@ -32,10 +32,14 @@ fn decide(set: &PolicySet, caller: &str, path: &str) -> Decision {
     })
 }
 
+fn id(caller: &str) -> SpiffeId {
+    caller.parse().unwrap()
+}
+
 fn record(flows: &Flows, d: &Decision, caller: &str, path: &str) {
     flows.record(&Seen {
         direction: Direction::Ingress,
-        source_identity: Some(caller),
+        source_identity: Some(&id(caller)),
         source_workload: None,
         destination: &orders(),
         port: 8080,
@@ -85,7 +89,7 @@ const POSTURE: &str = include_str!("../../testdata/flows-posture.yaml");
 /// callers, paths and methods.
 fn variety() -> Vec<(
     Decision,
-    &'static str,
+    SpiffeId,
     Option<&'static str>,
     Option<&'static str>,
 )> {
@@ -109,15 +113,20 @@ fn variety() -> Vec<(
     for set in [&strict, &open] {
         for caller in callers {
             for path in paths {
-                out.push((decide(set, caller, path), caller, Some("GET"), Some(path)));
+                out.push((
+                    decide(set, caller, path),
+                    id(caller),
+                    Some("GET"),
+                    Some(path),
+                ));
             }
             out.push((
                 decide(set, caller, "/orders/1"),
-                caller,
+                id(caller),
                 Some("POST"),
                 Some("/orders/9"),
             ));
-            out.push((decide(set, caller, "/"), caller, None, None));
+            out.push((decide(set, caller, "/"), id(caller), None, None));
         }
     }
     out
@@ -126,7 +135,7 @@ fn variety() -> Vec<(
 fn seen<'a>(
     (decision, caller, method, path): &'a (
         Decision,
-        &'static str,
+        SpiffeId,
         Option<&'static str>,
         Option<&'static str>,
     ),
