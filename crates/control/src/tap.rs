@@ -33,6 +33,14 @@ const MAX_SESSIONS: usize = 32;
 
 type Filters = Arc<Vec<TapFilter>>;
 
+/// What one session is handed from one proxy report: the events its filter admits and how
+/// many it did not get. Put on the wire (`pb::TapResponse`) only as the operator reads it.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub(crate) events: Vec<TapEvent>,
+    pub(crate) skipped: u64,
+}
+
 #[derive(Default)]
 pub(crate) struct TapHub {
     workloads: Mutex<HashMap<ResourceName, Workload>>,
@@ -57,7 +65,7 @@ impl Default for Workload {
 struct Session {
     id: u64,
     filter: TapFilter,
-    queue: mpsc::Sender<pb::TapResponse>,
+    queue: mpsc::Sender<Batch>,
     /// Events this session did not get since its last delivered message.
     skipped: Arc<AtomicU64>,
 }
@@ -96,7 +104,7 @@ impl TapHub {
         self: &Arc<Self>,
         workload: &ResourceName,
         filter: TapFilter,
-    ) -> Result<(Subscription, mpsc::Receiver<pb::TapResponse>), Status> {
+    ) -> Result<(Subscription, mpsc::Receiver<Batch>), Status> {
         let (queue, rx) = mpsc::channel(SESSION_QUEUE);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let skipped = Arc::new(AtomicU64::new(0));
@@ -145,25 +153,22 @@ impl TapHub {
             return;
         };
         for s in &w.sessions {
-            let mine: Vec<&TapEvent> = events.iter().filter(|e| s.filter.matches(e)).collect();
+            let mine: Vec<TapEvent> = events
+                .iter()
+                .filter(|e| s.filter.matches(e))
+                .cloned()
+                .collect();
             if mine.is_empty() && skipped == 0 {
                 continue;
             }
-            let events_json = match serde_json::to_string(&mine) {
-                Ok(j) => j,
-                Err(_) => continue,
-            };
             let untold = s.skipped.swap(0, Ordering::Relaxed);
-            let message = pb::TapResponse {
-                events_json,
+            let batch = Batch {
+                events: mine,
                 skipped: untold.saturating_add(skipped),
-                proxies_connected: 0,
             };
-            if s.queue.try_send(message).is_err() {
+            if let Err(mpsc::error::TrySendError::Full(batch)) = s.queue.try_send(batch) {
                 // The operator reads slower than the traffic: count, never wait.
-                let lost = untold
-                    .saturating_add(skipped)
-                    .saturating_add(mine.len() as u64);
+                let lost = batch.skipped.saturating_add(batch.events.len() as u64);
                 s.skipped.fetch_add(lost, Ordering::Relaxed);
             }
         }
@@ -193,7 +198,7 @@ impl Subscription {
 /// each batch, for as long as the operator stays.
 pub(crate) fn session_stream(
     subscription: Subscription,
-    rx: mpsc::Receiver<pb::TapResponse>,
+    rx: mpsc::Receiver<Batch>,
     proxies_connected: u32,
 ) -> TapStream {
     let hello = pb::TapResponse {
@@ -203,9 +208,16 @@ pub(crate) fn session_stream(
     };
     let first = futures_util::stream::iter([Ok(hello)]);
     let rest = futures_util::stream::unfold((subscription, rx), |(sub, mut rx)| async move {
-        let mut message = rx.recv().await?;
-        message.skipped = message.skipped.saturating_add(sub.take_skipped());
-        Some((Ok(message), (sub, rx)))
+        let batch = rx.recv().await?;
+        let message = match serde_json::to_string(&batch.events) {
+            Ok(events_json) => Ok(pb::TapResponse {
+                events_json,
+                skipped: batch.skipped.saturating_add(sub.take_skipped()),
+                proxies_connected: 0,
+            }),
+            Err(e) => Err(Status::internal(format!("cannot encode tap events: {e}"))),
+        };
+        Some((message, (sub, rx)))
     });
     Box::pin(futures_util::StreamExt::chain(first, rest))
 }
@@ -303,10 +315,6 @@ mod tests {
         }
     }
 
-    fn decode(m: &pb::TapResponse) -> Vec<TapEvent> {
-        serde_json::from_str(&m.events_json).unwrap()
-    }
-
     #[tokio::test]
     async fn sessions_get_what_their_filter_admits_and_proxies_follow_the_union() {
         let hub = Arc::new(TapHub::default());
@@ -330,8 +338,8 @@ mod tests {
             event("DELETE", Direction::Ingress),
         ];
         hub.publish(&orders, &events, 0);
-        assert_eq!(decode(&all_rx.recv().await.unwrap()).len(), 2);
-        let only = decode(&del_rx.recv().await.unwrap());
+        assert_eq!(all_rx.recv().await.unwrap().events.len(), 2);
+        let only = del_rx.recv().await.unwrap().events;
         assert_eq!(only.len(), 1);
         assert_eq!(only[0].method.as_deref(), Some("DELETE"));
 

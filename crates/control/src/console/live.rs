@@ -273,9 +273,8 @@ pub(super) async fn tap(
                         let ended = Event::default().event("ended").data("the session ended");
                         return Some((Ok(ended), (sub, rx, permit, true)));
                     }
-                    let events: Vec<TapEvent> =
-                        serde_json::from_str(&message.events_json).unwrap_or_default();
-                    let events: Vec<Tapped> = events
+                    let events: Vec<Tapped> = message
+                        .events
                         .into_iter()
                         .map(|event| Tapped {
                             caller: bulkhead_insight::caller_name(
