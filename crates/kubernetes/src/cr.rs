@@ -9,8 +9,10 @@
 //! an identity of another namespace, or one of the mesh's own.
 
 use crate::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use bulkhead_policy::IdentityPattern;
 use bulkhead_policy::model::Resource;
 use bulkhead_policy::{API_VERSION, Origin, PolicyError};
+use bulkhead_spiffe::parse_parts;
 use serde_json::{Map, Value, json};
 use std::fmt::Write as _;
 
@@ -91,23 +93,40 @@ pub fn parse(kind: &str, object: &Value, trust_domain: &str) -> Result<ParsedCr,
             message: "the object declares nothing".into(),
         });
     };
-    if let Resource::Workload(w) = &resource {
-        let own = format!("spiffe://{trust_domain}/ns/{namespace}/");
-        let identity = w.spec.identity.value.to_string();
-        if !identity.starts_with(&own) {
-            return Err(CrRefusal {
-                path: "spec.identity".into(),
-                message: format!(
-                    "a Workload in namespace {namespace} may declare only identities of that namespace ({own}…), not {identity}"
-                ),
-            });
-        }
+    if let Resource::Workload(w) = &resource
+        && !in_namespace(&w.spec.identity.value, trust_domain, namespace)
+    {
+        return Err(CrRefusal {
+            path: "spec.identity".into(),
+            message: format!(
+                "a Workload in namespace {namespace} may declare only identities of that namespace (spiffe://{trust_domain}/ns/{namespace}/…), not {}",
+                w.spec.identity.value
+            ),
+        });
     }
     Ok(ParsedCr {
         resource,
         origin,
         paths,
     })
+}
+
+/// Whether a Workload's identity (one ID, or a `…/*` prefix) lies in `namespace` of
+/// `trust_domain`: its path starts `/ns/<namespace>`. `*` (any identity) does not.
+fn in_namespace(identity: &IdentityPattern, trust_domain: &str, namespace: &str) -> bool {
+    fn within<'a>(mut segments: impl Iterator<Item = &'a str>, namespace: &str) -> bool {
+        segments.next() == Some("ns") && segments.next() == Some(namespace)
+    }
+    match identity {
+        IdentityPattern::Exact(id) => {
+            id.trust_domain() == trust_domain && within(id.segments(), namespace)
+        }
+        IdentityPattern::Prefix(prefix) => match parse_parts(prefix.trim_end_matches('/')) {
+            Ok((td, path)) => td.as_str() == trust_domain && within(path.segments(), namespace),
+            Err(_) => false,
+        },
+        IdentityPattern::Any => false,
+    }
 }
 
 /// Block YAML with one key or item per line, and the field path of every line.
@@ -270,12 +289,24 @@ mod tests {
             json!({"metadata": {"name": "vm", "namespace": "shop"},
                    "spec": {"identity": identity, "ports": [{"port": 5432, "protocol": "tcp"}]}})
         };
-        assert!(parse("Workload", &wl("spiffe://cluster.local/ns/shop/sa/db"), TD).is_ok());
+        for own in [
+            "spiffe://cluster.local/ns/shop/sa/db",
+            "spiffe://cluster.local/ns/shop/anything/else",
+            "spiffe://cluster.local/ns/shop/*",
+            "spiffe://cluster.local/ns/shop/sa/*",
+        ] {
+            assert!(parse("Workload", &wl(own), TD).is_ok(), "{own}");
+        }
         for foreign in [
             "spiffe://cluster.local/ns/payments/sa/db",
             "spiffe://cluster.local/bulkhead/control",
             "spiffe://other.td/ns/shop/sa/db",
             "spiffe://cluster.local/ns/shopping/sa/db",
+            "spiffe://cluster.local/ns/shopping/*",
+            "spiffe://cluster.local/ns/*",
+            "spiffe://cluster.local/*",
+            "spiffe://other.td/ns/shop/*",
+            "*",
         ] {
             let refusal = parse("Workload", &wl(foreign), TD).unwrap_err();
             assert_eq!(refusal.path, "spec.identity", "{foreign}");
