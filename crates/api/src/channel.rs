@@ -76,15 +76,20 @@ impl std::str::FromStr for ControlAddr {
 }
 
 impl ControlAddr {
-    /// Dials it: the address, or each address the name resolves to now, in turn.
-    pub async fn dial(&self) -> std::io::Result<TcpStream> {
-        let addrs: Vec<SocketAddr> = match self {
-            ControlAddr::Addr(a) => vec![*a],
-            ControlAddr::Name { host, port } => tokio::net::lookup_host((host.as_str(), *port))
+    /// The addresses it stands for now: itself, or what the name resolves to.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        match self {
+            ControlAddr::Addr(a) => Ok(vec![*a]),
+            ControlAddr::Name { host, port } => Ok(tokio::net::lookup_host((host.as_str(), *port))
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot resolve {self}: {e}")))?
-                .collect(),
-        };
+                .collect()),
+        }
+    }
+
+    /// Dials it: the address, or each address the name resolves to now, in turn.
+    pub async fn dial(&self) -> std::io::Result<TcpStream> {
+        let addrs = self.resolve().await?;
         let mut last = std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!("{self} resolves to no address"),
@@ -99,33 +104,374 @@ impl ControlAddr {
     }
 }
 
-/// Connects lazily: the first RPC dials, and a broken connection is re-dialled on the next.
-pub fn connect(addr: impl Into<ControlAddr>, tls: rustls::ClientConfig) -> Channel {
-    let tls = Arc::new(tls);
-    connect_dynamic(addr, move || tls.clone())
+/// The control plane's replicas as given to a proxy: one or more [`ControlAddr`]s in the
+/// order given (`--control a:7443,b:7443 --control c:7443`). A name that resolves to several
+/// addresses stands for as many replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlAddrs(Vec<ControlAddr>);
+
+impl ControlAddrs {
+    /// At least one address, or `None`.
+    pub fn new(addrs: Vec<ControlAddr>) -> Option<ControlAddrs> {
+        (!addrs.is_empty()).then_some(ControlAddrs(addrs))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ControlAddr> {
+        self.0.iter()
+    }
 }
 
-/// Like [`connect`], but asks `tls` for the configuration at every dial, so a rotated
-/// certificate is used by the next connection while open ones carry on.
+impl From<ControlAddr> for ControlAddrs {
+    fn from(addr: ControlAddr) -> ControlAddrs {
+        ControlAddrs(vec![addr])
+    }
+}
+
+impl From<SocketAddr> for ControlAddrs {
+    fn from(addr: SocketAddr) -> ControlAddrs {
+        ControlAddrs(vec![ControlAddr::Addr(addr)])
+    }
+}
+
+impl std::fmt::Display for ControlAddrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{a}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for ControlAddrs {
+    type Err = String;
+
+    /// `HOST:PORT[,HOST:PORT…]`, each as [`ControlAddr`] reads it.
+    fn from_str(s: &str) -> Result<ControlAddrs, String> {
+        let addrs = s
+            .split(',')
+            .map(|part| part.trim().parse::<ControlAddr>())
+            .collect::<Result<Vec<_>, _>>()?;
+        ControlAddrs::new(addrs).ok_or_else(|| "no control-plane address given".to_string())
+    }
+}
+
+/// How long one replica may take to accept a connection and finish the TLS handshake
+/// before the next is tried.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The replica a connection is on, as the proxy's admin shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnReplica {
+    /// The address connected to.
+    pub addr: SocketAddr,
+    /// The `--control` entry it came from (a name, or the address itself).
+    pub given: String,
+    /// Its place (from 1) among the addresses the entries stood for at that dial.
+    pub position: usize,
+    /// When the connection was made.
+    pub since: std::time::SystemTime,
+    /// How many times the connection moved from one replica to another.
+    pub moves: u64,
+    /// Why it left the replica before, if it moved here.
+    pub why: Option<String>,
+}
+
+/// Where the control plane's replicas are and which one is in use: shared by every call a
+/// proxy makes, so that its configuration stream, renewals and flow reports go to one
+/// replica. A dial tries the replica in use first, then the others in the order given; once
+/// the replica in use is [`lost`](Replicas::lost), the next one first and the lost one last.
+/// Every attempt passes the same TLS checks: a replica that does not present the control
+/// plane's identity is refused and the next one tried.
+pub struct Replicas {
+    given: ControlAddrs,
+    place: std::sync::Mutex<Place>,
+    /// Bumped when the replica in use is lost: every connection dialled before is abandoned.
+    generation: tokio::sync::watch::Sender<u64>,
+    on: tokio::sync::watch::Sender<Option<OnReplica>>,
+}
+
+#[derive(Default)]
+struct Place {
+    current: Option<SocketAddr>,
+    /// The replica in use when it was lost, and why: tried last by the next dial.
+    left: Option<(SocketAddr, String)>,
+    moves: u64,
+}
+
+impl Replicas {
+    pub fn new(given: impl Into<ControlAddrs>) -> Arc<Replicas> {
+        Arc::new(Replicas {
+            given: given.into(),
+            place: std::sync::Mutex::new(Place::default()),
+            generation: tokio::sync::watch::Sender::new(0),
+            on: tokio::sync::watch::Sender::new(None),
+        })
+    }
+
+    /// The addresses as given.
+    pub fn given(&self) -> &ControlAddrs {
+        &self.given
+    }
+
+    /// The replica in use, updated at every connection.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<Option<OnReplica>> {
+        self.on.subscribe()
+    }
+
+    /// The replica in use is gone (its stream ended or broke, or it did not answer): the
+    /// next dial starts with the next replica, and connections still open are abandoned so
+    /// that every call follows.
+    pub fn lost(&self, why: &str) {
+        {
+            let mut place = self.place.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(current) = place.current {
+                place.left = Some((current, why.to_string()));
+            }
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Every `--control` entry's addresses now, in the order given, each once.
+    async fn candidates(&self) -> (Vec<(SocketAddr, &ControlAddr)>, Vec<String>) {
+        let mut out: Vec<(SocketAddr, &ControlAddr)> = Vec::new();
+        let mut failures = Vec::new();
+        for given in self.given.iter() {
+            match given.resolve().await {
+                Ok(addrs) if addrs.is_empty() => {
+                    failures.push(format!("{given} resolves to no address"))
+                }
+                Ok(addrs) => {
+                    for a in addrs {
+                        if !out.iter().any(|(seen, _)| *seen == a) {
+                            out.push((a, given));
+                        }
+                    }
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        (out, failures)
+    }
+
+    /// Connects to a replica: TCP, then TLS 1.3 with `tls` (which checks the control plane's
+    /// identity), each replica in [`attempt_order`], each attempt bounded.
+    async fn dial(
+        &self,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let (candidates, mut failures) = self.candidates().await;
+        let (current, left) = {
+            let place = self.place.lock().unwrap_or_else(|p| p.into_inner());
+            (place.current, place.left.as_ref().map(|l| l.0))
+        };
+        let addrs: Vec<SocketAddr> = candidates.iter().map(|c| c.0).collect();
+        let connector = TlsConnector::from(tls);
+        let mut kind = std::io::ErrorKind::NotFound;
+        for i in attempt_order(&addrs, current, left) {
+            let (addr, given) = candidates[i];
+            let attempt = async {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                connector.connect(server_name(), tcp).await
+            };
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+                Ok(Ok(stream)) => {
+                    self.arrived(addr, given, i + 1, &failures);
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => {
+                    kind = e.kind();
+                    tracing::debug!(replica = %addr, error = %e, "control-plane replica not reached");
+                    failures.push(format!("{addr}: {e}"));
+                }
+                Err(_) => {
+                    kind = std::io::ErrorKind::TimedOut;
+                    failures.push(format!(
+                        "{addr}: no answer within {} s",
+                        ATTEMPT_TIMEOUT.as_secs()
+                    ));
+                }
+            }
+        }
+        Err(std::io::Error::new(
+            kind,
+            match failures.as_slice() {
+                [one] => one.clone(),
+                _ => format!(
+                    "no control-plane replica of {} answered ({})",
+                    self.given,
+                    failures.join("; ")
+                ),
+            },
+        ))
+    }
+
+    /// Records the replica a dial reached; logs a move to another one, and why.
+    fn arrived(&self, addr: SocketAddr, given: &ControlAddr, position: usize, failed: &[String]) {
+        let mut place = self.place.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = place.current.replace(addr);
+        let left = place.left.take();
+        let why = match (&left, failed) {
+            (Some((from, why)), []) => Some(format!("{from} was lost: {why}")),
+            (Some((from, why)), failed) => Some(format!(
+                "{from} was lost: {why}; then not reached: {}",
+                failed.join("; ")
+            )),
+            (None, []) => None,
+            (None, failed) => Some(format!("not reached: {}", failed.join("; "))),
+        };
+        match previous {
+            Some(from) if from != addr => {
+                place.moves += 1;
+                tracing::warn!(
+                    replica = %addr,
+                    given = %given,
+                    from = %from,
+                    why = why.as_deref().unwrap_or("-"),
+                    "moved to another control-plane replica"
+                );
+            }
+            Some(_) if left.is_some() => {
+                tracing::info!(replica = %addr, "reconnected to the same control-plane replica")
+            }
+            Some(_) => {}
+            None => {
+                tracing::info!(replica = %addr, given = %given, "connected to a control-plane replica")
+            }
+        }
+        let moved = previous.is_some_and(|from| from != addr);
+        self.on.send_replace(Some(OnReplica {
+            addr,
+            given: given.to_string(),
+            position,
+            since: std::time::SystemTime::now(),
+            moves: place.moves,
+            why: if moved { why } else { None },
+        }));
+    }
+}
+
+/// The order to try replicas in, as indexes into `addrs` (in the order given): the one in
+/// use first and then the ones after it, wrapping around; but once the one in use is lost
+/// (`left`), the one after it first and the lost one last. With neither known, the order
+/// given.
+pub fn attempt_order(
+    addrs: &[SocketAddr],
+    current: Option<SocketAddr>,
+    left: Option<SocketAddr>,
+) -> Vec<usize> {
+    let position = |a: Option<SocketAddr>| a.and_then(|a| addrs.iter().position(|x| *x == a));
+    let start = match (position(left), position(current)) {
+        (Some(l), _) => l + 1,
+        (None, Some(c)) => c,
+        (None, None) => 0,
+    };
+    (0..addrs.len())
+        .map(|i| (start + i) % addrs.len())
+        .collect()
+}
+
+/// A connection to one replica, abandoned (every read and write fails) once that replica is
+/// lost, so the channel dials again and every call moves with it.
+struct Abandonable<T> {
+    io: T,
+    abandoned: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl<T> Abandonable<T> {
+    fn new(io: T, generation: &tokio::sync::watch::Sender<u64>) -> Abandonable<T> {
+        let mut rx = generation.subscribe();
+        let mine = *rx.borrow_and_update();
+        Abandonable {
+            io,
+            abandoned: Box::pin(async move {
+                if rx.wait_for(|g| *g != mine).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }),
+        }
+    }
+
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        match self.abandoned.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "left this control-plane replica",
+            )),
+            std::task::Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Abandonable<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Abandonable<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Connects lazily: the first RPC dials, and a broken connection is re-dialled on the next.
+pub fn connect(addr: impl Into<ControlAddrs>, tls: rustls::ClientConfig) -> Channel {
+    let tls = Arc::new(tls);
+    connect_dynamic(Replicas::new(addr), move || tls.clone())
+}
+
+/// Like [`connect`], to the replicas `replicas` follows, asking `tls` for the configuration
+/// at every dial, so a rotated certificate is used by the next connection while open ones
+/// carry on.
 pub fn connect_dynamic(
-    addr: impl Into<ControlAddr>,
+    replicas: Arc<Replicas>,
     tls: impl Fn() -> Arc<rustls::ClientConfig> + Send + Sync + 'static,
 ) -> Channel {
     let tls = Arc::new(tls);
-    let addr = Arc::new(addr.into());
-    // The URI is only a placeholder for tonic; the connector below decides where to dial.
+    // The URI is only a placeholder for tonic; the connector below decides where to dial,
+    // each replica's attempt bounded on its own (`ATTEMPT_TIMEOUT`).
     let endpoint = Endpoint::from_static("http://bulkhead.control")
-        .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-        let connector = TlsConnector::from(tls());
-        let addr = addr.clone();
+        let tls = tls();
+        let replicas = replicas.clone();
         async move {
-            let tcp = addr.dial().await?;
-            tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name(), tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
+            let stream = replicas.dial(tls).await?;
+            let io = Abandonable::new(stream, &replicas.generation);
+            Ok::<_, std::io::Error>(TokioIo::new(io))
         }
     }))
 }
@@ -180,5 +526,83 @@ mod tests {
             err.contains("cannot resolve no-such-host.invalid:7443"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn several_replicas_comma_separated() {
+        let given: ControlAddrs = "10.0.0.1:7443, control-b.mesh:7443,[::1]:7443"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            given.iter().cloned().collect::<Vec<_>>(),
+            vec![
+                ControlAddr::Addr("10.0.0.1:7443".parse().unwrap()),
+                ControlAddr::Name {
+                    host: "control-b.mesh".into(),
+                    port: 7443
+                },
+                ControlAddr::Addr("[::1]:7443".parse().unwrap()),
+            ]
+        );
+        assert_eq!(
+            given.to_string(),
+            "10.0.0.1:7443,control-b.mesh:7443,[::1]:7443"
+        );
+        for bad in ["", "10.0.0.1:7443,", "10.0.0.1:7443,,b:1", "a:1,b"] {
+            let err = bad.parse::<ControlAddrs>().unwrap_err();
+            assert!(err.contains("is not HOST:PORT"), "{bad}: {err}");
+        }
+        assert_eq!(ControlAddrs::new(vec![]), None);
+    }
+
+    #[test]
+    fn attempts_stay_on_the_replica_in_use_and_leave_a_lost_one_last() {
+        let a: Vec<SocketAddr> = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // Nothing known yet: the order given.
+        assert_eq!(attempt_order(&a, None, None), vec![0, 1, 2]);
+        // On the second: it first, then the ones after it, wrapping around.
+        assert_eq!(attempt_order(&a, Some(a[1]), None), vec![1, 2, 0]);
+        // The second lost: the third first, the lost one last.
+        assert_eq!(attempt_order(&a, Some(a[1]), Some(a[1])), vec![2, 0, 1]);
+        // The last lost: around to the first.
+        assert_eq!(attempt_order(&a, Some(a[2]), Some(a[2])), vec![0, 1, 2]);
+        // A name that no longer resolves to the one in use: the order given.
+        let gone: SocketAddr = "10.9.9.9:1".parse().unwrap();
+        assert_eq!(attempt_order(&a, Some(gone), Some(gone)), vec![0, 1, 2]);
+        assert_eq!(attempt_order(&[], Some(gone), None), Vec::<usize>::new());
+        // One replica: always it.
+        assert_eq!(attempt_order(&a[..1], Some(a[0]), Some(a[0])), vec![0]);
+    }
+
+    #[tokio::test]
+    async fn a_name_with_several_addresses_is_several_replicas() {
+        // localhost resolves to 127.0.0.1 (and often ::1): each is a replica of its own, after
+        // the address given first, and an address given twice counts once.
+        let replicas = Replicas::new(
+            "127.0.0.2:7443,localhost:7443,127.0.0.1:7443"
+                .parse::<ControlAddrs>()
+                .unwrap(),
+        );
+        let (candidates, failures) = replicas.candidates().await;
+        assert!(failures.is_empty(), "{failures:?}");
+        let addrs: Vec<SocketAddr> = candidates.iter().map(|c| c.0).collect();
+        assert_eq!(addrs[0], "127.0.0.2:7443".parse().unwrap());
+        assert!(
+            addrs.contains(&"127.0.0.1:7443".parse().unwrap()),
+            "{addrs:?}"
+        );
+        assert_eq!(
+            addrs
+                .iter()
+                .filter(|a| a.port() == 7443 && a.ip().is_loopback())
+                .count(),
+            addrs.len()
+        );
+        let unique: std::collections::BTreeSet<_> = addrs.iter().collect();
+        assert_eq!(unique.len(), addrs.len(), "{addrs:?}");
+        assert_eq!(candidates[1].1.to_string(), "localhost:7443");
     }
 }
