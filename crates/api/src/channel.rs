@@ -452,6 +452,13 @@ pub fn connect(addr: impl Into<ControlAddrs>, tls: rustls::ClientConfig) -> Chan
     connect_dynamic(Replicas::new(addr), move || tls.clone())
 }
 
+/// Like [`connect`], to the replicas `replicas` follows (a join, say, whose replica the
+/// calls after it then start with).
+pub fn connect_to(replicas: Arc<Replicas>, tls: rustls::ClientConfig) -> Channel {
+    let tls = Arc::new(tls);
+    connect_dynamic(replicas, move || tls.clone())
+}
+
 /// Like [`connect`], to the replicas `replicas` follows, asking `tls` for the configuration
 /// at every dial, so a rotated certificate is used by the next connection while open ones
 /// carry on.

@@ -82,14 +82,14 @@ pub(crate) fn is_refusal(code: tonic::Code) -> bool {
 
 /// Starts following; the receiver reports the revision in force once one has arrived.
 pub(crate) fn spawn(
-    control: bulkhead_api::channel::ControlAddr,
+    control: Arc<bulkhead_api::channel::Replicas>,
     shared: Arc<Shared>,
     max_rules: usize,
     admin: Option<std::net::SocketAddr>,
 ) -> watch::Receiver<Option<u64>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
-        let mut client = ConfigClient::new(control_channel(control, &shared))
+        let mut client = ConfigClient::new(control_channel(control.clone(), &shared))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let mut follower = Follower {
             shared,
@@ -105,7 +105,8 @@ pub(crate) fn spawn(
                 Ok(response) => {
                     unreachable.reset();
                     refused.reset();
-                    follower.follow(&mut client, response.into_inner()).await;
+                    let lost = follower.follow(&mut client, response.into_inner()).await;
+                    shared_lost(&control, &follower.shared, lost);
                     unreachable.next_wait()
                 }
                 Err(status) if is_refusal(status.code()) => {
@@ -122,6 +123,10 @@ pub(crate) fn spawn(
                         error = %status.message(),
                         "cannot watch configuration; keeping the policy in force"
                     );
+                    if status.code() == tonic::Code::Unavailable {
+                        let why = format!("no answer: {}", status.message());
+                        shared_lost(&control, &follower.shared, Loss::Unreachable(why));
+                    }
                     unreachable.next_wait()
                 }
             };
@@ -129,6 +134,47 @@ pub(crate) fn spawn(
         }
     });
     rx
+}
+
+/// Why a configuration stream stopped.
+enum Loss {
+    /// The control plane ended it.
+    Ended,
+    /// It broke (the connection reset, or no answer within the keepalive).
+    Broke(String),
+    /// The control plane could not be reached.
+    Unreachable(String),
+    /// This proxy dropped it, or could not read a message, and asks again: not the
+    /// replica's loss.
+    Retry,
+}
+
+impl Loss {
+    /// A fixed word for the metric label.
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            Loss::Ended => Some("stream_ended"),
+            Loss::Broke(_) => Some("stream_broke"),
+            Loss::Unreachable(_) => Some("unreachable"),
+            Loss::Retry => None,
+        }
+    }
+}
+
+/// Tells the replicas the one in use is lost, so the next connection goes to the next one
+/// (every call follows), and counts it.
+fn shared_lost(control: &bulkhead_api::channel::Replicas, shared: &Shared, loss: Loss) {
+    let Some(reason) = loss.reason() else {
+        return;
+    };
+    let why = match &loss {
+        Loss::Ended => "the control plane closed the configuration stream".to_string(),
+        Loss::Broke(why) => format!("the configuration stream broke: {why}"),
+        Loss::Unreachable(why) => why.clone(),
+        Loss::Retry => return,
+    };
+    shared.metrics.control_lost(reason);
+    control.lost(&why);
 }
 
 /// The watch task's state across streams.
@@ -161,7 +207,7 @@ impl Follower {
         &mut self,
         client: &mut ConfigClient<tonic::transport::Channel>,
         mut stream: tonic::Streaming<ProxyConfig>,
-    ) {
+    ) -> Loss {
         let mut pieces = Assembler::default();
         loop {
             match stream.message().await {
@@ -196,23 +242,24 @@ impl Follower {
                         tracing::warn!(error = %e, "configuration stream out of step");
                         self.report(client, config.revision, Err(e)).await;
                         self.held = None;
-                        return;
+                        return Loss::Retry;
                     }
                     let outcome = self.take(config.clone());
                     self.report(client, config.revision, outcome).await;
                 }
                 Ok(None) => {
                     tracing::warn!("control plane closed the configuration stream");
-                    return;
+                    return Loss::Ended;
                 }
                 Err(status) => {
                     tracing::warn!(code = ?status.code(), error = %status.message(), "configuration stream broke");
                     // A message this proxy could not read (not a control plane going away):
                     // say so, or the control plane would think it is still on its way.
-                    if !matches!(
+                    let gone = matches!(
                         status.code(),
                         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-                    ) {
+                    );
+                    if !gone {
                         let e = format!(
                             "the configuration stream broke while receiving it: {}",
                             status.message()
@@ -220,7 +267,10 @@ impl Follower {
                         let revision = pieces.receiving().unwrap_or(0);
                         self.report(client, revision, Err(e)).await;
                     }
-                    return;
+                    return match gone {
+                        true => Loss::Broke(status.message().to_string()),
+                        false => Loss::Retry,
+                    };
                 }
             }
         }
