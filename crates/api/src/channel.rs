@@ -227,8 +227,11 @@ impl Replicas {
     pub fn lost(&self, why: &str) {
         {
             let mut place = self.place.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(current) = place.current {
-                place.left = Some((current, why.to_string()));
+            // The first reason stays: later failures to reach it again are its consequence.
+            match (place.current, &place.left) {
+                (Some(current), Some((left, _))) if *left == current => {}
+                (Some(current), _) => place.left = Some((current, why.to_string())),
+                (None, _) => {}
             }
         }
         self.generation.send_modify(|g| *g += 1);
@@ -342,14 +345,17 @@ impl Replicas {
                 tracing::info!(replica = %addr, given = %given, "connected to a control-plane replica")
             }
         }
-        let moved = previous.is_some_and(|from| from != addr);
+        if previous == Some(addr) {
+            // Another call's connection to the replica in use: nothing to tell.
+            return;
+        }
         self.on.send_replace(Some(OnReplica {
             addr,
             given: given.to_string(),
             position,
             since: std::time::SystemTime::now(),
             moves: place.moves,
-            why: if moved { why } else { None },
+            why: if previous.is_some() { why } else { None },
         }));
     }
 }

@@ -919,10 +919,11 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
     };
     std::thread::sleep(Duration::from_secs(1));
 
+    let stopped = Instant::now();
     mesh.stop_control();
     std::thread::sleep(Duration::from_millis(500));
     mesh.restart_control_at(second);
-    let back = Instant::now();
+    let back = stopped.elapsed();
     eventually(
         WAIT,
         "both proxies on the control plane at its second address",
@@ -932,7 +933,7 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
                 .all(|a| proxy_metric(*a, "bulkhead_control_replica ") == 2.0)
         },
     );
-    let reconnected = back.elapsed();
+    let reconnected = stopped.elapsed();
     eventually(WAIT, "both proxies listed, open, on revision 1", || {
         let (_, out, _) = mesh.cli(&["get", "proxies"]);
         out.lines()
@@ -963,10 +964,12 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
     }
     // procs: the orders app, its sidecar, the frontend's sidecar.
     let log = procs[1].log_text();
-    assert!(
-        log.contains("moved to another control-plane replica") && log.contains(&also),
-        "{log}"
-    );
+    let moved = log
+        .lines()
+        .find(|l| l.contains("moved to another control-plane replica"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(moved.contains(&also), "{moved}");
+    eprintln!("{moved}");
 
     // An apply made on the control plane at its new address is enforced.
     let deny = "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-secret, namespace: shop}\nspec:\n  selector: {workload: orders}\n  action: deny\n  rules:\n    - name: secret\n      to: {paths: [\"/secret\"]}\n";
@@ -980,14 +983,15 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failed) = traffic.join().unwrap();
     eprintln!(
-        "failover: {sent} requests at 50/s, {} failed; both proxies on the second address {:.0} ms after the control plane started there",
+        "failover: {sent} requests at 50/s, {} failed; the control plane killed, then ready at the second address after {:.0} ms; both proxies on it {:.0} ms after the kill",
         failed.len(),
+        back.as_secs_f64() * 1000.0,
         reconnected.as_secs_f64() * 1000.0
     );
     assert!(failed.is_empty(), "failed during the switch: {failed:?}");
     assert!(sent >= 100, "{sent}");
     assert!(
-        reconnected < Duration::from_secs(5),
-        "reconnected after {reconnected:?}"
+        reconnected < back + Duration::from_secs(3),
+        "reconnected {reconnected:?} after the kill, the control plane ready after {back:?}"
     );
 }

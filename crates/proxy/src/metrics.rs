@@ -722,6 +722,28 @@ impl TlsFailure {
     }
 }
 
+/// Keeps `bulkhead_control_replica` and `bulkhead_control_replica_moves` in step with the
+/// replica in use, for as long as the proxy runs.
+pub(crate) fn follow_replica(shared: &Arc<crate::Shared>) {
+    let mut on = shared.control.watch();
+    let metrics = shared.clone();
+    tokio::spawn(async move {
+        let mut counted = 0;
+        loop {
+            if let Some(replica) = on.borrow_and_update().clone() {
+                let m = &metrics.metrics;
+                m.control_replica.set(replica.position as i64);
+                m.control_moves
+                    .inc_by(replica.moves.saturating_sub(counted));
+                counted = counted.max(replica.moves);
+            }
+            if on.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -824,26 +846,4 @@ mod tests {
             assert_eq!(TlsFailure::of_io(&e).label(), want, "{e}");
         }
     }
-}
-
-/// Keeps `bulkhead_control_replica` and `bulkhead_control_replica_moves` in step with the
-/// replica in use, for as long as the proxy runs.
-pub(crate) fn follow_replica(shared: &Arc<crate::Shared>) {
-    let mut on = shared.control.watch();
-    let metrics = shared.clone();
-    tokio::spawn(async move {
-        let mut counted = 0;
-        loop {
-            if let Some(replica) = on.borrow_and_update().clone() {
-                let m = &metrics.metrics;
-                m.control_replica.set(replica.position as i64);
-                m.control_moves
-                    .inc_by(replica.moves.saturating_sub(counted));
-                counted = counted.max(replica.moves);
-            }
-            if on.changed().await.is_err() {
-                return;
-            }
-        }
-    });
 }
