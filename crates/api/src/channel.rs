@@ -618,4 +618,118 @@ mod tests {
         assert_eq!(unique.len(), addrs.len(), "{addrs:?}");
         assert_eq!(candidates[1].1.to_string(), "localhost:7443");
     }
+
+    /// A TLS server presenting `svid`, holding every connection open until the client goes.
+    async fn serve(
+        svid: &bulkhead_identity::Svid,
+        bundle: &bulkhead_identity::TrustBundle,
+    ) -> SocketAddr {
+        use tokio::io::AsyncReadExt;
+        let config = bulkhead_identity::tls::server_config(
+            svid,
+            bundle,
+            bulkhead_identity::tls::ClientAuth::Optional,
+            &[b"h2"],
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        let mut buf = [0u8; 64];
+                        while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Real sockets and TLS: a refused address and an impostor (a workload's SVID from the
+    /// mesh's own CA) are passed over for the first real replica; once it is lost, its open
+    /// connection is abandoned and the next replica is reached; once that one is lost too,
+    /// the attempts wrap around to the first.
+    #[tokio::test]
+    async fn replicas_are_tried_in_order_an_impostor_is_refused_and_a_lost_one_left() {
+        use bulkhead_identity::tls::{ExpectedServer, client_config};
+        use bulkhead_identity::{Ca, SpiffeId, TrustBundle};
+        use tokio::io::AsyncReadExt;
+        let now = std::time::SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let ca = Ca::generate("test.local", now).unwrap();
+        let bundle = TrustBundle::from_pem(ca.cert_pem()).unwrap();
+        let control_id = SpiffeId::parse("spiffe://test.local/bulkhead/control").unwrap();
+        let control = ca.issue_local(&control_id, hour, now).unwrap();
+        let workload = SpiffeId::parse("spiffe://test.local/ns/shop/sa/orders").unwrap();
+        let impostor = ca.issue_local(&workload, hour, now).unwrap();
+        let refused = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let fake = serve(&impostor, &bundle).await;
+        let a = serve(&control, &bundle).await;
+        let b = serve(&control, &bundle).await;
+        let replicas = Replicas::new(
+            format!("{refused},{fake},{a},{b}")
+                .parse::<ControlAddrs>()
+                .unwrap(),
+        );
+        let tls = Arc::new(
+            client_config(None, &bundle, ExpectedServer::Exact(control_id), &[b"h2"]).unwrap(),
+        );
+        let on = || replicas.watch().borrow().clone().unwrap();
+
+        let first = replicas.dial(tls.clone()).await.unwrap();
+        assert_eq!((on().addr, on().position, on().moves), (a, 3, 0));
+        assert_eq!(on().why, None);
+        // Another call's connection goes to the replica in use.
+        let _second = replicas.dial(tls.clone()).await.unwrap();
+        assert_eq!((on().addr, on().moves), (a, 0));
+
+        let mut open = Abandonable::new(first, &replicas.generation);
+        replicas.lost("the configuration stream ended");
+        let mut buf = [0u8; 8];
+        let err = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf))
+            .await
+            .expect("an abandoned connection fails at once")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
+
+        let _ = replicas.dial(tls.clone()).await.unwrap();
+        assert_eq!((on().addr, on().position, on().moves), (b, 4, 1));
+        assert_eq!(
+            on().why.unwrap(),
+            format!("{a} was lost: the configuration stream ended")
+        );
+
+        // The last one lost: around to the refused address and the impostor, then a.
+        replicas.lost("no answer within the keepalive");
+        let _ = replicas.dial(tls.clone()).await.unwrap();
+        let why = on().why.unwrap();
+        assert_eq!((on().addr, on().moves), (a, 2));
+        assert!(
+            why.starts_with(&format!(
+                "{b} was lost: no answer within the keepalive; then not reached: {refused}: "
+            )),
+            "{why}"
+        );
+        assert!(why.contains(&format!("{fake}: ")), "{why}");
+        assert!(
+            why.contains("spiffe://test.local/ns/shop/sa/orders"),
+            "the impostor's identity named: {why}"
+        );
+
+        // None left: every failure said.
+        let alone = Replicas::new(format!("{refused},{fake}").parse::<ControlAddrs>().unwrap());
+        let err = alone.dial(tls).await.unwrap_err().to_string();
+        assert!(err.starts_with("no control-plane replica of"), "{err}");
+        assert!(
+            err.contains(&refused.to_string()) && err.contains(&fake.to_string()),
+            "{err}"
+        );
+    }
 }
