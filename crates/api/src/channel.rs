@@ -223,18 +223,23 @@ impl Replicas {
 
     /// The replica in use is gone (its stream ended or broke, or it did not answer): the
     /// next dial starts with the next replica, and connections still open are abandoned so
-    /// that every call follows.
-    pub fn lost(&self, why: &str) {
-        {
+    /// that every call follows. True when this is news: the replica in use was not known
+    /// to be lost already.
+    pub fn lost(&self, why: &str) -> bool {
+        let news = {
             let mut place = self.place.lock().unwrap_or_else(|p| p.into_inner());
             // The first reason stays: later failures to reach it again are its consequence.
             match (place.current, &place.left) {
-                (Some(current), Some((left, _))) if *left == current => {}
-                (Some(current), _) => place.left = Some((current, why.to_string())),
-                (None, _) => {}
+                (Some(current), Some((left, _))) if *left == current => false,
+                (Some(current), _) => {
+                    place.left = Some((current, why.to_string()));
+                    true
+                }
+                (None, _) => false,
             }
-        }
+        };
         self.generation.send_modify(|g| *g += 1);
+        news
     }
 
     /// Every `--control` entry's addresses now, in the order given, each once.
@@ -691,7 +696,8 @@ mod tests {
         assert_eq!((on().addr, on().moves), (a, 0));
 
         let mut open = Abandonable::new(first, &replicas.generation);
-        replicas.lost("the configuration stream ended");
+        assert!(replicas.lost("the configuration stream ended"));
+        assert!(!replicas.lost("no answer"), "already known");
         let mut buf = [0u8; 8];
         let err = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf))
             .await
@@ -707,7 +713,7 @@ mod tests {
         );
 
         // The last one lost: around to the refused address and the impostor, then a.
-        replicas.lost("no answer within the keepalive");
+        assert!(replicas.lost("no answer within the keepalive"));
         let _ = replicas.dial(tls.clone()).await.unwrap();
         let why = on().why.unwrap();
         assert_eq!((on().addr, on().moves), (a, 2));

@@ -9,6 +9,10 @@
 //! waits long for a returning control plane nor comes back in lockstep — while enforcement
 //! continues unchanged. On re-opening, the proxy names the revision it holds and its
 //! digest, and the control plane sends only the trust bundle when nothing changed.
+//!
+//! A lost stream (ended, broken, or no answer) marks the control-plane replica in use lost
+//! ([`bulkhead_api::channel::Replicas::lost`]): with several `--control` replicas the next
+//! connection, for every call the proxy makes, goes to the next one (`docs/restarts.md`).
 
 use crate::Shared;
 use crate::credentials::{control_channel, take_bundle};
@@ -106,7 +110,7 @@ pub(crate) fn spawn(
                     unreachable.reset();
                     refused.reset();
                     let lost = follower.follow(&mut client, response.into_inner()).await;
-                    shared_lost(&control, &follower.shared, lost);
+                    replica_lost(&control, &follower.shared, lost);
                     unreachable.next_wait()
                 }
                 Err(status) if is_refusal(status.code()) => {
@@ -125,7 +129,7 @@ pub(crate) fn spawn(
                     );
                     if status.code() == tonic::Code::Unavailable {
                         let why = format!("no answer: {}", status.message());
-                        shared_lost(&control, &follower.shared, Loss::Unreachable(why));
+                        replica_lost(&control, &follower.shared, Loss::Unreachable(why));
                     }
                     unreachable.next_wait()
                 }
@@ -150,31 +154,32 @@ enum Loss {
 }
 
 impl Loss {
-    /// A fixed word for the metric label.
-    fn reason(&self) -> Option<&'static str> {
+    /// A fixed word for the metric label and the reason in words, unless it is no loss.
+    fn reason(self) -> Option<(&'static str, String)> {
         match self {
-            Loss::Ended => Some("stream_ended"),
-            Loss::Broke(_) => Some("stream_broke"),
-            Loss::Unreachable(_) => Some("unreachable"),
+            Loss::Ended => Some((
+                "stream_ended",
+                "the control plane closed the configuration stream".into(),
+            )),
+            Loss::Broke(why) => Some((
+                "stream_broke",
+                format!("the configuration stream broke: {why}"),
+            )),
+            Loss::Unreachable(why) => Some(("unreachable", why)),
             Loss::Retry => None,
         }
     }
 }
 
 /// Tells the replicas the one in use is lost, so the next connection goes to the next one
-/// (every call follows), and counts it.
-fn shared_lost(control: &bulkhead_api::channel::Replicas, shared: &Shared, loss: Loss) {
-    let Some(reason) = loss.reason() else {
-        return;
-    };
-    let why = match &loss {
-        Loss::Ended => "the control plane closed the configuration stream".to_string(),
-        Loss::Broke(why) => format!("the configuration stream broke: {why}"),
-        Loss::Unreachable(why) => why.clone(),
-        Loss::Retry => return,
-    };
-    shared.metrics.control_lost(reason);
-    control.lost(&why);
+/// (every call follows), and counts it once per replica lost, however many attempts fail
+/// after.
+fn replica_lost(control: &bulkhead_api::channel::Replicas, shared: &Shared, loss: Loss) {
+    if let Some((reason, why)) = loss.reason()
+        && control.lost(&why)
+    {
+        shared.metrics.control_lost(reason);
+    }
 }
 
 /// The watch task's state across streams.
