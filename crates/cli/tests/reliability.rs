@@ -914,7 +914,7 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
                 let next = Duration::from_millis(20) * sent;
                 std::thread::sleep(next.saturating_sub(start.elapsed()));
             }
-            (sent, failed)
+            (sent, failed, start.elapsed())
         })
     };
     std::thread::sleep(Duration::from_secs(1));
@@ -975,6 +975,7 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
 
     // An apply made on the control plane at its new address is enforced.
     let deny = "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-secret, namespace: shop}\nspec:\n  selector: {workload: orders}\n  action: deny\n  rules:\n    - name: secret\n      to: {paths: [\"/secret\"]}\n";
+    assert_eq!(http(to_orders, "GET", "/secret").status, 200);
     let f = file(&mesh, "deny.yaml", deny);
     let (code, _, err) = mesh.cli(&["apply", "-f", &f, "--wait"]);
     assert_eq!(code, 0, "{err}");
@@ -982,16 +983,24 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
         http(to_orders, "GET", "/secret").status == 403
     });
 
+    // And the traffic carries on a while on the new replica.
+    std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, failed) = traffic.join().unwrap();
+    let (sent, failed, lasted) = traffic.join().unwrap();
     eprintln!(
-        "failover: {sent} requests at 50/s, {} failed; the control plane killed, then ready at the second address after {:.0} ms; both proxies on it {:.0} ms after the kill",
+        "failover: {sent} requests at 50/s in {:.1} s, {} failed; the control plane killed, then ready at the second address after {:.0} ms; both proxies on it {:.0} ms after the kill",
+        lasted.as_secs_f64(),
         failed.len(),
         back.as_secs_f64() * 1000.0,
         reconnected.as_secs_f64() * 1000.0
     );
     assert!(failed.is_empty(), "failed during the switch: {failed:?}");
-    assert!(sent >= 100, "{sent}");
+    // The rate held: at least 80 % of 50 a second, over at least 2.5 s.
+    assert!(lasted >= Duration::from_millis(2500), "{lasted:?}");
+    assert!(
+        f64::from(sent) >= 0.8 * 50.0 * lasted.as_secs_f64(),
+        "{sent} requests in {lasted:?}"
+    );
     assert!(
         reconnected < back + Duration::from_secs(3),
         "reconnected {reconnected:?} after the kill, the control plane ready after {back:?}"
