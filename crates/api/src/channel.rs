@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
+
+mod replicas;
+pub use replicas::{OnReplica, Replicas, attempt_order};
 
 /// The path of the control plane's SPIFFE ID within its trust domain.
 pub const CONTROL_ID_PATH: &str = "/bulkhead/control";
@@ -76,15 +78,20 @@ impl std::str::FromStr for ControlAddr {
 }
 
 impl ControlAddr {
-    /// Dials it: the address, or each address the name resolves to now, in turn.
-    pub async fn dial(&self) -> std::io::Result<TcpStream> {
-        let addrs: Vec<SocketAddr> = match self {
-            ControlAddr::Addr(a) => vec![*a],
-            ControlAddr::Name { host, port } => tokio::net::lookup_host((host.as_str(), *port))
+    /// The addresses it stands for now: itself, or what the name resolves to.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        match self {
+            ControlAddr::Addr(a) => Ok(vec![*a]),
+            ControlAddr::Name { host, port } => Ok(tokio::net::lookup_host((host.as_str(), *port))
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot resolve {self}: {e}")))?
-                .collect(),
-        };
+                .collect()),
+        }
+    }
+
+    /// Dials it: the address, or each address the name resolves to now, in turn.
+    pub async fn dial(&self) -> std::io::Result<TcpStream> {
+        let addrs = self.resolve().await?;
         let mut last = std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!("{self} resolves to no address"),
@@ -99,33 +106,92 @@ impl ControlAddr {
     }
 }
 
-/// Connects lazily: the first RPC dials, and a broken connection is re-dialled on the next.
-pub fn connect(addr: impl Into<ControlAddr>, tls: rustls::ClientConfig) -> Channel {
-    let tls = Arc::new(tls);
-    connect_dynamic(addr, move || tls.clone())
+/// The control plane's replicas as given to a proxy: one or more [`ControlAddr`]s in the
+/// order given (`--control a:7443,b:7443 --control c:7443`). A name that resolves to several
+/// addresses stands for as many replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlAddrs(Vec<ControlAddr>);
+
+impl ControlAddrs {
+    /// At least one address, or `None`.
+    pub fn new(addrs: Vec<ControlAddr>) -> Option<ControlAddrs> {
+        (!addrs.is_empty()).then_some(ControlAddrs(addrs))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ControlAddr> {
+        self.0.iter()
+    }
 }
 
-/// Like [`connect`], but asks `tls` for the configuration at every dial, so a rotated
-/// certificate is used by the next connection while open ones carry on.
+impl From<ControlAddr> for ControlAddrs {
+    fn from(addr: ControlAddr) -> ControlAddrs {
+        ControlAddrs(vec![addr])
+    }
+}
+
+impl From<SocketAddr> for ControlAddrs {
+    fn from(addr: SocketAddr) -> ControlAddrs {
+        ControlAddrs(vec![ControlAddr::Addr(addr)])
+    }
+}
+
+impl std::fmt::Display for ControlAddrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{a}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for ControlAddrs {
+    type Err = String;
+
+    /// `HOST:PORT[,HOST:PORT…]`, each as [`ControlAddr`] reads it.
+    fn from_str(s: &str) -> Result<ControlAddrs, String> {
+        let addrs = s
+            .split(',')
+            .map(|part| part.trim().parse::<ControlAddr>())
+            .collect::<Result<Vec<_>, _>>()?;
+        ControlAddrs::new(addrs).ok_or_else(|| "no control-plane address given".to_string())
+    }
+}
+
+/// Connects lazily: the first RPC dials, and a broken connection is re-dialled on the next.
+pub fn connect(addr: impl Into<ControlAddrs>, tls: rustls::ClientConfig) -> Channel {
+    let tls = Arc::new(tls);
+    connect_dynamic(Replicas::new(addr), move || tls.clone())
+}
+
+/// Like [`connect`], to the replicas `replicas` follows (a join, say, whose replica the
+/// calls after it then start with).
+pub fn connect_to(replicas: Arc<Replicas>, tls: rustls::ClientConfig) -> Channel {
+    let tls = Arc::new(tls);
+    connect_dynamic(replicas, move || tls.clone())
+}
+
+/// Like [`connect`], to the replicas `replicas` follows, asking `tls` for the configuration
+/// at every dial, so a rotated certificate is used by the next connection while open ones
+/// carry on.
 pub fn connect_dynamic(
-    addr: impl Into<ControlAddr>,
+    replicas: Arc<Replicas>,
     tls: impl Fn() -> Arc<rustls::ClientConfig> + Send + Sync + 'static,
 ) -> Channel {
     let tls = Arc::new(tls);
-    let addr = Arc::new(addr.into());
-    // The URI is only a placeholder for tonic; the connector below decides where to dial.
+    // The URI is only a placeholder for tonic; the connector below decides where to dial,
+    // each replica's attempt bounded on its own (`ATTEMPT_TIMEOUT`).
     let endpoint = Endpoint::from_static("http://bulkhead.control")
-        .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-        let connector = TlsConnector::from(tls());
-        let addr = addr.clone();
+        let tls = tls();
+        let replicas = replicas.clone();
         async move {
-            let tcp = addr.dial().await?;
-            tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name(), tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
+            let io = replicas.connect(tls).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(io))
         }
     }))
 }
@@ -180,5 +246,32 @@ mod tests {
             err.contains("cannot resolve no-such-host.invalid:7443"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn several_replicas_comma_separated() {
+        let given: ControlAddrs = "10.0.0.1:7443, control-b.mesh:7443,[::1]:7443"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            given.iter().cloned().collect::<Vec<_>>(),
+            vec![
+                ControlAddr::Addr("10.0.0.1:7443".parse().unwrap()),
+                ControlAddr::Name {
+                    host: "control-b.mesh".into(),
+                    port: 7443
+                },
+                ControlAddr::Addr("[::1]:7443".parse().unwrap()),
+            ]
+        );
+        assert_eq!(
+            given.to_string(),
+            "10.0.0.1:7443,control-b.mesh:7443,[::1]:7443"
+        );
+        for bad in ["", "10.0.0.1:7443,", "10.0.0.1:7443,,b:1", "a:1,b"] {
+            let err = bad.parse::<ControlAddrs>().unwrap_err();
+            assert!(err.contains("is not HOST:PORT"), "{bad}: {err}");
+        }
+        assert_eq!(ControlAddrs::new(vec![]), None);
     }
 }

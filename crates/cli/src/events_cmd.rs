@@ -30,6 +30,10 @@ pub struct EventsArgs {
     /// Keep printing new events as they are found (checking every 2 s) until interrupted.
     #[arg(short = 'f', long)]
     follow: bool,
+    /// Only events whose caller or destination workload is in this namespace (as `graph
+    /// -n`).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
     /// table; or json: one JSON array (with --follow, one JSON object per line).
     #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
     output: String,
@@ -46,7 +50,9 @@ struct Batch {
 pub async fn run(context: &Path, args: EventsArgs) -> Result<()> {
     let mut admin = client::admin(context).await?;
     let since = crate::since(args.since);
-    let batch = fetch(&mut admin, 0, since).await?;
+    let mut batch = fetch(&mut admin, 0, since).await?;
+    let namespace = args.namespace.as_deref();
+    keep_namespace(&mut batch.events, namespace);
     let out = Output::new(&args);
     if batch.learning_until > 0 {
         eprintln!(
@@ -61,7 +67,8 @@ pub async fn run(context: &Path, args: EventsArgs) -> Result<()> {
     let (mut last, mut learning) = (batch.last, batch.learning_until > 0);
     loop {
         tokio::time::sleep(POLL).await;
-        let batch = fetch(&mut admin, last, 0).await?;
+        let mut batch = fetch(&mut admin, last, 0).await?;
+        keep_namespace(&mut batch.events, namespace);
         if learning && batch.learning_until == 0 {
             eprintln!("the baseline is learned: new edges and identities are reported from now on");
         }
@@ -149,6 +156,19 @@ impl Output {
     }
 }
 
+/// Keeps the events whose caller's or destination's workload is in `namespace`, if given; a
+/// caller known only by its SPIFFE ID is in no namespace, as in `graph -n`.
+fn keep_namespace(events: &mut Vec<Event>, namespace: Option<&str>) {
+    if let Some(ns) = namespace {
+        events.retain(|e| {
+            [&e.source_workload, &e.destination]
+                .into_iter()
+                .flatten()
+                .any(|w| w.namespace == ns)
+        });
+    }
+}
+
 /// `caller → destination:port`, or what of it an event names.
 fn parties(e: &Event) -> String {
     let caller = match (&e.source_identity, &e.source_workload) {
@@ -209,5 +229,36 @@ mod tests {
             ..event(EventKind::DenialSpike)
         };
         assert_eq!(parties(&spike), "→ shop/orders");
+    }
+
+    #[test]
+    fn namespace_keeps_events_with_a_side_in_it() {
+        let at = |ns: &str, name: &str| {
+            Some(WorkloadRef {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        };
+        let into_shop = event(EventKind::NewEdge);
+        let from_shop = Event {
+            source_workload: at("shop", "frontend"),
+            destination: at("billing", "ledger"),
+            ..event(EventKind::NewEdge)
+        };
+        // The caller's SPIFFE ID names shop, but no workload of shop takes part.
+        let elsewhere = Event {
+            destination: at("billing", "ledger"),
+            ..event(EventKind::NewIdentity)
+        };
+        let all = vec![into_shop.clone(), from_shop.clone(), elsewhere.clone()];
+        let kept = |ns: Option<&str>| {
+            let mut events = all.clone();
+            keep_namespace(&mut events, ns);
+            events
+        };
+        assert_eq!(kept(None), all);
+        assert_eq!(kept(Some("shop")), vec![into_shop, from_shop.clone()]);
+        assert_eq!(kept(Some("billing")), vec![from_shop, elsewhere]);
+        assert_eq!(kept(Some("other")), Vec::<Event>::new());
     }
 }

@@ -168,10 +168,25 @@ pub(crate) fn graph_table(lines: &[GraphEdge], records: usize) -> String {
     out
 }
 
-pub async fn recommend(admin: &mut Admin, window: Option<Duration>, diff: bool) -> Result<()> {
-    let edges = edges(admin, window).await?;
-    let (resources, _) = applied(admin, "").await?;
-    let rec = bulkhead_insight::recommend(&edges, &resources, &RecommendOptions::default());
+pub async fn recommend(
+    admin: &mut Admin,
+    window: Option<Duration>,
+    namespace: Option<&str>,
+    diff: bool,
+) -> Result<()> {
+    let mut edges = edges(admin, window).await?;
+    let (mut resources, _) = applied(admin, "").await?;
+    if let Some(ns) = namespace {
+        // A recommendation is for the workloads that received the traffic: only theirs.
+        edges.retain(|e| e.key.destination.namespace == ns);
+    }
+    let mut rec = bulkhead_insight::recommend(&edges, &resources, &RecommendOptions::default());
+    if let Some(ns) = namespace {
+        rec.postures.retain(|p| p.namespace.as_str() == ns);
+        // Compared with what is applied in that namespace only, so the others' applied
+        // recommendations do not show as removed.
+        resources.retain(|r| r.name().namespace == ns);
+    }
     if diff {
         print!("{}", bulkhead_insight::diff(&resources, &rec));
     } else {

@@ -224,6 +224,9 @@ enum Command {
     Recommend {
         #[arg(long, value_parser = parse_duration)]
         since: Option<Duration>,
+        /// Only for workloads in this namespace (the traffic they received).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(long)]
         diff: bool,
     },
@@ -900,8 +903,13 @@ async fn run(cli: Cli) -> Result<()> {
             let admin = &mut client::admin(&context()?).await?;
             flows_cmd::graph(admin, since, namespace.as_deref(), &output).await
         }
-        Command::Recommend { since, diff } => {
-            flows_cmd::recommend(&mut client::admin(&context()?).await?, since, diff).await
+        Command::Recommend {
+            since,
+            namespace,
+            diff,
+        } => {
+            let admin = &mut client::admin(&context()?).await?;
+            flows_cmd::recommend(admin, since, namespace.as_deref(), diff).await
         }
         Command::Impact {
             files,

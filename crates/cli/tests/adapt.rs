@@ -167,6 +167,14 @@ fn observe_recommend_audit_impact_promote() {
         !rec.contains("payments-recommended"),
         "no traffic to payments was seen:\n{rec}"
     );
+    // -n: only the workloads of that namespace, as `graph -n`.
+    let in_shop = cli(mesh, &["recommend", "-n", "shop"]);
+    assert!(in_shop.contains("name: orders-recommended"), "{in_shop}");
+    let elsewhere = cli(mesh, &["recommend", "-n", "billing"]);
+    assert!(
+        !elsewhere.contains("orders-recommended") && !elsewhere.contains("kind: DefaultPosture"),
+        "{elsewhere}"
+    );
     mesh.apply("recommended.yaml", &rec);
 
     // In audit mode: everyday traffic is allowed with no audit difference; a new lateral

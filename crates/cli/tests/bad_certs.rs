@@ -788,13 +788,14 @@ fn a_fake_control_plane_is_refused_by_proxies_and_the_cli() {
     let workload_svid = Authority::mesh(&mesh).svid(&id("orders"));
     let stranger = Ca::generate("test.local", SystemTime::now()).unwrap();
     let foreign_control = Authority::of(&stranger).svid("spiffe://test.local/bulkhead/control");
-    for (fake, expected) in [
+    let fakes = [
         (
             fake_upstream(&workload_svid),
             "spiffe://test.local/bulkhead/control",
         ),
         (fake_upstream(&foreign_control), "unknown"),
-    ] {
+    ];
+    for (fake, expected) in fakes {
         let mut args = mesh.proxy_args(&token);
         args[1] = fake.to_string();
         args.extend(["--upstream".into(), unused_upstream()]);
@@ -824,9 +825,16 @@ fn a_fake_control_plane_is_refused_by_proxies_and_the_cli() {
         assert!(!err.is_empty());
     }
     // The token was never offered to the impostors: it still joins the real one, named by
-    // a DNS name (resolved at every dial) rather than an address.
+    // a DNS name (resolved at every dial) rather than an address, and given after both
+    // impostors as replicas of the control plane: each is refused as alone, and the next
+    // replica tried.
     let mut args = mesh.proxy_args(&token);
-    args[1] = format!("localhost:{}", mesh.control_addr.port());
+    args[1] = format!(
+        "{},{},localhost:{}",
+        fakes[0].0,
+        fakes[1].0,
+        mesh.control_addr.port()
+    );
     let ready = mesh.dir.path().join("orders-by-name.json");
     args.extend([
         "--upstream".into(),

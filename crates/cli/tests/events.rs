@@ -216,6 +216,14 @@ fn new_edges_new_identities_and_denial_spikes() {
         table.contains(&format!("{intruder} → shop/orders:8080")) && table.contains("denial-spike"),
         "{table}"
     );
+    // -n keeps the events with a side in the namespace: every one here is about shop/orders.
+    let listed = |ns: &str| {
+        let (code, out, err) = mesh.cli(&["events", "-n", ns, "-o", "json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+    };
+    assert_eq!(listed("shop"), events(&mesh));
+    assert_eq!(listed("billing"), Vec::<serde_json::Value>::new());
     for (kind, n) in [("new-edge", 2), ("new-identity", 2), ("denial-spike", 1)] {
         let series = format!("bulkhead_anomalies_total{{kind=\"{kind}\"}}");
         assert_eq!(metric(metrics, &series), n, "{series}");

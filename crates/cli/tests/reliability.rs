@@ -4,7 +4,9 @@
 //! arrives in pieces and is enforced; a deny applied right after a control-plane restart is
 //! enforced within 2 s; 1,000 applies leave the store within its documented bound; a full
 //! disk heals without a restart; word-like paths stay within the per-edge bound and other
-//! workloads keep their edges; a promote racing an apply loses neither change.
+//! workloads keep their edges; a promote racing an apply loses neither change; proxies
+//! given two control-plane addresses follow the control plane from one to the other (#18)
+//! with no failed request.
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_api::v1::admin_client::AdminClient;
@@ -851,5 +853,156 @@ fn a_killed_sidecar_restarted_with_the_same_command_serves_again() {
     assert!(
         err.contains("was refused") && err.contains("host lost") && err.contains("used up"),
         "{err}"
+    );
+}
+
+/// A loopback address nothing listens on now (the port is let go at once).
+fn free_address() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A metric's value on a sidecar's admin `/metrics` (0 if absent).
+fn proxy_metric(admin: std::net::SocketAddr, series: &str) -> f64 {
+    counter(&http(admin, "GET", "/metrics").body, series)
+}
+
+/// #18, the proxy's side: both sidecars are given two control-plane addresses (the flag
+/// repeated). The control plane is stopped on the first and started on the second with the
+/// same data directory, while the frontend calls orders at a fixed 50 requests a second:
+/// no request fails, both proxies are back on the control plane (now only at the second
+/// address) within a few seconds, say so in their log and admin, and a deny applied after
+/// is enforced.
+#[test]
+fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request() {
+    let mut mesh = Mesh::start();
+    let first = mesh.control_addr;
+    let second = free_address();
+    let also = second.to_string();
+    mesh.apply("orders.yaml", &orders_policy("/*"));
+    let (procs, to_orders) =
+        mesh.orders_and_frontend_with(&["--control", &also], &["--control", &also]);
+    assert_eq!(http(to_orders, "GET", "/orders/1").status, 200);
+    let admins: Vec<std::net::SocketAddr> = ["orders", "frontend"]
+        .iter()
+        .map(|name| {
+            let ready = std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json")))
+                .unwrap();
+            let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+            addr(&ready["admin"])
+        })
+        .collect();
+    for admin in &admins {
+        assert_eq!(proxy_metric(*admin, "bulkhead_control_replica "), 1.0);
+    }
+
+    // Fixed-rate traffic through both sidecars, a new connection each time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            let start = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = http(to_orders, "GET", &format!("/orders/{sent}")).status;
+                if status != 200 {
+                    failed.push((start.elapsed(), status));
+                }
+                sent += 1;
+                let next = Duration::from_millis(20) * sent;
+                std::thread::sleep(next.saturating_sub(start.elapsed()));
+            }
+            (sent, failed, start.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+
+    let stopped = Instant::now();
+    mesh.stop_control();
+    std::thread::sleep(Duration::from_millis(500));
+    mesh.restart_control_at(second);
+    let back = stopped.elapsed();
+    eventually(
+        WAIT,
+        "both proxies on the control plane at its second address",
+        || {
+            admins
+                .iter()
+                .all(|a| proxy_metric(*a, "bulkhead_control_replica ") == 2.0)
+        },
+    );
+    let reconnected = stopped.elapsed();
+    eventually(WAIT, "both proxies listed, open, on revision 1", || {
+        let (_, out, _) = mesh.cli(&["get", "proxies"]);
+        out.lines()
+            .filter(|l| l.contains(" open ") && l.contains("1 ACK"))
+            .count()
+            == 2
+    });
+    for admin in &admins {
+        assert_eq!(
+            proxy_metric(*admin, "bulkhead_control_replica_moves_total "),
+            1.0
+        );
+        // Lost once, however many attempts failed while nothing listened.
+        let losses: f64 = ["stream_broke", "stream_ended", "unreachable"]
+            .iter()
+            .map(|r| {
+                proxy_metric(
+                    *admin,
+                    &format!("bulkhead_control_replica_losses_total{{reason=\"{r}\"}} "),
+                )
+            })
+            .sum();
+        assert_eq!(losses, 1.0);
+        let config: serde_json::Value =
+            serde_json::from_str(&http(*admin, "GET", "/config").body).unwrap();
+        assert_eq!(config["controlPlane"]["given"], format!("{first},{second}"));
+        assert_eq!(config["controlPlane"]["replica"], second.to_string());
+        let why = config["controlPlane"]["movedBecause"].as_str().unwrap();
+        assert!(why.contains(&format!("{first} was lost")), "{why}");
+    }
+    // procs: the orders app, its sidecar, the frontend's sidecar.
+    let log = procs[1].log_text();
+    let moved = log
+        .lines()
+        .find(|l| l.contains("moved to another control-plane replica"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(moved.contains(&also), "{moved}");
+    eprintln!("{moved}");
+
+    // An apply made on the control plane at its new address is enforced.
+    let deny = "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-secret, namespace: shop}\nspec:\n  selector: {workload: orders}\n  action: deny\n  rules:\n    - name: secret\n      to: {paths: [\"/secret\"]}\n";
+    assert_eq!(http(to_orders, "GET", "/secret").status, 200);
+    let f = file(&mesh, "deny.yaml", deny);
+    let (code, _, err) = mesh.cli(&["apply", "-f", &f, "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    eventually(Duration::from_secs(2), "the deny enforced", || {
+        http(to_orders, "GET", "/secret").status == 403
+    });
+
+    // And the traffic carries on a while on the new replica.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed, lasted) = traffic.join().unwrap();
+    eprintln!(
+        "failover: {sent} requests at 50/s in {:.1} s, {} failed; the control plane killed, then ready at the second address after {:.0} ms; both proxies on it {:.0} ms after the kill",
+        lasted.as_secs_f64(),
+        failed.len(),
+        back.as_secs_f64() * 1000.0,
+        reconnected.as_secs_f64() * 1000.0
+    );
+    assert!(failed.is_empty(), "failed during the switch: {failed:?}");
+    // The rate held: at least 80 % of 50 a second, over at least 2.5 s.
+    assert!(lasted >= Duration::from_millis(2500), "{lasted:?}");
+    assert!(
+        f64::from(sent) >= 0.8 * 50.0 * lasted.as_secs_f64(),
+        "{sent} requests in {lasted:?}"
+    );
+    assert!(
+        reconnected < back + Duration::from_secs(3),
+        "reconnected {reconnected:?} after the kill, the control plane ready after {back:?}"
     );
 }

@@ -60,6 +60,19 @@ pub(crate) fn not_ready(shared: &Shared) -> Option<String> {
     None
 }
 
+/// The control-plane replicas given and the one in use, for `/config`.
+fn control_replica(shared: &Shared) -> serde_json::Value {
+    let on = shared.control.watch().borrow().clone();
+    serde_json::json!({
+        "given": shared.control.given().to_string(),
+        "replica": on.as_ref().map(|r| r.addr.to_string()),
+        "replicaGiven": on.as_ref().map(|r| r.given.clone()),
+        "sinceUnix": on.as_ref().map(|r| crate::unix_seconds(r.since)),
+        "moves": on.as_ref().map_or(0, |r| r.moves),
+        "movedBecause": on.as_ref().and_then(|r| r.why.clone()),
+    })
+}
+
 async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
@@ -108,6 +121,7 @@ async fn handle(
                 "openTcpRelays": shared.relays.len(),
                 "sharedUpstreamConnections": shared.mux.open(),
                 "flowEdgesHeld": shared.flows.held(),
+                "controlPlane": control_replica(&shared),
                 "ready": not_ready(&shared).is_none(),
             });
             reply(StatusCode::OK, "application/json", format!("{body:#}\n"))

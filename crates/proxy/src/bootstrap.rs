@@ -7,12 +7,13 @@
 
 use crate::credentials::control_identity;
 use crate::{Config, ProxyError};
-use bulkhead_api::channel;
+use bulkhead_api::channel::{self, Replicas};
 use bulkhead_api::v1::JoinRequest;
 use bulkhead_api::v1::identity_client::IdentityClient;
 use bulkhead_identity::tls::{ExpectedServer, client_config};
 use bulkhead_identity::{IdentityError, LocalKey, Svid, TrustBundle};
 use bulkhead_policy::model::ResourceName;
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
 
@@ -29,6 +30,7 @@ pub(crate) struct Joined {
 pub(crate) async fn join(
     config: &Config,
     sealed: Option<&crate::sealed::Sealed>,
+    replicas: &Arc<Replicas>,
 ) -> Result<Joined, ProxyError> {
     let bundle = trust_bundle(config)?;
     let mut joined = None;
@@ -49,7 +51,7 @@ pub(crate) async fn join(
         if left < Duration::from_secs(5) {
             tracing::warn!(credential = path, spiffe_id = %stored.svid.id(), "the kept credential has expired; joining with the token");
         } else {
-            match rejoin(config, &bundle, &stored).await {
+            match rejoin(replicas, &bundle, &stored).await {
                 Ok(j) => {
                     tracing::info!(credential = path, spiffe_id = %j.svid.id(), instance = j.instance, "rejoined with the kept credential (no token spent)");
                     joined = Some(j);
@@ -67,7 +69,7 @@ pub(crate) async fn join(
     }
     let joined = match joined {
         Some(j) => j,
-        None => join_with_token(config, bundle)
+        None => join_with_token(config, bundle, replicas)
             .await
             .map_err(|e| match (e, refused) {
                 (ProxyError::Join { addr, message }, Some(why)) => ProxyError::Join {
@@ -92,7 +94,7 @@ struct Refused(String);
 /// Renews with the kept credential over mTLS, as the periodic renewal does: the same
 /// identity and instance, a new key made here.
 async fn rejoin(
-    config: &Config,
+    replicas: &Arc<Replicas>,
     bundle: &TrustBundle,
     stored: &crate::sealed::Stored,
 ) -> Result<Joined, Refused> {
@@ -112,7 +114,7 @@ async fn rejoin(
         &[b"h2"],
     )
     .map_err(|e| refused(&e))?;
-    let mut client = IdentityClient::new(channel::connect(config.control.clone(), tls));
+    let mut client = IdentityClient::new(channel::connect_to(replicas.clone(), tls));
     let key = LocalKey::generate().map_err(|e| refused(&e))?;
     let csr_der = key
         .csr_der(Some(stored.svid.id()))
@@ -204,7 +206,11 @@ fn trust_bundle(config: &Config) -> Result<TrustBundle, ProxyError> {
 
 /// Joins with the join token, or with the service-account token (read now: the kubelet
 /// rotates it) when `--service-account-token-file` is given.
-async fn join_with_token(config: &Config, bundle: TrustBundle) -> Result<Joined, ProxyError> {
+async fn join_with_token(
+    config: &Config,
+    bundle: TrustBundle,
+    replicas: &Arc<Replicas>,
+) -> Result<Joined, ProxyError> {
     let fail = |message: String| join_error(config, message);
     let (token, service_account_token) = match &config.service_account_token_file {
         Some(path) => {
@@ -237,7 +243,7 @@ async fn join_with_token(config: &Config, bundle: TrustBundle) -> Result<Joined,
         ExpectedServer::Exact(control_identity(&bundle)?),
         &[b"h2"],
     )?;
-    let mut client = IdentityClient::new(channel::connect(config.control.clone(), tls));
+    let mut client = IdentityClient::new(channel::connect_to(replicas.clone(), tls));
     let key = LocalKey::generate()?;
     let request = JoinRequest {
         token,

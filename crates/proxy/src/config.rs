@@ -8,8 +8,8 @@ use std::time::Duration;
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The control plane's gRPC address.
-    pub control: bulkhead_api::channel::ControlAddr,
+    /// The control plane's gRPC address, or its replicas' (tried in order, see [`bulkhead_api::channel::Replicas`]).
+    pub control: bulkhead_api::channel::ControlAddrs,
     /// PEM root certificate(s) of the mesh; the control plane must chain to them.
     pub trust_bundle_pem: String,
     /// The join token. Its `Debug` is redacted so it cannot reach a log by accident.

@@ -169,7 +169,7 @@ pub(crate) fn control_identity(bundle: &TrustBundle) -> Result<SpiffeId, Identit
 
 /// A channel to the control plane that always presents the current SVID.
 pub(crate) fn control_channel(
-    control: bulkhead_api::channel::ControlAddr,
+    control: Arc<bulkhead_api::channel::Replicas>,
     shared: &Arc<Shared>,
 ) -> tonic::transport::Channel {
     let shared = shared.clone();
@@ -195,7 +195,7 @@ fn switch_jitter(svid: &Svid, now: SystemTime) -> Duration {
 
 const MAX_SWITCH_JITTER: Duration = Duration::from_secs(30);
 
-pub(crate) fn spawn_rotation(control: bulkhead_api::channel::ControlAddr, shared: Arc<Shared>) {
+pub(crate) fn spawn_rotation(control: Arc<bulkhead_api::channel::Replicas>, shared: Arc<Shared>) {
     tokio::spawn(async move {
         let mut client = IdentityClient::new(control_channel(control, &shared));
         loop {

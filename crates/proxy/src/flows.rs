@@ -451,7 +451,7 @@ impl<'a> KeyRef<'a> {
 /// Reports on `interval` for as long as the proxy runs. A failed report is kept for the
 /// next one (within the buffer's bound).
 pub(crate) fn spawn_reporter(
-    control: bulkhead_api::channel::ControlAddr,
+    control: Arc<bulkhead_api::channel::Replicas>,
     shared: Arc<Shared>,
     interval: Duration,
 ) {

@@ -58,7 +58,7 @@ pub enum ProxyError {
     Bundle(bulkhead_identity::IdentityError),
     #[error("could not join the control plane at {addr}: {message}")]
     Join {
-        addr: bulkhead_api::channel::ControlAddr,
+        addr: bulkhead_api::channel::ControlAddrs,
         message: String,
     },
     #[error("identity: {0}")]
@@ -131,6 +131,8 @@ pub(crate) struct Shared {
     pub instance: String,
     /// The app's own SVID and bundle, when the sidecar serves the SPIFFE Workload API.
     pub workload_api: Option<Arc<workload_api::AppIdentity>>,
+    /// The control plane's replicas and the one in use (`/config`, `/metrics`).
+    pub control: Arc<bulkhead_api::channel::Replicas>,
 }
 
 /// What a started proxy bound and who it is.
@@ -179,7 +181,8 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
         .as_deref()
         .map(sealed::Sealed::claim)
         .transpose()?;
-    let joined = bootstrap::join(&config, sealed.as_ref()).await?;
+    let replicas = bulkhead_api::channel::Replicas::new(config.control.clone());
+    let joined = bootstrap::join(&config, sealed.as_ref(), &replicas).await?;
     let id: SpiffeId = joined.svid.id().clone();
     tracing::info!(spiffe_id = %id, workload = %joined.workload, instance = joined.instance, serial = joined.svid.serial(), "joined the mesh");
     let revoked = Arc::new(revoked::Revoked::default());
@@ -239,7 +242,9 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
             .as_ref()
             .map(|_| Arc::new(workload_api::AppIdentity::new(bundle.clone()))),
         revoked,
+        control: replicas.clone(),
     });
+    metrics::follow_replica(&shared);
 
     let admin = match config.admin {
         Some(listen) => Some(admin::spawn(listen, shared.clone()).await?),
@@ -260,20 +265,20 @@ pub async fn start(config: Config) -> Result<Running, ProxyError> {
     };
 
     let workload_api = match (&config.workload_api, &shared.workload_api) {
-        (Some(path), Some(app)) => Some(
-            workload_api::spawn(path, config.control.clone(), shared.clone(), app.clone()).await?,
-        ),
+        (Some(path), Some(app)) => {
+            Some(workload_api::spawn(path, replicas.clone(), shared.clone(), app.clone()).await?)
+        }
         _ => None,
     };
-    credentials::spawn_rotation(config.control.clone(), shared.clone());
+    credentials::spawn_rotation(replicas.clone(), shared.clone());
     let mut first = watch::spawn(
-        config.control.clone(),
+        replicas.clone(),
         shared.clone(),
         config.max_policy_rules,
         admin,
     );
-    flows::spawn_reporter(config.control.clone(), shared.clone(), config.flow_interval);
-    tap::spawn(config.control.clone(), shared.clone());
+    flows::spawn_reporter(replicas.clone(), shared.clone(), config.flow_interval);
+    tap::spawn(replicas.clone(), shared.clone());
     let revision = match tokio::time::timeout(
         config.first_config_wait,
         first.wait_for(|r| r.is_some()),

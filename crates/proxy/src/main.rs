@@ -41,10 +41,12 @@ enum Cmd {
 #[derive(clap::Args, Debug)]
 struct Args {
     /// The control plane's address: IP:PORT, or HOST:PORT with a DNS name (resolved at every
-    /// connection, each address it resolves to tried in turn), e.g.
-    /// bulkhead-control.bulkhead.svc:7443.
-    #[arg(long, env = "BULKHEAD_CONTROL")]
-    control: bulkhead_api::channel::ControlAddr,
+    /// connection), e.g. bulkhead-control.bulkhead.svc:7443. Several replicas: comma-separated
+    /// or the flag repeated; a name that resolves to several addresses counts as several. The
+    /// proxy stays on one replica and, when it is lost, moves to the next (keeping its
+    /// policy meanwhile; docs/restarts.md).
+    #[arg(long, env = "BULKHEAD_CONTROL", value_delimiter = ',', required = true)]
+    control: Vec<bulkhead_api::channel::ControlAddr>,
     /// PEM file with the mesh's root certificate(s), e.g. DATA_DIR/ca.pem of the control plane.
     #[arg(long, env = "BULKHEAD_TRUST_BUNDLE")]
     trust_bundle: PathBuf,
@@ -249,7 +251,8 @@ impl Args {
             );
         }
         Ok(Config {
-            control: self.control,
+            control: bulkhead_api::channel::ControlAddrs::new(self.control)
+                .context("--control needs at least one address")?,
             trust_bundle_pem,
             token: JoinToken(token),
             service_account_token_file: self.service_account_token_file,

@@ -20,6 +20,9 @@
 //! | `bulkhead_connections_reset` | counter | `direction`, `reason` (see [`Metrics::reset`]) |
 //! | `bulkhead_plaintext_connections` | counter | `port` (accepted without mTLS on a permissive port) |
 //! | `bulkhead_flow_requests_dropped` | counter | — (requests the bounded flow buffer could not count) |
+//! | `bulkhead_control_replica` | gauge | — (the place, from 1, of the control-plane replica in use among the `--control` addresses; 0 before the first connection) |
+//! | `bulkhead_control_replica_losses` | counter | `reason` (stream_ended, stream_broke, unreachable): the replica in use was lost |
+//! | `bulkhead_control_replica_moves` | counter | — (connections made to another replica than the one before) |
 //!
 //! Counters get the `_total` suffix on the wire, as OpenMetrics says. `/metrics` also
 //! serves `bulkhead_build_info` and the `process_*` families (`bulkhead_api::process`).
@@ -270,6 +273,11 @@ pub(crate) struct PortLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ResultLabels {
     pub result: &'static str,
 }
@@ -293,6 +301,9 @@ pub(crate) struct Metrics {
     pub plaintext: Family<PortLabels, Counter>,
     pub resets: Family<TcpCloseLabels, Counter>,
     pub flows_dropped: Counter,
+    pub control_replica: Gauge,
+    pub control_losses: Family<ReasonLabels, Counter>,
+    pub control_moves: Counter,
     /// Spans sent to the trace collector, and dropped (`--otlp-endpoint`).
     pub traces: Arc<TraceCounters>,
     registry: Registry,
@@ -431,6 +442,24 @@ impl Metrics {
             "The policy revision in force",
             revision.clone(),
         );
+        let control_replica = Gauge::default();
+        registry.register(
+            "bulkhead_control_replica",
+            "The place (from 1) of the control-plane replica in use among the --control addresses; 0 before the first connection",
+            control_replica.clone(),
+        );
+        let control_losses = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "bulkhead_control_replica_losses",
+            "Times the control-plane replica in use was lost, by reason (stream_ended, stream_broke, unreachable)",
+            control_losses.clone(),
+        );
+        let control_moves = Counter::default();
+        registry.register(
+            "bulkhead_control_replica_moves",
+            "Connections made to another control-plane replica than the one before",
+            control_moves.clone(),
+        );
         let traces = Arc::new(TraceCounters::default());
         registry.register(
             "bulkhead_trace_spans_exported",
@@ -462,8 +491,18 @@ impl Metrics {
             plaintext,
             resets,
             flows_dropped,
+            control_replica,
+            control_losses,
+            control_moves,
             registry,
         }
+    }
+
+    /// The control-plane replica in use was lost (`reason` a fixed word).
+    pub(crate) fn control_lost(&self, reason: &'static str) {
+        self.control_losses
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub(crate) fn encode(&self) -> String {
@@ -681,6 +720,28 @@ impl TlsFailure {
             _ => TlsFailure::Other,
         }
     }
+}
+
+/// Keeps `bulkhead_control_replica` and `bulkhead_control_replica_moves` in step with the
+/// replica in use, for as long as the proxy runs.
+pub(crate) fn follow_replica(shared: &Arc<crate::Shared>) {
+    let mut on = shared.control.watch();
+    let metrics = shared.clone();
+    tokio::spawn(async move {
+        let mut counted = 0;
+        loop {
+            if let Some(replica) = on.borrow_and_update().clone() {
+                let m = &metrics.metrics;
+                m.control_replica.set(replica.position as i64);
+                m.control_moves
+                    .inc_by(replica.moves.saturating_sub(counted));
+                counted = counted.max(replica.moves);
+            }
+            if on.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -123,7 +123,7 @@ fn unix_millis() -> u64 {
 }
 
 /// Follows what operators tap at this workload, and sends what matches.
-pub(crate) fn spawn(control: bulkhead_api::channel::ControlAddr, shared: Arc<Shared>) {
+pub(crate) fn spawn(control: Arc<bulkhead_api::channel::Replicas>, shared: Arc<Shared>) {
     let receiver = shared.tap.receiver.lock().ok().and_then(|mut r| r.take());
     let Some(receiver) = receiver else {
         return;

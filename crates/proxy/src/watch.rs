@@ -9,6 +9,10 @@
 //! waits long for a returning control plane nor comes back in lockstep — while enforcement
 //! continues unchanged. On re-opening, the proxy names the revision it holds and its
 //! digest, and the control plane sends only the trust bundle when nothing changed.
+//!
+//! A lost stream (ended, broken, or no answer) marks the control-plane replica in use lost
+//! ([`bulkhead_api::channel::Replicas::lost`]): with several `--control` replicas the next
+//! connection, for every call the proxy makes, goes to the next one (`docs/restarts.md`).
 
 use crate::Shared;
 use crate::credentials::{control_channel, take_bundle};
@@ -82,14 +86,14 @@ pub(crate) fn is_refusal(code: tonic::Code) -> bool {
 
 /// Starts following; the receiver reports the revision in force once one has arrived.
 pub(crate) fn spawn(
-    control: bulkhead_api::channel::ControlAddr,
+    control: Arc<bulkhead_api::channel::Replicas>,
     shared: Arc<Shared>,
     max_rules: usize,
     admin: Option<std::net::SocketAddr>,
 ) -> watch::Receiver<Option<u64>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
-        let mut client = ConfigClient::new(control_channel(control, &shared))
+        let mut client = ConfigClient::new(control_channel(control.clone(), &shared))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let mut follower = Follower {
             shared,
@@ -105,7 +109,8 @@ pub(crate) fn spawn(
                 Ok(response) => {
                     unreachable.reset();
                     refused.reset();
-                    follower.follow(&mut client, response.into_inner()).await;
+                    let lost = follower.follow(&mut client, response.into_inner()).await;
+                    replica_lost(&control, &follower.shared, lost);
                     unreachable.next_wait()
                 }
                 Err(status) if is_refusal(status.code()) => {
@@ -122,6 +127,10 @@ pub(crate) fn spawn(
                         error = %status.message(),
                         "cannot watch configuration; keeping the policy in force"
                     );
+                    if status.code() == tonic::Code::Unavailable {
+                        let why = format!("no answer: {}", status.message());
+                        replica_lost(&control, &follower.shared, Loss::Unreachable(why));
+                    }
                     unreachable.next_wait()
                 }
             };
@@ -129,6 +138,48 @@ pub(crate) fn spawn(
         }
     });
     rx
+}
+
+/// Why a configuration stream stopped.
+enum Loss {
+    /// The control plane ended it.
+    Ended,
+    /// It broke (the connection reset, or no answer within the keepalive).
+    Broke(String),
+    /// The control plane could not be reached.
+    Unreachable(String),
+    /// This proxy dropped it, or could not read a message, and asks again: not the
+    /// replica's loss.
+    Retry,
+}
+
+impl Loss {
+    /// A fixed word for the metric label and the reason in words, unless it is no loss.
+    fn reason(self) -> Option<(&'static str, String)> {
+        match self {
+            Loss::Ended => Some((
+                "stream_ended",
+                "the control plane closed the configuration stream".into(),
+            )),
+            Loss::Broke(why) => Some((
+                "stream_broke",
+                format!("the configuration stream broke: {why}"),
+            )),
+            Loss::Unreachable(why) => Some(("unreachable", why)),
+            Loss::Retry => None,
+        }
+    }
+}
+
+/// Tells the replicas the one in use is lost, so the next connection goes to the next one
+/// (every call follows), and counts it once per replica lost, however many attempts fail
+/// after.
+fn replica_lost(control: &bulkhead_api::channel::Replicas, shared: &Shared, loss: Loss) {
+    if let Some((reason, why)) = loss.reason()
+        && control.lost(&why)
+    {
+        shared.metrics.control_lost(reason);
+    }
 }
 
 /// The watch task's state across streams.
@@ -161,7 +212,7 @@ impl Follower {
         &mut self,
         client: &mut ConfigClient<tonic::transport::Channel>,
         mut stream: tonic::Streaming<ProxyConfig>,
-    ) {
+    ) -> Loss {
         let mut pieces = Assembler::default();
         loop {
             match stream.message().await {
@@ -196,23 +247,24 @@ impl Follower {
                         tracing::warn!(error = %e, "configuration stream out of step");
                         self.report(client, config.revision, Err(e)).await;
                         self.held = None;
-                        return;
+                        return Loss::Retry;
                     }
                     let outcome = self.take(config.clone());
                     self.report(client, config.revision, outcome).await;
                 }
                 Ok(None) => {
                     tracing::warn!("control plane closed the configuration stream");
-                    return;
+                    return Loss::Ended;
                 }
                 Err(status) => {
                     tracing::warn!(code = ?status.code(), error = %status.message(), "configuration stream broke");
                     // A message this proxy could not read (not a control plane going away):
                     // say so, or the control plane would think it is still on its way.
-                    if !matches!(
+                    let gone = matches!(
                         status.code(),
                         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-                    ) {
+                    );
+                    if !gone {
                         let e = format!(
                             "the configuration stream broke while receiving it: {}",
                             status.message()
@@ -220,7 +272,10 @@ impl Follower {
                         let revision = pieces.receiving().unwrap_or(0);
                         self.report(client, revision, Err(e)).await;
                     }
-                    return;
+                    return match gone {
+                        true => Loss::Broke(status.message().to_string()),
+                        false => Loss::Retry,
+                    };
                 }
             }
         }

@@ -99,7 +99,7 @@ impl AppIdentity {
 /// Binds the socket and serves the Workload API; obtains and renews the app's SVID.
 pub(crate) async fn spawn(
     path: &Path,
-    control: bulkhead_api::channel::ControlAddr,
+    control: Arc<bulkhead_api::channel::Replicas>,
     shared: Arc<Shared>,
     app: Arc<AppIdentity>,
 ) -> Result<PathBuf, ProxyError> {
@@ -167,7 +167,7 @@ fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 /// Obtains the app's first SVID, then renews it at about half its life, with backoff while
 /// the control plane cannot be reached (the current one is served meanwhile).
 async fn renewal(
-    control: bulkhead_api::channel::ControlAddr,
+    control: Arc<bulkhead_api::channel::Replicas>,
     shared: Arc<Shared>,
     app: Arc<AppIdentity>,
 ) {

@@ -88,19 +88,22 @@ impl Mesh {
 
     /// Kills the control plane and starts it again on the same data directory and port.
     pub fn restart_control(&mut self) {
+        self.restart_control_at(self.control_addr);
+    }
+
+    /// Kills the control plane and starts it again on the same data directory, listening
+    /// on `listen` (the same mesh, moved to another address).
+    pub fn restart_control_at(&mut self, listen: SocketAddr) {
+        self.control.kill();
         let _ = std::fs::remove_file(self.data().join("admin.yaml"));
         let _ = std::fs::rename(
             self.dir.path().join("control.log"),
             self.dir.path().join("control.1.log"),
         );
-        let (control, addr) = start_control(
-            &self.bins,
-            self.dir.path(),
-            &self.control_addr.to_string(),
-            &[],
-        );
+        let (control, addr) = start_control(&self.bins, self.dir.path(), &listen.to_string(), &[]);
         self.control = control;
-        assert_eq!(addr, self.control_addr);
+        assert_eq!(addr, listen);
+        self.control_addr = addr;
     }
 
     pub fn stop_control(&mut self) {

@@ -121,6 +121,7 @@ const SOCKET_CRATES: &[&str] = &[
 /// its TokenReview client.
 const SOCKET_MODULES: &[&str] = &[
     "crates/api/src/channel.rs",
+    "crates/api/src/channel/replicas.rs",
     "crates/api/src/otlp.rs",
     "crates/kubernetes/src/webhook.rs",
     "crates/kubernetes/src/attest.rs",
