@@ -96,6 +96,59 @@ impl ControlWebhook {
     }
 }
 
+/// `bulkhead control`'s Kubernetes controller.
+#[derive(clap::Args, Debug)]
+pub struct ControlController {
+    /// Run as a Kubernetes controller: watch Namespaces, Pods, Services, ServiceAccounts and
+    /// the bulkhead.dev CRs, and commit the Workloads and Services derived from them and the
+    /// CRs that compile as revisions by author `kubernetes`; each CR gets an Accepted status
+    /// condition; the injection webhook's caBundle is kept the mesh's bundle. The API server
+    /// is found in-cluster unless --kubeconfig is given.
+    #[arg(long)]
+    kubernetes: bool,
+    /// A kubeconfig file (its current context) to reach the API server by, instead of the
+    /// in-cluster service account.
+    #[arg(long, value_name = "PATH", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// How long the cluster must be quiet after a change before a revision is committed, so
+    /// that a rollout makes one revision, not one per pod event (milliseconds).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 500,
+        requires = "kubernetes"
+    )]
+    kubernetes_debounce_ms: u64,
+    /// The MutatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, value_name = "NAME", default_value = bulkhead_kubernetes::access::WEBHOOK_CONFIGURATION_NAME, requires = "kubernetes")]
+    webhook_configuration: String,
+}
+
+impl ControlController {
+    /// Starts the controller if asked; whether it was.
+    pub async fn start(self, running: &bulkhead_control::RunningControl) -> Result<bool> {
+        use bulkhead_kubernetes::controller::{self, ControllerOptions};
+        if !self.kubernetes {
+            return Ok(false);
+        }
+        let client = controller::client(self.kubeconfig.as_deref())
+            .await
+            .context("--kubernetes")?;
+        controller::spawn(
+            client,
+            running.resources.clone(),
+            running.issuer.clone(),
+            ControllerOptions {
+                kubeconfig: self.kubeconfig,
+                debounce: std::time::Duration::from_millis(self.kubernetes_debounce_ms),
+                webhook_configuration: self.webhook_configuration,
+                ..ControllerOptions::default()
+            },
+        );
+        Ok(true)
+    }
+}
+
 /// `bulkhead control`'s joins by Kubernetes service-account token.
 #[derive(clap::Args, Debug)]
 pub struct ControlAttest {
