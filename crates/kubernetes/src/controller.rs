@@ -142,10 +142,21 @@ fn reflect<K>(
         while let Some(event) = stream.next().await {
             match event {
                 Ok(_) => notify.notify_one(),
-                Err(e) => tracing::warn!(resource = what, error = %e, "watch failed; retrying"),
+                Err(e) => watch_failed(what, &e),
             }
         }
     });
+}
+
+/// Logs a watch's error. A resourceVersion too old (410) is routine: the API server
+/// compacted its history, and kube-rs lists again.
+fn watch_failed(what: &str, e: &watcher::Error) {
+    match e {
+        watcher::Error::WatchError(s) if s.code == 410 => {
+            tracing::info!(resource = what, reason = %s.message, "watch expired (410); listing again");
+        }
+        e => tracing::warn!(resource = what, error = %e, "watch failed; retrying with backoff"),
+    }
 }
 
 /// [`reflect`] for a kind without a static type (our CRs).
@@ -162,7 +173,7 @@ fn reflect_dynamic(
         while let Some(event) = stream.next().await {
             match event {
                 Ok(_) => notify.notify_one(),
-                Err(e) => tracing::warn!(resource = what, error = %e, "watch failed; retrying"),
+                Err(e) => watch_failed(what, &e),
             }
         }
     });
