@@ -1031,6 +1031,54 @@ mod controller {
                 .is_some_and(|c| c["status"] == "True")
         );
 
+        // A CR accepted before, now broken: refused, and its previous version stays in force.
+        let before_cr = find(&set(&mesh), "AuthorizationPolicy", "orders-from-frontend")
+            .unwrap()
+            .clone();
+        let mut good = api
+            .get(
+                "bulkhead.dev/v1alpha1",
+                "AuthorizationPolicy",
+                "shop",
+                "orders-from-frontend",
+            )
+            .unwrap();
+        good["spec"]["action"] = json!("maybe");
+        api.apply(good);
+        eventually(WAIT, "the broken update refused", || {
+            accepted(&api, "AuthorizationPolicy", "orders-from-frontend").is_some_and(|c| {
+                c["status"] == "False"
+                    && c["observedGeneration"] == 2
+                    && c["message"].as_str().unwrap().starts_with("spec.action: ")
+            })
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(revisions(&mesh).iter().max().unwrap().0, third);
+        assert_eq!(
+            find(&set(&mesh), "AuthorizationPolicy", "orders-from-frontend"),
+            Some(&before_cr)
+        );
+
+        // A CA change: the webhook's caBundle follows the new bundle.
+        let (code, _, err) = mesh.cli(&["ca", "add-root"]);
+        assert_eq!(code, 0, "{err}");
+        let bundle = std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap();
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+        let want = base64::engine::general_purpose::STANDARD.encode(&bundle);
+        eventually(WAIT, "the caBundle holding both roots", || {
+            api.get(
+                "admissionregistration.k8s.io/v1",
+                "MutatingWebhookConfiguration",
+                "",
+                "bulkhead-injector",
+            )
+            .unwrap()["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|h| h["clientConfig"]["caBundle"] == json!(want))
+        });
+
         // The API server drops every watch and compacts: the controller is told 410 when it
         // comes back, lists again, and sees what changed meanwhile.
         let before = api.requests().len();
@@ -1049,5 +1097,12 @@ mod controller {
         assert!(api.expired_watches() > 0, "{after:#?}");
         let (fourth, author) = revisions(&mesh).iter().max().cloned().unwrap();
         assert_eq!((fourth, author.as_str()), (third + 1, "kubernetes"));
+
+        // A CR deleted: its resource goes.
+        assert!(api.delete("bulkhead.dev/v1alpha1", "Workload", "shop", "db"));
+        eventually(WAIT, "the deleted CR's Workload gone", || {
+            find(&set(&mesh), "Workload", "db").is_none()
+        });
+        assert_eq!(revisions(&mesh).iter().max().unwrap().0, fourth + 1);
     }
 }

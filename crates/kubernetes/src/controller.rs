@@ -260,8 +260,15 @@ async fn run(
         "every watch has listed; the cluster's resources are now committed as revisions by author kubernetes"
     );
     loop {
-        // Quiet period: events during it fold into this one pass.
-        tokio::time::sleep(options.debounce).await;
+        // A quiet period: each event starts it again, up to ten periods, so that a burst
+        // (a rollout) folds into one pass and a steady stream still gets one.
+        let burst = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = notify.notified() => if burst.elapsed() >= options.debounce * 10 { break },
+                () = tokio::time::sleep(options.debounce) => break,
+            }
+        }
         reconcile(&client, &resources, &stores).await;
         tokio::select! {
             () = notify.notified() => {}
