@@ -854,6 +854,13 @@ mod controller {
             .cloned()
     }
 
+    const BILLING: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: billing, namespace: vms}
+spec:
+  identity: spiffe://test.local/ns/vms/sa/billing
+"#;
+
     #[test]
     fn the_cluster_becomes_revisions_and_crs_get_their_status() {
         let api = KubeApiServer::start();
@@ -979,9 +986,18 @@ mod controller {
                 .all(|h| h["clientConfig"]["caBundle"] == json!(want))
         });
 
-        // Quiet: no new revision for events that change nothing (status patches, bookmarks).
+        // A resource applied by hand is kept by the controller's revisions.
+        mesh.apply("billing.yaml", BILLING);
+        let (applied, author) = revisions(&mesh).iter().max().cloned().unwrap();
+        assert_eq!(applied, first + 1);
+        assert_ne!(author, "kubernetes");
+
+        // Quiet: no new revision and no status write for events that change nothing (the
+        // controller's own status patches, bookmarks).
+        let patches = api.status_patches().len();
         std::thread::sleep(Duration::from_secs(2));
-        assert_eq!(revisions(&mesh).iter().max().unwrap().0, first);
+        assert_eq!(revisions(&mesh).iter().max().unwrap().0, applied);
+        assert_eq!(api.status_patches().len(), patches);
 
         // A pod deleted: its address goes, in the next revision.
         assert!(api.delete("v1", "Pod", "shop", "orders-7c9d8f6b5-w8r4t"));
@@ -991,7 +1007,7 @@ mod controller {
                 .is_some_and(|o| o["spec"]["addresses"] == json!(["10.244.2.17", "10.96.41.17"]))
         });
         let (second, author) = revisions(&mesh).iter().max().cloned().unwrap();
-        assert_eq!((second, author.as_str()), (first + 1, "kubernetes"));
+        assert_eq!((second, author.as_str()), (applied + 1, "kubernetes"));
 
         // A pod's labels changed: the Workload's labels follow.
         let mut pod = api
@@ -1104,5 +1120,17 @@ mod controller {
             find(&set(&mesh), "Workload", "db").is_none()
         });
         assert_eq!(revisions(&mesh).iter().max().unwrap().0, fourth + 1);
+
+        // The namespace deleted: everything the controller declared in it goes; what was
+        // applied by hand stays.
+        assert!(api.delete("v1", "Namespace", "", "shop"));
+        let mut left = Vec::new();
+        eventually(WAIT, "nothing left of namespace shop", || {
+            left = set(&mesh);
+            !left.iter().any(|r| r["metadata"]["namespace"] == "shop")
+        });
+        assert_eq!(revisions(&mesh).iter().max().unwrap().0, fourth + 2);
+        let billing = find(&left, "Workload", "billing").unwrap();
+        assert!(billing["metadata"]["labels"]["bulkhead.dev/managed-by"].is_null());
     }
 }
