@@ -139,7 +139,6 @@ impl ControlController {
             running.resources.clone(),
             running.issuer.clone(),
             ControllerOptions {
-                kubeconfig: self.kubeconfig,
                 debounce: std::time::Duration::from_millis(self.kubernetes_debounce_ms),
                 webhook_configuration: self.webhook_configuration,
                 ..ControllerOptions::default()

@@ -1,4 +1,4 @@
-//! Every Kubernetes API call the control plane makes or is built to make, with the RBAC
+//! Every Kubernetes API call the control plane makes, with the code that makes it and the RBAC
 //! verbs it needs: the ClusterRole in `deploy/kubernetes/base/rbac.yaml` grants exactly
 //! these, and a test (`crates/cli/tests/kubernetes.rs`) fails when the two differ either way.
 //!

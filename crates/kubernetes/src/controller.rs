@@ -40,12 +40,9 @@ pub const AUTHOR: &str = "kubernetes";
 /// The condition type every CR gets.
 pub const ACCEPTED: &str = "Accepted";
 
-/// How the controller reaches the API server and how it behaves.
+/// How the controller behaves (the API server is the [`client`]'s).
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
-    /// A kubeconfig file (its current context); `None`: in-cluster (the pod's service
-    /// account token and CA, `KUBERNETES_SERVICE_HOST`/`_PORT`).
-    pub kubeconfig: Option<PathBuf>,
     /// How long the cluster must be quiet after a change before the set is recomputed, so
     /// that a rollout's burst of pod events makes one revision, not fifty.
     pub debounce: Duration,
@@ -59,7 +56,6 @@ pub struct ControllerOptions {
 impl Default for ControllerOptions {
     fn default() -> ControllerOptions {
         ControllerOptions {
-            kubeconfig: None,
             debounce: Duration::from_millis(500),
             resync: Duration::from_secs(300),
             webhook_configuration: WEBHOOK_CONFIGURATION_NAME.to_string(),
@@ -82,7 +78,9 @@ pub enum ControllerError {
     Client(String),
 }
 
-/// Builds a client from a kubeconfig file or the in-cluster configuration.
+/// Builds a client from a kubeconfig file (its current context) or, without one, the
+/// in-cluster configuration (the pod's service-account token and CA,
+/// `KUBERNETES_SERVICE_HOST`/`_PORT`).
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, ControllerError> {
     let config = match kubeconfig {
         Some(path) => {

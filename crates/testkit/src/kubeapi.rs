@@ -726,3 +726,123 @@ fn patch_status(shared: &Shared, key: &Key, content_type: &str, body: &[u8]) -> 
     shared.changed.notify_all();
     (200, object)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::ServerName;
+    use std::io::Read;
+
+    /// One request; the whole response (a watch that ends is read to its end).
+    fn request(api: &KubeApiServer, method: &str, target: &str, token: &str, body: &str) -> String {
+        let pem = std::fs::read_to_string(api.dir.path().join("ca.crt")).unwrap();
+        let bundle = bulkhead_identity::TrustBundle::from_pem(&pem).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for r in bundle.roots() {
+            roots.add(r.clone()).unwrap();
+        }
+        let config =
+            rustls::ClientConfig::builder_with_provider(bulkhead_identity::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let tcp = TcpStream::connect(api.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let head = format!(
+            "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/merge-patch+json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn pod(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "shop"}, "spec": {"containers": []}})
+    }
+
+    #[test]
+    fn list_watch_410_conflict_and_status_patch_as_the_api_documents() {
+        let api = KubeApiServer::start();
+        api.apply(pod("a"));
+        api.apply(
+            json!({"apiVersion": "bulkhead.dev/v1alpha1", "kind": "Workload",
+            "metadata": {"name": "db", "namespace": "shop"}, "spec": {"identity": "x"}}),
+        );
+
+        let res = request(&api, "GET", "/api/v1/pods", "wrong", "");
+        assert!(res.starts_with("HTTP/1.1 401"), "{res}");
+
+        // A list: its resourceVersion; built-in items without kind, CRs with it.
+        let res = request(
+            &api,
+            "GET",
+            "/api/v1/namespaces/shop/pods?limit=500",
+            CALLER_TOKEN,
+            "",
+        );
+        let list: Value = serde_json::from_str(res.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(list["kind"], "PodList");
+        assert_eq!(list["metadata"]["resourceVersion"], "1002");
+        assert!(list["items"][0].get("kind").is_none());
+        let res = request(
+            &api,
+            "GET",
+            "/apis/bulkhead.dev/v1alpha1/workloads",
+            CALLER_TOKEN,
+            "",
+        );
+        assert!(res.contains(r#""kind":"Workload""#), "{res}");
+
+        // A watch from a version older than the last compaction: one ERROR 410, then the end.
+        api.apply(pod("b"));
+        api.expire_watches();
+        let res = request(
+            &api,
+            "GET",
+            "/api/v1/pods?watch=1&resourceVersion=1002",
+            CALLER_TOKEN,
+            "",
+        );
+        assert!(
+            res.contains(r#""type":"ERROR""#) && res.contains(r#""code":410"#),
+            "{res}"
+        );
+        assert!(res.ends_with("0\r\n\r\n"), "{res}");
+        assert_eq!(api.expired_watches(), 1);
+
+        // Replace with a stale resourceVersion: 409.
+        let mut stale = api.get("v1", "Pod", "shop", "a").unwrap();
+        stale["metadata"]["resourceVersion"] = json!("1");
+        let res = request(
+            &api,
+            "PUT",
+            "/api/v1/namespaces/shop/pods/a",
+            CALLER_TOKEN,
+            &stale.to_string(),
+        );
+        assert!(res.starts_with("HTTP/1.1 409"), "{res}");
+
+        // A status merge patch changes status only.
+        let res = request(
+            &api,
+            "PATCH",
+            "/apis/bulkhead.dev/v1alpha1/namespaces/shop/workloads/db/status",
+            CALLER_TOKEN,
+            r#"{"spec": {"identity": "y"}, "status": {"revision": 7}}"#,
+        );
+        assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+        let db = api
+            .get("bulkhead.dev/v1alpha1", "Workload", "shop", "db")
+            .unwrap();
+        assert_eq!(db["status"]["revision"], 7);
+        assert_eq!(db["spec"]["identity"], "x");
+        assert_eq!(api.status_patches().len(), 1);
+    }
+}
