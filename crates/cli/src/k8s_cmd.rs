@@ -125,26 +125,41 @@ pub struct ControlController {
 }
 
 impl ControlController {
-    /// Starts the controller if asked; whether it was.
-    pub async fn start(self, running: &bulkhead_control::RunningControl) -> Result<bool> {
+    /// The controller, if asked for, with its client built: a kubeconfig or in-cluster
+    /// configuration that cannot be loaded stops `bulkhead control` before it listens.
+    pub async fn prepare(self) -> Result<Option<PreparedController>> {
         use bulkhead_kubernetes::controller::{self, ControllerOptions};
         if !self.kubernetes {
-            return Ok(false);
+            return Ok(None);
         }
         let client = controller::client(self.kubeconfig.as_deref())
             .await
             .context("--kubernetes")?;
-        controller::spawn(
+        Ok(Some(PreparedController {
             client,
-            running.resources.clone(),
-            running.issuer.clone(),
-            ControllerOptions {
+            options: ControllerOptions {
                 debounce: std::time::Duration::from_millis(self.kubernetes_debounce_ms),
                 webhook_configuration: self.webhook_configuration,
                 ..ControllerOptions::default()
             },
+        }))
+    }
+}
+
+/// A controller ready to start on a running control plane.
+pub struct PreparedController {
+    client: bulkhead_kubernetes::controller::Client,
+    options: bulkhead_kubernetes::controller::ControllerOptions,
+}
+
+impl PreparedController {
+    pub fn start(self, running: &bulkhead_control::RunningControl) {
+        bulkhead_kubernetes::controller::spawn(
+            self.client,
+            running.resources.clone(),
+            running.issuer.clone(),
+            self.options,
         );
-        Ok(true)
     }
 }
 

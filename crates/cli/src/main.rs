@@ -696,6 +696,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bundle_endpoint,
                 attestor: (*attest).attestor()?,
             };
+            let controller = (*controller).prepare().await?;
             let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(
                 "bulkhead control plane listening on {}\nadmin context: {} (the CLI reads it with --context or BULKHEAD_CONTEXT)",
@@ -714,7 +715,8 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(addr) = running.bundle_endpoint {
                 eprintln!("SPIFFE bundle endpoint: https://{addr}/");
             }
-            if (*controller).start(&running).await? {
+            if let Some(controller) = controller {
+                controller.start(&running);
                 eprintln!("kubernetes controller: watching the cluster");
             }
             tokio::select! {

@@ -21,11 +21,13 @@ use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+/// The kube client [`client`] builds and [`spawn`] takes.
+pub use kube::Client;
+use kube::Config;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Config};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::collections::BTreeSet;
