@@ -96,6 +96,73 @@ impl ControlWebhook {
     }
 }
 
+/// `bulkhead control`'s Kubernetes controller.
+#[derive(clap::Args, Debug)]
+pub struct ControlController {
+    /// Run as a Kubernetes controller: watch Namespaces, Pods, Services, ServiceAccounts and
+    /// the bulkhead.dev CRs, and commit the Workloads and Services derived from them and the
+    /// CRs that compile as revisions by author `kubernetes`; each CR gets an Accepted status
+    /// condition; the injection webhook's caBundle is kept the mesh's bundle. The API server
+    /// is found in-cluster unless --kubeconfig is given.
+    #[arg(long)]
+    kubernetes: bool,
+    /// A kubeconfig file (its current context) to reach the API server by, instead of the
+    /// in-cluster service account.
+    #[arg(long, value_name = "PATH", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// How long the cluster must be quiet after a change before a revision is committed, so
+    /// that a rollout makes one revision, not one per pod event (milliseconds).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 500,
+        requires = "kubernetes"
+    )]
+    kubernetes_debounce_ms: u64,
+    /// The MutatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, value_name = "NAME", default_value = bulkhead_kubernetes::access::WEBHOOK_CONFIGURATION_NAME, requires = "kubernetes")]
+    webhook_configuration: String,
+}
+
+impl ControlController {
+    /// The controller, if asked for, with its client built: a kubeconfig or in-cluster
+    /// configuration that cannot be loaded stops `bulkhead control` before it listens.
+    pub async fn prepare(self) -> Result<Option<PreparedController>> {
+        use bulkhead_kubernetes::controller::{self, ControllerOptions};
+        if !self.kubernetes {
+            return Ok(None);
+        }
+        let client = controller::client(self.kubeconfig.as_deref())
+            .await
+            .context("--kubernetes")?;
+        Ok(Some(PreparedController {
+            client,
+            options: ControllerOptions {
+                debounce: std::time::Duration::from_millis(self.kubernetes_debounce_ms),
+                webhook_configuration: self.webhook_configuration,
+                ..ControllerOptions::default()
+            },
+        }))
+    }
+}
+
+/// A controller ready to start on a running control plane.
+pub struct PreparedController {
+    client: bulkhead_kubernetes::controller::Client,
+    options: bulkhead_kubernetes::controller::ControllerOptions,
+}
+
+impl PreparedController {
+    pub fn start(self, running: &bulkhead_control::RunningControl) {
+        bulkhead_kubernetes::controller::spawn(
+            self.client,
+            running.resources.clone(),
+            running.issuer.clone(),
+            self.options,
+        );
+    }
+}
+
 /// `bulkhead control`'s joins by Kubernetes service-account token.
 #[derive(clap::Args, Debug)]
 pub struct ControlAttest {

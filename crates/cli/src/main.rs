@@ -106,6 +106,8 @@ enum Command {
         webhook: Box<k8s_cmd::ControlWebhook>,
         #[command(flatten)]
         attest: Box<k8s_cmd::ControlAttest>,
+        #[command(flatten)]
+        controller: Box<k8s_cmd::ControlController>,
         /// Log format: text, or one JSON object per line.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -647,6 +649,7 @@ async fn run(cli: Cli) -> Result<()> {
             traces,
             webhook,
             attest,
+            controller,
             log_format,
         } => {
             bulkhead_proxy::init_logging("info", log_format == "json");
@@ -696,6 +699,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bundle_endpoint,
                 attestor: (*attest).attestor()?,
             };
+            let controller = (*controller).prepare().await?;
             let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(
                 "bulkhead control plane listening on {}\nadmin context: {} (the CLI reads it with --context or BULKHEAD_CONTEXT)",
@@ -713,6 +717,10 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if let Some(addr) = running.bundle_endpoint {
                 eprintln!("SPIFFE bundle endpoint: https://{addr}/");
+            }
+            if let Some(controller) = controller {
+                controller.start(&running);
+                eprintln!("kubernetes controller: watching the cluster");
             }
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }

@@ -417,6 +417,7 @@ mod install {
         assert!(args.contains(&"--data-dir=/var/lib/bulkhead"), "{args:?}");
         // Injected sidecars join by service-account token.
         assert!(args.contains(&"--kubernetes-attest"), "{args:?}");
+        assert!(args.contains(&"--kubernetes"), "{args:?}");
 
         // The webhook configuration calls the webhook Service, which reaches the container.
         let hooks = find(
@@ -766,5 +767,370 @@ spec:
                 && err.contains("--kubernetes-attest"),
             "{err}"
         );
+    }
+}
+
+mod controller {
+    //! `bulkhead control --kubernetes` against the testkit's API server (list and watch with
+    //! resourceVersion, status PATCH, get and replace; HTTPS with its own CA; a kubeconfig).
+    //! The objects are the recorded ones of `crates/kubernetes/tests/fixtures`; the server is
+    //! written to the API's documented behaviour, not a real API server.
+
+    use super::repo;
+    use base64::Engine;
+    use bulkhead_testkit::kubeapi::KubeApiServer;
+    use bulkhead_testkit::mesh::{Mesh, eventually};
+    use serde_json::{Value, json};
+    use std::time::Duration;
+
+    const WAIT: Duration = Duration::from_secs(60);
+
+    fn fixture(name: &str) -> Value {
+        let path = repo().join(format!("crates/kubernetes/tests/fixtures/{name}.json"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn policy(name: &str, methods: Value) -> Value {
+        json!({
+            "apiVersion": "bulkhead.dev/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {
+                "selector": {"workload": "orders"},
+                "action": "allow",
+                "rules": [{"from": {"identities": ["spiffe://test.local/ns/shop/sa/frontend"]},
+                           "to": {"methods": methods, "paths": ["/orders/*"]}}],
+            },
+        })
+    }
+
+    /// `bulkhead get -o yaml`, one document per resource.
+    fn set(mesh: &Mesh) -> Vec<Value> {
+        let (code, out, err) = mesh.cli(&["get", "-o", "yaml"]);
+        assert_eq!(code, 0, "{err}");
+        out.split("\n---\n")
+            .map(|d| d.trim_start_matches("---\n"))
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| serde_saphyr::from_str(d).unwrap())
+            .collect()
+    }
+
+    fn find<'a>(set: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+        set.iter()
+            .find(|r| r["kind"] == kind && r["metadata"]["name"] == name)
+    }
+
+    /// The revisions of `bulkhead history -o json`: (revision, author).
+    fn revisions(mesh: &Mesh) -> Vec<(u64, String)> {
+        let (code, out, err) = mesh.cli(&["history", "-o", "json", "--limit", "100"]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let entries = v
+            .get("revisions")
+            .and_then(Value::as_array)
+            .or_else(|| v.as_array())
+            .unwrap_or_else(|| panic!("history: {out}"));
+        entries
+            .iter()
+            .map(|e| {
+                (
+                    e["revision"].as_u64().unwrap(),
+                    e["actor"]
+                        .as_str()
+                        .or_else(|| e["author"].as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn accepted(api: &KubeApiServer, kind: &str, name: &str) -> Option<Value> {
+        let o = api.get("bulkhead.dev/v1alpha1", kind, "shop", name)?;
+        o["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Accepted")
+            .cloned()
+    }
+
+    const BILLING: &str = r#"apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {name: billing, namespace: vms}
+spec:
+  identity: spiffe://test.local/ns/vms/sa/billing
+"#;
+
+    #[test]
+    fn the_cluster_becomes_revisions_and_crs_get_their_status() {
+        let api = KubeApiServer::start();
+        let bins = bulkhead_testkit::Bins::of_test();
+        // The webhook configuration as installed, with a caBundle that is not the mesh's.
+        let (code, yaml, err) = bulkhead_testkit::run(
+            &bins.bulkhead,
+            &["k8s", "webhook-config", "--no-ca-bundle"],
+            &[],
+        );
+        assert_eq!(code, 0, "{err}");
+        let mut hooks: Value = serde_saphyr::from_str(&yaml).unwrap();
+        for h in hooks["webhooks"].as_array_mut().unwrap() {
+            h["clientConfig"]["caBundle"] = json!("c3RhbGU=");
+        }
+        api.apply(hooks);
+        for name in [
+            "namespace-shop",
+            "serviceaccount-orders",
+            "serviceaccount-frontend",
+            "pod-orders-a",
+            "pod-orders-b",
+            "pod-frontend",
+            "pod-legacy-unmeshed",
+            "service-orders",
+        ] {
+            api.apply(fixture(name));
+        }
+        api.apply(policy("orders-from-frontend", json!(["GET"])));
+        api.apply(json!({
+            "apiVersion": "bulkhead.dev/v1alpha1",
+            "kind": "Workload",
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"identity": "spiffe://test.local/ns/shop/sa/db",
+                     "ports": [{"port": 5432, "protocol": "tcp"}]},
+        }));
+
+        let kubeconfig = api.kubeconfig();
+        let mesh = Mesh::start_with(&[
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--kubernetes-debounce-ms",
+            "200",
+        ]);
+
+        // The derived Workloads and Services and both CRs, in one revision by kubernetes.
+        let mut resources = Vec::new();
+        eventually(WAIT, "the cluster's resources committed", || {
+            resources = set(&mesh);
+            find(&resources, "Workload", "db").is_some()
+                && find(&resources, "Workload", "orders").is_some()
+        });
+        let orders = find(&resources, "Workload", "orders").unwrap();
+        assert_eq!(
+            orders["spec"]["identity"],
+            "spiffe://test.local/ns/shop/sa/orders"
+        );
+        assert_eq!(
+            orders["spec"]["addresses"],
+            json!(["10.244.1.23", "10.244.2.17", "10.96.41.17"]),
+            "{orders}"
+        );
+        assert_eq!(orders["metadata"]["labels"]["tier"], "backend");
+        assert_eq!(
+            orders["metadata"]["labels"]["bulkhead.dev/managed-by"],
+            "kubernetes"
+        );
+        let frontend = find(&resources, "Workload", "frontend").unwrap();
+        assert_eq!(frontend["spec"]["addresses"], json!(["10.244.2.30"]));
+        let service = find(&resources, "Service", "orders").unwrap();
+        assert_eq!(
+            service["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+            "orders"
+        );
+        let policy_doc = find(&resources, "AuthorizationPolicy", "orders-from-frontend").unwrap();
+        assert_eq!(
+            policy_doc["metadata"]["labels"]["bulkhead.dev/managed-by"],
+            "kubernetes"
+        );
+        assert!(find(&resources, "Workload", "legacy").is_none());
+        assert!(
+            !resources
+                .iter()
+                .any(|r| r.to_string().contains("10.244.1.99")),
+            "the unmeshed pod is not declared"
+        );
+        let history = revisions(&mesh);
+        let (first, author) = history.iter().max().cloned().unwrap();
+        assert_eq!(author, "kubernetes", "{history:?}");
+
+        // Both CRs report Accepted at that revision.
+        for (kind, name) in [
+            ("AuthorizationPolicy", "orders-from-frontend"),
+            ("Workload", "db"),
+        ] {
+            eventually(WAIT, "the CR's Accepted condition", || {
+                accepted(&api, kind, name).is_some_and(|c| c["status"] == "True")
+            });
+            let o = api
+                .get("bulkhead.dev/v1alpha1", kind, "shop", name)
+                .unwrap();
+            assert_eq!(o["status"]["revision"], json!(first), "{o}");
+            assert_eq!(o["status"]["observedGeneration"], json!(1), "{o}");
+        }
+
+        // The webhook's caBundle becomes the mesh's bundle.
+        let bundle = std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap();
+        let want = base64::engine::general_purpose::STANDARD.encode(&bundle);
+        eventually(WAIT, "the caBundle updated", || {
+            let hooks = api
+                .get(
+                    "admissionregistration.k8s.io/v1",
+                    "MutatingWebhookConfiguration",
+                    "",
+                    "bulkhead-injector",
+                )
+                .unwrap();
+            hooks["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|h| h["clientConfig"]["caBundle"] == json!(want))
+        });
+
+        // A resource applied by hand is kept by the controller's revisions.
+        mesh.apply("billing.yaml", BILLING);
+        let (applied, author) = revisions(&mesh).iter().max().cloned().unwrap();
+        assert_eq!(applied, first + 1);
+        assert_ne!(author, "kubernetes");
+
+        // Quiet: no new revision and no status write for events that change nothing (the
+        // controller's own status patches, bookmarks).
+        let patches = api.status_patches().len();
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(revisions(&mesh).iter().max().unwrap().0, applied);
+        assert_eq!(api.status_patches().len(), patches);
+
+        // A pod deleted: its address goes, in the next revision.
+        assert!(api.delete("v1", "Pod", "shop", "orders-7c9d8f6b5-w8r4t"));
+        eventually(WAIT, "the deleted pod's address gone", || {
+            let s = set(&mesh);
+            find(&s, "Workload", "orders")
+                .is_some_and(|o| o["spec"]["addresses"] == json!(["10.244.2.17", "10.96.41.17"]))
+        });
+        let (second, author) = revisions(&mesh).iter().max().cloned().unwrap();
+        assert_eq!((second, author.as_str()), (applied + 1, "kubernetes"));
+
+        // A pod's labels changed: the Workload's labels follow.
+        let mut pod = api
+            .get("v1", "Pod", "shop", "orders-7c9d8f6b5-k2x9p")
+            .unwrap();
+        pod["metadata"]["labels"]["tier"] = json!("canary");
+        api.apply(pod);
+        eventually(WAIT, "the relabelled pod's labels", || {
+            let s = set(&mesh);
+            find(&s, "Workload", "orders")
+                .is_some_and(|o| o["metadata"]["labels"]["tier"] == "canary")
+        });
+        let (third, _) = revisions(&mesh).iter().max().cloned().unwrap();
+        assert_eq!(third, second + 1);
+
+        // A broken CR: refused with its field, nothing committed.
+        api.apply(policy("orders-broken", json!(["GET", "FETCH"])));
+        let mut condition = None;
+        eventually(WAIT, "the broken CR's condition", || {
+            condition = accepted(&api, "AuthorizationPolicy", "orders-broken");
+            condition.is_some()
+        });
+        let condition = condition.unwrap();
+        assert_eq!(condition["status"], "False", "{condition}");
+        assert_eq!(condition["reason"], "Refused", "{condition}");
+        let message = condition["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("spec.rules[0].to.methods[1]: ") && message.contains("FETCH"),
+            "{message}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(revisions(&mesh).iter().max().unwrap().0, third);
+        assert!(find(&set(&mesh), "AuthorizationPolicy", "orders-broken").is_none());
+        // The good CR is untouched by its neighbour's refusal.
+        assert!(
+            accepted(&api, "AuthorizationPolicy", "orders-from-frontend")
+                .is_some_and(|c| c["status"] == "True")
+        );
+
+        // A CR accepted before, now broken: refused, and its previous version stays in force.
+        let before_cr = find(&set(&mesh), "AuthorizationPolicy", "orders-from-frontend")
+            .unwrap()
+            .clone();
+        let mut good = api
+            .get(
+                "bulkhead.dev/v1alpha1",
+                "AuthorizationPolicy",
+                "shop",
+                "orders-from-frontend",
+            )
+            .unwrap();
+        good["spec"]["action"] = json!("maybe");
+        api.apply(good);
+        eventually(WAIT, "the broken update refused", || {
+            accepted(&api, "AuthorizationPolicy", "orders-from-frontend").is_some_and(|c| {
+                c["status"] == "False"
+                    && c["observedGeneration"] == 2
+                    && c["message"].as_str().unwrap().starts_with("spec.action: ")
+            })
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(revisions(&mesh).iter().max().unwrap().0, third);
+        assert_eq!(
+            find(&set(&mesh), "AuthorizationPolicy", "orders-from-frontend"),
+            Some(&before_cr)
+        );
+
+        // A CA change: the webhook's caBundle follows the new bundle.
+        let (code, _, err) = mesh.cli(&["ca", "add-root"]);
+        assert_eq!(code, 0, "{err}");
+        let bundle = std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap();
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+        let want = base64::engine::general_purpose::STANDARD.encode(&bundle);
+        eventually(WAIT, "the caBundle holding both roots", || {
+            api.get(
+                "admissionregistration.k8s.io/v1",
+                "MutatingWebhookConfiguration",
+                "",
+                "bulkhead-injector",
+            )
+            .unwrap()["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|h| h["clientConfig"]["caBundle"] == json!(want))
+        });
+
+        // The API server drops every watch and compacts: the controller is told 410 when it
+        // comes back, lists again, and sees what changed meanwhile.
+        let before = api.requests().len();
+        api.expire_watches();
+        assert!(api.delete("v1", "Pod", "shop", "frontend-5f6b8d9c4-q7m2z"));
+        eventually(WAIT, "the frontend Workload gone after the relist", || {
+            find(&set(&mesh), "Workload", "frontend").is_none()
+        });
+        let after: Vec<String> = api.requests()[before..].to_vec();
+        assert!(
+            after
+                .iter()
+                .any(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")),
+            "no relist of pods after the watches expired: {after:#?}"
+        );
+        assert!(api.expired_watches() > 0, "{after:#?}");
+        let (fourth, author) = revisions(&mesh).iter().max().cloned().unwrap();
+        assert_eq!((fourth, author.as_str()), (third + 1, "kubernetes"));
+
+        // A CR deleted: its resource goes.
+        assert!(api.delete("bulkhead.dev/v1alpha1", "Workload", "shop", "db"));
+        eventually(WAIT, "the deleted CR's Workload gone", || {
+            find(&set(&mesh), "Workload", "db").is_none()
+        });
+        assert_eq!(revisions(&mesh).iter().max().unwrap().0, fourth + 1);
+
+        // The namespace deleted: everything the controller declared in it goes; what was
+        // applied by hand stays.
+        assert!(api.delete("v1", "Namespace", "", "shop"));
+        let mut left = Vec::new();
+        eventually(WAIT, "nothing left of namespace shop", || {
+            left = set(&mesh);
+            !left.iter().any(|r| r["metadata"]["namespace"] == "shop")
+        });
+        assert_eq!(revisions(&mesh).iter().max().unwrap().0, fourth + 2);
+        let billing = find(&left, "Workload", "billing").unwrap();
+        assert!(billing["metadata"]["labels"]["bulkhead.dev/managed-by"].is_null());
     }
 }

@@ -35,6 +35,21 @@ impl ServingTls {
     }
 }
 
+/// The trust bundle's changes, from [`Issuer::bundle_updates`].
+pub struct BundleUpdates {
+    cas: tokio::sync::watch::Receiver<Arc<crate::cas::CaSet>>,
+}
+
+impl BundleUpdates {
+    /// Waits for the CAs to change and returns the new bundle (PEM); `None` once the
+    /// control plane has stopped.
+    pub async fn changed(&mut self) -> Option<String> {
+        self.cas.changed().await.ok()?;
+        let pem = self.cas.borrow_and_update().bundle().to_pem();
+        Some(pem)
+    }
+}
+
 impl Issuer {
     pub(crate) fn new(state: Arc<State>) -> Issuer {
         Issuer { state }
@@ -48,6 +63,14 @@ impl Issuer {
     /// [`ServingTls`] listener must trust.
     pub fn bundle_pem(&self) -> String {
         self.state.cas.borrow().bundle().to_pem()
+    }
+
+    /// The trust bundle as it changes: [`BundleUpdates::changed`] waits for the next CA
+    /// change (a rotation begun, completed or rolled back) and returns the new bundle.
+    pub fn bundle_updates(&self) -> BundleUpdates {
+        BundleUpdates {
+            cas: self.state.cas.subscribe(),
+        }
     }
 
     /// A TLS 1.3 server configuration for `spiffe://<td>/bulkhead/<name>` and the DNS names or

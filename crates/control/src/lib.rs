@@ -21,6 +21,7 @@ mod listener;
 mod metrics;
 mod promote;
 mod proxies;
+mod resources;
 mod service;
 mod spans;
 mod spiffe_bundle;
@@ -36,7 +37,8 @@ pub use console::{ConsoleOptions, ConsoleTransport};
 pub use datadir::{AdminContext, CONTEXT_FILE};
 pub use error::ControlError;
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
-pub use issuer::{Issuer, ServingTls};
+pub use issuer::{BundleUpdates, Issuer, ServingTls};
+pub use resources::{Committed, Refused, Resources};
 pub use store::{HistoryRetention, LOG_CHANGES_PER_ENTRY, LOG_MAX_AGE, LOG_MAX_ENTRIES};
 
 use bulkhead_api::v1::{
@@ -106,6 +108,9 @@ pub struct RunningControl {
     /// Serving certificates from the mesh's CA for listeners outside this crate (the
     /// Kubernetes injection webhook).
     pub issuer: Issuer,
+    /// The resource set, for a controller that changes it as revisions of its own
+    /// (the Kubernetes controller).
+    pub resources: Resources,
     /// Where the SPIFFE bundle endpoint listens, if it does.
     pub bundle_endpoint: Option<SocketAddr>,
     stop: watch::Sender<bool>,
@@ -242,6 +247,7 @@ pub async fn start_with(
         metrics::serve(tcp, state.clone(), stop.subscribe());
     }
     let issuer = Issuer::new(state.clone());
+    let resources = Resources::new(state.clone());
     let router = tonic::transport::Server::builder()
         .layer(spans::CallSpans {
             tracer: state.tracer.clone(),
@@ -271,6 +277,7 @@ pub async fn start_with(
         metrics_addr,
         console_url,
         issuer,
+        resources,
         bundle_endpoint,
         stop,
         task,

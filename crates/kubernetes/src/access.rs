@@ -1,19 +1,13 @@
-//! Every Kubernetes API call the control plane makes or is built to make, with the RBAC
+//! Every Kubernetes API call the control plane makes, with the code that makes it and the RBAC
 //! verbs it needs: the ClusterRole in `deploy/kubernetes/base/rbac.yaml` grants exactly
 //! these, and a test (`crates/cli/tests/kubernetes.rs`) fails when the two differ either way.
 //!
 //! Add a call here in the same change that makes it; never grant the control plane anything
 //! this list does not name.
 
-/// Whether the code makes a call today, or it is for the controller still being written.
+/// The code that makes a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Caller {
-    /// Made by code in this crate today (named).
-    Now(&'static str),
-    /// For the watch loop of issue #17, not written yet: granted so that the install does
-    /// not change when it lands.
-    Controller,
-}
+pub struct Caller(pub &'static str);
 
 /// One RBAC rule: an API group, a resource (or `resource/subresource`), the verbs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,7 +20,8 @@ pub struct ApiAccess {
     pub caller: Caller,
 }
 
-const READ: &[&str] = &["get", "list", "watch"];
+/// What a reflector does: list, then watch from the list's resourceVersion.
+const READ: &[&str] = &["list", "watch"];
 
 /// The name of the MutatingWebhookConfiguration the control plane keeps current.
 pub const WEBHOOK_CONFIGURATION_NAME: &str = "bulkhead-injector";
@@ -54,7 +49,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
         resource: "tokenreviews",
         verbs: &["create"],
         names: &[],
-        caller: Caller::Now("attest::TokenReviewer::review"),
+        caller: Caller("attest::TokenReviewer::review"),
     },
     // Keeping the webhook configuration's caBundle the mesh's bundle.
     ApiAccess {
@@ -62,7 +57,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
         resource: "mutatingwebhookconfigurations",
         verbs: &["get", "update"],
         names: &[WEBHOOK_CONFIGURATION_NAME],
-        caller: Caller::Controller,
+        caller: Caller("controller::set_ca_bundle"),
     },
 ];
 
@@ -72,7 +67,7 @@ const fn read(group: &'static str, resource: &'static str) -> ApiAccess {
         resource,
         verbs: READ,
         names: &[],
-        caller: Caller::Controller,
+        caller: Caller("controller::spawn (watcher and reflector)"),
     }
 }
 
@@ -80,8 +75,8 @@ const fn status(resource: &'static str) -> ApiAccess {
     ApiAccess {
         group: "bulkhead.dev",
         resource,
-        verbs: &["get", "patch", "update"],
+        verbs: &["patch"],
         names: &[],
-        caller: Caller::Controller,
+        caller: Caller("controller::report (status merge patch)"),
     }
 }

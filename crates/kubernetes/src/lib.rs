@@ -17,6 +17,7 @@
 pub mod access;
 pub mod admission;
 pub mod attest;
+pub mod controller;
 pub mod cr;
 pub mod crd;
 pub mod derive;

@@ -191,7 +191,7 @@ fn serve(stream: TcpStream, config: Arc<rustls::ServerConfig>, state: &Shared) {
 }
 
 /// The request head (lines) and body; `None` if the peer went away or sent nonsense.
-fn read_request(tls: &mut impl Read) -> Option<(Vec<String>, Vec<u8>)> {
+pub(crate) fn read_request(tls: &mut impl Read) -> Option<(Vec<String>, Vec<u8>)> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     let end = loop {
