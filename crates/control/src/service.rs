@@ -133,6 +133,11 @@ pub(crate) struct State {
     pub(crate) discovery: Option<crate::discovery::Discovery>,
     /// Checks the credentials of joins without a join token (`--kubernetes-attest`).
     pub(crate) attestor: Option<Arc<dyn crate::Attestor>>,
+    /// The roots of every federated trust domain (`--federation`); every configuration
+    /// stream follows it.
+    pub(crate) federated: watch::Sender<Arc<crate::federation::FederatedRoots>>,
+    /// The `spiffe_refresh_hint` our own SPIFFE bundle gives (seconds).
+    pub(crate) bundle_refresh_hint: u64,
 }
 
 impl State {
@@ -198,6 +203,8 @@ impl State {
             pushes: Default::default(),
             discovery: None,
             attestor: None,
+            federated: watch::Sender::new(Arc::default()),
+            bundle_refresh_hint: crate::spiffe_bundle::REFRESH_HINT_SECS,
         })
     }
 
@@ -500,6 +507,7 @@ type ConfigStream = Pin<Box<dyn Stream<Item = Result<pb::ProxyConfig, Status>> +
 struct Follow {
     revisions: watch::Receiver<Arc<Snapshot>>,
     cas: watch::Receiver<Arc<CaSet>>,
+    federated: watch::Receiver<Arc<crate::federation::FederatedRoots>>,
     revoked: watch::Receiver<Arc<bulkhead_identity::RevokedSet>>,
     /// The serial of the certificate the stream was opened with: if it or its identity is
     /// revoked, the stream ends.
@@ -610,6 +618,7 @@ impl Config for State {
         let follow = Follow {
             revisions: self.snapshot.subscribe(),
             cas: self.cas.subscribe(),
+            federated: self.federated.subscribe(),
             revoked: self.revoked.subscribe(),
             serial,
             ended: false,
@@ -640,6 +649,7 @@ impl Config for State {
                         let changed = tokio::select! {
                             r = f.revisions.changed() => r,
                             r = f.cas.changed() => r,
+                            r = f.federated.changed() => r,
                             r = f.revoked.changed() => r,
                         };
                         if changed.is_err() {
@@ -663,6 +673,15 @@ impl Config for State {
                     }
                     let snap = f.revisions.borrow_and_update().clone();
                     let trust = f.cas.borrow_and_update().clone();
+                    let federated = f.federated.borrow_and_update().clone();
+                    let mut wire = trust.wire().clone();
+                    wire.federated = federated
+                        .iter()
+                        .map(|(td, roots)| pb::FederatedBundle {
+                            trust_domain: td.clone(),
+                            roots_der: roots.clone(),
+                        })
+                        .collect();
                     registry.sent(id.as_str(), &workload, snap.revision);
                     if live
                         && snap.revision != f.sent
@@ -680,7 +699,7 @@ impl Config for State {
                             snap.commit_span.as_ref(),
                         );
                     }
-                    let config = snap.config_for(&workload, trust.wire(), &revoked);
+                    let config = snap.config_for(&workload, &wire, &revoked);
                     match f.held.take() {
                         Some((revision, digest))
                             if revision == config.revision && digest == config.digest =>

@@ -234,14 +234,26 @@ fn x509_svid_response(issued: &Issued) -> pb::X509svidResponse {
             hint: String::new(),
         }],
         crl: Vec::new(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated_bundles(&issued.bundle),
     }
+}
+
+/// Each federated trust domain's roots, keyed by its SPIFFE ID.
+fn federated_bundles(bundle: &TrustBundle) -> HashMap<String, Vec<u8>> {
+    bundle
+        .federated()
+        .iter()
+        .map(|(td, roots)| (format!("spiffe://{td}"), concat_der(roots)))
+        .collect()
 }
 
 fn x509_bundles_response(bundle: &TrustBundle) -> pb::X509BundlesResponse {
     pb::X509BundlesResponse {
         crl: Vec::new(),
-        bundles: HashMap::from([(trust_domain_key(bundle), concat_der(bundle.roots()))]),
+        bundles: federated_bundles(bundle)
+            .into_iter()
+            .chain([(trust_domain_key(bundle), concat_der(bundle.roots()))])
+            .collect(),
     }
 }
 
