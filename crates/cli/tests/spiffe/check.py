@@ -5,6 +5,7 @@ success, exits non-zero with the reason otherwise.
 
   check.py workload-api SOCKET --id SPIFFE_ID --ca-pem PATH --sidecar-credential PATH [--rotations N]
   check.py bundle DOCUMENT --trust-domain TD --ca-pem PATH [--endpoint https://HOST:PORT/]
+  check.py federated SOCKET --trust-domain TD --ca-pem PATH --federated-domain TD --federated-ca-pem PATH
 """
 
 import argparse
@@ -245,6 +246,27 @@ def bundle(args):
     }))
 
 
+def federated(args):
+    """FetchX509Bundles (and the X.509 context) carry our own trust domain's roots and a
+    federated domain's, each exactly as its own control plane has them."""
+    client = WorkloadApiClient(socket_path="unix:" + args.socket, default_timeout=20)
+    seen = {}
+    for name, bundle_set in [
+        ("bundles", client.fetch_x509_bundles()),
+        ("context", client.fetch_x509_context().x509_bundle_set),
+    ]:
+        for td, pem in [(args.trust_domain, args.ca_pem), (args.federated_domain, args.federated_ca_pem)]:
+            bundle = bundle_set.get_bundle_for_trust_domain(TrustDomain(td))
+            if bundle is None:
+                fail(f"{name}: no bundle for {td}")
+            got = fingerprints(bundle.x509_authorities)
+            if got != roots_of(pem, td):
+                fail(f"{name}: the bundle of {td} is {sorted(got)}, not the roots of {pem}")
+            seen[f"{name}:{td}"] = len(got)
+    client.close()
+    print(json.dumps(seen))
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,8 +285,19 @@ def main():
     b.add_argument("--trust-domain", required=True)
     b.add_argument("--ca-pem", required=True)
     b.add_argument("--endpoint")
+    f = sub.add_parser("federated")
+    f.add_argument("socket")
+    f.add_argument("--trust-domain", required=True)
+    f.add_argument("--ca-pem", required=True)
+    f.add_argument("--federated-domain", required=True)
+    f.add_argument("--federated-ca-pem", required=True)
     args = parser.parse_args()
-    {"workload-api": workload_api, "bundle": bundle, "watch-bundle": watch_bundle}[args.command](args)
+    {
+        "workload-api": workload_api,
+        "bundle": bundle,
+        "watch-bundle": watch_bundle,
+        "federated": federated,
+    }[args.command](args)
 
 
 if __name__ == "__main__":
