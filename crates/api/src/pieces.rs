@@ -271,6 +271,7 @@ mod tests {
                 roots_der: vec![vec![1, 2, 3]],
                 signing_ca_sha256: "ab".into(),
                 federated: Vec::new(),
+                jwt_keys: Vec::new(),
             }),
             revocations: Some(crate::v1::Revocations {
                 identities: vec!["spiffe://td/ns/shop/sa/leaked".into()],

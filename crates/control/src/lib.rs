@@ -18,6 +18,7 @@ mod error;
 mod federation;
 mod flows;
 mod issuer;
+mod jwt_svid;
 mod listener;
 mod metrics;
 mod promote;

@@ -138,6 +138,8 @@ pub(crate) struct State {
     pub(crate) federated: watch::Sender<Arc<crate::federation::FederatedRoots>>,
     /// The `spiffe_refresh_hint` our own SPIFFE bundle gives (seconds).
     pub(crate) bundle_refresh_hint: u64,
+    /// Signs JWT-SVIDs (`Identity.SignJwtSvid`); its public half goes to every proxy.
+    pub(crate) jwt_key: Arc<bulkhead_identity::jwt::JwtKey>,
 }
 
 impl State {
@@ -179,6 +181,7 @@ impl State {
         let admin_id = SpiffeId::parse(&format!("spiffe://{trust_domain}{ADMIN_ID_PATH}"))?;
         let revoked = Arc::new(crate::credentials::Revoked::load(&store, unix_now())?);
         let serving = crate::listener::serving_config(&cas, svid_lifetime)?;
+        let jwt_key = Arc::new(crate::jwt_svid::load_or_create(dir.path())?);
         Ok(State {
             dir,
             store,
@@ -205,6 +208,7 @@ impl State {
             attestor: None,
             federated: watch::Sender::new(Arc::default()),
             bundle_refresh_hint: crate::spiffe_bundle::REFRESH_HINT_SECS,
+            jwt_key,
         })
     }
 
@@ -305,6 +309,38 @@ impl Identity for State {
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         self.renew_svid(req).await
+    }
+
+    async fn sign_jwt_svid(
+        &self,
+        req: Request<pb::JwtSvidRequest>,
+    ) -> Result<Response<pb::JwtSvidResponse>, Status> {
+        let id = caller(&req)?;
+        id.refuse_reserved()
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        if !self.store.has_identity(id.as_str()).map_err(internal)? {
+            return Err(Status::permission_denied(format!(
+                "{id} was never issued by a join token; only workload identities get JWT-SVIDs"
+            )));
+        }
+        self.refuse_revoked(&req)?;
+        let audience = req.into_inner().audience;
+        crate::jwt_svid::check_audience(&audience).map_err(Status::invalid_argument)?;
+        let now = SystemTime::now();
+        let lifetime = crate::jwt_svid::LIFETIME.min(self.svid_lifetime);
+        let token = self
+            .jwt_key
+            .sign_svid(&id, &audience, now, lifetime)
+            .map_err(|e| internal(e.into()))?;
+        let expires = now + lifetime;
+        tracing::info!(spiffe_id = %id, ?audience, kid = self.jwt_key.kid(), "issued a JWT-SVID");
+        Ok(Response::new(pb::JwtSvidResponse {
+            spiffe_id: id.to_string(),
+            token,
+            expires_at_unix: expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        }))
     }
 
     async fn join(
@@ -612,6 +648,7 @@ impl Config for State {
         let tracer = self.tracer.clone();
         let pushes = self.pushes.clone();
         let metrics = self.metrics.clone();
+        let jwt_public = crate::jwt_svid::wire_key(&self.jwt_key);
         // A new revision or a new bundle: either sends the whole current state, in pieces
         // to a proxy that takes them, and only the bundle to a proxy that just reconnected
         // holding exactly the current revision.
@@ -637,6 +674,7 @@ impl Config for State {
             let tracer = tracer.clone();
             let pushes = pushes.clone();
             let metrics = metrics.clone();
+            let jwt_public = jwt_public.clone();
             async move {
                 loop {
                     if let Some(next) = f.queue.pop_front() {
@@ -682,6 +720,7 @@ impl Config for State {
                             roots_der: roots.clone(),
                         })
                         .collect();
+                    wire.jwt_keys = vec![jwt_public.clone()];
                     registry.sent(id.as_str(), &workload, snap.revision);
                     if live
                         && snap.revision != f.sent

@@ -96,6 +96,22 @@ pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<
     let Some(wire) = wire else {
         return Ok(());
     };
+    if let Some(app) = &shared.workload_api {
+        let keys = wire
+            .jwt_keys
+            .iter()
+            .filter_map(|k| {
+                let key = bulkhead_identity::jwt::JwtPublicKey {
+                    kid: k.kid.clone(),
+                    x: k.x.clone(),
+                    y: k.y.clone(),
+                };
+                // Checked the way a JWK is read; one that is not usable is left out.
+                bulkhead_identity::jwt::JwtPublicKey::from_json(&key.to_json()).ok()
+            })
+            .collect::<Vec<_>>();
+        app.jwt_keys(bulkhead_identity::jwt::JwtBundle::new(keys));
+    }
     let ours = shared.tls.load().bundle.trust_domain().to_string();
     if wire.trust_domain != ours {
         return Err(format!(

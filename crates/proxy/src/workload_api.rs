@@ -27,6 +27,7 @@ use bulkhead_api::spiffe_workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use bulkhead_api::v1::identity_client::IdentityClient;
+use bulkhead_identity::jwt::JwtBundle;
 use bulkhead_identity::{Svid, TrustBundle, fingerprint};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -50,6 +51,8 @@ pub(crate) struct AppIdentity {
     current: watch::Sender<Option<Arc<Issued>>>,
     /// The bundle alone, for `FetchX509Bundles` (known before the app's first SVID).
     bundle: watch::Sender<TrustBundle>,
+    /// Our trust domain's JWT-SVID keys, as the control plane pushes them.
+    jwt: watch::Sender<JwtBundle>,
     /// Renew the app's SVID now (the sidecar moved to another signing CA).
     wake: Notify,
 }
@@ -59,8 +62,18 @@ impl AppIdentity {
         AppIdentity {
             current: watch::Sender::new(None),
             bundle: watch::Sender::new(bundle),
+            jwt: watch::Sender::new(JwtBundle::default()),
             wake: Notify::new(),
         }
+    }
+
+    /// The control plane's JWT keys: every FetchJWTBundles stream gets them when they change.
+    pub(crate) fn jwt_keys(&self, bundle: JwtBundle) {
+        self.jwt.send_if_modified(|current| {
+            let changed = *current != bundle;
+            *current = bundle;
+            changed
+        });
     }
 
     /// A new trust bundle reached the sidecar: every stream gets it.
@@ -107,8 +120,12 @@ pub(crate) async fn spawn(
         path: path.to_path_buf(),
         source,
     })?;
-    tokio::spawn(renewal(control, shared.clone(), app.clone()));
-    let service = SpiffeWorkloadApiServer::new(Api { app });
+    tokio::spawn(renewal(control.clone(), shared.clone(), app.clone()));
+    let service = SpiffeWorkloadApiServer::new(Api {
+        app,
+        control: control.clone(),
+        shared: shared.clone(),
+    });
     let incoming =
         tokio_stream::wrappers::UnixListenerStream::new(listener).map(|conn| conn.map(relay));
     let shown = path.display().to_string();
@@ -269,13 +286,22 @@ fn require_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-const NO_JWT: &str =
-    "JWT-SVIDs are not supported: Bulkhead's CA signs X.509-SVIDs only (use FetchX509SVID)";
-
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 struct Api {
     app: Arc<AppIdentity>,
+    control: bulkhead_api::channel::ControlAddr,
+    shared: Arc<Shared>,
+}
+
+/// The JWT bundle of our trust domain as the Workload API carries it: a JWK Set.
+fn jwt_bundles_response(td: &str, bundle: &JwtBundle) -> pb::JwtBundlesResponse {
+    pb::JwtBundlesResponse {
+        bundles: HashMap::from([(
+            format!("spiffe://{td}"),
+            bundle.to_jwks().to_string().into_bytes(),
+        )]),
+    }
 }
 
 #[tonic::async_trait]
@@ -304,12 +330,49 @@ impl SpiffeWorkloadApi for Api {
         Ok(Response::new(Box::pin(updates)))
     }
 
+    /// A JWT-SVID for the sidecar's identity: the control plane signs it (the key never
+    /// leaves it), asked over this sidecar's mTLS channel, so it names no other identity.
     async fn fetch_jwtsvid(
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         require_header(&req)?;
-        Err(Status::unimplemented(NO_JWT))
+        let r = req.into_inner();
+        let ours = self.shared.tls.load().svid.id().clone();
+        if !r.spiffe_id.is_empty() && r.spiffe_id != ours.as_str() {
+            return Err(Status::permission_denied(format!(
+                "this sidecar holds {ours} only; it cannot obtain a JWT-SVID for {}",
+                r.spiffe_id
+            )));
+        }
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("a JWT-SVID needs an audience"));
+        }
+        let mut client = IdentityClient::new(control_channel(self.control.clone(), &self.shared));
+        let signed = client
+            .sign_jwt_svid(bulkhead_api::v1::JwtSvidRequest {
+                audience: r.audience.clone(),
+            })
+            .await
+            .map_err(|s| {
+                tracing::warn!(error = %s.message(), "the control plane did not sign a JWT-SVID");
+                Status::new(
+                    s.code(),
+                    format!(
+                        "the control plane did not sign the JWT-SVID: {}",
+                        s.message()
+                    ),
+                )
+            })?
+            .into_inner();
+        tracing::info!(spiffe_id = signed.spiffe_id, audience = ?r.audience, expires_at_unix = signed.expires_at_unix, "issued the app a JWT-SVID (Workload API)");
+        Ok(Response::new(pb::JwtsvidResponse {
+            svids: vec![pb::Jwtsvid {
+                spiffe_id: signed.spiffe_id,
+                svid: signed.token,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
@@ -317,15 +380,32 @@ impl SpiffeWorkloadApi for Api {
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         require_header(&req)?;
-        Err(Status::unimplemented(NO_JWT))
+        let td = self.shared.tls.load().bundle.trust_domain().to_string();
+        let updates = WatchStream::new(self.app.jwt.subscribe())
+            .filter(|b| b.keys().next().is_some())
+            .map(move |bundle| Ok(jwt_bundles_response(&td, &bundle)));
+        Ok(Response::new(Box::pin(updates)))
     }
 
+    /// Validates a JWT-SVID of our trust domain against its JWT bundle, for `audience`.
     async fn validate_jwtsvid(
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         require_header(&req)?;
-        Err(Status::unimplemented(NO_JWT))
+        let r = req.into_inner();
+        if r.audience.is_empty() || r.svid.is_empty() {
+            return Err(Status::invalid_argument("give an audience and a JWT-SVID"));
+        }
+        let td = self.shared.tls.load().bundle.trust_domain().to_string();
+        let bundle = self.app.jwt.borrow().clone();
+        let claims = bundle
+            .validate(&r.svid, &r.audience, &td, std::time::SystemTime::now())
+            .map_err(|e| Status::invalid_argument(format!("the JWT-SVID is not valid: {e}")))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: claims.sub.to_string(),
+            claims: Some(bulkhead_api::spiffe_workload::claims_struct(&claims.claims)),
+        }))
     }
 }
 

@@ -23,7 +23,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from spiffe import WorkloadApiClient, X509Bundle, TrustDomain
+from spiffe import WorkloadApiClient, X509Bundle, TrustDomain, SpiffeId
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 
@@ -92,13 +92,50 @@ def workload_api(args):
     if fingerprints(context.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain(td)).x509_authorities) != roots_of(args.ca_pem, td):
         fail("the SVID's bundle is not the roots of ca.pem")
 
+    # A JWT-SVID for the sidecar's identity and the asked audience, signed by a key of the
+    # JWT bundle (a JWK Set with kid and use jwt-svid), valid for that audience only.
+    jwt_svid = client.fetch_jwt_svid(audience={"payments"})
+    if str(jwt_svid.spiffe_id) != args.id:
+        fail(f"the JWT-SVID is for {jwt_svid.spiffe_id}, not {args.id}")
+    if set(jwt_svid.audience) != {"payments"}:
+        fail(f"the JWT-SVID's audience is {jwt_svid.audience}")
+    lifetime = jwt_svid.expiry - time.time()
+    if not 0 < lifetime <= 300:
+        fail(f"the JWT-SVID lives {lifetime} s")
+    header = json.loads(base64.urlsafe_b64decode(jwt_svid.token.split(".")[0] + "=="))
+    if header.get("alg") != "ES256" or not header.get("kid"):
+        fail(f"the JWT-SVID's header is {header}")
+    jwt_bundle = client.fetch_jwt_bundles().get_bundle_for_trust_domain(TrustDomain(td))
+    if jwt_bundle is None or jwt_bundle.get_jwt_authority(header["kid"]) is None:
+        fail("the JWT bundle has no key for the token's kid")
+    from spiffe import JwtSvid
+    checked = JwtSvid.parse_and_validate(jwt_svid.token, jwt_bundle, {"payments"})
+    if str(checked.spiffe_id) != args.id:
+        fail(f"py-spiffe validated {checked.spiffe_id}")
     try:
-        client.fetch_jwt_svid(audience={"x"})
-        fail("FetchJWTSVID answered")
-    except Exception as e:  # py-spiffe wraps the gRPC error
-        jwt_error = str(e)
-        if "UNIMPLEMENTED" not in jwt_error.upper() and "not supported" not in jwt_error:
-            fail(f"FetchJWTSVID failed otherwise: {jwt_error}")
+        JwtSvid.parse_and_validate(jwt_svid.token, jwt_bundle, {"orders"})
+        fail("py-spiffe accepted the JWT-SVID for another audience")
+    except SystemExit:
+        raise
+    except Exception:
+        pass
+    validated = client.validate_jwt_svid(jwt_svid.token, "payments")
+    if str(validated.spiffe_id) != args.id:
+        fail(f"ValidateJWTSVID said {validated.spiffe_id}")
+    try:
+        client.validate_jwt_svid(jwt_svid.token, "orders")
+        fail("ValidateJWTSVID accepted another audience")
+    except SystemExit:
+        raise
+    except Exception as e:
+        jwt_wrong_audience = str(e)
+    try:
+        client.fetch_jwt_svid(audience={"payments"}, subject=SpiffeId(f"spiffe://{td}/ns/shop/sa/other"))
+        fail("FetchJWTSVID signed for another identity")
+    except SystemExit:
+        raise
+    except Exception:
+        pass
 
     # Rotation: the open stream delivers each renewed SVID, each with a new key of its own.
     serials = []
@@ -138,7 +175,8 @@ def workload_api(args):
         "first_serial": str(first_serial),
         "stream_serials": [str(s) for s in serials],
         "refused_without_header": refused,
-        "jwt": jwt_error,
+        "jwt_kid": header["kid"],
+        "jwt_wrong_audience": jwt_wrong_audience,
     }))
 
 
