@@ -11,8 +11,12 @@
 //! Each open `FetchX509SVID` stream gets a new message when the app's SVID is renewed (at
 //! about half its life, and soon after the sidecar moves to another signing CA) and when the
 //! trust bundle changes; `FetchX509Bundles` streams follow the bundle. Every call must carry
-//! `workload.spiffe.io: true` (INVALID_ARGUMENT otherwise, as the spec says). The JWT-SVID
-//! profile answers UNIMPLEMENTED: the mesh's CA signs X.509-SVIDs only.
+//! `workload.spiffe.io: true` (INVALID_ARGUMENT otherwise, as the spec says).
+//!
+//! JWT-SVIDs: `FetchJWTSVID` asks the control plane (`Identity.SignJwtSvid`, over the
+//! sidecar's mTLS channel) to sign a token for the sidecar's own identity; the signing key
+//! never leaves the control plane. `FetchJWTBundles` streams the JWT keys the control plane
+//! pushes with the trust bundle; `ValidateJWTSVID` checks a token against them.
 //!
 //! Some clients (grpc-core for `unix:` targets, so py-spiffe) send the socket's path as
 //! `:authority`, which h2 refuses before any service sees it; [`authority`] rewrites it to
