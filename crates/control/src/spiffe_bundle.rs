@@ -43,7 +43,13 @@ pub(crate) fn sequence(set: &CaSet) -> u64 {
 
 /// The SPIFFE bundle document of a CA set. A root whose key the format cannot carry is left
 /// out and logged (the PEM bundle still has it); every root Bulkhead generates is EC P-256.
-pub(crate) fn document(set: &CaSet, refresh_hint: u64) -> serde_json::Value {
+/// The document also carries the JWT-SVID signing key's public half (`use: jwt-svid`, with
+/// its `kid`), so that a federating trust domain can validate our JWT-SVIDs.
+pub(crate) fn document(
+    set: &CaSet,
+    refresh_hint: u64,
+    jwt: &bulkhead_identity::jwt::JwtKey,
+) -> serde_json::Value {
     let keys: Vec<serde_json::Value> = set
         .bundle()
         .roots()
@@ -72,6 +78,7 @@ pub(crate) fn document(set: &CaSet, refresh_hint: u64) -> serde_json::Value {
             }
             jwk
         })
+        .chain([jwt.public_jwk().to_json()])
         .collect();
     serde_json::json!({
         "keys": keys,
@@ -81,8 +88,13 @@ pub(crate) fn document(set: &CaSet, refresh_hint: u64) -> serde_json::Value {
 }
 
 /// The document as served and printed: pretty JSON and a final newline.
-pub(crate) fn document_text(set: &CaSet, refresh_hint: u64) -> String {
-    let mut text = serde_json::to_string_pretty(&document(set, refresh_hint)).unwrap_or_default();
+pub(crate) fn document_text(
+    set: &CaSet,
+    refresh_hint: u64,
+    jwt: &bulkhead_identity::jwt::JwtKey,
+) -> String {
+    let mut text =
+        serde_json::to_string_pretty(&document(set, refresh_hint, jwt)).unwrap_or_default();
     text.push('\n');
     text
 }
@@ -156,7 +168,11 @@ fn answer(state: &State, method: &Method, path: &str) -> http::Response<Full<Byt
     let (status, body, kind) = match (method, path) {
         (&Method::GET, "/") => (
             StatusCode::OK,
-            document_text(&state.cas.borrow(), state.bundle_refresh_hint),
+            document_text(
+                &state.cas.borrow(),
+                state.bundle_refresh_hint,
+                &state.jwt_key,
+            ),
             "application/json",
         ),
         (&Method::GET, _) => (

@@ -170,6 +170,7 @@ fn the_spiffe_bundle_parses_with_py_spiffe_and_the_endpoint_serves_the_same_docu
         assert_eq!(code, 0, "check.py bundle failed:\n{out}\n{err}\n{doc}");
         let seen: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(seen["roots"], expected_roots, "{seen}");
+        assert_eq!(seen["jwt_keys"], 1, "{seen}");
         assert_eq!(seen["sequence"], expected_sequence, "{seen}");
         assert_eq!(seen["kty"], serde_json::json!(["EC"]), "{seen}");
         assert_eq!(seen["served_same"], true, "{seen}");

@@ -23,7 +23,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from spiffe import WorkloadApiClient, X509Bundle, TrustDomain, SpiffeId
+from spiffe import WorkloadApiClient, X509Bundle, TrustDomain, SpiffeId, JwtBundle
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 
@@ -253,7 +253,16 @@ def bundle(args):
     if not isinstance(doc.get("spiffe_refresh_hint"), int) or doc["spiffe_refresh_hint"] < 1:
         fail(f"spiffe_refresh_hint: {doc.get('spiffe_refresh_hint')!r}")
     ders = []
+    jwt_keys = [k for k in doc["keys"] if k.get("use") == "jwt-svid"]
+    for key in jwt_keys:
+        if not key.get("kid") or key.get("kty") != "EC" or key.get("crv") != "P-256":
+            fail(f"a jwt-svid key without a kid or not EC P-256: {key}")
+    jwt_bundle = JwtBundle.parse(TrustDomain(args.trust_domain), json.dumps({"keys": jwt_keys}).encode())
+    if len(jwt_bundle.jwt_authorities) != 1:
+        fail(f"{len(jwt_bundle.jwt_authorities)} JWT authorities, not 1")
     for key in doc["keys"]:
+        if key.get("use") == "jwt-svid":
+            continue
         if key.get("use") != "x509-svid":
             fail(f"a key with use {key.get('use')!r}")
         if "kid" in key:
@@ -278,6 +287,7 @@ def bundle(args):
         served = True
     print(json.dumps({
         "roots": len(ders),
+        "jwt_keys": len(jwt_bundle.jwt_authorities),
         "sequence": doc["spiffe_sequence"],
         "kty": sorted({k["kty"] for k in doc["keys"]}),
         "served_same": served,
