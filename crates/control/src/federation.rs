@@ -17,6 +17,7 @@
 use crate::error::ControlError;
 use crate::service::State;
 use base64::Engine;
+use bulkhead_identity::jwt::JwtPublicKey;
 use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
 use bulkhead_identity::{SpiffeId, TrustBundle, TrustDomain, fingerprint};
 use bulkhead_insight::events::{Event, EventKind};
@@ -42,8 +43,16 @@ const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
 /// After a failure, try again at the refresh hint or this, whichever is sooner.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
-/// The federated trust domains and their roots (DER), as proxies receive them.
-pub(crate) type FederatedRoots = BTreeMap<String, Vec<Vec<u8>>>;
+/// The federated trust domains, each with its roots (DER) and JWT-SVID keys, as proxies
+/// receive them.
+pub(crate) type FederatedRoots = BTreeMap<String, Federated>;
+
+/// What proxies need of one federated trust domain.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Federated {
+    pub roots: Vec<Vec<u8>>,
+    pub jwt_keys: Vec<JwtPublicKey>,
+}
 
 /// One `FederatedTrustDomain` document, as written in the `--federation` file.
 #[derive(Debug, Deserialize)]
@@ -105,6 +114,8 @@ pub struct FederatedTrustDomain {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ForeignBundle {
     pub roots: Vec<CertificateDer<'static>>,
+    /// Its `jwt-svid` keys that can be read (EC P-256 with a `kid`); others are left aside.
+    pub jwt_keys: Vec<JwtPublicKey>,
     pub sequence: Option<u64>,
     pub refresh_hint: Option<u64>,
     /// The document as received, kept as the last good bundle.
@@ -127,9 +138,25 @@ impl ForeignBundle {
         let doc: Doc = serde_json::from_str(text)
             .map_err(|e| format!("not a SPIFFE bundle document (a JWK Set): {e}"))?;
         let mut roots = Vec::new();
+        let mut jwt_keys = Vec::new();
         for (i, key) in doc.keys.iter().enumerate() {
-            if key.get("use").and_then(|u| u.as_str()) != Some("x509-svid") {
-                continue;
+            match key.get("use").and_then(|u| u.as_str()) {
+                Some("x509-svid") => {}
+                Some("jwt-svid") => {
+                    match JwtPublicKey::from_json(key) {
+                        Ok(k) => jwt_keys.push(k),
+                        Err(e) => {
+                            tracing::debug!(
+                                trust_domain,
+                                key = i,
+                                error = e,
+                                "a jwt-svid key left aside"
+                            );
+                        }
+                    }
+                    continue;
+                }
+                _ => continue,
             }
             let x5c = key
                 .get("x5c")
@@ -149,6 +176,7 @@ impl ForeignBundle {
             .map_err(|e| format!("no usable X.509 root: {e}"))?;
         Ok(ForeignBundle {
             roots,
+            jwt_keys,
             sequence: doc.spiffe_sequence,
             refresh_hint: doc.spiffe_refresh_hint,
             text: text.to_string(),
@@ -314,13 +342,16 @@ pub(crate) fn spawn(state: Arc<State>, domains: Vec<FederatedTrustDomain>) {
 }
 
 fn publish(state: &State, trust_domain: &str, bundle: &ForeignBundle) {
-    let roots: Vec<Vec<u8>> = bundle.roots.iter().map(|r| r.to_vec()).collect();
+    let federated = Federated {
+        roots: bundle.roots.iter().map(|r| r.to_vec()).collect(),
+        jwt_keys: bundle.jwt_keys.clone(),
+    };
     state.federated.send_if_modified(|map| {
-        if map.get(trust_domain) == Some(&roots) {
+        if map.get(trust_domain) == Some(&federated) {
             return false;
         }
         let mut next = (**map).clone();
-        next.insert(trust_domain.to_string(), roots);
+        next.insert(trust_domain.to_string(), federated);
         *map = Arc::new(next);
         true
     });
@@ -345,7 +376,10 @@ async fn follow(
                     );
                     failing = false;
                 }
-                if fetched.roots != current.roots || fetched.sequence != current.sequence {
+                if fetched.roots != current.roots
+                    || fetched.jwt_keys != current.jwt_keys
+                    || fetched.sequence != current.sequence
+                {
                     tracing::info!(
                         trust_domain = d.trust_domain,
                         roots = ?fetched.fingerprints(),

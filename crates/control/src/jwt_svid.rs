@@ -62,11 +62,15 @@ pub(crate) fn load_or_create(dir: &Path) -> Result<JwtKey, ControlError> {
 
 /// The public key as proxies receive it.
 pub(crate) fn wire_key(key: &JwtKey) -> pb::JwtPublicKey {
-    let jwk = key.public_jwk();
+    wire_public(&key.public_jwk())
+}
+
+/// A JWT public key (ours or a federated domain's) as proxies receive it.
+pub(crate) fn wire_public(jwk: &bulkhead_identity::jwt::JwtPublicKey) -> pb::JwtPublicKey {
     pb::JwtPublicKey {
-        kid: jwk.kid,
-        x: jwk.x,
-        y: jwk.y,
+        kid: jwk.kid.clone(),
+        x: jwk.x.clone(),
+        y: jwk.y.clone(),
     }
 }
 

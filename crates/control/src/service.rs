@@ -715,9 +715,14 @@ impl Config for State {
                     let mut wire = trust.wire().clone();
                     wire.federated = federated
                         .iter()
-                        .map(|(td, roots)| pb::FederatedBundle {
+                        .map(|(td, f)| pb::FederatedBundle {
                             trust_domain: td.clone(),
-                            roots_der: roots.clone(),
+                            roots_der: f.roots.clone(),
+                            jwt_keys: f
+                                .jwt_keys
+                                .iter()
+                                .map(crate::jwt_svid::wire_public)
+                                .collect(),
                         })
                         .collect();
                     wire.jwt_keys = vec![jwt_public.clone()];

@@ -279,6 +279,18 @@ impl JwtBundle {
     }
 }
 
+/// The trust domain of a token's `sub`, read without checking anything: only to choose the
+/// bundle [`JwtBundle::validate`] then checks it against (which checks `sub` again).
+pub fn subject_trust_domain(token: &str) -> Option<String> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return None;
+    }
+    let claims = URL_SAFE_NO_PAD.decode(token.split('.').nth(1)?).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&claims).ok()?;
+    let sub = SpiffeId::parse(claims.get("sub")?.as_str()?).ok()?;
+    Some(sub.trust_domain().to_string())
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -96,28 +96,22 @@ pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<
     let Some(wire) = wire else {
         return Ok(());
     };
-    if let Some(app) = &shared.workload_api {
-        let keys = wire
-            .jwt_keys
-            .iter()
-            .filter_map(|k| {
-                let key = bulkhead_identity::jwt::JwtPublicKey {
-                    kid: k.kid.clone(),
-                    x: k.x.clone(),
-                    y: k.y.clone(),
-                };
-                // Checked the way a JWK is read; one that is not usable is left out.
-                bulkhead_identity::jwt::JwtPublicKey::from_json(&key.to_json()).ok()
-            })
-            .collect::<Vec<_>>();
-        app.jwt_keys(bulkhead_identity::jwt::JwtBundle::new(keys));
-    }
     let ours = shared.tls.load().bundle.trust_domain().to_string();
     if wire.trust_domain != ours {
         return Err(format!(
             "the trust bundle is for trust domain {:?}, but this proxy is in {ours:?}",
             wire.trust_domain
         ));
+    }
+    if let Some(app) = &shared.workload_api {
+        let mut jwt = std::collections::BTreeMap::new();
+        jwt.insert(ours.clone(), jwt_bundle(&wire.jwt_keys));
+        for f in &wire.federated {
+            if f.trust_domain != ours {
+                jwt.insert(f.trust_domain.clone(), jwt_bundle(&f.jwt_keys));
+            }
+        }
+        app.jwt_keys(jwt);
     }
     let federated = wire
         .federated
@@ -159,6 +153,19 @@ pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<
             .signing_ca_is(&shared.tls.load(), &wire.signing_ca_sha256);
     }
     Ok(())
+}
+
+/// A trust domain's JWT keys as pushed; a key that does not read as a JWK would is left out.
+fn jwt_bundle(keys: &[bulkhead_api::v1::JwtPublicKey]) -> bulkhead_identity::jwt::JwtBundle {
+    use bulkhead_identity::jwt::JwtPublicKey;
+    bulkhead_identity::jwt::JwtBundle::new(keys.iter().filter_map(|k| {
+        let key = JwtPublicKey {
+            kid: k.kid.clone(),
+            x: k.x.clone(),
+            y: k.y.clone(),
+        };
+        JwtPublicKey::from_json(&key.to_json()).ok()
+    }))
 }
 
 fn short_of(cert: &[u8]) -> String {

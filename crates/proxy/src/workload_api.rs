@@ -33,6 +33,7 @@ use bulkhead_api::spiffe_workload::spiffe_workload_api_server::{
 use bulkhead_api::v1::identity_client::IdentityClient;
 use bulkhead_identity::jwt::JwtBundle;
 use bulkhead_identity::{Svid, TrustBundle, fingerprint};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -55,8 +56,9 @@ pub(crate) struct AppIdentity {
     current: watch::Sender<Option<Arc<Issued>>>,
     /// The bundle alone, for `FetchX509Bundles` (known before the app's first SVID).
     bundle: watch::Sender<TrustBundle>,
-    /// Our trust domain's JWT-SVID keys, as the control plane pushes them.
-    jwt: watch::Sender<JwtBundle>,
+    /// The JWT-SVID keys of our trust domain and each federated one, as the control plane
+    /// pushes them.
+    jwt: watch::Sender<BTreeMap<String, JwtBundle>>,
     /// Renew the app's SVID now (the sidecar moved to another signing CA).
     wake: Notify,
 }
@@ -66,13 +68,13 @@ impl AppIdentity {
         AppIdentity {
             current: watch::Sender::new(None),
             bundle: watch::Sender::new(bundle),
-            jwt: watch::Sender::new(JwtBundle::default()),
+            jwt: watch::Sender::new(BTreeMap::new()),
             wake: Notify::new(),
         }
     }
 
     /// The control plane's JWT keys: every FetchJWTBundles stream gets them when they change.
-    pub(crate) fn jwt_keys(&self, bundle: JwtBundle) {
+    pub(crate) fn jwt_keys(&self, bundle: BTreeMap<String, JwtBundle>) {
         self.jwt.send_if_modified(|current| {
             let changed = *current != bundle;
             *current = bundle;
@@ -298,13 +300,19 @@ struct Api {
     shared: Arc<Shared>,
 }
 
-/// The JWT bundle of our trust domain as the Workload API carries it: a JWK Set.
-fn jwt_bundles_response(td: &str, bundle: &JwtBundle) -> pb::JwtBundlesResponse {
+/// The JWT bundles (ours and each federated domain's) as the Workload API carries them: a
+/// JWK Set per trust domain.
+fn jwt_bundles_response(bundles: &BTreeMap<String, JwtBundle>) -> pb::JwtBundlesResponse {
     pb::JwtBundlesResponse {
-        bundles: HashMap::from([(
-            format!("spiffe://{td}"),
-            bundle.to_jwks().to_string().into_bytes(),
-        )]),
+        bundles: bundles
+            .iter()
+            .map(|(td, b)| {
+                (
+                    format!("spiffe://{td}"),
+                    b.to_jwks().to_string().into_bytes(),
+                )
+            })
+            .collect(),
     }
 }
 
@@ -384,14 +392,14 @@ impl SpiffeWorkloadApi for Api {
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         require_header(&req)?;
-        let td = self.shared.tls.load().bundle.trust_domain().to_string();
         let updates = WatchStream::new(self.app.jwt.subscribe())
-            .filter(|b| b.keys().next().is_some())
-            .map(move |bundle| Ok(jwt_bundles_response(&td, &bundle)));
+            .filter(|b| !b.is_empty())
+            .map(|bundles| Ok(jwt_bundles_response(&bundles)));
         Ok(Response::new(Box::pin(updates)))
     }
 
-    /// Validates a JWT-SVID of our trust domain against its JWT bundle, for `audience`.
+    /// Validates a JWT-SVID for `audience` against the JWT bundle of the trust domain its
+    /// `sub` names: ours or a federated one's, never another's.
     async fn validate_jwtsvid(
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
@@ -401,8 +409,14 @@ impl SpiffeWorkloadApi for Api {
         if r.audience.is_empty() || r.svid.is_empty() {
             return Err(Status::invalid_argument("give an audience and a JWT-SVID"));
         }
-        let td = self.shared.tls.load().bundle.trust_domain().to_string();
-        let bundle = self.app.jwt.borrow().clone();
+        let td = bulkhead_identity::jwt::subject_trust_domain(&r.svid).ok_or_else(|| {
+            Status::invalid_argument("the JWT-SVID is not valid: no SPIFFE ID in its sub claim")
+        })?;
+        let bundle = self.app.jwt.borrow().get(&td).cloned().ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "the JWT-SVID is not valid: its trust domain {td} is neither ours nor federated"
+            ))
+        })?;
         let claims = bundle
             .validate(&r.svid, &r.audience, &td, std::time::SystemTime::now())
             .map_err(|e| Status::invalid_argument(format!("the JWT-SVID is not valid: {e}")))?;

@@ -3,7 +3,8 @@
 //! (`bulkhead control --federation`): a client of a.test calls a server of b.test through
 //! both sidecars; B's policy decides on A's identity; a CA of one domain cannot vouch for the
 //! other's identities; A's CA rotation reaches B by refresh; a failed refresh keeps the last
-//! good bundle and says so; py-spiffe sees the federated bundle on B's Workload API.
+//! good bundle and says so; py-spiffe sees the federated bundle on B's Workload API, and a
+//! JWT-SVID of A's validates at B's.
 
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually};
 use bulkhead_testkit::{ForeignIdentity, http, mtls_raw, run};
@@ -230,10 +231,17 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
     // A: a frontend sidecar with an upstream to B's orders, expecting B's identity.
     let upstream =
         format!("name=orders,listen=127.0.0.1:0,address={orders_in},identity={orders_b}");
+    std::fs::create_dir(a.dir.path().join("run")).unwrap();
+    let a_socket = a.dir.path().join("run/workload.sock");
     let (_frontend_proxy, frontend) = a.proxy(
         "frontend",
         &a.token(&frontend_a),
-        &["--upstream", &upstream],
+        &[
+            "--upstream",
+            &upstream,
+            "--workload-api",
+            a_socket.to_str().unwrap(),
+        ],
     );
     let to_orders = addr(&frontend["upstreams"]["orders"]);
     let frontend_admin = addr(&frontend["admin"]);
@@ -355,6 +363,25 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
             &[],
         );
         assert_eq!(code, 0, "check.py federated failed:\n{out}\n{err}");
+        // A JWT-SVID of A's frontend validates at B's sidecar, with A's JWT key from A's
+        // bundle endpoint.
+        let (code, out, err) = run(
+            &python,
+            &[
+                script.to_str().unwrap(),
+                "jwt-federated",
+                "--fetch-socket",
+                a_socket.to_str().unwrap(),
+                "--validate-socket",
+                socket.to_str().unwrap(),
+                "--id",
+                &frontend_a,
+                "--audience",
+                "orders",
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "check.py jwt-federated failed:\n{out}\n{err}");
     }
 
     // A rotates its CA: the new root reaches B by refresh, and once A's frontend presents a

@@ -5,6 +5,7 @@ success, exits non-zero with the reason otherwise.
 
   check.py workload-api SOCKET --id SPIFFE_ID --ca-pem PATH --sidecar-credential PATH [--rotations N]
   check.py bundle DOCUMENT --trust-domain TD --ca-pem PATH [--endpoint https://HOST:PORT/]
+  check.py jwt-federated --fetch-socket A --validate-socket B --id SPIFFE_ID --audience AUD
   check.py federated SOCKET --trust-domain TD --ca-pem PATH --federated-domain TD --federated-ca-pem PATH
 """
 
@@ -315,6 +316,33 @@ def federated(args):
     print(json.dumps(seen))
 
 
+def jwt_federated(args):
+    """A JWT-SVID fetched from one trust domain's sidecar validates at a federated domain's
+    sidecar (its JWT bundle fetched from the bundle endpoint), for its audience only."""
+    issuer = WorkloadApiClient(socket_path="unix:" + args.fetch_socket, default_timeout=20)
+    verifier = WorkloadApiClient(socket_path="unix:" + args.validate_socket, default_timeout=20)
+    token = issuer.fetch_jwt_svid(audience={args.audience}).token
+    td = TrustDomain(args.id.split("/")[2])
+    bundle = verifier.fetch_jwt_bundles().get_bundle_for_trust_domain(td)
+    if bundle is None or not bundle.jwt_authorities:
+        fail(f"the verifying sidecar has no JWT bundle for {td}")
+    from spiffe import JwtSvid
+    if str(JwtSvid.parse_and_validate(token, bundle, {args.audience}).spiffe_id) != args.id:
+        fail("py-spiffe validated another identity")
+    if str(verifier.validate_jwt_svid(token, args.audience).spiffe_id) != args.id:
+        fail("ValidateJWTSVID said another identity")
+    try:
+        verifier.validate_jwt_svid(token, args.audience + "-other")
+        fail("ValidateJWTSVID accepted another audience")
+    except SystemExit:
+        raise
+    except Exception:
+        pass
+    issuer.close()
+    verifier.close()
+    print(json.dumps({"validated": args.id}))
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -339,8 +367,14 @@ def main():
     f.add_argument("--ca-pem", required=True)
     f.add_argument("--federated-domain", required=True)
     f.add_argument("--federated-ca-pem", required=True)
+    j = sub.add_parser("jwt-federated")
+    j.add_argument("--fetch-socket", required=True)
+    j.add_argument("--validate-socket", required=True)
+    j.add_argument("--id", required=True)
+    j.add_argument("--audience", required=True)
     args = parser.parse_args()
     {
+        "jwt-federated": jwt_federated,
         "workload-api": workload_api,
         "bundle": bundle,
         "watch-bundle": watch_bundle,
