@@ -371,7 +371,7 @@ impl Admin for State {
             spiffe_json: crate::spiffe_bundle::document_text(
                 &cas,
                 self.bundle_refresh_hint,
-                &self.jwt_key,
+                &self.jwt.load().public(crate::proxies::unix_now()),
             ),
             spiffe_sequence: crate::spiffe_bundle::sequence(&cas),
         }))

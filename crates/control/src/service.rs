@@ -139,7 +139,7 @@ pub(crate) struct State {
     /// The `spiffe_refresh_hint` our own SPIFFE bundle gives (seconds).
     pub(crate) bundle_refresh_hint: u64,
     /// Signs JWT-SVIDs (`Identity.SignJwtSvid`); its public half goes to every proxy.
-    pub(crate) jwt_key: Arc<bulkhead_identity::jwt::JwtKey>,
+    pub(crate) jwt: Arc<ArcSwap<crate::jwt_svid::Keys>>,
 }
 
 impl State {
@@ -181,7 +181,9 @@ impl State {
         let admin_id = SpiffeId::parse(&format!("spiffe://{trust_domain}{ADMIN_ID_PATH}"))?;
         let revoked = Arc::new(crate::credentials::Revoked::load(&store, unix_now())?);
         let serving = crate::listener::serving_config(&cas, svid_lifetime)?;
-        let jwt_key = Arc::new(crate::jwt_svid::load_or_create(dir.path())?);
+        let jwt = Arc::new(ArcSwap::from_pointee(crate::jwt_svid::Keys::new(
+            crate::jwt_svid::load_or_create(dir.path())?,
+        )));
         Ok(State {
             dir,
             store,
@@ -208,7 +210,7 @@ impl State {
             attestor: None,
             federated: watch::Sender::new(Arc::default()),
             bundle_refresh_hint: crate::spiffe_bundle::REFRESH_HINT_SECS,
-            jwt_key,
+            jwt,
         })
     }
 
@@ -224,8 +226,14 @@ impl State {
     /// Saves `set` in the data directory, then makes it current: every proxy's stream
     /// pushes the new bundle, and the listener re-issues its certificate from the signing
     /// CA, trusting the new bundle for new connections.
+    /// When another CA signs, the JWT-SVID key rotates too (before the push, so the push
+    /// carries it).
     pub(crate) fn publish_cas(&self, set: CaSet) -> Result<(), ControlError> {
         self.dir.save(&set)?;
+        if set.active().fingerprint() != self.cas.borrow().active().fingerprint() {
+            let next = self.jwt.load().rotate(self.dir.path(), unix_now())?;
+            self.jwt.store(Arc::new(next));
+        }
         self.cas.send_replace(Arc::new(set));
         self.refresh_serving()
     }
@@ -328,12 +336,12 @@ impl Identity for State {
         crate::jwt_svid::check_audience(&audience).map_err(Status::invalid_argument)?;
         let now = SystemTime::now();
         let lifetime = crate::jwt_svid::LIFETIME.min(self.svid_lifetime);
-        let token = self
-            .jwt_key
+        let signer = self.jwt.load().current.clone();
+        let token = signer
             .sign_svid(&id, &audience, now, lifetime)
             .map_err(|e| internal(e.into()))?;
         let expires = now + lifetime;
-        tracing::info!(spiffe_id = %id, ?audience, kid = self.jwt_key.kid(), "issued a JWT-SVID");
+        tracing::info!(spiffe_id = %id, ?audience, kid = signer.kid(), "issued a JWT-SVID");
         Ok(Response::new(pb::JwtSvidResponse {
             spiffe_id: id.to_string(),
             token,
@@ -648,7 +656,7 @@ impl Config for State {
         let tracer = self.tracer.clone();
         let pushes = self.pushes.clone();
         let metrics = self.metrics.clone();
-        let jwt_public = crate::jwt_svid::wire_key(&self.jwt_key);
+        let jwt = self.jwt.clone();
         // A new revision or a new bundle: either sends the whole current state, in pieces
         // to a proxy that takes them, and only the bundle to a proxy that just reconnected
         // holding exactly the current revision.
@@ -674,7 +682,7 @@ impl Config for State {
             let tracer = tracer.clone();
             let pushes = pushes.clone();
             let metrics = metrics.clone();
-            let jwt_public = jwt_public.clone();
+            let jwt = jwt.clone();
             async move {
                 loop {
                     if let Some(next) = f.queue.pop_front() {
@@ -725,7 +733,12 @@ impl Config for State {
                                 .collect(),
                         })
                         .collect();
-                    wire.jwt_keys = vec![jwt_public.clone()];
+                    wire.jwt_keys = jwt
+                        .load()
+                        .public(unix_now())
+                        .iter()
+                        .map(crate::jwt_svid::wire_public)
+                        .collect();
                     registry.sent(id.as_str(), &workload, snap.revision);
                     if live
                         && snap.revision != f.sent

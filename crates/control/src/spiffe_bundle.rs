@@ -48,7 +48,7 @@ pub(crate) fn sequence(set: &CaSet) -> u64 {
 pub(crate) fn document(
     set: &CaSet,
     refresh_hint: u64,
-    jwt: &bulkhead_identity::jwt::JwtKey,
+    jwt: &[bulkhead_identity::jwt::JwtPublicKey],
 ) -> serde_json::Value {
     let keys: Vec<serde_json::Value> = set
         .bundle()
@@ -78,7 +78,7 @@ pub(crate) fn document(
             }
             jwk
         })
-        .chain([jwt.public_jwk().to_json()])
+        .chain(jwt.iter().map(|k| k.to_json()))
         .collect();
     serde_json::json!({
         "keys": keys,
@@ -91,7 +91,7 @@ pub(crate) fn document(
 pub(crate) fn document_text(
     set: &CaSet,
     refresh_hint: u64,
-    jwt: &bulkhead_identity::jwt::JwtKey,
+    jwt: &[bulkhead_identity::jwt::JwtPublicKey],
 ) -> String {
     let mut text =
         serde_json::to_string_pretty(&document(set, refresh_hint, jwt)).unwrap_or_default();
@@ -171,7 +171,7 @@ fn answer(state: &State, method: &Method, path: &str) -> http::Response<Full<Byt
             document_text(
                 &state.cas.borrow(),
                 state.bundle_refresh_hint,
-                &state.jwt_key,
+                &state.jwt.load().public(crate::proxies::unix_now()),
             ),
             "application/json",
         ),

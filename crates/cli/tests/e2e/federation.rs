@@ -413,6 +413,39 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
     });
     let r = http(to_orders, "GET", "/orders/2");
     assert_eq!(r.status, 200, "{r:?}");
+    // The JWT key rotated with A's CA: a token from the new key validates at B once B's
+    // refresh has brought it.
+    if let Some(python) = bulkhead_testkit::python_with(
+        "two_trust_domains_federate_and_each_vouches_only_for_its_own",
+        "spiffe",
+    ) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/check.py");
+        eventually(
+            WAIT,
+            "a JWT-SVID from A's rotated key validating at B",
+            || {
+                let (code, _, _) = run(
+                    &python,
+                    &[
+                        script.to_str().unwrap(),
+                        "jwt-federated",
+                        "--fetch-socket",
+                        a_socket.to_str().unwrap(),
+                        "--validate-socket",
+                        socket.to_str().unwrap(),
+                        "--id",
+                        &frontend_a,
+                        "--audience",
+                        "orders",
+                        "--kids",
+                        "2",
+                    ],
+                    &[],
+                );
+                code == 0
+            },
+        );
+    }
 
     // A's control plane goes away: B keeps A's last good bundle, counts the failures and
     // records one event for the run of them (A's restart above may have made one already).

@@ -324,8 +324,8 @@ def jwt_federated(args):
     token = issuer.fetch_jwt_svid(audience={args.audience}).token
     td = TrustDomain(args.id.split("/")[2])
     bundle = verifier.fetch_jwt_bundles().get_bundle_for_trust_domain(td)
-    if bundle is None or not bundle.jwt_authorities:
-        fail(f"the verifying sidecar has no JWT bundle for {td}")
+    if bundle is None or len(bundle.jwt_authorities) < args.kids:
+        fail(f"the verifying sidecar has no JWT bundle of {args.kids} keys for {td}")
     from spiffe import JwtSvid
     if str(JwtSvid.parse_and_validate(token, bundle, {args.audience}).spiffe_id) != args.id:
         fail("py-spiffe validated another identity")
@@ -372,6 +372,7 @@ def main():
     j.add_argument("--validate-socket", required=True)
     j.add_argument("--id", required=True)
     j.add_argument("--audience", required=True)
+    j.add_argument("--kids", type=int, default=1)
     args = parser.parse_args()
     {
         "jwt-federated": jwt_federated,
