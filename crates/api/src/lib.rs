@@ -14,6 +14,30 @@ pub mod spiffe_workload {
 
     /// The metadata every Workload API call must carry (`workload.spiffe.io: true`).
     pub const HEADER: &str = "workload.spiffe.io";
+
+    /// A JWT's claims as `ValidateJWTSVIDResponse.claims` carries them.
+    pub fn claims_struct(
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> prost_types::Struct {
+        prost_types::Struct {
+            fields: claims.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
+        }
+    }
+
+    fn value(v: &serde_json::Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match v {
+            serde_json::Value::Null => Kind::NullValue(0),
+            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+            serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+                values: a.iter().map(value).collect(),
+            }),
+            serde_json::Value::Object(m) => Kind::StructValue(claims_struct(m)),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
 }
 
 pub mod channel;

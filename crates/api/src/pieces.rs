@@ -270,6 +270,8 @@ mod tests {
                 trust_domain: "td".into(),
                 roots_der: vec![vec![1, 2, 3]],
                 signing_ca_sha256: "ab".into(),
+                federated: Vec::new(),
+                jwt_keys: Vec::new(),
             }),
             revocations: Some(crate::v1::Revocations {
                 identities: vec!["spiffe://td/ns/shop/sa/leaked".into()],

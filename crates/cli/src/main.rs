@@ -98,6 +98,17 @@ enum Command {
         /// off when not given (docs/spiffe.md).
         #[arg(long, value_name = "ADDR")]
         bundle_endpoint: Option<SocketAddr>,
+        /// How often federating trust domains should fetch this mesh's SPIFFE bundle again
+        /// (its `spiffe_refresh_hint`, e.g. 5m; at least 1s).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        bundle_refresh_hint: Duration,
+        /// Federate with the trust domains this file declares (YAML `FederatedTrustDomain`
+        /// documents: trust domain, bundle endpoint URL and SPIFFE ID, bootstrap bundle):
+        /// their bundles are fetched, refreshed and pushed to every proxy, which then
+        /// accepts their identities, each chained to its own domain's roots
+        /// (docs/spiffe.md).
+        #[arg(long, value_name = "FILE")]
+        federation: Option<PathBuf>,
         #[command(flatten)]
         bounds: ControlBounds,
         #[command(flatten)]
@@ -645,6 +656,8 @@ async fn run(cli: Cli) -> Result<()> {
             console_hosts,
             console_insecure_http,
             bundle_endpoint,
+            bundle_refresh_hint,
+            federation,
             bounds,
             traces,
             webhook,
@@ -697,6 +710,8 @@ async fn run(cli: Cli) -> Result<()> {
                         sampling_ratio: traces.trace_sampling_ratio,
                     }),
                 bundle_endpoint,
+                bundle_refresh_hint: Some(bundle_refresh_hint),
+                federation_file: federation,
                 attestor: (*attest).attestor()?,
             };
             let controller = (*controller).prepare().await?;

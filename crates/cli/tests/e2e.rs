@@ -5,6 +5,8 @@
 
 #[path = "e2e/canonical.rs"]
 mod canonical;
+#[path = "e2e/federation.rs"]
+mod federation;
 #[path = "e2e/kubectl.rs"]
 mod kubectl;
 #[path = "e2e/offline.rs"]

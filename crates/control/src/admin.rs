@@ -368,7 +368,11 @@ impl Admin for State {
         Ok(Response::new(pb::CaBundleResponse {
             trust_domain: cas.trust_domain().to_string(),
             pem: cas.bundle().to_pem(),
-            spiffe_json: crate::spiffe_bundle::document_text(&cas),
+            spiffe_json: crate::spiffe_bundle::document_text(
+                &cas,
+                self.bundle_refresh_hint,
+                &self.jwt.load().public(crate::proxies::unix_now()),
+            ),
             spiffe_sequence: crate::spiffe_bundle::sequence(&cas),
         }))
     }

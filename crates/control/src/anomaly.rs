@@ -178,7 +178,7 @@ fn log(e: &Event) {
     let dst = e.destination.as_ref().map(ToString::to_string);
     let (seq, kind, detail) = (e.seq, e.kind.as_str(), e.detail.as_str());
     match e.kind {
-        EventKind::DenialSpike => {
+        EventKind::DenialSpike | EventKind::FederationRefreshFailed => {
             tracing::warn!(seq, kind, dst.workload = dst, detail, "anomaly")
         }
         _ => tracing::info!(

@@ -211,6 +211,8 @@ impl CaSet {
             trust_domain: trust_domain.to_string(),
             roots_der: bundle.roots().iter().map(|r| r.to_vec()).collect(),
             signing_ca_sha256: signer.fingerprint(),
+            federated: Vec::new(),
+            jwt_keys: Vec::new(),
         };
         Ok(CaSet {
             trust_domain: trust_domain.to_string(),

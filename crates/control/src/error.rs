@@ -49,6 +49,9 @@ pub enum ControlError {
     /// The web console's options cannot be served as given (issue 21).
     #[error("console: {0}")]
     Console(String),
+    /// The `--federation` file cannot be used as written.
+    #[error("federation file {path}: {message}")]
+    Federation { path: PathBuf, message: String },
 }
 
 /// An ID the control plane builds for itself that does not parse is an identity error, as it

@@ -15,8 +15,10 @@ mod datadir;
 mod delivery;
 mod discovery;
 mod error;
+mod federation;
 mod flows;
 mod issuer;
+mod jwt_svid;
 mod listener;
 mod metrics;
 mod promote;
@@ -36,6 +38,7 @@ pub use change::ProxyBounds;
 pub use console::{ConsoleOptions, ConsoleTransport};
 pub use datadir::{AdminContext, CONTEXT_FILE};
 pub use error::ControlError;
+pub use federation::{FederatedTrustDomain, ForeignBundle};
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
 pub use issuer::{BundleUpdates, Issuer, ServingTls};
 pub use resources::{Committed, Refused, Resources};
@@ -83,6 +86,11 @@ pub struct ControlOptions {
     /// Serve the trust bundle as a SPIFFE bundle over HTTPS (`https_spiffe`) on this
     /// address; `None`: no bundle endpoint.
     pub bundle_endpoint: Option<SocketAddr>,
+    /// The `spiffe_refresh_hint` the bundle (endpoint and `ca bundle -o spiffe`) gives
+    /// federating trust domains; `None`: 300 seconds.
+    pub bundle_refresh_hint: Option<Duration>,
+    /// The `--federation` file: trust domains to federate with; `None`: none.
+    pub federation_file: Option<PathBuf>,
     /// Accept joins by a credential this attestor checks (a Kubernetes service-account
     /// token) instead of a join token; `None`: such joins are refused.
     pub attestor: Option<Arc<dyn Attestor>>,
@@ -184,6 +192,13 @@ pub async fn start_with(
         &options.anomalies,
         options.proxy_bounds,
     )?;
+    if let Some(hint) = options.bundle_refresh_hint {
+        state.bundle_refresh_hint = hint.as_secs().max(1);
+    }
+    let federated = match &options.federation_file {
+        Some(path) => federation::read(path, &config.trust_domain)?,
+        None => Vec::new(),
+    };
     if let Some(attestor) = &options.attestor {
         tracing::info!(
             accepts = attestor.describe(),
@@ -227,6 +242,7 @@ pub async fn start_with(
     let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
     listener::spawn_cert_renewal(state.clone());
     credentials::spawn_upkeep(state.clone());
+    federation::spawn(state.clone(), federated);
     tracing::info!(%addr, trust_domain = state.trust_domain(), "control plane listening");
 
     let (stop, mut stopped) = watch::channel(false);

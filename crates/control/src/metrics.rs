@@ -3,7 +3,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `bulkhead_anomalies` | counter | `kind` (new-edge, new-identity, denial-spike): anomaly events stored |
+//! | `bulkhead_anomalies` | counter | `kind` (new-edge, new-identity, denial-spike, federation-refresh-failed): events stored |
 //! | `bulkhead_flow_edges_stored` | counter | — (reported edges merged into the store) |
 //! | `bulkhead_flow_edges_refused` | counter | — (reported edges the reporting sidecar did not decide) |
 //! | `bulkhead_flow_requests_dropped` | counter | — (requests proxies left out of their reports, as they say) |
@@ -16,6 +16,8 @@
 //! | `bulkhead_policy_revision` | gauge | — (the newest committed revision; the proxies' gauge of the same name is the one in force there) |
 //! | `bulkhead_svids_issued` | counter | `how` (join, renew) |
 //! | `bulkhead_ca_expiry_seconds` | gauge | — (seconds until the signing CA's certificate expires) |
+//! | `bulkhead_federation_refresh_failures` | counter | `trust_domain` (each federated trust domain of `--federation`): failed refreshes of its bundle |
+//! | `bulkhead_federation_last_refresh_timestamp_seconds` | gauge | `trust_domain`: when its bundle was last fetched and checked |
 //! | `bulkhead_push_duration_seconds` | histogram | `result` (ack, nack): from a revision's commit to a connected proxy's answer |
 //!
 //! Counters get the `_total` suffix on the wire, as OpenMetrics says; `bulkhead_build_info`
@@ -40,7 +42,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
@@ -65,6 +67,11 @@ struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HowLabels {
     how: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainLabels {
+    trust_domain: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,6 +115,8 @@ pub(crate) struct Metrics {
     paths_folded: Counter,
     rows_deleted: Family<ReasonLabels, Counter>,
     svids_issued: Family<HowLabels, Counter>,
+    federation_failures: Family<DomainLabels, Counter>,
+    federation_refreshed: Family<DomainLabels, Gauge>,
     push_duration: Family<ResultLabels, Histogram>,
     pending_pushes: Mutex<PendingPushes>,
     /// Configuration streams open now (one per connected proxy process).
@@ -145,6 +154,8 @@ impl Default for Metrics {
             paths_folded: Counter::default(),
             rows_deleted,
             svids_issued,
+            federation_failures: Family::default(),
+            federation_refreshed: Family::default(),
             push_duration,
             pending_pushes: Mutex::default(),
             streams: Arc::default(),
@@ -163,6 +174,26 @@ impl Metrics {
     }
 
     /// A proxy's configuration stream opened: counted connected until the guard drops.
+    /// A federated trust domain's bundle refreshed (fetched and checked) now.
+    pub(crate) fn federation_refreshed(&self, trust_domain: &str) {
+        let labels = DomainLabels {
+            trust_domain: trust_domain.to_string(),
+        };
+        let _ = self.federation_failures.get_or_create(&labels);
+        self.federation_refreshed
+            .get_or_create(&labels)
+            .set(i64::try_from(crate::proxies::unix_now()).unwrap_or(i64::MAX));
+    }
+
+    /// A federated trust domain's bundle could not be refreshed.
+    pub(crate) fn federation_failed(&self, trust_domain: &str) {
+        self.federation_failures
+            .get_or_create(&DomainLabels {
+                trust_domain: trust_domain.to_string(),
+            })
+            .inc();
+    }
+
     pub(crate) fn stream_opened(&self) -> OpenStream {
         self.streams.fetch_add(1, Ordering::Relaxed);
         OpenStream(self.streams.clone())
@@ -278,13 +309,23 @@ impl Metrics {
             self.svids_issued.clone(),
         );
         registry.register(
+            "bulkhead_federation_refresh_failures",
+            "Failed refreshes of a federated trust domain's bundle, by trust domain (its last good bundle stays in force)",
+            self.federation_failures.clone(),
+        );
+        registry.register(
+            "bulkhead_federation_last_refresh_timestamp_seconds",
+            "When a federated trust domain's bundle was last fetched and checked, Unix seconds",
+            self.federation_refreshed.clone(),
+        );
+        registry.register(
             "bulkhead_push_duration_seconds",
             "From a revision's commit to a connected proxy's answer (ack or nack)",
             self.push_duration.clone(),
         );
         registry.register(
             "bulkhead_anomalies",
-            "Anomaly events stored, by kind (new-edge, new-identity, denial-spike)",
+            "Events stored, by kind (new-edge, new-identity, denial-spike, federation-refresh-failed)",
             self.anomalies.clone(),
         );
         registry.register(

@@ -133,6 +133,13 @@ pub(crate) struct State {
     pub(crate) discovery: Option<crate::discovery::Discovery>,
     /// Checks the credentials of joins without a join token (`--kubernetes-attest`).
     pub(crate) attestor: Option<Arc<dyn crate::Attestor>>,
+    /// The roots of every federated trust domain (`--federation`); every configuration
+    /// stream follows it.
+    pub(crate) federated: watch::Sender<Arc<crate::federation::FederatedRoots>>,
+    /// The `spiffe_refresh_hint` our own SPIFFE bundle gives (seconds).
+    pub(crate) bundle_refresh_hint: u64,
+    /// Signs JWT-SVIDs (`Identity.SignJwtSvid`); its public half goes to every proxy.
+    pub(crate) jwt: Arc<ArcSwap<crate::jwt_svid::Keys>>,
 }
 
 impl State {
@@ -174,6 +181,9 @@ impl State {
         let admin_id = SpiffeId::parse(&format!("spiffe://{trust_domain}{ADMIN_ID_PATH}"))?;
         let revoked = Arc::new(crate::credentials::Revoked::load(&store, unix_now())?);
         let serving = crate::listener::serving_config(&cas, svid_lifetime)?;
+        let jwt = Arc::new(ArcSwap::from_pointee(crate::jwt_svid::Keys::new(
+            crate::jwt_svid::load_or_create(dir.path())?,
+        )));
         Ok(State {
             dir,
             store,
@@ -198,6 +208,9 @@ impl State {
             pushes: Default::default(),
             discovery: None,
             attestor: None,
+            federated: watch::Sender::new(Arc::default()),
+            bundle_refresh_hint: crate::spiffe_bundle::REFRESH_HINT_SECS,
+            jwt,
         })
     }
 
@@ -213,8 +226,14 @@ impl State {
     /// Saves `set` in the data directory, then makes it current: every proxy's stream
     /// pushes the new bundle, and the listener re-issues its certificate from the signing
     /// CA, trusting the new bundle for new connections.
+    /// When another CA signs, the JWT-SVID key rotates too (before the push, so the push
+    /// carries it).
     pub(crate) fn publish_cas(&self, set: CaSet) -> Result<(), ControlError> {
         self.dir.save(&set)?;
+        if set.active().fingerprint() != self.cas.borrow().active().fingerprint() {
+            let next = self.jwt.load().rotate(self.dir.path(), unix_now())?;
+            self.jwt.store(Arc::new(next));
+        }
         self.cas.send_replace(Arc::new(set));
         self.refresh_serving()
     }
@@ -298,6 +317,38 @@ impl Identity for State {
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         self.renew_svid(req).await
+    }
+
+    async fn sign_jwt_svid(
+        &self,
+        req: Request<pb::JwtSvidRequest>,
+    ) -> Result<Response<pb::JwtSvidResponse>, Status> {
+        let id = caller(&req)?;
+        id.refuse_reserved()
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        if !self.store.has_identity(id.as_str()).map_err(internal)? {
+            return Err(Status::permission_denied(format!(
+                "{id} was never issued by a join token; only workload identities get JWT-SVIDs"
+            )));
+        }
+        self.refuse_revoked(&req)?;
+        let audience = req.into_inner().audience;
+        crate::jwt_svid::check_audience(&audience).map_err(Status::invalid_argument)?;
+        let now = SystemTime::now();
+        let lifetime = crate::jwt_svid::LIFETIME.min(self.svid_lifetime);
+        let signer = self.jwt.load().current.clone();
+        let token = signer
+            .sign_svid(&id, &audience, now, lifetime)
+            .map_err(|e| internal(e.into()))?;
+        let expires = now + lifetime;
+        tracing::info!(spiffe_id = %id, ?audience, kid = signer.kid(), "issued a JWT-SVID");
+        Ok(Response::new(pb::JwtSvidResponse {
+            spiffe_id: id.to_string(),
+            token,
+            expires_at_unix: expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        }))
     }
 
     async fn join(
@@ -500,6 +551,7 @@ type ConfigStream = Pin<Box<dyn Stream<Item = Result<pb::ProxyConfig, Status>> +
 struct Follow {
     revisions: watch::Receiver<Arc<Snapshot>>,
     cas: watch::Receiver<Arc<CaSet>>,
+    federated: watch::Receiver<Arc<crate::federation::FederatedRoots>>,
     revoked: watch::Receiver<Arc<bulkhead_identity::RevokedSet>>,
     /// The serial of the certificate the stream was opened with: if it or its identity is
     /// revoked, the stream ends.
@@ -604,12 +656,14 @@ impl Config for State {
         let tracer = self.tracer.clone();
         let pushes = self.pushes.clone();
         let metrics = self.metrics.clone();
+        let jwt = self.jwt.clone();
         // A new revision or a new bundle: either sends the whole current state, in pieces
         // to a proxy that takes them, and only the bundle to a proxy that just reconnected
         // holding exactly the current revision.
         let follow = Follow {
             revisions: self.snapshot.subscribe(),
             cas: self.cas.subscribe(),
+            federated: self.federated.subscribe(),
             revoked: self.revoked.subscribe(),
             serial,
             ended: false,
@@ -628,6 +682,7 @@ impl Config for State {
             let tracer = tracer.clone();
             let pushes = pushes.clone();
             let metrics = metrics.clone();
+            let jwt = jwt.clone();
             async move {
                 loop {
                     if let Some(next) = f.queue.pop_front() {
@@ -640,6 +695,7 @@ impl Config for State {
                         let changed = tokio::select! {
                             r = f.revisions.changed() => r,
                             r = f.cas.changed() => r,
+                            r = f.federated.changed() => r,
                             r = f.revoked.changed() => r,
                         };
                         if changed.is_err() {
@@ -663,6 +719,26 @@ impl Config for State {
                     }
                     let snap = f.revisions.borrow_and_update().clone();
                     let trust = f.cas.borrow_and_update().clone();
+                    let federated = f.federated.borrow_and_update().clone();
+                    let mut wire = trust.wire().clone();
+                    wire.federated = federated
+                        .iter()
+                        .map(|(td, f)| pb::FederatedBundle {
+                            trust_domain: td.clone(),
+                            roots_der: f.roots.clone(),
+                            jwt_keys: f
+                                .jwt_keys
+                                .iter()
+                                .map(crate::jwt_svid::wire_public)
+                                .collect(),
+                        })
+                        .collect();
+                    wire.jwt_keys = jwt
+                        .load()
+                        .public(unix_now())
+                        .iter()
+                        .map(crate::jwt_svid::wire_public)
+                        .collect();
                     registry.sent(id.as_str(), &workload, snap.revision);
                     if live
                         && snap.revision != f.sent
@@ -680,7 +756,7 @@ impl Config for State {
                             snap.commit_span.as_ref(),
                         );
                     }
-                    let config = snap.config_for(&workload, trust.wire(), &revoked);
+                    let config = snap.config_for(&workload, &wire, &revoked);
                     match f.held.take() {
                         Some((revision, digest))
                             if revision == config.revision && digest == config.digest =>

@@ -25,7 +25,8 @@ use tokio::sync::{Semaphore, watch};
 
 /// The endpoint's identity is `spiffe://<td>/bulkhead/<this>` (one of the mesh's own).
 const BUNDLE_ENDPOINT_NAME: &str = "bundle-endpoint";
-/// How often a federated trust domain should fetch the bundle again (seconds).
+/// How often a federated trust domain should fetch the bundle again (seconds), unless
+/// `bulkhead control --bundle-refresh-hint` says otherwise.
 pub const REFRESH_HINT_SECS: u64 = 300;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,7 +43,13 @@ pub(crate) fn sequence(set: &CaSet) -> u64 {
 
 /// The SPIFFE bundle document of a CA set. A root whose key the format cannot carry is left
 /// out and logged (the PEM bundle still has it); every root Bulkhead generates is EC P-256.
-pub(crate) fn document(set: &CaSet) -> serde_json::Value {
+/// The document also carries the JWT-SVID signing key's public half (`use: jwt-svid`, with
+/// its `kid`), so that a federating trust domain can validate our JWT-SVIDs.
+pub(crate) fn document(
+    set: &CaSet,
+    refresh_hint: u64,
+    jwt: &[bulkhead_identity::jwt::JwtPublicKey],
+) -> serde_json::Value {
     let keys: Vec<serde_json::Value> = set
         .bundle()
         .roots()
@@ -71,17 +78,23 @@ pub(crate) fn document(set: &CaSet) -> serde_json::Value {
             }
             jwk
         })
+        .chain(jwt.iter().map(|k| k.to_json()))
         .collect();
     serde_json::json!({
         "keys": keys,
         "spiffe_sequence": sequence(set),
-        "spiffe_refresh_hint": REFRESH_HINT_SECS,
+        "spiffe_refresh_hint": refresh_hint,
     })
 }
 
 /// The document as served and printed: pretty JSON and a final newline.
-pub(crate) fn document_text(set: &CaSet) -> String {
-    let mut text = serde_json::to_string_pretty(&document(set)).unwrap_or_default();
+pub(crate) fn document_text(
+    set: &CaSet,
+    refresh_hint: u64,
+    jwt: &[bulkhead_identity::jwt::JwtPublicKey],
+) -> String {
+    let mut text =
+        serde_json::to_string_pretty(&document(set, refresh_hint, jwt)).unwrap_or_default();
     text.push('\n');
     text
 }
@@ -155,7 +168,11 @@ fn answer(state: &State, method: &Method, path: &str) -> http::Response<Full<Byt
     let (status, body, kind) = match (method, path) {
         (&Method::GET, "/") => (
             StatusCode::OK,
-            document_text(&state.cas.borrow()),
+            document_text(
+                &state.cas.borrow(),
+                state.bundle_refresh_hint,
+                &state.jwt.load().public(crate::proxies::unix_now()),
+            ),
             "application/json",
         ),
         (&Method::GET, _) => (

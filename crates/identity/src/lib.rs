@@ -8,6 +8,7 @@
 mod ca;
 mod error;
 pub mod jwk;
+pub mod jwt;
 mod svid;
 pub mod tls;
 

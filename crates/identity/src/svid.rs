@@ -7,6 +7,7 @@ use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -287,11 +288,18 @@ impl RevokedSet {
 ///
 /// The trust domain is configuration (the control plane's `--trust-domain`), not a property
 /// of the roots: an enterprise root brought by the operator names no SPIFFE trust domain.
+///
+/// A bundle may also carry the roots of federated trust domains (SPIFFE federation): a peer
+/// whose SPIFFE ID is in such a domain is verified against that domain's roots alone, and a
+/// peer of our own domain against ours alone, so a federated CA never vouches for our
+/// identities or a third domain's.
 #[derive(Clone, Debug)]
 pub struct TrustBundle {
     trust_domain: String,
     roots: Vec<CertificateDer<'static>>,
     revocations: Option<Arc<dyn RevocationCheck>>,
+    /// Federated trust domain → its roots (never our own trust domain).
+    federated: Arc<BTreeMap<String, Vec<CertificateDer<'static>>>>,
 }
 
 impl TrustBundle {
@@ -315,7 +323,48 @@ impl TrustBundle {
             trust_domain: trust_domain.to_string(),
             roots,
             revocations: None,
+            federated: Arc::default(),
         })
+    }
+
+    /// The same bundle, also trusting each federated trust domain's roots for that domain's
+    /// identities only. Refused if a domain is our own or not a valid trust domain, has no
+    /// roots, or a root does not parse.
+    pub fn with_federated(
+        mut self,
+        federated: BTreeMap<String, Vec<CertificateDer<'static>>>,
+    ) -> Result<TrustBundle, IdentityError> {
+        for (td, roots) in &federated {
+            if td == &self.trust_domain {
+                return Err(IdentityError::Bundle(format!(
+                    "trust domain {td:?} is this mesh's own; it cannot be federated"
+                )));
+            }
+            // Checks the name and the roots as for our own domain.
+            TrustBundle::for_trust_domain(td, roots.clone())?;
+        }
+        self.federated = Arc::new(federated);
+        Ok(self)
+    }
+
+    /// The federated trust domains and their roots.
+    pub fn federated(&self) -> &BTreeMap<String, Vec<CertificateDer<'static>>> {
+        &self.federated
+    }
+
+    /// The roots that may vouch for an identity of `trust_domain`: ours for our own domain,
+    /// a federated domain's for it, none for any other.
+    pub fn roots_for(&self, trust_domain: &str) -> Option<&[CertificateDer<'static>]> {
+        if trust_domain == self.trust_domain {
+            Some(&self.roots)
+        } else {
+            self.federated.get(trust_domain).map(Vec::as_slice)
+        }
+    }
+
+    /// Whether `trust_domain` is ours or federated.
+    pub fn trusts_domain(&self, trust_domain: &str) -> bool {
+        self.roots_for(trust_domain).is_some()
     }
 
     /// The same bundle, refusing every peer `check` names: every TLS configuration built from
@@ -384,14 +433,21 @@ impl TrustBundle {
     }
 
     pub(crate) fn root_store(&self) -> Result<RootCertStore, IdentityError> {
-        let mut store = RootCertStore::empty();
-        for root in &self.roots {
-            store
-                .add(root.clone())
-                .map_err(|e| IdentityError::Bundle(e.to_string()))?;
-        }
-        Ok(store)
+        root_store_of(&self.roots)
     }
+}
+
+/// A rustls root store of `roots`.
+pub(crate) fn root_store_of(
+    roots: &[CertificateDer<'static>],
+) -> Result<RootCertStore, IdentityError> {
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store
+            .add(root.clone())
+            .map_err(|e| IdentityError::Bundle(e.to_string()))?;
+    }
+    Ok(store)
 }
 
 fn read_pem_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {

@@ -12,7 +12,7 @@
 //! since expired or been revoked. Every connection presents and verifies a certificate.
 
 use crate::error::{IdentityError, SvidError};
-use crate::svid::{Svid, TrustBundle, not_after_of, not_before_of, spiffe_id_of};
+use crate::svid::{Svid, TrustBundle, not_after_of, not_before_of, root_store_of, spiffe_id_of};
 use bulkhead_spiffe::SpiffeId;
 use rustls::client::Resumption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -24,6 +24,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig,
     SignatureScheme,
 };
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -80,18 +81,27 @@ pub fn server_config(
     alpn: &[&[u8]],
 ) -> Result<ServerConfig, IdentityError> {
     let provider = provider();
-    let roots = Arc::new(bundle.root_store()?);
-    let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
-    let verifier = match auth {
-        ClientAuth::Required => builder.build(),
-        ClientAuth::Optional => builder.allow_unauthenticated().build(),
-    }
-    .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    let verifier_of = |roots: &[CertificateDer<'static>]| {
+        let roots = Arc::new(root_store_of(roots)?);
+        let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+        match auth {
+            ClientAuth::Required => builder.build(),
+            ClientAuth::Optional => builder.allow_unauthenticated().build(),
+        }
+        .map_err(|e| IdentityError::Tls(e.to_string()))
+    };
+    let verifier = verifier_of(bundle.roots())?;
+    let federated = bundle
+        .federated()
+        .iter()
+        .map(|(td, roots)| Ok((td.clone(), verifier_of(roots)?)))
+        .collect::<Result<HashMap<_, _>, IdentityError>>()?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| IdentityError::Tls(e.to_string()))?
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier {
             inner: verifier,
+            federated,
             bundle: bundle.clone(),
         }))
         .with_single_cert(svid.chain().to_vec(), svid.private_key())
@@ -114,6 +124,11 @@ pub fn client_config(
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: Arc::new(bundle.root_store()?),
+        federated: bundle
+            .federated()
+            .iter()
+            .map(|(td, roots)| Ok((td.clone(), Arc::new(root_store_of(roots)?))))
+            .collect::<Result<_, IdentityError>>()?,
         expected,
         algorithms: provider.signature_verification_algorithms,
         bundle: bundle.clone(),
@@ -158,11 +173,42 @@ pub fn peer_identity(
     Ok(id)
 }
 
-/// Verifies a server's chain to the bundle, its SPIFFE ID and that it is not revoked; ignores
-/// DNS names.
+/// The verified SPIFFE ID of the peer of a finished handshake, in our trust domain or one
+/// the bundle federates with. The handshake's verifier has already checked that the chain
+/// ends in the roots of the ID's own trust domain.
+pub fn peer_identity_in(
+    certs: Option<&[CertificateDer<'_>]>,
+    bundle: &TrustBundle,
+) -> Result<SpiffeId, SvidError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(SvidError::NoSpiffeId)?;
+    let id = spiffe_id_of(leaf)?;
+    if !bundle.trusts_domain(id.trust_domain()) {
+        return Err(SvidError::WrongTrustDomain {
+            expected: bundle.trust_domain().to_string(),
+            found: id.to_string(),
+        });
+    }
+    Ok(id)
+}
+
+/// The trust domain whose roots must vouch for `leaf`: the one its SPIFFE ID names when that
+/// domain is federated, else our own (a leaf of any other domain, or with no valid ID, is
+/// then refused by our roots or by the trust domain check).
+fn federated_domain_of<'a, T>(
+    federated: &'a HashMap<String, T>,
+    leaf: &CertificateDer<'_>,
+) -> Option<&'a T> {
+    let id = spiffe_id_of(leaf).ok()?;
+    federated.get(id.trust_domain())
+}
+
+/// Verifies a server's chain to the bundle (to the roots of the trust domain its SPIFFE ID
+/// names), its SPIFFE ID and that it is not revoked; ignores DNS names.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<rustls::RootCertStore>,
+    /// Each federated trust domain's roots, for that domain's identities only.
+    federated: HashMap<String, Arc<rustls::RootCertStore>>,
     expected: ExpectedServer,
     algorithms: WebPkiSupportedAlgorithms,
     bundle: TrustBundle,
@@ -171,13 +217,15 @@ struct SpiffeServerVerifier {
 impl SpiffeServerVerifier {
     fn verify_chain(
         &self,
+        end_entity: &CertificateDer<'_>,
         cert: &ParsedCertificate<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
+        let roots = federated_domain_of(&self.federated, end_entity).unwrap_or(&self.roots);
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             cert,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.algorithms.all,
@@ -195,11 +243,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
-        self.verify_chain(&cert, intermediates, now).map_err(|e| {
-            chain_error(e, end_entity, |at| {
-                self.verify_chain(&cert, intermediates, at)
-            })
-        })?;
+        self.verify_chain(end_entity, &cert, intermediates, now)
+            .map_err(|e| {
+                chain_error(e, end_entity, |at| {
+                    self.verify_chain(end_entity, &cert, intermediates, at)
+                })
+            })?;
         let id = spiffe_id_of(end_entity).map_err(svid_error)?;
         self.expected.check(&id).map_err(svid_error)?;
         self.bundle
@@ -231,11 +280,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// webpki's client verifier, its errors named as [`chain_error`] names them, and a client the
-/// bundle's revocation check names refused.
+/// webpki's client verifier (for a federated trust domain's identity, one with that domain's
+/// roots alone), its errors named as [`chain_error`] names them, and a client the bundle's
+/// revocation check names refused.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    federated: HashMap<String, Arc<dyn ClientCertVerifier>>,
     bundle: TrustBundle,
 }
 
@@ -258,12 +309,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
+        let inner = federated_domain_of(&self.federated, end_entity).unwrap_or(&self.inner);
+        let verified = inner
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(|e| {
                 chain_error(e, end_entity, |at| {
-                    self.inner
+                    inner
                         .verify_client_cert(end_entity, intermediates, at)
                         .map(|_| ())
                 })
@@ -360,6 +411,7 @@ fn svid_error(e: SvidError) -> rustls::Error {
 mod tests {
     use super::*;
     use crate::{Ca, SpiffeId};
+    use std::collections::BTreeMap;
     use std::time::{Duration, SystemTime};
 
     /// Moves what `from` has to send into `to`, which then processes it.
@@ -670,6 +722,88 @@ mod tests {
                 )
             ),
             "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_federated_ca_vouches_only_for_its_own_trust_domain() {
+        let p = pair();
+        let now = SystemTime::now();
+        let other = Ca::generate("other.test", now).unwrap();
+        // A CA that can sign identities of `td` (and so forge ours), federated as if it
+        // were other.test's root beside the real one.
+        let forger = Ca::generate("td", now).unwrap();
+        let third = Ca::generate("third.test", now).unwrap();
+        let federated = p
+            .bundle
+            .clone()
+            .with_federated(BTreeMap::from([(
+                "other.test".to_string(),
+                vec![other.cert_der().clone(), forger.cert_der().clone()],
+            )]))
+            .unwrap();
+        let server = server_config(&p.server, &federated, ClientAuth::Required, &[b"h2"]).unwrap();
+        let client_of = |svid: &Svid| {
+            client_config(
+                Some(svid),
+                &federated,
+                ExpectedServer::Exact(p.server_id.clone()),
+                &[b"h2"],
+            )
+            .unwrap()
+        };
+        let issue = |ca: &Ca, id: &str| {
+            ca.issue_local(&SpiffeId::parse(id).unwrap(), Duration::from_secs(600), now)
+                .unwrap()
+        };
+        // other.test's own identity, from its own root: accepted, and named as such.
+        let visitor = issue(&other, "spiffe://other.test/ns/shop/sa/frontend");
+        handshake(client_of(&visitor), server.clone()).expect("a federated peer is accepted");
+        let id = peer_identity_in(Some(visitor.chain()), &federated).unwrap();
+        assert_eq!(id.as_str(), "spiffe://other.test/ns/shop/sa/frontend");
+        assert!(peer_identity(Some(visitor.chain()), "td").is_err());
+        // One of our identities from a root of the federated domain: refused.
+        let forged = issue(&forger, "spiffe://td/client");
+        let err = handshake(client_of(&forged), server.clone()).unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
+        // A third domain's identity: no roots of its own here, refused.
+        let stranger = issue(&third, "spiffe://third.test/client");
+        let err = handshake(client_of(&stranger), server.clone()).unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
+        // The same rule as a client: a server claiming our identity from other.test's root is
+        // refused; other.test's own server is accepted.
+        let forged_server = issue(&forger, "spiffe://td/server");
+        let server_of =
+            |svid: &Svid| server_config(svid, &federated, ClientAuth::Required, &[b"h2"]).unwrap();
+        let err = handshake(client_of(&p.client), server_of(&forged_server)).unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
+        let theirs = issue(&other, "spiffe://other.test/ns/shop/sa/orders");
+        let to_theirs = client_config(
+            Some(&p.client),
+            &federated,
+            ExpectedServer::Exact(theirs.id().clone()),
+            &[b"h2"],
+        )
+        .unwrap();
+        handshake(to_theirs, server_of(&theirs)).expect("a federated server is accepted");
+        // Our own domain cannot be federated.
+        assert!(
+            p.bundle
+                .clone()
+                .with_federated(BTreeMap::from([(
+                    "td".to_string(),
+                    vec![other.cert_der().clone()]
+                )]))
+                .is_err()
         );
     }
 }

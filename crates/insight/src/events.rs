@@ -49,13 +49,17 @@ pub enum EventKind {
     NewIdentity,
     /// Denied requests to one destination within a minute far above its usual rate.
     DenialSpike,
+    /// A federated trust domain's bundle could not be refreshed (once per run of failures;
+    /// its last good bundle stays in force).
+    FederationRefreshFailed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 3] = [
+    pub const ALL: [EventKind; 4] = [
         EventKind::NewEdge,
         EventKind::NewIdentity,
         EventKind::DenialSpike,
+        EventKind::FederationRefreshFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +67,7 @@ impl EventKind {
             EventKind::NewEdge => "new-edge",
             EventKind::NewIdentity => "new-identity",
             EventKind::DenialSpike => "denial-spike",
+            EventKind::FederationRefreshFailed => "federation-refresh-failed",
         }
     }
 }

@@ -183,11 +183,23 @@ impl Postures {
 }
 
 /// The other end's namespace: the destination workload's on egress when known, else the
-/// `/ns/<namespace>/` of its SPIFFE ID.
-pub(crate) fn peer_namespace<'a>(req: &Request<'a>) -> Option<&'a str> {
+/// `/ns/<namespace>/` of its SPIFFE ID — but only for an ID of the deciding workload's own
+/// trust domain. A namespace is a namespace of this mesh: an identity of a federated trust
+/// domain that happens to have `/ns/shop/` in its path is in no namespace here, so
+/// `namespaces: [shop]` never admits another domain's callers (name them by identity).
+pub(crate) fn peer_namespace<'a>(req: &Request<'a>, set: &PolicySet) -> Option<&'a str> {
     match (req.direction, req.peer.workload) {
         (Direction::Egress, Some(w)) => Some(w.namespace.as_str()),
-        _ => req.peer.identity.and_then(bulkhead_spiffe::namespace_of),
+        _ => {
+            let id = req.peer.identity?;
+            if let Some(own) = set.declared.get(req.subject)
+                && bulkhead_spiffe::trust_domain_of(id)
+                    != bulkhead_spiffe::trust_domain_of(&own.identity)
+            {
+                return None;
+            }
+            bulkhead_spiffe::namespace_of(id)
+        }
     }
 }
 

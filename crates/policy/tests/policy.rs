@@ -199,6 +199,49 @@ fn namespaces_labels_cidrs_and_negations() {
 }
 
 #[test]
+fn a_federated_identity_is_in_no_namespace_of_this_mesh_but_can_be_named() {
+    let p = policy(
+        "orders-allow",
+        "orders",
+        "  action: allow\n",
+        "    - name: same-namespace\n      from: {namespaces: [shop]}\n    - name: partner\n      from: {identities: [\"spiffe://partner.test/ns/shop/sa/frontend\"]}\n      to: {methods: [GET]}\n",
+    );
+    check(
+        &p,
+        &[
+            (
+                ingress(
+                    "shop/orders",
+                    "spiffe://td/ns/shop/sa/payments",
+                    "POST",
+                    "/",
+                ),
+                "allowed by policy shop/orders-allow rule same-namespace (revision 7)",
+            ),
+            // Another trust domain's /ns/shop/ is not this mesh's namespace shop.
+            (
+                ingress(
+                    "shop/orders",
+                    "spiffe://partner.test/ns/shop/sa/payments",
+                    "POST",
+                    "/",
+                ),
+                "default deny: no policy allows this request (revision 7); nearest miss: policy shop/orders-allow rule same-namespace did not match namespace (none: the caller is of another trust domain)",
+            ),
+            (
+                ingress(
+                    "shop/orders",
+                    "spiffe://partner.test/ns/shop/sa/frontend",
+                    "GET",
+                    "/",
+                ),
+                "allowed by policy shop/orders-allow rule partner (revision 7)",
+            ),
+        ],
+    );
+}
+
+#[test]
 fn ports_protocols_hosts_headers_grpc_globs() {
     let p = policy(
         "payments-l7",

@@ -730,6 +730,17 @@ fn namespace_of(id: &str) -> Option<&str> {
     (segs.len() > 2 && segs[1] == "ns").then(|| segs[2])
 }
 
+/// The caller's namespace as seen by `subject`: a declared workload (of trust domain `td`)
+/// sees a namespace only in a caller of its own trust domain.
+fn caller_namespace(subject: usize, id: &str) -> Option<&str> {
+    let (_, name) = SUBJECTS[subject];
+    let declared = SUBJECTS[subject].0 == "shop" && workload_labels(name).is_some();
+    if declared && !id.starts_with("spiffe://td/") {
+        return None;
+    }
+    namespace_of(id)
+}
+
 fn workload_labels(name: &str) -> Option<&'static [(&'static str, &'static str); 2]> {
     WORKLOADS.iter().find(|(n, _)| *n == name).map(|(_, l)| l)
 }
@@ -770,7 +781,7 @@ fn rule_matches(rule: &GenRule, action: Action, r: &GenRequest) -> bool {
             }
         }
         if !f.namespaces.is_empty() || !f.not_namespaces.is_empty() {
-            let ok = match r.identity.and_then(namespace_of) {
+            let ok = match r.identity.and_then(|id| caller_namespace(r.subject, id)) {
                 Some(ns) => any_none(&f.namespaces, &f.not_namespaces, |n| *n == ns),
                 None => f.namespaces.is_empty(),
             };

@@ -116,6 +116,9 @@ async fn handle(
                 },
                 "trustDomain": shared.tls.load().bundle.trust_domain(),
                 "trustBundleSha256": tls.roots,
+                "federatedTrustBundles": tls.bundle.federated().iter().map(|(td, roots)| {
+                    (td.clone(), roots.iter().map(|r| bulkhead_identity::fingerprint(r)).collect::<Vec<_>>())
+                }).collect::<std::collections::BTreeMap<_, _>>(),
                 "policyRevision": snapshot.revision(),
                 "meshEndpoints": snapshot.endpoints().len(),
                 "openTcpRelays": shared.relays.len(),

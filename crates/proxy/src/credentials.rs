@@ -103,15 +103,38 @@ pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<
             wire.trust_domain
         ));
     }
+    if let Some(app) = &shared.workload_api {
+        let mut jwt = std::collections::BTreeMap::new();
+        jwt.insert(ours.clone(), jwt_bundle(&wire.jwt_keys));
+        for f in &wire.federated {
+            if f.trust_domain != ours {
+                jwt.insert(f.trust_domain.clone(), jwt_bundle(&f.jwt_keys));
+            }
+        }
+        app.jwt_keys(jwt);
+    }
+    let federated = wire
+        .federated
+        .iter()
+        .map(|f| {
+            (
+                f.trust_domain.clone(),
+                f.roots_der.iter().map(|r| r.clone().into()).collect(),
+            )
+        })
+        .collect();
     let bundle = TrustBundle::for_trust_domain(
         &ours,
         wire.roots_der.iter().map(|r| r.clone().into()).collect(),
     )
     .map_err(|e| e.to_string())?
+    .with_federated(federated)
+    .map_err(|e| format!("a federated trust domain's bundle is unusable: {e}"))?
     .with_revocations(shared.revoked.clone());
     let roots = bundle.fingerprints();
     let held = shared.tls.load().roots.clone();
-    if roots.len() != held.len() || roots.iter().any(|r| !held.contains(r)) {
+    let federated_changed = shared.tls.load().bundle.federated() != bundle.federated();
+    if roots.len() != held.len() || roots.iter().any(|r| !held.contains(r)) || federated_changed {
         let set = replace(shared, |current| current.with_bundle(&bundle))
             .map_err(|e| format!("cannot use the new trust bundle: {e}"))?;
         if let Some(app) = &shared.workload_api {
@@ -120,6 +143,7 @@ pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<
         tracing::info!(
             roots = ?roots.iter().map(|r| short(r)).collect::<Vec<_>>(),
             signer = set.signer.as_deref().map(short),
+            federated = ?set.bundle.federated().iter().map(|(td, r)| (td.as_str(), r.iter().map(|c| short_of(c)).collect::<Vec<_>>())).collect::<Vec<_>>(),
             "new trust bundle; new connections verify peers against it"
         );
     }
@@ -129,6 +153,23 @@ pub(crate) fn take_bundle(shared: &Shared, wire: Option<&WireBundle>) -> Result<
             .signing_ca_is(&shared.tls.load(), &wire.signing_ca_sha256);
     }
     Ok(())
+}
+
+/// A trust domain's JWT keys as pushed; a key that does not read as a JWK would is left out.
+fn jwt_bundle(keys: &[bulkhead_api::v1::JwtPublicKey]) -> bulkhead_identity::jwt::JwtBundle {
+    use bulkhead_identity::jwt::JwtPublicKey;
+    bulkhead_identity::jwt::JwtBundle::new(keys.iter().filter_map(|k| {
+        let key = JwtPublicKey {
+            kid: k.kid.clone(),
+            x: k.x.clone(),
+            y: k.y.clone(),
+        };
+        JwtPublicKey::from_json(&key.to_json()).ok()
+    }))
+}
+
+fn short_of(cert: &[u8]) -> String {
+    short(&bulkhead_identity::fingerprint(cert)).to_string()
 }
 
 fn short(sha256: &str) -> &str {

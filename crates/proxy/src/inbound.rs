@@ -21,7 +21,7 @@ use crate::tcp::{Flow, Reset};
 use crate::upgrade::{self, Ask, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
-use bulkhead_identity::tls::peer_identity;
+use bulkhead_identity::tls::peer_identity_in;
 use bulkhead_policy::model::{Direction, WorkloadRef};
 use bulkhead_policy::{Peer, Protocol, Request as PolicyRequest};
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -150,10 +150,7 @@ async fn serve(
         }
     };
     let session = tls.get_ref().1;
-    let peer = match peer_identity(
-        session.peer_certificates(),
-        shared.tls.load().bundle.trust_domain(),
-    ) {
+    let peer = match peer_identity_in(session.peer_certificates(), &shared.tls.load().bundle) {
         Ok(id) => id,
         Err(e) => {
             let reason = TlsFailure::of_svid(&e);

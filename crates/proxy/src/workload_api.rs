@@ -11,8 +11,12 @@
 //! Each open `FetchX509SVID` stream gets a new message when the app's SVID is renewed (at
 //! about half its life, and soon after the sidecar moves to another signing CA) and when the
 //! trust bundle changes; `FetchX509Bundles` streams follow the bundle. Every call must carry
-//! `workload.spiffe.io: true` (INVALID_ARGUMENT otherwise, as the spec says). The JWT-SVID
-//! profile answers UNIMPLEMENTED: the mesh's CA signs X.509-SVIDs only.
+//! `workload.spiffe.io: true` (INVALID_ARGUMENT otherwise, as the spec says).
+//!
+//! JWT-SVIDs: `FetchJWTSVID` asks the control plane (`Identity.SignJwtSvid`, over the
+//! sidecar's mTLS channel) to sign a token for the sidecar's own identity; the signing key
+//! never leaves the control plane. `FetchJWTBundles` streams the JWT keys the control plane
+//! pushes with the trust bundle; `ValidateJWTSVID` checks a token against them.
 //!
 //! Some clients (grpc-core for `unix:` targets, so py-spiffe) send the socket's path as
 //! `:authority`, which h2 refuses before any service sees it; [`authority`] rewrites it to
@@ -27,7 +31,9 @@ use bulkhead_api::spiffe_workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use bulkhead_api::v1::identity_client::IdentityClient;
+use bulkhead_identity::jwt::JwtBundle;
 use bulkhead_identity::{Svid, TrustBundle, fingerprint};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -50,6 +56,9 @@ pub(crate) struct AppIdentity {
     current: watch::Sender<Option<Arc<Issued>>>,
     /// The bundle alone, for `FetchX509Bundles` (known before the app's first SVID).
     bundle: watch::Sender<TrustBundle>,
+    /// The JWT-SVID keys of our trust domain and each federated one, as the control plane
+    /// pushes them.
+    jwt: watch::Sender<BTreeMap<String, JwtBundle>>,
     /// Renew the app's SVID now (the sidecar moved to another signing CA).
     wake: Notify,
 }
@@ -59,8 +68,18 @@ impl AppIdentity {
         AppIdentity {
             current: watch::Sender::new(None),
             bundle: watch::Sender::new(bundle),
+            jwt: watch::Sender::new(BTreeMap::new()),
             wake: Notify::new(),
         }
+    }
+
+    /// The control plane's JWT keys: every FetchJWTBundles stream gets them when they change.
+    pub(crate) fn jwt_keys(&self, bundle: BTreeMap<String, JwtBundle>) {
+        self.jwt.send_if_modified(|current| {
+            let changed = *current != bundle;
+            *current = bundle;
+            changed
+        });
     }
 
     /// A new trust bundle reached the sidecar: every stream gets it.
@@ -107,8 +126,12 @@ pub(crate) async fn spawn(
         path: path.to_path_buf(),
         source,
     })?;
-    tokio::spawn(renewal(control, shared.clone(), app.clone()));
-    let service = SpiffeWorkloadApiServer::new(Api { app });
+    tokio::spawn(renewal(control.clone(), shared.clone(), app.clone()));
+    let service = SpiffeWorkloadApiServer::new(Api {
+        app,
+        control: control.clone(),
+        shared: shared.clone(),
+    });
     let incoming =
         tokio_stream::wrappers::UnixListenerStream::new(listener).map(|conn| conn.map(relay));
     let shown = path.display().to_string();
@@ -234,14 +257,26 @@ fn x509_svid_response(issued: &Issued) -> pb::X509svidResponse {
             hint: String::new(),
         }],
         crl: Vec::new(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated_bundles(&issued.bundle),
     }
+}
+
+/// Each federated trust domain's roots, keyed by its SPIFFE ID.
+fn federated_bundles(bundle: &TrustBundle) -> HashMap<String, Vec<u8>> {
+    bundle
+        .federated()
+        .iter()
+        .map(|(td, roots)| (format!("spiffe://{td}"), concat_der(roots)))
+        .collect()
 }
 
 fn x509_bundles_response(bundle: &TrustBundle) -> pb::X509BundlesResponse {
     pb::X509BundlesResponse {
         crl: Vec::new(),
-        bundles: HashMap::from([(trust_domain_key(bundle), concat_der(bundle.roots()))]),
+        bundles: federated_bundles(bundle)
+            .into_iter()
+            .chain([(trust_domain_key(bundle), concat_der(bundle.roots()))])
+            .collect(),
     }
 }
 
@@ -257,13 +292,28 @@ fn require_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-const NO_JWT: &str =
-    "JWT-SVIDs are not supported: Bulkhead's CA signs X.509-SVIDs only (use FetchX509SVID)";
-
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 struct Api {
     app: Arc<AppIdentity>,
+    control: Arc<bulkhead_api::channel::Replicas>,
+    shared: Arc<Shared>,
+}
+
+/// The JWT bundles (ours and each federated domain's) as the Workload API carries them: a
+/// JWK Set per trust domain.
+fn jwt_bundles_response(bundles: &BTreeMap<String, JwtBundle>) -> pb::JwtBundlesResponse {
+    pb::JwtBundlesResponse {
+        bundles: bundles
+            .iter()
+            .map(|(td, b)| {
+                (
+                    format!("spiffe://{td}"),
+                    b.to_jwks().to_string().into_bytes(),
+                )
+            })
+            .collect(),
+    }
 }
 
 #[tonic::async_trait]
@@ -292,12 +342,49 @@ impl SpiffeWorkloadApi for Api {
         Ok(Response::new(Box::pin(updates)))
     }
 
+    /// A JWT-SVID for the sidecar's identity: the control plane signs it (the key never
+    /// leaves it), asked over this sidecar's mTLS channel, so it names no other identity.
     async fn fetch_jwtsvid(
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         require_header(&req)?;
-        Err(Status::unimplemented(NO_JWT))
+        let r = req.into_inner();
+        let ours = self.shared.tls.load().svid.id().clone();
+        if !r.spiffe_id.is_empty() && r.spiffe_id != ours.as_str() {
+            return Err(Status::permission_denied(format!(
+                "this sidecar holds {ours} only; it cannot obtain a JWT-SVID for {}",
+                r.spiffe_id
+            )));
+        }
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("a JWT-SVID needs an audience"));
+        }
+        let mut client = IdentityClient::new(control_channel(self.control.clone(), &self.shared));
+        let signed = client
+            .sign_jwt_svid(bulkhead_api::v1::JwtSvidRequest {
+                audience: r.audience.clone(),
+            })
+            .await
+            .map_err(|s| {
+                tracing::warn!(error = %s.message(), "the control plane did not sign a JWT-SVID");
+                Status::new(
+                    s.code(),
+                    format!(
+                        "the control plane did not sign the JWT-SVID: {}",
+                        s.message()
+                    ),
+                )
+            })?
+            .into_inner();
+        tracing::info!(spiffe_id = signed.spiffe_id, audience = ?r.audience, expires_at_unix = signed.expires_at_unix, "issued the app a JWT-SVID (Workload API)");
+        Ok(Response::new(pb::JwtsvidResponse {
+            svids: vec![pb::Jwtsvid {
+                spiffe_id: signed.spiffe_id,
+                svid: signed.token,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
@@ -305,15 +392,38 @@ impl SpiffeWorkloadApi for Api {
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         require_header(&req)?;
-        Err(Status::unimplemented(NO_JWT))
+        let updates = WatchStream::new(self.app.jwt.subscribe())
+            .filter(|b| !b.is_empty())
+            .map(|bundles| Ok(jwt_bundles_response(&bundles)));
+        Ok(Response::new(Box::pin(updates)))
     }
 
+    /// Validates a JWT-SVID for `audience` against the JWT bundle of the trust domain its
+    /// `sub` names: ours or a federated one's, never another's.
     async fn validate_jwtsvid(
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         require_header(&req)?;
-        Err(Status::unimplemented(NO_JWT))
+        let r = req.into_inner();
+        if r.audience.is_empty() || r.svid.is_empty() {
+            return Err(Status::invalid_argument("give an audience and a JWT-SVID"));
+        }
+        let td = bulkhead_identity::jwt::subject_trust_domain(&r.svid).ok_or_else(|| {
+            Status::invalid_argument("the JWT-SVID is not valid: no SPIFFE ID in its sub claim")
+        })?;
+        let bundle = self.app.jwt.borrow().get(&td).cloned().ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "the JWT-SVID is not valid: its trust domain {td} is neither ours nor federated"
+            ))
+        })?;
+        let claims = bundle
+            .validate(&r.svid, &r.audience, &td, std::time::SystemTime::now())
+            .map_err(|e| Status::invalid_argument(format!("the JWT-SVID is not valid: {e}")))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: claims.sub.to_string(),
+            claims: Some(bulkhead_api::spiffe_workload::claims_struct(&claims.claims)),
+        }))
     }
 }
 

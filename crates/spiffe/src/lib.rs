@@ -306,6 +306,13 @@ pub fn namespace_of(id: &str) -> Option<&str> {
     namespace_segment(&id[path_at..])
 }
 
+/// The trust domain of a workload's SPIFFE ID (`spiffe://td/path` → `td`), without
+/// allocating; `None` if `id` is not one.
+pub fn trust_domain_of(id: &str) -> Option<&str> {
+    let path_at = check_workload_id(id).ok()?;
+    id.get(SCHEME.len()..path_at)
+}
+
 /// Any SPIFFE ID, the trust domain's own (no path) included, as its two parts.
 pub fn parse_parts(s: &str) -> Result<(TrustDomain, SpiffePath), SpiffeIdError> {
     let path_at = check_id(s).map_err(|rule| SpiffeIdError::new(s, rule))?;

@@ -45,6 +45,17 @@ pub struct Mesh {
 }
 
 pub fn start_control(bins: &Bins, dir: &Path, listen: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+    start_control_in(bins, dir, listen, TD, extra)
+}
+
+/// [`start_control`] for the trust domain `td`.
+pub fn start_control_in(
+    bins: &Bins,
+    dir: &Path,
+    listen: &str,
+    td: &str,
+    extra: &[&str],
+) -> (Proc, SocketAddr) {
     let data = dir.join("data");
     let args = [
         "control",
@@ -53,7 +64,7 @@ pub fn start_control(bins: &Bins, dir: &Path, listen: &str, extra: &[&str]) -> (
         "--listen",
         listen,
         "--trust-domain",
-        TD,
+        td,
     ];
     let args: Vec<&str> = args.iter().chain(extra).copied().collect();
     let mut control = Proc::spawn("control", dir, &bins.bulkhead, &args, &[]);
@@ -75,9 +86,15 @@ impl Mesh {
 
     /// Starts the control plane with extra flags.
     pub fn start_with(extra: &[&str]) -> Mesh {
+        Mesh::start_in(TD, extra)
+    }
+
+    /// Starts the control plane of trust domain `td` with extra flags (a second mesh, for
+    /// federation).
+    pub fn start_in(td: &str, extra: &[&str]) -> Mesh {
         let bins = Bins::of_test();
         let dir = TempDir::new().unwrap();
-        let (control, control_addr) = start_control(&bins, dir.path(), "127.0.0.1:0", extra);
+        let (control, control_addr) = start_control_in(&bins, dir.path(), "127.0.0.1:0", td, extra);
         Mesh {
             bins,
             dir,
@@ -94,13 +111,23 @@ impl Mesh {
     /// Kills the control plane and starts it again on the same data directory, listening
     /// on `listen` (the same mesh, moved to another address).
     pub fn restart_control_at(&mut self, listen: SocketAddr) {
+        self.restart_control_with(listen, TD, &[]);
+    }
+
+    /// [`Mesh::restart_control`] for a mesh of trust domain `td`, with flags `extra`.
+    pub fn restart_control_in(&mut self, td: &str, extra: &[&str]) {
+        self.restart_control_with(self.control_addr, td, extra);
+    }
+
+    fn restart_control_with(&mut self, listen: SocketAddr, td: &str, extra: &[&str]) {
         self.control.kill();
         let _ = std::fs::remove_file(self.data().join("admin.yaml"));
         let _ = std::fs::rename(
             self.dir.path().join("control.log"),
             self.dir.path().join("control.1.log"),
         );
-        let (control, addr) = start_control(&self.bins, self.dir.path(), &listen.to_string(), &[]);
+        let (control, addr) =
+            start_control_in(&self.bins, self.dir.path(), &listen.to_string(), td, extra);
         self.control = control;
         assert_eq!(addr, listen);
         self.control_addr = addr;

@@ -1,6 +1,7 @@
 //! The SPIFFE surfaces as the SPIFFE project's own Python client (py-spiffe) sees them: the
 //! Workload API a sidecar serves on a Unix socket (the app's own key and SVID, the bundle,
-//! rotation pushed on the open stream, the security header required, JWT unimplemented),
+//! rotation pushed on the open stream, the security header required, JWT-SVIDs signed by the
+//! control plane for the sidecar's identity, the JWT bundle, validation and a wrong audience),
 //! and the trust bundle as a SPIFFE bundle, printed and served at the bundle endpoint.
 //! `crates/cli/tests/spiffe/check.py` does the checking; skipped without python3 and the
 //! `spiffe` package unless BULKHEAD_STRICT=1.
@@ -77,6 +78,19 @@ fn py_spiffe_fetches_the_apps_own_svid_and_bundle_from_a_sidecar_and_sees_rotati
             .contains("workload.spiffe.io"),
         "{seen}"
     );
+    // JWT-SVIDs: a wrong audience is refused by ValidateJWTSVID, with the reason; the
+    // signing key stays in the control plane's data directory, its user's alone.
+    assert!(
+        seen["jwt_wrong_audience"]
+            .as_str()
+            .unwrap()
+            .contains("audience"),
+        "{seen}"
+    );
+    let key = mesh.data().join("jwt-svid.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the JWT key is the control plane user's alone");
+
     // A CA added while a stream is open reaches the app on that stream.
     let mut watcher = std::process::Command::new(&python)
         .args([
@@ -156,6 +170,7 @@ fn the_spiffe_bundle_parses_with_py_spiffe_and_the_endpoint_serves_the_same_docu
         assert_eq!(code, 0, "check.py bundle failed:\n{out}\n{err}\n{doc}");
         let seen: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(seen["roots"], expected_roots, "{seen}");
+        assert_eq!(seen["jwt_keys"], 1, "{seen}");
         assert_eq!(seen["sequence"], expected_sequence, "{seen}");
         assert_eq!(seen["kty"], serde_json::json!(["EC"]), "{seen}");
         assert_eq!(seen["served_same"], true, "{seen}");

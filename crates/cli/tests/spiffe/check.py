@@ -5,6 +5,8 @@ success, exits non-zero with the reason otherwise.
 
   check.py workload-api SOCKET --id SPIFFE_ID --ca-pem PATH --sidecar-credential PATH [--rotations N]
   check.py bundle DOCUMENT --trust-domain TD --ca-pem PATH [--endpoint https://HOST:PORT/]
+  check.py jwt-federated --fetch-socket A --validate-socket B --id SPIFFE_ID --audience AUD
+  check.py federated SOCKET --trust-domain TD --ca-pem PATH --federated-domain TD --federated-ca-pem PATH
 """
 
 import argparse
@@ -22,7 +24,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from spiffe import WorkloadApiClient, X509Bundle, TrustDomain
+from spiffe import WorkloadApiClient, X509Bundle, TrustDomain, SpiffeId, JwtBundle
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 
@@ -91,13 +93,50 @@ def workload_api(args):
     if fingerprints(context.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain(td)).x509_authorities) != roots_of(args.ca_pem, td):
         fail("the SVID's bundle is not the roots of ca.pem")
 
+    # A JWT-SVID for the sidecar's identity and the asked audience, signed by a key of the
+    # JWT bundle (a JWK Set with kid and use jwt-svid), valid for that audience only.
+    jwt_svid = client.fetch_jwt_svid(audience={"payments"})
+    if str(jwt_svid.spiffe_id) != args.id:
+        fail(f"the JWT-SVID is for {jwt_svid.spiffe_id}, not {args.id}")
+    if set(jwt_svid.audience) != {"payments"}:
+        fail(f"the JWT-SVID's audience is {jwt_svid.audience}")
+    lifetime = jwt_svid.expiry - time.time()
+    if not 0 < lifetime <= 300:
+        fail(f"the JWT-SVID lives {lifetime} s")
+    header = json.loads(base64.urlsafe_b64decode(jwt_svid.token.split(".")[0] + "=="))
+    if header.get("alg") != "ES256" or not header.get("kid"):
+        fail(f"the JWT-SVID's header is {header}")
+    jwt_bundle = client.fetch_jwt_bundles().get_bundle_for_trust_domain(TrustDomain(td))
+    if jwt_bundle is None or jwt_bundle.get_jwt_authority(header["kid"]) is None:
+        fail("the JWT bundle has no key for the token's kid")
+    from spiffe import JwtSvid
+    checked = JwtSvid.parse_and_validate(jwt_svid.token, jwt_bundle, {"payments"})
+    if str(checked.spiffe_id) != args.id:
+        fail(f"py-spiffe validated {checked.spiffe_id}")
     try:
-        client.fetch_jwt_svid(audience={"x"})
-        fail("FetchJWTSVID answered")
-    except Exception as e:  # py-spiffe wraps the gRPC error
-        jwt_error = str(e)
-        if "UNIMPLEMENTED" not in jwt_error.upper() and "not supported" not in jwt_error:
-            fail(f"FetchJWTSVID failed otherwise: {jwt_error}")
+        JwtSvid.parse_and_validate(jwt_svid.token, jwt_bundle, {"orders"})
+        fail("py-spiffe accepted the JWT-SVID for another audience")
+    except SystemExit:
+        raise
+    except Exception:
+        pass
+    validated = client.validate_jwt_svid(jwt_svid.token, "payments")
+    if str(validated.spiffe_id) != args.id:
+        fail(f"ValidateJWTSVID said {validated.spiffe_id}")
+    try:
+        client.validate_jwt_svid(jwt_svid.token, "orders")
+        fail("ValidateJWTSVID accepted another audience")
+    except SystemExit:
+        raise
+    except Exception as e:
+        jwt_wrong_audience = str(e)
+    try:
+        client.fetch_jwt_svid(audience={"payments"}, subject=SpiffeId(f"spiffe://{td}/ns/shop/sa/other"))
+        fail("FetchJWTSVID signed for another identity")
+    except SystemExit:
+        raise
+    except Exception:
+        pass
 
     # Rotation: the open stream delivers each renewed SVID, each with a new key of its own.
     serials = []
@@ -137,7 +176,8 @@ def workload_api(args):
         "first_serial": str(first_serial),
         "stream_serials": [str(s) for s in serials],
         "refused_without_header": refused,
-        "jwt": jwt_error,
+        "jwt_kid": header["kid"],
+        "jwt_wrong_audience": jwt_wrong_audience,
     }))
 
 
@@ -214,7 +254,16 @@ def bundle(args):
     if not isinstance(doc.get("spiffe_refresh_hint"), int) or doc["spiffe_refresh_hint"] < 1:
         fail(f"spiffe_refresh_hint: {doc.get('spiffe_refresh_hint')!r}")
     ders = []
+    jwt_keys = [k for k in doc["keys"] if k.get("use") == "jwt-svid"]
+    for key in jwt_keys:
+        if not key.get("kid") or key.get("kty") != "EC" or key.get("crv") != "P-256":
+            fail(f"a jwt-svid key without a kid or not EC P-256: {key}")
+    jwt_bundle = JwtBundle.parse(TrustDomain(args.trust_domain), json.dumps({"keys": jwt_keys}).encode())
+    if len(jwt_bundle.jwt_authorities) != 1:
+        fail(f"{len(jwt_bundle.jwt_authorities)} JWT authorities, not 1")
     for key in doc["keys"]:
+        if key.get("use") == "jwt-svid":
+            continue
         if key.get("use") != "x509-svid":
             fail(f"a key with use {key.get('use')!r}")
         if "kid" in key:
@@ -239,10 +288,59 @@ def bundle(args):
         served = True
     print(json.dumps({
         "roots": len(ders),
+        "jwt_keys": len(jwt_bundle.jwt_authorities),
         "sequence": doc["spiffe_sequence"],
         "kty": sorted({k["kty"] for k in doc["keys"]}),
         "served_same": served,
     }))
+
+
+def federated(args):
+    """FetchX509Bundles (and the X.509 context) carry our own trust domain's roots and a
+    federated domain's, each exactly as its own control plane has them."""
+    client = WorkloadApiClient(socket_path="unix:" + args.socket, default_timeout=20)
+    seen = {}
+    for name, bundle_set in [
+        ("bundles", client.fetch_x509_bundles()),
+        ("context", client.fetch_x509_context().x509_bundle_set),
+    ]:
+        for td, pem in [(args.trust_domain, args.ca_pem), (args.federated_domain, args.federated_ca_pem)]:
+            bundle = bundle_set.get_bundle_for_trust_domain(TrustDomain(td))
+            if bundle is None:
+                fail(f"{name}: no bundle for {td}")
+            got = fingerprints(bundle.x509_authorities)
+            if got != roots_of(pem, td):
+                fail(f"{name}: the bundle of {td} is {sorted(got)}, not the roots of {pem}")
+            seen[f"{name}:{td}"] = len(got)
+    client.close()
+    print(json.dumps(seen))
+
+
+def jwt_federated(args):
+    """A JWT-SVID fetched from one trust domain's sidecar validates at a federated domain's
+    sidecar (its JWT bundle fetched from the bundle endpoint), for its audience only."""
+    issuer = WorkloadApiClient(socket_path="unix:" + args.fetch_socket, default_timeout=20)
+    verifier = WorkloadApiClient(socket_path="unix:" + args.validate_socket, default_timeout=20)
+    token = issuer.fetch_jwt_svid(audience={args.audience}).token
+    td = TrustDomain(args.id.split("/")[2])
+    bundle = verifier.fetch_jwt_bundles().get_bundle_for_trust_domain(td)
+    if bundle is None or len(bundle.jwt_authorities) < args.kids:
+        fail(f"the verifying sidecar has no JWT bundle of {args.kids} keys for {td}")
+    from spiffe import JwtSvid
+    if str(JwtSvid.parse_and_validate(token, bundle, {args.audience}).spiffe_id) != args.id:
+        fail("py-spiffe validated another identity")
+    if str(verifier.validate_jwt_svid(token, args.audience).spiffe_id) != args.id:
+        fail("ValidateJWTSVID said another identity")
+    try:
+        verifier.validate_jwt_svid(token, args.audience + "-other")
+        fail("ValidateJWTSVID accepted another audience")
+    except SystemExit:
+        raise
+    except Exception:
+        pass
+    issuer.close()
+    verifier.close()
+    print(json.dumps({"validated": args.id}))
 
 
 def main():
@@ -263,8 +361,26 @@ def main():
     b.add_argument("--trust-domain", required=True)
     b.add_argument("--ca-pem", required=True)
     b.add_argument("--endpoint")
+    f = sub.add_parser("federated")
+    f.add_argument("socket")
+    f.add_argument("--trust-domain", required=True)
+    f.add_argument("--ca-pem", required=True)
+    f.add_argument("--federated-domain", required=True)
+    f.add_argument("--federated-ca-pem", required=True)
+    j = sub.add_parser("jwt-federated")
+    j.add_argument("--fetch-socket", required=True)
+    j.add_argument("--validate-socket", required=True)
+    j.add_argument("--id", required=True)
+    j.add_argument("--audience", required=True)
+    j.add_argument("--kids", type=int, default=1)
     args = parser.parse_args()
-    {"workload-api": workload_api, "bundle": bundle, "watch-bundle": watch_bundle}[args.command](args)
+    {
+        "jwt-federated": jwt_federated,
+        "workload-api": workload_api,
+        "bundle": bundle,
+        "watch-bundle": watch_bundle,
+        "federated": federated,
+    }[args.command](args)
 
 
 if __name__ == "__main__":

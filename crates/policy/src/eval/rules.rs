@@ -304,13 +304,19 @@ impl Cond {
     }
 
     /// The request's value for this condition, for "… but not path /admin".
-    fn describe(&self, req: &Request<'_>) -> String {
+    fn describe(&self, req: &Request<'_>, set: &PolicySet) -> String {
         let http = req.http;
         let v = match self {
             Cond::Identity(..) | Cond::SourceWorkload(..) => {
                 req.peer.identity.unwrap_or("(none)").to_string()
             }
-            Cond::Namespace(..) => peer_namespace(req).unwrap_or("(none)").to_string(),
+            Cond::Namespace(..) => match (peer_namespace(req, set), req.peer.identity) {
+                (Some(ns), _) => ns.to_string(),
+                (None, Some(id)) if bulkhead_spiffe::namespace_of(id).is_some() => {
+                    "(none: the caller is of another trust domain)".to_string()
+                }
+                (None, _) => "(none)".to_string(),
+            },
             Cond::Cidr(..) => req
                 .peer
                 .ip
@@ -354,7 +360,7 @@ impl Cond {
                 None => any.is_empty(),
             },
             Cond::SourceWorkload(ids) => id.is_some_and(|id| ids.contains(id)),
-            Cond::Namespace(any, none) => match peer_namespace(req) {
+            Cond::Namespace(any, none) => match peer_namespace(req, set) {
                 Some(ns) => {
                     (any.is_empty() || any.iter().any(|a| a == ns)) && !none.iter().any(|n| n == ns)
                 }
@@ -423,7 +429,7 @@ impl CompiledRule {
             if c.holds(req, set) {
                 matched.push(c.label());
             } else if failed.is_none() {
-                failed = Some(c.describe(req));
+                failed = Some(c.describe(req, set));
             }
         }
         (
