@@ -819,6 +819,94 @@ mod tests {
         assert_eq!(place(Place::of(None, None)), s(UNKNOWN, UNKNOWN));
     }
 
+    /// The value of the one series of `family` whose label set holds every `labels` pair.
+    fn series(page: &str, family: &str, labels: &[&str]) -> Option<f64> {
+        let mut found = page.lines().filter(|l| {
+            l.starts_with(&format!("{family}{{")) && labels.iter().all(|p| l.contains(p))
+        });
+        let line = found.next()?;
+        assert!(found.next().is_none(), "more than one series: {labels:?}");
+        line.rsplit(' ').next()?.parse().ok()
+    }
+
+    #[test]
+    fn a_kept_handle_counts_in_the_series_its_labels_name() {
+        let metrics = Metrics::new();
+        let own = LabelText::new("spiffe://td/ns/shop/sa/orders");
+        let place = Place::of(Some(own.as_str()), None);
+        let caller =
+            Parties::with_peer(true, &own, &place, Some("spiffe://td/ns/shop/sa/web"), None);
+        let other = Parties::with_peer(
+            true,
+            &own,
+            &place,
+            Some("spiffe://td/ns/pay/sa/ledger"),
+            None,
+        );
+        let ms = std::time::Duration::from_millis(1);
+        // More status codes than a connection keeps handles for, each counted n times, in
+        // turns, so handles are dropped and made again; a second caller on its own handles.
+        let codes: Vec<u16> = (0..2 * HANDLES_PER_PARTIES as u16)
+            .map(|i| 200 + i)
+            .collect();
+        for round in 0..3 {
+            for (i, &code) in codes.iter().enumerate() {
+                if round <= i % 3 {
+                    metrics.request("inbound", &caller, code, ResponseFlags::None, ms);
+                }
+            }
+            metrics.request("inbound", &other, 200, ResponseFlags::Rbac, ms);
+        }
+        let deny = |policy: &str, rule: &str| Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::Rule {
+                action: bulkhead_policy::model::Action::Deny,
+                policy: Arc::new(ResourceName {
+                    namespace: "shop".into(),
+                    name: policy.into(),
+                }),
+                rule: Arc::from(rule),
+            },
+            revision: 1,
+            audit: None,
+        };
+        // Equal names made anew (as a new policy set makes them) count in the same series.
+        for _ in 0..3 {
+            metrics.decision("inbound", &deny("p", "a"), &caller);
+            metrics.decision("inbound", &deny("p", "b"), &caller);
+        }
+        metrics.decision("inbound", &deny("p", "a"), &other);
+        let page = metrics.encode();
+        let web = "source_principal=\"spiffe://td/ns/shop/sa/web\"";
+        let ledger = "source_principal=\"spiffe://td/ns/pay/sa/ledger\"";
+        for (i, code) in codes.iter().enumerate() {
+            let code = format!("response_code=\"{code}\"");
+            let want = (i % 3 + 1) as f64;
+            let labels = [web, &code, "response_flags=\"-\""];
+            assert_eq!(
+                series(&page, "bulkhead_requests_total", &labels),
+                Some(want),
+                "{code}\n{page}"
+            );
+            assert_eq!(
+                series(&page, "bulkhead_request_duration_seconds_count", &labels),
+                Some(want),
+                "{code}"
+            );
+        }
+        let rbac = [ledger, "response_code=\"200\"", "response_flags=\"RBAC\""];
+        assert_eq!(series(&page, "bulkhead_requests_total", &rbac), Some(3.0));
+        let rule = |r: &str| format!("rule=\"{r}\"");
+        for (who, r, want) in [(web, "a", 3.0), (web, "b", 3.0), (ledger, "a", 1.0)] {
+            let labels = [who, "policy=\"shop/p\"", "verdict=\"deny\"", &rule(r)];
+            assert_eq!(
+                series(&page, "bulkhead_authz_decisions_total", &labels),
+                Some(want),
+                "{who} {r}\n{page}"
+            );
+        }
+    }
+
     #[test]
     fn each_refusal_has_its_own_reason() {
         use rustls::{CertificateError as C, Error as E};
