@@ -216,7 +216,6 @@ after=$(in_ns "$MS" curl -s http://127.0.0.1:15000/metrics | awk '/^bulkhead_req
 median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 m() { echo "${R[$1]}" | median; }
 rss() { awk '/^VmRSS/ {r = $2} /^VmHWM/ {h = $2} END {printf "%.1f / %.1f", r / 1024, h / 1024}' /proc/"$1"/status; }
-errs=$(($(echo "${R[direct.err]}" | tr ' ' '\n' | awk '{s += $1} END {print s + 0}') + $(echo "${R[mesh.err]}" | tr ' ' '\n' | awk '{s += $1} END {print s + 0}')))
 
 echo
 echo "## Transparent mode between two network namespaces (bench/netns_pair.sh)"
@@ -234,8 +233,10 @@ for q in p50 p90 p99; do
 done
 printf '| CPU of both sidecars at %s req/s | — | %.1f %% of a core | |\n' "$RATE" "$(m mesh.cpu)"
 echo "| sidecar RSS now / peak (MiB), client; server | — | $(rss "$CLIENT_PID"); $(rss "$SERVER_PID") | |"
-echo "| non-200 responses | ${R[direct.err]// /+} | ${R[mesh.err]// /+} | |"
+sum() { tr ' ' '\n' | awk '{s += $1} END {print s + 0}'; }
+echo "| non-200 responses | $(echo "${R[direct.err]}" | sum) | $(echo "${R[mesh.err]}" | sum) | |"
 echo
 echo "Requests the server sidecar counted inbound during the run: $((after - before)) (every mesh request was captured and crossed the pair)."
 echo "Per-rep max req/s: direct${R[direct.rps]}; mesh${R[mesh.rps]}."
+errs=$(($(echo "${R[direct.err]}" | sum) + $(echo "${R[mesh.err]}" | sum)))
 ((errs == 0)) || fail "$errs responses were not 200"
