@@ -5,7 +5,8 @@
 #   bench_workdir NAME KEEP_VAR
 #                              makes the work directory W and the PIDS list; on exit every
 #                              PID is stopped (INT, KILL after 3 s) in reverse order and W is
-#                              removed unless $KEEP_VAR is 1
+#                              removed unless $KEEP_VAR is 1; a function bench_on_exit,
+#                              if the script defines one, runs after the PIDs are stopped
 #   start_control [RUNNER…]    a control plane on loopback with its data in $W/data, run
 #                              through RUNNER if given; sets BULKHEAD_CONTEXT and CONTROL
 #   wait_for FILE PID WHAT     until FILE is non-empty; fails if PID exits or 30 s pass
@@ -63,6 +64,8 @@ bench_cleanup() {
     trap - EXIT INT TERM
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -INT "${PIDS[i]}" 2>/dev/null || true; done
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
+    # A script's own teardown after its processes (bench/netns_pair.sh: its namespaces).
+    if declare -F bench_on_exit >/dev/null; then bench_on_exit; fi
     if [[ "${!BENCH_KEEP_VAR:-0}" == 1 ]]; then
         echo "work directory kept: $W" >&2
     else

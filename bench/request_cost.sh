@@ -13,6 +13,7 @@
 # time) sends WARMUP `GET $REQ_PATH` (not counted), then REQUESTS more (the measured window);
 # every answer must be a 200 from the app. One request in flight at a time is the worst case
 # for system calls (nothing to batch); it is also what makes the count per request exact.
+# RC_CONNS=N runs N such connections at once instead.
 #
 # Two runs, each with a fresh pair of sidecars:
 #   callgrind  both sidecars under `valgrind --tool=callgrind`. Before the window both
@@ -46,6 +47,10 @@
 #   REQ_PATH          the path requested (default /orders/42)
 #   RC_RUNS           which runs: "callgrind strace" (default), or one of them
 #   RC_TOP            how many functions to list (default 15)
+#   RC_CONNS          client connections sending at once (default 1), each one request at a
+#                     time, sharing REQUESTS and WARMUP between them: with more than one,
+#                     requests are in flight together and the sidecars can batch them on
+#                     their shared connection (run with RC_RUNS=strace to see it)
 #   BULKHEAD_BIN_DIR  directory holding `bulkhead` and `bulkhead-proxy` (default
 #                     target/release, built with `cargo build --release -p bulkhead-proxy
 #                     -p bulkhead-cli` if missing; RC_BUILD=1 builds anyway)
@@ -57,6 +62,7 @@ cd "$ROOT"
 REQUESTS=${REQUESTS:-2000}
 WARMUP=${WARMUP:-200}
 REQ_PATH=${REQ_PATH:-/orders/42}
+CONNS=${RC_CONNS:-1}
 RUNS=${RC_RUNS:-callgrind strace}
 TOP=${RC_TOP:-15}
 
@@ -123,16 +129,21 @@ stop_pair() {
 # sends the measured requests, writes $W/RUN.done, and closes its connection and exits once
 # $W/RUN.quit exists. Sets LOAD_PID.
 start_load() {
-    python3 - "$UPSTREAM" "$REQ_PATH" "$WARMUP" "$REQUESTS" "$W/$1" >"$W/$1-load.out" 2>"$W/$1-load.log" <<'PY' &
-import http.client, os, sys, time
+    python3 - "$UPSTREAM" "$REQ_PATH" "$WARMUP" "$REQUESTS" "$W/$1" "$CONNS" >"$W/$1-load.out" 2>"$W/$1-load.log" <<'PY' &
+import http.client, os, sys, threading, time
 
 host, port = sys.argv[1].rsplit(":", 1)
 path, warmup, requests, base = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-conn = http.client.HTTPConnection(host, int(port), timeout=120)
+conns = int(sys.argv[6])
 sizes = set()
+failures = []
+finished = 0
+lock = threading.Lock()
+warm = threading.Barrier(conns + 1)
+go, all_done, quit_ = threading.Event(), threading.Event(), threading.Event()
 
 
-def send(n):
+def send(conn, n):
     for _ in range(n):
         conn.request("GET", path)
         resp = conn.getresponse()
@@ -142,24 +153,63 @@ def send(n):
         sizes.add(len(body))
 
 
+def share(total, i):
+    return total // conns + (1 if i < total % conns else 0)
+
+
+def client(i):
+    # Each connection sends its share of the warm-up and of the window, one request at a
+    # time; with several connections, their requests are in flight together.
+    global finished
+    try:
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        send(conn, share(warmup, i))
+        warm.wait()
+        go.wait()
+        send(conn, share(requests, i))
+    except BaseException as e:
+        failures.append(e)
+        warm.abort()
+        all_done.set()
+        return
+    with lock:
+        finished += 1
+        if finished == conns:
+            all_done.set()
+    # The connection stays open until the counts are taken, so its close is not in them.
+    quit_.wait()
+    conn.close()
+
+
 def mark(name):
     with open(base + "." + name + ".tmp", "w") as f:
         f.write("1\n")
     os.rename(base + "." + name + ".tmp", base + "." + name)
 
 
-send(warmup)
+threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(conns)]
+for t in threads:
+    t.start()
+try:
+    warm.wait()
+except threading.BrokenBarrierError:
+    raise SystemExit(f"a client failed in the warm-up: {failures[0] if failures else '?'}")
 mark("warm")
 while not os.path.exists(base + ".go"):
     time.sleep(0.02)
 t0 = time.monotonic()
-send(requests)
+go.set()
+all_done.wait()
+if failures:
+    raise SystemExit(f"a client failed: {failures[0]}")
 elapsed = time.monotonic() - t0
-print(f"{requests} requests in {elapsed:.2f} s; response bodies {sorted(sizes)} bytes", flush=True)
+print(f"{requests} requests over {conns} connection(s) in {elapsed:.2f} s; response bodies {sorted(sizes)} bytes", flush=True)
 mark("done")
-# The connection stays open until the counts are taken, so its close is not in them.
 while not os.path.exists(base + ".quit"):
     time.sleep(0.02)
+quit_.set()
+for t in threads:
+    t.join(timeout=5)
 PY
     LOAD_PID=$!
     PIDS+=("$LOAD_PID")
@@ -261,9 +311,9 @@ per() { awk -v a="$1" -v n="$REQUESTS" 'BEGIN {printf "%.2f", a / n}'; }
 commify() { echo "$1" | sed ':a;s/\B[0-9]\{3\}\>/,&/;ta'; }
 
 echo
-echo "## Per-request cost: $REQUESTS keep-alive HTTP/1.1 GETs through one sidecar pair"
+echo "## Per-request cost: $REQUESTS keep-alive HTTP/1.1 GETs over $CONNS connection(s) through one sidecar pair"
 echo
-echo "Run: \`bash bench/request_cost.sh\` (REQUESTS=$REQUESTS, WARMUP=$WARMUP, REQ_PATH=$REQ_PATH)," \
+echo "Run: \`bash bench/request_cost.sh\` (REQUESTS=$REQUESTS, WARMUP=$WARMUP, REQ_PATH=$REQ_PATH, RC_CONNS=$CONNS)," \
     "$(date -u +%Y-%m-%dT%H:%MZ), revision $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- crates Cargo.toml 2>/dev/null || echo ' + uncommitted changes')"
 echo "Binaries: $BIN (bulkhead-proxy built $(date -u -r "$BIN/bulkhead-proxy" +%Y-%m-%dT%H:%MZ)," \
     "$(stat -c %s "$BIN/bulkhead-proxy") bytes)"

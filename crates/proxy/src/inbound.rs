@@ -459,8 +459,13 @@ async fn handle(
             http: Some(canonical.http(&headers)),
         })
         .into_parts();
-    // The host as policy read it, for judging an upgraded tunnel again later.
-    let host = canonical.host().map(str::to_string);
+    // The host as policy read it, for judging an upgraded tunnel again later; only a request
+    // with an `Upgrade` header can open one (`upgrade::ask`), so no other copies it.
+    let host = req
+        .headers()
+        .contains_key(http::header::UPGRADE)
+        .then(|| canonical.host().map(str::to_string))
+        .flatten();
     let rewrite = canonical
         .path_rewritten()
         .then(|| canonical.target().into_owned());

@@ -67,7 +67,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// A label value shared, not copied: made once per connection (an identity) or per policy
 /// set (a policy or rule name), so counting a request allocates nothing.
@@ -159,6 +159,57 @@ pub(crate) struct Parties {
     pub destination: LabelText,
     pub source_place: Place,
     pub destination_place: Place,
+    /// The metrics these parties' requests and decisions last counted into (shared by clones:
+    /// their labels are the same).
+    handles: Arc<Mutex<Handles>>,
+}
+
+/// At most this many request label sets (status code and flags) and as many decision label
+/// sets (verdict, audit, policy, rule) keep their metric per connection; past it the oldest
+/// makes room.
+const HANDLES_PER_PARTIES: usize = 8;
+
+/// The series a connection's requests and decisions were counted in, so that the next
+/// request with the same labels counts into the same series without hashing its ten labels
+/// to find it again. A handle is the family's own metric (a clone shares the value); no
+/// family ever removes a series, so a held handle always counts where `/metrics` reads.
+#[derive(Debug, Default)]
+struct Handles {
+    requests: Vec<RequestHandle>,
+    decisions: Vec<DecisionHandle>,
+}
+
+#[derive(Debug)]
+struct RequestHandle {
+    direction: &'static str,
+    status: u16,
+    flags: &'static str,
+    count: Counter,
+    duration: Histogram,
+}
+
+#[derive(Debug)]
+struct DecisionHandle {
+    direction: &'static str,
+    verdict: &'static str,
+    audit: &'static str,
+    policy: Option<Arc<ResourceName>>,
+    rule: Option<Arc<str>>,
+    count: Counter,
+}
+
+impl Parties {
+    fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
+        self.handles.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Keeps `item` among at most [`HANDLES_PER_PARTIES`], dropping the oldest.
+fn keep<T>(held: &mut Vec<T>, item: T) {
+    if held.len() >= HANDLES_PER_PARTIES {
+        held.remove(0);
+    }
+    held.push(item);
 }
 
 impl Parties {
@@ -180,12 +231,14 @@ impl Parties {
                 destination: own.clone(),
                 source_place: theirs,
                 destination_place: mine,
+                handles: Arc::default(),
             },
             false => Parties {
                 source: own.clone(),
                 destination: LabelText::new(peer.unwrap_or("-")),
                 source_place: mine,
                 destination_place: theirs,
+                handles: Arc::default(),
             },
         }
     }
@@ -514,11 +567,8 @@ impl Metrics {
 
     pub(crate) fn decision(&self, direction: &'static str, d: &Decision, parties: &Parties) {
         let (policy, rule) = match &d.reason {
-            Reason::Rule { policy, rule, .. } => (
-                PolicyLabel(Some(policy.clone())),
-                Some(LabelText(rule.clone())),
-            ),
-            Reason::Posture { .. } => (PolicyLabel(None), None),
+            Reason::Rule { policy, rule, .. } => (Some(policy), Some(rule)),
+            Reason::Posture { .. } => (None, None),
         };
         let audit = match d.audit.as_ref() {
             Some(a) if a.verdict != d.verdict && a.verdict == Verdict::Deny => "would_deny",
@@ -526,20 +576,43 @@ impl Metrics {
             _ => "",
         };
         let verdict = if d.is_allow() { "allow" } else { "deny" };
-        self.decisions
+        let mut handles = parties.handles();
+        let held = handles.decisions.iter().find(|h| {
+            h.direction == direction
+                && h.verdict == verdict
+                && h.audit == audit
+                && h.policy.as_ref() == policy
+                && h.rule.as_ref() == rule
+        });
+        if let Some(h) = held {
+            h.count.inc();
+            return;
+        }
+        let count = self
+            .decisions
             .get_or_create(&DecisionLabels {
                 direction,
                 verdict,
                 audit,
-                policy,
-                rule,
+                policy: PolicyLabel(policy.cloned()),
+                rule: rule.map(|r| LabelText(r.clone())),
                 source_namespace: parties.source_place.namespace.clone(),
                 source_workload: parties.source_place.workload.clone(),
                 source_principal: parties.source.clone(),
                 destination_namespace: parties.destination_place.namespace.clone(),
                 destination_workload: parties.destination_place.workload.clone(),
             })
-            .inc();
+            .clone();
+        count.inc();
+        let handle = DecisionHandle {
+            direction,
+            verdict,
+            audit,
+            policy: policy.cloned(),
+            rule: rule.cloned(),
+            count,
+        };
+        keep(&mut handles.decisions, handle);
     }
 
     pub(crate) fn request(
@@ -550,6 +623,17 @@ impl Metrics {
         flags: ResponseFlags,
         elapsed: std::time::Duration,
     ) {
+        let flags = flags.label();
+        let mut handles = parties.handles();
+        let held = handles
+            .requests
+            .iter()
+            .find(|h| h.direction == direction && h.status == status && h.flags == flags);
+        if let Some(h) = held {
+            h.count.inc();
+            h.duration.observe(elapsed.as_secs_f64());
+            return;
+        }
         let labels = RequestLabels {
             direction,
             source_namespace: parties.source_place.namespace.clone(),
@@ -559,12 +643,20 @@ impl Metrics {
             destination_workload: parties.destination_place.workload.clone(),
             destination_principal: parties.destination.clone(),
             response_code: status,
-            response_flags: flags.label(),
+            response_flags: flags,
         };
-        self.requests.get_or_create(&labels).inc();
-        self.duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+        let count = self.requests.get_or_create(&labels).clone();
+        let duration = self.duration.get_or_create(&labels).clone();
+        count.inc();
+        duration.observe(elapsed.as_secs_f64());
+        let handle = RequestHandle {
+            direction,
+            status,
+            flags,
+            count,
+            duration,
+        };
+        keep(&mut handles.requests, handle);
     }
 
     pub(crate) fn refused_connection(&self, direction: &'static str) {
@@ -786,6 +878,94 @@ mod tests {
             );
         }
         assert_eq!(place(Place::of(None, None)), s(UNKNOWN, UNKNOWN));
+    }
+
+    /// The value of the one series of `family` whose label set holds every `labels` pair.
+    fn series(page: &str, family: &str, labels: &[&str]) -> Option<f64> {
+        let mut found = page.lines().filter(|l| {
+            l.starts_with(&format!("{family}{{")) && labels.iter().all(|p| l.contains(p))
+        });
+        let line = found.next()?;
+        assert!(found.next().is_none(), "more than one series: {labels:?}");
+        line.rsplit(' ').next()?.parse().ok()
+    }
+
+    #[test]
+    fn a_kept_handle_counts_in_the_series_its_labels_name() {
+        let metrics = Metrics::new();
+        let own = LabelText::new("spiffe://td/ns/shop/sa/orders");
+        let place = Place::of(Some(own.as_str()), None);
+        let caller =
+            Parties::with_peer(true, &own, &place, Some("spiffe://td/ns/shop/sa/web"), None);
+        let other = Parties::with_peer(
+            true,
+            &own,
+            &place,
+            Some("spiffe://td/ns/pay/sa/ledger"),
+            None,
+        );
+        let ms = std::time::Duration::from_millis(1);
+        // More status codes than a connection keeps handles for, each counted n times, in
+        // turns, so handles are dropped and made again; a second caller on its own handles.
+        let codes: Vec<u16> = (0..2 * HANDLES_PER_PARTIES as u16)
+            .map(|i| 200 + i)
+            .collect();
+        for round in 0..3 {
+            for (i, &code) in codes.iter().enumerate() {
+                if round <= i % 3 {
+                    metrics.request("inbound", &caller, code, ResponseFlags::None, ms);
+                }
+            }
+            metrics.request("inbound", &other, 200, ResponseFlags::Rbac, ms);
+        }
+        let deny = |policy: &str, rule: &str| Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::Rule {
+                action: bulkhead_policy::model::Action::Deny,
+                policy: Arc::new(ResourceName {
+                    namespace: "shop".into(),
+                    name: policy.into(),
+                }),
+                rule: Arc::from(rule),
+            },
+            revision: 1,
+            audit: None,
+        };
+        // Equal names made anew (as a new policy set makes them) count in the same series.
+        for _ in 0..3 {
+            metrics.decision("inbound", &deny("p", "a"), &caller);
+            metrics.decision("inbound", &deny("p", "b"), &caller);
+        }
+        metrics.decision("inbound", &deny("p", "a"), &other);
+        let page = metrics.encode();
+        let web = "source_principal=\"spiffe://td/ns/shop/sa/web\"";
+        let ledger = "source_principal=\"spiffe://td/ns/pay/sa/ledger\"";
+        for (i, code) in codes.iter().enumerate() {
+            let code = format!("response_code=\"{code}\"");
+            let want = (i % 3 + 1) as f64;
+            let labels = [web, &code, "response_flags=\"-\""];
+            assert_eq!(
+                series(&page, "bulkhead_requests_total", &labels),
+                Some(want),
+                "{code}\n{page}"
+            );
+            assert_eq!(
+                series(&page, "bulkhead_request_duration_seconds_count", &labels),
+                Some(want),
+                "{code}"
+            );
+        }
+        let rbac = [ledger, "response_code=\"200\"", "response_flags=\"RBAC\""];
+        assert_eq!(series(&page, "bulkhead_requests_total", &rbac), Some(3.0));
+        let rule = |r: &str| format!("rule=\"{r}\"");
+        for (who, r, want) in [(web, "a", 3.0), (web, "b", 3.0), (ledger, "a", 1.0)] {
+            let labels = [who, "policy=\"shop/p\"", "verdict=\"deny\"", &rule(r)];
+            assert_eq!(
+                series(&page, "bulkhead_authz_decisions_total", &labels),
+                Some(want),
+                "{who} {r}\n{page}"
+            );
+        }
     }
 
     #[test]

@@ -188,6 +188,10 @@ pub(crate) struct AppPool {
         hyper_util::client::legacy::connect::HttpConnector,
         ReqBody,
     >,
+    /// The last app address and its authority: a sidecar's streams go to one app address (a
+    /// few in transparent mode), so a request reuses it rather than formatting and parsing
+    /// the address again.
+    authority: Mutex<Option<(SocketAddr, http::uri::Authority)>>,
 }
 
 impl AppPool {
@@ -199,7 +203,26 @@ impl AppPool {
             .pool_idle_timeout(idle)
             .http1_preserve_header_case(false)
             .build(connector);
-        AppPool { client }
+        AppPool {
+            client,
+            authority: Mutex::default(),
+        }
+    }
+
+    fn authority(&self, app: SocketAddr) -> Result<http::uri::Authority, LinkError> {
+        let mut last = self
+            .authority
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((addr, authority)) = &*last
+            && *addr == app
+        {
+            return Ok(authority.clone());
+        }
+        let authority = http::uri::Authority::try_from(app.to_string())
+            .map_err(|e| LinkError::Connect(std::io::Error::other(e)))?;
+        *last = Some((app, authority.clone()));
+        Ok(authority)
     }
 
     /// Forwards a stream's request to the app at `app` as HTTP/1.1.
@@ -209,16 +232,18 @@ impl AppPool {
         app: SocketAddr,
         mut req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, LinkError> {
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_string();
-        *req.uri_mut() = http::Uri::builder()
-            .scheme("http")
-            .authority(app.to_string())
-            .path_and_query(path)
-            .build()
+        // The same URI as `http://{app}{path and query}`, from parts already parsed: the
+        // path and query share the request's bytes.
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(self.authority(app)?);
+        parts.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        *req.uri_mut() = http::Uri::from_parts(parts)
             .map_err(|e| LinkError::Connect(std::io::Error::other(e)))?;
         *req.version_mut() = Version::HTTP_11;
         let mut resp = self.client.request(req).await?;
