@@ -103,6 +103,8 @@ enum Command {
         #[command(flatten)]
         traces: ControlTraces,
         #[command(flatten)]
+        etcd: ControlEtcd,
+        #[command(flatten)]
         webhook: Box<k8s_cmd::ControlWebhook>,
         #[command(flatten)]
         attest: Box<k8s_cmd::ControlAttest>,
@@ -339,6 +341,38 @@ struct ControlTraces {
     /// The share of calls without a sampled `traceparent` that start a trace (0 to 1).
     #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = bulkhead_api::otlp::parse_ratio)]
     trace_sampling_ratio: f64,
+}
+
+/// Replicas sharing their state in etcd (docs/replicas.md).
+#[derive(clap::Args, Debug)]
+struct ControlEtcd {
+    /// Keep the resource set and its revision log in etcd, shared with every replica
+    /// started with the same members: `http://HOST:PORT`, or `https://` with --etcd-ca;
+    /// several comma-separated. Unset: the embedded store in --data-dir (one replica).
+    #[arg(long, value_name = "URL[,URL…]", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The PEM CA that signed the etcd members' serving certificates.
+    #[arg(long, value_name = "PATH", requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    /// A PEM client certificate to present to etcd (with --etcd-key).
+    #[arg(long, value_name = "PATH", requires_all = ["etcd", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The PEM key of --etcd-cert.
+    #[arg(long, value_name = "PATH", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl ControlEtcd {
+    fn options(self) -> Option<bulkhead_control::EtcdOptions> {
+        if self.etcd.is_empty() {
+            return None;
+        }
+        Some(bulkhead_control::EtcdOptions {
+            endpoints: self.etcd,
+            ca: self.etcd_ca,
+            client_cert: self.etcd_cert.zip(self.etcd_key),
+        })
+    }
 }
 
 /// What the control plane keeps and what one proxy's configuration may hold.
@@ -642,6 +676,7 @@ async fn run(cli: Cli) -> Result<()> {
             bundle_endpoint,
             bounds,
             traces,
+            etcd,
             webhook,
             attest,
             log_format,
@@ -692,6 +727,7 @@ async fn run(cli: Cli) -> Result<()> {
                     }),
                 bundle_endpoint,
                 attestor: (*attest).attestor()?,
+                etcd: etcd.options(),
             };
             let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(

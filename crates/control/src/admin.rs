@@ -108,6 +108,9 @@ impl Admin for State {
                 "{}; a revoked identity gets no join token (`bulkhead unrevoke identity` lifts it once its certificates expired)",
                 revoked.describe()
             )))?;
+        if let Some(etcd) = &self.shared {
+            etcd.put_token(&token_id, &record).await.map_err(internal)?;
+        }
         tracing::info!(actor, token_id, spiffe_id = %id, namespace = record.namespace, workload = record.workload, uses, "join token created");
         Ok(Response::new(pb::CreateTokenResponse {
             token,
@@ -178,9 +181,9 @@ impl Admin for State {
                     .filter(|r| !new_keys.contains(&r.key()))
                     .map(|r| (r.clone(), None))
                     .unzip();
-                for (res, origin) in parsed {
-                    set.push(res);
-                    origins.push(Some(origin));
+                for (res, origin) in &parsed {
+                    set.push(res.clone());
+                    origins.push(Some(origin.clone()));
                 }
                 Ok((Proposal { set, origins }, ()))
             })
@@ -250,9 +253,8 @@ impl Admin for State {
             n => n as usize,
         };
         let revisions = self
-            .store
-            .history(limit)
-            .map_err(internal)?
+            .revision_log(limit)
+            .await?
             .into_iter()
             .map(|r| pb::RevisionInfo {
                 revision: r.revision,
@@ -287,16 +289,17 @@ impl Admin for State {
         let r = req.into_inner();
         let target = r.revision;
         let action = format!("rollback to {target}");
+        let restored = self.set_at(target).await?;
         let (changed, ()) = self
             .change(&actor, &action, r.expect_revision, |_| {
-                let set = match self.store.set_at(target).map_err(internal)? {
-                    SetAt::Kept(set) => set,
+                let set = match &restored {
+                    SetAt::Kept(set) => set.clone(),
                     SetAt::Missing => {
                         return Err(Status::not_found(format!(
                             "there is no revision {target}; `bulkhead history` lists them"
                         )));
                     }
-                    SetAt::Pruned { oldest_kept } => {
+                    &SetAt::Pruned { oldest_kept } => {
                         let h = self.store.history_retention();
                         return Err(Status::not_found(format!(
                             "revision {target} was pruned: the control plane keeps the whole set of the newest {} revisions for at most {} days (bulkhead control --history-revisions, --history-max-age). The oldest revision it can restore is {oldest_kept}; `bulkhead history` still lists who changed what",

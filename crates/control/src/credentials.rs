@@ -208,13 +208,14 @@ impl Credentials for State {
         req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         self.require_admin(&req)?;
-        let tokens = self
-            .store
-            .tokens()
-            .map_err(internal)?
-            .into_iter()
-            .map(|(id, t)| token_info(id, t))
-            .collect();
+        let tokens = match &self.shared {
+            Some(etcd) => etcd.tokens().await,
+            None => self.store.tokens(),
+        }
+        .map_err(internal)?
+        .into_iter()
+        .map(|(id, t)| token_info(id, t))
+        .collect();
         Ok(Response::new(pb::ListTokensResponse { tokens }))
     }
 
@@ -224,11 +225,15 @@ impl Credentials for State {
     ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
         let actor = self.require_admin(&req)?;
         let id = req.into_inner().id;
-        match self
+        let local = self
             .store
             .delete_token(&id, &actor, unix_now())
-            .map_err(internal)?
-        {
+            .map_err(internal)?;
+        let deleted = match &self.shared {
+            Some(etcd) => etcd.delete_token(&id).await.map_err(internal)?,
+            None => local,
+        };
+        match deleted {
             Some(record) => {
                 tracing::info!(
                     actor,

@@ -44,6 +44,10 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "etcd at {endpoints} did not answer ({message}); nothing was written. Check that a majority of the etcd members is up and reachable from this replica (etcdctl endpoint health), then try again"
+    )]
+    Etcd { endpoints: String, message: String },
     #[error("server stopped: {0}")]
     Serve(String),
     /// The web console's options cannot be served as given (issue 21).

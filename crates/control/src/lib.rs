@@ -37,6 +37,7 @@ pub use datadir::{AdminContext, CONTEXT_FILE};
 pub use error::ControlError;
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
 pub use issuer::{Issuer, ServingTls};
+pub use store::etcd::EtcdOptions;
 pub use store::{HistoryRetention, LOG_CHANGES_PER_ENTRY, LOG_MAX_AGE, LOG_MAX_ENTRIES};
 
 use bulkhead_api::v1::{
@@ -84,6 +85,9 @@ pub struct ControlOptions {
     /// Accept joins by a credential this attestor checks (a Kubernetes service-account
     /// token) instead of a join token; `None`: such joins are refused.
     pub attestor: Option<Arc<dyn Attestor>>,
+    /// Keep the resource set and its revision log in etcd, shared with other replicas
+    /// (`--etcd`); `None`: the embedded store holds them (one replica).
+    pub etcd: Option<EtcdOptions>,
 }
 
 /// Where the control plane's spans go (`bulkhead control --otlp-endpoint`).
@@ -153,7 +157,19 @@ pub async fn start_with(
 ) -> Result<RunningControl, ControlError> {
     let (dir, cas) =
         datadir::DataDir::open(&config.data_dir, &config.trust_domain, config.svid_lifetime)?;
-    let store = store::Store::open_with(&config.data_dir.join("state.redb"), options.history)?;
+    let store =
+        store::Store::open_with(&config.data_dir.join("state.redb"), options.history.clone())?;
+    let shared = match &options.etcd {
+        Some(etcd) => {
+            let shared = store::etcd::EtcdStore::connect(etcd, options.history).await?;
+            tracing::info!(
+                etcd = shared.endpoints(),
+                "the resource set and its revision log are kept in etcd, shared with every replica"
+            );
+            Some(shared)
+        }
+        None => None,
+    };
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ControlError::Bind {
@@ -178,7 +194,9 @@ pub async fn start_with(
         options.flow_retention,
         &options.anomalies,
         options.proxy_bounds,
-    )?;
+        shared,
+    )
+    .await?;
     if let Some(attestor) = &options.attestor {
         tracing::info!(
             accepts = attestor.describe(),
@@ -219,6 +237,7 @@ pub async fn start_with(
         state.tracer = Some(Arc::new(tracer));
     }
     let state = Arc::new(state);
+    change::spawn_follow(state.clone());
     let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
     listener::spawn_cert_renewal(state.clone());
     credentials::spawn_upkeep(state.clone());

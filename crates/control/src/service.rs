@@ -94,6 +94,9 @@ impl Snapshot {
 pub(crate) struct State {
     pub(crate) dir: DataDir,
     pub(crate) store: Store,
+    /// Where the resource set and its revision log are kept when replicas share them
+    /// (`--etcd`); `None`: in `store`.
+    pub(crate) shared: Option<crate::store::etcd::EtcdStore>,
     svid_lifetime: Duration,
     trust_domain: String,
     pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
@@ -147,7 +150,8 @@ impl State {
     ) -> Result<State, ControlError> {
         let anomalies = Anomalies::default();
         let bounds = crate::change::ProxyBounds::default();
-        State::with_options(
+        let (revision, resources) = store.resources()?;
+        State::build(
             dir,
             cas,
             store,
@@ -155,10 +159,15 @@ impl State {
             flow_retention,
             &anomalies,
             bounds,
+            (revision, resources),
+            None,
         )
     }
 
-    pub(crate) fn with_options(
+    /// [`State::build`] with the set read from etcd when `shared` is given, else from
+    /// `store`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn with_options(
         dir: DataDir,
         cas: CaSet,
         store: Store,
@@ -166,8 +175,37 @@ impl State {
         flow_retention: FlowRetention,
         anomalies: &Anomalies,
         proxy_bounds: crate::change::ProxyBounds,
+        shared: Option<crate::store::etcd::EtcdStore>,
     ) -> Result<State, ControlError> {
-        let (revision, resources) = store.resources()?;
+        let current = match &shared {
+            Some(etcd) => etcd.resources().await?,
+            None => store.resources()?,
+        };
+        State::build(
+            dir,
+            cas,
+            store,
+            svid_lifetime,
+            flow_retention,
+            anomalies,
+            proxy_bounds,
+            current,
+            shared,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn build(
+        dir: DataDir,
+        cas: CaSet,
+        store: Store,
+        svid_lifetime: Duration,
+        flow_retention: FlowRetention,
+        anomalies: &Anomalies,
+        proxy_bounds: crate::change::ProxyBounds,
+        (revision, resources): (u64, Vec<Resource>),
+        shared: Option<crate::store::etcd::EtcdStore>,
+    ) -> Result<State, ControlError> {
         let anomalies = Monitor::load(&store, anomalies, unix_now())?;
         tracing::info!(revision, resources = resources.len(), dir = %dir.path().display(), "loaded resources");
         let trust_domain = cas.trust_domain().to_string();
@@ -177,6 +215,7 @@ impl State {
         Ok(State {
             dir,
             store,
+            shared,
             svid_lifetime,
             trust_domain,
             snapshot: watch::Sender::new(Arc::new(Snapshot::new(revision, resources))),
@@ -317,21 +356,19 @@ impl Identity for State {
         let (token_id, secret) =
             tokens::parse(&r.token).map_err(|e| Status::unauthenticated(e.to_string()))?;
         let now = SystemTime::now();
-        let outcome = self
-            .store
-            .redeem_token(
-                token_id,
-                &tokens::hash(secret),
-                unix_now(),
-                |record: &TokenRecord| {
-                    let id = record.spiffe_id.clone();
-                    let chain = self
-                        .signer()
-                        .sign_csr(&r.csr_der, &id, self.svid_lifetime, now)?;
-                    Ok::<_, JoinRefusal>((id, chain))
-                },
-            )
-            .map_err(internal)?;
+        let issue = |record: &TokenRecord| {
+            let id = record.spiffe_id.clone();
+            let chain = self
+                .signer()
+                .sign_csr(&r.csr_der, &id, self.svid_lifetime, now)?;
+            Ok::<_, JoinRefusal>((id, chain))
+        };
+        let hash = tokens::hash(secret);
+        let outcome = match &self.shared {
+            Some(etcd) => etcd.redeem_token(token_id, &hash, unix_now(), issue).await,
+            None => self.store.redeem_token(token_id, &hash, unix_now(), issue),
+        }
+        .map_err(internal)?;
         let (record, (id, chain)) = match outcome {
             Ok(ok) => ok,
             Err(refusal) => {

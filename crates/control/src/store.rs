@@ -13,6 +13,7 @@
 
 mod db;
 mod edges;
+pub(crate) mod etcd;
 pub(crate) mod events;
 mod history;
 

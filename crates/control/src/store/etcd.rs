@@ -1,0 +1,481 @@
+//! The replicated backend of the resource set (`bulkhead control --etcd`): the current set,
+//! the revision log (who changed what, when) and the snapshots rollback restores, kept in
+//! etcd so that several control-plane replicas share them.
+//!
+//! Key layout, under [`PREFIX`]:
+//!
+//! | key | value |
+//! |---|---|
+//! | `revision` | the current revision number, in decimal |
+//! | `sets/<revision, 20 digits>` | the whole set at that revision: a JSON array of resources |
+//! | `log/<revision, 20 digits>` | the [`RevisionRecord`] of that revision (no set) |
+//! | `tokens/<id>` | a join token's record: the SHA-256 of its secret, never the secret |
+//!
+//! A revision is committed in one etcd transaction that compares `revision` with the
+//! revision the change was built on (its value, or its absence before the first revision)
+//! and only then writes the new number, the set and the log entry, and deletes the snapshot
+//! that falls out of the kept window. Two replicas committing at once: one transaction wins,
+//! the other finds the comparison false and writes nothing ([`Commit::Conflict`]); its
+//! caller reads the new set and builds its change again. Nothing is ever overwritten
+//! unseen.
+//!
+//! It must never write the set without that comparison, and never hold anything secret in
+//! clear: the set and the log are what `bulkhead get` and `bulkhead history` show anyway,
+//! and a token is kept as its hash.
+
+use super::{Change, Committed, HistoryRetention, RevisionRecord, SetAt, by_key, changes};
+use crate::error::ControlError;
+use crate::tokens::{TokenError, TokenRecord, same_hash};
+use bulkhead_policy::model::Resource;
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, SortOrder,
+    SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Every key Bulkhead writes in etcd starts with this.
+pub const PREFIX: &str = "/bulkhead/";
+
+/// How `bulkhead control` reaches etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// `http://host:port` or `https://host:port` of one or more etcd members.
+    pub endpoints: Vec<String>,
+    /// PEM CA that signed the members' serving certificates (`--etcd-ca`).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key to present to etcd (`--etcd-cert`, `--etcd-key`).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// The outcome of one attempt to commit.
+#[derive(Debug)]
+pub(crate) enum Commit {
+    Done(Committed),
+    /// Another replica committed first: the set is no longer at the revision the change
+    /// was built on. Nothing was written.
+    Conflict,
+}
+
+/// The resource set in etcd. Cheap to clone: one connection, shared.
+#[derive(Clone)]
+pub(crate) struct EtcdStore {
+    client: Client,
+    endpoints: String,
+    history: HistoryRetention,
+}
+
+fn revision_key() -> String {
+    format!("{PREFIX}revision")
+}
+
+fn set_key(revision: u64) -> String {
+    format!("{PREFIX}sets/{revision:020}")
+}
+
+fn log_key(revision: u64) -> String {
+    format!("{PREFIX}log/{revision:020}")
+}
+
+impl EtcdStore {
+    /// Connects to the members in `options` (TLS when a CA or client certificate is given)
+    /// and checks that they answer.
+    pub(crate) async fn connect(
+        options: &EtcdOptions,
+        history: HistoryRetention,
+    ) -> Result<EtcdStore, ControlError> {
+        let endpoints = options.endpoints.join(",");
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        if options.ca.is_some() || options.client_cert.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &options.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read_pem(ca)?));
+            }
+            if let Some((cert, key)) = &options.client_cert {
+                tls = tls.identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?));
+            }
+            connect = connect.with_tls(tls);
+        }
+        let client = Client::connect(options.endpoints.clone(), Some(connect))
+            .await
+            .map_err(|e| unreachable_etcd(&endpoints, &e))?;
+        let store = EtcdStore {
+            client,
+            endpoints,
+            history,
+        };
+        store.current_revision().await?;
+        Ok(store)
+    }
+
+    /// The members this store talks to, comma-separated, for messages.
+    pub(crate) fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    /// The client, for the other replicated parts (leases, the registry, the CA set).
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    fn err(&self, e: etcd_client::Error) -> ControlError {
+        unreachable_etcd(&self.endpoints, &e)
+    }
+
+    fn corrupt(&self, message: String) -> ControlError {
+        ControlError::Store {
+            path: PathBuf::from(format!("etcd {}", self.endpoints)),
+            message,
+        }
+    }
+
+    /// The revision etcd holds now (0 before the first).
+    pub(crate) async fn current_revision(&self) -> Result<u64, ControlError> {
+        let mut kv = self.client.kv_client();
+        let got = kv
+            .get(revision_key(), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        match got.kvs().first() {
+            None => Ok(0),
+            Some(kv) => self.parse_revision(kv.value()),
+        }
+    }
+
+    fn parse_revision(&self, value: &[u8]) -> Result<u64, ControlError> {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                self.corrupt(format!(
+                    "{} does not hold a revision number; it was written by something else than Bulkhead",
+                    revision_key()
+                ))
+            })
+    }
+
+    /// The current revision and its set, read consistently (the set is looked up at the
+    /// revision read, retried if a commit slipped in between).
+    pub(crate) async fn resources(&self) -> Result<(u64, Vec<Resource>), ControlError> {
+        loop {
+            let revision = self.current_revision().await?;
+            match self.set_at(revision).await? {
+                SetAt::Kept(set) => return Ok((revision, set)),
+                SetAt::Missing if revision == 0 => return Ok((0, Vec::new())),
+                // Pruned or not there: a newer commit moved past it; read again.
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// The set at `revision`, if its snapshot is still kept.
+    pub(crate) async fn set_at(&self, revision: u64) -> Result<SetAt, ControlError> {
+        if revision == 0 {
+            return Ok(SetAt::Kept(Vec::new()));
+        }
+        let mut kv = self.client.kv_client();
+        let got = kv
+            .get(set_key(revision), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        if let Some(found) = got.kvs().first() {
+            let jsons: Vec<String> = serde_json::from_slice(found.value()).map_err(|e| {
+                self.corrupt(format!("the set at revision {revision} is unreadable: {e}"))
+            })?;
+            let set = jsons
+                .iter()
+                .map(|j| Resource::from_json(j))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    self.corrupt(format!(
+                        "a resource at revision {revision} is unreadable: {e}"
+                    ))
+                })?;
+            return Ok(SetAt::Kept(set));
+        }
+        let current = self.current_revision().await?;
+        if revision > current {
+            return Ok(SetAt::Missing);
+        }
+        let oldest = kv
+            .get(
+                format!("{PREFIX}sets/"),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_limit(1)
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let oldest_kept = oldest
+            .kvs()
+            .first()
+            .and_then(|kv| kv.key_str().ok())
+            .and_then(|k| k.rsplit('/').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(current);
+        Ok(SetAt::Pruned { oldest_kept })
+    }
+
+    /// Commits `set` as the revision after `base` if etcd is still at `base`: the set, the
+    /// log entry and the new number in one transaction, and the snapshot past the kept
+    /// count deleted in it. Nothing is written if nothing changed or another replica
+    /// committed first.
+    pub(crate) async fn commit(
+        &self,
+        base: u64,
+        base_set: &[Resource],
+        set: &[Resource],
+        actor: &str,
+        action: &str,
+        now_unix: u64,
+    ) -> Result<Commit, ControlError> {
+        let old = by_key(base_set).map_err(|m| self.corrupt(m))?;
+        let new: BTreeMap<String, String> = by_key(set).map_err(|m| self.corrupt(m))?;
+        let changes = changes(&old, &new);
+        if changes.iter().all(|(_, c)| *c == Change::Unchanged) {
+            return Ok(Commit::Done(Committed {
+                revision: base,
+                changes,
+                pruned: 0,
+            }));
+        }
+        let revision = base + 1;
+        let record = RevisionRecord {
+            revision,
+            time_unix: now_unix,
+            actor: actor.to_string(),
+            action: action.to_string(),
+            changes: super::log_lines(&changes),
+            resources: Vec::new(),
+        };
+        // Strings and numbers: serialising them cannot fail.
+        let record = serde_json::to_string(&record).unwrap_or_default();
+        let snapshot = serde_json::to_string(&new.values().collect::<Vec<_>>()).unwrap_or_default();
+        let guard = match base {
+            0 => Compare::version(revision_key(), CompareOp::Equal, 0),
+            n => Compare::value(revision_key(), CompareOp::Equal, n.to_string()),
+        };
+        let mut ops = vec![
+            TxnOp::put(revision_key(), revision.to_string(), None),
+            TxnOp::put(set_key(revision), snapshot, None),
+            TxnOp::put(log_key(revision), record, None),
+        ];
+        let keep = self.history.max_revisions.max(1) as u64;
+        let mut pruned = 0;
+        if revision > keep {
+            ops.push(TxnOp::delete(set_key(revision - keep), None));
+            pruned = 1;
+        }
+        let txn = Txn::new().when([guard]).and_then(ops);
+        let mut kv = self.client.kv_client();
+        let done = kv.txn(txn).await.map_err(|e| self.err(e))?;
+        if !done.succeeded() {
+            return Ok(Commit::Conflict);
+        }
+        Ok(Commit::Done(Committed {
+            revision,
+            changes,
+            pruned,
+        }))
+    }
+
+    /// The newest `limit` revisions, newest first, without their sets.
+    pub(crate) async fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, ControlError> {
+        let mut kv = self.client.kv_client();
+        let got = kv
+            .get(
+                format!("{PREFIX}log/"),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Descend)
+                        .with_limit(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(got
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<RevisionRecord>(kv.value()).ok())
+            .collect())
+    }
+
+    /// Sends every revision number etcd's `revision` key takes from now on, re-watching
+    /// after a lost stream (and then sending the current number, so that a commit made
+    /// meanwhile is not missed). Runs until nobody receives.
+    pub(crate) async fn follow(&self, seen: tokio::sync::watch::Sender<u64>) {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let mut watch = self.client.watch_client();
+            match watch.watch(revision_key(), Some(WatchOptions::new())).await {
+                Ok(mut stream) => {
+                    wait = Duration::from_millis(100);
+                    // What changed while no stream was open.
+                    if let Ok(now) = self.current_revision().await
+                        && seen.send(now).is_err()
+                    {
+                        return;
+                    }
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(msg)) => {
+                                for event in msg.events() {
+                                    let Some(kv) = event.kv() else { continue };
+                                    let Ok(revision) = self.parse_revision(kv.value()) else {
+                                        continue;
+                                    };
+                                    if seen.send(revision).is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(etcd = %self.endpoints, error = %e, "the watch on etcd broke; watching again");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(etcd = %self.endpoints, error = %e, "cannot watch etcd; trying again");
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+fn token_key(id: &str) -> String {
+    format!("{PREFIX}tokens/{id}")
+}
+
+/// Join tokens, shared by every replica: a token created on one is redeemed on any, and
+/// each use is spent by a transaction that compares the token's etcd revision, so two
+/// replicas never both spend its last use.
+impl EtcdStore {
+    /// Stores a new token (its secret's hash only); its id is new, so it never replaces one.
+    pub(crate) async fn put_token(
+        &self,
+        id: &str,
+        record: &TokenRecord,
+    ) -> Result<(), ControlError> {
+        let json = serde_json::to_string(record).unwrap_or_default();
+        let txn = Txn::new()
+            .when([Compare::version(token_key(id), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(token_key(id), json, None)]);
+        let mut kv = self.client.kv_client();
+        let done = kv.txn(txn).await.map_err(|e| self.err(e))?;
+        if !done.succeeded() {
+            return Err(self.corrupt(format!("join token id {id} exists already")));
+        }
+        Ok(())
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<(TokenRecord, i64)>, ControlError> {
+        let mut kv = self.client.kv_client();
+        let got = kv.get(token_key(id), None).await.map_err(|e| self.err(e))?;
+        Ok(got.kvs().first().and_then(|kv| {
+            serde_json::from_slice::<TokenRecord>(kv.value())
+                .ok()
+                .map(|r| (r, kv.mod_revision()))
+        }))
+    }
+
+    /// Checks a token, runs `issue` with its record, and spends one use only if `issue`
+    /// succeeded and nobody spent one meanwhile (else it runs again on the token as it is
+    /// now: a used-up token is then refused).
+    pub(crate) async fn redeem_token<T, E: From<TokenError>>(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now_unix: u64,
+        mut issue: impl FnMut(&TokenRecord) -> Result<T, E>,
+    ) -> Result<Result<(TokenRecord, T), E>, ControlError> {
+        for _ in 0..crate::change::COMMIT_ATTEMPTS {
+            let (mut record, at) = match self.token(id).await? {
+                Some((r, at)) if same_hash(&r.secret_sha256, secret_hash) => (r, at),
+                _ => return Ok(Err(TokenError::Unknown.into())),
+            };
+            if now_unix >= record.expires_unix {
+                return Ok(Err(TokenError::Expired.into()));
+            }
+            if record.uses_left == 0 {
+                return Ok(Err(TokenError::UsedUp.into()));
+            }
+            let issued = match issue(&record) {
+                Ok(t) => t,
+                Err(e) => return Ok(Err(e)),
+            };
+            record.uses_left -= 1;
+            let json = serde_json::to_string(&record).unwrap_or_default();
+            let txn = Txn::new()
+                .when([Compare::mod_revision(token_key(id), CompareOp::Equal, at)])
+                .and_then([TxnOp::put(token_key(id), json, None)]);
+            let mut kv = self.client.kv_client();
+            if kv.txn(txn).await.map_err(|e| self.err(e))?.succeeded() {
+                return Ok(Ok((record, issued)));
+            }
+        }
+        Err(self.corrupt(format!(
+            "join token {id} kept changing while it was being redeemed; try again"
+        )))
+    }
+
+    /// Every stored token by id, in id order.
+    pub(crate) async fn tokens(&self) -> Result<Vec<(String, TokenRecord)>, ControlError> {
+        let prefix = token_key("");
+        let mut kv = self.client.kv_client();
+        let got = kv
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(got
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let id = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
+                serde_json::from_slice(kv.value()).ok().map(|r| (id, r))
+            })
+            .collect())
+    }
+
+    /// Deletes a token; its record, if there was one.
+    pub(crate) async fn delete_token(&self, id: &str) -> Result<Option<TokenRecord>, ControlError> {
+        let mut kv = self.client.kv_client();
+        let gone = kv
+            .delete(
+                token_key(id),
+                Some(etcd_client::DeleteOptions::new().with_prev_key()),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(gone
+            .prev_kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+    }
+}
+
+fn read_pem(path: &PathBuf) -> Result<Vec<u8>, ControlError> {
+    std::fs::read(path).map_err(|source| ControlError::DataDir {
+        path: path.clone(),
+        source,
+    })
+}
+
+fn unreachable_etcd(endpoints: &str, e: &etcd_client::Error) -> ControlError {
+    ControlError::Etcd {
+        endpoints: endpoints.to_string(),
+        message: e.to_string(),
+    }
+}
