@@ -103,7 +103,7 @@ enum Command {
         #[command(flatten)]
         traces: ControlTraces,
         #[command(flatten)]
-        etcd: ControlEtcd,
+        etcd: Box<ControlEtcd>,
         #[command(flatten)]
         webhook: Box<k8s_cmd::ControlWebhook>,
         #[command(flatten)]
@@ -360,18 +360,29 @@ struct ControlEtcd {
     /// The PEM key of --etcd-cert.
     #[arg(long, value_name = "PATH", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// A file of 32 random bytes (`head -c 32 /dev/urandom > FILE; chmod 600 FILE`), the
+    /// same for every replica: the CA keys are kept in etcd sealed under it
+    /// (AES-256-GCM), never in clear. Required with --etcd.
+    #[arg(long, value_name = "PATH", requires = "etcd")]
+    etcd_secret_key_file: Option<PathBuf>,
 }
 
 impl ControlEtcd {
-    fn options(self) -> Option<bulkhead_control::EtcdOptions> {
+    fn options(self) -> Result<Option<bulkhead_control::EtcdOptions>> {
         if self.etcd.is_empty() {
-            return None;
+            return Ok(None);
         }
-        Some(bulkhead_control::EtcdOptions {
+        let Some(secret_key_file) = self.etcd_secret_key_file else {
+            bail!(
+                "--etcd needs --etcd-secret-key-file: the CA keys are kept in etcd sealed under it. Make one with `head -c 32 /dev/urandom > FILE; chmod 600 FILE` and give every replica the same file"
+            );
+        };
+        Ok(Some(bulkhead_control::EtcdOptions {
             endpoints: self.etcd,
             ca: self.etcd_ca,
             client_cert: self.etcd_cert.zip(self.etcd_key),
-        })
+            secret_key_file,
+        }))
     }
 }
 
@@ -727,7 +738,7 @@ async fn run(cli: Cli) -> Result<()> {
                     }),
                 bundle_endpoint,
                 attestor: (*attest).attestor()?,
-                etcd: etcd.options(),
+                etcd: (*etcd).options()?,
             };
             let running = bulkhead_control::start_with(config, options).await?;
             eprintln!(

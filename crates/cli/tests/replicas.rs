@@ -11,6 +11,7 @@ use bulkhead_testkit::etcd::EtcdCluster;
 use bulkhead_testkit::mesh::{Mesh, TD, WAIT, eventually, orders_policy};
 use bulkhead_testkit::{TempDir, http, tool};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 /// The three replicas, each a [`Mesh`] whose control plane keeps its set in `etcd`.
@@ -24,8 +25,19 @@ impl Replicas {
         let etcd = tool(test, "etcd")?;
         let etcd = EtcdCluster::start(etcd, 3);
         let endpoints = etcd.endpoints();
+        // The secret key every replica is given: 32 random bytes, 0600.
+        let secret = etcd.dir.path().join("secret.key");
+        let mut bytes = [0u8; 32];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").unwrap(),
+            &mut bytes,
+        )
+        .unwrap();
+        std::fs::write(&secret, bytes).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let secret = secret.to_str().unwrap();
         let replicas = (0..3)
-            .map(|_| Mesh::start_with(&["--etcd", &endpoints]))
+            .map(|_| Mesh::start_with(&["--etcd", &endpoints, "--etcd-secret-key-file", secret]))
             .collect();
         Some(Replicas { etcd, replicas })
     }
@@ -80,9 +92,53 @@ fn three_replicas_on_etcd() {
     let Some(mut r) = Replicas::start("three_replicas_on_etcd") else {
         return;
     };
+    one_ca_set_for_all_replicas(&r);
     concurrent_applies_lose_nothing(&r);
     apply_on_one_replica_reaches_proxies_on_another(&r);
+    a_join_token_is_spent_on_every_replica(&r);
     applies_succeed_with_one_etcd_member_down(&mut r);
+}
+
+/// The first replica made the CA set and stored it in etcd, keys sealed; the others took
+/// it: one trust bundle, and no CA key in etcd in clear.
+fn one_ca_set_for_all_replicas(r: &Replicas) {
+    let bundle = |m: &Mesh| std::fs::read_to_string(m.data().join("ca.pem")).unwrap();
+    for m in &r.replicas[1..] {
+        assert_eq!(bundle(m), bundle(&r.replicas[0]));
+    }
+    let key = std::fs::read_to_string(r.replicas[0].data().join("ca.key")).unwrap();
+    let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    let (code, stored, err) = bulkhead_testkit::run(
+        &tool("etcdctl", "etcdctl").unwrap(),
+        &[
+            "--endpoints",
+            &r.etcd.endpoints(),
+            "get",
+            "--prefix",
+            "/bulkhead/ca/",
+        ],
+        &[("ETCDCTL_API", "3")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(stored.contains("aes256gcm"), "{stored}");
+    assert!(!stored.contains("PRIVATE KEY"), "a CA key in etcd in clear");
+    assert!(!stored.contains(&body[..40]), "a CA key in etcd in clear");
+}
+
+/// A join token made on replica 0 is redeemed by a proxy joining replica 1; the same token
+/// presented to replica 2 is refused as used up.
+fn a_join_token_is_spent_on_every_replica(r: &Replicas) {
+    let token = r.replicas[0].token(&bulkhead_testkit::mesh::id("once"));
+    let (_proxy, _) = r.replicas[1].proxy(
+        "once",
+        &token,
+        &["--upstream", "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity=spiffe://test.local/ns/shop/sa/x"],
+    );
+    // A copy: a proxy keeps its credential beside its token file, and would renew with it.
+    let again = r.replicas[2].dir.path().join("once-again.token");
+    std::fs::copy(&token, &again).unwrap();
+    let err = r.replicas[2].failing_proxy(&again, &[]);
+    assert!(err.contains("used up"), "{err}");
 }
 
 /// Ten applies on each replica at once, each of its own policy: all thirty are in the set

@@ -418,7 +418,7 @@ impl Admin for State {
         }
         let member = self.dir.store_new_ca(ca, origin).map_err(internal)?;
         let set = current.with_added(member).map_err(refused)?;
-        self.publish_cas(set).map_err(internal)?;
+        self.publish_cas(set).await.map_err(internal)?;
         self.audit_ca(
             &actor,
             format!("ca add {id}"),
@@ -480,7 +480,7 @@ impl Admin for State {
             .with_switched(&id, unix_now(), self.svid_lifetime())
             .map_err(refused)?;
         let signer = set.active().clone();
-        self.publish_cas(set).map_err(internal)?;
+        self.publish_cas(set).await.map_err(internal)?;
         self.audit_ca(
             &actor,
             format!("ca switch {id}"),
@@ -517,7 +517,7 @@ impl Admin for State {
         let (set, record) = current
             .with_retired(&r.id, unix_now(), r.force)
             .map_err(refused)?;
-        self.publish_cas(set).map_err(internal)?;
+        self.publish_cas(set).await.map_err(internal)?;
         self.dir.delete_key(&record);
         self.audit_ca(
             &actor,

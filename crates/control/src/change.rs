@@ -51,13 +51,21 @@ pub(crate) fn spawn_follow(state: Arc<State>) {
     let Some(etcd) = state.shared.clone() else {
         return;
     };
-    let (seen, mut revisions) = tokio::sync::watch::channel(0);
-    tokio::spawn(async move { etcd.follow(seen).await });
-    let state = Arc::downgrade(&state);
+    let (seen, mut values) = tokio::sync::watch::channel(Vec::new());
+    let follower = etcd.clone();
     tokio::spawn(async move {
-        while revisions.changed().await.is_ok() {
-            let revision = *revisions.borrow_and_update();
-            let Some(state) = state.upgrade() else {
+        follower
+            .follow(crate::store::etcd::revision_key(), seen)
+            .await
+    });
+    let weak = Arc::downgrade(&state);
+    tokio::spawn(async move {
+        while values.changed().await.is_ok() {
+            let value = values.borrow_and_update().clone();
+            let Ok(revision) = etcd.revision_in(&value) else {
+                continue;
+            };
+            let Some(state) = weak.upgrade() else {
                 return;
             };
             if revision > state.snapshot.borrow().revision {
@@ -68,6 +76,7 @@ pub(crate) fn spawn_follow(state: Arc<State>) {
             }
         }
     });
+    crate::service::spawn_follow_cas(state);
 }
 
 /// The set as a change finds it.

@@ -150,26 +150,54 @@ pub async fn start_with_flow_retention(
     start_with(config, options).await
 }
 
+/// Opens the data directory. With replicas on etcd, the CA set is etcd's: taken from there
+/// if a replica stored it, else this replica's (made now, if new) is stored for the others;
+/// two first replicas racing agree on the one stored first.
+async fn open_data_dir(
+    config: &ControlConfig,
+    shared: Option<&store::etcd::EtcdStore>,
+) -> Result<(datadir::DataDir, cas::CaSet), ControlError> {
+    let open =
+        || datadir::DataDir::open(&config.data_dir, &config.trust_domain, config.svid_lifetime);
+    let Some(etcd) = shared else {
+        return open();
+    };
+    if etcd.fetch_cas(&config.data_dir).await? {
+        let (dir, cas) = open()?;
+        tracing::info!("took the CA set from etcd");
+        return Ok((dir, cas));
+    }
+    let (dir, cas) = open()?;
+    if etcd.store_cas(dir.path(), &cas.file(), true).await? {
+        tracing::info!("stored this replica's CA set in etcd, keys sealed, for the other replicas");
+        return Ok((dir, cas));
+    }
+    // Another replica stored its set first: that one is the mesh's.
+    etcd.fetch_cas(&config.data_dir).await?;
+    drop(dir);
+    let (dir, cas) = open()?;
+    tracing::info!("took the CA set another replica stored first from etcd");
+    Ok((dir, cas))
+}
+
 /// [`start`] with `options`.
 pub async fn start_with(
     config: ControlConfig,
     options: ControlOptions,
 ) -> Result<RunningControl, ControlError> {
-    let (dir, cas) =
-        datadir::DataDir::open(&config.data_dir, &config.trust_domain, config.svid_lifetime)?;
-    let store =
-        store::Store::open_with(&config.data_dir.join("state.redb"), options.history.clone())?;
     let shared = match &options.etcd {
         Some(etcd) => {
-            let shared = store::etcd::EtcdStore::connect(etcd, options.history).await?;
+            let shared = store::etcd::EtcdStore::connect(etcd, options.history.clone()).await?;
             tracing::info!(
                 etcd = shared.endpoints(),
-                "the resource set and its revision log are kept in etcd, shared with every replica"
+                "the resource set, its revision log, join tokens and the CA set are kept in etcd, shared with every replica"
             );
             Some(shared)
         }
         None => None,
     };
+    let (dir, cas) = open_data_dir(&config, shared.as_ref()).await?;
+    let store = store::Store::open_with(&config.data_dir.join("state.redb"), options.history)?;
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ControlError::Bind {

@@ -91,6 +91,50 @@ impl Snapshot {
     }
 }
 
+/// With replicas on etcd, follows the CA files there: another replica's CA change (add,
+/// switch, retire) is written into this replica's data directory and made current, as if
+/// it had been made here.
+pub(crate) fn spawn_follow_cas(state: Arc<State>) {
+    let Some(etcd) = state.shared.clone() else {
+        return;
+    };
+    let (seen, mut values) = watch::channel(Vec::new());
+    let follower = etcd.clone();
+    tokio::spawn(async move {
+        follower
+            .follow(crate::store::etcd_ca::files_key(), seen)
+            .await
+    });
+    let weak = Arc::downgrade(&state);
+    drop(state);
+    tokio::spawn(async move {
+        while values.changed().await.is_ok() {
+            let json = values.borrow_and_update().clone();
+            let Some(state) = weak.upgrade() else {
+                return;
+            };
+            if json.is_empty() || !etcd.is_new_ca(&json) {
+                continue;
+            }
+            let _one_ca_change_at_a_time = state.ca_changes.lock().await;
+            let taken = etcd
+                .write_cas(state.dir.path(), &json)
+                .and_then(|()| state.dir.reload(state.trust_domain(), state.svid_lifetime))
+                .and_then(|set| {
+                    state.dir.save(&set)?;
+                    state.cas.send_replace(Arc::new(set));
+                    state.refresh_serving()
+                });
+            match taken {
+                Ok(()) => tracing::info!("took up the CA set another replica changed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot take up the CA set another replica changed; this replica keeps signing with the set it has")
+                }
+            }
+        }
+    });
+}
+
 pub(crate) struct State {
     pub(crate) dir: DataDir,
     pub(crate) store: Store,
@@ -252,8 +296,14 @@ impl State {
     /// Saves `set` in the data directory, then makes it current: every proxy's stream
     /// pushes the new bundle, and the listener re-issues its certificate from the signing
     /// CA, trusting the new bundle for new connections.
-    pub(crate) fn publish_cas(&self, set: CaSet) -> Result<(), ControlError> {
+    ///
+    /// With replicas on etcd, the set's files go to etcd too (keys sealed), and every
+    /// other replica takes them up.
+    pub(crate) async fn publish_cas(&self, set: CaSet) -> Result<(), ControlError> {
         self.dir.save(&set)?;
+        if let Some(etcd) = &self.shared {
+            etcd.store_cas(self.dir.path(), &set.file(), false).await?;
+        }
         self.cas.send_replace(Arc::new(set));
         self.refresh_serving()
     }

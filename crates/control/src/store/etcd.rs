@@ -10,6 +10,7 @@
 //! | `sets/<revision, 20 digits>` | the whole set at that revision: a JSON array of resources |
 //! | `log/<revision, 20 digits>` | the [`RevisionRecord`] of that revision (no set) |
 //! | `tokens/<id>` | a join token's record: the SHA-256 of its secret, never the secret |
+//! | `ca/files` | the CA set's files, private keys sealed (`etcd_ca.rs`) |
 //!
 //! A revision is committed in one etcd transaction that compares `revision` with the
 //! revision the change was built on (its value, or its absence before the first revision)
@@ -23,6 +24,7 @@
 //! clear: the set and the log are what `bulkhead get` and `bulkhead history` show anyway,
 //! and a token is kept as its hash.
 
+use super::etcd_ca::{Files, SecretKey, collect, files_key};
 use super::{Change, Committed, HistoryRetention, RevisionRecord, SetAt, by_key, changes};
 use crate::error::ControlError;
 use crate::tokens::{TokenError, TokenRecord, same_hash};
@@ -32,7 +34,8 @@ use etcd_client::{
     SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Every key Bulkhead writes in etcd starts with this.
@@ -47,6 +50,9 @@ pub struct EtcdOptions {
     pub ca: Option<PathBuf>,
     /// PEM client certificate and key to present to etcd (`--etcd-cert`, `--etcd-key`).
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The 32-byte file the CA keys are sealed under in etcd (`--etcd-secret-key-file`):
+    /// the same on every replica.
+    pub secret_key_file: PathBuf,
 }
 
 /// The outcome of one attempt to commit.
@@ -64,10 +70,10 @@ pub(crate) struct EtcdStore {
     client: Client,
     endpoints: String,
     history: HistoryRetention,
-}
-
-fn revision_key() -> String {
-    format!("{PREFIX}revision")
+    secret: std::sync::Arc<SecretKey>,
+    /// The CA files as this replica last wrote or read them in etcd, to tell another
+    /// replica's CA change from its own.
+    ca_seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 fn set_key(revision: u64) -> String {
@@ -86,6 +92,7 @@ impl EtcdStore {
         history: HistoryRetention,
     ) -> Result<EtcdStore, ControlError> {
         let endpoints = options.endpoints.join(",");
+        let secret = std::sync::Arc::new(SecretKey::from_file(&options.secret_key_file)?);
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
@@ -107,6 +114,8 @@ impl EtcdStore {
             client,
             endpoints,
             history,
+            secret,
+            ca_seen: Default::default(),
         };
         store.current_revision().await?;
         Ok(store)
@@ -117,9 +126,118 @@ impl EtcdStore {
         &self.endpoints
     }
 
-    /// The client, for the other replicated parts (leases, the registry, the CA set).
-    pub(crate) fn client(&self) -> Client {
-        self.client.clone()
+    /// The CA files etcd holds, written into `dir` (keys opened with the secret key);
+    /// false if etcd holds none yet.
+    pub(crate) async fn fetch_cas(&self, dir: &Path) -> Result<bool, ControlError> {
+        let got = self.get(files_key(), None).await?;
+        let Some(found) = got.kvs().first() else {
+            return Ok(false);
+        };
+        self.write_cas(dir, found.value())?;
+        Ok(true)
+    }
+
+    /// Writes the CA files `json` (as etcd holds them) into `dir`.
+    pub(crate) fn write_cas(&self, dir: &Path, json: &[u8]) -> Result<(), ControlError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| ControlError::DataDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Files::from_json(json)?.write_into(dir, &self.secret)?;
+        *self.ca_seen.lock().unwrap_or_else(|p| p.into_inner()) = json.to_vec();
+        Ok(())
+    }
+
+    /// Whether `json` is not what this replica last wrote or read: another replica's change.
+    pub(crate) fn is_new_ca(&self, json: &[u8]) -> bool {
+        *self.ca_seen.lock().unwrap_or_else(|p| p.into_inner()) != json
+    }
+
+    /// Puts the CA set `set` of `dir` in etcd, keys sealed. With `first`, only if etcd holds
+    /// none yet: false when another replica stored its set first.
+    pub(crate) async fn store_cas(
+        &self,
+        dir: &Path,
+        set: &crate::cas::CaFile,
+        first: bool,
+    ) -> Result<bool, ControlError> {
+        let json = collect(dir, set, &self.secret)?.to_json();
+        let put = TxnOp::put(files_key(), json.clone(), None);
+        let txn = match first {
+            true => Txn::new()
+                .when([Compare::version(files_key(), CompareOp::Equal, 0)])
+                .and_then([put]),
+            false => Txn::new().and_then([put]),
+        };
+        let done = self.txn(txn).await?;
+        if done.succeeded() {
+            *self.ca_seen.lock().unwrap_or_else(|p| p.into_inner()) = json.into_bytes();
+        }
+        Ok(done.succeeded())
+    }
+
+    /// A get, waiting out a lost leader or member for up to [`TRANSIENT_FOR`].
+    async fn get(
+        &self,
+        key: impl Into<Vec<u8>>,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, ControlError> {
+        let key = key.into();
+        self.retrying(|mut kv| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { kv.get(key, options).await }
+        })
+        .await
+    }
+
+    /// A transaction, likewise. Sending one again after a lost answer never writes twice:
+    /// each transaction here compares first (one that was applied compares false the
+    /// second time and writes nothing) or puts the same value again.
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, ControlError> {
+        self.retrying(|mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        key: impl Into<Vec<u8>>,
+        options: Option<etcd_client::DeleteOptions>,
+    ) -> Result<etcd_client::DeleteResponse, ControlError> {
+        let key = key.into();
+        self.retrying(|mut kv| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { kv.delete(key, options).await }
+        })
+        .await
+    }
+
+    async fn retrying<T, F>(
+        &self,
+        mut op: impl FnMut(etcd_client::KvClient) -> F,
+    ) -> Result<T, ControlError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = std::time::Instant::now() + TRANSIENT_FOR;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match op(self.client.kv_client()).await {
+                Ok(out) => return Ok(out),
+                Err(e) if transient(&e) && std::time::Instant::now() < deadline => {
+                    tracing::warn!(etcd = %self.endpoints, error = %e, "etcd is electing a leader or lost a member; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(self.err(e)),
+            }
+        }
     }
 
     fn err(&self, e: etcd_client::Error) -> ControlError {
@@ -135,11 +253,7 @@ impl EtcdStore {
 
     /// The revision etcd holds now (0 before the first).
     pub(crate) async fn current_revision(&self) -> Result<u64, ControlError> {
-        let mut kv = self.client.kv_client();
-        let got = kv
-            .get(revision_key(), None)
-            .await
-            .map_err(|e| self.err(e))?;
+        let got = self.get(revision_key(), None).await?;
         match got.kvs().first() {
             None => Ok(0),
             Some(kv) => self.parse_revision(kv.value()),
@@ -177,11 +291,7 @@ impl EtcdStore {
         if revision == 0 {
             return Ok(SetAt::Kept(Vec::new()));
         }
-        let mut kv = self.client.kv_client();
-        let got = kv
-            .get(set_key(revision), None)
-            .await
-            .map_err(|e| self.err(e))?;
+        let got = self.get(set_key(revision), None).await?;
         if let Some(found) = got.kvs().first() {
             let jsons: Vec<String> = serde_json::from_slice(found.value()).map_err(|e| {
                 self.corrupt(format!("the set at revision {revision} is unreadable: {e}"))
@@ -201,7 +311,7 @@ impl EtcdStore {
         if revision > current {
             return Ok(SetAt::Missing);
         }
-        let oldest = kv
+        let oldest = self
             .get(
                 format!("{PREFIX}sets/"),
                 Some(
@@ -211,8 +321,7 @@ impl EtcdStore {
                         .with_keys_only(),
                 ),
             )
-            .await
-            .map_err(|e| self.err(e))?;
+            .await?;
         let oldest_kept = oldest
             .kvs()
             .first()
@@ -267,15 +376,14 @@ impl EtcdStore {
             TxnOp::put(set_key(revision), snapshot, None),
             TxnOp::put(log_key(revision), record, None),
         ];
-        let keep = self.history.max_revisions.max(1) as u64;
+        let keep = self.history.max_revisions.max(1);
         let mut pruned = 0;
         if revision > keep {
             ops.push(TxnOp::delete(set_key(revision - keep), None));
             pruned = 1;
         }
         let txn = Txn::new().when([guard]).and_then(ops);
-        let mut kv = self.client.kv_client();
-        let done = kv.txn(txn).await.map_err(|e| self.err(e))?;
+        let done = self.txn(txn).await?;
         if !done.succeeded() {
             return Ok(Commit::Conflict);
         }
@@ -288,8 +396,7 @@ impl EtcdStore {
 
     /// The newest `limit` revisions, newest first, without their sets.
     pub(crate) async fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, ControlError> {
-        let mut kv = self.client.kv_client();
-        let got = kv
+        let got = self
             .get(
                 format!("{PREFIX}log/"),
                 Some(
@@ -299,8 +406,7 @@ impl EtcdStore {
                         .with_limit(i64::try_from(limit).unwrap_or(i64::MAX)),
                 ),
             )
-            .await
-            .map_err(|e| self.err(e))?;
+            .await?;
         Ok(got
             .kvs()
             .iter()
@@ -308,19 +414,20 @@ impl EtcdStore {
             .collect())
     }
 
-    /// Sends every revision number etcd's `revision` key takes from now on, re-watching
-    /// after a lost stream (and then sending the current number, so that a commit made
-    /// meanwhile is not missed). Runs until nobody receives.
-    pub(crate) async fn follow(&self, seen: tokio::sync::watch::Sender<u64>) {
+    /// Sends every value `key` takes from now on, re-watching after a lost stream (and
+    /// then sending its current value, so that a change made meanwhile is not missed).
+    /// Runs until nobody receives.
+    pub(crate) async fn follow(&self, key: String, seen: tokio::sync::watch::Sender<Vec<u8>>) {
         let mut wait = Duration::from_millis(100);
         loop {
             let mut watch = self.client.watch_client();
-            match watch.watch(revision_key(), Some(WatchOptions::new())).await {
+            match watch.watch(key.clone(), Some(WatchOptions::new())).await {
                 Ok(mut stream) => {
                     wait = Duration::from_millis(100);
                     // What changed while no stream was open.
-                    if let Ok(now) = self.current_revision().await
-                        && seen.send(now).is_err()
+                    if let Ok(now) = self.get(key.clone(), None).await
+                        && let Some(found) = now.kvs().first()
+                        && seen.send(found.value().to_vec()).is_err()
                     {
                         return;
                     }
@@ -329,29 +436,60 @@ impl EtcdStore {
                             Ok(Some(msg)) => {
                                 for event in msg.events() {
                                     let Some(kv) = event.kv() else { continue };
-                                    let Ok(revision) = self.parse_revision(kv.value()) else {
+                                    if kv.value().is_empty() {
                                         continue;
-                                    };
-                                    if seen.send(revision).is_err() {
+                                    }
+                                    if seen.send(kv.value().to_vec()).is_err() {
                                         return;
                                     }
                                 }
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                tracing::warn!(etcd = %self.endpoints, error = %e, "the watch on etcd broke; watching again");
+                                tracing::warn!(etcd = %self.endpoints, key, error = %e, "the watch on etcd broke; watching again");
                                 break;
                             }
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(etcd = %self.endpoints, error = %e, "cannot watch etcd; trying again");
+                    tracing::warn!(etcd = %self.endpoints, key, error = %e, "cannot watch etcd; trying again");
                 }
+            }
+            if seen.is_closed() {
+                return;
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// Parses the value of the `revision` key.
+    pub(crate) fn revision_in(&self, value: &[u8]) -> Result<u64, ControlError> {
+        self.parse_revision(value)
+    }
+}
+
+pub(crate) fn revision_key() -> String {
+    format!("{PREFIX}revision")
+}
+
+/// How long one etcd operation waits out a leader election or a lost member before the
+/// caller is told etcd did not answer.
+const TRANSIENT_FOR: Duration = Duration::from_secs(10);
+
+/// Whether `e` passes once etcd has a leader again or the client reaches another member.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) || s.message().contains("leader changed")
+                || s.message().contains("no leader")
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
     }
 }
 
@@ -373,8 +511,7 @@ impl EtcdStore {
         let txn = Txn::new()
             .when([Compare::version(token_key(id), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(token_key(id), json, None)]);
-        let mut kv = self.client.kv_client();
-        let done = kv.txn(txn).await.map_err(|e| self.err(e))?;
+        let done = self.txn(txn).await?;
         if !done.succeeded() {
             return Err(self.corrupt(format!("join token id {id} exists already")));
         }
@@ -382,8 +519,7 @@ impl EtcdStore {
     }
 
     async fn token(&self, id: &str) -> Result<Option<(TokenRecord, i64)>, ControlError> {
-        let mut kv = self.client.kv_client();
-        let got = kv.get(token_key(id), None).await.map_err(|e| self.err(e))?;
+        let got = self.get(token_key(id), None).await?;
         Ok(got.kvs().first().and_then(|kv| {
             serde_json::from_slice::<TokenRecord>(kv.value())
                 .ok()
@@ -421,8 +557,7 @@ impl EtcdStore {
             let txn = Txn::new()
                 .when([Compare::mod_revision(token_key(id), CompareOp::Equal, at)])
                 .and_then([TxnOp::put(token_key(id), json, None)]);
-            let mut kv = self.client.kv_client();
-            if kv.txn(txn).await.map_err(|e| self.err(e))?.succeeded() {
+            if self.txn(txn).await?.succeeded() {
                 return Ok(Ok((record, issued)));
             }
         }
@@ -434,11 +569,9 @@ impl EtcdStore {
     /// Every stored token by id, in id order.
     pub(crate) async fn tokens(&self) -> Result<Vec<(String, TokenRecord)>, ControlError> {
         let prefix = token_key("");
-        let mut kv = self.client.kv_client();
-        let got = kv
+        let got = self
             .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.err(e))?;
+            .await?;
         Ok(got
             .kvs()
             .iter()
@@ -451,14 +584,12 @@ impl EtcdStore {
 
     /// Deletes a token; its record, if there was one.
     pub(crate) async fn delete_token(&self, id: &str) -> Result<Option<TokenRecord>, ControlError> {
-        let mut kv = self.client.kv_client();
-        let gone = kv
+        let gone = self
             .delete(
                 token_key(id),
                 Some(etcd_client::DeleteOptions::new().with_prev_key()),
             )
-            .await
-            .map_err(|e| self.err(e))?;
+            .await?;
         Ok(gone
             .prev_kvs()
             .first()
