@@ -24,6 +24,24 @@ pub mod process;
 
 pub use v1::Resource as WireResource;
 
+/// The proxies connected to one replica, as bytes another replica reads back
+/// ([`proxies_from_bytes`]): what replicas on etcd share for `bulkhead get proxies`.
+pub fn proxies_to_bytes(proxies: &[v1::ProxyStatus]) -> Vec<u8> {
+    use prost::Message;
+    v1::ListProxiesResponse {
+        proxies: proxies.to_vec(),
+    }
+    .encode_to_vec()
+}
+
+/// What [`proxies_to_bytes`] wrote; `None` if the bytes are not that.
+pub fn proxies_from_bytes(bytes: &[u8]) -> Option<Vec<v1::ProxyStatus>> {
+    use prost::Message;
+    v1::ListProxiesResponse::decode(bytes)
+        .ok()
+        .map(|r| r.proxies)
+}
+
 /// Encodes a checked policy resource for the wire.
 pub fn resource_to_wire(res: &bulkhead_policy::model::Resource) -> WireResource {
     let name = res.name();

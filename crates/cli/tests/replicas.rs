@@ -97,6 +97,82 @@ fn three_replicas_on_etcd() {
     apply_on_one_replica_reaches_proxies_on_another(&r);
     a_join_token_is_spent_on_every_replica(&r);
     applies_succeed_with_one_etcd_member_down(&mut r);
+    the_leadership_moves_when_the_leader_dies(&mut r);
+}
+
+/// `bulkhead get replicas -o json` on `mesh`.
+fn replicas(mesh: &Mesh) -> serde_json::Value {
+    let (code, out, err) = mesh.cli(&["get", "replicas", "-o", "json"]);
+    assert_eq!(code, 0, "get replicas failed: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The id of the leader `mesh` lists, and how many replicas it lists.
+fn leader(mesh: &Mesh) -> (Option<String>, usize) {
+    let list = replicas(mesh);
+    let all = list["replicas"].as_array().unwrap();
+    let leaders: Vec<&serde_json::Value> = all.iter().filter(|x| x["leader"] == true).collect();
+    assert!(leaders.len() <= 1, "{list:#}");
+    (
+        leaders
+            .first()
+            .map(|l| l["id"].as_str().unwrap().to_string()),
+        all.len(),
+    )
+}
+
+/// Every replica lists the three, healthy, one of them leading. Killing the leader: within
+/// its lease another replica leads, and the dead one is gone from the list; applies go on.
+fn the_leadership_moves_when_the_leader_dies(r: &mut Replicas) {
+    for mesh in &r.replicas {
+        eventually(WAIT, "three replicas, one leading", || {
+            let list = replicas(mesh);
+            let all = list["replicas"].as_array().unwrap();
+            list["store"] == "etcd"
+                && all.len() == 3
+                && all.iter().all(|x| x["healthy"] == true)
+                && all.iter().filter(|x| x["leader"] == true).count() == 1
+                && all.iter().filter(|x| x["answering"] == true).count() == 1
+        });
+    }
+    let (Some(old), _) = leader(&r.replicas[0]) else {
+        panic!("no leader");
+    };
+    let (code, table, err) = r.replicas[0].cli(&["get", "replicas"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("leader") && table.contains("store: etcd"),
+        "{table}"
+    );
+    let dead = r
+        .replicas
+        .iter()
+        .position(|m| {
+            replicas(m)["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["answering"] == true && x["id"] == old.as_str())
+        })
+        .unwrap();
+    r.replicas[dead].stop_control();
+    let alive = (dead + 1) % 3;
+    let killed = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "another replica leading",
+        || matches!(leader(&r.replicas[alive]), (Some(new), 2) if new != old),
+    );
+    eprintln!(
+        "leadership moved {} ms after the leader was killed",
+        killed.elapsed().as_millis()
+    );
+    let (code, _, err) = apply_file(
+        &r.replicas[alive],
+        "after-leader.yaml",
+        &deny("after-leader"),
+    );
+    assert_eq!(code, 0, "{err}");
 }
 
 /// The first replica made the CA set and stored it in etcd, keys sealed; the others took
@@ -239,6 +315,30 @@ fn apply_on_one_replica_reaches_proxies_on_another(r: &Replicas) {
     eventually(Duration::from_secs(5), "the deny enforced", || {
         status(to_orders, "/orders/7") == 403
     });
+    // Any replica lists those proxies, on replica 0.
+    let id0 = replicas(&r.replicas[0])["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["answering"] == true)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(WAIT, "replica 2 listing replica 0's proxies", || {
+        let (code, out, _) = r.replicas[2].cli(&["get", "proxies", "-o", "json"]);
+        let Ok(list) = serde_json::from_str::<serde_json::Value>(&out) else {
+            return false;
+        };
+        code == 0
+            && ["orders", "frontend"].iter().all(|w| {
+                list.as_array().unwrap().iter().any(|p| {
+                    p["workload"] == *w && p["replica"] == id0.as_str() && p["connected"] == true
+                })
+            })
+    });
+    let (_, table, _) = r.replicas[1].cli(&["get", "proxies"]);
+    assert!(table.starts_with("REPLICA"), "{table}");
     // Every replica says so, at the same revision.
     let revs: Vec<serde_json::Value> = r
         .replicas

@@ -324,6 +324,47 @@ impl Admin for State {
         }))
     }
 
+    async fn list_replicas(
+        &self,
+        req: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        self.require_admin(&req)?;
+        let Some(replica) = &self.replica else {
+            return Err(Status::internal("this control plane has no replica entry"));
+        };
+        let Some(etcd) = &self.shared else {
+            let e = &replica.entry;
+            let bundle = self.cas.borrow().bundle().fingerprints();
+            let connected = self
+                .proxies
+                .list(&bundle)
+                .iter()
+                .filter(|p| p.connected)
+                .count();
+            return Ok(Response::new(pb::ListReplicasResponse {
+                replicas: vec![pb::ReplicaInfo {
+                    id: e.id.clone(),
+                    address: e.address.clone(),
+                    version: e.version.clone(),
+                    started_unix: e.started_unix,
+                    leader: true,
+                    seen_unix: crate::proxies::unix_now(),
+                    healthy: true,
+                    proxies: u32::try_from(connected).unwrap_or(u32::MAX),
+                    answering: true,
+                }],
+                store: "embedded".into(),
+            }));
+        };
+        let (replicas, _) = crate::replicas::list(etcd, replica)
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::ListReplicasResponse {
+            replicas,
+            store: "etcd".into(),
+        }))
+    }
+
     async fn version(
         &self,
         req: Request<pb::VersionRequest>,
@@ -344,6 +385,16 @@ impl Admin for State {
         let bundle = self.cas.borrow().bundle().fingerprints();
         let revocations = self.store.revocations().map_err(internal)?;
         let mut proxies = self.proxies.list(&bundle);
+        if let (Some(etcd), Some(replica)) = (&self.shared, &self.replica) {
+            // This replica's own, live; the others' as they last reported them to etcd.
+            for p in &mut proxies {
+                p.replica = replica.id().to_string();
+            }
+            let (_, others) = crate::replicas::list(etcd, replica)
+                .await
+                .map_err(internal)?;
+            proxies.extend(others.into_iter().filter(|p| p.replica != replica.id()));
+        }
         for p in &mut proxies {
             if let Some(r) = revocations.iter().find(|r| {
                 r.subject == p.spiffe_id || (!p.instance.is_empty() && r.subject == p.instance)

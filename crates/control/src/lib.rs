@@ -21,6 +21,7 @@ mod listener;
 mod metrics;
 mod promote;
 mod proxies;
+mod replicas;
 mod service;
 mod spans;
 mod spiffe_bundle;
@@ -225,6 +226,7 @@ pub async fn start_with(
         shared,
     )
     .await?;
+    state.replica = Some(Arc::new(replicas::Replica::new(addr)));
     if let Some(attestor) = &options.attestor {
         tracing::info!(
             accepts = attestor.describe(),
@@ -266,6 +268,7 @@ pub async fn start_with(
     }
     let state = Arc::new(state);
     change::spawn_follow(state.clone());
+    replicas::spawn(state.clone());
     let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
     listener::spawn_cert_renewal(state.clone());
     credentials::spawn_upkeep(state.clone());

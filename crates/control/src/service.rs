@@ -135,12 +135,32 @@ pub(crate) fn spawn_follow_cas(state: Arc<State>) {
     });
 }
 
+impl State {
+    /// The work that must happen once, done by the leading replica: etcd's revision log
+    /// trimmed to its bound, expired join tokens deleted.
+    pub(crate) async fn lead(&self, etcd: &crate::store::etcd::EtcdStore) {
+        match etcd.trim(unix_now()).await {
+            Ok((0, 0)) => {}
+            Ok((log, tokens)) => {
+                tracing::info!(
+                    log,
+                    tokens,
+                    "leader upkeep: trimmed the revision log and deleted expired join tokens in etcd"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "leader upkeep failed; trying again in a minute"),
+        }
+    }
+}
+
 pub(crate) struct State {
     pub(crate) dir: DataDir,
     pub(crate) store: Store,
     /// Where the resource set and its revision log are kept when replicas share them
     /// (`--etcd`); `None`: in `store`.
     pub(crate) shared: Option<crate::store::etcd::EtcdStore>,
+    /// This replica: its id in the registry and whether it leads (`replicas.rs`).
+    pub(crate) replica: Option<Arc<crate::replicas::Replica>>,
     svid_lifetime: Duration,
     trust_domain: String,
     pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
@@ -260,6 +280,7 @@ impl State {
             dir,
             store,
             shared,
+            replica: None,
             svid_lifetime,
             trust_domain,
             snapshot: watch::Sender::new(Arc::new(Snapshot::new(revision, resources))),

@@ -493,6 +493,104 @@ fn transient(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Keys under a lease, for the replica registry and the leadership (`replicas.rs`).
+impl EtcdStore {
+    /// The client, for leases.
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Puts every `(key, value)` under `lease`, in one transaction.
+    pub(crate) async fn put_leased(
+        &self,
+        pairs: &[(String, Vec<u8>)],
+        lease: i64,
+    ) -> Result<(), ControlError> {
+        let ops: Vec<TxnOp> = pairs
+            .iter()
+            .map(|(k, v)| {
+                TxnOp::put(
+                    k.clone(),
+                    v.clone(),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        self.txn(Txn::new().and_then(ops)).await.map(|_| ())
+    }
+
+    /// Puts `key` under `lease` only if it does not exist; returns what it holds after.
+    pub(crate) async fn put_if_absent(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<Option<Vec<u8>>, ControlError> {
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                value.clone(),
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )]);
+        if self.txn(txn).await?.succeeded() {
+            return Ok(Some(value));
+        }
+        self.value(key).await
+    }
+
+    /// The value of `key`, if it exists.
+    pub(crate) async fn value(&self, key: String) -> Result<Option<Vec<u8>>, ControlError> {
+        Ok(self
+            .get(key, None)
+            .await?
+            .kvs()
+            .first()
+            .map(|kv| kv.value().to_vec()))
+    }
+
+    /// Every key under `prefix` with its value, in key order.
+    pub(crate) async fn values_under(
+        &self,
+        prefix: String,
+    ) -> Result<Vec<(String, Vec<u8>)>, ControlError> {
+        let got = self
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        Ok(got
+            .kvs()
+            .iter()
+            .filter_map(|kv| Some((kv.key_str().ok()?.to_string(), kv.value().to_vec())))
+            .collect())
+    }
+
+    /// The leader's upkeep: deletes the revision log's entries past [`LOG_MAX_ENTRIES`]
+    /// (the snapshots are trimmed at each commit) and the join tokens expired before
+    /// `now_unix`. Returns how many of each.
+    pub(crate) async fn trim(&self, now_unix: u64) -> Result<(u64, u64), ControlError> {
+        let current = self.current_revision().await?;
+        let mut log = 0;
+        let keep = super::LOG_MAX_ENTRIES;
+        if current > keep {
+            let gone = self
+                .delete(
+                    log_key(0),
+                    Some(etcd_client::DeleteOptions::new().with_range(log_key(current - keep + 1))),
+                )
+                .await?;
+            log = u64::try_from(gone.deleted()).unwrap_or(0);
+        }
+        let mut tokens = 0;
+        for (id, record) in self.tokens().await? {
+            if record.expires_unix <= now_unix {
+                self.delete_token(&id).await?;
+                tokens += 1;
+            }
+        }
+        Ok((log, tokens))
+    }
+}
+
 fn token_key(id: &str) -> String {
     format!("{PREFIX}tokens/{id}")
 }

@@ -1,0 +1,256 @@
+//! Control-plane replicas on etcd (issue #18): each replica's entry in the registry, the
+//! leader, and the proxies each replica serves, all under the replica's etcd lease, so that
+//! a replica that stops (killed, partitioned from etcd) drops out within [`LEASE_TTL`].
+//!
+//! | key (under `/bulkhead/`) | value |
+//! |---|---|
+//! | `replicas/<id>` | [`Entry`]: address, version, started, last seen (rewritten every 2 s) |
+//! | `proxies/<id>` | the proxies connected to that replica (`ListProxiesResponse` bytes) |
+//! | `leader` | the id of the leading replica |
+//!
+//! The leader is elected by a transaction: put `leader` (with one's own lease) only if it
+//! does not exist. When the leader's lease ends, the key goes with it and the next replica
+//! to try takes it, within [`LEASE_TTL`] and one [`TICK`]. The leader runs the work that must
+//! happen once ([`State::lead`]): trimming etcd's revision log and deleting expired join
+//! tokens. Without etcd there is one replica and it leads.
+//!
+//! It must never let two replicas believe they lead for longer than a lease: a replica that
+//! cannot renew its lease stops calling itself leader.
+
+use crate::service::State;
+use crate::store::etcd::{EtcdStore, PREFIX};
+use bulkhead_api::v1 as pb;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+/// How long a replica's lease outlives its last renewal: the longest a dead replica stays
+/// listed, or a dead leader leads.
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How often the lease is renewed, the entry rewritten and the leadership tried.
+const TICK: Duration = Duration::from_millis(500);
+/// A replica whose entry is older than this is shown unhealthy.
+const HEALTHY_WITHIN: u64 = 10;
+/// How often the leader does its upkeep.
+const UPKEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// A replica's registry entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Entry {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    pub started_unix: u64,
+    pub seen_unix: u64,
+}
+
+/// This replica, as the others see it.
+pub(crate) struct Replica {
+    pub(crate) entry: Entry,
+    lease: AtomicI64,
+    leader: AtomicBool,
+}
+
+fn entry_key(id: &str) -> String {
+    format!("{PREFIX}replicas/{id}")
+}
+
+fn proxies_key(id: &str) -> String {
+    format!("{PREFIX}proxies/{id}")
+}
+
+fn leader_key() -> String {
+    format!("{PREFIX}leader")
+}
+
+impl Replica {
+    /// A new replica serving on `address`, with a fresh id.
+    pub(crate) fn new(address: std::net::SocketAddr) -> Replica {
+        let id = format!("{:08x}", rand::random::<u32>());
+        let now = crate::proxies::unix_now();
+        Replica {
+            entry: Entry {
+                id,
+                address: address.to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                started_unix: now,
+                seen_unix: now,
+            },
+            lease: AtomicI64::new(0),
+            leader: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        &self.entry.id
+    }
+}
+
+/// Starts this replica's registration, election and upkeep (with etcd), or makes it the
+/// leader of one (without).
+pub(crate) fn spawn(state: Arc<State>) {
+    let Some(replica) = state.replica.clone() else {
+        return;
+    };
+    let Some(etcd) = state.shared.clone() else {
+        replica.leader.store(true, Ordering::SeqCst);
+        return;
+    };
+    let weak = Arc::downgrade(&state);
+    drop(state);
+    tokio::spawn(async move {
+        let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
+            None;
+        let mut last_upkeep: Option<std::time::Instant> = None;
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(state) = weak.upgrade() else {
+                return;
+            };
+            if !renew(&etcd, &replica, &mut keeper).await {
+                lost_leadership(&replica);
+                continue;
+            }
+            if let Err(e) = report(&state, &etcd, &replica).await {
+                tracing::warn!(error = %e, "cannot report this replica in etcd");
+            }
+            match elect(&etcd, &replica).await {
+                Ok(true) => {
+                    if !replica.leader.swap(true, Ordering::SeqCst) {
+                        tracing::info!(replica = replica.id(), "this replica is now the leader");
+                        last_upkeep = None;
+                    }
+                    if last_upkeep.is_none_or(|t| t.elapsed() >= UPKEEP_EVERY) {
+                        last_upkeep = Some(std::time::Instant::now());
+                        state.lead(&etcd).await;
+                    }
+                }
+                Ok(false) => lost_leadership(&replica),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach etcd to hold or seek the leadership");
+                    lost_leadership(&replica);
+                }
+            }
+        }
+    });
+}
+
+fn lost_leadership(replica: &Replica) {
+    if replica.leader.swap(false, Ordering::SeqCst) {
+        tracing::warn!(
+            replica = replica.id(),
+            "this replica is no longer the leader"
+        );
+    }
+}
+
+/// Keeps this replica's lease alive, granting a new one when there is none or it ended.
+/// False when etcd cannot be reached.
+async fn renew(
+    etcd: &EtcdStore,
+    replica: &Replica,
+    keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+) -> bool {
+    let mut client = etcd.client();
+    if let Some((k, stream)) = keeper.as_mut() {
+        let alive = match k.keep_alive().await {
+            Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
+            Err(_) => false,
+        };
+        if alive {
+            return true;
+        }
+        tracing::warn!(
+            replica = replica.id(),
+            "this replica's etcd lease ended; taking a new one"
+        );
+        *keeper = None;
+    }
+    let ttl = i64::try_from(LEASE_TTL.as_secs()).unwrap_or(3);
+    let Ok(granted) = client.lease_grant(ttl, None).await else {
+        return false;
+    };
+    replica.lease.store(granted.id(), Ordering::SeqCst);
+    match client.lease_keep_alive(granted.id()).await {
+        Ok(k) => {
+            *keeper = Some(k);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Writes this replica's entry and its proxies under its lease.
+async fn report(
+    state: &State,
+    etcd: &EtcdStore,
+    replica: &Replica,
+) -> Result<(), crate::ControlError> {
+    let lease = replica.lease.load(Ordering::SeqCst);
+    let mut entry = replica.entry.clone();
+    entry.seen_unix = crate::proxies::unix_now();
+    // Strings and numbers: serialising cannot fail.
+    let json = serde_json::to_vec(&entry).unwrap_or_default();
+    let bundle = state.cas.borrow().bundle().fingerprints();
+    let proxies = bulkhead_api::proxies_to_bytes(&state.proxies.list(&bundle));
+    etcd.put_leased(
+        &[
+            (entry_key(replica.id()), json),
+            (proxies_key(replica.id()), proxies),
+        ],
+        lease,
+    )
+    .await
+}
+
+/// Takes the leadership if nobody holds it; whether this replica holds it.
+async fn elect(etcd: &EtcdStore, replica: &Replica) -> Result<bool, crate::ControlError> {
+    let lease = replica.lease.load(Ordering::SeqCst);
+    let holder = etcd
+        .put_if_absent(leader_key(), replica.id().as_bytes().to_vec(), lease)
+        .await?;
+    Ok(holder.as_deref() == Some(replica.id().as_bytes()))
+}
+
+/// The replicas etcd lists, with the proxies each serves, as the admin API shows them.
+pub(crate) async fn list(
+    etcd: &EtcdStore,
+    this: &Replica,
+) -> Result<(Vec<pb::ReplicaInfo>, Vec<pb::ProxyStatus>), crate::ControlError> {
+    let leader = etcd.value(leader_key()).await?;
+    let now = crate::proxies::unix_now();
+    let mut replicas = Vec::new();
+    let mut proxies = Vec::new();
+    let proxy_lists = etcd.values_under(format!("{PREFIX}proxies/")).await?;
+    for (_, json) in etcd.values_under(format!("{PREFIX}replicas/")).await? {
+        let Ok(e) = serde_json::from_slice::<Entry>(&json) else {
+            continue;
+        };
+        let theirs: Vec<pb::ProxyStatus> = proxy_lists
+            .iter()
+            .find(|(k, _)| k == &proxies_key(&e.id))
+            .and_then(|(_, bytes)| bulkhead_api::proxies_from_bytes(bytes))
+            .unwrap_or_default();
+        let connected = theirs.iter().filter(|p| p.connected).count();
+        proxies.extend(theirs.into_iter().map(|mut p| {
+            p.replica = e.id.clone();
+            p
+        }));
+        replicas.push(pb::ReplicaInfo {
+            leader: leader.as_deref() == Some(e.id.as_bytes()),
+            healthy: now.saturating_sub(e.seen_unix) <= HEALTHY_WITHIN,
+            answering: e.id == this.id(),
+            proxies: u32::try_from(connected).unwrap_or(u32::MAX),
+            id: e.id,
+            address: e.address,
+            version: e.version,
+            started_unix: e.started_unix,
+            seen_unix: e.seen_unix,
+        });
+    }
+    Ok((replicas, proxies))
+}
