@@ -205,16 +205,44 @@ fn one_ca_set_for_all_replicas(r: &Replicas) {
 /// presented to replica 2 is refused as used up.
 fn a_join_token_is_spent_on_every_replica(r: &Replicas) {
     let token = r.replicas[0].token(&bulkhead_testkit::mesh::id("once"));
-    let (_proxy, _) = r.replicas[1].proxy(
-        "once",
-        &token,
-        &["--upstream", "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity=spiffe://test.local/ns/shop/sa/x"],
-    );
+    let upstream = [
+        "--upstream",
+        "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity=spiffe://test.local/ns/shop/sa/x",
+    ];
+    let (mut proxy, _) = r.replicas[1].proxy("once", &token, &upstream);
     // A copy: a proxy keeps its credential beside its token file, and would renew with it.
     let again = r.replicas[2].dir.path().join("once-again.token");
     std::fs::copy(&token, &again).unwrap();
     let err = r.replicas[2].failing_proxy(&again, &[]);
     assert!(err.contains("used up"), "{err}");
+    // The proxy that joined on replica 1, restarted against replica 2: it renews there with
+    // its kept credential, and replica 2 serves it its configuration (the binding its join
+    // made is in etcd).
+    proxy.kill();
+    let (_proxy, _) = r.replicas[2].proxy("once", &token, &upstream);
+    eventually(
+        WAIT,
+        "replica 2 serving the proxy joined on replica 1",
+        || {
+            let (_, out, _) = r.replicas[2].cli(&["get", "proxies", "-o", "json"]);
+            let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            let answering = replicas(&r.replicas[2])["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["answering"] == true)
+                .unwrap()["id"]
+                .clone();
+            list.as_array().is_some_and(|l| {
+                l.iter().any(|p| {
+                    p["workload"] == "once"
+                        && p["connected"] == true
+                        && p["replica"] == answering
+                        && p["ackedRevision"].as_u64() > Some(0)
+                })
+            })
+        },
+    );
 }
 
 /// Ten applies on each replica at once, each of its own policy: all thirty are in the set

@@ -468,9 +468,7 @@ impl Identity for State {
                 tracing::warn!(?remote, token_id, spiffe_id = %id, "join refused: the identity is revoked");
                 Status::permission_denied(revoked.describe())
             })?;
-        self.store
-            .bind(id.as_str(), &workload, unix_now())
-            .map_err(internal)?;
+        self.bind(id.as_str(), &workload).await?;
         tracing::info!(?remote, spiffe_id = %id, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "issued SVID");
         self.metrics.svid_issued("join");
         Ok(Response::new(pb::JoinResponse {
@@ -496,7 +494,9 @@ impl State {
         // on request, whatever the store says (a token from before they were reserved).
         id.refuse_reserved()
             .map_err(|e| Status::permission_denied(e.to_string()))?;
-        if !self.store.has_identity(id.as_str()).map_err(internal)? {
+        if !self.store.has_identity(id.as_str()).map_err(internal)?
+            && !self.learn_bindings(id.as_str()).await?
+        {
             return Err(Status::permission_denied(format!(
                 "{id} was never issued by a join token; only workload identities renew"
             )));
@@ -628,19 +628,50 @@ struct Follow {
 }
 
 impl State {
-    /// The caller's identity, if it is bound to `workload` (by the join token it used).
-    fn bound_caller<T>(
+    /// Records that `spiffe_id` may fetch `workload`'s configuration: here, and with
+    /// replicas in etcd too, for the replicas its proxy may fail over to.
+    pub(crate) async fn bind(
+        &self,
+        spiffe_id: &str,
+        workload: &ResourceName,
+    ) -> Result<(), Status> {
+        self.store
+            .bind(spiffe_id, workload, unix_now())
+            .map_err(internal)?;
+        if let Some(etcd) = &self.shared {
+            etcd.put_binding(spiffe_id, workload, unix_now())
+                .await
+                .map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    /// With replicas on etcd, copies the bindings another replica made for `spiffe_id`
+    /// (its proxy joined there) into this replica's store; whether there were any.
+    pub(crate) async fn learn_bindings(&self, spiffe_id: &str) -> Result<bool, Status> {
+        let Some(etcd) = &self.shared else {
+            return Ok(false);
+        };
+        let found = etcd.bindings_of(spiffe_id).await.map_err(internal)?;
+        for workload in &found {
+            self.store
+                .bind(spiffe_id, workload, unix_now())
+                .map_err(internal)?;
+        }
+        Ok(!found.is_empty())
+    }
+
+    /// The caller's identity, if it is bound to `workload` (by the join token it used, on
+    /// this replica or, with replicas on etcd, any).
+    async fn bound_caller<T>(
         &self,
         req: &Request<T>,
         workload: &ResourceName,
     ) -> Result<SpiffeId, Status> {
         let id = caller(req)?;
         self.refuse_revoked(req)?;
-        if !self
-            .store
-            .is_bound(id.as_str(), workload)
-            .map_err(internal)?
-        {
+        let bound = |s: &Self| s.store.is_bound(id.as_str(), workload).map_err(internal);
+        if !bound(self)? && !(self.learn_bindings(id.as_str()).await? && bound(self)?) {
             return Err(Status::permission_denied(format!(
                 "{id} may not read or report the configuration of workload {workload}: no join token bound it to that workload"
             )));
@@ -661,7 +692,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        let id = self.bound_caller(&req, &workload)?;
+        let id = self.bound_caller(&req, &workload).await?;
         let peer = req.extensions().get::<PeerInfo>().cloned();
         let remote = peer
             .as_ref()
@@ -820,7 +851,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        let id = self.bound_caller(&req, &workload)?;
+        let id = self.bound_caller(&req, &workload).await?;
         let r = req.into_inner();
         self.proxies
             .holds_bundle(id.as_str(), &workload, r.bundle_sha256.clone());
@@ -864,7 +895,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        let id = self.bound_caller(&req, &workload)?;
+        let id = self.bound_caller(&req, &workload).await?;
         let r = req.into_inner();
         let edges = flows::parse_report(&r.edges_json).map_err(|e| {
             tracing::warn!(spiffe_id = %id, %workload, reason = %e, "flow report refused");
@@ -931,7 +962,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        self.bound_caller(&req, &workload)?;
+        self.bound_caller(&req, &workload).await?;
         let filters = self.taps.filters(&workload);
         Ok(Response::new(crate::tap::filters_stream(filters)))
     }
@@ -944,7 +975,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        let id = self.bound_caller(&req, &workload)?;
+        let id = self.bound_caller(&req, &workload).await?;
         let r = req.into_inner();
         let (events, refused) = crate::tap::parse_report(&r.events_json, &workload, id.as_str())
             .map_err(|e| {

@@ -10,6 +10,7 @@
 //! | `sets/<revision, 20 digits>` | the whole set at that revision: a JSON array of resources |
 //! | `log/<revision, 20 digits>` | the [`RevisionRecord`] of that revision (no set) |
 //! | `tokens/<id>` | a join token's record: the SHA-256 of its secret, never the secret |
+//! | `bindings/<spiffe id>\|<namespace>/<name>` | that identity may fetch that workload's configuration |
 //! | `ca/files` | the CA set's files, private keys sealed (`etcd_ca.rs`) |
 //!
 //! A revision is committed in one etcd transaction that compares `revision` with the
@@ -28,7 +29,7 @@ use super::etcd_ca::{Files, SecretKey, collect, files_key};
 use super::{Change, Committed, HistoryRetention, RevisionRecord, SetAt, by_key, changes};
 use crate::error::ControlError;
 use crate::tokens::{TokenError, TokenRecord, same_hash};
-use bulkhead_policy::model::Resource;
+use bulkhead_policy::model::{Resource, ResourceName};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, SortOrder,
     SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
@@ -588,6 +589,42 @@ impl EtcdStore {
             }
         }
         Ok((log, tokens))
+    }
+}
+
+/// Which identity may fetch which workload's configuration: written at every join, read by
+/// a replica that meets an identity joined elsewhere (a proxy that failed over).
+impl EtcdStore {
+    pub(crate) async fn put_binding(
+        &self,
+        spiffe_id: &str,
+        workload: &ResourceName,
+        now_unix: u64,
+    ) -> Result<(), ControlError> {
+        let key = format!("{PREFIX}bindings/{spiffe_id}|{workload}");
+        self.txn(Txn::new().and_then([TxnOp::put(key, now_unix.to_string(), None)]))
+            .await
+            .map(|_| ())
+    }
+
+    /// The workloads `spiffe_id` was bound to on any replica.
+    pub(crate) async fn bindings_of(
+        &self,
+        spiffe_id: &str,
+    ) -> Result<Vec<ResourceName>, ControlError> {
+        let prefix = format!("{PREFIX}bindings/{spiffe_id}|");
+        Ok(self
+            .values_under(prefix.clone())
+            .await?
+            .into_iter()
+            .filter_map(|(k, _)| {
+                let (namespace, name) = k.strip_prefix(&prefix)?.split_once('/')?;
+                Some(ResourceName {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                })
+            })
+            .collect())
     }
 }
 
