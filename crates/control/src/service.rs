@@ -671,7 +671,8 @@ impl State {
         let id = caller(req)?;
         self.refuse_revoked(req)?;
         let bound = |s: &Self| s.store.is_bound(id.as_str(), workload).map_err(internal);
-        if !bound(self)? && !(self.learn_bindings(id.as_str()).await? && bound(self)?) {
+        let known = bound(self)? || (self.learn_bindings(id.as_str()).await? && bound(self)?);
+        if !known {
             return Err(Status::permission_denied(format!(
                 "{id} may not read or report the configuration of workload {workload}: no join token bound it to that workload"
             )));
