@@ -253,6 +253,7 @@ fn concurrent_applies_lose_nothing(r: &Replicas) {
     let (code, _, err) = apply_file(&r.replicas[0], "orders.yaml", &orders_policy("/orders/*"));
     assert_eq!(code, 0, "{err}");
     let base = revisions(&r.replicas[0]).as_array().unwrap().len();
+    let started = std::time::Instant::now();
     std::thread::scope(|s| {
         for (i, mesh) in r.replicas.iter().enumerate() {
             s.spawn(move || {
@@ -268,6 +269,10 @@ fn concurrent_applies_lose_nothing(r: &Replicas) {
             });
         }
     });
+    eprintln!(
+        "30 applies, 10 on each of 3 replicas at once: {} ms",
+        started.elapsed().as_millis()
+    );
     let mut expected: Vec<String> = (0..3)
         .flat_map(|i| (0..10).map(move |n| format!("r{i}-deny-{n}")))
         .collect();
@@ -327,10 +332,15 @@ fn apply_on_one_replica_reaches_proxies_on_another(r: &Replicas) {
     // Replica 1 narrows the allow to /orders/7 only: replica 0's proxies enforce it.
     let (code, _, err) = apply_file(&r.replicas[1], "narrow.yaml", &orders_policy("/orders/7"));
     assert_eq!(code, 0, "{err}");
+    let applied = std::time::Instant::now();
     eventually(
         Duration::from_secs(5),
         "the narrowed policy enforced",
         || status(to_orders, "/orders/1") == 403,
+    );
+    eprintln!(
+        "applied on replica 1, enforced by replica 0's proxies within {} ms",
+        applied.elapsed().as_millis()
     );
     assert_eq!(status(to_orders, "/orders/7"), 200);
     // Replica 2 denies /orders/7 outright.

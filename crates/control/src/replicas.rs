@@ -14,8 +14,10 @@
 //! happen once ([`State::lead`]): trimming etcd's revision log and deleting expired join
 //! tokens. Without etcd there is one replica and it leads.
 //!
-//! It must never let two replicas believe they lead for longer than a lease: a replica that
-//! cannot renew its lease stops calling itself leader.
+//! A replica that cannot renew its lease within a second stops calling itself leader. Two
+//! replicas may still both believe they lead for a moment during a partition (until the cut-off
+//! one's next renewal fails): the leader's work is therefore only work that is harmless twice
+//! (trimming to a bound, deleting what expired), never work that must not run twice.
 
 use crate::service::State;
 use crate::store::etcd::{EtcdStore, PREFIX};
@@ -111,7 +113,12 @@ pub(crate) fn spawn(state: Arc<State>) {
             let Some(state) = weak.upgrade() else {
                 return;
             };
-            if !renew(&etcd, &replica, &mut keeper).await {
+            // A partitioned etcd may never answer: a renewal that takes over a second failed.
+            let renewed = tokio::time::timeout(2 * TICK, renew(&etcd, &replica, &mut keeper)).await;
+            if !matches!(renewed, Ok(true)) {
+                if renewed.is_err() {
+                    keeper = None;
+                }
                 lost_leadership(&replica);
                 continue;
             }
