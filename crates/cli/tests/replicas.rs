@@ -96,8 +96,29 @@ fn three_replicas_on_etcd() {
     concurrent_applies_lose_nothing(&r);
     apply_on_one_replica_reaches_proxies_on_another(&r);
     a_join_token_is_spent_on_every_replica(&r);
+    a_revocation_on_one_replica_holds_on_all(&r);
     applies_succeed_with_one_etcd_member_down(&mut r);
     the_leadership_moves_when_the_leader_dies(&mut r);
+}
+
+/// An identity revoked on replica 1: every replica lists it, and refuses it a join token
+/// (made before or after); its unused token made on replica 2 before is gone.
+fn a_revocation_on_one_replica_holds_on_all(r: &Replicas) {
+    let mallory = bulkhead_testkit::mesh::id("mallory");
+    let early = r.replicas[2].token(&mallory);
+    let (code, _, err) = r.replicas[1].cli(&["revoke", "identity", &mallory, "--reason", "stolen"]);
+    assert_eq!(code, 0, "{err}");
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        eventually(WAIT, &format!("replica {i} listing the revocation"), || {
+            let (_, out, _) = mesh.cli(&["get", "revocations", "-o", "json"]);
+            out.contains(&mallory) && out.contains("stolen")
+        });
+        let (code, _, err) = mesh.cli(&["token", "create", "--identity", &mallory]);
+        assert_ne!(code, 0, "replica {i} made a token for a revoked identity");
+        assert!(err.contains("revoked"), "{err}");
+    }
+    let err = r.replicas[0].failing_proxy(&early, &[]);
+    assert!(err.contains("not known"), "{err}");
 }
 
 /// `bulkhead get replicas -o json` on `mesh`.

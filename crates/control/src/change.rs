@@ -76,6 +76,7 @@ pub(crate) fn spawn_follow(state: Arc<State>) {
             }
         }
     });
+    crate::service::spawn_follow_revocations(state.clone());
     crate::service::spawn_follow_cas(state);
 }
 

@@ -91,6 +91,32 @@ impl Snapshot {
     }
 }
 
+/// With replicas on etcd, follows the identity revocations there: one made or lifted on
+/// another replica is taken up here and pushed to this replica's proxies.
+pub(crate) fn spawn_follow_revocations(state: Arc<State>) {
+    let Some(etcd) = state.shared.clone() else {
+        return;
+    };
+    let (seen, mut values) = watch::channel(Vec::new());
+    tokio::spawn(async move {
+        etcd.follow_prefix(format!("{}revocations/", crate::store::etcd::PREFIX), seen)
+            .await
+    });
+    let weak = Arc::downgrade(&state);
+    drop(state);
+    tokio::spawn(async move {
+        while values.changed().await.is_ok() {
+            values.borrow_and_update();
+            let Some(state) = weak.upgrade() else {
+                return;
+            };
+            if let Err(e) = state.sync_revocations().await {
+                tracing::error!(error = %e, "cannot take up the revocations made on other replicas; trying at the next change");
+            }
+        }
+    });
+}
+
 /// With replicas on etcd, follows the CA files there: another replica's CA change (add,
 /// switch, retire) is written into this replica's data directory and made current, as if
 /// it had been made here.

@@ -11,6 +11,7 @@
 //! | `log/<revision, 20 digits>` | the [`RevisionRecord`] of that revision (no set) |
 //! | `tokens/<id>` | a join token's record: the SHA-256 of its secret, never the secret |
 //! | `bindings/<spiffe id>\|<namespace>/<name>` | that identity may fetch that workload's configuration |
+//! | `revocations/<spiffe id>` | an identity's revocation, or its lifting |
 //! | `ca/files` | the CA set's files, private keys sealed (`etcd_ca.rs`) |
 //!
 //! A revision is committed in one etcd transaction that compares `revision` with the
@@ -28,12 +29,14 @@
 use super::etcd_ca::{Files, SecretKey, collect, files_key};
 use super::{Change, Committed, HistoryRetention, RevisionRecord, SetAt, by_key, changes};
 use crate::error::ControlError;
+use crate::store::trust::Revocation;
 use crate::tokens::{TokenError, TokenRecord, same_hash};
 use bulkhead_policy::model::{Resource, ResourceName};
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, SortOrder,
     SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
 };
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -419,15 +422,38 @@ impl EtcdStore {
     /// then sending its current value, so that a change made meanwhile is not missed).
     /// Runs until nobody receives.
     pub(crate) async fn follow(&self, key: String, seen: tokio::sync::watch::Sender<Vec<u8>>) {
+        self.follow_with(key, false, seen).await
+    }
+
+    /// [`EtcdStore::follow`] of every key under `prefix` (the values of each change sent).
+    pub(crate) async fn follow_prefix(
+        &self,
+        prefix: String,
+        seen: tokio::sync::watch::Sender<Vec<u8>>,
+    ) {
+        self.follow_with(prefix, true, seen).await
+    }
+
+    async fn follow_with(
+        &self,
+        key: String,
+        prefix: bool,
+        seen: tokio::sync::watch::Sender<Vec<u8>>,
+    ) {
         let mut wait = Duration::from_millis(100);
         loop {
             let mut watch = self.client.watch_client();
-            match watch.watch(key.clone(), Some(WatchOptions::new())).await {
+            let options = match prefix {
+                true => WatchOptions::new().with_prefix(),
+                false => WatchOptions::new(),
+            };
+            match watch.watch(key.clone(), Some(options)).await {
                 Ok(mut stream) => {
                     wait = Duration::from_millis(100);
                     // What changed while no stream was open.
-                    if let Ok(now) = self.get(key.clone(), None).await
-                        && let Some(found) = now.kvs().first()
+                    let options = prefix.then(|| GetOptions::new().with_prefix());
+                    if let Ok(now) = self.get(key.clone(), options).await
+                        && let Some(found) = now.kvs().last()
                         && seen.send(found.value().to_vec()).is_err()
                     {
                         return;
@@ -625,6 +651,58 @@ impl EtcdStore {
                 })
             })
             .collect())
+    }
+}
+
+/// An identity's revocation as etcd keeps it: made, or lifted (a lift is a put too, never a
+/// delete, so that a replica never reads a missing key as "not revoked").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum SharedRevocation {
+    Revoked(Revocation),
+    Lifted {
+        subject: String,
+        actor: String,
+        time_unix: u64,
+    },
+}
+
+/// Identity revocations, shared: made on one replica, enforced by all.
+impl EtcdStore {
+    pub(crate) async fn put_revocation(
+        &self,
+        subject: &str,
+        value: &SharedRevocation,
+    ) -> Result<(), ControlError> {
+        let key = format!("{PREFIX}revocations/{subject}");
+        let json = serde_json::to_string(value).unwrap_or_default();
+        self.txn(Txn::new().and_then([TxnOp::put(key, json, None)]))
+            .await
+            .map(|_| ())
+    }
+
+    pub(crate) async fn revocations(&self) -> Result<Vec<SharedRevocation>, ControlError> {
+        Ok(self
+            .values_under(format!("{PREFIX}revocations/"))
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect())
+    }
+
+    /// Deletes every join token bound to `spiffe_id` (it was revoked); their ids.
+    pub(crate) async fn delete_tokens_of(
+        &self,
+        spiffe_id: &str,
+    ) -> Result<Vec<String>, ControlError> {
+        let mut gone = Vec::new();
+        for (id, record) in self.tokens().await? {
+            if record.spiffe_id.as_str() == spiffe_id {
+                self.delete_token(&id).await?;
+                gone.push(id);
+            }
+        }
+        Ok(gone)
     }
 }
 
