@@ -93,6 +93,7 @@ fn three_replicas_on_etcd() {
         return;
     };
     one_ca_set_for_all_replicas(&r);
+    a_ca_added_on_one_replica_reaches_all(&r);
     concurrent_applies_lose_nothing(&r);
     apply_on_one_replica_reaches_proxies_on_another(&r);
     a_join_token_is_spent_on_every_replica(&r);
@@ -220,6 +221,35 @@ fn one_ca_set_for_all_replicas(r: &Replicas) {
     assert!(stored.contains("aes256gcm"), "{stored}");
     assert!(!stored.contains("PRIVATE KEY"), "a CA key in etcd in clear");
     assert!(!stored.contains(&body[..40]), "a CA key in etcd in clear");
+}
+
+/// A root added on replica 0 is trusted by every replica: each takes the CA set up from
+/// etcd and serves the new bundle.
+fn a_ca_added_on_one_replica_reaches_all(r: &Replicas) {
+    let (code, _, err) = r.replicas[0].cli(&["ca", "add-root"]);
+    assert_eq!(code, 0, "{err}");
+    let cas = |m: &Mesh| {
+        let (code, out, err) = m.cli(&["ca", "status", "-o", "json"]);
+        assert_eq!(code, 0, "{err}");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut fingerprints: Vec<String> = status["cas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| format!("{} {}", c["sha256"], c["state"]))
+            .collect();
+        fingerprints.sort();
+        fingerprints
+    };
+    let on_0 = cas(&r.replicas[0]);
+    assert_eq!(on_0.len(), 2, "{on_0:?}");
+    for (i, m) in r.replicas.iter().enumerate().skip(1) {
+        eventually(WAIT, &format!("replica {i} holding the new root"), || {
+            cas(m) == on_0
+                && std::fs::read_to_string(m.data().join("ca.pem")).unwrap()
+                    == std::fs::read_to_string(r.replicas[0].data().join("ca.pem")).unwrap()
+        });
+    }
 }
 
 /// A join token made on replica 0 is redeemed by a proxy joining replica 1; the same token
