@@ -1,10 +1,15 @@
 //! Several control-plane replicas on etcd (issue #18), end-to-end with the real binaries: a
 //! real three-member etcd cluster (Debian's `etcd`) on loopback ports and three `bulkhead
 //! control --etcd` replicas, each on its own data directory and port. The cluster and the
-//! replicas are started once for this binary; the scenarios run in order against them:
+//! replicas are started once for this binary; the scenarios run in order against them: one
+//! CA set for all (no key in etcd in clear), a root added on one replica reaches all;
 //! concurrent applies on all three replicas lose nothing and every replica shows the same
 //! history; an apply on one replica reaches the proxies connected to another and changes
-//! what they allow; with one etcd member killed, applies still succeed everywhere.
+//! what they allow, and any replica lists those proxies with their replica; a join token
+//! redeemed on one replica is used up on the others, and the proxy it made is served by
+//! another replica after a restart; an identity revoked on one replica is revoked on all;
+//! with one etcd member killed, applies still succeed everywhere; the leader killed,
+//! another replica leads within its lease.
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::etcd::EtcdCluster;
