@@ -99,6 +99,7 @@ fn three_replicas_on_etcd() {
     };
     one_ca_set_for_all_replicas(&r);
     a_ca_added_on_one_replica_reaches_all(&r);
+    a_data_dir_with_another_ca_is_not_overwritten(&r);
     concurrent_applies_lose_nothing(&r);
     apply_on_one_replica_reaches_proxies_on_another(&r);
     a_join_token_is_spent_on_every_replica(&r);
@@ -255,6 +256,46 @@ fn a_ca_added_on_one_replica_reaches_all(r: &Replicas) {
                     == std::fs::read_to_string(r.replicas[0].data().join("ca.pem")).unwrap()
         });
     }
+}
+
+/// A control plane that ran on its own, started against the replicas' etcd: refused,
+/// naming its CA, and its key left as it was.
+fn a_data_dir_with_another_ca_is_not_overwritten(r: &Replicas) {
+    let mut alone = Mesh::start();
+    alone.stop_control();
+    let key_before = std::fs::read(alone.data().join("ca.key")).unwrap();
+    let secret = r.etcd.dir.path().join("secret.key");
+    let data = alone.data();
+    let args = [
+        "control",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--trust-domain",
+        TD,
+        "--etcd",
+        &r.etcd.endpoints(),
+        "--etcd-secret-key-file",
+        secret.to_str().unwrap(),
+    ];
+    let mut control = bulkhead_testkit::Proc::spawn(
+        "control-alone",
+        alone.dir.path(),
+        &alone.bins.bulkhead,
+        &args,
+        &[],
+    );
+    assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());
+    let log = control.log_text();
+    assert!(
+        log.contains("not in the CA set the replicas share in etcd"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(alone.data().join("ca.key")).unwrap(),
+        key_before
+    );
 }
 
 /// A join token made on replica 0 is redeemed by a proxy joining replica 1; the same token

@@ -137,6 +137,15 @@ impl EtcdStore {
         let Some(found) = got.kvs().first() else {
             return Ok(false);
         };
+        let theirs = Files::from_json(found.value())?;
+        if let Some(ours) = super::etcd_ca::foreign_cas(dir, &theirs) {
+            return Err(ControlError::CaSet {
+                path: dir.join("cas.json"),
+                message: format!(
+                    "this data directory holds CA {ours}, which is not in the CA set the replicas share in etcd; nothing was overwritten. Start this replica with an empty --data-dir to join them (this directory stays as it is), or run it on its own without --etcd"
+                ),
+            });
+        }
         self.write_cas(dir, found.value())?;
         Ok(true)
     }
@@ -279,7 +288,7 @@ impl EtcdStore {
     /// The current revision and its set, read consistently (the set is looked up at the
     /// revision read, retried if a commit slipped in between).
     pub(crate) async fn resources(&self) -> Result<(u64, Vec<Resource>), ControlError> {
-        loop {
+        for _ in 0..50 {
             let revision = self.current_revision().await?;
             match self.set_at(revision).await? {
                 SetAt::Kept(set) => return Ok((revision, set)),
@@ -288,6 +297,11 @@ impl EtcdStore {
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
+        Err(self.corrupt(format!(
+            "{} names a revision whose set ({}…) is not in etcd; was the {PREFIX} prefix edited by hand? Restore it from an etcd snapshot",
+            revision_key(),
+            set_key(0).trim_end_matches('0')
+        )))
     }
 
     /// The set at `revision`, if its snapshot is still kept.

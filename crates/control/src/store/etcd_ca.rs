@@ -139,6 +139,21 @@ pub(crate) fn collect(
     Ok(Files { files })
 }
 
+/// The short id of a CA the data directory `dir` already records (`cas.json`) that the
+/// shared set does not hold, if any: its key would be overwritten by taking the shared set.
+pub(crate) fn foreign_cas(dir: &Path, shared: &Files) -> Option<String> {
+    let ours: crate::cas::CaFile =
+        serde_json::from_slice(&std::fs::read(dir.join("cas.json")).ok()?).ok()?;
+    let theirs: crate::cas::CaFile = match shared.files.get("cas.json") {
+        Some(Stored::Clear { text }) => serde_json::from_str(text).ok()?,
+        _ => return None,
+    };
+    ours.cas
+        .iter()
+        .find(|o| !theirs.cas.iter().any(|t| t.sha256 == o.sha256))
+        .map(|o| crate::cas::short(&o.sha256))
+}
+
 impl Files {
     pub(crate) fn to_json(&self) -> String {
         // Strings only: serialising cannot fail.
