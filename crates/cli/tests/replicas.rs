@@ -5,7 +5,8 @@
 //! CA set for all (no key in etcd in clear), a root added on one replica reaches all;
 //! concurrent applies on all three replicas lose nothing and every replica shows the same
 //! history; an apply on one replica reaches the proxies connected to another and changes
-//! what they allow, and any replica lists those proxies with their replica; a join token
+//! what they allow, any replica lists those proxies with their replica and graphs the flows
+//! they reported; a join token
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all;
 //! with one etcd member killed, applies still succeed everywhere; the leader killed,
@@ -421,7 +422,7 @@ fn concurrent_applies_lose_nothing(r: &Replicas) {
 /// Sidecars joined to replica 0; the policies they enforce are applied on replicas 1 and 2.
 fn apply_on_one_replica_reaches_proxies_on_another(r: &Replicas) {
     let a = &r.replicas[0];
-    let (_procs, to_orders) = a.orders_and_frontend(&[]);
+    let (_procs, to_orders) = a.orders_and_frontend(&["--flow-interval-secs", "1"]);
     // Allowed by orders-allow-frontend, applied on replica 0 above.
     eventually(WAIT, "GET /orders/1 allowed", || {
         status(to_orders, "/orders/1") == 200
@@ -469,6 +470,20 @@ fn apply_on_one_replica_reaches_proxies_on_another(r: &Replicas) {
             && ["orders", "frontend"].iter().all(|w| {
                 list.as_array().unwrap().iter().any(|p| {
                     p["workload"] == *w && p["replica"] == id0.as_str() && p["connected"] == true
+                })
+            })
+    });
+    // The flows orders' proxy reported to replica 0 are in replica 2's graph.
+    eventually(WAIT, "replica 0's edges in replica 2's graph", || {
+        let (code, out, _) = r.replicas[2].cli(&["graph", "-o", "json"]);
+        let g: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        code == 0
+            && g.as_array().is_some_and(|edges| {
+                edges.iter().any(|e| {
+                    e["source"] == bulkhead_testkit::mesh::id("frontend").as_str()
+                        && e["destination"] == "shop/orders"
+                        && e["decided"] == "ingress"
+                        && e["denied"].as_u64() > Some(0)
                 })
             })
     });

@@ -601,7 +601,14 @@ impl Admin for State {
         let since = req.into_inner().since;
         // Hours past the window may not be deleted yet (that happens on a report).
         let from = since.max(self.flow_retention.oldest_bucket(unix_now()));
-        let edges = self.store.edges_since(from).map_err(internal)?;
+        let mut edges = self.store.edges_since(from).map_err(internal)?;
+        if let (Some(etcd), Some(replica)) = (&self.shared, &self.replica) {
+            // The union of every replica's: each proxy reports to the replica it is on.
+            let others = crate::replicas::others_edges(etcd, replica, from)
+                .await
+                .map_err(internal)?;
+            edges = bulkhead_insight::merge_edges(edges.into_iter().chain(others));
+        }
         let (dropped, refused) = self.flow_counters.get();
         // Chunks are encoded as the caller reads them, so at most one is held at a time.
         let chunks = JsonChunks::new(edges, LIST_CHUNK_BYTES).map(move |chunk| {

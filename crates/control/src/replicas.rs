@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `replicas/<id>` | [`Entry`]: address, version, started, last seen (rewritten every 2 s) |
 //! | `proxies/<id>` | the proxies connected to that replica (`ListProxiesResponse` bytes) |
+//! | `flows/<id>` | the edges reported to that replica (JSON, at most 1 MiB), every 5 s |
 //! | `leader` | the id of the leading replica |
 //!
 //! The leader is elected by a transaction: put `leader` (with one's own lease) only if it
@@ -34,6 +35,10 @@ pub(crate) const LEASE_TTL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(500);
 /// A replica whose entry is older than this is shown unhealthy.
 const HEALTHY_WITHIN: u64 = 10;
+/// How often a replica shares the edges reported to it.
+const FLOWS_EVERY: Duration = Duration::from_secs(5);
+/// The most one replica's shared edges take in etcd (under its default request limit).
+const MAX_SHARED_FLOW_BYTES: usize = 1024 * 1024;
 /// How often the leader does its upkeep.
 const UPKEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -61,6 +66,10 @@ fn entry_key(id: &str) -> String {
 
 fn proxies_key(id: &str) -> String {
     format!("{PREFIX}proxies/{id}")
+}
+
+fn flows_key(id: &str) -> String {
+    format!("{PREFIX}flows/{id}")
 }
 
 fn leader_key() -> String {
@@ -106,6 +115,7 @@ pub(crate) fn spawn(state: Arc<State>) {
         let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
             None;
         let mut last_upkeep: Option<std::time::Instant> = None;
+        let mut last_flows: Option<std::time::Instant> = None;
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -124,6 +134,12 @@ pub(crate) fn spawn(state: Arc<State>) {
             }
             if let Err(e) = report(&state, &etcd, &replica).await {
                 tracing::warn!(error = %e, "cannot report this replica in etcd");
+            }
+            if last_flows.is_none_or(|t| t.elapsed() >= FLOWS_EVERY) {
+                last_flows = Some(std::time::Instant::now());
+                if let Err(e) = share_flows(&state, &etcd, &replica).await {
+                    tracing::warn!(error = %e, "cannot share this replica's flows in etcd");
+                }
             }
             match elect(&etcd, &replica).await {
                 Ok(true) => {
@@ -212,6 +228,55 @@ async fn report(
         lease,
     )
     .await
+}
+
+/// Writes the edges reported to this replica within the retention window, merged over the
+/// hours, under its lease: at most [`MAX_SHARED_FLOW_BYTES`], the most recently seen first.
+async fn share_flows(
+    state: &State,
+    etcd: &EtcdStore,
+    replica: &Replica,
+) -> Result<(), crate::ControlError> {
+    let now = crate::proxies::unix_now();
+    let mut edges = state
+        .store
+        .edges_since(state.flow_retention.oldest_bucket(now))?;
+    edges.sort_by_key(|e| std::cmp::Reverse(e.stats.last_seen));
+    let mut json = serde_json::to_vec(&edges).unwrap_or_default();
+    let all = edges.len();
+    while json.len() > MAX_SHARED_FLOW_BYTES && !edges.is_empty() {
+        edges.truncate(edges.len() / 2);
+        json = serde_json::to_vec(&edges).unwrap_or_default();
+    }
+    if edges.len() < all {
+        tracing::warn!(
+            shared = edges.len(),
+            all,
+            "this replica's edges are over what one etcd value holds; the others see the most recently seen"
+        );
+    }
+    let lease = replica.lease.load(Ordering::SeqCst);
+    etcd.put_leased(&[(flows_key(replica.id()), json)], lease)
+        .await
+}
+
+/// The edges the other replicas share, seen at or after `since`.
+pub(crate) async fn others_edges(
+    etcd: &EtcdStore,
+    this: &Replica,
+    since: u64,
+) -> Result<Vec<bulkhead_insight::Edge>, crate::ControlError> {
+    let mine = flows_key(this.id());
+    let mut out = Vec::new();
+    for (key, json) in etcd.values_under(format!("{PREFIX}flows/")).await? {
+        if key == mine {
+            continue;
+        }
+        if let Ok(edges) = serde_json::from_slice::<Vec<bulkhead_insight::Edge>>(&json) {
+            out.extend(edges.into_iter().filter(|e| e.stats.last_seen >= since));
+        }
+    }
+    Ok(out)
 }
 
 /// Takes the leadership if nobody holds it; whether this replica holds it.
