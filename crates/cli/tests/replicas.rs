@@ -297,6 +297,36 @@ fn a_data_dir_with_another_ca_is_not_overwritten(r: &Replicas) {
         std::fs::read(alone.data().join("ca.key")).unwrap(),
         key_before
     );
+
+    // Another secret key, an empty data directory: refused, no key written.
+    let other = alone.dir.path().join("other.key");
+    std::fs::write(&other, [9u8; 32]).unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fresh = alone.dir.path().join("fresh");
+    let args = [
+        "control",
+        "--data-dir",
+        fresh.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--trust-domain",
+        TD,
+        "--etcd",
+        &r.etcd.endpoints(),
+        "--etcd-secret-key-file",
+        other.to_str().unwrap(),
+    ];
+    let mut control = bulkhead_testkit::Proc::spawn(
+        "control-other-key",
+        alone.dir.path(),
+        &alone.bins.bulkhead,
+        &args,
+        &[],
+    );
+    assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());
+    let log = control.log_text();
+    assert!(log.contains("does not open with it"), "{log}");
+    assert!(!fresh.join("ca.key").exists());
 }
 
 /// A join token made on replica 0 is redeemed by a proxy joining replica 1; the same token
