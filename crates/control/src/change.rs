@@ -5,12 +5,15 @@
 //! type-checks that set whole, checks the configuration each affected workload's proxies
 //! would receive against the per-proxy bounds ([`ProxyBounds`]), commits one revision and
 //! publishes it to every configuration stream. Refused at any step, it changes nothing. The
-//! store behind it is used through two calls only (commit, and the set at a revision for
-//! rollback): the seam a replicated store plugs into.
+//! store behind it is used through three calls (commit, the set at a revision for rollback,
+//! the revision log): the seam where the embedded store or etcd (`--etcd`, several
+//! replicas) plugs in. On etcd the lock is this replica's only; what keeps replicas from
+//! losing one another's changes is the commit's compare-and-swap on etcd's revision, and
+//! a change that lost it is built and checked again on the set that won.
 //!
-//! It must never publish a set it did not check, never commit without the lock, and never
-//! let a configuration a proxy would refuse for its size or rule count be reported as
-//! applied.
+//! It must never publish a set it did not check, never commit without the lock (and on etcd
+//! without the comparison), and never let a configuration a proxy would refuse for its size
+//! or rule count be reported as applied.
 
 use crate::service::{Snapshot, State, internal};
 use crate::store::etcd::Commit;
