@@ -16,6 +16,21 @@ pub mod spiffe_workload {
     pub const HEADER: &str = "workload.spiffe.io";
 }
 
+/// The part of etcd's v3 API that the control plane's own etcd client calls
+/// (`proto/etcd/`: etcd's packages, methods and field numbers, only what is used), compiled
+/// with protox like ours, so that building needs no protoc. Client stubs only.
+#[allow(clippy::all, clippy::unwrap_used, missing_docs)]
+pub mod etcd {
+    /// Stored keys and watch events (etcd's `mvccpb`).
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// The KV, Watch and Lease services (etcd's `etcdserverpb`).
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
 pub mod channel;
 pub mod exposition;
 pub mod otlp;

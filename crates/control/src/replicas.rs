@@ -22,6 +22,7 @@
 
 use crate::service::State;
 use crate::store::etcd::{EtcdStore, PREFIX};
+use crate::store::etcd_client::LeaseKeeper;
 use bulkhead_api::v1 as pb;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -112,8 +113,7 @@ pub(crate) fn spawn(state: Arc<State>) {
     let weak = Arc::downgrade(&state);
     drop(state);
     tokio::spawn(async move {
-        let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> =
-            None;
+        let mut keeper: Option<LeaseKeeper> = None;
         let mut last_upkeep: Option<std::time::Instant> = None;
         let mut last_flows: Option<std::time::Instant> = None;
         let mut ticks = tokio::time::interval(TICK);
@@ -173,17 +173,10 @@ fn lost_leadership(replica: &Replica) {
 
 /// Keeps this replica's lease alive, granting a new one when there is none or it ended.
 /// False when etcd cannot be reached.
-async fn renew(
-    etcd: &EtcdStore,
-    replica: &Replica,
-    keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
-) -> bool {
-    let mut client = etcd.client();
-    if let Some((k, stream)) = keeper.as_mut() {
-        let alive = match k.keep_alive().await {
-            Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
-            Err(_) => false,
-        };
+async fn renew(etcd: &EtcdStore, replica: &Replica, keeper: &mut Option<LeaseKeeper>) -> bool {
+    let client = etcd.client();
+    if let Some(k) = keeper.as_mut() {
+        let alive = matches!(k.renew().await, Ok(ttl) if ttl > 0);
         if alive {
             return true;
         }
@@ -194,16 +187,17 @@ async fn renew(
         *keeper = None;
     }
     let ttl = i64::try_from(LEASE_TTL.as_secs()).unwrap_or(3);
-    let Ok(granted) = client.lease_grant(ttl, None).await else {
-        return false;
+    let granted = match client.lease_grant(ttl).await {
+        Ok(granted) if granted.error.is_empty() && granted.ttl > 0 => granted,
+        _ => return false,
     };
-    replica.lease.store(granted.id(), Ordering::SeqCst);
-    match client.lease_keep_alive(granted.id()).await {
-        Ok(k) => {
+    replica.lease.store(granted.id, Ordering::SeqCst);
+    match client.lease_keep_alive(granted.id).await {
+        Ok((k, ttl)) if ttl > 0 => {
             *keeper = Some(k);
             true
         }
-        Err(_) => false,
+        _ => false,
     }
 }
 

@@ -15,6 +15,7 @@ mod db;
 mod edges;
 pub(crate) mod etcd;
 pub(crate) mod etcd_ca;
+pub(crate) mod etcd_client;
 pub(crate) mod events;
 mod history;
 

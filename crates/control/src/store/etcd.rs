@@ -27,15 +27,16 @@
 //! and a token is kept as its hash.
 
 use super::etcd_ca::{Files, SecretKey, collect, files_key};
+use super::etcd_client::{
+    self as etcd, Client, KeyValue, delete, get, get_prefix, mod_revision_is, put, txn, value_is,
+    version_is,
+};
 use super::{Change, Committed, HistoryRetention, RevisionRecord, SetAt, by_key, changes};
 use crate::error::ControlError;
 use crate::store::trust::Revocation;
 use crate::tokens::{TokenError, TokenRecord, same_hash};
+use bulkhead_api::etcd::etcdserverpb as pb;
 use bulkhead_policy::model::{Resource, ResourceName};
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, SortOrder,
-    SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
-};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
@@ -97,23 +98,35 @@ impl EtcdStore {
     ) -> Result<EtcdStore, ControlError> {
         let endpoints = options.endpoints.join(",");
         let secret = std::sync::Arc::new(SecretKey::from_file(&options.secret_key_file)?);
-        let mut connect = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
-        if options.ca.is_some() || options.client_cert.is_some() {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &options.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read_pem(ca)?));
+        let tls = match (&options.ca, &options.client_cert) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(ControlError::Etcd {
+                    endpoints,
+                    message: "--etcd-cert needs --etcd-ca, the CA of the members' serving certificates, to check whom it is shown to".to_string(),
+                });
             }
-            if let Some((cert, key)) = &options.client_cert {
-                tls = tls.identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?));
+            (Some(ca), client) => {
+                let client = match client {
+                    Some((cert, key)) => Some((read_pem(cert)?, read_pem(key)?)),
+                    None => None,
+                };
+                let config = etcd::tls_config(
+                    &read_pem(ca)?,
+                    client.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+                )
+                .map_err(|message| ControlError::Etcd {
+                    endpoints: endpoints.clone(),
+                    message,
+                })?;
+                Some(std::sync::Arc::new(config))
             }
-            connect = connect.with_tls(tls);
-        }
-        let client = Client::connect(options.endpoints.clone(), Some(connect))
-            .await
-            .map_err(|e| unreachable_etcd(&endpoints, &e))?;
+        };
+        let client =
+            Client::new(&options.endpoints, tls).map_err(|message| ControlError::Etcd {
+                endpoints: endpoints.clone(),
+                message,
+            })?;
         let store = EtcdStore {
             client,
             endpoints,
@@ -133,11 +146,11 @@ impl EtcdStore {
     /// The CA files etcd holds, written into `dir` (keys opened with the secret key);
     /// false if etcd holds none yet.
     pub(crate) async fn fetch_cas(&self, dir: &Path) -> Result<bool, ControlError> {
-        let got = self.get(files_key(), None).await?;
-        let Some(found) = got.kvs().first() else {
+        let got = self.get(get(files_key())).await?;
+        let Some(found) = got.kvs.first() else {
             return Ok(false);
         };
-        let theirs = Files::from_json(found.value())?;
+        let theirs = Files::from_json(&found.value)?;
         if let Some(ours) = super::etcd_ca::foreign_cas(dir, &theirs) {
             return Err(ControlError::CaSet {
                 path: dir.join("cas.json"),
@@ -146,7 +159,7 @@ impl EtcdStore {
                 ),
             });
         }
-        self.write_cas(dir, found.value())?;
+        self.write_cas(dir, &found.value)?;
         Ok(true)
     }
 
@@ -179,30 +192,23 @@ impl EtcdStore {
         first: bool,
     ) -> Result<bool, ControlError> {
         let json = collect(dir, set, &self.secret)?.to_json();
-        let put = TxnOp::put(files_key(), json.clone(), None);
+        let put = put(files_key(), json.clone(), 0);
         let txn = match first {
-            true => Txn::new()
-                .when([Compare::version(files_key(), CompareOp::Equal, 0)])
-                .and_then([put]),
-            false => Txn::new().and_then([put]),
+            true => txn(vec![version_is(files_key(), 0)], vec![put]),
+            false => txn(Vec::new(), vec![put]),
         };
         let done = self.txn(txn).await?;
-        if done.succeeded() {
+        if done.succeeded {
             *self.ca_seen.lock().unwrap_or_else(|p| p.into_inner()) = json.into_bytes();
         }
-        Ok(done.succeeded())
+        Ok(done.succeeded)
     }
 
     /// A get, waiting out a lost leader or member for up to [`TRANSIENT_FOR`].
-    async fn get(
-        &self,
-        key: impl Into<Vec<u8>>,
-        options: Option<GetOptions>,
-    ) -> Result<etcd_client::GetResponse, ControlError> {
-        let key = key.into();
-        self.retrying(|mut kv| {
-            let (key, options) = (key.clone(), options.clone());
-            async move { kv.get(key, options).await }
+    async fn get(&self, range: pb::RangeRequest) -> Result<pb::RangeResponse, ControlError> {
+        self.retrying(|client| {
+            let range = range.clone();
+            async move { client.range(range).await }
         })
         .await
     }
@@ -210,40 +216,35 @@ impl EtcdStore {
     /// A transaction, likewise. Sending one again after a lost answer never writes twice:
     /// each transaction here compares first (one that was applied compares false the
     /// second time and writes nothing) or puts the same value again.
-    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, ControlError> {
-        self.retrying(|mut kv| {
+    async fn txn(&self, txn: pb::TxnRequest) -> Result<pb::TxnResponse, ControlError> {
+        self.retrying(|client| {
             let txn = txn.clone();
-            async move { kv.txn(txn).await }
+            async move { client.txn(txn).await }
         })
         .await
     }
 
     async fn delete(
         &self,
-        key: impl Into<Vec<u8>>,
-        options: Option<etcd_client::DeleteOptions>,
-    ) -> Result<etcd_client::DeleteResponse, ControlError> {
-        let key = key.into();
-        self.retrying(|mut kv| {
-            let (key, options) = (key.clone(), options.clone());
-            async move { kv.delete(key, options).await }
+        delete: pb::DeleteRangeRequest,
+    ) -> Result<pb::DeleteRangeResponse, ControlError> {
+        self.retrying(|client| {
+            let delete = delete.clone();
+            async move { client.delete_range(delete).await }
         })
         .await
     }
 
-    async fn retrying<T, F>(
-        &self,
-        mut op: impl FnMut(etcd_client::KvClient) -> F,
-    ) -> Result<T, ControlError>
+    async fn retrying<T, F>(&self, mut op: impl FnMut(Client) -> F) -> Result<T, ControlError>
     where
-        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        F: std::future::Future<Output = Result<T, etcd::Error>>,
     {
         let deadline = std::time::Instant::now() + TRANSIENT_FOR;
         let mut wait = Duration::from_millis(50);
         loop {
-            match op(self.client.kv_client()).await {
+            match op(self.client.clone()).await {
                 Ok(out) => return Ok(out),
-                Err(e) if transient(&e) && std::time::Instant::now() < deadline => {
+                Err(e) if e.is_transient() && std::time::Instant::now() < deadline => {
                     tracing::warn!(etcd = %self.endpoints, error = %e, "etcd is electing a leader or lost a member; trying again");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
@@ -253,7 +254,7 @@ impl EtcdStore {
         }
     }
 
-    fn err(&self, e: etcd_client::Error) -> ControlError {
+    fn err(&self, e: etcd::Error) -> ControlError {
         unreachable_etcd(&self.endpoints, &e)
     }
 
@@ -266,10 +267,10 @@ impl EtcdStore {
 
     /// The revision etcd holds now (0 before the first).
     pub(crate) async fn current_revision(&self) -> Result<u64, ControlError> {
-        let got = self.get(revision_key(), None).await?;
-        match got.kvs().first() {
+        let got = self.get(get(revision_key())).await?;
+        match got.kvs.first() {
             None => Ok(0),
-            Some(kv) => self.parse_revision(kv.value()),
+            Some(kv) => self.parse_revision(&kv.value),
         }
     }
 
@@ -309,9 +310,9 @@ impl EtcdStore {
         if revision == 0 {
             return Ok(SetAt::Kept(Vec::new()));
         }
-        let got = self.get(set_key(revision), None).await?;
-        if let Some(found) = got.kvs().first() {
-            let jsons: Vec<String> = serde_json::from_slice(found.value()).map_err(|e| {
+        let got = self.get(get(set_key(revision))).await?;
+        if let Some(found) = got.kvs.first() {
+            let jsons: Vec<String> = serde_json::from_slice(&found.value).map_err(|e| {
                 self.corrupt(format!("the set at revision {revision} is unreadable: {e}"))
             })?;
             let set = jsons
@@ -330,20 +331,16 @@ impl EtcdStore {
             return Ok(SetAt::Missing);
         }
         let oldest = self
-            .get(
-                format!("{PREFIX}sets/"),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_limit(1)
-                        .with_keys_only(),
-                ),
-            )
+            .get(pb::RangeRequest {
+                limit: 1,
+                keys_only: true,
+                ..get_prefix(format!("{PREFIX}sets/"))
+            })
             .await?;
         let oldest_kept = oldest
-            .kvs()
+            .kvs
             .first()
-            .and_then(|kv| kv.key_str().ok())
+            .and_then(|kv| std::str::from_utf8(&kv.key).ok())
             .and_then(|k| k.rsplit('/').next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(current);
@@ -386,23 +383,22 @@ impl EtcdStore {
         let record = serde_json::to_string(&record).unwrap_or_default();
         let snapshot = serde_json::to_string(&new.values().collect::<Vec<_>>()).unwrap_or_default();
         let guard = match base {
-            0 => Compare::version(revision_key(), CompareOp::Equal, 0),
-            n => Compare::value(revision_key(), CompareOp::Equal, n.to_string()),
+            0 => version_is(revision_key(), 0),
+            n => value_is(revision_key(), n.to_string()),
         };
         let mut ops = vec![
-            TxnOp::put(revision_key(), revision.to_string(), None),
-            TxnOp::put(set_key(revision), snapshot, None),
-            TxnOp::put(log_key(revision), record, None),
+            put(revision_key(), revision.to_string(), 0),
+            put(set_key(revision), snapshot, 0),
+            put(log_key(revision), record, 0),
         ];
         let keep = self.history.max_revisions.max(1);
         let mut pruned = 0;
         if revision > keep {
-            ops.push(TxnOp::delete(set_key(revision - keep), None));
+            ops.push(delete(set_key(revision - keep)));
             pruned = 1;
         }
-        let txn = Txn::new().when([guard]).and_then(ops);
-        let done = self.txn(txn).await?;
-        if !done.succeeded() {
+        let done = self.txn(txn(vec![guard], ops)).await?;
+        if !done.succeeded {
             return Ok(Commit::Conflict);
         }
         Ok(Commit::Done(Committed {
@@ -415,20 +411,17 @@ impl EtcdStore {
     /// The newest `limit` revisions, newest first, without their sets.
     pub(crate) async fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, ControlError> {
         let got = self
-            .get(
-                format!("{PREFIX}log/"),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Key, SortOrder::Descend)
-                        .with_limit(i64::try_from(limit).unwrap_or(i64::MAX)),
-                ),
-            )
+            .get(pb::RangeRequest {
+                sort_target: pb::range_request::SortTarget::Key as i32,
+                sort_order: pb::range_request::SortOrder::Descend as i32,
+                limit: i64::try_from(limit).unwrap_or(i64::MAX),
+                ..get_prefix(format!("{PREFIX}log/"))
+            })
             .await?;
         Ok(got
-            .kvs()
+            .kvs
             .iter()
-            .filter_map(|kv| serde_json::from_slice::<RevisionRecord>(kv.value()).ok())
+            .filter_map(|kv| serde_json::from_slice::<RevisionRecord>(&kv.value).ok())
             .collect())
     }
 
@@ -456,31 +449,39 @@ impl EtcdStore {
     ) {
         let mut wait = Duration::from_millis(100);
         loop {
-            let mut watch = self.client.watch_client();
-            let options = match prefix {
-                true => WatchOptions::new().with_prefix(),
-                false => WatchOptions::new(),
+            let range = match prefix {
+                true => get_prefix(key.clone()),
+                false => get(key.clone()),
             };
-            match watch.watch(key.clone(), Some(options)).await {
+            match self
+                .client
+                .watch(range.key.clone(), range.range_end.clone())
+                .await
+            {
                 Ok(mut stream) => {
                     wait = Duration::from_millis(100);
                     // What changed while no stream was open.
-                    let options = prefix.then(|| GetOptions::new().with_prefix());
-                    if let Ok(now) = self.get(key.clone(), options).await
-                        && let Some(found) = now.kvs().last()
-                        && seen.send(found.value().to_vec()).is_err()
+                    if let Ok(now) = self.get(range).await
+                        && let Some(found) = now.kvs.last()
+                        && seen.send(found.value.clone()).is_err()
                     {
                         return;
                     }
                     loop {
                         match stream.message().await {
+                            Ok(Some(msg)) if msg.canceled => {
+                                tracing::warn!(etcd = %self.endpoints, key, reason = msg.cancel_reason, "etcd ended the watch; watching again");
+                                break;
+                            }
                             Ok(Some(msg)) => {
-                                for event in msg.events() {
-                                    let Some(kv) = event.kv() else { continue };
-                                    if kv.value().is_empty() {
+                                for event in msg.events {
+                                    let Some(KeyValue { value, .. }) = event.kv else {
+                                        continue;
+                                    };
+                                    if value.is_empty() {
                                         continue;
                                     }
-                                    if seen.send(kv.value().to_vec()).is_err() {
+                                    if seen.send(value).is_err() {
                                         return;
                                     }
                                 }
@@ -519,21 +520,6 @@ pub(crate) fn revision_key() -> String {
 /// caller is told etcd did not answer.
 const TRANSIENT_FOR: Duration = Duration::from_secs(10);
 
-/// Whether `e` passes once etcd has a leader again or the client reaches another member.
-fn transient(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            matches!(
-                s.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-            ) || s.message().contains("leader changed")
-                || s.message().contains("no leader")
-        }
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        _ => false,
-    }
-}
-
 /// Keys under a lease, for the replica registry and the leadership (`replicas.rs`).
 impl EtcdStore {
     /// The client, for leases.
@@ -547,17 +533,11 @@ impl EtcdStore {
         pairs: &[(String, Vec<u8>)],
         lease: i64,
     ) -> Result<(), ControlError> {
-        let ops: Vec<TxnOp> = pairs
+        let ops = pairs
             .iter()
-            .map(|(k, v)| {
-                TxnOp::put(
-                    k.clone(),
-                    v.clone(),
-                    Some(etcd_client::PutOptions::new().with_lease(lease)),
-                )
-            })
+            .map(|(k, v)| put(k.clone(), v.clone(), lease))
             .collect();
-        self.txn(Txn::new().and_then(ops)).await.map(|_| ())
+        self.txn(txn(Vec::new(), ops)).await.map(|_| ())
     }
 
     /// Puts `key` under `lease` only if it does not exist; returns what it holds after.
@@ -567,14 +547,11 @@ impl EtcdStore {
         value: Vec<u8>,
         lease: i64,
     ) -> Result<Option<Vec<u8>>, ControlError> {
-        let txn = Txn::new()
-            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                value.clone(),
-                Some(etcd_client::PutOptions::new().with_lease(lease)),
-            )]);
-        if self.txn(txn).await?.succeeded() {
+        let txn = txn(
+            vec![version_is(key.clone(), 0)],
+            vec![put(key.clone(), value.clone(), lease)],
+        );
+        if self.txn(txn).await?.succeeded {
             return Ok(Some(value));
         }
         self.value(key).await
@@ -583,11 +560,12 @@ impl EtcdStore {
     /// The value of `key`, if it exists.
     pub(crate) async fn value(&self, key: String) -> Result<Option<Vec<u8>>, ControlError> {
         Ok(self
-            .get(key, None)
+            .get(get(key))
             .await?
-            .kvs()
-            .first()
-            .map(|kv| kv.value().to_vec()))
+            .kvs
+            .into_iter()
+            .next()
+            .map(|kv| kv.value))
     }
 
     /// Every key under `prefix` with its value, in key order.
@@ -595,13 +573,11 @@ impl EtcdStore {
         &self,
         prefix: String,
     ) -> Result<Vec<(String, Vec<u8>)>, ControlError> {
-        let got = self
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
+        let got = self.get(get_prefix(prefix)).await?;
         Ok(got
-            .kvs()
-            .iter()
-            .filter_map(|kv| Some((kv.key_str().ok()?.to_string(), kv.value().to_vec())))
+            .kvs
+            .into_iter()
+            .filter_map(|kv| Some((String::from_utf8(kv.key).ok()?, kv.value)))
             .collect())
     }
 
@@ -614,12 +590,13 @@ impl EtcdStore {
         let keep = super::LOG_MAX_ENTRIES;
         if current > keep {
             let gone = self
-                .delete(
-                    log_key(0),
-                    Some(etcd_client::DeleteOptions::new().with_range(log_key(current - keep + 1))),
-                )
+                .delete(pb::DeleteRangeRequest {
+                    key: log_key(0).into_bytes(),
+                    range_end: log_key(current - keep + 1).into_bytes(),
+                    prev_kv: false,
+                })
                 .await?;
-            log = u64::try_from(gone.deleted()).unwrap_or(0);
+            log = u64::try_from(gone.deleted).unwrap_or(0);
         }
         let mut tokens = 0;
         for (id, record) in self.tokens().await? {
@@ -642,7 +619,7 @@ impl EtcdStore {
         now_unix: u64,
     ) -> Result<(), ControlError> {
         let key = format!("{PREFIX}bindings/{spiffe_id}|{workload}");
-        self.txn(Txn::new().and_then([TxnOp::put(key, now_unix.to_string(), None)]))
+        self.txn(txn(Vec::new(), vec![put(key, now_unix.to_string(), 0)]))
             .await
             .map(|_| ())
     }
@@ -690,7 +667,7 @@ impl EtcdStore {
     ) -> Result<(), ControlError> {
         let key = format!("{PREFIX}revocations/{subject}");
         let json = serde_json::to_string(value).unwrap_or_default();
-        self.txn(Txn::new().and_then([TxnOp::put(key, json, None)]))
+        self.txn(txn(Vec::new(), vec![put(key, json, 0)]))
             .await
             .map(|_| ())
     }
@@ -735,22 +712,23 @@ impl EtcdStore {
         record: &TokenRecord,
     ) -> Result<(), ControlError> {
         let json = serde_json::to_string(record).unwrap_or_default();
-        let txn = Txn::new()
-            .when([Compare::version(token_key(id), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(token_key(id), json, None)]);
+        let txn = txn(
+            vec![version_is(token_key(id), 0)],
+            vec![put(token_key(id), json, 0)],
+        );
         let done = self.txn(txn).await?;
-        if !done.succeeded() {
+        if !done.succeeded {
             return Err(self.corrupt(format!("join token id {id} exists already")));
         }
         Ok(())
     }
 
     async fn token(&self, id: &str) -> Result<Option<(TokenRecord, i64)>, ControlError> {
-        let got = self.get(token_key(id), None).await?;
-        Ok(got.kvs().first().and_then(|kv| {
-            serde_json::from_slice::<TokenRecord>(kv.value())
+        let got = self.get(get(token_key(id))).await?;
+        Ok(got.kvs.first().and_then(|kv| {
+            serde_json::from_slice::<TokenRecord>(&kv.value)
                 .ok()
-                .map(|r| (r, kv.mod_revision()))
+                .map(|r| (r, kv.mod_revision))
         }))
     }
 
@@ -781,10 +759,11 @@ impl EtcdStore {
             };
             record.uses_left -= 1;
             let json = serde_json::to_string(&record).unwrap_or_default();
-            let txn = Txn::new()
-                .when([Compare::mod_revision(token_key(id), CompareOp::Equal, at)])
-                .and_then([TxnOp::put(token_key(id), json, None)]);
-            if self.txn(txn).await?.succeeded() {
+            let txn = txn(
+                vec![mod_revision_is(token_key(id), at)],
+                vec![put(token_key(id), json, 0)],
+            );
+            if self.txn(txn).await?.succeeded {
                 return Ok(Ok((record, issued)));
             }
         }
@@ -796,15 +775,16 @@ impl EtcdStore {
     /// Every stored token by id, in id order.
     pub(crate) async fn tokens(&self) -> Result<Vec<(String, TokenRecord)>, ControlError> {
         let prefix = token_key("");
-        let got = self
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await?;
+        let got = self.get(get_prefix(prefix.clone())).await?;
         Ok(got
-            .kvs()
+            .kvs
             .iter()
             .filter_map(|kv| {
-                let id = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
-                serde_json::from_slice(kv.value()).ok().map(|r| (id, r))
+                let id = std::str::from_utf8(&kv.key)
+                    .ok()?
+                    .strip_prefix(&prefix)?
+                    .to_string();
+                serde_json::from_slice(&kv.value).ok().map(|r| (id, r))
             })
             .collect())
     }
@@ -812,15 +792,16 @@ impl EtcdStore {
     /// Deletes a token; its record, if there was one.
     pub(crate) async fn delete_token(&self, id: &str) -> Result<Option<TokenRecord>, ControlError> {
         let gone = self
-            .delete(
-                token_key(id),
-                Some(etcd_client::DeleteOptions::new().with_prev_key()),
-            )
+            .delete(pb::DeleteRangeRequest {
+                key: token_key(id).into_bytes(),
+                range_end: Vec::new(),
+                prev_kv: true,
+            })
             .await?;
         Ok(gone
-            .prev_kvs()
+            .prev_kvs
             .first()
-            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+            .and_then(|kv| serde_json::from_slice(&kv.value).ok()))
     }
 }
 
@@ -831,7 +812,7 @@ fn read_pem(path: &PathBuf) -> Result<Vec<u8>, ControlError> {
     })
 }
 
-fn unreachable_etcd(endpoints: &str, e: &etcd_client::Error) -> ControlError {
+fn unreachable_etcd(endpoints: &str, e: &etcd::Error) -> ControlError {
     ControlError::Etcd {
         endpoints: endpoints.to_string(),
         message: e.to_string(),
