@@ -8,11 +8,6 @@
 
 # Build: the rust-version Cargo.toml declares, the lock file as committed.
 FROM rust:1.95-bookworm AS build
-# etcd-client (replicas on etcd) compiles etcd's protos with protoc, which imports the
-# well-known types Debian ships apart.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
-    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
