@@ -101,7 +101,7 @@ impl EtcdStore {
         let tls = match (&options.ca, &options.client_cert) {
             (None, None) => None,
             (None, Some(_)) => {
-                return Err(ControlError::Etcd {
+                return Err(ControlError::EtcdOptions {
                     endpoints,
                     message: "--etcd-cert needs --etcd-ca, the CA of the members' serving certificates, to check whom it is shown to".to_string(),
                 });
@@ -115,7 +115,7 @@ impl EtcdStore {
                     &read_pem(ca)?,
                     client.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
                 )
-                .map_err(|message| ControlError::Etcd {
+                .map_err(|message| ControlError::EtcdOptions {
                     endpoints: endpoints.clone(),
                     message,
                 })?;
@@ -123,7 +123,7 @@ impl EtcdStore {
             }
         };
         let client =
-            Client::new(&options.endpoints, tls).map_err(|message| ControlError::Etcd {
+            Client::new(&options.endpoints, tls).map_err(|message| ControlError::EtcdOptions {
                 endpoints: endpoints.clone(),
                 message,
             })?;

@@ -43,13 +43,23 @@ pub(crate) struct Error {
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
+        let mut shown = format!(
             "member {}: {:?}: {}",
             self.member,
             self.status.code(),
             self.status.message()
-        )
+        );
+        // A connection's failure (a TLS alert, a refused dial) is in the status's sources,
+        // which often repeat one another.
+        let mut source = std::error::Error::source(&self.status);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !shown.contains(&text) {
+                shown = format!("{shown}: {text}");
+            }
+            source = s.source();
+        }
+        f.write_str(&shown)
     }
 }
 
