@@ -10,7 +10,9 @@
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all;
 //! with one etcd member killed, applies still succeed everywhere; the leader killed,
-//! another replica leads within its lease.
+//! another replica leads within its lease. Apart, on one etcd member that serves clients over
+//! TLS only and asks for a client certificate: a replica given its CA and a client
+//! certificate runs on it; one given another CA, or no client certificate, is refused.
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::etcd::EtcdCluster;
@@ -31,22 +33,27 @@ impl Replicas {
         let etcd = tool(test, "etcd")?;
         let etcd = EtcdCluster::start(etcd, 3);
         let endpoints = etcd.endpoints();
-        // The secret key every replica is given: 32 random bytes, 0600.
-        let secret = etcd.dir.path().join("secret.key");
-        let mut bytes = [0u8; 32];
-        std::io::Read::read_exact(
-            &mut std::fs::File::open("/dev/urandom").unwrap(),
-            &mut bytes,
-        )
-        .unwrap();
-        std::fs::write(&secret, bytes).unwrap();
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let secret = secret_key(&etcd);
         let secret = secret.to_str().unwrap();
         let replicas = (0..3)
             .map(|_| Mesh::start_with(&["--etcd", &endpoints, "--etcd-secret-key-file", secret]))
             .collect();
         Some(Replicas { etcd, replicas })
     }
+}
+
+/// The secret key every replica is given: 32 random bytes, 0600, in the cluster's directory.
+fn secret_key(etcd: &EtcdCluster) -> std::path::PathBuf {
+    let secret = etcd.dir.path().join("secret.key");
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut bytes,
+    )
+    .unwrap();
+    std::fs::write(&secret, bytes).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    secret
 }
 
 /// A policy named `name` that denies `/blocked/<name>` on orders: many of them can be
@@ -107,6 +114,101 @@ fn three_replicas_on_etcd() {
     a_revocation_on_one_replica_holds_on_all(&r);
     applies_succeed_with_one_etcd_member_down(&mut r);
     the_leadership_moves_when_the_leader_dies(&mut r);
+}
+
+/// A replica reaches etcd over mutual TLS (our own etcd client, rustls): with the members'
+/// CA and a client certificate it starts, leads and commits; with another CA it is refused
+/// (the member's certificate is not trusted), and without a client certificate too (the
+/// member refuses it), each before writing anything.
+#[test]
+fn a_replica_reaches_etcd_over_mutual_tls() {
+    let test = "a_replica_reaches_etcd_over_mutual_tls";
+    let (Some(etcd), Some(openssl)) = (tool(test, "etcd"), tool(test, "openssl")) else {
+        return;
+    };
+    let (cluster, tls) = EtcdCluster::start_tls(etcd, openssl);
+    let endpoints = cluster.endpoints();
+    assert!(endpoints.starts_with("https://"), "{endpoints}");
+    let secret = secret_key(&cluster);
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let mesh = Mesh::start_with(&[
+        "--etcd",
+        &endpoints,
+        "--etcd-secret-key-file",
+        &path(&secret),
+        "--etcd-ca",
+        &path(&tls.ca),
+        "--etcd-cert",
+        &path(&tls.client_cert),
+        "--etcd-key",
+        &path(&tls.client_key),
+    ]);
+    let (code, _, err) = apply_file(&mesh, "orders.yaml", &orders_policy("/orders/*"));
+    assert_eq!(code, 0, "apply over TLS to etcd failed: {err}");
+    let (code, _, err) = apply_file(&mesh, "over-tls.yaml", &deny("over-tls"));
+    assert_eq!(code, 0, "apply over TLS to etcd failed: {err}");
+    assert!(policy_names(&mesh).contains(&"over-tls".to_string()));
+    eventually(WAIT, "the replica on TLS etcd leading", || {
+        let list = replicas(&mesh);
+        list["store"] == "etcd"
+            && list["replicas"]
+                .as_array()
+                .is_some_and(|all| all.len() == 1 && all[0]["leader"] == true)
+    });
+    assert_eq!(revisions(&mesh).as_array().map(Vec::len), Some(2));
+
+    let refused = |name: &str, tls_args: &[&str]| {
+        let data = mesh.dir.path().join(name);
+        let mut args = vec![
+            "control",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            TD,
+            "--etcd",
+            &endpoints,
+            "--etcd-secret-key-file",
+            secret.to_str().unwrap(),
+        ];
+        args.extend(tls_args);
+        let mut control =
+            bulkhead_testkit::Proc::spawn(name, mesh.dir.path(), &mesh.bins.bulkhead, &args, &[]);
+        assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());
+        assert!(!data.join("ca.key").exists(), "{name} made a CA");
+        control.log_text()
+    };
+    let (ca, cert, key, other) = (
+        path(&tls.ca),
+        path(&tls.client_cert),
+        path(&tls.client_key),
+        path(&tls.other_ca),
+    );
+    let log = refused(
+        "control-other-ca",
+        &[
+            "--etcd-ca",
+            &other,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+        ],
+    );
+    assert!(
+        log.contains("did not answer") && log.contains("UnknownIssuer"),
+        "{log}"
+    );
+    let log = refused("control-no-client-cert", &["--etcd-ca", &ca]);
+    assert!(log.contains("did not answer"), "{log}");
+    let log = refused(
+        "control-cert-without-ca",
+        &["--etcd-cert", &cert, "--etcd-key", &key],
+    );
+    assert!(log.contains("--etcd-cert needs --etcd-ca"), "{log}");
+    // The applies above are still the only revisions: nothing refused wrote anything.
+    assert_eq!(revisions(&mesh).as_array().map(Vec::len), Some(2));
 }
 
 /// An identity revoked on replica 1: every replica lists it, and refuses it a join token
