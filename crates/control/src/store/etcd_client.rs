@@ -31,6 +31,9 @@ pub(crate) use bulkhead_api::etcd::mvccpb::KeyValue;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one call may wait for its answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest answer taken from a member (tonic's default is 4 MiB; a read of every
+/// replica's shared flows, at most 1 MiB each, can pass that with a few replicas).
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
 /// HTTP/2 pings on an open connection, and how long one may go unanswered.
 const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(3));
 
@@ -246,7 +249,10 @@ impl Client {
 
     pub(crate) async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, Error> {
         let call = self.member();
-        let out = KvClient::new(call.channel()).range(req).await;
+        let out = KvClient::new(call.channel())
+            .max_decoding_message_size(MAX_ANSWER)
+            .range(req)
+            .await;
         call.finish(out)
     }
 
@@ -255,19 +261,26 @@ impl Client {
         req: pb::DeleteRangeRequest,
     ) -> Result<pb::DeleteRangeResponse, Error> {
         let call = self.member();
-        let out = KvClient::new(call.channel()).delete_range(req).await;
+        let out = KvClient::new(call.channel())
+            .max_decoding_message_size(MAX_ANSWER)
+            .delete_range(req)
+            .await;
         call.finish(out)
     }
 
     pub(crate) async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, Error> {
         let call = self.member();
-        let out = KvClient::new(call.channel()).txn(req).await;
+        let out = KvClient::new(call.channel())
+            .max_decoding_message_size(MAX_ANSWER)
+            .txn(req)
+            .await;
         call.finish(out)
     }
 
     pub(crate) async fn lease_grant(&self, ttl_secs: i64) -> Result<pb::LeaseGrantResponse, Error> {
         let call = self.member();
         let out = LeaseClient::new(call.channel())
+            .max_decoding_message_size(MAX_ANSWER)
             .lease_grant(pb::LeaseGrantRequest {
                 ttl: ttl_secs,
                 id: 0,
@@ -283,6 +296,7 @@ impl Client {
         // etcd answers (and so sends the stream's headers) only once it has a request.
         let _ = requests.try_send(pb::LeaseKeepAliveRequest { id });
         let out = LeaseClient::new(call.channel())
+            .max_decoding_message_size(MAX_ANSWER)
             .lease_keep_alive(ReceiverStream::new(rx))
             .await;
         let index = call.index;
@@ -314,6 +328,7 @@ impl Client {
         };
         let _ = requests.try_send(create);
         let out = WatchClient::new(call.channel())
+            .max_decoding_message_size(MAX_ANSWER)
             .watch(ReceiverStream::new(rx))
             .await;
         let index = call.index;
