@@ -6,13 +6,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/bulkhead/v1/bulkhead.proto",
         "proto/spiffe/workload.proto",
     ];
-    for proto in protos {
+    // The part of etcd's v3 API the control plane's etcd client calls: a client only.
+    let etcd = ["proto/etcd/mvccpb.proto", "proto/etcd/etcdserverpb.proto"];
+    for proto in protos.iter().chain(&etcd) {
         println!("cargo:rerun-if-changed={proto}");
     }
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .compile_fds(fds)?;
+    let fds = protox::compile(etcd, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
         .compile_fds(fds)?;
     Ok(())
 }

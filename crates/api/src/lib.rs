@@ -40,6 +40,21 @@ pub mod spiffe_workload {
     }
 }
 
+/// The part of etcd's v3 API that the control plane's own etcd client calls
+/// (`proto/etcd/`: etcd's packages, methods and field numbers, only what is used), compiled
+/// with protox like ours, so that building needs no protoc. Client stubs only.
+#[allow(clippy::all, clippy::unwrap_used, missing_docs)]
+pub mod etcd {
+    /// Stored keys and watch events (etcd's `mvccpb`).
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// The KV, Watch and Lease services (etcd's `etcdserverpb`).
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
 pub mod channel;
 pub mod exposition;
 pub mod otlp;
@@ -47,6 +62,24 @@ pub mod pieces;
 pub mod process;
 
 pub use v1::Resource as WireResource;
+
+/// The proxies connected to one replica, as bytes another replica reads back
+/// ([`proxies_from_bytes`]): what replicas on etcd share for `bulkhead get proxies`.
+pub fn proxies_to_bytes(proxies: &[v1::ProxyStatus]) -> Vec<u8> {
+    use prost::Message;
+    v1::ListProxiesResponse {
+        proxies: proxies.to_vec(),
+    }
+    .encode_to_vec()
+}
+
+/// What [`proxies_to_bytes`] wrote; `None` if the bytes are not that.
+pub fn proxies_from_bytes(bytes: &[u8]) -> Option<Vec<v1::ProxyStatus>> {
+    use prost::Message;
+    v1::ListProxiesResponse::decode(bytes)
+        .ok()
+        .map(|r| r.proxies)
+}
 
 /// Encodes a checked policy resource for the wire.
 pub fn resource_to_wire(res: &bulkhead_policy::model::Resource) -> WireResource {

@@ -338,6 +338,9 @@ pub async fn get(
     if matches!(what, "proxies" | "proxy") {
         return get_proxies(admin, select, output).await;
     }
+    if matches!(what, "replicas" | "replica") {
+        return get_replicas(admin, output).await;
+    }
     let Some(kind) = kind_of(what) else {
         bail!(
             "unknown resource type {what:?}; use all, policies, workloads, services, postures, proxies or revocations"
@@ -434,6 +437,78 @@ fn human(secs: u64) -> String {
     }
 }
 
+/// `get replicas`: the control-plane replicas, which one leads, and whether each is
+/// healthy (docs/replicas.md).
+async fn get_replicas(admin: &mut Admin, output: &str) -> Result<()> {
+    let resp = admin
+        .list_replicas(request(bulkhead_api::v1::ListReplicasRequest {}))
+        .await
+        .map_err(client::status)?
+        .into_inner();
+    if output == "name" {
+        for r in &resp.replicas {
+            println!("replica/{}", r.id);
+        }
+        return Ok(());
+    }
+    if output != "table" && output != "wide" {
+        let rows: Vec<serde_json::Value> = resp
+            .replicas
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id, "address": r.address, "version": r.version,
+                    "started": crate::jsonstyle::time(r.started_unix),
+                    "lastSeen": crate::jsonstyle::time(r.seen_unix),
+                    "leader": r.leader, "healthy": r.healthy, "proxies": r.proxies,
+                    "answering": r.answering,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({"store": resp.store, "replicas": rows});
+        match output {
+            "yaml" => print!("{}", serde_saphyr::to_string(&doc)?),
+            _ => println!("{}", serde_json::to_string_pretty(&doc)?),
+        }
+        return Ok(());
+    }
+    let rows: Vec<[String; 7]> = resp
+        .replicas
+        .iter()
+        .map(|r| {
+            [
+                match r.answering {
+                    true => format!("{} (this)", r.id),
+                    false => r.id.clone(),
+                },
+                r.address.clone(),
+                if r.leader { "leader" } else { "-" }.to_string(),
+                if r.healthy { "healthy" } else { "UNHEALTHY" }.to_string(),
+                r.proxies.to_string(),
+                ago(r.started_unix),
+                ago(r.seen_unix),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        crate::table::render(
+            &[
+                "REPLICA",
+                "ADDRESS",
+                "ROLE",
+                "HEALTH",
+                "PROXIES",
+                "STARTED",
+                "LAST SEEN"
+            ],
+            &rows
+        )
+    );
+    println!("store: {}", resp.store);
+    Ok(())
+}
+
 async fn get_proxies(admin: &mut Admin, select: &Selection<'_>, output: &str) -> Result<()> {
     let mut resp = admin
         .list_proxies(request(ListProxiesRequest {}))
@@ -461,7 +536,7 @@ async fn get_proxies(admin: &mut Admin, select: &Selection<'_>, output: &str) ->
                     "certNotAfter": crate::jsonstyle::time(p.cert_not_after_unix), "remote": p.remote,
                     "certCaSha256": p.cert_ca_sha256, "bundleSha256": p.bundle_sha256,
                     "bundleCurrent": p.bundle_current, "instance": p.instance,
-                    "revoked": p.revoked,
+                    "revoked": p.revoked, "replica": p.replica,
                 })
             })
             .collect();
@@ -472,6 +547,10 @@ async fn get_proxies(admin: &mut Admin, select: &Selection<'_>, output: &str) ->
         return Ok(());
     }
     let wide = output == "wide";
+    let replicas = resp.proxies.iter().any(|p| !p.replica.is_empty());
+    if replicas {
+        print!("{:<9} ", "REPLICA");
+    }
     if wide {
         print!("{:<13} ", "INSTANCE");
     }
@@ -480,6 +559,9 @@ async fn get_proxies(admin: &mut Admin, select: &Selection<'_>, output: &str) ->
         "IDENTITY", "WORKLOAD", "STREAM", "REVISION", "LAST SEEN", "CERT EXPIRES", "CERT CA"
     );
     for p in &resp.proxies {
+        if replicas {
+            print!("{:<9} ", p.replica);
+        }
         if wide {
             print!(
                 "{:<13} ",

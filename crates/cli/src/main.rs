@@ -114,6 +114,8 @@ enum Command {
         #[command(flatten)]
         traces: ControlTraces,
         #[command(flatten)]
+        etcd: Box<ControlEtcd>,
+        #[command(flatten)]
         webhook: Box<k8s_cmd::ControlWebhook>,
         #[command(flatten)]
         attest: Box<k8s_cmd::ControlAttest>,
@@ -355,6 +357,49 @@ struct ControlTraces {
     /// The share of calls without a sampled `traceparent` that start a trace (0 to 1).
     #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = bulkhead_api::otlp::parse_ratio)]
     trace_sampling_ratio: f64,
+}
+
+/// Replicas sharing their state in etcd (docs/replicas.md).
+#[derive(clap::Args, Debug)]
+struct ControlEtcd {
+    /// Keep the resource set and its revision log in etcd, shared with every replica
+    /// started with the same members: `http://HOST:PORT`, or `https://` with --etcd-ca;
+    /// several comma-separated. Unset: the embedded store in --data-dir (one replica).
+    #[arg(long, value_name = "URL[,URL…]", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The PEM CA that signed the etcd members' serving certificates.
+    #[arg(long, value_name = "PATH", requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    /// A PEM client certificate to present to etcd (with --etcd-key).
+    #[arg(long, value_name = "PATH", requires_all = ["etcd", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The PEM key of --etcd-cert.
+    #[arg(long, value_name = "PATH", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// A file of 32 random bytes (`head -c 32 /dev/urandom > FILE; chmod 600 FILE`), the
+    /// same for every replica: the CA keys are kept in etcd sealed under it
+    /// (AES-256-GCM), never in clear. Required with --etcd.
+    #[arg(long, value_name = "PATH", requires = "etcd")]
+    etcd_secret_key_file: Option<PathBuf>,
+}
+
+impl ControlEtcd {
+    fn options(self) -> Result<Option<bulkhead_control::EtcdOptions>> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        let Some(secret_key_file) = self.etcd_secret_key_file else {
+            bail!(
+                "--etcd needs --etcd-secret-key-file: the CA keys are kept in etcd sealed under it. Make one with `head -c 32 /dev/urandom > FILE; chmod 600 FILE` and give every replica the same file"
+            );
+        };
+        Ok(Some(bulkhead_control::EtcdOptions {
+            endpoints: self.etcd,
+            ca: self.etcd_ca,
+            client_cert: self.etcd_cert.zip(self.etcd_key),
+            secret_key_file,
+        }))
+    }
 }
 
 /// What the control plane keeps and what one proxy's configuration may hold.
@@ -660,6 +705,7 @@ async fn run(cli: Cli) -> Result<()> {
             federation,
             bounds,
             traces,
+            etcd,
             webhook,
             attest,
             controller,
@@ -713,6 +759,7 @@ async fn run(cli: Cli) -> Result<()> {
                 bundle_refresh_hint: Some(bundle_refresh_hint),
                 federation_file: federation,
                 attestor: (*attest).attestor()?,
+                etcd: (*etcd).options()?,
             };
             let controller = (*controller).prepare().await?;
             let running = bulkhead_control::start_with(config, options).await?;

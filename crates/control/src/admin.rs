@@ -108,6 +108,9 @@ impl Admin for State {
                 "{}; a revoked identity gets no join token (`bulkhead unrevoke identity` lifts it once its certificates expired)",
                 revoked.describe()
             )))?;
+        if let Some(etcd) = &self.shared {
+            etcd.put_token(&token_id, &record).await.map_err(internal)?;
+        }
         tracing::info!(actor, token_id, spiffe_id = %id, namespace = record.namespace, workload = record.workload, uses, "join token created");
         Ok(Response::new(pb::CreateTokenResponse {
             token,
@@ -178,9 +181,9 @@ impl Admin for State {
                     .filter(|r| !new_keys.contains(&r.key()))
                     .map(|r| (r.clone(), None))
                     .unzip();
-                for (res, origin) in parsed {
-                    set.push(res);
-                    origins.push(Some(origin));
+                for (res, origin) in &parsed {
+                    set.push(res.clone());
+                    origins.push(Some(origin.clone()));
                 }
                 Ok((Proposal { set, origins }, ()))
             })
@@ -250,9 +253,8 @@ impl Admin for State {
             n => n as usize,
         };
         let revisions = self
-            .store
-            .history(limit)
-            .map_err(internal)?
+            .revision_log(limit)
+            .await?
             .into_iter()
             .map(|r| pb::RevisionInfo {
                 revision: r.revision,
@@ -287,16 +289,17 @@ impl Admin for State {
         let r = req.into_inner();
         let target = r.revision;
         let action = format!("rollback to {target}");
+        let restored = self.set_at(target).await?;
         let (changed, ()) = self
             .change(&actor, &action, r.expect_revision, |_| {
-                let set = match self.store.set_at(target).map_err(internal)? {
-                    SetAt::Kept(set) => set,
+                let set = match &restored {
+                    SetAt::Kept(set) => set.clone(),
                     SetAt::Missing => {
                         return Err(Status::not_found(format!(
                             "there is no revision {target}; `bulkhead history` lists them"
                         )));
                     }
-                    SetAt::Pruned { oldest_kept } => {
+                    &SetAt::Pruned { oldest_kept } => {
                         let h = self.store.history_retention();
                         return Err(Status::not_found(format!(
                             "revision {target} was pruned: the control plane keeps the whole set of the newest {} revisions for at most {} days (bulkhead control --history-revisions, --history-max-age). The oldest revision it can restore is {oldest_kept}; `bulkhead history` still lists who changed what",
@@ -321,6 +324,47 @@ impl Admin for State {
         }))
     }
 
+    async fn list_replicas(
+        &self,
+        req: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        self.require_admin(&req)?;
+        let Some(replica) = &self.replica else {
+            return Err(Status::internal("this control plane has no replica entry"));
+        };
+        let Some(etcd) = &self.shared else {
+            let e = &replica.entry;
+            let bundle = self.cas.borrow().bundle().fingerprints();
+            let connected = self
+                .proxies
+                .list(&bundle)
+                .iter()
+                .filter(|p| p.connected)
+                .count();
+            return Ok(Response::new(pb::ListReplicasResponse {
+                replicas: vec![pb::ReplicaInfo {
+                    id: e.id.clone(),
+                    address: e.address.clone(),
+                    version: e.version.clone(),
+                    started_unix: e.started_unix,
+                    leader: true,
+                    seen_unix: crate::proxies::unix_now(),
+                    healthy: true,
+                    proxies: u32::try_from(connected).unwrap_or(u32::MAX),
+                    answering: true,
+                }],
+                store: "embedded".into(),
+            }));
+        };
+        let (replicas, _) = crate::replicas::list(etcd, replica)
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(pb::ListReplicasResponse {
+            replicas,
+            store: "etcd".into(),
+        }))
+    }
+
     async fn version(
         &self,
         req: Request<pb::VersionRequest>,
@@ -341,6 +385,16 @@ impl Admin for State {
         let bundle = self.cas.borrow().bundle().fingerprints();
         let revocations = self.store.revocations().map_err(internal)?;
         let mut proxies = self.proxies.list(&bundle);
+        if let (Some(etcd), Some(replica)) = (&self.shared, &self.replica) {
+            // This replica's own, live; the others' as they last reported them to etcd.
+            for p in &mut proxies {
+                p.replica = replica.id().to_string();
+            }
+            let (_, others) = crate::replicas::list(etcd, replica)
+                .await
+                .map_err(internal)?;
+            proxies.extend(others.into_iter().filter(|p| p.replica != replica.id()));
+        }
         for p in &mut proxies {
             if let Some(r) = revocations.iter().find(|r| {
                 r.subject == p.spiffe_id || (!p.instance.is_empty() && r.subject == p.instance)
@@ -419,7 +473,7 @@ impl Admin for State {
         }
         let member = self.dir.store_new_ca(ca, origin).map_err(internal)?;
         let set = current.with_added(member).map_err(refused)?;
-        self.publish_cas(set).map_err(internal)?;
+        self.publish_cas(set).await.map_err(internal)?;
         self.audit_ca(
             &actor,
             format!("ca add {id}"),
@@ -481,7 +535,7 @@ impl Admin for State {
             .with_switched(&id, unix_now(), self.svid_lifetime())
             .map_err(refused)?;
         let signer = set.active().clone();
-        self.publish_cas(set).map_err(internal)?;
+        self.publish_cas(set).await.map_err(internal)?;
         self.audit_ca(
             &actor,
             format!("ca switch {id}"),
@@ -518,7 +572,7 @@ impl Admin for State {
         let (set, record) = current
             .with_retired(&r.id, unix_now(), r.force)
             .map_err(refused)?;
-        self.publish_cas(set).map_err(internal)?;
+        self.publish_cas(set).await.map_err(internal)?;
         self.dir.delete_key(&record);
         self.audit_ca(
             &actor,
@@ -551,7 +605,14 @@ impl Admin for State {
         let since = req.into_inner().since;
         // Hours past the window may not be deleted yet (that happens on a report).
         let from = since.max(self.flow_retention.oldest_bucket(unix_now()));
-        let edges = self.store.edges_since(from).map_err(internal)?;
+        let mut edges = self.store.edges_since(from).map_err(internal)?;
+        if let (Some(etcd), Some(replica)) = (&self.shared, &self.replica) {
+            // The union of every replica's: each proxy reports to the replica it is on.
+            let others = crate::replicas::others_edges(etcd, replica, from)
+                .await
+                .map_err(internal)?;
+            edges = bulkhead_insight::merge_edges(edges.into_iter().chain(others));
+        }
         let (dropped, refused) = self.flow_counters.get();
         // Chunks are encoded as the caller reads them, so at most one is held at a time.
         let chunks = JsonChunks::new(edges, LIST_CHUNK_BYTES).map(move |chunk| {

@@ -432,7 +432,9 @@ mod tests {
             retention,
             &no_learning(),
             crate::change::ProxyBounds::default(),
+            None,
         )
+        .await
         .unwrap();
         let from = |spiffe_id: &str| crate::listener::PeerInfo {
             remote: "127.0.0.1:40000".parse().unwrap(),

@@ -5,15 +5,19 @@
 //! type-checks that set whole, checks the configuration each affected workload's proxies
 //! would receive against the per-proxy bounds ([`ProxyBounds`]), commits one revision and
 //! publishes it to every configuration stream. Refused at any step, it changes nothing. The
-//! store behind it is used through two calls only (commit, and the set at a revision for
-//! rollback): the seam a replicated store plugs into.
+//! store behind it is used through three calls (commit, the set at a revision for rollback,
+//! the revision log): the seam where the embedded store or etcd (`--etcd`, several
+//! replicas) plugs in. On etcd the lock is this replica's only; what keeps replicas from
+//! losing one another's changes is the commit's compare-and-swap on etcd's revision, and
+//! a change that lost it is built and checked again on the set that won.
 //!
-//! It must never publish a set it did not check, never commit without the lock, and never
-//! let a configuration a proxy would refuse for its size or rule count be reported as
-//! applied.
+//! It must never publish a set it did not check, never commit without the lock (and on etcd
+//! without the comparison), and never let a configuration a proxy would refuse for its size
+//! or rule count be reported as applied.
 
 use crate::service::{Snapshot, State, internal};
-use crate::store::Change;
+use crate::store::etcd::Commit;
+use crate::store::{Change, SetAt};
 use bulkhead_policy::model::{Resource, ResourceName};
 use bulkhead_policy::{Origin, PolicySet};
 use std::collections::BTreeSet;
@@ -39,6 +43,44 @@ impl Default for ProxyBounds {
             max_config_bytes: 16 * 1024 * 1024,
         }
     }
+}
+
+/// How many times a change is built and committed when other replicas keep committing first.
+pub(crate) const COMMIT_ATTEMPTS: u32 = 8;
+
+/// With replicas on etcd, follows etcd's revision and publishes every new one to the proxies
+/// connected to this replica, as [`State::change`] publishes a local one. Without, nothing.
+pub(crate) fn spawn_follow(state: Arc<State>) {
+    let Some(etcd) = state.shared.clone() else {
+        return;
+    };
+    let (seen, mut values) = tokio::sync::watch::channel(Vec::new());
+    let follower = etcd.clone();
+    tokio::spawn(async move {
+        follower
+            .follow(crate::store::etcd::revision_key(), seen)
+            .await
+    });
+    let weak = Arc::downgrade(&state);
+    tokio::spawn(async move {
+        while values.changed().await.is_ok() {
+            let value = values.borrow_and_update().clone();
+            let Ok(revision) = etcd.revision_in(&value) else {
+                continue;
+            };
+            let Some(state) = weak.upgrade() else {
+                return;
+            };
+            if revision > state.snapshot.borrow().revision {
+                let _one_change_at_a_time = state.writes.lock().await;
+                if let Err(e) = state.catch_up().await {
+                    tracing::warn!(error = %e, revision, "cannot read a new revision from etcd; trying at the next one");
+                }
+            }
+        }
+    });
+    crate::service::spawn_follow_revocations(state.clone());
+    crate::service::spawn_follow_cas(state);
 }
 
 /// The set as a change finds it.
@@ -97,7 +139,7 @@ impl State {
         actor: &str,
         action: &str,
         expect_revision: Option<u64>,
-        build: impl FnOnce(Current<'_>) -> Result<(Proposal, T), Status>,
+        build: impl FnMut(Current<'_>) -> Result<(Proposal, T), Status>,
     ) -> Result<(Changed, T), Status> {
         self.change_with(actor, action, expect_revision, false, build)
             .await
@@ -105,97 +147,174 @@ impl State {
 
     /// [`State::change`], or with `dry_run` everything but the commit: the same checks and
     /// refusals, and what would change, at the current revision.
+    ///
+    /// With replicas on etcd, the set is first brought up to etcd's revision, and the commit
+    /// compares etcd's revision with the one the change was built on: when another replica
+    /// committed in between, nothing is written, the new set is read and `build` runs again
+    /// on it (so `build` may run more than once), up to [`COMMIT_ATTEMPTS`] times.
     pub(crate) async fn change_with<T>(
         &self,
         actor: &str,
         action: &str,
         expect_revision: Option<u64>,
         dry_run: bool,
-        build: impl FnOnce(Current<'_>) -> Result<(Proposal, T), Status>,
+        mut build: impl FnMut(Current<'_>) -> Result<(Proposal, T), Status>,
     ) -> Result<(Changed, T), Status> {
-        let _one_change_at_a_time = self.writes.lock().await;
-        let current = self.snapshot.borrow().clone();
-        if let Some(expected) = expect_revision
-            && expected != current.revision
-        {
-            return Err(Status::failed_precondition(format!(
-                "the resource set is at revision {}, not {expected} (--expect-revision): it changed since it was read. Read it again (`bulkhead get`, `bulkhead history`), decide again, and retry with the revision you read",
-                current.revision
-            )));
-        }
-        let (proposal, extra) = build(Current {
-            resources: &current.resources,
-        })?;
-        // The whole set after this change must compile: a change that would leave any
-        // policy unenforceable (say, a port re-declared as tcp under an HTTP rule) is refused.
-        self.check(&proposal.set, &proposal.origins)?;
-        let mut set = proposal.set;
-        set.sort_by_key(Resource::key);
-        let candidate = Snapshot::new(current.revision + 1, set);
-        let affected = self.within_bounds(&current, &candidate)?;
-        if dry_run {
-            let as_json = |set: &[Resource]| {
-                crate::store::by_key(set)
-                    .map_err(|e| Status::internal(format!("a resource does not serialize: {e}")))
-            };
-            let changes = crate::store::changes(
-                &as_json(&current.resources)?,
-                &as_json(&candidate.resources)?,
-            );
-            let nothing = changes
-                .iter()
-                .all(|(_, c)| *c == crate::store::Change::Unchanged);
-            return Ok((
-                Changed {
-                    revision: current.revision,
-                    changes,
-                    affected: if nothing { Vec::new() } else { affected },
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let _one_change_at_a_time = self.writes.lock().await;
+            self.catch_up().await.map_err(internal)?;
+            let current = self.snapshot.borrow().clone();
+            if let Some(expected) = expect_revision
+                && expected != current.revision
+            {
+                return Err(Status::failed_precondition(format!(
+                    "the resource set is at revision {}, not {expected} (--expect-revision): it changed since it was read. Read it again (`bulkhead get`, `bulkhead history`), decide again, and retry with the revision you read",
+                    current.revision
+                )));
+            }
+            let (proposal, extra) = build(Current {
+                resources: &current.resources,
+            })?;
+            // The whole set after this change must compile: a change that would leave any
+            // policy unenforceable (say, a port re-declared as tcp under an HTTP rule) is refused.
+            self.check(&proposal.set, &proposal.origins)?;
+            let mut set = proposal.set;
+            set.sort_by_key(Resource::key);
+            let candidate = Snapshot::new(current.revision + 1, set);
+            let affected = self.within_bounds(&current, &candidate)?;
+            if dry_run {
+                let as_json = |set: &[Resource]| {
+                    crate::store::by_key(set).map_err(|e| {
+                        Status::internal(format!("a resource does not serialize: {e}"))
+                    })
+                };
+                let changes = crate::store::changes(
+                    &as_json(&current.resources)?,
+                    &as_json(&candidate.resources)?,
+                );
+                let nothing = changes
+                    .iter()
+                    .all(|(_, c)| *c == crate::store::Change::Unchanged);
+                return Ok((
+                    Changed {
+                        revision: current.revision,
+                        changes,
+                        affected: if nothing { Vec::new() } else { affected },
+                    },
+                    extra,
+                ));
+            }
+            let now = crate::proxies::unix_now();
+            let committed = match &self.shared {
+                None => self
+                    .store
+                    .commit(&candidate.resources, actor, action, now)
+                    .map_err(internal)?,
+                Some(etcd) => match etcd
+                    .commit(
+                        current.revision,
+                        &current.resources,
+                        &candidate.resources,
+                        actor,
+                        action,
+                        now,
+                    )
+                    .await
+                    .map_err(internal)?
+                {
+                    Commit::Done(committed) => committed,
+                    Commit::Conflict if attempt < COMMIT_ATTEMPTS => {
+                        tracing::info!(
+                            base = current.revision,
+                            attempt,
+                            "another replica committed first; building the change again on the new set"
+                        );
+                        continue;
+                    }
+                    Commit::Conflict => {
+                        return Err(Status::aborted(format!(
+                            "other replicas committed {COMMIT_ATTEMPTS} times while this change was being checked; nothing was changed. Try again (`bulkhead history` shows who is changing the set)"
+                        )));
+                    }
                 },
-                extra,
-            ));
-        }
-        let committed = self
-            .store
-            .commit(
-                &candidate.resources,
-                actor,
-                action,
-                crate::proxies::unix_now(),
-            )
-            .map_err(internal)?;
-        if committed.pruned > 0 {
-            tracing::info!(
-                pruned = committed.pruned,
-                "pruned revision snapshots past the history's retention"
-            );
-        }
-        let changed = Changed {
-            revision: committed.revision,
-            changes: committed.changes,
-            affected: if committed.revision == current.revision {
-                Vec::new()
-            } else {
-                affected
-            },
-        };
-        if committed.revision != current.revision {
-            // What was checked is what is pushed; the store kept the same set, in key order.
-            let mut snapshot = if committed.revision == candidate.revision {
-                candidate
-            } else {
-                Snapshot::new(committed.revision, candidate.resources)
             };
-            snapshot.commit_span = self.commit_span(&changed, actor, action);
-            self.snapshot.send_replace(Arc::new(snapshot));
-            tracing::info!(
-                revision = changed.revision,
-                actor,
-                action,
-                affected = changed.affected.len(),
-                "new revision pushed"
-            );
+            if committed.pruned > 0 {
+                tracing::info!(
+                    pruned = committed.pruned,
+                    "pruned revision snapshots past the history's retention"
+                );
+            }
+            let changed = Changed {
+                revision: committed.revision,
+                changes: committed.changes,
+                affected: if committed.revision == current.revision {
+                    Vec::new()
+                } else {
+                    affected
+                },
+            };
+            if committed.revision != current.revision {
+                // What was checked is what is pushed; the store kept the same set, in key order.
+                let mut snapshot = if committed.revision == candidate.revision {
+                    candidate
+                } else {
+                    Snapshot::new(committed.revision, candidate.resources)
+                };
+                snapshot.commit_span = self.commit_span(&changed, actor, action);
+                self.snapshot.send_replace(Arc::new(snapshot));
+                tracing::info!(
+                    revision = changed.revision,
+                    actor,
+                    action,
+                    affected = changed.affected.len(),
+                    "new revision pushed"
+                );
+            }
+            return Ok((changed, extra));
         }
-        Ok((changed, extra))
+    }
+
+    /// With replicas on etcd, makes etcd's current set this replica's, if it is newer:
+    /// published to every proxy connected here exactly as a local change is. The caller
+    /// holds [`State::writes`].
+    async fn catch_up(&self) -> Result<(), crate::ControlError> {
+        let Some(etcd) = &self.shared else {
+            return Ok(());
+        };
+        let local = self.snapshot.borrow().revision;
+        if etcd.current_revision().await? <= local {
+            return Ok(());
+        }
+        let (revision, mut set) = etcd.resources().await?;
+        if revision <= local {
+            return Ok(());
+        }
+        set.sort_by_key(Resource::key);
+        self.snapshot
+            .send_replace(Arc::new(Snapshot::new(revision, set)));
+        tracing::info!(revision, "new revision from another replica pushed");
+        Ok(())
+    }
+
+    /// The set at `revision`, from etcd with replicas, else from the embedded store.
+    pub(crate) async fn set_at(&self, revision: u64) -> Result<SetAt, Status> {
+        match &self.shared {
+            Some(etcd) => etcd.set_at(revision).await.map_err(internal),
+            None => self.store.set_at(revision).map_err(internal),
+        }
+    }
+
+    /// The newest `limit` entries of the revision log, from etcd with replicas.
+    pub(crate) async fn revision_log(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::store::RevisionRecord>, Status> {
+        match &self.shared {
+            Some(etcd) => etcd.history(limit).await.map_err(internal),
+            None => self.store.history(limit).map_err(internal),
+        }
     }
 
     /// Records the commit of a revision as a span under the call that made it, if traced.
@@ -365,7 +484,8 @@ mod tests {
         let lifetime = Duration::from_secs(3600);
         let (data, cas) = crate::datadir::DataDir::open(&dir, "td.test", lifetime).unwrap();
         let store = crate::store::Store::open_with(&dir.join("state.redb"), history).unwrap();
-        let state = State::with_options(
+        let current = store.resources().unwrap();
+        let state = State::build(
             data,
             cas,
             store,
@@ -373,6 +493,8 @@ mod tests {
             crate::flows::FlowRetention::default(),
             &crate::anomaly::Anomalies::default(),
             bounds,
+            current,
+            None,
         )
         .unwrap();
         Plane { state, dir }

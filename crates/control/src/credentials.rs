@@ -156,6 +156,34 @@ impl State {
     }
 
     /// Republishes the list after a change in the store, so that proxies get it now.
+    /// With replicas on etcd, takes up the identity revocations made and lifted on other
+    /// replicas, and publishes the list if it changed.
+    pub(crate) async fn sync_revocations(&self) -> Result<(), ControlError> {
+        use crate::store::etcd::SharedRevocation;
+        let Some(etcd) = &self.shared else {
+            return Ok(());
+        };
+        let now = unix_now();
+        let mut changed = false;
+        for shared in etcd.revocations().await? {
+            changed |= match &shared {
+                SharedRevocation::Revoked(r) => self.store.import_revocation(r, now)?,
+                SharedRevocation::Lifted {
+                    subject,
+                    actor,
+                    time_unix,
+                } => self.store.lift_imported(subject, *time_unix, actor, now)?,
+            };
+        }
+        if changed {
+            self.revoked.refresh(&self.store, now)?;
+            tracing::warn!(
+                "took up revocations made or lifted on another replica; pushed to every proxy"
+            );
+        }
+        Ok(())
+    }
+
     fn publish_revocations(&self) -> Result<(), Status> {
         self.revoked
             .refresh(&self.store, unix_now())
@@ -208,13 +236,14 @@ impl Credentials for State {
         req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         self.require_admin(&req)?;
-        let tokens = self
-            .store
-            .tokens()
-            .map_err(internal)?
-            .into_iter()
-            .map(|(id, t)| token_info(id, t))
-            .collect();
+        let tokens = match &self.shared {
+            Some(etcd) => etcd.tokens().await,
+            None => self.store.tokens(),
+        }
+        .map_err(internal)?
+        .into_iter()
+        .map(|(id, t)| token_info(id, t))
+        .collect();
         Ok(Response::new(pb::ListTokensResponse { tokens }))
     }
 
@@ -224,11 +253,15 @@ impl Credentials for State {
     ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
         let actor = self.require_admin(&req)?;
         let id = req.into_inner().id;
-        match self
+        let local = self
             .store
             .delete_token(&id, &actor, unix_now())
-            .map_err(internal)?
-        {
+            .map_err(internal)?;
+        let deleted = match &self.shared {
+            Some(etcd) => etcd.delete_token(&id).await.map_err(internal)?,
+            None => local,
+        };
+        match deleted {
             Some(record) => {
                 tracing::info!(
                     actor,
@@ -278,6 +311,19 @@ impl Credentials for State {
             .map_err(internal)?
             .map_err(refused)?;
         self.publish_revocations()?;
+        let mut done = done;
+        if let (Some(etcd), RevocationKind::Identity) = (&self.shared, kind) {
+            // For every replica: it refuses the identity too, and no token for it is left.
+            let revoked = crate::store::etcd::SharedRevocation::Revoked(done.revocation.clone());
+            etcd.put_revocation(&subject, &revoked)
+                .await
+                .map_err(internal)?;
+            for id in etcd.delete_tokens_of(&subject).await.map_err(internal)? {
+                if !done.tokens_deleted.contains(&id) {
+                    done.tokens_deleted.push(id);
+                }
+            }
+        }
         tracing::warn!(
             actor,
             kind = kind.word(),
@@ -312,6 +358,16 @@ impl Credentials for State {
             .map_err(internal)?
             .map_err(refused)?;
         self.publish_revocations()?;
+        if let Some(etcd) = &self.shared {
+            let lifted = crate::store::etcd::SharedRevocation::Lifted {
+                subject: subject.clone(),
+                actor: actor.clone(),
+                time_unix: unix_now(),
+            };
+            etcd.put_revocation(&subject, &lifted)
+                .await
+                .map_err(internal)?;
+        }
         tracing::warn!(actor, subject, "revocation lifted");
         Ok(Response::new(pb::RevokeResponse {
             revocation: Some(revocation_to_wire(lifted)),

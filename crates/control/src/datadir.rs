@@ -83,6 +83,17 @@ impl DataDir {
         Ok((dir, set))
     }
 
+    /// Reads the CA set again from the files (written by another replica), recording that
+    /// the signing CA is used with `svid_lifetime`.
+    pub(crate) fn reload(
+        &self,
+        trust_domain: &str,
+        svid_lifetime: Duration,
+    ) -> Result<CaSet, ControlError> {
+        let set = self.load(trust_domain)?;
+        Ok(set.with_lifetime(svid_lifetime).unwrap_or(set))
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
@@ -333,7 +344,7 @@ fn dialable(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Writes `bytes` to `path` atomically (temp file + rename) with `mode`.
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ControlError> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ControlError> {
     let io = |source| ControlError::DataDir {
         path: path.to_path_buf(),
         source,

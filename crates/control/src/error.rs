@@ -44,6 +44,15 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "etcd at {endpoints} did not answer ({message}); nothing was written. Check that a majority of the etcd members is up and reachable from this replica (etcdctl endpoint health), then try again"
+    )]
+    Etcd { endpoints: String, message: String },
+    /// `--etcd` and its TLS options cannot be used as given (nothing was dialled).
+    #[error("--etcd {endpoints}: {message}; nothing was started")]
+    EtcdOptions { endpoints: String, message: String },
+    #[error("the secret key file {path} cannot seal the CA keys kept in etcd: {message}")]
+    SecretKey { path: PathBuf, message: String },
     #[error("server stopped: {0}")]
     Serve(String),
     /// The web console's options cannot be served as given (issue 21).

@@ -23,6 +23,7 @@ mod listener;
 mod metrics;
 mod promote;
 mod proxies;
+mod replicas;
 mod resources;
 mod service;
 mod spans;
@@ -42,6 +43,7 @@ pub use federation::{FederatedTrustDomain, ForeignBundle};
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
 pub use issuer::{BundleUpdates, Issuer, ServingTls};
 pub use resources::{Committed, Refused, Resources};
+pub use store::etcd::EtcdOptions;
 pub use store::{HistoryRetention, LOG_CHANGES_PER_ENTRY, LOG_MAX_AGE, LOG_MAX_ENTRIES};
 
 use bulkhead_api::v1::{
@@ -94,6 +96,9 @@ pub struct ControlOptions {
     /// Accept joins by a credential this attestor checks (a Kubernetes service-account
     /// token) instead of a join token; `None`: such joins are refused.
     pub attestor: Option<Arc<dyn Attestor>>,
+    /// Keep the resource set and its revision log in etcd, shared with other replicas
+    /// (`--etcd`); `None`: the embedded store holds them (one replica).
+    pub etcd: Option<EtcdOptions>,
 }
 
 /// Where the control plane's spans go (`bulkhead control --otlp-endpoint`).
@@ -159,13 +164,53 @@ pub async fn start_with_flow_retention(
     start_with(config, options).await
 }
 
+/// Opens the data directory. With replicas on etcd, the CA set is etcd's: taken from there
+/// if a replica stored it, else this replica's (made now, if new) is stored for the others;
+/// two first replicas racing agree on the one stored first.
+async fn open_data_dir(
+    config: &ControlConfig,
+    shared: Option<&store::etcd::EtcdStore>,
+) -> Result<(datadir::DataDir, cas::CaSet), ControlError> {
+    let open =
+        || datadir::DataDir::open(&config.data_dir, &config.trust_domain, config.svid_lifetime);
+    let Some(etcd) = shared else {
+        return open();
+    };
+    if etcd.fetch_cas(&config.data_dir).await? {
+        let (dir, cas) = open()?;
+        tracing::info!("took the CA set from etcd");
+        return Ok((dir, cas));
+    }
+    let (dir, cas) = open()?;
+    if etcd.store_cas(dir.path(), &cas.file(), true).await? {
+        tracing::info!("stored this replica's CA set in etcd, keys sealed, for the other replicas");
+        return Ok((dir, cas));
+    }
+    // Another replica stored its set first: that one is the mesh's.
+    etcd.fetch_cas(&config.data_dir).await?;
+    drop(dir);
+    let (dir, cas) = open()?;
+    tracing::info!("took the CA set another replica stored first from etcd");
+    Ok((dir, cas))
+}
+
 /// [`start`] with `options`.
 pub async fn start_with(
     config: ControlConfig,
     options: ControlOptions,
 ) -> Result<RunningControl, ControlError> {
-    let (dir, cas) =
-        datadir::DataDir::open(&config.data_dir, &config.trust_domain, config.svid_lifetime)?;
+    let shared = match &options.etcd {
+        Some(etcd) => {
+            let shared = store::etcd::EtcdStore::connect(etcd, options.history.clone()).await?;
+            tracing::info!(
+                etcd = shared.endpoints(),
+                "the resource set, its revision log, join tokens and the CA set are kept in etcd, shared with every replica"
+            );
+            Some(shared)
+        }
+        None => None,
+    };
+    let (dir, cas) = open_data_dir(&config, shared.as_ref()).await?;
     let store = store::Store::open_with(&config.data_dir.join("state.redb"), options.history)?;
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -191,7 +236,10 @@ pub async fn start_with(
         options.flow_retention,
         &options.anomalies,
         options.proxy_bounds,
-    )?;
+        shared,
+    )
+    .await?;
+    state.replica = Some(Arc::new(replicas::Replica::new(addr)));
     if let Some(hint) = options.bundle_refresh_hint {
         state.bundle_refresh_hint = hint.as_secs().max(1);
     }
@@ -239,6 +287,8 @@ pub async fn start_with(
         state.tracer = Some(Arc::new(tracer));
     }
     let state = Arc::new(state);
+    change::spawn_follow(state.clone());
+    replicas::spawn(state.clone());
     let incoming = listener::incoming(tcp, state.serving.clone(), state.trust_domain().to_string());
     listener::spawn_cert_renewal(state.clone());
     credentials::spawn_upkeep(state.clone());

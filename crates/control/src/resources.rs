@@ -51,14 +51,15 @@ impl Resources {
 
     /// Changes the set as one revision by `author`: under the write lock, `build` gets the
     /// current set and proposes the whole new one with each resource's origin (or refuses,
-    /// in words); the proposal is checked whole and against the per-proxy bounds, committed
+    /// in words; with replicas on etcd it is called again on the newer set when another
+    /// replica committed first); the proposal is checked whole and against the per-proxy bounds, committed
     /// with `action` in the change log and pushed to every proxy. A proposal equal to the
     /// current set commits no revision.
     pub async fn change(
         &self,
         author: &str,
         action: &str,
-        build: impl FnOnce(&[Resource]) -> Result<(Vec<Resource>, Vec<Option<Origin>>), String>,
+        mut build: impl FnMut(&[Resource]) -> Result<(Vec<Resource>, Vec<Option<Origin>>), String>,
     ) -> Result<Committed, Refused> {
         let (changed, ()) = self
             .state

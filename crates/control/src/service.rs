@@ -91,9 +91,102 @@ impl Snapshot {
     }
 }
 
+/// With replicas on etcd, follows the identity revocations there: one made or lifted on
+/// another replica is taken up here and pushed to this replica's proxies.
+pub(crate) fn spawn_follow_revocations(state: Arc<State>) {
+    let Some(etcd) = state.shared.clone() else {
+        return;
+    };
+    let (seen, mut values) = watch::channel(Vec::new());
+    tokio::spawn(async move {
+        etcd.follow_prefix(format!("{}revocations/", crate::store::etcd::PREFIX), seen)
+            .await
+    });
+    let weak = Arc::downgrade(&state);
+    drop(state);
+    tokio::spawn(async move {
+        while values.changed().await.is_ok() {
+            values.borrow_and_update();
+            let Some(state) = weak.upgrade() else {
+                return;
+            };
+            if let Err(e) = state.sync_revocations().await {
+                tracing::error!(error = %e, "cannot take up the revocations made on other replicas; trying at the next change");
+            }
+        }
+    });
+}
+
+/// With replicas on etcd, follows the CA files there: another replica's CA change (add,
+/// switch, retire) is written into this replica's data directory and made current, as if
+/// it had been made here.
+pub(crate) fn spawn_follow_cas(state: Arc<State>) {
+    let Some(etcd) = state.shared.clone() else {
+        return;
+    };
+    let (seen, mut values) = watch::channel(Vec::new());
+    let follower = etcd.clone();
+    tokio::spawn(async move {
+        follower
+            .follow(crate::store::etcd_ca::files_key(), seen)
+            .await
+    });
+    let weak = Arc::downgrade(&state);
+    drop(state);
+    tokio::spawn(async move {
+        while values.changed().await.is_ok() {
+            let json = values.borrow_and_update().clone();
+            let Some(state) = weak.upgrade() else {
+                return;
+            };
+            if json.is_empty() || !etcd.is_new_ca(&json) {
+                continue;
+            }
+            let _one_ca_change_at_a_time = state.ca_changes.lock().await;
+            let taken = etcd
+                .write_cas(state.dir.path(), &json)
+                .and_then(|()| state.dir.reload(state.trust_domain(), state.svid_lifetime))
+                .and_then(|set| {
+                    state.dir.save(&set)?;
+                    state.cas.send_replace(Arc::new(set));
+                    state.refresh_serving()
+                });
+            match taken {
+                Ok(()) => tracing::info!("took up the CA set another replica changed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot take up the CA set another replica changed; this replica keeps signing with the set it has")
+                }
+            }
+        }
+    });
+}
+
+impl State {
+    /// The work that must happen once, done by the leading replica: etcd's revision log
+    /// trimmed to its bound, expired join tokens deleted.
+    pub(crate) async fn lead(&self, etcd: &crate::store::etcd::EtcdStore) {
+        match etcd.trim(unix_now()).await {
+            Ok((0, 0)) => {}
+            Ok((log, tokens)) => {
+                tracing::info!(
+                    log,
+                    tokens,
+                    "leader upkeep: trimmed the revision log and deleted expired join tokens in etcd"
+                )
+            }
+            Err(e) => tracing::warn!(error = %e, "leader upkeep failed; trying again in a minute"),
+        }
+    }
+}
+
 pub(crate) struct State {
     pub(crate) dir: DataDir,
     pub(crate) store: Store,
+    /// Where the resource set and its revision log are kept when replicas share them
+    /// (`--etcd`); `None`: in `store`.
+    pub(crate) shared: Option<crate::store::etcd::EtcdStore>,
+    /// This replica: its id in the registry and whether it leads (`replicas.rs`).
+    pub(crate) replica: Option<Arc<crate::replicas::Replica>>,
     svid_lifetime: Duration,
     trust_domain: String,
     pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
@@ -154,7 +247,8 @@ impl State {
     ) -> Result<State, ControlError> {
         let anomalies = Anomalies::default();
         let bounds = crate::change::ProxyBounds::default();
-        State::with_options(
+        let (revision, resources) = store.resources()?;
+        State::build(
             dir,
             cas,
             store,
@@ -162,10 +256,15 @@ impl State {
             flow_retention,
             &anomalies,
             bounds,
+            (revision, resources),
+            None,
         )
     }
 
-    pub(crate) fn with_options(
+    /// [`State::build`] with the set read from etcd when `shared` is given, else from
+    /// `store`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn with_options(
         dir: DataDir,
         cas: CaSet,
         store: Store,
@@ -173,8 +272,37 @@ impl State {
         flow_retention: FlowRetention,
         anomalies: &Anomalies,
         proxy_bounds: crate::change::ProxyBounds,
+        shared: Option<crate::store::etcd::EtcdStore>,
     ) -> Result<State, ControlError> {
-        let (revision, resources) = store.resources()?;
+        let current = match &shared {
+            Some(etcd) => etcd.resources().await?,
+            None => store.resources()?,
+        };
+        State::build(
+            dir,
+            cas,
+            store,
+            svid_lifetime,
+            flow_retention,
+            anomalies,
+            proxy_bounds,
+            current,
+            shared,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn build(
+        dir: DataDir,
+        cas: CaSet,
+        store: Store,
+        svid_lifetime: Duration,
+        flow_retention: FlowRetention,
+        anomalies: &Anomalies,
+        proxy_bounds: crate::change::ProxyBounds,
+        (revision, resources): (u64, Vec<Resource>),
+        shared: Option<crate::store::etcd::EtcdStore>,
+    ) -> Result<State, ControlError> {
         let anomalies = Monitor::load(&store, anomalies, unix_now())?;
         tracing::info!(revision, resources = resources.len(), dir = %dir.path().display(), "loaded resources");
         let trust_domain = cas.trust_domain().to_string();
@@ -187,6 +315,8 @@ impl State {
         Ok(State {
             dir,
             store,
+            shared,
+            replica: None,
             svid_lifetime,
             trust_domain,
             snapshot: watch::Sender::new(Arc::new(Snapshot::new(revision, resources))),
@@ -228,8 +358,14 @@ impl State {
     /// CA, trusting the new bundle for new connections.
     /// When another CA signs, the JWT-SVID key rotates too (before the push, so the push
     /// carries it).
-    pub(crate) fn publish_cas(&self, set: CaSet) -> Result<(), ControlError> {
+    ///
+    /// With replicas on etcd, the set's files go to etcd too (keys sealed), and every
+    /// other replica takes them up.
+    pub(crate) async fn publish_cas(&self, set: CaSet) -> Result<(), ControlError> {
         self.dir.save(&set)?;
+        if let Some(etcd) = &self.shared {
+            etcd.store_cas(self.dir.path(), &set.file(), false).await?;
+        }
         if set.active().fingerprint() != self.cas.borrow().active().fingerprint() {
             let next = self.jwt.load().rotate(self.dir.path(), unix_now())?;
             self.jwt.store(Arc::new(next));
@@ -368,21 +504,19 @@ impl Identity for State {
         let (token_id, secret) =
             tokens::parse(&r.token).map_err(|e| Status::unauthenticated(e.to_string()))?;
         let now = SystemTime::now();
-        let outcome = self
-            .store
-            .redeem_token(
-                token_id,
-                &tokens::hash(secret),
-                unix_now(),
-                |record: &TokenRecord| {
-                    let id = record.spiffe_id.clone();
-                    let chain = self
-                        .signer()
-                        .sign_csr(&r.csr_der, &id, self.svid_lifetime, now)?;
-                    Ok::<_, JoinRefusal>((id, chain))
-                },
-            )
-            .map_err(internal)?;
+        let issue = |record: &TokenRecord| {
+            let id = record.spiffe_id.clone();
+            let chain = self
+                .signer()
+                .sign_csr(&r.csr_der, &id, self.svid_lifetime, now)?;
+            Ok::<_, JoinRefusal>((id, chain))
+        };
+        let hash = tokens::hash(secret);
+        let outcome = match &self.shared {
+            Some(etcd) => etcd.redeem_token(token_id, &hash, unix_now(), issue).await,
+            None => self.store.redeem_token(token_id, &hash, unix_now(), issue),
+        }
+        .map_err(internal)?;
         let (record, (id, chain)) = match outcome {
             Ok(ok) => ok,
             Err(refusal) => {
@@ -411,9 +545,7 @@ impl Identity for State {
                 tracing::warn!(?remote, token_id, spiffe_id = %id, "join refused: the identity is revoked");
                 Status::permission_denied(revoked.describe())
             })?;
-        self.store
-            .bind(id.as_str(), &workload, unix_now())
-            .map_err(internal)?;
+        self.bind(id.as_str(), &workload).await?;
         tracing::info!(?remote, spiffe_id = %id, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "issued SVID");
         self.metrics.svid_issued("join");
         Ok(Response::new(pb::JoinResponse {
@@ -439,7 +571,9 @@ impl State {
         // on request, whatever the store says (a token from before they were reserved).
         id.refuse_reserved()
             .map_err(|e| Status::permission_denied(e.to_string()))?;
-        if !self.store.has_identity(id.as_str()).map_err(internal)? {
+        if !self.store.has_identity(id.as_str()).map_err(internal)?
+            && !self.learn_bindings(id.as_str()).await?
+        {
             return Err(Status::permission_denied(format!(
                 "{id} was never issued by a join token; only workload identities renew"
             )));
@@ -572,19 +706,51 @@ struct Follow {
 }
 
 impl State {
-    /// The caller's identity, if it is bound to `workload` (by the join token it used).
-    fn bound_caller<T>(
+    /// Records that `spiffe_id` may fetch `workload`'s configuration: here, and with
+    /// replicas in etcd too, for the replicas its proxy may fail over to.
+    pub(crate) async fn bind(
+        &self,
+        spiffe_id: &str,
+        workload: &ResourceName,
+    ) -> Result<(), Status> {
+        self.store
+            .bind(spiffe_id, workload, unix_now())
+            .map_err(internal)?;
+        if let Some(etcd) = &self.shared {
+            etcd.put_binding(spiffe_id, workload, unix_now())
+                .await
+                .map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    /// With replicas on etcd, copies the bindings another replica made for `spiffe_id`
+    /// (its proxy joined there) into this replica's store; whether there were any.
+    pub(crate) async fn learn_bindings(&self, spiffe_id: &str) -> Result<bool, Status> {
+        let Some(etcd) = &self.shared else {
+            return Ok(false);
+        };
+        let found = etcd.bindings_of(spiffe_id).await.map_err(internal)?;
+        for workload in &found {
+            self.store
+                .bind(spiffe_id, workload, unix_now())
+                .map_err(internal)?;
+        }
+        Ok(!found.is_empty())
+    }
+
+    /// The caller's identity, if it is bound to `workload` (by the join token it used, on
+    /// this replica or, with replicas on etcd, any).
+    async fn bound_caller<T>(
         &self,
         req: &Request<T>,
         workload: &ResourceName,
     ) -> Result<SpiffeId, Status> {
         let id = caller(req)?;
         self.refuse_revoked(req)?;
-        if !self
-            .store
-            .is_bound(id.as_str(), workload)
-            .map_err(internal)?
-        {
+        let bound = |s: &Self| s.store.is_bound(id.as_str(), workload).map_err(internal);
+        let known = bound(self)? || (self.learn_bindings(id.as_str()).await? && bound(self)?);
+        if !known {
             return Err(Status::permission_denied(format!(
                 "{id} may not read or report the configuration of workload {workload}: no join token bound it to that workload"
             )));
@@ -605,7 +771,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        let id = self.bound_caller(&req, &workload)?;
+        let id = self.bound_caller(&req, &workload).await?;
         let peer = req.extensions().get::<PeerInfo>().cloned();
         let remote = peer
             .as_ref()
@@ -788,7 +954,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        let id = self.bound_caller(&req, &workload)?;
+        let id = self.bound_caller(&req, &workload).await?;
         let r = req.into_inner();
         self.proxies
             .holds_bundle(id.as_str(), &workload, r.bundle_sha256.clone());
@@ -832,7 +998,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        let id = self.bound_caller(&req, &workload)?;
+        let id = self.bound_caller(&req, &workload).await?;
         let r = req.into_inner();
         let edges = flows::parse_report(&r.edges_json).map_err(|e| {
             tracing::warn!(spiffe_id = %id, %workload, reason = %e, "flow report refused");
@@ -899,7 +1065,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        self.bound_caller(&req, &workload)?;
+        self.bound_caller(&req, &workload).await?;
         let filters = self.taps.filters(&workload);
         Ok(Response::new(crate::tap::filters_stream(filters)))
     }
@@ -912,7 +1078,7 @@ impl Config for State {
             namespace: req.get_ref().namespace.clone(),
             name: req.get_ref().workload.clone(),
         };
-        let id = self.bound_caller(&req, &workload)?;
+        let id = self.bound_caller(&req, &workload).await?;
         let r = req.into_inner();
         let (events, refused) = crate::tap::parse_report(&r.events_json, &workload, id.as_str())
             .map_err(|e| {

@@ -13,6 +13,9 @@
 
 mod db;
 mod edges;
+pub(crate) mod etcd;
+pub(crate) mod etcd_ca;
+pub(crate) mod etcd_client;
 pub(crate) mod events;
 mod history;
 

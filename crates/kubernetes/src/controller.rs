@@ -347,7 +347,7 @@ async fn reconcile(client: &Client, resources: &Resources, stores: &Stores) {
     let mut outcomes = None;
     let result = resources
         .change(AUTHOR, "sync", |current| {
-            let plan = desired::plan(current, derived.resources, inputs);
+            let plan = desired::plan(current, derived.resources.clone(), inputs.clone());
             outcomes = Some(plan.outcomes);
             if plan.blocked.is_empty() {
                 Ok((plan.set, plan.origins))

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 pub use tempfile::TempDir;
 
+pub mod etcd;
 pub mod kubeapi;
 pub mod mesh;
 pub mod netns;

@@ -103,9 +103,7 @@ impl State {
             )
             .map_err(internal)?
             .map_err(|revoked| refuse(revoked.describe()))?;
-        self.store
-            .bind(id.as_str(), &workload, unix_now())
-            .map_err(internal)?;
+        self.bind(id.as_str(), &workload).await?;
         tracing::info!(?remote, spiffe_id = %id, subject, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), proxy_version = r.proxy_version, "issued SVID by attestation");
         self.metrics.svid_issued("join");
         Ok(Response::new(pb::JoinResponse {

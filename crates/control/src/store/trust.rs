@@ -493,6 +493,67 @@ impl Store {
     }
 
     /// Every revocation, identities first, each in key order.
+    /// Records an identity's revocation made on another replica (replicas on etcd), with an
+    /// audit entry; false if this subject is already revoked here.
+    pub(crate) fn import_revocation(
+        &self,
+        revocation: &Revocation,
+        now_unix: u64,
+    ) -> Result<bool, ControlError> {
+        self.write(|txn| {
+            let mut revocations = txn.open_table(REVOCATIONS)?;
+            if revocations.get(revocation.key().as_str())?.is_some() {
+                return Ok(false);
+            }
+            revocations.insert(revocation.key().as_str(), to_json(revocation).as_str())?;
+            audit::append(
+                txn,
+                NewEntry {
+                    actor: revocation.actor.clone(),
+                    action: format!("revoke {} (on another replica)", revocation.subject),
+                    detail: vec![revocation.reason.clone()],
+                    revision: None,
+                },
+                now_unix,
+            )?;
+            Ok(true)
+        })
+    }
+
+    /// Removes the identity revocation of `subject` made at or before `made_before_unix`
+    /// (lifted on another replica), with an audit entry; false if there is none such.
+    pub(crate) fn lift_imported(
+        &self,
+        subject: &str,
+        made_before_unix: u64,
+        actor: &str,
+        now_unix: u64,
+    ) -> Result<bool, ControlError> {
+        self.write(|txn| {
+            let mut revocations = txn.open_table(REVOCATIONS)?;
+            let k = key(RevocationKind::Identity, subject);
+            let known = revocations
+                .get(k.as_str())?
+                .and_then(|v| read_json::<Revocation>(v.value()));
+            match known {
+                Some(r) if r.time_unix <= made_before_unix => {}
+                _ => return Ok(false),
+            }
+            revocations.remove(k.as_str())?;
+            audit::append(
+                txn,
+                NewEntry {
+                    actor: actor.to_string(),
+                    action: format!("unrevoke {subject} (on another replica)"),
+                    detail: Vec::new(),
+                    revision: None,
+                },
+                now_unix,
+            )?;
+            Ok(true)
+        })
+    }
+
     pub(crate) fn revocations(&self) -> Result<Vec<Revocation>, ControlError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(REVOCATIONS).map_err(|e| self.err(e))?;

@@ -1,0 +1,662 @@
+//! Several control-plane replicas on etcd (issue #18), end-to-end with the real binaries: a
+//! real three-member etcd cluster (Debian's `etcd`) on loopback ports and three `bulkhead
+//! control --etcd` replicas, each on its own data directory and port. The cluster and the
+//! replicas are started once for this binary; the scenarios run in order against them: one
+//! CA set for all (no key in etcd in clear), a root added on one replica reaches all;
+//! concurrent applies on all three replicas lose nothing and every replica shows the same
+//! history; an apply on one replica reaches the proxies connected to another and changes
+//! what they allow, any replica lists those proxies with their replica and graphs the flows
+//! they reported; a join token
+//! redeemed on one replica is used up on the others, and the proxy it made is served by
+//! another replica after a restart; an identity revoked on one replica is revoked on all;
+//! with one etcd member killed, applies still succeed everywhere; the leader killed,
+//! another replica leads within its lease. Apart, on one etcd member that serves clients over
+//! TLS only and asks for a client certificate: a replica given its CA and a client
+//! certificate runs on it; one given another CA, or no client certificate, is refused.
+#![allow(clippy::unwrap_used)]
+
+use bulkhead_testkit::etcd::EtcdCluster;
+use bulkhead_testkit::mesh::{Mesh, TD, WAIT, eventually, orders_policy};
+use bulkhead_testkit::{TempDir, http, tool};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+/// The three replicas, each a [`Mesh`] whose control plane keeps its set in `etcd`.
+struct Replicas {
+    etcd: EtcdCluster,
+    replicas: Vec<Mesh>,
+}
+
+impl Replicas {
+    fn start(test: &str) -> Option<Replicas> {
+        let etcd = tool(test, "etcd")?;
+        let etcd = EtcdCluster::start(etcd, 3);
+        let endpoints = etcd.endpoints();
+        let secret = secret_key(&etcd);
+        let secret = secret.to_str().unwrap();
+        let replicas = (0..3)
+            .map(|_| Mesh::start_with(&["--etcd", &endpoints, "--etcd-secret-key-file", secret]))
+            .collect();
+        Some(Replicas { etcd, replicas })
+    }
+}
+
+/// The secret key every replica is given: 32 random bytes, 0600, in the cluster's directory.
+fn secret_key(etcd: &EtcdCluster) -> std::path::PathBuf {
+    let secret = etcd.dir.path().join("secret.key");
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut bytes,
+    )
+    .unwrap();
+    std::fs::write(&secret, bytes).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    secret
+}
+
+/// A policy named `name` that denies `/blocked/<name>` on orders: many of them can be
+/// applied by several writers without touching one another's.
+fn deny(name: &str) -> String {
+    format!(
+        "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{workload: orders}}\n  action: deny\n  rules:\n    - name: blocked\n      to: {{paths: [\"/blocked/{name}\"]}}\n"
+    )
+}
+
+/// `bulkhead history -o json`'s revisions (the credential audit is each replica's own).
+fn revisions(mesh: &Mesh) -> serde_json::Value {
+    let (code, out, err) = mesh.cli(&["history", "-o", "json", "--limit", "1000"]);
+    assert_eq!(code, 0, "history failed: {err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json["revisions"].clone()
+}
+
+/// The names of the AuthorizationPolicies `bulkhead get` lists on `mesh`.
+fn policy_names(mesh: &Mesh) -> Vec<String> {
+    let (code, out, err) = mesh.cli(&["get", "policies", "-o", "json"]);
+    assert_eq!(code, 0, "get failed: {err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let items = json
+        .as_array()
+        .or_else(|| json["items"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let mut names: Vec<String> = items
+        .iter()
+        .filter_map(|r| r["metadata"]["name"].as_str().map(String::from))
+        .collect();
+    names.sort();
+    names
+}
+
+fn apply_file(mesh: &Mesh, name: &str, text: &str) -> (i32, String, String) {
+    let file = mesh.dir.path().join(name);
+    std::fs::write(&file, text).unwrap();
+    mesh.cli(&["apply", "-f", file.to_str().unwrap()])
+}
+
+fn status(to: SocketAddr, path: &str) -> u16 {
+    http(to, "GET", path).status
+}
+
+#[test]
+fn three_replicas_on_etcd() {
+    let Some(mut r) = Replicas::start("three_replicas_on_etcd") else {
+        return;
+    };
+    one_ca_set_for_all_replicas(&r);
+    a_ca_added_on_one_replica_reaches_all(&r);
+    a_data_dir_with_another_ca_is_not_overwritten(&r);
+    concurrent_applies_lose_nothing(&r);
+    apply_on_one_replica_reaches_proxies_on_another(&r);
+    a_join_token_is_spent_on_every_replica(&r);
+    a_revocation_on_one_replica_holds_on_all(&r);
+    applies_succeed_with_one_etcd_member_down(&mut r);
+    the_leadership_moves_when_the_leader_dies(&mut r);
+}
+
+/// A replica reaches etcd over mutual TLS (our own etcd client, rustls): with the members'
+/// CA and a client certificate it starts, leads and commits; with another CA it is refused
+/// (the member's certificate is not trusted), and without a client certificate too (the
+/// member refuses it), each before writing anything.
+#[test]
+fn a_replica_reaches_etcd_over_mutual_tls() {
+    let test = "a_replica_reaches_etcd_over_mutual_tls";
+    let (Some(etcd), Some(openssl)) = (tool(test, "etcd"), tool(test, "openssl")) else {
+        return;
+    };
+    let (cluster, tls) = EtcdCluster::start_tls(etcd, openssl);
+    let endpoints = cluster.endpoints();
+    assert!(endpoints.starts_with("https://"), "{endpoints}");
+    let secret = secret_key(&cluster);
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let mesh = Mesh::start_with(&[
+        "--etcd",
+        &endpoints,
+        "--etcd-secret-key-file",
+        &path(&secret),
+        "--etcd-ca",
+        &path(&tls.ca),
+        "--etcd-cert",
+        &path(&tls.client_cert),
+        "--etcd-key",
+        &path(&tls.client_key),
+    ]);
+    let (code, _, err) = apply_file(&mesh, "orders.yaml", &orders_policy("/orders/*"));
+    assert_eq!(code, 0, "apply over TLS to etcd failed: {err}");
+    let (code, _, err) = apply_file(&mesh, "over-tls.yaml", &deny("over-tls"));
+    assert_eq!(code, 0, "apply over TLS to etcd failed: {err}");
+    assert!(policy_names(&mesh).contains(&"over-tls".to_string()));
+    eventually(WAIT, "the replica on TLS etcd leading", || {
+        let list = replicas(&mesh);
+        list["store"] == "etcd"
+            && list["replicas"]
+                .as_array()
+                .is_some_and(|all| all.len() == 1 && all[0]["leader"] == true)
+    });
+    assert_eq!(revisions(&mesh).as_array().map(Vec::len), Some(2));
+
+    let refused = |name: &str, tls_args: &[&str]| {
+        let data = mesh.dir.path().join(name);
+        let mut args = vec![
+            "control",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            TD,
+            "--etcd",
+            &endpoints,
+            "--etcd-secret-key-file",
+            secret.to_str().unwrap(),
+        ];
+        args.extend(tls_args);
+        let mut control =
+            bulkhead_testkit::Proc::spawn(name, mesh.dir.path(), &mesh.bins.bulkhead, &args, &[]);
+        assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());
+        assert!(!data.join("ca.key").exists(), "{name} made a CA");
+        control.log_text()
+    };
+    let (ca, cert, key, other) = (
+        path(&tls.ca),
+        path(&tls.client_cert),
+        path(&tls.client_key),
+        path(&tls.other_ca),
+    );
+    let log = refused(
+        "control-other-ca",
+        &[
+            "--etcd-ca",
+            &other,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+        ],
+    );
+    assert!(
+        log.contains("did not answer") && log.contains("UnknownIssuer"),
+        "{log}"
+    );
+    let log = refused("control-no-client-cert", &["--etcd-ca", &ca]);
+    assert!(log.contains("did not answer"), "{log}");
+    let log = refused(
+        "control-cert-without-ca",
+        &["--etcd-cert", &cert, "--etcd-key", &key],
+    );
+    assert!(log.contains("--etcd-cert needs --etcd-ca"), "{log}");
+    // The applies above are still the only revisions: nothing refused wrote anything.
+    assert_eq!(revisions(&mesh).as_array().map(Vec::len), Some(2));
+}
+
+/// An identity revoked on replica 1: every replica lists it, and refuses it a join token
+/// (made before or after); its unused token made on replica 2 before is gone.
+fn a_revocation_on_one_replica_holds_on_all(r: &Replicas) {
+    let mallory = bulkhead_testkit::mesh::id("mallory");
+    let early = r.replicas[2].token(&mallory);
+    let (code, _, err) = r.replicas[1].cli(&["revoke", "identity", &mallory, "--reason", "stolen"]);
+    assert_eq!(code, 0, "{err}");
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        eventually(WAIT, &format!("replica {i} listing the revocation"), || {
+            let (_, out, _) = mesh.cli(&["get", "revocations", "-o", "json"]);
+            out.contains(&mallory) && out.contains("stolen")
+        });
+        let (code, _, err) = mesh.cli(&["token", "create", "--identity", &mallory]);
+        assert_ne!(code, 0, "replica {i} made a token for a revoked identity");
+        assert!(err.contains("revoked"), "{err}");
+    }
+    let err = r.replicas[0].failing_proxy(&early, &[]);
+    assert!(err.contains("not known"), "{err}");
+}
+
+/// `bulkhead get replicas -o json` on `mesh`.
+fn replicas(mesh: &Mesh) -> serde_json::Value {
+    let (code, out, err) = mesh.cli(&["get", "replicas", "-o", "json"]);
+    assert_eq!(code, 0, "get replicas failed: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The id of the leader `mesh` lists, and how many replicas it lists.
+fn leader(mesh: &Mesh) -> (Option<String>, usize) {
+    let list = replicas(mesh);
+    let all = list["replicas"].as_array().unwrap();
+    let leaders: Vec<&serde_json::Value> = all.iter().filter(|x| x["leader"] == true).collect();
+    assert!(leaders.len() <= 1, "{list:#}");
+    (
+        leaders
+            .first()
+            .map(|l| l["id"].as_str().unwrap().to_string()),
+        all.len(),
+    )
+}
+
+/// Every replica lists the three, healthy, one of them leading. Killing the leader: within
+/// its lease another replica leads, and the dead one is gone from the list; applies go on.
+fn the_leadership_moves_when_the_leader_dies(r: &mut Replicas) {
+    for mesh in &r.replicas {
+        eventually(WAIT, "three replicas, one leading", || {
+            let list = replicas(mesh);
+            let all = list["replicas"].as_array().unwrap();
+            list["store"] == "etcd"
+                && all.len() == 3
+                && all.iter().all(|x| x["healthy"] == true)
+                && all.iter().filter(|x| x["leader"] == true).count() == 1
+                && all.iter().filter(|x| x["answering"] == true).count() == 1
+        });
+    }
+    let (Some(old), _) = leader(&r.replicas[0]) else {
+        panic!("no leader");
+    };
+    let (code, table, err) = r.replicas[0].cli(&["get", "replicas"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("leader") && table.contains("store: etcd"),
+        "{table}"
+    );
+    let dead = r
+        .replicas
+        .iter()
+        .position(|m| {
+            replicas(m)["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["answering"] == true && x["id"] == old.as_str())
+        })
+        .unwrap();
+    r.replicas[dead].stop_control();
+    let alive = (dead + 1) % 3;
+    let killed = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "another replica leading",
+        || matches!(leader(&r.replicas[alive]), (Some(new), 2) if new != old),
+    );
+    eprintln!(
+        "leadership moved {} ms after the leader was killed",
+        killed.elapsed().as_millis()
+    );
+    let (code, _, err) = apply_file(
+        &r.replicas[alive],
+        "after-leader.yaml",
+        &deny("after-leader"),
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
+/// The first replica made the CA set and stored it in etcd, keys sealed; the others took
+/// it: one trust bundle, and no CA key in etcd in clear.
+fn one_ca_set_for_all_replicas(r: &Replicas) {
+    let bundle = |m: &Mesh| std::fs::read_to_string(m.data().join("ca.pem")).unwrap();
+    for m in &r.replicas[1..] {
+        assert_eq!(bundle(m), bundle(&r.replicas[0]));
+    }
+    let key = std::fs::read_to_string(r.replicas[0].data().join("ca.key")).unwrap();
+    let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    let (code, stored, err) = bulkhead_testkit::run(
+        &tool("etcdctl", "etcdctl").unwrap(),
+        &[
+            "--endpoints",
+            &r.etcd.endpoints(),
+            "get",
+            "--prefix",
+            "/bulkhead/ca/",
+        ],
+        &[("ETCDCTL_API", "3")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(stored.contains("aes256gcm"), "{stored}");
+    assert!(!stored.contains("PRIVATE KEY"), "a CA key in etcd in clear");
+    assert!(!stored.contains(&body[..40]), "a CA key in etcd in clear");
+}
+
+/// A root added on replica 0 is trusted by every replica: each takes the CA set up from
+/// etcd and serves the new bundle.
+fn a_ca_added_on_one_replica_reaches_all(r: &Replicas) {
+    let (code, _, err) = r.replicas[0].cli(&["ca", "add-root"]);
+    assert_eq!(code, 0, "{err}");
+    let cas = |m: &Mesh| {
+        let (code, out, err) = m.cli(&["ca", "status", "-o", "json"]);
+        assert_eq!(code, 0, "{err}");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut fingerprints: Vec<String> = status["cas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| format!("{} {}", c["sha256"], c["state"]))
+            .collect();
+        fingerprints.sort();
+        fingerprints
+    };
+    let on_0 = cas(&r.replicas[0]);
+    assert_eq!(on_0.len(), 2, "{on_0:?}");
+    for (i, m) in r.replicas.iter().enumerate().skip(1) {
+        eventually(WAIT, &format!("replica {i} holding the new root"), || {
+            cas(m) == on_0
+                && std::fs::read_to_string(m.data().join("ca.pem")).unwrap()
+                    == std::fs::read_to_string(r.replicas[0].data().join("ca.pem")).unwrap()
+        });
+    }
+}
+
+/// A control plane that ran on its own, started against the replicas' etcd: refused,
+/// naming its CA, and its key left as it was.
+fn a_data_dir_with_another_ca_is_not_overwritten(r: &Replicas) {
+    let mut alone = Mesh::start();
+    alone.stop_control();
+    let key_before = std::fs::read(alone.data().join("ca.key")).unwrap();
+    let secret = r.etcd.dir.path().join("secret.key");
+    let data = alone.data();
+    let args = [
+        "control",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--trust-domain",
+        TD,
+        "--etcd",
+        &r.etcd.endpoints(),
+        "--etcd-secret-key-file",
+        secret.to_str().unwrap(),
+    ];
+    let mut control = bulkhead_testkit::Proc::spawn(
+        "control-alone",
+        alone.dir.path(),
+        &alone.bins.bulkhead,
+        &args,
+        &[],
+    );
+    assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());
+    let log = control.log_text();
+    assert!(
+        log.contains("not in the CA set the replicas share in etcd"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(alone.data().join("ca.key")).unwrap(),
+        key_before
+    );
+
+    // Another secret key, an empty data directory: refused, no key written.
+    let other = alone.dir.path().join("other.key");
+    std::fs::write(&other, [9u8; 32]).unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fresh = alone.dir.path().join("fresh");
+    let args = [
+        "control",
+        "--data-dir",
+        fresh.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--trust-domain",
+        TD,
+        "--etcd",
+        &r.etcd.endpoints(),
+        "--etcd-secret-key-file",
+        other.to_str().unwrap(),
+    ];
+    let mut control = bulkhead_testkit::Proc::spawn(
+        "control-other-key",
+        alone.dir.path(),
+        &alone.bins.bulkhead,
+        &args,
+        &[],
+    );
+    assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());
+    let log = control.log_text();
+    assert!(log.contains("does not open with it"), "{log}");
+    assert!(!fresh.join("ca.key").exists());
+}
+
+/// A join token made on replica 0 is redeemed by a proxy joining replica 1; the same token
+/// presented to replica 2 is refused as used up.
+fn a_join_token_is_spent_on_every_replica(r: &Replicas) {
+    let token = r.replicas[0].token(&bulkhead_testkit::mesh::id("once"));
+    let upstream = [
+        "--upstream",
+        "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity=spiffe://test.local/ns/shop/sa/x",
+    ];
+    let (mut proxy, _) = r.replicas[1].proxy("once", &token, &upstream);
+    // A copy: a proxy keeps its credential beside its token file, and would renew with it.
+    let again = r.replicas[2].dir.path().join("once-again.token");
+    std::fs::copy(&token, &again).unwrap();
+    let err = r.replicas[2].failing_proxy(&again, &[]);
+    assert!(err.contains("used up"), "{err}");
+    // The proxy that joined on replica 1, restarted against replica 2: it renews there with
+    // its kept credential, and replica 2 serves it its configuration (the binding its join
+    // made is in etcd).
+    proxy.kill();
+    let (_proxy, _) = r.replicas[2].proxy("once", &token, &upstream);
+    eventually(
+        WAIT,
+        "replica 2 serving the proxy joined on replica 1",
+        || {
+            let (_, out, _) = r.replicas[2].cli(&["get", "proxies", "-o", "json"]);
+            let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            let answering = replicas(&r.replicas[2])["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["answering"] == true)
+                .unwrap()["id"]
+                .clone();
+            list.as_array().is_some_and(|l| {
+                l.iter().any(|p| {
+                    p["workload"] == "once"
+                        && p["connected"] == true
+                        && p["replica"] == answering
+                        && p["ackedRevision"].as_u64() > Some(0)
+                })
+            })
+        },
+    );
+}
+
+/// Ten applies on each replica at once, each of its own policy: all thirty are in the set
+/// every replica serves, each is one revision, and `bulkhead history` is the same on all
+/// three.
+fn concurrent_applies_lose_nothing(r: &Replicas) {
+    // The workload the policies select, applied once.
+    let (code, _, err) = apply_file(&r.replicas[0], "orders.yaml", &orders_policy("/orders/*"));
+    assert_eq!(code, 0, "{err}");
+    let base = revisions(&r.replicas[0]).as_array().unwrap().len();
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for (i, mesh) in r.replicas.iter().enumerate() {
+            s.spawn(move || {
+                for n in 0..10 {
+                    let name = format!("r{i}-deny-{n}");
+                    let (code, out, err) = apply_file(mesh, &format!("{name}.yaml"), &deny(&name));
+                    assert_eq!(code, 0, "apply {name} on replica {i} failed: {err}");
+                    assert!(
+                        out.contains(&format!("AuthorizationPolicy/shop/{name} created")),
+                        "{out}"
+                    );
+                }
+            });
+        }
+    });
+    eprintln!(
+        "30 applies, 10 on each of 3 replicas at once: {} ms",
+        started.elapsed().as_millis()
+    );
+    let mut expected: Vec<String> = (0..3)
+        .flat_map(|i| (0..10).map(move |n| format!("r{i}-deny-{n}")))
+        .collect();
+    expected.push("orders-allow-frontend".into());
+    expected.sort();
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        eventually(
+            WAIT,
+            &format!("replica {i} serving all 31 policies"),
+            || policy_names(mesh) == expected,
+        );
+    }
+    let history = revisions(&r.replicas[0]);
+    let entries = history.as_array().unwrap();
+    assert_eq!(entries.len(), base + 30, "{history:#}");
+    // One revision per apply, numbered without a gap, each naming its one policy.
+    for (k, e) in entries.iter().enumerate() {
+        assert_eq!(
+            e["revision"].as_u64().unwrap(),
+            (entries.len() - k) as u64,
+            "{history:#}"
+        );
+    }
+    for name in expected.iter().filter(|n| n.contains("-deny-")) {
+        let created = format!("AuthorizationPolicy/shop/{name} created");
+        let count = entries
+            .iter()
+            .filter(|e| {
+                e["changes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c == &created)
+            })
+            .count();
+        assert_eq!(count, 1, "{name} in the history: {history:#}");
+    }
+    for (i, mesh) in r.replicas.iter().enumerate().skip(1) {
+        assert_eq!(revisions(mesh), history, "replica {i}'s history differs");
+    }
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["actor"] == format!("spiffe://{TD}/bulkhead/admin (user alice)")),
+        "{history:#}"
+    );
+}
+
+/// Sidecars joined to replica 0; the policies they enforce are applied on replicas 1 and 2.
+fn apply_on_one_replica_reaches_proxies_on_another(r: &Replicas) {
+    let a = &r.replicas[0];
+    let (_procs, to_orders) = a.orders_and_frontend(&["--flow-interval-secs", "1"]);
+    // Allowed by orders-allow-frontend, applied on replica 0 above.
+    eventually(WAIT, "GET /orders/1 allowed", || {
+        status(to_orders, "/orders/1") == 200
+    });
+    // Replica 1 narrows the allow to /orders/7 only: replica 0's proxies enforce it.
+    let (code, _, err) = apply_file(&r.replicas[1], "narrow.yaml", &orders_policy("/orders/7"));
+    assert_eq!(code, 0, "{err}");
+    let applied = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "the narrowed policy enforced",
+        || status(to_orders, "/orders/1") == 403,
+    );
+    eprintln!(
+        "applied on replica 1, enforced by replica 0's proxies within {} ms",
+        applied.elapsed().as_millis()
+    );
+    assert_eq!(status(to_orders, "/orders/7"), 200);
+    // Replica 2 denies /orders/7 outright.
+    let (code, _, err) = apply_file(
+        &r.replicas[2],
+        "deny7.yaml",
+        &deny_path("deny-seven", "/orders/7"),
+    );
+    assert_eq!(code, 0, "{err}");
+    eventually(Duration::from_secs(5), "the deny enforced", || {
+        status(to_orders, "/orders/7") == 403
+    });
+    // Any replica lists those proxies, on replica 0.
+    let id0 = replicas(&r.replicas[0])["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["answering"] == true)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(WAIT, "replica 2 listing replica 0's proxies", || {
+        let (code, out, _) = r.replicas[2].cli(&["get", "proxies", "-o", "json"]);
+        let Ok(list) = serde_json::from_str::<serde_json::Value>(&out) else {
+            return false;
+        };
+        code == 0
+            && ["orders", "frontend"].iter().all(|w| {
+                list.as_array().unwrap().iter().any(|p| {
+                    p["workload"] == *w && p["replica"] == id0.as_str() && p["connected"] == true
+                })
+            })
+    });
+    // The flows orders' proxy reported to replica 0 are in replica 2's graph.
+    eventually(WAIT, "replica 0's edges in replica 2's graph", || {
+        let (code, out, _) = r.replicas[2].cli(&["graph", "-o", "json"]);
+        let g: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        code == 0
+            && g.as_array().is_some_and(|edges| {
+                edges.iter().any(|e| {
+                    e["source"] == bulkhead_testkit::mesh::id("frontend").as_str()
+                        && e["destination"] == "shop/orders"
+                        && e["decided"] == "ingress"
+                        && e["denied"].as_u64() > Some(0)
+                })
+            })
+    });
+    let (_, table, _) = r.replicas[1].cli(&["get", "proxies"]);
+    assert!(table.starts_with("REPLICA"), "{table}");
+    // Every replica says so, at the same revision.
+    let revs: Vec<serde_json::Value> = r
+        .replicas
+        .iter()
+        .map(|m| revisions(m)[0]["revision"].clone())
+        .collect();
+    assert!(revs.iter().all(|v| v == &revs[0]), "{revs:?}");
+}
+
+fn deny_path(name: &str, path: &str) -> String {
+    deny(name).replace(&format!("/blocked/{name}"), path)
+}
+
+/// One of three etcd members killed: the other two are a majority, and every replica
+/// still applies, and sees the others' applies.
+fn applies_succeed_with_one_etcd_member_down(r: &mut Replicas) {
+    r.etcd.kill(2);
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        let name = format!("after-loss-{i}");
+        let (code, out, err) = apply_file(mesh, &format!("{name}.yaml"), &deny(&name));
+        assert_eq!(
+            code, 0,
+            "apply on replica {i} with etcd member m2 down failed: {err}"
+        );
+        assert!(out.contains("created"), "{out}");
+    }
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        eventually(WAIT, &format!("replica {i} seeing every apply"), || {
+            let names = policy_names(mesh);
+            (0..3).all(|k| names.contains(&format!("after-loss-{k}")))
+        });
+    }
+    let history = revisions(&r.replicas[0]);
+    for mesh in &r.replicas[1..] {
+        assert_eq!(revisions(mesh), history);
+    }
+    // Keep the temporary directory alive to the end (logs for a failure message).
+    let _: &TempDir = &r.etcd.dir;
+}
