@@ -16,7 +16,7 @@ pub mod tls;
 /// type as `bulkhead_spiffe::SpiffeId`.
 pub use bulkhead_spiffe::{
     RESERVED_SEGMENT, ReservedId, Rule as SpiffeIdRule, SpiffeId, SpiffeIdError, SpiffePath,
-    TrustDomain,
+    TrustDomain, parse_parts,
 };
 pub use ca::{Ca, DEFAULT_SVID_LIFETIME};
 pub use error::{CaImportError, IdentityError, SvidError};

@@ -9,10 +9,10 @@
 //! an identity of another namespace, or one of the mesh's own.
 
 use crate::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use bulkhead_identity::parse_parts;
 use bulkhead_policy::IdentityPattern;
 use bulkhead_policy::model::Resource;
 use bulkhead_policy::{API_VERSION, Origin, PolicyError};
-use bulkhead_spiffe::parse_parts;
 use serde_json::{Map, Value, json};
 use std::fmt::Write as _;
 
