@@ -24,7 +24,7 @@ pub(crate) use events::EventRetention;
 pub use history::{HistoryRetention, LOG_CHANGES_PER_ENTRY, LOG_MAX_AGE, LOG_MAX_ENTRIES};
 
 use crate::error::ControlError;
-use crate::tokens::{TokenError, TokenRecord, same_hash};
+use crate::tokens::{TokenError, TokenRecord};
 use bulkhead_policy::model::{Resource, ResourceName};
 
 use redb::{ReadableTable, TableDefinition};
@@ -410,21 +410,11 @@ impl Store {
             let record: Option<TokenRecord> = table
                 .get(id)?
                 .and_then(|v| serde_json::from_str(v.value()).ok());
-            let mut record = match record {
-                Some(r) if same_hash(&r.secret_sha256, secret_hash) => r,
-                _ => return Ok(Err(TokenError::Unknown.into())),
-            };
-            if now_unix >= record.expires_unix {
-                return Ok(Err(TokenError::Expired.into()));
-            }
-            if record.uses_left == 0 {
-                return Ok(Err(TokenError::UsedUp.into()));
-            }
-            let issued = match issue(&record) {
-                Ok(t) => t,
+            let (record, issued) = match crate::tokens::spend(record, secret_hash, now_unix, issue)
+            {
+                Ok(spent) => spent,
                 Err(e) => return Ok(Err(e)),
             };
-            record.uses_left -= 1;
             let json = serde_json::to_string(&record).unwrap_or_default();
             table.insert(id, json.as_str())?;
             Ok(Ok((record, issued)))

@@ -66,6 +66,31 @@ pub(crate) fn hash(secret: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The rules of redeeming, the same in every store: the stored `record` (if any) must hold
+/// the presented secret's hash, be unexpired and have a use left; then `issue` acts on it,
+/// and only if it succeeds is one use spent. The caller writes the returned record back in
+/// the transaction it read it in.
+pub(crate) fn spend<T, E: From<TokenError>>(
+    record: Option<TokenRecord>,
+    secret_hash: &str,
+    now_unix: u64,
+    issue: impl FnOnce(&TokenRecord) -> Result<T, E>,
+) -> Result<(TokenRecord, T), E> {
+    let mut record = match record {
+        Some(r) if same_hash(&r.secret_sha256, secret_hash) => r,
+        _ => return Err(TokenError::Unknown.into()),
+    };
+    if now_unix >= record.expires_unix {
+        return Err(TokenError::Expired.into());
+    }
+    if record.uses_left == 0 {
+        return Err(TokenError::UsedUp.into());
+    }
+    let issued = issue(&record)?;
+    record.uses_left -= 1;
+    Ok((record, issued))
+}
+
 /// Compares two hex digests without an early exit.
 pub(crate) fn same_hash(a: &str, b: &str) -> bool {
     a.len() == b.len()

@@ -286,6 +286,24 @@ fn cr_key(kind: &str, o: &DynamicObject) -> String {
     )
 }
 
+/// What `store` holds in the namespaces of `live`.
+fn in_namespaces<K>(store: &Store<K>, live: &BTreeSet<String>) -> Vec<Arc<K>>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .state()
+        .into_iter()
+        .filter(|o| {
+            o.meta()
+                .namespace
+                .as_ref()
+                .is_some_and(|n| live.contains(n))
+        })
+        .collect()
+}
+
 /// One pass: derive, plan, commit, report on the CRs.
 async fn reconcile(client: &Client, resources: &Resources, stores: &Stores) {
     let td = resources.trust_domain().to_string();
@@ -296,25 +314,9 @@ async fn reconcile(client: &Client, resources: &Resources, stores: &Stores) {
         .iter()
         .filter_map(|n| n.metadata.name.clone())
         .collect();
-    let in_live = |ns: Option<&String>| ns.is_some_and(|n| live.contains(n));
-    let pods = stores
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| in_live(p.metadata.namespace.as_ref()))
-        .collect::<Vec<_>>();
-    let services = stores
-        .services
-        .state()
-        .into_iter()
-        .filter(|s| in_live(s.metadata.namespace.as_ref()))
-        .collect::<Vec<_>>();
-    let service_accounts = stores
-        .service_accounts
-        .state()
-        .into_iter()
-        .filter(|s| in_live(s.metadata.namespace.as_ref()))
-        .collect::<Vec<_>>();
+    let pods = in_namespaces(&stores.pods, &live);
+    let services = in_namespaces(&stores.services, &live);
+    let service_accounts = in_namespaces(&stores.service_accounts, &live);
     let derived = derive::derive(
         &td,
         ClusterObjects {
@@ -330,7 +332,12 @@ async fn reconcile(client: &Client, resources: &Resources, stores: &Stores) {
     let mut inputs = Vec::new();
     for (kind, store) in &stores.crs {
         for o in store.state() {
-            if !in_live(o.metadata.namespace.as_ref()) {
+            if !o
+                .metadata
+                .namespace
+                .as_ref()
+                .is_some_and(|n| live.contains(n))
+            {
                 continue;
             }
             let key = cr_key(kind, &o);

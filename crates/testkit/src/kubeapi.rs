@@ -25,7 +25,7 @@
 //! Blocking, one thread per connection, one request per connection. Stopped when dropped.
 
 use crate::TempDir;
-use bulkhead_identity::{Ca, SpiffeId};
+use crate::tokenreview::{accept, api_server_tls};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -33,7 +33,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// The bearer token callers must send (in the kubeconfig).
 pub const CALLER_TOKEN: &str = "controller-service-account-token";
@@ -109,22 +109,8 @@ pub struct KubeApiServer {
 
 impl KubeApiServer {
     pub fn start() -> KubeApiServer {
-        let now = SystemTime::now();
-        let ca = Ca::generate("kubernetes.test", now).unwrap();
-        let id = SpiffeId::parse("spiffe://kubernetes.test/kube-apiserver").unwrap();
-        let svid = ca
-            .issue_local_for_hosts(&id, &["127.0.0.1".into()], Duration::from_secs(3600), now)
-            .unwrap();
-        let config =
-            rustls::ServerConfig::builder_with_provider(bulkhead_identity::tls::provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(svid.chain().to_vec(), svid.private_key())
-                .unwrap();
-        let config = Arc::new(config);
         let dir = TempDir::new().unwrap();
-        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        let config = api_server_tls(&dir);
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = tcp.local_addr().unwrap();
         let kubeconfig = format!(
@@ -134,17 +120,7 @@ impl KubeApiServer {
         std::fs::write(dir.path().join("kubeconfig"), kubeconfig).unwrap();
         let shared = Arc::new(Shared::default());
         shared.db.lock().unwrap().rv = 1000;
-        let state = shared.clone();
-        std::thread::spawn(move || {
-            for stream in tcp.incoming() {
-                if state.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                let (config, state) = (config.clone(), state.clone());
-                std::thread::spawn(move || serve(stream, config, &state));
-            }
-        });
+        accept(tcp, config, shared.clone(), |s| &s.stop, serve);
         KubeApiServer { addr, dir, shared }
     }
 

@@ -43,37 +43,13 @@ pub struct TokenReviewServer {
 
 impl TokenReviewServer {
     pub fn start() -> TokenReviewServer {
-        let now = SystemTime::now();
-        let ca = Ca::generate("kubernetes.test", now).unwrap();
-        let id = SpiffeId::parse("spiffe://kubernetes.test/kube-apiserver").unwrap();
-        let svid = ca
-            .issue_local_for_hosts(&id, &["127.0.0.1".into()], Duration::from_secs(3600), now)
-            .unwrap();
-        let config =
-            rustls::ServerConfig::builder_with_provider(bulkhead_identity::tls::provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(svid.chain().to_vec(), svid.private_key())
-                .unwrap();
-        let config = Arc::new(config);
         let dir = TempDir::new().unwrap();
-        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        let config = api_server_tls(&dir);
         std::fs::write(dir.path().join("token"), format!("{CALLER_TOKEN}\n")).unwrap();
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = tcp.local_addr().unwrap();
         let shared = Arc::new(Shared::default());
-        let state = shared.clone();
-        std::thread::spawn(move || {
-            for stream in tcp.incoming() {
-                if state.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                let (config, state) = (config.clone(), state.clone());
-                std::thread::spawn(move || serve(stream, config, &state));
-            }
-        });
+        accept(tcp, config, shared.clone(), |s| &s.stop, serve);
         TokenReviewServer { addr, dir, shared }
     }
 
@@ -159,6 +135,47 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                "message": message, "reason": reason, "code": code}),
     )
+}
+
+/// The TLS an API server of the tests serves with: a certificate for 127.0.0.1 from a CA of
+/// its own, whose certificate it writes to `dir/ca.crt` (what a kubeconfig or
+/// `--kubernetes-ca` names).
+pub(crate) fn api_server_tls(dir: &TempDir) -> Arc<rustls::ServerConfig> {
+    let now = SystemTime::now();
+    let ca = Ca::generate("kubernetes.test", now).unwrap();
+    let id = SpiffeId::parse("spiffe://kubernetes.test/kube-apiserver").unwrap();
+    let svid = ca
+        .issue_local_for_hosts(&id, &["127.0.0.1".into()], Duration::from_secs(3600), now)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(bulkhead_identity::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(svid.chain().to_vec(), svid.private_key())
+        .unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+    Arc::new(config)
+}
+
+/// Accepts connections on `tcp` until `stop` of the state is set, serving each on a thread
+/// of its own.
+pub(crate) fn accept<S: Send + Sync + 'static>(
+    tcp: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    state: Arc<S>,
+    stop: fn(&S) -> &AtomicBool,
+    serve: fn(TcpStream, Arc<rustls::ServerConfig>, &S),
+) {
+    std::thread::spawn(move || {
+        for stream in tcp.incoming() {
+            if stop(&state).load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(stream) = stream else { continue };
+            let (config, state) = (config.clone(), state.clone());
+            std::thread::spawn(move || serve(stream, config, &state));
+        }
+    });
 }
 
 fn serve(stream: TcpStream, config: Arc<rustls::ServerConfig>, state: &Shared) {

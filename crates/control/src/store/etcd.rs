@@ -34,7 +34,7 @@ use super::etcd_client::{
 use super::{Change, Committed, HistoryRetention, RevisionRecord, SetAt, by_key, changes};
 use crate::error::ControlError;
 use crate::store::trust::Revocation;
-use crate::tokens::{TokenError, TokenRecord, same_hash};
+use crate::tokens::{TokenError, TokenRecord};
 use bulkhead_api::etcd::etcdserverpb as pb;
 use bulkhead_policy::model::{Resource, ResourceName};
 use serde::{Deserialize, Serialize};
@@ -743,21 +743,14 @@ impl EtcdStore {
         mut issue: impl FnMut(&TokenRecord) -> Result<T, E>,
     ) -> Result<Result<(TokenRecord, T), E>, ControlError> {
         for _ in 0..crate::change::COMMIT_ATTEMPTS {
-            let (mut record, at) = match self.token(id).await? {
-                Some((r, at)) if same_hash(&r.secret_sha256, secret_hash) => (r, at),
-                _ => return Ok(Err(TokenError::Unknown.into())),
+            let Some((record, at)) = self.token(id).await? else {
+                return Ok(Err(TokenError::Unknown.into()));
             };
-            if now_unix >= record.expires_unix {
-                return Ok(Err(TokenError::Expired.into()));
-            }
-            if record.uses_left == 0 {
-                return Ok(Err(TokenError::UsedUp.into()));
-            }
-            let issued = match issue(&record) {
-                Ok(t) => t,
-                Err(e) => return Ok(Err(e)),
-            };
-            record.uses_left -= 1;
+            let (record, issued) =
+                match crate::tokens::spend(Some(record), secret_hash, now_unix, &mut issue) {
+                    Ok(spent) => spent,
+                    Err(e) => return Ok(Err(e)),
+                };
             let json = serde_json::to_string(&record).unwrap_or_default();
             let txn = txn(
                 vec![mod_revision_is(token_key(id), at)],
