@@ -34,33 +34,84 @@ fn revocation_json(r: &Revocation) -> serde_json::Value {
 }
 
 /// Every join token the control plane holds (never a secret).
-pub async fn list_tokens(c: &mut Credentials, output: &str, out: &mut dyn Write) -> Result<()> {
+pub async fn list_tokens(
+    c: &mut Credentials,
+    namespace: Option<&str>,
+    output: &str,
+    out: &mut dyn Write,
+) -> Result<()> {
     let tokens = c
         .list_tokens(request(ListTokensRequest {}))
         .await
         .map_err(client::status)?
         .into_inner()
         .tokens;
-    if output == "json" {
-        let rows: Vec<_> = tokens.iter().map(token_json).collect();
-        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "{:<18} {:<46} {:<24} {:<5} EXPIRES",
-        "ID", "IDENTITY", "WORKLOAD", "USES"
-    )?;
-    for t in &tokens {
-        writeln!(
-            out,
-            "{:<18} {:<46} {:<24} {:<5} {}",
-            t.id,
-            t.spiffe_id,
-            format!("{}/{}", t.namespace, t.workload),
-            t.uses_left,
-            ago(t.expires_unix)
-        )?;
+    print_tokens(&tokens, namespace, output, out)
+}
+
+/// The tokens (of `namespace`'s workloads, if given) as `output` asks: `table`, `wide` (with
+/// the expiry as a time), `json`, `yaml` or `name` (`token/<id>`).
+fn print_tokens(
+    tokens: &[TokenInfo],
+    namespace: Option<&str>,
+    output: &str,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let tokens: Vec<&TokenInfo> = tokens
+        .iter()
+        .filter(|t| namespace.is_none_or(|ns| t.namespace == ns))
+        .collect();
+    match output {
+        "json" | "yaml" => {
+            let rows: Vec<_> = tokens.iter().map(|t| token_json(t)).collect();
+            match output {
+                "yaml" => write!(out, "{}", serde_saphyr::to_string(&rows)?)?,
+                _ => writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?,
+            }
+        }
+        "name" => {
+            for t in &tokens {
+                writeln!(out, "token/{}", t.id)?;
+            }
+        }
+        _ => {
+            let wide = output == "wide";
+            let rows: Vec<[String; 6]> = tokens
+                .iter()
+                .map(|t| {
+                    [
+                        t.id.clone(),
+                        t.spiffe_id.clone(),
+                        format!("{}/{}", t.namespace, t.workload),
+                        t.uses_left.to_string(),
+                        ago(t.expires_unix),
+                        if wide {
+                            rfc3339(t.expires_unix)
+                        } else {
+                            String::new()
+                        },
+                    ]
+                })
+                .collect();
+            let header = [
+                "ID",
+                "IDENTITY",
+                "WORKLOAD",
+                "USES",
+                "EXPIRES",
+                "EXPIRES AT",
+            ];
+            let text = if wide {
+                crate::table::render(&header, &rows)
+            } else {
+                let rows: Vec<[String; 5]> = rows
+                    .into_iter()
+                    .map(|[a, b, c, d, e, _]| [a, b, c, d, e])
+                    .collect();
+                crate::table::render(&["ID", "IDENTITY", "WORKLOAD", "USES", "EXPIRES"], &rows)
+            };
+            write!(out, "{text}")?;
+        }
     }
     Ok(())
 }
@@ -182,4 +233,77 @@ pub async fn list_revocations(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn tokens() -> Vec<TokenInfo> {
+        // Ten days and a bit from now: "in 10d" however long the test takes.
+        let expires_unix = crate::unix_now() + 10 * 86_400 + 3_600;
+        let token = |id: &str, ns: &str, name: &str| TokenInfo {
+            id: id.into(),
+            spiffe_id: format!("spiffe://bulkhead.local/ns/{ns}/sa/{name}"),
+            namespace: ns.into(),
+            workload: name.into(),
+            uses_left: 1,
+            expires_unix,
+        };
+        vec![
+            token("AbCdEfGhIjKlMnOp", "shop", "orders"),
+            token("QrStUvWxYz012345", "billing", "payments-processor"),
+        ]
+    }
+
+    fn print(namespace: Option<&str>, output: &str) -> String {
+        let mut out = Vec::new();
+        print_tokens(&tokens(), namespace, output, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn token_list_takes_a_namespace_and_every_output_format() {
+        expect_test::expect![[r#"
+            ID                IDENTITY                                                  WORKLOAD                    USES  EXPIRES
+            AbCdEfGhIjKlMnOp  spiffe://bulkhead.local/ns/shop/sa/orders                 shop/orders                 1     in 10d
+            QrStUvWxYz012345  spiffe://bulkhead.local/ns/billing/sa/payments-processor  billing/payments-processor  1     in 10d
+        "#]]
+        .assert_eq(&print(None, "table"));
+        expect_test::expect![[r#"
+            ID                IDENTITY                                   WORKLOAD     USES  EXPIRES
+            AbCdEfGhIjKlMnOp  spiffe://bulkhead.local/ns/shop/sa/orders  shop/orders  1     in 10d
+        "#]]
+        .assert_eq(&print(Some("shop"), "table"));
+        expect_test::expect![[r#"
+            token/QrStUvWxYz012345
+        "#]]
+        .assert_eq(&print(Some("billing"), "name"));
+
+        let wide = print(Some("shop"), "wide");
+        let expires = rfc3339(tokens()[0].expires_unix);
+        assert!(
+            wide.lines()
+                .next()
+                .unwrap()
+                .ends_with("EXPIRES  EXPIRES AT"),
+            "{wide}"
+        );
+        assert!(
+            wide.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with(&format!("in 10d   {expires}")),
+            "{wide}"
+        );
+
+        let json: serde_json::Value = serde_json::from_str(&print(Some("shop"), "json")).unwrap();
+        let yaml: serde_json::Value = serde_saphyr::from_str(&print(Some("shop"), "yaml")).unwrap();
+        assert_eq!(json, yaml);
+        assert_eq!(json.as_array().unwrap().len(), 1);
+        assert_eq!(json[0]["id"], "AbCdEfGhIjKlMnOp");
+        assert_eq!(json[0]["expires"], expires.as_str());
+        assert!(print(Some("nowhere"), "name").is_empty());
+    }
 }

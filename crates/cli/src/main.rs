@@ -521,7 +521,10 @@ enum TokenCommand {
     },
     /// Every join token the control plane holds, used or not (never a secret).
     List {
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        /// Only the tokens for this namespace's workloads.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "wide", "json", "yaml", "name"])]
         output: String,
     },
     /// Delete a join token (by the ID `token list` shows): it can no longer be redeemed.
@@ -794,8 +797,8 @@ async fn run(cli: Cli) -> Result<()> {
             let mut c = client::credentials(&context()?).await?;
             let out = &mut std::io::stdout();
             match command {
-                TokenCommand::List { output } => {
-                    credentials_cmd::list_tokens(&mut c, &output, out).await
+                TokenCommand::List { namespace, output } => {
+                    credentials_cmd::list_tokens(&mut c, namespace.as_deref(), &output, out).await
                 }
                 TokenCommand::Delete { id } => {
                     credentials_cmd::delete_token(&mut c, &id, out).await
