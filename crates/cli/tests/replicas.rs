@@ -10,7 +10,9 @@
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all;
 //! with one etcd member killed, applies still succeed everywhere; the leader killed,
-//! another replica leads within its lease. Apart, on one etcd member that serves clients over
+//! another replica leads within its lease; that replica back, a sidecar pair given all
+//! three replicas' addresses loses the replica it is on under 50 requests a second with no
+//! failed request, and enforces a deny applied on a survivor. Apart, on one etcd member that serves clients over
 //! TLS only and asks for a client certificate: a replica given its CA and a client
 //! certificate runs on it; one given another CA, or no client certificate, is refused.
 #![allow(clippy::unwrap_used)]
