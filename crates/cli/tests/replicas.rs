@@ -301,6 +301,7 @@ fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
     );
     assert_eq!(code, 0, "{err}");
     let start = &r.replicas[1];
+    let first = start.control_addr;
     let others: Vec<String> = [2, 0]
         .iter()
         .map(|&i| r.replicas[i].control_addr.to_string())
@@ -332,7 +333,7 @@ fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
     let killed = r
         .replicas
         .iter()
-        .position(|m| m.control_addr == start.control_addr)
+        .position(|m| m.control_addr == first)
         .unwrap();
 
     // Fixed-rate traffic through both sidecars, a new connection each time.
@@ -394,10 +395,7 @@ fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
             .as_str()
             .unwrap_or_default()
             .to_string();
-        assert!(
-            why.contains(&format!("{} was lost", start.control_addr)),
-            "{why}"
-        );
+        assert!(why.contains(&format!("{first} was lost")), "{why}");
     }
     // The surviving replicas list them, connected to the replica each moved to.
     eventually(WAIT, "the sidecars listed on their new replica", || {
