@@ -102,7 +102,12 @@ step "payments (sample app + sidecar) and an orders sidecar, given all three rep
   2>"$D/orders-proxy.log" &
 ADMINS="127.0.0.1:$((15000 + O)) 127.0.0.1:$((15001 + O))"
 for a in $ADMINS; do wait_for "sidecar $a ready" 30 curl -sf "http://$a/ready"; done
-replica_of() { curl -s "http://$1/config" | grep -o '"replica":"[^"]*"' | head -n 1 | cut -d'"' -f4; }
+# The replica a sidecar is on: bulkhead_control_replica is its place (from 1) in --control.
+replica_of() {
+  local n
+  n=$(curl -s "http://$1/metrics" | awk '$1 == "bulkhead_control_replica" { print $2 }')
+  case $n in 1 | 2 | 3) echo "${REPLICA_ADDR[n - 1]}" ;; *) echo "" ;; esac
+}
 for a in $ADMINS; do echo "sidecar $a is on replica $(replica_of "$a")"; done
 "$B/bulkhead" get proxies
 
@@ -117,7 +122,7 @@ ON=$(replica_of "127.0.0.1:$((15000 + O))")
 for i in 0 1 2; do [ "${REPLICA_ADDR[i]}" = "$ON" ] && KILLED=$i; done
 step "killing replica $KILLED ($ON), the one payments' sidecar is on"
 kill -9 "${REPLICA_PID[KILLED]}"
-wait "${REPLICA_PID[KILLED]}" 2>/dev/null || true
+{ wait "${REPLICA_PID[KILLED]}"; } 2>/dev/null || true
 SURVIVOR=$(((KILLED + 1) % 3))
 export BULKHEAD_CONTEXT=$D/r$SURVIVOR/admin.yaml
 moved() { for a in $ADMINS; do r=$(replica_of "$a"); [ -n "$r" ] && [ "$r" != "$ON" ] || return 1; done; }
@@ -142,8 +147,13 @@ denied() { [ "$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1
 wait_for "the deny enforced" 10 denied
 echo "orders POST /charge:      $(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$((19001 + O))/charge")  (denied now)"
 
-step "the replicas and proxies, as replica $SURVIVOR sees them (the dead one drops out within 3 s)"
-wait_for "the killed replica gone from the list" 10 sh -c "'$B/bulkhead' get replicas | grep -c healthy | grep -qx 2"
+step "the replicas and proxies, as replica $SURVIVOR sees them (the dead one drops out, and a leader is elected, within seconds)"
+two_and_a_leader() {
+  local list
+  list=$("$B/bulkhead" get replicas) || return 1
+  [ "$(grep -c healthy <<<"$list")" = 2 ] && grep -q ' leader ' <<<"$list"
+}
+wait_for "two replicas left, one leading" 15 two_and_a_leader
 "$B/bulkhead" get replicas
 "$B/bulkhead" get proxies
 step "done; stopping everything and removing $D"
