@@ -431,8 +431,10 @@ fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
     });
     let enforced = applied.elapsed();
 
-    // The traffic carries on a while on the new replica.
-    std::thread::sleep(Duration::from_secs(1));
+    // The traffic carries on a while on the new replica: at least 2 s after the kill, and
+    // 1 s after the deny.
+    let rest = Duration::from_secs(2).saturating_sub(stopped.elapsed());
+    std::thread::sleep(rest.max(Duration::from_secs(1)));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failed, lasted) = traffic.join().unwrap();
     eprintln!(
