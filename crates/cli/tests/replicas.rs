@@ -10,7 +10,9 @@
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all;
 //! with one etcd member killed, applies still succeed everywhere; the leader killed,
-//! another replica leads within its lease. Apart, on one etcd member that serves clients over
+//! another replica leads within its lease; that replica back, a sidecar pair given all
+//! three replicas' addresses loses the replica it is on under 50 requests a second with no
+//! failed request, and enforces a deny applied on a survivor. Apart, on one etcd member that serves clients over
 //! TLS only and asks for a client certificate: a replica given its CA and a client
 //! certificate runs on it; one given another CA, or no client certificate, is refused.
 #![allow(clippy::unwrap_used)]
@@ -113,7 +115,8 @@ fn three_replicas_on_etcd() {
     a_join_token_is_spent_on_every_replica(&r);
     a_revocation_on_one_replica_holds_on_all(&r);
     applies_succeed_with_one_etcd_member_down(&mut r);
-    the_leadership_moves_when_the_leader_dies(&mut r);
+    let dead = the_leadership_moves_when_the_leader_dies(&mut r);
+    proxies_on_a_killed_replica_move_to_another_with_no_failed_request(&mut r, dead);
 }
 
 /// A replica reaches etcd over mutual TLS (our own etcd client, rustls): with the members'
@@ -231,6 +234,226 @@ fn a_revocation_on_one_replica_holds_on_all(r: &Replicas) {
     assert!(err.contains("not known"), "{err}");
 }
 
+/// The id `mesh`'s replica has in `get replicas`.
+fn replica_id(mesh: &Mesh) -> String {
+    replicas(mesh)["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["answering"] == true)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A series' value on a sidecar's admin `/metrics` (0 if absent).
+fn proxy_metric(admin: SocketAddr, series: &str) -> f64 {
+    http(admin, "GET", "/metrics")
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A sidecar's admin `/config` `controlPlane` object.
+fn control_plane(admin: SocketAddr) -> serde_json::Value {
+    let config: serde_json::Value =
+        serde_json::from_str(&http(admin, "GET", "/config").body).unwrap();
+    config["controlPlane"].clone()
+}
+
+/// The replica killed with the leader started again on its data directory and port: three
+/// replicas, healthy, on the two etcd members left. A sidecar pair joins replica 1 and is
+/// given all three replicas' addresses; the frontend calls orders at a fixed 50 requests a
+/// second (a new connection each) while the replica both sidecars are on is killed: no
+/// request fails, both move to a surviving replica (`/config`, `/metrics`, `get proxies`),
+/// and a deny applied on a surviving replica (the other one, when it can be) is enforced by
+/// them.
+fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
+    r: &mut Replicas,
+    dead: usize,
+) {
+    let secret = r.etcd.dir.path().join("secret.key");
+    let endpoints = r.etcd.endpoints();
+    r.replicas[dead].restart_control_in(
+        TD,
+        &[
+            "--etcd",
+            &endpoints,
+            "--etcd-secret-key-file",
+            secret.to_str().unwrap(),
+        ],
+    );
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        eventually(WAIT, &format!("replica {i} listing three replicas"), || {
+            let list = replicas(mesh);
+            let all = list["replicas"].as_array().unwrap();
+            all.len() == 3 && all.iter().all(|x| x["healthy"] == true)
+        });
+    }
+    let ids: Vec<String> = r.replicas.iter().map(replica_id).collect();
+    // Reopen everything the frontend may GET under /orders/ (deny-seven stays).
+    let (code, _, err) = apply_file(
+        &r.replicas[1],
+        "orders-again.yaml",
+        &orders_policy("/orders/*"),
+    );
+    assert_eq!(code, 0, "{err}");
+    let start = &r.replicas[1];
+    let first = start.control_addr;
+    let others: Vec<String> = [2, 0]
+        .iter()
+        .map(|&i| r.replicas[i].control_addr.to_string())
+        .collect();
+    let others = others.join(",");
+    let (procs, to_orders) =
+        start.orders_and_frontend_with(&["--control", &others], &["--control", &others]);
+    let given = format!("{},{others}", start.control_addr);
+    let admins: Vec<SocketAddr> = ["orders", "frontend"]
+        .iter()
+        .map(|name| {
+            let ready =
+                std::fs::read_to_string(start.dir.path().join(format!("{name}-proxy.json")))
+                    .unwrap();
+            let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+            bulkhead_testkit::mesh::addr(&ready["admin"])
+        })
+        .collect();
+    eventually(WAIT, "GET /orders/1 allowed", || {
+        status(to_orders, "/orders/1") == 200
+    });
+    // Both sidecars on replica 1, the first address they were given.
+    for admin in &admins {
+        let on = control_plane(*admin);
+        assert_eq!(on["given"], given.as_str(), "{on:#}");
+        assert_eq!(on["replica"], start.control_addr.to_string(), "{on:#}");
+        assert_eq!(proxy_metric(*admin, "bulkhead_control_replica "), 1.0);
+    }
+    let killed = r
+        .replicas
+        .iter()
+        .position(|m| m.control_addr == first)
+        .unwrap();
+
+    // Fixed-rate traffic through both sidecars, a new connection each time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            let start = std::time::Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let code = status(to_orders, &format!("/orders/live-{sent}"));
+                if code != 200 {
+                    failed.push((start.elapsed(), code));
+                }
+                sent += 1;
+                let next = Duration::from_millis(20) * sent;
+                std::thread::sleep(next.saturating_sub(start.elapsed()));
+            }
+            (sent, failed, start.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+
+    let stopped = std::time::Instant::now();
+    r.replicas[killed].stop_control();
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != killed).collect();
+    let survivor_addrs: Vec<String> = survivors
+        .iter()
+        .map(|&i| r.replicas[i].control_addr.to_string())
+        .collect();
+    eventually(WAIT, "both sidecars on a surviving replica", || {
+        admins.iter().all(|a| {
+            let on = control_plane(*a);
+            on["replica"]
+                .as_str()
+                .is_some_and(|x| survivor_addrs.iter().any(|s| s == x))
+        })
+    });
+    let moved = stopped.elapsed();
+    // Which survivor each is on, by address.
+    let on: Vec<usize> = admins
+        .iter()
+        .map(|a| {
+            let replica = control_plane(*a)["replica"].as_str().unwrap().to_string();
+            survivors
+                .iter()
+                .copied()
+                .find(|&i| r.replicas[i].control_addr.to_string() == replica)
+                .unwrap()
+        })
+        .collect();
+    for admin in &admins {
+        assert!(proxy_metric(*admin, "bulkhead_control_replica ") >= 2.0);
+        assert_eq!(
+            proxy_metric(*admin, "bulkhead_control_replica_moves_total "),
+            1.0
+        );
+        let why = control_plane(*admin)["movedBecause"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(why.contains(&format!("{first} was lost")), "{why}");
+    }
+    // The surviving replicas list them, connected to the replica each moved to.
+    eventually(WAIT, "the sidecars listed on their new replica", || {
+        let (code, out, _) = r.replicas[survivors[0]].cli(&["get", "proxies", "-o", "json"]);
+        let Ok(list) = serde_json::from_str::<serde_json::Value>(&out) else {
+            return false;
+        };
+        code == 0
+            && ["orders", "frontend"].iter().zip(&on).all(|(w, &i)| {
+                list.as_array().unwrap().iter().any(|p| {
+                    p["workload"] == *w && p["replica"] == ids[i].as_str() && p["connected"] == true
+                })
+            })
+    });
+
+    // A deny applied on a surviving replica, the one orders' sidecar is not on if the two
+    // survivors differ in that: the sidecars enforce it.
+    let via = survivors
+        .iter()
+        .copied()
+        .find(|&i| i != on[0])
+        .unwrap_or(on[0]);
+    assert_eq!(status(to_orders, "/orders/forbidden"), 200);
+    let (code, _, err) = apply_file(
+        &r.replicas[via],
+        "no-forbidden.yaml",
+        &deny_path("no-forbidden", "/orders/forbidden"),
+    );
+    assert_eq!(code, 0, "{err}");
+    let applied = std::time::Instant::now();
+    eventually(Duration::from_secs(5), "the deny enforced", || {
+        status(to_orders, "/orders/forbidden") == 403
+    });
+    let enforced = applied.elapsed();
+
+    // The traffic carries on a while on the new replica: at least 2 s after the kill, and
+    // 1 s after the deny.
+    let rest = Duration::from_secs(2).saturating_sub(stopped.elapsed());
+    std::thread::sleep(rest.max(Duration::from_secs(1)));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed, lasted) = traffic.join().unwrap();
+    eprintln!(
+        "replica {killed} killed under 50 req/s: {sent} requests in {:.1} s, {} failed; both sidecars on replica(s) {on:?} {} ms after the kill; a deny applied on replica {via} enforced within {} ms",
+        lasted.as_secs_f64(),
+        failed.len(),
+        moved.as_millis(),
+        enforced.as_millis()
+    );
+    assert!(failed.is_empty(), "failed during the move: {failed:?}");
+    // The rate held: at least 80 % of 50 a second, over at least 2.5 s.
+    assert!(lasted >= Duration::from_millis(2500), "{lasted:?}");
+    assert!(
+        f64::from(sent) >= 0.8 * 50.0 * lasted.as_secs_f64(),
+        "{sent} requests in {lasted:?}"
+    );
+    drop(procs);
+}
+
 /// `bulkhead get replicas -o json` on `mesh`.
 fn replicas(mesh: &Mesh) -> serde_json::Value {
     let (code, out, err) = mesh.cli(&["get", "replicas", "-o", "json"]);
@@ -254,7 +477,8 @@ fn leader(mesh: &Mesh) -> (Option<String>, usize) {
 
 /// Every replica lists the three, healthy, one of them leading. Killing the leader: within
 /// its lease another replica leads, and the dead one is gone from the list; applies go on.
-fn the_leadership_moves_when_the_leader_dies(r: &mut Replicas) {
+/// Returns which replica it killed.
+fn the_leadership_moves_when_the_leader_dies(r: &mut Replicas) -> usize {
     for mesh in &r.replicas {
         eventually(WAIT, "three replicas, one leading", || {
             let list = replicas(mesh);
@@ -304,6 +528,7 @@ fn the_leadership_moves_when_the_leader_dies(r: &mut Replicas) {
         &deny("after-leader"),
     );
     assert_eq!(code, 0, "{err}");
+    dead
 }
 
 /// The first replica made the CA set and stored it in etcd, keys sealed; the others took
