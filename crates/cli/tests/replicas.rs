@@ -594,28 +594,7 @@ fn a_data_dir_with_another_ca_is_not_overwritten(r: &Replicas) {
     let key_before = std::fs::read(alone.data().join("ca.key")).unwrap();
     let secret = r.etcd.dir.path().join("secret.key");
     let data = alone.data();
-    let args = [
-        "control",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--trust-domain",
-        TD,
-        "--etcd",
-        &r.etcd.endpoints(),
-        "--etcd-secret-key-file",
-        secret.to_str().unwrap(),
-    ];
-    let mut control = bulkhead_testkit::Proc::spawn(
-        "control-alone",
-        alone.dir.path(),
-        &alone.bins.bulkhead,
-        &args,
-        &[],
-    );
-    assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());
-    let log = control.log_text();
+    let log = refused_replica(r, &alone, "control-alone", &data, &secret);
     assert!(
         log.contains("not in the CA set the replicas share in etcd"),
         "{log}"
@@ -630,10 +609,24 @@ fn a_data_dir_with_another_ca_is_not_overwritten(r: &Replicas) {
     std::fs::write(&other, [9u8; 32]).unwrap();
     std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
     let fresh = alone.dir.path().join("fresh");
+    let log = refused_replica(r, &alone, "control-other-key", &fresh, &other);
+    assert!(log.contains("does not open with it"), "{log}");
+    assert!(!fresh.join("ca.key").exists());
+}
+
+/// Starts a replica on `data` with `secret` beside the cluster's, expects it to exit with an
+/// error, and returns its log.
+fn refused_replica(
+    r: &Replicas,
+    alone: &Mesh,
+    name: &str,
+    data: &std::path::Path,
+    secret: &std::path::Path,
+) -> String {
     let args = [
         "control",
         "--data-dir",
-        fresh.to_str().unwrap(),
+        data.to_str().unwrap(),
         "--listen",
         "127.0.0.1:0",
         "--trust-domain",
@@ -641,19 +634,12 @@ fn a_data_dir_with_another_ca_is_not_overwritten(r: &Replicas) {
         "--etcd",
         &r.etcd.endpoints(),
         "--etcd-secret-key-file",
-        other.to_str().unwrap(),
+        secret.to_str().unwrap(),
     ];
-    let mut control = bulkhead_testkit::Proc::spawn(
-        "control-other-key",
-        alone.dir.path(),
-        &alone.bins.bulkhead,
-        &args,
-        &[],
-    );
+    let mut control =
+        bulkhead_testkit::Proc::spawn(name, alone.dir.path(), &alone.bins.bulkhead, &args, &[]);
     assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());
-    let log = control.log_text();
-    assert!(log.contains("does not open with it"), "{log}");
-    assert!(!fresh.join("ca.key").exists());
+    control.log_text()
 }
 
 /// A join token made on replica 0 is redeemed by a proxy joining replica 1; the same token

@@ -365,22 +365,7 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
         assert_eq!(code, 0, "check.py federated failed:\n{out}\n{err}");
         // A JWT-SVID of A's frontend validates at B's sidecar, with A's JWT key from A's
         // bundle endpoint.
-        let (code, out, err) = run(
-            &python,
-            &[
-                script.to_str().unwrap(),
-                "jwt-federated",
-                "--fetch-socket",
-                a_socket.to_str().unwrap(),
-                "--validate-socket",
-                socket.to_str().unwrap(),
-                "--id",
-                &frontend_a,
-                "--audience",
-                "orders",
-            ],
-            &[],
-        );
+        let (code, out, err) = jwt_federated(&python, &a_socket, &socket, &frontend_a, &[]);
         assert_eq!(code, 0, "check.py jwt-federated failed:\n{out}\n{err}");
     }
 
@@ -419,29 +404,12 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
         "two_trust_domains_federate_and_each_vouches_only_for_its_own",
         "spiffe",
     ) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/check.py");
         eventually(
             WAIT,
             "a JWT-SVID from A's rotated key validating at B",
             || {
-                let (code, _, _) = run(
-                    &python,
-                    &[
-                        script.to_str().unwrap(),
-                        "jwt-federated",
-                        "--fetch-socket",
-                        a_socket.to_str().unwrap(),
-                        "--validate-socket",
-                        socket.to_str().unwrap(),
-                        "--id",
-                        &frontend_a,
-                        "--audience",
-                        "orders",
-                        "--kids",
-                        "2",
-                    ],
-                    &[],
-                );
+                let (code, _, _) =
+                    jwt_federated(&python, &a_socket, &socket, &frontend_a, &["--kids", "2"]);
                 code == 0
             },
         );
@@ -475,4 +443,30 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
     assert_eq!(federated_roots(&proxy_config(orders_admin), A), both);
     let log = std::fs::read_to_string(b.dir.path().join("control.log")).unwrap();
     assert!(log.contains("its last good bundle stays in force"), "{log}");
+}
+
+/// `check.py jwt-federated`: a JWT-SVID for `id` (audience `orders`) fetched from the sidecar
+/// at `fetch` validates at the sidecar of the other trust domain at `validate`.
+fn jwt_federated(
+    python: &Path,
+    fetch: &Path,
+    validate: &Path,
+    id: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/check.py");
+    let mut args = vec![
+        script.to_str().unwrap(),
+        "jwt-federated",
+        "--fetch-socket",
+        fetch.to_str().unwrap(),
+        "--validate-socket",
+        validate.to_str().unwrap(),
+        "--id",
+        id,
+        "--audience",
+        "orders",
+    ];
+    args.extend_from_slice(extra);
+    run(python, &args, &[])
 }
