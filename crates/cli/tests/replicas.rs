@@ -232,6 +232,13 @@ fn a_revocation_on_one_replica_holds_on_all(r: &Replicas) {
     }
     let err = r.replicas[0].failing_proxy(&early, &[]);
     assert!(err.contains("not known"), "{err}");
+    // A proxy instance's revocation is not shared yet: refused, never half done.
+    let (code, _, err) = r.replicas[0].cli(&["revoke", "proxy", "3f2a9c01b7de"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("not shared yet") && err.contains("bulkhead revoke identity"),
+        "{err}"
+    );
 }
 
 /// The id `mesh`'s replica has in `get replicas`.

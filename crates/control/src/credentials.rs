@@ -291,6 +291,14 @@ impl Credentials for State {
                 r.kind
             ))
         })?;
+        if kind == RevocationKind::Proxy && self.shared.is_some() {
+            // Instance records are per replica: a proxy's revocation would hold only at the
+            // proxies of the replica that made it, and the revoked proxy could go on talking
+            // to the others'. Refused rather than half done.
+            return Err(Status::failed_precondition(
+                "with replicas on etcd, a proxy instance's revocation is not shared yet: it would hold only at the proxies of this replica. Revoke its identity instead (`bulkhead revoke identity SPIFFE_ID`): that is shared, and every replica refuses it",
+            ));
+        }
         let subject = match kind {
             RevocationKind::Identity => self.revocable_identity(&r.subject)?.to_string(),
             RevocationKind::Proxy => r.subject.trim().to_string(),
