@@ -900,6 +900,7 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
 
     // Fixed-rate traffic through both sidecars, a new connection each time.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let began = Instant::now();
     let traffic = {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -983,8 +984,10 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
         http(to_orders, "GET", "/secret").status == 403
     });
 
-    // And the traffic carries on a while on the new replica.
+    // And the traffic carries on a while on the new replica: at least half a second, and
+    // 3 s in all however fast the switch went (on a quick run it is over in about 2 s).
     std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(began.elapsed()));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failed, lasted) = traffic.join().unwrap();
     eprintln!(
