@@ -162,25 +162,9 @@ fn a_replica_reaches_etcd_over_mutual_tls() {
 
     let refused = |name: &str, tls_args: &[&str]| {
         let data = mesh.dir.path().join(name);
-        let mut args = vec![
-            "control",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--trust-domain",
-            TD,
-            "--etcd",
-            &endpoints,
-            "--etcd-secret-key-file",
-            secret.to_str().unwrap(),
-        ];
-        args.extend(tls_args);
-        let mut control =
-            bulkhead_testkit::Proc::spawn(name, mesh.dir.path(), &mesh.bins.bulkhead, &args, &[]);
-        assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());
+        let log = refused_replica(&mesh, name, &data, &endpoints, &secret, tls_args);
         assert!(!data.join("ca.key").exists(), "{name} made a CA");
-        control.log_text()
+        log
     };
     let (ca, cert, key, other) = (
         path(&tls.ca),
@@ -601,7 +585,14 @@ fn a_data_dir_with_another_ca_is_not_overwritten(r: &Replicas) {
     let key_before = std::fs::read(alone.data().join("ca.key")).unwrap();
     let secret = r.etcd.dir.path().join("secret.key");
     let data = alone.data();
-    let log = refused_replica(r, &alone, "control-alone", &data, &secret);
+    let log = refused_replica(
+        &alone,
+        "control-alone",
+        &data,
+        &r.etcd.endpoints(),
+        &secret,
+        &[],
+    );
     assert!(
         log.contains("not in the CA set the replicas share in etcd"),
         "{log}"
@@ -616,21 +607,29 @@ fn a_data_dir_with_another_ca_is_not_overwritten(r: &Replicas) {
     std::fs::write(&other, [9u8; 32]).unwrap();
     std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
     let fresh = alone.dir.path().join("fresh");
-    let log = refused_replica(r, &alone, "control-other-key", &fresh, &other);
+    let log = refused_replica(
+        &alone,
+        "control-other-key",
+        &fresh,
+        &r.etcd.endpoints(),
+        &other,
+        &[],
+    );
     assert!(log.contains("does not open with it"), "{log}");
     assert!(!fresh.join("ca.key").exists());
 }
 
-/// Starts a replica on `data` with `secret` beside the cluster's, expects it to exit with an
-/// error, and returns its log.
+/// Starts a replica on `data` with the etcd at `endpoints`, `secret` and `extra` flags,
+/// beside `alone`; expects it to exit with an error, and returns its log.
 fn refused_replica(
-    r: &Replicas,
     alone: &Mesh,
     name: &str,
     data: &std::path::Path,
+    endpoints: &str,
     secret: &std::path::Path,
+    extra: &[&str],
 ) -> String {
-    let args = [
+    let mut args = vec![
         "control",
         "--data-dir",
         data.to_str().unwrap(),
@@ -639,10 +638,11 @@ fn refused_replica(
         "--trust-domain",
         TD,
         "--etcd",
-        &r.etcd.endpoints(),
+        endpoints,
         "--etcd-secret-key-file",
         secret.to_str().unwrap(),
     ];
+    args.extend(extra);
     let mut control =
         bulkhead_testkit::Proc::spawn(name, alone.dir.path(), &alone.bins.bulkhead, &args, &[]);
     assert_ne!(control.wait_exit(WAIT), Some(0), "{}", control.log_text());

@@ -89,11 +89,11 @@ impl Issuer {
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
         let first = config(&self.state, &id, hosts, &alpn)?;
         let current = Arc::new(ArcSwap::from_pointee(first));
-        renew(
+        let hosts = hosts.to_vec();
+        keep_current(
             self.state.clone(),
-            id,
-            hosts.to_vec(),
-            alpn,
+            id.to_string(),
+            move |state| config(state, &id, &hosts, &alpn),
             current.clone(),
         );
         Ok(ServingTls { current })
@@ -125,12 +125,14 @@ fn config(
     Ok(config)
 }
 
-/// Re-issues the certificate at half its lifetime, and whenever the CAs change.
-fn renew(
+/// Keeps `current` holding a fresh configuration from `make`: re-made at half the SVID
+/// lifetime and whenever the CAs change, every 30 s after a failure. `what` names the
+/// certificate in the logs. The webhook's and the console's serving certificates both live
+/// on it.
+pub(crate) fn keep_current(
     state: Arc<State>,
-    id: SpiffeId,
-    hosts: Vec<String>,
-    alpn: Vec<Vec<u8>>,
+    what: String,
+    make: impl Fn(&State) -> Result<ServerConfig, ControlError> + Send + 'static,
     current: Arc<ArcSwap<ServerConfig>>,
 ) {
     let mut cas = state.cas.subscribe();
@@ -141,14 +143,14 @@ fn renew(
                 _ = tokio::time::sleep(wait) => {}
                 changed = cas.changed() => if changed.is_err() { return },
             }
-            wait = match config(&state, &id, &hosts, &alpn) {
+            wait = match make(&state) {
                 Ok(c) => {
                     current.store(Arc::new(c));
-                    tracing::info!(%id, "re-issued a serving certificate");
+                    tracing::info!(certificate = what, "re-issued a serving certificate");
                     state.svid_lifetime() / 2
                 }
                 Err(e) => {
-                    tracing::error!(%id, error = %e, "could not re-issue a serving certificate; retrying in 30s");
+                    tracing::error!(certificate = what, error = %e, "could not re-issue a serving certificate; retrying in 30s");
                     Duration::from_secs(30)
                 }
             };

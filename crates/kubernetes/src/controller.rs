@@ -133,7 +133,7 @@ fn reflect<K>(
     notify: Arc<Notify>,
 ) where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let stream =
         reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
@@ -157,26 +157,6 @@ fn watch_failed(what: &str, e: &watcher::Error) {
         }
         e => tracing::warn!(resource = what, error = %e, "watch failed; retrying with backoff"),
     }
-}
-
-/// [`reflect`] for a kind without a static type (our CRs).
-fn reflect_dynamic(
-    api: Api<DynamicObject>,
-    writer: reflector::store::Writer<DynamicObject>,
-    what: &'static str,
-    notify: Arc<Notify>,
-) {
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => notify.notify_one(),
-                Err(e) => watch_failed(what, &e),
-            }
-        }
-    });
 }
 
 /// Starts the controller in the background: the watches, the loop that commits what they
@@ -211,7 +191,7 @@ pub fn spawn(client: Client, resources: Resources, issuer: Issuer, options: Cont
         let ar = api_resource(kind, plural);
         let writer = reflector::store::Writer::new(ar.clone());
         let store = writer.as_reader();
-        reflect_dynamic(
+        reflect(
             Api::all_with(client.clone(), &ar),
             writer,
             plural,

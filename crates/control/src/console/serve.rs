@@ -90,7 +90,13 @@ pub(crate) async fn spawn(
     let tls = match secure {
         true => {
             let config = Arc::new(ArcSwap::from_pointee(tls_config(&state, &names)?));
-            renew(state.clone(), names.clone(), config.clone());
+            let also = names.clone();
+            crate::issuer::keep_current(
+                state.clone(),
+                "console".into(),
+                move |state| tls_config(state, &also),
+                config.clone(),
+            );
             Some(config)
         }
         false => None,
@@ -209,30 +215,6 @@ fn tls_config(state: &State, names: &[String]) -> Result<ServerConfig, ControlEr
         ClientAuth::Optional,
         &[b"h2", b"http/1.1"],
     )?)
-}
-
-/// Re-issues the certificate at half its lifetime, and whenever the CAs change.
-fn renew(state: Arc<State>, names: Vec<String>, config: Arc<ArcSwap<ServerConfig>>) {
-    let mut cas = state.cas.subscribe();
-    tokio::spawn(async move {
-        let mut wait = state.svid_lifetime() / 2;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                changed = cas.changed() => if changed.is_err() { return },
-            }
-            wait = match tls_config(&state, &names) {
-                Ok(c) => {
-                    config.store(Arc::new(c));
-                    state.svid_lifetime() / 2
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "could not renew the console's certificate; retrying in 30s");
-                    Duration::from_secs(30)
-                }
-            };
-        }
-    });
 }
 
 fn router(app: App) -> Router {
