@@ -167,18 +167,30 @@ fn emit_map_body(
 ) {
     let Value::Object(map) = value else { return };
     for (k, v) in map {
-        let p = child(path, k);
         let key = Value::String(k.clone());
-        match inline(v) {
-            Some(s) => {
-                let _ = writeln!(out, "{:indent$}{key}: {s}", "");
-                paths.push(p);
-            }
-            None => {
-                let _ = writeln!(out, "{:indent$}{key}:", "");
-                paths.push(p.clone());
-                emit_nested(v, &p, indent + 2, out, paths);
-            }
+        emit_entry(&format!("{key}:"), v, child(path, k), indent, out, paths);
+    }
+}
+
+/// One member of a map (`lead` is `key:`) or of a list (`lead` is `-`): inline, or with its
+/// members below it.
+fn emit_entry(
+    lead: &str,
+    value: &Value,
+    path: String,
+    indent: usize,
+    out: &mut String,
+    paths: &mut Vec<String>,
+) {
+    match inline(value) {
+        Some(s) => {
+            let _ = writeln!(out, "{:indent$}{lead} {s}", "");
+            paths.push(path);
+        }
+        None => {
+            let _ = writeln!(out, "{:indent$}{lead}", "");
+            paths.push(path.clone());
+            emit_nested(value, &path, indent + 2, out, paths);
         }
     }
 }
@@ -194,18 +206,7 @@ fn emit_nested(
         Value::Object(_) => emit_map_body(value, path, indent, out, paths),
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
-                let p = format!("{path}[{i}]");
-                match inline(item) {
-                    Some(s) => {
-                        let _ = writeln!(out, "{:indent$}- {s}", "");
-                        paths.push(p);
-                    }
-                    None => {
-                        let _ = writeln!(out, "{:indent$}-", "");
-                        paths.push(p.clone());
-                        emit_nested(item, &p, indent + 2, out, paths);
-                    }
-                }
+                emit_entry("-", item, format!("{path}[{i}]"), indent, out, paths);
             }
         }
         _ => {}
