@@ -479,18 +479,23 @@ impl RuleList {
         }
     }
 
+    /// The indexed rules (ascending) whose identity condition names the caller's identity.
+    #[inline]
+    fn identity_hits(&self, req: &Request<'_>) -> &[u32] {
+        req.peer
+            .identity
+            .and_then(|id| self.by_identity.get(id))
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
+    }
+
     /// The first rule (in definition order) that matches.
     #[inline]
     fn first_match(&self, req: &Request<'_>, set: &PolicySet) -> Option<&CompiledRule> {
         if self.rules.is_empty() {
             return None;
         }
-        let hashed: &[u32] = req
-            .peer
-            .identity
-            .and_then(|id| self.by_identity.get(id))
-            .map(|v| v.as_slice())
-            .unwrap_or(&[]);
+        let hashed = self.identity_hits(req);
         let (mut a, mut b) = (hashed.iter().peekable(), self.general.iter().peekable());
         loop {
             let next = match (a.peek(), b.peek()) {
@@ -511,12 +516,7 @@ impl RuleList {
     /// without allocating, explained only for the winner.
     fn nearest(&self, req: &Request<'_>, set: &PolicySet) -> Option<(usize, &CompiledRule)> {
         // One lookup answers the identity condition of every indexed rule.
-        let hits: &[u32] = req
-            .peer
-            .identity
-            .and_then(|id| self.by_identity.get(id))
-            .map(|v| v.as_slice())
-            .unwrap_or(&[]);
+        let hits = self.identity_hits(req);
         let mut best: Option<(usize, &CompiledRule)> = None;
         for (i, r) in self.rules.iter().enumerate() {
             let indexed = self.indexed.get(i).copied().unwrap_or(false);
