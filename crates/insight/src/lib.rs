@@ -38,7 +38,7 @@ mod recommend;
 pub mod tap;
 pub mod template;
 
-pub use edge::{Edge, EdgeKey, EdgeStats, EdgeVerdict, merge_edges, rfc3339};
+pub use edge::{Edge, EdgeKey, EdgeStats, EdgeVerdict, civil_from_days, merge_edges, rfc3339};
 pub use graph::{
     GraphLine, caller_name, declared_identities, graph_lines, identities, with_declared_callers,
 };
