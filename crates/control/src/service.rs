@@ -547,15 +547,7 @@ impl Identity for State {
             })?;
         self.bind(id.as_str(), &workload).await?;
         tracing::info!(?remote, spiffe_id = %id, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "issued SVID");
-        self.metrics.svid_issued("join");
-        Ok(Response::new(pb::JoinResponse {
-            cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
-            trust_bundle_der: self.bundle_der(),
-            spiffe_id: id.to_string(),
-            namespace: record.namespace,
-            workload: record.workload,
-            instance: instance.id,
-        }))
+        Ok(self.joined(&id, &chain, workload, instance.id))
     }
 }
 
@@ -658,6 +650,28 @@ impl State {
 }
 
 /// The serial and expiry of the leaf of `chain`, as the store records an issued certificate.
+impl State {
+    /// The answer to a join (by join token or by attestation) that issued `chain` to `id`
+    /// for `workload`, as proxy instance `instance`.
+    pub(crate) fn joined(
+        &self,
+        id: &SpiffeId,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+        workload: ResourceName,
+        instance: String,
+    ) -> Response<pb::JoinResponse> {
+        self.metrics.svid_issued("join");
+        Response::new(pb::JoinResponse {
+            cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle_der: self.bundle_der(),
+            spiffe_id: id.to_string(),
+            namespace: workload.namespace,
+            workload: workload.name,
+            instance,
+        })
+    }
+}
+
 fn issued(chain: &[rustls::pki_types::CertificateDer<'_>]) -> crate::store::trust::IssuedCert {
     crate::store::trust::IssuedCert {
         serial: chain

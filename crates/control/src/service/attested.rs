@@ -105,15 +105,7 @@ impl State {
             .map_err(|revoked| refuse(revoked.describe()))?;
         self.bind(id.as_str(), &workload).await?;
         tracing::info!(?remote, spiffe_id = %id, subject, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), proxy_version = r.proxy_version, "issued SVID by attestation");
-        self.metrics.svid_issued("join");
-        Ok(Response::new(pb::JoinResponse {
-            cert_chain_der: chain.iter().map(|c| c.to_vec()).collect(),
-            trust_bundle_der: self.bundle_der(),
-            spiffe_id: id.to_string(),
-            namespace: workload.namespace,
-            workload: workload.name,
-            instance: instance.id,
-        }))
+        Ok(self.joined(&id, &chain, workload, instance.id))
     }
 
     /// The one Workload of the current revision that declares `id`: if several do, the one
