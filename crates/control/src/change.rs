@@ -54,13 +54,7 @@ pub(crate) fn spawn_follow(state: Arc<State>) {
     let Some(etcd) = state.shared.clone() else {
         return;
     };
-    let (seen, mut values) = tokio::sync::watch::channel(Vec::new());
-    let follower = etcd.clone();
-    tokio::spawn(async move {
-        follower
-            .follow(crate::store::etcd::revision_key(), seen)
-            .await
-    });
+    let mut values = crate::service::followed(&etcd, crate::store::etcd::revision_key());
     let weak = Arc::downgrade(&state);
     tokio::spawn(async move {
         while values.changed().await.is_ok() {

@@ -91,6 +91,18 @@ impl Snapshot {
     }
 }
 
+/// Follows `key` in etcd on a task of its own: the receiver sees every value it takes, until
+/// it is dropped.
+pub(crate) fn followed(
+    etcd: &crate::store::etcd::EtcdStore,
+    key: String,
+) -> watch::Receiver<Vec<u8>> {
+    let (seen, values) = watch::channel(Vec::new());
+    let follower = etcd.clone();
+    tokio::spawn(async move { follower.follow(key, seen).await });
+    values
+}
+
 /// With replicas on etcd, follows the identity revocations there: one made or lifted on
 /// another replica is taken up here and pushed to this replica's proxies.
 pub(crate) fn spawn_follow_revocations(state: Arc<State>) {
@@ -124,13 +136,7 @@ pub(crate) fn spawn_follow_cas(state: Arc<State>) {
     let Some(etcd) = state.shared.clone() else {
         return;
     };
-    let (seen, mut values) = watch::channel(Vec::new());
-    let follower = etcd.clone();
-    tokio::spawn(async move {
-        follower
-            .follow(crate::store::etcd_ca::files_key(), seen)
-            .await
-    });
+    let mut values = followed(&etcd, crate::store::etcd_ca::files_key());
     let weak = Arc::downgrade(&state);
     drop(state);
     tokio::spawn(async move {
