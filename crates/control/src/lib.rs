@@ -212,18 +212,9 @@ pub async fn start_with(
     };
     let (dir, cas) = open_data_dir(&config, shared.as_ref()).await?;
     let store = store::Store::open_with(&config.data_dir.join("state.redb"), options.history)?;
-    let tcp = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| ControlError::Bind {
-            addr: config.listen,
-            source: e,
-        })?;
-    let addr = tcp.local_addr().map_err(|e| ControlError::Bind {
-        addr: config.listen,
-        source: e,
-    })?;
+    let (tcp, addr) = listener::bind(config.listen).await?;
     let metrics_tcp = match options.metrics {
-        Some(listen) => Some(metrics::bind(listen).await?),
+        Some(listen) => Some(listener::bind(listen).await?),
         None => None,
     };
     let metrics_addr = metrics_tcp.as_ref().map(|(_, a)| *a);

@@ -24,6 +24,18 @@ use tonic::transport::server::Connected;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Binds a listener of the control plane (gRPC, metrics, console, bundle endpoint) and says
+/// where it is bound (`listen` may ask for port 0).
+pub(crate) async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), ControlError> {
+    let bind_err = |source| ControlError::Bind {
+        addr: listen,
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, addr))
+}
+
 /// Who is on the other end of a connection; available to every RPC as a request extension.
 #[derive(Clone, Debug)]
 pub(crate) struct PeerInfo {

@@ -28,7 +28,6 @@
 //! of the store (the readiness check opens a read transaction, which never waits for a
 //! writer), so it cannot slow a flow report down.
 
-use crate::error::ControlError;
 use crate::flows::Counters;
 use crate::service::State;
 use bulkhead_insight::events::EventKind;
@@ -47,7 +46,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -407,17 +405,6 @@ impl State {
             None => Some("the signing CA's certificate cannot be read".into()),
         }
     }
-}
-
-/// Binds the metrics listener and says where it is bound; serving starts with [`serve`].
-pub(crate) async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), ControlError> {
-    let bind_err = |source| ControlError::Bind {
-        addr: listen,
-        source,
-    };
-    let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
-    let addr = listener.local_addr().map_err(bind_err)?;
-    Ok((listener, addr))
 }
 
 /// Serves `/metrics` on `listener` until `stop` turns true.

@@ -20,7 +20,6 @@ use rustls::ServerConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 /// The endpoint's identity is `spiffe://<td>/bulkhead/<this>` (one of the mesh's own).
@@ -105,16 +104,7 @@ pub(crate) async fn spawn(
     listen: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) -> Result<SocketAddr, ControlError> {
-    let tcp = TcpListener::bind(listen)
-        .await
-        .map_err(|source| ControlError::Bind {
-            addr: listen,
-            source,
-        })?;
-    let addr = tcp.local_addr().map_err(|source| ControlError::Bind {
-        addr: listen,
-        source,
-    })?;
+    let (tcp, addr) = crate::listener::bind(listen).await?;
     // An SVID for spiffe://<td>/bulkhead/bundle-endpoint, kept current; no client certificate.
     let tls =
         crate::Issuer::new(state.clone()).serving(BUNDLE_ENDPOINT_NAME, &[], &[b"http/1.1"])?;

@@ -28,7 +28,6 @@ use rustls::ServerConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 /// The console's own identity, in the mesh's reserved space.
@@ -64,16 +63,7 @@ pub(crate) async fn spawn(
     let mut names = options.names()?;
     let mut seen = std::collections::HashSet::new();
     names.retain(|n| seen.insert(n.clone()));
-    let tcp = TcpListener::bind(options.listen)
-        .await
-        .map_err(|e| ControlError::Bind {
-            addr: options.listen,
-            source: e,
-        })?;
-    let addr = tcp.local_addr().map_err(|e| ControlError::Bind {
-        addr: options.listen,
-        source: e,
-    })?;
+    let (tcp, addr) = crate::listener::bind(options.listen).await?;
     let secure = options.transport == ConsoleTransport::Https;
     let scheme = if secure { "https" } else { "http" };
     let authority = |name: &str| match name.parse::<std::net::IpAddr>() {
