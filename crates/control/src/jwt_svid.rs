@@ -11,8 +11,6 @@ use crate::error::ControlError;
 use base64::Engine;
 use bulkhead_api::v1 as pb;
 use bulkhead_identity::jwt::JwtKey;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 #[cfg(test)]
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -97,11 +95,6 @@ pub(crate) fn load_or_create(dir: &Path) -> Result<JwtKey, ControlError> {
 
 /// Writes `key` to `DATA_DIR/jwt-svid.key` (0600), atomically.
 fn store(dir: &Path, key: &JwtKey) -> Result<(), ControlError> {
-    let path = dir.join(FILE);
-    let fail = |source: std::io::Error| ControlError::DataDir {
-        path: path.clone(),
-        source,
-    };
     let b64 = base64::engine::general_purpose::STANDARD.encode(key.pkcs8_der());
     let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
     for chunk in b64.as_bytes().chunks(64) {
@@ -109,17 +102,7 @@ fn store(dir: &Path, key: &JwtKey) -> Result<(), ControlError> {
         pem.push('\n');
     }
     pem.push_str("-----END PRIVATE KEY-----\n");
-    let tmp = dir.join(format!("{FILE}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(fail)?;
-    f.write_all(pem.as_bytes()).map_err(fail)?;
-    f.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, &path).map_err(fail)
+    crate::datadir::write_file(&dir.join(FILE), pem.as_bytes(), 0o600)
 }
 
 /// A JWT public key (ours or a federated domain's) as proxies receive it.
