@@ -300,31 +300,15 @@ impl Detector {
     fn remember<'a>(&mut self, e: &'a Edge, fresh: &mut Fresh<'a>) -> u64 {
         let mut unremembered = 0;
         if let Some(id) = &e.key.source_identity {
-            if let Some(&i) = fresh.identity_index.get(id.as_str()) {
-                fresh.identities[i].add(e);
-            } else if !self.identities.contains(id) {
-                if self.identities.len() < MAX_KNOWN_IDENTITIES {
-                    self.identities.insert(id.clone());
-                    fresh.identity_index.insert(id, fresh.identities.len());
-                    fresh.identities.push(Tally::new(e));
-                } else {
-                    unremembered += 1;
-                }
-            }
+            let full = fresh
+                .identities
+                .note(&mut self.identities, MAX_KNOWN_IDENTITIES, id, e);
+            unremembered += u64::from(full);
         }
-        let t = triple(&e.key);
-        if let Some(&i) = fresh.edge_index.get(&t) {
-            fresh.edges[i].add(e);
-        } else if !self.edges.contains(&t) {
-            if self.edges.len() < MAX_KNOWN_EDGES {
-                self.edges.insert(t.clone());
-                fresh.edge_index.insert(t, fresh.edges.len());
-                fresh.edges.push(Tally::new(e));
-            } else {
-                unremembered += 1;
-            }
-        }
-        unremembered
+        let full = fresh
+            .edges
+            .note(&mut self.edges, MAX_KNOWN_EDGES, &triple(&e.key), e);
+        unremembered + u64::from(full)
     }
 
     /// Adds one report's denials to `destination`; returns a spike event if they make one,
@@ -376,20 +360,58 @@ fn triple(key: &EdgeKey) -> Triple {
 /// The identities and triples first seen in one report, in order, with their requests.
 #[derive(Default)]
 struct Fresh<'a> {
-    identities: Vec<Tally<'a>>,
-    identity_index: HashMap<&'a str, usize>,
-    edges: Vec<Tally<'a>>,
-    edge_index: HashMap<Triple, usize>,
+    identities: Firsts<'a, SpiffeId>,
+    edges: Firsts<'a, Triple>,
 }
 
 impl Fresh<'_> {
     fn events(&self, now: u64) -> Vec<Event> {
         let identities = self
             .identities
+            .tallies
             .iter()
             .map(|t| t.event(now, EventKind::NewIdentity));
-        let edges = self.edges.iter().map(|t| t.event(now, EventKind::NewEdge));
+        let edges = self
+            .edges
+            .tallies
+            .iter()
+            .map(|t| t.event(now, EventKind::NewEdge));
         identities.chain(edges).collect()
+    }
+}
+
+/// The keys of one kind (identities, triples) first seen in one report, in order, each
+/// with its requests.
+struct Firsts<'a, K> {
+    tallies: Vec<Tally<'a>>,
+    index: HashMap<K, usize>,
+}
+
+impl<K> Default for Firsts<'_, K> {
+    fn default() -> Self {
+        Firsts {
+            tallies: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+}
+
+impl<'a, K: Clone + Eq + std::hash::Hash> Firsts<'a, K> {
+    /// Counts `e` under `key` when `key` is new: already first seen in this report, or not
+    /// in `known` (it is remembered there while `known` holds fewer than `max`). Returns
+    /// whether it was new and could not be remembered.
+    fn note(&mut self, known: &mut HashSet<K>, max: usize, key: &K, e: &'a Edge) -> bool {
+        if let Some(&i) = self.index.get(key) {
+            self.tallies[i].add(e);
+        } else if !known.contains(key) {
+            if known.len() >= max {
+                return true;
+            }
+            known.insert(key.clone());
+            self.index.insert(key.clone(), self.tallies.len());
+            self.tallies.push(Tally::new(e));
+        }
+        false
     }
 }
 
