@@ -8,6 +8,7 @@
 //! never touch a rule that does not jump into a `BULKHEAD_*` chain.
 
 use super::{Family, Plan, UdpPlan};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 /// Our chains in the `nat` table: the TCP redirects.
@@ -145,14 +146,13 @@ pub fn iptables_remove(family: Family, current: &str) -> String {
 fn nat_rules(plan: &Plan, family: Family) -> Vec<(&'static str, String)> {
     let [inbound, in_redirect, outbound, redirect] = NAT_CHAINS;
     let mut rules = vec![(inbound, "-i lo -j RETURN".to_string())];
-    for port in &plan.exclude_inbound_ports {
-        rules.push((inbound, format!("-p tcp --dport {port} -j RETURN")));
-    }
-    rules.push((inbound, format!("-p tcp -j {in_redirect}")));
-    rules.push((
+    redirect_tcp(
+        &mut rules,
+        inbound,
+        &plan.exclude_inbound_ports,
         in_redirect,
-        format!("-p tcp -j REDIRECT --to-ports {}", plan.inbound_port),
-    ));
+        plan.inbound_port,
+    );
     rules.push((
         outbound,
         format!("-m owner --uid-owner {} -j RETURN", plan.proxy_uid),
@@ -173,15 +173,30 @@ fn nat_rules(plan: &Plan, family: Family) -> Vec<(&'static str, String)> {
             rules.push((outbound, format!("-d {net} -j RETURN")));
         }
     }
-    for port in &plan.exclude_outbound_ports {
-        rules.push((outbound, format!("-p tcp --dport {port} -j RETURN")));
-    }
-    rules.push((outbound, format!("-p tcp -j {redirect}")));
-    rules.push((
+    redirect_tcp(
+        &mut rules,
+        outbound,
+        &plan.exclude_outbound_ports,
         redirect,
-        format!("-p tcp -j REDIRECT --to-ports {}", plan.outbound_port),
-    ));
+        plan.outbound_port,
+    );
     rules
+}
+
+/// The end of a capturing chain: TCP to the excluded ports returns; the rest of TCP jumps to
+/// the redirect chain, which sends it to the proxy's port.
+fn redirect_tcp(
+    rules: &mut Vec<(&'static str, String)>,
+    chain: &'static str,
+    excluded: &BTreeSet<u16>,
+    redirect: &'static str,
+    to_port: u16,
+) {
+    for port in excluded {
+        rules.push((chain, format!("-p tcp --dport {port} -j RETURN")));
+    }
+    rules.push((chain, format!("-p tcp -j {redirect}")));
+    rules.push((redirect, format!("-p tcp -j REDIRECT --to-ports {to_port}")));
 }
 
 /// The filter rules; none when there is nothing to filter.
