@@ -24,14 +24,10 @@ pub async fn credentials(context: &Path) -> Result<CredentialsClient<Channel>> {
 
 /// A channel to the control plane the context file names, with the admin credential.
 fn channel(context: &Path) -> Result<Channel> {
-    let text = std::fs::read_to_string(context).with_context(|| {
-        format!(
-            "cannot read admin context {} (start `bulkhead control` first, or pass --context with a context's name (`bulkhead config get-contexts`) or a control plane's DATA_DIR/admin.yaml)",
-            context.display()
-        )
-    })?;
-    let ctx: AdminContext = serde_saphyr::from_str(&text)
-        .with_context(|| format!("admin context {} is not valid", context.display()))?;
+    let ctx = admin_context(
+        context,
+        " (start `bulkhead control` first, or pass --context with a context's name (`bulkhead config get-contexts`) or a control plane's DATA_DIR/admin.yaml)",
+    )?;
     let read = |p: &Path| {
         std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
     };
@@ -47,6 +43,15 @@ fn channel(context: &Path) -> Result<Channel> {
         &[b"h2"],
     )?;
     Ok(channel::connect(ctx.server, tls))
+}
+
+/// Reads the admin context file at `context`; when it cannot be read, the error names it
+/// followed by `help` (what the operator should do).
+pub(crate) fn admin_context(context: &Path, help: &str) -> Result<AdminContext> {
+    let text = std::fs::read_to_string(context)
+        .with_context(|| format!("cannot read admin context {}{help}", context.display()))?;
+    serde_saphyr::from_str(&text)
+        .with_context(|| format!("admin context {} is not valid", context.display()))
 }
 
 /// The largest answer the CLI accepts from the control plane.

@@ -274,14 +274,10 @@ fn read(file: &Path) -> Result<String> {
 
 /// The trust bundle file the admin context names.
 fn context_ca_file(context: &Path) -> Result<PathBuf> {
-    let text = std::fs::read_to_string(context).with_context(|| {
-        format!(
-            "cannot read admin context {} to find the trust bundle (pass --context DATA_DIR/admin.yaml or --ca-bundle FILE)",
-            context.display()
-        )
-    })?;
-    let ctx: bulkhead_control::AdminContext = serde_saphyr::from_str(&text)
-        .with_context(|| format!("admin context {} is not valid", context.display()))?;
+    let ctx = crate::client::admin_context(
+        context,
+        " to find the trust bundle (pass --context DATA_DIR/admin.yaml or --ca-bundle FILE)",
+    )?;
     Ok(ctx.ca_file)
 }
 
