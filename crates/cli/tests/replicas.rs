@@ -8,7 +8,9 @@
 //! what they allow, any replica lists those proxies with their replica and graphs the flows
 //! they reported; a join token
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
-//! another replica after a restart; an identity revoked on one replica is revoked on all;
+//! another replica after a restart; an identity revoked on one replica is revoked on all,
+//! and so is a proxy instance (refused by every replica's sidecars, its renewal by every
+//! replica);
 //! with one etcd member killed, applies still succeed everywhere; the leader killed,
 //! another replica leads within its lease; that replica back, a sidecar pair given all
 //! three replicas' addresses loses the replica it is on under 50 requests a second with no
@@ -114,6 +116,7 @@ fn three_replicas_on_etcd() {
     apply_on_one_replica_reaches_proxies_on_another(&r);
     a_join_token_is_spent_on_every_replica(&r);
     a_revocation_on_one_replica_holds_on_all(&r);
+    a_proxy_revoked_on_one_replica_is_refused_everywhere(&r);
     applies_succeed_with_one_etcd_member_down(&mut r);
     let dead = the_leadership_moves_when_the_leader_dies(&mut r);
     proxies_on_a_killed_replica_move_to_another_with_no_failed_request(&mut r, dead);
@@ -216,13 +219,103 @@ fn a_revocation_on_one_replica_holds_on_all(r: &Replicas) {
     }
     let err = r.replicas[0].failing_proxy(&early, &[]);
     assert!(err.contains("not known"), "{err}");
-    // A proxy instance's revocation is not shared yet: refused, never half done.
-    let (code, _, err) = r.replicas[0].cli(&["revoke", "proxy", "3f2a9c01b7de"]);
-    assert_ne!(code, 0);
-    assert!(
-        err.contains("not shared yet") && err.contains("bulkhead revoke identity"),
-        "{err}"
+}
+
+/// A proxy instance on replica 0, called by a frontend sidecar on each replica, revoked on
+/// replica 1: every replica lists the revocation, the frontends on all three refuse its
+/// certificate (200 → 502 `reason=revoked`), replica 0 ends its configuration stream, and
+/// its renewal with its kept credential is refused at every replica, naming the revocation.
+fn a_proxy_revoked_on_one_replica_is_refused_everywhere(r: &Replicas) {
+    use bulkhead_testkit::mesh::{addr, id};
+    let a = &r.replicas[0];
+    let (code, _, err) = apply_file(a, "orders-open.yaml", &orders_policy("/orders/*"));
+    assert_eq!(code, 0, "{err}");
+    let (_app, app) = a.app("orders-rv");
+    let app = app.to_string();
+    let token = a.token(&id("orders"));
+    let inbound = ["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"];
+    let (mut orders, ready) = a.proxy("orders-rv", &token, &inbound);
+    let upstream = format!(
+        "name=orders,listen=127.0.0.1:0,address={},identity={}",
+        addr(&ready["inbound"]),
+        id("orders")
     );
+    let frontends: Vec<(bulkhead_testkit::Proc, SocketAddr)> = r
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let token = m.token(&id("frontend"));
+            let (p, ready) = m.proxy(
+                &format!("frontend-rv{i}"),
+                &token,
+                &["--upstream", &upstream],
+            );
+            (p, addr(&ready["upstreams"]["orders"]))
+        })
+        .collect();
+    for (i, (_, to_orders)) in frontends.iter().enumerate() {
+        eventually(WAIT, &format!("replica {i}'s frontend allowed"), || {
+            status(*to_orders, "/orders/1") == 200
+        });
+    }
+    let id0 = replica_id(a);
+    let proxies = |m: &Mesh| -> Vec<serde_json::Value> {
+        let (_, out, _) = m.cli(&["get", "proxies", "-o", "json"]);
+        serde_json::from_str(&out).unwrap_or_default()
+    };
+    let instance = proxies(&r.replicas[1])
+        .into_iter()
+        .find(|p| {
+            p["workload"] == "orders" && p["connected"] == true && p["replica"] == id0.as_str()
+        })
+        .expect("orders listed on replica 0")["instance"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(instance.len(), 12, "{instance}");
+
+    let (code, out, err) =
+        r.replicas[1].cli(&["revoke", "proxy", &instance, "--reason", "host lost"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("certificates refused: "), "{out}");
+    let revoked = std::time::Instant::now();
+    for (i, (_, to_orders)) in frontends.iter().enumerate() {
+        eventually(
+            WAIT,
+            &format!("replica {i}'s frontend refusing orders"),
+            || {
+                let got = http(*to_orders, "GET", "/orders/1");
+                got.status == 502 && got.body.contains("reason=revoked")
+            },
+        );
+    }
+    eprintln!(
+        "proxy instance revoked on replica 1: refused by the frontends on all three replicas within {} ms",
+        revoked.elapsed().as_millis()
+    );
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        eventually(WAIT, &format!("replica {i} listing the revocation"), || {
+            let (_, out, _) = mesh.cli(&["get", "revocations", "-o", "json"]);
+            out.contains(&instance) && out.contains("host lost")
+        });
+    }
+    eventually(WAIT, "replica 0 ending orders' stream", || {
+        proxies(a).iter().any(|p| {
+            p["instance"] == instance.as_str()
+                && p["connected"] == false
+                && p["revoked"].as_str().unwrap_or("").contains("host lost")
+        })
+    });
+    // Its kept credential renews nowhere, and its spent token does not let it join.
+    orders.kill();
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        let err = mesh.failing_proxy(&token, &[]);
+        assert!(
+            err.contains("was refused") && err.contains("host lost") && err.contains(&instance),
+            "replica {i}: {err}"
+        );
+    }
 }
 
 /// The id `mesh`'s replica has in `get replicas`.

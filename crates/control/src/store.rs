@@ -16,6 +16,7 @@ mod edges;
 pub(crate) mod etcd;
 pub(crate) mod etcd_ca;
 pub(crate) mod etcd_client;
+pub(crate) mod etcd_instances;
 pub(crate) mod events;
 mod history;
 

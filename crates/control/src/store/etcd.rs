@@ -12,6 +12,8 @@
 //! | `tokens/<id>` | a join token's record: the SHA-256 of its secret, never the secret |
 //! | `bindings/<spiffe id>\|<namespace>/<name>` | that identity may fetch that workload's configuration |
 //! | `revocations/<spiffe id>` | an identity's revocation, or its lifting |
+//! | `revocations/proxy/<instance id>` | a proxy instance's revocation, with the instance |
+//! | `instances/<id>`, `serials/<serial>` | proxy instances and their certificates (`etcd_instances.rs`) |
 //! | `ca/files` | the CA set's files, private keys sealed (`etcd_ca.rs`) |
 //!
 //! A revision is committed in one etcd transaction that compares `revision` with the
@@ -205,7 +207,10 @@ impl EtcdStore {
     }
 
     /// A get, waiting out a lost leader or member for up to [`TRANSIENT_FOR`].
-    async fn get(&self, range: pb::RangeRequest) -> Result<pb::RangeResponse, ControlError> {
+    pub(super) async fn get(
+        &self,
+        range: pb::RangeRequest,
+    ) -> Result<pb::RangeResponse, ControlError> {
         self.retrying(|client| {
             let range = range.clone();
             async move { client.range(range).await }
@@ -216,7 +221,7 @@ impl EtcdStore {
     /// A transaction, likewise. Sending one again after a lost answer never writes twice:
     /// each transaction here compares first (one that was applied compares false the
     /// second time and writes nothing) or puts the same value again.
-    async fn txn(&self, txn: pb::TxnRequest) -> Result<pb::TxnResponse, ControlError> {
+    pub(super) async fn txn(&self, txn: pb::TxnRequest) -> Result<pb::TxnResponse, ControlError> {
         self.retrying(|client| {
             let txn = txn.clone();
             async move { client.txn(txn).await }
@@ -645,12 +650,18 @@ impl EtcdStore {
     }
 }
 
-/// An identity's revocation as etcd keeps it: made, or lifted (a lift is a put too, never a
-/// delete, so that a replica never reads a missing key as "not revoked").
+/// A revocation as etcd keeps it: an identity's, made or lifted (a lift is a put too, never a
+/// delete, so that a replica never reads a missing key as "not revoked"), or a proxy
+/// instance's, with the instance as it was when revoked (the certificates it may still
+/// present: none is added after, see `etcd_instances.rs`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) enum SharedRevocation {
     Revoked(Revocation),
+    Instance {
+        revocation: Revocation,
+        instance: crate::store::trust::Instance,
+    },
     Lifted {
         subject: String,
         actor: String,
