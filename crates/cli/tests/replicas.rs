@@ -10,7 +10,7 @@
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all,
 //! and so is a proxy instance (refused by every replica's sidecars, its renewal by every
-//! replica);
+//! replica); one JWT-SVID key for all (sealed in etcd), rotating with `ca switch` on any;
 //! with one etcd member killed, applies still succeed everywhere; the leader killed,
 //! another replica leads within its lease; that replica back, a sidecar pair given all
 //! three replicas' addresses loses the replica it is on under 50 requests a second with no
@@ -117,6 +117,7 @@ fn three_replicas_on_etcd() {
     a_join_token_is_spent_on_every_replica(&r);
     a_revocation_on_one_replica_holds_on_all(&r);
     a_proxy_revoked_on_one_replica_is_refused_everywhere(&r);
+    one_jwt_key_for_every_replica(&r);
     applies_succeed_with_one_etcd_member_down(&mut r);
     let dead = the_leadership_moves_when_the_leader_dies(&mut r);
     proxies_on_a_killed_replica_move_to_another_with_no_failed_request(&mut r, dead);
@@ -314,6 +315,117 @@ fn a_proxy_revoked_on_one_replica_is_refused_everywhere(r: &Replicas) {
         assert!(
             err.contains("was refused") && err.contains("host lost") && err.contains(&instance),
             "replica {i}: {err}"
+        );
+    }
+}
+
+/// A JWT-SVID fetched through a sidecar on replica 0 validates at a sidecar on replica 2
+/// (py-spiffe and ValidateJWTSVID), every replica holds the same key, and etcd holds it
+/// sealed only. After `ca switch` on replica 1, a token from the rotated key validates at
+/// replica 2's sidecar too, with the old key still in its bundle.
+fn one_jwt_key_for_every_replica(r: &Replicas) {
+    use bulkhead_testkit::mesh::id;
+    let python = bulkhead_testkit::python_with("three_replicas_on_etcd", "spiffe");
+    let upstream = format!(
+        "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+        id("x")
+    );
+    let sidecar = |m: &Mesh, sa: &str| {
+        let run = m.dir.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let socket = run.join(format!("{sa}.sock"));
+        let token = m.token(&id(sa));
+        let args = [
+            "--upstream",
+            &upstream,
+            "--workload-api",
+            socket.to_str().unwrap(),
+        ];
+        let (p, _) = m.proxy(&format!("{sa}-jwt"), &token, &args);
+        (p, socket)
+    };
+    let (_fetching, fetch) = sidecar(&r.replicas[0], "frontend");
+    let (_validating, validate) = sidecar(&r.replicas[2], "orders");
+    let key = |m: &Mesh| std::fs::read(m.data().join("jwt-svid.key")).unwrap();
+    for m in &r.replicas[1..] {
+        assert_eq!(
+            key(m),
+            key(&r.replicas[0]),
+            "a replica with its own JWT key"
+        );
+    }
+    let check = |kids: &str| {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/check.py");
+        let args = [
+            script.to_str().unwrap(),
+            "jwt-federated",
+            "--fetch-socket",
+            fetch.to_str().unwrap(),
+            "--validate-socket",
+            validate.to_str().unwrap(),
+            "--id",
+            &id("frontend"),
+            "--audience",
+            "orders",
+            "--kids",
+            kids,
+        ];
+        bulkhead_testkit::run(python.as_ref().unwrap(), &args, &[])
+    };
+    if python.is_some() {
+        let (code, out, err) = check("1");
+        assert_eq!(code, 0, "check.py jwt-federated failed:\n{out}\n{err}");
+    }
+    let (code, stored, err) = bulkhead_testkit::run(
+        &tool("etcdctl", "etcdctl").unwrap(),
+        &[
+            "--endpoints",
+            &r.etcd.endpoints(),
+            "get",
+            "--prefix",
+            "/bulkhead/",
+        ],
+        &[("ETCDCTL_API", "3")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let pem = String::from_utf8(key(&r.replicas[0])).unwrap();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(
+        stored.contains("\"jwt-svid.key\":{\"sealed\""),
+        "no sealed JWT key in etcd"
+    );
+    assert!(!stored.contains("PRIVATE KEY"), "a key in etcd in clear");
+    assert!(
+        !stored.contains(&body[..40]),
+        "the JWT key in etcd in clear"
+    );
+
+    // A CA switch on replica 1 rotates the one key for all.
+    let (_, out, _) = r.replicas[1].cli(&["ca", "status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let next = status["cas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["state"] == "trusted")
+        .expect("the root added on replica 0")["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, _, err) = r.replicas[1].cli(&["ca", "switch", &next, "--force"]);
+    assert_eq!(code, 0, "{err}");
+    for (i, m) in r.replicas.iter().enumerate() {
+        eventually(
+            WAIT,
+            &format!("replica {i} signing JWT-SVIDs with the rotated key"),
+            || key(m) != pem.as_bytes() && key(m) == key(&r.replicas[1]),
+        );
+    }
+    if python.is_some() {
+        eventually(
+            WAIT,
+            "a JWT-SVID from the rotated key validating at replica 2",
+            || check("2").0 == 0,
         );
     }
 }

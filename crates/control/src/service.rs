@@ -148,6 +148,11 @@ pub(crate) fn spawn_follow_cas(state: Arc<State>) {
                 .and_then(|()| state.dir.reload(state.trust_domain(), state.svid_lifetime))
                 .and_then(|set| {
                     state.dir.save(&set)?;
+                    // The JWT key the other replica rotated with its CA switch, if it did
+                    // (before the push, so the push carries it).
+                    if let Some(next) = state.jwt.load().take_up(state.dir.path(), unix_now())? {
+                        state.jwt.store(Arc::new(next));
+                    }
                     state.cas.send_replace(Arc::new(set));
                     state.refresh_serving()
                 });
@@ -372,11 +377,16 @@ impl State {
     /// other replica takes them up.
     pub(crate) async fn publish_cas(&self, set: CaSet) -> Result<(), ControlError> {
         self.dir.save(&set)?;
+        let next_jwt = match set.active().fingerprint() != self.cas.borrow().active().fingerprint()
+        {
+            true => Some(self.jwt.load().rotate(self.dir.path(), unix_now())?),
+            false => None,
+        };
         if let Some(etcd) = &self.shared {
+            // With the JWT key as rotated: the other replicas sign with it too.
             etcd.store_cas(self.dir.path(), &set.file(), false).await?;
         }
-        if set.active().fingerprint() != self.cas.borrow().active().fingerprint() {
-            let next = self.jwt.load().rotate(self.dir.path(), unix_now())?;
+        if let Some(next) = next_jwt {
             self.jwt.store(Arc::new(next));
         }
         self.cas.send_replace(Arc::new(set));

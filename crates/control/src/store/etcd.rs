@@ -165,6 +165,39 @@ impl EtcdStore {
         Ok(true)
     }
 
+    /// If the CA files in etcd hold no JWT-SVID signing key (stored by a replica from
+    /// before it was shared), puts this replica's (made if need be) in with them, for all.
+    pub(crate) async fn share_jwt_key(
+        &self,
+        dir: &Path,
+        set: &crate::cas::CaFile,
+    ) -> Result<(), ControlError> {
+        let got = self.get(get(files_key())).await?;
+        let Some(found) = got.kvs.first() else {
+            return Ok(());
+        };
+        if Files::from_json(&found.value)?.has(crate::jwt_svid::FILE) {
+            return Ok(());
+        }
+        crate::jwt_svid::load_or_create(dir)?;
+        let json = collect(dir, set, &self.secret)?.to_json();
+        // Only over the set read: a CA change meanwhile is not written over.
+        let done = self
+            .txn(txn(
+                vec![mod_revision_is(files_key(), found.mod_revision)],
+                vec![put(files_key(), json.clone(), 0)],
+            ))
+            .await?;
+        if done.succeeded {
+            *self.ca_seen.lock().unwrap_or_else(|p| p.into_inner()) = json.into_bytes();
+            tracing::info!("shared this replica's JWT-SVID signing key in etcd, sealed");
+        } else {
+            // Another replica changed the set first (maybe with its key): take that.
+            self.fetch_cas(dir).await?;
+        }
+        Ok(())
+    }
+
     /// Writes the CA files `json` (as etcd holds them) into `dir`.
     pub(crate) fn write_cas(&self, dir: &Path, json: &[u8]) -> Result<(), ControlError> {
         std::fs::DirBuilder::new()
