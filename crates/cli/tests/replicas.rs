@@ -10,7 +10,7 @@
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all,
 //! and so is a proxy instance (refused by every replica's sidecars, its renewal by every
-//! replica); one JWT-SVID key for all (sealed in etcd), rotating with `ca switch` on any;
+//! replica, and in every replica's credential history); one JWT-SVID key for all (sealed in etcd), rotating with `ca switch` on any;
 //! with one etcd member killed, applies still succeed everywhere; the leader killed,
 //! another replica leads within its lease; that replica back, a sidecar pair given all
 //! three replicas' addresses loses the replica it is on under 50 requests a second with no
@@ -68,7 +68,7 @@ fn deny(name: &str) -> String {
     )
 }
 
-/// `bulkhead history -o json`'s revisions (the credential audit is each replica's own).
+/// `bulkhead history -o json`'s revisions.
 fn revisions(mesh: &Mesh) -> serde_json::Value {
     let (code, out, err) = mesh.cli(&["history", "-o", "json", "--limit", "1000"]);
     assert_eq!(code, 0, "history failed: {err}");
@@ -300,6 +300,32 @@ fn a_proxy_revoked_on_one_replica_is_refused_everywhere(r: &Replicas) {
             let (_, out, _) = mesh.cli(&["get", "revocations", "-o", "json"]);
             out.contains(&instance) && out.contains("host lost")
         });
+    }
+    // The credential audit log is every replica's: the revocation as replica 1 made it,
+    // by whom and why, in `history` on all three (once each).
+    let action = format!("revoke proxy {instance}");
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        eventually(
+            WAIT,
+            &format!("replica {i}'s history with the revocation"),
+            || {
+                let (_, out, _) = mesh.cli(&["history", "-o", "json"]);
+                let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                let made: Vec<&serde_json::Value> = json["credentials"]
+                    .as_array()
+                    .map(|all| {
+                        all.iter()
+                            .filter(|e| e["action"] == action.as_str())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                made.len() == 1
+                    && made[0]["actor"]
+                        .as_str()
+                        .is_some_and(|a| a.ends_with("(user alice)"))
+                    && made[0]["detail"].to_string().contains("host lost")
+            },
+        );
     }
     eventually(WAIT, "replica 0 ending orders' stream", || {
         proxies(a).iter().any(|p| {

@@ -264,10 +264,13 @@ impl Admin for State {
                 changes: r.changes,
             })
             .collect();
-        let audit = self
-            .store
-            .audit_log(limit)
-            .map_err(internal)?
+        let mut audit = self.store.audit_log(limit).map_err(internal)?;
+        if let Some(etcd) = &self.shared {
+            // Every replica's entries, and this one's not copied yet.
+            let shared = etcd.audit_log(limit).await.map_err(internal)?;
+            audit = crate::store::etcd_audit::merged(audit, shared, limit);
+        }
+        let audit = audit
             .into_iter()
             .map(|e| pb::AuditEntry {
                 seq: e.seq,

@@ -38,6 +38,11 @@ const TICK: Duration = Duration::from_millis(500);
 const HEALTHY_WITHIN: u64 = 10;
 /// How often a replica shares the edges reported to it.
 const FLOWS_EVERY: Duration = Duration::from_secs(5);
+/// How many of its newest credential audit entries a replica copies to etcd at start.
+const AUDIT_AT_START: u64 = 1_000;
+/// The most audit entries copied per tick (more wait for the next).
+const AUDIT_PER_TICK: usize = 1_000;
+
 /// The most one replica's shared edges take in etcd (under its default request limit).
 const MAX_SHARED_FLOW_BYTES: usize = 1024 * 1024;
 /// How often the leader does its upkeep.
@@ -116,6 +121,7 @@ pub(crate) fn spawn(state: Arc<State>) {
         let mut keeper: Option<LeaseKeeper> = None;
         let mut last_upkeep: Option<std::time::Instant> = None;
         let mut last_flows: Option<std::time::Instant> = None;
+        let mut audit_shared: Option<u64> = None;
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -134,6 +140,9 @@ pub(crate) fn spawn(state: Arc<State>) {
             }
             if let Err(e) = report(&state, &etcd, &replica).await {
                 tracing::warn!(error = %e, "cannot report this replica in etcd");
+            }
+            if let Err(e) = share_audit(&state, &etcd, &mut audit_shared).await {
+                tracing::warn!(error = %e, "cannot share this replica's credential audit entries in etcd");
             }
             if last_flows.is_none_or(|t| t.elapsed() >= FLOWS_EVERY) {
                 last_flows = Some(std::time::Instant::now());
@@ -252,6 +261,36 @@ async fn share_flows(
     let lease = replica.lease.load(Ordering::SeqCst);
     etcd.put_leased(&[(flows_key(replica.id()), json)], lease)
         .await
+}
+
+/// Copies the credential audit entries this replica made since the last copy (at start,
+/// its newest [`AUDIT_AT_START`]) to etcd; `shared` is the last entry number copied.
+async fn share_audit(
+    state: &State,
+    etcd: &EtcdStore,
+    shared: &mut Option<u64>,
+) -> Result<(), crate::ControlError> {
+    let after = match *shared {
+        Some(after) => after,
+        None => state
+            .store
+            .audit_log(1)?
+            .first()
+            .map_or(0, |e| e.seq)
+            .saturating_sub(AUDIT_AT_START),
+    };
+    let entries = state.store.audit_after(after, AUDIT_PER_TICK)?;
+    let Some(last) = entries.last().map(|e| e.seq) else {
+        *shared = Some(after);
+        return Ok(());
+    };
+    let made: Vec<_> = entries
+        .into_iter()
+        .filter(crate::store::etcd_audit::made_here)
+        .collect();
+    etcd.put_audit(&made).await?;
+    *shared = Some(last);
+    Ok(())
 }
 
 /// The edges the other replicas share, seen at or after `since`.

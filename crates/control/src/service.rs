@@ -179,6 +179,14 @@ impl State {
             ),
             Err(e) => tracing::warn!(error = %e, "leader upkeep failed; trying again in a minute"),
         }
+        match etcd.trim_audit().await {
+            Ok(0) => {}
+            Ok(entries) => tracing::info!(
+                entries,
+                "leader upkeep: trimmed the shared credential audit log in etcd"
+            ),
+            Err(e) => tracing::warn!(error = %e, "leader upkeep failed; trying again in a minute"),
+        }
         match etcd.trim(unix_now()).await {
             Ok((0, 0)) => {}
             Ok((log, tokens)) => {

@@ -14,6 +14,7 @@
 //! | `revocations/<spiffe id>` | an identity's revocation, or its lifting |
 //! | `revocations/proxy/<instance id>` | a proxy instance's revocation, with the instance |
 //! | `instances/<id>`, `serials/<serial>` | proxy instances and their certificates (`etcd_instances.rs`) |
+//! | `audit/<time>-<digest>` | the credential audit log, every replica's (`etcd_audit.rs`) |
 //! | `ca/files` | the CA set's files, private keys sealed (`etcd_ca.rs`) |
 //!
 //! A revision is committed in one etcd transaction that compares `revision` with the
@@ -271,6 +272,22 @@ impl EtcdStore {
             async move { client.delete_range(delete).await }
         })
         .await
+    }
+
+    /// Deletes the keys in `[key, range_end)`; how many.
+    pub(super) async fn delete_range(
+        &self,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+    ) -> Result<u64, ControlError> {
+        let gone = self
+            .delete(pb::DeleteRangeRequest {
+                key,
+                range_end,
+                prev_kv: false,
+            })
+            .await?;
+        Ok(u64::try_from(gone.deleted).unwrap_or(0))
     }
 
     async fn retrying<T, F>(&self, mut op: impl FnMut(Client) -> F) -> Result<T, ControlError>

@@ -552,9 +552,10 @@ impl Store {
                 NewEntry {
                     actor: revocation.actor.clone(),
                     action: format!(
-                        "revoke {} {} (on another replica)",
+                        "revoke {} {} {}",
                         revocation.kind.word(),
-                        revocation.subject
+                        revocation.subject,
+                        super::etcd_audit::TAKEN_UP
                     ),
                     detail: vec![revocation.reason.clone()],
                     revision: None,
@@ -589,7 +590,7 @@ impl Store {
                 txn,
                 NewEntry {
                     actor: actor.to_string(),
-                    action: format!("unrevoke {subject} (on another replica)"),
+                    action: format!("unrevoke {subject} {}", super::etcd_audit::TAKEN_UP),
                     detail: Vec::new(),
                     revision: None,
                 },
