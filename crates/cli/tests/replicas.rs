@@ -5,8 +5,8 @@
 //! CA set for all (no key in etcd in clear), a root added on one replica reaches all;
 //! concurrent applies on all three replicas lose nothing and every replica shows the same
 //! history; an apply on one replica reaches the proxies connected to another and changes
-//! what they allow, any replica lists those proxies with their replica and graphs the flows
-//! they reported; a join token
+//! what they allow, any replica lists those proxies with their replica, graphs the flows
+//! they reported and lists the anomalies found in them; a join token
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all,
 //! and so is a proxy instance (refused by every replica's sidecars, its renewal by every
@@ -40,7 +40,17 @@ impl Replicas {
         let secret = secret_key(&etcd);
         let secret = secret.to_str().unwrap();
         let replicas = (0..3)
-            .map(|_| Mesh::start_with(&["--etcd", &endpoints, "--etcd-secret-key-file", secret]))
+            .map(|_| {
+                Mesh::start_with(&[
+                    "--etcd",
+                    &endpoints,
+                    "--etcd-secret-key-file",
+                    secret,
+                    // Anomalies from the first flow on: `events` lists every replica's.
+                    "--anomaly-learning-secs",
+                    "0",
+                ])
+            })
             .collect();
         Some(Replicas { etcd, replicas })
     }
@@ -1068,6 +1078,25 @@ fn apply_on_one_replica_reaches_proxies_on_another(r: &Replicas) {
                 })
             })
     });
+    // The anomalies replica 0 found in those flows are in replica 2's `events`, naming
+    // replica 0.
+    eventually(WAIT, "replica 0's events listed by replica 2", || {
+        let (code, out, _) = r.replicas[2].cli(&["events", "-o", "json"]);
+        let events: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        code == 0
+            && events.as_array().is_some_and(|all| {
+                all.iter().any(|e| {
+                    e["kind"] == "new-edge"
+                        && e["sourceIdentity"] == bulkhead_testkit::mesh::id("frontend").as_str()
+                        && e["replica"] == id0.as_str()
+                })
+            })
+    });
+    let (_, table, _) = r.replicas[2].cli(&["events"]);
+    assert!(
+        table.contains(&format!("(found by replica {id0})")),
+        "{table}"
+    );
     let (_, table, _) = r.replicas[1].cli(&["get", "proxies"]);
     assert!(table.starts_with("REPLICA"), "{table}");
     // Every replica says so, at the same revision.
