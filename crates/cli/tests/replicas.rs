@@ -311,6 +311,13 @@ fn a_proxy_revoked_on_one_replica_is_refused_everywhere(r: &Replicas) {
             out.contains(&instance) && out.contains("host lost")
         });
     }
+    // Revoking it again on another replica: it is revoked already, saying by whom and why.
+    let (code, _, err) = r.replicas[2].cli(&["revoke", "proxy", &instance]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("already revoked") && err.contains("host lost"),
+        "{err}"
+    );
     // The credential audit log is every replica's: the revocation as replica 1 made it,
     // by whom and why, in `history` on all three (once each).
     let action = format!("revoke proxy {instance}");

@@ -323,11 +323,18 @@ impl Credentials for State {
             // at most one SVID lifetime from now.
             valid_until_floor: now + self.svid_lifetime().as_secs(),
         };
-        let done = self
-            .store
-            .revoke(&order, now)
-            .map_err(internal)?
-            .map_err(refused)?;
+        let done = match self.store.revoke(&order, now).map_err(internal)? {
+            Ok(done) => done,
+            Err(RevokeError::AlreadyRevoked(known)) => {
+                if let (Some(etcd), RevocationKind::Proxy) = (&self.shared, kind) {
+                    // Made here before, when etcd may not have answered: shared now if it
+                    // is not yet (a put of a proxy's revocation is never undone).
+                    let _already = etcd.revoke_instance(&known).await.map_err(internal)?;
+                }
+                return Err(refused(RevokeError::AlreadyRevoked(known)));
+            }
+            Err(e) => return Err(refused(e)),
+        };
         self.publish_revocations()?;
         let mut done = done;
         match (&self.shared, kind) {
