@@ -97,6 +97,8 @@ async fn fetch(admin: &mut AdminClient<Channel>, mut after: u64, since: u64) -> 
         events.extend(page);
         after = resp.last;
         if !more {
+            // With replicas on etcd the first page holds the others' events too.
+            events.sort_by_key(|e| e.at);
             return Ok(Batch {
                 events,
                 last: resp.last,
@@ -148,7 +150,13 @@ impl Output {
                 }
                 for (e, parties) in rows {
                     let (at, kind) = (rfc3339(e.at), e.kind.as_str());
-                    println!("{at:<20}  {kind:<12}  {parties:<width$}  {}", e.detail);
+                    match &e.replica {
+                        Some(r) => println!(
+                            "{at:<20}  {kind:<12}  {parties:<width$}  {} (found by replica {r})",
+                            e.detail
+                        ),
+                        None => println!("{at:<20}  {kind:<12}  {parties:<width$}  {}", e.detail),
+                    }
                 }
             }
         }
@@ -209,6 +217,7 @@ mod tests {
             requests: 1,
             denied: 0,
             detail: String::new(),
+            replica: None,
         }
     }
 

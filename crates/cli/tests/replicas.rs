@@ -5,10 +5,12 @@
 //! CA set for all (no key in etcd in clear), a root added on one replica reaches all;
 //! concurrent applies on all three replicas lose nothing and every replica shows the same
 //! history; an apply on one replica reaches the proxies connected to another and changes
-//! what they allow, any replica lists those proxies with their replica and graphs the flows
-//! they reported; a join token
+//! what they allow, any replica lists those proxies with their replica, graphs the flows
+//! they reported and lists the anomalies found in them; a join token
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
-//! another replica after a restart; an identity revoked on one replica is revoked on all;
+//! another replica after a restart; an identity revoked on one replica is revoked on all,
+//! and so is a proxy instance (refused by every replica's sidecars, its renewal by every
+//! replica, and in every replica's credential history); one JWT-SVID key for all (sealed in etcd), rotating with `ca switch` on any;
 //! with one etcd member killed, applies still succeed everywhere; the leader killed,
 //! another replica leads within its lease; that replica back, a sidecar pair given all
 //! three replicas' addresses loses the replica it is on under 50 requests a second with no
@@ -38,7 +40,17 @@ impl Replicas {
         let secret = secret_key(&etcd);
         let secret = secret.to_str().unwrap();
         let replicas = (0..3)
-            .map(|_| Mesh::start_with(&["--etcd", &endpoints, "--etcd-secret-key-file", secret]))
+            .map(|_| {
+                Mesh::start_with(&[
+                    "--etcd",
+                    &endpoints,
+                    "--etcd-secret-key-file",
+                    secret,
+                    // Anomalies from the first flow on: `events` lists every replica's.
+                    "--anomaly-learning-secs",
+                    "0",
+                ])
+            })
             .collect();
         Some(Replicas { etcd, replicas })
     }
@@ -66,7 +78,7 @@ fn deny(name: &str) -> String {
     )
 }
 
-/// `bulkhead history -o json`'s revisions (the credential audit is each replica's own).
+/// `bulkhead history -o json`'s revisions.
 fn revisions(mesh: &Mesh) -> serde_json::Value {
     let (code, out, err) = mesh.cli(&["history", "-o", "json", "--limit", "1000"]);
     assert_eq!(code, 0, "history failed: {err}");
@@ -114,6 +126,8 @@ fn three_replicas_on_etcd() {
     apply_on_one_replica_reaches_proxies_on_another(&r);
     a_join_token_is_spent_on_every_replica(&r);
     a_revocation_on_one_replica_holds_on_all(&r);
+    a_proxy_revoked_on_one_replica_is_refused_everywhere(&r);
+    one_jwt_key_for_every_replica(&r);
     applies_succeed_with_one_etcd_member_down(&mut r);
     let dead = the_leadership_moves_when_the_leader_dies(&mut r);
     proxies_on_a_killed_replica_move_to_another_with_no_failed_request(&mut r, dead);
@@ -216,13 +230,247 @@ fn a_revocation_on_one_replica_holds_on_all(r: &Replicas) {
     }
     let err = r.replicas[0].failing_proxy(&early, &[]);
     assert!(err.contains("not known"), "{err}");
-    // A proxy instance's revocation is not shared yet: refused, never half done.
-    let (code, _, err) = r.replicas[0].cli(&["revoke", "proxy", "3f2a9c01b7de"]);
+}
+
+/// A proxy instance on replica 0, called by a frontend sidecar on each replica, revoked on
+/// replica 1: every replica lists the revocation, the frontends on all three refuse its
+/// certificate (200 → 502 `reason=revoked`), replica 0 ends its configuration stream, and
+/// its renewal with its kept credential is refused at every replica, naming the revocation.
+fn a_proxy_revoked_on_one_replica_is_refused_everywhere(r: &Replicas) {
+    use bulkhead_testkit::mesh::{addr, id};
+    let a = &r.replicas[0];
+    let (code, _, err) = apply_file(a, "orders-open.yaml", &orders_policy("/orders/*"));
+    assert_eq!(code, 0, "{err}");
+    let (_app, app) = a.app("orders-rv");
+    let app = app.to_string();
+    let token = a.token(&id("orders"));
+    let inbound = ["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"];
+    let (mut orders, ready) = a.proxy("orders-rv", &token, &inbound);
+    let upstream = format!(
+        "name=orders,listen=127.0.0.1:0,address={},identity={}",
+        addr(&ready["inbound"]),
+        id("orders")
+    );
+    let frontends: Vec<(bulkhead_testkit::Proc, SocketAddr)> = r
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let token = m.token(&id("frontend"));
+            let (p, ready) = m.proxy(
+                &format!("frontend-rv{i}"),
+                &token,
+                &["--upstream", &upstream],
+            );
+            (p, addr(&ready["upstreams"]["orders"]))
+        })
+        .collect();
+    for (i, (_, to_orders)) in frontends.iter().enumerate() {
+        eventually(WAIT, &format!("replica {i}'s frontend allowed"), || {
+            status(*to_orders, "/orders/1") == 200
+        });
+    }
+    let id0 = replica_id(a);
+    let proxies = |m: &Mesh| -> Vec<serde_json::Value> {
+        let (_, out, _) = m.cli(&["get", "proxies", "-o", "json"]);
+        serde_json::from_str(&out).unwrap_or_default()
+    };
+    let instance = proxies(&r.replicas[1])
+        .into_iter()
+        .find(|p| {
+            p["workload"] == "orders" && p["connected"] == true && p["replica"] == id0.as_str()
+        })
+        .expect("orders listed on replica 0")["instance"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(instance.len(), 12, "{instance}");
+
+    let (code, out, err) =
+        r.replicas[1].cli(&["revoke", "proxy", &instance, "--reason", "host lost"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("certificates refused: "), "{out}");
+    let revoked = std::time::Instant::now();
+    for (i, (_, to_orders)) in frontends.iter().enumerate() {
+        eventually(
+            WAIT,
+            &format!("replica {i}'s frontend refusing orders"),
+            || {
+                let got = http(*to_orders, "GET", "/orders/1");
+                got.status == 502 && got.body.contains("reason=revoked")
+            },
+        );
+    }
+    eprintln!(
+        "proxy instance revoked on replica 1: refused by the frontends on all three replicas within {} ms",
+        revoked.elapsed().as_millis()
+    );
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        eventually(WAIT, &format!("replica {i} listing the revocation"), || {
+            let (_, out, _) = mesh.cli(&["get", "revocations", "-o", "json"]);
+            out.contains(&instance) && out.contains("host lost")
+        });
+    }
+    // Revoking it again on another replica: it is revoked already, saying by whom and why.
+    let (code, _, err) = r.replicas[2].cli(&["revoke", "proxy", &instance]);
     assert_ne!(code, 0);
     assert!(
-        err.contains("not shared yet") && err.contains("bulkhead revoke identity"),
+        err.contains("already revoked") && err.contains("host lost"),
         "{err}"
     );
+    // The credential audit log is every replica's: the revocation as replica 1 made it,
+    // by whom and why, in `history` on all three (once each).
+    let action = format!("revoke proxy {instance}");
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        eventually(
+            WAIT,
+            &format!("replica {i}'s history with the revocation"),
+            || {
+                let (_, out, _) = mesh.cli(&["history", "-o", "json"]);
+                let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                let made: Vec<&serde_json::Value> = json["credentials"]
+                    .as_array()
+                    .map(|all| {
+                        all.iter()
+                            .filter(|e| e["action"] == action.as_str())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                made.len() == 1
+                    && made[0]["actor"]
+                        .as_str()
+                        .is_some_and(|a| a.ends_with("(user alice)"))
+                    && made[0]["detail"].to_string().contains("host lost")
+            },
+        );
+    }
+    eventually(WAIT, "replica 0 ending orders' stream", || {
+        proxies(a).iter().any(|p| {
+            p["instance"] == instance.as_str()
+                && p["connected"] == false
+                && p["revoked"].as_str().unwrap_or("").contains("host lost")
+        })
+    });
+    // Its kept credential renews nowhere, and its spent token does not let it join.
+    orders.kill();
+    for (i, mesh) in r.replicas.iter().enumerate() {
+        let err = mesh.failing_proxy(&token, &[]);
+        assert!(
+            err.contains("was refused") && err.contains("host lost") && err.contains(&instance),
+            "replica {i}: {err}"
+        );
+    }
+}
+
+/// A JWT-SVID fetched through a sidecar on replica 0 validates at a sidecar on replica 2
+/// (py-spiffe and ValidateJWTSVID), every replica holds the same key, and etcd holds it
+/// sealed only. After `ca switch` on replica 1, a token from the rotated key validates at
+/// replica 2's sidecar too, with the old key still in its bundle.
+fn one_jwt_key_for_every_replica(r: &Replicas) {
+    use bulkhead_testkit::mesh::id;
+    let python = bulkhead_testkit::python_with("three_replicas_on_etcd", "spiffe");
+    let upstream = format!(
+        "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+        id("x")
+    );
+    let sidecar = |m: &Mesh, sa: &str| {
+        let run = m.dir.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let socket = run.join(format!("{sa}.sock"));
+        let token = m.token(&id(sa));
+        let args = [
+            "--upstream",
+            &upstream,
+            "--workload-api",
+            socket.to_str().unwrap(),
+        ];
+        let (p, _) = m.proxy(&format!("{sa}-jwt"), &token, &args);
+        (p, socket)
+    };
+    let (_fetching, fetch) = sidecar(&r.replicas[0], "frontend");
+    let (_validating, validate) = sidecar(&r.replicas[2], "orders");
+    let key = |m: &Mesh| std::fs::read(m.data().join("jwt-svid.key")).unwrap();
+    for m in &r.replicas[1..] {
+        assert_eq!(
+            key(m),
+            key(&r.replicas[0]),
+            "a replica with its own JWT key"
+        );
+    }
+    let check = |kids: &str| {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/check.py");
+        let args = [
+            script.to_str().unwrap(),
+            "jwt-federated",
+            "--fetch-socket",
+            fetch.to_str().unwrap(),
+            "--validate-socket",
+            validate.to_str().unwrap(),
+            "--id",
+            &id("frontend"),
+            "--audience",
+            "orders",
+            "--kids",
+            kids,
+        ];
+        bulkhead_testkit::run(python.as_ref().unwrap(), &args, &[])
+    };
+    if python.is_some() {
+        let (code, out, err) = check("1");
+        assert_eq!(code, 0, "check.py jwt-federated failed:\n{out}\n{err}");
+    }
+    let (code, stored, err) = bulkhead_testkit::run(
+        &tool("etcdctl", "etcdctl").unwrap(),
+        &[
+            "--endpoints",
+            &r.etcd.endpoints(),
+            "get",
+            "--prefix",
+            "/bulkhead/",
+        ],
+        &[("ETCDCTL_API", "3")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let pem = String::from_utf8(key(&r.replicas[0])).unwrap();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(
+        stored.contains("\"jwt-svid.key\":{\"sealed\""),
+        "no sealed JWT key in etcd"
+    );
+    assert!(!stored.contains("PRIVATE KEY"), "a key in etcd in clear");
+    assert!(
+        !stored.contains(&body[..40]),
+        "the JWT key in etcd in clear"
+    );
+
+    // A CA switch on replica 1 rotates the one key for all.
+    let (_, out, _) = r.replicas[1].cli(&["ca", "status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let next = status["cas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["state"] == "trusted")
+        .expect("the root added on replica 0")["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, _, err) = r.replicas[1].cli(&["ca", "switch", &next, "--force"]);
+    assert_eq!(code, 0, "{err}");
+    for (i, m) in r.replicas.iter().enumerate() {
+        eventually(
+            WAIT,
+            &format!("replica {i} signing JWT-SVIDs with the rotated key"),
+            || key(m) != pem.as_bytes() && key(m) == key(&r.replicas[1]),
+        );
+    }
+    if python.is_some() {
+        eventually(
+            WAIT,
+            "a JWT-SVID from the rotated key validating at replica 2",
+            || check("2").0 == 0,
+        );
+    }
 }
 
 /// The id `mesh`'s replica has in `get replicas`.
@@ -837,6 +1085,25 @@ fn apply_on_one_replica_reaches_proxies_on_another(r: &Replicas) {
                 })
             })
     });
+    // The anomalies replica 0 found in those flows are in replica 2's `events`, naming
+    // replica 0.
+    eventually(WAIT, "replica 0's events listed by replica 2", || {
+        let (code, out, _) = r.replicas[2].cli(&["events", "-o", "json"]);
+        let events: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        code == 0
+            && events.as_array().is_some_and(|all| {
+                all.iter().any(|e| {
+                    e["kind"] == "new-edge"
+                        && e["sourceIdentity"] == bulkhead_testkit::mesh::id("frontend").as_str()
+                        && e["replica"] == id0.as_str()
+                })
+            })
+    });
+    let (_, table, _) = r.replicas[2].cli(&["events"]);
+    assert!(
+        table.contains(&format!("(found by replica {id0})")),
+        "{table}"
+    );
     let (_, table, _) = r.replicas[1].cli(&["get", "proxies"]);
     assert!(table.starts_with("REPLICA"), "{table}");
     // Every replica says so, at the same revision.

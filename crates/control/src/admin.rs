@@ -264,10 +264,13 @@ impl Admin for State {
                 changes: r.changes,
             })
             .collect();
-        let audit = self
-            .store
-            .audit_log(limit)
-            .map_err(internal)?
+        let mut audit = self.store.audit_log(limit).map_err(internal)?;
+        if let Some(etcd) = &self.shared {
+            // Every replica's entries, and this one's not copied yet.
+            let shared = etcd.audit_log(limit).await.map_err(internal)?;
+            audit = crate::store::etcd_audit::merged(audit, shared, limit);
+        }
+        let audit = audit
             .into_iter()
             .map(|e| pb::AuditEntry {
                 seq: e.seq,
@@ -704,7 +707,16 @@ impl Admin for State {
         let now = unix_now();
         // Events past the window may not be deleted yet (that happens on the next one).
         let since = r.since.max(now.saturating_sub(EVENT_RETENTION.window_secs));
-        let page = self.store.events(r.after, since, limit).map_err(internal)?;
+        let mut page = self.store.events(r.after, since, limit).map_err(internal)?;
+        if let (Some(etcd), Some(replica), 0) = (&self.shared, &self.replica, r.after) {
+            // The first page holds every other replica's events too (those each shares
+            // under its lease); the pages after it, and `--follow`, this replica's.
+            let others = crate::replicas::others_events(etcd, replica, since)
+                .await
+                .map_err(internal)?;
+            page.events.extend(others);
+            page.events.sort_by_key(|e| e.at);
+        }
         let events_json = serde_json::to_string(&page.events)
             .map_err(|e| Status::internal(format!("cannot encode the events: {e}")))?;
         Ok(Response::new(pb::ListEventsResponse {

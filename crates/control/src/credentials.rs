@@ -156,8 +156,8 @@ impl State {
     }
 
     /// Republishes the list after a change in the store, so that proxies get it now.
-    /// With replicas on etcd, takes up the identity revocations made and lifted on other
-    /// replicas, and publishes the list if it changed.
+    /// With replicas on etcd, takes up the revocations made (and identities' lifted) on
+    /// other replicas, and publishes the list if it changed.
     pub(crate) async fn sync_revocations(&self) -> Result<(), ControlError> {
         use crate::store::etcd::SharedRevocation;
         let Some(etcd) = &self.shared else {
@@ -168,6 +168,17 @@ impl State {
         for shared in etcd.revocations().await? {
             changed |= match &shared {
                 SharedRevocation::Revoked(r) => self.store.import_revocation(r, now)?,
+                SharedRevocation::Instance {
+                    revocation,
+                    instance,
+                } => {
+                    // The instance first: the list built from the revocation names its
+                    // certificates' serials.
+                    let live =
+                        instance.valid_until() + crate::store::trust::EXPIRY_SLACK_SECS >= now;
+                    let renewed = live && self.store.import_instance(instance)?;
+                    self.store.import_revocation(revocation, now)? || renewed
+                }
                 SharedRevocation::Lifted {
                     subject,
                     actor,
@@ -291,18 +302,17 @@ impl Credentials for State {
                 r.kind
             ))
         })?;
-        if kind == RevocationKind::Proxy && self.shared.is_some() {
-            // Instance records are per replica: a proxy's revocation would hold only at the
-            // proxies of the replica that made it, and the revoked proxy could go on talking
-            // to the others'. Refused rather than half done.
-            return Err(Status::failed_precondition(
-                "with replicas on etcd, a proxy instance's revocation is not shared yet: it would hold only at the proxies of this replica. Revoke its identity instead (`bulkhead revoke identity SPIFFE_ID`): that is shared, and every replica refuses it",
-            ));
-        }
         let subject = match kind {
             RevocationKind::Identity => self.revocable_identity(&r.subject)?.to_string(),
             RevocationKind::Proxy => r.subject.trim().to_string(),
         };
+        if let (Some(etcd), RevocationKind::Proxy) = (&self.shared, kind) {
+            // The instance may have joined or renewed on another replica: etcd's record is
+            // the one that counts.
+            if let Some(instance) = etcd.instance(&subject).await.map_err(internal)? {
+                self.store.import_instance(&instance).map_err(internal)?;
+            }
+        }
         let now = unix_now();
         let order = RevokeOrder {
             kind,
@@ -313,24 +323,65 @@ impl Credentials for State {
             // at most one SVID lifetime from now.
             valid_until_floor: now + self.svid_lifetime().as_secs(),
         };
-        let done = self
-            .store
-            .revoke(&order, now)
-            .map_err(internal)?
-            .map_err(refused)?;
+        let done = match self.store.revoke(&order, now).map_err(internal)? {
+            Ok(done) => done,
+            Err(RevokeError::AlreadyRevoked(known)) => {
+                if let (Some(etcd), RevocationKind::Proxy) = (&self.shared, kind) {
+                    // Made here before, when etcd may not have answered: shared now if it
+                    // is not yet (a put of a proxy's revocation is never undone).
+                    let _already = etcd.revoke_instance(&known).await.map_err(internal)?;
+                }
+                return Err(refused(RevokeError::AlreadyRevoked(known)));
+            }
+            Err(e) => return Err(refused(e)),
+        };
         self.publish_revocations()?;
         let mut done = done;
-        if let (Some(etcd), RevocationKind::Identity) = (&self.shared, kind) {
-            // For every replica: it refuses the identity too, and no token for it is left.
-            let revoked = crate::store::etcd::SharedRevocation::Revoked(done.revocation.clone());
-            etcd.put_revocation(&subject, &revoked)
-                .await
-                .map_err(internal)?;
-            for id in etcd.delete_tokens_of(&subject).await.map_err(internal)? {
-                if !done.tokens_deleted.contains(&id) {
-                    done.tokens_deleted.push(id);
+        match (&self.shared, kind) {
+            (Some(etcd), RevocationKind::Identity) => {
+                // For every replica: it refuses the identity too, and no token for it is left.
+                let revoked =
+                    crate::store::etcd::SharedRevocation::Revoked(done.revocation.clone());
+                etcd.put_revocation(&subject, &revoked)
+                    .await
+                    .map_err(internal)?;
+                for id in etcd.delete_tokens_of(&subject).await.map_err(internal)? {
+                    if !done.tokens_deleted.contains(&id) {
+                        done.tokens_deleted.push(id);
+                    }
                 }
             }
+            (Some(etcd), RevocationKind::Proxy) => {
+                // For every replica, with the certificates the instance holds in etcd (a
+                // renewal on another replica meanwhile is in them, or refused).
+                let revoked = match etcd
+                    .revoke_instance(&done.revocation)
+                    .await
+                    .map_err(internal)?
+                {
+                    Ok(instance) => instance,
+                    // Revoked on another replica at the same moment: revoked either way.
+                    Err(RevokeError::AlreadyRevoked(_)) => etcd
+                        .instance(&subject)
+                        .await
+                        .map_err(internal)?
+                        .ok_or_else(|| {
+                            Status::not_found(format!("proxy instance {subject} is gone from etcd"))
+                        })?,
+                    Err(e) => return Err(refused(e)),
+                };
+                if self.store.import_instance(&revoked).map_err(internal)? {
+                    self.publish_revocations()?;
+                }
+                let now = unix_now();
+                done.serials = revoked
+                    .certs
+                    .iter()
+                    .filter(|c| c.not_after_unix + crate::store::trust::EXPIRY_SLACK_SECS >= now)
+                    .map(|c| c.serial.clone())
+                    .collect();
+            }
+            (None, _) => {}
         }
         tracing::warn!(
             actor,

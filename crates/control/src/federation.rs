@@ -431,6 +431,7 @@ fn record_failure(state: &State, d: &FederatedTrustDomain, reason: &str) {
             "the bundle of federated trust domain {} could not be refreshed from {} ({reason}); its last good bundle stays in force",
             d.trust_domain, d.url
         ),
+        replica: None,
     };
     match state
         .store

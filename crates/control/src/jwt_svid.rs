@@ -6,6 +6,10 @@
 //! It rotates with the CA set: when another CA starts signing (`ca switch`), a new JWT key
 //! replaces it, and the old key's public half stays in the bundle until every token it
 //! signed has expired ([`LIFETIME`] and the validators' leeway), so no valid token fails.
+//!
+//! With replicas on etcd the key is one for all: it travels with the CA files, sealed like
+//! the CA keys (`store/etcd_ca.rs`), so a token fetched through one replica validates at
+//! every replica's sidecars, and a rotation on one replica is taken up by the others.
 
 use crate::error::ControlError;
 use base64::Engine;
@@ -18,7 +22,8 @@ use std::time::Duration;
 
 /// How long a JWT-SVID is valid (at most the X.509-SVID lifetime).
 pub(crate) const LIFETIME: Duration = Duration::from_secs(300);
-const FILE: &str = "jwt-svid.key";
+/// Its file in the data directory (with replicas on etcd, also sealed in etcd's CA files).
+pub(crate) const FILE: &str = "jwt-svid.key";
 const MAX_AUDIENCES: usize = 8;
 const MAX_AUDIENCE_LEN: usize = 256;
 
@@ -65,6 +70,30 @@ impl Keys {
                 now_unix + LIFETIME.as_secs() + 60,
             )),
         })
+    }
+}
+
+impl Keys {
+    /// With replicas on etcd: the key another replica made (its `ca switch`), written into
+    /// `dir` from etcd, taken up as the signing key; the current one's public half is kept
+    /// for its tokens' lifetime. `None` if `dir` holds the current key.
+    pub(crate) fn take_up(&self, dir: &Path, now_unix: u64) -> Result<Option<Keys>, ControlError> {
+        let key = load_or_create(dir)?;
+        if key.kid() == self.current.kid() {
+            return Ok(None);
+        }
+        tracing::info!(
+            kid = key.kid(),
+            previous = self.current.kid(),
+            "took up the JWT-SVID signing key another replica rotated with the CA"
+        );
+        Ok(Some(Keys {
+            current: std::sync::Arc::new(key),
+            previous: Some((
+                self.current.public_jwk(),
+                now_unix + LIFETIME.as_secs() + 60,
+            )),
+        }))
     }
 }
 

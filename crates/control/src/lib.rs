@@ -179,15 +179,23 @@ async fn open_data_dir(
     if etcd.fetch_cas(&config.data_dir).await? {
         let (dir, cas) = open()?;
         tracing::info!("took the CA set from etcd");
+        etcd.share_jwt_key(dir.path(), &cas.file()).await?;
         return Ok((dir, cas));
     }
     let (dir, cas) = open()?;
+    // The JWT-SVID key goes to etcd with the CA set: one for every replica.
+    jwt_svid::load_or_create(dir.path())?;
     if etcd.store_cas(dir.path(), &cas.file(), true).await? {
         tracing::info!("stored this replica's CA set in etcd, keys sealed, for the other replicas");
         return Ok((dir, cas));
     }
     // Another replica stored its set first: that one is the mesh's.
     etcd.fetch_cas(&config.data_dir).await?;
+    drop(dir);
+    // This replica's own JWT key, made above, was replaced by the shared one (or is
+    // shared now, if the set stored first holds none).
+    let (dir, cas) = open()?;
+    etcd.share_jwt_key(dir.path(), &cas.file()).await?;
     drop(dir);
     let (dir, cas) = open()?;
     tracing::info!("took the CA set another replica stored first from etcd");

@@ -38,6 +38,15 @@ const TICK: Duration = Duration::from_millis(500);
 const HEALTHY_WITHIN: u64 = 10;
 /// How often a replica shares the edges reported to it.
 const FLOWS_EVERY: Duration = Duration::from_secs(5);
+/// The most anomaly events one replica shares (the newest), and their most bytes.
+const MAX_SHARED_EVENTS: usize = 1_000;
+const MAX_SHARED_EVENT_BYTES: usize = 512 * 1024;
+
+/// How many of its newest credential audit entries a replica copies to etcd at start.
+const AUDIT_AT_START: u64 = 1_000;
+/// The most audit entries copied per tick (more wait for the next).
+const AUDIT_PER_TICK: usize = 1_000;
+
 /// The most one replica's shared edges take in etcd (under its default request limit).
 const MAX_SHARED_FLOW_BYTES: usize = 1024 * 1024;
 /// How often the leader does its upkeep.
@@ -116,6 +125,7 @@ pub(crate) fn spawn(state: Arc<State>) {
         let mut keeper: Option<LeaseKeeper> = None;
         let mut last_upkeep: Option<std::time::Instant> = None;
         let mut last_flows: Option<std::time::Instant> = None;
+        let mut audit_shared: Option<u64> = None;
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -135,10 +145,16 @@ pub(crate) fn spawn(state: Arc<State>) {
             if let Err(e) = report(&state, &etcd, &replica).await {
                 tracing::warn!(error = %e, "cannot report this replica in etcd");
             }
+            if let Err(e) = share_audit(&state, &etcd, &mut audit_shared).await {
+                tracing::warn!(error = %e, "cannot share this replica's credential audit entries in etcd");
+            }
             if last_flows.is_none_or(|t| t.elapsed() >= FLOWS_EVERY) {
                 last_flows = Some(std::time::Instant::now());
                 if let Err(e) = share_flows(&state, &etcd, &replica).await {
                     tracing::warn!(error = %e, "cannot share this replica's flows in etcd");
+                }
+                if let Err(e) = share_events(&state, &etcd, &replica).await {
+                    tracing::warn!(error = %e, "cannot share this replica's anomaly events in etcd");
                 }
             }
             match elect(&etcd, &replica).await {
@@ -252,6 +268,100 @@ async fn share_flows(
     let lease = replica.lease.load(Ordering::SeqCst);
     etcd.put_leased(&[(flows_key(replica.id()), json)], lease)
         .await
+}
+
+/// Writes the anomaly events this replica found within their window, under its lease: at
+/// most [`MAX_SHARED_EVENTS`], the newest, within [`MAX_SHARED_EVENT_BYTES`].
+async fn share_events(
+    state: &State,
+    etcd: &EtcdStore,
+    replica: &Replica,
+) -> Result<(), crate::ControlError> {
+    let now = crate::proxies::unix_now();
+    let since = now.saturating_sub(crate::anomaly::EVENT_RETENTION.window_secs);
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = state.store.events(after, since, MAX_SHARED_EVENTS)?;
+        let done = page.events.len() < MAX_SHARED_EVENTS || page.last <= after;
+        after = page.last;
+        events.extend(page.events);
+        let excess = events.len().saturating_sub(MAX_SHARED_EVENTS);
+        events.drain(..excess);
+        if done {
+            break;
+        }
+    }
+    let mut json = serde_json::to_vec(&events).unwrap_or_default();
+    while json.len() > MAX_SHARED_EVENT_BYTES && !events.is_empty() {
+        let half = events.len() / 2;
+        events.drain(..half.max(1));
+        json = serde_json::to_vec(&events).unwrap_or_default();
+    }
+    let lease = replica.lease.load(Ordering::SeqCst);
+    etcd.put_leased(&[(events_key(replica.id()), json)], lease)
+        .await
+}
+
+/// The anomaly events the other replicas share, found at or after `since`, each naming
+/// its replica.
+pub(crate) async fn others_events(
+    etcd: &EtcdStore,
+    this: &Replica,
+    since: u64,
+) -> Result<Vec<bulkhead_insight::events::Event>, crate::ControlError> {
+    let prefix = format!("{PREFIX}events/");
+    let mine = events_key(this.id());
+    let mut out = Vec::new();
+    for (key, json) in etcd.values_under(prefix.clone()).await? {
+        if key == mine {
+            continue;
+        }
+        let replica = key.strip_prefix(&prefix).unwrap_or_default().to_string();
+        if let Ok(events) = serde_json::from_slice::<Vec<bulkhead_insight::events::Event>>(&json) {
+            out.extend(events.into_iter().filter(|e| e.at >= since).map(|e| {
+                bulkhead_insight::events::Event {
+                    replica: Some(replica.clone()),
+                    ..e
+                }
+            }));
+        }
+    }
+    Ok(out)
+}
+
+fn events_key(replica: &str) -> String {
+    format!("{PREFIX}events/{replica}")
+}
+
+/// Copies the credential audit entries this replica made since the last copy (at start,
+/// its newest [`AUDIT_AT_START`]) to etcd; `shared` is the last entry number copied.
+async fn share_audit(
+    state: &State,
+    etcd: &EtcdStore,
+    shared: &mut Option<u64>,
+) -> Result<(), crate::ControlError> {
+    let after = match *shared {
+        Some(after) => after,
+        None => state
+            .store
+            .audit_log(1)?
+            .first()
+            .map_or(0, |e| e.seq)
+            .saturating_sub(AUDIT_AT_START),
+    };
+    let entries = state.store.audit_after(after, AUDIT_PER_TICK)?;
+    let Some(last) = entries.last().map(|e| e.seq) else {
+        *shared = Some(after);
+        return Ok(());
+    };
+    let made: Vec<_> = entries
+        .into_iter()
+        .filter(crate::store::etcd_audit::made_here)
+        .collect();
+    etcd.put_audit(&made).await?;
+    *shared = Some(last);
+    Ok(())
 }
 
 /// The edges the other replicas share, seen at or after `since`.

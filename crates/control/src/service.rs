@@ -154,6 +154,11 @@ pub(crate) fn spawn_follow_cas(state: Arc<State>) {
                 .and_then(|()| state.dir.reload(state.trust_domain(), state.svid_lifetime))
                 .and_then(|set| {
                     state.dir.save(&set)?;
+                    // The JWT key the other replica rotated with its CA switch, if it did
+                    // (before the push, so the push carries it).
+                    if let Some(next) = state.jwt.load().take_up(state.dir.path(), unix_now())? {
+                        state.jwt.store(Arc::new(next));
+                    }
                     state.cas.send_replace(Arc::new(set));
                     state.refresh_serving()
                 });
@@ -171,6 +176,23 @@ impl State {
     /// The work that must happen once, done by the leading replica: etcd's revision log
     /// trimmed to its bound, expired join tokens deleted.
     pub(crate) async fn lead(&self, etcd: &crate::store::etcd::EtcdStore) {
+        let expired = unix_now().saturating_sub(crate::store::trust::EXPIRY_SLACK_SECS);
+        match etcd.prune_instances(expired).await {
+            Ok(0) => {}
+            Ok(instances) => tracing::info!(
+                instances,
+                "leader upkeep: forgot the proxy instances in etcd whose certificates all expired"
+            ),
+            Err(e) => tracing::warn!(error = %e, "leader upkeep failed; trying again in a minute"),
+        }
+        match etcd.trim_audit().await {
+            Ok(0) => {}
+            Ok(entries) => tracing::info!(
+                entries,
+                "leader upkeep: trimmed the shared credential audit log in etcd"
+            ),
+            Err(e) => tracing::warn!(error = %e, "leader upkeep failed; trying again in a minute"),
+        }
         match etcd.trim(unix_now()).await {
             Ok((0, 0)) => {}
             Ok((log, tokens)) => {
@@ -369,11 +391,16 @@ impl State {
     /// other replica takes them up.
     pub(crate) async fn publish_cas(&self, set: CaSet) -> Result<(), ControlError> {
         self.dir.save(&set)?;
+        let next_jwt = match set.active().fingerprint() != self.cas.borrow().active().fingerprint()
+        {
+            true => Some(self.jwt.load().rotate(self.dir.path(), unix_now())?),
+            false => None,
+        };
         if let Some(etcd) = &self.shared {
+            // With the JWT key as rotated: the other replicas sign with it too.
             etcd.store_cas(self.dir.path(), &set.file(), false).await?;
         }
-        if set.active().fingerprint() != self.cas.borrow().active().fingerprint() {
-            let next = self.jwt.load().rotate(self.dir.path(), unix_now())?;
+        if let Some(next) = next_jwt {
             self.jwt.store(Arc::new(next));
         }
         self.cas.send_replace(Arc::new(set));
@@ -551,6 +578,7 @@ impl Identity for State {
                 tracing::warn!(?remote, token_id, spiffe_id = %id, "join refused: the identity is revoked");
                 Status::permission_denied(revoked.describe())
             })?;
+        self.share_instance(&instance).await?;
         self.bind(id.as_str(), &workload).await?;
         tracing::info!(?remote, spiffe_id = %id, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "issued SVID");
         Ok(self.joined(&id, &chain, workload, instance.id))
@@ -592,7 +620,7 @@ impl State {
                 }
                 e => Status::invalid_argument(e.to_string()),
             })?;
-        let instance = self.record_renewal(&id, &serial, issued(&chain))?;
+        let instance = self.record_renewal(&id, &serial, issued(&chain)).await?;
         self.proxies
             .issued(id.as_str(), &signer.fingerprint(), svid_not_after(&chain));
         tracing::info!(?remote, spiffe_id = %id, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), "renewed SVID");
@@ -611,7 +639,11 @@ impl State {
     /// `serial`, in the transaction that checks the revocations. A certificate from before
     /// instances were recorded (or of an instance forgotten) makes a new instance, bound to
     /// the workload the identity's join bound it to.
-    fn record_renewal(
+    ///
+    /// With replicas on etcd the instance is etcd's (it may have joined on another replica):
+    /// the certificate is added there in the transaction that checks the instance's
+    /// revocation, then here in the one that checks this replica's.
+    async fn record_renewal(
         &self,
         id: &SpiffeId,
         serial: &str,
@@ -619,13 +651,37 @@ impl State {
     ) -> Result<crate::store::trust::Instance, Status> {
         use crate::store::trust::IssueRefusal;
         let now = unix_now();
-        let known = self.store.instance_by_serial(serial).map_err(internal)?;
-        let outcome = match known {
-            Some(instance) => self
+        let known = self.instance_of(serial).await?;
+        let outcome = match (known, &self.shared) {
+            (Some(instance), Some(etcd)) => {
+                let mut added = etcd
+                    .add_cert(&instance.id, cert.clone(), now)
+                    .await
+                    .map_err(internal)?;
+                if let Err(IssueRefusal::UnknownInstance(_)) = added {
+                    // Made here before it was shared (a replica that ran without etcd's
+                    // instances): shared now, then renewed.
+                    etcd.put_instance(&instance).await.map_err(internal)?;
+                    added = etcd
+                        .add_cert(&instance.id, cert, now)
+                        .await
+                        .map_err(internal)?;
+                }
+                match added {
+                    Ok(recorded) => self
+                        .store
+                        .import_issuing(&recorded)
+                        .map_err(internal)?
+                        .map(|()| recorded)
+                        .map_err(IssueRefusal::Revoked),
+                    Err(refusal) => Err(refusal),
+                }
+            }
+            (Some(instance), None) => self
                 .store
                 .add_cert(&instance.id, cert, now)
                 .map_err(internal)?,
-            None => {
+            (None, _) => {
                 let workload = self
                     .store
                     .bound_workloads(id.as_str())
@@ -637,10 +693,15 @@ impl State {
                             "{id} is bound to no workload; join with a new token"
                         ))
                     })?;
-                self.store
+                let made = self
+                    .store
                     .new_instance(id.as_str(), &workload, "", cert, now)
                     .map_err(internal)?
-                    .map_err(IssueRefusal::Revoked)
+                    .map_err(IssueRefusal::Revoked);
+                if let Ok(instance) = &made {
+                    self.share_instance(instance).await?;
+                }
+                made
             }
         };
         outcome.map_err(|refusal| match refusal {
@@ -744,6 +805,37 @@ impl State {
         Ok(())
     }
 
+    /// With replicas on etcd, shares an instance this replica made (a join) with the
+    /// others, so that its proxy renews as the same instance wherever it moves.
+    pub(crate) async fn share_instance(
+        &self,
+        instance: &crate::store::trust::Instance,
+    ) -> Result<(), Status> {
+        match &self.shared {
+            Some(etcd) => etcd.put_instance(instance).await.map_err(internal),
+            None => Ok(()),
+        }
+    }
+
+    /// The instance a certificate was issued to: this replica's record, else (replicas on
+    /// etcd) the one another replica shared, copied here.
+    pub(crate) async fn instance_of(
+        &self,
+        serial: &str,
+    ) -> Result<Option<crate::store::trust::Instance>, Status> {
+        if let Some(known) = self.store.instance_by_serial(serial).map_err(internal)? {
+            return Ok(Some(known));
+        }
+        let Some(etcd) = &self.shared else {
+            return Ok(None);
+        };
+        let Some(shared) = etcd.instance_by_serial(serial).await.map_err(internal)? else {
+            return Ok(None);
+        };
+        self.store.import_instance(&shared).map_err(internal)?;
+        Ok(Some(shared))
+    }
+
     /// With replicas on etcd, copies the bindings another replica made for `spiffe_id`
     /// (its proxy joined there) into this replica's store; whether there were any.
     pub(crate) async fn learn_bindings(&self, spiffe_id: &str) -> Result<bool, Status> {
@@ -806,7 +898,7 @@ impl Config for State {
             .as_ref()
             .and_then(|p| p.cert_serial.clone())
             .unwrap_or_default();
-        let instance = match self.store.instance_by_serial(&serial).map_err(internal)? {
+        let instance = match self.instance_of(&serial).await? {
             Some(i) => i.id,
             None => String::new(),
         };

@@ -14,8 +14,10 @@
 mod db;
 mod edges;
 pub(crate) mod etcd;
+pub(crate) mod etcd_audit;
 pub(crate) mod etcd_ca;
 pub(crate) mod etcd_client;
+pub(crate) mod etcd_instances;
 pub(crate) mod events;
 mod history;
 

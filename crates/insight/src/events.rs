@@ -101,6 +101,10 @@ pub struct Event {
     pub denied: u64,
     /// What happened, for a person.
     pub detail: String,
+    /// With control-plane replicas on etcd, the replica that found it when another replica
+    /// lists it (`None`: the replica asked, or the only one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// When denials to one destination make a spike: at least `min_denials` within a minute,
@@ -349,6 +353,7 @@ impl Detector {
             detail: format!(
                 "{recent} denied requests to {destination} in one minute (usual: {usual:.1} per minute); top callers: {top}"
             ),
+            replica: None,
         }))
     }
 }
@@ -467,6 +472,7 @@ impl<'a> Tally<'a> {
             requests: self.requests,
             denied: self.denied,
             detail,
+            replica: None,
         }
     }
 }

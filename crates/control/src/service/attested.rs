@@ -103,6 +103,7 @@ impl State {
             )
             .map_err(internal)?
             .map_err(|revoked| refuse(revoked.describe()))?;
+        self.share_instance(&instance).await?;
         self.bind(id.as_str(), &workload).await?;
         tracing::info!(?remote, spiffe_id = %id, subject, %workload, instance = instance.id, lifetime_s = self.svid_lifetime.as_secs(), proxy_version = r.proxy_version, "issued SVID by attestation");
         Ok(self.joined(&id, &chain, workload, instance.id))

@@ -84,6 +84,25 @@ impl Store {
         self.write(|txn| append(txn, entry.clone(), now_unix))
     }
 
+    /// Up to `limit` entries numbered above `after`, oldest first.
+    pub(crate) fn audit_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, ControlError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(AUDIT).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        let from = after.saturating_add(1);
+        for row in table.range(from..).map_err(|e| self.err(e))?.take(limit) {
+            let (_, json) = row.map_err(|e| self.err(e))?;
+            if let Ok(entry) = serde_json::from_str::<AuditEntry>(json.value()) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
     /// The newest `limit` entries, newest first.
     pub(crate) fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, ControlError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;

@@ -12,6 +12,9 @@
 //! | `tokens/<id>` | a join token's record: the SHA-256 of its secret, never the secret |
 //! | `bindings/<spiffe id>\|<namespace>/<name>` | that identity may fetch that workload's configuration |
 //! | `revocations/<spiffe id>` | an identity's revocation, or its lifting |
+//! | `revocations/proxy/<instance id>` | a proxy instance's revocation, with the instance |
+//! | `instances/<id>`, `serials/<serial>` | proxy instances and their certificates (`etcd_instances.rs`) |
+//! | `audit/<time>-<digest>` | the credential audit log, every replica's (`etcd_audit.rs`) |
 //! | `ca/files` | the CA set's files, private keys sealed (`etcd_ca.rs`) |
 //!
 //! A revision is committed in one etcd transaction that compares `revision` with the
@@ -163,6 +166,39 @@ impl EtcdStore {
         Ok(true)
     }
 
+    /// If the CA files in etcd hold no JWT-SVID signing key (stored by a replica from
+    /// before it was shared), puts this replica's (made if need be) in with them, for all.
+    pub(crate) async fn share_jwt_key(
+        &self,
+        dir: &Path,
+        set: &crate::cas::CaFile,
+    ) -> Result<(), ControlError> {
+        let got = self.get(get(files_key())).await?;
+        let Some(found) = got.kvs.first() else {
+            return Ok(());
+        };
+        if Files::from_json(&found.value)?.has(crate::jwt_svid::FILE) {
+            return Ok(());
+        }
+        crate::jwt_svid::load_or_create(dir)?;
+        let json = collect(dir, set, &self.secret)?.to_json();
+        // Only over the set read: a CA change meanwhile is not written over.
+        let done = self
+            .txn(txn(
+                vec![mod_revision_is(files_key(), found.mod_revision)],
+                vec![put(files_key(), json.clone(), 0)],
+            ))
+            .await?;
+        if done.succeeded {
+            *self.ca_seen.lock().unwrap_or_else(|p| p.into_inner()) = json.into_bytes();
+            tracing::info!("shared this replica's JWT-SVID signing key in etcd, sealed");
+        } else {
+            // Another replica changed the set first (maybe with its key): take that.
+            self.fetch_cas(dir).await?;
+        }
+        Ok(())
+    }
+
     /// Writes the CA files `json` (as etcd holds them) into `dir`.
     pub(crate) fn write_cas(&self, dir: &Path, json: &[u8]) -> Result<(), ControlError> {
         std::fs::DirBuilder::new()
@@ -205,7 +241,10 @@ impl EtcdStore {
     }
 
     /// A get, waiting out a lost leader or member for up to [`TRANSIENT_FOR`].
-    async fn get(&self, range: pb::RangeRequest) -> Result<pb::RangeResponse, ControlError> {
+    pub(super) async fn get(
+        &self,
+        range: pb::RangeRequest,
+    ) -> Result<pb::RangeResponse, ControlError> {
         self.retrying(|client| {
             let range = range.clone();
             async move { client.range(range).await }
@@ -216,7 +255,7 @@ impl EtcdStore {
     /// A transaction, likewise. Sending one again after a lost answer never writes twice:
     /// each transaction here compares first (one that was applied compares false the
     /// second time and writes nothing) or puts the same value again.
-    async fn txn(&self, txn: pb::TxnRequest) -> Result<pb::TxnResponse, ControlError> {
+    pub(super) async fn txn(&self, txn: pb::TxnRequest) -> Result<pb::TxnResponse, ControlError> {
         self.retrying(|client| {
             let txn = txn.clone();
             async move { client.txn(txn).await }
@@ -233,6 +272,22 @@ impl EtcdStore {
             async move { client.delete_range(delete).await }
         })
         .await
+    }
+
+    /// Deletes the keys in `[key, range_end)`; how many.
+    pub(super) async fn delete_range(
+        &self,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+    ) -> Result<u64, ControlError> {
+        let gone = self
+            .delete(pb::DeleteRangeRequest {
+                key,
+                range_end,
+                prev_kv: false,
+            })
+            .await?;
+        Ok(u64::try_from(gone.deleted).unwrap_or(0))
     }
 
     async fn retrying<T, F>(&self, mut op: impl FnMut(Client) -> F) -> Result<T, ControlError>
@@ -645,12 +700,18 @@ impl EtcdStore {
     }
 }
 
-/// An identity's revocation as etcd keeps it: made, or lifted (a lift is a put too, never a
-/// delete, so that a replica never reads a missing key as "not revoked").
+/// A revocation as etcd keeps it: an identity's, made or lifted (a lift is a put too, never a
+/// delete, so that a replica never reads a missing key as "not revoked"), or a proxy
+/// instance's, with the instance as it was when revoked (the certificates it may still
+/// present: none is added after, see `etcd_instances.rs`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) enum SharedRevocation {
     Revoked(Revocation),
+    Instance {
+        revocation: Revocation,
+        instance: crate::store::trust::Instance,
+    },
     Lifted {
         subject: String,
         actor: String,

@@ -1,6 +1,6 @@
 //! The CA set shared by replicas on etcd, so that any replica can sign: the data
 //! directory's CA files (`cas.json`, `ca.pem`, each CA's certificates and, but for retired
-//! CAs, its private key) as one etcd value, `/bulkhead/ca/files`, written whole in one put.
+//! CAs, its private key, and the JWT-SVID signing key) as one etcd value, `/bulkhead/ca/files`, written whole in one put.
 //!
 //! Private keys are sealed with AES-256-GCM under the secret key every replica is given
 //! (`--etcd-secret-key-file`, 32 random bytes), a fresh random 96-bit nonce per seal, the
@@ -107,8 +107,8 @@ pub(crate) struct Files {
     files: BTreeMap<String, Stored>,
 }
 
-/// The files of `set` in `dir`, keys sealed: the record, the bundle, each CA's certificates
-/// and the key of each CA not retired.
+/// The files of `set` in `dir`, keys sealed: the record, the bundle, each CA's certificates,
+/// the key of each CA not retired, and the JWT-SVID signing key.
 pub(crate) fn collect(
     dir: &Path,
     set: &crate::cas::CaFile,
@@ -136,6 +136,17 @@ pub(crate) fn collect(
             );
         }
     }
+    // The JWT-SVID signing key, one for every replica, sealed like the CA keys.
+    let jwt = crate::jwt_svid::FILE;
+    if dir.join(jwt).exists() {
+        let key = read(jwt)?;
+        files.insert(
+            jwt.to_string(),
+            Stored::Sealed {
+                aes256gcm: secret.seal(jwt, &key),
+            },
+        );
+    }
     Ok(Files { files })
 }
 
@@ -155,6 +166,11 @@ pub(crate) fn foreign_cas(dir: &Path, shared: &Files) -> Option<String> {
 }
 
 impl Files {
+    /// Whether it holds the file `name`.
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.files.contains_key(name)
+    }
+
     pub(crate) fn to_json(&self) -> String {
         // Strings only: serialising cannot fail.
         serde_json::to_string(self).unwrap_or_default()

@@ -216,6 +216,27 @@ fn refusal(
     Ok(None)
 }
 
+/// Puts `instance` in place of what `txn` holds of it, its serials with it; false if it held
+/// exactly that.
+fn upsert_instance(txn: &redb::WriteTransaction, instance: &Instance) -> Result<bool, redb::Error> {
+    let mut instances = txn.open_table(INSTANCES)?;
+    let held = instances
+        .get(instance.id.as_str())?
+        .and_then(|v| read_json::<Instance>(v.value()));
+    if held.as_ref() == Some(instance) {
+        return Ok(false);
+    }
+    let mut serials = txn.open_table(SERIALS)?;
+    for c in held.iter().flat_map(|h| &h.certs) {
+        serials.remove(c.serial.as_str())?;
+    }
+    for c in &instance.certs {
+        serials.insert(c.serial.as_str(), instance.id.as_str())?;
+    }
+    instances.insert(instance.id.as_str(), to_json(instance).as_str())?;
+    Ok(true)
+}
+
 fn new_instance_id(txn: &redb::WriteTransaction) -> Result<String, redb::Error> {
     let table = txn.open_table(INSTANCES)?;
     loop {
@@ -492,8 +513,28 @@ impl Store {
         })
     }
 
-    /// Every revocation, identities first, each in key order.
-    /// Records an identity's revocation made on another replica (replicas on etcd), with an
+    /// Records `instance` as another replica shared it in etcd (made or renewed there), in
+    /// place of what this store held of it; false if it held exactly that already.
+    pub(crate) fn import_instance(&self, instance: &Instance) -> Result<bool, ControlError> {
+        self.write(|txn| upsert_instance(txn, instance))
+    }
+
+    /// [`Store::import_instance`] for a certificate about to be handed out: refused, in the
+    /// same transaction, if the instance or its identity is revoked here.
+    pub(crate) fn import_issuing(
+        &self,
+        instance: &Instance,
+    ) -> Result<Result<(), Revocation>, ControlError> {
+        self.write(|txn| {
+            if let Some(revoked) = refusal(txn, &instance.spiffe_id, Some(&instance.id))? {
+                return Ok(Err(revoked));
+            }
+            upsert_instance(txn, instance)?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Records a revocation made on another replica (replicas on etcd), with an
     /// audit entry; false if this subject is already revoked here.
     pub(crate) fn import_revocation(
         &self,
@@ -510,7 +551,12 @@ impl Store {
                 txn,
                 NewEntry {
                     actor: revocation.actor.clone(),
-                    action: format!("revoke {} (on another replica)", revocation.subject),
+                    action: format!(
+                        "revoke {} {} {}",
+                        revocation.kind.word(),
+                        revocation.subject,
+                        super::etcd_audit::TAKEN_UP
+                    ),
                     detail: vec![revocation.reason.clone()],
                     revision: None,
                 },
@@ -544,7 +590,7 @@ impl Store {
                 txn,
                 NewEntry {
                     actor: actor.to_string(),
-                    action: format!("unrevoke {subject} (on another replica)"),
+                    action: format!("unrevoke {subject} {}", super::etcd_audit::TAKEN_UP),
                     detail: Vec::new(),
                     revision: None,
                 },
@@ -554,6 +600,7 @@ impl Store {
         })
     }
 
+    /// Every revocation, identities first, each in key order.
     pub(crate) fn revocations(&self) -> Result<Vec<Revocation>, ControlError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(REVOCATIONS).map_err(|e| self.err(e))?;
