@@ -2,7 +2,7 @@
 //! directory, sample apps and sidecars, each logging to a file in one temporary directory.
 
 use crate::{Bins, Proc, TempDir, run};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,13 +15,24 @@ pub fn id(sa: &str) -> String {
 
 /// The orders workload (port 8080, HTTP) and a policy that lets the frontend GET `path`.
 pub fn orders_policy(path: &str) -> String {
+    orders_policy_at(&[], path)
+}
+
+/// [`orders_policy`] with the orders workload declared at `addresses` (none: wherever its
+/// sidecar runs), as transparent capture needs.
+pub fn orders_policy_at(addresses: &[IpAddr], path: &str) -> String {
+    let addresses = if addresses.is_empty() {
+        String::new()
+    } else {
+        format!("  addresses: {}\n", yaml_addresses(addresses))
+    };
     format!(
         r#"apiVersion: bulkhead.dev/v1alpha1
 kind: Workload
 metadata: {{name: orders, namespace: shop}}
 spec:
   identity: spiffe://{TD}/ns/shop/sa/orders
-  ports: [{{port: 8080, protocol: http}}]
+{addresses}  ports: [{{port: 8080, protocol: http}}]
 ---
 apiVersion: bulkhead.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -35,6 +46,12 @@ spec:
       to: {{methods: [GET], paths: ["{path}"]}}
 "#
     )
+}
+
+/// `addresses` as a YAML flow list of quoted strings: `["10.0.0.2", "fd00::2"]`.
+pub fn yaml_addresses(addresses: &[IpAddr]) -> String {
+    let quoted: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[{}]", quoted.join(", "))
 }
 
 pub struct Mesh {
