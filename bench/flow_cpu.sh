@@ -110,18 +110,7 @@ export BULKHEAD_LOG=${BULKHEAD_LOG:-warn}   # no per-request decision log
 
 # ---------- upstream: nginx, one worker, 1 KiB body ----------
 UP_PORT=$(free_port)
-mkdir -p "$W/www" "$W/tmp"
-head -c 1024 /dev/zero | tr '\0' x >"$W/www/body"
-chmod -R a+rX "$W"
-cat >"$W/nginx.conf" <<EOF
-worker_processes 1; pid $W/nginx.pid; error_log $W/nginx.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off; keepalive_requests 10000000; keepalive_timeout 120s; default_type application/octet-stream;
-  client_body_temp_path $W/tmp; proxy_temp_path $W/tmp; fastcgi_temp_path $W/tmp; uwsgi_temp_path $W/tmp; scgi_temp_path $W/tmp;
-  server { listen 127.0.0.1:$UP_PORT; root $W/www; location / { try_files /body =404; } }
-}
-EOF
+nginx_conf "$W" "127.0.0.1:$UP_PORT" "$W/nginx.log"
 sut nginx -p "$W/" -c "$W/nginx.conf" -e "$W/nginx.log" -g 'daemon off;' &
 PIDS+=($!)
 for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$UP_PORT/" && break; sleep 0.1; done
