@@ -86,11 +86,7 @@ impl Authority {
         params.not_before = from.into();
         params.not_after = until.into();
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert: cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        }
+        self.sign(params, &key)
     }
 
     /// A leaf like [`Authority::svid`] but for servers only: its extended key usage lacks
@@ -105,7 +101,12 @@ impl Authority {
         params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
         params.not_before = (now - MINUTE).into();
         params.not_after = (now + HOUR).into();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        self.sign(params, &key)
+    }
+
+    /// `params` for `key`, signed by this authority.
+    fn sign(&self, params: CertificateParams, key: &KeyPair) -> Leaf {
+        let cert = params.signed_by(key, &self.issuer).unwrap();
         Leaf {
             cert: cert.der().clone(),
             key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
-use bulkhead_testkit::{KeepAlive, Proc, http};
+use bulkhead_testkit::{KeepAlive, Proc, content_length, http, read_head};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -68,19 +68,6 @@ fn refusals(admin: SocketAddr, direction: &str, reason: &str) -> u64 {
         admin,
         &format!("bulkhead_refusals_total{{direction=\"{direction}\",reason=\"{reason}\"}}"),
     )
-}
-
-/// Reads one response head byte by byte, leaving what follows it unread.
-fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// Reads until the peer closes (or 10 s pass).
@@ -427,15 +414,7 @@ fn smuggle(to: SocketAddr) -> Smuggled {
         let head = String::from_utf8_lossy(&head).into_owned();
         let mut body = String::new();
         if !head.starts_with("HTTP/1.1 101") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let len = content_length(&head).unwrap_or(0);
             let mut buf = vec![0u8; len];
             tcp.read_exact(&mut buf).await.unwrap();
             body = String::from_utf8_lossy(&buf).into_owned();

@@ -371,31 +371,24 @@ fn bring_your_own_intermediate_ca() {
     let pki = enterprise_pki(mesh.dir.path());
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let generated = ca_in(&ca_status(mesh), "active");
+    // `bulkhead ca add-root --import-cert CERT --import-key KEY [--chain CHAIN]`.
+    let import = |cert: &Path, key: &Path, chain: Option<&Path>| {
+        let mut args = vec!["ca", "add-root", "--import-cert", cert.to_str().unwrap()];
+        args.extend(["--import-key", key.to_str().unwrap()]);
+        if let Some(chain) = chain {
+            args.extend(["--chain", chain.to_str().unwrap()]);
+        }
+        mesh.cli(&args)
+    };
 
     // Import refuses a key that is not the certificate's, and a chain that stops short.
-    let (code, _, err) = mesh.cli(&[
-        "ca",
-        "add-root",
-        "--import-cert",
-        &path(&pki.intermediate),
-        "--import-key",
-        &path(&pki.other_key),
-        "--chain",
-        &path(&pki.root),
-    ]);
+    let (code, _, err) = import(&pki.intermediate, &pki.other_key, Some(&pki.root));
     assert_eq!(code, 1);
     assert!(
         err.contains("CA refused: the private key does not belong to O=Example Corp, CN=Example Corp Mesh CA: its public key differs from the certificate's; pass the key that was certified"),
         "{err}"
     );
-    let (code, _, err) = mesh.cli(&[
-        "ca",
-        "add-root",
-        "--import-cert",
-        &path(&pki.intermediate),
-        "--import-key",
-        &path(&pki.key),
-    ]);
+    let (code, _, err) = import(&pki.intermediate, &pki.key, None);
     assert_eq!(code, 1);
     assert!(
         err.contains("the chain stops at O=Example Corp, CN=Example Corp Mesh CA: no certificate given is its issuer (O=Example Corp, CN=Example Corp Root CA)"),
@@ -408,16 +401,7 @@ fn bring_your_own_intermediate_ca() {
     );
 
     // The intermediate with its chain: its root joins the bundle.
-    let (code, out, err) = mesh.cli(&[
-        "ca",
-        "add-root",
-        "--import-cert",
-        &path(&pki.intermediate),
-        "--import-key",
-        &path(&pki.key),
-        "--chain",
-        &path(&pki.root),
-    ]);
+    let (code, out, err) = import(&pki.intermediate, &pki.key, Some(&pki.root));
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("chaining to root") && out.contains("CN=Example Corp Root CA"),

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id, log_has};
-use bulkhead_testkit::{Proc, http, run};
+use bulkhead_testkit::{Proc, http, read_head, run};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -279,18 +279,6 @@ fn http2_grpc_upgrades_and_permissive_ports() {
         m.contains("source_namespace=\"unknown\",source_workload=\"unknown\",source_principal=\"plaintext\",destination_namespace=\"shop\",destination_workload=\"orders\",destination_principal=\"spiffe://test.local/ns/shop/sa/orders\",response_code=\"200\",response_flags=\"-\""),
         "{m}"
     );
-}
-
-fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 #[test]

@@ -284,15 +284,8 @@ impl KeepAlive {
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().to_string())
-                    })
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| bad("response without content-length"))?;
+                let len =
+                    content_length(&head).ok_or_else(|| bad("response without content-length"))?;
                 let total = end + 4 + len;
                 while self.buf.len() < total {
                     self.fill()?;
@@ -465,4 +458,29 @@ pub fn promtool_check_metrics(test: &str, page: &str) -> String {
             String::from_utf8_lossy(&out.stderr)
         ),
     }
+}
+
+/// The Content-Length an HTTP head declares (its header name in any case), if it declares one.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse().ok())
+}
+
+/// An HTTP head read from `s` a byte at a time, so that nothing after it is consumed: up to
+/// and including the blank line, or what came before the connection ended or failed.
+pub fn read_head(s: &mut impl Read) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }
