@@ -97,19 +97,10 @@ impl Pair {
         let mesh = Mesh::start();
         mesh.apply("policy.yaml", &format!("{ORDERS}---\n{WS}"));
         let (app, orders_app) = mesh.app("orders");
-        let app_arg = orders_app.to_string();
-        let mut args = vec![
-            "--inbound",
-            "127.0.0.1:0",
-            "--app",
-            &app_arg,
-            "--port",
-            "8080",
-            "--permissive-port",
-            "8080",
-        ];
+        let mut args = vec!["--permissive-port", "8080"];
         args.extend_from_slice(orders_extra);
-        let (orders_proxy, orders) = mesh.proxy("orders", &mesh.token(&id("orders")), &args);
+        let (orders_proxy, orders) =
+            mesh.inbound_proxy("orders", &mesh.token(&id("orders")), orders_app, &args);
         let orders_in = addr(&orders["inbound"]);
         let upstream = format!(
             "name=orders,listen=127.0.0.1:0,address={orders_in},identity={},port=8080",

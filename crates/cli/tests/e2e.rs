@@ -84,19 +84,11 @@ fn walking_skeleton_end_to_end() {
     // orders: app + sidecar inbound.
     let (_orders_app, orders_app_addr) = mesh.app("orders");
     let orders_token = mesh.token(&id("orders"));
-    let (_orders_proxy, orders) = mesh.proxy(
+    let (_orders_proxy, orders) = mesh.inbound_proxy(
         "orders",
         &orders_token,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--app",
-            &orders_app_addr.to_string(),
-            "--port",
-            "8080",
-            "--identity",
-            &id("orders"),
-        ],
+        orders_app_addr,
+        &["--identity", &id("orders")],
     );
     assert_eq!(orders["spiffe_id"], id("orders"));
     assert_eq!(orders["revision"], 1);

@@ -38,20 +38,11 @@ fn shop() -> Shop {
     mesh.apply("policy.yaml", &format!("{POLICY}{TCP_RULE}"));
     let (http_app, http_app_addr) = mesh.app("orders");
     let (echo_app, echo_addr) = mesh.app_with("orders-echo", &["--tcp-echo"]);
-    let app = http_app_addr.to_string();
-    let (orders_proxy, orders) = mesh.proxy(
+    let (orders_proxy, orders) = mesh.inbound_proxy(
         "orders",
         &mesh.token(&id("orders")),
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--app",
-            &app,
-            "--port",
-            "8080",
-            "--permissive-port",
-            "8080",
-        ],
+        http_app_addr,
+        &["--permissive-port", "8080"],
     );
     let echo = echo_addr.to_string();
     let (tcp_proxy, orders_tcp) = mesh.proxy(

@@ -302,17 +302,7 @@ fn shop_policy() -> String {
 fn payments(mesh: &Mesh, extra: &[&str]) -> (Vec<bulkhead_testkit::Proc>, std::net::SocketAddr) {
     let (app, app_addr) = mesh.app("payments");
     let token = mesh.token(&id("payments"));
-    let app_addr = app_addr.to_string();
-    let mut args = vec![
-        "--inbound",
-        "127.0.0.1:0",
-        "--app",
-        &app_addr,
-        "--port",
-        "8080",
-    ];
-    args.extend_from_slice(extra);
-    let (proxy, ready) = mesh.proxy("payments", &token, &args);
+    let (proxy, ready) = mesh.inbound_proxy("payments", &token, app_addr, extra);
     (vec![app, proxy], addr(&ready["inbound"]))
 }
 

@@ -6,7 +6,7 @@
 use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
 use bulkhead_identity::{Ca, SpiffeId, TrustBundle};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -483,4 +483,13 @@ pub fn read_head(s: &mut impl Read) -> String {
         }
     }
     String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A loopback port nothing listens on now (the listener is dropped before the caller's
+/// server binds it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }

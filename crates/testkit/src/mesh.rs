@@ -346,6 +346,21 @@ impl Mesh {
         (p, json)
     }
 
+    /// Starts `name`'s sidecar in front of the app at `app`: inbound on loopback, the app's
+    /// declared port 8080, and `extra`; returns it and its ready-file JSON.
+    pub fn inbound_proxy(
+        &self,
+        name: &str,
+        token: &Path,
+        app: SocketAddr,
+        extra: &[&str],
+    ) -> (Proc, serde_json::Value) {
+        let app = app.to_string();
+        let mut args = vec!["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"];
+        args.extend_from_slice(extra);
+        self.proxy(name, token, &args)
+    }
+
     pub fn proxy_args(&self, token: &Path) -> Vec<String> {
         vec![
             "--control".into(),
@@ -373,10 +388,8 @@ impl Mesh {
     ) -> (Vec<Proc>, SocketAddr) {
         let (orders_app, orders_app_addr) = self.app("orders");
         let token = self.token(&id("orders"));
-        let app = orders_app_addr.to_string();
-        let mut args = vec!["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"];
-        args.extend_from_slice(orders_extra);
-        let (orders_proxy, orders) = self.proxy("orders", &token, &args);
+        let (orders_proxy, orders) =
+            self.inbound_proxy("orders", &token, orders_app_addr, orders_extra);
         let orders_in = addr(&orders["inbound"]);
         let token = self.token(&id("frontend"));
         let upstream = format!(
