@@ -78,6 +78,13 @@ fn read_all(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Connects to `to`, sends `request` and returns everything read until the connection ends.
+fn exchange(to: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(to).unwrap();
+    s.write_all(request).unwrap();
+    read_all(&mut s)
+}
+
 /// A mesh with the orders app behind its sidecar (which also takes plaintext on 8080) and a
 /// frontend sidecar with an upstream to it.
 struct Pair {
@@ -339,12 +346,10 @@ fn head_and_body_limits_are_enforced_and_counted() {
 
     // A malformed chunked body is the client's fault: 400 from its sidecar, not a 502 that
     // would blame the upstream.
-    let mut s = TcpStream::connect(pair.to_orders).unwrap();
-    s.write_all(
+    let answer = exchange(
+        pair.to_orders,
         b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz-not-a-size\r\n\r\n",
-    )
-    .unwrap();
-    let answer = read_all(&mut s);
+    );
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("the request body is malformed"), "{answer}");
     assert_eq!(refusals(fe, "outbound", "bad_request_body"), 1);
@@ -355,12 +360,10 @@ fn head_and_body_limits_are_enforced_and_counted() {
     assert_eq!(refusals(fe, "outbound", "bad_path"), 1);
 
     // A proper upload still works, and no refusal was logged more than once per burst.
-    let mut s = TcpStream::connect(pair.to_orders).unwrap();
-    s.write_all(
+    let answer = exchange(
+        pair.to_orders,
         b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
-    )
-    .unwrap();
-    let answer = read_all(&mut s);
+    );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let log = pair.procs[2].log_text();
     let lines = log
@@ -530,12 +533,10 @@ fn h2c_smuggling_is_refused_while_websockets_work() {
 
     // The mesh owns x-forwarded-client-cert: a caller's copy is dropped on both sides, and
     // the receiving sidecar states the verified caller.
-    let mut s = TcpStream::connect(pair.to_orders).unwrap();
-    s.write_all(
+    let answer = exchange(
+        pair.to_orders,
         b"GET /orders/1 HTTP/1.1\r\nHost: orders\r\nConnection: close\r\nx-echo-headers: 1\r\nX-Forwarded-Client-Cert: By=spiffe://evil;URI=spiffe://test.local/ns/shop/sa/admin\r\n\r\n",
-    )
-    .unwrap();
-    let answer = read_all(&mut s);
+    );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         !answer.contains("evil") && !answer.contains("sa/admin"),
@@ -550,12 +551,10 @@ fn h2c_smuggling_is_refused_while_websockets_work() {
         "{answer}"
     );
     // Plaintext (no verified caller): none at all.
-    let mut s = TcpStream::connect(pair.orders_in).unwrap();
-    s.write_all(
+    let answer = exchange(
+        pair.orders_in,
         b"GET /orders/1 HTTP/1.1\r\nHost: orders\r\nConnection: close\r\nx-echo-headers: 1\r\nx-forwarded-client-cert: URI=spiffe://test.local/ns/shop/sa/frontend\r\n\r\n",
-    )
-    .unwrap();
-    let answer = read_all(&mut s);
+    );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(!answer.contains("x-forwarded-client-cert"), "{answer}");
 
