@@ -214,12 +214,7 @@ fn each_bad_client_certificate_is_refused_with_its_own_reason() {
     let mesh = Mesh::start();
     let (_app, app) = mesh.app("orders");
     let token = mesh.token(&id("orders"));
-    let app = app.to_string();
-    let (_proxy, orders) = mesh.proxy(
-        "orders",
-        &token,
-        &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
-    );
+    let (_proxy, orders) = mesh.inbound_proxy("orders", &token, app, &[]);
     let inbound = addr(&orders["inbound"]);
     let bundle =
         TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
@@ -466,12 +461,7 @@ fn no_mtls_listener_resumes_a_session() {
     let mesh = Mesh::start();
     let (_app, app) = mesh.app("orders");
     let token = mesh.token(&id("orders"));
-    let app = app.to_string();
-    let (_proxy, orders) = mesh.proxy(
-        "orders",
-        &token,
-        &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
-    );
+    let (_proxy, orders) = mesh.inbound_proxy("orders", &token, app, &[]);
     // The harness sees a resumption where there is one: `openssl s_server` with the same
     // credential sends tickets, and the saved session is resumed.
     let port = TcpListener::bind("127.0.0.1:0")

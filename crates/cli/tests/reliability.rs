@@ -738,18 +738,13 @@ async fn word_paths_stay_within_the_per_edge_bound_and_other_workloads_keep_thei
     );
 }
 
-/// Starts orders' sidecar exactly as `mesh.proxy` does, with `token`.
+/// Starts orders' sidecar in front of `app` as `mesh.inbound_proxy` does, with `token`.
 fn orders_sidecar(
     mesh: &Mesh,
     token: &Path,
     app: std::net::SocketAddr,
 ) -> (bulkhead_testkit::Proc, std::net::SocketAddr) {
-    let app = app.to_string();
-    let (proxy, ready) = mesh.proxy(
-        "orders",
-        token,
-        &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
-    );
+    let (proxy, ready) = mesh.inbound_proxy("orders", token, app, &[]);
     (proxy, addr(&ready["inbound"]))
 }
 
