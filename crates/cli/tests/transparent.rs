@@ -68,6 +68,15 @@ impl Net {
         self.procs.len() - 1
     }
 
+    /// [`Net::spawn`] with `--ready-file` `name.json` added; returns once the file is written.
+    fn spawn_ready(&mut self, host: &str, name: &str, program: &Path, args: &[&str]) {
+        let ready = self.dir.path().join(format!("{name}.json"));
+        let mut args = args.to_vec();
+        args.extend(["--ready-file", ready.to_str().unwrap()]);
+        let i = self.spawn(host, name, program, &args);
+        self.procs[i].wait_for_file(&ready, WAIT);
+    }
+
     /// Starts a transparent sidecar for `sa` in `host` after installing the capture rules,
     /// with IPv4-only listeners (the admin port on loopback).
     fn sidecar(&mut self, host: &str, sa: &str) {
@@ -99,7 +108,6 @@ impl Net {
         );
         let token_file = self.dir.path().join(format!("{sa}.token"));
         std::fs::write(&token_file, token.trim()).unwrap();
-        let ready = self.dir.path().join(format!("{sa}-proxy.json"));
         let bundle = self.dir.path().join("data/ca.pem");
         let args = [
             "--control",
@@ -115,11 +123,8 @@ impl Net {
             outbound,
             "--admin",
             admin,
-            "--ready-file",
-            ready.to_str().unwrap(),
         ];
-        let i = self.spawn(host, &format!("{sa}-proxy"), &proxy, &args);
-        self.procs[i].wait_for_file(&ready, WAIT);
+        self.spawn_ready(host, &format!("{sa}-proxy"), &proxy, &args);
     }
 
     /// `curl` in the client namespace as an ordinary user: returns the raw response.
@@ -184,19 +189,9 @@ impl Net {
 
     /// Starts `bulkhead sample-app` in `host` on `listen`.
     fn sample_app(&mut self, host: &str, name: &str, listen: &str) {
-        let ready = self.dir.path().join(format!("{host}-{name}-app.json"));
         let bulkhead = self.bins.bulkhead.clone();
-        let args = [
-            "sample-app",
-            "--name",
-            name,
-            "--listen",
-            listen,
-            "--ready-file",
-            ready.to_str().unwrap(),
-        ];
-        let a = self.spawn(host, &format!("{host}-{name}-app"), &bulkhead, &args);
-        self.procs[a].wait_for_file(&ready, WAIT);
+        let args = ["sample-app", "--name", name, "--listen", listen];
+        self.spawn_ready(host, &format!("{host}-{name}-app"), &bulkhead, &args);
     }
 }
 
