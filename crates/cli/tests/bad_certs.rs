@@ -635,14 +635,9 @@ fn a_revoked_identity_is_refused_within_a_second_and_its_open_connection_closed(
         &bulkhead_testkit::mesh::orders_policy("/orders"),
     );
     let (_procs, to_orders) = mesh.orders_and_frontend(&[]);
-    let ready = |name: &str| -> serde_json::Value {
-        let text =
-            std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json"))).unwrap();
-        serde_json::from_str(&text).unwrap()
-    };
-    let orders_in = addr(&ready("orders")["inbound"]);
-    let orders_admin = addr(&ready("orders")["admin"]);
-    let frontend_admin = addr(&ready("frontend")["admin"]);
+    let orders_in = addr(&mesh.proxy_ready("orders")["inbound"]);
+    let orders_admin = addr(&mesh.proxy_ready("orders")["admin"]);
+    let frontend_admin = addr(&mesh.proxy_ready("frontend")["admin"]);
     let bundle =
         TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
             .unwrap();

@@ -40,15 +40,10 @@ fn shop() -> Shop {
     std::fs::write(&policy, orders_policy("/orders")).unwrap();
     assert_eq!(mesh.cli(&["apply", "-f", policy.to_str().unwrap()]).0, 0);
     let (procs, to_orders) = mesh.orders_and_frontend(&[]);
-    let ready = |name: &str| -> serde_json::Value {
-        let text =
-            std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json"))).unwrap();
-        serde_json::from_str(&text).unwrap()
-    };
-    let orders_in = addr(&ready("orders")["inbound"]);
+    let orders_in = addr(&mesh.proxy_ready("orders")["inbound"]);
     let admins = ["orders", "frontend"]
         .iter()
-        .map(|n| addr(&ready(n)["admin"]))
+        .map(|n| addr(&mesh.proxy_ready(n)["admin"]))
         .collect();
     assert_eq!(http(to_orders, "GET", "/orders").status, 200);
     Shop {

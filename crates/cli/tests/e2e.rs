@@ -742,11 +742,7 @@ async fn svids_rotate_at_half_life_without_dropping_connections() {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let orders_in = {
-        let text = std::fs::read_to_string(mesh.dir.path().join("orders-proxy.json")).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        addr(&v["inbound"])
-    };
+    let orders_in = addr(&mesh.proxy_ready("orders")["inbound"]);
 
     // One keep-alive connection and a new connection every round, for 10 s: several
     // rotations, and well past the first certificates' expiry. Not one error.
@@ -913,8 +909,7 @@ fn hardening_limits_protect_the_proxy() {
     drop((a, b));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(http(to_orders, "GET", "/orders").status, 200);
-    let text = std::fs::read_to_string(mesh.dir.path().join("frontend-proxy.json")).unwrap();
-    let ready: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ready = mesh.proxy_ready("frontend");
     let metrics = http(addr(&ready["admin"]), "GET", "/metrics").body;
     assert!(
         metrics.contains("bulkhead_connections_refused_total{direction=\"outbound\"} 1"),

@@ -624,10 +624,7 @@ async fn word_paths_stay_within_the_per_edge_bound_and_other_workloads_keep_thei
         &flows,
         &["--upstream", upstream.as_str(), "--flow-interval-secs", "1"],
     );
-    let frontend: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(mesh.dir.path().join("frontend-proxy.json")).unwrap(),
-    )
-    .unwrap();
+    let frontend = mesh.proxy_ready("frontend");
     let to_payments = addr(&frontend["upstreams"]["payments"]);
     for p in ["/charge", "/refund", "/status"] {
         assert_eq!(http(to_payments, "GET", p).status, 200);

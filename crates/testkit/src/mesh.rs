@@ -405,6 +405,15 @@ impl Mesh {
         )
     }
 
+    /// The ready-file JSON of the sidecar started as `name` (its addresses, identity and
+    /// revision).
+    pub fn proxy_ready(&self, name: &str) -> serde_json::Value {
+        let file = self.dir.path().join(format!("{name}-proxy.json"));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        serde_json::from_str(&text).unwrap()
+    }
+
     /// Runs a proxy expected to fail at start; returns its stderr.
     pub fn failing_proxy(&self, token: &Path, extra: &[&str]) -> String {
         self.failing_proxy_joining(self.proxy_args(token), extra)
