@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
-use bulkhead_testkit::{KeepAlive, Proc, content_length, http, read_head};
+use bulkhead_testkit::{KeepAlive, Proc, content_length, http, websocket};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -436,20 +436,6 @@ fn smuggle(to: SocketAddr) -> Smuggled {
             .unwrap_or_else(|_| Err("no answer within 10 s".into()));
         Smuggled { head, body, admin }
     })
-}
-
-/// Opens a WebSocket-style upgrade on `path` through `to`; returns the connection and the
-/// response head.
-fn websocket(to: SocketAddr, path: &str, extra: &str) -> (TcpStream, String) {
-    let mut ws = TcpStream::connect(to).unwrap();
-    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    ws.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{extra}\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
-    let head = read_head(&mut ws);
-    (ws, head)
 }
 
 fn echoes(ws: &mut TcpStream, msg: &str) -> bool {

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id, log_has};
-use bulkhead_testkit::{Proc, http, read_head, run};
+use bulkhead_testkit::{Proc, http, run, websocket};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -228,26 +228,14 @@ fn http2_grpc_upgrades_and_permissive_ports() {
     assert_eq!(config["sharedUpstreamConnections"], 1, "{config}");
 
     // An upgrade (WebSocket-style): allowed on /ws, then bytes flow both ways.
-    let mut ws = TcpStream::connect(shop.http).unwrap();
-    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    ws.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .unwrap();
-    let head = read_head(&mut ws);
+    let (mut ws, head) = websocket(shop.http, "/ws", "");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     ws.write_all(b"ping over the upgraded connection").unwrap();
     let mut buf = [0u8; 64];
     let n = ws.read(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"ping over the upgraded connection");
     // ...and denied elsewhere.
-    let mut ws = TcpStream::connect(shop.http).unwrap();
-    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    ws.write_all(
-        b"GET /admin HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .unwrap();
-    let head = read_head(&mut ws);
+    let (_, head) = websocket(shop.http, "/admin", "");
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 
     // Permissive port: plaintext straight to the orders proxy is accepted, counted and

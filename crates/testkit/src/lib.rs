@@ -493,3 +493,17 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free loopback port")
 }
+
+/// Opens a WebSocket-style upgrade of `GET path` (Host: orders, `extra` header lines, each
+/// ending in CRLF) through `to`; returns the connection and the response head.
+pub fn websocket(to: SocketAddr, path: &str, extra: &str) -> (TcpStream, String) {
+    let mut ws = TcpStream::connect(to).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    ws.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{extra}\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut ws);
+    (ws, head)
+}
