@@ -7,7 +7,7 @@
 use bulkhead_identity::tls::{ExpectedServer, client_config, provider, server_name};
 use bulkhead_identity::{Ca, SpiffeId, TrustBundle};
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
-use bulkhead_testkit::{http, parse_response};
+use bulkhead_testkit::{http, parse_response, tls_get};
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -155,18 +155,7 @@ fn mtls_get(
     let key =
         CertifiedKey::from_der(vec![leaf.cert.clone()], leaf.key.clone_key(), &provider()).unwrap();
     config.client_auth_cert_resolver = Arc::new(Present(Arc::new(key)));
-    let conn = rustls::ClientConnection::new(Arc::new(config), server_name()).unwrap();
-    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    write!(
-        tls,
-        "GET /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    tls.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    Ok(buf)
+    tls_get(config, addr, "/orders")
 }
 
 /// A TLS 1.3 server on a thread that presents `leaf` to whoever connects, for as long as the

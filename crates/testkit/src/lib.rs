@@ -372,11 +372,22 @@ pub fn mtls_raw(
     let expected = ExpectedServer::Exact(SpiffeId::parse(server_id).map_err(|e| e.to_string())?);
     let config =
         client_config(Some(&svid), &bundle, expected, &[b"http/1.1"]).map_err(|e| e.to_string())?;
+    tls_get(config, addr, path)
+}
+
+/// One `GET path` (Connection: close) over TLS made with `config` to `addr` (server name
+/// [`server_name`]): the raw answer, or the error that ended the exchange. A config rustls
+/// cannot start a connection with is the test's own fault: a panic, never an `Err` a test
+/// could take for a refusal.
+pub fn tls_get(
+    config: rustls::ClientConfig,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<Vec<u8>, String> {
     let conn = rustls::ClientConnection::new(Arc::new(config), server_name())
-        .map_err(|e| e.to_string())?;
+        .expect("a client connection from the test's config");
     let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     write!(
         tls,
@@ -384,10 +395,8 @@ pub fn mtls_raw(
     )
     .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
-    match tls.read_to_end(&mut buf) {
-        Ok(_) => Ok(buf),
-        Err(e) => Err(e.to_string()),
-    }
+    tls.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    Ok(buf)
 }
 
 /// The path of a program a test needs that is not about root (`promtool`, `bash`): `None`
