@@ -555,13 +555,7 @@ fn control_plane_outage_keeps_enforcement_then_resyncs() {
     eventually(
         WAIT,
         "both proxies reconnected and acknowledging revision 2",
-        || {
-            let (_, out, _) = mesh.cli(&["get", "proxies"]);
-            out.lines()
-                .filter(|l| l.contains(" open ") && l.contains("2 ACK"))
-                .count()
-                == 2
-        },
+        || mesh.proxies_open_acking(2) == 2,
     );
 
     // Every part says its version: the CLI, the control plane, and each proxy as reported.

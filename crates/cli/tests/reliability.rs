@@ -423,11 +423,7 @@ fn a_deny_applied_right_after_a_control_plane_restart_is_enforced_within_2s() {
     mesh.stop_control();
     mesh.restart_control();
     eventually(WAIT, "both proxies back on revision 1", || {
-        let (_, out, _) = mesh.cli(&["get", "proxies"]);
-        out.lines()
-            .filter(|l| l.contains(" open ") && l.contains("1 ACK"))
-            .count()
-            == 2
+        mesh.proxies_open_acking(1) == 2
     });
     let log = std::fs::read_to_string(mesh.dir.path().join("control.log")).unwrap();
     assert_eq!(
@@ -918,11 +914,7 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
     );
     let reconnected = stopped.elapsed();
     eventually(WAIT, "both proxies listed, open, on revision 1", || {
-        let (_, out, _) = mesh.cli(&["get", "proxies"]);
-        out.lines()
-            .filter(|l| l.contains(" open ") && l.contains("1 ACK"))
-            .count()
-            == 2
+        mesh.proxies_open_acking(1) == 2
     });
     for admin in &admins {
         assert_eq!(

@@ -414,6 +414,16 @@ impl Mesh {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// How many proxies `bulkhead get proxies` lists with an open stream that acknowledged
+    /// `revision`.
+    pub fn proxies_open_acking(&self, revision: u64) -> usize {
+        let (_, out, _) = self.cli(&["get", "proxies"]);
+        let ack = format!("{revision} ACK");
+        out.lines()
+            .filter(|l| l.contains(" open ") && l.contains(&ack))
+            .count()
+    }
+
     /// Runs a proxy expected to fail at start; returns its stderr.
     pub fn failing_proxy(&self, token: &Path, extra: &[&str]) -> String {
         self.failing_proxy_joining(self.proxy_args(token), extra)
