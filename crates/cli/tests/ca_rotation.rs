@@ -7,7 +7,9 @@
 
 use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
 use bulkhead_identity::{SpiffeId, Svid, TrustBundle, fingerprint};
-use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, orders_policy};
+use bulkhead_testkit::mesh::{
+    Mesh, TD, WAIT, addr, eventually, id, orders_policy, orders_upstream,
+};
 use bulkhead_testkit::{KeepAlive, http, http_raw, parse_response, run};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
@@ -467,11 +469,7 @@ fn bring_your_own_intermediate_ca() {
         err.contains("pass --identity spiffe://<trust-domain>/"),
         "{err}"
     );
-    let upstream = format!(
-        "name=orders,listen=127.0.0.1:0,address={},identity={}",
-        shop.orders_in,
-        id("orders")
-    );
+    let upstream = orders_upstream(shop.orders_in);
     let (_payments, ready) = mesh.proxy(
         "payments",
         &token,

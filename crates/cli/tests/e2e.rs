@@ -16,7 +16,7 @@ mod readme;
 #[path = "e2e/spiffe.rs"]
 mod spiffe;
 
-use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has};
+use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has, orders_upstream};
 use bulkhead_testkit::{Bins, foreign_identity, http, http_raw, mtls_raw, parse_response, run};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -107,10 +107,7 @@ fn walking_skeleton_end_to_end() {
             "--app",
             &frontend_app_addr.to_string(),
             "--upstream",
-            &format!(
-                "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
-                id("orders")
-            ),
+            &orders_upstream(orders_in),
             "--upstream",
             &format!(
                 "name=impostor,listen=127.0.0.1:0,address={orders_in},identity={}",

@@ -4,7 +4,7 @@
 //! rapid-reset protection.
 #![allow(clippy::unwrap_used)]
 
-use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id, log_has};
+use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id, log_has, orders_upstream};
 use bulkhead_testkit::{Proc, http, run, websocket};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -60,11 +60,7 @@ fn shop() -> Shop {
             "2",
         ],
     );
-    let up_http = format!(
-        "name=orders,listen=127.0.0.1:0,address={},identity={}",
-        addr(&orders["inbound"]),
-        id("orders")
-    );
+    let up_http = orders_upstream(addr(&orders["inbound"]));
     let up_tcp = format!(
         "name=orders-tcp,listen=127.0.0.1:0,address={},identity={},port=9000,workload=shop/orders",
         addr(&orders_tcp["inbound"]),

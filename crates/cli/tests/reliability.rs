@@ -11,7 +11,9 @@
 
 use bulkhead_api::v1::admin_client::AdminClient;
 use bulkhead_api::v1::{ApplyRequest, ListEdgesRequest};
-use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, orders_policy};
+use bulkhead_testkit::mesh::{
+    Mesh, TD, WAIT, addr, eventually, id, orders_policy, orders_upstream,
+};
 use bulkhead_testkit::{KeepAlive, http};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -749,10 +751,7 @@ fn a_killed_sidecar_restarted_with_the_same_command_serves_again() {
     let token = mesh.token(&id("orders"));
     let (mut orders, orders_in) = orders_sidecar(&mesh, &token, app_addr);
     let frontend_token = mesh.token(&id("frontend"));
-    let upstream = format!(
-        "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
-        id("orders")
-    );
+    let upstream = orders_upstream(orders_in);
     let (_frontend, ready) = mesh.proxy("frontend", &frontend_token, &["--upstream", &upstream]);
     let to_orders = addr(&ready["upstreams"]["orders"]);
     assert_eq!(http(to_orders, "GET", "/orders").status, 200);
@@ -787,10 +786,7 @@ fn a_killed_sidecar_restarted_with_the_same_command_serves_again() {
         orders.log_text()
     );
     // The frontend's upstream names the old port: a new frontend for the new one.
-    let upstream = format!(
-        "name=orders,listen=127.0.0.1:0,address={again_in},identity={}",
-        id("orders")
-    );
+    let upstream = orders_upstream(again_in);
     let (_frontend2, ready) = mesh.proxy(
         "frontend2",
         &mesh.token(&id("frontend")),

@@ -54,6 +54,15 @@ pub fn yaml_addresses(addresses: &[IpAddr]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
+/// The `--upstream` of a frontend sidecar calling orders' sidecar at `orders_in`: listening on
+/// a loopback port of its own, expecting orders' identity.
+pub fn orders_upstream(orders_in: SocketAddr) -> String {
+    format!(
+        "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
+        id("orders")
+    )
+}
+
 pub struct Mesh {
     pub bins: Bins,
     pub dir: TempDir,
@@ -392,10 +401,7 @@ impl Mesh {
             self.inbound_proxy("orders", &token, orders_app_addr, orders_extra);
         let orders_in = addr(&orders["inbound"]);
         let token = self.token(&id("frontend"));
-        let upstream = format!(
-            "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
-            id("orders")
-        );
+        let upstream = orders_upstream(orders_in);
         let mut args = vec!["--upstream", upstream.as_str()];
         args.extend_from_slice(frontend_extra);
         let (frontend_proxy, frontend) = self.proxy("frontend", &token, &args);
