@@ -110,18 +110,7 @@ export BULKHEAD_LOG=${BULKHEAD_LOG:-warn}   # no per-request decision log
 
 # ---------- upstream: nginx, one worker, 1 KiB body ----------
 UP_PORT=$(free_port)
-mkdir -p "$W/www" "$W/tmp"
-head -c 1024 /dev/zero | tr '\0' x >"$W/www/body"
-chmod -R a+rX "$W"
-cat >"$W/nginx.conf" <<EOF
-worker_processes 1; pid $W/nginx.pid; error_log $W/nginx.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off; keepalive_requests 10000000; keepalive_timeout 120s; default_type application/octet-stream;
-  client_body_temp_path $W/tmp; proxy_temp_path $W/tmp; fastcgi_temp_path $W/tmp; uwsgi_temp_path $W/tmp; scgi_temp_path $W/tmp;
-  server { listen 127.0.0.1:$UP_PORT; root $W/www; location / { try_files /body =404; } }
-}
-EOF
+nginx_conf "$W" "127.0.0.1:$UP_PORT" "$W/nginx.log"
 sut nginx -p "$W/" -c "$W/nginx.conf" -e "$W/nginx.log" -g 'daemon off;' &
 PIDS+=($!)
 for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$UP_PORT/" && break; sleep 0.1; done
@@ -131,34 +120,38 @@ for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$UP_PORT/" && brea
 start_control lgx
 cp "$ROOT/bench/pair_policy.yaml" "$W/policy.yaml"
 "$BIN/bulkhead" apply -f "$W/policy.yaml" >/dev/null 2>"$W/apply.log" || fail "bulkhead apply failed"
-uses=$((2 * REPS))
-"$BIN/bulkhead" token create --uses "$uses" --identity spiffe://bench.local/ns/default/sa/server >"$W/server.token"
-"$BIN/bulkhead" token create --uses "$uses" --identity spiffe://bench.local/ns/default/sa/client >"$W/client.token"
 
 # ---------- two pairs, one with flow reporting on and one with it off ----------
 HZ=$(getconf CLK_TCK)
 ticks() { local f; read -r -a f <"/proc/$1/stat"; echo $((f[13] + f[14])); }
 secs() { awk -v d="$1" 'BEGIN{ if (d ~ /ms$/) print d/1000; else if (d ~ /m$/) print d*60; else print d+0 }'; }
 declare -A CPID SPID URL CADMIN SADMIN   # by mode
+# start_proxy SIDE NAME ARGS…: SIDE's proxy (a token of its own: a running proxy claims its
+# token file's credential) with ARGS, logging to $W/NAME.log; waits for $W/NAME.json and sets
+# PID to the proxy.
+start_proxy() {
+    local side=$1 name=$2
+    shift 2
+    "$BIN/bulkhead" token create --identity "spiffe://bench.local/ns/default/sa/$side" >"$W/$name.token"
+    sut "$BIN/bulkhead-proxy" "$@" --token-file "$W/$name.token" \
+        --ready-file "$W/$name.json" 2>"$W/$name.log" &
+    PID=$!
+    PIDS+=("$PID")
+    wait_for "$W/$name.json" "$PID" "the $side proxy ($name)"
+}
 start_pair() {   # MODE REP
     local mode=$1 rep=$2 interval common inbound upstream code
     interval=$([[ $mode == on && $CALIBRATE != 1 ]] && echo 1 || echo 0)
     common=(--control "$CONTROL" --trust-bundle "$W/data/ca.pem" --admin 127.0.0.1:0
         --flow-interval-secs "$interval")
-    sut "$BIN/bulkhead-proxy" "${common[@]}" --token-file "$W/server.token" \
-        --inbound 127.0.0.1:0 --app "127.0.0.1:$UP_PORT" --port 8080 \
-        --ready-file "$W/server-$mode.$rep.json" 2>"$W/server-$mode.$rep.log" &
-    SPID[$mode]=$!
-    PIDS+=("${SPID[$mode]}")
-    wait_for "$W/server-$mode.$rep.json" "${SPID[$mode]}" "the server proxy ($mode)"
+    start_proxy server "server-$mode.$rep" "${common[@]}" \
+        --inbound 127.0.0.1:0 --app "127.0.0.1:$UP_PORT" --port 8080
+    SPID[$mode]=$PID
     inbound=$(json "$W/server-$mode.$rep.json" 'j["inbound"]')
     SADMIN[$mode]=$(json "$W/server-$mode.$rep.json" 'j["admin"]')
-    sut "$BIN/bulkhead-proxy" "${common[@]}" --token-file "$W/client.token" \
-        --upstream "name=server,listen=127.0.0.1:0,address=$inbound,identity=spiffe://bench.local/ns/default/sa/server,port=8080,workload=default/server" \
-        --ready-file "$W/client-$mode.$rep.json" 2>"$W/client-$mode.$rep.log" &
-    CPID[$mode]=$!
-    PIDS+=("${CPID[$mode]}")
-    wait_for "$W/client-$mode.$rep.json" "${CPID[$mode]}" "the client proxy ($mode)"
+    start_proxy client "client-$mode.$rep" "${common[@]}" \
+        --upstream "name=server,listen=127.0.0.1:0,address=$inbound,identity=spiffe://bench.local/ns/default/sa/server,port=8080,workload=default/server"
+    CPID[$mode]=$PID
     upstream=$(json "$W/client-$mode.$rep.json" 'j["upstreams"]["server"]')
     CADMIN[$mode]=$(json "$W/client-$mode.$rep.json" 'j["admin"]')
     URL[$mode]="http://$upstream$URL_RE"

@@ -10,6 +10,11 @@
 #   start_control [RUNNER…]    a control plane on loopback with its data in $W/data, run
 #                              through RUNNER if given; sets BULKHEAD_CONTEXT and CONTROL
 #   wait_for FILE PID WHAT     until FILE is non-empty; fails if PID exits or 30 s pass
+#   nginx_conf DIR LISTEN ERRLOG
+#                              writes DIR/nginx.conf: one worker on LISTEN serving a 1 KiB
+#                              body to every path, temp files in DIR/tmp, errors to ERRLOG
+#   start_sample_app NAME      `bulkhead sample-app` NAME on loopback, logging to $W/app.log;
+#                              sets APP to its address
 #   fail MESSAGE               prints it and the end of every log in W, and exits 1
 #   log, json FILE EXPR, free_port, stop_pid PID
 
@@ -84,6 +89,31 @@ wait_for() {
         sleep 0.1
     done
     fail "$3 was not ready within $secs s"
+}
+
+# nginx_conf DIR LISTEN ERRLOG: the upstream the pair benchmarks put behind the server sidecar.
+nginx_conf() {
+    local dir=$1 listen=$2 errlog=$3
+    mkdir -p "$dir/www" "$dir/tmp"
+    head -c 1024 /dev/zero | tr '\0' x >"$dir/www/body"
+    chmod -R a+rX "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+worker_processes 1; pid $dir/nginx.pid; error_log $errlog warn;
+events { worker_connections 8192; }
+http {
+  access_log off; keepalive_requests 10000000; keepalive_timeout 120s; default_type application/octet-stream;
+  client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;
+  server { listen $listen; root $dir/www; location / { try_files /body =404; } }
+}
+EOF
+}
+
+start_sample_app() {
+    "$BIN/bulkhead" sample-app --name "$1" --listen 127.0.0.1:0 --ready-file "$W/app.json" \
+        2>"$W/app.log" &
+    PIDS+=($!)
+    wait_for "$W/app.json" "${PIDS[-1]}" "the sample app"
+    APP=$(json "$W/app.json" 'j["addr"]')
 }
 
 # json FILE EXPR: a value from a ready file (EXPR is Python on the parsed object `j`).

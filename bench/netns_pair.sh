@@ -89,18 +89,7 @@ make_link() {
 # start_nginx NS NAME: nginx in NS on 0.0.0.0:APP_PORT serving a 1 KiB body, pinned to CPU 0.
 start_nginx() {
     local dir="$W/$2"
-    mkdir -p "$dir/www" "$dir/tmp"
-    head -c 1024 /dev/zero | tr '\0' x >"$dir/www/body"
-    chmod -R a+rX "$dir"
-    cat >"$dir/nginx.conf" <<EOF
-worker_processes 1; pid $dir/nginx.pid; error_log $dir/nginx.err warn;
-events { worker_connections 8192; }
-http {
-  access_log off; keepalive_requests 10000000; keepalive_timeout 120s; default_type application/octet-stream;
-  client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;
-  server { listen 0.0.0.0:$APP_PORT; root $dir/www; location / { try_files /body =404; } }
-}
-EOF
+    nginx_conf "$dir" "0.0.0.0:$APP_PORT" "$dir/nginx.err"
     ip netns exec "$1" taskset -c 0 nginx -p "$dir/" -c "$dir/nginx.conf" -e "$dir/nginx.err" -g 'daemon off;' &
     PIDS+=($!)
 }

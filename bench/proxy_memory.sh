@@ -68,11 +68,7 @@ cp "$ROOT/bench/pair_policy.yaml" "$W/policy.yaml"
 "$BIN/bulkhead" token create --identity spiffe://bench.local/ns/default/sa/server >"$W/server.token"
 "$BIN/bulkhead" token create --identity spiffe://bench.local/ns/default/sa/client >"$W/client.token"
 
-"$BIN/bulkhead" sample-app --name server --listen 127.0.0.1:0 --ready-file "$W/app.json" \
-    2>"$W/app.log" &
-PIDS+=($!)
-wait_for "$W/app.json" "${PIDS[-1]}" "the sample app"
-APP=$(json "$W/app.json" 'j["addr"]')
+start_sample_app server
 
 limits=(--header-read-timeout-secs 300)
 common=(--control "$CONTROL" --trust-bundle "$W/data/ca.pem" --admin 127.0.0.1:0 "${limits[@]}")

@@ -83,11 +83,7 @@ start_control
 cp "$ROOT/bench/pair_policy.yaml" "$W/policy.yaml"
 "$BIN/bulkhead" apply -f "$W/policy.yaml" >/dev/null 2>"$W/apply.log" || fail "bulkhead apply failed"
 
-"$BIN/bulkhead" sample-app --name server --listen 127.0.0.1:0 --ready-file "$W/app.json" \
-    2>"$W/app.log" &
-PIDS+=($!)
-wait_for "$W/app.json" "${PIDS[-1]}" "the sample app"
-APP=$(json "$W/app.json" 'j["addr"]')
+start_sample_app server
 
 
 # start_pair RUN [WRAPPER…]: a server and a client sidecar, each run through WRAPPER (with

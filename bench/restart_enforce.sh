@@ -61,13 +61,10 @@ EOF
 "$BIN/bulkhead" apply -f "$W/policy.yaml" >/dev/null
 "$BIN/bulkhead" token create --identity spiffe://bench.local/ns/shop/sa/orders >"$W/orders.token"
 "$BIN/bulkhead" token create --identity spiffe://bench.local/ns/shop/sa/frontend >"$W/frontend.token"
-"$BIN/bulkhead" sample-app --name orders --listen 127.0.0.1:0 --ready-file "$W/app.json" \
-    2>"$W/app.log" &
-PIDS+=($!)
-wait_for "$W/app.json" "${PIDS[-1]}" "the sample app"
+start_sample_app orders
 common=(--control "$CONTROL" --trust-bundle "$W/data/ca.pem" --admin 127.0.0.1:0)
 "$BIN/bulkhead-proxy" "${common[@]}" --token-file "$W/orders.token" --inbound 127.0.0.1:0 \
-    --app "$(json "$W/app.json" 'j["addr"]')" --port 8080 --ready-file "$W/orders.json" \
+    --app "$APP" --port 8080 --ready-file "$W/orders.json" \
     2>"$W/orders-proxy.log" &
 PIDS+=($!)
 wait_for "$W/orders.json" "${PIDS[-1]}" "the orders sidecar"

@@ -27,20 +27,11 @@ fn shop() -> Shop {
     let mut upstreams = Vec::new();
     for name in ["orders", "payments"] {
         let (app, app_addr) = mesh.app(name);
-        let app_addr = app_addr.to_string();
-        let (proxy, ready) = mesh.proxy(
+        let (proxy, ready) = mesh.inbound_proxy(
             name,
             &mesh.token(&id(name)),
-            &[
-                "--inbound",
-                "127.0.0.1:0",
-                "--app",
-                &app_addr,
-                "--port",
-                "8080",
-                "--flow-interval-secs",
-                "1",
-            ],
+            app_addr,
+            &["--flow-interval-secs", "1"],
         );
         upstreams.push(format!(
             "name={name},listen=127.0.0.1:0,address={},identity={},port=8080,workload=shop/{name}",

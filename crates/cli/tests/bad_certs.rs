@@ -7,7 +7,7 @@
 use bulkhead_identity::tls::{ExpectedServer, client_config, provider, server_name};
 use bulkhead_identity::{Ca, SpiffeId, TrustBundle};
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
-use bulkhead_testkit::{http, parse_response};
+use bulkhead_testkit::{http, parse_response, tls_get};
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -86,11 +86,7 @@ impl Authority {
         params.not_before = from.into();
         params.not_after = until.into();
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert: cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        }
+        self.sign(params, &key)
     }
 
     /// A leaf like [`Authority::svid`] but for servers only: its extended key usage lacks
@@ -105,7 +101,12 @@ impl Authority {
         params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
         params.not_before = (now - MINUTE).into();
         params.not_after = (now + HOUR).into();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        self.sign(params, &key)
+    }
+
+    /// `params` for `key`, signed by this authority.
+    fn sign(&self, params: CertificateParams, key: &KeyPair) -> Leaf {
+        let cert = params.signed_by(key, &self.issuer).unwrap();
         Leaf {
             cert: cert.der().clone(),
             key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
@@ -154,18 +155,7 @@ fn mtls_get(
     let key =
         CertifiedKey::from_der(vec![leaf.cert.clone()], leaf.key.clone_key(), &provider()).unwrap();
     config.client_auth_cert_resolver = Arc::new(Present(Arc::new(key)));
-    let conn = rustls::ClientConnection::new(Arc::new(config), server_name()).unwrap();
-    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    write!(
-        tls,
-        "GET /orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    tls.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    Ok(buf)
+    tls_get(config, addr, "/orders")
 }
 
 /// A TLS 1.3 server on a thread that presents `leaf` to whoever connects, for as long as the
@@ -213,12 +203,7 @@ fn each_bad_client_certificate_is_refused_with_its_own_reason() {
     let mesh = Mesh::start();
     let (_app, app) = mesh.app("orders");
     let token = mesh.token(&id("orders"));
-    let app = app.to_string();
-    let (_proxy, orders) = mesh.proxy(
-        "orders",
-        &token,
-        &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
-    );
+    let (_proxy, orders) = mesh.inbound_proxy("orders", &token, app, &[]);
     let inbound = addr(&orders["inbound"]);
     let bundle =
         TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
@@ -465,12 +450,7 @@ fn no_mtls_listener_resumes_a_session() {
     let mesh = Mesh::start();
     let (_app, app) = mesh.app("orders");
     let token = mesh.token(&id("orders"));
-    let app = app.to_string();
-    let (_proxy, orders) = mesh.proxy(
-        "orders",
-        &token,
-        &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
-    );
+    let (_proxy, orders) = mesh.inbound_proxy("orders", &token, app, &[]);
     // The harness sees a resumption where there is one: `openssl s_server` with the same
     // credential sends tickets, and the saved session is resumed.
     let port = TcpListener::bind("127.0.0.1:0")
@@ -644,14 +624,9 @@ fn a_revoked_identity_is_refused_within_a_second_and_its_open_connection_closed(
         &bulkhead_testkit::mesh::orders_policy("/orders"),
     );
     let (_procs, to_orders) = mesh.orders_and_frontend(&[]);
-    let ready = |name: &str| -> serde_json::Value {
-        let text =
-            std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json"))).unwrap();
-        serde_json::from_str(&text).unwrap()
-    };
-    let orders_in = addr(&ready("orders")["inbound"]);
-    let orders_admin = addr(&ready("orders")["admin"]);
-    let frontend_admin = addr(&ready("frontend")["admin"]);
+    let orders_in = addr(&mesh.proxy_ready("orders")["inbound"]);
+    let orders_admin = addr(&mesh.proxy_ready("orders")["admin"]);
+    let frontend_admin = addr(&mesh.proxy_ready("frontend")["admin"]);
     let bundle =
         TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
             .unwrap();

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
-use bulkhead_testkit::{KeepAlive, Proc, http};
+use bulkhead_testkit::{KeepAlive, Proc, content_length, http, websocket};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -70,25 +70,19 @@ fn refusals(admin: SocketAddr, direction: &str, reason: &str) -> u64 {
     )
 }
 
-/// Reads one response head byte by byte, leaving what follows it unread.
-fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 /// Reads until the peer closes (or 10 s pass).
 fn read_all(s: &mut TcpStream) -> String {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Connects to `to`, sends `request` and returns everything read until the connection ends.
+fn exchange(to: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(to).unwrap();
+    s.write_all(request).unwrap();
+    read_all(&mut s)
 }
 
 /// A mesh with the orders app behind its sidecar (which also takes plaintext on 8080) and a
@@ -110,19 +104,10 @@ impl Pair {
         let mesh = Mesh::start();
         mesh.apply("policy.yaml", &format!("{ORDERS}---\n{WS}"));
         let (app, orders_app) = mesh.app("orders");
-        let app_arg = orders_app.to_string();
-        let mut args = vec![
-            "--inbound",
-            "127.0.0.1:0",
-            "--app",
-            &app_arg,
-            "--port",
-            "8080",
-            "--permissive-port",
-            "8080",
-        ];
+        let mut args = vec!["--permissive-port", "8080"];
         args.extend_from_slice(orders_extra);
-        let (orders_proxy, orders) = mesh.proxy("orders", &mesh.token(&id("orders")), &args);
+        let (orders_proxy, orders) =
+            mesh.inbound_proxy("orders", &mesh.token(&id("orders")), orders_app, &args);
         let orders_in = addr(&orders["inbound"]);
         let upstream = format!(
             "name=orders,listen=127.0.0.1:0,address={orders_in},identity={},port=8080",
@@ -361,12 +346,10 @@ fn head_and_body_limits_are_enforced_and_counted() {
 
     // A malformed chunked body is the client's fault: 400 from its sidecar, not a 502 that
     // would blame the upstream.
-    let mut s = TcpStream::connect(pair.to_orders).unwrap();
-    s.write_all(
+    let answer = exchange(
+        pair.to_orders,
         b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz-not-a-size\r\n\r\n",
-    )
-    .unwrap();
-    let answer = read_all(&mut s);
+    );
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("the request body is malformed"), "{answer}");
     assert_eq!(refusals(fe, "outbound", "bad_request_body"), 1);
@@ -377,12 +360,10 @@ fn head_and_body_limits_are_enforced_and_counted() {
     assert_eq!(refusals(fe, "outbound", "bad_path"), 1);
 
     // A proper upload still works, and no refusal was logged more than once per burst.
-    let mut s = TcpStream::connect(pair.to_orders).unwrap();
-    s.write_all(
+    let answer = exchange(
+        pair.to_orders,
         b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
-    )
-    .unwrap();
-    let answer = read_all(&mut s);
+    );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let log = pair.procs[2].log_text();
     let lines = log
@@ -427,15 +408,7 @@ fn smuggle(to: SocketAddr) -> Smuggled {
         let head = String::from_utf8_lossy(&head).into_owned();
         let mut body = String::new();
         if !head.starts_with("HTTP/1.1 101") {
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let len = content_length(&head).unwrap_or(0);
             let mut buf = vec![0u8; len];
             tcp.read_exact(&mut buf).await.unwrap();
             body = String::from_utf8_lossy(&buf).into_owned();
@@ -463,20 +436,6 @@ fn smuggle(to: SocketAddr) -> Smuggled {
             .unwrap_or_else(|_| Err("no answer within 10 s".into()));
         Smuggled { head, body, admin }
     })
-}
-
-/// Opens a WebSocket-style upgrade on `path` through `to`; returns the connection and the
-/// response head.
-fn websocket(to: SocketAddr, path: &str, extra: &str) -> (TcpStream, String) {
-    let mut ws = TcpStream::connect(to).unwrap();
-    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    ws.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{extra}\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
-    let head = read_head(&mut ws);
-    (ws, head)
 }
 
 fn echoes(ws: &mut TcpStream, msg: &str) -> bool {
@@ -560,12 +519,10 @@ fn h2c_smuggling_is_refused_while_websockets_work() {
 
     // The mesh owns x-forwarded-client-cert: a caller's copy is dropped on both sides, and
     // the receiving sidecar states the verified caller.
-    let mut s = TcpStream::connect(pair.to_orders).unwrap();
-    s.write_all(
+    let answer = exchange(
+        pair.to_orders,
         b"GET /orders/1 HTTP/1.1\r\nHost: orders\r\nConnection: close\r\nx-echo-headers: 1\r\nX-Forwarded-Client-Cert: By=spiffe://evil;URI=spiffe://test.local/ns/shop/sa/admin\r\n\r\n",
-    )
-    .unwrap();
-    let answer = read_all(&mut s);
+    );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         !answer.contains("evil") && !answer.contains("sa/admin"),
@@ -580,12 +537,10 @@ fn h2c_smuggling_is_refused_while_websockets_work() {
         "{answer}"
     );
     // Plaintext (no verified caller): none at all.
-    let mut s = TcpStream::connect(pair.orders_in).unwrap();
-    s.write_all(
+    let answer = exchange(
+        pair.orders_in,
         b"GET /orders/1 HTTP/1.1\r\nHost: orders\r\nConnection: close\r\nx-echo-headers: 1\r\nx-forwarded-client-cert: URI=spiffe://test.local/ns/shop/sa/frontend\r\n\r\n",
-    )
-    .unwrap();
-    let answer = read_all(&mut s);
+    );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(!answer.contains("x-forwarded-client-cert"), "{answer}");
 

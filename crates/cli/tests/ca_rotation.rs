@@ -7,7 +7,9 @@
 
 use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
 use bulkhead_identity::{SpiffeId, Svid, TrustBundle, fingerprint};
-use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, orders_policy};
+use bulkhead_testkit::mesh::{
+    Mesh, TD, WAIT, addr, eventually, id, orders_policy, orders_upstream,
+};
 use bulkhead_testkit::{KeepAlive, http, http_raw, parse_response, run};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
@@ -40,15 +42,10 @@ fn shop() -> Shop {
     std::fs::write(&policy, orders_policy("/orders")).unwrap();
     assert_eq!(mesh.cli(&["apply", "-f", policy.to_str().unwrap()]).0, 0);
     let (procs, to_orders) = mesh.orders_and_frontend(&[]);
-    let ready = |name: &str| -> serde_json::Value {
-        let text =
-            std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json"))).unwrap();
-        serde_json::from_str(&text).unwrap()
-    };
-    let orders_in = addr(&ready("orders")["inbound"]);
+    let orders_in = addr(&mesh.proxy_ready("orders")["inbound"]);
     let admins = ["orders", "frontend"]
         .iter()
-        .map(|n| addr(&ready(n)["admin"]))
+        .map(|n| addr(&mesh.proxy_ready(n)["admin"]))
         .collect();
     assert_eq!(http(to_orders, "GET", "/orders").status, 200);
     Shop {
@@ -371,31 +368,24 @@ fn bring_your_own_intermediate_ca() {
     let pki = enterprise_pki(mesh.dir.path());
     let path = |p: &Path| p.to_str().unwrap().to_string();
     let generated = ca_in(&ca_status(mesh), "active");
+    // `bulkhead ca add-root --import-cert CERT --import-key KEY [--chain CHAIN]`.
+    let import = |cert: &Path, key: &Path, chain: Option<&Path>| {
+        let mut args = vec!["ca", "add-root", "--import-cert", cert.to_str().unwrap()];
+        args.extend(["--import-key", key.to_str().unwrap()]);
+        if let Some(chain) = chain {
+            args.extend(["--chain", chain.to_str().unwrap()]);
+        }
+        mesh.cli(&args)
+    };
 
     // Import refuses a key that is not the certificate's, and a chain that stops short.
-    let (code, _, err) = mesh.cli(&[
-        "ca",
-        "add-root",
-        "--import-cert",
-        &path(&pki.intermediate),
-        "--import-key",
-        &path(&pki.other_key),
-        "--chain",
-        &path(&pki.root),
-    ]);
+    let (code, _, err) = import(&pki.intermediate, &pki.other_key, Some(&pki.root));
     assert_eq!(code, 1);
     assert!(
         err.contains("CA refused: the private key does not belong to O=Example Corp, CN=Example Corp Mesh CA: its public key differs from the certificate's; pass the key that was certified"),
         "{err}"
     );
-    let (code, _, err) = mesh.cli(&[
-        "ca",
-        "add-root",
-        "--import-cert",
-        &path(&pki.intermediate),
-        "--import-key",
-        &path(&pki.key),
-    ]);
+    let (code, _, err) = import(&pki.intermediate, &pki.key, None);
     assert_eq!(code, 1);
     assert!(
         err.contains("the chain stops at O=Example Corp, CN=Example Corp Mesh CA: no certificate given is its issuer (O=Example Corp, CN=Example Corp Root CA)"),
@@ -408,16 +398,7 @@ fn bring_your_own_intermediate_ca() {
     );
 
     // The intermediate with its chain: its root joins the bundle.
-    let (code, out, err) = mesh.cli(&[
-        "ca",
-        "add-root",
-        "--import-cert",
-        &path(&pki.intermediate),
-        "--import-key",
-        &path(&pki.key),
-        "--chain",
-        &path(&pki.root),
-    ]);
+    let (code, out, err) = import(&pki.intermediate, &pki.key, Some(&pki.root));
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("chaining to root") && out.contains("CN=Example Corp Root CA"),
@@ -488,11 +469,7 @@ fn bring_your_own_intermediate_ca() {
         err.contains("pass --identity spiffe://<trust-domain>/"),
         "{err}"
     );
-    let upstream = format!(
-        "name=orders,listen=127.0.0.1:0,address={},identity={}",
-        shop.orders_in,
-        id("orders")
-    );
+    let upstream = orders_upstream(shop.orders_in);
     let (_payments, ready) = mesh.proxy(
         "payments",
         &token,

@@ -71,19 +71,7 @@ fn the_console_in_a_real_browser() {
     let (payments_app, payments_app_addr) = mesh.app("payments");
     procs.push(payments_app);
     let token = mesh.token(&id("payments"));
-    let payments_app_addr = payments_app_addr.to_string();
-    let (p, payments) = mesh.proxy(
-        "payments",
-        &token,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--app",
-            &payments_app_addr,
-            "--port",
-            "8080",
-        ],
-    );
+    let (p, payments) = mesh.inbound_proxy("payments", &token, payments_app_addr, &[]);
     procs.push(p);
     let payments_in = addr(&payments["inbound"]);
 
@@ -92,20 +80,11 @@ fn the_console_in_a_real_browser() {
     let (orders_app, orders_app_addr) = mesh.app("orders");
     procs.push(orders_app);
     let token = mesh.token(&id("orders"));
-    let orders_app_addr = orders_app_addr.to_string();
-    let (p, orders) = mesh.proxy(
+    let (p, orders) = mesh.inbound_proxy(
         "orders",
         &token,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--app",
-            &orders_app_addr,
-            "--port",
-            "8080",
-            "--upstream",
-            &upstream("payments", payments_in),
-        ],
+        orders_app_addr,
+        &["--upstream", &upstream("payments", payments_in)],
     );
     procs.push(p);
     let orders_in = addr(&orders["inbound"]);

@@ -16,7 +16,7 @@ mod readme;
 #[path = "e2e/spiffe.rs"]
 mod spiffe;
 
-use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has};
+use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has, orders_upstream};
 use bulkhead_testkit::{Bins, foreign_identity, http, http_raw, mtls_raw, parse_response, run};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -84,19 +84,11 @@ fn walking_skeleton_end_to_end() {
     // orders: app + sidecar inbound.
     let (_orders_app, orders_app_addr) = mesh.app("orders");
     let orders_token = mesh.token(&id("orders"));
-    let (_orders_proxy, orders) = mesh.proxy(
+    let (_orders_proxy, orders) = mesh.inbound_proxy(
         "orders",
         &orders_token,
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--app",
-            &orders_app_addr.to_string(),
-            "--port",
-            "8080",
-            "--identity",
-            &id("orders"),
-        ],
+        orders_app_addr,
+        &["--identity", &id("orders")],
     );
     assert_eq!(orders["spiffe_id"], id("orders"));
     assert_eq!(orders["revision"], 1);
@@ -115,10 +107,7 @@ fn walking_skeleton_end_to_end() {
             "--app",
             &frontend_app_addr.to_string(),
             "--upstream",
-            &format!(
-                "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
-                id("orders")
-            ),
+            &orders_upstream(orders_in),
             "--upstream",
             &format!(
                 "name=impostor,listen=127.0.0.1:0,address={orders_in},identity={}",
@@ -563,13 +552,7 @@ fn control_plane_outage_keeps_enforcement_then_resyncs() {
     eventually(
         WAIT,
         "both proxies reconnected and acknowledging revision 2",
-        || {
-            let (_, out, _) = mesh.cli(&["get", "proxies"]);
-            out.lines()
-                .filter(|l| l.contains(" open ") && l.contains("2 ACK"))
-                .count()
-                == 2
-        },
+        || mesh.proxies_open_acking(2) == 2,
     );
 
     // Every part says its version: the CLI, the control plane, and each proxy as reported.
@@ -750,11 +733,7 @@ async fn svids_rotate_at_half_life_without_dropping_connections() {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let orders_in = {
-        let text = std::fs::read_to_string(mesh.dir.path().join("orders-proxy.json")).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        addr(&v["inbound"])
-    };
+    let orders_in = addr(&mesh.proxy_ready("orders")["inbound"]);
 
     // One keep-alive connection and a new connection every round, for 10 s: several
     // rotations, and well past the first certificates' expiry. Not one error.
@@ -921,8 +900,7 @@ fn hardening_limits_protect_the_proxy() {
     drop((a, b));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(http(to_orders, "GET", "/orders").status, 200);
-    let text = std::fs::read_to_string(mesh.dir.path().join("frontend-proxy.json")).unwrap();
-    let ready: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ready = mesh.proxy_ready("frontend");
     let metrics = http(addr(&ready["admin"]), "GET", "/metrics").body;
     assert!(
         metrics.contains("bulkhead_connections_refused_total{direction=\"outbound\"} 1"),

@@ -145,10 +145,7 @@ fn new_edges_new_identities_and_denial_spikes() {
     // An identity never seen before, denied 25 times within a minute.
     let (follower, lines) = follow(&mesh);
     let _follower = KillOnDrop(follower);
-    let orders_ready: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(mesh.dir.path().join("orders-proxy.json")).unwrap(),
-    )
-    .unwrap();
+    let orders_ready = mesh.proxy_ready("orders");
     // This sidecar knows the destination's workload, so it reports its side of the calls
     // too: still one new edge.
     let upstream = format!(

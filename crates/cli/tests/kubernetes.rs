@@ -539,7 +539,7 @@ mod attest {
     //! written to the API's documented shape; no real API server is involved.
 
     use bulkhead_testkit::http;
-    use bulkhead_testkit::mesh::{Mesh, addr, id, orders_policy};
+    use bulkhead_testkit::mesh::{Mesh, addr, id, orders_policy, orders_upstream};
     use bulkhead_testkit::tokenreview::{self, TokenReviewServer};
     use serde_json::json;
     use std::path::PathBuf;
@@ -601,10 +601,7 @@ spec:
         assert_eq!(ready["spiffe_id"], id("orders"), "{ready}");
         assert_eq!(ready["workload"], "shop/orders", "{ready}");
         let orders_in = addr(&ready["inbound"]);
-        let upstream = format!(
-            "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
-            id("orders")
-        );
+        let upstream = orders_upstream(orders_in);
         let frontend_token = token_file(&mesh, "frontend", "frontend-sa-token");
         let (_frontend, ready) = mesh.proxy_joining(
             "frontend",

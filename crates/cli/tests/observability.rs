@@ -79,11 +79,7 @@ fn prometheus_scrapes_the_mesh_it_discovers_and_every_dashboard_query_has_data()
     let mesh = Mesh::start_with(&["--metrics", "127.0.0.1:0", "--prometheus-sd-file", sd]);
     mesh.apply("policy.yaml", &orders_policy("/orders/*"));
     let (mut procs, to_orders) = mesh.orders_and_frontend(&[]);
-    let ready = |name: &str| -> Value {
-        let text = std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json")));
-        serde_json::from_str(&text.unwrap()).unwrap()
-    };
-    let (orders, frontend) = (ready("orders"), ready("frontend"));
+    let (orders, frontend) = (mesh.proxy_ready("orders"), mesh.proxy_ready("frontend"));
     let control_metrics = mesh.metrics_addr();
 
     // Each connected proxy is listed at the admin address it reported, with its workload.
@@ -450,10 +446,6 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
     mesh.apply("policy.yaml", &orders_policy("/orders"));
     let orders_flags = [traced[0], traced[1], "--log-format", "json"];
     let (procs, to_orders) = mesh.orders_and_frontend_with(&orders_flags, &traced);
-    let ready = |name: &str| -> Value {
-        let text = std::fs::read_to_string(mesh.dir.path().join(format!("{name}-proxy.json")));
-        serde_json::from_str(&text.unwrap()).unwrap()
-    };
 
     // The app sends a traceparent: the trace goes on through both sidecars to the app.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -631,7 +623,7 @@ fn spans_of_an_allowed_and_a_denied_request_reach_an_otlp_receiver_linked() {
 
     // Counted on each sidecar.
     for name in ["frontend", "orders"] {
-        let admin = addr(&ready(name)["admin"]);
+        let admin = addr(&mesh.proxy_ready(name)["admin"]);
         let count = |metric: &str| -> u64 {
             http(admin, "GET", "/metrics")
                 .body
@@ -729,8 +721,7 @@ fn a_dead_trace_collector_drops_spans_not_requests() {
     for _ in 0..50 {
         assert_eq!(http(to_orders, "GET", "/orders").status, 200);
     }
-    let text = std::fs::read_to_string(mesh.dir.path().join("frontend-proxy.json")).unwrap();
-    let admin = addr(&serde_json::from_str::<Value>(&text).unwrap()["admin"]);
+    let admin = addr(&mesh.proxy_ready("frontend")["admin"]);
     eventually(WAIT, "the dropped spans counted", || {
         http(admin, "GET", "/metrics")
             .body

@@ -4,8 +4,8 @@
 //! rapid-reset protection.
 #![allow(clippy::unwrap_used)]
 
-use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id, log_has};
-use bulkhead_testkit::{Proc, http, run};
+use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id, log_has, orders_upstream};
+use bulkhead_testkit::{Proc, http, run, websocket};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -38,20 +38,11 @@ fn shop() -> Shop {
     mesh.apply("policy.yaml", &format!("{POLICY}{TCP_RULE}"));
     let (http_app, http_app_addr) = mesh.app("orders");
     let (echo_app, echo_addr) = mesh.app_with("orders-echo", &["--tcp-echo"]);
-    let app = http_app_addr.to_string();
-    let (orders_proxy, orders) = mesh.proxy(
+    let (orders_proxy, orders) = mesh.inbound_proxy(
         "orders",
         &mesh.token(&id("orders")),
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--app",
-            &app,
-            "--port",
-            "8080",
-            "--permissive-port",
-            "8080",
-        ],
+        http_app_addr,
+        &["--permissive-port", "8080"],
     );
     let echo = echo_addr.to_string();
     let (tcp_proxy, orders_tcp) = mesh.proxy(
@@ -69,11 +60,7 @@ fn shop() -> Shop {
             "2",
         ],
     );
-    let up_http = format!(
-        "name=orders,listen=127.0.0.1:0,address={},identity={}",
-        addr(&orders["inbound"]),
-        id("orders")
-    );
+    let up_http = orders_upstream(addr(&orders["inbound"]));
     let up_tcp = format!(
         "name=orders-tcp,listen=127.0.0.1:0,address={},identity={},port=9000,workload=shop/orders",
         addr(&orders_tcp["inbound"]),
@@ -237,26 +224,14 @@ fn http2_grpc_upgrades_and_permissive_ports() {
     assert_eq!(config["sharedUpstreamConnections"], 1, "{config}");
 
     // An upgrade (WebSocket-style): allowed on /ws, then bytes flow both ways.
-    let mut ws = TcpStream::connect(shop.http).unwrap();
-    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    ws.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .unwrap();
-    let head = read_head(&mut ws);
+    let (mut ws, head) = websocket(shop.http, "/ws", "");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     ws.write_all(b"ping over the upgraded connection").unwrap();
     let mut buf = [0u8; 64];
     let n = ws.read(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"ping over the upgraded connection");
     // ...and denied elsewhere.
-    let mut ws = TcpStream::connect(shop.http).unwrap();
-    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    ws.write_all(
-        b"GET /admin HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .unwrap();
-    let head = read_head(&mut ws);
+    let (_, head) = websocket(shop.http, "/admin", "");
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 
     // Permissive port: plaintext straight to the orders proxy is accepted, counted and
@@ -279,18 +254,6 @@ fn http2_grpc_upgrades_and_permissive_ports() {
         m.contains("source_namespace=\"unknown\",source_workload=\"unknown\",source_principal=\"plaintext\",destination_namespace=\"shop\",destination_workload=\"orders\",destination_principal=\"spiffe://test.local/ns/shop/sa/orders\",response_code=\"200\",response_flags=\"-\""),
         "{m}"
     );
-}
-
-fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 #[test]

@@ -11,7 +11,9 @@
 
 use bulkhead_api::v1::admin_client::AdminClient;
 use bulkhead_api::v1::{ApplyRequest, ListEdgesRequest};
-use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, orders_policy};
+use bulkhead_testkit::mesh::{
+    Mesh, TD, WAIT, addr, eventually, id, orders_policy, orders_upstream,
+};
 use bulkhead_testkit::{KeepAlive, http};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -302,17 +304,7 @@ fn shop_policy() -> String {
 fn payments(mesh: &Mesh, extra: &[&str]) -> (Vec<bulkhead_testkit::Proc>, std::net::SocketAddr) {
     let (app, app_addr) = mesh.app("payments");
     let token = mesh.token(&id("payments"));
-    let app_addr = app_addr.to_string();
-    let mut args = vec![
-        "--inbound",
-        "127.0.0.1:0",
-        "--app",
-        &app_addr,
-        "--port",
-        "8080",
-    ];
-    args.extend_from_slice(extra);
-    let (proxy, ready) = mesh.proxy("payments", &token, &args);
+    let (proxy, ready) = mesh.inbound_proxy("payments", &token, app_addr, extra);
     (vec![app, proxy], addr(&ready["inbound"]))
 }
 
@@ -433,11 +425,7 @@ fn a_deny_applied_right_after_a_control_plane_restart_is_enforced_within_2s() {
     mesh.stop_control();
     mesh.restart_control();
     eventually(WAIT, "both proxies back on revision 1", || {
-        let (_, out, _) = mesh.cli(&["get", "proxies"]);
-        out.lines()
-            .filter(|l| l.contains(" open ") && l.contains("1 ACK"))
-            .count()
-            == 2
+        mesh.proxies_open_acking(1) == 2
     });
     let log = std::fs::read_to_string(mesh.dir.path().join("control.log")).unwrap();
     assert_eq!(
@@ -634,10 +622,7 @@ async fn word_paths_stay_within_the_per_edge_bound_and_other_workloads_keep_thei
         &flows,
         &["--upstream", upstream.as_str(), "--flow-interval-secs", "1"],
     );
-    let frontend: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(mesh.dir.path().join("frontend-proxy.json")).unwrap(),
-    )
-    .unwrap();
+    let frontend = mesh.proxy_ready("frontend");
     let to_payments = addr(&frontend["upstreams"]["payments"]);
     for p in ["/charge", "/refund", "/status"] {
         assert_eq!(http(to_payments, "GET", p).status, 200);
@@ -748,18 +733,13 @@ async fn word_paths_stay_within_the_per_edge_bound_and_other_workloads_keep_thei
     );
 }
 
-/// Starts orders' sidecar exactly as `mesh.proxy` does, with `token`.
+/// Starts orders' sidecar in front of `app` as `mesh.inbound_proxy` does, with `token`.
 fn orders_sidecar(
     mesh: &Mesh,
     token: &Path,
     app: std::net::SocketAddr,
 ) -> (bulkhead_testkit::Proc, std::net::SocketAddr) {
-    let app = app.to_string();
-    let (proxy, ready) = mesh.proxy(
-        "orders",
-        token,
-        &["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"],
-    );
+    let (proxy, ready) = mesh.inbound_proxy("orders", token, app, &[]);
     (proxy, addr(&ready["inbound"]))
 }
 
@@ -771,10 +751,7 @@ fn a_killed_sidecar_restarted_with_the_same_command_serves_again() {
     let token = mesh.token(&id("orders"));
     let (mut orders, orders_in) = orders_sidecar(&mesh, &token, app_addr);
     let frontend_token = mesh.token(&id("frontend"));
-    let upstream = format!(
-        "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
-        id("orders")
-    );
+    let upstream = orders_upstream(orders_in);
     let (_frontend, ready) = mesh.proxy("frontend", &frontend_token, &["--upstream", &upstream]);
     let to_orders = addr(&ready["upstreams"]["orders"]);
     assert_eq!(http(to_orders, "GET", "/orders").status, 200);
@@ -809,10 +786,7 @@ fn a_killed_sidecar_restarted_with_the_same_command_serves_again() {
         orders.log_text()
     );
     // The frontend's upstream names the old port: a new frontend for the new one.
-    let upstream = format!(
-        "name=orders,listen=127.0.0.1:0,address={again_in},identity={}",
-        id("orders")
-    );
+    let upstream = orders_upstream(again_in);
     let (_frontend2, ready) = mesh.proxy(
         "frontend2",
         &mesh.token(&id("frontend")),
@@ -936,11 +910,7 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
     );
     let reconnected = stopped.elapsed();
     eventually(WAIT, "both proxies listed, open, on revision 1", || {
-        let (_, out, _) = mesh.cli(&["get", "proxies"]);
-        out.lines()
-            .filter(|l| l.contains(" open ") && l.contains("1 ACK"))
-            .count()
-            == 2
+        mesh.proxies_open_acking(1) == 2
     });
     for admin in &admins {
         assert_eq!(

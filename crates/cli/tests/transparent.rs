@@ -10,7 +10,7 @@
 //! port scan, each of which used to go around the mesh.
 #![allow(clippy::unwrap_used)]
 
-use bulkhead_testkit::mesh::eventually;
+use bulkhead_testkit::mesh::{eventually, orders_policy_at, yaml_addresses};
 use bulkhead_testkit::netns::{Lab, can_run, contains};
 use bulkhead_testkit::{Bins, Proc, TempDir, parse_response};
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +31,16 @@ struct Net {
 }
 
 impl Net {
+    /// A lab of network namespaces named `hosts` on one bridge, nothing started yet.
+    fn new(hosts: &[&str]) -> Net {
+        Net {
+            lab: Lab::new(hosts),
+            bins: Bins::of_test(),
+            dir: TempDir::new().unwrap(),
+            procs: Vec::new(),
+        }
+    }
+
     fn cmd(&self, host: &str, program: &Path, args: &[&str]) -> Command {
         let mut c = self.lab.command(host, program);
         c.args(args);
@@ -56,6 +66,15 @@ impl Net {
         self.procs
             .push(Proc::from_command(name, self.dir.path(), cmd));
         self.procs.len() - 1
+    }
+
+    /// [`Net::spawn`] with `--ready-file` `name.json` added; returns once the file is written.
+    fn spawn_ready(&mut self, host: &str, name: &str, program: &Path, args: &[&str]) {
+        let ready = self.dir.path().join(format!("{name}.json"));
+        let mut args = args.to_vec();
+        args.extend(["--ready-file", ready.to_str().unwrap()]);
+        let i = self.spawn(host, name, program, &args);
+        self.procs[i].wait_for_file(&ready, WAIT);
     }
 
     /// Starts a transparent sidecar for `sa` in `host` after installing the capture rules,
@@ -89,7 +108,6 @@ impl Net {
         );
         let token_file = self.dir.path().join(format!("{sa}.token"));
         std::fs::write(&token_file, token.trim()).unwrap();
-        let ready = self.dir.path().join(format!("{sa}-proxy.json"));
         let bundle = self.dir.path().join("data/ca.pem");
         let args = [
             "--control",
@@ -105,11 +123,8 @@ impl Net {
             outbound,
             "--admin",
             admin,
-            "--ready-file",
-            ready.to_str().unwrap(),
         ];
-        let i = self.spawn(host, &format!("{sa}-proxy"), &proxy, &args);
-        self.procs[i].wait_for_file(&ready, WAIT);
+        self.spawn_ready(host, &format!("{sa}-proxy"), &proxy, &args);
     }
 
     /// `curl` in the client namespace as an ordinary user: returns the raw response.
@@ -174,20 +189,25 @@ impl Net {
 
     /// Starts `bulkhead sample-app` in `host` on `listen`.
     fn sample_app(&mut self, host: &str, name: &str, listen: &str) {
-        let ready = self.dir.path().join(format!("{host}-{name}-app.json"));
         let bulkhead = self.bins.bulkhead.clone();
-        let args = [
-            "sample-app",
-            "--name",
-            name,
-            "--listen",
-            listen,
-            "--ready-file",
-            ready.to_str().unwrap(),
-        ];
-        let a = self.spawn(host, &format!("{host}-{name}-app"), &bulkhead, &args);
-        self.procs[a].wait_for_file(&ready, WAIT);
+        let args = ["sample-app", "--name", name, "--listen", listen];
+        self.spawn_ready(host, &format!("{host}-{name}-app"), &bulkhead, &args);
     }
+}
+
+/// A `Workload` of namespace shop, service account `name`, declared at `addresses` and no
+/// ports (policy alone decides them).
+fn workload_at(name: &str, addresses: &[IpAddr]) -> String {
+    format!(
+        "apiVersion: bulkhead.dev/v1alpha1
+kind: Workload
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  identity: spiffe://test.local/ns/shop/sa/{name}
+  addresses: {}
+",
+        yaml_addresses(addresses)
+    )
 }
 
 #[test]
@@ -198,86 +218,19 @@ fn transparent_capture_encrypts_and_enforces_between_namespaces() {
     ) {
         return;
     }
-    let mut net = Net {
-        lab: Lab::new(&["control", "client", "server"]),
-        bins: Bins::of_test(),
-        dir: TempDir::new().unwrap(),
-        procs: Vec::new(),
-    };
+    let mut net = Net::new(&["control", "client", "server"]);
     let (client_ip, server_ip) = (net.lab.ip("client"), net.lab.ip("server"));
 
     // The control plane, in its own namespace.
-    let data = net.dir.path().join("data");
-    let listen = format!("{}:{CONTROL_PORT}", net.lab.ip("control"));
-    let bulkhead = net.bins.bulkhead.clone();
-    let c = net.spawn(
-        "control",
-        "control",
-        &bulkhead,
-        &[
-            "control",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--trust-domain",
-            "test.local",
-        ],
-    );
-    net.procs[c].wait_for_file(&data.join("admin.yaml"), WAIT);
     let policy = format!(
-        r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {{name: orders, namespace: shop}}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/orders
-  addresses: ["{server_ip}"]
-  ports: [{{port: 8080, protocol: http}}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {{name: frontend, namespace: shop}}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/frontend
-  addresses: ["{client_ip}"]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: orders-allow-frontend, namespace: shop}}
-spec:
-  selector: {{workload: orders}}
-  action: allow
-  rules:
-    - name: frontend-reads-orders
-      from: {{identities: ["spiffe://test.local/ns/shop/sa/frontend"]}}
-      to: {{methods: [GET], paths: ["/orders/*"]}}
-"#
+        "{}---\n{}",
+        orders_policy_at(&[server_ip.into()], "/orders/*"),
+        workload_at("frontend", &[client_ip.into()]),
     );
-    let file = net.dir.path().join("policy.yaml");
-    std::fs::write(&file, policy).unwrap();
-    net.ok(
-        "control",
-        &bulkhead,
-        &["apply", "-f", file.to_str().unwrap()],
-    );
+    net.control(&policy);
 
     // The server: its app on 8080, unaware of the mesh; the sidecar in front, transparently.
-    let ready = net.dir.path().join("orders-app.json");
-    let a = net.spawn(
-        "server",
-        "orders-app",
-        &bulkhead,
-        &[
-            "sample-app",
-            "--name",
-            "orders",
-            "--listen",
-            "0.0.0.0:8080",
-            "--ready-file",
-            ready.to_str().unwrap(),
-        ],
-    );
-    net.procs[a].wait_for_file(&ready, WAIT);
+    net.sample_app("server", "orders", "0.0.0.0:8080");
     net.sidecar("server", "orders");
     net.sidecar("client", "frontend");
 
@@ -286,25 +239,8 @@ spec:
     let url = format!("http://{server_ip}:8080/orders/{marker}");
     // Allowed: intercepted on both ends (the app names the caller the server's sidecar
     // verified, which only mTLS from the client's sidecar can give it).
-    let out = net.curl("GET", &url);
-    let resp = parse_response(out.as_bytes()).unwrap_or_else(|| panic!("no HTTP answer: {out}"));
-    assert_eq!(resp.status, 200, "{out}");
-    assert!(
-        resp.body.contains(&format!(
-            "orders: GET /orders/{marker} from spiffe://test.local/ns/shop/sa/frontend"
-        )),
-        "{out}"
-    );
     // Denied by the server's policy, with the reason.
-    let out = net.curl("DELETE", &url);
-    let resp = parse_response(out.as_bytes()).unwrap_or_else(|| panic!("no HTTP answer: {out}"));
-    assert_eq!(resp.status, 403, "{out}");
-    assert!(
-        resp.header("x-bulkhead-decision")
-            .unwrap_or_default()
-            .starts_with("deny; policy=default-deny"),
-        "{out}"
-    );
+    get_allowed_delete_denied(&net, &url, marker);
     let wire = capture.stop();
     // The capture saw the connections (the TLS ClientHello names our server name)...
     assert!(
@@ -320,6 +256,31 @@ spec:
     assert!(
         !contains(&wire, b"GET /orders"),
         "the request crossed the bridge in plaintext"
+    );
+}
+
+/// From the client's app, through both sidecars: a GET of `url` (orders' `/orders/{marker}`)
+/// is answered by orders' app, which names the caller the server's sidecar verified (only
+/// mTLS from the client's sidecar can give it that), and a DELETE of it is refused by orders'
+/// default deny, with the reason.
+fn get_allowed_delete_denied(net: &Net, url: &str, marker: &str) {
+    let out = net.curl("GET", url);
+    let resp = parse_response(out.as_bytes()).unwrap_or_else(|| panic!("no HTTP answer: {out}"));
+    assert_eq!(resp.status, 200, "{url}: {out}");
+    assert!(
+        resp.body.contains(&format!(
+            "orders: GET /orders/{marker} from spiffe://test.local/ns/shop/sa/frontend"
+        )),
+        "{out}"
+    );
+    let out = net.curl("DELETE", url);
+    let resp = parse_response(out.as_bytes()).unwrap_or_else(|| panic!("no HTTP answer: {out}"));
+    assert_eq!(resp.status, 403, "{url}: {out}");
+    assert!(
+        resp.header("x-bulkhead-decision")
+            .unwrap_or_default()
+            .starts_with("deny; policy=default-deny"),
+        "{out}"
     );
 }
 
@@ -358,6 +319,18 @@ fn url(ip: IpAddr, port: u16, path: &str) -> String {
     format!("http://{}{path}", SocketAddr::new(ip, port))
 }
 
+/// The `/metrics` page of the sidecar admin port at `ip`, scraped from the namespace outside
+/// the mesh (as root).
+fn scrape_from_outside(net: &Net, ip: IpAddr) -> String {
+    let (code, page) = net.output(
+        "outside",
+        "curl",
+        &["-sS", "--max-time", "5", &url(ip, 15000, "/metrics")],
+    );
+    assert_eq!(code, 0, "{page}");
+    page
+}
+
 /// The value of `metric` (name and labels, exactly as exposed) in a Prometheus text page.
 fn metric(page: &str, metric: &str) -> Option<f64> {
     page.lines()
@@ -382,12 +355,7 @@ fn transparent_capture_leaves_no_way_around_the_sidecar() {
     ) {
         return;
     }
-    let mut net = Net {
-        lab: Lab::new(&["control", "client", "server", "payments", "outside"]),
-        bins: Bins::of_test(),
-        dir: TempDir::new().unwrap(),
-        procs: Vec::new(),
-    };
+    let mut net = Net::new(&["control", "client", "server", "payments", "outside"]);
     let lab = &net.lab;
     let (client4, client6) = (lab.ip("client"), lab.ip6("client"));
     let (server4, server6) = (lab.ip("server"), lab.ip6("server"));
@@ -397,39 +365,9 @@ fn transparent_capture_leaves_no_way_around_the_sidecar() {
     // Both are allowed to frontend by rules without `ports:`. Egress to port 9000 of the
     // host outside the mesh is denied by address, IPv4 and IPv6 alike.
     let policy = format!(
-        r#"apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {{name: orders, namespace: shop}}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/orders
-  addresses: ["{server4}", "{server6}"]
-  ports: [{{port: 8080, protocol: http}}]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {{name: payments, namespace: shop}}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/payments
-  addresses: ["{payments4}", "{payments6}"]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: Workload
-metadata: {{name: frontend, namespace: shop}}
-spec:
-  identity: spiffe://test.local/ns/shop/sa/frontend
-  addresses: ["{client4}", "{client6}"]
----
-apiVersion: bulkhead.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: orders-allow-frontend, namespace: shop}}
-spec:
-  selector: {{workload: orders}}
-  action: allow
-  rules:
-    - name: frontend-reads-orders
-      from: {{identities: ["spiffe://test.local/ns/shop/sa/frontend"]}}
-      to: {{methods: [GET], paths: ["/orders/*"]}}
----
+        r#"{}---
+{}---
+{}---
 apiVersion: bulkhead.dev/v1alpha1
 kind: AuthorizationPolicy
 metadata: {{name: payments-allow-frontend, namespace: shop}}
@@ -450,7 +388,10 @@ spec:
   rules:
     - name: no-outside-9000
       to: {{cidrs: ["{outside4}/32", "{outside6}/128"], ports: [9000]}}
-"#
+"#,
+        orders_policy_at(&[server4.into(), server6.into()], "/orders/*"),
+        workload_at("payments", &[payments4.into(), payments6.into()]),
+        workload_at("frontend", &[client4.into(), client6.into()]),
     );
     net.control(&policy);
 
@@ -479,26 +420,7 @@ spec:
     let capture = net.lab.capture();
     for ip in [IpAddr::from(server6), IpAddr::from(server4)] {
         let marker = format!("plaintext-marker-{}", if ip.is_ipv6() { 6 } else { 4 });
-        let out = net.curl("GET", &url(ip, 8080, &format!("/orders/{marker}")));
-        let resp =
-            parse_response(out.as_bytes()).unwrap_or_else(|| panic!("no HTTP answer: {out}"));
-        assert_eq!(resp.status, 200, "{out}");
-        assert!(
-            resp.body.contains(&format!(
-                "orders: GET /orders/{marker} from spiffe://test.local/ns/shop/sa/frontend"
-            )),
-            "{out}"
-        );
-        let out = net.curl("DELETE", &url(ip, 8080, &format!("/orders/{marker}")));
-        let resp =
-            parse_response(out.as_bytes()).unwrap_or_else(|| panic!("no HTTP answer: {out}"));
-        assert_eq!(resp.status, 403, "{ip}: {out}");
-        assert!(
-            resp.header("x-bulkhead-decision")
-                .unwrap_or_default()
-                .starts_with("deny; policy=default-deny"),
-            "{out}"
-        );
+        get_allowed_delete_denied(&net, &url(ip, 8080, &format!("/orders/{marker}")), &marker);
     }
     let wire = capture.stop();
     assert!(
@@ -614,34 +536,14 @@ spec:
             assert_eq!(code, 0, "{target} does not answer root");
         }
     }
-    let (code, page) = net.output(
-        "outside",
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "5",
-            &url(server6.into(), 15000, "/metrics"),
-        ],
-    );
-    assert_eq!(code, 0, "{page}");
+    let page = scrape_from_outside(&net, server6.into());
     // The refusals were counted, with their reasons.
     let undeclared = metric(
         &page,
         "bulkhead_connections_reset_total{direction=\"inbound\",reason=\"undeclared_port\"}",
     );
     assert!(undeclared.is_some_and(|n| n >= 4.0), "{page}");
-    let (code, page) = net.output(
-        "outside",
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "5",
-            &url(client4.into(), 15000, "/metrics"),
-        ],
-    );
-    assert_eq!(code, 0, "{page}");
+    let page = scrape_from_outside(&net, client4.into());
     let denied = metric(
         &page,
         "bulkhead_connections_reset_total{direction=\"outbound\",reason=\"denied\"}",

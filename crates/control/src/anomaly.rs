@@ -200,33 +200,15 @@ mod tests {
     use super::*;
     use crate::flows::FlowRetention;
     use crate::flows::tests::edge;
+    use crate::testing::{TempDir, from};
     use bulkhead_insight::EdgeVerdict;
     use bulkhead_policy::model::Direction::Ingress;
-    use std::path::PathBuf;
 
     /// 2024-05-01 10:00 UTC.
     const T0: u64 = 1_714_557_600;
 
-    struct TempDir(PathBuf);
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn temp_dir(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "bulkhead-anomaly-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
     fn open(dir: &TempDir) -> Store {
-        Store::open(&dir.0.join("state.redb")).unwrap()
+        Store::open(&dir.path().join("state.redb")).unwrap()
     }
 
     fn no_learning() -> Anomalies {
@@ -252,7 +234,7 @@ mod tests {
 
     #[test]
     fn a_restart_announces_nothing_the_store_kept_and_keeps_learning_time() {
-        let dir = temp_dir("restart");
+        let dir = TempDir::new("anomaly-restart");
         let learn = Anomalies {
             learning: Duration::from_secs(600),
             ..Anomalies::default()
@@ -309,7 +291,7 @@ mod tests {
                 .filter(|e| e.kind == EventKind::DenialSpike)
                 .count()
         };
-        let dir = temp_dir("denials");
+        let dir = TempDir::new("anomaly-denials");
         {
             // 10 denials a minute for an hour: the usual rate, never a spike.
             let store = open(&dir);
@@ -327,7 +309,7 @@ mod tests {
         report(&store, &monitor, &[denials(40, now)], now);
         assert_eq!(spikes(&store), 0, "the usual rate was recalled");
         // …where a control plane that knew no history would call it a spike.
-        let empty = temp_dir("no-denials");
+        let empty = TempDir::new("anomaly-no-denials");
         let store = open(&empty);
         let monitor = Monitor::load(&store, &no_learning(), now).unwrap();
         report(&store, &monitor, &[denials(40, now)], now);
@@ -336,7 +318,7 @@ mod tests {
 
     #[test]
     fn a_store_from_before_anomalies_learned_since_its_first_edge() {
-        let dir = temp_dir("upgrade");
+        let dir = TempDir::new("anomaly-upgrade");
         let store = open(&dir);
         store
             .merge_edges(
@@ -360,7 +342,7 @@ mod tests {
 
     #[test]
     fn events_are_numbered_listed_after_a_number_and_bounded() {
-        let dir = temp_dir("list");
+        let dir = TempDir::new("anomaly-list");
         let store = open(&dir);
         let monitor = Monitor::load(&store, &no_learning(), T0).unwrap();
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
@@ -419,10 +401,10 @@ mod tests {
     #[tokio::test]
     async fn reported_denials_are_listed_for_the_admin_and_counted() {
         use bulkhead_api::v1::{self as pb, admin_server::Admin, config_server::Config};
-        let dir = temp_dir("handlers");
+        let dir = TempDir::new("anomaly-handlers");
         let lifetime = Duration::from_secs(3600);
-        let (data, cas) = crate::datadir::DataDir::open(&dir.0, "td.test", lifetime).unwrap();
-        let store = Store::open(&dir.0.join("state.redb")).unwrap();
+        let (data, cas) = crate::datadir::DataDir::open(dir.path(), "td.test", lifetime).unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
         let retention = FlowRetention::default();
         let state = crate::service::State::with_options(
             data,
@@ -436,13 +418,6 @@ mod tests {
         )
         .await
         .unwrap();
-        let from = |spiffe_id: &str| crate::listener::PeerInfo {
-            remote: "127.0.0.1:40000".parse().unwrap(),
-            identity: Some(bulkhead_identity::SpiffeId::parse(spiffe_id).unwrap()),
-            cert_not_after: None,
-            cert_ca_sha256: None,
-            cert_serial: None,
-        };
         let orders = crate::flows::tests::id("orders");
         let orders_wl = crate::flows::tests::workload("orders");
         state.store.bind(&orders, &orders_wl, T0).unwrap();
@@ -455,22 +430,26 @@ mod tests {
         );
         denied.key.verdict = EdgeVerdict::Deny;
         denied.stats.count = 25;
-        let mut req = tonic::Request::new(pb::ReportFlowsRequest {
-            namespace: "shop".into(),
-            workload: "orders".into(),
-            edges_json: serde_json::to_string(&[denied]).unwrap(),
-            dropped: 0,
-        });
-        req.extensions_mut().insert(from(&orders));
+        let req = from(
+            &orders,
+            pb::ReportFlowsRequest {
+                namespace: "shop".into(),
+                workload: "orders".into(),
+                edges_json: serde_json::to_string(&[denied]).unwrap(),
+                dropped: 0,
+            },
+        );
         state.report_flows(req).await.unwrap();
 
         let list = |who: &str| {
-            let mut req = tonic::Request::new(pb::ListEventsRequest {
-                after: 0,
-                since: 0,
-                limit: 0,
-            });
-            req.extensions_mut().insert(from(who));
+            let req = from(
+                who,
+                pb::ListEventsRequest {
+                    after: 0,
+                    since: 0,
+                    limit: 0,
+                },
+            );
             state.list_events(req)
         };
         let err = list(&orders).await.unwrap_err();

@@ -452,60 +452,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::store::HistoryRetention;
+    use crate::testing::{Plane, from};
     use bulkhead_api::v1::{self as pb, admin_server::Admin};
     use bulkhead_insight::{Edge, EdgeVerdict};
     use std::time::Duration;
 
-    /// A control plane's state in a fresh data directory (removed on drop), called as tonic
-    /// calls it, with the admin's verified identity.
-    struct Plane {
-        state: State,
-        dir: std::path::PathBuf,
-    }
-
-    impl Drop for Plane {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    fn plane(name: &str, bounds: ProxyBounds, history: HistoryRetention) -> Plane {
-        let dir = std::env::temp_dir().join(format!(
-            "bulkhead-change-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        let lifetime = Duration::from_secs(3600);
-        let (data, cas) = crate::datadir::DataDir::open(&dir, "td.test", lifetime).unwrap();
-        let store = crate::store::Store::open_with(&dir.join("state.redb"), history).unwrap();
-        let current = store.resources().unwrap();
-        let state = State::build(
-            data,
-            cas,
-            store,
-            lifetime,
-            crate::flows::FlowRetention::default(),
-            &crate::anomaly::Anomalies::default(),
-            bounds,
-            current,
-            None,
-        )
-        .unwrap();
-        Plane { state, dir }
-    }
-
+    /// A request from the admin, with its verified identity.
     fn admin<T>(message: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(message);
-        req.extensions_mut().insert(crate::listener::PeerInfo {
-            remote: "127.0.0.1:40000".parse().unwrap(),
-            identity: Some(
-                bulkhead_identity::SpiffeId::parse("spiffe://td.test/bulkhead/admin").unwrap(),
-            ),
-            cert_not_after: None,
-            cert_ca_sha256: None,
-            cert_serial: None,
-        });
-        req
+        from("spiffe://td.test/bulkhead/admin", message)
     }
 
     const DECLARATIONS: &str = r#"
@@ -556,8 +510,8 @@ spec:
 
     #[tokio::test]
     async fn a_change_against_a_revision_that_moved_on_is_refused() {
-        let p = plane(
-            "expect",
+        let p = Plane::with(
+            "change-expect",
             ProxyBounds::default(),
             HistoryRetention::default(),
         );
@@ -600,7 +554,7 @@ spec:
             max_rules: 3,
             max_config_bytes: 4096,
         };
-        let p = plane("bounds", bounds, HistoryRetention::default());
+        let p = Plane::with("change-bounds", bounds, HistoryRetention::default());
         apply(&p, DECLARATIONS, None).await.unwrap();
         let err = apply(&p, &deny("many", "orders", 4, 1), None)
             .await
@@ -637,8 +591,8 @@ spec:
 
     #[tokio::test]
     async fn a_file_over_the_apply_bound_is_refused_in_our_words() {
-        let p = plane(
-            "too-large",
+        let p = Plane::with(
+            "change-too-large",
             ProxyBounds::default(),
             HistoryRetention::default(),
         );
@@ -653,8 +607,8 @@ spec:
 
     #[tokio::test]
     async fn the_affected_workloads_are_those_whose_configuration_changed() {
-        let p = plane(
-            "affected",
+        let p = Plane::with(
+            "change-affected",
             ProxyBounds::default(),
             HistoryRetention::default(),
         );
@@ -694,7 +648,7 @@ spec:
             max_revisions: 2,
             max_age: Duration::from_secs(86_400),
         };
-        let p = plane("pruned", ProxyBounds::default(), history);
+        let p = Plane::with("change-pruned", ProxyBounds::default(), history);
         apply(&p, DECLARATIONS, None).await.unwrap();
         for i in 0..3 {
             apply(&p, &deny("d", "orders", 1, i + 1), None)
@@ -758,8 +712,8 @@ spec: {ingress: deny, mode: audit}
 
     #[tokio::test]
     async fn promote_folds_a_posture_into_the_enforced_one_in_one_revision() {
-        let p = plane(
-            "promote",
+        let p = Plane::with(
+            "change-promote",
             ProxyBounds::default(),
             HistoryRetention::default(),
         );
@@ -805,8 +759,8 @@ spec: {ingress: deny, mode: audit}
 
     #[tokio::test]
     async fn promote_is_refused_while_it_had_would_deny_flows_unless_forced() {
-        let p = plane(
-            "would-deny",
+        let p = Plane::with(
+            "change-would-deny",
             ProxyBounds::default(),
             HistoryRetention::default(),
         );

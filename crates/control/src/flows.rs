@@ -238,6 +238,7 @@ impl Iterator for JsonChunks {
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::testing::{Plane, from};
     use bulkhead_api::v1::{self as pb, admin_server::Admin, config_server::Config};
     use bulkhead_identity::SpiffeId;
     use bulkhead_insight::{EdgeStats, EdgeVerdict};
@@ -358,48 +359,6 @@ pub(crate) mod tests {
         assert_eq!(parse_report(&format!("[{one}]")).unwrap().len(), 1);
     }
 
-    /// A control plane's state in a fresh data directory (removed on drop), without a
-    /// listener: the handlers are called as tonic calls them, with the peer the TLS layer
-    /// would have verified.
-    struct Plane {
-        state: crate::service::State,
-        dir: std::path::PathBuf,
-    }
-
-    impl Drop for Plane {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    fn plane(name: &str) -> Plane {
-        let dir = std::env::temp_dir().join(format!(
-            "bulkhead-flows-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        let lifetime = Duration::from_secs(3600);
-        let (data, cas) = crate::datadir::DataDir::open(&dir, "td.test", lifetime).unwrap();
-        let store = crate::store::Store::open(&dir.join("state.redb")).unwrap();
-        let state =
-            crate::service::State::new(data, cas, store, lifetime, FlowRetention::default())
-                .unwrap();
-        Plane { state, dir }
-    }
-
-    /// A request from `spiffe_id`, as the listener hands it over after the TLS handshake.
-    fn from<T>(spiffe_id: &str, message: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(message);
-        req.extensions_mut().insert(crate::listener::PeerInfo {
-            remote: "127.0.0.1:40000".parse().unwrap(),
-            identity: Some(bulkhead_identity::SpiffeId::parse(spiffe_id).unwrap()),
-            cert_not_after: None,
-            cert_ca_sha256: None,
-            cert_serial: None,
-        });
-        req
-    }
-
     /// Binds `name`'s identity to workload `shop/name`, as a join token would.
     fn joined(plane: &Plane, name: &str) -> String {
         let spiffe_id = id(name);
@@ -448,7 +407,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn many_edges_come_back_whole_in_several_chunks() {
-        let plane = plane("many");
+        let plane = Plane::new("flows-many");
         let orders = joined(&plane, "orders");
         let now = crate::proxies::unix_now();
         let sent: Vec<Edge> = (0..6_000)
@@ -513,7 +472,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_proxy_cannot_report_another_workloads_traffic() {
-        let plane = plane("refused");
+        let plane = Plane::new("flows-refused");
         let frontend = joined(&plane, "frontend");
         let now = crate::proxies::unix_now();
         // The frontend's sidecar claims to have decided a request that reached orders.
@@ -545,7 +504,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_proxy_reports_only_as_its_own_workload_and_cannot_read_edges() {
-        let plane = plane("bound");
+        let plane = Plane::new("flows-bound");
         let frontend = joined(&plane, "frontend");
         joined(&plane, "orders");
         let now = crate::proxies::unix_now();
@@ -570,7 +529,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_malformed_report_is_an_invalid_argument_that_says_why() {
-        let plane = plane("malformed");
+        let plane = Plane::new("flows-malformed");
         let orders = joined(&plane, "orders");
         let mut req = report("orders", &[], 3);
         req.edges_json = r#"[{"key": 1}]"#.into();

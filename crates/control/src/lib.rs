@@ -30,6 +30,8 @@ mod spans;
 mod spiffe_bundle;
 mod store;
 mod tap;
+#[cfg(test)]
+mod testing;
 mod tokens;
 
 pub use admin::MAX_APPLY_BYTES;

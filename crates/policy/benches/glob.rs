@@ -10,53 +10,20 @@
 //!
 //! Run: `cargo bench -p bulkhead-policy --bench glob` (figures in BENCHMARKS.md).
 
-use bulkhead_policy::model::{Direction, ResourceName};
-use bulkhead_policy::{
-    CanonicalRequest, PathPattern, Peer, PolicySet, Protocol, RawRequest, Request, load,
-};
+mod glob_case;
+use bulkhead_policy::{PathPattern, load};
 use criterion::{BenchmarkId, Criterion, Throughput};
+use glob_case::{DECL, api, decide, no_debug, path};
 use std::hint::black_box;
 use std::time::Duration;
 
-const DECL: &str = "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {name: api, namespace: shop}\nspec:\n  identity: spiffe://td/ns/shop/sa/api\n  ports: [{port: 8080, protocol: http}]\n";
-
+/// [`no_debug`] on `pattern`, then shop/anyone allowing everything else: a path the glob does
+/// not match is allowed.
 fn policy(pattern: &str) -> String {
     format!(
-        "---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: no-debug, namespace: shop}}\nspec:\n  selector: {{workload: api}}\n  action: deny\n  rules:\n    - name: debug\n      to: {{paths: [\"{pattern}\"]}}\n---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: anyone, namespace: shop}}\nspec:\n  selector: {{workload: api}}\n  action: allow\n  rules:\n    - name: all\n"
+        "{}---\napiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: anyone, namespace: shop}}\nspec:\n  selector: {{workload: api}}\n  action: allow\n  rules:\n    - name: all\n",
+        no_debug(pattern)
     )
-}
-
-/// `/v1/v1/…/v1/x`, `bytes` long at most: every `/v1` keeps every `**` alive.
-fn path(bytes: usize) -> String {
-    let mut p = "/v1".repeat((bytes - 2) / 3);
-    p.push_str("/x");
-    p
-}
-
-fn decide(set: &PolicySet, subject: &ResourceName, target: &str) -> bool {
-    let canonical = CanonicalRequest::new(
-        RawRequest {
-            method: "GET",
-            target,
-            authority: None,
-        },
-        std::iter::empty(),
-    )
-    .expect("canonical");
-    let headers: &[(&str, &str)] = &[];
-    set.evaluate(&Request {
-        direction: Direction::Ingress,
-        subject,
-        peer: Peer {
-            identity: Some("spiffe://td/ns/shop/sa/web"),
-            ip: None,
-            workload: None,
-        },
-        port: 8080,
-        protocol: Protocol::Http,
-        http: Some(canonical.http(&headers)),
-    })
-    .is_allow()
 }
 
 fn main() {
@@ -65,10 +32,7 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .sample_size(30)
         .configure_from_args();
-    let subject = ResourceName {
-        namespace: "shop".into(),
-        name: "api".into(),
-    };
+    let subject = api();
     let mut g = c.benchmark_group("glob worst case, decide");
     for (pattern, sizes) in [
         ("/**/v1/**/v1/**/debug", &[4_800usize, 65_535][..]),
@@ -82,14 +46,14 @@ fn main() {
         for &size in sizes {
             let target = path(size);
             assert!(
-                decide(&set, &subject, &target),
+                decide(&set, &subject, &target).is_allow(),
                 "not denied: the path must not match"
             );
             g.throughput(Throughput::Bytes(target.len() as u64));
             g.bench_with_input(
                 BenchmarkId::new(pattern, format!("{} bytes", target.len())),
                 &target,
-                |b, t| b.iter(|| decide(&set, &subject, black_box(t))),
+                |b, t| b.iter(|| decide(&set, &subject, black_box(t)).is_allow()),
             );
         }
     }

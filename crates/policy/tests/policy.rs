@@ -382,6 +382,23 @@ fn first_error(files: &[(&str, &str)]) -> String {
     }
 }
 
+/// Each case's `p.yaml`, loaded after the declarations, fails first with an error starting
+/// with its expected text; every mismatch is printed (with its YAML) before the test fails.
+fn check_first_errors(cases: &[(String, &str)]) {
+    let mut failed = false;
+    for (yaml, want) in cases {
+        let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", yaml)]);
+        if !got.starts_with(want) {
+            eprintln!("MISMATCH want {want:?}\n got {got:?}\n{yaml}");
+            failed = true;
+        }
+    }
+    assert!(
+        !failed,
+        "some errors were not as expected (see MISMATCH lines)"
+    );
+}
+
 const HEAD: &str = "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: shop\nspec:\n  selector:\n    workload: payments\n";
 
 #[test]
@@ -461,18 +478,7 @@ fn errors_name_file_line_column() {
             "p.yaml:14:9: AuthorizationPolicy/shop/p is defined twice; first defined at p.yaml:4:9",
         ),
     ];
-    let mut failed = false;
-    for (yaml, want) in cases {
-        let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &yaml)]);
-        if !got.starts_with(want) {
-            eprintln!("MISMATCH want {want:?}\n got {got:?}");
-            failed = true;
-        }
-    }
-    assert!(
-        !failed,
-        "some errors were not as expected (see MISMATCH lines)"
-    );
+    check_first_errors(&cases);
 }
 
 #[test]
@@ -631,18 +637,7 @@ fn more_errors_name_file_line_column() {
         ("apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: a}\nspec: {ingress: deny}\n---\napiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: b}\nspec: {ingress: allow}\n".into(),
          "p.yaml:8:18: a second DefaultPosture for the mesh"),
     ];
-    let mut failed = false;
-    for (yaml, want) in cases {
-        let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &yaml)]);
-        if !got.starts_with(want) {
-            eprintln!("MISMATCH want {want:?}\n got {got:?}");
-            failed = true;
-        }
-    }
-    assert!(
-        !failed,
-        "some errors were not as expected (see MISMATCH lines)"
-    );
+    check_first_errors(&cases);
 }
 
 #[test]

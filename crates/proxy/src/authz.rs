@@ -108,8 +108,7 @@ impl Permit {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use bulkhead_policy::model::{Direction, ResourceName};
-    use bulkhead_policy::{Http, Peer};
+    use bulkhead_policy::model::ResourceName;
 
     const SET: &str = r#"apiVersion: bulkhead.dev/v1alpha1
 kind: Workload
@@ -146,30 +145,16 @@ spec:
         Snapshot::new(set, Endpoints::default())
     }
 
-    const NO_HEADERS: &[(&str, &str)] = &[];
-
     fn get(s: &Snapshot, path: &str) -> Judgement {
         let orders = ResourceName {
             namespace: "shop".into(),
             name: "orders".into(),
         };
-        s.judge(&Request {
-            direction: Direction::Ingress,
-            subject: &orders,
-            peer: Peer {
-                identity: Some("spiffe://td/ns/shop/sa/frontend"),
-                ip: None,
-                workload: None,
-            },
-            port: 8080,
-            protocol: Protocol::Http,
-            http: Some(Http {
-                method: "GET",
-                path,
-                host: None,
-                headers: &NO_HEADERS,
-            }),
-        })
+        s.judge(&crate::testing::get(
+            &orders,
+            "spiffe://td/ns/shop/sa/frontend",
+            path,
+        ))
     }
 
     #[test]

@@ -27,6 +27,8 @@ mod revoked;
 mod sealed;
 mod tap;
 mod tcp;
+#[cfg(test)]
+mod testing;
 mod trace;
 mod upgrade;
 mod watch;

@@ -4,8 +4,7 @@
 //! member that serves clients over TLS only and asks for a client certificate, with the
 //! certificates made by `openssl`.
 
-use crate::{Proc, TempDir};
-use std::net::TcpListener;
+use crate::{Proc, TempDir, free_port};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -33,14 +32,6 @@ pub struct EtcdTls {
 pub struct EtcdCluster {
     pub members: Vec<Member>,
     pub dir: TempDir,
-}
-
-/// A loopback port nothing listens on now (the listener is dropped before etcd binds it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 impl EtcdCluster {

@@ -6,7 +6,7 @@
 use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
 use bulkhead_identity::{Ca, SpiffeId, TrustBundle};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -284,15 +284,8 @@ impl KeepAlive {
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().to_string())
-                    })
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| bad("response without content-length"))?;
+                let len =
+                    content_length(&head).ok_or_else(|| bad("response without content-length"))?;
                 let total = end + 4 + len;
                 while self.buf.len() < total {
                     self.fill()?;
@@ -379,11 +372,22 @@ pub fn mtls_raw(
     let expected = ExpectedServer::Exact(SpiffeId::parse(server_id).map_err(|e| e.to_string())?);
     let config =
         client_config(Some(&svid), &bundle, expected, &[b"http/1.1"]).map_err(|e| e.to_string())?;
+    tls_get(config, addr, path)
+}
+
+/// One `GET path` (Connection: close) over TLS made with `config` to `addr` (server name
+/// [`server_name`]): the raw answer, or the error that ended the exchange. A config rustls
+/// cannot start a connection with is the test's own fault: a panic, never an `Err` a test
+/// could take for a refusal.
+pub fn tls_get(
+    config: rustls::ClientConfig,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<Vec<u8>, String> {
     let conn = rustls::ClientConnection::new(Arc::new(config), server_name())
-        .map_err(|e| e.to_string())?;
+        .expect("a client connection from the test's config");
     let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     write!(
         tls,
@@ -391,10 +395,8 @@ pub fn mtls_raw(
     )
     .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
-    match tls.read_to_end(&mut buf) {
-        Ok(_) => Ok(buf),
-        Err(e) => Err(e.to_string()),
-    }
+    tls.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    Ok(buf)
 }
 
 /// The path of a program a test needs that is not about root (`promtool`, `bash`): `None`
@@ -465,4 +467,52 @@ pub fn promtool_check_metrics(test: &str, page: &str) -> String {
             String::from_utf8_lossy(&out.stderr)
         ),
     }
+}
+
+/// The Content-Length an HTTP head declares (its header name in any case), if it declares one.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse().ok())
+}
+
+/// An HTTP head read from `s` a byte at a time, so that nothing after it is consumed: up to
+/// and including the blank line, or what came before the connection ended or failed.
+pub fn read_head(s: &mut impl Read) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A loopback port nothing listens on now (the listener is dropped before the caller's
+/// server binds it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Opens a WebSocket-style upgrade of `GET path` (Host: orders, `extra` header lines, each
+/// ending in CRLF) through `to`; returns the connection and the response head.
+pub fn websocket(to: SocketAddr, path: &str, extra: &str) -> (TcpStream, String) {
+    let mut ws = TcpStream::connect(to).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    ws.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{extra}\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let head = read_head(&mut ws);
+    (ws, head)
 }

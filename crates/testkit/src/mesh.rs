@@ -2,7 +2,7 @@
 //! directory, sample apps and sidecars, each logging to a file in one temporary directory.
 
 use crate::{Bins, Proc, TempDir, run};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,13 +15,24 @@ pub fn id(sa: &str) -> String {
 
 /// The orders workload (port 8080, HTTP) and a policy that lets the frontend GET `path`.
 pub fn orders_policy(path: &str) -> String {
+    orders_policy_at(&[], path)
+}
+
+/// [`orders_policy`] with the orders workload declared at `addresses` (none: wherever its
+/// sidecar runs), as transparent capture needs.
+pub fn orders_policy_at(addresses: &[IpAddr], path: &str) -> String {
+    let addresses = if addresses.is_empty() {
+        String::new()
+    } else {
+        format!("  addresses: {}\n", yaml_addresses(addresses))
+    };
     format!(
         r#"apiVersion: bulkhead.dev/v1alpha1
 kind: Workload
 metadata: {{name: orders, namespace: shop}}
 spec:
   identity: spiffe://{TD}/ns/shop/sa/orders
-  ports: [{{port: 8080, protocol: http}}]
+{addresses}  ports: [{{port: 8080, protocol: http}}]
 ---
 apiVersion: bulkhead.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -34,6 +45,21 @@ spec:
       from: {{identities: ["spiffe://{TD}/ns/shop/sa/frontend"]}}
       to: {{methods: [GET], paths: ["{path}"]}}
 "#
+    )
+}
+
+/// `addresses` as a YAML flow list of quoted strings: `["10.0.0.2", "fd00::2"]`.
+pub fn yaml_addresses(addresses: &[IpAddr]) -> String {
+    let quoted: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// The `--upstream` of a frontend sidecar calling orders' sidecar at `orders_in`: listening on
+/// a loopback port of its own, expecting orders' identity.
+pub fn orders_upstream(orders_in: SocketAddr) -> String {
+    format!(
+        "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
+        id("orders")
     )
 }
 
@@ -329,6 +355,21 @@ impl Mesh {
         (p, json)
     }
 
+    /// Starts `name`'s sidecar in front of the app at `app`: inbound on loopback, the app's
+    /// declared port 8080, and `extra`; returns it and its ready-file JSON.
+    pub fn inbound_proxy(
+        &self,
+        name: &str,
+        token: &Path,
+        app: SocketAddr,
+        extra: &[&str],
+    ) -> (Proc, serde_json::Value) {
+        let app = app.to_string();
+        let mut args = vec!["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"];
+        args.extend_from_slice(extra);
+        self.proxy(name, token, &args)
+    }
+
     pub fn proxy_args(&self, token: &Path) -> Vec<String> {
         vec![
             "--control".into(),
@@ -356,16 +397,11 @@ impl Mesh {
     ) -> (Vec<Proc>, SocketAddr) {
         let (orders_app, orders_app_addr) = self.app("orders");
         let token = self.token(&id("orders"));
-        let app = orders_app_addr.to_string();
-        let mut args = vec!["--inbound", "127.0.0.1:0", "--app", &app, "--port", "8080"];
-        args.extend_from_slice(orders_extra);
-        let (orders_proxy, orders) = self.proxy("orders", &token, &args);
+        let (orders_proxy, orders) =
+            self.inbound_proxy("orders", &token, orders_app_addr, orders_extra);
         let orders_in = addr(&orders["inbound"]);
         let token = self.token(&id("frontend"));
-        let upstream = format!(
-            "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
-            id("orders")
-        );
+        let upstream = orders_upstream(orders_in);
         let mut args = vec!["--upstream", upstream.as_str()];
         args.extend_from_slice(frontend_extra);
         let (frontend_proxy, frontend) = self.proxy("frontend", &token, &args);
@@ -373,6 +409,25 @@ impl Mesh {
             vec![orders_app, orders_proxy, frontend_proxy],
             addr(&frontend["upstreams"]["orders"]),
         )
+    }
+
+    /// The ready-file JSON of the sidecar started as `name` (its addresses, identity and
+    /// revision).
+    pub fn proxy_ready(&self, name: &str) -> serde_json::Value {
+        let file = self.dir.path().join(format!("{name}-proxy.json"));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// How many proxies `bulkhead get proxies` lists with an open stream that acknowledged
+    /// `revision`.
+    pub fn proxies_open_acking(&self, revision: u64) -> usize {
+        let (_, out, _) = self.cli(&["get", "proxies"]);
+        let ack = format!("{revision} ACK");
+        out.lines()
+            .filter(|l| l.contains(" open ") && l.contains(&ack))
+            .count()
     }
 
     /// Runs a proxy expected to fail at start; returns its stderr.

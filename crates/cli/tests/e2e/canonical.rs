@@ -5,7 +5,7 @@
 //! sidecar pair, and both compared with the same expectations: the same verdict, the same
 //! deciding rule, and for allowed requests the canonical path at the app.
 
-use bulkhead_testkit::mesh::{Mesh, addr, id};
+use bulkhead_testkit::mesh::{Mesh, addr, id, orders_upstream};
 use bulkhead_testkit::{HttpResponse, parse_response};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -348,10 +348,7 @@ fn offline_and_live_verdicts_agree() {
         ],
     );
     let orders_in = SocketAddr::from(([127, 0, 0, 1], addr(&orders["inbound"]).port()));
-    let upstream = format!(
-        "name=orders,listen=127.0.0.1:0,address={orders_in},identity={}",
-        id("orders")
-    );
+    let upstream = orders_upstream(orders_in);
     let (_frontend_proxy, frontend) = mesh.proxy(
         "frontend",
         &mesh.token(&id("frontend")),

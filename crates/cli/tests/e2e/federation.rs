@@ -7,19 +7,11 @@
 //! JWT-SVID of A's validates at B's.
 
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually};
-use bulkhead_testkit::{ForeignIdentity, http, mtls_raw, run};
+use bulkhead_testkit::{ForeignIdentity, free_port, http, mtls_raw, run};
 use std::path::Path;
 
 const A: &str = "a.test";
 const B: &str = "b.test";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A `FederatedTrustDomain` for `td`, whose bootstrap bundle is `mesh`'s SPIFFE bundle now.
 fn federation_file(dir: &Path, td: &str, endpoint: &str, mesh: &Mesh) -> String {
@@ -210,20 +202,11 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
     let (_orders_app, orders_app_addr) = b.app("orders");
     std::fs::create_dir(b.dir.path().join("run")).unwrap();
     let socket = b.dir.path().join("run/workload.sock");
-    let app = orders_app_addr.to_string();
-    let (_orders_proxy, orders) = b.proxy(
+    let (_orders_proxy, orders) = b.inbound_proxy(
         "orders",
         &b.token(&orders_b),
-        &[
-            "--inbound",
-            "127.0.0.1:0",
-            "--app",
-            &app,
-            "--port",
-            "8080",
-            "--workload-api",
-            socket.to_str().unwrap(),
-        ],
+        orders_app_addr,
+        &["--workload-api", socket.to_str().unwrap()],
     );
     let orders_in = addr(&orders["inbound"]);
     let orders_admin = addr(&orders["admin"]);

@@ -2,18 +2,9 @@
 //! only the build step is replaced by the binaries cargo built, and the fixed loopback ports
 //! by free ones (so that the test cannot collide with anything else on the machine).
 
-use bulkhead_testkit::Bins;
-use std::net::TcpListener;
+use bulkhead_testkit::{Bins, free_port};
 use std::path::Path;
 use std::process::Command;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn the_readme_by_hand_steps_run_as_written() {

@@ -7,20 +7,12 @@
 //! `spiffe` package unless BULKHEAD_STRICT=1.
 
 use bulkhead_testkit::mesh::{Mesh, TD, id};
-use bulkhead_testkit::run;
+use bulkhead_testkit::{free_port, run};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 fn check_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/check.py")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -60,6 +60,26 @@ def check_svid(svid, expected_id, sidecar_public):
     return leaf.serial_number
 
 
+def stream_until(client, on_context, errors):
+    """Reads the FetchX509SVID stream, handing each context to on_context, until it returns
+    true, the stream fails (its error appended to errors) or 60 s pass. Returns whether it
+    ended before the 60 s."""
+    done = threading.Event()
+
+    def on_success(ctx):
+        if on_context(ctx):
+            done.set()
+
+    def on_error(e):
+        errors.append(str(e))
+        done.set()
+
+    handler = client.stream_x509_contexts(on_success, on_error, retry_connect=False)
+    done.wait(timeout=60)
+    handler.cancel()
+    return done.is_set()
+
+
 def workload_api(args):
     target = "unix:" + args.socket
     with open(args.sidecar_credential, "rb") as f:
@@ -142,28 +162,20 @@ def workload_api(args):
     serials = []
     keys = set()
     errors = []
-    done = threading.Event()
 
-    def on_success(ctx):
+    def on_context(ctx):
         try:
             s = ctx.default_svid
             serial = check_svid(s, args.id, sidecar_public)
             if not serials or serials[-1] != serial:
                 serials.append(serial)
                 keys.add(public_der(s.private_key.public_key()))
-            if len(serials) > args.rotations:
-                done.set()
+            return len(serials) > args.rotations
         except SystemExit:
             errors.append("bad SVID on the stream")
-            done.set()
+            return True
 
-    def on_error(e):
-        errors.append(str(e))
-        done.set()
-
-    handler = client.stream_x509_contexts(on_success, on_error, retry_connect=False)
-    done.wait(timeout=60)
-    handler.cancel()
+    stream_until(client, on_context, errors)
     client.close()
     if errors:
         fail(f"stream error: {errors}")
@@ -189,22 +201,14 @@ def watch_bundle(args):
     first = client.fetch_x509_bundles().get_bundle_for_trust_domain(td)
     print(f"ready {len(first.x509_authorities)}", flush=True)
     seen = []
-    done = threading.Event()
 
-    def on_success(ctx):
+    def on_context(ctx):
         n = len(ctx.x509_bundle_set.get_bundle_for_trust_domain(td).x509_authorities)
         seen.append(n)
-        if n == args.roots:
-            done.set()
+        return n == args.roots
 
-    def on_error(e):
-        seen.append(str(e))
-        done.set()
-
-    handler = client.stream_x509_contexts(on_success, on_error, retry_connect=False)
-    done.wait(timeout=60)
-    handler.cancel()
-    if not done.is_set() or seen[-1] != args.roots:
+    done = stream_until(client, on_context, seen)
+    if not done or seen[-1] != args.roots:
         fail(f"the stream never carried {args.roots} roots: {seen}")
     # A new FetchX509Bundles call has them too.
     now = client.fetch_x509_bundles().get_bundle_for_trust_domain(td)

@@ -1,44 +1,9 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
+use crate::testing::{Plane, from};
 use bulkhead_api::pieces::{Assembler, PIECE_BYTES, resource_bytes};
 use bulkhead_api::v1::admin_server::Admin;
 use futures_util::StreamExt;
-
-struct Plane {
-    state: State,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Plane {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn plane(name: &str) -> Plane {
-    let dir = std::env::temp_dir().join(format!(
-        "bulkhead-service-{name}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let lifetime = Duration::from_secs(3600);
-    let (data, cas) = DataDir::open(&dir, "td.test", lifetime).unwrap();
-    let store = Store::open(&dir.join("state.redb")).unwrap();
-    let state = State::new(data, cas, store, lifetime, FlowRetention::default()).unwrap();
-    Plane { state, dir }
-}
-
-fn from<T>(spiffe_id: &str, message: T) -> Request<T> {
-    let mut req = Request::new(message);
-    req.extensions_mut().insert(PeerInfo {
-        remote: "127.0.0.1:40000".parse().unwrap(),
-        identity: Some(SpiffeId::parse(spiffe_id).unwrap()),
-        cert_not_after: None,
-        cert_ca_sha256: None,
-        cert_serial: None,
-    });
-    req
-}
 
 const ORDERS: &str = "spiffe://td.test/ns/shop/sa/orders";
 
@@ -115,7 +80,7 @@ async fn first_revision(p: &Plane, request: pb::WatchRequest) -> Vec<pb::ProxyCo
 
 #[tokio::test]
 async fn a_large_revision_goes_in_bounded_pieces_and_a_proxy_holding_it_gets_only_the_bundle() {
-    let p = plane("pieces");
+    let p = Plane::new("service-pieces");
     let revision = applied(&p, 12_000).await;
     let pieces = first_revision(&p, watch_request(None, true)).await;
     assert!(pieces.len() >= 3, "about 3 MB: {} pieces", pieces.len());
@@ -159,7 +124,7 @@ async fn whole_pieces(p: &Plane) -> usize {
 
 #[tokio::test]
 async fn a_nack_without_a_revision_counts_against_the_one_sent() {
-    let p = plane("nack");
+    let p = Plane::new("service-nack");
     let revision = applied(&p, 1).await;
     let mut stream = p
         .state
@@ -219,7 +184,7 @@ fn attested_join(token: &str, sa_token: &str) -> Request<pb::JoinRequest> {
 
 #[tokio::test]
 async fn a_join_by_attestation_gets_exactly_the_vouched_identity_and_its_one_workload() {
-    let mut p = plane("attested");
+    let mut p = Plane::new("service-attested");
     let workload = |name: &str, ns: &str, sa: &str| {
         format!(
             "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  identity: spiffe://td.test/ns/shop/sa/{sa}\n---\n"

@@ -125,7 +125,7 @@ impl Store {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::store::trust::tests::temp_store;
+    use crate::testing::temp_store;
 
     fn entry(action: &str) -> NewEntry {
         NewEntry {

@@ -288,30 +288,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::store::Committed;
+    use crate::testing::TempDir;
     use bulkhead_policy::model::Resource;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     /// 2024-05-01 10:00 UTC.
     const T0: u64 = 1_714_557_600;
     const DAY: u64 = 24 * 3600;
-
-    struct Dir(PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn dir(name: &str) -> Dir {
-        let dir = std::env::temp_dir().join(format!(
-            "bulkhead-store-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
 
     /// `n` deny policies for shop/orders (`p0`, `p1`, …), the `round`th version of each.
     fn set(n: usize, round: usize) -> Vec<Resource> {
@@ -334,8 +317,8 @@ mod tests {
 
     #[test]
     fn snapshots_are_kept_by_count_and_age_and_the_log_outlives_them() {
-        let d = dir("retention");
-        let store = Store::open_with(&d.0.join("state.redb"), keep(3, 10)).unwrap();
+        let d = TempDir::new("store-retention");
+        let store = Store::open_with(&d.path().join("state.redb"), keep(3, 10)).unwrap();
         for round in 1..=6 {
             let c = store
                 .commit(&set(2, round), "alice", "apply", T0 + round as u64)
@@ -378,8 +361,8 @@ mod tests {
 
     #[test]
     fn the_current_revision_is_always_kept() {
-        let d = dir("current");
-        let store = Store::open_with(&d.0.join("state.redb"), keep(0, 0)).unwrap();
+        let d = TempDir::new("store-current");
+        let store = Store::open_with(&d.path().join("state.redb"), keep(0, 0)).unwrap();
         for round in 1..=3 {
             store.commit(&set(1, round), "alice", "apply", T0).unwrap();
         }
@@ -389,8 +372,8 @@ mod tests {
 
     #[test]
     fn a_resource_version_is_stored_once_however_many_snapshots_hold_it() {
-        let d = dir("versions");
-        let store = Store::open_with(&d.0.join("state.redb"), keep(10, 30)).unwrap();
+        let d = TempDir::new("store-versions");
+        let store = Store::open_with(&d.path().join("state.redb"), keep(10, 30)).unwrap();
         // 50 policies; each revision changes the first one only.
         let versioned = |round: usize| {
             let mut s = set(50, 0);
@@ -421,8 +404,8 @@ mod tests {
 
     #[test]
     fn revisions_written_with_their_sets_are_split_on_open() {
-        let d = dir("legacy");
-        let path = d.0.join("state.redb");
+        let d = TempDir::new("store-legacy");
+        let path = d.path().join("state.redb");
         {
             let db = redb::Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
@@ -463,8 +446,8 @@ mod tests {
 
     #[test]
     fn many_revisions_of_a_large_set_leave_the_file_bounded_and_compaction_gives_space_back() {
-        let d = dir("bounded");
-        let path = d.0.join("state.redb");
+        let d = TempDir::new("store-bounded");
+        let path = d.path().join("state.redb");
         let size = |p: &Path| std::fs::metadata(p).unwrap().len();
         // 100 policies of about 400 bytes, one of them changed in every revision.
         let one_changed = |round: usize| {
@@ -497,7 +480,7 @@ mod tests {
 
         // Kept unpruned, the file grows (past 32 MiB); pruned later, compaction gives the
         // space back.
-        let big = d.0.join("big.redb");
+        let big = d.path().join("big.redb");
         {
             let store = Store::open_with(&big, keep(1000, 30)).unwrap();
             for round in 1..=300 {
@@ -526,8 +509,8 @@ mod tests {
         let full = redb::Error::Io(std::io::Error::from_raw_os_error(28));
         assert!(crate::store::db::is_disk_full(&full));
         assert!(!crate::store::db::is_disk_full(&redb::Error::PreviousIo));
-        let d = dir("full");
-        let store = Store::open(&d.0.join("state.redb")).unwrap();
+        let d = TempDir::new("store-full");
+        let store = Store::open(&d.path().join("state.redb")).unwrap();
         let err = store.err(full);
         assert!(matches!(err, ControlError::DiskFull { .. }), "{err}");
         assert!(err.to_string().contains("is full"), "{err}");

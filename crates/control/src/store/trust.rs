@@ -750,29 +750,7 @@ fn describe_token(record: &TokenRecord) -> String {
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::path::PathBuf;
-
-    pub(crate) struct TempStore {
-        pub(crate) store: Store,
-        dir: PathBuf,
-    }
-
-    impl Drop for TempStore {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    pub(crate) fn temp_store(name: &str) -> TempStore {
-        let dir = std::env::temp_dir().join(format!(
-            "bulkhead-trust-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir.join("state.redb")).unwrap();
-        TempStore { store, dir }
-    }
+    use crate::testing::temp_store;
 
     const ADMIN: &str = "spiffe://td/bulkhead/admin (user alice)";
     const ORDERS: &str = "spiffe://td/ns/shop/sa/orders";

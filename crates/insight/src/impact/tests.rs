@@ -18,6 +18,30 @@ fn compile(resources: &[Resource], revision: u64) -> PolicySet {
     })
 }
 
+/// `edges` replayed from `current` (compiled as revision 1) to `candidate` (revision 2).
+fn replay(
+    edges: &[Edge],
+    current: &[Resource],
+    candidate: &[Resource],
+    declared: &[Resource],
+) -> Impact {
+    impact(
+        edges,
+        &compile(current, 1),
+        &compile(candidate, 2),
+        declared,
+    )
+}
+
+/// Each change as `Change flow | decision after`.
+fn changes(impact: &Impact) -> Vec<String> {
+    impact
+        .changes
+        .iter()
+        .map(|c| format!("{:?} {} | {}", c.change, c.flow, c.after))
+        .collect()
+}
+
 fn wl(s: &str) -> WorkloadRef {
     let (namespace, name) = s.split_once('/').unwrap();
     WorkloadRef {
@@ -85,9 +109,7 @@ const STAGED: &str = include_str!("../../testdata/impact-staged.yaml");
 fn enforcing_a_staged_deny_lists_exactly_the_flows_it_would_break() {
     let mut current = parse(SHOP);
     current.extend(parse(STAGED));
-    let now = compile(&current, 1);
-    let candidate = compile(&enforce_all(&current), 2);
-    let impact = impact(&shop_edges(), &now, &candidate, &current);
+    let impact = replay(&shop_edges(), &current, &enforce_all(&current), &current);
     assert_eq!(
         impact.to_string(),
         "newly denied: spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend) -> shop/orders:8080 http POST /orders/*/cancel, ingress\n\
@@ -105,12 +127,7 @@ fn enforcing_a_staged_deny_lists_exactly_the_flows_it_would_break() {
 #[test]
 fn a_candidate_identical_to_current_changes_nothing() {
     let current = parse(SHOP);
-    let impact = impact(
-        &shop_edges(),
-        &compile(&current, 1),
-        &compile(&current, 2),
-        &current,
-    );
+    let impact = replay(&shop_edges(), &current, &current, &current);
     assert!(impact.is_empty());
     assert_eq!(
         impact.to_string(),
@@ -128,12 +145,7 @@ fn edges_of_one_flow_count_together_whatever_their_verdict_was() {
     ];
     edges[1].key.verdict = EdgeVerdict::AllowWouldDeny;
     edges[1].stats.last_seen = T + 500;
-    let impact = impact(
-        &edges,
-        &compile(&current, 1),
-        &compile(&enforce_all(&current), 2),
-        &current,
-    );
+    let impact = replay(&edges, &current, &enforce_all(&current), &current);
     assert_eq!(impact.replayed, 1);
     let c = &impact.changes[0];
     assert_eq!((c.stats.count, c.stats.last_seen), (5, T + 500));
@@ -152,12 +164,7 @@ fn replacing_a_broad_allow_with_the_recommendation_shows_what_it_leaves_out() {
         .into_iter()
         .filter(|r| !r.name().name.ends_with("-allow-frontend"))
         .collect();
-    let impact = impact(
-        &shop_edges(),
-        &compile(&current, 1),
-        &compile(&enforce_all(&candidate), 2),
-        &current,
-    );
+    let impact = replay(&shop_edges(), &current, &enforce_all(&candidate), &current);
     let denied: Vec<String> = impact
         .newly_denied()
         .map(|c| format!("{} | {}", c.flow, c.after))
@@ -187,19 +194,9 @@ fn an_audit_posture_enforced_denies_what_only_the_posture_admitted() {
         ingress("frontend", "shop/orders", "GET", "/orders", 30),
         plaintext,
     ];
-    let impact = impact(
-        &edges,
-        &compile(&current, 1),
-        &compile(&enforce_all(&current), 2),
-        &current,
-    );
-    let got: Vec<String> = impact
-        .changes
-        .iter()
-        .map(|c| format!("{:?} {} | {}", c.change, c.flow, c.after))
-        .collect();
+    let impact = replay(&edges, &current, &enforce_all(&current), &current);
     assert_eq!(
-        got,
+        changes(&impact),
         vec![
             "NewlyDenied shop/legacy (no identity) -> shop/orders:8080 http GET /orders, ingress | default deny: no policy allows this request (revision 2); nearest miss: policy shop/orders-allow-frontend rule frontend-manages-orders matched the method and path but not identity (none)"
         ]
@@ -254,19 +251,9 @@ spec:
         ),
         unknown,
     ];
-    let impact = impact(
-        &edges,
-        &compile(&current, 1),
-        &compile(&candidate, 2),
-        &candidate,
-    );
-    let got: Vec<String> = impact
-        .changes
-        .iter()
-        .map(|c| format!("{:?} {} | {}", c.change, c.flow, c.after))
-        .collect();
+    let impact = replay(&edges, &current, &candidate, &candidate);
     assert_eq!(
-        got,
+        changes(&impact),
         vec![
             "NewlyDenied spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend) -> shop/payments:8080 http POST /charge, egress | default deny: no policy allows this request (revision 2); nearest miss: policy shop/frontend-egress rule to-orders matched the port but not identity spiffe://bulkhead.local/ns/shop/sa/payments"
         ]
@@ -375,19 +362,9 @@ fn replays_use_the_canonical_request() {
         ingress("frontend", "shop/orders", "get", "/orders/*", 2),
         ingress("frontend", "shop/orders", "GET", "/orders/../x", 1),
     ];
-    let impact = impact(
-        &edges,
-        &compile(&current, 1),
-        &compile(&candidate, 2),
-        &candidate,
-    );
-    let got: Vec<String> = impact
-        .changes
-        .iter()
-        .map(|c| format!("{:?} {} | {}", c.change, c.flow, c.after))
-        .collect();
+    let impact = replay(&edges, &current, &candidate, &candidate);
     assert_eq!(
-        got,
+        changes(&impact),
         vec![
             "NewlyDenied spiffe://bulkhead.local/ns/shop/sa/frontend (shop/frontend) -> shop/orders:8080 http GET /orders/%61dmin/*, ingress | denied by policy shop/orders-deny-admin rule admin (revision 2)"
         ]

@@ -23,6 +23,13 @@ fn shop() -> Vec<Resource> {
     parse_documents("shop.yaml", SHOP).unwrap()
 }
 
+/// The shop with the documents of `text` (read as the file `name`) added.
+fn shop_with(name: &str, text: &str) -> Vec<Resource> {
+    let mut resources = shop();
+    resources.extend(parse_documents(name, text).unwrap());
+    resources
+}
+
 fn id(sa: &str) -> Option<SpiffeId> {
     Some(
         format!("spiffe://bulkhead.local/ns/shop/sa/{sa}")
@@ -94,6 +101,18 @@ fn http(from: &str, to: &str, method: &str, path: &str, verdict: EdgeVerdict, co
         count,
         (0, 3600),
     )
+}
+
+/// `count` allowed `POST /charge` from orders to payments.
+fn orders_charging_payments(count: u64) -> Vec<Edge> {
+    vec![http(
+        "orders",
+        "shop/payments",
+        "POST",
+        "/charge",
+        EdgeVerdict::Allow,
+        count,
+    )]
 }
 
 fn observed_edges() -> Vec<Edge> {
@@ -256,22 +275,11 @@ fn no_traffic_recommends_nothing() {
 
 #[test]
 fn a_namespace_that_admits_by_default_gets_an_audit_deny_posture() {
-    let mut current = shop();
-    current.extend(
-        parse_documents(
-            "posture.yaml",
-            "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: allow}\n",
-        )
-        .unwrap(),
+    let current = shop_with(
+        "posture.yaml",
+        "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: allow}\n",
     );
-    let edges = vec![http(
-        "orders",
-        "shop/payments",
-        "POST",
-        "/charge",
-        EdgeVerdict::Allow,
-        5,
-    )];
+    let edges = orders_charging_payments(5);
     let rec = recommend(&edges, &current, &RecommendOptions::default());
     let yaml = rec.to_yaml();
     let posture = "---\n\
@@ -291,16 +299,8 @@ fn a_namespace_that_admits_by_default_gets_an_audit_deny_posture() {
 fn a_mesh_posture_that_admits_counts_and_a_namespace_deny_overrides_it() {
     let mesh_allow = "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default}\nspec: {ingress: allow}\n";
     let shop_deny = "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: deny}\n";
-    let edges = vec![http(
-        "orders",
-        "shop/payments",
-        "POST",
-        "/charge",
-        EdgeVerdict::Allow,
-        1,
-    )];
-    let mut current = shop();
-    current.extend(parse_documents("mesh.yaml", mesh_allow).unwrap());
+    let edges = orders_charging_payments(1);
+    let mut current = shop_with("mesh.yaml", mesh_allow);
     let rec = recommend(&edges, &current, &RecommendOptions::default());
     assert_eq!(
         rec.postures,
@@ -316,22 +316,11 @@ fn a_mesh_posture_that_admits_counts_and_a_namespace_deny_overrides_it() {
 
 #[test]
 fn an_existing_audit_posture_of_another_name_is_left_alone_with_a_note() {
-    let mut current = shop();
-    current.extend(
-        parse_documents(
-            "postures.yaml",
-            "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: allow}\n---\napiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: staged, namespace: shop}\nspec: {egress: deny, mode: audit}\n",
-        )
-        .unwrap(),
+    let current = shop_with(
+        "postures.yaml",
+        "apiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: default, namespace: shop}\nspec: {ingress: allow}\n---\napiVersion: bulkhead.dev/v1alpha1\nkind: DefaultPosture\nmetadata: {name: staged, namespace: shop}\nspec: {egress: deny, mode: audit}\n",
     );
-    let edges = vec![http(
-        "orders",
-        "shop/payments",
-        "POST",
-        "/charge",
-        EdgeVerdict::Allow,
-        1,
-    )];
+    let edges = orders_charging_payments(1);
     let rec = recommend(&edges, &current, &RecommendOptions::default());
     assert!(rec.postures.is_empty());
     assert!(

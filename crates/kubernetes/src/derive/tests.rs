@@ -12,6 +12,19 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Arc<T> {
     Arc::new(serde_json::from_value(v).unwrap())
 }
 
+/// The derived resource `key` (`Kind/namespace/name`); panics if none was derived.
+fn resource<'a>(d: &'a Derived, key: &str) -> &'a Resource {
+    d.resources
+        .iter()
+        .find(|r| r.key() == key)
+        .unwrap_or_else(|| panic!("{key} was not derived"))
+}
+
+/// [`resource`] as YAML.
+fn yaml_of(d: &Derived, key: &str) -> String {
+    resource(d, key).to_yaml().unwrap()
+}
+
 struct Cluster {
     pods: Vec<Value>,
     services: Vec<Value>,
@@ -139,11 +152,7 @@ fn a_pod_deleted_or_relabelled_changes_its_workload() {
     let mut cluster = Cluster::shop();
     cluster.pods[1]["metadata"]["labels"]["tier"] = "canary".into();
     let d = cluster.derive();
-    let orders = d
-        .resources
-        .iter()
-        .find(|r| r.key() == "Workload/shop/orders")
-        .unwrap();
+    let orders = resource(&d, "Workload/shop/orders");
     assert!(
         !orders.metadata().labels.contains_key("tier"),
         "labels all pods share, only"
@@ -180,13 +189,7 @@ fn the_newest_pod_names_the_identity_during_a_rollout_that_changes_the_account()
     let mut cluster = Cluster::shop();
     cluster.pods[1]["spec"]["serviceAccountName"] = "frontend".into();
     let d = cluster.derive();
-    let yaml = d
-        .resources
-        .iter()
-        .find(|r| r.key() == "Workload/shop/orders")
-        .unwrap()
-        .to_yaml()
-        .unwrap();
+    let yaml = yaml_of(&d, "Workload/shop/orders");
     assert!(
         yaml.contains("identity: spiffe://cluster.local/ns/shop/sa/frontend"),
         "{yaml}"
@@ -299,20 +302,8 @@ fn a_reused_address_belongs_to_the_newest_pod() {
     cluster.pods[2]["metadata"]["creationTimestamp"] = "2026-11-30T10:00:00Z".into();
     let d = cluster.derive();
     bulkhead_policy::PolicySet::compile(&d.resources, 1).unwrap();
-    let frontend = d
-        .resources
-        .iter()
-        .find(|r| r.key() == "Workload/shop/frontend")
-        .unwrap()
-        .to_yaml()
-        .unwrap();
+    let frontend = yaml_of(&d, "Workload/shop/frontend");
     assert!(frontend.contains("10.244.1.23"), "{frontend}");
-    let orders = d
-        .resources
-        .iter()
-        .find(|r| r.key() == "Workload/shop/orders")
-        .unwrap()
-        .to_yaml()
-        .unwrap();
+    let orders = yaml_of(&d, "Workload/shop/orders");
     assert!(!orders.contains("10.244.1.23"), "{orders}");
 }

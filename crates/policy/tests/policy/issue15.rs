@@ -32,15 +32,7 @@ fn empty_caller_selectors_are_refused() {
             "p.yaml:11:13: policy shop/p rule rules[0]: `from` names no caller",
         ),
     ];
-    let mut failed = false;
-    for (yaml, want) in cases {
-        let got = first_error(&[("decl.yaml", DECLARATIONS), ("p.yaml", &yaml)]);
-        if !got.starts_with(want) {
-            eprintln!("MISMATCH want {want:?}\n got {got:?}\n{yaml}");
-            failed = true;
-        }
-    }
-    assert!(!failed, "see MISMATCH lines");
+    check_first_errors(&cases);
 }
 
 /// What compiles but protects nothing, or means something other than it looks, is a lint

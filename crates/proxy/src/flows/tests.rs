@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
+use bulkhead_policy::PolicySet;
 use bulkhead_policy::model::ResourceName;
-use bulkhead_policy::{Http, Peer, PolicySet, Request};
 
 const POLICY: &str = include_str!("../../testdata/flows-policy.yaml");
 
@@ -13,23 +13,7 @@ fn orders() -> WorkloadRef {
 }
 
 fn decide(set: &PolicySet, caller: &str, path: &str) -> Decision {
-    set.evaluate(&Request {
-        direction: Direction::Ingress,
-        subject: &orders(),
-        peer: Peer {
-            identity: Some(caller),
-            ip: None,
-            workload: None,
-        },
-        port: 8080,
-        protocol: Protocol::Http,
-        http: Some(Http {
-            method: "GET",
-            path,
-            host: None,
-            headers: &Vec::<(String, String)>::new(),
-        }),
-    })
+    set.evaluate(&crate::testing::get(&orders(), caller, path))
 }
 
 fn id(caller: &str) -> SpiffeId {

@@ -1,35 +1,13 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
 use crate::flows::tests::edge;
+use crate::testing::{TempDir, temp_store};
 use bulkhead_policy::model::Direction::{Egress, Ingress};
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// 2024-05-01 10:00 UTC: the start of an hour.
 const T0: u64 = 1_714_557_600;
 const H: u64 = 3600;
-
-struct TempStore {
-    store: Store,
-    dir: PathBuf,
-}
-
-impl Drop for TempStore {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn temp_store(name: &str) -> TempStore {
-    let dir = std::env::temp_dir().join(format!(
-        "bulkhead-store-{name}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = Store::open(&dir.join("state.redb")).unwrap();
-    TempStore { store, dir }
-}
 
 fn retention(window_hours: u64, max_rows: u64) -> FlowRetention {
     FlowRetention {
@@ -358,13 +336,8 @@ fn freed_rows_free_their_paths_and_the_window_moves_on() {
 
 #[test]
 fn edges_stored_before_the_per_workload_tables_are_moved_on_open() {
-    let dir = std::env::temp_dir().join(format!(
-        "bulkhead-store-legacy-edges-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("state.redb");
+    let dir = TempDir::new("store-legacy-edges");
+    let path = dir.path().join("state.redb");
     {
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
@@ -383,5 +356,4 @@ fn edges_stored_before_the_per_workload_tables_are_moved_on_open() {
     drop(store);
     let store = Store::open(&path).unwrap();
     assert_eq!(rows(&store).len(), 1);
-    let _ = std::fs::remove_dir_all(&dir);
 }
