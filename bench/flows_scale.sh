@@ -44,8 +44,8 @@ for _ in $(seq 300); do
 done
 echo
 echo "One replica's value put into etcd $($ETCD_BIN --version | head -n 1 | awk '{print $3}') (default --max-request-bytes):"
-for f in $(ls "$TMP"/values/flows-*.json | sort -t- -k2 -n); do
-    edges=$(basename "$f" .json | cut -d- -f2)
+for edges in $(ls "$TMP/values" | sed -n 's/^flows-\([0-9]*\)\.json$/\1/p' | sort -n); do
+    f="$TMP/values/flows-$edges.json"
     start=$(date +%s%N)
     if out=$(ETCDCTL_API=3 "$ETCDCTL" --endpoints "$client" put /bulkhead/flows/bench <"$f" 2>&1); then
         verdict="stored"
