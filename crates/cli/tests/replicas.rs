@@ -861,7 +861,7 @@ fn signal(signal: &str, pid: u32) {
 
 /// Replica 1 stopped (SIGSTOP: still listed in etcd for up to its lease, its port accepting
 /// connections but nothing answering): `graph` on replica 2 answers after the wait for it
-/// (5 s), with the edges reported to replica 0, and names replica 1 as missing; once
+/// (3 to 5 s), with the edges reported to replica 0, and names replica 1 as missing; once
 /// replica 1 runs again, no replica is named.
 fn graph_names_a_replica_that_does_not_answer(r: &Replicas) {
     let stopped = replica_id(&r.replicas[1]);
@@ -872,9 +872,9 @@ fn graph_names_a_replica_that_does_not_answer(r: &Replicas) {
     let took = asked.elapsed();
     signal("-CONT", pid);
     assert_eq!(code, 0, "{err}");
+    // Named, with its address and why (the dial's own 3 s bound, or the 5 s one on the call).
     assert!(
-        err.contains(&format!("warning: replica {stopped} ("))
-            && err.contains("no answer within 5 s"),
+        err.contains(&format!("warning: replica {stopped} (")) && err.contains("no answer within"),
         "{err}"
     );
     let g: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -886,7 +886,7 @@ fn graph_names_a_replica_that_does_not_answer(r: &Replicas) {
         "replica 0's edges are missing: {out}"
     );
     assert!(
-        took >= Duration::from_secs(5) && took < Duration::from_secs(9),
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(9),
         "graph took {took:?}"
     );
     eprintln!(

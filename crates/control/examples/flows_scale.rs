@@ -1,16 +1,19 @@
-//! What sharing flows through etcd costs at the flow store's bound (see
+//! What sharing flows between replicas on etcd costs at the flow store's bound (see
 //! `bench/flows_scale.sh` and ARCHITECTURE.md, "Replicas on etcd").
 //!
-//! With replicas on etcd each replica writes the edges reported to it, as one JSON value, to
-//! `flows/<id>` under its lease (at most 1 MiB, the most recently seen first), and
-//! `ListEdges` reads the others' values and merges them with its own. This example builds
-//! edges the way sidecars report them (distinct keys: caller, callee, port, method, path
-//! template, verdict, policy, rule), then measures, for a set of sizes:
+//! The design before issue #18's measurement had each replica write the edges reported to
+//! it, as one JSON value, to `flows/<id>` in etcd under its lease (at most 1 MiB, the most
+//! recently seen first, halved until it fitted), and `ListEdges` read the others' values.
+//! Now `ListEdges` asks the other replicas for their edges (JSON chunks over gRPC) when it
+//! is called. This example builds edges the way sidecars report them (distinct keys:
+//! caller, callee, port, method, path template, verdict, policy, rule), then measures, for
+//! a set of sizes:
 //!
-//! - the JSON one replica would write, in bytes, and per edge;
-//! - how many of them fit in 1 MiB as `share_flows` trims them (halving);
-//! - the time to encode one replica's value, to decode three, and to merge three replicas'
-//!   sets into the union `ListEdges` answers.
+//! - the JSON of one replica's edges, in bytes, and per edge (what the old design put into
+//!   one etcd value; what the new one streams in chunks);
+//! - how many of them the old design kept within 1 MiB (its halving);
+//! - the time to encode one replica's edges, to decode three replicas', and to merge them
+//!   into the union `ListEdges` answers (both designs pay the last two per call).
 //!
 //! ```text
 //! target/release/examples/flows_scale [--edges 200000] [--replicas 3] [--out DIR]
@@ -28,7 +31,7 @@ use std::time::{Duration, Instant};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-/// What `replicas::share_flows` writes at most per replica.
+/// What the old design wrote at most per replica.
 const MAX_SHARED_FLOW_BYTES: usize = 1024 * 1024;
 /// etcd's default request limit (`--max-request-bytes`).
 const ETCD_REQUEST_LIMIT: usize = 1536 * 1024;
@@ -84,7 +87,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// `share_flows`' trimming: the most recently seen first, halved until the JSON fits.
+/// The old design's trimming: the most recently seen first, halved until the JSON fits.
 fn trim_to_fit(mut edges: Vec<Edge>) -> Result<(usize, usize)> {
     edges.sort_by_key(|e| std::cmp::Reverse(e.stats.last_seen));
     let mut json = serde_json::to_vec(&edges)?;
@@ -180,7 +183,7 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "  (etcd fits: under etcd's default request limit of {ETCD_REQUEST_LIMIT} bytes; fit in 1MiB: the edges share_flows keeps)"
+        "  (etcd fits: under etcd's default request limit of {ETCD_REQUEST_LIMIT} bytes; fit in 1MiB: the edges the old design kept)"
     );
     Ok(())
 }
