@@ -161,9 +161,22 @@ run_mode() {
             >"$dir/perf.log" 2>&1 &
         PERF_PID=$!
     fi
+    # CPU ticks (utime + stime) of every process of this mode before the example runs.
+    local -a ticks_before
+    for ((i = 0; i < ${#PIDS[@]}; i++)); do
+        ticks_before[i]=$(awk '{print $14 + $15}' "/proc/${PIDS[i]}/stat" 2>/dev/null || echo 0)
+    done
     echo "== $mode: $n control plane(s), pids ${control_pids[*]}${ENDPOINTS:+, etcd $ENDPOINTS}; nproc $(nproc), ulimit -n $(ulimit -n)" >&2
     timeout --signal=INT --kill-after=10 "$TIMEOUT" \
         "$SCALE" --store "$mode" "${args[@]}" "${EXTRA[@]}" | tee "$TMP/$mode.out" || status=${PIPESTATUS[0]}
+    # CPU each process used during the run (joins, applies, renewals), in seconds.
+    local cpu=""
+    for ((i = 0; i < ${#PIDS[@]}; i++)); do
+        local now
+        now=$(awk '{print $14 + $15}' "/proc/${PIDS[i]}/stat" 2>/dev/null || echo 0)
+        cpu+=" $(ps -o comm= -p "${PIDS[i]}" 2>/dev/null || echo '?') $(awk -v a="${ticks_before[i]}" -v b="$now" 'BEGIN {printf "%.1f", (b - a) / 100}') s;"
+    done
+    echo "$mode: CPU during the run (process, seconds):$cpu" | tee -a "$TMP/$mode.out"
     for ((i = 0; i < n; i++)); do
         if ! kill -0 "${control_pids[i]}" 2>/dev/null; then
             echo "control plane $i died during the run; its log ends:" >&2
