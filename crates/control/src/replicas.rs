@@ -267,7 +267,7 @@ pub(crate) async fn others_edges(
     let asked = others.into_iter().map(|e| {
         let tls = tls.clone();
         async move {
-            let got = match e.address.parse::<std::net::SocketAddr>() {
+            let got = match peer_address(&e.address) {
                 Ok(addr) => tokio::time::timeout(PEER_EDGES_TIMEOUT, edges_of(addr, tls, since))
                     .await
                     .unwrap_or_else(|_| {
@@ -276,7 +276,7 @@ pub(crate) async fn others_edges(
                             PEER_EDGES_TIMEOUT.as_secs()
                         ))
                     }),
-                Err(_) => Err("its address in etcd is not an address".to_string()),
+                Err(why) => Err(why),
             };
             (e, got)
         }
@@ -300,6 +300,21 @@ pub(crate) async fn others_edges(
         }
     }
     Ok(out)
+}
+
+/// Where another replica can be dialled, from the address it registered.
+fn peer_address(registered: &str) -> Result<std::net::SocketAddr, String> {
+    let addr = registered
+        .parse::<std::net::SocketAddr>()
+        .map_err(|_| format!("its registered address {registered:?} is not an address"))?;
+    // Dialled here, 0.0.0.0 would be this machine: perhaps this very replica, whose edges
+    // would then be counted twice.
+    if addr.ip().is_unspecified() {
+        return Err(format!(
+            "it listens on {addr}, which no other replica can dial; start it with --listen on an address of its own"
+        ));
+    }
+    Ok(addr)
 }
 
 /// The edges reported to the replica at `addr` (its own only: it sees a replica calling).
@@ -373,4 +388,28 @@ pub(crate) async fn list(
         });
     }
     Ok((replicas, proxies))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_replica_is_dialled_only_at_an_address_of_its_own() {
+        assert_eq!(
+            peer_address("10.0.0.2:7443").unwrap(),
+            "10.0.0.2:7443".parse().unwrap()
+        );
+        assert!(peer_address("[::1]:7443").is_ok());
+        for unusable in ["0.0.0.0:7443", "[::]:7443"] {
+            let why = peer_address(unusable).unwrap_err();
+            assert!(why.contains("start it with --listen"), "{why}");
+        }
+        assert!(
+            peer_address("replica-b:7443")
+                .unwrap_err()
+                .contains("not an address")
+        );
+    }
 }
