@@ -34,10 +34,17 @@ pub(crate) async fn edges_after(admin: &mut Admin, since: u64) -> Result<Vec<Edg
         .map_err(client::status)?
         .into_inner();
     let mut edges = Vec::new();
+    let mut missing = Vec::new();
     while let Some(chunk) = chunks.message().await.map_err(client::status)? {
         let part: Vec<Edge> = serde_json::from_str(&chunk.edges_json)
             .context("the control plane sent edges this CLI cannot read (versions differ?)")?;
         edges.extend(part.into_iter().filter(|e| e.stats.last_seen >= since));
+        missing = chunk.missing_replicas;
+    }
+    for m in &missing {
+        eprintln!(
+            "warning: replica {m}: the edges its proxies reported are not included; ask again, or ask that replica"
+        );
     }
     Ok(edges)
 }

@@ -6,7 +6,9 @@
 //! concurrent applies on all three replicas lose nothing and every replica shows the same
 //! history; an apply on one replica reaches the proxies connected to another and changes
 //! what they allow, any replica lists those proxies with their replica, graphs the flows
-//! they reported and lists the anomalies found in them; a join token
+//! they reported (asking the others for theirs on demand) and lists the anomalies found in
+//! them, and a replica that does not answer is named by `graph`, which answers with the
+//! others' edges; a join token
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all,
 //! and so is a proxy instance (refused by every replica's sidecars, its renewal by every
@@ -124,6 +126,7 @@ fn three_replicas_on_etcd() {
     a_data_dir_with_another_ca_is_not_overwritten(&r);
     concurrent_applies_lose_nothing(&r);
     apply_on_one_replica_reaches_proxies_on_another(&r);
+    graph_names_a_replica_that_does_not_answer(&r);
     a_join_token_is_spent_on_every_replica(&r);
     a_revocation_on_one_replica_holds_on_all(&r);
     a_proxy_revoked_on_one_replica_is_refused_everywhere(&r);
@@ -1113,6 +1116,55 @@ fn apply_on_one_replica_reaches_proxies_on_another(r: &Replicas) {
         .map(|m| revisions(m)[0]["revision"].clone())
         .collect();
     assert!(revs.iter().all(|v| v == &revs[0]), "{revs:?}");
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to process `pid`.
+fn signal(signal: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Replica 1 stopped (SIGSTOP: still listed in etcd for up to its lease, its port accepting
+/// connections but nothing answering): `graph` on replica 2 answers after the wait for it
+/// (3 to 5 s), with the edges reported to replica 0, and names replica 1 as missing; once
+/// replica 1 runs again, no replica is named.
+fn graph_names_a_replica_that_does_not_answer(r: &Replicas) {
+    let stopped = replica_id(&r.replicas[1]);
+    let pid = r.replicas[1].control.id();
+    signal("-STOP", pid);
+    let asked = std::time::Instant::now();
+    let (code, out, err) = r.replicas[2].cli(&["graph", "-o", "json"]);
+    let took = asked.elapsed();
+    signal("-CONT", pid);
+    assert_eq!(code, 0, "{err}");
+    // Named, with its address and why (the dial's own 3 s bound, or the 5 s one on the call).
+    assert!(
+        err.contains(&format!("warning: replica {stopped} (")) && err.contains("no answer within"),
+        "{err}"
+    );
+    let g: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        g.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["destination"] == "shop/orders"),
+        "replica 0's edges are missing: {out}"
+    );
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(9),
+        "graph took {took:?}"
+    );
+    eprintln!(
+        "graph with replica 1 stopped: {} ms, replica 1 named missing",
+        took.as_millis()
+    );
+    eventually(WAIT, "graph with every replica answering", || {
+        let (code, _, err) = r.replicas[2].cli(&["graph"]);
+        code == 0 && !err.contains("warning: replica")
+    });
 }
 
 fn deny_path(name: &str, path: &str) -> String {

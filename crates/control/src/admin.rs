@@ -8,9 +8,10 @@ use crate::cas::{CaChangeError, CaOrigin, CaState, short};
 use crate::change::Proposal;
 use crate::flows::{JsonChunks, LIST_CHUNK_BYTES};
 use crate::proxies::unix_now;
-use crate::service::{State, internal};
+use crate::service::{State, caller, internal};
 use crate::store::SetAt;
 use crate::tokens::{self, TokenRecord};
+use bulkhead_api::channel::CONTROL_ID_PATH;
 use bulkhead_api::resource_to_wire;
 use bulkhead_api::v1::{self as pb, admin_server::Admin};
 use bulkhead_identity::{Ca, SpiffeId, fingerprint};
@@ -604,17 +605,26 @@ impl Admin for State {
         &self,
         req: Request<pb::ListEdgesRequest>,
     ) -> Result<Response<ListEdgesStream>, Status> {
-        self.require_admin(&req)?;
+        // Another replica asks for this one's own edges, with the control plane's identity
+        // (which no workload can hold); anyone else needs the admin credential.
+        let control_id = format!("spiffe://{}{CONTROL_ID_PATH}", self.trust_domain());
+        let from_replica =
+            self.shared.is_some() && caller(&req).is_ok_and(|id| id.as_str() == control_id);
+        if !from_replica {
+            self.require_admin(&req)?;
+        }
         let since = req.into_inner().since;
         // Hours past the window may not be deleted yet (that happens on a report).
         let from = since.max(self.flow_retention.oldest_bucket(unix_now()));
         let mut edges = self.store.edges_since(from).map_err(internal)?;
-        if let (Some(etcd), Some(replica)) = (&self.shared, &self.replica) {
+        let mut missing_replicas = Vec::new();
+        if let (false, Some(etcd), Some(replica)) = (from_replica, &self.shared, &self.replica) {
             // The union of every replica's: each proxy reports to the replica it is on.
-            let others = crate::replicas::others_edges(etcd, replica, from)
+            let others = crate::replicas::others_edges(self, etcd, replica, from)
                 .await
                 .map_err(internal)?;
-            edges = bulkhead_insight::merge_edges(edges.into_iter().chain(others));
+            missing_replicas = others.missing;
+            edges = bulkhead_insight::merge_edges(edges.into_iter().chain(others.edges));
         }
         let (dropped, refused) = self.flow_counters.get();
         // Chunks are encoded as the caller reads them, so at most one is held at a time.
@@ -624,6 +634,7 @@ impl Admin for State {
                     edges_json,
                     dropped,
                     refused,
+                    missing_replicas: missing_replicas.clone(),
                 })
                 .map_err(|e| Status::internal(format!("cannot encode the edges: {e}")))
         });

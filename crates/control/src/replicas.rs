@@ -6,8 +6,13 @@
 //! |---|---|
 //! | `replicas/<id>` | [`Entry`]: address, version, started, last seen (rewritten every 2 s) |
 //! | `proxies/<id>` | the proxies connected to that replica (`ListProxiesResponse` bytes) |
-//! | `flows/<id>` | the edges reported to that replica (JSON, at most 1 MiB), every 5 s |
+//! | `events/<id>` | the anomaly events that replica found (JSON, the newest 1,000, at most 512 KiB), every 5 s |
 //! | `leader` | the id of the leading replica |
+//!
+//! Flows are not copied into etcd: at the flow store's bound (200,000 edges, about 520 bytes
+//! each in JSON) one replica's edges are a hundred times what one etcd value may hold.
+//! `ListEdges` asks every other live replica for the edges reported to it, on demand, over
+//! its admin API ([`others_edges`]), and names those that did not answer in time.
 //!
 //! The leader is elected by a transaction: put `leader` (with one's own lease) only if it
 //! does not exist. When the leader's lease ends, the key goes with it and the next replica
@@ -36,8 +41,8 @@ pub(crate) const LEASE_TTL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(500);
 /// A replica whose entry is older than this is shown unhealthy.
 const HEALTHY_WITHIN: u64 = 10;
-/// How often a replica shares the edges reported to it.
-const FLOWS_EVERY: Duration = Duration::from_secs(5);
+/// How often a replica shares its anomaly events.
+const EVENTS_EVERY: Duration = Duration::from_secs(5);
 /// The most anomaly events one replica shares (the newest), and their most bytes.
 const MAX_SHARED_EVENTS: usize = 1_000;
 const MAX_SHARED_EVENT_BYTES: usize = 512 * 1024;
@@ -47,8 +52,10 @@ const AUDIT_AT_START: u64 = 1_000;
 /// The most audit entries copied per tick (more wait for the next).
 const AUDIT_PER_TICK: usize = 1_000;
 
-/// The most one replica's shared edges take in etcd (under its default request limit).
-const MAX_SHARED_FLOW_BYTES: usize = 1024 * 1024;
+/// How long `ListEdges` waits for another replica's edges before answering without them.
+const PEER_EDGES_TIMEOUT: Duration = Duration::from_secs(5);
+/// The lifetime of the certificate a replica makes itself to ask the others for their edges.
+const PEER_CLIENT_LIFETIME: Duration = Duration::from_secs(300);
 /// How often the leader does its upkeep.
 const UPKEEP_EVERY: Duration = Duration::from_secs(60);
 
@@ -76,10 +83,6 @@ fn entry_key(id: &str) -> String {
 
 fn proxies_key(id: &str) -> String {
     format!("{PREFIX}proxies/{id}")
-}
-
-fn flows_key(id: &str) -> String {
-    format!("{PREFIX}flows/{id}")
 }
 
 fn leader_key() -> String {
@@ -124,7 +127,7 @@ pub(crate) fn spawn(state: Arc<State>) {
     tokio::spawn(async move {
         let mut keeper: Option<LeaseKeeper> = None;
         let mut last_upkeep: Option<std::time::Instant> = None;
-        let mut last_flows: Option<std::time::Instant> = None;
+        let mut last_events: Option<std::time::Instant> = None;
         let mut audit_shared: Option<u64> = None;
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -148,11 +151,8 @@ pub(crate) fn spawn(state: Arc<State>) {
             if let Err(e) = share_audit(&state, &etcd, &mut audit_shared).await {
                 tracing::warn!(error = %e, "cannot share this replica's credential audit entries in etcd");
             }
-            if last_flows.is_none_or(|t| t.elapsed() >= FLOWS_EVERY) {
-                last_flows = Some(std::time::Instant::now());
-                if let Err(e) = share_flows(&state, &etcd, &replica).await {
-                    tracing::warn!(error = %e, "cannot share this replica's flows in etcd");
-                }
+            if last_events.is_none_or(|t| t.elapsed() >= EVENTS_EVERY) {
+                last_events = Some(std::time::Instant::now());
                 if let Err(e) = share_events(&state, &etcd, &replica).await {
                     tracing::warn!(error = %e, "cannot share this replica's anomaly events in etcd");
                 }
@@ -240,34 +240,11 @@ async fn report(
     .await
 }
 
-/// Writes the edges reported to this replica within the retention window, merged over the
-/// hours, under its lease: at most [`MAX_SHARED_FLOW_BYTES`], the most recently seen first.
-async fn share_flows(
-    state: &State,
-    etcd: &EtcdStore,
-    replica: &Replica,
-) -> Result<(), crate::ControlError> {
-    let now = crate::proxies::unix_now();
-    let mut edges = state
-        .store
-        .edges_since(state.flow_retention.oldest_bucket(now))?;
-    edges.sort_by_key(|e| std::cmp::Reverse(e.stats.last_seen));
-    let mut json = serde_json::to_vec(&edges).unwrap_or_default();
-    let all = edges.len();
-    while json.len() > MAX_SHARED_FLOW_BYTES && !edges.is_empty() {
-        edges.truncate(edges.len() / 2);
-        json = serde_json::to_vec(&edges).unwrap_or_default();
-    }
-    if edges.len() < all {
-        tracing::warn!(
-            shared = edges.len(),
-            all,
-            "this replica's edges are over what one etcd value holds; the others see the most recently seen"
-        );
-    }
-    let lease = replica.lease.load(Ordering::SeqCst);
-    etcd.put_leased(&[(flows_key(replica.id()), json)], lease)
-        .await
+/// The edges reported to the other replicas, seen at or after `since`, and the replicas
+/// that did not give theirs (id, address and why).
+pub(crate) struct OthersEdges {
+    pub edges: Vec<bulkhead_insight::Edge>,
+    pub missing: Vec<String>,
 }
 
 /// Writes the anomaly events this replica found within their window, under its lease: at
@@ -364,23 +341,122 @@ async fn share_audit(
     Ok(())
 }
 
-/// The edges the other replicas share, seen at or after `since`.
+/// Asks every other replica etcd lists for the edges reported to it, all at once, each
+/// within [`PEER_EDGES_TIMEOUT`]. The call is mutual TLS with a certificate this replica
+/// makes itself for the control plane's reserved identity (its key never leaves this
+/// process), and each replica answered must prove the same identity under our bundle.
 pub(crate) async fn others_edges(
+    state: &State,
     etcd: &EtcdStore,
     this: &Replica,
     since: u64,
-) -> Result<Vec<bulkhead_insight::Edge>, crate::ControlError> {
-    let mine = flows_key(this.id());
-    let mut out = Vec::new();
-    for (key, json) in etcd.values_under(format!("{PREFIX}flows/")).await? {
-        if key == mine {
-            continue;
+) -> Result<OthersEdges, crate::ControlError> {
+    let others: Vec<Entry> = etcd
+        .values_under(format!("{PREFIX}replicas/"))
+        .await?
+        .into_iter()
+        .filter_map(|(_, json)| serde_json::from_slice::<Entry>(&json).ok())
+        .filter(|e| e.id != this.id())
+        .collect();
+    if others.is_empty() {
+        return Ok(OthersEdges {
+            edges: Vec::new(),
+            missing: Vec::new(),
+        });
+    }
+    let id = bulkhead_identity::SpiffeId::parse(&format!(
+        "spiffe://{}{}",
+        state.trust_domain(),
+        bulkhead_api::channel::CONTROL_ID_PATH
+    ))?;
+    let tls = {
+        let cas = state.cas.borrow();
+        let svid =
+            cas.active()
+                .issue_local(&id, PEER_CLIENT_LIFETIME, std::time::SystemTime::now())?;
+        bulkhead_identity::tls::client_config(
+            Some(&svid),
+            cas.bundle(),
+            bulkhead_identity::tls::ExpectedServer::Exact(id),
+            &[b"h2"],
+        )?
+    };
+    let asked = others.into_iter().map(|e| {
+        let tls = tls.clone();
+        async move {
+            let got = match peer_address(&e.address) {
+                Ok(addr) => tokio::time::timeout(PEER_EDGES_TIMEOUT, edges_of(addr, tls, since))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "no answer within {} s",
+                            PEER_EDGES_TIMEOUT.as_secs()
+                        ))
+                    }),
+                Err(why) => Err(why),
+            };
+            (e, got)
         }
-        if let Ok(edges) = serde_json::from_slice::<Vec<bulkhead_insight::Edge>>(&json) {
-            out.extend(edges.into_iter().filter(|e| e.stats.last_seen >= since));
+    });
+    let mut out = OthersEdges {
+        edges: Vec::new(),
+        missing: Vec::new(),
+    };
+    for (e, got) in futures_util::future::join_all(asked).await {
+        match got {
+            Ok(edges) => out.edges.extend(edges),
+            Err(why) => {
+                tracing::warn!(
+                    replica = e.id,
+                    address = e.address,
+                    error = why,
+                    "another replica did not give its edges; the answer lacks them"
+                );
+                out.missing.push(format!("{} ({}): {why}", e.id, e.address));
+            }
         }
     }
     Ok(out)
+}
+
+/// Where another replica can be dialled, from the address it registered.
+fn peer_address(registered: &str) -> Result<std::net::SocketAddr, String> {
+    let addr = registered
+        .parse::<std::net::SocketAddr>()
+        .map_err(|_| format!("its registered address {registered:?} is not an address"))?;
+    // Dialled here, 0.0.0.0 would be this machine: perhaps this very replica, whose edges
+    // would then be counted twice.
+    if addr.ip().is_unspecified() {
+        return Err(format!(
+            "it listens on {addr}, which no other replica can dial; start it with --listen on an address of its own"
+        ));
+    }
+    Ok(addr)
+}
+
+/// The edges reported to the replica at `addr` (its own only: it sees a replica calling).
+async fn edges_of(
+    addr: std::net::SocketAddr,
+    tls: rustls::ClientConfig,
+    since: u64,
+) -> Result<Vec<bulkhead_insight::Edge>, String> {
+    let mut admin = pb::admin_client::AdminClient::new(bulkhead_api::channel::connect(addr, tls));
+    let mut chunks = admin
+        .list_edges(pb::ListEdgesRequest { since })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let mut edges = Vec::new();
+    while let Some(chunk) = chunks
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        let part: Vec<bulkhead_insight::Edge> = serde_json::from_str(&chunk.edges_json)
+            .map_err(|e| format!("its edges do not decode (versions differ?): {e}"))?;
+        edges.extend(part.into_iter().filter(|e| e.stats.last_seen >= since));
+    }
+    Ok(edges)
 }
 
 /// Takes the leadership if nobody holds it; whether this replica holds it.
@@ -429,4 +505,28 @@ pub(crate) async fn list(
         });
     }
     Ok((replicas, proxies))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_replica_is_dialled_only_at_an_address_of_its_own() {
+        assert_eq!(
+            peer_address("10.0.0.2:7443").unwrap(),
+            "10.0.0.2:7443".parse().unwrap()
+        );
+        assert!(peer_address("[::1]:7443").is_ok());
+        for unusable in ["0.0.0.0:7443", "[::]:7443"] {
+            let why = peer_address(unusable).unwrap_err();
+            assert!(why.contains("start it with --listen"), "{why}");
+        }
+        assert!(
+            peer_address("replica-b:7443")
+                .unwrap_err()
+                .contains("not an address")
+        );
+    }
 }
