@@ -360,4 +360,121 @@ mod tests {
         let msg = stream.next().await.unwrap().unwrap();
         assert!(msg.done && msg.proxies.is_empty());
     }
+
+    /// A proxy of `orders` on another replica, as that replica reports it in etcd.
+    fn remote(id: &str, instance: &str, replica: &str, acked: u64) -> ProxyStatus {
+        ProxyStatus {
+            spiffe_id: id.into(),
+            namespace: "shop".into(),
+            workload: "orders".into(),
+            connected: true,
+            acked_revision: acked,
+            instance: instance.into(),
+            replica: replica.into(),
+            ..ProxyStatus::default()
+        }
+    }
+
+    fn states_on(msg: &AwaitRevisionResponse) -> Vec<(&str, &str, &str)> {
+        msg.proxies
+            .iter()
+            .map(|p| (p.spiffe_id.as_str(), p.state.as_str(), p.replica.as_str()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_wait_follows_the_other_replicas_proxies_and_names_their_replica() {
+        let registry = Arc::new(Registry::default());
+        let _a = registry.connect(
+            "spiffe://td/a",
+            &orders(),
+            crate::proxies::Connecting::default(),
+        );
+        let (others, rx) = watch::channel(vec![remote("spiffe://td/b", "ib", "bbbb", 4)]);
+        let sources = Sources {
+            registry: registry.clone(),
+            others: Some(("aaaa".into(), rx)),
+        };
+        let mut stream = await_revision(
+            sources,
+            5,
+            vec!["shop/orders".into()],
+            Duration::from_secs(30),
+        );
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(!first.done);
+        assert_eq!(
+            states_on(&first),
+            vec![
+                ("spiffe://td/a", "pending", "aaaa"),
+                ("spiffe://td/b", "pending", "bbbb")
+            ]
+        );
+        registry.ack("spiffe://td/a", &orders(), 5, None);
+        let second = stream.next().await.unwrap().unwrap();
+        assert!(!second.done, "b has not answered yet");
+        // b refuses on its replica; the replica it left still lists it, disconnected: it
+        // is one proxy (one instance), counted once, where it answered.
+        let mut refused = remote("spiffe://td/b", "ib", "bbbb", 4);
+        refused.nacked_revision = 5;
+        refused.nack_error = "too many rules".into();
+        let mut left = remote("spiffe://td/b", "ib", "cccc", 3);
+        left.connected = false;
+        others.send(vec![left, refused]).unwrap();
+        let last = stream.next().await.unwrap().unwrap();
+        assert!(last.done);
+        assert_eq!(
+            states_on(&last),
+            vec![
+                ("spiffe://td/a", "acked", "aaaa"),
+                ("spiffe://td/b", "nacked", "bbbb")
+            ]
+        );
+        assert_eq!(last.proxies[1].error, "too many rules");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_proxy_of_a_lost_replica_is_awaited_where_it_shows_up_until_the_timeout() {
+        let registry = Arc::new(Registry::default());
+        let (others, rx) = watch::channel(vec![
+            remote("spiffe://td/b", "ib", "bbbb", 0),
+            remote("spiffe://td/c", "ic", "bbbb", 0),
+        ]);
+        let sources = Sources {
+            registry,
+            others: Some(("aaaa".into(), rx)),
+        };
+        let mut stream = await_revision(
+            sources,
+            5,
+            vec!["shop/orders".into()],
+            Duration::from_secs(30),
+        );
+        assert!(!stream.next().await.unwrap().unwrap().done);
+        // Replica bbbb is lost: its entry leaves etcd. Its proxies have not answered, and
+        // have not disconnected either: nothing changes, the wait goes on.
+        others.send(Vec::new()).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), stream.next())
+                .await
+                .is_err(),
+            "a lost replica neither ends the wait nor changes its proxies' state"
+        );
+        // b shows up on replica cccc, in force there; c never shows up.
+        others
+            .send(vec![remote("spiffe://td/b", "ib", "cccc", 5)])
+            .unwrap();
+        let moved = stream.next().await.unwrap().unwrap();
+        assert!(!moved.done);
+        assert_eq!(
+            states_on(&moved),
+            vec![
+                ("spiffe://td/b", "acked", "cccc"),
+                ("spiffe://td/c", "pending", "bbbb")
+            ]
+        );
+        let last = stream.next().await.unwrap().unwrap();
+        assert!(last.done, "the time ran out");
+        assert_eq!(states_on(&last)[1], ("spiffe://td/c", "pending", "bbbb"));
+    }
 }
