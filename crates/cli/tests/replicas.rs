@@ -6,7 +6,8 @@
 //! concurrent applies on all three replicas lose nothing and every replica shows the same
 //! history; an apply on one replica reaches the proxies connected to another and changes
 //! what they allow, any replica lists those proxies with their replica and graphs the flows
-//! they reported; a join token
+//! they reported; `apply --wait` on one replica awaits the sidecars on another, naming the
+//! one that refuses the revision and its replica; a join token
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all;
 //! with one etcd member killed, applies still succeed everywhere; the leader killed,
