@@ -207,7 +207,10 @@ pub(crate) async fn wait_if_asked(
         .iter()
         .filter(|p| p.state != "acked")
         .map(|p| {
-            let who = format!("{} ({}/{})", p.spiffe_id, p.namespace, p.workload);
+            let mut who = format!("{} ({}/{})", p.spiffe_id, p.namespace, p.workload);
+            if !p.replica.is_empty() {
+                who.push_str(&format!(" on replica {}", p.replica));
+            }
             match p.state.as_str() {
                 "nacked" => format!("  {who} refused revision {}: {}", p.revision, p.error),
                 "disconnected" => format!("  {who} disconnected before it answered"),
@@ -231,11 +234,26 @@ pub(crate) async fn wait_if_asked(
             laggards.join("\n")
         );
     }
+    // With replicas on etcd, the replicas those proxies are on.
+    let replicas: std::collections::BTreeSet<&str> = last
+        .iter()
+        .map(|p| p.replica.as_str())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let on = match replicas.len() {
+        0 => String::new(),
+        1 => format!(" (on replica {})", join(&replicas)),
+        _ => format!(" (on replicas {})", join(&replicas)),
+    };
     eprintln!(
-        "revision {revision} is in force at all {} proxies",
+        "revision {revision} is in force at all {} proxies{on}",
         last.len()
     );
     Ok(())
+}
+
+fn join(names: &std::collections::BTreeSet<&str>) -> String {
+    names.iter().copied().collect::<Vec<_>>().join(", ")
 }
 
 /// `2 acknowledged, 1 refused, 1 pending` of the proxies waited for.

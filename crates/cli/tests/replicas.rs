@@ -8,7 +8,8 @@
 //! what they allow, any replica lists those proxies with their replica, graphs the flows
 //! they reported (asking the others for theirs on demand) and lists the anomalies found in
 //! them, and a replica that does not answer is named by `graph`, which answers with the
-//! others' edges; a join token
+//! others' edges; `apply --wait` on one replica awaits the sidecars on another, naming
+//! the one that refuses the revision and its replica; a join token
 //! redeemed on one replica is used up on the others, and the proxy it made is served by
 //! another replica after a restart; an identity revoked on one replica is revoked on all,
 //! and so is a proxy instance (refused by every replica's sidecars, its renewal by every
@@ -127,6 +128,7 @@ fn three_replicas_on_etcd() {
     concurrent_applies_lose_nothing(&r);
     apply_on_one_replica_reaches_proxies_on_another(&r);
     graph_names_a_replica_that_does_not_answer(&r);
+    apply_wait_follows_every_replicas_proxies(&r);
     a_join_token_is_spent_on_every_replica(&r);
     a_revocation_on_one_replica_holds_on_all(&r);
     a_proxy_revoked_on_one_replica_is_refused_everywhere(&r);
@@ -1196,4 +1198,119 @@ fn applies_succeed_with_one_etcd_member_down(r: &mut Replicas) {
     }
     // Keep the temporary directory alive to the end (logs for a failure message).
     let _: &TempDir = &r.etcd.dir;
+}
+
+/// `apply --wait` on replica 0 waits for the affected proxies of every live replica: an
+/// `ewait` sidecar on replica 0, one on replica 1 and an `ewaitnack` one on replica 1 all
+/// put the revision declaring their workloads in force; then the `ewaitnack` sidecar, which
+/// takes at most 2 rules, refuses a revision with 3, reported as refused, with its reason
+/// and its replica, while the others acknowledge it.
+fn apply_wait_follows_every_replicas_proxies(r: &Replicas) {
+    let (a, b) = (&r.replicas[0], &r.replicas[1]);
+    let (id_a, id_b) = (replica_id(a), replica_id(b));
+    let nowhere = |name: &str| {
+        format!(
+            "name={name},listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+            bulkhead_testkit::mesh::id(name)
+        )
+    };
+    let sidecar = |mesh: &Mesh, name: &str, extra: &[&str]| {
+        let token = mesh.token(&bulkhead_testkit::mesh::id(name));
+        let upstream = nowhere("x");
+        let mut args = vec!["--upstream", upstream.as_str()];
+        args.extend_from_slice(extra);
+        mesh.proxy(name, &token, &args).0
+    };
+    let _on_a = sidecar(a, "ewait", &[]);
+    let _on_b = sidecar(b, "ewait", &[]);
+    let _nack_b = sidecar(b, "ewaitnack", &["--max-policy-rules", "2"]);
+    // All three listed in etcd, connected, on their replicas.
+    eventually(WAIT, "the three sidecars listed on their replicas", || {
+        let (code, out, _) = a.cli(&["get", "proxies", "-o", "json"]);
+        let Ok(list) = serde_json::from_str::<serde_json::Value>(&out) else {
+            return false;
+        };
+        let on = |w: &str, replica: &str| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["workload"] == w && p["replica"] == replica && p["connected"] == true)
+        };
+        code == 0 && on("ewait", &id_a) && on("ewait", &id_b) && on("ewaitnack", &id_b)
+    });
+
+    let file = a.dir.path().join("ewait.yaml");
+    // The two workloads, declared, and deny policies `(name, workload)` on them.
+    let policies = |names: &[(&str, &str)]| {
+        ["ewait", "ewaitnack"]
+            .iter()
+            .map(|w| {
+                format!(
+                    "apiVersion: bulkhead.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {w}, namespace: shop}}\nspec:\n  identity: {}\n  ports: [{{port: 8080, protocol: http}}]\n",
+                    bulkhead_testkit::mesh::id(w)
+                )
+            })
+            .chain(names.iter().map(|(name, workload)| {
+                deny(name).replace("{workload: orders}", &format!("{{workload: {workload}}}"))
+            }))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    std::fs::write(&file, policies(&[("ewait-1", "ewait")])).unwrap();
+    let file = file.to_str().unwrap();
+    let (code, out, err) = a.cli(&["apply", "-f", file, "--wait", "--timeout", "30s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let revision: u64 = out
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {out}"));
+    let (first, second) = match id_a < id_b {
+        true => (&id_a, &id_b),
+        false => (&id_b, &id_a),
+    };
+    assert!(
+        err.contains(&format!(
+            "revision {revision} is in force at all 3 proxies (on replicas {first}, {second})"
+        )),
+        "{err}"
+    );
+
+    // Three rules for ewaitnack, over the 2 its sidecar on replica 1 takes.
+    std::fs::write(
+        file,
+        policies(&[
+            ("ewait-1", "ewait"),
+            ("ewait-2", "ewait"),
+            ("ewaitnack-1", "ewaitnack"),
+            ("ewaitnack-2", "ewaitnack"),
+            ("ewaitnack-3", "ewaitnack"),
+        ]),
+    )
+    .unwrap();
+    let (code, out, err) = a.cli(&["apply", "-f", file, "--wait", "--timeout", "30s"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let revision = revision + 1;
+    assert!(out.ends_with(&format!("revision {revision}\n")), "{out}");
+    assert!(
+        err.contains(&format!(
+            "error: revision {revision} is not in force at 1 of 3 proxies:\n  {} (shop/ewaitnack) on replica {id_b} refused revision {revision}: revision {revision} has 3 rules for this proxy; it accepts at most 2 (--max-policy-rules)\n",
+            bulkhead_testkit::mesh::id("ewaitnack")
+        )),
+        "{err}"
+    );
+
+    // Leave the set as it was for the scenarios after this one.
+    let (code, _, err) = a.cli(&[
+        "delete",
+        "AuthorizationPolicy/shop/ewait-1",
+        "AuthorizationPolicy/shop/ewait-2",
+        "AuthorizationPolicy/shop/ewaitnack-1",
+        "AuthorizationPolicy/shop/ewaitnack-2",
+        "AuthorizationPolicy/shop/ewaitnack-3",
+        "Workload/shop/ewait",
+        "Workload/shop/ewaitnack",
+    ]);
+    assert_eq!(code, 0, "{err}");
 }

@@ -697,8 +697,27 @@ impl Admin for State {
             0 => crate::delivery::DEFAULT_WAIT,
             ms => Duration::from_millis(ms),
         };
+        // With replicas on etcd, the other live replicas' proxies too.
+        let others = match (&self.shared, &self.replica) {
+            (Some(etcd), Some(replica)) => {
+                let others = crate::replicas::follow_others_proxies(etcd, replica)
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!(
+                            "cannot read the other replicas' proxies from etcd ({e}); revision {} is committed: see `bulkhead get proxies`",
+                            r.revision
+                        ))
+                    })?;
+                Some((replica.id().to_string(), others))
+            }
+            _ => None,
+        };
+        let sources = crate::delivery::Sources {
+            registry: self.proxies.clone(),
+            others,
+        };
         Ok(Response::new(crate::delivery::await_revision(
-            self.proxies.clone(),
+            sources,
             r.revision,
             r.workloads,
             timeout,

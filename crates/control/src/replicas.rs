@@ -507,6 +507,76 @@ pub(crate) async fn list(
     Ok((replicas, proxies))
 }
 
+/// The proxies the other live replicas report in etcd, each with its replica's id, kept up
+/// to date for as long as the receiver is held: a watch on `proxies/` (every replica
+/// rewrites its entry every [`TICK`], and a lost one's entry goes with its lease) wakes a
+/// new read of the prefix. The first read is done before this returns, so that a wait never
+/// starts from an empty picture; an error then says etcd cannot be read. A later failed
+/// read keeps the last picture (and is logged); etcd's watch is taken up again on its own.
+pub(crate) async fn follow_others_proxies(
+    etcd: &EtcdStore,
+    this: &Replica,
+) -> Result<tokio::sync::watch::Receiver<Vec<pb::ProxyStatus>>, crate::ControlError> {
+    let mine = this.id().to_string();
+    let first = others_proxies(etcd, &mine).await?;
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    let etcd = etcd.clone();
+    tokio::spawn(async move {
+        let (seen, mut changes) = tokio::sync::watch::channel(Vec::new());
+        let follower = {
+            let etcd = etcd.clone();
+            tokio::spawn(async move { etcd.follow_prefix(format!("{PREFIX}proxies/"), seen).await })
+        };
+        loop {
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                _ = tx.closed() => break,
+            }
+            match others_proxies(&etcd, &mine).await {
+                Ok(now) => {
+                    if tx.send(now).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the other replicas' proxies from etcd; a wait keeps their last known state");
+                }
+            }
+        }
+        follower.abort();
+    });
+    Ok(rx)
+}
+
+/// The proxies every live replica but `mine` lists in etcd, each with its replica's id.
+async fn others_proxies(
+    etcd: &EtcdStore,
+    mine: &str,
+) -> Result<Vec<pb::ProxyStatus>, crate::ControlError> {
+    let prefix = format!("{PREFIX}proxies/");
+    let mut out = Vec::new();
+    for (key, bytes) in etcd.values_under(prefix.clone()).await? {
+        let Some(id) = key.strip_prefix(&prefix) else {
+            continue;
+        };
+        if id == mine {
+            continue;
+        }
+        let Some(theirs) = bulkhead_api::proxies_from_bytes(&bytes) else {
+            continue;
+        };
+        out.extend(theirs.into_iter().map(|mut p| {
+            p.replica = id.to_string();
+            p
+        }));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
