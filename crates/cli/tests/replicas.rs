@@ -128,6 +128,7 @@ fn three_replicas_on_etcd() {
     concurrent_applies_lose_nothing(&r);
     apply_on_one_replica_reaches_proxies_on_another(&r);
     graph_names_a_replica_that_does_not_answer(&r);
+    promote_checks_every_replicas_flows(&r);
     apply_wait_follows_every_replicas_proxies(&r);
     a_join_token_is_spent_on_every_replica(&r);
     a_revocation_on_one_replica_holds_on_all(&r);
@@ -1167,6 +1168,91 @@ fn graph_names_a_replica_that_does_not_answer(r: &Replicas) {
         let (code, _, err) = r.replicas[2].cli(&["graph"]);
         code == 0 && !err.contains("warning: replica")
     });
+}
+
+/// `promote` on one replica checks the flows reported to the others: an audit deny that
+/// would deny requests a sidecar on replica 0 reports is refused on replica 2, naming the
+/// flow; with a replica stopped, a promotion it cannot check is refused naming that
+/// replica, and goes through once it answers.
+fn promote_checks_every_replicas_flows(r: &Replicas) {
+    let a = &r.replicas[0];
+    let (_procs, to_orders) = a.orders_and_frontend(&["--flow-interval-secs", "1"]);
+    let frontend = bulkhead_testkit::mesh::id("frontend");
+    let policy = |name: &str, action: &str, mode: &str| {
+        format!(
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{workload: orders}}\n  action: {action}\n  mode: {mode}\n  rules:\n    - name: nine\n      from: {{identities: [\"{frontend}\"]}}\n      to: {{methods: [GET], paths: [\"/orders/9\"]}}\n"
+        )
+    };
+    let text = [
+        policy("promote-allow", "allow", "enforce"),
+        policy("promote-audit", "deny", "audit"),
+        policy("promote-quiet", "deny", "audit").replace("/orders/9", "/quiet"),
+    ]
+    .join("---\n");
+    let (code, _, err) = apply_file(a, "promote.yaml", &text);
+    assert_eq!(code, 0, "{err}");
+    eventually(WAIT, "GET /orders/9 allowed, would be denied", || {
+        let got = http(to_orders, "GET", "/orders/9");
+        got.status == 200
+            && got
+                .header("x-bulkhead-decision")
+                .is_some_and(|h| h.contains("audit=would-deny"))
+    });
+
+    // Replica 2 refuses to enforce what replica 0's sidecars saw it would deny.
+    let c = &r.replicas[2];
+    eventually(
+        WAIT,
+        "replica 2's promote refused over replica 0's flow",
+        || {
+            let (code, _, err) = c.cli(&["promote", "shop/promote-audit"]);
+            code != 0 && err.contains("would have denied")
+        },
+    );
+    let (_, _, err) = c.cli(&["promote", "shop/promote-audit"]);
+    assert!(
+        err.contains("shop/frontend → shop/orders") && err.contains("GET /orders/9"),
+        "{err}"
+    );
+
+    // With replica 1 stopped, one nothing was seen for cannot be checked there: refused,
+    // naming replica 1; promoted once it answers.
+    let stopped = replica_id(&r.replicas[1]);
+    let pid = r.replicas[1].control.id();
+    signal("-STOP", pid);
+    let (code, _, err) = c.cli(&["promote", "shop/promote-quiet"]);
+    signal("-CONT", pid);
+    assert_ne!(code, 0, "promoted unchecked: {err}");
+    assert!(
+        err.contains("could not be checked")
+            && err.contains(&format!("{stopped} ("))
+            && err.contains("--force"),
+        "{err}"
+    );
+    eventually(
+        WAIT,
+        "promote-quiet promoted with every replica answering",
+        || {
+            let (code, out, _) = c.cli(&["promote", "shop/promote-quiet"]);
+            code == 0 && out.contains("is enforced")
+        },
+    );
+    // Forced over the flow: enforced at replica 0's sidecars.
+    let (code, out, err) = c.cli(&["promote", "shop/promote-audit", "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is enforced"), "{out}");
+    eventually(Duration::from_secs(5), "GET /orders/9 denied", || {
+        status(to_orders, "/orders/9") == 403
+    });
+
+    // Leave the set as it was for the scenarios after this one.
+    let (code, _, err) = a.cli(&[
+        "delete",
+        "AuthorizationPolicy/shop/promote-allow",
+        "AuthorizationPolicy/shop/promote-audit",
+        "AuthorizationPolicy/shop/promote-quiet",
+    ]);
+    assert_eq!(code, 0, "{err}");
 }
 
 fn deny_path(name: &str, path: &str) -> String {

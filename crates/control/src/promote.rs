@@ -4,6 +4,11 @@
 //! posture is folded into the enforced posture of its scope, if there is one, in that same
 //! revision. The flows are read inside the change, so no other change can slip between the
 //! check and the commit, and no client can skip the check.
+//!
+//! With replicas on etcd, each proxy reports its flows to the replica it is on: the check
+//! asks the other live replicas for theirs first (as `ListEdges` does), and a replica that
+//! does not answer refuses the promotion like a would-deny flow would, unless forced, since
+//! its proxies' flows cannot be checked.
 
 use crate::change::{Changed, Proposal};
 use crate::proxies::unix_now;
@@ -32,6 +37,17 @@ impl State {
             s => s,
         };
         let key = r.key;
+        let since = unix_now().saturating_sub(window);
+        // The other replicas' flows, read before the change: a network call cannot wait
+        // under the write lock. This replica's own are read inside it, as without replicas.
+        let others = match (&self.shared, &self.replica) {
+            (Some(etcd), Some(replica)) => {
+                crate::replicas::others_edges(self, etcd, replica, since)
+                    .await
+                    .map_err(internal)?
+            }
+            _ => crate::replicas::OthersEdges::default(),
+        };
         let action = match r.force {
             true => format!("promote {key} --force"),
             false => format!("promote {key}"),
@@ -57,19 +73,18 @@ impl State {
                     "{key} is already enforced"
                 )));
             }
-            let since = unix_now().saturating_sub(window);
             let name = resource.name().to_string();
-            let blamed: Vec<Edge> = self
-                .store
-                .edges_since(since)
-                .map_err(internal)?
-                .into_iter()
-                .filter(|e| {
-                    e.stats.last_seen >= since
-                        && e.key.verdict == EdgeVerdict::AllowWouldDeny
-                        && e.key.policy.as_deref() == Some(&name)
-                })
-                .collect();
+            let mine = self.store.edges_since(since).map_err(internal)?;
+            let blamed: Vec<Edge> = bulkhead_insight::merge_edges(
+                mine.into_iter().chain(others.edges.iter().cloned()),
+            )
+            .into_iter()
+            .filter(|e| {
+                e.stats.last_seen >= since
+                    && e.key.verdict == EdgeVerdict::AllowWouldDeny
+                    && e.key.policy.as_deref() == Some(&name)
+            })
+            .collect();
             let mut forced_over = String::new();
             if !blamed.is_empty() {
                 let what = describe(&key, &blamed, window, resources);
@@ -77,6 +92,19 @@ impl State {
                     return Err(Status::failed_precondition(format!(
                         "{what}\nrefusing to enforce it. Allow that traffic first (bulkhead recommend), wait \
                          until it stops, or pass --force to deny it from now on"
+                    )));
+                }
+                forced_over = what;
+            } else if !others.missing.is_empty() {
+                let what = format!(
+                    "{key}: the flows of {} replica(s) could not be checked for requests it would deny:\n  {}",
+                    others.missing.len(),
+                    others.missing.join("\n  ")
+                );
+                if !r.force {
+                    return Err(Status::failed_precondition(format!(
+                        "{what}\nrefusing to enforce it unchecked. Ask again when every replica answers \
+                         (`bulkhead get replicas`), or pass --force to enforce it anyway"
                     )));
                 }
                 forced_over = what;

@@ -242,6 +242,7 @@ async fn report(
 
 /// The edges reported to the other replicas, seen at or after `since`, and the replicas
 /// that did not give theirs (id, address and why).
+#[derive(Default)]
 pub(crate) struct OthersEdges {
     pub edges: Vec<bulkhead_insight::Edge>,
     pub missing: Vec<String>,
