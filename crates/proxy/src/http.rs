@@ -446,6 +446,15 @@ where
 /// marks requests busy and their responses done with it). HTTP/2 bounds concurrent streams
 /// and header lists, and closes a connection that resets streams faster than it lets them
 /// finish (rapid reset). How the connection ended, if it was a refusal, is counted.
+///
+/// Memory per open connection (issue #19, figures in BENCHMARKS.md): hyper's HTTP/1.1 server
+/// keeps its service's future in a box made once per connection, sized for that future's
+/// largest state, for as long as the connection stays open. A request's handling (policy,
+/// the upstream exchange, metrics) is a future of about 16 KiB, so services box it per
+/// request instead: an idle keep-alive connection then holds a box of a few dozen bytes,
+/// and the large one exists only while a request is in flight. The connection futures
+/// below are boxed for the same reason: the caller's task is as large as the largest
+/// branch it could take, HTTP/1.1 or HTTP/2.
 pub(crate) async fn serve_http<I, S>(
     io: I,
     h2: bool,
@@ -470,26 +479,31 @@ pub(crate) async fn serve_http<I, S>(
                 limits.header_read_timeout,
                 limits.keepalive_timeout,
             );
-            server(limits)
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades()
-                .await
+            Box::pin(
+                server(limits)
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            )
+            .await
         }
         (false, None) => {
-            server(limits)
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades()
-                .await
+            Box::pin(
+                server(limits)
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            )
+            .await
         }
         (true, _) => {
-            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .max_concurrent_streams(limits.max_concurrent_streams)
-                .max_header_list_size(h2_header_list_limit(limits))
-                .max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-                .max_local_error_reset_streams(Some(limits.max_pending_resets))
-                .serve_connection(TokioIo::new(io), service)
-                .await
+            let conn =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_concurrent_streams(limits.max_concurrent_streams)
+                    .max_header_list_size(h2_header_list_limit(limits))
+                    .max_pending_accept_reset_streams(Some(limits.max_pending_resets))
+                    .max_local_error_reset_streams(Some(limits.max_pending_resets))
+                    .serve_connection(TokioIo::new(io), service);
+            Box::pin(conn).await
         }
     };
     let Err(e) = result else {

@@ -367,7 +367,8 @@ async fn serve_app_http<I>(
             if let Some(c) = &clock {
                 c.busy();
             }
-            let mut resp = handle(req, &conn, link, t, &shared).await;
+            // Boxed for each request: see `crate::http::serve_http` on request futures.
+            let mut resp = Box::pin(handle(req, &conn, link, t, &shared)).await;
             if let Ok(r) = &mut resp {
                 shared.metrics.request(
                     "inbound",
