@@ -578,7 +578,16 @@ async fn handle(
     let (sent, body) = match (switch, opened) {
         (Some(up), Some(opened)) => {
             let (connect, whom) = (connect_app(app), whom());
-            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), &whom);
+            // Boxed: an upgrade is rare, and its handshake would size every request's future.
+            let send = Box::pin(upgrade::forward(
+                permit,
+                req,
+                connect,
+                up,
+                opened,
+                shared.clone(),
+                &whom,
+            ));
             (response_head(send, None, deadline).await, None)
         }
         _ => {
