@@ -396,20 +396,9 @@ impl Link {
             None => false,
         };
         if !open {
-            let io = TokioIo::new(connect().await.map_err(LinkError::Connect)?);
-            *guard = Some(if self.h2 {
-                let (sender, conn) =
-                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .handshake(io)
-                        .await?;
-                spawn_conn(conn);
-                Sender::H2(sender)
-            } else {
-                let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-                spawn_conn(conn);
-                Sender::H1(sender)
-            });
+            // Boxed: dialling happens once per connection, and unboxed its handshake would
+            // size every request's future (see `serve_http` on request futures).
+            *guard = Some(Box::pin(dial(self.h2, connect)).await?);
         }
         match guard.as_mut() {
             Some(Sender::H2(s)) => {
@@ -429,6 +418,29 @@ impl Link {
     }
 }
 
+/// Dials a [`Link`]'s connection and runs its handshake; the connection's task is spawned.
+async fn dial<F, Fut, Io>(h2: bool, connect: F) -> Result<Sender, LinkError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = std::io::Result<Io>>,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(connect().await.map_err(LinkError::Connect)?);
+    Ok(if h2 {
+        let (sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .handshake(io)
+                .await?;
+        spawn_conn(conn);
+        Sender::H2(sender)
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        spawn_conn(conn);
+        Sender::H1(sender)
+    })
+}
+
 pub(crate) fn spawn_conn<C, E>(conn: C)
 where
     C: Future<Output = Result<(), E>> + Send + 'static,
@@ -446,6 +458,15 @@ where
 /// marks requests busy and their responses done with it). HTTP/2 bounds concurrent streams
 /// and header lists, and closes a connection that resets streams faster than it lets them
 /// finish (rapid reset). How the connection ended, if it was a refusal, is counted.
+///
+/// Memory per open connection (issue #19, figures in BENCHMARKS.md): hyper's HTTP/1.1 server
+/// keeps its service's future in a box made once per connection, sized for that future's
+/// largest state, for as long as the connection stays open. Services therefore box a
+/// request's handling (policy, the upstream exchange, metrics; a few KiB) per request, so
+/// an idle keep-alive connection holds a box of a few hundred bytes; and the rare branches
+/// inside it (dialling and its TLS and HTTP/2 handshakes, upgrades) are boxed where they
+/// run, so that the per-request box and its copy stay small. The connection futures below
+/// are boxed for the same reason: a task is as large as the largest branch it could take.
 pub(crate) async fn serve_http<I, S>(
     io: I,
     h2: bool,
@@ -470,26 +491,31 @@ pub(crate) async fn serve_http<I, S>(
                 limits.header_read_timeout,
                 limits.keepalive_timeout,
             );
-            server(limits)
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades()
-                .await
+            Box::pin(
+                server(limits)
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            )
+            .await
         }
         (false, None) => {
-            server(limits)
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades()
-                .await
+            Box::pin(
+                server(limits)
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            )
+            .await
         }
         (true, _) => {
-            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .max_concurrent_streams(limits.max_concurrent_streams)
-                .max_header_list_size(h2_header_list_limit(limits))
-                .max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-                .max_local_error_reset_streams(Some(limits.max_pending_resets))
-                .serve_connection(TokioIo::new(io), service)
-                .await
+            let conn =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_concurrent_streams(limits.max_concurrent_streams)
+                    .max_header_list_size(h2_header_list_limit(limits))
+                    .max_pending_accept_reset_streams(Some(limits.max_pending_resets))
+                    .max_local_error_reset_streams(Some(limits.max_pending_resets))
+                    .serve_connection(TokioIo::new(io), service);
+            Box::pin(conn).await
         }
     };
     let Err(e) = result else {

@@ -367,7 +367,8 @@ async fn serve_app_http<I>(
             if let Some(c) = &clock {
                 c.busy();
             }
-            let mut resp = handle(req, &conn, link, t, &shared).await;
+            // Boxed for each request: see `crate::http::serve_http` on request futures.
+            let mut resp = Box::pin(handle(req, &conn, link, t, &shared)).await;
             if let Ok(r) = &mut resp {
                 shared.metrics.request(
                     "inbound",
@@ -577,7 +578,16 @@ async fn handle(
     let (sent, body) = match (switch, opened) {
         (Some(up), Some(opened)) => {
             let (connect, whom) = (connect_app(app), whom());
-            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), &whom);
+            // Boxed: an upgrade is rare, and its handshake would size every request's future.
+            let send = Box::pin(upgrade::forward(
+                permit,
+                req,
+                connect,
+                up,
+                opened,
+                shared.clone(),
+                &whom,
+            ));
             (response_head(send, None, deadline).await, None)
         }
         _ => {

@@ -204,10 +204,14 @@ impl Parties {
     }
 }
 
-/// Keeps `item` among at most [`HANDLES_PER_PARTIES`], dropping the oldest.
+/// Keeps `item` among at most [`HANDLES_PER_PARTIES`], dropping the oldest. The list grows
+/// one place at a time: most connections count into one or two series, and every open
+/// connection holds its lists (a `Vec`'s first push would make room for four).
 fn keep<T>(held: &mut Vec<T>, item: T) {
     if held.len() >= HANDLES_PER_PARTIES {
         held.remove(0);
+    } else if held.len() == held.capacity() {
+        held.reserve_exact(1);
     }
     held.push(item);
 }

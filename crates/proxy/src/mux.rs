@@ -113,14 +113,9 @@ impl Mux {
                     (c.sender.clone(), StreamSlot(c.streams.clone()))
                 }
                 None => {
-                    let io = TokioIo::new(connect().await.map_err(LinkError::Connect)?);
-                    let (sender, conn) =
-                        hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                            .timer(TokioTimer::new())
-                            .adaptive_window(true)
-                            .handshake(io)
-                            .await?;
-                    spawn_conn(conn);
+                    // Boxed: dialling is rare, and unboxed its handshake would size every
+                    // request's future (and the box hyper keeps per app connection for it).
+                    let sender = Box::pin(dial(connect)).await?;
                     if !conns.is_empty() {
                         tracing::debug!(
                             %addr,
@@ -250,6 +245,23 @@ impl AppPool {
         *resp.version_mut() = Version::HTTP_2;
         Ok(resp)
     }
+}
+
+/// Dials a shared connection and runs its HTTP/2 handshake; the connection's task is spawned.
+async fn dial<F, Fut, Io>(connect: F) -> Result<SendRequest<ReqBody>, LinkError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = std::io::Result<Io>>,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(connect().await.map_err(LinkError::Connect)?);
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .handshake(io)
+        .await?;
+    spawn_conn(conn);
+    Ok(sender)
 }
 
 #[cfg(test)]

@@ -224,8 +224,11 @@ fn redirected_here(tcp: &TcpStream) -> Result<SocketAddr, String> {
 
 async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
+    // The relays are boxed (as `serve_http` boxes its connections): a connection's task is
+    // as large as the largest branch it could take, and every keep-alive HTTP connection
+    // would otherwise hold room for a relay's upstream handshake it never makes.
     if dest.identity.is_none() {
-        return relay_outside(tcp, dest, shared).await;
+        return Box::pin(relay_outside(tcp, dest, shared)).await;
     }
     let declared = dest.declared_protocol(&shared.snapshot.load());
     let sniffed = match declared {
@@ -257,7 +260,7 @@ async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
             }
             tcp.reset()
         }
-        Sniffed::Tls | Sniffed::Opaque => relay_mesh(tcp, dest, shared).await,
+        Sniffed::Tls | Sniffed::Opaque => Box::pin(relay_mesh(tcp, dest, shared)).await,
     }
 }
 
@@ -357,7 +360,8 @@ async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<S
                 c.busy();
             }
             let in_mesh = dest.identity.is_some();
-            let mut resp = handle(req, link, h2, dest, &parties, shared.clone()).await;
+            // Boxed for each request: see `crate::http::serve_http` on request futures.
+            let mut resp = Box::pin(handle(req, link, h2, dest, &parties, shared.clone())).await;
             if let Ok(r) = &mut resp {
                 shared.metrics.request(
                     "outbound",
@@ -536,7 +540,16 @@ async fn handle(
     let (sent, body) = match (switch, opened) {
         (Some(up), Some(opened)) => {
             let (connect, whom) = (connect_upstream(dest.clone(), alpn, shared.clone()), whom());
-            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), &whom);
+            // Boxed: an upgrade is rare, and its handshake would size every request's future.
+            let send = Box::pin(upgrade::forward(
+                permit,
+                req,
+                connect,
+                up,
+                opened,
+                shared.clone(),
+                &whom,
+            ));
             (response_head(send, None, deadline).await, None)
         }
         _ => {
