@@ -425,18 +425,7 @@ fn one_jwt_key_for_every_replica(r: &Replicas) {
         let (code, out, err) = check("1");
         assert_eq!(code, 0, "check.py jwt-federated failed:\n{out}\n{err}");
     }
-    let (code, stored, err) = bulkhead_testkit::run(
-        &tool("etcdctl", "etcdctl").unwrap(),
-        &[
-            "--endpoints",
-            &r.etcd.endpoints(),
-            "get",
-            "--prefix",
-            "/bulkhead/",
-        ],
-        &[("ETCDCTL_API", "3")],
-    );
-    assert_eq!(code, 0, "{err}");
+    let stored = etcd_get_prefix(r, "/bulkhead/");
     let pem = String::from_utf8(key(&r.replicas[0])).unwrap();
     let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     assert!(
@@ -785,18 +774,7 @@ fn one_ca_set_for_all_replicas(r: &Replicas) {
     }
     let key = std::fs::read_to_string(r.replicas[0].data().join("ca.key")).unwrap();
     let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
-    let (code, stored, err) = bulkhead_testkit::run(
-        &tool("etcdctl", "etcdctl").unwrap(),
-        &[
-            "--endpoints",
-            &r.etcd.endpoints(),
-            "get",
-            "--prefix",
-            "/bulkhead/ca/",
-        ],
-        &[("ETCDCTL_API", "3")],
-    );
-    assert_eq!(code, 0, "{err}");
+    let stored = etcd_get_prefix(r, "/bulkhead/ca/");
     assert!(stored.contains("aes256gcm"), "{stored}");
     assert!(!stored.contains("PRIVATE KEY"), "a CA key in etcd in clear");
     assert!(!stored.contains(&body[..40]), "a CA key in etcd in clear");
@@ -1199,19 +1177,26 @@ fn promote_checks_every_replicas_flows(r: &Replicas) {
                 .is_some_and(|h| h.contains("audit=would-deny"))
     });
 
-    // Replica 2 refuses to enforce what replica 0's sidecars saw it would deny.
+    // Replica 2 refuses to enforce what replica 0's sidecars saw it would deny, once that
+    // flow is reported (replica 2's graph shows it).
     let c = &r.replicas[2];
-    eventually(
-        WAIT,
-        "replica 2's promote refused over replica 0's flow",
-        || {
-            let (code, _, err) = c.cli(&["promote", "shop/promote-audit"]);
-            code != 0 && err.contains("would have denied")
-        },
-    );
-    let (_, _, err) = c.cli(&["promote", "shop/promote-audit"]);
+    eventually(WAIT, "the would-deny flow in replica 2's graph", || {
+        let (code, out, _) = c.cli(&["graph", "-o", "json"]);
+        let g: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        code == 0
+            && g.as_array().is_some_and(|edges| {
+                edges.iter().any(|e| {
+                    e["destination"] == "shop/orders"
+                        && e["decided"] == "ingress"
+                        && e["would_deny"].as_u64() > Some(0)
+                })
+            })
+    });
+    let (code, _, err) = c.cli(&["promote", "shop/promote-audit"]);
+    assert_ne!(code, 0, "promoted over a flow reported to replica 0");
     assert!(
-        err.contains("shop/frontend → shop/orders") && err.contains("GET /orders/9"),
+        err.contains("would have denied 1 requests")
+            && err.contains(&format!("{frontend} → shop/orders:8080 GET /orders/")),
         "{err}"
     );
 
@@ -1253,6 +1238,23 @@ fn promote_checks_every_replicas_flows(r: &Replicas) {
         "AuthorizationPolicy/shop/promote-quiet",
     ]);
     assert_eq!(code, 0, "{err}");
+}
+
+/// What `etcdctl get --prefix PREFIX` prints from the test's etcd cluster.
+fn etcd_get_prefix(r: &Replicas, prefix: &str) -> String {
+    let (code, stored, err) = bulkhead_testkit::run(
+        &tool("etcdctl", "etcdctl").unwrap(),
+        &[
+            "--endpoints",
+            &r.etcd.endpoints(),
+            "get",
+            "--prefix",
+            prefix,
+        ],
+        &[("ETCDCTL_API", "3")],
+    );
+    assert_eq!(code, 0, "{err}");
+    stored
 }
 
 fn deny_path(name: &str, path: &str) -> String {

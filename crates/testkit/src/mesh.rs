@@ -290,6 +290,8 @@ impl Mesh {
     /// Starts `bulkhead sample-app` with extra flags (e.g. `--tcp-echo`).
     pub fn app_with(&self, name: &str, extra: &[&str]) -> (Proc, SocketAddr) {
         let ready = self.dir.path().join(format!("{name}-app.json"));
+        // An earlier app of the same name left its file: never read as this one's.
+        let _ = std::fs::remove_file(&ready);
         let mut args = vec![
             "sample-app",
             "--name",
@@ -338,6 +340,8 @@ impl Mesh {
         extra: &[&str],
     ) -> (Proc, serde_json::Value) {
         let ready = self.dir.path().join(format!("{name}-proxy.json"));
+        // An earlier sidecar of the same name left its file: never read as this one's.
+        let _ = std::fs::remove_file(&ready);
         args.extend([
             "--ready-file".to_string(),
             ready.to_str().unwrap().to_string(),
