@@ -133,6 +133,7 @@ fn three_replicas_on_etcd() {
     a_join_token_is_spent_on_every_replica(&r);
     a_revocation_on_one_replica_holds_on_all(&r);
     a_proxy_revoked_on_one_replica_is_refused_everywhere(&r);
+    a_ca_switch_waits_for_every_replicas_proxies(&r);
     one_jwt_key_for_every_replica(&r);
     applies_succeed_with_one_etcd_member_down(&mut r);
     let dead = the_leadership_moves_when_the_leader_dies(&mut r);
@@ -466,6 +467,70 @@ fn one_jwt_key_for_every_replica(r: &Replicas) {
             || check("2").0 == 0,
         );
     }
+}
+
+/// `ca switch` on one replica is refused while a proxy connected to another has not
+/// confirmed holding the new root (it would refuse every certificate the CA signs),
+/// naming the proxy and its replica.
+fn a_ca_switch_waits_for_every_replicas_proxies(r: &Replicas) {
+    use bulkhead_testkit::mesh::id;
+    let c = &r.replicas[2];
+    let upstream = format!(
+        "name=x,listen=127.0.0.1:0,address=127.0.0.1:9,identity={}",
+        id("x")
+    );
+    let token = c.token(&id("frontend"));
+    let (held, _) = c.proxy("held", &token, &["--upstream", &upstream]);
+    let on = replica_id(c);
+    eventually(
+        WAIT,
+        "replica 0 listing the held proxy on replica 2",
+        || {
+            let (_, out, _) = r.replicas[0].cli(&["get", "proxies", "-o", "json"]);
+            let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            list.as_array().is_some_and(|all| {
+                all.iter().any(|p| {
+                    p["spiffeId"] == id("frontend").as_str()
+                        && p["replica"] == on.as_str()
+                        && p["connected"] == true
+                })
+            })
+        },
+    );
+    let trusted = || -> Vec<String> {
+        let (_, out, _) = r.replicas[0].cli(&["ca", "status", "-o", "json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        status["cas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["state"] == "trusted")
+            .map(|c| c["sha256"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = trusted();
+    // Stopped, it stays connected and never confirms the root added now.
+    signal("-STOP", held.id());
+    let (code, _, err) = r.replicas[0].cli(&["ca", "add-root"]);
+    assert_eq!(code, 0, "{err}");
+    let newest = trusted()
+        .into_iter()
+        .find(|c| !before.contains(c))
+        .expect("the root just added, trusted");
+    let (code, _, err) = r.replicas[0].cli(&["ca", "switch", &newest]);
+    signal("-CONT", held.id());
+    assert_eq!(
+        code, 1,
+        "switched while a proxy on replica 2 lacked the root: {err}"
+    );
+    assert!(
+        err.contains("have not confirmed holding the root")
+            && err.contains(&format!(
+                "{} (shop/frontend) on replica {on}",
+                id("frontend")
+            )),
+        "{err}"
+    );
 }
 
 /// The id `mesh`'s replica has in `get replicas`.

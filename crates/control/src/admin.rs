@@ -388,17 +388,7 @@ impl Admin for State {
         self.require_admin(&req)?;
         let bundle = self.cas.borrow().bundle().fingerprints();
         let revocations = self.store.revocations().map_err(internal)?;
-        let mut proxies = self.proxies.list(&bundle);
-        if let (Some(etcd), Some(replica)) = (&self.shared, &self.replica) {
-            // This replica's own, live; the others' as they last reported them to etcd.
-            for p in &mut proxies {
-                p.replica = replica.id().to_string();
-            }
-            let (_, others) = crate::replicas::list(etcd, replica)
-                .await
-                .map_err(internal)?;
-            proxies.extend(others.into_iter().filter(|p| p.replica != replica.id()));
-        }
+        let mut proxies = self.all_proxies(&bundle).await?;
         for p in &mut proxies {
             if let Some(r) = revocations.iter().find(|r| {
                 r.subject == p.spiffe_id || (!p.instance.is_empty() && r.subject == p.instance)
@@ -513,12 +503,19 @@ impl Admin for State {
             // A proxy that does not hold the root yet would refuse every certificate the
             // CA signs from now on.
             let root = fingerprint(&target.root);
+            // With replicas on etcd, every replica's proxies: the CA signs for all of them.
             let lacking: Vec<String> = self
-                .proxies
-                .list(&[])
+                .all_proxies(&[])
+                .await?
                 .into_iter()
                 .filter(|p| p.connected && !p.bundle_sha256.contains(&root))
-                .map(|p| format!("{} ({}/{})", p.spiffe_id, p.namespace, p.workload))
+                .map(|p| match p.replica.as_str() {
+                    "" => format!("{} ({}/{})", p.spiffe_id, p.namespace, p.workload),
+                    replica => format!(
+                        "{} ({}/{}) on replica {replica}",
+                        p.spiffe_id, p.namespace, p.workload
+                    ),
+                })
                 .collect();
             if !lacking.is_empty() {
                 let shown: Vec<&str> = lacking.iter().take(5).map(String::as_str).collect();
@@ -824,5 +821,22 @@ impl State {
             sha256: id.to_string(),
             status: Some(self.ca_status_now()),
         }
+    }
+
+    /// The proxies connected to this control plane, with `bundle`'s roots marked; with
+    /// replicas on etcd, every replica's: this one's live, the others' as they last reported
+    /// them to etcd (within half a second), each naming its replica.
+    async fn all_proxies(&self, bundle: &[String]) -> Result<Vec<pb::ProxyStatus>, Status> {
+        let mut proxies = self.proxies.list(bundle);
+        if let (Some(etcd), Some(replica)) = (&self.shared, &self.replica) {
+            for p in &mut proxies {
+                p.replica = replica.id().to_string();
+            }
+            let (_, others) = crate::replicas::list(etcd, replica)
+                .await
+                .map_err(internal)?;
+            proxies.extend(others.into_iter().filter(|p| p.replica != replica.id()));
+        }
+        Ok(proxies)
     }
 }
