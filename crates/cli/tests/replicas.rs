@@ -517,6 +517,13 @@ fn a_ca_switch_waits_for_every_replicas_proxies(r: &Replicas) {
         .into_iter()
         .find(|c| !before.contains(c))
         .expect("the root just added, trusted");
+    // `ca status` on replica 0 counts the proxies of every replica: the held one is
+    // connected and not on the current bundle.
+    let (_, out, _) = r.replicas[0].cli(&["ca", "status", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let connected = status["proxies"]["connected"].as_u64().unwrap();
+    let current = status["proxies"]["withCurrentBundle"].as_u64().unwrap();
+    assert!(connected >= 1 && current < connected, "{out}");
     let (code, _, err) = r.replicas[0].cli(&["ca", "switch", &newest]);
     signal("-CONT", held.id());
     assert_eq!(

@@ -404,7 +404,7 @@ impl Admin for State {
         req: Request<pb::CaStatusRequest>,
     ) -> Result<Response<pb::CaStatusResponse>, Status> {
         self.require_admin(&req)?;
-        Ok(Response::new(self.ca_status_now()))
+        Ok(Response::new(self.ca_status_now().await?))
     }
 
     async fn ca_bundle(
@@ -486,7 +486,7 @@ impl Admin for State {
             ?origin,
             "added a CA: its root is in the bundle now, pushed to every proxy; it does not sign yet"
         );
-        Ok(Response::new(self.ca_changed(&id)))
+        Ok(Response::new(self.ca_changed(&id).await?))
     }
 
     async fn switch_ca(
@@ -559,7 +559,7 @@ impl Admin for State {
             force = r.force,
             "switched signing CA: new certificates (proxies', the control plane's, the admin credential) come from it; proxies renew soon"
         );
-        Ok(Response::new(self.ca_changed(&id)))
+        Ok(Response::new(self.ca_changed(&id).await?))
     }
 
     async fn retire_ca(
@@ -593,7 +593,7 @@ impl Admin for State {
             force = r.force,
             "retired a CA: its root left the bundle, pushed to every proxy"
         );
-        Ok(Response::new(self.ca_changed(&record.sha256)))
+        Ok(Response::new(self.ca_changed(&record.sha256).await?))
     }
 
     type ListEdgesStream = ListEdgesStream;
@@ -792,20 +792,22 @@ impl State {
         }
     }
 
-    fn ca_status_now(&self) -> pb::CaStatusResponse {
+    /// The CA set and how far the connected proxies (with replicas on etcd, every
+    /// replica's) are on it.
+    async fn ca_status_now(&self) -> Result<pb::CaStatusResponse, Status> {
         let cas = self.cas.borrow().clone();
         let bundle = cas.bundle().fingerprints();
         let signing = cas.active().fingerprint();
         let connected: Vec<pb::ProxyStatus> = self
-            .proxies
-            .list(&bundle)
+            .all_proxies(&bundle)
+            .await?
             .into_iter()
             .filter(|p| p.connected)
             .collect();
         let count = |f: &dyn Fn(&pb::ProxyStatus) -> bool| {
             u32::try_from(connected.iter().filter(|p| f(p)).count()).unwrap_or(u32::MAX)
         };
-        pb::CaStatusResponse {
+        Ok(pb::CaStatusResponse {
             trust_domain: self.trust_domain().to_string(),
             cas: cas.infos(),
             bundle_sha256: bundle,
@@ -813,14 +815,14 @@ impl State {
             proxies_connected: count(&|_| true),
             proxies_with_current_bundle: count(&|p| p.bundle_current),
             proxies_on_signing_ca: count(&|p| p.cert_ca_sha256 == signing),
-        }
+        })
     }
 
-    fn ca_changed(&self, id: &str) -> pb::CaChangeResponse {
-        pb::CaChangeResponse {
+    async fn ca_changed(&self, id: &str) -> Result<pb::CaChangeResponse, Status> {
+        Ok(pb::CaChangeResponse {
             sha256: id.to_string(),
-            status: Some(self.ca_status_now()),
-        }
+            status: Some(self.ca_status_now().await?),
+        })
     }
 
     /// The proxies connected to this control plane, with `bundle`'s roots marked; with
@@ -835,7 +837,16 @@ impl State {
             let (_, others) = crate::replicas::list(etcd, replica)
                 .await
                 .map_err(internal)?;
-            proxies.extend(others.into_iter().filter(|p| p.replica != replica.id()));
+            // Current against this replica's bundle, which the other may not have taken up.
+            proxies.extend(
+                others
+                    .into_iter()
+                    .filter(|p| p.replica != replica.id())
+                    .map(|mut p| {
+                        p.bundle_current = crate::proxies::same_roots(&p.bundle_sha256, bundle);
+                        p
+                    }),
+            );
         }
         Ok(proxies)
     }
