@@ -700,7 +700,7 @@ impl Admin for State {
                 let others = crate::replicas::follow_others_proxies(etcd, replica)
                     .await
                     .map_err(|e| {
-                        Status::unavailable(format!(
+                        Status::aborted(format!(
                             "cannot read the other replicas' proxies from etcd ({e}); revision {} is committed: see `bulkhead get proxies`",
                             r.revision
                         ))

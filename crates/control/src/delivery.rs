@@ -224,7 +224,7 @@ pub(crate) fn await_revision(
                         // The others' picture is no longer kept up to date: say so rather
                         // than wait on a frozen one.
                         w.done = true;
-                        return Some((Err(Status::unavailable(
+                        return Some((Err(Status::aborted(
                             "lost track of the other replicas' proxies in etcd; the revision is committed: see `bulkhead get proxies`",
                         )), w));
                     }
