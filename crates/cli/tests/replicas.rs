@@ -978,18 +978,12 @@ fn a_join_token_is_spent_on_every_replica(r: &Replicas) {
         || {
             let (_, out, _) = r.replicas[2].cli(&["get", "proxies", "-o", "json"]);
             let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-            let answering = replicas(&r.replicas[2])["replicas"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["answering"] == true)
-                .unwrap()["id"]
-                .clone();
+            let answering = replica_id(&r.replicas[2]);
             list.as_array().is_some_and(|l| {
                 l.iter().any(|p| {
                     p["workload"] == "once"
                         && p["connected"] == true
-                        && p["replica"] == answering
+                        && p["replica"] == answering.as_str()
                         && p["ackedRevision"].as_u64() > Some(0)
                 })
             })
@@ -1106,15 +1100,7 @@ fn apply_on_one_replica_reaches_proxies_on_another(r: &Replicas) {
         status(to_orders, "/orders/7") == 403
     });
     // Any replica lists those proxies, on replica 0.
-    let id0 = replicas(&r.replicas[0])["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["answering"] == true)
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id0 = replica_id(&r.replicas[0]);
     eventually(WAIT, "replica 2 listing replica 0's proxies", || {
         let (code, out, _) = r.replicas[2].cli(&["get", "proxies", "-o", "json"]);
         let Ok(list) = serde_json::from_str::<serde_json::Value>(&out) else {
