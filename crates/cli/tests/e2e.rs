@@ -5,6 +5,8 @@
 
 #[path = "e2e/canonical.rs"]
 mod canonical;
+#[path = "spiffe/check.rs"]
+mod check;
 #[path = "e2e/federation.rs"]
 mod federation;
 #[path = "e2e/kubectl.rs"]

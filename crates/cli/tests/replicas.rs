@@ -22,6 +22,9 @@
 //! certificate runs on it; one given another CA, or no client certificate, is refused.
 #![allow(clippy::unwrap_used)]
 
+#[path = "spiffe/check.rs"]
+mod check;
+
 use bulkhead_testkit::etcd::EtcdCluster;
 use bulkhead_testkit::mesh::{Mesh, TD, WAIT, eventually, orders_policy};
 use bulkhead_testkit::{TempDir, http, tool};
@@ -405,22 +408,13 @@ fn one_jwt_key_for_every_replica(r: &Replicas) {
         );
     }
     let check = |kids: &str| {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/check.py");
-        let args = [
-            script.to_str().unwrap(),
-            "jwt-federated",
-            "--fetch-socket",
-            fetch.to_str().unwrap(),
-            "--validate-socket",
-            validate.to_str().unwrap(),
-            "--id",
+        check::jwt_federated(
+            python.as_ref().unwrap(),
+            &fetch,
+            &validate,
             &id("frontend"),
-            "--audience",
-            "orders",
-            "--kids",
-            kids,
-        ];
-        bulkhead_testkit::run(python.as_ref().unwrap(), &args, &[])
+            &["--kids", kids],
+        )
     };
     if python.is_some() {
         let (code, out, err) = check("1");

@@ -6,6 +6,7 @@
 //! good bundle and says so; py-spiffe sees the federated bundle on B's Workload API, and a
 //! JWT-SVID of A's validates at B's.
 
+use crate::check::jwt_federated;
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually};
 use bulkhead_testkit::{ForeignIdentity, free_port, http, mtls_raw, run};
 use std::path::Path;
@@ -426,30 +427,4 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
     assert_eq!(federated_roots(&proxy_config(orders_admin), A), both);
     let log = std::fs::read_to_string(b.dir.path().join("control.log")).unwrap();
     assert!(log.contains("its last good bundle stays in force"), "{log}");
-}
-
-/// `check.py jwt-federated`: a JWT-SVID for `id` (audience `orders`) fetched from the sidecar
-/// at `fetch` validates at the sidecar of the other trust domain at `validate`.
-fn jwt_federated(
-    python: &Path,
-    fetch: &Path,
-    validate: &Path,
-    id: &str,
-    extra: &[&str],
-) -> (i32, String, String) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spiffe/check.py");
-    let mut args = vec![
-        script.to_str().unwrap(),
-        "jwt-federated",
-        "--fetch-socket",
-        fetch.to_str().unwrap(),
-        "--validate-socket",
-        validate.to_str().unwrap(),
-        "--id",
-        id,
-        "--audience",
-        "orders",
-    ];
-    args.extend_from_slice(extra);
-    run(python, &args, &[])
 }
