@@ -28,6 +28,9 @@ pub(crate) struct Body {
     idle_when_done: Option<IdleWhenDone>,
     /// The stream it came on frees its place on a shared connection.
     stream: Option<crate::mux::StreamSlot>,
+    /// The app connection it comes on goes back to the pool when it has ended (boxed: only
+    /// the receiving side's bodies have one, and every body would carry its room).
+    app: Option<Box<crate::mux::AppLoan>>,
 }
 
 enum Inner {
@@ -41,6 +44,7 @@ impl Body {
             inner: Inner::Peer(body),
             idle_when_done: None,
             stream: None,
+            app: None,
         }
     }
 
@@ -49,6 +53,7 @@ impl Body {
             inner: Inner::Own(Some(bytes).filter(|b| !b.is_empty())),
             idle_when_done: None,
             stream: None,
+            app: None,
         }
     }
 
@@ -58,6 +63,23 @@ impl Body {
 
     pub(crate) fn set_stream(&mut self, slot: crate::mux::StreamSlot) {
         self.stream = Some(slot);
+    }
+
+    pub(crate) fn set_app_loan(&mut self, loan: Box<crate::mux::AppLoan>) {
+        self.app = Some(loan);
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        // A body that was complete from the start (no content, a 204, a HEAD's answer) is
+        // dropped unread: its connection is as free as one whose body was read to the end.
+        if let Some(loan) = self.app.take()
+            && let Inner::Peer(body) = &self.inner
+            && hyper::body::Body::is_end_stream(body)
+        {
+            (*loan).give_back();
+        }
     }
 }
 
@@ -75,8 +97,12 @@ impl hyper::body::Body for Body {
             Inner::Own(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
         if let Poll::Ready(None) = polled {
-            // Done: the stream is free at once, not when hyper gets round to dropping us.
+            // Done: the stream and the app connection are free at once, not when hyper gets
+            // round to dropping us.
             this.stream = None;
+            if let Some(loan) = this.app.take() {
+                (*loan).give_back();
+            }
         }
         polled
     }
@@ -347,8 +373,6 @@ pub(crate) enum LinkError {
     Connect(std::io::Error),
     #[error("{0}")]
     Http(#[from] hyper::Error),
-    #[error("{0}")]
-    Pool(#[from] hyper_util::client::legacy::Error),
 }
 
 enum Sender {

@@ -596,10 +596,17 @@ async fn handle(
             let req = Request::from_parts(parts, body);
             let send = async {
                 match &*link {
-                    AppSide::Own(link) => link.send(permit, req, || connect_app(app)).await,
-                    AppSide::Pool => shared.app_pool.send(permit, app, req).await,
+                    AppSide::Own(link) => link
+                        .send(permit, req, || connect_app(app))
+                        .await
+                        .map(response_body),
+                    AppSide::Pool => {
+                        shared
+                            .app_pool
+                            .send(permit, app, req, || connect_app(app))
+                            .await
+                    }
                 }
-                .map(response_body)
             };
             let sent = response_head(send, watched.as_ref(), deadline).await;
             // The plain path asked nobody to switch: a 101 here is never passed on.
