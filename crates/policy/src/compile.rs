@@ -321,7 +321,8 @@ fn compile(
     if !errors.list.is_empty() {
         return Err(errors.list);
     }
-    let mut subjects: HashMap<WorkloadRef, [Option<SubjectRules>; 2]> = HashMap::new();
+    let mut subjects: crate::eval::Map<WorkloadRef, [Option<SubjectRules>; 2]> =
+        crate::eval::Map::default();
     for ((mut group, direction), members) in groups.into_iter().zip(group_subjects) {
         if group.len() == 0 {
             continue;
@@ -477,8 +478,8 @@ fn postures(resources: &[Resource], errors: &mut Errors<'_>) -> Postures {
 }
 
 /// Which declared workloads carry each identity.
-fn identity_index(declared: &Declared<'_>) -> HashMap<String, Vec<WorkloadRef>> {
-    let mut map: HashMap<String, Vec<WorkloadRef>> = HashMap::new();
+fn identity_index(declared: &Declared<'_>) -> crate::eval::Map<String, Vec<WorkloadRef>> {
+    let mut map: crate::eval::Map<String, Vec<WorkloadRef>> = crate::eval::Map::default();
     for (name, (doc, _)) in &declared.workloads {
         if let Some(id) = doc.spec.exact_identity() {
             map.entry(id.to_string()).or_default().push(name.clone());
@@ -574,7 +575,7 @@ fn conditions(
                     IdentitySet::default(),
                 ));
             }
-            let mut dests: HashSet<WorkloadRef> = t
+            let mut dests: crate::eval::Set<WorkloadRef> = t
                 .workloads
                 .iter()
                 .map(|w| workload_ref(&w.value, ns))

@@ -5,12 +5,11 @@
 //! rules plus workloads, never with their product, and a decision still searches one hash
 //! index per group (usually one) instead of every rule.
 
-use super::{Headers, PolicySet, Request, peer_namespace};
+use super::{Headers, Map, PolicySet, Request, Set, peer_namespace};
 use crate::decision::NearMiss;
 use crate::model::{HeaderCondition, ResourceName, WorkloadRef};
 use crate::pattern::{HostPattern, IdentityPattern, Method, PathPattern, PortRange, Protocol};
 use ipnet::IpNet;
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// The rules one selector of one policy direction holds, shared by the workloads it picks.
@@ -149,7 +148,7 @@ pub(crate) struct RuleSet {
 #[derive(Debug, Default)]
 pub(crate) struct RuleList {
     rules: Vec<CompiledRule>,
-    by_identity: HashMap<Box<str>, Vec<u32>>,
+    by_identity: Map<Box<str>, Vec<u32>>,
     general: Vec<u32>,
     /// Whether rule i is reached through `by_identity` (its callers are exact identities).
     indexed: Vec<bool>,
@@ -166,7 +165,7 @@ pub(crate) struct CompiledRule {
 
 #[derive(Clone, Debug, Default)]
 pub(crate) struct IdentitySet {
-    exact: HashSet<Box<str>>,
+    exact: Set<Box<str>>,
     prefixes: Vec<Box<str>>,
     any: bool,
 }
@@ -188,7 +187,7 @@ pub(crate) enum Cond {
     Namespace(Vec<String>, Vec<String>),
     SourceWorkload(IdentitySet),
     Cidr(Vec<IpNet>, Vec<IpNet>),
-    DestWorkload(HashSet<WorkloadRef>),
+    DestWorkload(Set<WorkloadRef>),
     Port(Vec<PortRange>, Vec<PortRange>),
     Protocol(Vec<Protocol>),
     Method(Vec<Method>, Vec<Method>),
@@ -224,7 +223,7 @@ impl IdentitySet {
     }
 
     /// The exact identities, if that is all this set holds.
-    fn only_exact(&self) -> Option<&HashSet<Box<str>>> {
+    fn only_exact(&self) -> Option<&Set<Box<str>>> {
         (!self.any && self.prefixes.is_empty() && !self.exact.is_empty()).then_some(&self.exact)
     }
 }
