@@ -274,12 +274,7 @@ where
         peer_workload: None,
         port: t.port,
     };
-    let (decision, permit) = flow
-        .judge(&shared.snapshot.load(), &shared.workload)
-        .into_parts();
-    flow.log(&decision, &shared);
-    let Some(permit) = permit else {
-        shared.metrics.reset("inbound", "denied");
+    let Some(permit) = flow.admit(&shared) else {
         return downstream.reset();
     };
     match connect_app(t.app).await {
@@ -553,12 +548,14 @@ async fn handle(
     };
     // A tunnel keeps the request that opened it, to judge it again on policy changes.
     let opened = switch.as_ref().map(|up| {
-        let peer = Peer {
-            identity: peer.map(SpiffeId::as_str),
-            ip: Some(t.remote.ip()),
-            workload: None,
+        let flow = Flow {
+            direction: Direction::Ingress,
+            peer_identity: peer.cloned(),
+            peer_ip: Some(t.remote.ip()),
+            peer_workload: None,
+            port: t.port,
         };
-        OpenedBy::of(&req, Direction::Ingress, peer, t.port, host.clone(), up)
+        OpenedBy::of(&req, flow, host.clone(), up)
     });
     let headers = req.headers_mut();
     upgrade::prepare(headers, switch.as_ref());

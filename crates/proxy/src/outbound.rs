@@ -264,6 +264,7 @@ async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     }
 }
 
+/// What L4 policy sees of a connection to `dest`.
 fn tcp_flow(dest: &Dest) -> Flow {
     Flow {
         direction: Direction::Egress,
@@ -279,12 +280,7 @@ fn tcp_flow(dest: &Dest) -> Flow {
 /// passed on as a reset.
 async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
-    let (decision, permit) = flow
-        .judge(&shared.snapshot.load(), &shared.workload)
-        .into_parts();
-    flow.log(&decision, &shared);
-    let Some(permit) = permit else {
-        shared.metrics.reset("outbound", "denied");
+    let Some(permit) = flow.admit(&shared) else {
         return tcp.reset();
     };
     match connect_upstream(dest.clone(), Alpn::Tcp, shared.clone()).await {
@@ -301,12 +297,7 @@ async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
 /// with a reset otherwise, or when the destination refuses it.
 async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
-    let (decision, permit) = flow
-        .judge(&shared.snapshot.load(), &shared.workload)
-        .into_parts();
-    flow.log(&decision, &shared);
-    let Some(permit) = permit else {
-        shared.metrics.reset("outbound", "denied");
+    let Some(permit) = flow.admit(&shared) else {
         return tcp.reset();
     };
     match TcpStream::connect(dest.address).await {
@@ -520,14 +511,9 @@ async fn handle(
         }
     };
     // A tunnel keeps the request that opened it, to judge it again on policy changes.
-    let opened = switch.as_ref().map(|up| {
-        let peer = Peer {
-            identity: dest.identity.as_ref().map(SpiffeId::as_str),
-            ip: Some(dest.address.ip()),
-            workload: dest.workload.as_ref(),
-        };
-        OpenedBy::of(&req, Direction::Egress, peer, dest.port, host, up)
-    });
+    let opened = switch
+        .as_ref()
+        .map(|up| OpenedBy::of(&req, tcp_flow(&dest), host, up));
     let headers = req.headers_mut();
     upgrade::prepare(headers, switch.as_ref());
     // Only the receiving sidecar may say who the caller is.

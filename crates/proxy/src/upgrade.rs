@@ -21,14 +21,14 @@ use crate::Shared;
 use crate::authz::{Judgement, Permit, Snapshot};
 use crate::http::{Body, LinkError, proxy_response, response_body};
 use crate::metrics::Refusal;
-use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
+use crate::tcp::Flow;
+use bulkhead_policy::model::WorkloadRef;
+use bulkhead_policy::{Http, Protocol};
 use http::header::{CONNECTION, HeaderValue, UPGRADE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -125,11 +125,8 @@ pub(crate) fn refused(shared: &Shared, direction: &'static str, protocols: &str,
 /// The request that opened a tunnel, kept to judge it again when policy changes.
 #[derive(Debug)]
 pub(crate) struct OpenedBy {
-    pub direction: Direction,
-    pub peer_identity: Option<String>,
-    pub peer_ip: Option<IpAddr>,
-    pub peer_workload: Option<WorkloadRef>,
-    pub port: u16,
+    /// The connection the request came on, as L4 sees it.
+    pub flow: Flow,
     pub method: String,
     pub path: String,
     pub host: Option<String>,
@@ -142,18 +139,12 @@ impl OpenedBy {
     /// Copies what policy saw of a request (made once per upgrade, not per request).
     pub(crate) fn of<B>(
         req: &Request<B>,
-        direction: Direction,
-        peer: Peer<'_>,
-        port: u16,
+        flow: Flow,
         host: Option<String>,
         protocol: &HeaderValue,
     ) -> OpenedBy {
         OpenedBy {
-            direction,
-            peer_identity: peer.identity.map(str::to_string),
-            peer_ip: peer.ip,
-            peer_workload: peer.workload.cloned(),
-            port,
+            flow,
             method: req.method().as_str().to_string(),
             path: req.uri().path().to_string(),
             host,
@@ -168,23 +159,14 @@ impl OpenedBy {
 
     /// Judges the opening request again, against `snapshot`.
     pub(crate) fn judge(&self, snapshot: &Snapshot, subject: &WorkloadRef) -> Judgement {
-        snapshot.judge(&PolicyRequest {
-            direction: self.direction,
-            subject,
-            peer: Peer {
-                identity: self.peer_identity.as_deref(),
-                ip: self.peer_ip,
-                workload: self.peer_workload.as_ref(),
-            },
-            port: self.port,
-            protocol: Protocol::Http,
-            http: Some(Http {
-                method: &self.method,
-                path: &self.path,
-                host: self.host.as_deref(),
-                headers: &self.headers,
-            }),
-        })
+        let http = Http {
+            method: &self.method,
+            path: &self.path,
+            host: self.host.as_deref(),
+            headers: &self.headers,
+        };
+        self.flow
+            .judge_request(snapshot, subject, Protocol::Http, Some(http))
     }
 }
 
@@ -272,10 +254,7 @@ where
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(response_body(resp));
     }
-    let direction = match opened.direction {
-        Direction::Ingress => "inbound",
-        Direction::Egress => "outbound",
-    };
+    let direction = opened.flow.direction_label();
     if !switched_as_asked(resp.headers(), &upgrade) {
         return Ok(mismatch(
             &shared,
