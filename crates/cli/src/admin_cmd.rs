@@ -27,11 +27,14 @@ pub fn request<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
-fn print_changes(resp: &ApplyResponse) {
+/// After a committed change (apply, delete, rollback): prints what it changed and its
+/// revision and, with `--wait`, waits until it is in force.
+async fn committed(admin: &mut Admin, resp: ApplyResponse, wait: Option<Duration>) -> Result<()> {
     for line in &resp.applied {
         println!("{line}");
     }
     println!("revision {}", resp.revision);
+    wait_if_asked(admin, &resp, wait).await
 }
 
 /// How a change is made: against which revision, and whether to wait until it is in force.
@@ -152,8 +155,7 @@ pub async fn apply(
         );
         return Ok(());
     }
-    print_changes(&resp);
-    wait_if_asked(admin, &resp, opts.wait).await
+    committed(admin, resp, opts.wait).await
 }
 
 /// With `--wait`: waits until every connected proxy of the workloads the change affected has
@@ -294,16 +296,18 @@ pub async fn delete(
     if keys.is_empty() {
         bail!("nothing to delete: pass -f FILE or Kind/namespace/name keys");
     }
-    let resp = admin
+    let answer = admin
         .delete(request(DeleteRequest {
             keys,
             expect_revision: opts.expect_revision,
         }))
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    print_changes(&resp);
-    wait_if_asked(admin, &resp, opts.wait).await
+        .await;
+    committed(
+        admin,
+        answer.map_err(client::status)?.into_inner(),
+        opts.wait,
+    )
+    .await
 }
 
 /// What `get` selects: a kind, optionally one name, optionally one namespace.
@@ -682,16 +686,18 @@ pub async fn history(admin: &mut Admin, limit: u32, output: &str) -> Result<()> 
 }
 
 pub async fn rollback(admin: &mut Admin, revision: u64, opts: ChangeOptions) -> Result<()> {
-    let resp = admin
+    let answer = admin
         .rollback(request(RollbackRequest {
             revision,
             expect_revision: opts.expect_revision,
         }))
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    print_changes(&resp);
-    wait_if_asked(admin, &resp, opts.wait).await
+        .await;
+    committed(
+        admin,
+        answer.map_err(client::status)?.into_inner(),
+        opts.wait,
+    )
+    .await
 }
 
 /// `bulkhead version`: this CLI's, the control plane's and every proxy's version.

@@ -9,6 +9,8 @@ mod canonical;
 mod check;
 #[path = "e2e/federation.rs"]
 mod federation;
+#[path = "mesh/join.rs"]
+mod join;
 #[path = "e2e/kubectl.rs"]
 mod kubectl;
 #[path = "e2e/offline.rs"]
@@ -20,6 +22,7 @@ mod spiffe;
 
 use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has, orders_upstream};
 use bulkhead_testkit::{Bins, foreign_identity, http, http_raw, mtls_raw, parse_response, run};
+use join::{join_as, mesh_trust};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -644,44 +647,6 @@ async fn proxies_cannot_administer_or_read_other_workloads() {
         own.message().await.unwrap().is_some(),
         "its own configuration arrives"
     );
-}
-
-fn mesh_trust(
-    mesh: &Mesh,
-) -> (
-    bulkhead_identity::TrustBundle,
-    bulkhead_identity::tls::ExpectedServer,
-) {
-    let pem = std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap();
-    let bundle = bulkhead_identity::TrustBundle::from_pem(&pem).unwrap();
-    let control =
-        bulkhead_identity::SpiffeId::parse(&format!("spiffe://{TD}/bulkhead/control")).unwrap();
-    (
-        bundle,
-        bulkhead_identity::tls::ExpectedServer::Exact(control),
-    )
-}
-
-/// Joins the mesh as `identity` the way a proxy does (a local key, a CSR, a join token).
-async fn join_as(mesh: &Mesh, identity: &str) -> bulkhead_identity::Svid {
-    use bulkhead_api::v1::JoinRequest;
-    use bulkhead_api::v1::identity_client::IdentityClient;
-    let token = std::fs::read_to_string(mesh.token(identity)).unwrap();
-    let (bundle, control) = mesh_trust(mesh);
-    let anonymous =
-        bulkhead_identity::tls::client_config(None, &bundle, control, &[b"h2"]).unwrap();
-    let key = bulkhead_identity::LocalKey::generate().unwrap();
-    let joined = IdentityClient::new(bulkhead_api::channel::connect(mesh.control_addr, anonymous))
-        .join(JoinRequest {
-            token,
-            csr_der: key.csr_der(None).unwrap(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    key.into_svid(joined.cert_chain_der.into_iter().map(Into::into).collect())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

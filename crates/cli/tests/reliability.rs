@@ -873,25 +873,8 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
     }
 
     // Fixed-rate traffic through both sidecars, a new connection each time.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let began = Instant::now();
-    let traffic = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut sent, mut failed) = (0u32, Vec::new());
-            let start = Instant::now();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let status = http(to_orders, "GET", &format!("/orders/{sent}")).status;
-                if status != 200 {
-                    failed.push((start.elapsed(), status));
-                }
-                sent += 1;
-                let next = Duration::from_millis(20) * sent;
-                std::thread::sleep(next.saturating_sub(start.elapsed()));
-            }
-            (sent, failed, start.elapsed())
-        })
-    };
+    let traffic = bulkhead_testkit::FixedRate::start(to_orders, "/orders/");
     std::thread::sleep(Duration::from_secs(1));
 
     let stopped = Instant::now();
@@ -958,8 +941,7 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
     // 3 s in all however fast the switch went (on a quick run it is over in about 2 s).
     std::thread::sleep(Duration::from_millis(500));
     std::thread::sleep(Duration::from_secs(3).saturating_sub(began.elapsed()));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, failed, lasted) = traffic.join().unwrap();
+    let (sent, failed, lasted) = traffic.stop();
     eprintln!(
         "failover: {sent} requests at 50/s in {:.1} s, {} failed; the control plane killed, then ready at the second address after {:.0} ms; both proxies on it {:.0} ms after the kill",
         lasted.as_secs_f64(),

@@ -637,24 +637,7 @@ fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
         .unwrap();
 
     // Fixed-rate traffic through both sidecars, a new connection each time.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut sent, mut failed) = (0u32, Vec::new());
-            let start = std::time::Instant::now();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let code = status(to_orders, &format!("/orders/live-{sent}"));
-                if code != 200 {
-                    failed.push((start.elapsed(), code));
-                }
-                sent += 1;
-                let next = Duration::from_millis(20) * sent;
-                std::thread::sleep(next.saturating_sub(start.elapsed()));
-            }
-            (sent, failed, start.elapsed())
-        })
-    };
+    let traffic = bulkhead_testkit::FixedRate::start(to_orders, "/orders/live-");
     std::thread::sleep(Duration::from_secs(1));
 
     let stopped = std::time::Instant::now();
@@ -735,8 +718,7 @@ fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
     // 1 s after the deny.
     let rest = Duration::from_secs(2).saturating_sub(stopped.elapsed());
     std::thread::sleep(rest.max(Duration::from_secs(1)));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, failed, lasted) = traffic.join().unwrap();
+    let (sent, failed, lasted) = traffic.stop();
     eprintln!(
         "replica {killed} killed under 50 req/s: {sent} requests in {:.1} s, {} failed; both sidecars on replica(s) {on:?} {} ms after the kill; a deny applied on replica {via} enforced within {} ms",
         lasted.as_secs_f64(),

@@ -311,6 +311,46 @@ impl KeepAlive {
     }
 }
 
+/// Requests at a fixed rate on a thread until stopped: one every 20 ms, each `GET
+/// {prefix}{n}` on a new connection. What an app sees while its sidecar's control plane goes
+/// away or moves.
+pub struct FixedRate {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Tally>,
+}
+
+/// How many requests a [`FixedRate`] sent, each answer that was not a 200 (with when it
+/// came, from the start), and how long it ran.
+pub type Tally = (u32, Vec<(Duration, u16)>, Duration);
+
+impl FixedRate {
+    pub fn start(to: SocketAddr, prefix: &str) -> FixedRate {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (halt, prefix) = (stop.clone(), prefix.to_string());
+        let thread = std::thread::spawn(move || {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            let start = Instant::now();
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = http(to, "GET", &format!("{prefix}{sent}")).status;
+                if status != 200 {
+                    failed.push((start.elapsed(), status));
+                }
+                sent += 1;
+                let next = Duration::from_millis(20) * sent;
+                std::thread::sleep(next.saturating_sub(start.elapsed()));
+            }
+            (sent, failed, start.elapsed())
+        });
+        FixedRate { stop, thread }
+    }
+
+    /// Stops, and says how it went.
+    pub fn stop(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// Connects with mTLS presenting `client` and returns the serial of the server's leaf.
 pub fn server_serial(
     addr: SocketAddr,
