@@ -27,9 +27,26 @@ pub fn request<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
-/// After a committed change (apply, delete, rollback): prints what it changed and its
-/// revision and, with `--wait`, waits until it is in force.
-async fn committed(admin: &mut Admin, resp: ApplyResponse, wait: Option<Duration>) -> Result<()> {
+/// The control plane's answer to a change (apply, delete, rollback): prints what it changed
+/// and its revision (for a dry run, what it would change) and, with `--wait`, waits until it
+/// is in force.
+async fn changed(
+    admin: &mut Admin,
+    answer: Result<tonic::Response<ApplyResponse>, tonic::Status>,
+    wait: Option<Duration>,
+) -> Result<()> {
+    let resp = answer.map_err(client::status)?.into_inner();
+    if resp.dry_run {
+        for line in &resp.applied {
+            println!("{line} (dry run)");
+        }
+        println!(
+            "revision {} (dry run: nothing was changed; {} workload(s) would get a new configuration)",
+            resp.revision,
+            resp.affected_workloads.len()
+        );
+        return Ok(());
+    }
     for line in &resp.applied {
         println!("{line}");
     }
@@ -134,28 +151,15 @@ pub async fn apply(
     dry_run: bool,
     opts: ChangeOptions,
 ) -> Result<()> {
-    let resp = admin
+    let answer = admin
         .apply(request(ApplyRequest {
             files,
             dry_run,
             expect_revision: opts.expect_revision,
             ..Default::default()
         }))
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    if resp.dry_run {
-        for line in &resp.applied {
-            println!("{line} (dry run)");
-        }
-        println!(
-            "revision {} (dry run: nothing was changed; {} workload(s) would get a new configuration)",
-            resp.revision,
-            resp.affected_workloads.len()
-        );
-        return Ok(());
-    }
-    committed(admin, resp, opts.wait).await
+        .await;
+    changed(admin, answer, opts.wait).await
 }
 
 /// With `--wait`: waits until every connected proxy of the workloads the change affected has
@@ -302,12 +306,7 @@ pub async fn delete(
             expect_revision: opts.expect_revision,
         }))
         .await;
-    committed(
-        admin,
-        answer.map_err(client::status)?.into_inner(),
-        opts.wait,
-    )
-    .await
+    changed(admin, answer, opts.wait).await
 }
 
 /// What `get` selects: a kind, optionally one name, optionally one namespace.
@@ -692,12 +691,7 @@ pub async fn rollback(admin: &mut Admin, revision: u64, opts: ChangeOptions) -> 
             expect_revision: opts.expect_revision,
         }))
         .await;
-    committed(
-        admin,
-        answer.map_err(client::status)?.into_inner(),
-        opts.wait,
-    )
-    .await
+    changed(admin, answer, opts.wait).await
 }
 
 /// `bulkhead version`: this CLI's, the control plane's and every proxy's version.

@@ -539,9 +539,7 @@ async fn handle(
             (response_head(send, None, deadline).await, None)
         }
         _ => {
-            let (parts, body) = req.into_parts();
-            let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
-            let req = Request::from_parts(parts, body);
+            let (req, watched) = ReqBody::of_request(req, &shared.limits.deadlines());
             let send = async {
                 if h2 {
                     link.send(permit, req, || {
@@ -566,17 +564,7 @@ async fn handle(
                 }
             };
             let sent = response_head(send, watched.as_ref(), deadline).await;
-            // The plain path asked nobody to switch: a 101 here is never passed on.
-            let sent = sent.map(|r| match r {
-                Ok(resp) if upgrade::unasked(&resp) => Ok(upgrade::mismatch(
-                    &shared,
-                    "outbound",
-                    &whom(),
-                    None,
-                    resp.headers().get(http::header::UPGRADE),
-                )),
-                other => other,
-            });
+            let sent = sent.map(|r| upgrade::unasked(r, &shared, "outbound", whom));
             (sent, watched)
         }
     };

@@ -286,9 +286,24 @@ where
     Ok(Response::from_parts(parts, Body::peer(body)))
 }
 
-/// A `101` on the plain path (no switch was forwarded) is never passed on.
-pub(crate) fn unasked<B>(resp: &Response<B>) -> bool {
-    resp.status() == StatusCode::SWITCHING_PROTOCOLS
+/// The answer on the plain path, where no switch was forwarded: a `101` from `whom` is never
+/// passed on, but answered as a [`mismatch`].
+pub(crate) fn unasked<E>(
+    sent: Result<Response<Body>, E>,
+    shared: &Shared,
+    direction: &'static str,
+    whom: impl FnOnce() -> String,
+) -> Result<Response<Body>, E> {
+    match sent {
+        Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => Ok(mismatch(
+            shared,
+            direction,
+            &whom(),
+            None,
+            resp.headers().get(UPGRADE),
+        )),
+        other => other,
+    }
 }
 
 #[cfg(test)]
