@@ -66,9 +66,7 @@ fn proxy_config(admin: SocketAddr) -> serde_json::Value {
 }
 
 fn ca_status(mesh: &Mesh) -> serde_json::Value {
-    let (code, out, err) = mesh.cli(&["ca", "status", "-o", "json"]);
-    assert_eq!(code, 0, "{err}");
-    serde_json::from_str(&out).unwrap()
+    mesh.cli_json(&["ca", "status", "-o", "json"])
 }
 
 /// The SHA-256 of the CA in `state` (the first, if several).

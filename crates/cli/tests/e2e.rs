@@ -901,9 +901,8 @@ fn concurrent_applies_lose_nothing() {
             }
         }
     });
-    let (_, out, _) = mesh.cli(&["get", "policies", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["items"].as_array().unwrap().len(), 20, "{out}");
+    let v = mesh.cli_json(&["get", "policies", "-o", "json"]);
+    assert_eq!(v["items"].as_array().unwrap().len(), 20, "{v}");
     assert_eq!(v["revision"], 20);
     let (_, history, _) = mesh.cli(&["history", "--limit", "100"]);
     assert!(

@@ -237,19 +237,18 @@ fn a_promote_racing_an_apply_loses_neither_change() {
         });
         assert_eq!(a.0, 0, "round {round}: {:?} failed: {}", first, a.2);
         assert_eq!(b.0, 0, "round {round}: {:?} failed: {}", second, b.2);
-        let (_, out, _) = mesh.cli(&["get", "postures", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let v = mesh.cli_json(&["get", "postures", "-o", "json"]);
         let items = v["items"].as_array().unwrap();
         assert_eq!(
             items.len(),
             1,
-            "round {round}: recommended was folded in: {out}"
+            "round {round}: recommended was folded in: {v}"
         );
         let spec = &items[0]["spec"];
         assert_eq!(
             (spec["ingress"].as_str(), spec["egress"].as_str()),
             (Some("deny"), Some("deny")),
-            "round {round}: a change was lost: {out}"
+            "round {round}: a change was lost: {v}"
         );
     }
     // Promote made one revision each time, recorded as such.
@@ -260,8 +259,7 @@ fn a_promote_racing_an_apply_loses_neither_change() {
     );
 
     // Optimistic concurrency: a pipeline that read revision N changes only revision N.
-    let (_, out, _) = mesh.cli(&["get", "-o", "json"]);
-    let at: u64 = serde_json::from_str::<serde_json::Value>(&out).unwrap()["revision"]
+    let at = mesh.cli_json(&["get", "-o", "json"])["revision"]
         .as_u64()
         .unwrap();
     let (code, _, err) = mesh.cli(&[

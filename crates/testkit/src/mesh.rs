@@ -201,6 +201,14 @@ impl Mesh {
         )
     }
 
+    /// [`Mesh::cli`] for a command that must succeed and print JSON (`-o json`): its output,
+    /// parsed.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "bulkhead {} failed: {err}", args.join(" "));
+        serde_json::from_str(&out).unwrap()
+    }
+
     /// [`Mesh::cli`] with `input` on its standard input.
     pub fn cli_stdin(&self, args: &[&str], input: &str) -> (i32, String, String) {
         use std::io::Write;
