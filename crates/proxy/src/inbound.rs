@@ -574,18 +574,9 @@ async fn handle(
     let whom = || format!("the local app at {app}");
     let (sent, body) = match (switch, opened) {
         (Some(up), Some(opened)) => {
-            let (connect, whom) = (connect_app(app), whom());
-            // Boxed: an upgrade is rare, and its handshake would size every request's future.
-            let send = Box::pin(upgrade::forward(
-                permit,
-                req,
-                connect,
-                up,
-                opened,
-                shared.clone(),
-                &whom,
-            ));
-            (response_head(send, None, deadline).await, None)
+            let connect = connect_app(app);
+            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), whom());
+            (send.await, None)
         }
         _ => {
             let (req, watched) = ReqBody::of_request(req, &shared.limits.deadlines());

@@ -525,18 +525,9 @@ async fn handle(
     let whom = || format!("upstream {}", dest.name);
     let (sent, body) = match (switch, opened) {
         (Some(up), Some(opened)) => {
-            let (connect, whom) = (connect_upstream(dest.clone(), alpn, shared.clone()), whom());
-            // Boxed: an upgrade is rare, and its handshake would size every request's future.
-            let send = Box::pin(upgrade::forward(
-                permit,
-                req,
-                connect,
-                up,
-                opened,
-                shared.clone(),
-                &whom,
-            ));
-            (response_head(send, None, deadline).await, None)
+            let connect = connect_upstream(dest.clone(), alpn, shared.clone());
+            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), whom());
+            (send.await, None)
         }
         _ => {
             let (req, watched) = ReqBody::of_request(req, &shared.limits.deadlines());

@@ -19,6 +19,7 @@
 
 use crate::Shared;
 use crate::authz::{Judgement, Permit, Snapshot};
+use crate::deadline::{ResponseTimeout, response_head};
 use crate::http::{Body, LinkError, proxy_response, response_body};
 use crate::metrics::Refusal;
 use crate::tcp::Flow;
@@ -225,18 +226,39 @@ pub(crate) fn mismatch(
     resp
 }
 
-/// Forwards an allowed upgrade on a connection of its own. On a `101` for the protocol
-/// asked, both sides are joined into a tunnel judged again on every policy change (and
-/// closed when idle for `--idle-timeout-secs`); on a `101` for anything else, nothing is
-/// joined and the caller gets 502.
-pub(crate) async fn forward<Fut, Io>(
+/// Forwards an allowed upgrade on a connection of its own (`connect`, to `whom`), its
+/// response head within the response deadline. On a `101` for the protocol asked, both
+/// sides are joined into a tunnel judged again on every policy change (and closed when idle
+/// for `--idle-timeout-secs`); on a `101` for anything else, nothing is joined and the
+/// caller gets 502.
+///
+/// Boxed at once: an upgrade is rare, and its handshake would size every request's future.
+pub(crate) fn forward<Fut, Io>(
+    permit: Permit,
+    req: Request<Incoming>,
+    connect: Fut,
+    upgrade: HeaderValue,
+    opened: OpenedBy,
+    shared: Arc<Shared>,
+    whom: String,
+) -> impl Future<Output = Result<Result<Response<Body>, LinkError>, ResponseTimeout>>
+where
+    Fut: Future<Output = std::io::Result<Io>>,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = shared.limits.response_timeout;
+    let send = Box::pin(switch(permit, req, connect, upgrade, opened, shared, whom));
+    async move { response_head(send, None, deadline).await }
+}
+
+async fn switch<Fut, Io>(
     permit: Permit,
     mut req: Request<Incoming>,
     connect: Fut,
     upgrade: HeaderValue,
     opened: OpenedBy,
     shared: Arc<Shared>,
-    whom: &str,
+    whom: String,
 ) -> Result<Response<Body>, LinkError>
 where
     Fut: Future<Output = std::io::Result<Io>>,
@@ -259,7 +281,7 @@ where
         return Ok(mismatch(
             &shared,
             direction,
-            whom,
+            &whom,
             Some(&upgrade),
             resp.headers().get(UPGRADE),
         ));
