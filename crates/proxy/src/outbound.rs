@@ -18,7 +18,7 @@ use crate::http::{
 };
 use crate::metrics::{Parties, Refusal};
 use crate::tcp::{Flow, Reset};
-use crate::upgrade::{self, Ask, OpenedBy};
+use crate::upgrade::{self, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::server_name;
@@ -354,18 +354,8 @@ async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<S
             // Boxed for each request: see `crate::http::serve_http` on request futures.
             let mut resp = Box::pin(handle(req, link, h2, dest, &parties, shared.clone())).await;
             if let Ok(r) = &mut resp {
-                shared.metrics.request(
-                    "outbound",
-                    &parties,
-                    r.status().as_u16(),
-                    crate::http::response_flags(r, in_mesh),
-                    start.elapsed(),
-                );
-                match &clock {
-                    Some(c) if r.status() == StatusCode::SWITCHING_PROTOCOLS => c.off(),
-                    Some(c) => r.body_mut().set_idle_when_done(c.idle_when_done()),
-                    None => {}
-                }
+                let clock = clock.as_ref();
+                crate::http::served(r, &shared, "outbound", &parties, in_mesh, start, clock);
             }
             resp
         }
@@ -415,7 +405,7 @@ async fn handle(
         egress_decision(&canonical, &req, &dest, &snapshot, &shared).into_parts()
     };
     // The host as policy read it, for judging an upgraded tunnel again later; only a request
-    // with an `Upgrade` header can open one (`upgrade::ask`), so no other copies it.
+    // with an `Upgrade` header can open one (`upgrade::switch_to`), so no other copies it.
     let host = req
         .headers()
         .contains_key(http::header::UPGRADE)
@@ -497,19 +487,7 @@ async fn handle(
         return Ok(resp);
     };
     origin_form(&mut req);
-    let switch = match upgrade::ask(&req) {
-        Ask::Nothing => None,
-        Ask::Refused(protocols) => {
-            upgrade::refused(&shared, "outbound", &protocols, req.uri().path());
-            None
-        }
-        Ask::Switch { upgrade, refused } => {
-            if let Some(protocols) = refused {
-                upgrade::refused(&shared, "outbound", &protocols, req.uri().path());
-            }
-            Some(upgrade)
-        }
-    };
+    let switch = upgrade::switch_to(&req, &shared, "outbound");
     // A tunnel keeps the request that opened it, to judge it again on policy changes.
     let opened = switch
         .as_ref()

@@ -108,8 +108,26 @@ pub(crate) fn prepare(headers: &mut http::HeaderMap, switch: Option<&HeaderValue
     }
 }
 
+/// What a request may switch to on this port ([`ask`]), if anything; each protocol it asked
+/// for that is not allowed is counted and logged.
+pub(crate) fn switch_to<B>(
+    req: &Request<B>,
+    shared: &Shared,
+    direction: &'static str,
+) -> Option<HeaderValue> {
+    let (switch, left_out) = match ask(req) {
+        Ask::Nothing => (None, None),
+        Ask::Refused(protocols) => (None, Some(protocols)),
+        Ask::Switch { upgrade, refused } => (Some(upgrade), refused),
+    };
+    if let Some(protocols) = left_out {
+        refused(shared, direction, &protocols, req.uri().path());
+    }
+    switch
+}
+
 /// Counts and logs the protocols a request was not allowed to switch to.
-pub(crate) fn refused(shared: &Shared, direction: &'static str, protocols: &str, path: &str) {
+fn refused(shared: &Shared, direction: &'static str, protocols: &str, path: &str) {
     if let Some(unlogged) = shared.refuse(direction, Refusal::UpgradeRefused) {
         tracing::warn!(
             direction,
