@@ -492,22 +492,8 @@ async fn silent_proxy(
     tonic::Streaming<bulkhead_api::v1::ProxyConfig>,
     tonic::transport::Channel,
 ) {
-    use bulkhead_api::channel;
-    use bulkhead_api::v1::WatchRequest;
-    use bulkhead_api::v1::config_client::ConfigClient;
-    let svid = join::join_as(mesh, identity).await;
-    let (bundle, control) = join::mesh_trust(mesh);
-    let tls = client_config(Some(&svid), &bundle, control, &[b"h2"]).unwrap();
-    let as_proxy = channel::connect(mesh.control_addr, tls);
-    let stream = ConfigClient::new(as_proxy.clone())
-        .watch(WatchRequest {
-            namespace: "shop".into(),
-            workload: "frontend".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let as_proxy = join::channel_as(mesh, identity).await;
+    let stream = join::watch(as_proxy.clone(), "frontend").await.unwrap();
     (stream, as_proxy)
 }
 

@@ -588,17 +588,14 @@ fn control_plane_outage_keeps_enforcement_then_resyncs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_cannot_administer_or_read_other_workloads() {
     use bulkhead_api::channel;
+    use bulkhead_api::v1::GetRequest;
     use bulkhead_api::v1::admin_client::AdminClient;
-    use bulkhead_api::v1::config_client::ConfigClient;
-    use bulkhead_api::v1::{GetRequest, WatchRequest};
     use bulkhead_identity::tls::client_config;
 
     let mesh = Mesh::start();
-    let svid = join_as(&mesh, &id("frontend")).await;
+    let as_frontend = join::channel_as(&mesh, &id("frontend")).await;
     let (bundle, control) = mesh_trust(&mesh);
-    let anonymous = client_config(None, &bundle, control.clone(), &[b"h2"]).unwrap();
-    let tls = client_config(Some(&svid), &bundle, control, &[b"h2"]).unwrap();
-    let as_frontend = channel::connect(mesh.control_addr, tls);
+    let anonymous = client_config(None, &bundle, control, &[b"h2"]).unwrap();
 
     let err = AdminClient::new(as_frontend.clone())
         .get(GetRequest::default())
@@ -618,13 +615,7 @@ async fn proxies_cannot_administer_or_read_other_workloads() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
-    let mut config = ConfigClient::new(as_frontend);
-    let err = config
-        .watch(WatchRequest {
-            namespace: "shop".into(),
-            workload: "orders".into(),
-            ..Default::default()
-        })
+    let err = join::watch(as_frontend.clone(), "orders")
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -634,15 +625,7 @@ async fn proxies_cannot_administer_or_read_other_workloads() {
         "{}",
         err.message()
     );
-    let mut own = config
-        .watch(WatchRequest {
-            namespace: "shop".into(),
-            workload: "frontend".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut own = join::watch(as_frontend, "frontend").await.unwrap();
     assert!(
         own.message().await.unwrap().is_some(),
         "its own configuration arrives"

@@ -1,8 +1,10 @@
 //! Joining a test mesh from the test itself, the way a proxy does (a local key, a CSR, a join
-//! token): shared by the e2e and ca_rotation binaries.
+//! token), and watching a configuration as that proxy: shared by the e2e and ca_rotation
+//! binaries.
 
-use bulkhead_api::v1::JoinRequest;
+use bulkhead_api::v1::config_client::ConfigClient;
 use bulkhead_api::v1::identity_client::IdentityClient;
+use bulkhead_api::v1::{JoinRequest, ProxyConfig, WatchRequest};
 use bulkhead_identity::tls::{ExpectedServer, client_config};
 use bulkhead_identity::{SpiffeId, Svid, TrustBundle};
 use bulkhead_testkit::mesh::{Mesh, TD};
@@ -34,4 +36,29 @@ pub async fn join_as(mesh: &Mesh, identity: &str) -> Svid {
         .into_inner();
     key.into_svid(joined.cert_chain_der.into_iter().map(Into::into).collect())
         .unwrap()
+}
+
+/// Joins as `identity` and connects to the control plane presenting the SVID it got, as that
+/// proxy would.
+pub async fn channel_as(mesh: &Mesh, identity: &str) -> tonic::transport::Channel {
+    let svid = join_as(mesh, identity).await;
+    let (bundle, control) = mesh_trust(mesh);
+    let tls = client_config(Some(&svid), &bundle, control, &[b"h2"]).unwrap();
+    bulkhead_api::channel::connect(mesh.control_addr, tls)
+}
+
+/// Opens the configuration stream of the workload `shop/{workload}` over `channel`, without
+/// acknowledging anything.
+pub async fn watch(
+    channel: tonic::transport::Channel,
+    workload: &str,
+) -> Result<tonic::Streaming<ProxyConfig>, tonic::Status> {
+    let stream = ConfigClient::new(channel)
+        .watch(WatchRequest {
+            namespace: "shop".into(),
+            workload: workload.into(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(stream.into_inner())
 }
