@@ -175,6 +175,20 @@ pub fn run(program: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String,
     )
 }
 
+/// Runs `cmd`, which must succeed (`what` names it when it does not); returns its standard
+/// output.
+pub fn stdout_of(cmd: &mut Command, what: &str) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A parsed HTTP/1.1 response.
 #[derive(Debug)]
 pub struct HttpResponse {
