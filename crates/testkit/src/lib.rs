@@ -460,13 +460,20 @@ pub fn tool(test: &str, program: &str) -> Option<std::path::PathBuf> {
     if let Some(path) = netns::find_program(program) {
         return Some(path);
     }
-    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
-        panic!(
-            "{test} cannot run: it needs {program}, and BULKHEAD_STRICT=1 forbids skipping (./dev/test installs it on Debian)"
-        );
-    }
-    eprintln!("skipped: {test}: needs {program}");
+    let needs = format!("needs {program}");
+    let fix = " (./dev/test installs it on Debian)";
+    cannot_run(test, &format!("it {needs}"), fix, &needs);
     None
+}
+
+/// `test` cannot run here, because `why`: a panic under `BULKHEAD_STRICT=1`, where
+/// `./dev/test` has installed what the tests need (`fix` says how), else a `skipped:` line
+/// that says what it `needs`.
+fn cannot_run(test: &str, why: &str, fix: &str, needs: &str) {
+    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
+        panic!("{test} cannot run: {why}, and BULKHEAD_STRICT=1 forbids skipping{fix}");
+    }
+    eprintln!("skipped: {test}: {needs}");
 }
 
 /// `python3`, if it can import `module` (the SPIFFE project's client, `spiffe`): `None` (and
@@ -482,12 +489,9 @@ pub fn python_with(test: &str, module: &str) -> Option<std::path::PathBuf> {
     if imports {
         return Some(python);
     }
-    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
-        panic!(
-            "{test} cannot run: python3 cannot import {module}, and BULKHEAD_STRICT=1 forbids skipping (./dev/test installs it)"
-        );
-    }
-    eprintln!("skipped: {test}: needs the python module {module}");
+    let why = format!("python3 cannot import {module}");
+    let needs = format!("needs the python module {module}");
+    cannot_run(test, &why, " (./dev/test installs it)", &needs);
     None
 }
 
