@@ -27,11 +27,31 @@ pub fn request<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
-fn print_changes(resp: &ApplyResponse) {
+/// The control plane's answer to a change (apply, delete, rollback): prints what it changed
+/// and its revision (for a dry run, what it would change) and, with `--wait`, waits until it
+/// is in force.
+async fn changed(
+    admin: &mut Admin,
+    answer: Result<tonic::Response<ApplyResponse>, tonic::Status>,
+    wait: Option<Duration>,
+) -> Result<()> {
+    let resp = answer.map_err(client::status)?.into_inner();
+    if resp.dry_run {
+        for line in &resp.applied {
+            println!("{line} (dry run)");
+        }
+        println!(
+            "revision {} (dry run: nothing was changed; {} workload(s) would get a new configuration)",
+            resp.revision,
+            resp.affected_workloads.len()
+        );
+        return Ok(());
+    }
     for line in &resp.applied {
         println!("{line}");
     }
     println!("revision {}", resp.revision);
+    wait_if_asked(admin, &resp, wait).await
 }
 
 /// How a change is made: against which revision, and whether to wait until it is in force.
@@ -131,29 +151,15 @@ pub async fn apply(
     dry_run: bool,
     opts: ChangeOptions,
 ) -> Result<()> {
-    let resp = admin
+    let answer = admin
         .apply(request(ApplyRequest {
             files,
             dry_run,
             expect_revision: opts.expect_revision,
             ..Default::default()
         }))
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    if resp.dry_run {
-        for line in &resp.applied {
-            println!("{line} (dry run)");
-        }
-        println!(
-            "revision {} (dry run: nothing was changed; {} workload(s) would get a new configuration)",
-            resp.revision,
-            resp.affected_workloads.len()
-        );
-        return Ok(());
-    }
-    print_changes(&resp);
-    wait_if_asked(admin, &resp, opts.wait).await
+        .await;
+    changed(admin, answer, opts.wait).await
 }
 
 /// With `--wait`: waits until every connected proxy of the workloads the change affected has
@@ -294,16 +300,13 @@ pub async fn delete(
     if keys.is_empty() {
         bail!("nothing to delete: pass -f FILE or Kind/namespace/name keys");
     }
-    let resp = admin
+    let answer = admin
         .delete(request(DeleteRequest {
             keys,
             expect_revision: opts.expect_revision,
         }))
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    print_changes(&resp);
-    wait_if_asked(admin, &resp, opts.wait).await
+        .await;
+    changed(admin, answer, opts.wait).await
 }
 
 /// What `get` selects: a kind, optionally one name, optionally one namespace.
@@ -682,16 +685,13 @@ pub async fn history(admin: &mut Admin, limit: u32, output: &str) -> Result<()> 
 }
 
 pub async fn rollback(admin: &mut Admin, revision: u64, opts: ChangeOptions) -> Result<()> {
-    let resp = admin
+    let answer = admin
         .rollback(request(RollbackRequest {
             revision,
             expect_revision: opts.expect_revision,
         }))
-        .await
-        .map_err(client::status)?
-        .into_inner();
-    print_changes(&resp);
-    wait_if_asked(admin, &resp, opts.wait).await
+        .await;
+    changed(admin, answer, opts.wait).await
 }
 
 /// `bulkhead version`: this CLI's, the control plane's and every proxy's version.

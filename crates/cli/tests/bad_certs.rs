@@ -7,7 +7,7 @@
 use bulkhead_identity::tls::{ExpectedServer, client_config, provider, server_name};
 use bulkhead_identity::{Ca, SpiffeId, TrustBundle};
 use bulkhead_testkit::mesh::{Mesh, WAIT, addr, eventually, id};
-use bulkhead_testkit::{http, parse_response, tls_get};
+use bulkhead_testkit::{Proc, http, parse_response, tls_get};
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -198,12 +198,18 @@ fn failure_line(direction: &str, reason: &str) -> String {
     )
 }
 
+/// The orders app behind its sidecar: both processes, and the sidecar's ready-file JSON.
+fn orders_behind_its_sidecar(mesh: &Mesh) -> (Proc, Proc, serde_json::Value) {
+    let (app_proc, app) = mesh.app("orders");
+    let token = mesh.token(&id("orders"));
+    let (proxy, orders) = mesh.inbound_proxy("orders", &token, app, &[]);
+    (app_proc, proxy, orders)
+}
+
 #[test]
 fn each_bad_client_certificate_is_refused_with_its_own_reason() {
     let mesh = Mesh::start();
-    let (_app, app) = mesh.app("orders");
-    let token = mesh.token(&id("orders"));
-    let (_proxy, orders) = mesh.inbound_proxy("orders", &token, app, &[]);
+    let (_app, _proxy, orders) = orders_behind_its_sidecar(&mesh);
     let inbound = addr(&orders["inbound"]);
     let bundle =
         TrustBundle::from_pem(&std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap())
@@ -448,9 +454,7 @@ fn s_client(mesh: &Mesh, addr: SocketAddr, sess: &std::path::Path, offer: bool) 
 #[test]
 fn no_mtls_listener_resumes_a_session() {
     let mesh = Mesh::start();
-    let (_app, app) = mesh.app("orders");
-    let token = mesh.token(&id("orders"));
-    let (_proxy, orders) = mesh.inbound_proxy("orders", &token, app, &[]);
+    let (_app, _proxy, orders) = orders_behind_its_sidecar(&mesh);
     // The harness sees a resumption where there is one: `openssl s_server` with the same
     // credential sends tickets, and the saved session is resumed.
     let port = TcpListener::bind("127.0.0.1:0")

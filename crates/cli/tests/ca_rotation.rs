@@ -5,6 +5,9 @@
 //! (whose root names no SPIFFE trust domain) imported with its chain, checked, and signing.
 #![allow(clippy::unwrap_used)]
 
+#[path = "mesh/join.rs"]
+mod join;
+
 use bulkhead_identity::tls::{ExpectedServer, client_config, server_name};
 use bulkhead_identity::{SpiffeId, Svid, TrustBundle, fingerprint};
 use bulkhead_testkit::mesh::{
@@ -63,9 +66,7 @@ fn proxy_config(admin: SocketAddr) -> serde_json::Value {
 }
 
 fn ca_status(mesh: &Mesh) -> serde_json::Value {
-    let (code, out, err) = mesh.cli(&["ca", "status", "-o", "json"]);
-    assert_eq!(code, 0, "{err}");
-    serde_json::from_str(&out).unwrap()
+    mesh.cli_json(&["ca", "status", "-o", "json"])
 }
 
 /// The SHA-256 of the CA in `state` (the first, if several).
@@ -491,40 +492,8 @@ async fn silent_proxy(
     tonic::Streaming<bulkhead_api::v1::ProxyConfig>,
     tonic::transport::Channel,
 ) {
-    use bulkhead_api::channel;
-    use bulkhead_api::v1::config_client::ConfigClient;
-    use bulkhead_api::v1::identity_client::IdentityClient;
-    use bulkhead_api::v1::{JoinRequest, WatchRequest};
-    let token = std::fs::read_to_string(mesh.token(identity)).unwrap();
-    let pem = std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap();
-    let bundle = TrustBundle::from_pem_for(TD, &pem).unwrap();
-    let control =
-        ExpectedServer::Exact(SpiffeId::parse(&format!("spiffe://{TD}/bulkhead/control")).unwrap());
-    let anonymous = client_config(None, &bundle, control.clone(), &[b"h2"]).unwrap();
-    let key = bulkhead_identity::LocalKey::generate().unwrap();
-    let joined = IdentityClient::new(channel::connect(mesh.control_addr, anonymous))
-        .join(JoinRequest {
-            token,
-            csr_der: key.csr_der(None).unwrap(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let svid = key
-        .into_svid(joined.cert_chain_der.into_iter().map(Into::into).collect())
-        .unwrap();
-    let tls = client_config(Some(&svid), &bundle, control, &[b"h2"]).unwrap();
-    let as_proxy = channel::connect(mesh.control_addr, tls);
-    let stream = ConfigClient::new(as_proxy.clone())
-        .watch(WatchRequest {
-            namespace: "shop".into(),
-            workload: "frontend".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let as_proxy = join::channel_as(mesh, identity).await;
+    let stream = join::watch(as_proxy.clone(), "frontend").await.unwrap();
     (stream, as_proxy)
 }
 

@@ -9,6 +9,8 @@ mod canonical;
 mod check;
 #[path = "e2e/federation.rs"]
 mod federation;
+#[path = "mesh/join.rs"]
+mod join;
 #[path = "e2e/kubectl.rs"]
 mod kubectl;
 #[path = "e2e/offline.rs"]
@@ -20,6 +22,7 @@ mod spiffe;
 
 use bulkhead_testkit::mesh::{Mesh, TD, WAIT, addr, eventually, id, log_has, orders_upstream};
 use bulkhead_testkit::{Bins, foreign_identity, http, http_raw, mtls_raw, parse_response, run};
+use join::{join_as, mesh_trust};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -585,17 +588,14 @@ fn control_plane_outage_keeps_enforcement_then_resyncs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_cannot_administer_or_read_other_workloads() {
     use bulkhead_api::channel;
+    use bulkhead_api::v1::GetRequest;
     use bulkhead_api::v1::admin_client::AdminClient;
-    use bulkhead_api::v1::config_client::ConfigClient;
-    use bulkhead_api::v1::{GetRequest, WatchRequest};
     use bulkhead_identity::tls::client_config;
 
     let mesh = Mesh::start();
-    let svid = join_as(&mesh, &id("frontend")).await;
+    let as_frontend = join::channel_as(&mesh, &id("frontend")).await;
     let (bundle, control) = mesh_trust(&mesh);
-    let anonymous = client_config(None, &bundle, control.clone(), &[b"h2"]).unwrap();
-    let tls = client_config(Some(&svid), &bundle, control, &[b"h2"]).unwrap();
-    let as_frontend = channel::connect(mesh.control_addr, tls);
+    let anonymous = client_config(None, &bundle, control, &[b"h2"]).unwrap();
 
     let err = AdminClient::new(as_frontend.clone())
         .get(GetRequest::default())
@@ -615,13 +615,7 @@ async fn proxies_cannot_administer_or_read_other_workloads() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
-    let mut config = ConfigClient::new(as_frontend);
-    let err = config
-        .watch(WatchRequest {
-            namespace: "shop".into(),
-            workload: "orders".into(),
-            ..Default::default()
-        })
+    let err = join::watch(as_frontend.clone(), "orders")
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -631,57 +625,11 @@ async fn proxies_cannot_administer_or_read_other_workloads() {
         "{}",
         err.message()
     );
-    let mut own = config
-        .watch(WatchRequest {
-            namespace: "shop".into(),
-            workload: "frontend".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut own = join::watch(as_frontend, "frontend").await.unwrap();
     assert!(
         own.message().await.unwrap().is_some(),
         "its own configuration arrives"
     );
-}
-
-fn mesh_trust(
-    mesh: &Mesh,
-) -> (
-    bulkhead_identity::TrustBundle,
-    bulkhead_identity::tls::ExpectedServer,
-) {
-    let pem = std::fs::read_to_string(mesh.data().join("ca.pem")).unwrap();
-    let bundle = bulkhead_identity::TrustBundle::from_pem(&pem).unwrap();
-    let control =
-        bulkhead_identity::SpiffeId::parse(&format!("spiffe://{TD}/bulkhead/control")).unwrap();
-    (
-        bundle,
-        bulkhead_identity::tls::ExpectedServer::Exact(control),
-    )
-}
-
-/// Joins the mesh as `identity` the way a proxy does (a local key, a CSR, a join token).
-async fn join_as(mesh: &Mesh, identity: &str) -> bulkhead_identity::Svid {
-    use bulkhead_api::v1::JoinRequest;
-    use bulkhead_api::v1::identity_client::IdentityClient;
-    let token = std::fs::read_to_string(mesh.token(identity)).unwrap();
-    let (bundle, control) = mesh_trust(mesh);
-    let anonymous =
-        bulkhead_identity::tls::client_config(None, &bundle, control, &[b"h2"]).unwrap();
-    let key = bulkhead_identity::LocalKey::generate().unwrap();
-    let joined = IdentityClient::new(bulkhead_api::channel::connect(mesh.control_addr, anonymous))
-        .join(JoinRequest {
-            token,
-            csr_der: key.csr_der(None).unwrap(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    key.into_svid(joined.cert_chain_der.into_iter().map(Into::into).collect())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -936,9 +884,8 @@ fn concurrent_applies_lose_nothing() {
             }
         }
     });
-    let (_, out, _) = mesh.cli(&["get", "policies", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["items"].as_array().unwrap().len(), 20, "{out}");
+    let v = mesh.cli_json(&["get", "policies", "-o", "json"]);
+    assert_eq!(v["items"].as_array().unwrap().len(), 20, "{v}");
     assert_eq!(v["revision"], 20);
     let (_, history, _) = mesh.cli(&["history", "--limit", "100"]);
     assert!(

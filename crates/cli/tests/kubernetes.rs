@@ -819,14 +819,12 @@ mod controller {
 
     /// The revisions of `bulkhead history -o json`: (revision, author).
     fn revisions(mesh: &Mesh) -> Vec<(u64, String)> {
-        let (code, out, err) = mesh.cli(&["history", "-o", "json", "--limit", "100"]);
-        assert_eq!(code, 0, "{err}");
-        let v: Value = serde_json::from_str(&out).unwrap();
+        let v = mesh.cli_json(&["history", "-o", "json", "--limit", "100"]);
         let entries = v
             .get("revisions")
             .and_then(Value::as_array)
             .or_else(|| v.as_array())
-            .unwrap_or_else(|| panic!("history: {out}"));
+            .unwrap_or_else(|| panic!("history: {v}"));
         entries
             .iter()
             .map(|e| {

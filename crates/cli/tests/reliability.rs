@@ -237,19 +237,18 @@ fn a_promote_racing_an_apply_loses_neither_change() {
         });
         assert_eq!(a.0, 0, "round {round}: {:?} failed: {}", first, a.2);
         assert_eq!(b.0, 0, "round {round}: {:?} failed: {}", second, b.2);
-        let (_, out, _) = mesh.cli(&["get", "postures", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let v = mesh.cli_json(&["get", "postures", "-o", "json"]);
         let items = v["items"].as_array().unwrap();
         assert_eq!(
             items.len(),
             1,
-            "round {round}: recommended was folded in: {out}"
+            "round {round}: recommended was folded in: {v}"
         );
         let spec = &items[0]["spec"];
         assert_eq!(
             (spec["ingress"].as_str(), spec["egress"].as_str()),
             (Some("deny"), Some("deny")),
-            "round {round}: a change was lost: {out}"
+            "round {round}: a change was lost: {v}"
         );
     }
     // Promote made one revision each time, recorded as such.
@@ -260,8 +259,7 @@ fn a_promote_racing_an_apply_loses_neither_change() {
     );
 
     // Optimistic concurrency: a pipeline that read revision N changes only revision N.
-    let (_, out, _) = mesh.cli(&["get", "-o", "json"]);
-    let at: u64 = serde_json::from_str::<serde_json::Value>(&out).unwrap()["revision"]
+    let at = mesh.cli_json(&["get", "-o", "json"])["revision"]
         .as_u64()
         .unwrap();
     let (code, _, err) = mesh.cli(&[
@@ -873,25 +871,8 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
     }
 
     // Fixed-rate traffic through both sidecars, a new connection each time.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let began = Instant::now();
-    let traffic = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut sent, mut failed) = (0u32, Vec::new());
-            let start = Instant::now();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let status = http(to_orders, "GET", &format!("/orders/{sent}")).status;
-                if status != 200 {
-                    failed.push((start.elapsed(), status));
-                }
-                sent += 1;
-                let next = Duration::from_millis(20) * sent;
-                std::thread::sleep(next.saturating_sub(start.elapsed()));
-            }
-            (sent, failed, start.elapsed())
-        })
-    };
+    let traffic = bulkhead_testkit::FixedRate::start(to_orders, "/orders/");
     std::thread::sleep(Duration::from_secs(1));
 
     let stopped = Instant::now();
@@ -958,8 +939,7 @@ fn proxies_follow_the_control_plane_to_its_second_address_with_no_failed_request
     // 3 s in all however fast the switch went (on a quick run it is over in about 2 s).
     std::thread::sleep(Duration::from_millis(500));
     std::thread::sleep(Duration::from_secs(3).saturating_sub(began.elapsed()));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, failed, lasted) = traffic.join().unwrap();
+    let (sent, failed, lasted) = traffic.stop();
     eprintln!(
         "failover: {sent} requests at 50/s in {:.1} s, {} failed; the control plane killed, then ready at the second address after {:.0} ms; both proxies on it {:.0} ms after the kill",
         lasted.as_secs_f64(),

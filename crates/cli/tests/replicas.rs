@@ -86,17 +86,13 @@ fn deny(name: &str) -> String {
 
 /// `bulkhead history -o json`'s revisions.
 fn revisions(mesh: &Mesh) -> serde_json::Value {
-    let (code, out, err) = mesh.cli(&["history", "-o", "json", "--limit", "1000"]);
-    assert_eq!(code, 0, "history failed: {err}");
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let json = mesh.cli_json(&["history", "-o", "json", "--limit", "1000"]);
     json["revisions"].clone()
 }
 
 /// The names of the AuthorizationPolicies `bulkhead get` lists on `mesh`.
 fn policy_names(mesh: &Mesh) -> Vec<String> {
-    let (code, out, err) = mesh.cli(&["get", "policies", "-o", "json"]);
-    assert_eq!(code, 0, "get failed: {err}");
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let json = mesh.cli_json(&["get", "policies", "-o", "json"]);
     let items = json
         .as_array()
         .or_else(|| json["items"].as_array())
@@ -637,24 +633,7 @@ fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
         .unwrap();
 
     // Fixed-rate traffic through both sidecars, a new connection each time.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut sent, mut failed) = (0u32, Vec::new());
-            let start = std::time::Instant::now();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let code = status(to_orders, &format!("/orders/live-{sent}"));
-                if code != 200 {
-                    failed.push((start.elapsed(), code));
-                }
-                sent += 1;
-                let next = Duration::from_millis(20) * sent;
-                std::thread::sleep(next.saturating_sub(start.elapsed()));
-            }
-            (sent, failed, start.elapsed())
-        })
-    };
+    let traffic = bulkhead_testkit::FixedRate::start(to_orders, "/orders/live-");
     std::thread::sleep(Duration::from_secs(1));
 
     let stopped = std::time::Instant::now();
@@ -735,8 +714,7 @@ fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
     // 1 s after the deny.
     let rest = Duration::from_secs(2).saturating_sub(stopped.elapsed());
     std::thread::sleep(rest.max(Duration::from_secs(1)));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, failed, lasted) = traffic.join().unwrap();
+    let (sent, failed, lasted) = traffic.stop();
     eprintln!(
         "replica {killed} killed under 50 req/s: {sent} requests in {:.1} s, {} failed; both sidecars on replica(s) {on:?} {} ms after the kill; a deny applied on replica {via} enforced within {} ms",
         lasted.as_secs_f64(),
@@ -756,9 +734,7 @@ fn proxies_on_a_killed_replica_move_to_another_with_no_failed_request(
 
 /// `bulkhead get replicas -o json` on `mesh`.
 fn replicas(mesh: &Mesh) -> serde_json::Value {
-    let (code, out, err) = mesh.cli(&["get", "replicas", "-o", "json"]);
-    assert_eq!(code, 0, "get replicas failed: {err}");
-    serde_json::from_str(&out).unwrap()
+    mesh.cli_json(&["get", "replicas", "-o", "json"])
 }
 
 /// The id of the leader `mesh` lists, and how many replicas it lists.
@@ -852,9 +828,7 @@ fn a_ca_added_on_one_replica_reaches_all(r: &Replicas) {
     let (code, _, err) = r.replicas[0].cli(&["ca", "add-root"]);
     assert_eq!(code, 0, "{err}");
     let cas = |m: &Mesh| {
-        let (code, out, err) = m.cli(&["ca", "status", "-o", "json"]);
-        assert_eq!(code, 0, "{err}");
-        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let status = m.cli_json(&["ca", "status", "-o", "json"]);
         let mut fingerprints: Vec<String> = status["cas"]
             .as_array()
             .unwrap()

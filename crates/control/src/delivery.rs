@@ -249,6 +249,15 @@ mod tests {
         }
     }
 
+    /// A proxy of `workload` connected to this replica, with nothing seen yet.
+    fn connect(
+        registry: &Arc<Registry>,
+        id: &str,
+        workload: &ResourceName,
+    ) -> crate::proxies::Connection {
+        registry.connect(id, workload, crate::proxies::Connecting::default())
+    }
+
     fn local(registry: Arc<Registry>) -> Sources {
         Sources {
             registry,
@@ -266,25 +275,13 @@ mod tests {
     #[tokio::test]
     async fn a_wait_ends_when_every_proxy_answered_and_names_a_refusal() {
         let registry = Arc::new(Registry::default());
-        let a = registry.connect(
-            "spiffe://td/a",
-            &orders(),
-            crate::proxies::Connecting::default(),
-        );
-        let _b = registry.connect(
-            "spiffe://td/b",
-            &orders(),
-            crate::proxies::Connecting::default(),
-        );
+        let a = connect(&registry, "spiffe://td/a", &orders());
+        let _b = connect(&registry, "spiffe://td/b", &orders());
         let other = ResourceName {
             namespace: "shop".into(),
             name: "other".into(),
         };
-        let _c = registry.connect(
-            "spiffe://td/c",
-            &other,
-            crate::proxies::Connecting::default(),
-        );
+        let _c = connect(&registry, "spiffe://td/c", &other);
         let mut stream = await_revision(
             local(registry.clone()),
             5,
@@ -317,16 +314,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_wait_runs_out_of_time_and_a_closed_stream_is_no_answer() {
         let registry = Arc::new(Registry::default());
-        let a = registry.connect(
-            "spiffe://td/a",
-            &orders(),
-            crate::proxies::Connecting::default(),
-        );
-        let _b = registry.connect(
-            "spiffe://td/b",
-            &orders(),
-            crate::proxies::Connecting::default(),
-        );
+        let a = connect(&registry, "spiffe://td/a", &orders());
+        let _b = connect(&registry, "spiffe://td/b", &orders());
         let mut stream = await_revision(
             local(registry.clone()),
             3,
@@ -385,11 +374,7 @@ mod tests {
     #[tokio::test]
     async fn a_wait_follows_the_other_replicas_proxies_and_names_their_replica() {
         let registry = Arc::new(Registry::default());
-        let _a = registry.connect(
-            "spiffe://td/a",
-            &orders(),
-            crate::proxies::Connecting::default(),
-        );
+        let _a = connect(&registry, "spiffe://td/a", &orders());
         let (others, rx) = watch::channel(vec![remote("spiffe://td/b", "ib", "bbbb", 4)]);
         let sources = Sources {
             registry: registry.clone(),

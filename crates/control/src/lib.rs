@@ -44,6 +44,7 @@ pub use error::ControlError;
 pub use federation::{FederatedTrustDomain, ForeignBundle};
 pub use flows::{FlowRetention, MAX_EDGES_PER_REPORT, MAX_REPORT_JSON_BYTES};
 pub use issuer::{BundleUpdates, Issuer, ServingTls};
+pub use listener::tls_handshake;
 pub use resources::{Committed, Refused, Resources};
 pub use store::etcd::EtcdOptions;
 pub use store::{HistoryRetention, LOG_CHANGES_PER_ENTRY, LOG_MAX_AGE, LOG_MAX_ENTRIES};

@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+/// How long a client may take over its TLS handshake, on every TLS listener of the control
+/// plane and on the injection webhook.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds a listener of the control plane (gRPC, metrics, console, bundle endpoint) and says
@@ -34,6 +36,27 @@ pub(crate) async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr)
     let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
     Ok((listener, addr))
+}
+
+/// Completes the TLS handshake of a connection to one of the HTTPS servers beside the gRPC
+/// listener (`what`: the console, the bundle endpoint, the injection webhook) within the
+/// handshake timeout. `None`, logged at debug level, when the client failed it or took too
+/// long: the connection is dropped.
+pub async fn tls_handshake(
+    config: Arc<ServerConfig>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    what: &str,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "{what} TLS handshake refused");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// Who is on the other end of a connection; available to every RPC as a request extension.

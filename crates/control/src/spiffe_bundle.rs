@@ -27,7 +27,6 @@ const BUNDLE_ENDPOINT_NAME: &str = "bundle-endpoint";
 /// How often a federated trust domain should fetch the bundle again (seconds), unless
 /// `bulkhead control --bundle-refresh-hint` says otherwise.
 pub const REFRESH_HINT_SECS: u64 = 300;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 64;
 
@@ -131,14 +130,9 @@ async fn connection(
     config: Arc<ServerConfig>,
     state: Arc<State>,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(%remote, error = %e, "bundle endpoint TLS handshake refused");
-            return;
-        }
-        Err(_) => return,
+    let Some(stream) = crate::listener::tls_handshake(config, tcp, remote, "bundle endpoint").await
+    else {
+        return;
     };
     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let state = state.clone();

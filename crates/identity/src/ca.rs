@@ -565,6 +565,16 @@ mod tests {
         intermediate_key: String,
     }
 
+    /// A one-minute SVID for `spiffe://td.test/a`, from `now`.
+    fn one_minute_svid(ca: &Ca, now: SystemTime) -> Svid {
+        ca.issue_local(
+            &SpiffeId::parse("spiffe://td.test/a").unwrap(),
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap()
+    }
+
     fn ca_params(cn: &str, not_after: SystemTime) -> CertificateParams {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -690,13 +700,7 @@ mod tests {
         );
 
         // A leaf is not a CA.
-        let leaf = stranger
-            .issue_local(
-                &SpiffeId::parse("spiffe://td.test/a").unwrap(),
-                Duration::from_secs(60),
-                now,
-            )
-            .unwrap();
+        let leaf = one_minute_svid(&stranger, now);
         let (leaf_pem, leaf_key) = leaf.to_pem();
         assert!(
             import(&leaf_pem, &leaf_key, stranger.cert_pem()).contains("is not a CA certificate"),
@@ -720,13 +724,7 @@ mod tests {
         let b = Ca::generate("td.test", now).unwrap();
         assert_ne!(subject_of(a.cert_der()), subject_of(b.cert_der()));
         assert!(a.is_root() && a.root() == a.cert_der());
-        let svid = a
-            .issue_local(
-                &SpiffeId::parse("spiffe://td.test/a").unwrap(),
-                Duration::from_secs(60),
-                now,
-            )
-            .unwrap();
+        let svid = one_minute_svid(&a, now);
         assert_eq!(
             svid.chain()[1],
             *a.cert_der(),

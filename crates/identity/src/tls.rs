@@ -607,11 +607,15 @@ mod tests {
         let (client, server) = configs(&p, &p.bundle);
         assert!(handshake(client.clone(), server.clone()).is_ok());
 
-        let by_id = p
-            .bundle
-            .clone()
-            .with_revocations(Arc::new(Revoked(vec!["spiffe://td/client".into()])));
-        let (_, strict_server) = configs(&p, &by_id);
+        // Both sides' configurations over the bundle with `revoked` revoked.
+        let revoking = |revoked: &str| {
+            let bundle = p
+                .bundle
+                .clone()
+                .with_revocations(Arc::new(Revoked(vec![revoked.to_string()])));
+            configs(&p, &bundle)
+        };
+        let (_, strict_server) = revoking("spiffe://td/client");
         let err = handshake(client.clone(), strict_server).unwrap_err();
         assert_eq!(
             svid_error_of(&err),
@@ -621,11 +625,7 @@ mod tests {
             })
         );
 
-        let by_serial = p
-            .bundle
-            .clone()
-            .with_revocations(Arc::new(Revoked(vec![p.server.serial().to_string()])));
-        let (strict_client, _) = configs(&p, &by_serial);
+        let (strict_client, _) = revoking(p.server.serial());
         let err = handshake(strict_client, server.clone()).unwrap_err();
         assert_eq!(
             svid_error_of(&err),
@@ -636,11 +636,7 @@ mod tests {
         );
 
         // Another serial of the same identity is not this one.
-        let other = p
-            .bundle
-            .clone()
-            .with_revocations(Arc::new(Revoked(vec!["00:11".into()])));
-        let (c, s) = configs(&p, &other);
+        let (c, s) = revoking("00:11");
         assert!(handshake(c, s).is_ok());
     }
 

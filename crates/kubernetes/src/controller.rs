@@ -124,17 +124,19 @@ fn api_resource(kind: &str, plural: &str) -> ApiResource {
 }
 
 /// Runs a watcher into a reflector's store until the process ends, waking `notify` at
-/// every event. Errors (the API server away, a watch dropped, a resourceVersion too old)
+/// every event; returns the store to read. Errors (the API server away, a watch dropped, a resourceVersion too old)
 /// are logged and retried with backoff by kube-rs; the store keeps its last state meanwhile.
 fn reflect<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     what: &'static str,
     notify: Arc<Notify>,
-) where
+) -> reflector::Store<K>
+where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    let store = writer.as_reader();
     let stream =
         reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
     tokio::spawn(async move {
@@ -146,6 +148,7 @@ fn reflect<K>(
             }
         }
     });
+    store
 }
 
 /// Logs a watch's error. A resourceVersion too old (410) is routine: the API server
@@ -163,48 +166,34 @@ fn watch_failed(what: &str, e: &watcher::Error) {
 /// see, and the task that keeps the webhook's caBundle current.
 pub fn spawn(client: Client, resources: Resources, issuer: Issuer, options: ControllerOptions) {
     let notify = Arc::new(Notify::new());
-    let (namespaces, w) = reflector::store();
-    reflect(
-        Api::<Namespace>::all(client.clone()),
-        w,
-        "namespaces",
-        notify.clone(),
-    );
-    let (pods, w) = reflector::store();
-    reflect(Api::<Pod>::all(client.clone()), w, "pods", notify.clone());
-    let (services, w) = reflector::store();
-    reflect(
-        Api::<Service>::all(client.clone()),
-        w,
-        "services",
-        notify.clone(),
-    );
-    let (service_accounts, w) = reflector::store();
-    reflect(
-        Api::<ServiceAccount>::all(client.clone()),
-        w,
-        "serviceaccounts",
-        notify.clone(),
-    );
-    let mut crs = Vec::new();
-    for (kind, plural) in crd::KINDS {
-        let ar = api_resource(kind, plural);
-        let writer = reflector::store::Writer::new(ar.clone());
-        let store = writer.as_reader();
+    // A built-in kind's watch, by its plural.
+    fn all<K>(client: &Client, plural: &'static str, notify: &Arc<Notify>) -> reflector::Store<K>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync,
+        K: 'static,
+    {
+        let api = Api::<K>::all(client.clone());
         reflect(
-            Api::all_with(client.clone(), &ar),
-            writer,
+            api,
+            reflector::store::Writer::default(),
             plural,
             notify.clone(),
-        );
-        crs.push((*kind, store));
+        )
     }
     let stores = Stores {
-        namespaces,
-        pods,
-        services,
-        service_accounts,
-        crs,
+        namespaces: all(&client, "namespaces", &notify),
+        pods: all(&client, "pods", &notify),
+        services: all(&client, "services", &notify),
+        service_accounts: all(&client, "serviceaccounts", &notify),
+        crs: crd::KINDS
+            .iter()
+            .map(|(kind, plural)| {
+                let ar = api_resource(kind, plural);
+                let writer = reflector::store::Writer::new(ar.clone());
+                let api = Api::all_with(client.clone(), &ar);
+                (*kind, reflect(api, writer, plural, notify.clone()))
+            })
+            .collect(),
     };
     tokio::spawn(caretake_ca_bundle(
         client.clone(),

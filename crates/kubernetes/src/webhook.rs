@@ -35,7 +35,6 @@ pub const DEFAULT_SERVICE: &str = "bulkhead-webhook";
 pub const DEFAULT_NAMESPACE: &str = "bulkhead-system";
 pub const DEFAULT_HOST: &str = "bulkhead-webhook.bulkhead-system.svc";
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A whole request, body included, must arrive within this (the API server's own timeout
 /// for a webhook call is at most 30 s).
@@ -127,19 +126,15 @@ async fn accept(tcp: TcpListener, tls: ServingTls, app: App) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+        let config = tls.config();
         let app = app.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let stream =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%remote, error = %e, "webhook TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => return,
-                };
+            let Some(stream) =
+                bulkhead_control::tls_handshake(config, stream, remote, "webhook").await
+            else {
+                return;
+            };
             let service = hyper::service::service_fn(move |req| {
                 let app = app.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&app, req).await) }

@@ -329,6 +329,16 @@ struct Watched {
 }
 
 impl ReqBody {
+    /// Puts a request's body under the deadlines, as [`ReqBody::new`] does.
+    pub(crate) fn of_request(
+        req: http::Request<Incoming>,
+        d: &Deadlines,
+    ) -> (http::Request<ReqBody>, Option<BodyState>) {
+        let (parts, body) = req.into_parts();
+        let (body, watched) = ReqBody::new(body, d);
+        (http::Request::from_parts(parts, body), watched)
+    }
+
     /// Puts a body under the deadlines. A body already complete (a GET, or HTTP/2 HEADERS
     /// with END_STREAM) needs no watching and costs nothing; the returned state is `None`.
     pub(crate) fn new(inner: Incoming, d: &Deadlines) -> (ReqBody, Option<BodyState>) {

@@ -869,6 +869,32 @@ pub(crate) fn count_decision(
     shared.metrics.decision(direction, decision, parties);
 }
 
+/// Counts a response this sidecar gives its caller (`from_sidecar`: as [`response_flags`]
+/// reads it) and tells the connection's clock what comes after it: none after a `101` (the
+/// connection is the tunnel's now), else idle once the response body is done.
+pub(crate) fn served(
+    resp: &mut Response<Body>,
+    shared: &crate::Shared,
+    direction: &'static str,
+    parties: &crate::metrics::Parties,
+    from_sidecar: bool,
+    started: std::time::Instant,
+    clock: Option<&Clock>,
+) {
+    shared.metrics.request(
+        direction,
+        parties,
+        resp.status().as_u16(),
+        response_flags(resp, from_sidecar),
+        started.elapsed(),
+    );
+    match clock {
+        Some(c) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => c.off(),
+        Some(c) => resp.body_mut().set_idle_when_done(c.idle_when_done()),
+        None => {}
+    }
+}
+
 /// Whether an answer is a mesh denial (`response_flags="RBAC"`): this sidecar's own denial
 /// (marked by [`denial`]), or, from a destination's sidecar (`from_sidecar`), a response
 /// carrying its `x-bulkhead-decision: deny…`, which a receiving sidecar never lets its app set.

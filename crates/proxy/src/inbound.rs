@@ -18,7 +18,7 @@ use crate::http::{
 };
 use crate::metrics::{Parties, Refusal, TlsFailure};
 use crate::tcp::{Flow, Reset};
-use crate::upgrade::{self, Ask, OpenedBy};
+use crate::upgrade::{self, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::peer_identity_in;
@@ -274,12 +274,7 @@ where
         peer_workload: None,
         port: t.port,
     };
-    let (decision, permit) = flow
-        .judge(&shared.snapshot.load(), &shared.workload)
-        .into_parts();
-    flow.log(&decision, &shared);
-    let Some(permit) = permit else {
-        shared.metrics.reset("inbound", "denied");
+    let Some(permit) = flow.admit(&shared) else {
         return downstream.reset();
     };
     match connect_app(t.app).await {
@@ -370,18 +365,8 @@ async fn serve_app_http<I>(
             // Boxed for each request: see `crate::http::serve_http` on request futures.
             let mut resp = Box::pin(handle(req, &conn, link, t, &shared)).await;
             if let Ok(r) = &mut resp {
-                shared.metrics.request(
-                    "inbound",
-                    &conn.parties,
-                    r.status().as_u16(),
-                    crate::http::response_flags(r, false),
-                    start.elapsed(),
-                );
-                match &clock {
-                    Some(c) if r.status() == StatusCode::SWITCHING_PROTOCOLS => c.off(),
-                    Some(c) => r.body_mut().set_idle_when_done(c.idle_when_done()),
-                    None => {}
-                }
+                let clock = clock.as_ref();
+                crate::http::served(r, &shared, "inbound", &conn.parties, false, start, clock);
             }
             resp
         }
@@ -461,7 +446,7 @@ async fn handle(
         })
         .into_parts();
     // The host as policy read it, for judging an upgraded tunnel again later; only a request
-    // with an `Upgrade` header can open one (`upgrade::ask`), so no other copies it.
+    // with an `Upgrade` header can open one (`upgrade::switch_to`), so no other copies it.
     let host = req
         .headers()
         .contains_key(http::header::UPGRADE)
@@ -538,27 +523,17 @@ async fn handle(
         return Ok(resp);
     };
     origin_form(&mut req);
-    let switch = match upgrade::ask(&req) {
-        Ask::Nothing => None,
-        Ask::Refused(protocols) => {
-            upgrade::refused(shared, "inbound", &protocols, req.uri().path());
-            None
-        }
-        Ask::Switch { upgrade, refused } => {
-            if let Some(protocols) = refused {
-                upgrade::refused(shared, "inbound", &protocols, req.uri().path());
-            }
-            Some(upgrade)
-        }
-    };
+    let switch = upgrade::switch_to(&req, shared, "inbound");
     // A tunnel keeps the request that opened it, to judge it again on policy changes.
     let opened = switch.as_ref().map(|up| {
-        let peer = Peer {
-            identity: peer.map(SpiffeId::as_str),
-            ip: Some(t.remote.ip()),
-            workload: None,
+        let flow = Flow {
+            direction: Direction::Ingress,
+            peer_identity: peer.cloned(),
+            peer_ip: Some(t.remote.ip()),
+            peer_workload: None,
+            port: t.port,
         };
-        OpenedBy::of(&req, Direction::Ingress, peer, t.port, host.clone(), up)
+        OpenedBy::of(&req, flow, host.clone(), up)
     });
     let headers = req.headers_mut();
     upgrade::prepare(headers, switch.as_ref());
@@ -577,23 +552,12 @@ async fn handle(
     let whom = || format!("the local app at {app}");
     let (sent, body) = match (switch, opened) {
         (Some(up), Some(opened)) => {
-            let (connect, whom) = (connect_app(app), whom());
-            // Boxed: an upgrade is rare, and its handshake would size every request's future.
-            let send = Box::pin(upgrade::forward(
-                permit,
-                req,
-                connect,
-                up,
-                opened,
-                shared.clone(),
-                &whom,
-            ));
-            (response_head(send, None, deadline).await, None)
+            let connect = connect_app(app);
+            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), whom());
+            (send.await, None)
         }
         _ => {
-            let (parts, body) = req.into_parts();
-            let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
-            let req = Request::from_parts(parts, body);
+            let (req, watched) = ReqBody::of_request(req, &shared.limits.deadlines());
             let send = async {
                 match &*link {
                     AppSide::Own(link) => link
@@ -609,17 +573,7 @@ async fn handle(
                 }
             };
             let sent = response_head(send, watched.as_ref(), deadline).await;
-            // The plain path asked nobody to switch: a 101 here is never passed on.
-            let sent = sent.map(|r| match r {
-                Ok(resp) if upgrade::unasked(&resp) => Ok(upgrade::mismatch(
-                    shared,
-                    "inbound",
-                    &whom(),
-                    None,
-                    resp.headers().get(http::header::UPGRADE),
-                )),
-                other => other,
-            });
+            let sent = sent.map(|r| upgrade::unasked(r, shared, "inbound", whom));
             (sent, watched)
         }
     };

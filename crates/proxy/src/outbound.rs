@@ -18,7 +18,7 @@ use crate::http::{
 };
 use crate::metrics::{Parties, Refusal};
 use crate::tcp::{Flow, Reset};
-use crate::upgrade::{self, Ask, OpenedBy};
+use crate::upgrade::{self, OpenedBy};
 use crate::{HANDSHAKE_TIMEOUT, ProxyError, Shared};
 use bulkhead_identity::SpiffeId;
 use bulkhead_identity::tls::server_name;
@@ -264,6 +264,7 @@ async fn serve(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     }
 }
 
+/// What L4 policy sees of a connection to `dest`.
 fn tcp_flow(dest: &Dest) -> Flow {
     Flow {
         direction: Direction::Egress,
@@ -279,12 +280,7 @@ fn tcp_flow(dest: &Dest) -> Flow {
 /// passed on as a reset.
 async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
-    let (decision, permit) = flow
-        .judge(&shared.snapshot.load(), &shared.workload)
-        .into_parts();
-    flow.log(&decision, &shared);
-    let Some(permit) = permit else {
-        shared.metrics.reset("outbound", "denied");
+    let Some(permit) = flow.admit(&shared) else {
         return tcp.reset();
     };
     match connect_upstream(dest.clone(), Alpn::Tcp, shared.clone()).await {
@@ -301,12 +297,7 @@ async fn relay_mesh(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
 /// with a reset otherwise, or when the destination refuses it.
 async fn relay_outside(tcp: TcpStream, dest: Arc<Dest>, shared: Arc<Shared>) {
     let flow = tcp_flow(&dest);
-    let (decision, permit) = flow
-        .judge(&shared.snapshot.load(), &shared.workload)
-        .into_parts();
-    flow.log(&decision, &shared);
-    let Some(permit) = permit else {
-        shared.metrics.reset("outbound", "denied");
+    let Some(permit) = flow.admit(&shared) else {
         return tcp.reset();
     };
     match TcpStream::connect(dest.address).await {
@@ -363,18 +354,8 @@ async fn serve_http_out(tcp: TcpStream, h2: bool, dest: Arc<Dest>, shared: Arc<S
             // Boxed for each request: see `crate::http::serve_http` on request futures.
             let mut resp = Box::pin(handle(req, link, h2, dest, &parties, shared.clone())).await;
             if let Ok(r) = &mut resp {
-                shared.metrics.request(
-                    "outbound",
-                    &parties,
-                    r.status().as_u16(),
-                    crate::http::response_flags(r, in_mesh),
-                    start.elapsed(),
-                );
-                match &clock {
-                    Some(c) if r.status() == StatusCode::SWITCHING_PROTOCOLS => c.off(),
-                    Some(c) => r.body_mut().set_idle_when_done(c.idle_when_done()),
-                    None => {}
-                }
+                let clock = clock.as_ref();
+                crate::http::served(r, &shared, "outbound", &parties, in_mesh, start, clock);
             }
             resp
         }
@@ -424,7 +405,7 @@ async fn handle(
         egress_decision(&canonical, &req, &dest, &snapshot, &shared).into_parts()
     };
     // The host as policy read it, for judging an upgraded tunnel again later; only a request
-    // with an `Upgrade` header can open one (`upgrade::ask`), so no other copies it.
+    // with an `Upgrade` header can open one (`upgrade::switch_to`), so no other copies it.
     let host = req
         .headers()
         .contains_key(http::header::UPGRADE)
@@ -506,28 +487,11 @@ async fn handle(
         return Ok(resp);
     };
     origin_form(&mut req);
-    let switch = match upgrade::ask(&req) {
-        Ask::Nothing => None,
-        Ask::Refused(protocols) => {
-            upgrade::refused(&shared, "outbound", &protocols, req.uri().path());
-            None
-        }
-        Ask::Switch { upgrade, refused } => {
-            if let Some(protocols) = refused {
-                upgrade::refused(&shared, "outbound", &protocols, req.uri().path());
-            }
-            Some(upgrade)
-        }
-    };
+    let switch = upgrade::switch_to(&req, &shared, "outbound");
     // A tunnel keeps the request that opened it, to judge it again on policy changes.
-    let opened = switch.as_ref().map(|up| {
-        let peer = Peer {
-            identity: dest.identity.as_ref().map(SpiffeId::as_str),
-            ip: Some(dest.address.ip()),
-            workload: dest.workload.as_ref(),
-        };
-        OpenedBy::of(&req, Direction::Egress, peer, dest.port, host, up)
-    });
+    let opened = switch
+        .as_ref()
+        .map(|up| OpenedBy::of(&req, tcp_flow(&dest), host, up));
     let headers = req.headers_mut();
     upgrade::prepare(headers, switch.as_ref());
     // Only the receiving sidecar may say who the caller is.
@@ -539,23 +503,12 @@ async fn handle(
     let whom = || format!("upstream {}", dest.name);
     let (sent, body) = match (switch, opened) {
         (Some(up), Some(opened)) => {
-            let (connect, whom) = (connect_upstream(dest.clone(), alpn, shared.clone()), whom());
-            // Boxed: an upgrade is rare, and its handshake would size every request's future.
-            let send = Box::pin(upgrade::forward(
-                permit,
-                req,
-                connect,
-                up,
-                opened,
-                shared.clone(),
-                &whom,
-            ));
-            (response_head(send, None, deadline).await, None)
+            let connect = connect_upstream(dest.clone(), alpn, shared.clone());
+            let send = upgrade::forward(permit, req, connect, up, opened, shared.clone(), whom());
+            (send.await, None)
         }
         _ => {
-            let (parts, body) = req.into_parts();
-            let (body, watched) = ReqBody::new(body, &shared.limits.deadlines());
-            let req = Request::from_parts(parts, body);
+            let (req, watched) = ReqBody::of_request(req, &shared.limits.deadlines());
             let send = async {
                 if h2 {
                     link.send(permit, req, || {
@@ -580,17 +533,7 @@ async fn handle(
                 }
             };
             let sent = response_head(send, watched.as_ref(), deadline).await;
-            // The plain path asked nobody to switch: a 101 here is never passed on.
-            let sent = sent.map(|r| match r {
-                Ok(resp) if upgrade::unasked(&resp) => Ok(upgrade::mismatch(
-                    &shared,
-                    "outbound",
-                    &whom(),
-                    None,
-                    resp.headers().get(http::header::UPGRADE),
-                )),
-                other => other,
-            });
+            let sent = sent.map(|r| upgrade::unasked(r, &shared, "outbound", whom));
             (sent, watched)
         }
     };

@@ -6,7 +6,7 @@ use crate::Shared;
 use crate::authz::{Judgement, Permit, Snapshot};
 use bulkhead_identity::SpiffeId;
 use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Decision, Peer, Protocol, Request as PolicyRequest};
+use bulkhead_policy::{Decision, Http, Peer, Protocol, Request as PolicyRequest};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +28,18 @@ pub(crate) struct Flow {
 impl Flow {
     /// Judges the connection against one snapshot, as L4 policy sees it.
     pub(crate) fn judge(&self, snapshot: &Snapshot, subject: &WorkloadRef) -> Judgement {
+        self.judge_request(snapshot, subject, Protocol::Tcp, None)
+    }
+
+    /// Judges a request on this connection against one snapshot: `http` is what policy sees
+    /// of it, `None` for L4.
+    pub(crate) fn judge_request(
+        &self,
+        snapshot: &Snapshot,
+        subject: &WorkloadRef,
+        protocol: Protocol,
+        http: Option<Http<'_>>,
+    ) -> Judgement {
         snapshot.judge(&PolicyRequest {
             direction: self.direction,
             subject,
@@ -37,9 +49,22 @@ impl Flow {
                 workload: self.peer_workload.as_ref(),
             },
             port: self.port,
-            protocol: Protocol::Tcp,
-            http: None,
+            protocol,
+            http,
         })
+    }
+
+    /// Judges the connection against the policy in force and logs the decision; `None`,
+    /// counted as a reset for denial, when policy denies it (the caller resets it).
+    pub(crate) fn admit(&self, shared: &Shared) -> Option<Permit> {
+        let (decision, permit) = self
+            .judge(&shared.snapshot.load(), &shared.workload)
+            .into_parts();
+        self.log(&decision, shared);
+        if permit.is_none() {
+            shared.metrics.reset(self.direction_label(), "denied");
+        }
+        permit
     }
 
     /// Counts the connection into its edge for the flow report.
@@ -84,7 +109,7 @@ impl Flow {
         )
     }
 
-    fn direction_label(&self) -> &'static str {
+    pub(crate) fn direction_label(&self) -> &'static str {
         match self.direction {
             Direction::Ingress => "inbound",
             Direction::Egress => "outbound",
@@ -150,33 +175,20 @@ pub(crate) enum Opened {
 }
 
 impl Opened {
-    fn direction_label(&self) -> &'static str {
-        let direction = match self {
-            Opened::Tcp(flow) => flow.direction,
-            Opened::Upgrade(by) => by.direction,
-        };
-        match direction {
-            Direction::Ingress => "inbound",
-            Direction::Egress => "outbound",
+    /// The connection it opened, as L4 sees it.
+    fn flow(&self) -> &Flow {
+        match self {
+            Opened::Tcp(flow) => flow,
+            Opened::Upgrade(by) => &by.flow,
         }
     }
 
+    fn direction_label(&self) -> &'static str {
+        self.flow().direction_label()
+    }
+
     fn parties(&self, shared: &Shared) -> crate::metrics::Parties {
-        let (direction, identity, workload) = match self {
-            Opened::Tcp(flow) => (
-                flow.direction,
-                flow.peer_identity.as_deref(),
-                &flow.peer_workload,
-            ),
-            Opened::Upgrade(by) => (by.direction, by.peer_identity.as_deref(), &by.peer_workload),
-        };
-        crate::metrics::Parties::with_peer(
-            direction == Direction::Ingress,
-            &shared.identity,
-            &shared.place,
-            identity,
-            workload.as_ref(),
-        )
+        self.flow().parties(shared)
     }
 
     fn judge(&self, snapshot: &Snapshot, subject: &WorkloadRef) -> Judgement {
@@ -201,9 +213,9 @@ impl Opened {
             ),
             Opened::Upgrade(by) => tracing::warn!(
                 direction = self.direction_label(),
-                peer.id = by.peer_identity.as_deref().unwrap_or("-"),
-                peer.ip = ?by.peer_ip,
-                port = by.port,
+                peer.id = by.flow.peer_identity.as_deref().unwrap_or("-"),
+                peer.ip = ?by.flow.peer_ip,
+                port = by.flow.port,
                 http.method = by.method,
                 http.path = by.path,
                 protocol = by.protocol,

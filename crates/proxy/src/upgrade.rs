@@ -19,16 +19,17 @@
 
 use crate::Shared;
 use crate::authz::{Judgement, Permit, Snapshot};
+use crate::deadline::{ResponseTimeout, response_head};
 use crate::http::{Body, LinkError, proxy_response, response_body};
 use crate::metrics::Refusal;
-use bulkhead_policy::model::{Direction, WorkloadRef};
-use bulkhead_policy::{Http, Peer, Protocol, Request as PolicyRequest};
+use crate::tcp::Flow;
+use bulkhead_policy::model::WorkloadRef;
+use bulkhead_policy::{Http, Protocol};
 use http::header::{CONNECTION, HeaderValue, UPGRADE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -107,8 +108,26 @@ pub(crate) fn prepare(headers: &mut http::HeaderMap, switch: Option<&HeaderValue
     }
 }
 
+/// What a request may switch to on this port ([`ask`]), if anything; each protocol it asked
+/// for that is not allowed is counted and logged.
+pub(crate) fn switch_to<B>(
+    req: &Request<B>,
+    shared: &Shared,
+    direction: &'static str,
+) -> Option<HeaderValue> {
+    let (switch, left_out) = match ask(req) {
+        Ask::Nothing => (None, None),
+        Ask::Refused(protocols) => (None, Some(protocols)),
+        Ask::Switch { upgrade, refused } => (Some(upgrade), refused),
+    };
+    if let Some(protocols) = left_out {
+        refused(shared, direction, &protocols, req.uri().path());
+    }
+    switch
+}
+
 /// Counts and logs the protocols a request was not allowed to switch to.
-pub(crate) fn refused(shared: &Shared, direction: &'static str, protocols: &str, path: &str) {
+fn refused(shared: &Shared, direction: &'static str, protocols: &str, path: &str) {
     if let Some(unlogged) = shared.refuse(direction, Refusal::UpgradeRefused) {
         tracing::warn!(
             direction,
@@ -125,11 +144,8 @@ pub(crate) fn refused(shared: &Shared, direction: &'static str, protocols: &str,
 /// The request that opened a tunnel, kept to judge it again when policy changes.
 #[derive(Debug)]
 pub(crate) struct OpenedBy {
-    pub direction: Direction,
-    pub peer_identity: Option<String>,
-    pub peer_ip: Option<IpAddr>,
-    pub peer_workload: Option<WorkloadRef>,
-    pub port: u16,
+    /// The connection the request came on, as L4 sees it.
+    pub flow: Flow,
     pub method: String,
     pub path: String,
     pub host: Option<String>,
@@ -142,18 +158,12 @@ impl OpenedBy {
     /// Copies what policy saw of a request (made once per upgrade, not per request).
     pub(crate) fn of<B>(
         req: &Request<B>,
-        direction: Direction,
-        peer: Peer<'_>,
-        port: u16,
+        flow: Flow,
         host: Option<String>,
         protocol: &HeaderValue,
     ) -> OpenedBy {
         OpenedBy {
-            direction,
-            peer_identity: peer.identity.map(str::to_string),
-            peer_ip: peer.ip,
-            peer_workload: peer.workload.cloned(),
-            port,
+            flow,
             method: req.method().as_str().to_string(),
             path: req.uri().path().to_string(),
             host,
@@ -168,23 +178,14 @@ impl OpenedBy {
 
     /// Judges the opening request again, against `snapshot`.
     pub(crate) fn judge(&self, snapshot: &Snapshot, subject: &WorkloadRef) -> Judgement {
-        snapshot.judge(&PolicyRequest {
-            direction: self.direction,
-            subject,
-            peer: Peer {
-                identity: self.peer_identity.as_deref(),
-                ip: self.peer_ip,
-                workload: self.peer_workload.as_ref(),
-            },
-            port: self.port,
-            protocol: Protocol::Http,
-            http: Some(Http {
-                method: &self.method,
-                path: &self.path,
-                host: self.host.as_deref(),
-                headers: &self.headers,
-            }),
-        })
+        let http = Http {
+            method: &self.method,
+            path: &self.path,
+            host: self.host.as_deref(),
+            headers: &self.headers,
+        };
+        self.flow
+            .judge_request(snapshot, subject, Protocol::Http, Some(http))
     }
 }
 
@@ -243,18 +244,39 @@ pub(crate) fn mismatch(
     resp
 }
 
-/// Forwards an allowed upgrade on a connection of its own. On a `101` for the protocol
-/// asked, both sides are joined into a tunnel judged again on every policy change (and
-/// closed when idle for `--idle-timeout-secs`); on a `101` for anything else, nothing is
-/// joined and the caller gets 502.
-pub(crate) async fn forward<Fut, Io>(
+/// Forwards an allowed upgrade on a connection of its own (`connect`, to `whom`), its
+/// response head within the response deadline. On a `101` for the protocol asked, both
+/// sides are joined into a tunnel judged again on every policy change (and closed when idle
+/// for `--idle-timeout-secs`); on a `101` for anything else, nothing is joined and the
+/// caller gets 502.
+///
+/// Boxed at once: an upgrade is rare, and its handshake would size every request's future.
+pub(crate) fn forward<Fut, Io>(
+    permit: Permit,
+    req: Request<Incoming>,
+    connect: Fut,
+    upgrade: HeaderValue,
+    opened: OpenedBy,
+    shared: Arc<Shared>,
+    whom: String,
+) -> impl Future<Output = Result<Result<Response<Body>, LinkError>, ResponseTimeout>>
+where
+    Fut: Future<Output = std::io::Result<Io>>,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = shared.limits.response_timeout;
+    let send = Box::pin(switch(permit, req, connect, upgrade, opened, shared, whom));
+    async move { response_head(send, None, deadline).await }
+}
+
+async fn switch<Fut, Io>(
     permit: Permit,
     mut req: Request<Incoming>,
     connect: Fut,
     upgrade: HeaderValue,
     opened: OpenedBy,
     shared: Arc<Shared>,
-    whom: &str,
+    whom: String,
 ) -> Result<Response<Body>, LinkError>
 where
     Fut: Future<Output = std::io::Result<Io>>,
@@ -272,15 +294,12 @@ where
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(response_body(resp));
     }
-    let direction = match opened.direction {
-        Direction::Ingress => "inbound",
-        Direction::Egress => "outbound",
-    };
+    let direction = opened.flow.direction_label();
     if !switched_as_asked(resp.headers(), &upgrade) {
         return Ok(mismatch(
             &shared,
             direction,
-            whom,
+            &whom,
             Some(&upgrade),
             resp.headers().get(UPGRADE),
         ));
@@ -307,9 +326,24 @@ where
     Ok(Response::from_parts(parts, Body::peer(body)))
 }
 
-/// A `101` on the plain path (no switch was forwarded) is never passed on.
-pub(crate) fn unasked<B>(resp: &Response<B>) -> bool {
-    resp.status() == StatusCode::SWITCHING_PROTOCOLS
+/// The answer on the plain path, where no switch was forwarded: a `101` from `whom` is never
+/// passed on, but answered as a [`mismatch`].
+pub(crate) fn unasked<E>(
+    sent: Result<Response<Body>, E>,
+    shared: &Shared,
+    direction: &'static str,
+    whom: impl FnOnce() -> String,
+) -> Result<Response<Body>, E> {
+    match sent {
+        Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => Ok(mismatch(
+            shared,
+            direction,
+            &whom(),
+            None,
+            resp.headers().get(UPGRADE),
+        )),
+        other => other,
+    }
 }
 
 #[cfg(test)]

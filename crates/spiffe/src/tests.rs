@@ -7,6 +7,13 @@ fn refused(id: &str) -> Rule {
     SpiffeId::parse(id).expect_err(id).rule()
 }
 
+/// Each of `ids` is refused for breaking `rule`.
+fn refuses_each(rule: Rule, ids: &[&str]) {
+    for id in ids {
+        assert_eq!(refused(id), rule, "{id}");
+    }
+}
+
 fn rule<T: std::fmt::Debug>(r: Result<T, SpiffeIdError>) -> Rule {
     r.unwrap_err().rule()
 }
@@ -58,25 +65,27 @@ fn kubernetes_shapes() {
 
 #[test]
 fn the_scheme_is_spiffe() {
-    for bad in ["http://td/x", "SPIFFE://td/x", "spiffe:/td/x", "td/x", ""] {
-        assert_eq!(refused(bad), Rule::Scheme, "{bad}");
-    }
+    refuses_each(
+        Rule::Scheme,
+        &["http://td/x", "SPIFFE://td/x", "spiffe:/td/x", "td/x", ""],
+    );
 }
 
 #[test]
 fn the_trust_domain_is_lowercase_letters_digits_dot_dash_underscore() {
     assert_eq!(refused("spiffe:///x"), Rule::EmptyTrustDomain);
     assert_eq!(refused("spiffe://"), Rule::EmptyTrustDomain);
-    for bad in [
-        "spiffe://TD/x",
-        "spiffe://td:80/x",
-        "spiffe://u@td/x",
-        "spiffe://t d/x",
-        "spiffe://td?x",
-        "spiffe://td#x",
-    ] {
-        assert_eq!(refused(bad), Rule::TrustDomainChar, "{bad}");
-    }
+    refuses_each(
+        Rule::TrustDomainChar,
+        &[
+            "spiffe://TD/x",
+            "spiffe://td:80/x",
+            "spiffe://u@td/x",
+            "spiffe://t d/x",
+            "spiffe://td?x",
+            "spiffe://td#x",
+        ],
+    );
     assert!(SpiffeId::parse("spiffe://a-b.c_d.09/x").is_ok());
 }
 
@@ -108,43 +117,46 @@ fn a_workload_id_needs_a_path() {
 
 #[test]
 fn path_segments_are_never_empty_and_there_is_no_trailing_slash() {
-    for bad in [
-        "spiffe://td/",
-        "spiffe://td/a//b",
-        "spiffe://td/a/",
-        "spiffe://td//a",
-    ] {
-        assert_eq!(refused(bad), Rule::EmptySegment, "{bad}");
-    }
+    refuses_each(
+        Rule::EmptySegment,
+        &[
+            "spiffe://td/",
+            "spiffe://td/a//b",
+            "spiffe://td/a/",
+            "spiffe://td//a",
+        ],
+    );
     assert_eq!(rule(parse_parts("spiffe://td/")), Rule::EmptySegment);
 }
 
 #[test]
 fn path_segments_are_never_dot_or_dot_dot() {
-    for bad in [
-        "spiffe://td/./a",
-        "spiffe://td/../a",
-        "spiffe://td/a/..",
-        "spiffe://td/.",
-    ] {
-        assert_eq!(refused(bad), Rule::DotSegment, "{bad}");
-    }
+    refuses_each(
+        Rule::DotSegment,
+        &[
+            "spiffe://td/./a",
+            "spiffe://td/../a",
+            "spiffe://td/a/..",
+            "spiffe://td/.",
+        ],
+    );
     // Dots inside a segment are letters like any other.
     assert!(SpiffeId::parse("spiffe://td/a.b/..c/...").is_ok());
 }
 
 #[test]
 fn path_segments_are_letters_digits_dot_dash_underscore() {
-    for bad in [
-        "spiffe://td/a?b",
-        "spiffe://td/a#b",
-        "spiffe://td/a b",
-        "spiffe://td/a%20b",
-        "spiffe://td/a:b",
-        "spiffe://td/é",
-    ] {
-        assert_eq!(refused(bad), Rule::PathChar, "{bad}");
-    }
+    refuses_each(
+        Rule::PathChar,
+        &[
+            "spiffe://td/a?b",
+            "spiffe://td/a#b",
+            "spiffe://td/a b",
+            "spiffe://td/a%20b",
+            "spiffe://td/a:b",
+            "spiffe://td/é",
+        ],
+    );
     assert!(SpiffeId::parse("spiffe://td/Ns/A-b_c.D/9").is_ok());
 }
 

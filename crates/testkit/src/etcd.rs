@@ -167,15 +167,10 @@ impl EtcdCluster {
 /// certificate it signed, and another CA (P-256 keys, valid one day).
 fn make_certificates(dir: &std::path::Path, openssl: &std::path::Path) -> EtcdTls {
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(openssl)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let mut openssl = std::process::Command::new(openssl);
+        crate::stdout_of(
+            openssl.args(args).current_dir(dir),
+            &format!("openssl {args:?}"),
         );
     };
     let key = [

@@ -175,6 +175,20 @@ pub fn run(program: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String,
     )
 }
 
+/// Runs `cmd`, which must succeed (`what` names it when it does not); returns its standard
+/// output.
+pub fn stdout_of(cmd: &mut Command, what: &str) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// A parsed HTTP/1.1 response.
 #[derive(Debug)]
 pub struct HttpResponse {
@@ -311,6 +325,46 @@ impl KeepAlive {
     }
 }
 
+/// Requests at a fixed rate on a thread until stopped: one every 20 ms, each `GET
+/// {prefix}{n}` on a new connection. What an app sees while its sidecar's control plane goes
+/// away or moves.
+pub struct FixedRate {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Tally>,
+}
+
+/// How many requests a [`FixedRate`] sent, each answer that was not a 200 (with when it
+/// came, from the start), and how long it ran.
+pub type Tally = (u32, Vec<(Duration, u16)>, Duration);
+
+impl FixedRate {
+    pub fn start(to: SocketAddr, prefix: &str) -> FixedRate {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (halt, prefix) = (stop.clone(), prefix.to_string());
+        let thread = std::thread::spawn(move || {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            let start = Instant::now();
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = http(to, "GET", &format!("{prefix}{sent}")).status;
+                if status != 200 {
+                    failed.push((start.elapsed(), status));
+                }
+                sent += 1;
+                let next = Duration::from_millis(20) * sent;
+                std::thread::sleep(next.saturating_sub(start.elapsed()));
+            }
+            (sent, failed, start.elapsed())
+        });
+        FixedRate { stop, thread }
+    }
+
+    /// Stops, and says how it went.
+    pub fn stop(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// Connects with mTLS presenting `client` and returns the serial of the server's leaf.
 pub fn server_serial(
     addr: SocketAddr,
@@ -406,13 +460,20 @@ pub fn tool(test: &str, program: &str) -> Option<std::path::PathBuf> {
     if let Some(path) = netns::find_program(program) {
         return Some(path);
     }
-    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
-        panic!(
-            "{test} cannot run: it needs {program}, and BULKHEAD_STRICT=1 forbids skipping (./dev/test installs it on Debian)"
-        );
-    }
-    eprintln!("skipped: {test}: needs {program}");
+    let needs = format!("needs {program}");
+    let fix = " (./dev/test installs it on Debian)";
+    cannot_run(test, &format!("it {needs}"), fix, &needs);
     None
+}
+
+/// `test` cannot run here, because `why`: a panic under `BULKHEAD_STRICT=1`, where
+/// `./dev/test` has installed what the tests need (`fix` says how), else a `skipped:` line
+/// that says what it `needs`.
+fn cannot_run(test: &str, why: &str, fix: &str, needs: &str) {
+    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
+        panic!("{test} cannot run: {why}, and BULKHEAD_STRICT=1 forbids skipping{fix}");
+    }
+    eprintln!("skipped: {test}: {needs}");
 }
 
 /// `python3`, if it can import `module` (the SPIFFE project's client, `spiffe`): `None` (and
@@ -428,12 +489,9 @@ pub fn python_with(test: &str, module: &str) -> Option<std::path::PathBuf> {
     if imports {
         return Some(python);
     }
-    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
-        panic!(
-            "{test} cannot run: python3 cannot import {module}, and BULKHEAD_STRICT=1 forbids skipping (./dev/test installs it)"
-        );
-    }
-    eprintln!("skipped: {test}: needs the python module {module}");
+    let why = format!("python3 cannot import {module}");
+    let needs = format!("needs the python module {module}");
+    cannot_run(test, &why, " (./dev/test installs it)", &needs);
     None
 }
 

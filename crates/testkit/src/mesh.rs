@@ -201,6 +201,14 @@ impl Mesh {
         )
     }
 
+    /// [`Mesh::cli`] for a command that must succeed and print JSON (`-o json`): its output,
+    /// parsed.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "bulkhead {} failed: {err}", args.join(" "));
+        serde_json::from_str(&out).unwrap()
+    }
+
     /// [`Mesh::cli`] with `input` on its standard input.
     pub fn cli_stdin(&self, args: &[&str], input: &str) -> (i32, String, String) {
         use std::io::Write;
@@ -289,27 +297,9 @@ impl Mesh {
 
     /// Starts `bulkhead sample-app` with extra flags (e.g. `--tcp-echo`).
     pub fn app_with(&self, name: &str, extra: &[&str]) -> (Proc, SocketAddr) {
-        let ready = self.dir.path().join(format!("{name}-app.json"));
-        // An earlier app of the same name left its file: never read as this one's.
-        let _ = std::fs::remove_file(&ready);
-        let mut args = vec![
-            "sample-app",
-            "--name",
-            name,
-            "--listen",
-            "127.0.0.1:0",
-            "--ready-file",
-            ready.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let mut p = Proc::spawn(
-            &format!("{name}-app"),
-            self.dir.path(),
-            &self.bins.bulkhead,
-            &args,
-            &[],
-        );
-        let json: serde_json::Value = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
+        let args = ["sample-app", "--name", name, "--listen", "127.0.0.1:0"];
+        let label = format!("{name}-app");
+        let (p, json) = self.start_ready(&label, &self.bins.bulkhead, &args, extra);
         let addr = json["addr"].as_str().unwrap().parse().unwrap();
         (p, addr)
     }
@@ -336,25 +326,30 @@ impl Mesh {
     pub fn proxy_joining(
         &self,
         name: &str,
-        mut args: Vec<String>,
+        args: Vec<String>,
         extra: &[&str],
     ) -> (Proc, serde_json::Value) {
-        let ready = self.dir.path().join(format!("{name}-proxy.json"));
-        // An earlier sidecar of the same name left its file: never read as this one's.
-        let _ = std::fs::remove_file(&ready);
-        args.extend([
-            "--ready-file".to_string(),
-            ready.to_str().unwrap().to_string(),
-        ]);
-        args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut p = Proc::spawn(
-            &format!("{name}-proxy"),
-            self.dir.path(),
-            &self.bins.proxy,
-            &args,
-            &[],
-        );
+        self.start_ready(&format!("{name}-proxy"), &self.bins.proxy, &args, extra)
+    }
+
+    /// Starts `program` as `label` with `args`, `--ready-file` (`label.json`, where this
+    /// mesh keeps its files) and `extra`; returns it once it has written the file, and the
+    /// file's JSON.
+    fn start_ready(
+        &self,
+        label: &str,
+        program: &Path,
+        args: &[&str],
+        extra: &[&str],
+    ) -> (Proc, serde_json::Value) {
+        let ready = self.dir.path().join(format!("{label}.json"));
+        // An earlier process of the same name left its file: never read as this one's.
+        let _ = std::fs::remove_file(&ready);
+        let mut all = args.to_vec();
+        all.extend(["--ready-file", ready.to_str().unwrap()]);
+        all.extend_from_slice(extra);
+        let mut p = Proc::spawn(label, self.dir.path(), program, &all, &[]);
         let json = serde_json::from_str(&p.wait_for_file(&ready, WAIT)).unwrap();
         (p, json)
     }

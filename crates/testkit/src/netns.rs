@@ -37,14 +37,9 @@ pub fn can_run(test: &str, needs: &[&str]) -> bool {
     if why.is_empty() {
         return true;
     }
-    let why = format!("needs {}", why.join(" and "));
-    if std::env::var("BULKHEAD_STRICT").as_deref() == Ok("1") {
-        panic!(
-            "{test} cannot run: it {why}, and BULKHEAD_STRICT=1 forbids skipping; run it as root \
-             with the programs installed (./dev/test installs them on Debian)"
-        );
-    }
-    eprintln!("skipped: {test}: {why}");
+    let needs = format!("needs {}", why.join(" and "));
+    let fix = "; run it as root with the programs installed (./dev/test installs them on Debian)";
+    crate::cannot_run(test, &format!("it {needs}"), fix, &needs);
     false
 }
 

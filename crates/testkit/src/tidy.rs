@@ -168,7 +168,8 @@ fn workspace_root() -> PathBuf {
 
 fn packages() -> Vec<Package> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
+    let mut metadata = std::process::Command::new(cargo);
+    metadata
         .args([
             "metadata",
             "--format-version",
@@ -176,15 +177,9 @@ fn packages() -> Vec<Package> {
             "--no-deps",
             "--offline",
         ])
-        .current_dir(workspace_root())
-        .output()
-        .expect("cargo metadata runs");
-    assert!(
-        out.status.success(),
-        "cargo metadata failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata is JSON");
+        .current_dir(workspace_root());
+    let out = crate::stdout_of(&mut metadata, "cargo metadata");
+    let meta: serde_json::Value = serde_json::from_slice(&out).expect("metadata is JSON");
     meta["packages"]
         .as_array()
         .expect("packages is an array")

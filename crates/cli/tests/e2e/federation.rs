@@ -144,10 +144,10 @@ fn federated_roots(config: &serde_json::Value, td: &str) -> Vec<String> {
 
 /// How many `federation-refresh-failed` events `mesh` has recorded about `td`.
 fn refresh_failures(mesh: &Mesh, td: &str) -> usize {
-    let (code, out, err) = mesh.cli(&["events", "-o", "json"]);
-    assert_eq!(code, 0, "{err}");
-    let events: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let events = mesh.cli_json(&["events", "-o", "json"]);
     events
+        .as_array()
+        .unwrap()
         .iter()
         .filter(|e| {
             e["kind"] == "federation-refresh-failed"
@@ -232,9 +232,7 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
 
     // Each side's proxy holds the other's roots, for the other's trust domain.
     let a_roots = |a: &Mesh| -> Vec<String> {
-        let (code, out, err) = a.cli(&["ca", "status", "-o", "json"]);
-        assert_eq!(code, 0, "{err}");
-        let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let s = a.cli_json(&["ca", "status", "-o", "json"]);
         let mut r: Vec<String> = s["bundleSha256"]
             .as_array()
             .unwrap()
@@ -362,9 +360,7 @@ fn two_trust_domains_federate_and_each_vouches_only_for_its_own() {
     eventually(WAIT, "A's new root reaching B's orders proxy", || {
         federated_roots(&proxy_config(orders_admin), A) == both
     });
-    let (code, out, err) = a.cli(&["ca", "status", "-o", "json"]);
-    assert_eq!(code, 0, "{err}");
-    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let status = a.cli_json(&["ca", "status", "-o", "json"]);
     let new = status["cas"]
         .as_array()
         .unwrap()

@@ -176,14 +176,9 @@ fn is_rfc3339(v: &serde_json::Value) -> bool {
 fn json_output_is_camel_case_with_rfc3339_times() {
     let mesh = Mesh::start();
     mesh.apply("policy.yaml", POLICY);
-    let json = |args: &[&str]| -> serde_json::Value {
-        let (code, out, err) = mesh.cli(args);
-        assert_eq!(code, 0, "{args:?}: {err}");
-        serde_json::from_str(&out).unwrap()
-    };
-    let history = json(&["history", "-o", "json"]);
+    let history = mesh.cli_json(&["history", "-o", "json"]);
     assert!(is_rfc3339(&history["revisions"][0]["time"]), "{history}");
-    let ca = json(&["ca", "status", "-o", "json"]);
+    let ca = mesh.cli_json(&["ca", "status", "-o", "json"]);
     let active = &ca["cas"][0];
     for key in ["notAfter", "added", "activated"] {
         assert!(is_rfc3339(&active[key]), "{key}: {active}");
@@ -196,7 +191,7 @@ fn json_output_is_camel_case_with_rfc3339_times() {
         "spiffe://test.local/ns/shop/sa/orders",
     ]);
     assert_eq!(token.0, 0);
-    let tokens = json(&["token", "list", "-o", "json"]);
+    let tokens = mesh.cli_json(&["token", "list", "-o", "json"]);
     assert!(is_rfc3339(&tokens[0]["expires"]), "{tokens}");
     // No key anywhere is snake_case or says its unit.
     for v in [&history, &ca, &tokens] {

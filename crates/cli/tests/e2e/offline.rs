@@ -98,16 +98,8 @@ fn bash_completes_verbs_and_flags() {
             "source <({bin} completion bash)\nCOMP_WORDS=({words})\nCOMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))\nCOMP_LINE=\"${{COMP_WORDS[*]}}\"\nCOMP_POINT=${{#COMP_LINE}}\n_bulkhead bulkhead \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
             bin = bins.bulkhead.display()
         );
-        let out = Command::new("bash")
-            .args(["-c", &script])
-            .output()
-            .expect("bash runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let out = bulkhead_testkit::stdout_of(Command::new("bash").args(["-c", &script]), "bash");
+        String::from_utf8(out).unwrap()
     };
     assert_eq!(complete("bulkhead pol"), "policy\n");
     let flags = complete("bulkhead impact --fail");

@@ -32,7 +32,6 @@ use tokio::sync::{Semaphore, watch};
 
 /// The console's own identity, in the mesh's reserved space.
 const CONSOLE_ID_PATH: &str = "/bulkhead/console";
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Open connections; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 256;
@@ -156,14 +155,9 @@ async fn connection(
                 .await
         }
         Some(config) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "console TLS handshake refused");
-                    return;
-                }
-                Err(_) => return,
+            let Some(stream) = crate::listener::tls_handshake(config, tcp, remote, "console").await
+            else {
+                return;
             };
             let identity = match stream.get_ref().1.peer_certificates() {
                 None => None,
