@@ -236,8 +236,13 @@ impl AppLoan {
             since: Instant::now(),
         });
         if !idle.sweeping {
+            // A body dropped where no runtime runs (at shutdown) keeps no connection.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                idle.conns.pop();
+                return;
+            };
             idle.sweeping = true;
-            tokio::spawn(sweep(pool.clone()));
+            runtime.spawn(sweep(pool.clone()));
         }
     }
 }
