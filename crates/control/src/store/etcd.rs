@@ -31,8 +31,8 @@
 
 use super::etcd_ca::{Files, SecretKey, collect, files_key};
 use super::etcd_client::{
-    self as etcd, Client, KeyValue, delete, get, get_prefix, mod_revision_is, put, txn, value_is,
-    version_is,
+    self as etcd, Client, KeyValue, delete, get, get_newest, get_prefix, mod_revision_is, put, txn,
+    value_is, version_is,
 };
 use super::{Change, Committed, HistoryRetention, RevisionRecord, SetAt, by_key, changes};
 use crate::error::ControlError;
@@ -238,6 +238,34 @@ impl EtcdStore {
             *self.ca_seen.lock().unwrap_or_else(|p| p.into_inner()) = json.into_bytes();
         }
         Ok(done.succeeded)
+    }
+
+    /// The JSON value at `key` and its etcd revision, if etcd holds one that parses.
+    pub(super) async fn json_at<T: serde::de::DeserializeOwned>(
+        &self,
+        key: String,
+    ) -> Result<Option<(T, i64)>, ControlError> {
+        let got = self.get(get(key)).await?;
+        Ok(got.kvs.first().and_then(|kv| {
+            serde_json::from_slice::<T>(&kv.value)
+                .ok()
+                .map(|v| (v, kv.mod_revision))
+        }))
+    }
+
+    /// The JSON values of the newest `limit` keys under `prefix`, newest first; values that
+    /// do not parse are left out.
+    pub(super) async fn newest_json<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: String,
+        limit: usize,
+    ) -> Result<Vec<T>, ControlError> {
+        let got = self.get(get_newest(prefix, limit)).await?;
+        Ok(got
+            .kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<T>(&kv.value).ok())
+            .collect())
     }
 
     /// A get, waiting out a lost leader or member for up to [`TRANSIENT_FOR`].
@@ -465,19 +493,7 @@ impl EtcdStore {
 
     /// The newest `limit` revisions, newest first, without their sets.
     pub(crate) async fn history(&self, limit: usize) -> Result<Vec<RevisionRecord>, ControlError> {
-        let got = self
-            .get(pb::RangeRequest {
-                sort_target: pb::range_request::SortTarget::Key as i32,
-                sort_order: pb::range_request::SortOrder::Descend as i32,
-                limit: i64::try_from(limit).unwrap_or(i64::MAX),
-                ..get_prefix(format!("{PREFIX}log/"))
-            })
-            .await?;
-        Ok(got
-            .kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<RevisionRecord>(&kv.value).ok())
-            .collect())
+        self.newest_json(format!("{PREFIX}log/"), limit).await
     }
 
     /// Sends every value `key` takes from now on, re-watching after a lost stream (and
@@ -785,12 +801,7 @@ impl EtcdStore {
     }
 
     async fn token(&self, id: &str) -> Result<Option<(TokenRecord, i64)>, ControlError> {
-        let got = self.get(get(token_key(id))).await?;
-        Ok(got.kvs.first().and_then(|kv| {
-            serde_json::from_slice::<TokenRecord>(&kv.value)
-                .ok()
-                .map(|r| (r, kv.mod_revision))
-        }))
+        self.json_at(token_key(id)).await
     }
 
     /// Checks a token, runs `issue` with its record, and spends one use only if `issue`

@@ -8,7 +8,7 @@
 
 use super::audit::AuditEntry;
 use super::etcd::{EtcdStore, PREFIX};
-use super::etcd_client::{get_prefix, put, txn};
+use super::etcd_client::{get_newest, put, txn};
 use crate::error::ControlError;
 use bulkhead_api::etcd::etcdserverpb as pb;
 use sha2::{Digest, Sha256};
@@ -65,19 +65,7 @@ impl EtcdStore {
 
     /// The newest `limit` shared entries, newest first.
     pub(crate) async fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, ControlError> {
-        let got = self
-            .get(pb::RangeRequest {
-                sort_target: pb::range_request::SortTarget::Key as i32,
-                sort_order: pb::range_request::SortOrder::Descend as i32,
-                limit: i64::try_from(limit).unwrap_or(i64::MAX),
-                ..get_prefix(audit_prefix())
-            })
-            .await?;
-        Ok(got
-            .kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<AuditEntry>(&kv.value).ok())
-            .collect())
+        self.newest_json(audit_prefix(), limit).await
     }
 
     /// The leader's upkeep: deletes the shared entries past the newest
@@ -85,11 +73,8 @@ impl EtcdStore {
     pub(crate) async fn trim_audit(&self) -> Result<u64, ControlError> {
         let got = self
             .get(pb::RangeRequest {
-                sort_target: pb::range_request::SortTarget::Key as i32,
-                sort_order: pb::range_request::SortOrder::Descend as i32,
-                limit: i64::try_from(MAX_SHARED_AUDIT + 1).unwrap_or(i64::MAX),
                 keys_only: true,
-                ..get_prefix(audit_prefix())
+                ..get_newest(audit_prefix(), MAX_SHARED_AUDIT + 1)
             })
             .await?;
         let Some(oldest_kept) = got.kvs.get(MAX_SHARED_AUDIT.saturating_sub(1)) else {

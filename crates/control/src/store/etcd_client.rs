@@ -533,6 +533,17 @@ pub(crate) fn get_prefix(prefix: impl Into<Vec<u8>>) -> pb::RangeRequest {
     }
 }
 
+/// A read of the newest `limit` keys starting with `prefix` (keys that sort by age), newest
+/// first.
+pub(crate) fn get_newest(prefix: impl Into<Vec<u8>>, limit: usize) -> pb::RangeRequest {
+    pb::RangeRequest {
+        sort_target: pb::range_request::SortTarget::Key as i32,
+        sort_order: pb::range_request::SortOrder::Descend as i32,
+        limit: i64::try_from(limit).unwrap_or(i64::MAX),
+        ..get_prefix(prefix)
+    }
+}
+
 /// A transaction: `success` if every comparison in `compare` holds, else nothing.
 pub(crate) fn txn(compare: Vec<pb::Compare>, success: Vec<pb::RequestOp>) -> pb::TxnRequest {
     pb::TxnRequest {

@@ -64,12 +64,7 @@ impl EtcdStore {
 
     /// The instance and its etcd revision, if etcd holds it.
     async fn instance_at(&self, id: &str) -> Result<Option<(Instance, i64)>, ControlError> {
-        let got = self.get(get(instance_key(id))).await?;
-        Ok(got.kvs.first().and_then(|kv| {
-            serde_json::from_slice::<Instance>(&kv.value)
-                .ok()
-                .map(|i| (i, kv.mod_revision))
-        }))
+        self.json_at(instance_key(id)).await
     }
 
     /// The instance a certificate was issued to, on any replica.
