@@ -555,8 +555,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_app_closing_its_connections_costs_no_request() {
-        // The app closes every connection after its answer: each request finds the pooled
-        // one closed (or sends on it before the close is seen, and goes again on a new one).
+        // The app closes every connection after its answer (`Connection: close`): the pool
+        // never lends such a connection again; each request dials a new one.
         let (app, accepted, _) = http1_app(1).await;
         let pool = AppPool::new(Duration::from_secs(60));
         for i in 0..20 {
