@@ -449,20 +449,29 @@ where
     Fut: Future<Output = std::io::Result<Io>>,
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = TokioIo::new(connect().await.map_err(LinkError::Connect)?);
-    Ok(if h2 {
-        let (sender, conn) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .handshake(io)
-                .await?;
-        spawn_conn(conn);
-        Sender::H2(sender)
-    } else {
-        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        spawn_conn(conn);
-        Sender::H1(sender)
-    })
+    let io = connect().await.map_err(LinkError::Connect)?;
+    if !h2 {
+        return Ok(Sender::H1(handshake_h1(io).await?));
+    }
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake(TokioIo::new(io))
+            .await?;
+    spawn_conn(conn);
+    Ok(Sender::H2(sender))
+}
+
+/// An HTTP/1.1 client connection on `io`, its task spawned.
+pub(crate) async fn handshake_h1<Io>(
+    io: Io,
+) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, LinkError>
+where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    spawn_conn(conn);
+    Ok(sender)
 }
 
 pub(crate) fn spawn_conn<C, E>(conn: C)

@@ -21,7 +21,7 @@
 
 use crate::authz::Permit;
 use crate::deadline::ReqBody;
-use crate::http::{Body, LinkError, response_body, spawn_conn};
+use crate::http::{Body, LinkError, handshake_h1, response_body, spawn_conn};
 
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
@@ -380,10 +380,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = std::io::Result<TcpStream>>,
 {
-    let io = TokioIo::new(connect().await.map_err(LinkError::Connect)?);
-    let (sender, conn) = http1::handshake(io).await?;
-    spawn_conn(conn);
-    Ok(sender)
+    handshake_h1(connect().await.map_err(LinkError::Connect)?).await
 }
 
 /// Dials a shared connection and runs its HTTP/2 handshake; the connection's task is spawned.
